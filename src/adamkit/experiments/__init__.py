@@ -1,0 +1,1 @@
+"""Small, self-contained optimizer experiments: analytic test objectives and the ``adamkit demo``."""

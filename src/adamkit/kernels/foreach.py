@@ -1,0 +1,90 @@
+"""Multi-tensor ``torch._foreach_*`` ops: the same element-wise sequence as
+:mod:`adamkit.kernels.reference`, issued once per list instead of once per tensor.
+
+Each op is applied to every tensor before the next op starts, so the arithmetic per
+element is exactly the reference kernel's; on CPU the results are bit-identical.
+Tensors are grouped by (device, dtype) so accelerators take their fused list paths.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..rule import GroupScalars, StepScalars, UpdateRule
+from .types import GroupTensors, as_real
+
+
+def _buckets(tensors: GroupTensors, steps: Sequence[StepScalars]):
+    """Split the group by (device, dtype); yield (real-viewed GroupTensors, steps)."""
+    index: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(tensors.params):
+        index[(p.device, p.dtype)].append(i)
+    for members in index.values():
+        def pick(lst: list[Tensor]) -> list[Tensor]:
+            return [lst[i] for i in members] if lst else []
+
+        yield (
+            GroupTensors(
+                params=pick(tensors.params),
+                grads=pick(tensors.grads),
+                exp_avgs=pick(tensors.exp_avgs),
+                exp_avg_sqs=pick(tensors.exp_avg_sqs),
+                max_exp_avg_sqs=pick(tensors.max_exp_avg_sqs),
+            ),
+            [steps[i] for i in members],
+        )
+
+
+def _decayed_gradients(t: GroupTensors, rule: UpdateRule, group: GroupScalars) -> list[Tensor]:
+    """Apply ``maximize`` and weight decay; the user's ``.grad`` tensors are never written."""
+    grads = t.grads
+    if rule.maximize:
+        grads = torch._foreach_neg(grads)
+    if group.decay_factor is not None:
+        torch._foreach_mul_(t.params, group.decay_factor)
+    elif group.l2_weight_decay != 0:
+        if rule.maximize:
+            torch._foreach_add_(grads, t.params, alpha=group.l2_weight_decay)
+        else:
+            grads = torch._foreach_add(grads, t.params, alpha=group.l2_weight_decay)
+    return grads
+
+
+def _real(lst: list[Tensor]) -> list[Tensor]:
+    return [as_real(x) for x in lst]
+
+
+def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    for t, bucket_steps in _buckets(tensors, steps):
+        grads = _real(_decayed_gradients(t, rule, group))
+        params, exp_avgs, exp_avg_sqs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
+
+        torch._foreach_lerp_(exp_avgs, grads, group.one_minus_beta1)
+        torch._foreach_mul_(exp_avg_sqs, group.beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, group.one_minus_beta2)
+        second_moments = exp_avg_sqs
+        if rule.amsgrad:
+            second_moments = _real(t.max_exp_avg_sqs)
+            torch._foreach_maximum_(second_moments, exp_avg_sqs)
+
+        denoms = torch._foreach_sqrt(second_moments)
+        torch._foreach_div_(denoms, [s.bias_correction2_sqrt for s in bucket_steps])
+        torch._foreach_add_(denoms, group.eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-s.step_size for s in bucket_steps])
+
+
+def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    for t, bucket_steps in _buckets(tensors, steps):
+        grads = _real(_decayed_gradients(t, rule, group))
+        params, exp_avgs, exp_infs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
+
+        torch._foreach_lerp_(exp_avgs, grads, group.one_minus_beta1)
+        norms = torch._foreach_abs(grads)
+        torch._foreach_add_(norms, group.eps)
+        torch._foreach_mul_(exp_infs, group.beta2)
+        torch._foreach_maximum_(exp_infs, norms)
+        torch._foreach_addcdiv_(params, exp_avgs, exp_infs, [-s.step_size for s in bucket_steps])

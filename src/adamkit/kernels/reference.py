@@ -1,0 +1,89 @@
+r"""Per-tensor torch ops: the readable path, the one autograd can flow through.
+
+For each tensor, in the order ``torch.optim.Adam(foreach=False)`` uses, so results
+are bit-identical to it:
+
+.. math::
+
+    g &\leftarrow -g \ \text{if maximize}; \quad
+        \theta \leftarrow \theta \cdot \text{decay\_factor} \ \text{or}\
+        g \leftarrow g + \lambda\theta \\
+    m &\leftarrow \operatorname{lerp}(m, g, 1 - \beta_1) \\
+    v &\leftarrow \beta_2 v + (1 - \beta_2) g^2
+        \quad (v^{max} \leftarrow \max(v^{max}, v) \text{ with AMSGrad}) \\
+    \theta &\leftarrow \theta - \text{step\_size} \cdot
+        m / (\sqrt{v} / \text{bias\_correction2\_sqrt} + \epsilon)
+
+AdaMax replaces the second moment by :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`
+and the denominator by :math:`u`.
+
+On the differentiable path, tensors that autograd saves are cloned before the next
+in-place update and the final update is written out of place, so gradients flow to
+the initial params and to tensor hyperparameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..rule import GroupScalars, StepScalars, UpdateRule
+from .types import GroupTensors, as_real
+
+
+def _decayed_gradient(param: Tensor, grad: Tensor, rule: UpdateRule, group: GroupScalars) -> Tensor:
+    """Apply ``maximize`` and weight decay (decoupled: to the param; L2: to the gradient)."""
+    if rule.maximize:
+        grad = -grad
+    if group.decay_factor is not None:
+        param.mul_(group.decay_factor)
+    elif group.l2_weight_decay != 0:
+        grad = grad.add(param, alpha=group.l2_weight_decay)
+    return grad
+
+
+def _apply_update(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, differentiable: bool) -> None:
+    """theta <- theta - step_size * m / denom."""
+    if not differentiable:
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+    else:
+        param.sub_(exp_avg.clone() / denom * step_size)
+
+
+def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    for i, param in enumerate(tensors.params):
+        grad = _decayed_gradient(param, tensors.grads[i], rule, group)
+        param, grad = as_real(param), as_real(grad)
+        exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
+
+        exp_avg.lerp_(grad, group.one_minus_beta1)
+        exp_avg_sq.mul_(group.beta2).addcmul_(grad, grad, value=group.one_minus_beta2)
+        second_moment = exp_avg_sq
+        if rule.amsgrad:
+            max_exp_avg_sq = as_real(tensors.max_exp_avg_sqs[i])
+            if rule.differentiable:
+                max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq.clone(), exp_avg_sq))
+            else:
+                torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+            second_moment = max_exp_avg_sq
+
+        denom = (second_moment.sqrt() / steps[i].bias_correction2_sqrt).add_(group.eps)
+        _apply_update(param, exp_avg, denom, steps[i].step_size, rule.differentiable)
+
+
+def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    for i, param in enumerate(tensors.params):
+        grad = _decayed_gradient(param, tensors.grads[i], rule, group)
+        param, grad = as_real(param), as_real(grad)
+        exp_avg, exp_inf = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
+
+        exp_avg.lerp_(grad, group.one_minus_beta1)
+        norm = grad.abs().add_(group.eps)
+        if rule.differentiable:
+            exp_inf.copy_(torch.maximum(exp_inf.mul(group.beta2), norm))
+        else:
+            torch.maximum(exp_inf.mul_(group.beta2), norm, out=exp_inf)
+        _apply_update(param, exp_avg, exp_inf.clone() if rule.differentiable else exp_inf,
+                      steps[i].step_size, rule.differentiable)

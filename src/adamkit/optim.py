@@ -1,0 +1,430 @@
+r"""``torch.optim.Optimizer`` front: Adam, AdamW and AdaMax.
+
+The front is thin: it validates a group, collects its tensors and state, advances
+the step counters, asks :mod:`adamkit.rule` for the step's scalars and hands
+everything to a kernel from :mod:`adamkit.kernels`.  Every group is validated
+before any tensor is touched, so a step that raises leaves params and state as
+they were.
+
+Constructors take every argument of torch 2.13's ``torch.optim.Adam`` / ``AdamW`` /
+``Adamax`` with the same defaults and meaning; adamkit's own options are
+keyword-only:
+
+``decouple_lr`` (fully decoupled weight decay)
+    :math:`\theta \leftarrow \theta (1 - \frac{\eta_t}{\eta_{max}} \lambda)`: the decay
+    follows the learning-rate *schedule* but not its magnitude.
+``max_lr``
+    :math:`\eta_{max}` for ``decouple_lr``, per param group; defaults to the
+    group's initial lr.
+``backend``
+    ``None`` (pick per device), ``"reference"`` (per-tensor torch ops) or
+    ``"foreach"`` (multi-tensor ops).  ``foreach=True`` and ``fused=True`` map onto
+    the matching adamkit path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+from . import kernels
+from .kernels import GroupTensors, Kernel
+from .rule import (
+    Algorithm,
+    UpdateRule,
+    check_backend,
+    check_hyperparameters,
+    check_max_lr,
+    to_scalar,
+)
+from .state import SECOND_MOMENT_KEY, init_state, upgrade_step
+
+#: group keys adamkit adds to torch's, with their defaults
+EXTRA_GROUP_KEYS = ("backend", "decouple_lr", "max_lr")
+
+#: torch's list of devices with fused Adam kernels (for its error message)
+_FUSED_DEVICES = ["mps", "cuda", "xpu", "hpu", "cpu", "mtia"]
+
+
+class _AdamFamily(Optimizer):
+    """Shared machinery of :class:`Adam`, :class:`AdamW` and :class:`AdaMax`."""
+
+    algorithm: ClassVar[Algorithm]
+    torch_name: ClassVar[str]
+
+    def _validate_construction(
+        self,
+        lr: Any,
+        betas: tuple[Any, Any],
+        eps: float,
+        weight_decay: float,
+        *,
+        foreach: bool | None,
+        capturable: bool,
+        check_beta_types: bool,
+    ) -> tuple[Any, Any]:
+        """torch's constructor checks, in torch's order and with its messages; returns betas."""
+        if isinstance(lr, Tensor):
+            if foreach and not capturable and self.algorithm == "adam":
+                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if check_beta_types and not (
+            all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for index, beta in enumerate(betas):
+            if isinstance(beta, Tensor):
+                if not capturable and foreach:
+                    raise ValueError(
+                        f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True"
+                    )
+                if beta.numel() != 1:
+                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
+        return tuple(to_scalar(b) for b in betas)
+
+    def _finish_construction(self, *, fused: bool | None, foreach: bool | None, differentiable: bool) -> None:
+        if fused:
+            if differentiable:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if foreach:
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    # ------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group.get("max_lr") is None:
+            group["max_lr"] = float(group["lr"])
+        try:
+            self._check_new_group(group, len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _check_new_group(self, group: dict, index: int) -> None:
+        where = f" in param_groups[{index}]"
+        for j, p in enumerate(group["params"]):
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(
+                    f"{type(self).__name__} can only optimize floating-point or complex tensors, "
+                    f"but params[{j}]{where} has dtype {p.dtype}"
+                )
+        self._check_group(group, where)
+
+    def _check_group(self, group: dict, where: str) -> None:
+        """Step-time checks: a scheduler or a hand edit may have changed the group."""
+        check_hyperparameters(
+            lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], where=where
+        )
+        check_backend(group.get("backend"), where=where)
+        if group.get("decouple_lr"):
+            check_max_lr(group["max_lr"], where=where)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in self._torch_group_defaults().items():
+                group.setdefault(key, default)
+            group.setdefault("backend", None)
+            group.setdefault("decouple_lr", False)
+            group.setdefault("max_lr", float(group["lr"]))
+            for p in group["params"]:
+                upgrade_step(self.state.get(p, {}), p, group)
+
+    def _torch_group_defaults(self) -> dict[str, Any]:
+        return {"maximize": False, "foreach": None, "capturable": False, "differentiable": False}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from adamkit or torch.optim.
+
+        A torch.optim state dict lacks adamkit's group keys; those keep the values
+        this optimizer was constructed with rather than falling back to defaults.
+        """
+        previous = [{k: g[k] for k in EXTRA_GROUP_KEYS if k in g} for g in self.param_groups]
+        saved_groups = state_dict["param_groups"]
+        super().load_state_dict(state_dict)
+        for group, saved, before in zip(self.param_groups, saved_groups, previous):
+            for key, value in before.items():
+                if key not in saved:
+                    group[key] = value
+
+    # ------------------------------------------------------------------ step
+
+    def _backend_name(self, group: dict) -> str | None:
+        backend = group.get("backend")
+        if backend is not None:
+            return backend
+        if group.get("foreach") or group.get("fused"):
+            return "foreach"
+        return None
+
+    def _plan_group(self, index: int, group: dict) -> tuple[dict, list[Tensor], Kernel] | None:
+        """Validate one group and pick its kernel; touches nothing."""
+        where = f" in param_groups[{index}]"
+        self._check_group(group, where)
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(self._sparse_message())
+            if group.get("fused") and not self.state.get(p):
+                if not (p.is_floating_point() and p.device.type in _FUSED_DEVICES):
+                    raise RuntimeError(
+                        "`fused=True` requires all the params to be floating point Tensors of "
+                        f"supported devices: {_FUSED_DEVICES} but {p.dtype} and {p.device.type}"
+                    )
+        if group.get("foreach") and isinstance(group["lr"], Tensor) and not group.get("capturable"):
+            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        devices = {p.device for p in params}
+        kernel = kernels.resolve(self._backend_name(group), devices, differentiable=group["differentiable"])
+        return group, params, kernel
+
+    def _sparse_message(self) -> str:
+        return f"{self.torch_name} does not support sparse gradients, please consider SparseAdam instead"
+
+    def _run_group(self, group: dict, params: list[Tensor], kernel: Kernel) -> None:
+        second = SECOND_MOMENT_KEY[self.algorithm]
+        rule = UpdateRule.from_group(group, self.algorithm)
+        states = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                init_state(state, p, group, self.algorithm)
+            states.append(state)
+        tensors = GroupTensors(
+            params=params,
+            grads=[p.grad for p in params],
+            exp_avgs=[s["exp_avg"] for s in states],
+            exp_avg_sqs=[s[second] for s in states],
+            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if rule.amsgrad else [],
+        )
+        steps = [s["step"] for s in states]
+        for step_t in steps:
+            step_t += 1
+        run = kernel.adam if self.algorithm == "adam" else kernel.adamax
+        run(tensors, rule, rule.group_scalars(), rule.step_scalars_for(steps))
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        health_check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
+            self, "_cuda_graph_capture_health_check", lambda: None
+        )
+        health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._plan_group(i, g) for i, g in enumerate(self.param_groups)]
+        for plan in plans:
+            if plan is not None:
+                self._run_group(*plan)
+        return loss
+
+
+class Adam(_AdamFamily):
+    r"""Adam (Kingma & Ba, 2015), a drop-in for ``torch.optim.Adam``.
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        \theta_t &= \theta_{t-1} - \eta \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+
+    Args are those of ``torch.optim.Adam`` (same defaults, same meaning), plus the
+    keyword-only ``decouple_lr``, ``max_lr`` and ``backend`` described in
+    :mod:`adamkit.optim`.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = adamkit.Adam(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).sum().backward(); opt.step(); opt.zero_grad()
+    """
+
+    algorithm = "adam"
+    torch_name = "Adam"
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        backend: str | None = None,
+    ) -> None:
+        betas = self._validate_construction(
+            lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable, check_beta_types=True
+        )
+        check_backend(backend)
+        if decouple_lr and max_lr is not None:
+            check_max_lr(max_lr)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "backend": backend,
+            "decouple_lr": decouple_lr,
+            "max_lr": max_lr,
+        }
+        super().__init__(params, defaults)
+        self._finish_construction(fused=fused, foreach=foreach, differentiable=differentiable)
+
+    def _torch_group_defaults(self) -> dict[str, Any]:
+        return {
+            **super()._torch_group_defaults(),
+            "amsgrad": False,
+            "decoupled_weight_decay": False,
+            "fused": None,
+        }
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter, 2019), a drop-in for ``torch.optim.AdamW``.
+
+    Adam with decoupled weight decay :math:`\theta \leftarrow \theta (1 - \eta\lambda)`
+    applied before the update, so decay never enters the moments.  Default
+    ``weight_decay=1e-2`` as in torch.
+    """
+
+    torch_name = "Adam"
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            decouple_lr=decouple_lr,
+            max_lr=max_lr,
+            backend=backend,
+        )
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class AdaMax(_AdamFamily):
+    r"""AdaMax (Kingma & Ba, 2015, Algorithm 2), a drop-in for ``torch.optim.Adamax``.
+
+    .. math::
+
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+        u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon), \qquad
+        \theta_t = \theta_{t-1} - \frac{\eta}{1 - \beta_1^t} \frac{m_t}{u_t}
+
+    Args are those of ``torch.optim.Adamax``; beyond torch, keyword-only
+    ``decoupled_weight_decay``, ``decouple_lr``, ``max_lr`` and ``backend``.
+    """
+
+    algorithm = "adamax"
+    torch_name = "Adamax"
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+        decoupled_weight_decay: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        backend: str | None = None,
+    ) -> None:
+        betas = self._validate_construction(
+            lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable, check_beta_types=False
+        )
+        check_backend(backend)
+        if decouple_lr and max_lr is not None:
+            check_max_lr(max_lr)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "capturable": capturable,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "backend": backend,
+            "decouple_lr": decouple_lr,
+            "max_lr": max_lr,
+        }
+        super().__init__(params, defaults)
+
+    def _sparse_message(self) -> str:
+        return "Adamax does not support sparse gradients"
+
+    def _torch_group_defaults(self) -> dict[str, Any]:
+        return {**super()._torch_group_defaults(), "decoupled_weight_decay": False}
+
+
+#: torch.optim's spelling, for drop-in imports
+Adamax = AdaMax
+
+__all__ = ["Adam", "AdamW", "AdaMax", "Adamax"]

@@ -1,0 +1,168 @@
+r"""Kingma & Ba, line by line, in NumPy float64: the ground truth for every other path.
+
+Algorithm 1 (Adam), for step :math:`t = 1, 2, \dots` with gradient :math:`g_t`:
+
+.. math::
+
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+    v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    \hat m_t &= m_t / (1 - \beta_1^t) \\
+    \hat v_t &= v_t / (1 - \beta_2^t) \\
+    \theta_t &= \theta_{t-1} - \eta\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)
+
+Algorithm 2 (AdaMax), the :math:`L^\infty` variant:
+
+.. math::
+
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+    u_t &= \max(\beta_2 u_{t-1},\ |g_t| + \epsilon) \\
+    \theta_t &= \theta_{t-1} - \frac{\eta}{1 - \beta_1^t}\, m_t / u_t
+
+(the paper has :math:`\epsilon = 0` in AdaMax; torch adds it inside the max, and so
+does this reference when ``eps`` is non-zero).
+
+Options, applied in this order before the moment updates:
+
+* ``maximize``: :math:`g_t \leftarrow -g_t`.
+* weight decay :math:`\lambda`, one of three modes:
+
+  - ``"l2"`` (Adam's original coupling): :math:`g_t \leftarrow g_t + \lambda\theta_{t-1}`;
+  - ``"decoupled"`` (Loshchilov & Hutter, AdamW): :math:`\theta \leftarrow \theta(1 - \eta\lambda)`;
+  - ``"fully_decoupled"`` (as optimi's ``decouple_lr``):
+    :math:`\theta \leftarrow \theta(1 - \frac{\eta_t}{\eta_{max}}\lambda)`, so the decay
+    follows the schedule's shape but not the learning rate's magnitude.
+
+* ``amsgrad`` (Reddi et al., as torch computes it): keep
+  :math:`v^{max}_t = \max(v^{max}_{t-1}, v_t)` and use it in place of :math:`v_t`
+  in :math:`\hat v_t`.
+
+Complex parameters are treated as pairs of reals, as torch does: the real and
+imaginary parts each get their own moments.
+
+Everything here is float64 and written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
+
+
+@dataclass
+class ReferenceState:
+    """Per-parameter state: the step count and the moment estimates (float64)."""
+
+    step: int = 0
+    exp_avg: np.ndarray | None = None  # m
+    exp_avg_sq: np.ndarray | None = None  # v (Adam) or u (AdaMax)
+    max_exp_avg_sq: np.ndarray | None = None  # v^max (AMSGrad)
+
+
+@dataclass
+class Hyperparameters:
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    weight_decay_mode: WeightDecayMode = "l2"
+    max_lr: float | None = None
+    amsgrad: bool = False
+    maximize: bool = False
+
+
+def _as_real(x: np.ndarray) -> np.ndarray:
+    """float64 view of ``x``; complex numbers become (real, imag) pairs on a last axis."""
+    x = np.asarray(x)
+    if np.iscomplexobj(x):
+        return np.stack([x.real, x.imag], axis=-1).astype(np.float64)
+    return x.astype(np.float64)
+
+
+def _from_real(x: np.ndarray, like: np.ndarray) -> np.ndarray:
+    if np.iscomplexobj(like):
+        return x[..., 0] + 1j * x[..., 1]
+    return x
+
+
+def _effective_gradient(theta: np.ndarray, grad: np.ndarray, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``maximize`` and weight decay; return (theta, g)."""
+    g = -grad if hp.maximize else grad
+    if hp.weight_decay != 0:
+        if hp.weight_decay_mode == "l2":
+            g = g + hp.weight_decay * theta
+        elif hp.weight_decay_mode == "decoupled":
+            theta = theta * (1.0 - hp.lr * hp.weight_decay)
+        elif hp.weight_decay_mode == "fully_decoupled":
+            theta = theta * (1.0 - (hp.lr / hp.max_lr) * hp.weight_decay)
+        else:
+            raise ValueError(f"unknown weight_decay_mode {hp.weight_decay_mode!r}")
+    return theta, g
+
+
+def adam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
+    """One step of Algorithm 1 with the options above; updates ``state``, returns the new theta."""
+    like = theta
+    theta, grad = _as_real(theta), _as_real(grad)
+    if state.step == 0:
+        state.exp_avg = np.zeros_like(theta)
+        state.exp_avg_sq = np.zeros_like(theta)
+        state.max_exp_avg_sq = np.zeros_like(theta) if hp.amsgrad else None
+    state.step += 1
+    t = state.step
+
+    theta, g = _effective_gradient(theta, grad, hp)
+    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
+    state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+    m_hat = state.exp_avg / (1.0 - hp.beta1**t)
+    if hp.amsgrad:
+        state.max_exp_avg_sq = np.maximum(state.max_exp_avg_sq, state.exp_avg_sq)
+        v_hat = state.max_exp_avg_sq / (1.0 - hp.beta2**t)
+    else:
+        v_hat = state.exp_avg_sq / (1.0 - hp.beta2**t)
+    theta = theta - hp.lr * m_hat / (np.sqrt(v_hat) + hp.eps)
+    return _from_real(theta, like)
+
+
+def adamax_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
+    """One step of Algorithm 2 (AdaMax); ``state.exp_avg_sq`` holds u_t."""
+    like = theta
+    theta, grad = _as_real(theta), _as_real(grad)
+    if state.step == 0:
+        state.exp_avg = np.zeros_like(theta)
+        state.exp_avg_sq = np.zeros_like(theta)
+    state.step += 1
+    t = state.step
+
+    theta, g = _effective_gradient(theta, grad, hp)
+    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
+    state.exp_avg_sq = np.maximum(hp.beta2 * state.exp_avg_sq, np.abs(g) + hp.eps)
+    theta = theta - (hp.lr / (1.0 - hp.beta1**t)) * state.exp_avg / state.exp_avg_sq
+    return _from_real(theta, like)
+
+
+STEP_FUNCTIONS = {"adam": adam_step, "adamax": adamax_step}
+
+
+def moments_as(state: ReferenceState, like: np.ndarray) -> dict[str, np.ndarray]:
+    """The state's arrays in the shape (and complex-ness) of the parameter ``like``."""
+    out = {}
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        value = getattr(state, name)
+        if value is not None:
+            out[name] = _from_real(value, like)
+    return out
+
+
+__all__ = [
+    "Hyperparameters",
+    "ReferenceState",
+    "STEP_FUNCTIONS",
+    "adam_step",
+    "adamax_step",
+    "moments_as",
+]

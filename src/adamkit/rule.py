@@ -1,0 +1,234 @@
+r"""The Adam update rule: validated hyperparameters and the per-step scalars.
+
+Kernels do the element-wise work only; every scalar they need is computed here,
+once per group and step, on the host:
+
+.. math::
+
+    \text{bias\_correction}_1 = 1 - \beta_1^t, \qquad
+    \text{step\_size} = \frac{\eta_t}{1 - \beta_1^t}, \qquad
+    \text{bias\_correction2\_sqrt} = \sqrt{1 - \beta_2^t}
+
+and the weight-decay factor applied before the update,
+
+.. math::
+
+    \text{decay\_factor} =
+    \begin{cases}
+      1 - \eta_t \lambda & \text{decoupled (AdamW)} \\
+      1 - \frac{\eta_t}{\eta_{max}} \lambda & \text{fully decoupled (``decouple_lr``)}
+    \end{cases}
+
+Python floats are float64, so float hyperparameters give float64 scalars.  A
+hyperparameter given as a tensor (``lr=torch.tensor(1e-3)``) is used with tensor
+arithmetic in its own dtype, exactly as ``torch.optim.Adam`` does, so results stay
+bit-identical to torch; pass a float64 tensor to keep float64 scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor
+
+Algorithm = Literal["adam", "adamax"]
+WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
+
+#: The execution paths a param group may ask for; ``None`` picks per device.
+BACKENDS = (None, "reference", "foreach")
+
+Scalar = float | Tensor
+
+
+def _as_number(x: Scalar) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _describe(x: Scalar) -> str:
+    return f"tensor({_as_number(x)})" if isinstance(x, Tensor) else repr(x)
+
+
+def check_hyperparameters(
+    *,
+    lr: Scalar,
+    betas: tuple[Scalar, Scalar],
+    eps: float,
+    weight_decay: float,
+    where: str = "",
+) -> None:
+    """Raise ``ValueError`` (with ``torch.optim``'s message text) for a bad value.
+
+    Torch's checks (``not 0.0 <= lr`` and so on) already reject NaN; on top of
+    them infinite values are rejected, since no step can use them.
+    ``where`` names the param group when the check runs at step time.
+    """
+    checks = (
+        ("learning rate", "lr", lr, "a finite number >= 0"),
+        ("epsilon value", "eps", eps, "a finite number >= 0"),
+    )
+    for label, name, value, allowed in checks:
+        number = _as_number(value)
+        if not 0.0 <= number or math.isinf(number):
+            raise ValueError(f"Invalid {label}: {_describe(value)} ({name} must be {allowed}{where})")
+    for index, beta in enumerate(betas):
+        number = _as_number(beta)
+        if not 0.0 <= number < 1.0:
+            raise ValueError(
+                f"Invalid beta parameter at index {index}: {_describe(beta)} "
+                f"(betas[{index}] must be in [0, 1){where})"
+            )
+    number = _as_number(weight_decay)
+    if not 0.0 <= number or math.isinf(number):
+        raise ValueError(
+            f"Invalid weight_decay value: {_describe(weight_decay)} "
+            f"(weight_decay must be a finite number >= 0{where})"
+        )
+
+
+def check_max_lr(max_lr: Any, *, where: str = "") -> None:
+    """``max_lr`` scales fully decoupled weight decay: it must be a finite number > 0."""
+    if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float, Tensor)):
+        raise TypeError(f"max_lr must be a float > 0 or None{where}, got {max_lr!r}")
+    number = _as_number(max_lr)
+    if not (number > 0.0 and math.isfinite(number)):
+        raise ValueError(
+            f"Invalid max_lr value: {number} (with decouple_lr=True, max_lr must be a "
+            f"finite number > 0{where}; it defaults to the group's initial lr, so pass "
+            "max_lr explicitly when lr starts at 0)"
+        )
+
+
+def check_backend(backend: Any, *, where: str = "") -> None:
+    if backend not in BACKENDS:
+        allowed = ", ".join(repr(b) for b in BACKENDS)
+        raise ValueError(f"Invalid backend: {backend!r}{where} (allowed: {allowed})")
+
+
+@dataclass(frozen=True)
+class GroupScalars:
+    """Scalars shared by every tensor of a param group in one step (floats, or tensors
+    when the group is differentiable and a hyperparameter is a tensor)."""
+
+    beta1: Scalar
+    beta2: Scalar
+    one_minus_beta1: Scalar
+    one_minus_beta2: Scalar
+    eps: float
+    #: coefficient of the L2 penalty added to the gradient (0 when decay is decoupled)
+    l2_weight_decay: float
+    #: factor multiplying the param before the update, or ``None`` for no decoupled decay
+    decay_factor: Scalar | None
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Scalars that depend on the step count t of one tensor."""
+
+    step_size: Scalar  # lr / (1 - beta1^t)
+    bias_correction2_sqrt: Scalar  # sqrt(1 - beta2^t); 1 for AdaMax (unused)
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One param group's update rule for one step: what a kernel is told to do."""
+
+    algorithm: Algorithm
+    lr: Scalar
+    beta1: Scalar
+    beta2: Scalar
+    eps: float
+    weight_decay: float
+    weight_decay_mode: WeightDecayMode
+    max_lr: Scalar | None
+    amsgrad: bool
+    maximize: bool
+    differentiable: bool
+
+    @classmethod
+    def from_group(cls, group: dict, algorithm: Algorithm) -> UpdateRule:
+        if group.get("decouple_lr", False):
+            mode: WeightDecayMode = "fully_decoupled"
+        elif group.get("decoupled_weight_decay", False):
+            mode = "decoupled"
+        else:
+            mode = "l2"
+        beta1, beta2 = group["betas"]
+        return cls(
+            algorithm=algorithm,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            weight_decay_mode=mode,
+            max_lr=group.get("max_lr"),
+            amsgrad=bool(group.get("amsgrad", False)),
+            maximize=bool(group["maximize"]),
+            differentiable=bool(group["differentiable"]),
+        )
+
+    def _finish(self, value: Scalar) -> Scalar:
+        """Scalars reach kernels as Python floats, except on the differentiable path,
+        where a tensor hyperparameter stays a tensor so gradients can flow through it.
+        ``float()`` of a 0-d tensor is what ``addcdiv_(value=tensor)`` uses in torch."""
+        if self.differentiable or not isinstance(value, Tensor):
+            return value
+        return value.item()
+
+    def group_scalars(self) -> GroupScalars:
+        decay_factor: Scalar | None = None
+        if self.weight_decay != 0 and self.weight_decay_mode == "decoupled":
+            decay_factor = 1 - self.lr * self.weight_decay
+        elif self.weight_decay != 0 and self.weight_decay_mode == "fully_decoupled":
+            decay_factor = 1 - (self.lr / self.max_lr) * self.weight_decay
+        return GroupScalars(
+            beta1=self._finish(self.beta1),
+            beta2=self._finish(self.beta2),
+            one_minus_beta1=self._finish(1 - self.beta1),
+            one_minus_beta2=self._finish(1 - self.beta2),
+            eps=self.eps,
+            l2_weight_decay=self.weight_decay if self.weight_decay_mode == "l2" else 0.0,
+            decay_factor=None if decay_factor is None else self._finish(decay_factor),
+        )
+
+    def step_scalars(self, step: float) -> StepScalars:
+        """Bias-corrected step size for step count ``step`` (t >= 1)."""
+        bias_correction1 = 1 - self.beta1**step
+        step_size = self.lr / bias_correction1
+        if self.algorithm == "adamax":
+            return StepScalars(self._finish(step_size), 1.0)
+        bias_correction2 = 1 - self.beta2**step
+        return StepScalars(self._finish(step_size), self._finish(bias_correction2**0.5))
+
+    def step_scalars_for(self, steps: list[Tensor]) -> list[StepScalars]:
+        """One :class:`StepScalars` per tensor, computed once per distinct step count."""
+        cache: dict[float, StepScalars] = {}
+        out = []
+        for step_t in steps:
+            step = step_t.item()
+            if step not in cache:
+                cache[step] = self.step_scalars(step)
+            out.append(cache[step])
+        return out
+
+
+def to_scalar(x: Scalar) -> Scalar:
+    """A 1-element tensor hyperparameter becomes 0-d (as torch stores betas)."""
+    if isinstance(x, Tensor) and x.dim() != 0:
+        return x.squeeze()
+    return x
+
+
+__all__ = [
+    "BACKENDS",
+    "GroupScalars",
+    "StepScalars",
+    "UpdateRule",
+    "check_backend",
+    "check_hyperparameters",
+    "check_max_lr",
+    "to_scalar",
+]
+
