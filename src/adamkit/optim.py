@@ -43,8 +43,6 @@ from .rule import (
 )
 from .state import SECOND_MOMENT_KEY, init_state, upgrade_step
 
-#: group keys adamkit adds to torch's, with their defaults
-EXTRA_GROUP_KEYS = ("backend", "decouple_lr", "max_lr")
 
 #: torch's list of devices with fused Adam kernels (for its error message)
 _FUSED_DEVICES = ["mps", "cuda", "xpu", "hpu", "cpu", "mtia"]
@@ -55,6 +53,8 @@ class _AdamFamily(Optimizer):
 
     algorithm: ClassVar[Algorithm]
     torch_name: ClassVar[str]
+    #: param-group keys adamkit adds to those of the torch.optim counterpart
+    extra_group_keys: ClassVar[tuple[str, ...]] = ("backend", "decouple_lr", "max_lr")
 
     def _validate_construction(
         self,
@@ -147,7 +147,7 @@ class _AdamFamily(Optimizer):
         A torch.optim state dict lacks adamkit's group keys; those keep the values
         this optimizer was constructed with rather than falling back to defaults.
         """
-        previous = [{k: g[k] for k in EXTRA_GROUP_KEYS if k in g} for g in self.param_groups]
+        previous = [{k: g[k] for k in self.extra_group_keys if k in g} for g in self.param_groups]
         saved_groups = state_dict["param_groups"]
         super().load_state_dict(state_dict)
         for group, saved, before in zip(self.param_groups, saved_groups, previous):
@@ -377,6 +377,7 @@ class AdaMax(_AdamFamily):
 
     algorithm = "adamax"
     torch_name = "Adamax"
+    extra_group_keys = _AdamFamily.extra_group_keys + ("decoupled_weight_decay",)
 
     def __init__(
         self,

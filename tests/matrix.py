@@ -1,0 +1,204 @@
+"""The shared option matrix: every test that compares adamkit against an oracle
+draws its cases from here, so a new option or kernel is tested everywhere at once.
+
+A :class:`Case` says which optimizer, which options and which dtype; :func:`make_params`
+builds a set of awkward params (transposed, sliced and strided views, 0-d, empty,
+complex) in two param groups; :func:`gradients` yields deterministic gradients,
+leaving some params without a gradient on some steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import adamkit
+from adamkit import reference
+from adamkit.kernels import KERNELS
+
+OPTIMIZERS = {
+    # name: (adamkit class, torch class, algorithm, default lr)
+    "Adam": (adamkit.Adam, torch.optim.Adam, "adam"),
+    "AdamW": (adamkit.AdamW, torch.optim.AdamW, "adam"),
+    "AdaMax": (adamkit.AdaMax, torch.optim.Adamax, "adamax"),
+}
+
+WEIGHT_DECAYS = ("none", "l2", "decoupled")
+
+
+@dataclass(frozen=True)
+class Case:
+    optimizer: str
+    dtype: torch.dtype = torch.float32
+    amsgrad: bool = False
+    maximize: bool = False
+    weight_decay: str = "none"  # none | l2 | decoupled | fully_decoupled
+    tensor_lr: bool = False
+    complex_params: bool = False
+    backend: str = "reference"
+    extra: tuple = field(default=())
+
+    @property
+    def id(self) -> str:
+        bits = [self.optimizer, str(self.dtype).removeprefix("torch."), self.backend, f"wd={self.weight_decay}"]
+        bits += [name for name in ("amsgrad", "maximize", "tensor_lr", "complex_params") if getattr(self, name)]
+        return "-".join(bits)
+
+    @property
+    def algorithm(self) -> str:
+        return OPTIMIZERS[self.optimizer][2]
+
+    def torch_kwargs(self) -> dict:
+        """Constructor kwargs that torch.optim accepts for this case (lr excluded)."""
+        kw: dict = {"maximize": self.maximize}
+        if self.weight_decay != "none":
+            kw["weight_decay"] = 0.1
+        elif self.optimizer == "AdamW":
+            kw["weight_decay"] = 0.0
+        if self.algorithm == "adam":
+            kw["amsgrad"] = self.amsgrad
+        if self.optimizer == "Adam" and self.weight_decay == "decoupled":
+            kw["decoupled_weight_decay"] = True
+        return kw
+
+    def adamkit_kwargs(self) -> dict:
+        kw = self.torch_kwargs()
+        if self.optimizer == "AdaMax" and self.weight_decay == "decoupled":
+            kw["decoupled_weight_decay"] = True
+        if self.weight_decay == "fully_decoupled":
+            kw["weight_decay"] = 0.1
+            kw["decouple_lr"] = True
+        kw["backend"] = self.backend
+        return kw
+
+    def lr(self, value: float):
+        return torch.tensor(value) if self.tensor_lr else value
+
+    def reference_hyperparameters(self, lr: float, max_lr: float) -> reference.Hyperparameters:
+        mode = {"none": "l2", "l2": "l2", "decoupled": "decoupled", "fully_decoupled": "fully_decoupled"}[
+            self.weight_decay
+        ]
+        return reference.Hyperparameters(
+            lr=lr,
+            eps=1e-8,
+            weight_decay=0.0 if self.weight_decay == "none" else 0.1,
+            weight_decay_mode=mode,
+            max_lr=max_lr,
+            amsgrad=self.amsgrad,
+            maximize=self.maximize,
+        )
+
+
+def torch_comparable_cases(backends=None) -> list[Case]:
+    """Every combination torch.optim can be compared with bit for bit."""
+    backends = backends or tuple(KERNELS)
+    cases = []
+    for name, backend, dtype, maximize, wd, tensor_lr, cplx in itertools.product(
+        OPTIMIZERS, backends, (torch.float32, torch.float64), (False, True), WEIGHT_DECAYS, (False, True), (False, True)
+    ):
+        if name == "AdamW" and wd == "l2":
+            continue  # AdamW's decay is always decoupled
+        if name == "AdaMax" and wd == "decoupled":
+            continue  # torch.optim.Adamax has no decoupled decay
+        for amsgrad in (False, True) if name != "AdaMax" else (False,):
+            cases.append(Case(name, dtype, amsgrad, maximize, wd, tensor_lr, cplx, backend))
+    return cases
+
+
+def reference_cases(backends=None) -> list[Case]:
+    """Every option adamkit has, including those torch lacks, for the NumPy oracle."""
+    backends = backends or tuple(KERNELS)
+    cases = []
+    for name, backend, maximize, wd, cplx in itertools.product(
+        OPTIMIZERS, backends, (False, True), WEIGHT_DECAYS + ("fully_decoupled",), (False, True)
+    ):
+        if name == "AdamW" and wd == "l2":
+            continue
+        for amsgrad in (False, True) if name != "AdaMax" else (False,):
+            cases.append(Case(name, torch.float64, amsgrad, maximize, wd, False, cplx, backend))
+    return cases
+
+
+GROUP_LRS = (1e-2, 3e-3)
+
+
+def make_params(case: Case, seed: int = 0) -> list[dict]:
+    """Two param groups of awkward params, as ``[{"params": [...], "lr": ...}, ...]``.
+
+    Group 0: a contiguous matrix, a transposed view, a column-sliced strided view of
+    a larger tensor (its other columns must never be written), a 0-d param.
+    Group 1: a vector, an empty tensor and (if asked) a complex param.
+    """
+    g = torch.Generator().manual_seed(seed)
+    real = case.dtype
+    cplx = torch.complex64 if real == torch.float32 else torch.complex128
+
+    def randn(*shape, dtype=real):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    base = randn(5, 8)
+    group0 = [
+        randn(4, 3),
+        randn(3, 6).t(),
+        base[:, ::3],  # strided view
+        randn(()),
+    ]
+    group1 = [randn(7), torch.empty(0, 3, dtype=real)]
+    if case.complex_params:
+        group1.append(randn(3, 2, dtype=cplx))
+    return [
+        {"params": [torch.nn.Parameter(p) for p in group0], "lr": case.lr(GROUP_LRS[0])},
+        {"params": [torch.nn.Parameter(p) for p in group1], "lr": case.lr(GROUP_LRS[1])},
+    ]
+
+
+def clone_groups(groups: list[dict]) -> list[dict]:
+    """Same values and layouts (strides preserved), fresh storage."""
+    out = []
+    for group in groups:
+        params = []
+        for p in group["params"]:
+            copy = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype)
+            copy.copy_(p.detach())
+            params.append(torch.nn.Parameter(copy))
+        lr = group["lr"].clone() if isinstance(group["lr"], torch.Tensor) else group["lr"]
+        out.append({**group, "params": params, "lr": lr})
+    return out
+
+
+def gradients(groups: list[dict], steps: int, seed: int = 1):
+    """Per step, a list (flattened over groups) of gradient tensors or ``None``.
+
+    The first param of group 0 has no gradient on every third step.
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = [p for group in groups for p in group["params"]]
+    for step in range(steps):
+        grads = []
+        for i, p in enumerate(params):
+            if i == 0 and step % 3 == 2:
+                grads.append(None)
+            elif p.is_complex():
+                grads.append(torch.randn(p.shape, generator=g, dtype=p.dtype))
+            else:
+                grads.append(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+        yield grads
+
+
+def assign(groups: list[dict], grads: list) -> None:
+    params = [p for group in groups for p in group["params"]]
+    for p, grad in zip(params, grads):
+        p.grad = None if grad is None else grad.clone()
+
+
+def run(optimizer, groups: list[dict], steps: int, seed: int = 1) -> None:
+    for grads in gradients(groups, steps, seed):
+        assign(groups, grads)
+        optimizer.step()
+
+
+def numpy_of(t: torch.Tensor) -> np.ndarray:
+    return t.detach().resolve_conj().numpy().copy()
