@@ -36,6 +36,7 @@ from .kernels import GroupTensors, Kernel
 from .rule import (
     Algorithm,
     UpdateRule,
+    as_number,
     check_backend,
     check_hyperparameters,
     check_max_lr,
@@ -44,8 +45,15 @@ from .rule import (
 from .state import SECOND_MOMENT_KEY, init_state, upgrade_step
 
 
-#: torch's list of devices with fused Adam kernels (for its error message)
-_FUSED_DEVICES = ["mps", "cuda", "xpu", "hpu", "cpu", "mtia"]
+
+def _fused_devices() -> list[str]:
+    """torch's list of devices with fused optimizer kernels (quoted in its error)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return _get_fused_kernels_supported_devices()
+    except ImportError:  # pragma: no cover - older torch
+        return ["mps", "cuda", "xpu", "hpu", "cpu", "mtia"]
 
 
 class _AdamFamily(Optimizer):
@@ -73,6 +81,9 @@ class _AdamFamily(Optimizer):
                 raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
+        for index, beta in enumerate(betas):  # before the range checks, which need one element
+            if isinstance(beta, Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")
         check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if check_beta_types and not (
             all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)
@@ -84,8 +95,6 @@ class _AdamFamily(Optimizer):
                     raise ValueError(
                         f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True"
                     )
-                if beta.numel() != 1:
-                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
         return tuple(to_scalar(b) for b in betas)
 
     def _finish_construction(self, *, fused: bool | None, foreach: bool | None, differentiable: bool) -> None:
@@ -101,7 +110,7 @@ class _AdamFamily(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group.get("max_lr") is None:
-            group["max_lr"] = float(group["lr"])
+            group["max_lr"] = as_number(group["lr"])
         try:
             self._check_new_group(group, len(self.param_groups) - 1)
         except Exception:
@@ -134,7 +143,7 @@ class _AdamFamily(Optimizer):
                 group.setdefault(key, default)
             group.setdefault("backend", None)
             group.setdefault("decouple_lr", False)
-            group.setdefault("max_lr", float(group["lr"]))
+            group.setdefault("max_lr", as_number(group["lr"]))
             for p in group["params"]:
                 upgrade_step(self.state.get(p, {}), p, group)
 
@@ -176,10 +185,11 @@ class _AdamFamily(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(self._sparse_message())
             if group.get("fused") and not self.state.get(p):
-                if not (p.is_floating_point() and p.device.type in _FUSED_DEVICES):
+                devices = _fused_devices()
+                if not (p.is_floating_point() and p.device.type in devices):
                     raise RuntimeError(
                         "`fused=True` requires all the params to be floating point Tensors of "
-                        f"supported devices: {_FUSED_DEVICES} but {p.dtype} and {p.device.type}"
+                        f"supported devices: {devices} but {p.dtype} and {p.device.type}"
                     )
         if group.get("foreach") and isinstance(group["lr"], Tensor) and not group.get("capturable"):
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")

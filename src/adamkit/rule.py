@@ -42,12 +42,13 @@ BACKENDS = (None, "reference", "foreach")
 Scalar = float | Tensor
 
 
-def _as_number(x: Scalar) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
+def as_number(x: Scalar) -> float:
+    """A hyperparameter's value as a Python float (tensors are read, never differentiated)."""
+    return float(x.detach().item()) if isinstance(x, Tensor) else float(x)
 
 
 def _describe(x: Scalar) -> str:
-    return f"tensor({_as_number(x)})" if isinstance(x, Tensor) else repr(x)
+    return f"tensor({as_number(x)})" if isinstance(x, Tensor) else repr(x)
 
 
 def check_hyperparameters(
@@ -69,17 +70,17 @@ def check_hyperparameters(
         ("epsilon value", "eps", eps, "a finite number >= 0"),
     )
     for label, name, value, allowed in checks:
-        number = _as_number(value)
+        number = as_number(value)
         if not 0.0 <= number or math.isinf(number):
             raise ValueError(f"Invalid {label}: {_describe(value)} ({name} must be {allowed}{where})")
     for index, beta in enumerate(betas):
-        number = _as_number(beta)
+        number = as_number(beta)
         if not 0.0 <= number < 1.0:
             raise ValueError(
                 f"Invalid beta parameter at index {index}: {_describe(beta)} "
                 f"(betas[{index}] must be in [0, 1){where})"
             )
-    number = _as_number(weight_decay)
+    number = as_number(weight_decay)
     if not 0.0 <= number or math.isinf(number):
         raise ValueError(
             f"Invalid weight_decay value: {_describe(weight_decay)} "
@@ -91,7 +92,7 @@ def check_max_lr(max_lr: Any, *, where: str = "") -> None:
     """``max_lr`` scales fully decoupled weight decay: it must be a finite number > 0."""
     if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float, Tensor)):
         raise TypeError(f"max_lr must be a float > 0 or None{where}, got {max_lr!r}")
-    number = _as_number(max_lr)
+    number = as_number(max_lr)
     if not (number > 0.0 and math.isfinite(number)):
         raise ValueError(
             f"Invalid max_lr value: {number} (with decouple_lr=True, max_lr must be a "
@@ -175,7 +176,7 @@ class UpdateRule:
         ``float()`` of a 0-d tensor is what ``addcdiv_(value=tensor)`` uses in torch."""
         if self.differentiable or not isinstance(value, Tensor):
             return value
-        return value.item()
+        return value.detach().item()
 
     def group_scalars(self) -> GroupScalars:
         decay_factor: Scalar | None = None
@@ -226,6 +227,7 @@ __all__ = [
     "GroupScalars",
     "StepScalars",
     "UpdateRule",
+    "as_number",
     "check_backend",
     "check_hyperparameters",
     "check_max_lr",

@@ -63,8 +63,8 @@ def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Se
         second_moment = exp_avg_sq
         if rule.amsgrad:
             max_exp_avg_sq = as_real(tensors.max_exp_avg_sqs[i])
-            if rule.differentiable:
-                max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq.clone(), exp_avg_sq))
+            if rule.differentiable:  # maximum saves both inputs; both change in place later
+                max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq.clone(), exp_avg_sq.clone()))
             else:
                 torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
             second_moment = max_exp_avg_sq

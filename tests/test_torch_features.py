@@ -1,0 +1,263 @@
+"""torch.optim machinery behaves as with torch.optim.Adam: LR schedulers, hooks,
+zero_grad, closures, deepcopy, pickling, printing, named params, param groups,
+the differentiable path and capturable."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import adamkit
+from matrix import OPTIMIZERS, Case, clone_groups, make_params, run
+from test_torch_parity import assert_same_state
+
+SCHEDULERS = {
+    "StepLR": lambda opt: lr_scheduler.StepLR(opt, step_size=5, gamma=0.5),
+    "CosineAnnealingLR": lambda opt: lr_scheduler.CosineAnnealingLR(opt, T_max=20),
+    "OneCycleLR": lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=40),  # edits betas too
+    "LambdaLR": lambda opt: lr_scheduler.LambdaLR(opt, lambda epoch: 1 / (1 + epoch)),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_lr_schedulers_bit_identical(optimizer, scheduler, tensor_lr):
+    case = Case(optimizer, tensor_lr=tensor_lr)
+    ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
+    torch_groups = make_params(case)
+    our_groups = clone_groups(torch_groups)
+    theirs, ours = torch_cls(torch_groups, foreach=False), ours_cls(our_groups)
+    schedules = [SCHEDULERS[scheduler](theirs), SCHEDULERS[scheduler](ours)]
+    for _ in range(30):
+        run(theirs, torch_groups, 1)
+        run(ours, our_groups, 1)
+        for s in schedules:
+            s.step()
+    assert_same_state(ours, our_groups, theirs, torch_groups)
+    assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in theirs.param_groups]
+
+
+def one_param_optimizer(**kwargs):
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    return adamkit.Adam([p], **kwargs), p
+
+
+def test_step_hooks_called_in_order():
+    opt, _ = one_param_optimizer()
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o)))
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global", o)))
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    assert calls == [("global", opt), ("pre", opt), ("post", opt)]
+
+
+def test_state_dict_hooks():
+    opt, _ = one_param_optimizer()
+    opt.step()
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("sd-pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load-pre"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load-post"))
+    state_dict = opt.state_dict()
+    assert state_dict["extra"] == 1
+    opt.load_state_dict({k: v for k, v in state_dict.items() if k != "extra"})
+    assert seen == ["sd-pre", "load-pre", "load-post"]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(set_to_none):
+    opt, p = one_param_optimizer()
+    opt.zero_grad(set_to_none=set_to_none)
+    assert (p.grad is None) if set_to_none else torch.equal(p.grad, torch.zeros(3))
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_closure_like_torch(optimizer):
+    ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
+    x, target = torch.randn(16, 4), torch.randn(16, 1)
+    results = []
+    for cls in (ours_cls, torch_cls):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = cls(model.parameters(), lr=0.05)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), target)
+            loss.backward()
+            return loss
+
+        losses = [opt.step(closure).item() for _ in range(10)]
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_deepcopy_is_independent_and_identical():
+    case = Case("Adam", amsgrad=True)
+    groups = make_params(case)
+    opt = adamkit.Adam(groups, **case.adamkit_kwargs())
+    run(opt, groups, 4)
+    bundle = copy.deepcopy({"groups": groups, "opt": opt})
+    run(opt, groups, 6, seed=7)
+    run(bundle["opt"], bundle["groups"], 6, seed=7)
+    # Parameter.__deepcopy__ makes strided views contiguous, so strides are not compared
+    assert_same_state(bundle["opt"], bundle["groups"], opt, groups, check_strides=False)
+    assert bundle["opt"].state is not opt.state
+
+
+def test_pickle_round_trip_continues_identically():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = adamkit.AdamW(model.parameters(), lr=0.01, decouple_lr=True)
+    x = torch.randn(8, 3)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    train(model, opt, 3)
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert repr(opt2) == repr(opt)
+    train(model, opt, 4)
+    train(model2, opt2, 4)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_printing_shows_torch_lines_plus_ours(optimizer):
+    ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
+    p = [torch.nn.Parameter(torch.randn(2))]
+    ours, theirs = repr(ours_cls(p)).splitlines(), repr(torch_cls(p)).splitlines()
+    assert ours[0] == f"{ours_cls.__name__} ("
+    assert set(theirs[1:]) <= set(ours[1:])
+    extra = {line.split(":")[0].strip() for line in set(ours[1:]) - set(theirs[1:])}
+    assert extra <= set(ours_cls.extra_group_keys)
+
+
+def test_named_parameters_and_state_dict_to_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ours = adamkit.Adam(model.named_parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    ours.step()
+    state_dict = ours.state_dict()
+    assert state_dict["param_groups"][0]["param_names"] == ["weight", "bias"]
+    theirs = torch.optim.Adam(model.named_parameters())
+    theirs.load_state_dict(state_dict)
+    assert theirs.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+
+
+def test_max_lr_defaults_to_each_groups_initial_lr():
+    a, b, c = (torch.nn.Parameter(torch.randn(2)) for _ in range(3))
+    opt = adamkit.AdamW([{"params": [a], "lr": 0.1}, {"params": [b]}], lr=0.01, decouple_lr=True)
+    opt.add_param_group({"params": [c], "lr": torch.tensor(0.5)})
+    assert [g["max_lr"] for g in opt.param_groups] == [0.1, 0.01, 0.5]
+    explicit = adamkit.AdamW([a], lr=0.01, decouple_lr=True, max_lr=0.1)
+    assert explicit.param_groups[0]["max_lr"] == 0.1
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+def test_fully_decoupled_decay_closed_form(backend):
+    r"""With zero gradients the moments stay 0 and only decay acts:
+    theta_t = theta_0 \prod_s (1 - (lr_s / max_lr) wd), independent of lr's magnitude."""
+    wd, steps = 1e-2, 40
+    for lr in (1e-3, 1.0):
+        p = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+        opt = adamkit.AdamW([p], lr=lr, weight_decay=wd, decouple_lr=True, backend=backend)
+        sched = lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+        expected = 1.0
+        for _ in range(steps):
+            expected *= 1 - (opt.param_groups[0]["lr"] / lr) * wd
+            p.grad = torch.zeros_like(p)
+            opt.step()
+            sched.step()
+        torch.testing.assert_close(p.detach(), torch.full((5,), expected, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def unrolled_loss(cls, w0, lr, amsgrad):
+    """Final loss after 5 differentiable steps on sum(c w^2 / 2) from w0."""
+    w = w0.clone()
+    opt = cls([w], lr=lr, differentiable=True, weight_decay=0.1, amsgrad=amsgrad)
+    curvature = torch.tensor([2.0, 4.0, 6.0], dtype=torch.float64)
+    for _ in range(5):
+        w.grad = w.mul(curvature)  # the gradient; saves nothing of w
+        opt.step()
+    return (w**2).sum()
+
+
+def leaves():
+    w0 = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    return w0, lr
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_differentiable_hypergradients(amsgrad):
+    """Gradients w.r.t. the initial weights and a tensor lr through 5 steps, checked
+    against float64 central finite differences; the loss equals the non-differentiable
+    path's. (torch's own differentiable AMSGrad raises an in-place autograd error.)"""
+    w0, lr = leaves()
+    loss = unrolled_loss(adamkit.Adam, w0, lr, amsgrad)
+    grads = torch.autograd.grad(loss, (w0, lr))
+
+    with torch.no_grad():
+        plain = [w0.detach().clone()]
+        opt = adamkit.Adam(plain, lr=0.1, weight_decay=0.1, amsgrad=amsgrad)
+        for _ in range(5):
+            plain[0].grad = plain[0] * torch.tensor([2.0, 4.0, 6.0], dtype=torch.float64)
+            opt.step()
+    torch.testing.assert_close(loss.detach(), (plain[0] ** 2).sum(), rtol=1e-13, atol=0)
+
+    def loss_at(w0_value, lr_value):
+        with torch.no_grad():
+            return unrolled_loss(adamkit.Adam, w0_value, lr_value, amsgrad).item()
+
+    h = 1e-6
+    w_base, lr_base = w0.detach(), lr.detach()
+    numeric_w = [
+        (loss_at(w_base + h * e, lr_base) - loss_at(w_base - h * e, lr_base)) / (2 * h)
+        for e in torch.eye(3, dtype=torch.float64)
+    ]
+    numeric_lr = (loss_at(w_base, lr_base + h) - loss_at(w_base, lr_base - h)) / (2 * h)
+    torch.testing.assert_close(grads[0], torch.tensor(numeric_w, dtype=torch.float64), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(grads[1], torch.tensor(numeric_lr, dtype=torch.float64), rtol=1e-6, atol=1e-8)
+
+
+def test_differentiable_agrees_with_torch():
+    """torch's differentiable path computes bias corrections in float32 (beta ** step
+    on a float32 step tensor), so agreement is to float32 precision."""
+    (w0a, lra), (w0t, lrt) = leaves(), leaves()
+    ours = torch.autograd.grad(unrolled_loss(adamkit.Adam, w0a, lra, False), (w0a, lra))
+    theirs = torch.autograd.grad(unrolled_loss(torch.optim.Adam, w0t, lrt, False), (w0t, lrt))
+    for a, t in zip(ours, theirs):  # normwise: max |a - t| relative to max |t|
+        assert (a - t).abs().max() <= 1e-5 * t.abs().max()
+
+
+def test_capturable_keeps_step_on_param_device():
+    opt, p = one_param_optimizer(capturable=True)
+    opt.step()
+    assert opt.state[p]["step"].device == p.device and opt.state[p]["step"].item() == 1.0
+
+
+def test_torch_save_whole_optimizer_is_loadable():
+    opt, p = one_param_optimizer(amsgrad=True)
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["param_groups"][0]["amsgrad"] is True
