@@ -73,11 +73,15 @@ class _AdamFamily(Optimizer):
         *,
         foreach: bool | None,
         capturable: bool,
-        check_beta_types: bool,
     ) -> tuple[Any, Any]:
-        """torch's constructor checks, in torch's order and with its messages; returns betas."""
+        """torch's constructor checks, in torch's order and with its messages; returns betas.
+
+        torch.optim.Adam also rejects tensor hyperparameters with ``foreach=True`` and
+        mixed float/tensor betas; torch.optim.Adamax does not, and neither does AdaMax.
+        """
+        adam_checks = self.algorithm == "adam"
         if isinstance(lr, Tensor):
-            if foreach and not capturable and self.algorithm == "adam":
+            if foreach and not capturable and adam_checks:
                 raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
@@ -85,16 +89,13 @@ class _AdamFamily(Optimizer):
             if isinstance(beta, Tensor) and beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")
         check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        if check_beta_types and not (
-            all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)
-        ):
+        if not adam_checks:
+            return tuple(betas)
+        if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
             raise ValueError("betas must be either both floats or both Tensors")
         for index, beta in enumerate(betas):
-            if isinstance(beta, Tensor):
-                if not capturable and foreach:
-                    raise ValueError(
-                        f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True"
-                    )
+            if isinstance(beta, Tensor) and foreach and not capturable:
+                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
         return tuple(to_scalar(b) for b in betas)
 
     def _finish_construction(self, *, fused: bool | None, foreach: bool | None, differentiable: bool) -> None:
@@ -287,7 +288,7 @@ class Adam(_AdamFamily):
         backend: str | None = None,
     ) -> None:
         betas = self._validate_construction(
-            lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable, check_beta_types=True
+            lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable
         )
         check_backend(backend)
         if decouple_lr and max_lr is not None:
@@ -407,7 +408,7 @@ class AdaMax(_AdamFamily):
         backend: str | None = None,
     ) -> None:
         betas = self._validate_construction(
-            lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable, check_beta_types=False
+            lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable
         )
         check_backend(backend)
         if decouple_lr and max_lr is not None:
