@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from matrix import GROUP_LRS, Case, gradients, numpy_of
 
 from adamkit import reference
-from matrix import GROUP_LRS, Case, gradients, numpy_of
 
 
 def run_reference(case: Case, groups: list[dict], steps: int, seed: int = 1, betas=(0.9, 0.999)):

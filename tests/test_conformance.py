@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from matrix import OPTIMIZERS, Case, clone_groups, make_params, numpy_of, reference_cases, run
 from oracle import max_relative_error, run_reference
 
@@ -56,8 +55,10 @@ FLOAT32_STEPS = 10
 
 @pytest.mark.parametrize(
     "case",
-    [Case(c.optimizer, torch.float32, c.amsgrad, c.maximize, c.weight_decay, False, c.complex_params, c.backend)
-     for c in reference_cases()],
+    [
+        Case(c.optimizer, torch.float32, c.amsgrad, c.maximize, c.weight_decay, False, c.complex_params, c.backend)
+        for c in reference_cases()
+    ],
     ids=lambda c: c.id,
 )
 def test_float32_tracks_reference(case: Case):

@@ -90,9 +90,7 @@ def test_demo_rows_cover_every_pair(demo: tuple[Path, list[Row]]) -> None:
     assert {("quadratic", "Adam"), ("quadratic", "SGD")} <= expected
     for function in ("rosenbrock", "beale"):
         assert {(function, opt) for opt in ("Adam", "AdamW", "AMSGrad", "SGD+momentum")} <= expected
-    assert [(r.function, r.optimizer) for r in rows] == [
-        (e.objective.name, opt) for e in EXPERIMENTS for opt in e.lrs
-    ]
+    assert [(r.function, r.optimizer) for r in rows] == [(e.objective.name, opt) for e in EXPERIMENTS for opt in e.lrs]
 
 
 def test_rows_are_consistent_with_their_trajectories(demo: tuple[Path, list[Row]]) -> None:

@@ -48,7 +48,9 @@ def test_no_write_outside_view(view, path, cls):
     assert torch.all(base[~inside] == SENTINEL), "wrote outside the view"
     # and the view itself was updated exactly as torch's for-loop updates a dense copy
     dense = torch.nn.Parameter(torch.full(param.shape, SENTINEL))
-    torch_cls = {adamkit.Adam: torch.optim.Adam, adamkit.AdamW: torch.optim.AdamW, adamkit.AdaMax: torch.optim.Adamax}[cls]
+    torch_cls = {adamkit.Adam: torch.optim.Adam, adamkit.AdamW: torch.optim.AdamW, adamkit.AdaMax: torch.optim.Adamax}[
+        cls
+    ]
     reference = torch_cls([dense], lr=0.1, weight_decay=0.1, foreach=False)
     for step in range(3):
         dense.grad = torch.full_like(dense, 1.0 + step)

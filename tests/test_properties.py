@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import max_relative_error
 
 import adamkit
 from adamkit import reference
-from oracle import max_relative_error
 
 OURS = {"Adam": adamkit.Adam, "AdamW": adamkit.AdamW, "AdaMax": adamkit.AdaMax}
 TORCH = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "AdaMax": torch.optim.Adamax}

@@ -8,10 +8,10 @@ import io
 
 import pytest
 import torch
-
-import adamkit
 from matrix import OPTIMIZERS, Case, clone_groups, make_params, run
 from test_torch_parity import assert_same_state
+
+import adamkit
 
 CASES = [
     Case("Adam", amsgrad=True, weight_decay="l2"),

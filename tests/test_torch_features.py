@@ -10,12 +10,12 @@ import pickle
 
 import pytest
 import torch
+from matrix import OPTIMIZERS, Case, clone_groups, make_params, run
+from test_torch_parity import assert_same_state
 from torch.optim import lr_scheduler
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import adamkit
-from matrix import OPTIMIZERS, Case, clone_groups, make_params, run
-from test_torch_parity import assert_same_state
 
 SCHEDULERS = {
     "StepLR": lambda opt: lr_scheduler.StepLR(opt, step_size=5, gamma=0.5),
@@ -88,8 +88,7 @@ def test_zero_grad(set_to_none):
 def test_closure_like_torch(optimizer):
     ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
     x, target = torch.randn(16, 4), torch.randn(16, 1)
-    results = []
-    for cls in (ours_cls, torch_cls):
+    def train(cls):
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 1)
         opt = cls(model.parameters(), lr=0.05)
@@ -101,7 +100,9 @@ def test_closure_like_torch(optimizer):
             return loss
 
         losses = [opt.step(closure).item() for _ in range(10)]
-        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    results = [train(ours_cls), train(torch_cls)]
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from matrix import OPTIMIZERS, Case, clone_groups, make_params, run, torch_comparable_cases
 
 STEPS = 100

@@ -7,6 +7,6 @@ paper, line by line, in NumPy float64.
 
 from . import reference
 from ._version import __version__
-from .optim import AdaMax, Adamax, Adam, AdamW
+from .optim import Adam, AdaMax, Adamax, AdamW
 
 __all__ = ["Adam", "AdamW", "AdaMax", "Adamax", "reference", "__version__"]

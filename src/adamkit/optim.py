@@ -38,12 +38,11 @@ from .rule import (
     UpdateRule,
     as_number,
     check_backend,
+    check_constructor_arguments,
     check_hyperparameters,
     check_max_lr,
-    to_scalar,
 )
 from .state import SECOND_MOMENT_KEY, init_state, upgrade_step
-
 
 
 def _fused_devices() -> list[str]:
@@ -64,45 +63,27 @@ class _AdamFamily(Optimizer):
     #: param-group keys adamkit adds to those of the torch.optim counterpart
     extra_group_keys: ClassVar[tuple[str, ...]] = ("backend", "decouple_lr", "max_lr")
 
-    def _validate_construction(
-        self,
-        lr: Any,
-        betas: tuple[Any, Any],
-        eps: float,
-        weight_decay: float,
-        *,
-        foreach: bool | None,
-        capturable: bool,
-    ) -> tuple[Any, Any]:
-        """torch's constructor checks, in torch's order and with its messages; returns betas.
-
-        torch.optim.Adam also rejects tensor hyperparameters with ``foreach=True`` and
-        mixed float/tensor betas; torch.optim.Adamax does not, and neither does AdaMax.
-        """
-        adam_checks = self.algorithm == "adam"
-        if isinstance(lr, Tensor):
-            if foreach and not capturable and adam_checks:
-                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        for index, beta in enumerate(betas):  # before the range checks, which need one element
-            if isinstance(beta, Tensor) and beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")
-        check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        if not adam_checks:
-            return tuple(betas)
-        if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
-            raise ValueError("betas must be either both floats or both Tensors")
-        for index, beta in enumerate(betas):
-            if isinstance(beta, Tensor) and foreach and not capturable:
-                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
-        return tuple(to_scalar(b) for b in betas)
-
-    def _finish_construction(self, *, fused: bool | None, foreach: bool | None, differentiable: bool) -> None:
-        if fused:
-            if differentiable:
+    def _construct(self, params, torch_defaults: dict, *, backend, decouple_lr: bool, max_lr) -> None:
+        """Validate (torch's checks first, then adamkit's), then build the optimizer."""
+        d = torch_defaults
+        betas = check_constructor_arguments(
+            d["lr"],
+            d["betas"],
+            d["eps"],
+            d["weight_decay"],
+            foreach=d["foreach"],
+            capturable=d["capturable"],
+            adam_checks=self.algorithm == "adam",
+        )
+        check_backend(backend)
+        if decouple_lr and max_lr is not None:
+            check_max_lr(max_lr)
+        defaults = {**d, "betas": betas, "backend": backend, "decouple_lr": decouple_lr, "max_lr": max_lr}
+        super().__init__(params, defaults)
+        if d.get("fused"):  # after the params are in, as torch.optim.Adam checks
+            if d["differentiable"]:
                 raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
+            if d["foreach"]:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
     # ------------------------------------------------------------------ groups
@@ -287,13 +268,7 @@ class Adam(_AdamFamily):
         max_lr: float | None = None,
         backend: str | None = None,
     ) -> None:
-        betas = self._validate_construction(
-            lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable
-        )
-        check_backend(backend)
-        if decouple_lr and max_lr is not None:
-            check_max_lr(max_lr)
-        defaults = {
+        torch_defaults = {
             "lr": lr,
             "betas": betas,
             "eps": eps,
@@ -305,12 +280,8 @@ class Adam(_AdamFamily):
             "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
-            "backend": backend,
-            "decouple_lr": decouple_lr,
-            "max_lr": max_lr,
         }
-        super().__init__(params, defaults)
-        self._finish_construction(fused=fused, foreach=foreach, differentiable=differentiable)
+        self._construct(params, torch_defaults, backend=backend, decouple_lr=decouple_lr, max_lr=max_lr)
 
     def _torch_group_defaults(self) -> dict[str, Any]:
         return {
@@ -407,13 +378,7 @@ class AdaMax(_AdamFamily):
         max_lr: float | None = None,
         backend: str | None = None,
     ) -> None:
-        betas = self._validate_construction(
-            lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable
-        )
-        check_backend(backend)
-        if decouple_lr and max_lr is not None:
-            check_max_lr(max_lr)
-        defaults = {
+        torch_defaults = {
             "lr": lr,
             "betas": betas,
             "eps": eps,
@@ -423,11 +388,8 @@ class AdaMax(_AdamFamily):
             "differentiable": differentiable,
             "capturable": capturable,
             "decoupled_weight_decay": decoupled_weight_decay,
-            "backend": backend,
-            "decouple_lr": decouple_lr,
-            "max_lr": max_lr,
         }
-        super().__init__(params, defaults)
+        self._construct(params, torch_defaults, backend=backend, decouple_lr=decouple_lr, max_lr=max_lr)
 
     def _sparse_message(self) -> str:
         return "Adamax does not support sparse gradients"

@@ -77,15 +77,48 @@ def check_hyperparameters(
         number = as_number(beta)
         if not 0.0 <= number < 1.0:
             raise ValueError(
-                f"Invalid beta parameter at index {index}: {_describe(beta)} "
-                f"(betas[{index}] must be in [0, 1){where})"
+                f"Invalid beta parameter at index {index}: {_describe(beta)} (betas[{index}] must be in [0, 1){where})"
             )
     number = as_number(weight_decay)
     if not 0.0 <= number or math.isinf(number):
         raise ValueError(
-            f"Invalid weight_decay value: {_describe(weight_decay)} "
-            f"(weight_decay must be a finite number >= 0{where})"
+            f"Invalid weight_decay value: {_describe(weight_decay)} (weight_decay must be a finite number >= 0{where})"
         )
+
+
+def check_constructor_arguments(
+    lr: Scalar,
+    betas: tuple[Scalar, Scalar],
+    eps: float,
+    weight_decay: float,
+    *,
+    foreach: bool | None,
+    capturable: bool,
+    adam_checks: bool,
+) -> tuple[Scalar, Scalar]:
+    """torch.optim's constructor checks, in torch's order and with its messages; returns
+    the betas (1-element tensors made 0-d).
+
+    ``adam_checks``: torch.optim.Adam also rejects tensor hyperparameters with
+    ``foreach=True`` and mixed float/tensor betas; torch.optim.Adamax does not.
+    """
+    if isinstance(lr, Tensor):
+        if foreach and not capturable and adam_checks:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    for index, beta in enumerate(betas):  # before the range checks, which need one element
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")
+    check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if not adam_checks:
+        return tuple(betas)
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and foreach and not capturable:
+            raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
+    return tuple(to_scalar(b) for b in betas)
 
 
 def check_max_lr(max_lr: Any, *, where: str = "") -> None:
@@ -229,8 +262,8 @@ __all__ = [
     "UpdateRule",
     "as_number",
     "check_backend",
+    "check_constructor_arguments",
     "check_hyperparameters",
     "check_max_lr",
     "to_scalar",
 ]
-

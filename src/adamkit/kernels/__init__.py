@@ -59,9 +59,7 @@ def resolve(backend: str | None, devices: set[torch.device], *, differentiable: 
     name = backend or default_backend(devices, differentiable=differentiable)
     kernel = KERNELS[name]
     if differentiable and not kernel.differentiable:
-        raise ValueError(
-            f"backend={name!r} does not support differentiable=True (use backend='reference' or None)"
-        )
+        raise ValueError(f"backend={name!r} does not support differentiable=True (use backend='reference' or None)")
     if not kernel.available():
         raise ValueError(f"backend={name!r} is not available in this installation")
     for device in devices:

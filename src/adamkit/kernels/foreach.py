@@ -18,25 +18,24 @@ from ..rule import GroupScalars, StepScalars, UpdateRule
 from .types import GroupTensors, as_real
 
 
+def _select(tensors: list[Tensor], members: list[int]) -> list[Tensor]:
+    return [tensors[i] for i in members] if tensors else []
+
+
 def _buckets(tensors: GroupTensors, steps: Sequence[StepScalars]):
-    """Split the group by (device, dtype); yield (real-viewed GroupTensors, steps)."""
+    """Split the group by (device, dtype); yield (GroupTensors, StepScalars) per bucket."""
     index: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(tensors.params):
         index[(p.device, p.dtype)].append(i)
     for members in index.values():
-        def pick(lst: list[Tensor]) -> list[Tensor]:
-            return [lst[i] for i in members] if lst else []
-
-        yield (
-            GroupTensors(
-                params=pick(tensors.params),
-                grads=pick(tensors.grads),
-                exp_avgs=pick(tensors.exp_avgs),
-                exp_avg_sqs=pick(tensors.exp_avg_sqs),
-                max_exp_avg_sqs=pick(tensors.max_exp_avg_sqs),
-            ),
-            [steps[i] for i in members],
+        bucket = GroupTensors(
+            params=_select(tensors.params, members),
+            grads=_select(tensors.grads, members),
+            exp_avgs=_select(tensors.exp_avgs, members),
+            exp_avg_sqs=_select(tensors.exp_avg_sqs, members),
+            max_exp_avg_sqs=_select(tensors.max_exp_avg_sqs, members),
         )
+        yield bucket, [steps[i] for i in members]
 
 
 def _decayed_gradients(t: GroupTensors, rule: UpdateRule, group: GroupScalars) -> list[Tensor]:

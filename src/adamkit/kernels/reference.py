@@ -85,5 +85,6 @@ def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: 
             exp_inf.copy_(torch.maximum(exp_inf.mul(group.beta2), norm))
         else:
             torch.maximum(exp_inf.mul_(group.beta2), norm, out=exp_inf)
-        _apply_update(param, exp_avg, exp_inf.clone() if rule.differentiable else exp_inf,
-                      steps[i].step_size, rule.differentiable)
+        _apply_update(
+            param, exp_avg, exp_inf.clone() if rule.differentiable else exp_inf, steps[i].step_size, rule.differentiable
+        )
