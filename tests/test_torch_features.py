@@ -88,6 +88,7 @@ def test_zero_grad(set_to_none):
 def test_closure_like_torch(optimizer):
     ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
     x, target = torch.randn(16, 4), torch.randn(16, 1)
+
     def train(cls):
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 1)
