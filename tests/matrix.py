@@ -10,7 +10,7 @@ leaving some params without a gradient on some steps.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,12 +39,14 @@ class Case:
     tensor_lr: bool = False
     complex_params: bool = False
     backend: str = "reference"
-    extra: tuple = field(default=())
+    capturable: bool = False
 
     @property
     def id(self) -> str:
         bits = [self.optimizer, str(self.dtype).removeprefix("torch."), self.backend, f"wd={self.weight_decay}"]
-        bits += [name for name in ("amsgrad", "maximize", "tensor_lr", "complex_params") if getattr(self, name)]
+        bits += [
+            name for name in ("amsgrad", "maximize", "tensor_lr", "complex_params", "capturable") if getattr(self, name)
+        ]
         return "-".join(bits)
 
     @property
@@ -72,10 +74,17 @@ class Case:
             kw["weight_decay"] = 0.1
             kw["decouple_lr"] = True
         kw["backend"] = self.backend
+        if self.capturable:
+            kw["capturable"] = True
         return kw
 
     def lr(self, value: float):
-        return torch.tensor(value) if self.tensor_lr else value
+        """A float64 case gets a float64 lr tensor, so the lr itself is not rounded."""
+        return (
+            torch.tensor(value, dtype=torch.float64 if self.dtype == torch.float64 else None)
+            if self.tensor_lr
+            else value
+        )
 
     def reference_hyperparameters(self, lr: float, max_lr: float) -> reference.Hyperparameters:
         mode = {"none": "l2", "l2": "l2", "decoupled": "decoupled", "fully_decoupled": "fully_decoupled"}[
@@ -109,16 +118,18 @@ def torch_comparable_cases(backends=None) -> list[Case]:
 
 
 def reference_cases(backends=None) -> list[Case]:
-    """Every option adamkit has, including those torch lacks, for the NumPy oracle."""
+    """Every option adamkit has, including those torch lacks, for the NumPy oracle.
+
+    Capturable groups take the tensor-scalar path (no host sync), with a tensor lr."""
     backends = backends or tuple(KERNELS)
     cases = []
-    for name, backend, maximize, wd, cplx in itertools.product(
-        OPTIMIZERS, backends, (False, True), WEIGHT_DECAYS + ("fully_decoupled",), (False, True)
+    for name, backend, maximize, wd, cplx, capturable in itertools.product(
+        OPTIMIZERS, backends, (False, True), WEIGHT_DECAYS + ("fully_decoupled",), (False, True), (False, True)
     ):
         if name == "AdamW" and wd == "l2":
             continue
         for amsgrad in (False, True) if name != "AdaMax" else (False,):
-            cases.append(Case(name, torch.float64, amsgrad, maximize, wd, False, cplx, backend))
+            cases.append(Case(name, torch.float64, amsgrad, maximize, wd, capturable, cplx, backend, capturable))
     return cases
 
 

@@ -115,7 +115,7 @@ def test_bad_added_group_is_not_added():
 
 
 def test_differentiable_needs_a_differentiable_backend():
-    p = torch.nn.Parameter(torch.randn(3))
+    p = torch.randn(3)
     p.grad = torch.ones(3)
     opt = adamkit.Adam([p], differentiable=True, backend="foreach")
     with pytest.raises(ValueError, match="differentiable"):

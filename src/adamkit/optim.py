@@ -42,7 +42,7 @@ from .rule import (
     check_hyperparameters,
     check_max_lr,
 )
-from .state import SECOND_MOMENT_KEY, init_state, upgrade_step
+from .state import SECOND_MOMENT_KEY, check_state, init_state, upgrade_step
 
 
 def _fused_devices() -> list[str]:
@@ -59,7 +59,8 @@ class _AdamFamily(Optimizer):
     """Shared machinery of :class:`Adam`, :class:`AdamW` and :class:`AdaMax`."""
 
     algorithm: ClassVar[Algorithm]
-    torch_name: ClassVar[str]
+    #: torch.optim's message for a sparse gradient
+    sparse_gradient_message: ClassVar[str]
     #: param-group keys adamkit adds to those of the torch.optim counterpart
     extra_group_keys: ClassVar[tuple[str, ...]] = ("backend", "decouple_lr", "max_lr")
 
@@ -91,8 +92,6 @@ class _AdamFamily(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group.get("max_lr") is None:
-            group["max_lr"] = as_number(group["lr"])
         try:
             self._check_new_group(group, len(self.param_groups) - 1)
         except Exception:
@@ -107,16 +106,36 @@ class _AdamFamily(Optimizer):
                     f"{type(self).__name__} can only optimize floating-point or complex tensors, "
                     f"but params[{j}]{where} has dtype {p.dtype}"
                 )
+        if group.get("max_lr") is None:  # once lr itself is known to be good
+            check_hyperparameters(
+                lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], where=where
+            )
+            group["max_lr"] = as_number(group["lr"])
         self._check_group(group, where)
 
     def _check_group(self, group: dict, where: str) -> None:
-        """Step-time checks: a scheduler or a hand edit may have changed the group."""
+        """Step-time checks: a scheduler or a hand edit may have changed the group.
+        A capturable group's tensors are not read: on an accelerator that would sync."""
+        lr, weight_decay = group["lr"], group["weight_decay"]
         check_hyperparameters(
-            lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], where=where
+            lr=lr,
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=weight_decay,
+            where=where,
+            read_tensors=not group.get("capturable"),
         )
         check_backend(group.get("backend"), where=where)
-        if group.get("decouple_lr"):
-            check_max_lr(group["max_lr"], where=where)
+        if not group.get("decouple_lr"):
+            return
+        max_lr = group["max_lr"]
+        check_max_lr(max_lr, where=where)
+        if not isinstance(lr, Tensor) and (lr / max_lr) * weight_decay > 1:
+            raise ValueError(
+                f"fully decoupled weight decay would flip the params' sign{where}: "
+                f"1 - (lr / max_lr) * weight_decay = 1 - ({lr} / {max_lr}) * {weight_decay} < 0 "
+                "(keep lr <= max_lr / weight_decay)"
+            )
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -149,38 +168,54 @@ class _AdamFamily(Optimizer):
     # ------------------------------------------------------------------ step
 
     def _backend_name(self, group: dict) -> str | None:
+        """``backend`` if given; else torch's flags mapped onto adamkit's paths."""
         backend = group.get("backend")
         if backend is not None:
             return backend
-        if group.get("foreach") or group.get("fused"):
+        if group.get("fused") or group.get("foreach"):
             return "foreach"
+        if group.get("foreach") is False:
+            return "reference"
         return None
 
     def _plan_group(self, index: int, group: dict) -> tuple[dict, list[Tensor], Kernel] | None:
-        """Validate one group and pick its kernel; touches nothing."""
+        """Validate one group, its params and their state, and pick its kernel; touches nothing."""
         where = f" in param_groups[{index}]"
         self._check_group(group, where)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return None
-        for p in params:
+        differentiable = group["differentiable"]
+        for j, p in enumerate(params):
             if p.grad.is_sparse:
-                raise RuntimeError(self._sparse_message())
-            if group.get("fused") and not self.state.get(p):
+                raise RuntimeError(self.sparse_gradient_message)
+            state = self.state.get(p)
+            if state:
+                check_state(state, p, self.algorithm, amsgrad=bool(group.get("amsgrad")), where=f" of {where[4:]}")
+                if differentiable and state["step"].requires_grad:
+                    raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+            elif group.get("fused"):
                 devices = _fused_devices()
                 if not (p.is_floating_point() and p.device.type in devices):
                     raise RuntimeError(
                         "`fused=True` requires all the params to be floating point Tensors of "
                         f"supported devices: {devices} but {p.dtype} and {p.device.type}"
                     )
-        if group.get("foreach") and isinstance(group["lr"], Tensor) and not group.get("capturable"):
+            if differentiable and p.is_leaf and p.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "a leaf Variable that requires grad is being used in an in-place operation: with "
+                    f"differentiable=True, optimize a non-leaf copy (e.g. w = w0.clone()), not params[{j}]{where}"
+                )
+        if (
+            self.algorithm == "adam"
+            and group.get("foreach")
+            and isinstance(group["lr"], Tensor)
+            and not group.get("capturable")
+        ):
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
         devices = {p.device for p in params}
-        kernel = kernels.resolve(self._backend_name(group), devices, differentiable=group["differentiable"])
+        kernel = kernels.resolve(self._backend_name(group), devices, differentiable=differentiable)
         return group, params, kernel
-
-    def _sparse_message(self) -> str:
-        return f"{self.torch_name} does not support sparse gradients, please consider SparseAdam instead"
 
     def _run_group(self, group: dict, params: list[Tensor], kernel: Kernel) -> None:
         second = SECOND_MOMENT_KEY[self.algorithm]
@@ -247,7 +282,7 @@ class Adam(_AdamFamily):
     """
 
     algorithm = "adam"
-    torch_name = "Adam"
+    sparse_gradient_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
         self,
@@ -299,8 +334,6 @@ class AdamW(Adam):
     applied before the update, so decay never enters the moments.  Default
     ``weight_decay=1e-2`` as in torch.
     """
-
-    torch_name = "Adam"
 
     def __init__(
         self,
@@ -358,7 +391,7 @@ class AdaMax(_AdamFamily):
     """
 
     algorithm = "adamax"
-    torch_name = "Adamax"
+    sparse_gradient_message = "Adamax does not support sparse gradients"
     extra_group_keys = _AdamFamily.extra_group_keys + ("decoupled_weight_decay",)
 
     def __init__(
@@ -390,9 +423,6 @@ class AdaMax(_AdamFamily):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         self._construct(params, torch_defaults, backend=backend, decouple_lr=decouple_lr, max_lr=max_lr)
-
-    def _sparse_message(self) -> str:
-        return "Adamax does not support sparse gradients"
 
     def _torch_group_defaults(self) -> dict[str, Any]:
         return {**super()._torch_group_defaults(), "decoupled_weight_decay": False}

@@ -130,6 +130,8 @@ def adam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hy
 
 def adamax_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
     """One step of Algorithm 2 (AdaMax); ``state.exp_avg_sq`` holds u_t."""
+    if hp.amsgrad:
+        raise ValueError("AdaMax has no AMSGrad variant (amsgrad must be False)")
     like = theta
     theta, grad = _as_real(theta), _as_real(grad)
     if state.step == 0:

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 Algorithm = Literal["adam", "adamax"]
@@ -47,8 +48,16 @@ def as_number(x: Scalar) -> float:
     return float(x.detach().item()) if isinstance(x, Tensor) else float(x)
 
 
-def _describe(x: Scalar) -> str:
-    return f"tensor({as_number(x)})" if isinstance(x, Tensor) else repr(x)
+def _number_of(name: str, value: Any, where: str, read_tensors: bool) -> float | None:
+    """The value of a hyperparameter, or ``None`` for a tensor that must not be read
+    (a capturable group's step: reading an accelerator tensor would sync)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
+        return as_number(value) if read_tensors else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a 1-element tensor{where}, got {value!r}")
+    return float(value)
 
 
 def check_hyperparameters(
@@ -58,31 +67,34 @@ def check_hyperparameters(
     eps: float,
     weight_decay: float,
     where: str = "",
+    read_tensors: bool = True,
 ) -> None:
     """Raise ``ValueError`` (with ``torch.optim``'s message text) for a bad value.
 
     Torch's checks (``not 0.0 <= lr`` and so on) already reject NaN; on top of
-    them infinite values are rejected, since no step can use them.
-    ``where`` names the param group when the check runs at step time.
+    them infinite values are rejected, since no step can use them.  Values are
+    formatted as torch formats them (a 0-d tensor prints as its number).
+    ``where`` names the param group when the check runs at step time; with
+    ``read_tensors=False`` tensors are checked for shape only.
     """
     checks = (
         ("learning rate", "lr", lr, "a finite number >= 0"),
         ("epsilon value", "eps", eps, "a finite number >= 0"),
     )
     for label, name, value, allowed in checks:
-        number = as_number(value)
-        if not 0.0 <= number or math.isinf(number):
-            raise ValueError(f"Invalid {label}: {_describe(value)} ({name} must be {allowed}{where})")
+        number = _number_of(name, value, where, read_tensors)
+        if number is not None and (not 0.0 <= number or math.isinf(number)):
+            raise ValueError(f"Invalid {label}: {value} ({name} must be {allowed}{where})")
     for index, beta in enumerate(betas):
-        number = as_number(beta)
-        if not 0.0 <= number < 1.0:
+        number = _number_of(f"betas[{index}]", beta, where, read_tensors)
+        if number is not None and not 0.0 <= number < 1.0:
             raise ValueError(
-                f"Invalid beta parameter at index {index}: {_describe(beta)} (betas[{index}] must be in [0, 1){where})"
+                f"Invalid beta parameter at index {index}: {beta} (betas[{index}] must be in [0, 1){where})"
             )
-    number = as_number(weight_decay)
-    if not 0.0 <= number or math.isinf(number):
+    number = _number_of("weight_decay", weight_decay, where, read_tensors)
+    if number is not None and (not 0.0 <= number or math.isinf(number)):
         raise ValueError(
-            f"Invalid weight_decay value: {_describe(weight_decay)} (weight_decay must be a finite number >= 0{where})"
+            f"Invalid weight_decay value: {weight_decay} (weight_decay must be a finite number >= 0{where})"
         )
 
 
@@ -96,8 +108,10 @@ def check_constructor_arguments(
     capturable: bool,
     adam_checks: bool,
 ) -> tuple[Scalar, Scalar]:
-    """torch.optim's constructor checks, in torch's order and with its messages; returns
-    the betas (1-element tensors made 0-d).
+    """torch.optim's constructor checks, in torch's order and with its messages.
+
+    Returns the betas to store: torch.optim.Adam makes 1-element tensors 0-d,
+    torch.optim.Adamax keeps what it was given.
 
     ``adam_checks``: torch.optim.Adam also rejects tensor hyperparameters with
     ``foreach=True`` and mixed float/tensor betas; torch.optim.Adamax does not.
@@ -112,7 +126,7 @@ def check_constructor_arguments(
             raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")
     check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if not adam_checks:
-        return tuple(betas)
+        return betas
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
         raise ValueError("betas must be either both floats or both Tensors")
     for index, beta in enumerate(betas):
@@ -142,18 +156,37 @@ def check_backend(backend: Any, *, where: str = "") -> None:
 
 @dataclass(frozen=True)
 class GroupScalars:
-    """Scalars shared by every tensor of a param group in one step (floats, or tensors
-    when the group is differentiable and a hyperparameter is a tensor)."""
+    """Scalars shared by every tensor of a param group in one step.
 
+    Python floats, except where a tensor hyperparameter must stay a tensor: on the
+    differentiable path (gradients flow through it) and the capturable path
+    (reading it would sync with the host).
+    """
+
+    algorithm: Algorithm
     beta1: Scalar
     beta2: Scalar
-    one_minus_beta1: Scalar
     one_minus_beta2: Scalar
     eps: float
     #: coefficient of the L2 penalty added to the gradient (0 when decay is decoupled)
     l2_weight_decay: float
     #: factor multiplying the param before the update, or ``None`` for no decoupled decay
     decay_factor: Scalar | None
+    keep_tensors: bool = False
+
+    def one_minus_beta1(self, param: Tensor) -> Scalar:
+        """The weight of ``exp_avg.lerp_(grad, weight)`` for ``param``, as torch forms it:
+        torch.optim.Adam casts a tensor beta1 to the param's device and dtype before
+        taking ``1 - beta1``; torch.optim.Adamax uses ``1 - beta1`` as it is."""
+        beta1 = self.beta1
+        if not isinstance(beta1, Tensor):
+            return 1 - beta1
+        if self.algorithm == "adam":
+            beta1 = beta1.to(device=param.device, dtype=param.dtype)
+        weight = 1 - beta1
+        if self.keep_tensors or self.algorithm == "adamax":
+            return weight
+        return weight.item()
 
 
 @dataclass(frozen=True)
@@ -179,6 +212,7 @@ class UpdateRule:
     amsgrad: bool
     maximize: bool
     differentiable: bool
+    capturable: bool = False
 
     @classmethod
     def from_group(cls, group: dict, algorithm: Algorithm) -> UpdateRule:
@@ -188,10 +222,10 @@ class UpdateRule:
             mode = "decoupled"
         else:
             mode = "l2"
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (to_scalar(b) for b in group["betas"])
         return cls(
             algorithm=algorithm,
-            lr=group["lr"],
+            lr=to_scalar(group["lr"]),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
@@ -201,13 +235,18 @@ class UpdateRule:
             amsgrad=bool(group.get("amsgrad", False)),
             maximize=bool(group["maximize"]),
             differentiable=bool(group["differentiable"]),
+            capturable=bool(group.get("capturable", False)),
         )
 
+    @property
+    def keeps_tensors(self) -> bool:
+        """Differentiable and capturable groups keep tensor scalars as tensors."""
+        return self.differentiable or self.capturable
+
     def _finish(self, value: Scalar) -> Scalar:
-        """Scalars reach kernels as Python floats, except on the differentiable path,
-        where a tensor hyperparameter stays a tensor so gradients can flow through it.
-        ``float()`` of a 0-d tensor is what ``addcdiv_(value=tensor)`` uses in torch."""
-        if self.differentiable or not isinstance(value, Tensor):
+        """Scalars reach kernels as Python floats unless :attr:`keeps_tensors`.
+        ``.item()`` of a 0-d tensor is what ``addcdiv_(value=tensor)`` uses in torch."""
+        if self.keeps_tensors or not isinstance(value, Tensor):
             return value
         return value.detach().item()
 
@@ -218,17 +257,19 @@ class UpdateRule:
         elif self.weight_decay != 0 and self.weight_decay_mode == "fully_decoupled":
             decay_factor = 1 - (self.lr / self.max_lr) * self.weight_decay
         return GroupScalars(
-            beta1=self._finish(self.beta1),
+            algorithm=self.algorithm,
+            beta1=self.beta1,
             beta2=self._finish(self.beta2),
-            one_minus_beta1=self._finish(1 - self.beta1),
             one_minus_beta2=self._finish(1 - self.beta2),
             eps=self.eps,
             l2_weight_decay=self.weight_decay if self.weight_decay_mode == "l2" else 0.0,
             decay_factor=None if decay_factor is None else self._finish(decay_factor),
+            keep_tensors=self.keeps_tensors,
         )
 
-    def step_scalars(self, step: float) -> StepScalars:
-        """Bias-corrected step size for step count ``step`` (t >= 1)."""
+    def step_scalars(self, step: Scalar) -> StepScalars:
+        """Bias-corrected step size for step count ``step`` (t >= 1): a float, or a
+        float64 device tensor on the capturable path (no host sync)."""
         bias_correction1 = 1 - self.beta1**step
         step_size = self.lr / bias_correction1
         if self.algorithm == "adamax":
@@ -237,7 +278,12 @@ class UpdateRule:
         return StepScalars(self._finish(step_size), self._finish(bias_correction2**0.5))
 
     def step_scalars_for(self, steps: list[Tensor]) -> list[StepScalars]:
-        """One :class:`StepScalars` per tensor, computed once per distinct step count."""
+        """One :class:`StepScalars` per tensor, computed once per distinct step count.
+
+        Capturable groups never read their step tensors on the host: each tensor's
+        scalars are computed on its device, in float64."""
+        if self.capturable:
+            return [self.step_scalars(step_t.to(torch.float64)) for step_t in steps]
         cache: dict[float, StepScalars] = {}
         out = []
         for step_t in steps:

@@ -44,3 +44,25 @@ def upgrade_step(state: dict, param: Tensor, group: dict) -> None:
     """Old checkpoints stored ``step`` as a number; make it a tensor as torch does."""
     if state and not torch.is_tensor(state["step"]):
         state["step"] = step_tensor(float(state["step"]), param, group)
+
+
+def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bool, where: str) -> None:
+    """Raise ``ValueError`` if an existing state cannot be stepped with ``param``: a key
+    is missing (a checkpoint from another optimizer, or AMSGrad switched on after the
+    first step) or a tensor's shape or device differs from the param's."""
+    required = ["step", "exp_avg", SECOND_MOMENT_KEY[algorithm]] + (["max_exp_avg_sq"] if amsgrad else [])
+    missing = [key for key in required if key not in state]
+    if missing:
+        hint = (
+            " (amsgrad was switched on after the first step)"
+            if missing == ["max_exp_avg_sq"]
+            else " (was it saved by a different optimizer?)"
+        )
+        raise ValueError(f"the state{where} lacks {missing}; it has {sorted(state)}{hint}")
+    for key in required[1:]:
+        value = state[key]
+        if value.shape != param.shape or value.device != param.device:
+            raise ValueError(
+                f"state[{key!r}]{where} has shape {tuple(value.shape)} on {value.device}, "
+                f"but the param has shape {tuple(param.shape)} on {param.device}"
+            )

@@ -4,6 +4,8 @@
 Each op is applied to every tensor before the next op starts, so the arithmetic per
 element is exactly the reference kernel's; on CPU the results are bit-identical.
 Tensors are grouped by (device, dtype) so accelerators take their fused list paths.
+Tensor step scalars (the capturable path) are applied with tensor-list ops, without
+reading them on the host.
 """
 
 from __future__ import annotations
@@ -57,14 +59,30 @@ def _real(lst: list[Tensor]) -> list[Tensor]:
     return [as_real(x) for x in lst]
 
 
+def _number(value):
+    """foreach ops take Python numbers for these weights (a rare tensor beta is read)."""
+    return value.item() if isinstance(value, Tensor) else value
+
+
+def _apply_updates(params: list[Tensor], exp_avgs: list[Tensor], denoms: list[Tensor], steps) -> None:
+    """theta <- theta - step_size * m / denom, per tensor."""
+    step_sizes = [s.step_size for s in steps]
+    if isinstance(step_sizes[0], Tensor):
+        updates = torch._foreach_div(exp_avgs, denoms)
+        torch._foreach_mul_(updates, step_sizes)
+        torch._foreach_sub_(params, updates)
+    else:
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-s for s in step_sizes])
+
+
 def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
     for t, bucket_steps in _buckets(tensors, steps):
         grads = _real(_decayed_gradients(t, rule, group))
         params, exp_avgs, exp_avg_sqs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
 
-        torch._foreach_lerp_(exp_avgs, grads, group.one_minus_beta1)
-        torch._foreach_mul_(exp_avg_sqs, group.beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, group.one_minus_beta2)
+        torch._foreach_lerp_(exp_avgs, grads, _number(group.one_minus_beta1(params[0])))
+        torch._foreach_mul_(exp_avg_sqs, _number(group.beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, _number(group.one_minus_beta2))
         second_moments = exp_avg_sqs
         if rule.amsgrad:
             second_moments = _real(t.max_exp_avg_sqs)
@@ -73,7 +91,7 @@ def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Se
         denoms = torch._foreach_sqrt(second_moments)
         torch._foreach_div_(denoms, [s.bias_correction2_sqrt for s in bucket_steps])
         torch._foreach_add_(denoms, group.eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-s.step_size for s in bucket_steps])
+        _apply_updates(params, exp_avgs, denoms, bucket_steps)
 
 
 def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
@@ -81,9 +99,9 @@ def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: 
         grads = _real(_decayed_gradients(t, rule, group))
         params, exp_avgs, exp_infs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
 
-        torch._foreach_lerp_(exp_avgs, grads, group.one_minus_beta1)
+        torch._foreach_lerp_(exp_avgs, grads, _number(group.one_minus_beta1(params[0])))
         norms = torch._foreach_abs(grads)
         torch._foreach_add_(norms, group.eps)
-        torch._foreach_mul_(exp_infs, group.beta2)
+        torch._foreach_mul_(exp_infs, _number(group.beta2))
         torch._foreach_maximum_(exp_infs, norms)
-        torch._foreach_addcdiv_(params, exp_avgs, exp_infs, [-s.step_size for s in bucket_steps])
+        _apply_updates(params, exp_avgs, exp_infs, bucket_steps)

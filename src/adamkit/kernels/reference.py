@@ -17,9 +17,11 @@ are bit-identical to it:
 AdaMax replaces the second moment by :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`
 and the denominator by :math:`u`.
 
-On the differentiable path, tensors that autograd saves are cloned before the next
-in-place update and the final update is written out of place, so gradients flow to
-the initial params and to tensor hyperparameters.
+Scalars arrive as Python floats, or as tensors on the differentiable path (gradients
+flow through them) and the capturable path (no host sync).  With tensor scalars the
+ops that need a Python number are written as tensor ops instead, and on the
+differentiable path tensors that autograd saves are cloned before their next
+in-place update.
 """
 
 from __future__ import annotations
@@ -44,12 +46,21 @@ def _decayed_gradient(param: Tensor, grad: Tensor, rule: UpdateRule, group: Grou
     return grad
 
 
+def _second_moment_update(exp_avg_sq: Tensor, grad: Tensor, group: GroupScalars) -> None:
+    """v <- beta2 v + (1 - beta2) g^2; as ``lerp`` towards g^2 when (1 - beta2) is a tensor."""
+    if isinstance(group.one_minus_beta2, Tensor):
+        weight = group.one_minus_beta2.to(device=exp_avg_sq.device, dtype=exp_avg_sq.dtype)
+        exp_avg_sq.lerp_(grad.square(), weight)
+    else:
+        exp_avg_sq.mul_(group.beta2).addcmul_(grad, grad, value=group.one_minus_beta2)
+
+
 def _apply_update(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, differentiable: bool) -> None:
     """theta <- theta - step_size * m / denom."""
-    if not differentiable:
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+    if isinstance(step_size, Tensor) or differentiable:
+        param.sub_((exp_avg.clone() if differentiable else exp_avg) / denom * step_size)
     else:
-        param.sub_(exp_avg.clone() / denom * step_size)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
@@ -58,8 +69,8 @@ def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Se
         param, grad = as_real(param), as_real(grad)
         exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
 
-        exp_avg.lerp_(grad, group.one_minus_beta1)
-        exp_avg_sq.mul_(group.beta2).addcmul_(grad, grad, value=group.one_minus_beta2)
+        exp_avg.lerp_(grad, group.one_minus_beta1(param))
+        _second_moment_update(exp_avg_sq, grad, group)
         second_moment = exp_avg_sq
         if rule.amsgrad:
             max_exp_avg_sq = as_real(tensors.max_exp_avg_sqs[i])
@@ -79,7 +90,7 @@ def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: 
         param, grad = as_real(param), as_real(grad)
         exp_avg, exp_inf = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
 
-        exp_avg.lerp_(grad, group.one_minus_beta1)
+        exp_avg.lerp_(grad, group.one_minus_beta1(param))
         norm = grad.abs().add_(group.eps)
         if rule.differentiable:
             exp_inf.copy_(torch.maximum(exp_inf.mul(group.beta2), norm))
