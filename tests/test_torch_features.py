@@ -33,7 +33,7 @@ def test_lr_schedulers_bit_identical(optimizer, scheduler, tensor_lr):
     ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
     torch_groups = make_params(case)
     our_groups = clone_groups(torch_groups)
-    theirs, ours = torch_cls(torch_groups, foreach=False), ours_cls(our_groups)
+    theirs, ours = torch_cls(torch_groups, foreach=False), ours_cls(our_groups, backend="reference")
     schedules = [SCHEDULERS[scheduler](theirs), SCHEDULERS[scheduler](ours)]
     for _ in range(30):
         run(theirs, torch_groups, 1)
@@ -89,10 +89,10 @@ def test_closure_like_torch(optimizer):
     ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
     x, target = torch.randn(16, 4), torch.randn(16, 1)
 
-    def train(cls):
+    def train(cls, **kwargs):
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 1)
-        opt = cls(model.parameters(), lr=0.05)
+        opt = cls(model.parameters(), lr=0.05, **kwargs)
 
         def closure():
             opt.zero_grad()
@@ -103,7 +103,7 @@ def test_closure_like_torch(optimizer):
         losses = [opt.step(closure).item() for _ in range(10)]
         return losses, [p.detach().clone() for p in model.parameters()]
 
-    results = [train(ours_cls), train(torch_cls)]
+    results = [train(ours_cls, backend="reference"), train(torch_cls, foreach=False)]
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 

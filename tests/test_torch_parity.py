@@ -55,17 +55,27 @@ def test_tensor_betas_bit_identical(optimizer, backend):
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("flag", ["foreach", "fused"])
-def test_torch_flags_map_to_adamkit_paths(optimizer, flag):
-    """foreach=True / fused=True run and agree bit for bit with torch's for-loop."""
-    if optimizer == "AdaMax" and flag == "fused":
-        pytest.skip("torch.optim.Adamax has no fused argument")
+def test_foreach_flag_maps_to_foreach_path(optimizer):
+    """foreach=True runs adamkit's foreach path, bit-identical to torch's for-loop."""
     case = Case(optimizer)
     ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
     torch_groups = make_params(case)
     our_groups = clone_groups(torch_groups)
     theirs = torch_cls(torch_groups, foreach=False)
-    ours = ours_cls(our_groups, **{flag: True})
+    ours = ours_cls(our_groups, foreach=True)
     run(ours, our_groups, 20)
     run(theirs, torch_groups, 20)
     assert_same_state(ours, our_groups, theirs, torch_groups)
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW"])
+def test_fused_flag_runs_adamkits_fused_cpu_kernel(optimizer):
+    """fused=True on CPU params is adamkit's fused kernel: the same bits as backend="cpu"."""
+    case = Case(optimizer)
+    ours_cls = OPTIMIZERS[optimizer][0]
+    fused_groups = make_params(case)
+    cpu_groups = clone_groups(fused_groups)
+    fused, cpu = ours_cls(fused_groups, fused=True), ours_cls(cpu_groups, backend="cpu")
+    run(fused, fused_groups, 20)
+    run(cpu, cpu_groups, 20)
+    assert_same_state(fused, fused_groups, cpu, cpu_groups)

@@ -24,6 +24,9 @@ keyword-only:
 
 from __future__ import annotations
 
+import operator
+from itertools import repeat
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import torch
@@ -32,7 +35,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import kernels
-from .kernels import GroupTensors, Kernel
+from .kernels import GroupBatch, Kernel
 from .rule import (
     Algorithm,
     UpdateRule,
@@ -42,7 +45,11 @@ from .rule import (
     check_hyperparameters,
     check_max_lr,
 )
-from .state import SECOND_MOMENT_KEY, check_state, init_state, upgrade_step
+from .state import check_state, init_state, upgrade_step
+
+_grad_of = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
+_device_of = attrgetter("device")
 
 
 def _fused_devices() -> list[str]:
@@ -139,6 +146,7 @@ class _AdamFamily(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._state_epoch = self.__dict__.get("_state_epoch", 0) + 1  # state may be new: validate again
         for group in self.param_groups:
             for key, default in self._torch_group_defaults().items():
                 group.setdefault(key, default)
@@ -167,28 +175,66 @@ class _AdamFamily(Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def _backend_name(self, group: dict) -> str | None:
+    def _backend_name(self, group: dict, devices: set[torch.device]) -> str | None:
         """``backend`` if given; else torch's flags mapped onto adamkit's paths."""
         backend = group.get("backend")
         if backend is not None:
             return backend
-        if group.get("fused") or group.get("foreach"):
+        if group.get("fused"):
+            return kernels.fused_backend(devices)
+        if group.get("foreach"):
             return "foreach"
         if group.get("foreach") is False:
             return "reference"
         return None
 
-    def _plan_group(self, index: int, group: dict) -> tuple[dict, list[Tensor], Kernel] | None:
-        """Validate one group, its params and their state, and pick its kernel; touches nothing."""
+    def _group_cache(self, group: dict) -> dict:
+        """A per-group scratch dict for validation keys and kernels' derived data;
+        not part of the optimizer's state (rebuilt after pickling or deepcopy)."""
+        caches = self.__dict__.setdefault("_group_caches", {})
+        entry = caches.get(id(group))
+        if entry is None or entry[0] is not group:
+            entry = caches[id(group)] = (group, {})
+        return entry[1]
+
+    def _plan_group(self, index: int, group: dict) -> tuple[dict, list[Tensor], list[Tensor], Kernel] | None:
+        """Validate one group, its params and their state, and pick its kernel; touches nothing.
+
+        Per-param work is kept to a few C-level passes (this runs every step, for
+        groups of thousands of tensors); state is validated again only when the set of
+        params, ``amsgrad`` or the optimizer's state may have changed.
+        """
         where = f" in param_groups[{index}]"
         self._check_group(group, where)
-        params = [p for p in group["params"] if p.grad is not None]
+        params = group["params"]
+        grads = list(map(_grad_of, params))
+        if any(map(operator.is_, grads, repeat(None))):  # identity: ``None in`` would call Tensor.__eq__
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
         if not params:
             return None
+        if any(map(_is_sparse, grads)):
+            raise RuntimeError(self.sparse_gradient_message)
+        differentiable = group["differentiable"]
+        cache = self._group_cache(group)
+        key = self._state_key(group, params)
+        if cache.get("validated_key") != key or differentiable:
+            self._check_params_and_state(group, params, where)
+            cache["validated_key"], cache["devices"] = key, set(map(_device_of, params))
+        if (
+            self.algorithm == "adam"
+            and group.get("foreach")
+            and isinstance(group["lr"], Tensor)
+            and not group.get("capturable")
+        ):
+            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        devices = cache["devices"]
+        kernel = kernels.resolve(self._backend_name(group, devices), devices, differentiable=differentiable)
+        return group, params, grads, kernel
+
+    def _check_params_and_state(self, group: dict, params: list[Tensor], where: str) -> None:
         differentiable = group["differentiable"]
         for j, p in enumerate(params):
-            if p.grad.is_sparse:
-                raise RuntimeError(self.sparse_gradient_message)
             state = self.state.get(p)
             if state:
                 check_state(state, p, self.algorithm, amsgrad=bool(group.get("amsgrad")), where=f" of {where[4:]}")
@@ -206,38 +252,30 @@ class _AdamFamily(Optimizer):
                     "a leaf Variable that requires grad is being used in an in-place operation: with "
                     f"differentiable=True, optimize a non-leaf copy (e.g. w = w0.clone()), not params[{j}]{where}"
                 )
-        if (
-            self.algorithm == "adam"
-            and group.get("foreach")
-            and isinstance(group["lr"], Tensor)
-            and not group.get("capturable")
-        ):
-            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        devices = {p.device for p in params}
-        kernel = kernels.resolve(self._backend_name(group), devices, differentiable=differentiable)
-        return group, params, kernel
 
-    def _run_group(self, group: dict, params: list[Tensor], kernel: Kernel) -> None:
-        second = SECOND_MOMENT_KEY[self.algorithm]
-        rule = UpdateRule.from_group(group, self.algorithm)
-        states = []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                init_state(state, p, group, self.algorithm)
-            states.append(state)
-        tensors = GroupTensors(
-            params=params,
-            grads=[p.grad for p in params],
-            exp_avgs=[s["exp_avg"] for s in states],
-            exp_avg_sqs=[s[second] for s in states],
-            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if rule.amsgrad else [],
+    def _state_key(self, group: dict, params: list[Tensor]) -> tuple:
+        """Equal keys mean the same params with the same, already validated state tensors:
+        the params' identities, ``amsgrad``, and the state table's identity, size and
+        epoch (``load_state_dict`` bumps it).  Replacing individual state tensors by
+        hand is not tracked: reset state with ``load_state_dict`` or ``state.clear()``."""
+        return (
+            tuple(map(id, params)),
+            bool(group.get("amsgrad")),
+            id(self.state),
+            len(self.state),
+            self.__dict__.get("_state_epoch", 0),
         )
-        steps = [s["step"] for s in states]
-        for step_t in steps:
-            step_t += 1
-        run = kernel.adam if self.algorithm == "adam" else kernel.adamax
-        run(tensors, rule, rule.group_scalars(), rule.step_scalars_for(steps))
+
+    def _run_group(self, group: dict, params: list[Tensor], grads: list[Tensor], kernel: Kernel) -> None:
+        cache = self._group_cache(group)
+        key = cache["validated_key"]
+        batch = GroupBatch(params=params, grads=grads, state_table=self.state, cache=cache, key=key)
+        if cache.get("initialized_key") != key:  # some params may have no state yet
+            for p, state in zip(params, batch.states):
+                if not state:
+                    init_state(state, p, group, self.algorithm)
+            cache["initialized_key"] = key
+        kernel.step(batch, UpdateRule.from_group(group, self.algorithm))
 
     @_use_grad_for_differentiable
     def step(self, closure=None):

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,7 +39,7 @@ Algorithm = Literal["adam", "adamax"]
 WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
 
 #: The execution paths a param group may ask for; ``None`` picks per device.
-BACKENDS = (None, "reference", "foreach")
+BACKENDS = (None, "reference", "foreach", "cpu")
 
 Scalar = float | Tensor
 
@@ -294,6 +295,16 @@ class UpdateRule:
         return out
 
 
+def step_scalar_arrays(rule: UpdateRule, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(step_size, bias_correction2_sqrt)`` as float64 arrays aligned with ``steps``,
+    each computed once per distinct step count by :meth:`UpdateRule.step_scalars`."""
+    distinct, position = np.unique(steps, return_inverse=True)
+    scalars = [rule.step_scalars(float(step)) for step in distinct]
+    step_size = np.array([as_number(s.step_size) for s in scalars], dtype=np.float64)
+    bias_correction2_sqrt = np.array([as_number(s.bias_correction2_sqrt) for s in scalars], dtype=np.float64)
+    return step_size[position], bias_correction2_sqrt[position]
+
+
 def to_scalar(x: Scalar) -> Scalar:
     """A 1-element tensor hyperparameter becomes 0-d (as torch stores betas)."""
     if isinstance(x, Tensor) and x.dim() != 0:
@@ -311,5 +322,6 @@ __all__ = [
     "check_constructor_arguments",
     "check_hyperparameters",
     "check_max_lr",
+    "step_scalar_arrays",
     "to_scalar",
 ]

@@ -8,24 +8,27 @@ reference, so a new kernel inherits all tests.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from . import foreach, reference
-from .types import GroupTensors, KernelFn
+from . import cpu, foreach, reference
+from .types import GroupBatch, GroupTensors, StepFn, list_kernel
 
 
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    adam: KernelFn
-    adamax: KernelFn
+    step: StepFn
     #: device types the kernel runs on; ``None`` means any device torch supports
     device_types: frozenset[str] | None = None
     #: whether autograd can flow through the step (``differentiable=True``)
     differentiable: bool = False
+    #: whether results equal torch.optim's for-loop bit for bit (else: the reference's,
+    #: within the rounding of the element dtype)
+    torch_exact: bool = False
     #: extra availability check (e.g. an optional dependency is importable)
     available: Callable[[], bool] = lambda: True
 
@@ -34,21 +37,42 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {
-    "reference": Kernel("reference", reference.adam, reference.adamax, differentiable=True),
-    "foreach": Kernel("foreach", foreach.adam, foreach.adamax),
+    "reference": Kernel(
+        "reference", list_kernel(reference.adam, reference.adamax), differentiable=True, torch_exact=True
+    ),
+    "foreach": Kernel("foreach", list_kernel(foreach.adam, foreach.adamax), torch_exact=True),
+    "cpu": Kernel("cpu", cpu.step, device_types=frozenset({"cpu"}), available=cpu.available),
 }
+
+#: what a fused path means per device type
+FUSED = {"cpu": "cpu"}
+
+
+_warned: set[str] = set()
+
+
+def _fallback(wanted: str, instead: str) -> str:
+    if wanted not in _warned:
+        _warned.add(wanted)
+        warnings.warn(f"adamkit: the {wanted!r} kernel is not available here; using {instead!r}", stacklevel=4)
+    return instead
+
+
+def fused_backend(devices: set[torch.device]) -> str:
+    """The fused kernel for these devices (``fused=True``), or foreach where there is none."""
+    types = {d.type for d in devices}
+    name = FUSED.get(types.pop()) if len(types) == 1 else None
+    if name is None:
+        return "foreach"
+    return name if KERNELS[name].available() else _fallback(name, "foreach")
 
 
 def default_backend(devices: set[torch.device], *, differentiable: bool) -> str:
-    """The backend used when a group says ``backend=None``.
-
-    On CPU the per-tensor loop is torch's own default and measured faster than
-    foreach ops; on accelerators (or a group spread over several devices) the
-    multi-tensor foreach path wins.  Autograd needs the reference path.
-    """
-    if differentiable or devices == {torch.device("cpu")}:
+    """The backend used when a group says ``backend=None``: autograd needs the reference
+    path; otherwise the device's fused kernel, else multi-tensor foreach ops."""
+    if differentiable:
         return "reference"
-    return "foreach"
+    return fused_backend(devices)
 
 
 def resolve(backend: str | None, devices: set[torch.device], *, differentiable: bool) -> Kernel:
@@ -68,4 +92,4 @@ def resolve(backend: str | None, devices: set[torch.device], *, differentiable: 
     return kernel
 
 
-__all__ = ["GroupTensors", "KERNELS", "Kernel", "default_backend", "resolve"]
+__all__ = ["GroupBatch", "GroupTensors", "KERNELS", "Kernel", "default_backend", "fused_backend", "resolve"]

@@ -1,0 +1,396 @@
+r"""Fused multi-tensor CPU kernel (numba): one pass over each element, one parallel
+region per param group and step.
+
+Per element, in fp32 (fp64 for fp64 params; bf16 and fp16 are loaded to fp32 and
+stored back with round-to-nearest-even):
+
+.. math::
+
+    g &\leftarrow -g \text{ if maximize}; \quad
+        g \leftarrow g + \lambda\theta \text{ (L2)} \ \text{or}\
+        \theta \leftarrow \theta \cdot \text{decay\_factor} \\
+    m &\leftarrow m + (1 - \beta_1)(g - m) \\
+    v &\leftarrow \beta_2 v + (1 - \beta_2) g^2 \ \text{(Adam)}, \qquad
+    u \leftarrow \max(\beta_2 u, |g| + \epsilon) \ \text{(AdaMax)} \\
+    \theta &\leftarrow \theta - \text{step\_size} \cdot m /
+        (\sqrt{\max(v^{max}, v)} / \text{bias\_correction2\_sqrt} + \epsilon)
+        \ \text{or}\ m / u
+
+How many tensors a group has barely matters: the kernel gets a table of raw
+addresses (param, grad, exp_avg, second moment, max second moment) and a table of
+chunks of at most :data:`CHUNK` elements, and runs one ``prange`` over the chunks,
+so small tensors share threads and large ones are split.  The step counters are
+advanced by a small compiled loop over their addresses, and the per-tensor scalars
+come from :class:`adamkit.rule.UpdateRule`, computed once per distinct step count.
+What the addresses point to is validated in Python and cached per group; per step,
+only the param and gradient addresses are read again.
+
+Params whose memory is not dense in the same layout as their gradient and state (a
+sliced view, say) are staged through contiguous copies, so nothing outside a view
+is ever written.  Compiled code is cached on disk (numba's ``cache=True``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..rule import UpdateRule, step_scalar_arrays
+from ..state import SECOND_MOMENT_KEY
+from .types import GroupBatch
+
+try:  # numba is a dependency, but the rest of adamkit works without it
+    import numba
+    from numba import njit, prange, types
+    from numba.core.extending import intrinsic, overload
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+#: elements per parallel work item: large enough to amortise the loop set-up,
+#: small enough to balance two to a few dozen threads
+CHUNK = 1 << 15
+
+#: storage "witness" dtypes: what the kernel loads and stores for each param dtype.
+#: bf16 and fp16 travel as their 16-bit patterns (uint16 and int16 respectively).
+_STORAGE = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.bfloat16: np.uint16,
+    torch.float16: np.int16,
+}
+
+ALGORITHMS = {"adam": 0, "adamax": 1}
+WEIGHT_DECAY = {"none": 0, "l2": 1, "decoupled": 2}
+
+
+def available() -> bool:
+    return numba is not None
+
+
+if numba is not None:
+
+    @intrinsic
+    def _pointer(typingctx, address, witness):
+        """An int64 address as a typed pointer to the witness array's dtype."""
+        pointer_type = types.CPointer(witness.dtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer_type))
+
+        return pointer_type(types.int64, witness), codegen
+
+    @intrinsic
+    def _bitcast(typingctx, value, target):
+        """Reinterpret the bits of ``value`` as ``target``'s type (same width)."""
+        result_type = target.dtype if isinstance(target, types.NumberClass) else target
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(result_type))
+
+        return result_type(value, target), codegen
+
+    @intrinsic
+    def _half_to_float(typingctx, bits):
+        """IEEE half (as int16 bits) to float32, exactly."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            half = builder.bitcast(args[0], ir.HalfType())
+            return builder.fpext(half, ir.FloatType())
+
+        return types.float32(types.int16), codegen
+
+    @intrinsic
+    def _float_to_half(typingctx, value):
+        """float32 to IEEE half bits (int16), rounding to nearest even."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            half = builder.fptrunc(args[0], ir.HalfType())
+            return builder.bitcast(half, ir.IntType(16))
+
+        return types.int16(types.float32), codegen
+
+    def _load(pointer, index):  # pragma: no cover - replaced by the overload
+        raise NotImplementedError
+
+    def _store(pointer, index, value):  # pragma: no cover - replaced by the overload
+        raise NotImplementedError
+
+    def _compute(pointer, value):  # pragma: no cover - replaced by the overload
+        raise NotImplementedError
+
+    @overload(_load, inline="always")
+    def _load_impl(pointer, index):
+        dtype = pointer.dtype
+        if dtype in (types.float32, types.float64):
+            return lambda pointer, index: pointer[index]
+        if dtype == types.uint16:  # bfloat16: the high half of a float32
+            return lambda pointer, index: _bitcast(np.uint32(pointer[index]) << np.uint32(16), types.float32)
+        if dtype == types.int16:
+            return lambda pointer, index: _half_to_float(pointer[index])
+        return None
+
+    @overload(_store, inline="always")
+    def _store_impl(pointer, index, value):
+        dtype = pointer.dtype
+        if dtype in (types.float32, types.float64):
+
+            def store(pointer, index, value):
+                pointer[index] = value
+
+            return store
+        if dtype == types.uint16:
+
+            def store_bfloat16(pointer, index, value):
+                bits = _bitcast(value, types.uint32)
+                if value != value:  # NaN stays a quiet NaN
+                    pointer[index] = np.uint16(0x7FC0)
+                else:  # round to nearest, ties to even, as torch does
+                    rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+                    pointer[index] = np.uint16((bits + rounding) >> np.uint32(16))
+
+            return store_bfloat16
+        if dtype == types.int16:
+
+            def store_half(pointer, index, value):
+                pointer[index] = _float_to_half(value)
+
+            return store_half
+        return None
+
+    @overload(_compute, inline="always")
+    def _compute_impl(pointer, value):
+        """A float64 scalar in the compute type of ``pointer``'s storage."""
+        if pointer.dtype == types.float64:
+            return lambda pointer, value: np.float64(value)
+        return lambda pointer, value: np.float32(value)
+
+    @njit(cache=True, nogil=True)
+    def _advance_steps(addresses, witness):
+        """``step += 1`` for every step counter; returns the new counts (float64)."""
+        counts = np.empty(addresses.shape[0], dtype=np.float64)
+        for t in range(addresses.shape[0]):
+            step = _pointer(addresses[t], witness)
+            step[0] += 1
+            counts[t] = step[0]
+        return counts
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _fused_step(addresses, chunks, step_sizes, bias_correction2_sqrts, constants, flags, witness):
+        """The update for every chunk of every tensor of one dtype bucket.
+
+        addresses: int64[T, 5] param, grad, exp_avg, exp_avg_sq (or exp_inf), max_exp_avg_sq
+        chunks: int64[C, 3] tensor index, first element, end element
+        constants: float64[6] 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay, decay factor
+        flags: int64[4] algorithm (0 adam, 1 adamax), maximize, amsgrad, weight decay kind
+        """
+        adamax, maximize, amsgrad, decay = flags[0] == 1, flags[1] != 0, flags[2] != 0, flags[3]
+        for c in prange(chunks.shape[0]):
+            t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            param = _pointer(addresses[t, 0], witness)
+            grad = _pointer(addresses[t, 1], witness)
+            exp_avg = _pointer(addresses[t, 2], witness)
+            second = _pointer(addresses[t, 3], witness)
+            max_second = _pointer(addresses[t, 4], witness)
+            one_minus_beta1 = _compute(param, constants[0])
+            beta2 = _compute(param, constants[1])
+            one_minus_beta2 = _compute(param, constants[2])
+            eps = _compute(param, constants[3])
+            l2 = _compute(param, constants[4])
+            decay_factor = _compute(param, constants[5])
+            step_size = _compute(param, step_sizes[t])
+            bias_correction2_sqrt = _compute(param, bias_correction2_sqrts[t])
+            for i in range(first, end):
+                p = _load(param, i)
+                g = _load(grad, i)
+                if maximize:
+                    g = -g
+                if decay == 1:
+                    g = g + l2 * p
+                elif decay == 2:
+                    p = p * decay_factor
+                m = _load(exp_avg, i)
+                m = m + one_minus_beta1 * (g - m)
+                _store(exp_avg, i, m)
+                if adamax:
+                    u = max(beta2 * _load(second, i), abs(g) + eps)
+                    _store(second, i, u)
+                    denom = u
+                else:
+                    v = beta2 * _load(second, i) + one_minus_beta2 * g * g
+                    _store(second, i, v)
+                    if amsgrad:
+                        v = max(_load(max_second, i), v)
+                        _store(max_second, i, v)
+                    denom = np.sqrt(v) / bias_correction2_sqrt + eps
+                _store(param, i, p - step_size * (m / denom))
+
+
+def _dense(t: Tensor) -> bool:
+    """True when ``t`` covers one contiguous block of memory (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class _Bucket:
+    """The cached, validated addresses of one dtype bucket of a group.
+
+    ``direct`` tensors are updated in place; the others are staged: their param,
+    gradient and state are copied into contiguous buffers, updated there, and copied
+    back (never touching memory outside a view).
+    """
+
+    def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, dtype: torch.dtype):
+        second = SECOND_MOMENT_KEY[rule.algorithm]
+        self.members = members
+        self.witness = np.empty(0, dtype=_STORAGE[dtype])
+        self.step_witness = np.empty(
+            0, dtype=np.float64 if batch.states[members[0]]["step"].dtype == torch.float64 else np.float32
+        )
+        self.step_addresses = np.array([batch.states[i]["step"].data_ptr() for i in members], dtype=np.int64)
+        states = [self._state_tensors(batch.states[i], second, rule.amsgrad) for i in members]
+        params = [batch.params[i] for i in members]
+        self.direct = [
+            _dense(p) and all(s.stride() == p.stride() for s in tensors) for p, tensors in zip(params, states)
+        ]
+        self.state_tensors = states
+        self.numels = [p.numel() for p in params]
+        self.real_numels = np.array([n * (2 if p.is_complex() else 1) for n, p in zip(self.numels, params)])
+        self.strides = [p.stride() for p in params]
+        self.state_addresses = np.array(
+            [
+                _state_row([t.data_ptr() for t in tensors]) if d else [0, 0, 0]
+                for tensors, d in zip(states, self.direct)
+            ],
+            dtype=np.int64,
+        ).reshape(len(members), 3)
+        self.chunks = _chunk_table(self.real_numels)
+        self.whole_group = members == list(range(len(batch.params)))
+        self.all_contiguous = all(self.direct) and all(p.is_contiguous() for p in params)
+        self.table = np.empty((len(members), 5), dtype=np.int64)
+        self.table[:, 2:] = self.state_addresses
+
+    @staticmethod
+    def _state_tensors(state: dict, second: str, amsgrad: bool) -> list[Tensor]:
+        """exp_avg, the second moment and (with AMSGrad) its running maximum."""
+        return [state["exp_avg"], state[second]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
+
+    def addresses(self, batch: GroupBatch) -> tuple[np.ndarray, list]:
+        """The address table for this step, and the staged tensors to copy back.
+
+        The common case (every param and gradient contiguous, sizes unchanged) is a
+        few C-level passes over the group; anything else goes row by row."""
+        if self.whole_group:
+            params, grads = batch.params, batch.grads
+        else:
+            params = [batch.params[i] for i in self.members]
+            grads = [batch.grads[i] for i in self.members]
+        if (
+            self.all_contiguous
+            and all(map(Tensor.is_contiguous, params))
+            and all(map(Tensor.is_contiguous, grads))
+            and list(map(Tensor.numel, params)) == self.numels
+        ):
+            count = len(params)
+            self.table[:, 0] = np.fromiter(map(Tensor.data_ptr, params), dtype=np.int64, count=count)
+            self.table[:, 1] = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=count)
+            return self.table, []
+        return self._addresses_row_by_row(params, grads)
+
+    def _addresses_row_by_row(self, params: list[Tensor], grads: list[Tensor]) -> tuple[np.ndarray, list]:
+        table = self.table
+        table[:, 2:] = self.state_addresses
+        staged = []
+        for row, (param, grad) in enumerate(zip(params, grads)):
+            if param.numel() != self.numels[row]:
+                raise RuntimeError(f"a param changed size since its state was created ({self.numels[row]} elements)")
+            if self.direct[row] and param.stride() == self.strides[row] and grad.stride() == param.stride():
+                table[row, 0], table[row, 1] = param.data_ptr(), grad.data_ptr()
+                continue
+            # the buffers must outlive the kernel call: they are kept in ``staged``
+            param_buffer, grad_buffer = param.contiguous(), grad.contiguous()
+            state_buffers = [t.contiguous() for t in self.state_tensors[row]]
+            table[row, 0], table[row, 1] = param_buffer.data_ptr(), grad_buffer.data_ptr()
+            table[row, 2:] = _state_row([b.data_ptr() for b in state_buffers])
+            staged.append((param, param_buffer, grad_buffer, self.state_tensors[row], state_buffers))
+        return table, staged
+
+
+def _state_row(addresses: list[int]) -> list[int]:
+    """exp_avg, second moment, max second moment; without AMSGrad the last slot repeats
+    the second moment's address (the kernel never touches it then)."""
+    return addresses if len(addresses) == 3 else addresses + [addresses[1]]
+
+
+def _chunk_table(numels: np.ndarray) -> np.ndarray:
+    """Rows (tensor, first, end) covering every element in pieces of at most CHUNK."""
+    counts = (numels + CHUNK - 1) // CHUNK
+    tensor_index = np.repeat(np.arange(len(numels)), counts)
+    first_chunk = np.repeat(np.cumsum(counts) - counts, counts)
+    first = (np.arange(counts.sum()) - first_chunk) * CHUNK
+    end = np.minimum(first + CHUNK, numels[tensor_index])
+    return np.stack([tensor_index, first, end], axis=1).astype(np.int64)
+
+
+def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
+    """The group's dtype buckets, rebuilt when the params or their state changed."""
+    key = (batch.key, rule.algorithm, rule.amsgrad)
+    cached = batch.cache.get("cpu")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(batch.params):
+        real = torch.view_as_real(p) if p.is_complex() else p
+        by_dtype.setdefault(real.dtype, []).append(i)
+    buckets = [_Bucket(members, batch, rule, dtype) for dtype, members in by_dtype.items()]
+    batch.cache["cpu"] = (key, buckets)
+    return buckets
+
+
+def _flags_and_constants(rule: UpdateRule) -> tuple[np.ndarray, np.ndarray]:
+    group = rule.group_scalars()
+    if group.decay_factor is not None:
+        decay = WEIGHT_DECAY["decoupled"]
+    elif group.l2_weight_decay != 0:
+        decay = WEIGHT_DECAY["l2"]
+    else:
+        decay = WEIGHT_DECAY["none"]
+    flags = np.array([ALGORITHMS[rule.algorithm], rule.maximize, rule.amsgrad, decay], dtype=np.int64)
+    beta1 = group.beta1.item() if isinstance(group.beta1, Tensor) else group.beta1
+    constants = np.array(
+        [
+            1.0 - beta1,
+            group.beta2,
+            group.one_minus_beta2,
+            group.eps,
+            group.l2_weight_decay,
+            1.0 if group.decay_factor is None else group.decay_factor,
+        ],
+        dtype=np.float64,
+    )
+    return flags, constants
+
+
+def step(batch: GroupBatch, rule: UpdateRule) -> None:
+    """Advance the steps and update every tensor of the group, one compiled call per dtype."""
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
+    flags, constants = _flags_and_constants(rule)
+    for bucket in _buckets(batch, rule):
+        table, staged = bucket.addresses(batch)
+        counts = _advance_steps(bucket.step_addresses, bucket.step_witness)
+        step_sizes, bias_correction2_sqrts = step_scalar_arrays(rule, counts)
+        _fused_step(table, bucket.chunks, step_sizes, bias_correction2_sqrts, constants, flags, bucket.witness)
+        for param, param_buffer, _grad_buffer, state_tensors, state_buffers in staged:
+            param.copy_(param_buffer)
+            for state, buffer in zip(state_tensors, state_buffers):
+                if state.data_ptr() != buffer.data_ptr():
+                    state.copy_(buffer)
