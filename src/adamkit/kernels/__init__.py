@@ -29,6 +29,9 @@ class Kernel:
     #: whether results equal torch.optim's for-loop bit for bit (else: the reference's,
     #: within the rounding of the element dtype)
     torch_exact: bool = False
+    #: one pass per element in fp32 (fp64 for fp64 params): bf16/fp16 params and
+    #: states are rounded once per update, not after every op as torch's for-loop does
+    fused: bool = False
     #: extra availability check (e.g. an optional dependency is importable)
     available: Callable[[], bool] = lambda: True
 
@@ -41,7 +44,7 @@ KERNELS: dict[str, Kernel] = {
         "reference", list_kernel(reference.adam, reference.adamax), differentiable=True, torch_exact=True
     ),
     "foreach": Kernel("foreach", list_kernel(foreach.adam, foreach.adamax), torch_exact=True),
-    "cpu": Kernel("cpu", cpu.step, device_types=frozenset({"cpu"}), available=cpu.available),
+    "cpu": Kernel("cpu", cpu.step, device_types=frozenset({"cpu"}), fused=True, available=cpu.available),
 }
 
 #: what a fused path means per device type

@@ -127,7 +127,7 @@ if numba is not None:
         if dtype in (types.float32, types.float64):
             return lambda pointer, index: pointer[index]
         if dtype == types.uint16:  # bfloat16: the high half of a float32
-            return lambda pointer, index: _bitcast(np.uint32(pointer[index]) << np.uint32(16), types.float32)
+            return lambda pointer, index: _bitcast(np.uint32(np.uint32(pointer[index]) << np.uint32(16)), types.float32)
         if dtype == types.int16:
             return lambda pointer, index: _half_to_float(pointer[index])
         return None
@@ -148,8 +148,8 @@ if numba is not None:
                 if value != value:  # NaN stays a quiet NaN
                     pointer[index] = np.uint16(0x7FC0)
                 else:  # round to nearest, ties to even, as torch does
-                    rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-                    pointer[index] = np.uint16((bits + rounding) >> np.uint32(16))
+                    rounding = np.uint32(np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+                    pointer[index] = np.uint16(np.uint32(bits + rounding) >> np.uint32(16))
 
             return store_bfloat16
         if dtype == types.int16:

@@ -1,0 +1,116 @@
+"""Fused kernels on bf16 and fp16 params: element math in fp32, each value rounded
+once (to nearest even) when stored.
+
+Oracle: one step from identical low-precision state, computed by the NumPy float64
+reference and rounded to the dtype.  The fused kernel computes in fp32, a few
+roundings of 2^-24 relative to the operands it combines, then rounds once to the
+dtype (half an ulp).  So each value must lie within one ulp of the dtype at the
+result plus 4 fp32 roundings at the operands' magnitude (the latter matters only
+under cancellation, e.g. m_new = 0.9 m + 0.1 g with g = -9 m), and since the fp32
+error is tiny next to a bf16/fp16 ulp, almost every value must be identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import adamkit
+from adamkit import reference
+from adamkit.kernels import KERNELS
+
+FUSED = [name for name, kernel in KERNELS.items() if kernel.fused and kernel.supports(torch.device("cpu"))]
+CONFIGS = {
+    "adam": (adamkit.Adam, {}),
+    "adam-amsgrad-l2": (adamkit.Adam, {"amsgrad": True, "weight_decay": 0.1}),
+    "adamw-maximize": (adamkit.AdamW, {"maximize": True, "weight_decay": 0.1}),
+    "adamw-decouple_lr": (adamkit.AdamW, {"weight_decay": 0.1, "decouple_lr": True}),
+    "adamax": (adamkit.AdaMax, {"weight_decay": 0.1}),
+}
+N = 200_000
+
+
+def as_f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy().copy()
+
+
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
+SMALLEST_SUBNORMAL = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
+
+
+def ulp(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The spacing of ``dtype`` numbers at |x| (subnormal spacing near zero)."""
+    _, exponent = np.frexp(np.abs(x))
+    return np.maximum(np.ldexp(1.0, exponent - 1 - MANTISSA_BITS[dtype]), SMALLEST_SUBNORMAL[dtype])
+
+
+def check_close(actual: torch.Tensor, expected: np.ndarray, operand_scale: np.ndarray) -> None:
+    got = as_f64(actual)
+    bound = ulp(expected, actual.dtype) + 4 * 2.0**-24 * operand_scale
+    assert np.all(np.abs(got - expected) <= bound)
+    rounded = torch.from_numpy(expected).to(actual.dtype)
+    assert (actual == rounded).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_one_step_matches_rounded_reference(backend, dtype, config):
+    cls, kwargs = CONFIGS[config]
+    g = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(N, generator=g).to(dtype))
+    opt = cls([param], lr=1e-2, backend=backend, **kwargs)
+    for _ in range(3):  # non-trivial state
+        param.grad = torch.randn(N, generator=g).to(dtype)
+        opt.step()
+
+    group, state = opt.param_groups[0], opt.state[param]
+    second = "exp_inf" if cls is adamkit.AdaMax else "exp_avg_sq"
+    ref_state = reference.ReferenceState(
+        step=int(state["step"].item()),
+        exp_avg=as_f64(state["exp_avg"]),
+        exp_avg_sq=as_f64(state[second]),
+        max_exp_avg_sq=as_f64(state["max_exp_avg_sq"]) if kwargs.get("amsgrad") else None,
+    )
+    decoupled = cls is adamkit.AdamW
+    hp = reference.Hyperparameters(
+        lr=group["lr"],
+        weight_decay=kwargs.get("weight_decay", 0.0),
+        weight_decay_mode="fully_decoupled" if kwargs.get("decouple_lr") else ("decoupled" if decoupled else "l2"),
+        max_lr=group["max_lr"],
+        amsgrad=kwargs.get("amsgrad", False),
+        maximize=kwargs.get("maximize", False),
+    )
+    grad = torch.randn(N, generator=g).to(dtype)
+    before = {"param": as_f64(param), "m": ref_state.exp_avg.copy(), "v": ref_state.exp_avg_sq.copy()}
+    step = reference.STEP_FUNCTIONS["adamax" if cls is adamkit.AdaMax else "adam"]
+    expected_param = step(before["param"], as_f64(grad), ref_state, hp)
+    param.grad = grad
+    opt.step()
+
+    effective_grad = np.abs(as_f64(grad)) + np.abs(before["param"]) * kwargs.get("weight_decay", 0.0)
+    check_close(param.detach(), expected_param, np.maximum(np.abs(before["param"]), np.abs(expected_param)))
+    check_close(state["exp_avg"], ref_state.exp_avg, np.maximum(np.abs(before["m"]), effective_grad))
+    check_close(
+        state[second], ref_state.exp_avg_sq, np.maximum(np.abs(before["v"]), effective_grad**2 + effective_grad)
+    )
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_threads_follow_torch(backend):
+    import numba
+
+    param = torch.nn.Parameter(torch.randn(100))
+    opt = adamkit.Adam([param], backend=backend)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        param.grad = torch.randn(100)
+        opt.step()
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    param.grad = torch.randn(100)
+    opt.step()
+    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
