@@ -4,7 +4,7 @@ Every contender is measured in the same process, in interleaved rounds (one step
 each in turn), so drift in the machine's memory bandwidth hits them all alike.
 Prints, per case: median ms per step, the ratio to torch's fused kernel, effective
 bandwidth (bytes an Adam step must move per param / time) and that as a percentage of
-an in-place ``add_`` measured in the same run.
+an in-place ``add_`` timed in the same interleaved rounds.
 
     python benchmarks/bench_cpu.py                 # all cases
     python benchmarks/bench_cpu.py --cases a,b --rounds 30
@@ -75,31 +75,28 @@ def make_params(case: Case, seed: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def add_bandwidth(rounds: int) -> float:
-    """GB/s of ``x.add_(y)`` on 50M fp32 (reads 8 B, writes 4 B per element)."""
-    x, y = torch.randn(50_000_000), torch.randn(50_000_000)
-    x.add_(y)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        x.add_(y)
-        times.append(time.perf_counter() - start)
-    return 12 * x.numel() / statistics.median(times) / 1e9
+#: the bandwidth anchor: ``x.add_(y)`` on 50M fp32 reads 8 and writes 4 bytes per element
+ADD_ELEMENTS = 50_000_000
+ADD_BYTES = 12 * ADD_ELEMENTS
 
 
-def run_case(case: Case, rounds: int) -> dict[str, float]:
-    """Median seconds per step for every contender, measured in interleaved rounds."""
+def run_case(case: Case, rounds: int) -> tuple[dict[str, float], float]:
+    """Median seconds per step for every contender, and of the ``add_`` anchor, all
+    measured in the same interleaved rounds."""
     optimizers = {name: make(make_params(case, seed=0)) for name, make in CONTENDERS.items()}
-    for opt in optimizers.values():  # warm-up: state allocation, first touch, compilation
-        opt.step()
-        opt.step()
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    x, y = torch.randn(ADD_ELEMENTS), torch.randn(ADD_ELEMENTS)
+    steps = {name: opt.step for name, opt in optimizers.items()} | {"add_": lambda: x.add_(y)}
+    for step in steps.values():  # warm-up: state allocation, first touch, compilation
+        step()
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
-        for name, opt in optimizers.items():
+        for name, step in steps.items():
             start = time.perf_counter()
-            opt.step()
+            step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return medians, ADD_BYTES / medians.pop("add_") / 1e9
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,19 +105,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per contender")
     args = parser.parse_args(argv)
 
-    print(f"torch {torch.__version__}, adamkit {adamkit.__version__}, threads {torch.get_num_threads()}")
-    bandwidth = add_bandwidth(args.rounds)
-    print(f"in-place add_ bandwidth (same run): {bandwidth:.1f} GB/s\n")
+    print(f"torch {torch.__version__}, adamkit {adamkit.__version__}, threads {torch.get_num_threads()}\n")
     for key in args.cases.split(","):
         case = CASES[key]
-        medians = run_case(case, args.rounds)
+        medians, bandwidth = run_case(case, args.rounds)
         fused = medians["torch fused"]
         moved = BYTES_PER_PARAM[case.dtype] * case.params
         print(f"{case.name}: {case.params / 1e6:.1f}M params, {moved / 1e9:.2f} GB moved per step")
+        print(f"  in-place add_ bandwidth, interleaved in the same rounds: {bandwidth:.1f} GB/s")
         print(f"  {'contender':16s} {'ms':>8s} {'vs fused':>9s} {'GB/s':>7s} {'% of add_':>10s}")
         for name, seconds in medians.items():
             rate = moved / seconds / 1e9
-            print(f"  {name:16s} {seconds * 1e3:8.2f} {seconds / fused:9.2f} {rate:7.1f} {100 * rate / bandwidth:9.0f}%")
+            print(
+                f"  {name:16s} {seconds * 1e3:8.2f} {seconds / fused:9.2f} {rate:7.1f} {100 * rate / bandwidth:9.0f}%"
+            )
         print()
 
 

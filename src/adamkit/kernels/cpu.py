@@ -112,6 +112,34 @@ if numba is not None:
 
         return types.int16(types.float32), codegen
 
+    @intrinsic
+    def _bfloat16_to_float(typingctx, bits):
+        """bfloat16 (as uint16 bits) to float32, exactly: the high half of a float32."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
+
+        return types.float32(types.uint16), codegen
+
+    @intrinsic
+    def _float_to_bfloat16(typingctx, value):
+        """float32 to bfloat16 bits, rounding to nearest even as torch does; NaN becomes
+        the quiet NaN 0x7FC0.  Straight-line integer IR with one select: vectorizes."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i32, i16 = ir.IntType(32), ir.IntType(16)
+            bits = builder.bitcast(args[0], i32)
+            lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+            biased = builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)), lsb)
+            rounded = builder.trunc(builder.lshr(biased, ir.Constant(i32, 16)), i16)
+            is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+            return builder.select(is_nan, ir.Constant(i16, 0x7FC0), rounded)
+
+        return types.uint16(types.float32), codegen
+
     def _load(pointer, index):  # pragma: no cover - replaced by the overload
         raise NotImplementedError
 
@@ -127,7 +155,7 @@ if numba is not None:
         if dtype in (types.float32, types.float64):
             return lambda pointer, index: pointer[index]
         if dtype == types.uint16:  # bfloat16: the high half of a float32
-            return lambda pointer, index: _bitcast(np.uint32(np.uint32(pointer[index]) << np.uint32(16)), types.float32)
+            return lambda pointer, index: _bfloat16_to_float(pointer[index])
         if dtype == types.int16:
             return lambda pointer, index: _half_to_float(pointer[index])
         return None
@@ -144,12 +172,7 @@ if numba is not None:
         if dtype == types.uint16:
 
             def store_bfloat16(pointer, index, value):
-                bits = _bitcast(value, types.uint32)
-                if value != value:  # NaN stays a quiet NaN
-                    pointer[index] = np.uint16(0x7FC0)
-                else:  # round to nearest, ties to even, as torch does
-                    rounding = np.uint32(np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-                    pointer[index] = np.uint16(np.uint32(bits + rounding) >> np.uint32(16))
+                pointer[index] = _float_to_bfloat16(value)
 
             return store_bfloat16
         if dtype == types.int16:
@@ -177,31 +200,17 @@ if numba is not None:
             counts[t] = step[0]
         return counts
 
-    @njit(parallel=True, cache=True, nogil=True)
-    def _fused_step(addresses, chunks, step_sizes, bias_correction2_sqrts, constants, flags, witness):
-        """The update for every chunk of every tensor of one dtype bucket.
+    def _element_loop(adamax: bool, amsgrad: bool):
+        """The element loop of one algorithm variant.  ``adamax`` and ``amsgrad`` are
+        compile-time constants here: the variants differ in which memory they write, and
+        LLVM only vectorizes a loop with conditional stores after unswitching it, which
+        it refuses for the larger bf16 bodies.  Decay and maximize only select values and
+        stay runtime flags."""
 
-        addresses: int64[T, 5] param, grad, exp_avg, exp_avg_sq (or exp_inf), max_exp_avg_sq
-        chunks: int64[C, 3] tensor index, first element, end element
-        constants: float64[6] 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay, decay factor
-        flags: int64[4] algorithm (0 adam, 1 adamax), maximize, amsgrad, weight decay kind
-        """
-        adamax, maximize, amsgrad, decay = flags[0] == 1, flags[1] != 0, flags[2] != 0, flags[3]
-        for c in prange(chunks.shape[0]):
-            t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            param = _pointer(addresses[t, 0], witness)
-            grad = _pointer(addresses[t, 1], witness)
-            exp_avg = _pointer(addresses[t, 2], witness)
-            second = _pointer(addresses[t, 3], witness)
-            max_second = _pointer(addresses[t, 4], witness)
-            one_minus_beta1 = _compute(param, constants[0])
-            beta2 = _compute(param, constants[1])
-            one_minus_beta2 = _compute(param, constants[2])
-            eps = _compute(param, constants[3])
-            l2 = _compute(param, constants[4])
-            decay_factor = _compute(param, constants[5])
-            step_size = _compute(param, step_sizes[t])
-            bias_correction2_sqrt = _compute(param, bias_correction2_sqrts[t])
+        @njit(inline="always", nogil=True)
+        def loop(pointers, first, end, scalars, maximize, decay):
+            param, grad, exp_avg, second, max_second = pointers
+            one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay_factor, step_size, bias_correction2_sqrt = scalars
             for i in range(first, end):
                 p = _load(param, i)
                 g = _load(grad, i)
@@ -226,6 +235,49 @@ if numba is not None:
                         _store(max_second, i, v)
                     denom = np.sqrt(v) / bias_correction2_sqrt + eps
                 _store(param, i, p - step_size * (m / denom))
+
+        return loop
+
+    _adam_loop = _element_loop(adamax=False, amsgrad=False)
+    _amsgrad_loop = _element_loop(adamax=False, amsgrad=True)
+    _adamax_loop = _element_loop(adamax=True, amsgrad=False)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _fused_step(addresses, chunks, step_sizes, bias_correction2_sqrts, constants, flags, witness):
+        """The update for every chunk of every tensor of one dtype bucket.
+
+        addresses: int64[T, 5] param, grad, exp_avg, exp_avg_sq (or exp_inf), max_exp_avg_sq
+        chunks: int64[C, 3] tensor index, first element, end element
+        constants: float64[6] 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay, decay factor
+        flags: int64[4] algorithm (0 adam, 1 adamax), maximize, amsgrad, weight decay kind
+        """
+        adamax, maximize, amsgrad, decay = flags[0] == 1, flags[1] != 0, flags[2] != 0, flags[3]
+        for c in prange(chunks.shape[0]):
+            t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            param = _pointer(addresses[t, 0], witness)
+            pointers = (
+                param,
+                _pointer(addresses[t, 1], witness),
+                _pointer(addresses[t, 2], witness),
+                _pointer(addresses[t, 3], witness),
+                _pointer(addresses[t, 4], witness),
+            )
+            scalars = (
+                _compute(param, constants[0]),
+                _compute(param, constants[1]),
+                _compute(param, constants[2]),
+                _compute(param, constants[3]),
+                _compute(param, constants[4]),
+                _compute(param, constants[5]),
+                _compute(param, step_sizes[t]),
+                _compute(param, bias_correction2_sqrts[t]),
+            )
+            if adamax:
+                _adamax_loop(pointers, first, end, scalars, maximize, decay)
+            elif amsgrad:
+                _amsgrad_loop(pointers, first, end, scalars, maximize, decay)
+            else:
+                _adam_loop(pointers, first, end, scalars, maximize, decay)
 
 
 def _dense(t: Tensor) -> bool:
