@@ -81,16 +81,6 @@ if numba is not None:
         return pointer_type(types.int64, witness), codegen
 
     @intrinsic
-    def _bitcast(typingctx, value, target):
-        """Reinterpret the bits of ``value`` as ``target``'s type (same width)."""
-        result_type = target.dtype if isinstance(target, types.NumberClass) else target
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(result_type))
-
-        return result_type(value, target), codegen
-
-    @intrinsic
     def _half_to_float(typingctx, bits):
         """IEEE half (as int16 bits) to float32, exactly."""
         import llvmlite.ir as ir
