@@ -129,7 +129,7 @@ def test_bad_lr_in_added_group_leaves_no_group(lr):
 
 
 @pytest.mark.parametrize("cls", [adamkit.Adam, adamkit.AdamW, adamkit.AdaMax])
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
 def test_capturable_step_never_reads_a_tensor_on_the_host(cls, backend, monkeypatch):
     """The capturable contract: no ``.item()``/``float()``/``bool()`` of a tensor during
     step (on CUDA each would be a host sync, forbidden inside graph capture)."""

@@ -91,6 +91,8 @@ class _AdamFamily(Optimizer):
         if d.get("fused"):  # after the params are in, as torch.optim.Adam checks
             if d["differentiable"]:
                 raise RuntimeError("`fused` does not support `differentiable`")
+            # like torch's fused optimizers: a GradScaler hands over grad_scale/found_inf
+            self._step_supports_amp_scaling = True
             if d["foreach"]:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
@@ -266,10 +268,17 @@ class _AdamFamily(Optimizer):
             self.__dict__.get("_state_epoch", 0),
         )
 
-    def _run_group(self, group: dict, params: list[Tensor], grads: list[Tensor], kernel: Kernel) -> None:
+    def _run_group(self, group: dict, params: list[Tensor], grads: list[Tensor], kernel: Kernel, amp: tuple) -> None:
         cache = self._group_cache(group)
         key = cache["validated_key"]
+        grad_scale, found_inf = amp
+        if found_inf is not None and not kernel.amp and grad_scale is not None:
+            grads = torch._foreach_div(grads, grad_scale)  # unscaled copies: .grad is left as it is
         batch = GroupBatch(params=params, grads=grads, state_table=self.state, cache=cache, key=key)
+        if kernel.amp:
+            batch.grad_scale, batch.found_inf = grad_scale, found_inf
+            if found_inf is not None and grad_scale is None:
+                batch.grad_scale = torch.ones((), device=found_inf.device)
         if cache.get("initialized_key") != key:  # some params may have no state yet
             for p, state in zip(params, batch.states):
                 if not state:
@@ -292,10 +301,13 @@ class _AdamFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan_group(i, g) for i, g in enumerate(self.param_groups)]
+        plans = [p for p in (self._plan_group(i, g) for i, g in enumerate(self.param_groups)) if p is not None]
+        # A torch.amp.GradScaler sets these when _step_supports_amp_scaling (fused=True).
+        amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        if amp[1] is not None and not all(kernel.amp for *_, kernel in plans) and amp[1].item():
+            return loss  # a kernel that cannot skip in-kernel: skip the whole step, touching nothing
         for plan in plans:
-            if plan is not None:
-                self._run_group(*plan)
+            self._run_group(*plan, amp)
         return loss
 
 

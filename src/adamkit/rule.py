@@ -39,7 +39,7 @@ Algorithm = Literal["adam", "adamax"]
 WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
 
 #: The execution paths a param group may ask for; ``None`` picks per device.
-BACKENDS = (None, "reference", "foreach", "cpu")
+BACKENDS = (None, "reference", "foreach", "cpu", "triton")
 
 Scalar = float | Tensor
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cpu, foreach, reference
+from . import triton as triton_kernel
 from .types import GroupBatch, GroupTensors, StepFn, list_kernel
 
 
@@ -32,6 +33,8 @@ class Kernel:
     #: one pass per element in fp32 (fp64 for fp64 params): bf16/fp16 params and
     #: states are rounded once per update, not after every op as torch's for-loop does
     fused: bool = False
+    #: takes a GradScaler's ``grad_scale`` / ``found_inf`` (unscales and skips in-kernel)
+    amp: bool = False
     #: extra availability check (e.g. an optional dependency is importable)
     available: Callable[[], bool] = lambda: True
 
@@ -45,10 +48,18 @@ KERNELS: dict[str, Kernel] = {
     ),
     "foreach": Kernel("foreach", list_kernel(foreach.adam, foreach.adamax), torch_exact=True),
     "cpu": Kernel("cpu", cpu.step, device_types=frozenset({"cpu"}), fused=True, available=cpu.available),
+    "triton": Kernel(
+        "triton",
+        triton_kernel.step,
+        device_types=triton_kernel.device_types(),
+        fused=True,
+        amp=True,
+        available=triton_kernel.available,
+    ),
 }
 
 #: what a fused path means per device type
-FUSED = {"cpu": "cpu"}
+FUSED = {"cpu": "cpu", "cuda": "triton"}
 
 
 _warned: set[str] = set()

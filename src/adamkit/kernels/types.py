@@ -30,6 +30,9 @@ class GroupBatch:
     state_table: Mapping[Tensor, dict]
     cache: dict = field(default_factory=dict)
     key: tuple = ()
+    #: a GradScaler's scale and inf flag, for kernels that unscale and skip themselves
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
 
     @cached_property
     def states(self) -> list[dict]:
