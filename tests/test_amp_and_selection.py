@@ -103,3 +103,25 @@ def test_default_on_cuda_is_triton_else_foreach_with_one_warning(monkeypatch):
 def test_default_on_cpu_is_the_fused_cpu_kernel():
     assert kernels.default_backend({torch.device("cpu")}, differentiable=False) == "cpu"
     assert kernels.default_backend({torch.device("cpu")}, differentiable=True) == "reference"
+
+
+def test_triton_fallback_for_strided_params_still_honours_the_scaler():
+    """A sliced (non-contiguous) param sends the Triton path to foreach ops: the
+    GradScaler's found_inf must still skip, and grad_scale still unscale."""
+    base = torch.randn(4, 6)
+    results = []
+    for scale, found in ((4.0, 0.0), (4.0, 1.0)):
+        p = torch.nn.Parameter(base[:, ::2].clone().t().contiguous().t())  # transposed: non-contiguous
+        opt = adamkit.Adam([p], fused=True, backend="triton")
+        p.grad = torch.full_like(p, 2.0) * scale
+        opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(found)
+        before = p.detach().clone()
+        opt.step()
+        results.append((before, p.detach().clone(), opt.state[p].get("step")))
+    (before, after, step), (before_inf, after_inf, step_inf) = results
+    reference = torch.nn.Parameter(before.clone())
+    ref_opt = adamkit.Adam([reference], backend="reference")
+    reference.grad = torch.full_like(reference, 2.0)
+    ref_opt.step()
+    torch.testing.assert_close(after, reference.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(after_inf, before_inf)

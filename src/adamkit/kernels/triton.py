@@ -29,7 +29,8 @@ import torch
 
 from ..rule import UpdateRule, step_scalar_arrays
 from ..state import SECOND_MOMENT_KEY
-from .types import GroupBatch
+from . import foreach
+from .types import GroupBatch, list_kernel
 
 try:
     import triton
@@ -242,15 +243,26 @@ def _constant(value) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
+_foreach_step = list_kernel(foreach.adam, foreach.adamax)
+
+
+def _foreach_fallback(batch: GroupBatch, rule: UpdateRule) -> None:
+    """Layouts the kernel does not take (non-contiguous params, gradients or state) go
+    through foreach ops, with the GradScaler's work done here instead of in-kernel."""
+    if batch.found_inf is not None:
+        if batch.found_inf.item():
+            return
+        batch.grads = torch._foreach_div(batch.grads, batch.grad_scale)
+    _foreach_step(batch, rule)
+
+
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
     """Advance the steps and update every tensor of the group, one launch per bucket."""
-    from . import foreach, list_kernel  # the path for layouts the kernel does not take
-
     try:
         buckets = _buckets(batch, rule)
         tables = [bucket.table(batch) for bucket in buckets]
     except _NeedsStaging:
-        list_kernel(foreach.adam, foreach.adamax)(batch, rule)
+        _foreach_fallback(batch, rule)
         return
     group = rule.group_scalars()
     if group.decay_factor is not None:
