@@ -175,6 +175,14 @@ class GroupScalars:
     decay_factor: Scalar | None
     keep_tensors: bool = False
 
+    @property
+    def decay_kind(self) -> int:
+        """What fused kernels do with weight decay: 0 nothing, 1 add the L2 term to the
+        gradient, 2 multiply the param by :attr:`decay_factor` (decoupled)."""
+        if self.decay_factor is not None:
+            return 2
+        return 1 if self.l2_weight_decay != 0 else 0
+
     def one_minus_beta1(self, param: Tensor) -> Scalar:
         """The weight of ``exp_avg.lerp_(grad, weight)`` for ``param``, as torch forms it:
         torch.optim.Adam casts a tensor beta1 to the param's device and dtype before

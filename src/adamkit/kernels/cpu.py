@@ -61,7 +61,6 @@ _STORAGE = {
 }
 
 ALGORITHMS = {"adam": 0, "adamax": 1}
-WEIGHT_DECAY = {"none": 0, "l2": 1, "decoupled": 2}
 
 
 def available() -> bool:
@@ -399,13 +398,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
 
 def _flags_and_constants(rule: UpdateRule) -> tuple[np.ndarray, np.ndarray]:
     group = rule.group_scalars()
-    if group.decay_factor is not None:
-        decay = WEIGHT_DECAY["decoupled"]
-    elif group.l2_weight_decay != 0:
-        decay = WEIGHT_DECAY["l2"]
-    else:
-        decay = WEIGHT_DECAY["none"]
-    flags = np.array([ALGORITHMS[rule.algorithm], rule.maximize, rule.amsgrad, decay], dtype=np.int64)
+    flags = np.array([ALGORITHMS[rule.algorithm], rule.maximize, rule.amsgrad, group.decay_kind], dtype=np.int64)
     beta1 = group.beta1.item() if isinstance(group.beta1, Tensor) else group.beta1
     constants = np.array(
         [

@@ -265,12 +265,6 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
         _foreach_fallback(batch, rule)
         return
     group = rule.group_scalars()
-    if group.decay_factor is not None:
-        decay = 2
-    elif group.l2_weight_decay != 0:
-        decay = 1
-    else:
-        decay = 0
     grad_scale, found_inf = batch.grad_scale, batch.found_inf
     amp = grad_scale is not None
     for bucket, table in zip(buckets, tables):
@@ -297,7 +291,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             ADAMAX=rule.algorithm == "adamax",
             AMSGRAD=rule.amsgrad,
             MAXIMIZE=rule.maximize,
-            DECAY=decay,
+            DECAY=group.decay_kind,
             AMP=amp,
             BLOCK=BLOCK,
         )
