@@ -34,6 +34,7 @@ import adamkit
 
 from .functions import Beale, Objective, Quadratic, Rosenbrock
 from .plots import plot_experiment
+from .runs import TOLERANCE, Experiment, Trajectory
 
 __all__ = [
     "Experiment",
@@ -49,8 +50,6 @@ __all__ = [
     "run_optimizer",
 ]
 
-#: A run "reaches the minimum" at the first step ``t`` with ``f(x_t) - f_min <= TOLERANCE``.
-TOLERANCE = 1e-3
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -104,24 +103,6 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.op
 # --------------------------------------------------------------------------- running
 
 
-@dataclass(frozen=True)
-class Trajectory:
-    """The iterates of one run: ``points[t] = x_t`` and ``losses[t] = f(x_t)``, ``t = 0..steps``."""
-
-    points: np.ndarray
-    losses: np.ndarray
-
-    @property
-    def steps(self) -> int:
-        """Number of optimizer steps taken."""
-        return len(self.points) - 1
-
-    def steps_to_reach(self, min_value: float, tol: float = TOLERANCE) -> int | None:
-        """First ``t`` with ``f(x_t) - min_value <= tol``, or ``None`` if never reached."""
-        hits = np.flatnonzero(self.losses - min_value <= tol)
-        return int(hits[0]) if hits.size else None
-
-
 def run_optimizer(objective: Objective, optimizer: str, lr: float, steps: int) -> Trajectory:
     """Run ``steps`` steps of ``optimizer`` on ``objective`` from its start point.
 
@@ -141,20 +122,6 @@ def run_optimizer(objective: Objective, optimizer: str, lr: float, steps: int) -
             break
     losses = objective.value(torch.from_numpy(points.T.copy())).numpy()
     return Trajectory(points=points, losses=losses)
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """One objective, the optimizers to race on it with their learning rates, and a step budget."""
-
-    objective: Objective
-    lrs: Mapping[str, float]
-    steps: int
-
-    @property
-    def filename(self) -> str:
-        """Name of the figure written for this experiment."""
-        return f"{self.objective.name}.png"
 
 
 EXPERIMENTS: tuple[Experiment, ...] = (

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,9 +17,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from .functions import Objective
-
-if TYPE_CHECKING:
-    from .demo import Experiment, Trajectory
+from .runs import Experiment, Trajectory
 
 #: Lower limit of the log-scaled loss axes.
 GAP_FLOOR = 1e-14
