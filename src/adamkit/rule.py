@@ -306,6 +306,12 @@ class UpdateRule:
 def step_scalar_arrays(rule: UpdateRule, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(step_size, bias_correction2_sqrt)`` as float64 arrays aligned with ``steps``,
     each computed once per distinct step count by :meth:`UpdateRule.step_scalars`."""
+    if (steps == steps[0]).all():  # the usual case: one step count for the whole group
+        scalars = rule.step_scalars(float(steps[0]))
+        return (
+            np.full(steps.shape, as_number(scalars.step_size)),
+            np.full(steps.shape, as_number(scalars.bias_correction2_sqrt)),
+        )
     distinct, position = np.unique(steps, return_inverse=True)
     scalars = [rule.step_scalars(float(step)) for step in distinct]
     step_size = np.array([as_number(s.step_size) for s in scalars], dtype=np.float64)
