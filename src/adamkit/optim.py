@@ -17,9 +17,19 @@ keyword-only:
     :math:`\eta_{max}` for ``decouple_lr``, per param group; defaults to the
     group's initial lr.
 ``backend``
-    ``None`` (pick per device), ``"reference"`` (per-tensor torch ops) or
-    ``"foreach"`` (multi-tensor ops).  ``foreach=True`` and ``fused=True`` map onto
-    the matching adamkit path.
+    ``None`` (pick per device), ``"reference"`` (per-tensor torch ops),
+    ``"foreach"`` (multi-tensor ops), ``"cpu"`` (numba) or ``"triton"``.
+    ``foreach=True`` and ``fused=True`` map onto the matching adamkit path.
+``rounding``
+    How bf16/fp16 params are stored after each update: ``"nearest"`` (torch's
+    behaviour), ``"kahan"`` (a compensation buffer carries what rounding lost) or
+    ``"stochastic"`` (unbiased random rounding, reproducible from ``seed``).  See
+    :mod:`adamkit.rounding`.  fp32/fp64 params are unaffected.
+``state_precision``
+    The moments' dtype: ``None`` (the param's, as torch), ``"fp32"`` or ``"bf16"``.
+``seed``
+    The stochastic-rounding seed (an int in [0, 2**64)); ``None`` draws one from
+    torch's default generator when a group first asks for stochastic rounding.
 """
 
 from __future__ import annotations
@@ -44,8 +54,9 @@ from .rule import (
     check_constructor_arguments,
     check_hyperparameters,
     check_max_lr,
+    check_storage,
 )
-from .state import check_state, init_state, upgrade_step
+from .state import check_state, init_state, moment_keys, state_dtype, upgrade_step
 
 _grad_of = attrgetter("grad")
 _is_sparse = attrgetter("is_sparse")
@@ -62,6 +73,14 @@ def _fused_devices() -> list[str]:
         return ["mps", "cuda", "xpu", "hpu", "cpu", "mtia"]
 
 
+def _draw_seed_if_needed(group: dict) -> None:
+    """A stochastic-rounding group without a seed gets one from torch's default
+    generator (so ``torch.manual_seed`` makes runs reproducible); other groups draw
+    nothing, leaving the user's random stream as torch.optim leaves it."""
+    if group.get("rounding") == "stochastic" and group.get("seed") is None:
+        group["seed"] = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
 class _AdamFamily(Optimizer):
     """Shared machinery of :class:`Adam`, :class:`AdamW` and :class:`AdaMax`."""
 
@@ -69,9 +88,16 @@ class _AdamFamily(Optimizer):
     #: torch.optim's message for a sparse gradient
     sparse_gradient_message: ClassVar[str]
     #: param-group keys adamkit adds to those of the torch.optim counterpart
-    extra_group_keys: ClassVar[tuple[str, ...]] = ("backend", "decouple_lr", "max_lr")
+    extra_group_keys: ClassVar[tuple[str, ...]] = (
+        "backend",
+        "decouple_lr",
+        "max_lr",
+        "rounding",
+        "state_precision",
+        "seed",
+    )
 
-    def _construct(self, params, torch_defaults: dict, *, backend, decouple_lr: bool, max_lr) -> None:
+    def _construct(self, params, torch_defaults: dict, *, backend, decouple_lr: bool, max_lr, storage: dict) -> None:
         """Validate (torch's checks first, then adamkit's), then build the optimizer."""
         d = torch_defaults
         betas = check_constructor_arguments(
@@ -86,7 +112,8 @@ class _AdamFamily(Optimizer):
         check_backend(backend)
         if decouple_lr and max_lr is not None:
             check_max_lr(max_lr)
-        defaults = {**d, "betas": betas, "backend": backend, "decouple_lr": decouple_lr, "max_lr": max_lr}
+        check_storage(**storage, differentiable=d["differentiable"])
+        defaults = {**d, "betas": betas, "backend": backend, "decouple_lr": decouple_lr, "max_lr": max_lr, **storage}
         super().__init__(params, defaults)
         if d.get("fused"):  # after the params are in, as torch.optim.Adam checks
             if d["differentiable"]:
@@ -121,6 +148,7 @@ class _AdamFamily(Optimizer):
             )
             group["max_lr"] = as_number(group["lr"])
         self._check_group(group, where)
+        _draw_seed_if_needed(group)
 
     def _check_group(self, group: dict, where: str) -> None:
         """Step-time checks: a scheduler or a hand edit may have changed the group.
@@ -135,6 +163,13 @@ class _AdamFamily(Optimizer):
             read_tensors=not group.get("capturable"),
         )
         check_backend(group.get("backend"), where=where)
+        check_storage(
+            group.get("rounding", "nearest"),
+            group.get("state_precision"),
+            group.get("seed"),
+            differentiable=group["differentiable"],
+            where=where,
+        )
         if not group.get("decouple_lr"):
             return
         max_lr = group["max_lr"]
@@ -155,6 +190,9 @@ class _AdamFamily(Optimizer):
             group.setdefault("backend", None)
             group.setdefault("decouple_lr", False)
             group.setdefault("max_lr", as_number(group["lr"]))
+            group.setdefault("rounding", "nearest")
+            group.setdefault("state_precision", None)
+            group.setdefault("seed", None)
             for p in group["params"]:
                 upgrade_step(self.state.get(p, {}), p, group)
 
@@ -174,6 +212,23 @@ class _AdamFamily(Optimizer):
             for key, value in before.items():
                 if key not in saved:
                     group[key] = value
+        self._restore_moment_dtypes(state_dict)
+
+    def _restore_moment_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every loaded state tensor to its param's dtype; moments kept in
+        another dtype (``state_precision``) are cast again from the saved tensor, so
+        nothing is rounded on the way in.  The step converts any remaining mismatch."""
+        saved_states = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for saved_id, (param, group) in zip(saved_ids, params):
+            saved, state = saved_states.get(saved_id), self.state.get(param)
+            if not saved or not state or group.get("state_precision") is None:
+                continue
+            dtype = state_dtype(param, group["state_precision"])
+            for key in moment_keys(self.algorithm, "max_exp_avg_sq" in state):
+                if key in saved and torch.is_tensor(saved[key]) and saved[key].dtype == dtype:
+                    state[key] = saved[key].to(device=param.device, copy=True)
 
     # ------------------------------------------------------------------ step
 
@@ -218,6 +273,7 @@ class _AdamFamily(Optimizer):
         if any(map(_is_sparse, grads)):
             raise RuntimeError(self.sparse_gradient_message)
         differentiable = group["differentiable"]
+        _draw_seed_if_needed(group)  # rounding may have been switched to "stochastic"
         cache = self._group_cache(group)
         key = self._state_key(group, params)
         if cache.get("validated_key") != key or differentiable:
@@ -237,6 +293,10 @@ class _AdamFamily(Optimizer):
     def _check_params_and_state(self, group: dict, params: list[Tensor], where: str) -> None:
         differentiable = group["differentiable"]
         for j, p in enumerate(params):
+            try:
+                state_dtype(p, group.get("state_precision"))
+            except ValueError as error:
+                raise ValueError(f"{error} (params[{j}]{where})") from None
             state = self.state.get(p)
             if state:
                 check_state(state, p, self.algorithm, amsgrad=bool(group.get("amsgrad")), where=f" of {where[4:]}")
@@ -259,10 +319,13 @@ class _AdamFamily(Optimizer):
         """Equal keys mean the same params with the same, already validated state tensors:
         the params' identities, ``amsgrad``, and the state table's identity, size and
         epoch (``load_state_dict`` bumps it).  Replacing individual state tensors by
-        hand is not tracked: reset state with ``load_state_dict`` or ``state.clear()``."""
+        hand is not tracked: reset state with ``load_state_dict`` or ``state.clear()``.
+        ``rounding`` and ``state_precision`` shape the state too."""
         return (
             tuple(map(id, params)),
             bool(group.get("amsgrad")),
+            group.get("rounding"),
+            group.get("state_precision"),
             id(self.state),
             len(self.state),
             self.__dict__.get("_state_epoch", 0),
@@ -275,16 +338,27 @@ class _AdamFamily(Optimizer):
         if found_inf is not None and not kernel.amp and grad_scale is not None:
             grads = torch._foreach_div(grads, grad_scale)  # unscaled copies: .grad is left as it is
         batch = GroupBatch(params=params, grads=grads, state_table=self.state, cache=cache, key=key)
+        if group.get("rounding") == "stochastic":
+            batch.param_indices = self._param_indices(params)
         if kernel.amp:
             batch.grad_scale, batch.found_inf = grad_scale, found_inf
             if found_inf is not None and grad_scale is None:
                 batch.grad_scale = torch.ones((), device=found_inf.device)
-        if cache.get("initialized_key") != key:  # some params may have no state yet
+        if cache.get("initialized_key") != key:  # new params, or a new state layout
             for p, state in zip(params, batch.states):
-                if not state:
-                    init_state(state, p, group, self.algorithm)
+                init_state(state, p, group, self.algorithm)
             cache["initialized_key"] = key
         kernel.step(batch, UpdateRule.from_group(group, self.algorithm))
+
+    def _param_indices(self, params: list[Tensor]) -> list[int]:
+        """Each param's position in the optimizer (its ``state_dict`` index): the
+        stream of its stochastic rounding."""
+        everything = [p for g in self.param_groups for p in g["params"]]
+        cached = self.__dict__.get("_param_index_cache")
+        identity = tuple(map(id, everything))
+        if cached is None or cached[0] != identity:
+            cached = self.__dict__["_param_index_cache"] = (identity, {id(p): i for i, p in enumerate(everything)})
+        return [cached[1][id(p)] for p in params]
 
     @_use_grad_for_differentiable
     def step(self, closure=None):
@@ -321,8 +395,8 @@ class Adam(_AdamFamily):
         \theta_t &= \theta_{t-1} - \eta \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
 
     Args are those of ``torch.optim.Adam`` (same defaults, same meaning), plus the
-    keyword-only ``decouple_lr``, ``max_lr`` and ``backend`` described in
-    :mod:`adamkit.optim`.
+    keyword-only ``decouple_lr``, ``max_lr``, ``backend``, ``rounding``,
+    ``state_precision`` and ``seed`` described in :mod:`adamkit.optim`.
 
     Example::
 
@@ -352,6 +426,9 @@ class Adam(_AdamFamily):
         decouple_lr: bool = False,
         max_lr: float | None = None,
         backend: str | None = None,
+        rounding: str = "nearest",
+        state_precision: str | None = None,
+        seed: int | None = None,
     ) -> None:
         torch_defaults = {
             "lr": lr,
@@ -366,7 +443,10 @@ class Adam(_AdamFamily):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        self._construct(params, torch_defaults, backend=backend, decouple_lr=decouple_lr, max_lr=max_lr)
+        storage = {"rounding": rounding, "state_precision": state_precision, "seed": seed}
+        self._construct(
+            params, torch_defaults, backend=backend, decouple_lr=decouple_lr, max_lr=max_lr, storage=storage
+        )
 
     def _torch_group_defaults(self) -> dict[str, Any]:
         return {
@@ -402,6 +482,9 @@ class AdamW(Adam):
         decouple_lr: bool = False,
         max_lr: float | None = None,
         backend: str | None = None,
+        rounding: str = "nearest",
+        state_precision: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -419,6 +502,9 @@ class AdamW(Adam):
             decouple_lr=decouple_lr,
             max_lr=max_lr,
             backend=backend,
+            rounding=rounding,
+            state_precision=state_precision,
+            seed=seed,
         )
 
     def __setstate__(self, state: dict) -> None:
@@ -437,7 +523,7 @@ class AdaMax(_AdamFamily):
         \theta_t = \theta_{t-1} - \frac{\eta}{1 - \beta_1^t} \frac{m_t}{u_t}
 
     Args are those of ``torch.optim.Adamax``; beyond torch, keyword-only
-    ``decoupled_weight_decay``, ``decouple_lr``, ``max_lr`` and ``backend``.
+    ``decoupled_weight_decay`` and those described in :mod:`adamkit.optim`.
     """
 
     algorithm = "adamax"
@@ -460,6 +546,9 @@ class AdaMax(_AdamFamily):
         decouple_lr: bool = False,
         max_lr: float | None = None,
         backend: str | None = None,
+        rounding: str = "nearest",
+        state_precision: str | None = None,
+        seed: int | None = None,
     ) -> None:
         torch_defaults = {
             "lr": lr,
@@ -472,7 +561,10 @@ class AdaMax(_AdamFamily):
             "capturable": capturable,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        self._construct(params, torch_defaults, backend=backend, decouple_lr=decouple_lr, max_lr=max_lr)
+        storage = {"rounding": rounding, "state_precision": state_precision, "seed": seed}
+        self._construct(
+            params, torch_defaults, backend=backend, decouple_lr=decouple_lr, max_lr=max_lr, storage=storage
+        )
 
     def _torch_group_defaults(self) -> dict[str, Any]:
         return {**super()._torch_group_defaults(), "decoupled_weight_decay": False}

@@ -35,11 +35,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .rounding import ROUNDINGS
+
 Algorithm = Literal["adam", "adamax"]
 WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
 
 #: The execution paths a param group may ask for; ``None`` picks per device.
 BACKENDS = (None, "reference", "foreach", "cpu", "triton")
+
+#: The dtype of ``exp_avg`` and the second moments: ``None`` is the param's dtype.
+STATE_PRECISIONS = (None, "fp32", "bf16")
 
 Scalar = float | Tensor
 
@@ -155,6 +160,23 @@ def check_backend(backend: Any, *, where: str = "") -> None:
         raise ValueError(f"Invalid backend: {backend!r}{where} (allowed: {allowed})")
 
 
+def check_storage(rounding: Any, state_precision: Any, seed: Any, *, differentiable: bool, where: str = "") -> None:
+    """``rounding``, ``state_precision`` and ``seed`` (the stochastic-rounding seed)."""
+    if rounding not in ROUNDINGS:
+        allowed = ", ".join(repr(r) for r in ROUNDINGS)
+        raise ValueError(f"Invalid rounding: {rounding!r}{where} (allowed: {allowed})")
+    if state_precision not in STATE_PRECISIONS:
+        allowed = ", ".join(repr(p) for p in STATE_PRECISIONS)
+        raise ValueError(f"Invalid state_precision: {state_precision!r}{where} (allowed: {allowed})")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"Invalid seed: {seed!r}{where} (seed must be None or an int in [0, 2**64))")
+    if differentiable and rounding != "nearest":
+        raise ValueError(
+            f"rounding={rounding!r} does not support differentiable=True{where} "
+            "(rounding is not differentiable; use rounding='nearest')"
+        )
+
+
 @dataclass(frozen=True)
 class GroupScalars:
     """Scalars shared by every tensor of a param group in one step.
@@ -222,6 +244,12 @@ class UpdateRule:
     maximize: bool
     differentiable: bool
     capturable: bool = False
+    #: how bf16/fp16 values are stored: "nearest", "kahan" or "stochastic"
+    rounding: str = "nearest"
+    #: the states' dtype: None (the param's), "fp32" or "bf16"
+    state_precision: str | None = None
+    #: the stochastic-rounding seed
+    seed: int | None = None
 
     @classmethod
     def from_group(cls, group: dict, algorithm: Algorithm) -> UpdateRule:
@@ -245,6 +273,9 @@ class UpdateRule:
             maximize=bool(group["maximize"]),
             differentiable=bool(group["differentiable"]),
             capturable=bool(group.get("capturable", False)),
+            rounding=group.get("rounding", "nearest"),
+            state_precision=group.get("state_precision"),
+            seed=group.get("seed"),
         )
 
     @property
@@ -328,6 +359,7 @@ def to_scalar(x: Scalar) -> Scalar:
 
 __all__ = [
     "BACKENDS",
+    "STATE_PRECISIONS",
     "GroupScalars",
     "StepScalars",
     "UpdateRule",
@@ -336,6 +368,7 @@ __all__ = [
     "check_constructor_arguments",
     "check_hyperparameters",
     "check_max_lr",
+    "check_storage",
     "step_scalar_arrays",
     "to_scalar",
 ]

@@ -3,6 +3,10 @@
 Keys: ``step`` (a 0-d tensor), ``exp_avg`` and ``exp_avg_sq`` (Adam; ``exp_inf``
 for AdaMax) and ``max_exp_avg_sq`` (AMSGrad), each shaped and strided like its
 param, so a ``state_dict`` moves between adamkit and torch.optim in both directions.
+
+Beyond torch: the moments' dtype follows the group's ``state_precision`` (``None``:
+the param's dtype, as torch), and a bf16/fp16 param under ``rounding="kahan"`` has a
+``kahan_compensation`` tensor in its own dtype (torch.optim ignores the extra key).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .rounding import is_low_precision
 from .rule import Algorithm
 
 #: name of the second state tensor per algorithm, as torch.optim names it
@@ -31,13 +36,53 @@ def step_tensor(value: float, param: Tensor, group: dict) -> Tensor:
     return torch.tensor(value, dtype=_scalar_dtype(False))
 
 
+#: the state dtype asked for by ``state_precision``, for real and complex params
+_STATE_DTYPES = {
+    "fp32": {False: torch.float32, True: torch.complex64},
+    "bf16": {False: torch.bfloat16, True: None},
+}
+
+COMPENSATION_KEY = "kahan_compensation"
+
+
+def state_dtype(param: Tensor, state_precision: str | None) -> torch.dtype:
+    """The dtype of ``param``'s moments under ``state_precision``."""
+    if state_precision is None:
+        return param.dtype
+    dtype = _STATE_DTYPES[state_precision][param.is_complex()]
+    if dtype is None:
+        raise ValueError(f"state_precision={state_precision!r} needs real params, but a param is {param.dtype}")
+    return dtype
+
+
+def moment_keys(algorithm: Algorithm, amsgrad: bool) -> list[str]:
+    """The state keys holding moments, in kernel order (first, second, AMSGrad maximum)."""
+    return ["exp_avg", SECOND_MOMENT_KEY[algorithm]] + (["max_exp_avg_sq"] if amsgrad else [])
+
+
+def has_compensation(param: Tensor, group: dict) -> bool:
+    return group.get("rounding") == "kahan" and is_low_precision(param.dtype)
+
+
 def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) -> None:
-    """Fill an empty state dict for ``param`` (zeros, the param's layout)."""
-    state["step"] = step_tensor(0.0, param, group)
-    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    state[SECOND_MOMENT_KEY[algorithm]] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    if algorithm == "adam" and group.get("amsgrad"):
-        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    """Fill an empty state dict for ``param`` (zeros, the param's layout), or bring an
+    existing one in line with the group's ``state_precision`` and ``rounding``: moments
+    are converted to the asked dtype, a Kahan compensation is added (zero: the param
+    is exact as it stands) or dropped."""
+    if not state:
+        state["step"] = step_tensor(0.0, param, group)
+    dtype = state_dtype(param, group.get("state_precision"))
+    for key in moment_keys(algorithm, algorithm == "adam" and bool(group.get("amsgrad"))):
+        value = state.get(key)
+        if value is None:
+            state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        elif value.dtype != dtype:
+            state[key] = value.to(dtype)
+    if has_compensation(param, group):
+        if COMPENSATION_KEY not in state:
+            state[COMPENSATION_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    else:
+        state.pop(COMPENSATION_KEY, None)
 
 
 def upgrade_step(state: dict, param: Tensor, group: dict) -> None:
@@ -50,7 +95,7 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
     """Raise ``ValueError`` if an existing state cannot be stepped with ``param``: a key
     is missing (a checkpoint from another optimizer, or AMSGrad switched on after the
     first step) or a tensor's shape or device differs from the param's."""
-    required = ["step", "exp_avg", SECOND_MOMENT_KEY[algorithm]] + (["max_exp_avg_sq"] if amsgrad else [])
+    required = ["step"] + moment_keys(algorithm, amsgrad)
     missing = [key for key in required if key not in state]
     if missing:
         hint = (
@@ -59,7 +104,7 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
             else " (was it saved by a different optimizer?)"
         )
         raise ValueError(f"the state{where} lacks {missing}; it has {sorted(state)}{hint}")
-    for key in required[1:]:
+    for key in required[1:] + ([COMPENSATION_KEY] if COMPENSATION_KEY in state else []):
         value = state[key]
         if value.shape != param.shape or value.device != param.device:
             raise ValueError(

@@ -16,8 +16,14 @@ stored back with round-to-nearest-even):
         (\sqrt{\max(v^{max}, v)} / \text{bias\_correction2\_sqrt} + \epsilon)
         \ \text{or}\ m / u
 
+Storage (:mod:`adamkit.rounding`): states may have their own dtype
+(``state_precision``); bf16/fp16 values are stored to nearest, with a Kahan
+compensation (:math:`\theta = p + c`, :math:`p = rn(\theta')`,
+:math:`c = rn(\theta' - p)`) or stochastically, with the counter-based random bits
+of the specification (so results equal the other backends' bit for bit).
+
 How many tensors a group has barely matters: the kernel gets a table of raw
-addresses (param, grad, exp_avg, second moment, max second moment) and a table of
+addresses (param, grad, exp_avg, second moment, max second moment, compensation) and a table of
 chunks of at most :data:`CHUNK` elements, and runs one ``prange`` over the chunks,
 so small tensors share threads and large ones are split.  The step counters are
 advanced by a small compiled loop over their addresses, and the per-tensor scalars
@@ -36,8 +42,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import rounding
 from ..rule import UpdateRule, step_scalar_arrays
-from ..state import SECOND_MOMENT_KEY
+from ..state import COMPENSATION_KEY, moment_keys
 from .types import GroupBatch
 
 try:  # numba is a dependency, but the rest of adamkit works without it
@@ -61,6 +68,9 @@ _STORAGE = {
 }
 
 ALGORITHMS = {"adam": 0, "adamax": 1}
+
+#: the rounding mode travels as a witness type, so each mode is its own specialization
+_ROUNDING_WITNESS = {"nearest": np.int8, "kahan": np.int16, "stochastic": np.int32}
 
 
 def available() -> bool:
@@ -129,6 +139,50 @@ if numba is not None:
 
         return types.uint16(types.float32), codegen
 
+    @intrinsic
+    def _random16(typingctx, key, index):
+        """r = lowbias32(key ^ index) >> 16 in 32-bit integer IR (see adamkit.rounding)."""
+        import llvmlite.ir as ir
+
+        from ..rounding import MIX_MULTIPLIERS
+
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            x = builder.xor(builder.trunc(args[0], i32), builder.trunc(args[1], i32))
+            for shift, multiplier in zip((16, 15), MIX_MULTIPLIERS):
+                x = builder.xor(x, builder.lshr(x, ir.Constant(i32, shift)))
+                x = builder.mul(x, ir.Constant(i32, multiplier))
+            x = builder.xor(x, builder.lshr(x, ir.Constant(i32, 16)))
+            return builder.zext(builder.lshr(x, ir.Constant(i32, 16)), ir.IntType(64))
+
+        return types.uint64(types.int64, types.int64), codegen
+
+    @intrinsic
+    def _stochastic_bfloat16(typingctx, value, bits16):
+        """float32 to bfloat16 bits, stochastically: add r to the low half, truncate."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i32, i16 = ir.IntType(32), ir.IntType(16)
+            bits = builder.add(builder.bitcast(args[0], i32), builder.trunc(args[1], i32))
+            rounded = builder.trunc(builder.lshr(bits, ir.Constant(i32, 16)), i16)
+            is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+            return builder.select(is_nan, ir.Constant(i16, 0x7FC0), rounded)
+
+        return types.uint16(types.float32, types.uint64), codegen
+
+    @njit(inline="always", nogil=True)
+    def _stochastic_half(value, bits16):
+        """float32 to IEEE half bits, stochastically (the neighbours method of the spec);
+        written without branches, so that it vectorizes."""
+        nearest = _float_to_half(value)
+        toward_zero = (np.int64(nearest) & 0xFFFF) - np.int64(abs(_half_to_float(nearest)) > abs(value))
+        spacing = np.float32(2.0 ** (max((toward_zero >> 10) & 0x1F, 1) - 25))
+        fraction = (abs(value) - abs(_half_to_float(np.int16(toward_zero)))) / spacing
+        away = np.int64(fraction * np.float32(65536.0) >= np.float32(65536 - np.int64(bits16)))
+        is_nan = np.int64(value != value)  # NaN keeps the converted NaN
+        return np.int16((toward_zero + away) * (1 - is_nan) + (np.int64(nearest) & 0xFFFF) * is_nan)
+
     def _load(pointer, index):  # pragma: no cover - replaced by the overload
         raise NotImplementedError
 
@@ -136,6 +190,9 @@ if numba is not None:
         raise NotImplementedError
 
     def _compute(pointer, value):  # pragma: no cover - replaced by the overload
+        raise NotImplementedError
+
+    def _store_stochastic(pointer, index, value, bits16):  # pragma: no cover - replaced by the overload
         raise NotImplementedError
 
     @overload(_load, inline="always")
@@ -172,6 +229,30 @@ if numba is not None:
             return store_half
         return None
 
+    @overload(_store_stochastic, inline="always")
+    def _store_stochastic_impl(pointer, index, value, bits16):
+        """Store with stochastic rounding; fp32/fp64 storage is written as it is."""
+        dtype = pointer.dtype
+        if dtype in (types.float32, types.float64):
+
+            def store(pointer, index, value, bits16):
+                pointer[index] = value
+
+            return store
+        if dtype == types.uint16:
+
+            def store_bfloat16(pointer, index, value, bits16):
+                pointer[index] = _stochastic_bfloat16(np.float32(value), bits16)
+
+            return store_bfloat16
+        if dtype == types.int16:
+
+            def store_half(pointer, index, value, bits16):
+                pointer[index] = _stochastic_half(np.float32(value), bits16)
+
+            return store_half
+        return None
+
     @overload(_compute, inline="always")
     def _compute_impl(pointer, value):
         """A float64 scalar in the compute type of ``pointer``'s storage."""
@@ -189,19 +270,30 @@ if numba is not None:
             counts[t] = step[0]
         return counts
 
-    def _element_loop(adamax: bool, amsgrad: bool):
-        """The element loop of one algorithm variant.  ``adamax`` and ``amsgrad`` are
-        compile-time constants here: the variants differ in which memory they write, and
-        LLVM only vectorizes a loop with conditional stores after unswitching it, which
-        it refuses for the larger bf16 bodies.  Decay and maximize only select values and
-        stay runtime flags."""
+    def _element_loop(adamax: bool, amsgrad: bool, rounding_mode: str):
+        """The element loop of one algorithm and rounding variant.  ``adamax``,
+        ``amsgrad`` and the rounding mode are compile-time constants here: the variants
+        differ in which memory they read and write, and LLVM only vectorizes a loop with
+        conditional stores after unswitching it, which it refuses for the larger bf16
+        bodies.  Decay and maximize only select values and stay runtime flags."""
+        kahan, stochastic = rounding_mode == "kahan", rounding_mode == "stochastic"
 
         @njit(inline="always", nogil=True)
-        def loop(pointers, first, end, scalars, maximize, decay):
-            param, grad, exp_avg, second, max_second = pointers
+        def put(pointer, i, value, key):
+            """Store a state value: stochastically under stochastic rounding, else to nearest."""
+            if stochastic:
+                _store_stochastic(pointer, i, value, _random16(key, i))
+            else:
+                _store(pointer, i, value)
+
+        @njit(inline="always", nogil=True)
+        def loop(pointers, first, end, scalars, maximize, decay, keys):
+            param, grad, exp_avg, second, max_second, compensation = pointers
             one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay_factor, step_size, bias_correction2_sqrt = scalars
             for i in range(first, end):
                 p = _load(param, i)
+                if kahan:
+                    p = p + _load(compensation, i)
                 g = _load(grad, i)
                 if maximize:
                     g = -g
@@ -209,47 +301,94 @@ if numba is not None:
                     g = g + l2 * p
                 elif decay == 2:
                     p = p * decay_factor
-                m = _load(exp_avg, i)
+                m = _compute(param, _load(exp_avg, i))
                 m = m + one_minus_beta1 * (g - m)
-                _store(exp_avg, i, m)
+                put(exp_avg, i, m, keys[1])
                 if adamax:
                     u = max(beta2 * _load(second, i), abs(g) + eps)
-                    _store(second, i, u)
+                    put(second, i, u, keys[2])
                     denom = u
                 else:
                     v = beta2 * _load(second, i) + one_minus_beta2 * g * g
-                    _store(second, i, v)
+                    put(second, i, v, keys[2])
                     if amsgrad:
                         v = max(_load(max_second, i), v)
-                        _store(max_second, i, v)
+                        put(max_second, i, v, keys[3])
                     denom = np.sqrt(v) / bias_correction2_sqrt + eps
-                _store(param, i, p - step_size * (m / denom))
+                p = p - step_size * (m / denom)
+                if kahan:  # p = rn(theta), c = rn(theta - p)
+                    _store(param, i, p)
+                    _store(compensation, i, p - _load(param, i))
+                elif stochastic:
+                    _store_stochastic(param, i, p, _random16(keys[0], i))
+                else:
+                    _store(param, i, p)
 
         return loop
 
-    _adam_loop = _element_loop(adamax=False, amsgrad=False)
-    _amsgrad_loop = _element_loop(adamax=False, amsgrad=True)
-    _adamax_loop = _element_loop(adamax=True, amsgrad=False)
+    #: (adam, amsgrad, adamax) loops per rounding mode
+    _LOOPS = {
+        mode: (
+            _element_loop(adamax=False, amsgrad=False, rounding_mode=mode),
+            _element_loop(adamax=False, amsgrad=True, rounding_mode=mode),
+            _element_loop(adamax=True, amsgrad=False, rounding_mode=mode),
+        )
+        for mode in _ROUNDING_WITNESS
+    }
+    _MODE_OF_WITNESS = {types.int8: "nearest", types.int16: "kahan", types.int32: "stochastic"}
+
+    def _update_chunk(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rounding_witness):
+        raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+    @overload(_update_chunk, inline="always")
+    def _update_chunk_impl(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rounding_witness):
+        """Only the rounding mode's own loops are compiled for a specialization."""
+        adam_loop, amsgrad_loop, adamax_loop = _LOOPS[_MODE_OF_WITNESS[rounding_witness.dtype]]
+
+        def update(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rounding_witness):
+            if adamax:
+                adamax_loop(pointers, first, end, scalars, maximize, decay, keys)
+            elif amsgrad:
+                amsgrad_loop(pointers, first, end, scalars, maximize, decay, keys)
+            else:
+                adam_loop(pointers, first, end, scalars, maximize, decay, keys)
+
+        return update
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _fused_step(addresses, chunks, step_sizes, bias_correction2_sqrts, constants, flags, witness):
-        """The update for every chunk of every tensor of one dtype bucket.
+    def _fused_step(
+        addresses,
+        chunks,
+        step_sizes,
+        bias_correction2_sqrts,
+        constants,
+        flags,
+        keys,
+        param_witness,
+        state_witness,
+        rounding_witness,
+    ):
+        """The update for every chunk of every tensor of one (param dtype, state dtype) bucket.
 
-        addresses: int64[T, 5] param, grad, exp_avg, exp_avg_sq (or exp_inf), max_exp_avg_sq
+        addresses: int64[T, 6] param, grad, exp_avg, exp_avg_sq (or exp_inf),
+            max_exp_avg_sq, Kahan compensation
         chunks: int64[C, 3] tensor index, first element, end element
         constants: float64[6] 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay, decay factor
         flags: int64[4] algorithm (0 adam, 1 adamax), maximize, amsgrad, weight decay kind
+        keys: int64[T, 4] stochastic rounding's step keys (param, exp_avg, second, max)
+        witnesses: the param and state storage types; the rounding mode (its dtype)
         """
         adamax, maximize, amsgrad, decay = flags[0] == 1, flags[1] != 0, flags[2] != 0, flags[3]
         for c in prange(chunks.shape[0]):
             t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            param = _pointer(addresses[t, 0], witness)
+            param = _pointer(addresses[t, 0], param_witness)
             pointers = (
                 param,
-                _pointer(addresses[t, 1], witness),
-                _pointer(addresses[t, 2], witness),
-                _pointer(addresses[t, 3], witness),
-                _pointer(addresses[t, 4], witness),
+                _pointer(addresses[t, 1], param_witness),
+                _pointer(addresses[t, 2], state_witness),
+                _pointer(addresses[t, 3], state_witness),
+                _pointer(addresses[t, 4], state_witness),
+                _pointer(addresses[t, 5], param_witness),
             )
             scalars = (
                 _compute(param, constants[0]),
@@ -261,12 +400,11 @@ if numba is not None:
                 _compute(param, step_sizes[t]),
                 _compute(param, bias_correction2_sqrts[t]),
             )
-            if adamax:
-                _adamax_loop(pointers, first, end, scalars, maximize, decay)
-            elif amsgrad:
-                _amsgrad_loop(pointers, first, end, scalars, maximize, decay)
-            else:
-                _adam_loop(pointers, first, end, scalars, maximize, decay)
+            row = t if keys.shape[0] > 1 else 0
+            tensor_keys = (keys[row, 0], keys[row, 1], keys[row, 2], keys[row, 3])
+            _update_chunk(
+                pointers, first, end, scalars, maximize, decay, tensor_keys, adamax, amsgrad, rounding_witness
+            )
 
 
 def _dense(t: Tensor) -> bool:
@@ -282,47 +420,66 @@ def _dense(t: Tensor) -> bool:
 
 
 class _Bucket:
-    """The cached, validated addresses of one dtype bucket of a group.
+    """The cached, validated addresses of one (param dtype, state dtype) bucket of a group.
 
     ``direct`` tensors are updated in place; the others are staged: their param,
     gradient and state are copied into contiguous buffers, updated there, and copied
-    back (never touching memory outside a view).
+    back (never touching memory outside a view).  Under stochastic rounding a param
+    must also be in row-major order (its random bits follow the row-major index).
     """
 
-    def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, dtype: torch.dtype):
-        second = SECOND_MOMENT_KEY[rule.algorithm]
+    def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, dtypes: tuple):
+        param_dtype, moment_dtype = dtypes
         self.members = members
-        self.witness = np.empty(0, dtype=_STORAGE[dtype])
+        self.amsgrad = rule.amsgrad
+        self.mode = rounding.effective_rounding(rule.rounding, param_dtype, moment_dtype)
+        self.param_witness = np.empty(0, dtype=_STORAGE[param_dtype])
+        self.state_witness = np.empty(0, dtype=_STORAGE[moment_dtype])
+        self.rounding_witness = np.empty(0, dtype=_ROUNDING_WITNESS[self.mode])
         self.step_witness = np.empty(
             0, dtype=np.float64 if batch.states[members[0]]["step"].dtype == torch.float64 else np.float32
         )
         self.step_addresses = np.array([batch.states[i]["step"].data_ptr() for i in members], dtype=np.int64)
-        states = [self._state_tensors(batch.states[i], second, rule.amsgrad) for i in members]
+        keys = moment_keys(rule.algorithm, rule.amsgrad) + ([COMPENSATION_KEY] if self.mode == "kahan" else [])
+        states = [[batch.states[i][key] for key in keys] for i in members]
         params = [batch.params[i] for i in members]
+        in_order = self.mode != "stochastic"
         self.direct = [
-            _dense(p) and all(s.stride() == p.stride() for s in tensors) for p, tensors in zip(params, states)
+            (p.is_contiguous() or (in_order and _dense(p))) and all(s.stride() == p.stride() for s in tensors)
+            for p, tensors in zip(params, states)
         ]
         self.state_tensors = states
         self.numels = [p.numel() for p in params]
         self.real_numels = np.array([n * (2 if p.is_complex() else 1) for n, p in zip(self.numels, params)])
         self.strides = [p.stride() for p in params]
         self.state_addresses = np.array(
-            [
-                _state_row([t.data_ptr() for t in tensors]) if d else [0, 0, 0]
-                for tensors, d in zip(states, self.direct)
-            ],
+            [self._state_row(tensors) if d else [0, 0, 0, 0] for tensors, d in zip(states, self.direct)],
             dtype=np.int64,
-        ).reshape(len(members), 3)
+        ).reshape(len(members), 4)
         self.chunks = _chunk_table(self.real_numels)
         self.whole_group = members == list(range(len(batch.params)))
         self.all_contiguous = all(self.direct) and all(p.is_contiguous() for p in params)
-        self.table = np.empty((len(members), 5), dtype=np.int64)
+        self.table = np.empty((len(members), 6), dtype=np.int64)
         self.table[:, 2:] = self.state_addresses
+        self.stream_keys: tuple | None = None
 
-    @staticmethod
-    def _state_tensors(state: dict, second: str, amsgrad: bool) -> list[Tensor]:
-        """exp_avg, the second moment and (with AMSGrad) its running maximum."""
-        return [state["exp_avg"], state[second]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
+    def _state_row(self, tensors: list[Tensor]) -> list[int]:
+        """exp_avg, second moment, its maximum, compensation; unused slots hold 0 or
+        repeat the second moment (the kernel variant never touches them)."""
+        addresses = [t.data_ptr() for t in tensors]
+        maximum = addresses[2] if self.amsgrad else addresses[1]
+        compensation = addresses[-1] if self.mode == "kahan" else 0
+        return [addresses[0], addresses[1], maximum, compensation]
+
+    def step_keys(self, rule: UpdateRule, param_indices: list[int] | None, counts: np.ndarray) -> np.ndarray:
+        """Stochastic rounding's keys k_{s,t}, int64[T, 4]; a dummy row otherwise."""
+        if self.mode != "stochastic":
+            return _NO_KEYS
+        indices = [param_indices[i] for i in self.members]
+        if self.stream_keys is None or self.stream_keys[0] != (rule.seed, indices):
+            streams = rounding.SLOTS * np.array(indices, dtype=np.uint64)[:, None] + np.arange(rounding.SLOTS)
+            self.stream_keys = ((rule.seed, indices), rounding.stream_key(rule.seed, streams))
+        return rounding.step_keys(self.stream_keys[1], counts[:, None]).astype(np.int64)
 
     def addresses(self, batch: GroupBatch) -> tuple[np.ndarray, list]:
         """The address table for this step, and the staged tensors to copy back.
@@ -360,15 +517,13 @@ class _Bucket:
             param_buffer, grad_buffer = param.contiguous(), grad.contiguous()
             state_buffers = [t.contiguous() for t in self.state_tensors[row]]
             table[row, 0], table[row, 1] = param_buffer.data_ptr(), grad_buffer.data_ptr()
-            table[row, 2:] = _state_row([b.data_ptr() for b in state_buffers])
+            table[row, 2:] = self._state_row(state_buffers)
             staged.append((param, param_buffer, grad_buffer, self.state_tensors[row], state_buffers))
         return table, staged
 
 
-def _state_row(addresses: list[int]) -> list[int]:
-    """exp_avg, second moment, max second moment; without AMSGrad the last slot repeats
-    the second moment's address (the kernel never touches it then)."""
-    return addresses if len(addresses) == 3 else addresses + [addresses[1]]
+#: the keys argument of a launch without stochastic rounding (never read)
+_NO_KEYS = np.zeros((1, 4), dtype=np.int64)
 
 
 def _chunk_table(numels: np.ndarray) -> np.ndarray:
@@ -381,17 +536,21 @@ def _chunk_table(numels: np.ndarray) -> np.ndarray:
     return np.stack([tensor_index, first, end], axis=1).astype(np.int64)
 
 
+def _real_dtype(t: Tensor) -> torch.dtype:
+    return torch.view_as_real(t).dtype if t.is_complex() else t.dtype
+
+
 def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
     """The group's dtype buckets, rebuilt when the params or their state changed."""
     key = (batch.key, rule.algorithm, rule.amsgrad)
     cached = batch.cache.get("cpu")
     if cached is not None and cached[0] == key:
         return cached[1]
-    by_dtype: dict[torch.dtype, list[int]] = {}
+    by_dtypes: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        real = torch.view_as_real(p) if p.is_complex() else p
-        by_dtype.setdefault(real.dtype, []).append(i)
-    buckets = [_Bucket(members, batch, rule, dtype) for dtype, members in by_dtype.items()]
+        moment = batch.states[i]["exp_avg"]
+        by_dtypes.setdefault((_real_dtype(p), _real_dtype(moment)), []).append(i)
+    buckets = [_Bucket(members, batch, rule, dtypes) for dtypes, members in by_dtypes.items()]
     batch.cache["cpu"] = (key, buckets)
     return buckets
 
@@ -415,7 +574,7 @@ def _flags_and_constants(rule: UpdateRule) -> tuple[np.ndarray, np.ndarray]:
 
 
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
-    """Advance the steps and update every tensor of the group, one compiled call per dtype."""
+    """Advance the steps and update every tensor of the group, one compiled call per bucket."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)
     flags, constants = _flags_and_constants(rule)
@@ -423,7 +582,18 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
         table, staged = bucket.addresses(batch)
         counts = _advance_steps(bucket.step_addresses, bucket.step_witness)
         step_sizes, bias_correction2_sqrts = step_scalar_arrays(rule, counts)
-        _fused_step(table, bucket.chunks, step_sizes, bias_correction2_sqrts, constants, flags, bucket.witness)
+        _fused_step(
+            table,
+            bucket.chunks,
+            step_sizes,
+            bias_correction2_sqrts,
+            constants,
+            flags,
+            bucket.step_keys(rule, batch.param_indices, counts),
+            bucket.param_witness,
+            bucket.state_witness,
+            bucket.rounding_witness,
+        )
         for param, param_buffer, _grad_buffer, state_tensors, state_buffers in staged:
             param.copy_(param_buffer)
             for state, buffer in zip(state_tensors, state_buffers):

@@ -27,9 +27,10 @@ import os
 import numpy as np
 import torch
 
+from .. import rounding
 from ..rule import UpdateRule, step_scalar_arrays
-from ..state import SECOND_MOMENT_KEY
-from . import foreach
+from ..state import COMPENSATION_KEY, moment_keys
+from . import foreach, storage
 from .types import GroupBatch, list_kernel
 
 try:
@@ -68,6 +69,48 @@ if triton is not None:
             return x.to(STORAGE)
 
     @triton.jit
+    def _random16(key, index):
+        """r = lowbias32(key ^ index) >> 16, in uint32 arithmetic (see adamkit.rounding)."""
+        x = (key ^ index).to(tl.uint32)
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        x = x ^ (x >> 16)
+        return x >> 16
+
+    @triton.jit
+    def _to_storage_stochastic(x, bits16, STORAGE: tl.constexpr):
+        """Round ``x`` to a 16-bit storage dtype stochastically (the spec's rule); wider
+        storage takes the value as it is."""
+        x = x.to(tl.float32)
+        if STORAGE == tl.bfloat16:  # add r to the low half, truncate
+            rounded = ((x.to(tl.uint32, bitcast=True) + bits16) >> 16).to(tl.uint16)
+            rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+            return rounded.to(tl.bfloat16, bitcast=True)
+        elif STORAGE == tl.float16:
+            nearest = x.to(tl.float16)
+            pattern = nearest.to(tl.uint16, bitcast=True).to(tl.int32)
+            toward_zero = pattern - (tl.abs(nearest.to(tl.float32)) > tl.abs(x)).to(tl.int32)
+            exponent = tl.maximum((toward_zero >> 10) & 0x1F, 1)
+            spacing = ((exponent + (127 - 25)) << 23).to(tl.float32, bitcast=True)
+            lower = toward_zero.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            fraction = (tl.abs(x) - tl.abs(lower)) / spacing
+            away = (fraction * 65536.0 >= 65536.0 - bits16.to(tl.float32)).to(tl.int32)
+            rounded = (toward_zero + away).to(tl.uint16).to(tl.float16, bitcast=True)
+            return tl.where(x != x, nearest, rounded)
+        else:
+            return x.to(STORAGE)
+
+    @triton.jit
+    def _put(pointer, offsets, mask, value, key, STORAGE: tl.constexpr, STOCHASTIC: tl.constexpr):
+        """Store a value: stochastically under stochastic rounding, else to nearest."""
+        if STOCHASTIC:
+            tl.store(pointer + offsets, _to_storage_stochastic(value, _random16(key, offsets), STORAGE), mask=mask)
+        else:
+            tl.store(pointer + offsets, _to_storage(value, STORAGE), mask=mask)
+
+    @triton.jit
     def _fused_step(
         table_ptr,
         chunk_ptr,
@@ -75,19 +118,23 @@ if triton is not None:
         bias_correction2_sqrt_ptr,
         grad_scale_ptr,
         found_inf_ptr,
+        key_ptr,
         one_minus_beta1,
         beta2,
         one_minus_beta2,
         eps,
         l2_weight_decay,
         decay_factor_ptr,
-        STORAGE: tl.constexpr,
+        PARAM_STORAGE: tl.constexpr,
+        STATE_STORAGE: tl.constexpr,
         COMPUTE: tl.constexpr,
         ADAMAX: tl.constexpr,
         AMSGRAD: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         DECAY: tl.constexpr,
         AMP: tl.constexpr,
+        KAHAN: tl.constexpr,
+        STOCHASTIC: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         chunk = tl.program_id(0)
@@ -100,18 +147,31 @@ if triton is not None:
             skip = tl.load(found_inf_ptr) != 0
             grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
         if not skip:
-            pointer = tl.pointer_type(STORAGE)
-            param = tl.load(table_ptr + 5 * t).to(pointer)
-            grad = tl.load(table_ptr + 5 * t + 1).to(pointer)
-            exp_avg = tl.load(table_ptr + 5 * t + 2).to(pointer)
-            second = tl.load(table_ptr + 5 * t + 3).to(pointer)
-            max_second = tl.load(table_ptr + 5 * t + 4).to(pointer)
+            param_pointer = tl.pointer_type(PARAM_STORAGE)
+            state_pointer = tl.pointer_type(STATE_STORAGE)
+            param = tl.load(table_ptr + 6 * t).to(param_pointer)
+            grad = tl.load(table_ptr + 6 * t + 1).to(param_pointer)
+            exp_avg = tl.load(table_ptr + 6 * t + 2).to(state_pointer)
+            second = tl.load(table_ptr + 6 * t + 3).to(state_pointer)
+            max_second = tl.load(table_ptr + 6 * t + 4).to(state_pointer)
+            compensation = tl.load(table_ptr + 6 * t + 5).to(param_pointer)
             step_size = tl.load(step_size_ptr + t).to(COMPUTE)
             bias_correction2_sqrt = tl.load(bias_correction2_sqrt_ptr + t).to(COMPUTE)
+            key_param = 0
+            key_exp_avg = 0
+            key_second = 0
+            key_max = 0
+            if STOCHASTIC:
+                key_param = tl.load(key_ptr + 4 * t)
+                key_exp_avg = tl.load(key_ptr + 4 * t + 1)
+                key_second = tl.load(key_ptr + 4 * t + 2)
+                key_max = tl.load(key_ptr + 4 * t + 3)
 
             offsets = first + tl.arange(0, BLOCK)
             mask = offsets < end
             p = tl.load(param + offsets, mask=mask).to(COMPUTE)
+            if KAHAN:
+                p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
             g = tl.load(grad + offsets, mask=mask).to(COMPUTE)
             if AMP:
                 g = g / grad_scale
@@ -123,19 +183,25 @@ if triton is not None:
                 p = p * tl.load(decay_factor_ptr).to(COMPUTE)
             m = tl.load(exp_avg + offsets, mask=mask).to(COMPUTE)
             m = m + one_minus_beta1 * (g - m)
-            tl.store(exp_avg + offsets, _to_storage(m, STORAGE), mask=mask)
+            _put(exp_avg, offsets, mask, m, key_exp_avg, STATE_STORAGE, STOCHASTIC)
             if ADAMAX:
                 u = tl.maximum(beta2 * tl.load(second + offsets, mask=mask).to(COMPUTE), tl.abs(g) + eps)
-                tl.store(second + offsets, _to_storage(u, STORAGE), mask=mask)
+                _put(second, offsets, mask, u, key_second, STATE_STORAGE, STOCHASTIC)
                 denom = u
             else:
                 v = beta2 * tl.load(second + offsets, mask=mask).to(COMPUTE) + one_minus_beta2 * g * g
-                tl.store(second + offsets, _to_storage(v, STORAGE), mask=mask)
+                _put(second, offsets, mask, v, key_second, STATE_STORAGE, STOCHASTIC)
                 if AMSGRAD:
                     v = tl.maximum(tl.load(max_second + offsets, mask=mask).to(COMPUTE), v)
-                    tl.store(max_second + offsets, _to_storage(v, STORAGE), mask=mask)
+                    _put(max_second, offsets, mask, v, key_max, STATE_STORAGE, STOCHASTIC)
                 denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-            tl.store(param + offsets, _to_storage(p - step_size * (m / denom), STORAGE), mask=mask)
+            p = p - step_size * (m / denom)
+            if KAHAN:  # p = rn(theta), c = rn(theta - p)
+                stored = _to_storage(p, PARAM_STORAGE)
+                tl.store(param + offsets, stored, mask=mask)
+                tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
+            else:
+                _put(param, offsets, mask, p, key_param, PARAM_STORAGE, STOCHASTIC)
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -162,39 +228,57 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Bucket:
-    """One (device, dtype) bucket of a group: what stays fixed between steps."""
+    """One (device, param dtype, state dtype) bucket of a group: what stays fixed between steps."""
 
     def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule):
-        second = SECOND_MOMENT_KEY[rule.algorithm]
         self.members = members
         params = [_real(batch.params[i]) for i in members]
+        states = [batch.states[i] for i in members]
         self.device = params[0].device
         self.storage = params[0].dtype
-        states = [batch.states[i] for i in members]
-        self.state_tensors = [
-            [_real(s["exp_avg"]), _real(s[second])] + ([_real(s["max_exp_avg_sq"])] if rule.amsgrad else [])
-            for s in states
-        ]
+        self.state_storage = _real(states[0]["exp_avg"]).dtype
+        self.mode = rounding.effective_rounding(rule.rounding, self.storage, self.state_storage)
+        keys = moment_keys(rule.algorithm, rule.amsgrad) + ([COMPENSATION_KEY] if self.mode == "kahan" else [])
+        self.state_tensors = [[_real(s[key]) for key in keys] for s in states]
         self.steps = [s["step"] for s in states]
         for p, tensors in zip(params, self.state_tensors):
             if not (p.is_contiguous() and all(t.is_contiguous() for t in tensors)):
                 raise _NeedsStaging
-        addresses = [[t.data_ptr() for t in tensors] for tensors in self.state_tensors]
-        self.state_addresses = np.array(
-            [row if len(row) == 3 else row + [row[1]] for row in addresses], dtype=np.int64
-        ).reshape(len(members), 3)
+        rows = []
+        for tensors in self.state_tensors:
+            addresses = [t.data_ptr() for t in tensors]
+            maximum = addresses[2] if rule.amsgrad else addresses[1]
+            rows.append([addresses[0], addresses[1], maximum, addresses[-1] if self.mode == "kahan" else 0])
+        self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), 4)
         self.chunks = torch.from_numpy(_chunk_table([p.numel() for p in params])).to(self.device)
+        self.stream_keys: tuple | None = None
 
     def table(self, batch: GroupBatch) -> torch.Tensor:
         params = [_real(batch.params[i]) for i in self.members]
         grads = [_real(batch.grads[i]) for i in self.members]
         if not all(t.is_contiguous() for t in params + grads):
             raise _NeedsStaging
-        table = np.empty((len(self.members), 5), dtype=np.int64)
+        table = np.empty((len(self.members), 6), dtype=np.int64)
         table[:, 0] = [p.data_ptr() for p in params]
         table[:, 1] = [g.data_ptr() for g in grads]
         table[:, 2:] = self.state_addresses
         return torch.from_numpy(table).to(self.device, non_blocking=True)
+
+    def step_keys(self, rule: UpdateRule, param_indices: list[int] | None, counts) -> torch.Tensor | None:
+        """Stochastic rounding's keys k_{s,t} as an int64[T, 4] device array; ``counts``
+        are host step counts (NumPy) or device step tensors (never read on the host)."""
+        if self.mode != "stochastic":
+            return None
+        indices = [param_indices[i] for i in self.members]
+        if self.stream_keys is None or self.stream_keys[0] != (rule.seed, indices):
+            streams = rounding.SLOTS * np.array(indices, dtype=np.uint64)[:, None] + np.arange(rounding.SLOTS)
+            keys = rounding.stream_key(rule.seed, streams).astype(np.int64)
+            self.stream_keys = ((rule.seed, indices), keys, torch.from_numpy(keys).to(self.device))
+        if isinstance(counts, np.ndarray):
+            keys = rounding.step_keys(self.stream_keys[1], counts[:, None]).astype(np.int64)
+            return torch.from_numpy(keys).to(self.device, non_blocking=True)
+        steps = torch.stack(counts).to(self.device, torch.int64)[:, None]
+        return storage.mix32(self.stream_keys[2] ^ steps)
 
 
 class _NeedsStaging(Exception):
@@ -208,7 +292,8 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
         return cached[1]
     by_kind: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        by_kind.setdefault((p.device, _real(p).dtype), []).append(i)
+        state_dtype = _real(batch.states[i]["exp_avg"]).dtype
+        by_kind.setdefault((p.device, _real(p).dtype, state_dtype), []).append(i)
     buckets = [_Bucket(members, batch, rule) for members in by_kind.values()]
     batch.cache["triton"] = (key, buckets)
     return buckets
@@ -219,10 +304,11 @@ def _device_array(value, length: int, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float64, device=device).expand(length).contiguous()
 
 
-def _step_scalars(bucket: _Bucket, rule: UpdateRule) -> tuple[torch.Tensor, torch.Tensor]:
+def _step_scalars(bucket: _Bucket, rule: UpdateRule) -> tuple[torch.Tensor, torch.Tensor, object]:
     """Advance the bucket's step counters; per-tensor step sizes and sqrt(1 - beta2^t)
-    as float64 device arrays.  Counters on the device (capturable or fused, as torch
-    places them) never go through the host."""
+    as float64 device arrays, and the step counts (host array, or the device tensors).
+    Counters on the device (capturable or fused, as torch places them) never go
+    through the host."""
     torch._foreach_add_(bucket.steps, 1)
     count = len(bucket.steps)
     if bucket.steps[0].device.type != "cpu" or rule.capturable:
@@ -230,12 +316,14 @@ def _step_scalars(bucket: _Bucket, rule: UpdateRule) -> tuple[torch.Tensor, torc
         return (
             _device_array(scalars.step_size, count, bucket.device),
             _device_array(scalars.bias_correction2_sqrt, count, bucket.device),
+            bucket.steps,
         )
     counts = np.array([s.item() for s in bucket.steps], dtype=np.float64)
     step_size, bias_correction2_sqrt = step_scalar_arrays(rule, counts)
     return (
         torch.from_numpy(step_size).to(bucket.device, non_blocking=True),
         torch.from_numpy(bias_correction2_sqrt).to(bucket.device, non_blocking=True),
+        counts,
     )
 
 
@@ -243,12 +331,13 @@ def _constant(value) -> float:
     return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
-_foreach_step = list_kernel(foreach.adam, foreach.adamax)
+_foreach_step = list_kernel(foreach.adam, foreach.adamax, fused=True)
 
 
 def _foreach_fallback(batch: GroupBatch, rule: UpdateRule) -> None:
     """Layouts the kernel does not take (non-contiguous params, gradients or state) go
-    through foreach ops, with the GradScaler's work done here instead of in-kernel."""
+    through foreach ops, with the GradScaler's work done here instead of in-kernel and
+    the kernel's storage semantics (16-bit values rounded once per update)."""
     if batch.found_inf is not None:
         if batch.found_inf.item():
             return
@@ -268,7 +357,8 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     grad_scale, found_inf = batch.grad_scale, batch.found_inf
     amp = grad_scale is not None
     for bucket, table in zip(buckets, tables):
-        step_size, bias_correction2_sqrt = _step_scalars(bucket, rule)
+        step_size, bias_correction2_sqrt, counts = _step_scalars(bucket, rule)
+        keys = bucket.step_keys(rule, batch.param_indices, counts)
         compute = tl.float64 if bucket.storage == torch.float64 else tl.float32
         decay_factor = _device_array(1.0 if group.decay_factor is None else group.decay_factor, 1, bucket.device)
         unused = table  # any pointer: read only when AMP is on
@@ -280,19 +370,23 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             bias_correction2_sqrt,
             grad_scale if amp else unused,
             found_inf if amp else unused,
+            table if keys is None else keys,
             1.0 - _constant(group.beta1),
             _constant(group.beta2),
             _constant(group.one_minus_beta2),
             group.eps,
             group.l2_weight_decay,
             decay_factor,
-            STORAGE=_triton_dtype(bucket.storage),
+            PARAM_STORAGE=_triton_dtype(bucket.storage),
+            STATE_STORAGE=_triton_dtype(bucket.state_storage),
             COMPUTE=compute,
             ADAMAX=rule.algorithm == "adamax",
             AMSGRAD=rule.amsgrad,
             MAXIMIZE=rule.maximize,
             DECAY=group.decay_kind,
             AMP=amp,
+            KAHAN=bucket.mode == "kahan",
+            STOCHASTIC=bucket.mode == "stochastic",
             BLOCK=BLOCK,
         )
         if amp:

@@ -33,6 +33,9 @@ class GroupBatch:
     #: a GradScaler's scale and inf flag, for kernels that unscale and skip themselves
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
+    #: each param's position in the optimizer: its stochastic-rounding stream
+    #: (set for groups with ``rounding="stochastic"``)
+    param_indices: list[int] | None = None
 
     @cached_property
     def states(self) -> list[dict]:
@@ -63,9 +66,14 @@ class ListKernelFn(Protocol):
 StepFn = Callable[[GroupBatch, UpdateRule], None]
 
 
-def list_kernel(adam: ListKernelFn, adamax: ListKernelFn) -> StepFn:
+def list_kernel(adam: ListKernelFn, adamax: ListKernelFn, *, fused: bool = False) -> StepFn:
     """A kernel's ``step`` from per-list functions: advance each ``step`` counter (as
-    torch does, one per tensor), get the scalars from the rule, run the element math."""
+    torch does, one per tensor), get the scalars from the rule, run the element math
+    (on widened copies where the storage policy asks, see :mod:`.storage`).
+
+    ``fused``: also widen every bf16/fp16 param, so each value is rounded once per
+    update as the fused kernels round it (for a fused kernel's fallback path)."""
+    from . import storage  # storage builds on GroupTensors, defined above
 
     def step(batch: GroupBatch, rule: UpdateRule) -> None:
         second = SECOND_MOMENT_KEY[rule.algorithm]
@@ -81,7 +89,9 @@ def list_kernel(adam: ListKernelFn, adamax: ListKernelFn) -> StepFn:
         for step_t in steps:
             step_t += 1
         run = adam if rule.algorithm == "adam" else adamax
-        run(tensors, rule, rule.group_scalars(), rule.step_scalars_for(steps))
+        work, store = storage.widened(tensors, states, steps, rule, batch.param_indices, widen_16_bit=fused)
+        run(work, rule, rule.group_scalars(), rule.step_scalars_for(steps))
+        store()
 
     return step
 

@@ -1,0 +1,162 @@
+r"""Storage policies for the torch-op kernels (reference and foreach): run the element
+math in the compute dtype on widened copies, then store back with the group's
+rounding (:mod:`adamkit.rounding` specifies it; this is its torch implementation).
+
+A param is *widened* when its states are kept in another dtype (``state_precision``)
+or when it is a bf16/fp16 param under ``rounding="kahan"`` or ``"stochastic"``.
+Everything else is stepped in place, exactly as torch.optim does.  The user's
+``.grad`` is read, never written: a gradient is converted into a new tensor or used
+as it is.
+
+Integers are held in int64 tensors; 32-bit products are formed from 16-bit halves
+so that nothing overflows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import rounding
+from ..rounding import MASK32, MIX_MULTIPLIERS
+from ..rule import UpdateRule
+from .types import GroupTensors
+
+
+def _multiply32(x: Tensor, constant: int) -> Tensor:
+    """(x * constant) mod 2^32 for x < 2^32, without leaving int64."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """:func:`adamkit.rounding.mix32` on an int64 tensor of uint32 values."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = _multiply32(x, MIX_MULTIPLIERS[0])
+    x = x ^ (x >> 15)
+    x = _multiply32(x, MIX_MULTIPLIERS[1])
+    return x ^ (x >> 16)
+
+
+def step_key(stream_key: int, step: Tensor) -> Tensor:
+    """k_{s,t} as a 0-d int64 tensor on the step's device (the step is not read on the host)."""
+    return mix32(step.detach().to(torch.int64) ^ stream_key)
+
+
+def random_bits(key: Tensor, shape: torch.Size, device: torch.device) -> Tensor:
+    """r_i = mix(k ^ i) >> 16 for the row-major index i of every element of ``shape``."""
+    index = torch.arange(shape.numel(), device=device, dtype=torch.int64).view(shape)
+    return mix32(key.to(device) ^ index) >> 16
+
+
+def _as_int16(bits: Tensor) -> Tensor:
+    """uint16 patterns held in int64, as an int16 tensor (no wrap-around conversions)."""
+    return torch.where(bits >= 32768, bits - 65536, bits).to(torch.int16)
+
+
+def round_stochastic(value: Tensor, dtype: torch.dtype, bits16: Tensor) -> Tensor:
+    """``value`` (fp32; fp64 is rounded to fp32 first) stochastically rounded to ``dtype``."""
+    value = value.float()
+    if dtype == torch.bfloat16:  # add r to the low 16 bits, then truncate
+        pattern = value.view(torch.int32).to(torch.int64) & MASK32
+        rounded = ((pattern + bits16) >> 16) & 0xFFFF
+        rounded = torch.where(value.isnan(), 0x7FC0, rounded)
+        return _as_int16(rounded).view(torch.bfloat16)
+    nearest = value.to(dtype)
+    pattern = nearest.view(torch.int16).to(torch.int64) & 0xFFFF
+    toward_zero = pattern - (nearest.float().abs() > value.abs()).to(torch.int64)
+    exponent = torch.clamp((toward_zero >> 10) & 0x1F, min=1)
+    spacing = torch.exp2((exponent - 25).to(torch.float32))
+    fraction = (value.abs() - _as_int16(toward_zero).view(dtype).float().abs()) / spacing
+    rounded = toward_zero + (fraction * 65536.0 >= 65536.0 - bits16).to(torch.int64)
+    return torch.where(value.isnan(), nearest, _as_int16(rounded).view(dtype))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The element math's dtype for params of ``dtype``: fp64 for fp64, else fp32."""
+    if dtype.is_complex:
+        return torch.complex128 if dtype == torch.complex128 else torch.complex64
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Stored:
+    """A tensor whose math runs on ``work`` (a widened copy, or itself)."""
+
+    target: Tensor
+    work: Tensor
+    slot: int
+
+
+def _widen(t: Tensor, dtype: torch.dtype, slot: int) -> _Stored:
+    return _Stored(t, t.to(dtype), slot)
+
+
+def widened(
+    tensors: GroupTensors,
+    states: Sequence[dict],
+    steps: Sequence[Tensor],
+    rule: UpdateRule,
+    param_indices: Sequence[int] | None,
+    *,
+    widen_16_bit: bool = False,
+) -> tuple[GroupTensors, Callable[[], None]]:
+    """The tensors to run the element math on, and a function that stores the results.
+
+    Params that need no widening (the default: states in the param's dtype, nearest
+    rounding) are passed through untouched, so their results stay torch's bits.
+    ``widen_16_bit`` widens every bf16/fp16 param (fused-kernel semantics).
+    """
+    kahan = rule.rounding == "kahan"
+    stochastic = rule.rounding == "stochastic"
+    work = GroupTensors(
+        list(tensors.params),
+        list(tensors.grads),
+        list(tensors.exp_avgs),
+        list(tensors.exp_avg_sqs),
+        list(tensors.max_exp_avg_sqs),
+    )
+    pending: list[tuple[int, list[_Stored]]] = []
+    for i, param in enumerate(tensors.params):
+        low = rounding.is_low_precision(param.dtype) and (rule.rounding != "nearest" or widen_16_bit)
+        state_tensors = [tensors.exp_avgs[i], tensors.exp_avg_sqs[i]] + (
+            [tensors.max_exp_avg_sqs[i]] if rule.amsgrad else []
+        )
+        if not low and all(s.dtype == param.dtype for s in state_tensors):
+            continue
+        dtype = compute_dtype(param.dtype)
+        stored = [_widen(param, dtype, rounding.PARAM_SLOT)]
+        if kahan and low:
+            stored[0].work.add_(states[i]["kahan_compensation"])
+        stored += [_widen(s, dtype, slot) for slot, s in enumerate(state_tensors, start=1)]
+        work.params[i], work.exp_avgs[i], work.exp_avg_sqs[i] = stored[0].work, stored[1].work, stored[2].work
+        if rule.amsgrad:
+            work.max_exp_avg_sqs[i] = stored[3].work
+        work.grads[i] = tensors.grads[i].to(dtype)
+        pending.append((i, stored))
+
+    def store() -> None:
+        for i, stored in pending:
+            for item in stored:
+                if item.work is item.target:
+                    continue  # already in its storage dtype: updated in place
+                low = rounding.is_low_precision(item.target.dtype)
+                if kahan and low and item.slot == rounding.PARAM_SLOT:
+                    item.target.copy_(item.work)  # p = rn(theta), c = rn(theta - p)
+                    states[i]["kahan_compensation"].copy_(item.work - item.target.to(item.work.dtype))
+                elif stochastic and low:
+                    stream = rounding.SLOTS * param_indices[i] + item.slot
+                    key = step_key(rounding.stream_key(rule.seed, stream), steps[i])
+                    bits = random_bits(key, item.work.shape, item.work.device)
+                    item.target.copy_(round_stochastic(item.work, item.target.dtype, bits))
+                else:
+                    item.target.copy_(item.work)
+
+    return work, store
+
+
+__all__ = ["compute_dtype", "mix32", "random_bits", "round_stochastic", "step_key", "widened"]

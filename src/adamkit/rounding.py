@@ -1,0 +1,196 @@
+r"""How a value computed in fp32 is stored in a 16-bit float (bf16 or fp16): the
+specification every kernel implements, and its NumPy reference.
+
+Three rounding modes (the ``rounding`` option):
+
+``"nearest"``
+    Round to nearest, ties to even, as torch does.  An update smaller than half the
+    spacing of the 16-bit numbers at :math:`\theta` is lost, so a bf16 weight with
+    ``lr=1e-3`` stops moving once :math:`|\Delta\theta| < 2^{-9}|\theta|`.
+``"kahan"``
+    The param is kept as an unevaluated sum :math:`\theta = p + c` of two 16-bit
+    numbers (Kahan-compensated summation): after the update,
+    :math:`p \leftarrow \operatorname{rn}(\theta')`,
+    :math:`c \leftarrow \operatorname{rn}(\theta' - p)`.  What nearest rounding
+    loses is carried in ``c`` and added back next step.  Costs one 16-bit buffer per
+    param; states are rounded to nearest.
+``"stochastic"``
+    Round to one of the two neighbours :math:`lo \le |x| < hi` (toward and away from
+    zero) with :math:`P(hi) = (|x| - lo) / (hi - lo)`, so :math:`E[\text{stored}] = x`:
+    updates survive in expectation.  Applies to every 16-bit value written (param and
+    16-bit states).
+
+Stochastic rounding draws its random numbers from a counter-based generator: the
+16 random bits for element :math:`i` of stream :math:`s` at step :math:`t` are a
+hash of ``(seed, s, t, i)``, so results are reproducible from the seed, do not
+depend on threads, chunking or backend, and the generator's whole state is the seed
+plus the step counts already in the optimizer state.  Stream :math:`s = 4j + k` for
+the optimizer's :math:`j`-th param (its index in ``state_dict``) and slot :math:`k`
+(0 param, 1 ``exp_avg``, 2 second moment, 3 its AMSGrad maximum); :math:`i` is the
+element's row-major index in the param (in its real view, for complex params).
+
+The hash is Wellons' *lowbias32* integer mixer :func:`mix32`:
+
+.. math::
+
+    k_s = \text{mix}(\text{mix}(\text{seed}_{lo} \oplus \text{mix}(\text{seed}_{hi})) \oplus s), \quad
+    k_{s,t} = \text{mix}(k_s \oplus t), \quad
+    r_i = \text{mix}(k_{s,t} \oplus i) \gg 16
+
+and the element rounds away from zero iff :math:`2^{16}(|x| - lo)/(hi - lo) \ge 2^{16} - r_i`
+(for bf16 that is "add :math:`r_i` to the low 16 bits of the fp32 pattern, then
+truncate").  :math:`hi - lo` is the spacing at :math:`lo` (so the number past the
+largest finite one is infinity).  NaN stays NaN.  A value computed in fp64 (fp64
+params with 16-bit states) is rounded to fp32 first.
+
+Everything here takes float64 values, so the reference can round its float64
+results exactly as a kernel rounds its fp32 ones.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+Rounding = Literal["nearest", "kahan", "stochastic"]
+ROUNDINGS: tuple[str, ...] = ("nearest", "kahan", "stochastic")
+
+#: the 16-bit storage formats the rounding modes apply to
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+#: slots of the random streams of one param
+PARAM_SLOT, EXP_AVG_SLOT, SECOND_SLOT, MAX_SECOND_SLOT = range(4)
+SLOTS = 4
+
+MASK32 = 0xFFFFFFFF
+#: lowbias32's multipliers (Wellons, "Prospecting for hash functions", 2018)
+MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+
+#: (mantissa bits, exponent bias) of each 16-bit format
+_FORMATS = {torch.bfloat16: (7, 127), torch.float16: (10, 15)}
+
+
+def mix32(x):
+    """lowbias32: a bijection of 32-bit integers with good avalanche (uint64 in, uint64 out)."""
+    x = np.asarray(x, dtype=np.uint64) & np.uint64(MASK32)
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(MIX_MULTIPLIERS[0])) & np.uint64(MASK32)
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(MIX_MULTIPLIERS[1])) & np.uint64(MASK32)
+    x ^= x >> np.uint64(16)
+    return x
+
+
+def stream_key(seed: int, stream):
+    """k_s: the key of random stream(s) ``stream`` (seed in [0, 2^64)); an int for an int."""
+    base = mix32((seed & MASK32) ^ int(mix32(seed >> 32)))
+    keys = mix32(base ^ (np.asarray(stream, dtype=np.uint64) & np.uint64(MASK32)))
+    return int(keys) if keys.ndim == 0 else keys
+
+
+def step_keys(stream_keys, steps):
+    """k_{s,t} for aligned arrays of stream keys and step counts (uint64)."""
+    steps = np.asarray(steps).astype(np.uint64) & np.uint64(MASK32)
+    return mix32(np.asarray(stream_keys, dtype=np.uint64) ^ steps)
+
+
+def random_bits(key: int, count: int) -> np.ndarray:
+    """r_i, the 16 random bits of elements 0..count-1 under step key ``key``."""
+    index = np.arange(count, dtype=np.uint64) & np.uint64(MASK32)
+    return mix32(np.uint64(key) ^ index) >> np.uint64(16)
+
+
+# ----------------------------------------------------------------- 16-bit formats
+
+
+def to_float(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The float64 values of 16-bit patterns of ``dtype``."""
+    bits = np.asarray(bits, dtype=np.uint16)
+    if dtype == torch.bfloat16:
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    return bits.view(np.float16).astype(np.float64)
+
+
+def toward_zero(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The 16-bit patterns of ``x`` rounded toward zero (NaN in, a NaN pattern out)."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore"):  # beyond the largest finite: inf, then stepped back
+        narrow = x.astype(np.float32 if dtype == torch.bfloat16 else np.float16)  # to nearest
+    too_far = np.abs(narrow.astype(np.float64)) > np.abs(x)
+    narrow[too_far] = np.nextafter(narrow[too_far], narrow.dtype.type(0))
+    if dtype == torch.bfloat16:  # fp32 toward zero, then drop the low 16 bits
+        return (narrow.view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+    return narrow.view(np.uint16)
+
+
+def spacing(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The distance from |value| to the next number away from zero, from the exponent field."""
+    mantissa, bias = _FORMATS[dtype]
+    exponent = (np.asarray(bits, dtype=np.int64) >> mantissa) & ((1 << (15 - mantissa)) - 1)
+    return np.ldexp(1.0, np.maximum(exponent, 1) - bias - mantissa)
+
+
+def _neighbours(x: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(patterns toward zero, fraction of the way to the next number away from zero)."""
+    lo = toward_zero(x, dtype)
+    with np.errstate(invalid="ignore"):
+        fraction = (np.abs(x) - np.abs(to_float(lo, dtype))) / spacing(lo, dtype)
+    return lo, fraction
+
+
+def round_nearest(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``x`` rounded to nearest ``dtype`` number, ties to even (float64 values)."""
+    x = np.asarray(x, dtype=np.float64)
+    lo, fraction = _neighbours(x, dtype)
+    up = (fraction > 0.5) | ((fraction == 0.5) & (lo & 1 == 1))
+    return np.where(np.isnan(x), np.nan, to_float(lo + up, dtype))
+
+
+def round_stochastic(x: np.ndarray, dtype: torch.dtype, bits16: np.ndarray) -> np.ndarray:
+    """``x`` rounded away from zero iff 2^16 * fraction >= 2^16 - r (float64 values)."""
+    x = np.asarray(x, dtype=np.float64)
+    lo, fraction = _neighbours(x, dtype)
+    up = fraction * 65536.0 >= 65536.0 - np.asarray(bits16, dtype=np.float64).reshape(x.shape)
+    return np.where(np.isnan(x), np.nan, to_float(lo + up, dtype))
+
+
+def kahan_split(theta: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(p, c): p = rn(theta), c = rn(theta - p), the compensated pair for ``theta``."""
+    p = round_nearest(theta, dtype)
+    return p, round_nearest(np.asarray(theta, dtype=np.float64) - p, dtype)
+
+
+def is_low_precision(dtype: torch.dtype) -> bool:
+    return dtype in LOW_PRECISION
+
+
+def effective_rounding(rounding: str, param_dtype: torch.dtype, moment_dtype: torch.dtype) -> str:
+    """What a group's ``rounding`` does to params of ``param_dtype`` with moments of
+    ``moment_dtype``: Kahan needs a 16-bit param; stochastic rounding applies wherever
+    some value is stored in 16 bits; otherwise everything is rounded to nearest."""
+    if rounding == "kahan" and is_low_precision(param_dtype):
+        return "kahan"
+    if rounding == "stochastic" and (is_low_precision(param_dtype) or is_low_precision(moment_dtype)):
+        return "stochastic"
+    return "nearest"
+
+
+__all__ = [
+    "LOW_PRECISION",
+    "ROUNDINGS",
+    "Rounding",
+    "effective_rounding",
+    "is_low_precision",
+    "kahan_split",
+    "mix32",
+    "random_bits",
+    "round_nearest",
+    "round_stochastic",
+    "spacing",
+    "step_keys",
+    "stream_key",
+    "to_float",
+    "toward_zero",
+]

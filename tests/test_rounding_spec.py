@@ -1,0 +1,105 @@
+"""The rounding specification (adamkit.rounding) against independent oracles: torch's
+own conversions for round-to-nearest, closed-form probabilities for stochastic
+rounding, and the NumPy spec for the torch implementation the list kernels use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adamkit import rounding
+from adamkit.kernels import storage
+
+FORMATS = [torch.bfloat16, torch.float16]
+
+
+def awkward_float32(n: int = 200_000, seed: int = 0) -> np.ndarray:
+    """Values over the whole fp32 range, plus the special and boundary cases."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-100, 87, n))).astype(np.float32)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 3.3895e38, -3.39e38, 65504, 65519, 65520, 1e6]
+    special += [2.0**-24, 1.5 * 2.0**-24, 2.0**-25, 2.0**-133, 3 * 2.0**-134, 1.00390625, 1 + 2.0**-9]
+    return np.concatenate([x, np.array(special + [-v for v in special], dtype=np.float32)])
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_round_nearest_is_torchs_conversion(dtype):
+    x = awkward_float32()
+    ours = rounding.round_nearest(x.astype(np.float64), dtype)
+    theirs = torch.from_numpy(x).to(dtype).double().numpy()
+    assert np.array_equal(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_stochastic_rounding_probability_is_exact(dtype):
+    """Over all 2^16 values of r, x rounds away from zero floor(fraction * 2^16) times:
+    the mean of the results is x itself, up to 2^-16 of the spacing (exactly x when
+    the fraction has at most 16 bits, as for every fp32 value bound for bf16)."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(40) * np.exp(rng.uniform(-10, 10, 40))).astype(np.float32).astype(np.float64)
+    every_r = np.arange(65536)
+    for value in x:
+        results = rounding.round_stochastic(np.full(65536, value), dtype, every_r)
+        lo, hi = np.min(np.abs(results)), np.max(np.abs(results))
+        assert set(np.abs(results)) <= {lo, hi}
+        neighbours = rounding.to_float(rounding.toward_zero(np.array([value]), dtype), dtype)
+        assert lo == abs(neighbours[0])
+        gap = rounding.spacing(rounding.toward_zero(np.array([value]), dtype), dtype)[0]
+        assert abs(np.mean(results) - value) <= gap * 2.0**-16
+        if dtype == torch.bfloat16:
+            assert np.mean(results) == value
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_torch_implementation_follows_the_spec(dtype):
+    x = awkward_float32(seed=2)
+    keys = rounding.step_keys(rounding.stream_key(12345, 7), 3)
+    bits = rounding.random_bits(int(keys), x.size)
+    key = storage.step_key(rounding.stream_key(12345, 7), torch.tensor(3.0))
+    torch_bits = storage.random_bits(key, torch.Size([x.size]), torch.device("cpu"))
+    assert np.array_equal(torch_bits.numpy(), bits.astype(np.int64))
+    expected = rounding.round_stochastic(x.astype(np.float64), dtype, bits)
+    ours = storage.round_stochastic(torch.from_numpy(x), dtype, torch_bits).double().numpy()
+    assert np.array_equal(ours, expected, equal_nan=True)
+
+
+def test_mix32_is_lowbias32_and_torch_agrees():
+    """Check values of lowbias32 computed here with plain Python integers."""
+
+    def lowbias32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    values = [0, 1, 2, 12345, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xDEADBEEF]
+    expected = [lowbias32(v) for v in values]
+    assert [int(v) for v in rounding.mix32(values)] == expected
+    assert storage.mix32(torch.tensor(values, dtype=torch.int64)).tolist() == expected
+
+
+def test_random_bits_are_uniform_and_independent_of_stream():
+    a = rounding.random_bits(int(rounding.step_keys(rounding.stream_key(0, 0), 1)), 1 << 16)
+    b = rounding.random_bits(int(rounding.step_keys(rounding.stream_key(0, 1), 1)), 1 << 16)
+    c = rounding.random_bits(int(rounding.step_keys(rounding.stream_key(0, 0), 2)), 1 << 16)
+    for bits in (a, b, c):
+        assert 0 <= bits.min() and bits.max() < 65536
+        assert abs(bits.mean() / 65535 - 0.5) < 0.01
+        histogram = np.bincount(bits >> 12, minlength=16)
+        assert histogram.min() > 0.9 * (1 << 12)
+    assert np.mean(a == b) < 0.01 and np.mean(a == c) < 0.01
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_kahan_split_keeps_what_rounding_loses(dtype):
+    rng = np.random.default_rng(3)
+    theta = rng.standard_normal(100_000)
+    p, c = rounding.kahan_split(theta, dtype)
+    assert np.array_equal(p, rounding.round_nearest(theta, dtype))
+    mantissa = 8 if dtype == torch.bfloat16 else 11
+    # two 16-bit numbers: about twice the precision of one, down to half the
+    # smallest subnormal (fp16's narrow exponent range)
+    smallest = rounding.spacing(np.zeros(1, dtype=np.uint16), dtype)[0]
+    assert np.all(np.abs(p + c - theta) <= 2.0 ** (-2 * mantissa) * np.abs(theta) + smallest / 2)

@@ -1,0 +1,236 @@
+"""``rounding``, ``state_precision`` and ``seed`` as a user meets them: weight decay on
+bf16 weights, reproducibility, state_dicts, untouched gradients and clear errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import adamkit
+from adamkit.kernels import KERNELS
+
+BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.device("cpu")) and kernel.available()]
+MODES = ("nearest", "kahan", "stochastic")
+
+
+def zero_gradient_run(dtype, backend, rounding, steps=100, n=10_000):  # the issue's acceptance test
+    """AdamW, lr 1e-3, weight decay 1e-2, zero gradients: the update is pure decay,
+    theta_t = theta_0 (1 - lr * wd)^t (closed form)."""
+    g = torch.Generator().manual_seed(0)
+    start = (torch.rand(n, generator=g) * 1.5 + 0.5).to(torch.bfloat16)  # in [0.5, 2]
+    param = torch.nn.Parameter(start.to(dtype))
+    opt = adamkit.AdamW([param], lr=1e-3, weight_decay=1e-2, backend=backend, rounding=rounding, seed=7)
+    for _ in range(steps):
+        param.grad = torch.zeros_like(param)
+        opt.step()
+    return start.double(), param.detach(), opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_gradient_decay_on_bf16_weights(backend):
+    factor = (1 - 1e-3 * 1e-2) ** 100  # 0.999
+    start, fp32, _ = zero_gradient_run(torch.float32, backend, "nearest")
+    # per step: the fp32 decay factor (half an ulp off) and the rounded product
+    assert torch.allclose(fp32.double(), start * factor, rtol=100 * 2 * 2.0**-24, atol=0)
+
+    _, nearest, _ = zero_gradient_run(torch.bfloat16, backend, "nearest")
+    assert torch.equal(nearest.double(), start)  # every decay step rounds back: stalled
+
+    _, kahan, opt = zero_gradient_run(torch.bfloat16, backend, "kahan")
+    represented = kahan.double() + opt.state[opt.param_groups[0]["params"][0]]["kahan_compensation"].double()
+    # Kahan's weight is the pair p + c: it decays as fp32 does, element by element,
+    # while p stays the bf16 number nearest to it (0.999 x is mostly closer to x
+    # than to x's neighbours, whose spacing is 0.4 to 0.8 % of x)
+    assert torch.allclose(represented, fp32.double(), rtol=1e-3, atol=0)
+    assert torch.equal(kahan, represented.to(torch.bfloat16))
+
+    _, stochastic, _ = zero_gradient_run(torch.bfloat16, backend, "stochastic")
+    assert abs(stochastic.double().mean() / fp32.double().mean() - 1) < 1e-3  # unbiased on average
+    assert not torch.equal(stochastic.double(), start)
+
+
+def small_model_run(backend, rounding, state_precision=None, seed=3, steps=5, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in [(300,), (20, 30), ()]]
+    opt = adamkit.AdamW(params, lr=1e-2, backend=backend, rounding=rounding, state_precision=state_precision, seed=seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_is_reproducible_from_the_seed(backend):
+    a, _ = small_model_run(backend, "stochastic", seed=3)
+    b, _ = small_model_run(backend, "stochastic", seed=3)
+    c, _ = small_model_run(backend, "stochastic", seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_stochastic_rounding_is_the_same_on_every_backend():
+    """The random bits are a function of (seed, param, step, element): no backend,
+    thread count or chunking changes them."""
+    results = {backend: small_model_run(backend, "stochastic", "bf16")[0] for backend in BACKENDS}
+    for backend, params in results.items():
+        assert all(torch.equal(x, y) for x, y in zip(params, results["cpu"])), backend
+
+
+def test_seed_none_draws_from_torch_generator_only_when_needed():
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    adamkit.Adam([param], rounding="kahan")  # no stochastic rounding: no draw
+    assert torch.equal(torch.rand(1), expected)
+    torch.manual_seed(5)
+    first = adamkit.Adam([param], rounding="stochastic").param_groups[0]["seed"]
+    torch.manual_seed(5)
+    second = adamkit.Adam([param], rounding="stochastic").param_groups[0]["seed"]
+    assert isinstance(first, int) and first == second
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rounding", MODES)
+@pytest.mark.parametrize("state_precision", [None, "fp32", "bf16"])
+def test_gradients_are_never_scratch(backend, rounding, state_precision):
+    g = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(40, 30, generator=g).to(torch.bfloat16).t()),
+        torch.nn.Parameter(torch.randn(50)),
+    ]
+    opt = adamkit.Adam(
+        params, backend=backend, rounding=rounding, state_precision=state_precision, weight_decay=0.1, maximize=True
+    )
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step()
+        assert all(torch.equal(p.grad, grad) for p, grad in zip(params, grads))
+
+
+def round_trip(opt):
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rounding, state_precision", [("kahan", None), ("stochastic", "bf16"), ("kahan", "fp32")])
+def test_state_dict_round_trip_continues_bit_for_bit(backend, rounding, state_precision):
+    params, opt = small_model_run(backend, rounding, state_precision)
+    saved = round_trip(opt)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    restored = adamkit.AdamW(copies, lr=1e-2, backend=backend, rounding="nearest")  # overwritten by the load
+    restored.load_state_dict(saved)
+    assert restored.param_groups[0]["rounding"] == rounding and restored.param_groups[0]["seed"] == 3
+    for p, q in zip(params, copies):
+        for key, value in opt.state[p].items():
+            assert restored.state[q][key].dtype == value.dtype and torch.equal(restored.state[q][key], value), key
+    g = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        restored.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+    assert all(torch.equal(opt.state[p]["exp_avg"], restored.state[q]["exp_avg"]) for p, q in zip(params, copies))
+
+
+def test_fp32_moments_of_bf16_params_survive_torch_style_casting():
+    """torch.optim casts loaded states to the param's dtype; fp32 moments must not be
+    squeezed through bf16 on the way in."""
+    params, opt = small_model_run("cpu", "nearest", "fp32")
+    restored = adamkit.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], state_precision="fp32")
+    restored.load_state_dict(round_trip(opt))
+    for p, q in zip(params, restored.param_groups[0]["params"]):
+        assert restored.state[q]["exp_avg"].dtype == torch.float32
+        assert torch.equal(restored.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+def test_checkpoints_move_to_and_from_torch():
+    """A Kahan checkpoint loads into torch.optim.AdamW (the extra key is carried along
+    unused); a torch checkpoint loads into a Kahan optimizer with zero compensation."""
+    params, opt = small_model_run("cpu", "kahan")
+    theirs = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
+    theirs.load_state_dict(round_trip(opt))
+    for q in theirs.param_groups[0]["params"]:
+        q.grad = torch.ones_like(q)
+    theirs.step()
+
+    ours = adamkit.AdamW(
+        [torch.nn.Parameter(p.detach().clone()) for p in theirs.param_groups[0]["params"]], rounding="kahan"
+    )
+    ours.load_state_dict(theirs.state_dict())
+    for q in ours.param_groups[0]["params"]:
+        q.grad = torch.ones_like(q)
+    ours.step()
+    assert all("kahan_compensation" in ours.state[q] for q in ours.param_groups[0]["params"])
+
+
+def test_changing_storage_options_mid_run_converts_the_state():
+    params, opt = small_model_run("cpu", "nearest")
+    group = opt.param_groups[0]
+    group["state_precision"], group["rounding"] = "fp32", "kahan"
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state[params[0]]
+    assert state["exp_avg"].dtype == torch.float32 and state["kahan_compensation"].dtype == torch.bfloat16
+    group["state_precision"], group["rounding"] = None, "nearest"
+    opt.step()
+    assert state is opt.state[params[0]] and state["exp_avg"].dtype == torch.bfloat16
+    assert "kahan_compensation" not in state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
+def test_rounding_leaves_fp32_params_alone(backend, rounding):
+    a, opt_a = small_model_run(backend, "nearest", dtype=torch.float32)
+    b, opt_b = small_model_run(backend, rounding, dtype=torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all("kahan_compensation" not in opt_b.state[p] for p in b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rounding": "up"}, "Invalid rounding: 'up' (allowed: 'nearest', 'kahan', 'stochastic')"),
+        ({"state_precision": "int3"}, "Invalid state_precision: 'int3' (allowed: None, 'fp32', 'bf16')"),
+        ({"seed": -1}, "Invalid seed: -1 (seed must be None or an int in [0, 2**64))"),
+        ({"seed": 1.5}, "Invalid seed: 1.5"),
+        ({"seed": True}, "Invalid seed: True"),
+        ({"seed": 2**64}, "Invalid seed"),
+        ({"rounding": "kahan", "differentiable": True}, "rounding='kahan' does not support differentiable=True"),
+    ],
+)
+def test_bad_storage_options_are_named(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        adamkit.Adam([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+    assert message in str(error.value)
+
+
+def test_bad_storage_option_at_step_time_touches_nothing():
+    params, opt = small_model_run("cpu", "kahan")
+    before = [p.detach().clone() for p in params]
+    states = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    opt.param_groups[0]["rounding"] = "round-half-up"
+    with pytest.raises(ValueError, match=r"Invalid rounding: 'round-half-up' in param_groups\[0\]"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in states.items())
+
+
+def test_bf16_states_need_real_params():
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    opt = adamkit.Adam([param], state_precision="bf16")
+    param.grad = torch.ones_like(param)
+    with pytest.raises(ValueError, match=r"state_precision='bf16' needs real params.*params\[0\] in param_groups\[0\]"):
+        opt.step()
+    assert not opt.state[param]
