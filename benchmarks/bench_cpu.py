@@ -80,10 +80,10 @@ ADD_ELEMENTS = 50_000_000
 ADD_BYTES = 12 * ADD_ELEMENTS
 
 
-def run_case(case: Case, rounds: int) -> tuple[dict[str, float], float]:
+def run_case(case: Case, rounds: int, contenders: dict[str, Callable] = CONTENDERS) -> tuple[dict[str, float], float]:
     """Median seconds per step for every contender, and of the ``add_`` anchor, all
     measured in the same interleaved rounds."""
-    optimizers = {name: make(make_params(case, seed=0)) for name, make in CONTENDERS.items()}
+    optimizers = {name: make(make_params(case, seed=0)) for name, make in contenders.items()}
     x, y = torch.randn(ADD_ELEMENTS), torch.randn(ADD_ELEMENTS)
     steps = {name: opt.step for name, opt in optimizers.items()} | {"add_": lambda: x.add_(y)}
     for step in steps.values():  # warm-up: state allocation, first touch, compilation
@@ -99,16 +99,23 @@ def run_case(case: Case, rounds: int) -> tuple[dict[str, float], float]:
     return medians, ADD_BYTES / medians.pop("add_") / 1e9
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+def parse_arguments(doc: str, cases: dict[str, Case], argv: list[str] | None) -> tuple[list[Case], int]:
+    """``--cases`` and ``--rounds`` of a step benchmark; prints the versions line."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(cases), help=f"comma-separated subset of {','.join(cases)}")
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per contender")
     args = parser.parse_args(argv)
-
+    unknown = set(args.cases.split(",")) - set(cases)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; known: {','.join(cases)}")
     print(f"torch {torch.__version__}, adamkit {adamkit.__version__}, threads {torch.get_num_threads()}\n")
-    for key in args.cases.split(","):
-        case = CASES[key]
-        medians, bandwidth = run_case(case, args.rounds)
+    return [cases[key] for key in args.cases.split(",")], args.rounds
+
+
+def main(argv: list[str] | None = None) -> None:
+    cases, rounds = parse_arguments(__doc__, CASES, argv)
+    for case in cases:
+        medians, bandwidth = run_case(case, rounds)
         fused = medians["torch fused"]
         moved = BYTES_PER_PARAM[case.dtype] * case.params
         print(f"{case.name}: {case.params / 1e6:.1f}M params, {moved / 1e9:.2f} GB moved per step")

@@ -16,7 +16,8 @@ import torch
 
 from . import cpu, foreach, reference
 from . import triton as triton_kernel
-from .types import GroupBatch, GroupTensors, StepFn, list_kernel
+from .lists import list_kernel
+from .types import GroupBatch, GroupTensors, StepFn
 
 
 @dataclass(frozen=True)

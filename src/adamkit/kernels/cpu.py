@@ -192,6 +192,9 @@ if numba is not None:
     def _compute(pointer, value):  # pragma: no cover - replaced by the overload
         raise NotImplementedError
 
+    def _rounded(pointer, value):  # pragma: no cover - replaced by the overload
+        raise NotImplementedError
+
     def _store_stochastic(pointer, index, value, bits16):  # pragma: no cover - replaced by the overload
         raise NotImplementedError
 
@@ -253,6 +256,17 @@ if numba is not None:
             return store_half
         return None
 
+    @overload(_rounded, inline="always")
+    def _rounded_impl(pointer, value):
+        """``value`` rounded to nearest in ``pointer``'s storage, as a compute-type number
+        (computed in registers: no store-then-load, which blocks vectorization)."""
+        dtype = pointer.dtype
+        if dtype == types.uint16:
+            return lambda pointer, value: _bfloat16_to_float(_float_to_bfloat16(value))
+        if dtype == types.int16:
+            return lambda pointer, value: _half_to_float(_float_to_half(value))
+        return lambda pointer, value: value
+
     @overload(_compute, inline="always")
     def _compute_impl(pointer, value):
         """A float64 scalar in the compute type of ``pointer``'s storage."""
@@ -270,30 +284,60 @@ if numba is not None:
             counts[t] = step[0]
         return counts
 
+    @njit(inline="always", nogil=True)
+    def _load_param(param, compensation, i):
+        return _load(param, i)
+
+    @njit(inline="always", nogil=True)
+    def _load_kahan_param(param, compensation, i):
+        """theta = p + c."""
+        return _load(param, i) + _load(compensation, i)
+
+    @njit(inline="always", nogil=True)
+    def _put(pointer, i, value, key):
+        _store(pointer, i, value)
+
+    @njit(inline="always", nogil=True)
+    def _put_stochastic(pointer, i, value, key):
+        _store_stochastic(pointer, i, value, _random16(key, i))
+
+    @njit(inline="always", nogil=True)
+    def _put_kahan_param(param, compensation, i, value, key):
+        """p = rn(theta), c = rn(theta - p)."""
+        rounded = _rounded(param, value)
+        _store(param, i, rounded)
+        _store(compensation, i, value - rounded)
+
+    @njit(inline="always", nogil=True)
+    def _put_param(param, compensation, i, value, key):
+        _store(param, i, value)
+
+    @njit(inline="always", nogil=True)
+    def _put_stochastic_param(param, compensation, i, value, key):
+        _store_stochastic(param, i, value, _random16(key, i))
+
+    #: per rounding mode: (load param, store param, store a state value)
+    _STORAGE_POLICIES = {
+        "nearest": (_load_param, _put_param, _put),
+        "kahan": (_load_kahan_param, _put_kahan_param, _put),
+        "stochastic": (_load_param, _put_stochastic_param, _put_stochastic),
+    }
+
     def _element_loop(adamax: bool, amsgrad: bool, rounding_mode: str):
         """The element loop of one algorithm and rounding variant.  ``adamax``,
-        ``amsgrad`` and the rounding mode are compile-time constants here: the variants
+        ``amsgrad`` and the storage functions are fixed here, in Python: the variants
         differ in which memory they read and write, and LLVM only vectorizes a loop with
         conditional stores after unswitching it, which it refuses for the larger bf16
-        bodies.  Decay and maximize only select values and stay runtime flags."""
-        kahan, stochastic = rounding_mode == "kahan", rounding_mode == "stochastic"
-
-        @njit(inline="always", nogil=True)
-        def put(pointer, i, value, key):
-            """Store a state value: stochastically under stochastic rounding, else to nearest."""
-            if stochastic:
-                _store_stochastic(pointer, i, value, _random16(key, i))
-            else:
-                _store(pointer, i, value)
+        bodies (and code that is never run is then never compiled either).  Decay and
+        maximize only select values and stay runtime flags."""
+        load_param, put_param, put = _STORAGE_POLICIES[rounding_mode]
 
         @njit(inline="always", nogil=True)
         def loop(pointers, first, end, scalars, maximize, decay, keys):
             param, grad, exp_avg, second, max_second, compensation = pointers
             one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay_factor, step_size, bias_correction2_sqrt = scalars
             for i in range(first, end):
-                p = _load(param, i)
-                if kahan:
-                    p = p + _load(compensation, i)
+                p = load_param(param, compensation, i)
                 g = _load(grad, i)
                 if maximize:
                     g = -g
@@ -315,14 +359,7 @@ if numba is not None:
                         v = max(_load(max_second, i), v)
                         put(max_second, i, v, keys[3])
                     denom = np.sqrt(v) / bias_correction2_sqrt + eps
-                p = p - step_size * (m / denom)
-                if kahan:  # p = rn(theta), c = rn(theta - p)
-                    _store(param, i, p)
-                    _store(compensation, i, p - _load(param, i))
-                elif stochastic:
-                    _store_stochastic(param, i, p, _random16(keys[0], i))
-                else:
-                    _store(param, i, p)
+                put_param(param, compensation, i, p - step_size * (m / denom), keys[0])
 
         return loop
 

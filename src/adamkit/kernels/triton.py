@@ -31,7 +31,8 @@ from .. import rounding
 from ..rule import UpdateRule, step_scalar_arrays
 from ..state import COMPENSATION_KEY, moment_keys
 from . import foreach, storage
-from .types import GroupBatch, list_kernel
+from .lists import list_kernel
+from .types import GroupBatch
 
 try:
     import triton

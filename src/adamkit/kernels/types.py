@@ -1,17 +1,15 @@
-"""What the front hands a kernel, and the adapter shared by the list-based kernels."""
+"""What the front hands a kernel."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from ..rule import GroupScalars, StepScalars, UpdateRule
-from ..state import SECOND_MOMENT_KEY
+from ..rule import UpdateRule
 
 
 @dataclass
@@ -57,43 +55,7 @@ class GroupTensors:
     max_exp_avg_sqs: list[Tensor] = field(default_factory=list)
 
 
-class ListKernelFn(Protocol):
-    def __call__(
-        self, tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]
-    ) -> None: ...
-
-
 StepFn = Callable[[GroupBatch, UpdateRule], None]
-
-
-def list_kernel(adam: ListKernelFn, adamax: ListKernelFn, *, fused: bool = False) -> StepFn:
-    """A kernel's ``step`` from per-list functions: advance each ``step`` counter (as
-    torch does, one per tensor), get the scalars from the rule, run the element math
-    (on widened copies where the storage policy asks, see :mod:`.storage`).
-
-    ``fused``: also widen every bf16/fp16 param, so each value is rounded once per
-    update as the fused kernels round it (for a fused kernel's fallback path)."""
-    from . import storage  # storage builds on GroupTensors, defined above
-
-    def step(batch: GroupBatch, rule: UpdateRule) -> None:
-        second = SECOND_MOMENT_KEY[rule.algorithm]
-        states = batch.states
-        tensors = GroupTensors(
-            params=batch.params,
-            grads=batch.grads,
-            exp_avgs=[s["exp_avg"] for s in states],
-            exp_avg_sqs=[s[second] for s in states],
-            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if rule.amsgrad else [],
-        )
-        steps = [s["step"] for s in states]
-        for step_t in steps:
-            step_t += 1
-        run = adam if rule.algorithm == "adam" else adamax
-        work, store = storage.widened(tensors, states, steps, rule, batch.param_indices, widen_16_bit=fused)
-        run(work, rule, rule.group_scalars(), rule.step_scalars_for(steps))
-        store()
-
-    return step
 
 
 def as_real(t: Tensor) -> Tensor:
@@ -101,4 +63,4 @@ def as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-__all__ = ["GroupBatch", "GroupTensors", "StepFn", "as_real", "list_kernel"]
+__all__ = ["GroupBatch", "GroupTensors", "StepFn", "as_real"]

@@ -1,0 +1,50 @@
+"""The adapter shared by the list-based kernels (reference and foreach): from
+per-list element functions to a kernel's ``step``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..rule import GroupScalars, StepScalars, UpdateRule
+from ..state import SECOND_MOMENT_KEY
+from . import storage
+from .types import GroupBatch, GroupTensors, StepFn
+
+
+class ListKernelFn(Protocol):
+    def __call__(
+        self, tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]
+    ) -> None: ...
+
+
+def list_kernel(adam: ListKernelFn, adamax: ListKernelFn, *, fused: bool = False) -> StepFn:
+    """A kernel's ``step`` from per-list functions: advance each ``step`` counter (as
+    torch does, one per tensor), get the scalars from the rule, run the element math
+    (on widened copies where the storage policy asks, see :mod:`.storage`).
+
+    ``fused``: also widen every bf16/fp16 param, so each value is rounded once per
+    update as the fused kernels round it (for a fused kernel's fallback path)."""
+
+    def step(batch: GroupBatch, rule: UpdateRule) -> None:
+        second = SECOND_MOMENT_KEY[rule.algorithm]
+        states = batch.states
+        tensors = GroupTensors(
+            params=batch.params,
+            grads=batch.grads,
+            exp_avgs=[s["exp_avg"] for s in states],
+            exp_avg_sqs=[s[second] for s in states],
+            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if rule.amsgrad else [],
+        )
+        steps = [s["step"] for s in states]
+        for step_t in steps:
+            step_t += 1
+        run = adam if rule.algorithm == "adam" else adamax
+        work, store = storage.widened(tensors, states, steps, rule, batch.param_indices, widen_16_bit=fused)
+        run(work, rule, rule.group_scalars(), rule.step_scalars_for(steps))
+        store()
+
+    return step
+
+
+__all__ = ["ListKernelFn", "list_kernel"]

@@ -1,0 +1,24 @@
+"""The benchmark scripts still run (a few steps; no timing is checked here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_train_bf16_runs_and_prints_its_table(tmp_path):
+    command = [sys.executable, "train_bf16.py", "--steps", "3", "--runs", "fp32", "bf16 kahan", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "bf16 kahan" in result.stdout and "held-out" in result.stdout
+    assert (tmp_path / "curves.csv").read_text().splitlines()[0] == "step,fp32,bf16 kahan"
+
+
+def test_train_bf16_rejects_unknown_runs():
+    result = subprocess.run(
+        [sys.executable, "train_bf16.py", "--runs", "bf8"], cwd=BENCHMARKS, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "unknown runs ['bf8']" in result.stderr

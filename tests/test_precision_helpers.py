@@ -1,0 +1,70 @@
+"""adamkit.precision: casting a model with kept modules, and seeding Kahan pairs from
+fp32 weights when a run moves to bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import adamkit
+from adamkit.precision import NORMALIZATION_LAYERS, cast_module, seed_compensation
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)))
+
+
+def test_cast_keeps_chosen_module_types_in_fp32():
+    m = cast_module(model(), torch.bfloat16, keep=(nn.Embedding,) + NORMALIZATION_LAYERS)
+    assert m[0].weight.dtype == torch.float32 and m[1].weight.dtype == torch.float32
+    assert m[2][0].weight.dtype == torch.bfloat16 and m[2][0].bias.dtype == torch.bfloat16
+    assert m[2][1].weight.dtype == torch.float32 and m[2][1].running_mean.dtype == torch.float32
+    assert m[2][1].num_batches_tracked.dtype == torch.int64
+
+
+def test_cast_with_a_predicate_keeps_whole_subtrees():
+    m = cast_module(model(), torch.float16, keep=lambda name, module: name == "2")
+    assert m[0].weight.dtype == torch.float16 and m[1].bias.dtype == torch.float16
+    assert m[2][0].weight.dtype == torch.float32 and m[2][1].running_var.dtype == torch.float32
+
+
+def test_cast_needs_a_floating_dtype():
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype, got torch.int8"):
+        cast_module(model(), torch.int8)
+
+
+def test_seed_compensation_carries_the_fp32_weights():
+    """Oracle: the fp32 weight itself; p + c must equal it to within a spacing of c."""
+    fp32 = model()
+    weights = [p.detach().clone() for p in fp32.parameters()]
+    bf16 = cast_module(model(), torch.bfloat16, keep=NORMALIZATION_LAYERS)
+    opt = adamkit.AdamW(bf16.parameters(), rounding="kahan")
+    seed_compensation(opt, weights)
+    for p, w in zip(bf16.parameters(), weights):
+        if p.dtype == torch.bfloat16:
+            c = opt.state[p]["kahan_compensation"]
+            assert torch.equal(p, w.to(torch.bfloat16))
+            assert torch.all((p.double() + c.double() - w.double()).abs() <= w.double().abs() * 2.0**-16)
+        else:
+            assert torch.equal(p, w)
+    x = torch.randint(0, 10, (4,))
+    bf16[2][0](bf16[0](x).to(torch.bfloat16)).float().sum().backward()
+    opt.step()  # the seeded state steps like any other
+    assert all(int(opt.state[p]["step"]) == 1 for p in bf16[2][0].parameters())
+
+
+def test_seed_compensation_errors_name_the_param_and_change_nothing():
+    bf16 = cast_module(model(), torch.bfloat16)
+    weights = [p.detach().float() for p in bf16.parameters()]
+    before = [p.detach().clone() for p in bf16.parameters()]
+    with pytest.raises(ValueError, match=r"param 0 \(shape \(10, 8\), torch.bfloat16\) is in a group with rounding="):
+        seed_compensation(adamkit.AdamW(bf16.parameters()), weights)
+    with pytest.raises(ValueError, match=r"the weight for param 1 .* has shape \(3,\)"):
+        seed_compensation(
+            adamkit.AdamW(bf16.parameters(), rounding="kahan"), [weights[0], torch.zeros(3)] + weights[2:]
+        )
+    with pytest.raises(ValueError, match="weights has 1 tensors, but the optimizer has 7 params"):
+        seed_compensation(adamkit.AdamW(bf16.parameters(), rounding="kahan"), weights[:1])
+    assert all(torch.equal(p, b) for p, b in zip(bf16.parameters(), before))
