@@ -90,6 +90,12 @@ def stream_key(seed: int, stream):
     return int(keys) if keys.ndim == 0 else keys
 
 
+def param_stream_keys(seed: int, param_indices) -> np.ndarray:
+    """k_s for every slot of every param: uint64[len(param_indices), SLOTS]."""
+    streams = SLOTS * np.asarray(param_indices, dtype=np.uint64)[:, None] + np.arange(SLOTS, dtype=np.uint64)
+    return stream_key(seed, streams)
+
+
 def step_keys(stream_keys, steps):
     """k_{s,t} for aligned arrays of stream keys and step counts (uint64)."""
     steps = np.asarray(steps).astype(np.uint64) & np.uint64(MASK32)
@@ -185,6 +191,7 @@ __all__ = [
     "is_low_precision",
     "kahan_split",
     "mix32",
+    "param_stream_keys",
     "random_bits",
     "round_nearest",
     "round_stochastic",

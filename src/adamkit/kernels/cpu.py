@@ -514,8 +514,7 @@ class _Bucket:
             return _NO_KEYS
         indices = [param_indices[i] for i in self.members]
         if self.stream_keys is None or self.stream_keys[0] != (rule.seed, indices):
-            streams = rounding.SLOTS * np.array(indices, dtype=np.uint64)[:, None] + np.arange(rounding.SLOTS)
-            self.stream_keys = ((rule.seed, indices), rounding.stream_key(rule.seed, streams))
+            self.stream_keys = ((rule.seed, indices), rounding.param_stream_keys(rule.seed, indices))
         return rounding.step_keys(self.stream_keys[1], counts[:, None]).astype(np.int64)
 
     def addresses(self, batch: GroupBatch) -> tuple[np.ndarray, list]:

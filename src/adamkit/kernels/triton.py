@@ -272,8 +272,7 @@ class _Bucket:
             return None
         indices = [param_indices[i] for i in self.members]
         if self.stream_keys is None or self.stream_keys[0] != (rule.seed, indices):
-            streams = rounding.SLOTS * np.array(indices, dtype=np.uint64)[:, None] + np.arange(rounding.SLOTS)
-            keys = rounding.stream_key(rule.seed, streams).astype(np.int64)
+            keys = rounding.param_stream_keys(rule.seed, indices).astype(np.int64)
             self.stream_keys = ((rule.seed, indices), keys, torch.from_numpy(keys).to(self.device))
         if isinstance(counts, np.ndarray):
             keys = rounding.step_keys(self.stream_keys[1], counts[:, None]).astype(np.int64)
