@@ -212,23 +212,28 @@ class _AdamFamily(Optimizer):
             for key, value in before.items():
                 if key not in saved:
                     group[key] = value
-        self._restore_moment_dtypes(state_dict)
+        self._restore_stored_dtypes(state_dict)
 
-    def _restore_moment_dtypes(self, state_dict: dict[str, Any]) -> None:
-        """torch casts every loaded state tensor to its param's dtype; moments kept in
-        another dtype (``state_precision``) are cast again from the saved tensor, so
-        nothing is rounded on the way in.  The step converts any remaining mismatch."""
+    def _restore_stored_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every loaded state tensor to its param's dtype.  Tensors adamkit
+        keeps in their own dtype (quantized codes and scales; moments under a
+        ``state_precision``) are copied again from the saved tensors, so nothing is
+        rounded on the way in.  The step converts any remaining mismatch."""
         saved_states = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         for saved_id, (param, group) in zip(saved_ids, params):
             saved, state = saved_states.get(saved_id), self.state.get(param)
-            if not saved or not state or group.get("state_precision") is None:
+            if not saved or not state:
                 continue
-            dtype = state_dtype(param, group["state_precision"])
-            for key in moment_keys(self.algorithm, "max_exp_avg_sq" in state):
-                if key in saved and torch.is_tensor(saved[key]) and saved[key].dtype == dtype:
-                    state[key] = saved[key].to(device=param.device, copy=True)
+            moments = moment_keys(self.algorithm, True)
+            for key, value in saved.items():
+                if key == "step" or not torch.is_tensor(value) or key not in state:
+                    continue
+                if key in moments and group.get("state_precision") is None:
+                    continue  # torch's behaviour: moments follow the param's dtype
+                if state[key].dtype != value.dtype:
+                    state[key] = value.to(device=param.device, copy=True)
 
     # ------------------------------------------------------------------ step
 

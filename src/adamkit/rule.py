@@ -44,7 +44,7 @@ WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
 BACKENDS = (None, "reference", "foreach", "cpu", "triton")
 
 #: The dtype of ``exp_avg`` and the second moments: ``None`` is the param's dtype.
-STATE_PRECISIONS = (None, "fp32", "bf16")
+STATE_PRECISIONS = (None, "fp32", "bf16", "int8", "int4")
 
 Scalar = float | Tensor
 
@@ -170,6 +170,11 @@ def check_storage(rounding: Any, state_precision: Any, seed: Any, *, differentia
         raise ValueError(f"Invalid state_precision: {state_precision!r}{where} (allowed: {allowed})")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise ValueError(f"Invalid seed: {seed!r}{where} (seed must be None or an int in [0, 2**64))")
+    if differentiable and state_precision in ("int8", "int4"):
+        raise ValueError(
+            f"state_precision={state_precision!r} does not support differentiable=True{where} "
+            "(quantized states are not differentiable; use state_precision=None or 'fp32')"
+        )
     if differentiable and rounding != "nearest":
         raise ValueError(
             f"rounding={rounding!r} does not support differentiable=True{where} "

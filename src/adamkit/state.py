@@ -5,8 +5,10 @@ for AdaMax) and ``max_exp_avg_sq`` (AMSGrad), each shaped and strided like its
 param, so a ``state_dict`` moves between adamkit and torch.optim in both directions.
 
 Beyond torch: the moments' dtype follows the group's ``state_precision`` (``None``:
-the param's dtype, as torch), and a bf16/fp16 param under ``rounding="kahan"`` has a
-``kahan_compensation`` tensor in its own dtype (torch.optim ignores the extra key).
+the param's dtype, as torch); under ``"int8"``/``"int4"`` each moment is held as
+block-wise codes and scales instead (``exp_avg_int8`` and ``exp_avg_int8_scales``,
+see :mod:`adamkit.quantization`).  A bf16/fp16 param under ``rounding="kahan"`` has
+a ``kahan_compensation`` tensor in its own dtype (torch.optim ignores the extra key).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import blockwise
+from .quantization import FORMATS, is_quantized
 from .rounding import is_low_precision
 from .rule import Algorithm
 
@@ -46,9 +50,14 @@ COMPENSATION_KEY = "kahan_compensation"
 
 
 def state_dtype(param: Tensor, state_precision: str | None) -> torch.dtype:
-    """The dtype of ``param``'s moments under ``state_precision``."""
+    """The dtype of ``param``'s moments under ``state_precision`` (quantized moments:
+    the dtype they are dequantized to, fp32)."""
     if state_precision is None:
         return param.dtype
+    if is_quantized(state_precision):
+        if param.is_complex():
+            raise ValueError(f"state_precision={state_precision!r} needs real params, but a param is {param.dtype}")
+        return torch.float32
     dtype = _STATE_DTYPES[state_precision][param.is_complex()]
     if dtype is None:
         raise ValueError(f"state_precision={state_precision!r} needs real params, but a param is {param.dtype}")
@@ -64,20 +73,48 @@ def has_compensation(param: Tensor, group: dict) -> bool:
     return group.get("rounding") == "kahan" and is_low_precision(param.dtype)
 
 
+def moment_value(state: dict, key: str, param: Tensor) -> Tensor | None:
+    """Moment ``key`` as a tensor shaped like ``param`` (dequantized to fp32 if it is
+    held quantized), or ``None`` if the state lacks it."""
+    if key in state:
+        return state[key]
+    fmt = blockwise.stored_format(state, key, param.numel())
+    return None if fmt is None else blockwise.load_moment(state, key, param.shape, fmt)
+
+
+def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str | None) -> None:
+    """Hold moment ``key`` as ``state_precision`` asks: allocate zeros, or convert
+    what is there (a dtype cast, a quantization or a dequantization)."""
+    target = FORMATS.get(state_precision)
+    held = blockwise.stored_format(state, key, param.numel())
+    if target is not None and held is target and key not in state:
+        return
+    dtype = state_dtype(param, state_precision)
+    if target is None and held is None and key in state and state[key].dtype == dtype:
+        return
+    value = moment_value(state, key, param)
+    state.pop(key, None)
+    if held is not None:
+        blockwise.drop(state, key, held)
+    if target is not None:
+        blockwise.allocate(state, key, param, target)
+        if value is not None:
+            blockwise.store_moment(state, key, value, target)
+    elif value is None:
+        state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    else:
+        state[key] = torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format).copy_(value)
+
+
 def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) -> None:
     """Fill an empty state dict for ``param`` (zeros, the param's layout), or bring an
     existing one in line with the group's ``state_precision`` and ``rounding``: moments
-    are converted to the asked dtype, a Kahan compensation is added (zero: the param
-    is exact as it stands) or dropped."""
+    are converted to the asked dtype or format, a Kahan compensation is added (zero:
+    the param is exact as it stands) or dropped."""
     if not state:
         state["step"] = step_tensor(0.0, param, group)
-    dtype = state_dtype(param, group.get("state_precision"))
     for key in moment_keys(algorithm, algorithm == "adam" and bool(group.get("amsgrad"))):
-        value = state.get(key)
-        if value is None:
-            state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        elif value.dtype != dtype:
-            state[key] = value.to(dtype)
+        _conform_moment(state, key, param, group.get("state_precision"))
     if has_compensation(param, group):
         if COMPENSATION_KEY not in state:
             state[COMPENSATION_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -95,8 +132,9 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
     """Raise ``ValueError`` if an existing state cannot be stepped with ``param``: a key
     is missing (a checkpoint from another optimizer, or AMSGrad switched on after the
     first step) or a tensor's shape or device differs from the param's."""
-    required = ["step"] + moment_keys(algorithm, amsgrad)
-    missing = [key for key in required if key not in state]
+    moments = moment_keys(algorithm, amsgrad)
+    held_quantized = {key: blockwise.stored_format(state, key, param.numel()) for key in moments if key not in state}
+    missing = [key for key in ["step"] + moments if key not in state and held_quantized.get(key) is None]
     if missing:
         hint = (
             " (amsgrad was switched on after the first step)"
@@ -104,10 +142,17 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
             else " (was it saved by a different optimizer?)"
         )
         raise ValueError(f"the state{where} lacks {missing}; it has {sorted(state)}{hint}")
-    for key in required[1:] + ([COMPENSATION_KEY] if COMPENSATION_KEY in state else []):
+    checked = [key for key in moments if key in state] + ([COMPENSATION_KEY] if COMPENSATION_KEY in state else [])
+    for key in checked:
         value = state[key]
         if value.shape != param.shape or value.device != param.device:
             raise ValueError(
                 f"state[{key!r}]{where} has shape {tuple(value.shape)} on {value.device}, "
                 f"but the param has shape {tuple(param.shape)} on {param.device}"
             )
+    for key, fmt in held_quantized.items():
+        for stored in blockwise.stored_keys(key, fmt):
+            if state[stored].device != param.device:
+                raise ValueError(
+                    f"state[{stored!r}]{where} is on {state[stored].device}, but the param is on {param.device}"
+                )

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import rounding
+from .. import blockwise, quantization, rounding
+from ..quantization import QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
 from ..state import COMPENSATION_KEY, moment_keys
 from .types import GroupBatch
@@ -66,6 +67,9 @@ _STORAGE = {
     torch.bfloat16: np.uint16,
     torch.float16: np.int16,
 }
+
+#: quantized-state formats as state witnesses (the codes are bytes either way)
+_QUANTIZED_STORAGE = {"int8": np.int8, "int4": np.uint8}
 
 ALGORITHMS = {"adam": 0, "adamax": 1}
 
@@ -274,6 +278,92 @@ if numba is not None:
             return lambda pointer, value: np.float64(value)
         return lambda pointer, value: np.float32(value)
 
+    def _is_quantized(witness) -> bool:
+        return witness.dtype in (types.int8, types.uint8)
+
+    def _format_of(state_witness, sign_witness):
+        """(format, signed) named by a quantized state witness and a sign witness."""
+        from ..quantization import FORMATS
+
+        return FORMATS["int8" if state_witness.dtype == types.int8 else "int4"], sign_witness.dtype == types.int8
+
+    def _dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end):
+        raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+    def _requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end):
+        raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+    @overload(_dequantize)
+    def _dequantize_impl(codes_address, scales_address, state_witness, sign_witness, out, first, end):
+        """out[i - first] = scale * level[code] for elements [first, end) (a table of
+        the map's levels, computed by the spec: the same fp32 products)."""
+        fmt, signed = _format_of(state_witness, sign_witness)
+        table = quantization.level_table(fmt, signed)
+        log2_block, block, packed = fmt.block.bit_length() - 1, fmt.block, fmt.bits == 4
+
+        def dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end):
+            codes = _pointer(codes_address, _BYTE_WITNESS)
+            scales = _pointer(scales_address, _BFLOAT16_WITNESS)
+            values = _pointer(np.int64(out.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
+            for b in range(first >> log2_block, (end + block - 1) >> log2_block):
+                low, high = b * block, min(b * block + block, end)
+                scale = _bfloat16_to_float(scales[b])
+                if packed:  # pairs: the one past a ragged end lands in the scratch's spare element
+                    for j in range(low >> 1, (high + 1) >> 1):
+                        byte = np.int32(codes[j])
+                        values[2 * j] = scale * table[byte & 0xF]
+                        values[2 * j + 1] = scale * table[byte >> 4]
+                else:
+                    for i in range(low, high):
+                        values[i] = scale * table[np.int32(codes[i])]
+
+        return dequantize
+
+    @njit(inline="always", nogil=True)
+    def _code(x, scale, levels, signed):
+        """The spec's code of fp32 ``x`` in a block of finite ``scale`` (0: all zeros)."""
+        ratio = abs(x) / (scale + np.float32(scale == 0))
+        nearest = np.int32(np.floor(np.float32(levels) * np.sqrt(ratio) + np.float32(0.5)))
+        if signed:
+            return nearest * (np.int32(1) - np.int32(2) * np.int32(x < 0)) + np.int32(levels)
+        return max(nearest - np.int32(1), np.int32(0))
+
+    @overload(_requantize)
+    def _requantize_impl(codes_address, scales_address, state_witness, sign_witness, values, first, end):
+        """Quantize values[i - first] for elements [first, end) (``first`` on a block
+        boundary): per block, the absmax over bit patterns (NaN and infinity sort
+        above every finite value) rounded up to bf16, then each element's code."""
+        fmt, signed = _format_of(state_witness, sign_witness)
+        levels = fmt.signed_levels if signed else fmt.unsigned_levels
+        log2_block, block, packed = fmt.block.bit_length() - 1, fmt.block, fmt.bits == 4
+
+        def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end):
+            codes = _pointer(codes_address, _BYTE_WITNESS)
+            scales = _pointer(scales_address, _BFLOAT16_WITNESS)
+            # raw pointers, addressed by element index: array indexing keeps LLVM from vectorizing
+            address = np.int64(values.ctypes.data) - 4 * first
+            fresh, patterns = _pointer(address, _FLOAT32_WITNESS), _pointer(address, _INT32_WITNESS)
+            for b in range(first >> log2_block, (end + block - 1) >> log2_block):
+                low, high = b * block, min(b * block + block, end)
+                largest = np.int32(0)
+                for i in range(low, high):
+                    largest = max(largest, patterns[i] & np.int32(0x7FFFFFFF))
+                rounded_up = (np.int64(largest) + 0xFFFF) >> 16
+                finite = (largest < np.int32(0x7F800000)) & (rounded_up < 0x7F80)
+                scales[b] = np.uint16(rounded_up if finite else 0x7FC0)
+                scale = _bfloat16_to_float(np.uint16(rounded_up if finite else 0))
+                if packed:
+                    for j in range(low >> 1, (high + 1) >> 1):
+                        i = 2 * j
+                        even = _code(fresh[i], scale, levels, signed)
+                        odd = _code(fresh[i + 1], scale, levels, signed) * np.int32(2 * j + 1 < high)
+                        codes[j] = np.uint8((even | (odd << 4)) * np.int32(finite))
+                else:
+                    for i in range(low, high):
+                        codes[i] = np.uint8(_code(fresh[i], scale, levels, signed) * np.int32(finite))
+
+        return requantize
+
     @njit(cache=True, nogil=True)
     def _advance_steps(addresses, witness):
         """``step += 1`` for every step counter; returns the new counts (float64)."""
@@ -315,6 +405,11 @@ if numba is not None:
     @njit(inline="always", nogil=True)
     def _put_stochastic_param(param, compensation, i, value, key):
         _store_stochastic(param, i, value, _random16(key, i))
+
+    _BYTE_WITNESS = np.empty(0, dtype=np.uint8)
+    _FLOAT32_WITNESS = np.empty(0, dtype=np.float32)
+    _INT32_WITNESS = np.empty(0, dtype=np.int32)
+    _BFLOAT16_WITNESS = np.empty(0, dtype=np.uint16)
 
     #: per rounding mode: (load param, store param, store a state value)
     _STORAGE_POLICIES = {
@@ -407,26 +502,20 @@ if numba is not None:
     ):
         """The update for every chunk of every tensor of one (param dtype, state dtype) bucket.
 
-        addresses: int64[T, 6] param, grad, exp_avg, exp_avg_sq (or exp_inf),
-            max_exp_avg_sq, Kahan compensation
+        addresses: int64[T, 9] param, grad, exp_avg, exp_avg_sq (or exp_inf),
+            max_exp_avg_sq, Kahan compensation, and for quantized states the three
+            moments' block scales (the moment columns then hold their codes)
         chunks: int64[C, 3] tensor index, first element, end element
         constants: float64[6] 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay, decay factor
         flags: int64[4] algorithm (0 adam, 1 adamax), maximize, amsgrad, weight decay kind
         keys: int64[T, 4] stochastic rounding's step keys (param, exp_avg, second, max)
-        witnesses: the param and state storage types; the rounding mode (its dtype)
+        witnesses: the param and state storage types (a quantized format: int8 for
+            "int8", uint8 for "int4"); the rounding mode (its dtype)
         """
         adamax, maximize, amsgrad, decay = flags[0] == 1, flags[1] != 0, flags[2] != 0, flags[3]
         for c in prange(chunks.shape[0]):
             t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             param = _pointer(addresses[t, 0], param_witness)
-            pointers = (
-                param,
-                _pointer(addresses[t, 1], param_witness),
-                _pointer(addresses[t, 2], state_witness),
-                _pointer(addresses[t, 3], state_witness),
-                _pointer(addresses[t, 4], state_witness),
-                _pointer(addresses[t, 5], param_witness),
-            )
             scalars = (
                 _compute(param, constants[0]),
                 _compute(param, constants[1]),
@@ -439,9 +528,81 @@ if numba is not None:
             )
             row = t if keys.shape[0] > 1 else 0
             tensor_keys = (keys[row, 0], keys[row, 1], keys[row, 2], keys[row, 3])
-            _update_chunk(
-                pointers, first, end, scalars, maximize, decay, tensor_keys, adamax, amsgrad, rounding_witness
+            _step_chunk(
+                addresses[t],
+                first,
+                end,
+                scalars,
+                maximize,
+                decay,
+                tensor_keys,
+                adamax,
+                amsgrad,
+                param_witness,
+                state_witness,
+                rounding_witness,
             )
+
+    def _step_chunk(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw):
+        raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+    @overload(_step_chunk, inline="always")
+    def _step_chunk_impl(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw):
+        """One chunk of one tensor: inlined into the parallel loop for plain states; a
+        call for quantized ones (numba's parallel array analysis mistakes their view
+        tuples for shapes, so they stay out of the parallel function's body)."""
+        if _is_quantized(sw):
+            return lambda row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw: (
+                _quantized_chunk(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw)
+            )
+
+        def plain(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw):
+            pointers = (
+                _pointer(row[0], pw),
+                _pointer(row[1], pw),
+                _pointer(row[2], sw),
+                _pointer(row[3], sw),
+                _pointer(row[4], sw),
+                _pointer(row[5], pw),
+            )
+            _update_chunk(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rw)
+
+        return plain
+
+    #: elements per scratch pass of a quantized chunk: the fp32 scratch (3 rows) stays
+    #: in cache and below malloc's mmap threshold (a fresh mapping per chunk would fault)
+    QUANTIZED_SPAN = 4096
+
+    @njit(inline="always", nogil=True)
+    def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw):
+        """One chunk (it starts on a block boundary) with quantized moments, span by
+        span: dequantize into fp32 scratch rows, run the plain element loop on those,
+        quantize the new values (the update itself used them unrounded)."""
+        scratch = np.empty((3, QUANTIZED_SPAN + 1), dtype=np.float32)
+        signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
+        rows = 3 if amsgrad else 2
+        for low in range(first, end, QUANTIZED_SPAN):
+            high = min(low + QUANTIZED_SPAN, end)
+            scratch[:, high - low] = 0  # int4 pairs may touch one element past a ragged end
+            _dequantize(row[2], row[6], sw, signed, scratch[0], low, high)
+            _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high)
+            if amsgrad:
+                _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high)
+            base = np.int64(scratch.ctypes.data) - 4 * low  # addressed by element index
+            stride = 4 * (QUANTIZED_SPAN + 1)
+            pointers = (
+                _pointer(row[0], pw),
+                _pointer(row[1], pw),
+                _pointer(base, _FLOAT32_WITNESS),
+                _pointer(base + stride, _FLOAT32_WITNESS),
+                _pointer(base + stride * (rows - 1), _FLOAT32_WITNESS),
+                _pointer(row[5], pw),
+            )
+            _update_chunk(pointers, low, high, scalars, maximize, decay, keys, adamax, amsgrad, rw)
+            _requantize(row[2], row[6], sw, signed, scratch[0], low, high)
+            _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high)
+            if amsgrad:
+                _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high)
 
 
 def _dense(t: Tensor) -> bool:
@@ -465,48 +626,64 @@ class _Bucket:
     must also be in row-major order (its random bits follow the row-major index).
     """
 
-    def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, dtypes: tuple):
-        param_dtype, moment_dtype = dtypes
+    def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, storage: tuple):
+        param_dtype, moment_storage = storage
+        quantized = isinstance(moment_storage, QuantFormat)
+        moment_dtype = torch.float32 if quantized else moment_storage
         self.members = members
         self.amsgrad = rule.amsgrad
         self.mode = rounding.effective_rounding(rule.rounding, param_dtype, moment_dtype)
         self.param_witness = np.empty(0, dtype=_STORAGE[param_dtype])
-        self.state_witness = np.empty(0, dtype=_STORAGE[moment_dtype])
+        self.state_witness = np.empty(
+            0, dtype=_QUANTIZED_STORAGE[moment_storage.name] if quantized else _STORAGE[moment_dtype]
+        )
         self.rounding_witness = np.empty(0, dtype=_ROUNDING_WITNESS[self.mode])
         self.step_witness = np.empty(
             0, dtype=np.float64 if batch.states[members[0]]["step"].dtype == torch.float64 else np.float32
         )
         self.step_addresses = np.array([batch.states[i]["step"].data_ptr() for i in members], dtype=np.int64)
-        keys = moment_keys(rule.algorithm, rule.amsgrad) + ([COMPENSATION_KEY] if self.mode == "kahan" else [])
+        moments = moment_keys(rule.algorithm, rule.amsgrad)
+        if quantized:  # codes first, then scales
+            keys = [blockwise.stored_keys(k, moment_storage)[0] for k in moments]
+            keys += [blockwise.stored_keys(k, moment_storage)[1] for k in moments]
+        else:
+            keys = list(moments)
+        self.moment_count = len(moments)
+        keys += [COMPENSATION_KEY] if self.mode == "kahan" else []
         states = [[batch.states[i][key] for key in keys] for i in members]
         params = [batch.params[i] for i in members]
-        in_order = self.mode != "stochastic"
+        in_order = self.mode != "stochastic" and not quantized  # random bits and codes follow the row-major index
         self.direct = [
-            (p.is_contiguous() or (in_order and _dense(p))) and all(s.stride() == p.stride() for s in tensors)
+            (p.is_contiguous() or (in_order and _dense(p)))
+            and (quantized or all(s.stride() == p.stride() for s in tensors))
             for p, tensors in zip(params, states)
         ]
+        self.quantized = quantized
         self.state_tensors = states
         self.numels = [p.numel() for p in params]
         self.real_numels = np.array([n * (2 if p.is_complex() else 1) for n, p in zip(self.numels, params)])
         self.strides = [p.stride() for p in params]
         self.state_addresses = np.array(
-            [self._state_row(tensors) if d else [0, 0, 0, 0] for tensors, d in zip(states, self.direct)],
+            [self._state_row(tensors) if d else [0] * 7 for tensors, d in zip(states, self.direct)],
             dtype=np.int64,
-        ).reshape(len(members), 4)
+        ).reshape(len(members), 7)
         self.chunks = _chunk_table(self.real_numels)
         self.whole_group = members == list(range(len(batch.params)))
         self.all_contiguous = all(self.direct) and all(p.is_contiguous() for p in params)
-        self.table = np.empty((len(members), 6), dtype=np.int64)
+        self.table = np.empty((len(members), 9), dtype=np.int64)
         self.table[:, 2:] = self.state_addresses
         self.stream_keys: tuple | None = None
 
     def _state_row(self, tensors: list[Tensor]) -> list[int]:
-        """exp_avg, second moment, its maximum, compensation; unused slots hold 0 or
-        repeat the second moment (the kernel variant never touches them)."""
+        """exp_avg, second moment, its maximum, compensation, then (quantized) the
+        three moments' scales; unused slots hold 0 or repeat the second moment (the
+        kernel variant never touches them)."""
         addresses = [t.data_ptr() for t in tensors]
-        maximum = addresses[2] if self.amsgrad else addresses[1]
         compensation = addresses[-1] if self.mode == "kahan" else 0
-        return [addresses[0], addresses[1], maximum, compensation]
+        n = self.moment_count
+        moments = addresses[:n] + addresses[1:2] * (3 - n)
+        scales = (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
+        return moments + [compensation] + scales
 
     def step_keys(self, rule: UpdateRule, param_indices: list[int] | None, counts: np.ndarray) -> np.ndarray:
         """Stochastic rounding's keys k_{s,t}, int64[T, 4]; a dummy row otherwise."""
@@ -577,16 +754,19 @@ def _real_dtype(t: Tensor) -> torch.dtype:
 
 
 def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
-    """The group's dtype buckets, rebuilt when the params or their state changed."""
+    """The group's (param dtype, state storage) buckets, rebuilt when the params or
+    their state changed."""
     key = (batch.key, rule.algorithm, rule.amsgrad)
     cached = batch.cache.get("cpu")
     if cached is not None and cached[0] == key:
         return cached[1]
-    by_dtypes: dict[tuple, list[int]] = {}
+    by_storage: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        moment = batch.states[i]["exp_avg"]
-        by_dtypes.setdefault((_real_dtype(p), _real_dtype(moment)), []).append(i)
-    buckets = [_Bucket(members, batch, rule, dtypes) for dtypes, members in by_dtypes.items()]
+        state = batch.states[i]
+        moment = state["exp_avg"] if "exp_avg" in state else blockwise.stored_format(state, "exp_avg", p.numel())
+        storage = moment if isinstance(moment, QuantFormat) else _real_dtype(moment)
+        by_storage.setdefault((_real_dtype(p), storage), []).append(i)
+    buckets = [_Bucket(members, batch, rule, storage) for storage, members in by_storage.items()]
     batch.cache["cpu"] = (key, buckets)
     return buckets
 

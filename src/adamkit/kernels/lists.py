@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from ..rule import GroupScalars, StepScalars, UpdateRule
-from ..state import SECOND_MOMENT_KEY
 from . import storage
 from .types import GroupBatch, GroupTensors, StepFn
 
@@ -27,20 +26,14 @@ def list_kernel(adam: ListKernelFn, adamax: ListKernelFn, *, fused: bool = False
     update as the fused kernels round it (for a fused kernel's fallback path)."""
 
     def step(batch: GroupBatch, rule: UpdateRule) -> None:
-        second = SECOND_MOMENT_KEY[rule.algorithm]
         states = batch.states
-        tensors = GroupTensors(
-            params=batch.params,
-            grads=batch.grads,
-            exp_avgs=[s["exp_avg"] for s in states],
-            exp_avg_sqs=[s[second] for s in states],
-            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if rule.amsgrad else [],
-        )
         steps = [s["step"] for s in states]
         for step_t in steps:
             step_t += 1
         run = adam if rule.algorithm == "adam" else adamax
-        work, store = storage.widened(tensors, states, steps, rule, batch.param_indices, widen_16_bit=fused)
+        work, store = storage.widened(
+            batch.params, batch.grads, states, steps, rule, batch.param_indices, widen_16_bit=fused
+        )
         run(work, rule, rule.group_scalars(), rule.step_scalars_for(steps))
         store()
 

@@ -2,8 +2,9 @@ r"""Storage policies for the torch-op kernels (reference and foreach): run the e
 math in the compute dtype on widened copies, then store back with the group's
 rounding (:mod:`adamkit.rounding` specifies it; this is its torch implementation).
 
-A param is *widened* when its states are kept in another dtype (``state_precision``)
-or when it is a bf16/fp16 param under ``rounding="kahan"`` or ``"stochastic"``.
+A param is *widened* when its states are kept in another dtype or quantized
+(``state_precision``) or when it is a bf16/fp16 param under ``rounding="kahan"`` or
+``"stochastic"``.
 Everything else is stepped in place, exactly as torch.optim does.  The user's
 ``.grad`` is read, never written: a gradient is converted into a new tensor or used
 as it is.
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import rounding
+from .. import blockwise, rounding
+from ..quantization import QuantFormat
 from ..rounding import MASK32, MIX_MULTIPLIERS
 from ..rule import UpdateRule
+from ..state import moment_keys
 from .types import GroupTensors
 
 
@@ -85,19 +88,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class _Stored:
-    """A tensor whose math runs on ``work`` (a widened copy, or itself)."""
+    """A value whose math runs on ``work``: a widened copy of ``target`` (or ``target``
+    itself), or, for a quantized moment (``fmt`` set), its dequantized values."""
 
-    target: Tensor
+    target: Tensor | None
     work: Tensor
     slot: int
+    key: str = ""
+    fmt: QuantFormat | None = None
 
 
 def _widen(t: Tensor, dtype: torch.dtype, slot: int) -> _Stored:
     return _Stored(t, t.to(dtype), slot)
 
 
+def _moment(state: dict, key: str, param: Tensor, dtype: torch.dtype, slot: int) -> _Stored:
+    fmt = blockwise.stored_format(state, key, param.numel()) if key not in state else None
+    if fmt is None:
+        return _widen(state[key], dtype, slot)
+    return _Stored(None, blockwise.load_moment(state, key, param.shape, fmt).to(dtype), slot, key, fmt)
+
+
 def widened(
-    tensors: GroupTensors,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
     states: Sequence[dict],
     steps: Sequence[Tensor],
     rule: UpdateRule,
@@ -109,39 +123,39 @@ def widened(
 
     Params that need no widening (the default: states in the param's dtype, nearest
     rounding) are passed through untouched, so their results stay torch's bits.
+    Quantized moments are dequantized to fp32 and quantized again after the update.
     ``widen_16_bit`` widens every bf16/fp16 param (fused-kernel semantics).
     """
     kahan = rule.rounding == "kahan"
     stochastic = rule.rounding == "stochastic"
-    work = GroupTensors(
-        list(tensors.params),
-        list(tensors.grads),
-        list(tensors.exp_avgs),
-        list(tensors.exp_avg_sqs),
-        list(tensors.max_exp_avg_sqs),
-    )
+    keys = moment_keys(rule.algorithm, rule.amsgrad)
+    work = GroupTensors(list(params), list(grads), [], [], [])
+    work_moments = (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs)
     pending: list[tuple[int, list[_Stored]]] = []
-    for i, param in enumerate(tensors.params):
+    for i, param in enumerate(params):
+        state = states[i]
         low = rounding.is_low_precision(param.dtype) and (rule.rounding != "nearest" or widen_16_bit)
-        state_tensors = [tensors.exp_avgs[i], tensors.exp_avg_sqs[i]] + (
-            [tensors.max_exp_avg_sqs[i]] if rule.amsgrad else []
-        )
-        if not low and all(s.dtype == param.dtype for s in state_tensors):
+        if not low and all(state.get(key) is not None and state[key].dtype == param.dtype for key in keys):
+            for key, moments in zip(keys, work_moments):
+                moments.append(state[key])
             continue
         dtype = compute_dtype(param.dtype)
         stored = [_widen(param, dtype, rounding.PARAM_SLOT)]
         if kahan and low:
-            stored[0].work.add_(states[i]["kahan_compensation"])
-        stored += [_widen(s, dtype, slot) for slot, s in enumerate(state_tensors, start=1)]
-        work.params[i], work.exp_avgs[i], work.exp_avg_sqs[i] = stored[0].work, stored[1].work, stored[2].work
-        if rule.amsgrad:
-            work.max_exp_avg_sqs[i] = stored[3].work
-        work.grads[i] = tensors.grads[i].to(dtype)
+            stored[0].work.add_(state["kahan_compensation"])
+        stored += [_moment(state, key, param, dtype, slot) for slot, key in enumerate(keys, start=1)]
+        work.params[i] = stored[0].work
+        for item, moments in zip(stored[1:], work_moments):
+            moments.append(item.work)
+        work.grads[i] = grads[i].to(dtype)
         pending.append((i, stored))
 
     def store() -> None:
         for i, stored in pending:
             for item in stored:
+                if item.fmt is not None:
+                    blockwise.store_moment(states[i], item.key, item.work, item.fmt)
+                    continue
                 if item.work is item.target:
                     continue  # already in its storage dtype: updated in place
                 low = rounding.is_low_precision(item.target.dtype)

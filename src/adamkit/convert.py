@@ -1,0 +1,99 @@
+"""Converting optimizer state dicts between adamkit's quantized states and the
+full-precision layout of ``torch.optim.Adam`` / ``AdamW`` / ``Adamax``.
+
+A quantized state dict stores each moment as codes and block scales (see
+:mod:`adamkit.quantization`), flat, so converting needs the params' shapes: pass the
+params (or their shapes) in ``state_dict`` order, i.e.
+``[p for g in optimizer.param_groups for p in g["params"]]``.
+
+Example::
+
+    >>> full = adamkit.convert.to_full_precision(adamkit_opt.state_dict(), params)
+    >>> torch_opt.load_state_dict(full)                      # torch.optim.AdamW
+    >>> adamkit_opt.load_state_dict(adamkit.convert.to_quantized(torch_opt.state_dict(), params, "int8"))
+
+Loading a full-precision state dict into an optimizer with ``state_precision="int8"``
+also works directly: its moments are quantized at the next step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import blockwise
+from .quantization import FORMATS, SIGNED_KEYS
+
+#: every moment key a state may hold (Adam, AMSGrad, AdaMax)
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf")
+
+
+def _shapes(params: Sequence[Tensor | torch.Size | Sequence[int]]) -> list[torch.Size]:
+    return [p.shape if isinstance(p, Tensor) else torch.Size(p) for p in params]
+
+
+def _param_ids(state_dict: dict) -> list:
+    return [i for group in state_dict["param_groups"] for i in group["params"]]
+
+
+def _check_count(state_dict: dict, shapes: list) -> None:
+    ids = _param_ids(state_dict)
+    if len(ids) != len(shapes):
+        raise ValueError(f"params has {len(shapes)} entries, but the state dict's param_groups hold {len(ids)} params")
+
+
+def to_full_precision(state_dict: dict, params: Sequence) -> dict:
+    """A copy of ``state_dict`` with every quantized moment dequantized into an fp32
+    tensor of its param's shape, under torch.optim's key; groups get
+    ``state_precision=None``.  Loads into torch.optim (which casts to the params' dtype)."""
+    shapes = _shapes(params)
+    _check_count(state_dict, shapes)
+    result = copy.deepcopy(state_dict)
+    for param_id, shape in zip(_param_ids(result), shapes):
+        state = result["state"].get(param_id)
+        if not state:
+            continue
+        for key in MOMENT_KEYS:
+            fmt = blockwise.stored_format(state, key, shape.numel())
+            if fmt is not None:
+                state[key] = blockwise.load_moment(state, key, shape, fmt)
+                blockwise.drop(state, key, fmt)
+    for group in result["param_groups"]:
+        if group.get("state_precision") in FORMATS:
+            group["state_precision"] = None
+    return result
+
+
+def to_quantized(state_dict: dict, params: Sequence, state_precision: str) -> dict:
+    """A copy of a full-precision ``state_dict`` (torch.optim's or adamkit's) with every
+    moment quantized in ``state_precision`` (``"int8"`` or ``"int4"``), and groups set to it."""
+    if state_precision not in FORMATS:
+        raise ValueError(f"Invalid state_precision: {state_precision!r} (allowed: {', '.join(map(repr, FORMATS))})")
+    fmt = FORMATS[state_precision]
+    shapes = _shapes(params)
+    _check_count(state_dict, shapes)
+    result = copy.deepcopy(state_dict)
+    for param_id, shape in zip(_param_ids(result), shapes):
+        state = result["state"].get(param_id)
+        if not state:
+            continue
+        for key in MOMENT_KEYS:
+            if key in state:
+                value = state.pop(key)
+                if tuple(value.shape) != tuple(shape):
+                    raise ValueError(
+                        f"state[{param_id}][{key!r}] has shape {tuple(value.shape)}, the param {tuple(shape)}"
+                    )
+                codes, scales = blockwise.stored_keys(key, fmt)
+                state[codes] = torch.empty(fmt.code_bytes(shape.numel()), dtype=torch.uint8, device=value.device)
+                state[scales] = torch.empty(fmt.blocks(shape.numel()), dtype=torch.bfloat16, device=value.device)
+                blockwise.quantize_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS)
+    for group in result["param_groups"]:
+        group["state_precision"] = state_precision
+    return result
+
+
+__all__ = ["MOMENT_KEYS", "to_full_precision", "to_quantized"]
