@@ -82,8 +82,8 @@ class QuantFormat:
         return -(-numel // self.block)
 
     def bytes_per_state(self, numel: int) -> int:
-        """Bytes held for one quantized moment of ``numel`` elements (codes and scales)."""
-        return self.code_bytes(numel) + 4 * self.blocks(numel)
+        """Bytes held for one quantized moment of ``numel`` elements (codes, bf16 scales)."""
+        return self.code_bytes(numel) + 2 * self.blocks(numel)
 
 
 FORMATS = {"int8": QuantFormat("int8", bits=8, block=256), "int4": QuantFormat("int4", bits=4, block=128)}

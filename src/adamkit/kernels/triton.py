@@ -1,10 +1,13 @@
 r"""Fused multi-tensor Triton kernel for CUDA: one launch per param group and dtype.
 
 Each program updates one chunk of at most :data:`BLOCK` elements of one tensor; a
-table of raw addresses (param, grad, exp_avg, second moment, max second moment) and
+table of raw addresses (param, grad, exp_avg, second moment, max second moment,
+Kahan compensation and, for quantized states, the moments' block scales) and
 a table of chunks let a single launch cover every tensor of the group, whatever
 their sizes.  The element math is the CPU kernel's (see :mod:`adamkit.kernels.cpu`),
 in fp32 (fp64 for fp64 params), with bf16/fp16 rounded to nearest even on store.
+Quantized moments (``state_precision="int8"``/``"int4"``) are dequantized on load
+and quantized again from the new fp32 values; a chunk covers whole blocks.
 
 Per-tensor step sizes and bias corrections come from :class:`adamkit.rule.UpdateRule`
 as device arrays.  With ``capturable=True`` they are computed on the device from the
@@ -27,7 +30,8 @@ import os
 import numpy as np
 import torch
 
-from .. import rounding
+from .. import blockwise, rounding
+from ..quantization import QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
 from ..state import COMPENSATION_KEY, moment_keys
 from . import foreach, storage
@@ -112,6 +116,109 @@ if triton is not None:
             tl.store(pointer + offsets, _to_storage(value, STORAGE), mask=mask)
 
     @triton.jit
+    def _dequantize(codes, scales, offsets, mask, BITS: tl.constexpr, QBLOCK: tl.constexpr, SIGNED: tl.constexpr):
+        """The spec's fp32 values of elements ``offsets`` (see adamkit.quantization)."""
+        if BITS == 8:
+            code = tl.load(codes + offsets, mask=mask, other=0).to(tl.int32)
+        else:
+            code = (tl.load(codes + offsets // 2, mask=mask, other=0).to(tl.int32) >> ((offsets & 1) * 4)) & 0xF
+        scale = tl.load(scales + offsets // QBLOCK, mask=mask, other=0).to(tl.float32)
+        if SIGNED:
+            k = code - ((1 << (BITS - 1)) - 1)
+            t = tl.math.div_rn(tl.abs(k).to(tl.float32), float((1 << (BITS - 1)) - 1))
+            value = scale * (t * t)
+            return tl.where(k < 0, -value, value)
+        else:
+            t = tl.math.div_rn((code + 1).to(tl.float32), float(1 << BITS))
+            return scale * (t * t)
+
+    @triton.jit
+    def _requantize(
+        value,
+        codes,
+        scales,
+        offsets,
+        mask,
+        first,
+        end,
+        BITS: tl.constexpr,
+        QBLOCK: tl.constexpr,
+        SIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Quantize a program's new values (``first`` on a block boundary): per block,
+        the absmax over bit patterns (NaN and infinity sort above every finite value)
+        rounded up to bf16, then each element's code; int4 codes two to a byte."""
+        x = tl.where(mask, value.to(tl.float32), 0.0)
+        patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        largest = tl.max(tl.reshape(patterns, [BLOCK // QBLOCK, QBLOCK]), axis=1)
+        largest = tl.minimum(largest, 0x7F800000)
+        rounded_up = (largest + 0xFFFF) >> 16
+        finite = (largest < 0x7F800000) & (rounded_up < 0x7F80)
+        block_index = first // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
+        scale_bits = tl.where(finite, rounded_up, 0x7FC0).to(tl.uint16)
+        tl.store(scales + block_index, scale_bits.to(tl.bfloat16, bitcast=True), mask=block_index * QBLOCK < end)
+        block_scale = (tl.where(finite, rounded_up, 0) << 16).to(tl.float32, bitcast=True)
+        usable = tl.where(finite, 1, 0)
+        scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+        ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+        ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
+        if SIGNED:
+            levels = (1 << (BITS - 1)) - 1
+            nearest = tl.floor(levels * tl.math.sqrt_rn(ratio) + 0.5).to(tl.int32)
+            code = tl.where(x < 0, -nearest, nearest) + levels
+        else:
+            nearest = tl.floor((1 << BITS) * tl.math.sqrt_rn(ratio) + 0.5).to(tl.int32)
+            code = tl.maximum(nearest - 1, 0)
+        code = tl.where(mask, code * ok, 0)
+        if BITS == 8:
+            tl.store(codes + offsets, code.to(tl.uint8), mask=mask)
+        else:
+            even, odd = tl.split(tl.reshape(code, [BLOCK // 2, 2]))
+            byte_index = first // 2 + tl.arange(0, BLOCK // 2)
+            tl.store(codes + byte_index, (even | (odd << 4)).to(tl.uint8), mask=byte_index * 2 < end)
+
+    @triton.jit
+    def _load_moment(
+        pointer,
+        scales,
+        offsets,
+        mask,
+        STORAGE: tl.constexpr,
+        BITS: tl.constexpr,
+        QBLOCK: tl.constexpr,
+        SIGNED: tl.constexpr,
+    ):
+        """A moment's values: loaded in its dtype, or dequantized to fp32."""
+        if BITS == 0:
+            return tl.load(pointer + offsets, mask=mask)
+        else:
+            return _dequantize(pointer, scales, offsets, mask, BITS, QBLOCK, SIGNED)
+
+    @triton.jit
+    def _put_moment(
+        pointer,
+        scales,
+        offsets,
+        mask,
+        value,
+        key,
+        first,
+        end,
+        STORAGE: tl.constexpr,
+        STOCHASTIC: tl.constexpr,
+        BITS: tl.constexpr,
+        QBLOCK: tl.constexpr,
+        SIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Store a new moment: in its dtype, or quantized (from the unrounded value)."""
+        if BITS == 0:
+            _put(pointer, offsets, mask, value, key, STORAGE, STOCHASTIC)
+        else:
+            _requantize(value, pointer, scales, offsets, mask, first, end, BITS, QBLOCK, SIGNED, BLOCK)
+
+    @triton.jit
     def _fused_step(
         table_ptr,
         chunk_ptr,
@@ -136,6 +243,8 @@ if triton is not None:
         AMP: tl.constexpr,
         KAHAN: tl.constexpr,
         STOCHASTIC: tl.constexpr,
+        QUANT_BITS: tl.constexpr,
+        QBLOCK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         chunk = tl.program_id(0)
@@ -149,13 +258,17 @@ if triton is not None:
             grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
         if not skip:
             param_pointer = tl.pointer_type(PARAM_STORAGE)
-            state_pointer = tl.pointer_type(STATE_STORAGE)
-            param = tl.load(table_ptr + 6 * t).to(param_pointer)
-            grad = tl.load(table_ptr + 6 * t + 1).to(param_pointer)
-            exp_avg = tl.load(table_ptr + 6 * t + 2).to(state_pointer)
-            second = tl.load(table_ptr + 6 * t + 3).to(state_pointer)
-            max_second = tl.load(table_ptr + 6 * t + 4).to(state_pointer)
-            compensation = tl.load(table_ptr + 6 * t + 5).to(param_pointer)
+            state_pointer = tl.pointer_type(STATE_STORAGE)  # uint8 codes when quantized
+            scales_pointer = tl.pointer_type(tl.bfloat16)
+            param = tl.load(table_ptr + 9 * t).to(param_pointer)
+            grad = tl.load(table_ptr + 9 * t + 1).to(param_pointer)
+            exp_avg = tl.load(table_ptr + 9 * t + 2).to(state_pointer)
+            second = tl.load(table_ptr + 9 * t + 3).to(state_pointer)
+            max_second = tl.load(table_ptr + 9 * t + 4).to(state_pointer)
+            compensation = tl.load(table_ptr + 9 * t + 5).to(param_pointer)
+            exp_avg_scales = tl.load(table_ptr + 9 * t + 6).to(scales_pointer)
+            second_scales = tl.load(table_ptr + 9 * t + 7).to(scales_pointer)
+            max_second_scales = tl.load(table_ptr + 9 * t + 8).to(scales_pointer)
             step_size = tl.load(step_size_ptr + t).to(COMPUTE)
             bias_correction2_sqrt = tl.load(bias_correction2_sqrt_ptr + t).to(COMPUTE)
             key_param = 0
@@ -182,19 +295,85 @@ if triton is not None:
                 g = g + l2_weight_decay * p
             if DECAY == 2:
                 p = p * tl.load(decay_factor_ptr).to(COMPUTE)
-            m = tl.load(exp_avg + offsets, mask=mask).to(COMPUTE)
+            m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True).to(
+                COMPUTE
+            )
             m = m + one_minus_beta1 * (g - m)
-            _put(exp_avg, offsets, mask, m, key_exp_avg, STATE_STORAGE, STOCHASTIC)
+            _put_moment(
+                exp_avg,
+                exp_avg_scales,
+                offsets,
+                mask,
+                m,
+                key_exp_avg,
+                first,
+                end,
+                STATE_STORAGE,
+                STOCHASTIC,
+                QUANT_BITS,
+                QBLOCK,
+                True,
+                BLOCK,
+            )
+            second_value = _load_moment(second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False)
             if ADAMAX:
-                u = tl.maximum(beta2 * tl.load(second + offsets, mask=mask).to(COMPUTE), tl.abs(g) + eps)
-                _put(second, offsets, mask, u, key_second, STATE_STORAGE, STOCHASTIC)
+                u = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
+                _put_moment(
+                    second,
+                    second_scales,
+                    offsets,
+                    mask,
+                    u,
+                    key_second,
+                    first,
+                    end,
+                    STATE_STORAGE,
+                    STOCHASTIC,
+                    QUANT_BITS,
+                    QBLOCK,
+                    False,
+                    BLOCK,
+                )
                 denom = u
             else:
-                v = beta2 * tl.load(second + offsets, mask=mask).to(COMPUTE) + one_minus_beta2 * g * g
-                _put(second, offsets, mask, v, key_second, STATE_STORAGE, STOCHASTIC)
+                v = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
+                _put_moment(
+                    second,
+                    second_scales,
+                    offsets,
+                    mask,
+                    v,
+                    key_second,
+                    first,
+                    end,
+                    STATE_STORAGE,
+                    STOCHASTIC,
+                    QUANT_BITS,
+                    QBLOCK,
+                    False,
+                    BLOCK,
+                )
                 if AMSGRAD:
-                    v = tl.maximum(tl.load(max_second + offsets, mask=mask).to(COMPUTE), v)
-                    _put(max_second, offsets, mask, v, key_max, STATE_STORAGE, STOCHASTIC)
+                    v_max = _load_moment(
+                        max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False
+                    )
+                    v = tl.maximum(v_max.to(COMPUTE), v)
+                    _put_moment(
+                        max_second,
+                        max_second_scales,
+                        offsets,
+                        mask,
+                        v,
+                        key_max,
+                        first,
+                        end,
+                        STATE_STORAGE,
+                        STOCHASTIC,
+                        QUANT_BITS,
+                        QBLOCK,
+                        False,
+                        BLOCK,
+                    )
                 denom = tl.sqrt(v) / bias_correction2_sqrt + eps
             p = p - step_size * (m / denom)
             if KAHAN:  # p = rn(theta), c = rn(theta - p)
@@ -211,6 +390,7 @@ def _triton_dtype(dtype: torch.dtype):
         torch.float64: tl.float64,
         torch.bfloat16: tl.bfloat16,
         torch.float16: tl.float16,
+        torch.uint8: tl.uint8,
     }[dtype]
 
 
@@ -229,28 +409,39 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Bucket:
-    """One (device, param dtype, state dtype) bucket of a group: what stays fixed between steps."""
+    """One (device, param dtype, state storage) bucket of a group: what stays fixed
+    between steps.  Quantized moments are held as uint8 codes and bf16 scales."""
 
-    def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule):
+    def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, state_storage):
         self.members = members
         params = [_real(batch.params[i]) for i in members]
         states = [batch.states[i] for i in members]
         self.device = params[0].device
         self.storage = params[0].dtype
-        self.state_storage = _real(states[0]["exp_avg"]).dtype
-        self.mode = rounding.effective_rounding(rule.rounding, self.storage, self.state_storage)
-        keys = moment_keys(rule.algorithm, rule.amsgrad) + ([COMPENSATION_KEY] if self.mode == "kahan" else [])
+        self.quantized = state_storage if isinstance(state_storage, QuantFormat) else None
+        self.state_storage = torch.uint8 if self.quantized else state_storage
+        moment_dtype = torch.float32 if self.quantized else state_storage
+        self.mode = rounding.effective_rounding(rule.rounding, self.storage, moment_dtype)
+        moments = moment_keys(rule.algorithm, rule.amsgrad)
+        if self.quantized:
+            moments = [blockwise.stored_keys(key, self.quantized)[0] for key in moments] + [
+                blockwise.stored_keys(key, self.quantized)[1] for key in moments
+            ]
+        keys = moments + ([COMPENSATION_KEY] if self.mode == "kahan" else [])
         self.state_tensors = [[_real(s[key]) for key in keys] for s in states]
         self.steps = [s["step"] for s in states]
         for p, tensors in zip(params, self.state_tensors):
             if not (p.is_contiguous() and all(t.is_contiguous() for t in tensors)):
                 raise _NeedsStaging
+        n = len(moment_keys(rule.algorithm, rule.amsgrad))
         rows = []
         for tensors in self.state_tensors:
             addresses = [t.data_ptr() for t in tensors]
-            maximum = addresses[2] if rule.amsgrad else addresses[1]
-            rows.append([addresses[0], addresses[1], maximum, addresses[-1] if self.mode == "kahan" else 0])
-        self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), 4)
+            # unused slots repeat the second moment (the kernel variant never touches them)
+            row = addresses[:n] + addresses[1:2] * (3 - n) + [addresses[-1] if self.mode == "kahan" else 0]
+            row += (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
+            rows.append(row)
+        self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), 7)
         self.chunks = torch.from_numpy(_chunk_table([p.numel() for p in params])).to(self.device)
         self.stream_keys: tuple | None = None
 
@@ -259,7 +450,7 @@ class _Bucket:
         grads = [_real(batch.grads[i]) for i in self.members]
         if not all(t.is_contiguous() for t in params + grads):
             raise _NeedsStaging
-        table = np.empty((len(self.members), 6), dtype=np.int64)
+        table = np.empty((len(self.members), 9), dtype=np.int64)
         table[:, 0] = [p.data_ptr() for p in params]
         table[:, 1] = [g.data_ptr() for g in grads]
         table[:, 2:] = self.state_addresses
@@ -292,9 +483,13 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
         return cached[1]
     by_kind: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        state_dtype = _real(batch.states[i]["exp_avg"]).dtype
-        by_kind.setdefault((p.device, _real(p).dtype, state_dtype), []).append(i)
-    buckets = [_Bucket(members, batch, rule) for members in by_kind.values()]
+        state = batch.states[i]
+        if "exp_avg" in state:
+            state_storage = _real(state["exp_avg"]).dtype
+        else:
+            state_storage = blockwise.stored_format(state, "exp_avg", p.numel())
+        by_kind.setdefault((p.device, _real(p).dtype, state_storage), []).append(i)
+    buckets = [_Bucket(members, batch, rule, kind[2]) for kind, members in by_kind.items()]
     batch.cache["triton"] = (key, buckets)
     return buckets
 
@@ -387,6 +582,8 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             AMP=amp,
             KAHAN=bucket.mode == "kahan",
             STOCHASTIC=bucket.mode == "stochastic",
+            QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
+            QBLOCK=bucket.quantized.block if bucket.quantized else 1,
             BLOCK=BLOCK,
         )
         if amp:

@@ -1,0 +1,410 @@
+"""``state_precision="int8"`` / ``"int4"``: the format against its specification, every
+kernel against the float64 reference, the issue's one-step accuracy criterion
+against torch.optim, state dicts, conversions and errors.
+
+Oracles: the NumPy reference of the format (:mod:`adamkit.quantization`), the
+closed-form error bound of its maps, the float64 reference step
+(:func:`oracle.stored_reference_step`) and torch.optim.AdamW itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from oracle import stored_reference_step
+from test_storage_conformance import CONFIGS, as_f64, check_stored
+
+import adamkit
+from adamkit import blockwise, quantization, reference
+from adamkit.convert import to_full_precision, to_quantized
+from adamkit.kernels import KERNELS
+from adamkit.quantization import FORMATS
+from adamkit.state import SECOND_MOMENT_KEY
+
+BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.device("cpu")) and kernel.available()]
+PRECISIONS = tuple(FORMATS)
+
+
+def error_bound(fmt: quantization.QuantFormat, signed: bool) -> float:
+    """max |x_hat - x| / s of a power-2 map: half a level in c = sqrt(|x|/s) moves the
+    value by at most (c + d)^2 - c^2 <= 2d + d^2 with d = 1/(2L), at c = 1; below the
+    unsigned map's first level the error is at most that level, (1/N)^2."""
+    levels = fmt.signed_levels if signed else fmt.unsigned_levels
+    half = 1.0 / (2 * levels)
+    return max(2 * half + half * half, 0.0 if signed else 1.0 / levels**2)
+
+
+def hostile_values(rng: np.random.Generator, n: int, signed: bool) -> np.ndarray:
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-12, 3, n)).astype(np.float32)
+    x[rng.integers(0, n, max(1, n // 50))] = 0.0
+    return x if signed else np.abs(x)
+
+
+# ---------------------------------------------------------------------------- format
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("n", [1, 2, 127, 128, 129, 255, 256, 257, 1000, 4097])
+def test_torch_quantizer_equals_the_numpy_specification(precision, signed, n):
+    fmt = FORMATS[precision]
+    rng = np.random.default_rng(n)
+    x = hostile_values(rng, n, signed)
+    if n > 300:  # a non-finite block poisons only itself
+        x[260] = np.nan
+        x[-1] = np.inf
+    codes, scales = quantization.quantize(x, fmt, signed)
+    stored_codes = torch.zeros(fmt.code_bytes(n), dtype=torch.uint8)
+    stored_scales = torch.zeros(fmt.blocks(n), dtype=torch.bfloat16)
+    blockwise.quantize_into(torch.from_numpy(x), stored_codes, stored_scales, fmt, signed)
+    assert np.array_equal(stored_codes.numpy(), codes)
+    assert np.array_equal(stored_scales.float().numpy(), scales, equal_nan=True)
+    back = blockwise.dequantize(stored_codes, stored_scales, fmt, signed, torch.Size([n])).numpy()
+    assert np.array_equal(back, quantization.dequantize(codes, scales, fmt, signed, (n,)), equal_nan=True)
+    assert stored_codes.numel() + 2 * stored_scales.numel() == fmt.bytes_per_state(n)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_dequantized_values_are_within_the_closed_form_bound(precision, signed):
+    fmt = FORMATS[precision]
+    x = hostile_values(np.random.default_rng(1), 50_000, signed)
+    codes, scales = quantization.quantize(x, fmt, signed)
+    back = quantization.dequantize(codes, scales, fmt, signed, x.shape)
+    s = np.repeat(scales, fmt.block)[: x.size].astype(np.float64)
+    assert np.all(scales >= np.abs(quantization._blocked(x, fmt.block)).max(axis=1))  # rounded up: no overflow
+    error = np.abs(back.astype(np.float64) - x)
+    bound = error_bound(fmt, signed) * s * (1 + 2.0**-20)
+    assert np.all(error <= bound)
+    assert error.max() > 0.5 * bound.max() / (1 + 2.0**-20) * (x.size > 0)  # the bound is tight, not vacuous
+    if not signed:  # no zero level: a positive v never dequantizes to 0
+        assert np.all(back[(x > 0)] > 0)
+
+
+def test_non_finite_values_poison_only_their_block():
+    fmt = FORMATS["int8"]
+    x = np.ones(3 * fmt.block, dtype=np.float32)
+    x[fmt.block + 5] = np.inf
+    codes, scales = quantization.quantize(x, fmt, True)
+    back = quantization.dequantize(codes, scales, fmt, True, x.shape)
+    assert np.isnan(scales[1]) and np.all(np.isnan(back[fmt.block : 2 * fmt.block]))
+    assert np.all(back[: fmt.block] == 1) and np.all(back[2 * fmt.block :] == 1)
+
+
+def test_bytes_per_param_meet_the_budget():
+    # optimizer-state bytes (two moments) per param of a large tensor
+    n = 1 << 20
+    assert 2 * FORMATS["int8"].bytes_per_state(n) / n <= 2.03
+    assert 2 * FORMATS["int4"].bytes_per_state(n) / n <= 1.06
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def conformance_cases():
+    for backend in BACKENDS:
+        for precision in PRECISIONS:
+            for dtype, mode in [
+                (torch.float32, "nearest"),
+                (torch.bfloat16, "nearest"),
+                (torch.bfloat16, "kahan"),
+                (torch.bfloat16, "stochastic"),
+            ]:
+                for config in CONFIGS:
+                    yield pytest.param(
+                        backend, precision, dtype, mode, config, id=f"{backend}-{precision}-{dtype}-{mode}-{config}"
+                    )
+
+
+def near_a_code_boundary(exact: np.ndarray, scales: np.ndarray, fmt, signed: bool, tolerance: float) -> np.ndarray:
+    """Elements whose companded value L sqrt(|x|/s) lies within ``tolerance`` of a
+    rounding boundary (k + 1/2), or whose block's absmax lies near a bf16 boundary."""
+    s = np.repeat(scales, fmt.block)[: exact.size].astype(np.float64)
+    levels = fmt.signed_levels if signed else fmt.unsigned_levels
+    with np.errstate(invalid="ignore", divide="ignore"):
+        position = levels * np.sqrt(np.abs(exact.ravel()) / np.where(s > 0, s, 1)) + 0.5
+    return np.abs(position - np.round(position)) <= tolerance
+
+
+@pytest.mark.parametrize("backend, precision, dtype, mode, config", list(conformance_cases()))
+def test_one_step_matches_the_reference_then_the_format(backend, precision, dtype, mode, config):
+    """The update uses the new moments before quantization: params match the float64
+    reference stepped from the dequantized state (stored per the rounding spec);
+    the new moments are the format's quantization of the exact ones, except where an
+    exact value lies within fp32 error of a code boundary."""
+    cls, kwargs = CONFIGS[config]
+    fmt = FORMATS[precision]
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3000,), (40, 50), ()]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    opt = cls(params, lr=1e-2, backend=backend, rounding=mode, state_precision=precision, seed=99, **kwargs)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        opt.step()
+
+    group = opt.param_groups[0]
+    algorithm = "adamax" if cls is adamkit.AdaMax else "adam"
+    second = SECOND_MOMENT_KEY[algorithm]
+    moment_names = {"exp_avg": "exp_avg", second: "second", "max_exp_avg_sq": "max_second"}
+    hp = reference.Hyperparameters(
+        lr=group["lr"],
+        weight_decay=kwargs.get("weight_decay", 0.0),
+        weight_decay_mode="fully_decoupled"
+        if kwargs.get("decouple_lr")
+        else ("decoupled" if cls is adamkit.AdamW or kwargs.get("decoupled_weight_decay") else "l2"),
+        max_lr=group["max_lr"],
+        amsgrad=kwargs.get("amsgrad", False),
+        maximize=kwargs.get("maximize", False),
+    )
+    before, grads = [], []
+    for p in params:
+        state = opt.state[p]
+        assert "exp_avg" not in state  # no silent full-precision fallback, whatever the size
+        stored = {"param": as_f64(p), "step": int(state["step"].item())}
+        for key, name in moment_names.items():
+            if blockwise.stored_format(state, key, p.numel()) is fmt:
+                stored[name] = blockwise.load_moment(state, key, p.shape, fmt).double().numpy()
+        if "kahan_compensation" in state:
+            stored["compensation"] = as_f64(state["kahan_compensation"])
+        before.append(stored)
+        p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        grads.append(as_f64(p.grad))
+    opt.step()
+
+    for index, (p, stored, grad) in enumerate(zip(params, before, grads)):
+        expected = stored_reference_step(
+            algorithm,
+            stored,
+            grad,
+            hp,
+            param_dtype=dtype,
+            state_dtype=torch.float32,
+            rounding_mode=mode,
+            seed=99,
+            param_index=index,
+        )
+        state = opt.state[p]
+        theta = stored["param"] + stored.get("compensation", 0.0)
+        step_size = group["lr"] / (1 - 0.9 ** expected["step"])
+        param_scale = np.abs(theta) + np.abs(expected["exact"]["param"]) + 4 * step_size
+        check_stored(p, expected, "param", param_scale)
+        for key, name in moment_names.items():
+            if name not in expected:
+                continue
+            signed = key in quantization.SIGNED_KEYS
+            codes_key, scales_key = blockwise.stored_keys(key, fmt)
+            exact = expected["exact"][name].astype(np.float32)
+            want_codes, want_scales = quantization.quantize(exact, fmt, signed)
+            got_scales = state[scales_key].float().numpy()
+            scale_ok = got_scales == want_scales
+            assert scale_ok.mean() > 0.99, f"{name}: {np.sum(~scale_ok)} block scales differ"
+            got = quantization.unpack(state[codes_key].numpy(), fmt, p.numel())
+            want = quantization.unpack(want_codes, fmt, p.numel())
+            in_good_block = np.repeat(scale_ok, fmt.block)[: p.numel()]
+            differs = (got != want) & in_good_block
+            assert np.all(near_a_code_boundary(exact, want_scales, fmt, signed, 1e-4)[differs]), name
+            assert np.all(np.abs(got - want)[in_good_block] <= 1), name
+            back = blockwise.load_moment(state, key, p.shape, fmt).double().numpy()
+            bound = error_bound(fmt, signed) * np.repeat(got_scales, fmt.block)[: p.numel()].reshape(p.shape)
+            assert np.all(np.abs(back - expected["exact"][name]) <= bound * 1.001 + 1e-30), name
+        assert int(state["step"].item()) == expected["step"]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fused_kernels_and_torch_ops_store_the_same_codes_for_the_same_values(precision):
+    """Quantization itself is exact arithmetic on fp32 values: given equal new moments
+    (AdaMax with integer-valued gradients keeps them exact), every backend stores
+    identical codes and scales."""
+    results = []
+    for backend in BACKENDS:
+        g = torch.Generator().manual_seed(5)
+        p = torch.nn.Parameter(torch.randn(5000, generator=g))
+        opt = adamkit.AdaMax([p], lr=1e-3, betas=(0.5, 0.5), eps=1.0, backend=backend, state_precision=precision)
+        p.grad = torch.randint(-8, 8, (5000,), generator=g).float()
+        opt.step()
+        results.append({k: v.clone() for k, v in opt.state[p].items() if k != "step"})
+    for other in results[1:]:
+        assert all(torch.equal(results[0][k], other[k]) for k in results[0])
+
+
+# ---------------------------------------------------------------------------- the issue's criteria
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_one_step_from_identical_state_against_torch(backend, precision):
+    """The issue's criterion: from identical state (adamkit's dequantized state, given
+    to torch.optim.AdamW through the converter), one step: dequantized states within
+    atol 3e-3 / rtol 1e-3 of fp32 AdamW's with fewer than 20 per million outside,
+    param mean absolute error < 6e-5.  Gradients of std 0.01 (the anchors' test
+    scale), where that tolerance is loose; so the states are also held to the
+    format's closed-form bound relative to each block's scale, which does not
+    depend on the gradients' scale.  A million params (64k under the Triton
+    interpreter, which is slow)."""
+    grad_scale = 1e-2
+    g = torch.Generator().manual_seed(0)
+    shape = (256, 256) if backend == "triton" else (1000, 1000)
+    ours = torch.nn.Parameter(torch.randn(shape, generator=g) * 0.1)
+    opt = adamkit.AdamW([ours], lr=1e-3, backend=backend, state_precision=precision)
+    for _ in range(10):
+        ours.grad = torch.randn(shape, generator=g) * grad_scale
+        opt.step()
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    torch_opt = torch.optim.AdamW([theirs], lr=1e-3)
+    torch_opt.load_state_dict(to_full_precision(opt.state_dict(), [ours]))
+    grad = torch.randn(shape, generator=g) * grad_scale
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    opt.step()
+    torch_opt.step()
+
+    mine = to_full_precision(opt.state_dict(), [ours])["state"][0]
+    fmt = FORMATS[precision]
+    for key in ("exp_avg", "exp_avg_sq"):
+        want = torch_opt.state[theirs][key]
+        outside = ~torch.isclose(mine[key], want, rtol=1e-3, atol=3e-3)
+        assert outside.sum().item() < 20 * want.numel() / 1e6, key
+        scales = opt.state[ours][f"{key}_{precision}_scales"].float().repeat_interleave(fmt.block)[: want.numel()]
+        bound = error_bound(fmt, key == "exp_avg") * scales.view(shape) * 1.001
+        assert torch.all((mine[key] - want).abs() <= bound + 2.0**-20 * want.abs()), key  # + fp32 op order
+    assert (ours - theirs).abs().mean().item() < 6e-5
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_small_and_ragged_tensors_are_quantized_too(precision):
+    fmt = FORMATS[precision]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (1, 3, fmt.block - 1, fmt.block + 1, 4095)]
+    opt = adamkit.Adam(params, state_precision=precision)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in params:
+        state = opt.state[p]
+        assert sorted(state) == sorted(
+            ["step", *blockwise.stored_keys("exp_avg", fmt), *blockwise.stored_keys("exp_avg_sq", fmt)]
+        )
+        assert state[f"exp_avg_{precision}"].numel() == fmt.code_bytes(p.numel())
+
+
+def test_a_param_group_can_opt_out():
+    embedding, weight = torch.nn.Parameter(torch.randn(50, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    opt = adamkit.AdamW(
+        [{"params": [embedding], "state_precision": None}, {"params": [weight]}], state_precision="int8"
+    )
+    embedding.grad, weight.grad = torch.randn_like(embedding), torch.randn_like(weight)
+    opt.step()
+    assert opt.state[embedding]["exp_avg"].dtype == torch.float32
+    assert "exp_avg_int8" in opt.state[weight]
+
+
+# ---------------------------------------------------------------------------- state dicts and conversion
+
+
+def trained(backend="cpu", precision="int8", steps=3, **kwargs):
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(300,), (20, 30), ()]]
+    opt = adamkit.AdamW(params, lr=1e-2, backend=backend, state_precision=precision, **kwargs)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_state_dict_round_trips_codes_and_scales_exactly(backend, precision):
+    params, opt = trained(backend, precision, amsgrad=True)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    other = adamkit.AdamW(copies, lr=1e-2, backend=backend, state_precision=precision, amsgrad=True)
+    other.load_state_dict(torch.load(buffer))
+    for p, q in zip(params, copies):
+        a, b = opt.state[p], other.state[q]
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    g = torch.Generator().manual_seed(2)
+    for p, q in zip(params, copies):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    opt.step()
+    other.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+
+
+def test_conversion_to_torch_and_back():
+    params, opt = trained("cpu", "int8")
+    full = to_full_precision(opt.state_dict(), params)
+    assert all(full["state"][i]["exp_avg"].shape == p.shape for i, p in enumerate(params))
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    torch_opt = torch.optim.AdamW(copies, lr=1e-2)
+    torch_opt.load_state_dict(full)
+    for i, p in enumerate(params):
+        want = blockwise.load_moment(opt.state[p], "exp_avg_sq", p.shape, FORMATS["int8"])
+        assert torch.equal(torch_opt.state[copies[i]]["exp_avg_sq"], want)
+    back = to_quantized(torch_opt.state_dict(), copies, "int8")
+    fmt = FORMATS["int8"]
+    for i, p in enumerate(params):  # within the format's bound of the full-precision moments
+        for key in ("exp_avg", "exp_avg_sq"):
+            got = blockwise.load_moment(back["state"][i], key, p.shape, fmt)
+            scales = back["state"][i][f"{key}_int8_scales"].float().repeat_interleave(fmt.block)[: p.numel()]
+            bound = error_bound(fmt, key == "exp_avg") * scales.view(p.shape)
+            assert torch.all((got - full["state"][i][key]).abs() <= bound * 1.001)
+    assert back["param_groups"][0]["state_precision"] == "int8"
+    with pytest.raises(ValueError, match="params has 2 entries"):
+        to_full_precision(opt.state_dict(), params[:2])
+    with pytest.raises(ValueError, match="Invalid state_precision: 'int2'"):
+        to_quantized(full, params, "int2")
+
+
+def test_a_torch_checkpoint_loads_into_a_quantized_optimizer_and_is_quantized_at_the_next_step():
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(500, generator=g))]
+    torch_opt = torch.optim.AdamW(params, lr=1e-2)
+    params[0].grad = torch.randn(500, generator=g)
+    torch_opt.step()
+    opt = adamkit.AdamW(params, lr=1e-2, state_precision="int4")
+    opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    expected = to_quantized(torch_opt.state_dict(), params, "int4")["state"][0]
+    params[0].grad = torch.zeros(500)
+    before = {k: v.clone() for k, v in expected.items()}
+    opt.step()  # the loaded fp32 moments are quantized first, then stepped
+    assert "exp_avg" not in opt.state[params[0]] and "exp_avg_int4" in opt.state[params[0]]
+    assert before["exp_avg_int4"].shape == opt.state[params[0]]["exp_avg_int4"].shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_switching_state_precision_mid_run_converts_the_state(backend):
+    params, opt = trained(backend, None)
+    m = opt.state[params[0]]["exp_avg"].clone()
+    for precision, next_precision in (("int8", "int4"), ("int4", None)):
+        opt.param_groups[0]["state_precision"] = precision
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        assert f"exp_avg_{precision}" in opt.state[params[0]]
+        opt.param_groups[0]["state_precision"] = next_precision
+    opt.step()
+    back = opt.state[params[0]]["exp_avg"]
+    assert back.dtype == torch.float32 and torch.allclose(back, m * 0.9**3, atol=0.2 * m.abs().max().item())
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_quantized_states_reject_complex_params_and_differentiable():
+    z = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    opt = adamkit.Adam([z], state_precision="int8")
+    z.grad = torch.randn_like(z)
+    with pytest.raises(ValueError, match="state_precision='int8' needs real params"):
+        opt.step()
+    with pytest.raises(ValueError, match="state_precision='int4' does not support differentiable=True"):
+        adamkit.Adam([torch.nn.Parameter(torch.randn(3))], state_precision="int4", differentiable=True)
+    with pytest.raises(ValueError, match="allowed: None, 'fp32', 'bf16', 'int8', 'int4'"):
+        adamkit.Adam([torch.nn.Parameter(torch.randn(3))], state_precision="int2")
