@@ -1,9 +1,12 @@
 """GPU step benchmark: adamkit's Triton kernel against torch.optim.Adam fused and foreach.
 
 In one process, in interleaved rounds, timed with CUDA events: (a) ~1B fp32 params in
-GPT-like shapes, (b) many small tensors, (c) bf16 params.  Prints median ms, the
-ratio to torch fused, effective bandwidth (28 bytes per fp32 param, 14 per bf16) and
-that as a percentage of a device-to-device copy timed in the same rounds.
+GPT-like shapes, (b) many small tensors, (c) bf16 params, (d) quantized states.
+Prints median ms, the ratio to torch fused, effective bandwidth (28 bytes per fp32
+param, 14 per bf16) and that as a percentage of a device-to-device copy timed in the
+same rounds.  Case (d) times AdamW with int8/int4 states against torch fused (fp32
+states) and, where installed, bitsandbytes' and torchao's 8-/4-bit AdamW, and prints
+each one's optimizer-state bytes per param.
 
     python benchmarks/bench_gpu.py               # needs a CUDA device
     python benchmarks/bench_gpu.py --cases b,c --rounds 50
@@ -25,7 +28,44 @@ CASES = {
     "a": Case("(a) ~1B fp32 params, GPT-like shapes", gpt2_shapes(n_layer=36, d_model=1536)),
     "b": Case("(b) 50M fp32 params in 10000 tensors", [(5_000,)] * 10_000),
     "c": Case("(c) ~350M bf16 params, GPT-like shapes", gpt2_shapes(n_layer=24, d_model=1024), torch.bfloat16),
+    "d": Case("(d) ~350M fp32 params, GPT-like shapes, quantized states", gpt2_shapes(n_layer=24, d_model=1024)),
 }
+
+
+def quantized_contenders() -> dict:
+    """AdamW with low-bit states: adamkit's, and the anchors' where they are installed."""
+    contenders = {
+        "torch fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+        "adamkit int8": lambda ps: adamkit.AdamW(ps, backend="triton", state_precision="int8"),
+        "adamkit int4": lambda ps: adamkit.AdamW(ps, backend="triton", state_precision="int4"),
+    }
+    try:
+        import bitsandbytes
+
+        contenders["bitsandbytes 8bit"] = lambda ps: bitsandbytes.optim.AdamW8bit(ps)
+    except ImportError:
+        print("(bitsandbytes not installed: not a contender)")
+    try:
+        from torchao import optim as torchao_optim
+
+        contenders["torchao 8bit"] = lambda ps: torchao_optim.AdamW8bit(ps)
+        contenders["torchao 4bit"] = lambda ps: torchao_optim.AdamW4bit(ps)
+    except ImportError:
+        print("(torchao not installed: not a contender)")
+    return contenders
+
+
+def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    held = 0
+    for p in params:
+        for key, value in optimizer.state[p].items():
+            if key != "step" and torch.is_tensor(value):
+                inner = getattr(value, "__tensor_flatten__", None)  # torchao's tensor subclasses
+                parts = [getattr(value, name) for name in inner()[0]] if inner else [value]
+                held += sum(t.numel() * t.element_size() for t in parts)
+    return held / sum(p.numel() for p in params)
+
 
 CONTENDERS = {
     "torch foreach": lambda ps: torch.optim.Adam(ps, foreach=True),
@@ -52,8 +92,8 @@ def time_ms(fn) -> float:
     return start.elapsed_time(end)
 
 
-def run_case(case: Case, rounds: int) -> tuple[dict[str, float], float]:
-    optimizers = {name: make(make_params(case)) for name, make in CONTENDERS.items()}
+def run_case(case: Case, rounds: int, contenders: dict = CONTENDERS) -> tuple[dict[str, float], float, dict]:
+    optimizers = {name: make(make_params(case)) for name, make in contenders.items()}
     source = torch.empty(256 << 20, dtype=torch.float32, device="cuda")  # 1 GiB
     target = torch.empty_like(source)
     steps = {name: opt.step for name, opt in optimizers.items()} | {"copy": lambda: target.copy_(source)}
@@ -67,12 +107,13 @@ def run_case(case: Case, rounds: int) -> tuple[dict[str, float], float]:
             times[name].append(time_ms(step))
     medians = {name: statistics.median(t) for name, t in times.items()}
     copy_gbps = 2 * source.numel() * 4 / (medians.pop("copy") / 1e3) / 1e9
-    return medians, copy_gbps
+    held = {name: state_bytes_per_param(opt) for name, opt in optimizers.items()}
+    return medians, copy_gbps, held
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="a,b,c")
+    parser.add_argument("--cases", default="a,b,c,d")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -83,7 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for key in args.cases.split(","):
         case = CASES[key]
-        medians, copy_gbps = run_case(case, args.rounds)
+        if key == "d":
+            medians, _, held = run_case(case, args.rounds, quantized_contenders())
+            print(f"{case.name}: {case.params / 1e6:.0f}M params")
+            print(f"  {'contender':18s} {'ms':>8s} {'vs fused':>9s} {'state B/param':>14s}")
+            for name, ms in medians.items():
+                print(f"  {name:18s} {ms:8.2f} {ms / medians['torch fused']:9.2f} {held[name]:14.3f}")
+            print()
+            continue
+        medians, copy_gbps, _ = run_case(case, args.rounds)
         fused, moved = medians["torch fused"], BYTES_PER_PARAM[case.dtype] * case.params
         print(f"{case.name}: {case.params / 1e6:.0f}M params, {moved / 1e9:.2f} GB moved per step")
         print(f"  device-to-device copy, same rounds: {copy_gbps:.0f} GB/s")

@@ -9,16 +9,28 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_train_bf16_runs_and_prints_its_table(tmp_path):
-    command = [sys.executable, "train_bf16.py", "--steps", "3", "--runs", "fp32", "bf16 kahan", "--out", str(tmp_path)]
+def test_train_storage_runs_and_prints_its_table(tmp_path):
+    command = [
+        sys.executable,
+        "train_storage.py",
+        "--steps",
+        "3",
+        "--runs",
+        "fp32",
+        "bf16 kahan",
+        "fp32, int4 states",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "bf16 kahan" in result.stdout and "held-out" in result.stdout
-    assert (tmp_path / "curves.csv").read_text().splitlines()[0] == "step,fp32,bf16 kahan"
+    assert (tmp_path / "curves.csv").read_text().splitlines()[0] == 'step,fp32,bf16 kahan,"fp32, int4 states"'
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
-def test_train_bf16_rejects_unknown_runs():
+def test_train_storage_rejects_unknown_runs():
     result = subprocess.run(
-        [sys.executable, "train_bf16.py", "--runs", "bf8"], cwd=BENCHMARKS, capture_output=True, text=True
+        [sys.executable, "train_storage.py", "--runs", "bf8"], cwd=BENCHMARKS, capture_output=True, text=True
     )
     assert result.returncode == 2 and "unknown runs ['bf8']" in result.stderr

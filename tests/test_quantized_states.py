@@ -16,10 +16,17 @@ import numpy as np
 import pytest
 import torch
 from oracle import stored_reference_step
-from test_storage_conformance import CONFIGS, as_f64, check_stored
+from test_storage_conformance import (
+    CONFIGS,
+    check_stored,
+    oracle_names,
+    reference_setup,
+    snapshot_then_step,
+    warmed_up,
+)
 
 import adamkit
-from adamkit import blockwise, quantization, reference
+from adamkit import blockwise, quantization
 from adamkit.convert import to_full_precision, to_quantized
 from adamkit.kernels import KERNELS
 from adamkit.quantization import FORMATS
@@ -141,40 +148,17 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
     g = torch.Generator().manual_seed(0)
     shapes = [(3000,), (40, 50), ()]
     params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
-    opt = cls(params, lr=1e-2, backend=backend, rounding=mode, state_precision=precision, seed=99, **kwargs)
-    for _ in range(3):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(dtype)
-        opt.step()
-
+    opt = warmed_up(cls, params, g, dtype, backend=backend, rounding=mode, state_precision=precision, **kwargs)
     group = opt.param_groups[0]
-    algorithm = "adamax" if cls is adamkit.AdaMax else "adam"
-    second = SECOND_MOMENT_KEY[algorithm]
-    moment_names = {"exp_avg": "exp_avg", second: "second", "max_exp_avg_sq": "max_second"}
-    hp = reference.Hyperparameters(
-        lr=group["lr"],
-        weight_decay=kwargs.get("weight_decay", 0.0),
-        weight_decay_mode="fully_decoupled"
-        if kwargs.get("decouple_lr")
-        else ("decoupled" if cls is adamkit.AdamW or kwargs.get("decoupled_weight_decay") else "l2"),
-        max_lr=group["max_lr"],
-        amsgrad=kwargs.get("amsgrad", False),
-        maximize=kwargs.get("maximize", False),
-    )
-    before, grads = [], []
-    for p in params:
-        state = opt.state[p]
+    algorithm, hp = reference_setup(cls, kwargs, group)
+    moment_names = oracle_names(SECOND_MOMENT_KEY[algorithm])
+
+    def dequantized(state: dict, p: torch.Tensor) -> dict:
         assert "exp_avg" not in state  # no silent full-precision fallback, whatever the size
-        stored = {"param": as_f64(p), "step": int(state["step"].item())}
-        for key, name in moment_names.items():
-            if blockwise.stored_format(state, key, p.numel()) is fmt:
-                stored[name] = blockwise.load_moment(state, key, p.shape, fmt).double().numpy()
-        if "kahan_compensation" in state:
-            stored["compensation"] = as_f64(state["kahan_compensation"])
-        before.append(stored)
-        p.grad = torch.randn(p.shape, generator=g).to(dtype)
-        grads.append(as_f64(p.grad))
-    opt.step()
+        held = {k: name for k, name in moment_names.items() if blockwise.stored_format(state, k, p.numel()) is fmt}
+        return {name: blockwise.load_moment(state, k, p.shape, fmt).double().numpy() for k, name in held.items()}
+
+    before, grads = snapshot_then_step(opt, params, g, dtype, dequantized)
 
     for index, (p, stored, grad) in enumerate(zip(params, before, grads)):
         expected = stored_reference_step(
@@ -408,3 +392,47 @@ def test_quantized_states_reject_complex_params_and_differentiable():
         adamkit.Adam([torch.nn.Parameter(torch.randn(3))], state_precision="int4", differentiable=True)
     with pytest.raises(ValueError, match="allowed: None, 'fp32', 'bf16', 'int8', 'int4'"):
         adamkit.Adam([torch.nn.Parameter(torch.randn(3))], state_precision="int2")
+
+
+# ---------------------------------------------------------------------------- hostile layouts and values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_awkward_layouts_match_the_torch_op_path_and_stay_inside_views(backend, precision):
+    """Empty, transposed, 0-d and sliced-view params: the same results as the foreach
+    path (codes follow the row-major index whatever the memory order), and nothing
+    outside a view is written."""
+    base = torch.randn(40, 60, generator=torch.Generator().manual_seed(0))
+    results = []
+    for name in (backend, "foreach"):
+        g = torch.Generator().manual_seed(1)
+        whole = base.clone()
+        view = whole[:, ::3]
+        params = [torch.zeros(0), torch.randn(30, 20, generator=g).t(), torch.randn((), generator=g), view]
+        opt = adamkit.AdamW(params, lr=1e-2, backend=name, state_precision=precision)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append((params, whole, opt))
+    (mine, whole, opt), (theirs, _, other) = results
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(mine, theirs))
+    assert torch.equal(whole[:, 1::3], base[:, 1::3]) and torch.equal(whole[:, 2::3], base[:, 2::3])
+    for a, b in zip(mine, theirs):
+        assert all(torch.equal(opt.state[a][k], other.state[b][k]) for k in opt.state[a] if k.endswith("_scales"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_gradient_poisons_only_its_block(backend):
+    fmt = FORMATS["int8"]
+    p = torch.nn.Parameter(torch.randn(3 * fmt.block, generator=torch.Generator().manual_seed(0)))
+    opt = adamkit.Adam([p], backend=backend, state_precision="int8")
+    p.grad = torch.ones_like(p)
+    p.grad[fmt.block + 7] = float("nan")
+    opt.step()
+    scales = opt.state[p]["exp_avg_int8_scales"].float()
+    assert scales[1].isnan() and scales[[0, 2]].isfinite().all()
+    m = blockwise.load_moment(opt.state[p], "exp_avg", p.shape, fmt)
+    assert m[fmt.block : 2 * fmt.block].isnan().all() and m[: fmt.block].isfinite().all()
+    assert p[fmt.block + 7].isnan() and p[: fmt.block].isfinite().all()  # the update itself is per element

@@ -52,6 +52,53 @@ def cases():
         yield pytest.param(backend, dtype, mode, precision, config, id=f"{backend}-{dtype}-{mode}-{precision}-{config}")
 
 
+def warmed_up(cls, params, generator, dtype, **options):
+    """An optimizer over ``params`` after three steps (non-trivial state), seed 99."""
+    opt = cls(params, lr=1e-2, seed=99, **options)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+        opt.step()
+    return opt
+
+
+def oracle_names(second: str) -> dict[str, str]:
+    """State key -> the oracle's name for each moment."""
+    return {"exp_avg": "exp_avg", second: "second", "max_exp_avg_sq": "max_second"}
+
+
+def reference_setup(cls, kwargs: dict, group: dict) -> tuple[str, reference.Hyperparameters]:
+    """The reference's algorithm and hyperparameters for a CONFIGS entry and its group."""
+    mode_name = "fully_decoupled" if kwargs.get("decouple_lr") else None
+    decoupled = cls is adamkit.AdamW or kwargs.get("decoupled_weight_decay")
+    hp = reference.Hyperparameters(
+        lr=group["lr"],
+        weight_decay=kwargs.get("weight_decay", 0.0),
+        weight_decay_mode=mode_name or ("decoupled" if decoupled else "l2"),
+        max_lr=group["max_lr"],
+        amsgrad=kwargs.get("amsgrad", False),
+        maximize=kwargs.get("maximize", False),
+    )
+    return ("adamax" if cls is adamkit.AdaMax else "adam"), hp
+
+
+def snapshot_then_step(opt, params, generator, dtype, moments_of) -> tuple[list[dict], list[np.ndarray]]:
+    """Each param's stored values as float64 (param, step count, ``moments_of(state,
+    param)`` under the oracle's names, Kahan compensation), then one more step with
+    fresh gradients; returns the snapshots and those gradients."""
+    before, grads = [], []
+    for p in params:
+        state = opt.state[p]
+        stored = {"param": as_f64(p), "step": int(state["step"].item()), **moments_of(state, p)}
+        if "kahan_compensation" in state:
+            stored["compensation"] = as_f64(state["kahan_compensation"])
+        before.append(stored)
+        p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+        grads.append(as_f64(p.grad))
+    opt.step()
+    return before, grads
+
+
 def as_f64(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().numpy().copy()
 
@@ -93,38 +140,14 @@ def test_one_step_matches_stored_reference(backend, dtype, mode, precision, conf
         )
         for s in SHAPES
     ]
-    opt = cls(params, lr=1e-2, backend=backend, rounding=mode, state_precision=precision, seed=99, **kwargs)
-    for _ in range(3):  # non-trivial state
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(dtype)
-        opt.step()
-
+    opt = warmed_up(cls, params, g, dtype, backend=backend, rounding=mode, state_precision=precision, **kwargs)
     group = opt.param_groups[0]
-    algorithm = "adamax" if cls is adamkit.AdaMax else "adam"
+    algorithm, hp = reference_setup(cls, kwargs, group)
     second = SECOND_MOMENT_KEY[algorithm]
-    mode_name = "fully_decoupled" if kwargs.get("decouple_lr") else None
-    decoupled = cls is adamkit.AdamW or kwargs.get("decoupled_weight_decay")
-    hp = reference.Hyperparameters(
-        lr=group["lr"],
-        weight_decay=kwargs.get("weight_decay", 0.0),
-        weight_decay_mode=mode_name or ("decoupled" if decoupled else "l2"),
-        max_lr=group["max_lr"],
-        amsgrad=kwargs.get("amsgrad", False),
-        maximize=kwargs.get("maximize", False),
+    names = oracle_names(second)
+    before, grads = snapshot_then_step(
+        opt, params, g, dtype, lambda state, p: {name: as_f64(state[k]) for k, name in names.items() if k in state}
     )
-    before, grads = [], []
-    for p in params:
-        state = opt.state[p]
-        stored = {"param": as_f64(p), "exp_avg": as_f64(state["exp_avg"]), "second": as_f64(state[second])}
-        stored["step"] = int(state["step"].item())
-        if "max_exp_avg_sq" in state:
-            stored["max_second"] = as_f64(state["max_exp_avg_sq"])
-        if "kahan_compensation" in state:
-            stored["compensation"] = as_f64(state["kahan_compensation"])
-        before.append(stored)
-        p.grad = torch.randn(p.shape, generator=g).to(dtype)
-        grads.append(as_f64(p.grad))
-    opt.step()
 
     for index, (p, stored, grad) in enumerate(zip(params, before, grads)):
         moments = state_dtype(p, precision)

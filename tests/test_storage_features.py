@@ -202,7 +202,10 @@ def test_rounding_leaves_fp32_params_alone(backend, rounding):
     "kwargs, message",
     [
         ({"rounding": "up"}, "Invalid rounding: 'up' (allowed: 'nearest', 'kahan', 'stochastic')"),
-        ({"state_precision": "int3"}, "Invalid state_precision: 'int3' (allowed: None, 'fp32', 'bf16')"),
+        (
+            {"state_precision": "int3"},
+            "Invalid state_precision: 'int3' (allowed: None, 'fp32', 'bf16', 'int8', 'int4')",
+        ),
         ({"seed": -1}, "Invalid seed: -1 (seed must be None or an int in [0, 2**64))"),
         ({"seed": 1.5}, "Invalid seed: 1.5"),
         ({"seed": True}, "Invalid seed: True"),

@@ -3,11 +3,24 @@
 ``adamkit.Adam``, ``adamkit.AdamW`` and ``adamkit.AdaMax`` are drop-in replacements
 for ``torch.optim.Adam`` / ``AdamW`` / ``Adamax``; :mod:`adamkit.reference` is the
 paper, line by line, in NumPy float64; :mod:`adamkit.rounding` specifies how 16-bit
-values are stored; :mod:`adamkit.precision` has helpers for 16-bit training.
+values are stored and :mod:`adamkit.quantization` the int8/int4 state format;
+:mod:`adamkit.precision` has helpers for 16-bit training and :mod:`adamkit.convert`
+converts quantized state dicts to and from torch.optim's.
 """
 
-from . import precision, reference, rounding
+from . import convert, precision, quantization, reference, rounding
 from ._version import __version__
 from .optim import Adam, AdaMax, Adamax, AdamW
 
-__all__ = ["Adam", "AdamW", "AdaMax", "Adamax", "precision", "reference", "rounding", "__version__"]
+__all__ = [
+    "Adam",
+    "AdamW",
+    "AdaMax",
+    "Adamax",
+    "convert",
+    "precision",
+    "quantization",
+    "reference",
+    "rounding",
+    "__version__",
+]

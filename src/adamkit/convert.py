@@ -45,17 +45,21 @@ def _check_count(state_dict: dict, shapes: list) -> None:
         raise ValueError(f"params has {len(shapes)} entries, but the state dict's param_groups hold {len(ids)} params")
 
 
+def _states_and_shapes(state_dict: dict, params: Sequence) -> tuple[dict, list[tuple]]:
+    """A deep copy of ``state_dict`` and its (param id, state, shape) for every param with state."""
+    shapes = _shapes(params)
+    _check_count(state_dict, shapes)
+    result = copy.deepcopy(state_dict)
+    states = [(i, result["state"].get(i), shape) for i, shape in zip(_param_ids(result), shapes)]
+    return result, [(i, state, shape) for i, state, shape in states if state]
+
+
 def to_full_precision(state_dict: dict, params: Sequence) -> dict:
     """A copy of ``state_dict`` with every quantized moment dequantized into an fp32
     tensor of its param's shape, under torch.optim's key; groups get
     ``state_precision=None``.  Loads into torch.optim (which casts to the params' dtype)."""
-    shapes = _shapes(params)
-    _check_count(state_dict, shapes)
-    result = copy.deepcopy(state_dict)
-    for param_id, shape in zip(_param_ids(result), shapes):
-        state = result["state"].get(param_id)
-        if not state:
-            continue
+    result, states = _states_and_shapes(state_dict, params)
+    for _, state, shape in states:
         for key in MOMENT_KEYS:
             fmt = blockwise.stored_format(state, key, shape.numel())
             if fmt is not None:
@@ -73,13 +77,8 @@ def to_quantized(state_dict: dict, params: Sequence, state_precision: str) -> di
     if state_precision not in FORMATS:
         raise ValueError(f"Invalid state_precision: {state_precision!r} (allowed: {', '.join(map(repr, FORMATS))})")
     fmt = FORMATS[state_precision]
-    shapes = _shapes(params)
-    _check_count(state_dict, shapes)
-    result = copy.deepcopy(state_dict)
-    for param_id, shape in zip(_param_ids(result), shapes):
-        state = result["state"].get(param_id)
-        if not state:
-            continue
+    result, states = _states_and_shapes(state_dict, params)
+    for param_id, state, shape in states:
         for key in MOMENT_KEYS:
             if key in state:
                 value = state.pop(key)

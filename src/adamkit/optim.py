@@ -26,7 +26,10 @@ keyword-only:
     ``"stochastic"`` (unbiased random rounding, reproducible from ``seed``).  See
     :mod:`adamkit.rounding`.  fp32/fp64 params are unaffected.
 ``state_precision``
-    The moments' dtype: ``None`` (the param's, as torch), ``"fp32"`` or ``"bf16"``.
+    The moments' storage: ``None`` (the param's dtype, as torch), ``"fp32"``,
+    ``"bf16"``, or block-wise quantized ``"int8"`` / ``"int4"`` (about 2 and 1 bytes
+    per param for both moments; see :mod:`adamkit.quantization`).  Per param group,
+    so a group (embeddings, say) can opt out.
 ``seed``
     The stochastic-rounding seed (an int in [0, 2**64)); ``None`` draws one from
     torch's default generator when a group first asks for stochastic rounding.

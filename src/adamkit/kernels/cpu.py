@@ -335,7 +335,7 @@ if numba is not None:
         above every finite value) rounded up to bf16, then each element's code."""
         fmt, signed = _format_of(state_witness, sign_witness)
         levels = fmt.signed_levels if signed else fmt.unsigned_levels
-        log2_block, block, packed = fmt.block.bit_length() - 1, fmt.block, fmt.bits == 4
+        log2_block, block, packed = fmt.block.bit_length() - 1, fmt.block, int(fmt.bits == 4)
 
         def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end):
             codes = _pointer(codes_address, _BYTE_WITNESS)
@@ -349,18 +349,22 @@ if numba is not None:
                 for i in range(low, high):
                     largest = max(largest, patterns[i] & np.int32(0x7FFFFFFF))
                 rounded_up = (np.int64(largest) + 0xFFFF) >> 16
-                finite = (largest < np.int32(0x7F800000)) & (rounded_up < 0x7F80)
-                scales[b] = np.uint16(rounded_up if finite else 0x7FC0)
-                scale = _bfloat16_to_float(np.uint16(rounded_up if finite else 0))
-                if packed:
-                    for j in range(low >> 1, (high + 1) >> 1):
-                        i = 2 * j
-                        even = _code(fresh[i], scale, levels, signed)
-                        odd = _code(fresh[i + 1], scale, levels, signed) * np.int32(2 * j + 1 < high)
-                        codes[j] = np.uint8((even | (odd << 4)) * np.int32(finite))
-                else:
-                    for i in range(low, high):
-                        codes[i] = np.uint8(_code(fresh[i], scale, levels, signed) * np.int32(finite))
+                if (largest < np.int32(0x7F800000)) & (rounded_up < 0x7F80):
+                    scales[b] = np.uint16(rounded_up)
+                    scale = _bfloat16_to_float(np.uint16(rounded_up))
+                    if packed:
+                        for j in range(low >> 1, (high + 1) >> 1):
+                            i = 2 * j
+                            even = _code(fresh[i], scale, levels, signed)
+                            odd = _code(fresh[i + 1], scale, levels, signed) * np.int32(i + 1 < high)
+                            codes[j] = np.uint8(even | (odd << 4))
+                    else:
+                        for i in range(low, high):
+                            codes[i] = np.uint8(_code(fresh[i], scale, levels, signed))
+                else:  # a non-finite block: scale NaN, codes 0
+                    scales[b] = np.uint16(0x7FC0)
+                    for j in range(low >> packed, (high + packed) >> packed):
+                        codes[j] = np.uint8(0)
 
         return requantize
 

@@ -162,6 +162,7 @@ if triton is not None:
         usable = tl.where(finite, 1, 0)
         scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+        x = tl.where(ok == 1, x, 0.0)  # a non-finite block stores codes 0: no NaN reaches a cast
         ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
         if SIGNED:
             levels = (1 << (BITS - 1)) - 1
@@ -317,42 +318,29 @@ if triton is not None:
             )
             second_value = _load_moment(second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False)
             if ADAMAX:
-                u = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
-                _put_moment(
-                    second,
-                    second_scales,
-                    offsets,
-                    mask,
-                    u,
-                    key_second,
-                    first,
-                    end,
-                    STATE_STORAGE,
-                    STOCHASTIC,
-                    QUANT_BITS,
-                    QBLOCK,
-                    False,
-                    BLOCK,
-                )
-                denom = u
+                new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
             else:
-                v = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
-                _put_moment(
-                    second,
-                    second_scales,
-                    offsets,
-                    mask,
-                    v,
-                    key_second,
-                    first,
-                    end,
-                    STATE_STORAGE,
-                    STOCHASTIC,
-                    QUANT_BITS,
-                    QBLOCK,
-                    False,
-                    BLOCK,
-                )
+                new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
+            _put_moment(
+                second,
+                second_scales,
+                offsets,
+                mask,
+                new_second,
+                key_second,
+                first,
+                end,
+                STATE_STORAGE,
+                STOCHASTIC,
+                QUANT_BITS,
+                QBLOCK,
+                False,
+                BLOCK,
+            )
+            if ADAMAX:
+                denom = new_second
+            else:
+                v = new_second
                 if AMSGRAD:
                     v_max = _load_moment(
                         max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False

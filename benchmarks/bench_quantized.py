@@ -1,0 +1,79 @@
+"""Quantized-state step benchmark: adamkit's int8 and int4 optimizer states against
+torch's fused AdamW (fp32 states) and adamkit's own fp32 states, on the CPU.
+
+Prints ms per step, the ratio to torch fused, the optimizer-state bytes per param
+measured on the case's real shapes (codes, block scales, everything the optimizer
+holds beyond ``step``), the bytes a step moves per param and the effective
+bandwidth against an in-place ``add_`` in the same interleaved rounds (see
+bench_cpu.py).  bitsandbytes' and torchao's low-bit optimizers run on CUDA only,
+so they are not contenders here.
+
+    python benchmarks/bench_quantized.py [--cases a,c,e] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from bench_cpu import Case, gpt2_shapes, parse_arguments, run_case
+
+import adamkit
+
+CASES = {
+    "a": Case("(a) 50M fp32 params in 50 tensors", [(1_000_000,)] * 50),
+    "c": Case("(c) GPT-2-small shapes, fp32 (148 tensors)", gpt2_shapes()),
+    "e": Case("(e) GPT-2-small shapes, bf16 (148 tensors)", gpt2_shapes(), torch.bfloat16),
+}
+
+
+def adamkit_adamw(**options) -> Callable:
+    return lambda ps: adamkit.AdamW(ps, backend="cpu", **options)
+
+
+CONTENDERS: dict[str, Callable] = {
+    "torch fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+    "adamkit (states as params)": adamkit_adamw(),
+    "adamkit int8 states": adamkit_adamw(state_precision="int8"),
+    "adamkit int4 states": adamkit_adamw(state_precision="int4"),
+}
+BF16_CONTENDERS: dict[str, Callable] = {
+    "torch fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+    "adamkit kahan, int8 states": adamkit_adamw(rounding="kahan", state_precision="int8"),
+    "adamkit stochastic, int4 states": adamkit_adamw(rounding="stochastic", seed=0, state_precision="int4"),
+}
+
+
+def state_bytes_per_param(case: Case, make: Callable) -> float:
+    """Optimizer-state bytes per param after one step on the case's shapes."""
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=case.dtype)) for s in case.shapes]
+    optimizer = make(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    held = sum(t.numel() * t.element_size() for p in params for k, t in optimizer.state[p].items() if k != "step")
+    return held / case.params
+
+
+def main(argv: list[str] | None = None) -> None:
+    cases, rounds = parse_arguments(__doc__, CASES, argv)
+    for case in cases:
+        contenders = BF16_CONTENDERS if case.dtype == torch.bfloat16 else CONTENDERS
+        held = {name: state_bytes_per_param(case, make) for name, make in contenders.items()}
+        medians, bandwidth = run_case(case, rounds, contenders)
+        fused = medians["torch fused"]
+        size = torch.empty(0, dtype=case.dtype).element_size()
+        print(f"{case.name}: {case.params / 1e6:.1f}M params; add_ bandwidth in the same rounds {bandwidth:.1f} GB/s")
+        header = f"  {'contender':32s} {'ms':>8s} {'vs fused':>9s} {'state B/param':>14s} {'B moved':>8s} {'GB/s':>6s}"
+        print(header)
+        for name, seconds in medians.items():
+            moved = 2 * size + size + 2 * held[name]  # param read and written, grad read, states read and written
+            rate = moved * case.params / seconds / 1e9
+            print(
+                f"  {name:32s} {seconds * 1e3:8.2f} {seconds / fused:9.2f} {held[name]:14.3f} {moved:8.1f} {rate:6.1f}"
+            )
+        print()
+
+
+if __name__ == "__main__":
+    main()
