@@ -519,20 +519,40 @@ if numba is not None:
         adamax, maximize, amsgrad, decay = flags[0] == 1, flags[1] != 0, flags[2] != 0, flags[3]
         for c in prange(chunks.shape[0]):
             t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            param = _pointer(addresses[t, 0], param_witness)
-            scalars = (
-                _compute(param, constants[0]),
-                _compute(param, constants[1]),
-                _compute(param, constants[2]),
-                _compute(param, constants[3]),
-                _compute(param, constants[4]),
-                _compute(param, constants[5]),
-                _compute(param, step_sizes[t]),
-                _compute(param, bias_correction2_sqrts[t]),
+            scalars = _chunk_scalars(addresses, t, step_sizes, bias_correction2_sqrts, constants, param_witness)
+            tensor_keys = _chunk_keys(keys, t)
+            pointers = (
+                _pointer(addresses[t, 0], param_witness),
+                _pointer(addresses[t, 1], param_witness),
+                _pointer(addresses[t, 2], state_witness),
+                _pointer(addresses[t, 3], state_witness),
+                _pointer(addresses[t, 4], state_witness),
+                _pointer(addresses[t, 5], param_witness),
             )
-            row = t if keys.shape[0] > 1 else 0
-            tensor_keys = (keys[row, 0], keys[row, 1], keys[row, 2], keys[row, 3])
-            _step_chunk(
+            _update_chunk(
+                pointers, first, end, scalars, maximize, decay, tensor_keys, adamax, amsgrad, rounding_witness
+            )
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _fused_quantized_step(
+        addresses,
+        chunks,
+        step_sizes,
+        bias_correction2_sqrts,
+        constants,
+        flags,
+        keys,
+        param_witness,
+        state_witness,
+        rounding_witness,
+    ):
+        """:func:`_fused_step` for quantized states (``state_witness`` names the format)."""
+        adamax, maximize, amsgrad, decay = flags[0] == 1, flags[1] != 0, flags[2] != 0, flags[3]
+        for c in prange(chunks.shape[0]):
+            t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            scalars = _chunk_scalars(addresses, t, step_sizes, bias_correction2_sqrts, constants, param_witness)
+            tensor_keys = _chunk_keys(keys, t)
+            _quantized_chunk(
                 addresses[t],
                 first,
                 end,
@@ -547,31 +567,26 @@ if numba is not None:
                 rounding_witness,
             )
 
-    def _step_chunk(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw):
-        raise NotImplementedError  # pragma: no cover - replaced by the overload
+    @njit(inline="always", nogil=True)
+    def _chunk_scalars(addresses, t, step_sizes, bias_correction2_sqrts, constants, param_witness):
+        """Tensor ``t``'s scalars in its compute type."""
+        param = _pointer(addresses[t, 0], param_witness)
+        return (
+            _compute(param, constants[0]),
+            _compute(param, constants[1]),
+            _compute(param, constants[2]),
+            _compute(param, constants[3]),
+            _compute(param, constants[4]),
+            _compute(param, constants[5]),
+            _compute(param, step_sizes[t]),
+            _compute(param, bias_correction2_sqrts[t]),
+        )
 
-    @overload(_step_chunk, inline="always")
-    def _step_chunk_impl(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw):
-        """One chunk of one tensor: inlined into the parallel loop for plain states; a
-        call for quantized ones (numba's parallel array analysis mistakes their view
-        tuples for shapes, so they stay out of the parallel function's body)."""
-        if _is_quantized(sw):
-            return lambda row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw: (
-                _quantized_chunk(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw)
-            )
-
-        def plain(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw):
-            pointers = (
-                _pointer(row[0], pw),
-                _pointer(row[1], pw),
-                _pointer(row[2], sw),
-                _pointer(row[3], sw),
-                _pointer(row[4], sw),
-                _pointer(row[5], pw),
-            )
-            _update_chunk(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rw)
-
-        return plain
+    @njit(inline="always", nogil=True)
+    def _chunk_keys(keys, t):
+        """Tensor ``t``'s stochastic-rounding keys (one dummy row when unused)."""
+        row = t if keys.shape[0] > 1 else 0
+        return (keys[row, 0], keys[row, 1], keys[row, 2], keys[row, 3])
 
     #: elements per scratch pass of a quantized chunk: the fp32 scratch (3 rows) stays
     #: in cache and below malloc's mmap threshold (a fresh mapping per chunk would fault)
@@ -802,7 +817,8 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
         table, staged = bucket.addresses(batch)
         counts = _advance_steps(bucket.step_addresses, bucket.step_witness)
         step_sizes, bias_correction2_sqrts = step_scalar_arrays(rule, counts)
-        _fused_step(
+        launch = _fused_quantized_step if bucket.quantized else _fused_step
+        launch(
             table,
             bucket.chunks,
             step_sizes,
