@@ -33,6 +33,12 @@ keyword-only:
 ``seed``
     The stochastic-rounding seed (an int in [0, 2**64)); ``None`` draws one from
     torch's default generator when a group first asks for stochastic rounding.
+``skip_nonfinite``
+    ``True``: a group whose gradients hold any NaN or infinity is not stepped at
+    all (params, moments and step counters stay as they were) and the skip is
+    counted in ``optimizer.skipped_steps``.  ``False`` (the default) follows
+    torch.optim: non-finite gradients flow into the update.  The check reads one
+    flag per group on the host (a sync on an accelerator).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from .rule import (
     check_constructor_arguments,
     check_hyperparameters,
     check_max_lr,
+    check_skip_nonfinite,
     check_storage,
 )
 from .state import check_state, init_state, moment_keys, state_dtype, upgrade_step
@@ -74,6 +81,12 @@ def _fused_devices() -> list[str]:
         return _get_fused_kernels_supported_devices()
     except ImportError:  # pragma: no cover - older torch
         return ["mps", "cuda", "xpu", "hpu", "cpu", "mtia"]
+
+
+def _all_finite(grads: list[Tensor]) -> bool:
+    """Whether no gradient holds a NaN or an infinity (max-abs norms: exact, no overflow)."""
+    norms = torch._foreach_norm([g.detach() for g in grads], float("inf"))
+    return bool(torch.stack([n.to(torch.float32) for n in norms]).isfinite().all())
 
 
 def _draw_seed_if_needed(group: dict) -> None:
@@ -98,9 +111,12 @@ class _AdamFamily(Optimizer):
         "rounding",
         "state_precision",
         "seed",
+        "skip_nonfinite",
     )
 
-    def _construct(self, params, torch_defaults: dict, *, backend, decouple_lr: bool, max_lr, storage: dict) -> None:
+    def _construct(
+        self, params, torch_defaults: dict, *, backend, decouple_lr: bool, max_lr, storage: dict, skip_nonfinite: bool
+    ) -> None:
         """Validate (torch's checks first, then adamkit's), then build the optimizer."""
         d = torch_defaults
         betas = check_constructor_arguments(
@@ -116,7 +132,17 @@ class _AdamFamily(Optimizer):
         if decouple_lr and max_lr is not None:
             check_max_lr(max_lr)
         check_storage(**storage, differentiable=d["differentiable"])
-        defaults = {**d, "betas": betas, "backend": backend, "decouple_lr": decouple_lr, "max_lr": max_lr, **storage}
+        check_skip_nonfinite(skip_nonfinite)
+        defaults = {
+            **d,
+            "betas": betas,
+            "backend": backend,
+            "decouple_lr": decouple_lr,
+            "max_lr": max_lr,
+            **storage,
+            "skip_nonfinite": skip_nonfinite,
+        }
+        self.skipped_steps = 0
         super().__init__(params, defaults)
         if d.get("fused"):  # after the params are in, as torch.optim.Adam checks
             if d["differentiable"]:
@@ -166,6 +192,7 @@ class _AdamFamily(Optimizer):
             read_tensors=not group.get("capturable"),
         )
         check_backend(group.get("backend"), where=where)
+        check_skip_nonfinite(group.get("skip_nonfinite", False), where=where)
         check_storage(
             group.get("rounding", "nearest"),
             group.get("state_precision"),
@@ -184,9 +211,13 @@ class _AdamFamily(Optimizer):
                 "(keep lr <= max_lr / weight_decay)"
             )
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "skipped_steps": self.__dict__.get("skipped_steps", 0)}
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._state_epoch = self.__dict__.get("_state_epoch", 0) + 1  # state may be new: validate again
+        self.__dict__.setdefault("skipped_steps", 0)
         for group in self.param_groups:
             for key, default in self._torch_group_defaults().items():
                 group.setdefault(key, default)
@@ -196,6 +227,7 @@ class _AdamFamily(Optimizer):
             group.setdefault("rounding", "nearest")
             group.setdefault("state_precision", None)
             group.setdefault("seed", None)
+            group.setdefault("skip_nonfinite", False)
             for p in group["params"]:
                 upgrade_step(self.state.get(p, {}), p, group)
 
@@ -389,6 +421,9 @@ class _AdamFamily(Optimizer):
         if amp[1] is not None and not all(kernel.amp for *_, kernel in plans) and amp[1].item():
             return loss  # a kernel that cannot skip in-kernel: skip the whole step, touching nothing
         for plan in plans:
+            if plan[0].get("skip_nonfinite") and not _all_finite(plan[2]):
+                self.skipped_steps += 1
+                continue
             self._run_group(*plan, amp)
         return loss
 
@@ -437,6 +472,7 @@ class Adam(_AdamFamily):
         rounding: str = "nearest",
         state_precision: str | None = None,
         seed: int | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         torch_defaults = {
             "lr": lr,
@@ -453,7 +489,13 @@ class Adam(_AdamFamily):
         }
         storage = {"rounding": rounding, "state_precision": state_precision, "seed": seed}
         self._construct(
-            params, torch_defaults, backend=backend, decouple_lr=decouple_lr, max_lr=max_lr, storage=storage
+            params,
+            torch_defaults,
+            backend=backend,
+            decouple_lr=decouple_lr,
+            max_lr=max_lr,
+            storage=storage,
+            skip_nonfinite=skip_nonfinite,
         )
 
     def _torch_group_defaults(self) -> dict[str, Any]:
@@ -493,6 +535,7 @@ class AdamW(Adam):
         rounding: str = "nearest",
         state_precision: str | None = None,
         seed: int | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -513,6 +556,7 @@ class AdamW(Adam):
             rounding=rounding,
             state_precision=state_precision,
             seed=seed,
+            skip_nonfinite=skip_nonfinite,
         )
 
     def __setstate__(self, state: dict) -> None:
@@ -557,6 +601,7 @@ class AdaMax(_AdamFamily):
         rounding: str = "nearest",
         state_precision: str | None = None,
         seed: int | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         torch_defaults = {
             "lr": lr,
@@ -571,7 +616,13 @@ class AdaMax(_AdamFamily):
         }
         storage = {"rounding": rounding, "state_precision": state_precision, "seed": seed}
         self._construct(
-            params, torch_defaults, backend=backend, decouple_lr=decouple_lr, max_lr=max_lr, storage=storage
+            params,
+            torch_defaults,
+            backend=backend,
+            decouple_lr=decouple_lr,
+            max_lr=max_lr,
+            storage=storage,
+            skip_nonfinite=skip_nonfinite,
         )
 
     def _torch_group_defaults(self) -> dict[str, Any]:

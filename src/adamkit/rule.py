@@ -160,6 +160,11 @@ def check_backend(backend: Any, *, where: str = "") -> None:
         raise ValueError(f"Invalid backend: {backend!r}{where} (allowed: {allowed})")
 
 
+def check_skip_nonfinite(skip_nonfinite: Any, where: str = "") -> None:
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be True or False{where}, got {skip_nonfinite!r}")
+
+
 def check_storage(rounding: Any, state_precision: Any, seed: Any, *, differentiable: bool, where: str = "") -> None:
     """``rounding``, ``state_precision`` and ``seed`` (the stochastic-rounding seed)."""
     if rounding not in ROUNDINGS:
@@ -373,6 +378,7 @@ __all__ = [
     "check_constructor_arguments",
     "check_hyperparameters",
     "check_max_lr",
+    "check_skip_nonfinite",
     "check_storage",
     "step_scalar_arrays",
     "to_scalar",

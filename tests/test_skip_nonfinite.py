@@ -1,0 +1,103 @@
+"""``skip_nonfinite``: a group with a NaN or infinite gradient is not stepped at all and
+the skip is counted; the default follows torch.optim (non-finite values flow in)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import adamkit
+from adamkit.kernels import KERNELS
+
+BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.device("cpu")) and kernel.available()]
+
+
+def batches(n_steps, shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g) for s in shapes] for _ in range(n_steps)]
+
+
+def run(opt, params, grads_per_step):
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("precision", [None, "int8"])
+def test_a_nonfinite_batch_mid_run_is_skipped_as_if_it_never_came(backend, bad, precision):
+    shapes = [(50, 3), (7,), ()]
+    good = batches(6, shapes)
+    poisoned = [[g.clone() for g in grads] for grads in good[:3]]
+    poisoned[2][1][4] = bad  # a third batch with one bad element, then the rest
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(1)) for s in shapes]
+
+    clean = [torch.nn.Parameter(x.clone()) for x in start]
+    opt = adamkit.AdamW(clean, lr=1e-2, backend=backend, state_precision=precision, skip_nonfinite=True)
+    run(opt, clean, good[:2] + good[3:])
+
+    skipped = [torch.nn.Parameter(x.clone()) for x in start]
+    other = adamkit.AdamW(skipped, lr=1e-2, backend=backend, state_precision=precision, skip_nonfinite=True)
+    run(other, skipped, good[:2] + [poisoned[2]] + good[3:])
+
+    assert other.skipped_steps == 1 and opt.skipped_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(clean, skipped))
+    for a, b in zip(clean, skipped):
+        assert all(torch.equal(opt.state[a][k], other.state[b][k]) for k in opt.state[a])
+
+
+def test_only_the_group_with_the_bad_gradient_is_skipped():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([{"params": [a]}, {"params": [b]}], lr=0.1, skip_nonfinite=True)
+    a.grad, b.grad = torch.tensor([1.0, float("nan"), 1.0]), torch.ones(3)
+    opt.step()
+    assert torch.equal(a.detach(), torch.ones(3)) and not opt.state[a]  # untouched, not even initialised
+    assert torch.all(b < 1) and int(opt.state[b]["step"]) == 1
+    assert opt.skipped_steps == 1
+
+
+def test_a_group_can_opt_in_alone():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.Adam([{"params": [a], "skip_nonfinite": True}, {"params": [b]}], lr=0.1)
+    a.grad = b.grad = torch.tensor([float("inf"), 1.0])
+    opt.step()
+    assert torch.equal(a.detach(), torch.ones(2)) and b.isnan().any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+def test_the_default_follows_torch(backend):
+    ours, theirs = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt = adamkit.Adam([ours], lr=0.1, backend=backend)
+    torch_opt = torch.optim.Adam([theirs], lr=0.1, foreach=backend == "foreach")
+    for grad in (torch.tensor([1.0, float("nan"), float("inf"), 2.0]), torch.ones(4)):
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        torch_opt.step()
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours[~ours.isnan()], theirs[~theirs.isnan()])
+    assert opt.skipped_steps == 0
+
+
+def test_half_precision_gradients_with_large_finite_values_are_not_skipped():
+    p = torch.nn.Parameter(torch.ones(1000, dtype=torch.float16))
+    opt = adamkit.Adam([p], lr=1e-3, skip_nonfinite=True)
+    p.grad = torch.full((1000,), 60000.0, dtype=torch.float16)  # its 2-norm would overflow fp16
+    opt.step()
+    assert opt.skipped_steps == 0 and torch.all(p < 1)
+
+
+def test_the_count_survives_copies_and_the_option_is_checked():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.Adam([p], skip_nonfinite=True)
+    p.grad = torch.tensor([float("nan"), 0.0])
+    opt.step()
+    assert copy.deepcopy(opt).skipped_steps == 1 and pickle.loads(pickle.dumps(opt)).skipped_steps == 1
+    with pytest.raises(TypeError, match="skip_nonfinite must be True or False, got 'yes'"):
+        adamkit.Adam([p], skip_nonfinite="yes")
+    opt.param_groups[0]["skip_nonfinite"] = 1
+    with pytest.raises(TypeError, match=r"skip_nonfinite must be True or False in param_groups\[0\], got 1"):
+        opt.step()
