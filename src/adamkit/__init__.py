@@ -11,6 +11,7 @@ converts quantized state dicts to and from torch.optim's.
 from . import convert, precision, quantization, reference, rounding
 from ._version import __version__
 from .optim import Adam, AdaMax, Adamax, AdamW
+from .release import gradient_release
 
 __all__ = [
     "Adam",
@@ -18,6 +19,7 @@ __all__ = [
     "AdaMax",
     "Adamax",
     "convert",
+    "gradient_release",
     "precision",
     "quantization",
     "reference",

@@ -415,6 +415,8 @@ class _AdamFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.__dict__.get("_gradient_release") is not None:
+            return loss  # params were stepped in backward (adamkit.gradient_release)
         plans = [p for p in (self._plan_group(i, g) for i, g in enumerate(self.param_groups)) if p is not None]
         # A torch.amp.GradScaler sets these when _step_supports_amp_scaling (fused=True).
         amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
@@ -426,6 +428,19 @@ class _AdamFamily(Optimizer):
                 continue
             self._run_group(*plan, amp)
         return loss
+
+    def _step_one_param(self, index: int, group: dict, view: dict) -> None:
+        """Step one param as ``step()`` would step it in param_groups[index]: ``view``
+        is that param's one-param group, brought up to date with ``group`` first."""
+        _draw_seed_if_needed(group)  # the group's seed, not a fresh one per view
+        view.update((key, value) for key, value in group.items() if key != "params")
+        plan = self._plan_group(index, view)
+        if plan is None:
+            return
+        if view.get("skip_nonfinite") and not _all_finite(plan[2]):
+            self.skipped_steps += 1
+            return
+        self._run_group(*plan, (None, None))
 
 
 class Adam(_AdamFamily):
