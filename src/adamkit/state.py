@@ -82,6 +82,15 @@ def moment_value(state: dict, key: str, param: Tensor) -> Tensor | None:
     return None if fmt is None else blockwise.load_moment(state, key, param.shape, fmt)
 
 
+def moment_storage(state: dict, param: Tensor):
+    """How an initialised state holds its moments: the (real) dtype of ``exp_avg``, or
+    the :class:`~adamkit.quantization.QuantFormat` it is quantized in."""
+    if "exp_avg" in state:
+        value = state["exp_avg"]
+        return torch.view_as_real(value).dtype if value.is_complex() else value.dtype
+    return blockwise.stored_format(state, "exp_avg", param.numel())
+
+
 def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str | None) -> None:
     """Hold moment ``key`` as ``state_precision`` asks: allocate zeros, or convert
     what is there (a dtype cast, a quantization or a dequantization)."""

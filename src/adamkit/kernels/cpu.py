@@ -45,7 +45,7 @@ from torch import Tensor
 from .. import blockwise, quantization, rounding
 from ..quantization import QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
-from ..state import COMPENSATION_KEY, moment_keys
+from ..state import COMPENSATION_KEY, moment_keys, moment_storage
 from .types import GroupBatch
 
 try:  # numba is a dependency, but the rest of adamkit works without it
@@ -781,10 +781,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
         return cached[1]
     by_storage: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        state = batch.states[i]
-        moment = state["exp_avg"] if "exp_avg" in state else blockwise.stored_format(state, "exp_avg", p.numel())
-        storage = moment if isinstance(moment, QuantFormat) else _real_dtype(moment)
-        by_storage.setdefault((_real_dtype(p), storage), []).append(i)
+        by_storage.setdefault((_real_dtype(p), moment_storage(batch.states[i], p)), []).append(i)
     buckets = [_Bucket(members, batch, rule, storage) for storage, members in by_storage.items()]
     batch.cache["cpu"] = (key, buckets)
     return buckets

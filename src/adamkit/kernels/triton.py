@@ -33,7 +33,7 @@ import torch
 from .. import blockwise, rounding
 from ..quantization import QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
-from ..state import COMPENSATION_KEY, moment_keys
+from ..state import COMPENSATION_KEY, moment_keys, moment_storage
 from . import foreach, storage
 from .lists import list_kernel
 from .types import GroupBatch
@@ -471,12 +471,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
         return cached[1]
     by_kind: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        state = batch.states[i]
-        if "exp_avg" in state:
-            state_storage = _real(state["exp_avg"]).dtype
-        else:
-            state_storage = blockwise.stored_format(state, "exp_avg", p.numel())
-        by_kind.setdefault((p.device, _real(p).dtype, state_storage), []).append(i)
+        by_kind.setdefault((p.device, _real(p).dtype, moment_storage(batch.states[i], p)), []).append(i)
     buckets = [_Bucket(members, batch, rule, kind[2]) for kind, members in by_kind.items()]
     batch.cache["triton"] = (key, buckets)
     return buckets
