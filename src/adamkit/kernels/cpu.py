@@ -278,9 +278,6 @@ if numba is not None:
             return lambda pointer, value: np.float64(value)
         return lambda pointer, value: np.float32(value)
 
-    def _is_quantized(witness) -> bool:
-        return witness.dtype in (types.int8, types.uint8)
-
     def _format_of(state_witness, sign_witness):
         """(format, signed) named by a quantized state witness and a sign witness."""
         from ..quantization import FORMATS
