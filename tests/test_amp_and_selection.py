@@ -19,14 +19,25 @@ import torch
 import adamkit
 from adamkit import kernels
 
-AMP_PATHS = [{"fused": True}, {"fused": True, "backend": "triton"}]
+#: every backend, plain and with quantized states; fused=True as torch spells it
+AMP_PATHS = [
+    {"fused": True},
+    *({"backend": backend} for backend in ("reference", "foreach", "cpu", "triton")),
+    {"backend": "cpu", "state_precision": "int8"},
+    {"backend": "triton", "state_precision": "int4"},
+    {"backend": "foreach", "state_precision": "int8"},
+]
 
 
-def scaled_run(path: dict, poison_step: int | None, scale: float = 1024.0):
-    """4 steps of a tiny regression under a GradScaler; optionally an inf gradient."""
+def scaled_run(path: dict, poison_step: int | None, scale: float = 1024.0, hand_over: bool | None = None):
+    """4 steps of a tiny regression under a GradScaler; optionally an inf gradient.
+    ``hand_over=False`` makes the scaler unscale ``.grad`` itself, as for torch's
+    non-fused optimizers."""
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 1)
     opt = adamkit.Adam(model.parameters(), lr=0.05, **path)
+    if hand_over is False:
+        opt._step_supports_amp_scaling = False
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
     x, y = torch.randn(32, 6), torch.randn(32, 1)
     for step in range(4):
@@ -37,7 +48,7 @@ def scaled_run(path: dict, poison_step: int | None, scale: float = 1024.0):
             model.weight.grad[0, 0] = float("inf")
         scaler.step(opt)
         scaler.update()
-    return model, opt
+    return model, opt, scaler
 
 
 def plain_run(path: dict, steps: int):
@@ -52,27 +63,51 @@ def plain_run(path: dict, steps: int):
     return model, opt
 
 
+def assert_same_training(model, opt, other_model, other_opt):
+    for p, q in zip(model.parameters(), other_model.parameters()):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == other_opt.state[q].keys()
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, other_opt.state[q][key]), key
+
+
+def test_fused_backends_take_the_scale_and_the_others_leave_it_to_the_scaler():
+    params = [torch.nn.Parameter(torch.ones(2))]
+    for backend in ("cpu", "triton"):
+        assert adamkit.Adam(params, backend=backend)._step_supports_amp_scaling
+    assert adamkit.Adam(params, fused=True)._step_supports_amp_scaling
+    for backend in (None, "reference", "foreach"):  # torch.optim.Adam's default behaviour
+        assert not getattr(adamkit.Adam(params, backend=backend), "_step_supports_amp_scaling", False)
+
+
 @pytest.mark.parametrize("path", AMP_PATHS, ids=str)
 def test_grad_scaler_matches_unscaled_training(path):
-    """Scaling by a power of two and unscaling are exact: bit-identical to training without AMP."""
-    scaled, opt = scaled_run(path, poison_step=None)
-    assert opt._step_supports_amp_scaling
-    plain, _ = plain_run(path, steps=4)
-    for a, b in zip(scaled.parameters(), plain.parameters()):
-        assert torch.equal(a, b)
+    """Scaling by a power of two and unscaling are exact: bit-identical to training
+    without AMP, params and every state tensor."""
+    scaled, opt, _ = scaled_run(path, poison_step=None)
+    plain, plain_opt = plain_run(path, steps=4)
+    assert_same_training(scaled, opt, plain, plain_opt)
 
 
 @pytest.mark.parametrize("path", AMP_PATHS, ids=str)
 def test_found_inf_step_leaves_params_and_state_untouched(path):
     """An inf gradient on the last step: params, moments and step counts equal a run
-    that stopped one step earlier."""
-    poisoned, opt = scaled_run(path, poison_step=3)
+    that stopped one step earlier, and the scaler backs off."""
+    poisoned, opt, scaler = scaled_run(path, poison_step=3)
     three, three_opt = plain_run(path, steps=3)
-    for p, q in zip(poisoned.parameters(), three.parameters()):
-        assert torch.equal(p, q)
-        assert opt.state[p]["step"].item() == 3 == three_opt.state[q]["step"].item()
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt.state[p][key], three_opt.state[q][key])
+    assert_same_training(poisoned, opt, three, three_opt)
+    assert opt.state[poisoned.weight]["step"].item() == 3
+    assert scaler.get_scale() == 512.0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_in_kernel_unscaling_equals_the_scalers_own_unscaling(backend):
+    """With a scale that is not a power of two, unscaling rounds: the fused kernels
+    multiply by fp32(1 / s) exactly as ``scaler.unscale_`` does (a division would
+    differ in the last bit)."""
+    in_kernel, opt, _ = scaled_run({"backend": backend}, poison_step=None, scale=1000.0)
+    by_scaler, scaler_opt, _ = scaled_run({"backend": backend}, poison_step=None, scale=1000.0, hand_over=False)
+    assert_same_training(in_kernel, opt, by_scaler, scaler_opt)
 
 
 def test_users_grads_are_not_unscaled_in_place_by_the_front():

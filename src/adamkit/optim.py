@@ -20,6 +20,10 @@ keyword-only:
     ``None`` (pick per device), ``"reference"`` (per-tensor torch ops),
     ``"foreach"`` (multi-tensor ops), ``"cpu"`` (numba) or ``"triton"``.
     ``foreach=True`` and ``fused=True`` map onto the matching adamkit path.
+    With a fused backend (``"cpu"``, ``"triton"`` or ``fused=True``) a
+    ``torch.amp.GradScaler`` hands over its scale and inf flag, as it does to
+    torch's fused optimizers: gradients are unscaled inside the kernel and left
+    scaled in ``.grad``; on other paths the scaler unscales ``.grad`` in place.
 ``rounding``
     How bf16/fp16 params are stored after each update: ``"nearest"`` (torch's
     behaviour), ``"kahan"`` (a compensation buffer carries what rounding lost) or
@@ -39,6 +43,9 @@ keyword-only:
     counted in ``optimizer.skipped_steps``.  ``False`` (the default) follows
     torch.optim: non-finite gradients flow into the update.  The check reads one
     flag per group on the host (a sync on an accelerator).
+``diagnostics``
+    ``True``: record each gradient's norm at every step, for ``optimizer.stats()``
+    (see :mod:`adamkit.diagnostics`); one extra norm per tensor, no host sync.
 """
 
 from __future__ import annotations
@@ -54,7 +61,9 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import kernels
+from .diagnostics import Recorder, group_stats
 from .kernels import GroupBatch, Kernel
+from .kernels.amp import unscaled
 from .rule import (
     Algorithm,
     UpdateRule,
@@ -63,8 +72,8 @@ from .rule import (
     check_constructor_arguments,
     check_hyperparameters,
     check_max_lr,
-    check_skip_nonfinite,
     check_storage,
+    check_training_options,
 )
 from .state import check_state, init_state, moment_keys, state_dtype, upgrade_step
 
@@ -112,10 +121,11 @@ class _AdamFamily(Optimizer):
         "state_precision",
         "seed",
         "skip_nonfinite",
+        "diagnostics",
     )
 
     def _construct(
-        self, params, torch_defaults: dict, *, backend, decouple_lr: bool, max_lr, storage: dict, skip_nonfinite: bool
+        self, params, torch_defaults: dict, *, backend, decouple_lr: bool, max_lr, storage: dict, training: dict
     ) -> None:
         """Validate (torch's checks first, then adamkit's), then build the optimizer."""
         d = torch_defaults
@@ -132,7 +142,7 @@ class _AdamFamily(Optimizer):
         if decouple_lr and max_lr is not None:
             check_max_lr(max_lr)
         check_storage(**storage, differentiable=d["differentiable"])
-        check_skip_nonfinite(skip_nonfinite)
+        check_training_options(**training)
         defaults = {
             **d,
             "betas": betas,
@@ -140,17 +150,19 @@ class _AdamFamily(Optimizer):
             "decouple_lr": decouple_lr,
             "max_lr": max_lr,
             **storage,
-            "skip_nonfinite": skip_nonfinite,
+            **training,
         }
-        self.skipped_steps = 0
+        self._recorder = Recorder()
         super().__init__(params, defaults)
         if d.get("fused"):  # after the params are in, as torch.optim.Adam checks
             if d["differentiable"]:
                 raise RuntimeError("`fused` does not support `differentiable`")
-            # like torch's fused optimizers: a GradScaler hands over grad_scale/found_inf
-            self._step_supports_amp_scaling = True
             if d["foreach"]:
                 raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if d.get("fused") or (backend is not None and kernels.KERNELS[backend].amp):
+            # like torch's fused optimizers: a GradScaler hands over grad_scale and
+            # found_inf instead of unscaling the gradients in place
+            self._step_supports_amp_scaling = True
 
     # ------------------------------------------------------------------ groups
 
@@ -192,7 +204,9 @@ class _AdamFamily(Optimizer):
             read_tensors=not group.get("capturable"),
         )
         check_backend(group.get("backend"), where=where)
-        check_skip_nonfinite(group.get("skip_nonfinite", False), where=where)
+        check_training_options(
+            skip_nonfinite=group.get("skip_nonfinite", False), diagnostics=group.get("diagnostics", False), where=where
+        )
         check_storage(
             group.get("rounding", "nearest"),
             group.get("state_precision"),
@@ -211,13 +225,24 @@ class _AdamFamily(Optimizer):
                 "(keep lr <= max_lr / weight_decay)"
             )
 
+    @property
+    def skipped_steps(self) -> int:
+        """Group steps skipped under ``skip_nonfinite``, all groups together."""
+        return sum(self._recorder.skips.values())
+
+    def stats(self) -> list[dict[str, float]]:
+        """Per param group: what the last step did (see :mod:`adamkit.diagnostics`)."""
+        return [group_stats(self, i, self._recorder) for i in range(len(self.param_groups))]
+
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "skipped_steps": self.__dict__.get("skipped_steps", 0)}
+        return {**super().__getstate__(), "skipped_steps_by_group": dict(self._recorder.skips)}
 
     def __setstate__(self, state: dict) -> None:
+        skips = state.pop("skipped_steps_by_group", {})
         super().__setstate__(state)
         self._state_epoch = self.__dict__.get("_state_epoch", 0) + 1  # state may be new: validate again
-        self.__dict__.setdefault("skipped_steps", 0)
+        self._recorder = Recorder()
+        self._recorder.skips.update(skips)
         for group in self.param_groups:
             for key, default in self._torch_group_defaults().items():
                 group.setdefault(key, default)
@@ -228,6 +253,7 @@ class _AdamFamily(Optimizer):
             group.setdefault("state_precision", None)
             group.setdefault("seed", None)
             group.setdefault("skip_nonfinite", False)
+            group.setdefault("diagnostics", False)
             for p in group["params"]:
                 upgrade_step(self.state.get(p, {}), p, group)
 
@@ -376,7 +402,7 @@ class _AdamFamily(Optimizer):
         key = cache["validated_key"]
         grad_scale, found_inf = amp
         if found_inf is not None and not kernel.amp and grad_scale is not None:
-            grads = torch._foreach_div(grads, grad_scale)  # unscaled copies: .grad is left as it is
+            grads = unscaled(grads, grad_scale)
         batch = GroupBatch(params=params, grads=grads, state_table=self.state, cache=cache, key=key)
         if group.get("rounding") == "stochastic":
             batch.param_indices = self._param_indices(params)
@@ -400,9 +426,15 @@ class _AdamFamily(Optimizer):
             cached = self.__dict__["_param_index_cache"] = (identity, {id(p): i for i, p in enumerate(everything)})
         return [cached[1][id(p)] for p in params]
 
+    @torch.compiler.disable
     @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform one optimization step.
+
+        Inside ``torch.compile``d code the step is a graph break: it runs as it runs
+        eagerly (its paths are fused already), so nothing in it is traced or guarded
+        on, and a learning rate changed by a scheduler (a float or a tensor) never
+        causes a recompilation.
 
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss.
@@ -417,17 +449,25 @@ class _AdamFamily(Optimizer):
                 loss = closure()
         if self.__dict__.get("_gradient_release") is not None:
             return loss  # params were stepped in backward (adamkit.gradient_release)
-        plans = [p for p in (self._plan_group(i, g) for i, g in enumerate(self.param_groups)) if p is not None]
+        plans = [(i, plan) for i, g in enumerate(self.param_groups) if (plan := self._plan_group(i, g)) is not None]
         # A torch.amp.GradScaler sets these when _step_supports_amp_scaling (fused=True).
         amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-        if amp[1] is not None and not all(kernel.amp for *_, kernel in plans) and amp[1].item():
+        if amp[1] is not None and not all(plan[3].amp for _, plan in plans) and amp[1].item():
             return loss  # a kernel that cannot skip in-kernel: skip the whole step, touching nothing
-        for plan in plans:
-            if plan[0].get("skip_nonfinite") and not _all_finite(plan[2]):
-                self.skipped_steps += 1
-                continue
-            self._run_group(*plan, amp)
+        for index, plan in plans:
+            if self._admit(index, plan, amp[0]):
+                self._run_group(*plan, amp)
         return loss
+
+    def _admit(self, index: int, plan: tuple, grad_scale: Tensor | None) -> bool:
+        """Record diagnostics, then whether the group may step (``skip_nonfinite``)."""
+        group, params, grads, _ = plan
+        if group.get("diagnostics"):
+            self._recorder.record(group, params, grads, grad_scale)
+        if group.get("skip_nonfinite") and not _all_finite(grads):
+            self._recorder.skips[index] += 1
+            return False
+        return True
 
     def _step_one_param(self, index: int, group: dict, view: dict) -> None:
         """Step one param as ``step()`` would step it in param_groups[index]: ``view``
@@ -435,12 +475,8 @@ class _AdamFamily(Optimizer):
         _draw_seed_if_needed(group)  # the group's seed, not a fresh one per view
         view.update((key, value) for key, value in group.items() if key != "params")
         plan = self._plan_group(index, view)
-        if plan is None:
-            return
-        if view.get("skip_nonfinite") and not _all_finite(plan[2]):
-            self.skipped_steps += 1
-            return
-        self._run_group(*plan, (None, None))
+        if plan is not None and self._admit(index, plan, None):
+            self._run_group(*plan, (None, None))
 
 
 class Adam(_AdamFamily):
@@ -488,6 +524,7 @@ class Adam(_AdamFamily):
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
+        diagnostics: bool = False,
     ) -> None:
         torch_defaults = {
             "lr": lr,
@@ -510,7 +547,7 @@ class Adam(_AdamFamily):
             decouple_lr=decouple_lr,
             max_lr=max_lr,
             storage=storage,
-            skip_nonfinite=skip_nonfinite,
+            training={"skip_nonfinite": skip_nonfinite, "diagnostics": diagnostics},
         )
 
     def _torch_group_defaults(self) -> dict[str, Any]:
@@ -551,6 +588,7 @@ class AdamW(Adam):
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
+        diagnostics: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -572,6 +610,7 @@ class AdamW(Adam):
             state_precision=state_precision,
             seed=seed,
             skip_nonfinite=skip_nonfinite,
+            diagnostics=diagnostics,
         )
 
     def __setstate__(self, state: dict) -> None:
@@ -617,6 +656,7 @@ class AdaMax(_AdamFamily):
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
+        diagnostics: bool = False,
     ) -> None:
         torch_defaults = {
             "lr": lr,
@@ -637,7 +677,7 @@ class AdaMax(_AdamFamily):
             decouple_lr=decouple_lr,
             max_lr=max_lr,
             storage=storage,
-            skip_nonfinite=skip_nonfinite,
+            training={"skip_nonfinite": skip_nonfinite, "diagnostics": diagnostics},
         )
 
     def _torch_group_defaults(self) -> dict[str, Any]:

@@ -160,9 +160,11 @@ def check_backend(backend: Any, *, where: str = "") -> None:
         raise ValueError(f"Invalid backend: {backend!r}{where} (allowed: {allowed})")
 
 
-def check_skip_nonfinite(skip_nonfinite: Any, where: str = "") -> None:
-    if not isinstance(skip_nonfinite, bool):
-        raise TypeError(f"skip_nonfinite must be True or False{where}, got {skip_nonfinite!r}")
+def check_training_options(*, skip_nonfinite: Any, diagnostics: Any, where: str = "") -> None:
+    """The training-loop switches: ``skip_nonfinite`` and ``diagnostics``."""
+    for name, value in (("skip_nonfinite", skip_nonfinite), ("diagnostics", diagnostics)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False{where}, got {value!r}")
 
 
 def check_storage(rounding: Any, state_precision: Any, seed: Any, *, differentiable: bool, where: str = "") -> None:
@@ -378,8 +380,8 @@ __all__ = [
     "check_constructor_arguments",
     "check_hyperparameters",
     "check_max_lr",
-    "check_skip_nonfinite",
     "check_storage",
+    "check_training_options",
     "step_scalar_arrays",
     "to_scalar",
 ]

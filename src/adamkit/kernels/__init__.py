@@ -48,7 +48,7 @@ KERNELS: dict[str, Kernel] = {
         "reference", list_kernel(reference.adam, reference.adamax), differentiable=True, torch_exact=True
     ),
     "foreach": Kernel("foreach", list_kernel(foreach.adam, foreach.adamax), torch_exact=True),
-    "cpu": Kernel("cpu", cpu.step, device_types=frozenset({"cpu"}), fused=True, available=cpu.available),
+    "cpu": Kernel("cpu", cpu.step, device_types=frozenset({"cpu"}), fused=True, amp=True, available=cpu.available),
     "triton": Kernel(
         "triton",
         triton_kernel.step,

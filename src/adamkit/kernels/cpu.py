@@ -6,7 +6,8 @@ stored back with round-to-nearest-even):
 
 .. math::
 
-    g &\leftarrow -g \text{ if maximize}; \quad
+    g &\leftarrow g \cdot s^{-1} \text{ (a GradScaler's scale)}; \quad
+    g \leftarrow -g \text{ if maximize}; \quad
         g \leftarrow g + \lambda\theta \text{ (L2)} \ \text{or}\
         \theta \leftarrow \theta \cdot \text{decay\_factor} \\
     m &\leftarrow m + (1 - \beta_1)(g - m) \\
@@ -46,6 +47,7 @@ from .. import blockwise, quantization, rounding
 from ..quantization import QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
 from ..state import COMPENSATION_KEY, moment_keys, moment_storage
+from .amp import inverse_scale
 from .types import GroupBatch
 
 try:  # numba is a dependency, but the rest of adamkit works without it
@@ -431,10 +433,11 @@ if numba is not None:
         @njit(inline="always", nogil=True)
         def loop(pointers, first, end, scalars, maximize, decay, keys):
             param, grad, exp_avg, second, max_second, compensation = pointers
-            one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay_factor, step_size, bias_correction2_sqrt = scalars
+            one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay_factor = scalars[0:6]
+            step_size, bias_correction2_sqrt, inverse_scale = scalars[6:9]
             for i in range(first, end):
                 p = load_param(param, compensation, i)
-                g = _load(grad, i)
+                g = _load(grad, i) * inverse_scale
                 if maximize:
                     g = -g
                 if decay == 1:
@@ -507,7 +510,8 @@ if numba is not None:
             max_exp_avg_sq, Kahan compensation, and for quantized states the three
             moments' block scales (the moment columns then hold their codes)
         chunks: int64[C, 3] tensor index, first element, end element
-        constants: float64[6] 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay, decay factor
+        constants: float64[7] 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay, decay
+            factor, and the gradients' multiplier (a GradScaler's 1 / scale, else 1)
         flags: int64[4] algorithm (0 adam, 1 adamax), maximize, amsgrad, weight decay kind
         keys: int64[T, 4] stochastic rounding's step keys (param, exp_avg, second, max)
         witnesses: the param and state storage types (a quantized format: int8 for
@@ -577,6 +581,7 @@ if numba is not None:
             _compute(param, constants[5]),
             _compute(param, step_sizes[t]),
             _compute(param, bias_correction2_sqrts[t]),
+            _compute(param, constants[6]),
         )
 
     @njit(inline="always", nogil=True)
@@ -784,7 +789,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
     return buckets
 
 
-def _flags_and_constants(rule: UpdateRule) -> tuple[np.ndarray, np.ndarray]:
+def _flags_and_constants(rule: UpdateRule, grad_scale: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
     group = rule.group_scalars()
     flags = np.array([ALGORITHMS[rule.algorithm], rule.maximize, rule.amsgrad, group.decay_kind], dtype=np.int64)
     beta1 = group.beta1.item() if isinstance(group.beta1, Tensor) else group.beta1
@@ -796,6 +801,7 @@ def _flags_and_constants(rule: UpdateRule) -> tuple[np.ndarray, np.ndarray]:
             group.eps,
             group.l2_weight_decay,
             1.0 if group.decay_factor is None else group.decay_factor,
+            1.0 if grad_scale is None else inverse_scale(grad_scale).item(),
         ],
         dtype=np.float64,
     )
@@ -803,10 +809,15 @@ def _flags_and_constants(rule: UpdateRule) -> tuple[np.ndarray, np.ndarray]:
 
 
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
-    """Advance the steps and update every tensor of the group, one compiled call per bucket."""
+    """Advance the steps and update every tensor of the group, one compiled call per bucket.
+
+    A GradScaler's ``found_inf`` skips the step before anything moves (reading it
+    costs nothing on the CPU); its ``grad_scale`` is divided out in the kernel."""
+    if batch.found_inf is not None and batch.found_inf.item():
+        return
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)
-    flags, constants = _flags_and_constants(rule)
+    flags, constants = _flags_and_constants(rule, batch.grad_scale)
     for bucket in _buckets(batch, rule):
         table, staged = bucket.addresses(batch)
         counts = _advance_steps(bucket.step_addresses, bucket.step_witness)

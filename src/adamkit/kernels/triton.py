@@ -35,6 +35,7 @@ from ..quantization import QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
 from ..state import COMPENSATION_KEY, moment_keys, moment_storage
 from . import foreach, storage
+from .amp import unscaled
 from .lists import list_kernel
 from .types import GroupBatch
 
@@ -253,10 +254,10 @@ if triton is not None:
         first = tl.load(chunk_ptr + 3 * chunk + 1)
         end = tl.load(chunk_ptr + 3 * chunk + 2)
         skip = False
-        grad_scale = 1.0
-        if AMP:
+        inverse_scale = 1.0
+        if AMP:  # fp32(1 / s), as adamkit.kernels.amp forms it
             skip = tl.load(found_inf_ptr) != 0
-            grad_scale = tl.load(grad_scale_ptr).to(COMPUTE)
+            inverse_scale = tl.math.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32)).to(COMPUTE)
         if not skip:
             param_pointer = tl.pointer_type(PARAM_STORAGE)
             state_pointer = tl.pointer_type(STATE_STORAGE)  # uint8 codes when quantized
@@ -289,7 +290,7 @@ if triton is not None:
                 p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
             g = tl.load(grad + offsets, mask=mask).to(COMPUTE)
             if AMP:
-                g = g / grad_scale
+                g = g * inverse_scale
             if MAXIMIZE:
                 g = -g
             if DECAY == 1:
@@ -519,7 +520,7 @@ def _foreach_fallback(batch: GroupBatch, rule: UpdateRule) -> None:
     if batch.found_inf is not None:
         if batch.found_inf.item():
             return
-        batch.grads = torch._foreach_div(batch.grads, batch.grad_scale)
+        batch.grads = unscaled(batch.grads, batch.grad_scale)
     _foreach_step(batch, rule)
 
 

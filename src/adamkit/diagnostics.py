@@ -1,0 +1,123 @@
+r"""What Adam is doing to a model: ``optimizer.stats()``, one dict per param group.
+
+The figures describe the last step each param took, computed on demand from the
+optimizer's state (nothing is kept per step except, with ``diagnostics=True``, one
+gradient norm per param).  For a param with step count :math:`t`, learning rate
+:math:`\eta` at that step, moments :math:`m, v` (:math:`v^{max}` with AMSGrad; the
+infinity norm :math:`u` for AdaMax):
+
+.. math::
+
+    \hat v = v / (1 - \beta_2^t), \qquad
+    \eta^{eff}_i = \frac{\eta}{(1 - \beta_1^t)(\sqrt{\hat v_i} + \epsilon)}
+    \ \ \Big(\text{AdaMax: } \frac{\eta}{(1 - \beta_1^t)\, u_i}\Big), \qquad
+    \Delta_i = \eta^{eff}_i\, m_i
+
+``update_rms``
+    :math:`\sqrt{\operatorname{mean}_i \Delta_i^2}` over the group's elements: the
+    Adam update (weight decay not included).
+``update_to_weight_rms``
+    ``update_rms`` over the RMS of the params as they are now.
+``effective_step_size``
+    the geometric mean of :math:`\eta^{eff}_i` (a plain mean would be ruled by the
+    few elements whose :math:`\hat v` is still about zero, where it is :math:`\eta/\epsilon`).
+``eps_dominated_fraction``
+    the fraction of elements whose denominator is mostly :math:`\epsilon`:
+    :math:`\epsilon > \sqrt{\hat v_i}` (AdaMax: :math:`2\epsilon > u_i`).
+``grad_norm``
+    the L2 norm of the group's gradients at their last step (unscaled when a
+    GradScaler hands its scale over); NaN unless the group has ``diagnostics=True``.
+``skipped_steps``
+    steps of this group skipped under ``skip_nonfinite``.
+``step``
+    the largest step count in the group; figures are 0 (NaN for ratios) before it.
+
+With ``diagnostics=True`` each step costs one extra norm per gradient tensor (no
+host sync); ``stats()`` itself reads every param and moment once and syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+from torch import Tensor
+
+from .kernels.amp import inverse_scale
+from .kernels.types import as_real
+from .rule import as_number
+from .state import moment_keys, moment_value
+
+
+class Recorder:
+    """Per-step records of the groups with ``diagnostics=True``, and the skip counts."""
+
+    def __init__(self) -> None:
+        self.grad_norms: dict[Tensor, Tensor] = {}  # param -> its last gradient's L2 norm
+        self.lrs: dict[Tensor, object] = {}  # param -> the learning rate of its last step
+        self.skips: Counter[int] = Counter()  # group index -> skipped steps
+
+    def record(self, group: dict, params: list[Tensor], grads: list[Tensor], grad_scale: Tensor | None) -> None:
+        norms = torch._foreach_norm([g.detach() for g in grads])
+        if grad_scale is not None:
+            norms = torch._foreach_mul(norms, inverse_scale(grad_scale))
+        lr = group["lr"]
+        lr = lr.detach().clone() if isinstance(lr, Tensor) else lr  # schedulers fill tensors in place
+        self.grad_norms.update(zip(params, norms))
+        self.lrs.update(zip(params, [lr] * len(params)))
+
+
+def _param_sums(param: Tensor, state: dict, lr: float, group: dict, algorithm: str) -> tuple[float, ...]:
+    """(elements, sum of squared updates, sum of squared weights, sum of log step sizes,
+    elements where eps dominates) for one param, in float64."""
+    t = as_number(state["step"])
+    beta1, beta2 = (as_number(b) for b in group["betas"])
+    eps = group["eps"]
+    second_key = moment_keys(algorithm, bool(group.get("amsgrad")))[-1]
+    m = as_real(moment_value(state, "exp_avg", param)).double()
+    second = as_real(moment_value(state, second_key, param)).double()
+    step_size = lr / (1 - beta1**t)
+    if algorithm == "adamax":
+        denom = second
+        eps_dominated = 2 * eps > second
+    else:
+        root = (second / (1 - beta2**t)).sqrt()
+        denom = root + eps
+        eps_dominated = eps > root
+    effective = step_size / denom
+    update = effective * m
+    weight = as_real(param.detach()).double()
+    return (
+        float(m.numel()),
+        float(update.square().sum()),
+        float(weight.square().sum()),
+        float(effective.log().sum()),
+        float(eps_dominated.sum()),
+    )
+
+
+def group_stats(optimizer, index: int, recorder: Recorder) -> dict[str, float]:
+    group = optimizer.param_groups[index]
+    stepped = [p for p in group["params"] if optimizer.state.get(p) and as_number(optimizer.state[p]["step"]) > 0]
+    totals = [0.0] * 5
+    for p in stepped:
+        lr = as_number(recorder.lrs.get(p, group["lr"]))
+        sums = _param_sums(p, optimizer.state[p], lr, group, optimizer.algorithm)
+        totals = [a + b for a, b in zip(totals, sums)]
+    count, update_sq, weight_sq, log_effective, eps_dominated = totals
+    norms = [recorder.grad_norms[p] for p in group["params"] if p in recorder.grad_norms]
+    update_rms = math.sqrt(update_sq / count) if count else 0.0
+    weight_rms = math.sqrt(weight_sq / count) if count else 0.0
+    return {
+        "step": max((as_number(optimizer.state[p]["step"]) for p in stepped), default=0.0),
+        "grad_norm": math.sqrt(sum(float(n.double().square()) for n in norms)) if norms else math.nan,
+        "update_rms": update_rms,
+        "update_to_weight_rms": update_rms / weight_rms if weight_rms else math.nan,
+        "effective_step_size": math.exp(log_effective / count) if count else 0.0,
+        "eps_dominated_fraction": eps_dominated / count if count else 0.0,
+        "skipped_steps": float(recorder.skips[index]),
+    }
+
+
+__all__ = ["Recorder", "group_stats"]

@@ -1,0 +1,173 @@
+"""``optimizer.stats()``: every figure checked against the same figure computed by hand,
+in float64 NumPy, from a run of the NumPy reference over the same gradients."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import adamkit
+from adamkit import reference
+
+SHAPES = [(40, 5), (17,), ()]
+STEPS = 4
+LRS = [0.02, 0.005]  # group 0, group 1 (the scheduler halves them after each step)
+
+
+def gradient_batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g) * (i + 1) for i, s in enumerate(SHAPES)] for _ in range(STEPS)]
+
+
+def starting_params():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def expected_stats(algorithm: str, amsgrad: bool, eps: float, groups_of: list[int]):
+    """Run the NumPy reference, then compute each group's figures from its definitions."""
+    step_fn = reference.STEP_FUNCTIONS[algorithm]
+    thetas = [p.double().numpy() for p in starting_params()]
+    states = [reference.ReferenceState() for _ in thetas]
+    norms = [0.0] * len(thetas)
+    for t, grads in enumerate(gradient_batches()):
+        for i, grad in enumerate(grads):
+            lr = LRS[groups_of[i]] * 0.5**t
+            hp = reference.Hyperparameters(
+                lr=lr, eps=eps, amsgrad=amsgrad, weight_decay=0.1, weight_decay_mode="decoupled"
+            )
+            thetas[i] = step_fn(thetas[i], grad.double().numpy(), states[i], hp)
+            norms[i] = float(np.sqrt(np.sum(grad.double().numpy() ** 2)))
+    figures = []
+    for group in sorted(set(groups_of)):
+        members = [i for i in range(len(thetas)) if groups_of[i] == group]
+        lr = LRS[group] * 0.5 ** (STEPS - 1)  # the lr of the last step, not the scheduler's next one
+        effective, updates, weights, dominated = [], [], [], []
+        for i in members:
+            st = states[i]
+            bias1 = 1 - 0.9**STEPS
+            if algorithm == "adamax":
+                u = st.exp_avg_sq
+                step = lr / bias1 / u
+                dominated.append(2 * eps > u)
+            else:
+                v = st.max_exp_avg_sq if amsgrad else st.exp_avg_sq
+                root = np.sqrt(v / (1 - 0.999**STEPS))
+                step = lr / bias1 / (root + eps)
+                dominated.append(eps > root)
+            effective.append(np.ravel(step))
+            updates.append(np.ravel(step * st.exp_avg))
+            weights.append(np.ravel(thetas[i]))
+            dominated[-1] = np.ravel(dominated[-1])
+        effective, updates, weights, dominated = map(np.concatenate, (effective, updates, weights, dominated))
+        update_rms = np.sqrt(np.mean(updates**2))
+        figures.append(
+            {
+                "step": float(STEPS),
+                "grad_norm": math.sqrt(sum(norms[i] ** 2 for i in members)),
+                "update_rms": update_rms,
+                "update_to_weight_rms": update_rms / np.sqrt(np.mean(weights**2)),
+                "effective_step_size": float(np.exp(np.mean(np.log(effective)))),
+                "eps_dominated_fraction": float(np.mean(dominated)),
+                "skipped_steps": 0.0,
+            }
+        )
+    return figures
+
+
+def run_optimizer(cls, backend, precision=None, **options):
+    params = [torch.nn.Parameter(x.clone()) for x in starting_params()]
+    groups = [{"params": params[:2], "lr": LRS[0]}, {"params": params[2:], "lr": LRS[1]}]
+    opt = cls(
+        groups,
+        weight_decay=0.1,
+        decoupled_weight_decay=True,
+        backend=backend,
+        state_precision=precision,
+        diagnostics=True,
+        **options,
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for grads in gradient_batches():
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        scheduler.step()
+    return opt
+
+
+CASES = [
+    (adamkit.Adam, "adam", {}),
+    (adamkit.Adam, "adam", {"amsgrad": True}),
+    (adamkit.AdaMax, "adamax", {}),
+    # eps large enough that it dominates some elements and not others
+    (adamkit.Adam, "adam", {"eps": 0.5}),
+    (adamkit.AdaMax, "adamax", {"eps": 0.5}),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "cpu", "triton"])
+@pytest.mark.parametrize("cls,algorithm,options", CASES, ids=lambda c: str(c) if isinstance(c, dict) else None)
+def test_stats_equal_the_figures_computed_by_hand_from_the_reference(backend, cls, algorithm, options):
+    opt = run_optimizer(cls, backend, **options)
+    expected = expected_stats(algorithm, options.get("amsgrad", False), options.get("eps", 1e-8), [0, 0, 1])
+    for got, want in zip(opt.stats(), expected, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=2e-5, abs=1e-12), key
+    fractions = [s["eps_dominated_fraction"] for s in expected]
+    if "eps" in options:  # the figure is exercised, not trivially 0
+        assert 0 < fractions[0] < 1
+
+
+def test_stats_of_quantized_states_come_from_the_dequantized_moments():
+    opt = run_optimizer(adamkit.Adam, "cpu", precision="int8")
+    expected = expected_stats("adam", False, 1e-8, [0, 0, 1])
+    for got, want in zip(opt.stats(), expected):
+        assert got["update_rms"] == pytest.approx(want["update_rms"], rel=2e-2)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-6)
+
+
+def test_diagnostics_off_by_default_gives_no_gradient_norm():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([p])
+    assert opt.param_groups[0]["diagnostics"] is False
+    p.grad = torch.ones(3)
+    opt.step()
+    (stats,) = opt.stats()
+    assert math.isnan(stats["grad_norm"]) and stats["update_rms"] > 0
+
+
+def test_stats_before_any_step_and_skipped_steps_per_group():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = adamkit.Adam([{"params": [a]}, {"params": [b]}], skip_nonfinite=True, diagnostics=True)
+    assert opt.stats()[0]["step"] == 0 and opt.stats()[0]["update_rms"] == 0
+    a.grad, b.grad = torch.tensor([1.0, float("nan"), 1.0]), torch.ones(3)
+    opt.step()
+    first, second = opt.stats()
+    assert first["skipped_steps"] == 1 and second["skipped_steps"] == 0 and opt.skipped_steps == 1
+    assert math.isnan(first["grad_norm"]) and second["grad_norm"] == pytest.approx(math.sqrt(3))
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert [s["skipped_steps"] for s in copied.stats()] == [1, 0]
+
+
+def test_grad_norm_is_unscaled_when_a_grad_scaler_hands_its_scale_over():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = adamkit.Adam(model.parameters(), backend="cpu", diagnostics=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    x = torch.randn(8, 4)
+    scaler.scale(model(x).square().mean()).backward()
+    expected = torch.cat([p.grad.flatten() / 256 for p in model.parameters()]).norm().item()
+    scaler.step(opt)
+    assert opt.stats()[0]["grad_norm"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_diagnostics_must_be_a_bool():
+    with pytest.raises(TypeError, match="diagnostics must be True or False, got 1"):
+        adamkit.Adam([torch.nn.Parameter(torch.ones(2))], diagnostics=1)
