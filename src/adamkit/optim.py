@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import kernels
+from . import accumulation, kernels
 from .diagnostics import Recorder, group_stats
 from .kernels import GroupBatch, Kernel
 from .kernels.amp import unscaled
@@ -122,6 +122,7 @@ class _AdamFamily(Optimizer):
         "seed",
         "skip_nonfinite",
         "diagnostics",
+        "accumulation_steps",
     )
 
     def _construct(
@@ -142,7 +143,7 @@ class _AdamFamily(Optimizer):
         if decouple_lr and max_lr is not None:
             check_max_lr(max_lr)
         check_storage(**storage, differentiable=d["differentiable"])
-        check_training_options(**training)
+        check_training_options(**training, differentiable=d["differentiable"])
         defaults = {
             **d,
             "betas": betas,
@@ -205,7 +206,11 @@ class _AdamFamily(Optimizer):
         )
         check_backend(group.get("backend"), where=where)
         check_training_options(
-            skip_nonfinite=group.get("skip_nonfinite", False), diagnostics=group.get("diagnostics", False), where=where
+            skip_nonfinite=group.get("skip_nonfinite", False),
+            diagnostics=group.get("diagnostics", False),
+            accumulation_steps=group.get("accumulation_steps", 1),
+            differentiable=group["differentiable"],
+            where=where,
         )
         check_storage(
             group.get("rounding", "nearest"),
@@ -254,6 +259,7 @@ class _AdamFamily(Optimizer):
             group.setdefault("seed", None)
             group.setdefault("skip_nonfinite", False)
             group.setdefault("diagnostics", False)
+            group.setdefault("accumulation_steps", 1)
             for p in group["params"]:
                 upgrade_step(self.state.get(p, {}), p, group)
 
@@ -354,6 +360,8 @@ class _AdamFamily(Optimizer):
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
         devices = cache["devices"]
         kernel = kernels.resolve(self._backend_name(group, devices), devices, differentiable=differentiable)
+        if group.get("accumulation_steps", 1) > 1:
+            kernel = accumulation.KERNEL
         return group, params, grads, kernel
 
     def _check_params_and_state(self, group: dict, params: list[Tensor], where: str) -> None:
@@ -525,6 +533,7 @@ class Adam(_AdamFamily):
         seed: int | None = None,
         skip_nonfinite: bool = False,
         diagnostics: bool = False,
+        accumulation_steps: int = 1,
     ) -> None:
         torch_defaults = {
             "lr": lr,
@@ -547,7 +556,11 @@ class Adam(_AdamFamily):
             decouple_lr=decouple_lr,
             max_lr=max_lr,
             storage=storage,
-            training={"skip_nonfinite": skip_nonfinite, "diagnostics": diagnostics},
+            training={
+                "skip_nonfinite": skip_nonfinite,
+                "diagnostics": diagnostics,
+                "accumulation_steps": accumulation_steps,
+            },
         )
 
     def _torch_group_defaults(self) -> dict[str, Any]:
@@ -589,6 +602,7 @@ class AdamW(Adam):
         seed: int | None = None,
         skip_nonfinite: bool = False,
         diagnostics: bool = False,
+        accumulation_steps: int = 1,
     ) -> None:
         super().__init__(
             params,
@@ -611,6 +625,7 @@ class AdamW(Adam):
             seed=seed,
             skip_nonfinite=skip_nonfinite,
             diagnostics=diagnostics,
+            accumulation_steps=accumulation_steps,
         )
 
     def __setstate__(self, state: dict) -> None:
@@ -657,6 +672,7 @@ class AdaMax(_AdamFamily):
         seed: int | None = None,
         skip_nonfinite: bool = False,
         diagnostics: bool = False,
+        accumulation_steps: int = 1,
     ) -> None:
         torch_defaults = {
             "lr": lr,
@@ -677,7 +693,11 @@ class AdaMax(_AdamFamily):
             decouple_lr=decouple_lr,
             max_lr=max_lr,
             storage=storage,
-            training={"skip_nonfinite": skip_nonfinite, "diagnostics": diagnostics},
+            training={
+                "skip_nonfinite": skip_nonfinite,
+                "diagnostics": diagnostics,
+                "accumulation_steps": accumulation_steps,
+            },
         )
 
     def _torch_group_defaults(self) -> dict[str, Any]:

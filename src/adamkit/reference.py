@@ -147,6 +147,43 @@ def adamax_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: 
     return _from_real(theta, like)
 
 
+def accumulated_step(
+    theta: np.ndarray, micro_grads: list[np.ndarray], state: ReferenceState, hp: Hyperparameters, algorithm: str
+) -> np.ndarray:
+    r"""One update of optimizer accumulation (Zhang et al., 2023; :mod:`adamkit.accumulation`)
+    from the gradients :math:`g_1..g_N` of N micro-batches:
+    :math:`m_t = \beta_1 m_{t-1} + (1-\beta_1)\,\mathrm{mean}_k\, g_k`,
+    :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2)\,\mathrm{mean}_k\, g_k^2`
+    (AdaMax: :math:`u_t = \max(\beta_2 u_{t-1}, \max_k |g_k| + \epsilon)`), then the
+    update of Algorithm 1 (2) with the same options."""
+    like = theta
+    theta = _as_real(theta)
+    decayed, grads = theta, []
+    for grad in micro_grads:
+        decayed, g = _effective_gradient(theta, _as_real(grad), hp)
+        grads.append(g)
+    g = np.stack(grads)
+    if state.step == 0:
+        state.exp_avg = np.zeros_like(theta)
+        state.exp_avg_sq = np.zeros_like(theta)
+        state.max_exp_avg_sq = np.zeros_like(theta) if hp.amsgrad else None
+    state.step += 1
+    t = state.step
+    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g.mean(axis=0)
+    if algorithm == "adamax":
+        state.exp_avg_sq = np.maximum(hp.beta2 * state.exp_avg_sq, np.abs(g).max(axis=0) + hp.eps)
+        denom = state.exp_avg_sq
+    else:
+        state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * (g * g).mean(axis=0)
+        second = state.exp_avg_sq
+        if hp.amsgrad:
+            state.max_exp_avg_sq = np.maximum(state.max_exp_avg_sq, state.exp_avg_sq)
+            second = state.max_exp_avg_sq
+        denom = np.sqrt(second / (1.0 - hp.beta2**t)) + hp.eps
+    theta = decayed - hp.lr / (1.0 - hp.beta1**t) * state.exp_avg / denom
+    return _from_real(theta, like)
+
+
 STEP_FUNCTIONS = {"adam": adam_step, "adamax": adamax_step}
 
 
@@ -162,6 +199,7 @@ def moments_as(state: ReferenceState, like: np.ndarray) -> dict[str, np.ndarray]
 
 __all__ = [
     "Hyperparameters",
+    "accumulated_step",
     "ReferenceState",
     "STEP_FUNCTIONS",
     "adam_step",

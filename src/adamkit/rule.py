@@ -160,11 +160,20 @@ def check_backend(backend: Any, *, where: str = "") -> None:
         raise ValueError(f"Invalid backend: {backend!r}{where} (allowed: {allowed})")
 
 
-def check_training_options(*, skip_nonfinite: Any, diagnostics: Any, where: str = "") -> None:
-    """The training-loop switches: ``skip_nonfinite`` and ``diagnostics``."""
+def check_training_options(
+    *, skip_nonfinite: Any, diagnostics: Any, accumulation_steps: Any, differentiable: bool, where: str = ""
+) -> None:
+    """The training-loop options: ``skip_nonfinite``, ``diagnostics`` and ``accumulation_steps``."""
     for name, value in (("skip_nonfinite", skip_nonfinite), ("diagnostics", diagnostics)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False{where}, got {value!r}")
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r}{where} (an int >= 1)")
+    if differentiable and accumulation_steps > 1:
+        raise ValueError(
+            f"accumulation_steps={accumulation_steps} does not support differentiable=True{where} "
+            "(use accumulation_steps=1)"
+        )
 
 
 def check_storage(rounding: Any, state_precision: Any, seed: Any, *, differentiable: bool, where: str = "") -> None:
@@ -262,6 +271,8 @@ class UpdateRule:
     state_precision: str | None = None
     #: the stochastic-rounding seed
     seed: int | None = None
+    #: micro-batches folded into the moments per update (optimizer accumulation)
+    accumulation_steps: int = 1
 
     @classmethod
     def from_group(cls, group: dict, algorithm: Algorithm) -> UpdateRule:
@@ -288,6 +299,7 @@ class UpdateRule:
             rounding=group.get("rounding", "nearest"),
             state_precision=group.get("state_precision"),
             seed=group.get("seed"),
+            accumulation_steps=group.get("accumulation_steps", 1),
         )
 
     @property

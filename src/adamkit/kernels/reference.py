@@ -35,15 +35,25 @@ from ..rule import GroupScalars, StepScalars, UpdateRule
 from .types import GroupTensors, as_real
 
 
-def _decayed_gradient(param: Tensor, grad: Tensor, rule: UpdateRule, group: GroupScalars) -> Tensor:
-    """Apply ``maximize`` and weight decay (decoupled: to the param; L2: to the gradient)."""
+def effective_gradient(param: Tensor, grad: Tensor, rule: UpdateRule, group: GroupScalars) -> Tensor:
+    """``maximize`` and L2 weight decay applied to the gradient (a new tensor if either is on)."""
     if rule.maximize:
         grad = -grad
-    if group.decay_factor is not None:
-        param.mul_(group.decay_factor)
-    elif group.l2_weight_decay != 0:
+    if group.decay_factor is None and group.l2_weight_decay != 0:
         grad = grad.add(param, alpha=group.l2_weight_decay)
     return grad
+
+
+def decay_param(param: Tensor, group: GroupScalars) -> None:
+    """Decoupled weight decay: theta <- theta * decay_factor."""
+    if group.decay_factor is not None:
+        param.mul_(group.decay_factor)
+
+
+def _decayed_gradient(param: Tensor, grad: Tensor, rule: UpdateRule, group: GroupScalars) -> Tensor:
+    """Apply ``maximize`` and weight decay (decoupled: to the param; L2: to the gradient)."""
+    decay_param(param, group)
+    return effective_gradient(param, grad, rule, group)
 
 
 def _second_moment_update(exp_avg_sq: Tensor, grad: Tensor, group: GroupScalars) -> None:
@@ -55,7 +65,12 @@ def _second_moment_update(exp_avg_sq: Tensor, grad: Tensor, group: GroupScalars)
         exp_avg_sq.mul_(group.beta2).addcmul_(grad, grad, value=group.one_minus_beta2)
 
 
-def _apply_update(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, differentiable: bool) -> None:
+def adam_denominator(second_moment: Tensor, step: StepScalars, eps: float) -> Tensor:
+    """sqrt(v) / sqrt(1 - beta2^t) + eps, as a new tensor."""
+    return (second_moment.sqrt() / step.bias_correction2_sqrt).add_(eps)
+
+
+def apply_update(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, differentiable: bool = False) -> None:
     """theta <- theta - step_size * m / denom."""
     if isinstance(step_size, Tensor) or differentiable:
         param.sub_((exp_avg.clone() if differentiable else exp_avg) / denom * step_size)
@@ -80,8 +95,8 @@ def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Se
                 torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
             second_moment = max_exp_avg_sq
 
-        denom = (second_moment.sqrt() / steps[i].bias_correction2_sqrt).add_(group.eps)
-        _apply_update(param, exp_avg, denom, steps[i].step_size, rule.differentiable)
+        denom = adam_denominator(second_moment, steps[i], group.eps)
+        apply_update(param, exp_avg, denom, steps[i].step_size, rule.differentiable)
 
 
 def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
@@ -96,6 +111,6 @@ def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: 
             exp_inf.copy_(torch.maximum(exp_inf.mul(group.beta2), norm))
         else:
             torch.maximum(exp_inf.mul_(group.beta2), norm, out=exp_inf)
-        _apply_update(
+        apply_update(
             param, exp_avg, exp_inf.clone() if rule.differentiable else exp_inf, steps[i].step_size, rule.differentiable
         )

@@ -118,13 +118,15 @@ def widened(
     param_indices: Sequence[int] | None,
     *,
     widen_16_bit: bool = False,
-) -> tuple[GroupTensors, Callable[[], None]]:
+) -> tuple[GroupTensors, Callable[..., None]]:
     """The tensors to run the element math on, and a function that stores the results.
 
     Params that need no widening (the default: states in the param's dtype, nearest
     rounding) are passed through untouched, so their results stay torch's bits.
     Quantized moments are dequantized to fp32 and quantized again after the update.
     ``widen_16_bit`` widens every bf16/fp16 param (fused-kernel semantics).
+    ``store(written)`` stores the widened params only where ``written[i]`` is true
+    (all by default); moments are always stored.
     """
     kahan = rule.rounding == "kahan"
     stochastic = rule.rounding == "stochastic"
@@ -150,9 +152,11 @@ def widened(
         work.grads[i] = grads[i].to(dtype)
         pending.append((i, stored))
 
-    def store() -> None:
+    def store(written: Sequence[bool] | None = None) -> None:
         for i, stored in pending:
             for item in stored:
+                if written is not None and not written[i] and item.slot == rounding.PARAM_SLOT:
+                    continue
                 if item.fmt is not None:
                     blockwise.store_moment(states[i], item.key, item.work, item.fmt)
                     continue

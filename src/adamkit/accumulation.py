@@ -1,0 +1,113 @@
+r"""Optimizer accumulation (Zhang et al., 2023, "Adam Accumulation"): each micro-batch's
+gradient is folded into the moments as soon as it exists, and the weights move once
+every :math:`N` = ``accumulation_steps`` micro-batches, so no gradient has to be kept
+between micro-batches (with :func:`adamkit.gradient_release`, none is kept at all).
+
+For the micro-batch gradients :math:`g_1, \dots, g_N` of one update (each the gradient
+of its own micro-batch's mean loss; maximize and L2 decay applied as usual):
+
+.. math::
+
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1) \tfrac{1}{N} \textstyle\sum_k g_k \\
+    v_t &= \beta_2 v_{t-1} + (1 - \beta_2) \tfrac{1}{N} \textstyle\sum_k g_k^2
+        \qquad \text{(AdaMax: } u_t = \max(\beta_2 u_{t-1}, \max_k |g_k| + \epsilon)) \\
+    \theta_t &= \theta_{t-1} - \eta\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)
+        \quad \text{(decoupled decay, AMSGrad and bias corrections as in a normal step)}
+
+Against gradient accumulation (``N`` backward passes into ``.grad``, one step with
+:math:`G = \frac1N \sum_k g_k`): :math:`m_t` is the same; :math:`v_t` holds the mean of
+the squares instead of the square of the mean, larger by the variance of the
+micro-batch gradients, :math:`\frac1N \sum_k g_k^2 = G^2 + \frac1N \sum_k (g_k - G)^2`,
+so steps are a little more cautious where micro-batches disagree (AdaMax likewise
+takes :math:`\max_k |g_k| \ge |G|`).  With equal micro-batch gradients the two agree.
+Dividing the loss by :math:`N`, as gradient accumulation does, only rescales the
+gradients, which Adam's update ignores (up to :math:`\epsilon` and L2 decay).
+
+Each ``optimizer.step()`` (or, under gradient release, each param's hook) is one
+micro-batch; a param counts its own micro-batches in ``state["accumulated"]`` and
+its ``step`` counts updates.  Before its last micro-batch a param's weights are not
+written.  The fold runs on torch ops (every device, dtype and ``state_precision``:
+moments stored in bf16 or int8/int4 are rounded after every micro-batch); the fused
+kernels are not used for these groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels import Kernel
+from .kernels import reference as ops
+from .kernels.storage import widened
+from .kernels.types import GroupBatch, as_real
+from .rule import GroupScalars, UpdateRule
+
+#: the state key counting the micro-batches folded since the last update
+COUNT_KEY = "accumulated"
+
+
+def _add_scaled(target: Tensor, value: Tensor, weight) -> None:
+    """target += weight * value (weight a number, or a tensor on the capturable path)."""
+    if isinstance(weight, Tensor):
+        target.add_(value * weight.to(target.device))
+    else:
+        target.add_(value, alpha=weight)
+
+
+def _fold(moments: list[Tensor], grad: Tensor, group: GroupScalars, first: bool, weight: float, adamax: bool) -> None:
+    """Fold one micro-batch gradient into (m, v or u[, v_max]); the first of an update
+    also decays the moments by beta."""
+    exp_avg, second = moments[0], moments[1]
+    if first:
+        exp_avg.mul_(group.beta1)
+    _add_scaled(exp_avg, grad, (1 - group.beta1) * weight)
+    if adamax:
+        norm = grad.abs().add_(group.eps)
+        torch.maximum(second.mul_(group.beta2) if first else second, norm, out=second)
+        return
+    if first:
+        second.mul_(group.beta2)
+    _add_scaled(second, grad * grad, group.one_minus_beta2 * weight)
+
+
+def _update(param: Tensor, moments: list[Tensor], rule: UpdateRule, group: GroupScalars, step_t: Tensor) -> None:
+    """The weight update from the accumulated moments (decoupled decay first)."""
+    step_t += 1
+    scalars = rule.step_scalars(step_t.to(torch.float64) if rule.capturable else step_t.item())
+    ops.decay_param(param, group)
+    if rule.algorithm == "adamax":
+        ops.apply_update(as_real(param), moments[0], moments[1], scalars.step_size)
+        return
+    second = moments[1]
+    if rule.amsgrad:
+        torch.maximum(moments[2], second, out=moments[2])
+        second = moments[2]
+    ops.apply_update(as_real(param), moments[0], ops.adam_denominator(second, scalars, group.eps), scalars.step_size)
+
+
+def step(batch: GroupBatch, rule: UpdateRule) -> None:
+    """One micro-batch for every param of the group."""
+    states = batch.states
+    steps = [s["step"] for s in states]
+    counts = [s.get(COUNT_KEY, 0) for s in states]
+    n = rule.accumulation_steps
+    # stochastic rounding draws fresh bits per micro-batch: key on (updates, micro-batch)
+    micro_steps = [t * n + c for t, c in zip(steps, counts)]
+    work, store = widened(batch.params, batch.grads, states, micro_steps, rule, batch.param_indices)
+    group = rule.group_scalars()
+    adamax = rule.algorithm == "adamax"
+    last = [c + 1 >= n for c in counts]
+    for i, param in enumerate(work.params):
+        moments = [as_real(m[i]) for m in (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs) if m]
+        grad = as_real(ops.effective_gradient(param, work.grads[i], rule, group))
+        _fold(moments, grad, group, first=counts[i] == 0, weight=1.0 / n, adamax=adamax)
+        if last[i]:
+            _update(param, moments, rule, group, steps[i])
+        states[i][COUNT_KEY] = 0 if last[i] else counts[i] + 1
+    store(last)
+
+
+#: how the front runs a group with ``accumulation_steps > 1``
+KERNEL = Kernel("accumulation", step)
+
+__all__ = ["COUNT_KEY", "KERNEL", "step"]

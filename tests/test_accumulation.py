@@ -1,0 +1,230 @@
+"""Optimizer accumulation (``accumulation_steps=N``): checked against the NumPy
+reference's ``accumulated_step``, against a plain Adam step when the micro-batches
+agree, against gradient accumulation's first moment, and for what it must not do
+(move weights before the last micro-batch)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import adamkit
+from adamkit import reference
+
+N = 4
+CYCLES = 3
+SHAPES = [(30, 4), (9,), ()]
+BACKENDS = ["reference", "foreach", "cpu", "triton"]
+
+
+def micro_batches(seed=0, cycles=CYCLES, shapes=SHAPES, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [[[torch.randn(s, generator=g).to(dtype) for s in shapes] for _ in range(N)] for _ in range(cycles)]
+
+
+def starting_params(shapes=SHAPES, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def run(opt, params, cycles):
+    """Every micro-batch is one ``step()``; returns the params after each micro-batch."""
+    history = []
+    for cycle in cycles:
+        for grads in cycle:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+            history.append([p.detach().clone() for p in params])
+    return history
+
+
+CONFIGS = {
+    "adam": (adamkit.Adam, {}),
+    "adam_l2_maximize": (adamkit.Adam, {"weight_decay": 0.1, "maximize": True}),
+    "adamw_amsgrad": (adamkit.AdamW, {"weight_decay": 0.1, "amsgrad": True}),
+    "adamw_decouple_lr": (adamkit.AdamW, {"weight_decay": 0.1, "decouple_lr": True}),
+    "adamax": (adamkit.AdaMax, {"weight_decay": 0.1}),
+}
+
+
+def reference_run(name: str, lr: float, start_dtype=torch.float32):
+    cls, options = CONFIGS[name]
+    algorithm = "adamax" if cls is adamkit.AdaMax else "adam"
+    mode = "l2"
+    if cls is adamkit.AdamW:
+        mode = "fully_decoupled" if options.get("decouple_lr") else "decoupled"
+    hp = reference.Hyperparameters(
+        lr=lr,
+        weight_decay=options.get("weight_decay", 0.0),
+        weight_decay_mode=mode,
+        max_lr=lr,
+        amsgrad=options.get("amsgrad", False),
+        maximize=options.get("maximize", False),
+    )
+    thetas = [p.detach().double().numpy() for p in starting_params(dtype=start_dtype)]
+    states = [reference.ReferenceState() for _ in thetas]
+    for cycle in micro_batches():
+        for i in range(len(thetas)):
+            grads = [batch[i].double().numpy() for batch in cycle]
+            thetas[i] = reference.accumulated_step(thetas[i], grads, states[i], hp, algorithm)
+    return thetas, states
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_matches_the_numpy_reference_and_moves_weights_only_on_the_last_micro_batch(backend, name):
+    cls, options = CONFIGS[name]
+    params = starting_params()
+    start = [p.detach().clone() for p in params]
+    opt = cls(params, lr=0.01, backend=backend, accumulation_steps=N, **options)
+    history = run(opt, params, micro_batches())
+    for k, snapshot in enumerate(history):
+        previous = start if k < N else history[(k // N) * N - 1]
+        moved = (k + 1) % N == 0
+        for now, before in zip(snapshot, previous):
+            assert torch.equal(now, before) != moved or now.numel() == 0, f"micro-batch {k}"
+    thetas, states = reference_run(name, lr=0.01)
+    for p, theta, st in zip(params, thetas, states):
+        np.testing.assert_allclose(p.detach().double().numpy(), theta, rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(opt.state[p]["exp_avg"].double().numpy(), st.exp_avg, rtol=2e-5, atol=1e-7)
+        second = opt.state[p]["exp_inf" if cls is adamkit.AdaMax else "exp_avg_sq"]
+        np.testing.assert_allclose(second.double().numpy(), st.exp_avg_sq, rtol=2e-5, atol=1e-9)
+        assert opt.state[p]["step"].item() == CYCLES and opt.state[p]["accumulated"] == 0
+
+
+@pytest.mark.parametrize("cls", [adamkit.Adam, adamkit.AdaMax])
+def test_equal_micro_batches_give_the_plain_step(cls):
+    """N copies of the same gradient: exactly one step of torch.optim's optimizer (up
+    to the rounding of summing N terms)."""
+    torch_cls = torch.optim.Adam if cls is adamkit.Adam else torch.optim.Adamax
+    params = starting_params()
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = cls(params, lr=0.05, accumulation_steps=N)
+    torch_opt = torch_cls(plain, lr=0.05)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(CYCLES):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        run(opt, params, [[grads] * N])
+        for q, grad in zip(plain, grads):
+            q.grad = grad.clone()
+        torch_opt.step()
+    for p, q in zip(params, plain):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_first_moment_equals_gradient_accumulation_and_second_moment_is_not_smaller():
+    params = starting_params()
+    accumulated = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = adamkit.Adam(params, lr=0.01, accumulation_steps=N)
+    grad_accumulation = adamkit.Adam(accumulated, lr=0.01)
+    for cycle in micro_batches(cycles=1):
+        run(opt, params, [cycle])
+        for i, q in enumerate(accumulated):
+            q.grad = sum(batch[i] for batch in cycle) / N
+        grad_accumulation.step()
+    for p, q in zip(params, accumulated):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], grad_accumulation.state[q]["exp_avg"])
+        assert torch.all(opt.state[p]["exp_avg_sq"] >= grad_accumulation.state[q]["exp_avg_sq"] * (1 - 1e-6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", [None, "int8"])
+def test_with_gradient_release_equals_stepping_after_backward(backend, precision):
+    def train(release: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = adamkit.AdamW(
+            model.parameters(), lr=0.02, backend=backend, state_precision=precision, accumulation_steps=3
+        )
+        handle = adamkit.gradient_release(model, opt) if release else None
+        data = torch.Generator().manual_seed(5)
+        for _ in range(7):  # two updates and a third cycle under way
+            x = torch.randn(16, 6, generator=data)
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        if handle:
+            handle.remove()
+        return model, opt
+
+    released, released_opt = train(True)
+    plain, plain_opt = train(False)
+    for p, q in zip(released.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+        for key, value in plain_opt.state[q].items():
+            assert torch.equal(torch.as_tensor(released_opt.state[p][key]), torch.as_tensor(value)), key
+
+
+def test_a_checkpoint_mid_cycle_resumes_bit_for_bit():
+    cycles = micro_batches()
+    flat = [batch for cycle in cycles for batch in cycle]
+    params = starting_params()
+    opt = adamkit.Adam(params, lr=0.01, accumulation_steps=N)
+    run(opt, params, [flat[:6]])  # one update and two micro-batches of the next
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    assert [saved["state"][i]["accumulated"] for i in range(len(params))] == [2, 2, 2]
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = adamkit.Adam(resumed_params, lr=0.01, accumulation_steps=N)
+    resumed.load_state_dict(saved)
+    run(opt, params, [flat[6:]])
+    run(resumed, resumed_params, [flat[6:]])
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+
+
+def test_one_accumulation_step_is_the_plain_path():
+    params = starting_params()
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = adamkit.Adam(params, lr=0.01, accumulation_steps=1, backend="reference")
+    torch_opt = torch.optim.Adam(plain, lr=0.01, foreach=False)
+    for cycle in micro_batches(cycles=1):
+        for grads in cycle:
+            for p, q, g in zip(params, plain, grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            torch_opt.step()
+    for p, q in zip(params, plain):
+        assert torch.equal(p, q) and "accumulated" not in opt.state[p]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"rounding": "kahan"}, {"rounding": "stochastic", "seed": 3}, {"state_precision": "int8"}],
+    ids=str,
+)
+def test_low_precision_storage_follows_the_reference(options):
+    """bf16 weights (Kahan, stochastic) and int8 moments are rounded after every
+    micro-batch: close to the float64 reference (which starts from the same values),
+    within 5% of the most the weights can move (lr per update) or, for stochastic
+    rounding, a few bf16 ulps."""
+    dtype = torch.bfloat16 if "rounding" in options else torch.float32
+    params = starting_params(dtype=dtype)
+    opt = adamkit.Adam(params, lr=0.01, accumulation_steps=N, **options)
+    run(opt, params, [[[g.to(dtype) for g in batch] for batch in cycle] for cycle in micro_batches()])
+    thetas, _ = reference_run("adam", lr=0.01, start_dtype=dtype)
+    for p, theta in zip(params, thetas):
+        value = p.detach().double().numpy()
+        if options.get("rounding") == "kahan":
+            value = value + opt.state[p]["kahan_compensation"].double().numpy()
+        if options.get("rounding") == "stochastic":
+            np.testing.assert_allclose(value, theta, rtol=3 * 2.0**-8, atol=1e-6)
+        else:
+            np.testing.assert_allclose(value, theta, rtol=0, atol=0.05 * 0.01 * CYCLES)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "4"])
+def test_accumulation_steps_must_be_a_positive_int(value):
+    with pytest.raises(ValueError, match=f"Invalid accumulation_steps: {value!r} \\(an int >= 1\\)"):
+        adamkit.Adam([torch.nn.Parameter(torch.ones(2))], accumulation_steps=value)
+
+
+def test_accumulation_is_not_differentiable():
+    with pytest.raises(ValueError, match="accumulation_steps=2 does not support differentiable=True"):
+        adamkit.Adam([torch.nn.Parameter(torch.ones(2))], accumulation_steps=2, differentiable=True)
