@@ -93,3 +93,68 @@ def test_remove_restores_normal_stepping_and_errors_are_clear():
         adamkit.gradient_release(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match=r"params \[0\] of model_or_params are not in the optimizer"):
         adamkit.gradient_release([torch.nn.Parameter(torch.ones(1))], opt)
+
+
+def scaled_training(backend, release: bool, poison: tuple[int, int] | None = None, steps: int = 4):
+    """``steps`` iterations of the usual GradScaler loop; ``poison=(step, layer)`` makes
+    that layer's weight gradient infinite at that step.  Returns the model, the
+    optimizer, the scaler and the params and states right before the poisoned step."""
+    model, data = model_and_data()
+    opt, _ = make_optimizer(model, backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    handle = adamkit.gradient_release(model, opt, scaler=scaler) if release else None
+    before = None
+    for step, (x, y) in enumerate(data[:steps]):
+        hook = None
+        if poison is not None and step == poison[0]:
+            before = ([p.detach().clone() for p in model.parameters()], copy_state(opt))
+            hook = model[poison[1]].weight.register_hook(lambda g: g * float("inf"))
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if hook is not None:
+            hook.remove()
+    if handle is not None:
+        handle.remove()
+    return model, opt, scaler, before
+
+
+def copy_state(opt):
+    return {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_release_with_a_grad_scaler_equals_scaled_normal_stepping(backend):
+    """Power-of-two scales unscale exactly: gradient release under a GradScaler gives
+    the bits of normal stepping under the same scaler."""
+    normal, normal_opt, normal_scaler, _ = scaled_training(backend, release=False)
+    released, released_opt, released_scaler, _ = scaled_training(backend, release=True)
+    assert released_scaler.get_scale() == normal_scaler.get_scale() == 2.0**12
+    for p, q in zip(released.parameters(), normal.parameters()):
+        assert torch.equal(p, q)
+        for key, value in normal_opt.state[q].items():
+            assert torch.equal(released_opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_release_with_a_grad_scaler_skips_the_param_with_an_inf_and_backs_off(backend):
+    """The last layer's gradient comes first in backward: it is stepped; the first
+    layer's weight gets an inf and is left exactly as it was; the scale halves and
+    training goes on."""
+    model, opt, scaler, (params_before, state_before) = scaled_training(backend, release=True, poison=(2, 0), steps=3)
+    poisoned = model[0].weight
+    index = [id(p) for p in model.parameters()].index(id(poisoned))
+    assert torch.equal(poisoned, params_before[index])
+    for key, value in state_before[poisoned].items():
+        assert torch.equal(opt.state[poisoned][key], value), key
+    assert not torch.equal(model[2].weight, params_before[2])  # stepped before the inf showed up
+    assert scaler.get_scale() == 2.0**11
+    assert opt.state[model[2].weight]["step"].item() == 3 and opt.state[poisoned]["step"].item() == 2
+
+
+def test_release_rejects_something_that_is_not_a_grad_scaler():
+    model, _ = model_and_data()
+    opt, _ = make_optimizer(model, "reference")
+    with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler or None, got float"):
+        adamkit.gradient_release(model, opt, scaler=1.0)

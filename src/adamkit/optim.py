@@ -477,14 +477,18 @@ class _AdamFamily(Optimizer):
             return False
         return True
 
-    def _step_one_param(self, index: int, group: dict, view: dict) -> None:
+    def _step_one_param(self, index: int, group: dict, view: dict, amp: tuple = (None, None)) -> None:
         """Step one param as ``step()`` would step it in param_groups[index]: ``view``
-        is that param's one-param group, brought up to date with ``group`` first."""
+        is that param's one-param group, brought up to date with ``group`` first.
+        ``amp``: a GradScaler's scale and this param's inf flag."""
         _draw_seed_if_needed(group)  # the group's seed, not a fresh one per view
         view.update((key, value) for key, value in group.items() if key != "params")
         plan = self._plan_group(index, view)
-        if plan is not None and self._admit(index, plan, None):
-            self._run_group(*plan, (None, None))
+        if plan is None or not self._admit(index, plan, amp[0]):
+            return
+        if amp[1] is not None and not plan[3].amp and amp[1].item():
+            return  # a kernel that cannot skip in-kernel: skip here
+        self._run_group(*plan, amp)
 
 
 class Adam(_AdamFamily):

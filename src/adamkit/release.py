@@ -13,6 +13,16 @@ and ``optimizer.load_state_dict`` (which replaces the group dicts) keep taking
 effect.  State lives in ``optimizer.state`` as usual, so state dicts are unchanged.
 The update is the one ``optimizer.step()`` would make: the kernels treat every
 tensor on its own, so stepping params one at a time gives the same bits.
+
+Mixed precision: pass the ``torch.amp.GradScaler`` (``gradient_release(model,
+optimizer, scaler=scaler)``) and keep the usual loop, ``scaler.scale(loss).backward();
+scaler.step(optimizer); scaler.update()``.  Each hook unscales its gradient; a param
+whose gradient holds an inf or NaN is not stepped, and the scaler is told, so
+``update()`` backs off.  Params stepped earlier in the same backward keep their
+update: a step made inside backward cannot wait for the last gradient (torch's
+scaler would have skipped the whole step).  This fills in the scaler's
+per-optimizer record (as its ``unscale_`` would), so ``scaler.unscale_`` and
+gradient clipping are not available, as there are no gradients left to clip.
 """
 
 from __future__ import annotations
@@ -21,13 +31,15 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 
 
 class GradientRelease:
     """The handle :func:`gradient_release` returns; ``remove()`` detaches it."""
 
-    def __init__(self, params: list[Tensor], optimizer) -> None:
+    def __init__(self, params: list[Tensor], optimizer, scaler=None) -> None:
         self.optimizer = optimizer
+        self.scaler = scaler
         self._views: dict[int, dict] = {}  # per param: a one-param group kept in step with its group
         self._groups: tuple = ((), {})  # (ids of the param-group dicts, param id -> group index)
         self._hooks = [p.register_post_accumulate_grad_hook(self._step_param) for p in params]
@@ -45,8 +57,22 @@ class GradientRelease:
     def _step_param(self, param: Tensor) -> None:
         index, group = self._group_of(param)
         view = self._views.setdefault(id(param), {"params": [param]})
-        self.optimizer._step_one_param(index, group, view)
+        amp = self._amp(param.grad) if self.scaler is not None and self.scaler.is_enabled() else (None, None)
+        self.optimizer._step_one_param(index, group, view, amp)
         param.grad = None
+
+    def _amp(self, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """The scale and this gradient's inf flag, recorded in the scaler's per-optimizer
+        state (opened at the first hook after ``update()``) for ``step``/``update``."""
+        scale = self.scaler._scale
+        record = self.scaler._per_optimizer_states[id(self.optimizer)]
+        if record["stage"] is OptState.READY:
+            record["found_inf_per_device"] = {scale.device: torch.zeros((), device=scale.device)}
+            record["stage"] = OptState.UNSCALED
+        found_inf = grad.detach().isfinite().logical_not().any().float()
+        found_any = record["found_inf_per_device"][scale.device]
+        torch.maximum(found_any, found_inf.to(scale.device), out=found_any)
+        return scale, found_inf
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -56,11 +82,14 @@ class GradientRelease:
             del self.optimizer._gradient_release
 
 
-def gradient_release(model_or_params: torch.nn.Module | Iterable[Tensor], optimizer) -> GradientRelease:
+def gradient_release(
+    model_or_params: torch.nn.Module | Iterable[Tensor], optimizer, *, scaler: torch.amp.GradScaler | None = None
+) -> GradientRelease:
     """Step ``optimizer``'s params in their post-accumulate-grad hooks (see the module).
 
     ``model_or_params``: a module or an iterable of params, each of which must be in
-    one of ``optimizer``'s param groups (an adamkit optimizer).
+    one of ``optimizer``'s param groups (an adamkit optimizer).  ``scaler``: the
+    ``torch.amp.GradScaler`` that scales the loss, if any.
     """
     if not hasattr(optimizer, "_step_one_param"):
         raise TypeError(f"gradient_release needs an adamkit optimizer, got {type(optimizer).__name__}")
@@ -71,7 +100,9 @@ def gradient_release(model_or_params: torch.nn.Module | Iterable[Tensor], optimi
     strangers = [i for i, p in enumerate(params) if id(p) not in owned]
     if strangers:
         raise ValueError(f"params {strangers} of model_or_params are not in the optimizer's param groups")
-    return GradientRelease([p for p in params if p.requires_grad], optimizer)
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+    return GradientRelease([p for p in params if p.requires_grad], optimizer, scaler)
 
 
 __all__ = ["GradientRelease", "gradient_release"]
