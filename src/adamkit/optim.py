@@ -46,6 +46,10 @@ keyword-only:
 ``diagnostics``
     ``True``: record each gradient's norm at every step, for ``optimizer.stats()``
     (see :mod:`adamkit.diagnostics`); one extra norm per tensor, no host sync.
+``accumulation_steps``
+    N > 1: optimizer accumulation (:mod:`adamkit.accumulation`): each ``step()``
+    folds one micro-batch's gradient into the moments, and the weights move on
+    every N-th.
 """
 
 from __future__ import annotations
