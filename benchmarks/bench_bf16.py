@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from bench_cpu import Case, gpt2_shapes, parse_arguments, run_case
+from bench_cpu import parse_arguments
 
 import adamkit
+from adamkit.experiments.bench import Case, gpt2_shapes, run_case
 
 CASES = {
     "d": Case("(d) 50M bf16 params in 50 tensors", [(1_000_000,)] * 50, torch.bfloat16),

@@ -19,9 +19,9 @@ import statistics
 import sys
 
 import torch
-from bench_cpu import BYTES_PER_PARAM, Case, gpt2_shapes
 
 import adamkit
+from adamkit.experiments.bench import BYTES_PER_PARAM, Case, gpt2_shapes
 
 CASES = {
     # 36 layers of width 1536 with a 50K vocabulary: ~1.1B params

@@ -5,13 +5,24 @@ for ``torch.optim.Adam`` / ``AdamW`` / ``Adamax``; :mod:`adamkit.reference` is t
 paper, line by line, in NumPy float64; :mod:`adamkit.rounding` specifies how 16-bit
 values are stored and :mod:`adamkit.quantization` the int8/int4 state format;
 :mod:`adamkit.precision` has helpers for 16-bit training and :mod:`adamkit.convert`
-converts quantized state dicts to and from torch.optim's.
+converts quantized state dicts to and from torch.optim's.  :mod:`adamkit.numpy` steps
+NumPy arrays, and :func:`adamkit.minimize` (needs SciPy) solves ``scipy.optimize``-style
+problems.
 """
 
 from . import convert, precision, quantization, reference, rounding
 from ._version import __version__
 from .optim import Adam, AdaMax, Adamax, AdamW
 from .release import gradient_release
+
+
+def __getattr__(name: str):
+    if name == "minimize":  # SciPy is imported only when asked for
+        from .optimize import minimize
+
+        return minimize
+    raise AttributeError(f"module 'adamkit' has no attribute {name!r}")
+
 
 __all__ = [
     "Adam",
@@ -20,6 +31,7 @@ __all__ = [
     "Adamax",
     "convert",
     "gradient_release",
+    "minimize",
     "precision",
     "quantization",
     "reference",

@@ -4,8 +4,18 @@ Commands
 --------
 ``adamkit demo [--out DIR] [--force]``
     Race Adam, AdamW, AMSGrad and SGD on analytic test functions, print the
-    results table and write the figures into ``DIR`` (default
-    ``./adamkit-demo``).
+    results table and write the figures into ``DIR`` (default ``./adamkit-demo``).
+``adamkit viz [FUNCTION ...] [--animate] [--steps N] [--out DIR] [--force]``
+    Optimizer trajectories over contour plots of test functions, optionally as GIFs.
+``adamkit bench [--quick] [--cases a,b,...] [--rounds N] [--device cpu|cuda]``
+    The step benchmarks on this machine against torch.optim.Adam, as tables.
+``adamkit reproduce [EXPERIMENT ...] [--quick] [--out DIR] [--force]``
+    Kingma & Ba's section 6 experiments (and Reddi et al.'s AMSGrad counterexample) on
+    bundled data, with figures, curves and a report beside the papers' results.
+
+Exit status: 0 on success (a paper result that does not hold on our data is a result,
+not a failure), 1 when a run fails, 2 for bad arguments or a non-empty output directory
+without ``--force``, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -21,6 +31,35 @@ __all__ = ["main", "build_parser"]
 
 #: Exit status for usage errors (as argparse uses).
 EXIT_USAGE = 2
+#: Exit status when a command fails while running.
+EXIT_FAILURE = 1
+#: Exit status after Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+
+def _add_out_options(command: argparse.ArgumentParser, default: str, what: str) -> None:
+    command.add_argument(
+        "--out",
+        type=Path,
+        default=Path(default),
+        metavar="DIR",
+        help=f"directory for the {what}, created if missing (default: ./{default})",
+    )
+    command.add_argument(
+        "--force",
+        action="store_true",
+        help="write into DIR even if it is not empty (files of the same name are overwritten)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,19 +79,72 @@ def build_parser() -> argparse.ArgumentParser:
             "print a results table and write quadratic.png, rosenbrock.png and beale.png."
         ),
     )
-    demo.add_argument(
-        "--out",
-        type=Path,
-        default=Path("adamkit-demo"),
-        metavar="DIR",
-        help="directory for the figures, created if missing (default: ./adamkit-demo)",
-    )
-    demo.add_argument(
-        "--force",
-        action="store_true",
-        help="write into DIR even if it is not empty (figures of the same name are overwritten)",
-    )
+    _add_out_options(demo, "adamkit-demo", "figures")
     demo.set_defaults(handler=_cmd_demo)
+
+    from adamkit.experiments.functions import OBJECTIVES
+
+    viz = commands.add_parser(
+        "viz",
+        help="draw optimizer trajectories on test functions over contour plots",
+        description=(
+            "Run Adam, AdamW, AMSGrad and SGD with momentum on test functions and draw their "
+            "trajectories over contour plots (one PNG per function, optionally a GIF)."
+        ),
+    )
+    viz.add_argument(
+        "functions",
+        nargs="*",
+        metavar="FUNCTION",
+        help=f"functions to draw (default: all): {', '.join(OBJECTIVES)}",
+    )
+    viz.add_argument("--animate", action="store_true", help="also write an animated GIF per 2-D function")
+    viz.add_argument("--steps", type=_positive_int, metavar="N", help="steps per run (default: per function)")
+    _add_out_options(viz, "adamkit-viz", "figures")
+    viz.set_defaults(handler=_cmd_viz, known=tuple(OBJECTIVES))
+
+    bench = commands.add_parser(
+        "bench",
+        help="time the optimizer step against torch.optim.Adam on this machine",
+        description=(
+            "Time one Adam step of adamkit and of torch.optim.Adam (for-loop, foreach, fused) "
+            "in interleaved rounds and print ms, the ratio to torch's fused kernel and effective "
+            "bandwidth per case: (a) a few large tensors, (b) many small ones, (c) GPT-2 shapes, "
+            "(d) bf16 params."
+        ),
+    )
+    bench.add_argument("--quick", action="store_true", help="cases ten times smaller, 5 rounds (a few seconds)")
+    bench.add_argument("--cases", default="a,b,c,d", help="comma-separated subset of a,b,c,d (default: all)")
+    bench.add_argument("--rounds", type=_positive_int, metavar="N", help="timed steps per contender (default 20)")
+    bench.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where the params live (default: cuda when available, else cpu)",
+    )
+    bench.set_defaults(handler=_cmd_bench)
+
+    from adamkit.experiments.paper import EXPERIMENTS
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="rerun the Adam paper's experiments on bundled data and report beside the paper",
+        description=(
+            "Kingma & Ba (2015) section 6 on data that ships with the install (scikit-learn's digits "
+            "instead of MNIST and CIFAR-10, a synthetic sparse bag-of-words task instead of IMDB), plus "
+            "Reddi et al.'s AMSGrad counterexample.  Writes PNG figures, the curves as CSV, report.md "
+            "and results.json; the report says for each experiment whether the paper's qualitative "
+            "result holds here."
+        ),
+    )
+    reproduce.add_argument(
+        "experiments",
+        nargs="*",
+        metavar="EXPERIMENT",
+        help=f"experiments to run (default: all): {', '.join(EXPERIMENTS)}",
+    )
+    reproduce.add_argument("--quick", action="store_true", help="fewer epochs and a coarser grid (under a minute)")
+    _add_out_options(reproduce, "adamkit-reproduce", "figures, curves and report")
+    reproduce.set_defaults(handler=_cmd_reproduce, known=tuple(EXPERIMENTS))
     return parser
 
 
@@ -61,20 +153,95 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    out: Path = args.out
+def _output_problem(out: Path, force: bool) -> str | None:
+    """Why ``out`` cannot take a command's files (``None`` if it can)."""
     if out.exists() and not out.is_dir():
-        return _error(f"--out {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        return _error(f"output directory {str(out)!r} is not empty; use --force to write into it anyway")
+        return f"--out {str(out)!r} exists and is not a directory"
+    if out.is_dir() and any(out.iterdir()) and not force:
+        return f"output directory {str(out)!r} is not empty; use --force to write into it anyway"
+    return None
+
+
+def _unknown_names(names: Sequence[str], known: Sequence[str], what: str) -> str | None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        return f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(known)}"
+    return None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if problem := _output_problem(args.out, args.force):
+        return _error(problem)
 
     from adamkit.experiments.demo import plot_paths, run_demo  # heavy imports (matplotlib) only here
 
-    run_demo(out)
+    run_demo(args.out)
     print()
     print("Figures written:")
-    for path in plot_paths(out):
+    for path in plot_paths(args.out):
         print(f"  {path}")
+    return 0
+
+
+def _cmd_viz(args: argparse.Namespace) -> int:
+    functions = args.functions or list(args.known)
+    if problem := _unknown_names(functions, args.known, "function") or _output_problem(args.out, args.force):
+        return _error(problem)
+
+    from adamkit.experiments.progress import ProgressBar
+    from adamkit.experiments.viz import VIZ_EXPERIMENTS, run_viz
+
+    animated = sum(VIZ_EXPERIMENTS[f].objective.dim == 2 for f in functions) if args.animate else 0
+    with ProgressBar(len(functions) + animated, "viz") as bar:
+        written = run_viz(functions, args.out, animate=args.animate, steps=args.steps, progress=bar.tick)
+    print("Figures written:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from adamkit.experiments import bench
+    from adamkit.experiments.progress import ProgressBar
+
+    cases = bench.QUICK_CASES if args.quick else bench.CASES
+    keys = args.cases.split(",")
+    if problem := _unknown_names(keys, list(cases), "cases"):
+        return _error(problem)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda: no CUDA device is available")
+    contenders = bench.CUDA_CONTENDERS if device == "cuda" else bench.CONTENDERS
+    rounds = args.rounds or (5 if args.quick else 20)
+    add_elements = 5_000_000 if args.quick else 50_000_000
+    print(f"{bench.versions()}, device {device}\n")
+    for key in keys:
+        case = cases[key]
+        with ProgressBar(rounds, f"case {key}") as bar:
+            medians, bandwidth = bench.run_case(case, rounds, contenders, add_elements, device=device, tick=bar.tick)
+        print(bench.format_case(case, medians, bandwidth) + "\n", flush=True)
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    names = args.experiments or list(args.known)
+    if problem := _unknown_names(names, args.known, "experiment") or _output_problem(args.out, args.force):
+        return _error(problem)
+
+    from adamkit.experiments.paper import EXPERIMENTS, run_reproduce
+    from adamkit.experiments.progress import ProgressBar
+
+    units = sum(EXPERIMENTS[name].units(args.quick) for name in names)
+    with ProgressBar(units, "reproduce") as bar:
+        outcomes, report = run_reproduce(names, args.out, quick=args.quick, tick=bar.tick)
+    width = max(len(o.title) for o in outcomes)
+    print(f"{'experiment':{width}s}  paper's result holds here?")
+    for o in outcomes:
+        print(f"{o.title:{width}s}  {'yes' if o.holds else 'no'}")
+    print()
+    print(f"Report: {report[0]} (all numbers in {report[1]})")
     return 0
 
 
@@ -87,7 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.code is None:
             return 0
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("adamkit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a failed run: say what failed, exit 1
+        print(f"adamkit {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

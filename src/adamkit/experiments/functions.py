@@ -10,13 +10,14 @@ against ``torch.autograd``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Objective", "Quadratic", "Rosenbrock", "Beale", "OBJECTIVES"]
+__all__ = ["Objective", "Quadratic", "Rosenbrock", "Beale", "Himmelblau", "Saddle", "Rastrigin", "OBJECTIVES"]
 
 Point = tuple[float, ...]
 Window = tuple[tuple[float, float], ...]
@@ -169,5 +170,108 @@ class Beale(Objective):
         return torch.stack((du, dv))  # type: ignore[arg-type]
 
 
-#: The objectives of the demo, by name.
-OBJECTIVES: dict[str, Objective] = {f.name: f for f in (Quadratic(), Rosenbrock(), Beale())}
+def _newton(grad, hessian, point: Point, steps: int = 8) -> Point:
+    """A minimizer known to a few digits, refined to float64 precision by Newton's method."""
+    x = torch.tensor(point, dtype=torch.float64)
+    for _ in range(steps):
+        x = x - torch.linalg.solve(hessian(x), grad(x))
+    return tuple(x.tolist())
+
+
+@dataclass(frozen=True)
+class Himmelblau(Objective):
+    """Himmelblau's function: four global minima.
+
+    ``f(x, y) = (x^2 + y - 11)^2 + (x + y^2 - 7)^2``, so
+    ``∂f/∂x = 4 x a + 2 b`` and ``∂f/∂y = 2 a + 4 y b`` with ``a = x^2 + y - 11``,
+    ``b = x + y^2 - 7``.  ``f = 0`` at (3, 2) and three irrational points.
+    """
+
+    start: Point = (-0.3, -0.9)  # near the local maximum (-0.2708, -0.9230)
+    window: Window = ((-5.0, 5.0), (-5.0, 5.0))
+    name: str = "himmelblau"
+
+    @property
+    def minimizers(self) -> tuple[Point, ...]:  # type: ignore[override]
+        rough = ((3.0, 2.0), (-2.805118, 3.131313), (-3.779310, -3.283186), (3.584428, -1.848127))
+        return tuple(_newton(self.grad, self._hessian, p) for p in rough)
+
+    @property
+    def min_value(self) -> float:  # type: ignore[override]
+        return 0.0
+
+    def value(self, x: Tensor) -> Tensor:
+        u, v = x[0], x[1]
+        return (u**2 + v - 11) ** 2 + (u + v**2 - 7) ** 2
+
+    def grad(self, x: Tensor) -> Tensor:
+        u, v = x[0], x[1]
+        a, b = u**2 + v - 11, u + v**2 - 7
+        return torch.stack((4 * u * a + 2 * b, 2 * a + 4 * v * b))
+
+    def _hessian(self, x: Tensor) -> Tensor:
+        u, v = x[0], x[1]
+        a, b = u**2 + v - 11, u + v**2 - 7
+        cross = 4 * u + 4 * v
+        return torch.stack((torch.stack((4 * a + 8 * u**2 + 2, cross)), torch.stack((cross, 2 + 4 * b + 8 * v**2))))
+
+
+@dataclass(frozen=True)
+class Saddle(Objective):
+    """A saddle between two minima: ``f(x, y) = x^2 + (y^2 - 1)^2 / 4``.
+
+    ``∇f = (2 x, y (y^2 - 1))``; the origin is a saddle point (``f = 1/4``, curvature
+    -1 along y), the minima ``f = 0`` are at ``(0, ±1)``.  Starting almost on the
+    ridge, a method must amplify a tiny gradient to leave it.
+    """
+
+    start: Point = (1.5, 1e-3)
+    window: Window = ((-2.0, 2.0), (-1.6, 1.6))
+    name: str = "saddle"
+
+    @property
+    def minimizers(self) -> tuple[Point, ...]:  # type: ignore[override]
+        return ((0.0, 1.0), (0.0, -1.0))
+
+    @property
+    def min_value(self) -> float:  # type: ignore[override]
+        return 0.0
+
+    def value(self, x: Tensor) -> Tensor:
+        return x[0] ** 2 + (x[1] ** 2 - 1) ** 2 / 4
+
+    def grad(self, x: Tensor) -> Tensor:
+        return torch.stack((2 * x[0], x[1] * (x[1] ** 2 - 1)))
+
+
+@dataclass(frozen=True)
+class Rastrigin(Objective):
+    """Rastrigin's function in 2-D: a bowl covered in local minima.
+
+    ``f(x) = 20 + Σ_i (x_i^2 - 10 cos(2π x_i))``, ``∂f/∂x_i = 2 x_i + 20π sin(2π x_i)``;
+    the global minimum ``f(0, 0) = 0`` sits among local minima near every integer point.
+    """
+
+    start: Point = (2.2, -1.7)
+    window: Window = ((-3.0, 3.0), (-3.0, 3.0))
+    name: str = "rastrigin"
+
+    @property
+    def minimizers(self) -> tuple[Point, ...]:  # type: ignore[override]
+        return ((0.0, 0.0),)
+
+    @property
+    def min_value(self) -> float:  # type: ignore[override]
+        return 0.0
+
+    def value(self, x: Tensor) -> Tensor:
+        return 20 + sum(x[i] ** 2 - 10 * torch.cos(2 * math.pi * x[i]) for i in range(2))
+
+    def grad(self, x: Tensor) -> Tensor:
+        return torch.stack([2 * x[i] + 20 * math.pi * torch.sin(2 * math.pi * x[i]) for i in range(2)])
+
+
+#: Every objective, by name (the demo uses the first three; ``adamkit viz`` all of them).
+OBJECTIVES: dict[str, Objective] = {
+    f.name: f for f in (Quadratic(), Rosenbrock(), Beale(), Himmelblau(), Saddle(), Rastrigin())
+}

@@ -44,14 +44,14 @@ MARKERS = {"Adam": "o", "AdamW": "s", "AMSGrad": "^", "SGD": "D", "SGD+momentum"
 Window2D = tuple[tuple[float, float], tuple[float, float]]
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A figure rendered by the Agg backend (no display, no pyplot state)."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _label(name: str, lr: float) -> str:
+def run_label(name: str, lr: float) -> str:
     return f"{name} (lr={lr:g})"
 
 
@@ -76,7 +76,7 @@ def _plot_gap(
             np.arange(traj.steps + 1),
             traj.losses - f_min,
             color=COLORS[name],
-            label=_label(name, experiment.lrs[name]),
+            label=run_label(name, experiment.lrs[name]),
             **lines[name],
         )
     ax.axhline(tolerance, color="0.4", linestyle="--", linewidth=1, label=f"tolerance {tolerance:g}")
@@ -94,14 +94,14 @@ def plot_quadratic(experiment: Experiment, runs: Mapping[str, Trajectory], path:
     """The seed figure: the iterates ``(x_t, f(x_t))`` on the loss curve, plus loss vs. step."""
     obj = experiment.objective
     lines = {"SGD": dict(marker="o", linestyle="-"), "Adam": dict(marker="s", linestyle="-")}
-    fig = _new_figure(12, 5)
+    fig = new_figure(12, 5)
     ax_path, ax_loss = fig.subplots(1, 2)
 
     ((lo, hi),) = obj.window
     xs = np.linspace(lo, hi, 100)
     ax_path.plot(xs, obj.value(torch.from_numpy(xs)[None]).numpy(), color="0.3", label="Loss Function")
     for name, traj in runs.items():
-        label = _label(name, experiment.lrs[name])
+        label = run_label(name, experiment.lrs[name])
         x, fx = traj.points[:, 0], traj.losses
         ax_path.plot(x, fx, color=COLORS[name], label=label, markersize=4, **lines[name])
     ((x_min,),) = obj.minimizers
@@ -124,7 +124,7 @@ def _grid(obj: Objective, window: Window2D, n: int = 400) -> tuple[np.ndarray, n
     return X, Y, Z
 
 
-def _draw_contours(fig: Figure, ax, obj: Objective, window: Window2D) -> None:
+def draw_contours(fig: Figure, ax, obj: Objective, window: Window2D) -> None:
     """Filled contours of ``f - f_min`` over ``window``, 4 log-spaced levels per decade, plus colour bar.
 
     The levels run from the decade of the grid's 1% quantile (everything below
@@ -142,11 +142,26 @@ def _draw_contours(fig: Figure, ax, obj: Objective, window: Window2D) -> None:
 
 
 def _zoom_window(obj: Objective, runs: Mapping[str, Trajectory], margin: float = 1.4) -> Window2D:
-    """A window centred on the minimizer that contains every run's final point (with a margin)."""
-    centre = np.asarray(obj.minimizers[0])
+    """A square window around the final points of the runs that end at the most popular place.
+
+    Each finite final point is assigned its nearest minimizer; the minimizer most runs
+    ended nearest to wins, and the window is centred on it when those runs are close to
+    it (within a tenth of the full window), otherwise on their mean (runs stuck in a
+    local minimum), wide enough to hold them all with a ``margin``.
+    """
     finals = np.array([t.points[-1] for t in runs.values() if np.all(np.isfinite(t.points[-1]))])
-    spread = np.abs(finals - centre).max() if finals.size else 0.0
-    half = max(margin * spread, 0.01)
+    minimizers = np.asarray(obj.minimizers, dtype=float)
+    if not finals.size:
+        centre, cluster = minimizers[0], minimizers[:1]
+    else:
+        nearest = np.linalg.norm(finals[:, None, :] - minimizers[None], axis=2).argmin(axis=1)
+        popular = np.bincount(nearest).argmax()
+        cluster = finals[nearest == popular]
+        centre = minimizers[popular]
+        (x_lo, x_hi), _ = obj.window
+        if np.abs(cluster - centre).max() > 0.1 * (x_hi - x_lo):
+            centre = cluster.mean(axis=0)
+    half = max(margin * np.abs(cluster - centre).max(), 0.01)
     return ((centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half))
 
 
@@ -156,18 +171,19 @@ def _draw_map(
     """Contours over ``window`` with every run's path (a mark every ``every`` steps, a large one
     at the final point), the start point and the minimizers."""
     obj = experiment.objective
-    _draw_contours(fig, ax, obj, window)
+    draw_contours(fig, ax, obj, window)
     for name, traj in runs.items():
         pts = traj.points[np.all(np.isfinite(traj.points), axis=1)]
         style = dict(color=COLORS[name], marker=MARKERS[name], markeredgecolor="k", markeredgewidth=0.5)
-        label = _label(name, experiment.lrs[name])
+        label = run_label(name, experiment.lrs[name])
         ax.plot(pts[:, 0], pts[:, 1], label=label, markevery=every, markersize=5, **style, **LINES[name])
         ax.plot(*pts[-1], markersize=10, **style)
     start_label = f"start {_coords(obj.start)}"
     ax.plot(*obj.start, "o", color="white", markeredgecolor="k", markersize=10, label=start_label)
-    for point in obj.minimizers:
-        min_label = f"minimum {_coords(point)}"
-        ax.plot(*point, "*", color="gold", markeredgecolor="k", markersize=18, label=min_label)
+    for i, point in enumerate(obj.minimizers):
+        many = len(obj.minimizers) > 1
+        min_label = f"{len(obj.minimizers)} minima" if many else f"minimum {_coords(point)}"
+        ax.plot(*point, "*", color="gold", markeredgecolor="k", markersize=18, label=None if i else min_label)
     (x_lo, x_hi), (y_lo, y_hi) = window
     ax.set(xlim=(x_lo, x_hi), ylim=(y_lo, y_hi), xlabel="x", ylabel="y")
 
@@ -178,7 +194,7 @@ def plot_contour(
     """Three panels: trajectories over log-spaced contours of ``f`` in the objective's window,
     the same zoomed in on the minimizer, and loss vs. step."""
     obj = experiment.objective
-    fig = _new_figure(20, 6)
+    fig = new_figure(20, 6)
     fig.get_layout_engine().set(wspace=0.05)
     ax_map, ax_zoom, ax_loss = fig.subplots(1, 3, width_ratios=[1.2, 1, 1])
 
@@ -186,10 +202,10 @@ def plot_contour(
     _draw_map(fig, ax_map, experiment, runs, obj.window, every)
     title = f"{obj.name.capitalize()}: trajectories (a mark every {every} steps, large: final point)"
     ax_map.set_title(title)
-    ax_map.legend(loc="lower right", fontsize="small", framealpha=0.9)
+    ax_map.legend(loc="best", fontsize="small", framealpha=0.9)
 
     _draw_map(fig, ax_zoom, experiment, runs, _zoom_window(obj, runs), every)
-    ax_zoom.set_title("Zoom on the minimum (final points)")
+    ax_zoom.set_title("Zoom on where most runs end (final points)")
 
     _plot_gap(ax_loss, experiment, runs, LINES, tolerance)
     fig.savefig(path, dpi=100)

@@ -1,0 +1,168 @@
+"""``adamkit viz``, ``bench`` and ``reproduce``: they run, write what they say, refuse bad
+arguments and non-empty output directories with exit status 2, report failures with 1."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from adamkit.cli import main
+from adamkit.experiments.functions import OBJECTIVES
+from adamkit.experiments.paper import EXPERIMENTS
+from adamkit.experiments.progress import ProgressBar
+
+
+@pytest.mark.parametrize("command", ["demo", "viz", "bench", "reproduce"])
+def test_every_command_has_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert f"usage: adamkit {command}" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- viz
+
+
+def test_viz_writes_png_and_gif_and_will_not_overwrite(tmp_path, capsys):
+    out = tmp_path / "viz"
+    assert main(["viz", "saddle", "quadratic", "--steps", "30", "--animate", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["quadratic.png", "saddle.gif", "saddle.png"]
+    assert str(out / "saddle.gif") in printed.out and "viz: 3/3" in printed.err
+    with Image.open(out / "saddle.gif") as gif:
+        assert gif.n_frames > 10
+    assert Image.open(out / "saddle.png").size == (2000, 600)
+
+    assert main(["viz", "saddle", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["viz", "saddle", "--steps", "5", "--out", str(out), "--force"]) == 0
+
+
+def test_viz_without_names_draws_every_function(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr("adamkit.experiments.viz.run_viz", lambda names, out, **kw: drawn.extend(names) or [])
+    assert main(["viz", "--out", str(tmp_path / "v")]) == 0
+    assert drawn == list(OBJECTIVES)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["viz", "himalaya"], "unknown function 'himalaya'; choose from quadratic, rosenbrock"),
+        (["viz", "--steps", "0"], "expected a positive integer, got 0"),
+        (["viz", "--steps", "many"], "expected a positive integer, got 'many'"),
+        (["bench", "--cases", "a,z"], "unknown cases 'z'; choose from a, b, c, d"),
+        (["bench", "--rounds", "-3"], "expected a positive integer, got -3"),
+        (["bench", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["reproduce", "imagenet"], "unknown experiment 'imagenet'; choose from logreg,"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "o")] if argv[0] != "bench" else argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_quick_prints_a_table(capsys):
+    assert main(["bench", "--quick", "--cases", "b,d", "--rounds", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "device cpu" in out and "(b) 1M fp32 params in 200 tensors" in out and "(d) 5M bf16" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("  torch", "  adamkit"))]
+    assert [" ".join(r[:2]) for r in rows[:4]] == ["torch for-loop", "torch foreach", "torch fused", "adamkit cpu"]
+    fused = [r for r in rows if r[:2] == ["torch", "fused"]][0]
+    assert float(fused[3]) == 1.0  # its own ratio
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_on_cuda_without_a_device_is_refused(capsys):
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- reproduce
+
+
+@pytest.fixture(scope="module")
+def quick_reproduction(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce") / "out"
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_reproduce_writes_every_figure_curve_and_the_report(quick_reproduction):
+    out = quick_reproduction
+    results = json.loads((out / "results.json").read_text())
+    assert results["quick"] is True
+    assert [e["name"] for e in results["experiments"]] == list(EXPERIMENTS)
+    report = (out / "report.md").read_text()
+    assert "scikit-learn's 8x8 digits" in report and "quick mode" in report
+    for entry in results["experiments"]:
+        for name in entry["files"]:
+            assert (out / name).stat().st_size > (10_000 if name.endswith(".png") else 100), name
+            assert f"({name})" in report
+        png = out / f"{entry['name']}.png"
+        assert Image.open(png).size[0] >= 700
+        verdict = "yes" if entry["holds"] else "**no**"
+        assert f"| [{entry['title']}](#{entry['name']}) | {verdict} |" in report
+        assert isinstance(entry["holds"], bool) and entry["found"] and entry["paper"]
+
+
+def test_reproduce_curves_are_the_plotted_runs(quick_reproduction):
+    lines = (quick_reproduction / "logreg.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,Adam (lr ")
+    assert len(lines) == 1 + 5  # quick: 5 epochs
+    search = (quick_reproduction / "mlp_lr_search.csv").read_text().splitlines()
+    assert len(search) == 1 + 5 * 5  # five optimizers, five rates
+
+
+def test_reproduce_refuses_a_non_empty_directory(quick_reproduction, capsys):
+    assert main(["reproduce", "amsgrad", "--quick", "--out", str(quick_reproduction)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_a_failing_run_exits_1(tmp_path, monkeypatch, capsys):
+    def explode(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("adamkit.experiments.paper.run_reproduce", explode)
+    assert main(["reproduce", "amsgrad", "--out", str(tmp_path / "r")]) == 1
+    assert "adamkit reproduce: failed: RuntimeError: out of memory" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_exits_130(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("adamkit.experiments.viz.run_viz", interrupt)
+    assert main(["viz", "--out", str(tmp_path / "v")]) == 130
+
+
+# --------------------------------------------------------------------------- progress bar
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_into_a_file_writes_few_lines():
+    stream = io.StringIO()
+    with ProgressBar(1000, "work", stream=stream, lines=10) as bar:
+        for i in range(1000):
+            bar.tick(f"item {i}")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10 and lines[-1] == "work: 1000/1000 item 999"
+
+
+def test_progress_bar_on_a_terminal_redraws_one_line():
+    stream = _Terminal()
+    with ProgressBar(4, "work", stream=stream, width=8) as bar:
+        for _ in range(4):
+            bar.tick("x")
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and "[####....] 2/4" in text and "work: 4/4 in" in text

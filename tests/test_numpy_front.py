@@ -1,0 +1,221 @@
+"""``adamkit.numpy`` (arrays stepped in place by the torch front's kernels) and
+``adamkit.minimize`` (SciPy-style; also a custom method for ``scipy.optimize.minimize``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import adamkit
+import adamkit.numpy as anp
+from adamkit import reference
+
+scipy_optimize = pytest.importorskip("scipy.optimize")
+
+CASES = [
+    (anp.Adam, adamkit.Adam, {}),
+    (anp.Adam, adamkit.Adam, {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
+    (anp.AdamW, adamkit.AdamW, {"weight_decay": 0.1, "decouple_lr": True}),
+    (anp.AdaMax, adamkit.AdaMax, {"weight_decay": 0.1}),
+]
+
+
+def gradients(shapes, steps, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("array_cls,torch_cls,options", CASES)
+def test_arrays_step_in_place_exactly_as_the_torch_front_steps_tensors(dtype, array_cls, torch_cls, options):
+    shapes = [(7, 3), (5,)]
+    start = [np.random.default_rng(1).standard_normal(s).astype(dtype) for s in shapes]
+    arrays = [a.copy() for a in start]
+    identities = list(map(id, arrays))
+    opt = array_cls(arrays, lr=0.01, **options)
+    tensors = [torch.tensor(a) for a in start]
+    torch_opt = torch_cls(tensors, lr=0.01, **options)
+    for grads in gradients(shapes, 5, dtype):
+        opt.step(grads)
+        for t, g in zip(tensors, grads):
+            t.grad = torch.from_numpy(g.copy())
+        torch_opt.step()
+    assert list(map(id, opt.params)) == identities
+    for a, t in zip(arrays, tensors):
+        assert a.dtype == dtype and np.array_equal(a, t.numpy())
+    for array_state, t in zip(opt.state, tensors):
+        for key, value in torch_opt.state[t].items():
+            assert torch.equal(array_state[key], value)
+
+
+def test_float64_arrays_follow_the_numpy_reference():
+    shapes = [(4, 4), ()]
+    arrays = [np.random.default_rng(1).standard_normal(s) for s in shapes]
+    thetas = [np.array(a) for a in arrays]
+    states = [reference.ReferenceState() for _ in shapes]
+    hp = reference.Hyperparameters(lr=0.05, amsgrad=True)
+    opt = anp.Adam(arrays, lr=0.05, amsgrad=True)
+    for grads in gradients(shapes, 6, np.float64):
+        opt.step(grads)
+        thetas = [reference.adam_step(t, g, s, hp) for t, g, s in zip(thetas, grads, states)]
+    for a, t in zip(arrays, thetas):
+        np.testing.assert_allclose(a, t, rtol=1e-13, atol=1e-15)
+
+
+def test_a_none_gradient_skips_its_array_and_state_dicts_round_trip():
+    a, b = np.ones(3), np.ones(2)
+    opt = anp.Adam([a, b], lr=0.1)
+    opt.step([np.ones(3), None])
+    assert np.all(a < 1) and np.array_equal(b, np.ones(2)) and opt.state[1] == {}
+    other = anp.Adam([a.copy(), b.copy()], lr=0.1)
+    other.load_state_dict(opt.state_dict())
+    assert torch.equal(other.state[0]["exp_avg"], opt.state[0]["exp_avg"])
+
+
+@pytest.mark.parametrize(
+    "params,error,match",
+    [
+        ([], ValueError, "params is empty"),
+        ([np.arange(3)], TypeError, r"params\[0\] has dtype int64; allowed: float16, float32"),
+        ([[1.0, 2.0]], TypeError, r"params\[0\] must be a numpy.ndarray, got list"),
+        ([np.ones(2).astype(">f8")], ValueError, r"params\[0\] has non-native byte order '>f8'"),
+    ],
+)
+def test_bad_params_are_named(params, error, match):
+    with pytest.raises(error, match=match):
+        anp.Adam(params)
+
+
+def test_read_only_arrays_and_bad_gradients_are_rejected_without_touching_anything():
+    frozen = np.ones(3)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[0\] is read-only"):
+        anp.Adam([frozen])
+    a = np.ones(3)
+    opt = anp.Adam([a])
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \(2,\), but params\[0\] has shape \(3,\)"):
+        opt.step([np.ones(2)])
+    with pytest.raises(ValueError, match="got 2 gradients for 1 params"):
+        opt.step([np.ones(3), np.ones(3)])
+    assert np.array_equal(a, np.ones(3)) and opt.state[0] == {}
+
+
+# ---------------------------------------------------------------- minimize
+
+METHODS = ["adam", "adamw", "amsgrad", "adamax"]
+
+
+def parabola(x):
+    return float(np.sum((x - 3.0) ** 2))
+
+
+def parabola_grad(x):
+    return 2.0 * (x - 3.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_minimize_converges_on_a_parabola(method):
+    options = {"weight_decay": 0.0} if method == "adamw" else {}
+    result = adamkit.minimize(parabola, np.zeros(5), jac=parabola_grad, method=method, lr=0.1, **options)
+    assert result.success and result.status == 0
+    np.testing.assert_allclose(result.x, 3.0, atol=1e-6)
+    assert result.nfev == result.njev == result.nit + 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_minimize_converges_on_rosenbrock(method):
+    options = {"weight_decay": 0.0} if method == "adamw" else {}
+    result = adamkit.minimize(
+        scipy_optimize.rosen,
+        [-1.5, 2.0],
+        jac=scipy_optimize.rosen_der,
+        method=method,
+        lr=0.05,
+        maxiter=20_000,
+        **options,
+    )
+    assert result.success, result.message
+    np.testing.assert_allclose(result.x, [1.0, 1.0], atol=1e-5)
+    assert result.fun < 1e-10 and np.max(np.abs(result.jac)) <= 1e-6
+
+
+def test_the_same_callable_is_a_scipy_custom_method():
+    ours = adamkit.minimize(scipy_optimize.rosen, [-1.5, 2.0], jac=scipy_optimize.rosen_der, method="amsgrad", lr=0.05)
+    through_scipy = scipy_optimize.minimize(
+        scipy_optimize.rosen,
+        [-1.5, 2.0],
+        jac=scipy_optimize.rosen_der,
+        method=adamkit.minimize,
+        options={"method": "amsgrad", "lr": 0.05},
+    )
+    assert isinstance(through_scipy, scipy_optimize.OptimizeResult)
+    assert through_scipy.success and np.array_equal(through_scipy.x, ours.x) and through_scipy.nit == ours.nit
+
+
+def test_jac_true_and_finite_differences():
+    combined = adamkit.minimize(lambda x: (parabola(x), parabola_grad(x)), np.zeros(3), jac=True, lr=0.1)
+    assert combined.success and combined.nfev == combined.nit + 1
+    numeric = adamkit.minimize(parabola, np.zeros(3), lr=0.1, gtol=1e-4)
+    assert numeric.success and numeric.nfev == (numeric.nit + 1) * 5  # f(x) and 4 calls in approx_fprime
+    np.testing.assert_allclose(numeric.x, 3.0, atol=1e-4)
+
+
+def test_bounds_are_kept_by_projection():
+    result = adamkit.minimize(
+        parabola, np.zeros(2), jac=parabola_grad, bounds=[(-1, 1), (None, 2.5)], lr=0.1, maxiter=500
+    )
+    assert result.status == 1  # the gradient at the bound never vanishes
+    np.testing.assert_array_equal(result.x, [1.0, 2.5])
+    boxed = adamkit.minimize(parabola, np.zeros(2), jac=parabola_grad, bounds=scipy_optimize.Bounds(-1, 1), maxiter=50)
+    assert np.all(np.abs(boxed.x) <= 1)
+
+
+def test_callbacks_old_and_new_style_can_stop_the_run():
+    seen = []
+    result = adamkit.minimize(
+        parabola, np.zeros(2), jac=parabola_grad, lr=0.1, callback=lambda x: seen.append(x) or len(seen) == 3
+    )
+    assert result.status == 3 and result.nit == 3 and len(seen) == 3 and not result.success
+
+    def new_style(intermediate_result):
+        if intermediate_result.fun < 1.0:
+            raise StopIteration
+
+    stopped = adamkit.minimize(parabola, np.zeros(2), jac=parabola_grad, lr=0.1, callback=new_style)
+    assert stopped.status == 3 and stopped.fun < 1.0
+
+
+def test_iteration_limit_and_non_finite_values():
+    limited = adamkit.minimize(parabola, np.zeros(2), jac=parabola_grad, lr=1e-3, maxiter=10)
+    assert limited.status == 1 and limited.nit == 10 and "Maximum number of iterations" in limited.message
+    broken = adamkit.minimize(lambda x: float("nan"), np.zeros(2), jac=lambda x: np.zeros(2))
+    assert broken.status == 2 and broken.nit == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"method": "lbfgs"}, "Invalid method: 'lbfgs' \\(allowed: 'adam', 'adamw', 'amsgrad', 'adamax'\\)"),
+        ({"constraints": [{"type": "eq", "fun": sum}]}, "constraints are not supported"),
+        ({"maxiter": -1}, "Invalid maxiter: -1"),
+        ({"gtol": float("nan")}, "Invalid gtol: nan"),
+        ({"jac": "2-point"}, "jac must be a callable, True or None, got '2-point'"),
+        ({"bounds": [(0, 1)]}, "bounds has 1 \\(low, high\\) pairs for 2 variables"),
+        ({"lr": -1.0}, "Invalid learning rate: -1.0"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        adamkit.minimize(parabola, np.zeros(2), **({"jac": parabola_grad} | kwargs))
+
+
+@pytest.mark.parametrize("module", ["adamkit.numpy", "adamkit.optimize"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    import adamkit
+
+    results = doctest.testmod(importlib.import_module(module), extraglobs={"adamkit": adamkit})
+    assert results.attempted >= 3 and results.failed == 0
