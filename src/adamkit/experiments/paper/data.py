@@ -43,8 +43,11 @@ class Split:
 
 def digits(seed: int = 0) -> Split:
     """scikit-learn's 8x8 digits scaled to [0, 1], stratified 80/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise ImportError("the digits data needs scikit-learn: pip install 'adamkit[experiments]'") from exc
 
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)
