@@ -104,16 +104,21 @@ def _effective_gradient(theta: np.ndarray, grad: np.ndarray, hp: Hyperparameters
     return theta, g
 
 
+def _begin_step(state: ReferenceState, theta: np.ndarray, *, amsgrad: bool) -> int:
+    """Zero moments on the first step; count the step and return its number ``t`` (from 1)."""
+    if state.step == 0:
+        state.exp_avg = np.zeros_like(theta)
+        state.exp_avg_sq = np.zeros_like(theta)
+        state.max_exp_avg_sq = np.zeros_like(theta) if amsgrad else None
+    state.step += 1
+    return state.step
+
+
 def adam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
     """One step of Algorithm 1 with the options above; updates ``state``, returns the new theta."""
     like = theta
     theta, grad = _as_real(theta), _as_real(grad)
-    if state.step == 0:
-        state.exp_avg = np.zeros_like(theta)
-        state.exp_avg_sq = np.zeros_like(theta)
-        state.max_exp_avg_sq = np.zeros_like(theta) if hp.amsgrad else None
-    state.step += 1
-    t = state.step
+    t = _begin_step(state, theta, amsgrad=hp.amsgrad)
 
     theta, g = _effective_gradient(theta, grad, hp)
     state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
@@ -134,11 +139,7 @@ def adamax_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: 
         raise ValueError("AdaMax has no AMSGrad variant (amsgrad must be False)")
     like = theta
     theta, grad = _as_real(theta), _as_real(grad)
-    if state.step == 0:
-        state.exp_avg = np.zeros_like(theta)
-        state.exp_avg_sq = np.zeros_like(theta)
-    state.step += 1
-    t = state.step
+    t = _begin_step(state, theta, amsgrad=False)
 
     theta, g = _effective_gradient(theta, grad, hp)
     state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
@@ -163,12 +164,7 @@ def accumulated_step(
         decayed, g = _effective_gradient(theta, _as_real(grad), hp)
         grads.append(g)
     g = np.stack(grads)
-    if state.step == 0:
-        state.exp_avg = np.zeros_like(theta)
-        state.exp_avg_sq = np.zeros_like(theta)
-        state.max_exp_avg_sq = np.zeros_like(theta) if hp.amsgrad else None
-    state.step += 1
-    t = state.step
+    t = _begin_step(state, theta, amsgrad=hp.amsgrad)
     state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g.mean(axis=0)
     if algorithm == "adamax":
         state.exp_avg_sq = np.maximum(hp.beta2 * state.exp_avg_sq, np.abs(g).max(axis=0) + hp.eps)
