@@ -436,3 +436,81 @@ def test_a_nan_gradient_poisons_only_its_block(backend):
     m = blockwise.load_moment(opt.state[p], "exp_avg", p.shape, fmt)
     assert m[fmt.block : 2 * fmt.block].isnan().all() and m[: fmt.block].isfinite().all()
     assert p[fmt.block + 7].isnan() and p[: fmt.block].isfinite().all()  # the update itself is per element
+
+
+# ---------------------------------------------------------------------------- exact full-precision export
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_dequantized_values_are_restored_to_the_same_codes_and_scales(precision, signed):
+    """restore_into(dequantize(q)) == q for every block (ragged tail, zero, NaN and
+    tiny blocks included): a block's scale is its absmax rounded *up* to bf16, so its
+    largest code can sit one below the top, and plain re-quantization would pick a
+    smaller scale.  The oracle is the NumPy reference of the format."""
+    fmt = FORMATS[precision]
+    g = np.random.default_rng(0)
+    x = (g.standard_normal(40 * fmt.block + 7) * np.exp(g.uniform(-30, 5, 40 * fmt.block + 7))).astype(np.float32)
+    x = np.abs(x) if not signed else x
+    x[: fmt.block] = 0.0  # a zero block
+    x[fmt.block + 3] = np.nan  # a non-finite block
+    stored, scales = quantization.quantize(x, fmt, signed)
+    values = torch.from_numpy(quantization.dequantize(stored, scales, fmt, signed, x.shape))
+    codes = torch.empty(fmt.code_bytes(x.size), dtype=torch.uint8)
+    restored_scales = torch.empty(fmt.blocks(x.size), dtype=torch.bfloat16)
+    blockwise.restore_into(values, codes, restored_scales, fmt, signed)
+    assert np.array_equal(codes.numpy(), stored)
+    np.testing.assert_array_equal(restored_scales.float().numpy(), scales)
+    # Why plain re-quantization is not enough: rounding the absmax up to bf16 leaves
+    # the largest element at c = sqrt(|x| / s) >= (1 + 2**-7) ** -0.5, about 1 - 2**-8.
+    # The top code needs c >= 1 - 1/(2L) for a map of L levels: true for int4 and the
+    # signed int8 map (L = 127), not for the unsigned int8 map (L = 256).
+    blockwise.quantize_into(values, codes, restored_scales, fmt, signed)
+    assert np.array_equal(codes.numpy(), stored) == (signed or precision == "int4")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_restore_quantizes_values_that_were_never_quantized_as_usual(precision):
+    fmt = FORMATS[precision]
+    x = torch.randn(5 * fmt.block + 3, generator=torch.Generator().manual_seed(3))
+    expected = [
+        torch.empty(fmt.code_bytes(x.numel()), dtype=torch.uint8),
+        torch.empty(fmt.blocks(x.numel()), dtype=torch.bfloat16),
+    ]
+    restored = [torch.empty_like(t) for t in expected]
+    blockwise.quantize_into(x, *expected, fmt, True)
+    blockwise.restore_into(x, *restored, fmt, True)
+    assert all(torch.equal(a, b) for a, b in zip(expected, restored))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_full_precision_export_round_trips_exactly(backend, precision):
+    """Within full_precision_export the state dict holds fp32 moments under torch's
+    keys (loadable by torch.optim); loading it quantizes again, and training goes on
+    bit for bit as without the round trip."""
+    params, opt = trained(backend, precision, amsgrad=True)
+    with adamkit.convert.full_precision_export(opt):
+        exported = opt.state_dict()
+    assert opt.__dict__["_export_full_precision"] is False
+    for i, p in enumerate(params):
+        assert {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"} <= exported["state"][i].keys()
+        assert not any(key.endswith("_scales") for key in exported["state"][i])
+        assert (
+            exported["state"][i]["exp_avg"].dtype == torch.float32 and exported["state"][i]["exp_avg"].shape == p.shape
+        )
+    torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], amsgrad=True).load_state_dict(
+        copy.deepcopy(exported)
+    )
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    other = adamkit.AdamW(copies, lr=1e-2, backend=backend, state_precision=precision, amsgrad=True)
+    other.load_state_dict(copy.deepcopy(exported))
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        other.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+    assert all(torch.equal(opt.state[p][k], other.state[q][k]) for p, q in zip(params, copies) for k in opt.state[p])

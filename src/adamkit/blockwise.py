@@ -61,11 +61,9 @@ def scales_of(x: Tensor, fmt: QuantFormat) -> Tensor:
     return torch.where(finite, scales, torch.nan).to(torch.bfloat16)
 
 
-def quantize_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> None:
-    """Store ``x`` (read in row-major order) in ``codes`` and ``scales``."""
-    flat = x.reshape(-1).float()
-    new_scales = scales_of(flat, fmt)
-    s = _per_element(new_scales, fmt, flat.numel())
+def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
+    """Each element's code (int64, unpacked) given its block's scale."""
+    s = _per_element(scales, fmt, flat.numel())
     usable = s.isfinite() & (s > 0)
     ratio = torch.where(usable, flat.abs() / torch.where(usable, s, 1.0), 0.0)
     levels = fmt.signed_levels if signed else fmt.unsigned_levels
@@ -74,31 +72,83 @@ def quantize_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, si
         code = torch.where(flat < 0, -nearest, nearest) + fmt.signed_levels
     else:
         code = (nearest - 1).clamp(min=0)
-    code = torch.where(s.isnan(), 0, code).to(torch.uint8)
+    return torch.where(s.isnan(), 0, code)
+
+
+def _packed(code: Tensor, fmt: QuantFormat) -> Tensor:
+    code = code.to(torch.uint8)
     if fmt.bits == 4:
         if code.numel() % 2:
             code = torch.cat([code, code.new_zeros(1)])
         code = code[0::2] | (code[1::2] << 4)
-    codes.copy_(code)
+    return code
+
+
+def _unpacked(codes: Tensor, fmt: QuantFormat, numel: int) -> Tensor:
+    code = codes.to(torch.int64)
+    if fmt.bits == 4:
+        code = torch.stack([code & 0xF, code >> 4], dim=1).reshape(-1)
+    return code[:numel]
+
+
+def _values(code: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
+    """fp32 values of unpacked codes (flat)."""
+    s = _per_element(scales, fmt, code.numel())
+    if signed:
+        k = code - fmt.signed_levels
+        t = k.abs().float() / fmt.signed_levels
+        return torch.where(k < 0, -(s * (t * t)), s * (t * t))
+    t = (code + 1).float() / fmt.unsigned_levels
+    return s * (t * t)
+
+
+def quantize_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> None:
+    """Store ``x`` (read in row-major order) in ``codes`` and ``scales``."""
+    flat = x.reshape(-1).float()
+    new_scales = scales_of(flat, fmt)
+    codes.copy_(_packed(_level_codes(flat, new_scales, fmt, signed), fmt))
     scales.copy_(new_scales)
+
+
+def _reproduced(code: Tensor, scales: Tensor, flat: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
+    """Per block: whether the codes and scales dequantize to ``flat`` exactly (or the block is non-finite)."""
+    same = _values(code, scales, fmt, signed) == flat
+    padded = torch.ones(fmt.blocks(flat.numel()) * fmt.block, dtype=torch.bool, device=flat.device)
+    padded[: flat.numel()] = same
+    return padded.view(-1, fmt.block).all(dim=1) | scales.float().isnan()
+
+
+def restore_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> None:
+    """Like :func:`quantize_into`, but if ``x`` holds dequantized values (a quantized
+    moment exported at full precision, see :mod:`adamkit.sharding`), store the codes
+    and scales they came from, so the values are kept bit for bit.
+
+    A block's scale is its absmax rounded *up* to bf16, so the largest element's code
+    may be one below the top and the absmax of dequantized values can round to a
+    smaller scale: a block that the usual scale does not reproduce exactly tries the
+    next two bf16 values up.  For any other ``x``, this is :func:`quantize_into`.
+    """
+    flat = x.reshape(-1).float()
+    best_scales = scales_of(flat, fmt)
+    best_code = _level_codes(flat, best_scales, fmt, signed)
+    trial = best_scales
+    for _ in range(2):
+        exact = _reproduced(best_code, best_scales, flat, fmt, signed)
+        if bool(exact.all()):
+            break
+        positive = trial.float() > 0
+        trial = torch.where(positive, (trial.view(torch.int16) + positive.to(torch.int16)).view(torch.bfloat16), trial)
+        code = _level_codes(flat, trial, fmt, signed)
+        better = ~exact & _reproduced(code, trial, flat, fmt, signed)
+        best_scales = torch.where(better, trial, best_scales)
+        best_code = torch.where(_per_element(better.float(), fmt, flat.numel()) > 0, code, best_code)
+    codes.copy_(_packed(best_code, fmt))
+    scales.copy_(best_scales)
 
 
 def dequantize(codes: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, shape: torch.Size) -> Tensor:
     """A new fp32 tensor of ``shape`` (row-major) from ``codes`` and ``scales``."""
-    numel = shape.numel()
-    code = codes.to(torch.int64)
-    if fmt.bits == 4:
-        code = torch.stack([code & 0xF, code >> 4], dim=1).reshape(-1)
-    code = code[:numel]
-    s = _per_element(scales, fmt, numel)
-    if signed:
-        k = code - fmt.signed_levels
-        t = k.abs().float() / fmt.signed_levels
-        value = torch.where(k < 0, -(s * (t * t)), s * (t * t))
-    else:
-        t = (code + 1).float() / fmt.unsigned_levels
-        value = s * (t * t)
-    return value.view(shape)
+    return _values(_unpacked(codes, fmt, shape.numel()), scales, fmt, signed).view(shape)
 
 
 def load_moment(state: dict, key: str, shape: torch.Size, fmt: QuantFormat) -> Tensor:
@@ -106,9 +156,11 @@ def load_moment(state: dict, key: str, shape: torch.Size, fmt: QuantFormat) -> T
     return dequantize(state[codes], state[scales], fmt, key in SIGNED_KEYS, shape)
 
 
-def store_moment(state: dict, key: str, value: Tensor, fmt: QuantFormat) -> None:
+def store_moment(state: dict, key: str, value: Tensor, fmt: QuantFormat, *, restore: bool = False) -> None:
+    """Quantize ``value`` into the state's codes and scales (``restore``: keep
+    dequantized values bit for bit, see :func:`restore_into`)."""
     codes, scales = stored_keys(key, fmt)
-    quantize_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS)
+    (restore_into if restore else quantize_into)(value, state[codes], state[scales], fmt, key in SIGNED_KEYS)
 
 
 __all__ = [
@@ -117,6 +169,7 @@ __all__ = [
     "load_moment",
     "drop",
     "quantize_into",
+    "restore_into",
     "scales_of",
     "store_moment",
     "stored_format",

@@ -19,7 +19,8 @@ also works directly: its moments are quantized at the next step.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -89,10 +90,34 @@ def to_quantized(state_dict: dict, params: Sequence, state_precision: str) -> di
                 codes, scales = blockwise.stored_keys(key, fmt)
                 state[codes] = torch.empty(fmt.code_bytes(shape.numel()), dtype=torch.uint8, device=value.device)
                 state[scales] = torch.empty(fmt.blocks(shape.numel()), dtype=torch.bfloat16, device=value.device)
-                blockwise.quantize_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS)
+                blockwise.restore_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS)
     for group in result["param_groups"]:
         group["state_precision"] = state_precision
     return result
 
 
-__all__ = ["MOMENT_KEYS", "to_full_precision", "to_quantized"]
+@contextmanager
+def full_precision_export(optimizer) -> Iterator:
+    """Within this context, ``optimizer.state_dict()`` exports every quantized moment as
+    an fp32 tensor under torch.optim's key, as it always does for sharded (DTensor)
+    params.  It is the form a ``torch.distributed.checkpoint`` must have to move between
+    one process and several: wrap the single process's ``get_state_dict`` (for
+    ``dcp.save``, or for ``dcp.load`` and ``set_state_dict``) in it.  Loading quantizes
+    again, keeping every dequantized value bit for bit.
+
+    Example::
+
+        >>> with adamkit.convert.full_precision_export(optimizer):
+        ...     model_state, optim_state = get_state_dict(model, optimizer)
+        ...     dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+        ...     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    """
+    previous = optimizer.__dict__.get("_export_full_precision", False)
+    optimizer._export_full_precision = True
+    try:
+        yield optimizer
+    finally:
+        optimizer._export_full_precision = previous
+
+
+__all__ = ["MOMENT_KEYS", "full_precision_export", "to_full_precision", "to_quantized"]

@@ -44,6 +44,7 @@ from collections import Counter
 import torch
 from torch import Tensor
 
+from . import sharding
 from .kernels.amp import inverse_scale
 from .kernels.types import as_real
 from .rule import as_number
@@ -59,7 +60,7 @@ class Recorder:
         self.skips: Counter[int] = Counter()  # group index -> skipped steps
 
     def record(self, group: dict, params: list[Tensor], grads: list[Tensor], grad_scale: Tensor | None) -> None:
-        norms = torch._foreach_norm([g.detach() for g in grads])
+        norms = torch._foreach_norm([sharding.local(g).detach() for g in grads])  # a shard's norm, for DTensors
         if grad_scale is not None:
             norms = torch._foreach_mul(norms, inverse_scale(grad_scale))
         lr = group["lr"]
@@ -97,21 +98,37 @@ def _param_sums(param: Tensor, state: dict, lr: float, group: dict, algorithm: s
     )
 
 
+def _local_state(state: dict, param: Tensor):
+    return sharding.LocalState(state, param) if sharding.is_sharded(param) else state
+
+
+def _over_shards(sums, param: Tensor) -> list[float]:
+    """Per-shard sums of a sharded param added up over its ranks (a collective: every
+    rank must call ``stats()``); a plain param's as they are."""
+    if not sharding.is_sharded(param):
+        return list(sums)
+    return sharding.sum_over_shards(torch.tensor(sums, dtype=torch.float64), param).tolist()
+
+
 def group_stats(optimizer, index: int, recorder: Recorder) -> dict[str, float]:
     group = optimizer.param_groups[index]
     stepped = [p for p in group["params"] if optimizer.state.get(p) and as_number(optimizer.state[p]["step"]) > 0]
     totals = [0.0] * 5
     for p in stepped:
         lr = as_number(recorder.lrs.get(p, group["lr"]))
-        sums = _param_sums(p, optimizer.state[p], lr, group, optimizer.algorithm)
-        totals = [a + b for a, b in zip(totals, sums)]
+        sums = _param_sums(sharding.local(p), _local_state(optimizer.state[p], p), lr, group, optimizer.algorithm)
+        totals = [a + b for a, b in zip(totals, _over_shards(sums, p))]
     count, update_sq, weight_sq, log_effective, eps_dominated = totals
-    norms = [recorder.grad_norms[p] for p in group["params"] if p in recorder.grad_norms]
+    norms = [
+        _over_shards([float(recorder.grad_norms[p].double().square())], p)[0]
+        for p in group["params"]
+        if p in recorder.grad_norms
+    ]
     update_rms = math.sqrt(update_sq / count) if count else 0.0
     weight_rms = math.sqrt(weight_sq / count) if count else 0.0
     return {
         "step": max((as_number(optimizer.state[p]["step"]) for p in stepped), default=0.0),
-        "grad_norm": math.sqrt(sum(float(n.double().square()) for n in norms)) if norms else math.nan,
+        "grad_norm": math.sqrt(sum(norms)) if norms else math.nan,
         "update_rms": update_rms,
         "update_to_weight_rms": update_rms / weight_rms if weight_rms else math.nan,
         "effective_step_size": math.exp(log_effective / count) if count else 0.0,

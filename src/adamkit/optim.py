@@ -64,7 +64,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import accumulation, kernels
+from . import accumulation, blockwise, kernels, sharding
 from .diagnostics import Recorder, group_stats
 from .kernels import GroupBatch, Kernel
 from .kernels.amp import unscaled
@@ -96,10 +96,16 @@ def _fused_devices() -> list[str]:
         return ["mps", "cuda", "xpu", "hpu", "cpu", "mtia"]
 
 
-def _all_finite(grads: list[Tensor]) -> bool:
-    """Whether no gradient holds a NaN or an infinity (max-abs norms: exact, no overflow)."""
-    norms = torch._foreach_norm([g.detach() for g in grads], float("inf"))
-    return bool(torch.stack([n.to(torch.float32) for n in norms]).isfinite().all())
+def _all_finite(params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether no gradient holds a NaN or an infinity (max-abs norms: exact, no
+    overflow).  Sharded gradients are checked shard by shard and the ranks agree (a
+    collective), so that every rank skips the same steps."""
+    norms = torch._foreach_norm([sharding.local(g).detach() for g in grads], float("inf"))
+    nonfinite = (~torch.stack([n.to(torch.float32) for n in norms]).isfinite()).sum(dtype=torch.float64)
+    sharded = next(filter(sharding.is_sharded, params), None)
+    if sharded is not None:
+        nonfinite = sharding.sum_over_shards(nonfinite.reshape(1).cpu(), sharded)
+    return not bool(nonfinite.item())
 
 
 def _draw_seed_if_needed(group: dict) -> None:
@@ -270,11 +276,26 @@ class _AdamFamily(Optimizer):
     def _torch_group_defaults(self) -> dict[str, Any]:
         return {"maximize": False, "foreach": None, "capturable": False, "differentiable": False}
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict.  A sharded (DTensor) param's quantized moments are
+        exported as fp32 DTensors under torch's keys, so the checkpoint does not depend
+        on the number of ranks (see :mod:`adamkit.sharding`); within
+        :func:`adamkit.convert.full_precision_export`, every param's are."""
+        state_dict = super().state_dict()
+        states, moments = state_dict["state"], moment_keys(self.algorithm, True)
+        every_param = self.__dict__.get("_export_full_precision", False)  # adamkit.convert.full_precision_export
+        for index, param in enumerate(p for g in self.param_groups for p in g["params"]):
+            if index in states and (every_param or sharding.is_sharded(param)):
+                states[index] = sharding.exported_state(states[index], param, moments)
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from adamkit or torch.optim.
 
         A torch.optim state dict lacks adamkit's group keys; those keep the values
         this optimizer was constructed with rather than falling back to defaults.
+        For sharded (DTensor) params, full tensors (a single-process checkpoint) are
+        cut to this rank's shard.
         """
         previous = [{k: g[k] for k in self.extra_group_keys if k in g} for g in self.param_groups]
         saved_groups = state_dict["param_groups"]
@@ -284,6 +305,21 @@ class _AdamFamily(Optimizer):
                 if key not in saved:
                     group[key] = value
         self._restore_stored_dtypes(state_dict)
+        for param in (p for g in self.param_groups for p in g["params"]):
+            if sharding.is_sharded(param) and self.state.get(param):
+                self._shard_loaded_state(self.state[param], param)
+
+    def _shard_loaded_state(self, state: dict, param) -> None:
+        """Lay a sharded param's loaded state out like the param: DTensors and full
+        tensors alike; full quantized moments are dequantized first (the next step
+        quantizes this rank's shard)."""
+        for key in moment_keys(self.algorithm, True):
+            fmt = blockwise.stored_format(state, key, param.numel())
+            if key not in state and fmt is not None and sharding.local(param).numel() != param.numel():
+                state[key] = blockwise.load_moment(state, key, param.shape, fmt)
+                blockwise.drop(state, key, fmt)
+        for key in sharding.PARAM_SHAPED_KEYS & state.keys():
+            state[key] = sharding.localized(state[key], param)
 
     def _restore_stored_dtypes(self, state_dict: dict[str, Any]) -> None:
         """torch casts every loaded state tensor to its param's dtype.  Tensors adamkit
@@ -355,6 +391,7 @@ class _AdamFamily(Optimizer):
         if cache.get("validated_key") != key or differentiable:
             self._check_params_and_state(group, params, where)
             cache["validated_key"], cache["devices"] = key, set(map(_device_of, params))
+            cache["sharded"] = any(map(sharding.is_sharded, params))
         if (
             self.algorithm == "adam"
             and group.get("foreach")
@@ -376,6 +413,8 @@ class _AdamFamily(Optimizer):
             except ValueError as error:
                 raise ValueError(f"{error} (params[{j}]{where})") from None
             state = self.state.get(p)
+            if state and sharding.is_sharded(p):  # the kernels see the local shard
+                state, p = sharding.LocalState(state, p), sharding.local(p)
             if state:
                 check_state(state, p, self.algorithm, amsgrad=bool(group.get("amsgrad")), where=f" of {where[4:]}")
                 if differentiable and state["step"].requires_grad:
@@ -413,11 +452,14 @@ class _AdamFamily(Optimizer):
         cache = self._group_cache(group)
         key = cache["validated_key"]
         grad_scale, found_inf = amp
+        indices = self._param_indices(params) if group.get("rounding") == "stochastic" else None
+        state_table = self.state
+        if cache["sharded"]:  # DTensors: the kernels step each rank's local shard
+            params, grads, state_table = sharding.local_view(params, grads, self.state)
         if found_inf is not None and not kernel.amp and grad_scale is not None:
             grads = unscaled(grads, grad_scale)
-        batch = GroupBatch(params=params, grads=grads, state_table=self.state, cache=cache, key=key)
-        if group.get("rounding") == "stochastic":
-            batch.param_indices = self._param_indices(params)
+        batch = GroupBatch(params=params, grads=grads, state_table=state_table, cache=cache, key=key)
+        batch.param_indices = indices
         if kernel.amp:
             batch.grad_scale, batch.found_inf = grad_scale, found_inf
             if found_inf is not None and grad_scale is None:
@@ -476,7 +518,7 @@ class _AdamFamily(Optimizer):
         group, params, grads, _ = plan
         if group.get("diagnostics"):
             self._recorder.record(group, params, grads, grad_scale)
-        if group.get("skip_nonfinite") and not _all_finite(grads):
+        if group.get("skip_nonfinite") and not _all_finite(params, grads):
             self._recorder.skips[index] += 1
             return False
         return True

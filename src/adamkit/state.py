@@ -107,8 +107,8 @@ def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str |
         blockwise.drop(state, key, held)
     if target is not None:
         blockwise.allocate(state, key, param, target)
-        if value is not None:
-            blockwise.store_moment(state, key, value, target)
+        if value is not None:  # a loaded or converted moment: dequantized values are kept exactly
+            blockwise.store_moment(state, key, value, target, restore=True)
     elif value is None:
         state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
     else:

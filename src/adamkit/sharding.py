@@ -1,0 +1,152 @@
+r"""Sharded params (``torch.distributed`` DTensors, as FSDP2's ``fully_shard`` makes
+them): every kernel steps each rank's *local shard* as an ordinary tensor.
+
+Adam is element-wise, so stepping the shards is stepping the whole tensor; no
+communication is needed.  What is kept global is the *state's layout*:
+
+- Param-shaped state (``exp_avg``, ``exp_avg_sq``/``exp_inf``, ``max_exp_avg_sq``,
+  ``kahan_compensation``) is a DTensor laid out like its param, exactly as
+  ``torch.optim.Adam`` keeps it, so ``torch.distributed.checkpoint`` reshards it
+  (2 processes to 1 and back) like the param itself.
+- Quantized moments (``state_precision="int8"``/``"int4"``) are held per shard:
+  each rank cuts *its* shard into blocks from the shard's first element, so no block
+  straddles a shard boundary.  When every shard starts at a multiple of the block
+  size (256 elements for int8, 128 for int4; e.g. FSDP2 on a 512-wide layer with 2
+  ranks), the blocks are exactly those of the unsharded tensor and sharded training
+  equals single-process training.  Otherwise a block is cut in two at a boundary
+  (each part keeps its own scale).
+- ``state_dict()`` exports a sharded param's quantized moments as fp32 DTensors under
+  torch.optim's keys (:func:`exported_state`): the checkpoint does not depend on the
+  number of ranks, and loading quantizes each rank's shard again.  Quantizing
+  dequantized values with the same blocks gives back the same codes and scales, so a
+  save/load round trip is exact.  (The export costs fp32 moments for the time of
+  the save.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping, Sequence
+
+from torch import Tensor
+
+from . import blockwise
+from .state import COMPENSATION_KEY, SECOND_MOMENT_KEY
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = Replicate = None
+
+#: state keys whose tensors are shaped (and, for a sharded param, sharded) like the param
+PARAM_SHAPED_KEYS = frozenset({"exp_avg", "max_exp_avg_sq", COMPENSATION_KEY, *SECOND_MOMENT_KEY.values()})
+
+
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a DTensor."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t):
+    """A DTensor's local shard (a view sharing its storage); anything else as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def like_param(local_value: Tensor, param) -> Tensor:
+    """``local_value``, a tensor shaped like ``param``'s local shard, as a DTensor
+    laid out like ``param`` (same mesh, placements, global shape and stride)."""
+    return DTensor.from_local(
+        local_value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
+class LocalState(MutableMapping):
+    """A sharded param's state dict seen through its local shard: DTensor values read
+    as their local tensors (views: in-place updates land in the DTensor), and
+    param-shaped tensors written are stored as DTensors laid out like the param."""
+
+    def __init__(self, state: dict, param) -> None:
+        self.state, self.param = state, param
+
+    def __getitem__(self, key: str):
+        return local(self.state[key])
+
+    def __setitem__(self, key: str, value) -> None:
+        if key in PARAM_SHAPED_KEYS and isinstance(value, Tensor) and not is_sharded(value):
+            value = like_param(value, self.param)
+        self.state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def local_view(params: Sequence[Tensor], grads: Sequence[Tensor], state_table) -> tuple[list, list, dict]:
+    """Local shards of ``params`` and ``grads``, and a state table keyed by the local
+    params whose entries are :class:`LocalState` views of the params' states."""
+    local_params = [local(p) for p in params]
+    table = {
+        lp: LocalState(state_table[p], p) if is_sharded(p) else state_table[p] for lp, p in zip(local_params, params)
+    }
+    return local_params, [local(g) for g in grads], table
+
+
+def sum_over_shards(values: Tensor, param) -> Tensor:
+    """``values`` (per-shard sums, on the host) summed over the ranks that hold
+    different shards of ``param``, i.e. over the mesh dimensions it is sharded along;
+    ranks that replicate it are not counted twice."""
+    import torch.distributed as dist
+
+    for dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            group = param.device_mesh.get_group(dim)
+            on_mesh = values.to(param.device_mesh.device_type)
+            dist.all_reduce(on_mesh, group=group)
+            values = on_mesh.cpu()
+    return values
+
+
+def exported_state(state: dict, param, moment_keys: Sequence[str]) -> dict:
+    """``state`` with its quantized moments as fp32 tensors under their torch.optim
+    keys (DTensors laid out like ``param`` if it is sharded); the rest as held.  This
+    is how ``state_dict()`` exports a sharded param's state."""
+    sharded = is_sharded(param)
+    held_state, held_param = (LocalState(state, param), local(param)) if sharded else (state, param)
+    held = {key: blockwise.stored_format(held_state, key, held_param.numel()) for key in moment_keys}
+    held = {key: fmt for key, fmt in held.items() if fmt is not None and key not in state}
+    if not held:
+        return state
+    stored = {name for key, fmt in held.items() for name in blockwise.stored_keys(key, fmt)}
+    exported = {key: value for key, value in state.items() if key not in stored}
+    for key, fmt in held.items():
+        value = blockwise.load_moment(held_state, key, held_param.shape, fmt)
+        exported[key] = like_param(value, param) if sharded else value
+    return exported
+
+
+def localized(value, param) -> Tensor:
+    """A loaded state tensor for sharded ``param`` as a DTensor laid out like it: a
+    DTensor is redistributed if its layout differs; a full (unsharded) tensor of the
+    param's shape is cut to this rank's shard."""
+    if not is_sharded(value):  # every rank holds the whole tensor: cutting it needs no communication
+        value = DTensor.from_local(value.to(param.device), param.device_mesh, [Replicate()] * param.device_mesh.ndim)
+    if value.placements == param.placements and value.device_mesh == param.device_mesh:
+        return value
+    return value.redistribute(param.device_mesh, param.placements)
+
+
+__all__ = [
+    "PARAM_SHAPED_KEYS",
+    "LocalState",
+    "exported_state",
+    "is_sharded",
+    "like_param",
+    "sum_over_shards",
+    "local",
+    "local_view",
+    "localized",
+]
