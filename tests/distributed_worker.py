@@ -18,10 +18,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-import adamkit
+if not torch.cuda.is_available():  # Triton kernels run under its CPU interpreter (before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+import adamkit  # noqa: E402
 
 WIDTH = 512  # every shard of every param starts on an int8 (256) and int4 (128) block boundary
 STEPS_BEFORE_SAVE, STEPS_AFTER_SAVE = 3, 2
@@ -38,10 +42,18 @@ SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
     "int8-foreach": ("Adam", {"backend": "foreach", "state_precision": "int8"}, torch.float32),
     "int4-cpu": ("Adam", {"backend": "cpu", "state_precision": "int4"}, torch.float32),
     # 6 rows split 3 + 3: shards start mid-block, so blocks are cut at the boundary
+    "accumulation-foreach": ("Adam", {"backend": "foreach", "accumulation_steps": 2}, torch.float32),
+    # stochastic rounding draws by local index: close to, not equal to, one process
+    "bf16-stochastic-cpu": ("AdamW", {"backend": "cpu", "rounding": "stochastic", "seed": 7}, torch.bfloat16),
     "int8-unaligned": ("AdamW", {"backend": "cpu", "state_precision": "int8"}, torch.float32),
+    # Triton under its CPU interpreter: smaller layers (256 keeps int4's 128-blocks aligned)
+    "fp32-triton": ("AdamW", {"backend": "triton"}, torch.float32),
+    "int4-triton": ("Adam", {"backend": "triton", "state_precision": "int4"}, torch.float32),
 }
 #: layer widths other than WIDTH
-WIDTHS = {"int8-unaligned": 6}
+WIDTHS = {"int8-unaligned": 6, "fp32-triton": 64, "int4-triton": 256}
+#: settings that do not equal single-process training
+NOT_EQUAL = ("int8-unaligned", "bf16-stochastic-cpu")
 #: the settings checkpointed with DCP (and loaded 2 -> 1 -> 2 processes)
 CHECKPOINTED = ("fp32-cpu", "bf16-kahan-cpu", "int8-cpu")
 
@@ -131,7 +143,8 @@ def fsdp_phase(out: Path, results: dict) -> None:
     total = STEPS_BEFORE_SAVE + STEPS_AFTER_SAVE
     for setting in SETTINGS:
         model, optimizer, dtype = _sharded(setting)
-        record = {"losses": train(model, optimizer, range(STEPS_BEFORE_SAVE), dtype)}
+        record = {"losses": train(model, optimizer, range(1), dtype), "first_params": full_params(model)}
+        record["losses"] += train(model, optimizer, range(1, STEPS_BEFORE_SAVE), dtype)
         if setting in CHECKPOINTED:
             record["saved_params"] = full_params(model)
             record["saved_state"] = full_optimizer_state(model, optimizer)
@@ -241,6 +254,5 @@ def main(phase: str, rank: int, world: int, init_file: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     phase, rank, world, init_file, out = sys.argv[1:]
     main(phase, int(rank), int(world), init_file, out)
