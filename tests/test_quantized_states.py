@@ -313,13 +313,19 @@ def test_state_dict_round_trips_codes_and_scales_exactly(backend, precision):
         a, b = opt.state[p], other.state[q]
         assert sorted(a) == sorted(b)
         assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
-    g = torch.Generator().manual_seed(2)
-    for p, q in zip(params, copies):
-        p.grad = torch.randn(p.shape, generator=g)
-        q.grad = p.grad.clone()
-    opt.step()
-    other.step()
+    step_both(opt, params, other, copies, steps=1)
     assert all(torch.equal(p, q) for p, q in zip(params, copies))
+
+
+def step_both(opt, params, other, copies, steps: int) -> None:
+    """Step two optimizers on the same random gradients."""
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        other.step()
 
 
 def test_conversion_to_torch_and_back():
@@ -505,12 +511,6 @@ def test_full_precision_export_round_trips_exactly(backend, precision):
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     other = adamkit.AdamW(copies, lr=1e-2, backend=backend, state_precision=precision, amsgrad=True)
     other.load_state_dict(copy.deepcopy(exported))
-    g = torch.Generator().manual_seed(2)
-    for _ in range(2):
-        for p, q in zip(params, copies):
-            p.grad = torch.randn(p.shape, generator=g)
-            q.grad = p.grad.clone()
-        opt.step()
-        other.step()
+    step_both(opt, params, other, copies, steps=2)
     assert all(torch.equal(p, q) for p, q in zip(params, copies))
     assert all(torch.equal(opt.state[p][k], other.state[q][k]) for p, q in zip(params, copies) for k in opt.state[p])

@@ -64,7 +64,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import accumulation, blockwise, kernels, sharding
+from . import accumulation, kernels, sharding
 from .diagnostics import Recorder, group_stats
 from .kernels import GroupBatch, Kernel
 from .kernels.amp import unscaled
@@ -305,21 +305,10 @@ class _AdamFamily(Optimizer):
                 if key not in saved:
                     group[key] = value
         self._restore_stored_dtypes(state_dict)
+        moments = moment_keys(self.algorithm, True)
         for param in (p for g in self.param_groups for p in g["params"]):
             if sharding.is_sharded(param) and self.state.get(param):
-                self._shard_loaded_state(self.state[param], param)
-
-    def _shard_loaded_state(self, state: dict, param) -> None:
-        """Lay a sharded param's loaded state out like the param: DTensors and full
-        tensors alike; full quantized moments are dequantized first (the next step
-        quantizes this rank's shard)."""
-        for key in moment_keys(self.algorithm, True):
-            fmt = blockwise.stored_format(state, key, param.numel())
-            if key not in state and fmt is not None and sharding.local(param).numel() != param.numel():
-                state[key] = blockwise.load_moment(state, key, param.shape, fmt)
-                blockwise.drop(state, key, fmt)
-        for key in sharding.PARAM_SHAPED_KEYS & state.keys():
-            state[key] = sharding.localized(state[key], param)
+                sharding.shard_loaded_state(self.state[param], param, moments)
 
     def _restore_stored_dtypes(self, state_dict: dict[str, Any]) -> None:
         """torch casts every loaded state tensor to its param's dtype.  Tensors adamkit

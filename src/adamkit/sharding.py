@@ -17,14 +17,16 @@ communication is needed.  What is kept global is the *state's layout*:
   (each part keeps its own scale).
 - ``state_dict()`` exports a sharded param's quantized moments as fp32 DTensors under
   torch.optim's keys (:func:`exported_state`): the checkpoint does not depend on the
-  number of ranks, and loading quantizes each rank's shard again.  Quantizing
-  dequantized values with the same blocks gives back the same codes and scales, so a
-  save/load round trip is exact.  (The export costs fp32 moments for the time of
-  the save.)
+  number of ranks, and loading quantizes each rank's shard again, recovering the codes
+  and scales the values came from (:func:`adamkit.blockwise.restore_into`), so a
+  save/load round trip is exact.  The export holds fp32 moments for the time of the
+  save.  A single process exports the same form within
+  :func:`adamkit.convert.full_precision_export`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, MutableMapping, Sequence
 
 from torch import Tensor
@@ -32,18 +34,15 @@ from torch import Tensor
 from . import blockwise
 from .state import COMPENSATION_KEY, SECOND_MOMENT_KEY
 
-try:
-    from torch.distributed.tensor import DTensor, Replicate
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = Replicate = None
-
 #: state keys whose tensors are shaped (and, for a sharded param, sharded) like the param
 PARAM_SHAPED_KEYS = frozenset({"exp_avg", "max_exp_avg_sq", COMPENSATION_KEY, *SECOND_MOMENT_KEY.values()})
 
 
 def is_sharded(t: object) -> bool:
-    """Whether ``t`` is a DTensor."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor (no DTensor exists before its module is imported,
+    so plain tensors never need the import)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t):
@@ -54,6 +53,8 @@ def local(t):
 def like_param(local_value: Tensor, param) -> Tensor:
     """``local_value``, a tensor shaped like ``param``'s local shard, as a DTensor
     laid out like ``param`` (same mesh, placements, global shape and stride)."""
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(
         local_value, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
@@ -128,10 +129,25 @@ def exported_state(state: dict, param, moment_keys: Sequence[str]) -> dict:
     return exported
 
 
+def shard_loaded_state(state: dict, param, moment_keys: Sequence[str]) -> None:
+    """Lay a sharded param's loaded state out like the param: DTensors and full
+    tensors alike (a single process's state dict); full quantized moments are
+    dequantized first (the next step quantizes this rank's shard)."""
+    for key in moment_keys:
+        fmt = blockwise.stored_format(state, key, param.numel())
+        if key not in state and fmt is not None and local(param).numel() != param.numel():
+            state[key] = blockwise.load_moment(state, key, param.shape, fmt)
+            blockwise.drop(state, key, fmt)
+    for key in PARAM_SHAPED_KEYS & state.keys():
+        state[key] = localized(state[key], param)
+
+
 def localized(value, param) -> Tensor:
     """A loaded state tensor for sharded ``param`` as a DTensor laid out like it: a
     DTensor is redistributed if its layout differs; a full (unsharded) tensor of the
     param's shape is cut to this rank's shard."""
+    from torch.distributed.tensor import DTensor, Replicate
+
     if not is_sharded(value):  # every rank holds the whole tensor: cutting it needs no communication
         value = DTensor.from_local(value.to(param.device), param.device_mesh, [Replicate()] * param.device_mesh.ndim)
     if value.placements == param.placements and value.device_mesh == param.device_mesh:
@@ -149,4 +165,5 @@ __all__ = [
     "local",
     "local_view",
     "localized",
+    "shard_loaded_state",
 ]
