@@ -45,7 +45,11 @@ def _run_ranks(phase: str, out: Path) -> dict:
         )
         for rank in range(2)
     ]
-    logs = [rank.communicate(timeout=300)[0].decode() for rank in ranks]
+    try:
+        logs = [rank.communicate(timeout=300)[0].decode() for rank in ranks]
+    finally:  # a rank that hangs (its peer died) must not outlive the test
+        for rank in ranks:
+            rank.kill()
     for rank, log in zip(ranks, logs):
         assert rank.returncode == 0, f"a rank failed (exit {rank.returncode}):\n{log[-4000:]}"
     return torch.load(out / f"{phase}.pt", weights_only=False)
