@@ -42,6 +42,8 @@ SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
     "int8-foreach": ("Adam", {"backend": "foreach", "state_precision": "int8"}, torch.float32),
     "int4-cpu": ("Adam", {"backend": "cpu", "state_precision": "int4"}, torch.float32),
     # 6 rows split 3 + 3: shards start mid-block, so blocks are cut at the boundary
+    # one row per param: rank 1 holds empty shards
+    "int8-empty-shards": ("AdamW", {"backend": "cpu", "state_precision": "int8"}, torch.float32),
     "accumulation-foreach": ("Adam", {"backend": "foreach", "accumulation_steps": 2}, torch.float32),
     # stochastic rounding draws by local index: close to, not equal to, one process
     "bf16-stochastic-cpu": ("AdamW", {"backend": "cpu", "rounding": "stochastic", "seed": 7}, torch.bfloat16),
@@ -51,7 +53,7 @@ SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
     "int4-triton": ("Adam", {"backend": "triton", "state_precision": "int4"}, torch.float32),
 }
 #: layer widths other than WIDTH
-WIDTHS = {"int8-unaligned": 6, "fp32-triton": 64, "int4-triton": 256}
+WIDTHS = {"int8-empty-shards": 1, "int8-unaligned": 6, "fp32-triton": 64, "int4-triton": 256}
 #: settings that do not equal single-process training
 NOT_EQUAL = ("int8-unaligned", "bf16-stochastic-cpu")
 #: the settings checkpointed with DCP (and loaded 2 -> 1 -> 2 processes)
