@@ -103,7 +103,8 @@ def full_precision_export(optimizer) -> Iterator:
     params.  It is the form a ``torch.distributed.checkpoint`` must have to move between
     one process and several: wrap the single process's ``get_state_dict`` (for
     ``dcp.save``, or for ``dcp.load`` and ``set_state_dict``) in it.  Loading quantizes
-    again, keeping every dequantized value bit for bit.
+    again; where the blocks are those the values were saved from, every value is kept
+    bit for bit (:func:`adamkit.blockwise.restore_into`).
 
     Example::
 

@@ -96,15 +96,16 @@ def _fused_devices() -> list[str]:
         return ["mps", "cuda", "xpu", "hpu", "cpu", "mtia"]
 
 
-def _all_finite(params: list[Tensor], grads: list[Tensor]) -> bool:
+def _all_finite(params: list[Tensor], grads: list[Tensor], sharded: bool) -> bool:
     """Whether no gradient holds a NaN or an infinity (max-abs norms: exact, no
     overflow).  Sharded gradients are checked shard by shard and the ranks agree (a
     collective), so that every rank skips the same steps."""
-    norms = torch._foreach_norm([sharding.local(g).detach() for g in grads], float("inf"))
+    if sharded:
+        grads = list(map(sharding.local, grads))
+    norms = torch._foreach_norm([g.detach() for g in grads], float("inf"))
     nonfinite = (~torch.stack([n.to(torch.float32) for n in norms]).isfinite()).sum(dtype=torch.float64)
-    sharded = next(filter(sharding.is_sharded, params), None)
-    if sharded is not None:
-        nonfinite = sharding.sum_over_shards(nonfinite.reshape(1).cpu(), sharded)
+    if sharded:
+        nonfinite = sharding.sum_over_shards(nonfinite.reshape(1).cpu(), next(filter(sharding.is_sharded, params)))
     return not bool(nonfinite.item())
 
 
@@ -507,7 +508,8 @@ class _AdamFamily(Optimizer):
         group, params, grads, _ = plan
         if group.get("diagnostics"):
             self._recorder.record(group, params, grads, grad_scale)
-        if group.get("skip_nonfinite") and not _all_finite(params, grads):
+        sharded = self._group_cache(group).get("sharded", False)
+        if group.get("skip_nonfinite") and not _all_finite(params, grads, sharded):
             self._recorder.skips[index] += 1
             return False
         return True
