@@ -60,6 +60,13 @@ NOT_EQUAL = ("int8-unaligned", "bf16-stochastic-cpu")
 CHECKPOINTED = ("fp32-cpu", "bf16-kahan-cpu", "int8-cpu")
 
 
+#: each rank on its share of the batch: adamkit's torch-exact path against torch.optim itself
+SPLIT_OPTIMIZERS = {
+    "adamkit": lambda params: adamkit.AdamW(params, lr=1e-2, weight_decay=0.1, backend="reference"),
+    "torch": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False),
+}
+
+
 def build_model(dtype: torch.dtype = torch.float32, width: int = WIDTH) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -79,11 +86,15 @@ def batch(step: int, dtype: torch.dtype, width: int = WIDTH) -> tuple[torch.Tens
     return x, torch.randn(64, width, generator=generator).to(dtype)
 
 
-def train(model: nn.Module, optimizer, steps: range, dtype: torch.dtype) -> list[float]:
+def train(model: nn.Module, optimizer, steps: range, dtype: torch.dtype, *, split: bool = False) -> list[float]:
+    """Train on :func:`batch`; ``split``: each rank on its share of the rows (data
+    parallelism proper: the averaged gradient is the whole batch's, up to rounding)."""
     losses = []
     width = getattr(model, "module", model)[-1].out_features  # DDP wraps the model
     for step in steps:
         x, y = batch(step, dtype, width)
+        if split:
+            x, y = x[dist.get_rank() :: dist.get_world_size()], y[dist.get_rank() :: dist.get_world_size()]
         loss = (model(x).float() - y.float()).pow(2).mean()
         loss.backward()
         optimizer.step()
@@ -161,6 +172,10 @@ def fsdp_phase(out: Path, results: dict) -> None:
             record["resumed_losses"] = train(model, optimizer, range(STEPS_BEFORE_SAVE, total), dtype)
             record["resumed_params"] = full_params(model)
         results[setting] = record
+    for name, make in SPLIT_OPTIMIZERS.items():
+        model, _, dtype = _sharded("fp32-cpu")
+        train(model, make(model.parameters()), range(total), dtype, split=True)
+        results[f"split-fsdp2-{name}"] = full_params(model)
 
 
 FEATURES = {"backend": "cpu", "skip_nonfinite": True, "diagnostics": True}
@@ -210,6 +225,10 @@ def replicated_phase(results: dict) -> None:
         zero = ZeroRedundancyOptimizer(model.parameters(), getattr(adamkit, name), lr=1e-2, **kwargs)
         train(model, zero, steps, torch.float32)
         results[f"zero-{setting}"] = full_params(model.module)
+    for name, make in SPLIT_OPTIMIZERS.items():
+        model = DistributedDataParallel(build_model())
+        train(model, make(model.parameters()), steps, torch.float32, split=True)
+        results[f"split-ddp-{name}"] = full_params(model.module)
 
 
 def resume_phase(out: Path, results: dict) -> None:
