@@ -9,10 +9,22 @@ in fp32 (fp64 for fp64 params), with bf16/fp16 rounded to nearest even on store.
 Quantized moments (``state_precision="int8"``/``"int4"``) are dequantized on load
 and quantized again from the new fp32 values; a chunk covers whole blocks.
 
+As compiled for a GPU, the arithmetic is IEEE, operation by operation, as in the
+interpreter and the NumPy reference: division and square root rounded to nearest
+(Triton's ``/`` and ``tl.sqrt`` are approximations in fp32), no fused multiply-adds
+(:data:`COMPILE_OPTIONS`), and the group's constants reach the kernel as float64 (a
+Python float argument would arrive as fp32).  A whole chunk runs with an all-true mask
+and 16-byte-aligned addresses the compiler is told of, so it loads and stores vectors;
+only a tensor's last chunk is masked element by element.  ``tests/test_triton_compile.py``
+reads all of this from the PTX.
+
 Per-tensor step sizes and bias corrections come from :class:`adamkit.rule.UpdateRule`
 as device arrays.  With ``capturable=True`` they are computed on the device from the
 step counters, so neither a tensor lr changed by a scheduler nor the step count
-needs the host: nothing syncs, nothing recompiles (lr and betas are runtime values).
+needs the host: nothing syncs, nothing recompiles (lr and betas are runtime values),
+and the address table is uploaded only when an address changes, so a captured CUDA
+graph replays with no host-to-device copy.  Step counters on the host are advanced
+in one compiled pass (:class:`adamkit.kernels.cpu.HostCounters`).
 
 AMP: when a ``torch.amp.GradScaler`` drives the optimizer, ``grad_scale`` and
 ``found_inf`` are read inside the kernel: gradients are unscaled on the fly, and a
@@ -32,10 +44,11 @@ import torch
 
 from .. import blockwise, rounding
 from ..quantization import QuantFormat
-from ..rule import UpdateRule, step_scalar_arrays
+from ..rule import GroupScalars, UpdateRule, step_scalar_arrays
 from ..state import COMPENSATION_KEY, moment_keys, moment_storage
 from . import foreach, storage
 from .amp import unscaled
+from .cpu import HostCounters, chunk_table
 from .lists import list_kernel
 from .types import GroupBatch
 
@@ -50,6 +63,10 @@ BLOCK = 1024
 
 #: the interpreter runs programs on the CPU with NumPy: slow, but exact, for tests
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: how the kernel is compiled: IEEE operations one by one (no fused multiply-adds), as
+#: the NumPy reference and the interpreter compute, whatever the Triton version's default
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 def available() -> bool:
@@ -101,7 +118,7 @@ if triton is not None:
             exponent = tl.maximum((toward_zero >> 10) & 0x1F, 1)
             spacing = ((exponent + (127 - 25)) << 23).to(tl.float32, bitcast=True)
             lower = toward_zero.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            fraction = (tl.abs(x) - tl.abs(lower)) / spacing
+            fraction = _exact_div(tl.abs(x) - tl.abs(lower), spacing)  # exact: spacing is a power of 2
             away = (fraction * 65536.0 >= 65536.0 - bits16.to(tl.float32)).to(tl.int32)
             rounded = (toward_zero + away).to(tl.uint16).to(tl.float16, bitcast=True)
             return tl.where(x != x, nearest, rounded)
@@ -221,6 +238,152 @@ if triton is not None:
             _requantize(value, pointer, scales, offsets, mask, first, end, BITS, QBLOCK, SIGNED, BLOCK)
 
     @triton.jit
+    def _exact_sqrt(x):
+        """IEEE square root, rounded to nearest (in fp32, ``tl.sqrt`` is an approximation)."""
+        if x.dtype == tl.float32:
+            return tl.math.sqrt_rn(x)
+        else:
+            return tl.sqrt(x)
+
+    @triton.jit
+    def _exact_div(x, y):
+        """IEEE division, rounded to nearest (in fp32, ``/`` is an approximation)."""
+        x, y = tl.broadcast(x, y)
+        if x.dtype == tl.float32:
+            return tl.math.div_rn(x, y)
+        else:
+            return x / y
+
+    @triton.jit
+    def _update_elements(
+        offsets,
+        mask,
+        bounds,
+        tensors,
+        scalars,
+        ADAMAX: tl.constexpr,
+        AMSGRAD: tl.constexpr,
+        DECAY: tl.constexpr,
+        KAHAN: tl.constexpr,
+        STOCHASTIC: tl.constexpr,
+        QUANT_BITS: tl.constexpr,
+        QBLOCK: tl.constexpr,
+    ):
+        r"""One chunk's update, elements ``offsets`` where ``mask``:
+
+        .. math::
+            m \leftarrow m + (1-\beta_1)(g - m), \quad
+            v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
+            \theta \leftarrow \theta - \alpha_t \, m / (\sqrt{\hat v} / \sqrt{1-\beta_2^t} + \epsilon)
+
+        (AdaMax: :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`, :math:`\theta \leftarrow
+        \theta - \alpha_t m / u`), with L2 (``DECAY == 1``) or decoupled (``DECAY == 2``)
+        weight decay, in ``COMPUTE`` precision with IEEE division and square root."""
+        first, end = bounds
+        param, grad, exp_avg, second, max_second, compensation, exp_avg_scales, second_scales, max_second_scales = (
+            tensors
+        )
+        (
+            step_size,
+            bias_correction2_sqrt,
+            gradient_factor,
+            decay_factor,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            l2_weight_decay,
+            key_param,
+            key_exp_avg,
+            key_second,
+            key_max,
+        ) = scalars
+        PARAM_STORAGE: tl.constexpr = param.dtype.element_ty
+        STATE_STORAGE: tl.constexpr = exp_avg.dtype.element_ty  # uint8 codes when quantized
+        COMPUTE: tl.constexpr = step_size.dtype
+        BLOCK: tl.constexpr = offsets.shape[0]
+        p = tl.load(param + offsets, mask=mask).to(COMPUTE)
+        if KAHAN:
+            p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
+        g = tl.load(grad + offsets, mask=mask).to(COMPUTE) * gradient_factor  # exact: +-1 or +-1/grad_scale
+        if DECAY == 1:
+            g = g + l2_weight_decay * p
+        if DECAY == 2:
+            p = p * decay_factor
+        m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True).to(COMPUTE)
+        m = m + one_minus_beta1 * (g - m)
+        _put_moment(
+            exp_avg,
+            exp_avg_scales,
+            offsets,
+            mask,
+            m,
+            key_exp_avg,
+            first,
+            end,
+            STATE_STORAGE,
+            STOCHASTIC,
+            QUANT_BITS,
+            QBLOCK,
+            True,
+            BLOCK,
+        )
+        second_value = _load_moment(second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False)
+        if ADAMAX:
+            new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
+        else:
+            new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
+        _put_moment(
+            second,
+            second_scales,
+            offsets,
+            mask,
+            new_second,
+            key_second,
+            first,
+            end,
+            STATE_STORAGE,
+            STOCHASTIC,
+            QUANT_BITS,
+            QBLOCK,
+            False,
+            BLOCK,
+        )
+        if ADAMAX:
+            denom = new_second
+        else:
+            v = new_second
+            if AMSGRAD:
+                v_max = _load_moment(
+                    max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False
+                )
+                v = tl.maximum(v_max.to(COMPUTE), v)
+                _put_moment(
+                    max_second,
+                    max_second_scales,
+                    offsets,
+                    mask,
+                    v,
+                    key_max,
+                    first,
+                    end,
+                    STATE_STORAGE,
+                    STOCHASTIC,
+                    QUANT_BITS,
+                    QBLOCK,
+                    False,
+                    BLOCK,
+                )
+            denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
+        p = p - step_size * _exact_div(m, denom)
+        if KAHAN:  # p = rn(theta), c = rn(theta - p)
+            stored = _to_storage(p, PARAM_STORAGE)
+            tl.store(param + offsets, stored, mask=mask)
+            tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
+        else:
+            _put(param, offsets, mask, p, key_param, PARAM_STORAGE, STOCHASTIC)
+
+    @triton.jit
     def _fused_step(
         table_ptr,
         chunk_ptr,
@@ -229,12 +392,7 @@ if triton is not None:
         grad_scale_ptr,
         found_inf_ptr,
         key_ptr,
-        one_minus_beta1,
-        beta2,
-        one_minus_beta2,
-        eps,
-        l2_weight_decay,
-        decay_factor_ptr,
+        constants_ptr,
         PARAM_STORAGE: tl.constexpr,
         STATE_STORAGE: tl.constexpr,
         COMPUTE: tl.constexpr,
@@ -247,130 +405,99 @@ if triton is not None:
         STOCHASTIC: tl.constexpr,
         QUANT_BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
+        ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        """One program per chunk: chunk row (tensor t, first, end), then tensor t's
+        addresses (param, grad, exp_avg, second moment, max second moment, Kahan
+        compensation, the three moments' scales) and step scalars."""
         chunk = tl.program_id(0)
         t = tl.load(chunk_ptr + 3 * chunk)
-        first = tl.load(chunk_ptr + 3 * chunk + 1)
+        first = tl.multiple_of(tl.load(chunk_ptr + 3 * chunk + 1), BLOCK)
         end = tl.load(chunk_ptr + 3 * chunk + 2)
         skip = False
-        inverse_scale = 1.0
+        gradient_factor = 1.0
         if AMP:  # fp32(1 / s), as adamkit.kernels.amp forms it
             skip = tl.load(found_inf_ptr) != 0
-            inverse_scale = tl.math.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32)).to(COMPUTE)
+            gradient_factor = tl.math.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
+        if MAXIMIZE:
+            gradient_factor = -gradient_factor
         if not skip:
+            row = table_ptr + 9 * t
             param_pointer = tl.pointer_type(PARAM_STORAGE)
             state_pointer = tl.pointer_type(STATE_STORAGE)  # uint8 codes when quantized
             scales_pointer = tl.pointer_type(tl.bfloat16)
-            param = tl.load(table_ptr + 9 * t).to(param_pointer)
-            grad = tl.load(table_ptr + 9 * t + 1).to(param_pointer)
-            exp_avg = tl.load(table_ptr + 9 * t + 2).to(state_pointer)
-            second = tl.load(table_ptr + 9 * t + 3).to(state_pointer)
-            max_second = tl.load(table_ptr + 9 * t + 4).to(state_pointer)
-            compensation = tl.load(table_ptr + 9 * t + 5).to(param_pointer)
-            exp_avg_scales = tl.load(table_ptr + 9 * t + 6).to(scales_pointer)
-            second_scales = tl.load(table_ptr + 9 * t + 7).to(scales_pointer)
-            max_second_scales = tl.load(table_ptr + 9 * t + 8).to(scales_pointer)
-            step_size = tl.load(step_size_ptr + t).to(COMPUTE)
-            bias_correction2_sqrt = tl.load(bias_correction2_sqrt_ptr + t).to(COMPUTE)
-            key_param = 0
-            key_exp_avg = 0
-            key_second = 0
-            key_max = 0
+            param = tl.load(row).to(param_pointer)
+            grad = tl.load(row + 1).to(param_pointer)
+            exp_avg = tl.load(row + 2).to(state_pointer)
+            second = tl.load(row + 3).to(state_pointer)
+            max_second = tl.load(row + 4).to(state_pointer)
+            compensation = tl.load(row + 5).to(param_pointer)
+            if ALIGNED:  # every address is a multiple of 16 bytes: whole chunks move in vectors
+                param = tl.multiple_of(param, 16)
+                grad = tl.multiple_of(grad, 16)
+                exp_avg = tl.multiple_of(exp_avg, 16)
+                second = tl.multiple_of(second, 16)
+                max_second = tl.multiple_of(max_second, 16)
+                compensation = tl.multiple_of(compensation, 16)
+            scales = (tl.load(row + 6).to(scales_pointer), tl.load(row + 7).to(scales_pointer))
+            scales += (tl.load(row + 8).to(scales_pointer),)  # the three moments' block scales
+            tensors = (param, grad, exp_avg, second, max_second, compensation) + scales
+            keys = (0, 0, 0, 0)
             if STOCHASTIC:
-                key_param = tl.load(key_ptr + 4 * t)
-                key_exp_avg = tl.load(key_ptr + 4 * t + 1)
-                key_second = tl.load(key_ptr + 4 * t + 2)
-                key_max = tl.load(key_ptr + 4 * t + 3)
-
+                keys = (
+                    tl.load(key_ptr + 4 * t),
+                    tl.load(key_ptr + 4 * t + 1),
+                    tl.load(key_ptr + 4 * t + 2),
+                    tl.load(key_ptr + 4 * t + 3),
+                )
+            scalars = (
+                tl.load(step_size_ptr + t).to(COMPUTE),
+                tl.load(bias_correction2_sqrt_ptr + t).to(COMPUTE),
+                gradient_factor.to(COMPUTE),
+                tl.load(constants_ptr).to(COMPUTE),  # decay factor
+                tl.load(constants_ptr + 1).to(COMPUTE),  # 1 - beta1
+                tl.load(constants_ptr + 2).to(COMPUTE),  # beta2
+                tl.load(constants_ptr + 3).to(COMPUTE),  # 1 - beta2
+                tl.load(constants_ptr + 4).to(COMPUTE),  # eps
+                tl.load(constants_ptr + 5).to(COMPUTE),  # L2 weight decay
+            ) + keys
+            # a whole chunk is told to the compiler as such (an all-true mask: vector
+            # loads and stores); only the tail of a tensor is masked element by element
             offsets = first + tl.arange(0, BLOCK)
-            mask = offsets < end
-            p = tl.load(param + offsets, mask=mask).to(COMPUTE)
-            if KAHAN:
-                p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
-            g = tl.load(grad + offsets, mask=mask).to(COMPUTE)
-            if AMP:
-                g = g * inverse_scale
-            if MAXIMIZE:
-                g = -g
-            if DECAY == 1:
-                g = g + l2_weight_decay * p
-            if DECAY == 2:
-                p = p * tl.load(decay_factor_ptr).to(COMPUTE)
-            m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True).to(
-                COMPUTE
-            )
-            m = m + one_minus_beta1 * (g - m)
-            _put_moment(
-                exp_avg,
-                exp_avg_scales,
-                offsets,
-                mask,
-                m,
-                key_exp_avg,
-                first,
-                end,
-                STATE_STORAGE,
-                STOCHASTIC,
-                QUANT_BITS,
-                QBLOCK,
-                True,
-                BLOCK,
-            )
-            second_value = _load_moment(second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False)
-            if ADAMAX:
-                new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
+            bounds = (first, end)
+            if end - first == BLOCK:
+                whole = tl.full([BLOCK], True, tl.int1)
+                _update_elements(
+                    offsets,
+                    whole,
+                    bounds,
+                    tensors,
+                    scalars,
+                    ADAMAX,
+                    AMSGRAD,
+                    DECAY,
+                    KAHAN,
+                    STOCHASTIC,
+                    QUANT_BITS,
+                    QBLOCK,
+                )
             else:
-                new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
-            _put_moment(
-                second,
-                second_scales,
-                offsets,
-                mask,
-                new_second,
-                key_second,
-                first,
-                end,
-                STATE_STORAGE,
-                STOCHASTIC,
-                QUANT_BITS,
-                QBLOCK,
-                False,
-                BLOCK,
-            )
-            if ADAMAX:
-                denom = new_second
-            else:
-                v = new_second
-                if AMSGRAD:
-                    v_max = _load_moment(
-                        max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False
-                    )
-                    v = tl.maximum(v_max.to(COMPUTE), v)
-                    _put_moment(
-                        max_second,
-                        max_second_scales,
-                        offsets,
-                        mask,
-                        v,
-                        key_max,
-                        first,
-                        end,
-                        STATE_STORAGE,
-                        STOCHASTIC,
-                        QUANT_BITS,
-                        QBLOCK,
-                        False,
-                        BLOCK,
-                    )
-                denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-            p = p - step_size * (m / denom)
-            if KAHAN:  # p = rn(theta), c = rn(theta - p)
-                stored = _to_storage(p, PARAM_STORAGE)
-                tl.store(param + offsets, stored, mask=mask)
-                tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
-            else:
-                _put(param, offsets, mask, p, key_param, PARAM_STORAGE, STOCHASTIC)
+                tail = offsets < end
+                _update_elements(
+                    offsets,
+                    tail,
+                    bounds,
+                    tensors,
+                    scalars,
+                    ADAMAX,
+                    AMSGRAD,
+                    DECAY,
+                    KAHAN,
+                    STOCHASTIC,
+                    QUANT_BITS,
+                    QBLOCK,
+                )
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -381,16 +508,6 @@ def _triton_dtype(dtype: torch.dtype):
         torch.float16: tl.float16,
         torch.uint8: tl.uint8,
     }[dtype]
-
-
-def _chunk_table(numels: list[int]) -> np.ndarray:
-    counts = [(n + BLOCK - 1) // BLOCK for n in numels]
-    rows = [
-        (t, start, min(start + BLOCK, n))
-        for t, (n, c) in enumerate(zip(numels, counts))
-        for start in range(0, c * BLOCK, BLOCK)
-    ]
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -431,19 +548,37 @@ class _Bucket:
             row += (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
             rows.append(row)
         self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), 7)
-        self.chunks = torch.from_numpy(_chunk_table([p.numel() for p in params])).to(self.device)
+        self.chunks = torch.from_numpy(chunk_table([p.numel() for p in params], BLOCK)).to(self.device)
+        self.counters = HostCounters(self.steps) if self.steps[0].device.type == "cpu" and not rule.capturable else None
+        self.whole_group = members == list(range(len(batch.params)))
         self.stream_keys: tuple | None = None
+        self.moving: np.ndarray | None = None  # the param and grad addresses of the table on the device
+        self.no_inf = torch.zeros((), device=self.device)  # found_inf when a scaler gives only grad_scale
+        self.constants: tuple | None = None  # the group's constants as last uploaded
 
     def table(self, batch: GroupBatch) -> torch.Tensor:
-        params = [_real(batch.params[i]) for i in self.members]
-        grads = [_real(batch.grads[i]) for i in self.members]
-        if not all(t.is_contiguous() for t in params + grads):
+        """The address table on the device, uploaded again only when a param or gradient
+        address changed (so a CUDA graph replays with no host-to-device copy)."""
+        if self.whole_group:  # (a complex tensor's address and layout are its real view's)
+            params, grads = batch.params, batch.grads
+        else:
+            params, grads = [batch.params[i] for i in self.members], [batch.grads[i] for i in self.members]
+        if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
             raise _NeedsStaging
-        table = np.empty((len(self.members), 9), dtype=np.int64)
-        table[:, 0] = [p.data_ptr() for p in params]
-        table[:, 1] = [g.data_ptr() for g in grads]
-        table[:, 2:] = self.state_addresses
-        return torch.from_numpy(table).to(self.device, non_blocking=True)
+        count = len(params)
+        moving = np.stack(
+            [
+                np.fromiter(map(torch.Tensor.data_ptr, params), dtype=np.int64, count=count),
+                np.fromiter(map(torch.Tensor.data_ptr, grads), dtype=np.int64, count=count),
+            ],
+            axis=1,
+        )
+        if self.moving is None or not np.array_equal(moving, self.moving):
+            table = np.concatenate([moving, self.state_addresses], axis=1)
+            self.aligned = bool((table % 16 == 0).all())  # unused slots hold 0
+            self.device_table = torch.from_numpy(table).to(self.device, non_blocking=True)
+            self.moving = moving
+        return self.device_table
 
     def step_keys(self, rule: UpdateRule, param_indices: list[int] | None, counts) -> torch.Tensor | None:
         """Stochastic rounding's keys k_{s,t} as an int64[T, 4] device array; ``counts``
@@ -479,25 +614,28 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
 
 
 def _device_array(value, length: int, device: torch.device) -> torch.Tensor:
-    """A float64 device array of ``length`` from a float, a 0-d or a [length] tensor."""
-    return torch.as_tensor(value, dtype=torch.float64, device=device).expand(length).contiguous()
+    """A float64 device array of ``length`` from a float (filled on the device: no
+    host-to-device copy), a 0-d or a [length] tensor."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full((length,), value, dtype=torch.float64, device=device)
+    return value.to(device, torch.float64).expand(length).contiguous()
 
 
 def _step_scalars(bucket: _Bucket, rule: UpdateRule) -> tuple[torch.Tensor, torch.Tensor, object]:
     """Advance the bucket's step counters; per-tensor step sizes and sqrt(1 - beta2^t)
     as float64 device arrays, and the step counts (host array, or the device tensors).
     Counters on the device (capturable or fused, as torch places them) never go
-    through the host."""
-    torch._foreach_add_(bucket.steps, 1)
-    count = len(bucket.steps)
-    if bucket.steps[0].device.type != "cpu" or rule.capturable:
+    through the host; counters on the host are advanced in one compiled pass."""
+    if bucket.counters is None:
+        torch._foreach_add_(bucket.steps, 1)
+        count = len(bucket.steps)
         scalars = rule.step_scalars(torch.stack(bucket.steps).to(bucket.device, torch.float64))
         return (
             _device_array(scalars.step_size, count, bucket.device),
             _device_array(scalars.bias_correction2_sqrt, count, bucket.device),
             bucket.steps,
         )
-    counts = np.array([s.item() for s in bucket.steps], dtype=np.float64)
+    counts = bucket.counters.advance()
     step_size, bias_correction2_sqrt = step_scalar_arrays(rule, counts)
     return (
         torch.from_numpy(step_size).to(bucket.device, non_blocking=True),
@@ -506,8 +644,25 @@ def _step_scalars(bucket: _Bucket, rule: UpdateRule) -> tuple[torch.Tensor, torc
     )
 
 
-def _constant(value) -> float:
-    return value.item() if isinstance(value, torch.Tensor) else float(value)
+def _group_constants(bucket: _Bucket, group: GroupScalars) -> torch.Tensor:
+    """(decay factor, 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay) as a float64
+    device array, which the kernel rounds to its compute dtype (a Python float argument
+    would reach a compiled kernel as fp32).  Floats are uploaded when they change;
+    tensors (capturable groups) are combined on the device, never read on the host."""
+    beta1 = group.beta1.to(torch.float64) if isinstance(group.beta1, torch.Tensor) else group.beta1
+    values = (
+        1.0 if group.decay_factor is None else group.decay_factor,
+        1.0 - beta1,
+        group.beta2,
+        group.one_minus_beta2,
+        group.eps,
+        group.l2_weight_decay,
+    )
+    if any(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack([_device_array(v, 1, bucket.device)[0] for v in values])
+    if bucket.constants is None or bucket.constants[0] != values:
+        bucket.constants = (values, torch.tensor(values, dtype=torch.float64).to(bucket.device, non_blocking=True))
+    return bucket.constants[1]
 
 
 _foreach_step = list_kernel(foreach.adam, foreach.adamax, fused=True)
@@ -525,7 +680,10 @@ def _foreach_fallback(batch: GroupBatch, rule: UpdateRule) -> None:
 
 
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
-    """Advance the steps and update every tensor of the group, one launch per bucket."""
+    """Advance the steps and update every tensor of the group, one launch per bucket.
+
+    A GradScaler's ``found_inf`` is read in the kernel; where the step counters live
+    on the host, it is read once on the host instead, before anything moves."""
     try:
         buckets = _buckets(batch, rule)
         tables = [bucket.table(batch) for bucket in buckets]
@@ -535,11 +693,11 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     group = rule.group_scalars()
     grad_scale, found_inf = batch.grad_scale, batch.found_inf
     amp = grad_scale is not None
+    if amp and found_inf is not None and any(b.counters is not None for b in buckets) and found_inf.item():
+        return
     for bucket, table in zip(buckets, tables):
         step_size, bias_correction2_sqrt, counts = _step_scalars(bucket, rule)
         keys = bucket.step_keys(rule, batch.param_indices, counts)
-        compute = tl.float64 if bucket.storage == torch.float64 else tl.float32
-        decay_factor = _device_array(1.0 if group.decay_factor is None else group.decay_factor, 1, bucket.device)
         unused = table  # any pointer: read only when AMP is on
         grid = (bucket.chunks.shape[0],)
         _fused_step[grid](
@@ -548,17 +706,12 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             step_size,
             bias_correction2_sqrt,
             grad_scale if amp else unused,
-            found_inf if amp else unused,
+            bucket.no_inf if found_inf is None else found_inf,
             table if keys is None else keys,
-            1.0 - _constant(group.beta1),
-            _constant(group.beta2),
-            _constant(group.one_minus_beta2),
-            group.eps,
-            group.l2_weight_decay,
-            decay_factor,
+            _group_constants(bucket, group),
             PARAM_STORAGE=_triton_dtype(bucket.storage),
             STATE_STORAGE=_triton_dtype(bucket.state_storage),
-            COMPUTE=compute,
+            COMPUTE=tl.float64 if bucket.storage == torch.float64 else tl.float32,
             ADAMAX=rule.algorithm == "adamax",
             AMSGRAD=rule.amsgrad,
             MAXIMIZE=rule.maximize,
@@ -568,7 +721,9 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             STOCHASTIC=bucket.mode == "stochastic",
             QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
             QBLOCK=bucket.quantized.block if bucket.quantized else 1,
+            ALIGNED=bucket.aligned,
             BLOCK=BLOCK,
+            **COMPILE_OPTIONS,
         )
-        if amp:
-            torch._foreach_sub_(bucket.steps, [found_inf.to(s.device) for s in bucket.steps])
+        if amp and found_inf is not None and bucket.counters is None:  # a skipped step does not count
+            torch._foreach_sub_(bucket.steps, [found_inf.to(bucket.steps[0].device)] * len(bucket.steps))

@@ -1,0 +1,103 @@
+"""Compiles adamkit's Triton kernel for a CUDA GPU on a machine without one (Triton
+ships the compiler and ``ptxas``) and prints what the PTX holds, per kernel variant,
+as JSON.  Run by ``test_triton_compile.py`` in a subprocess: the test session runs
+Triton under its interpreter, and a compile needs the real JIT."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+#: one entry per storage and option path; each overrides the plain fp32 Adam variant
+VARIANTS = {
+    "adam-fp32": {},
+    "adam-fp32-amsgrad-l2-maximize-amp": {"AMSGRAD": True, "DECAY": 1, "MAXIMIZE": True, "AMP": True},
+    "adamax-fp32": {"ADAMAX": True, "DECAY": 0},
+    "adam-fp64": {"PARAM_STORAGE": "float64", "STATE_STORAGE": "float64", "COMPUTE": "float64"},
+    "adam-bf16-kahan": {"PARAM_STORAGE": "bfloat16", "STATE_STORAGE": "bfloat16", "KAHAN": True},
+    "adam-bf16-stochastic": {"PARAM_STORAGE": "bfloat16", "STOCHASTIC": True},
+    "adam-fp16-stochastic": {"PARAM_STORAGE": "float16", "STATE_STORAGE": "float16", "STOCHASTIC": True},
+    "adam-fp32-unaligned": {"ALIGNED": False},
+    "adam-int8-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int8", "AMSGRAD": True},
+    "adam-int4-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int4", "AMSGRAD": True},
+}
+
+#: dtype-valued constexprs, given by name above
+DTYPES = ("PARAM_STORAGE", "STATE_STORAGE", "COMPUTE")
+
+BASE = {
+    "PARAM_STORAGE": "float32",
+    "STATE_STORAGE": "float32",
+    "COMPUTE": "float32",
+    "ADAMAX": False,
+    "AMSGRAD": False,
+    "MAXIMIZE": False,
+    "DECAY": 2,
+    "AMP": False,
+    "KAHAN": False,
+    "STOCHASTIC": False,
+    "QUANT_BITS": 0,
+    "QBLOCK": 1,
+    "ALIGNED": True,
+}
+
+#: the launch's tensor arguments (every other argument is a constexpr)
+POINTERS = {
+    "table_ptr": "*i64",
+    "chunk_ptr": "*i64",
+    "step_size_ptr": "*fp64",
+    "bias_correction2_sqrt_ptr": "*fp64",
+    "grad_scale_ptr": "*fp32",
+    "found_inf_ptr": "*fp32",
+    "key_ptr": "*i64",
+    "constants_ptr": "*fp64",
+}
+
+
+def compile_variant(overrides: dict, capability: int) -> str:
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from adamkit.kernels import triton as kernel
+    from adamkit.quantization import FORMATS
+
+    fn = kernel._fused_step
+    constexprs = BASE | overrides | {"BLOCK": kernel.BLOCK}
+    for name in DTYPES:
+        constexprs[name] = getattr(tl, constexprs[name])
+    fmt = FORMATS.get(constexprs.pop("QUANT", None))
+    if fmt is not None:
+        constexprs |= {"QUANT_BITS": fmt.bits, "QBLOCK": fmt.block}
+    signature = {name: POINTERS.get(name, "constexpr") for name in fn.arg_names}
+    assert set(signature) == set(POINTERS) | set(constexprs), "the worker's signature is out of date"
+    # torch allocations are 16-byte aligned: the launcher specializes tensor arguments so
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=kernel.COMPILE_OPTIONS)
+    return compiled.asm["ptx"]
+
+
+def instructions(ptx: str) -> list[str]:
+    """Distinct memory and floating-point instructions, with their modifiers."""
+    pattern = r"\b(?:ld\.global|st\.global|sqrt|div|rcp|rsqrt|fma|ex2|lg2)(?:\.\w+)+"
+    return sorted(set(re.findall(pattern, ptx)))
+
+
+def main() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)  # before triton loads: the real JIT
+    capability = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    report = {}
+    for name, overrides in VARIANTS.items():
+        try:
+            report[name] = {"instructions": instructions(compile_variant(overrides, capability))}
+        except Exception as error:  # reported, so the test names the variant that failed
+            report[name] = {"error": f"{type(error).__name__}: {error}"[-2000:]}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
