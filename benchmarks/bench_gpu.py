@@ -119,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA device (none found)", file=sys.stderr)
         return 2
+    import triton
+
     print(
-        f"{torch.cuda.get_device_name()}, torch {torch.version.cuda and torch.__version__}, adamkit {adamkit.__version__}\n"
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"triton {triton.__version__}, adamkit {adamkit.__version__}\n"
     )
     for key in args.cases.split(","):
         case = CASES[key]

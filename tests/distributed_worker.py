@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # Triton kernels run under its CPU interpreter (before triton loads)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# the ranks step CPU tensors (gloo): Triton kernels run under its CPU interpreter (set before triton loads)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402

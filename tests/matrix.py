@@ -10,6 +10,7 @@ leaving some params without a gradient on some steps.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,11 @@ OPTIMIZERS = {
 }
 
 WEIGHT_DECAYS = ("none", "l2", "decoupled")
+
+#: where the matrix's params live: the CPU, or ``ADAMKIT_TEST_DEVICE=cuda`` to run the
+#: conformance suite on a GPU (with the kernels that run there)
+DEVICE = torch.device(os.environ.get("ADAMKIT_TEST_DEVICE", "cpu"))
+DEVICE_BACKENDS = tuple(name for name, kernel in KERNELS.items() if kernel.supports(DEVICE) and kernel.available())
 
 
 @dataclass(frozen=True)
@@ -79,12 +85,11 @@ class Case:
         return kw
 
     def lr(self, value: float):
-        """A float64 case gets a float64 lr tensor, so the lr itself is not rounded."""
-        return (
-            torch.tensor(value, dtype=torch.float64 if self.dtype == torch.float64 else None)
-            if self.tensor_lr
-            else value
-        )
+        """A float64 case gets a float64 lr tensor, so the lr itself is not rounded; a
+        capturable case keeps it on the params' device."""
+        dtype = torch.float64 if self.dtype == torch.float64 else None
+        device = DEVICE if self.capturable else None
+        return torch.tensor(value, dtype=dtype, device=device) if self.tensor_lr else value
 
     def reference_hyperparameters(self, lr: float, max_lr: float) -> reference.Hyperparameters:
         mode = {"none": "l2", "l2": "l2", "decoupled": "decoupled", "fully_decoupled": "fully_decoupled"}[
@@ -125,7 +130,7 @@ def reference_cases(backends=None) -> list[Case]:
     """Every option adamkit has, including those torch lacks, for the NumPy oracle.
 
     Capturable groups take the tensor-scalar path (no host sync), with a tensor lr."""
-    backends = backends or tuple(KERNELS)
+    backends = backends or DEVICE_BACKENDS
     cases = []
     for name, backend, maximize, wd, cplx, capturable in itertools.product(
         OPTIMIZERS, backends, (False, True), WEIGHT_DECAYS + ("fully_decoupled",), (False, True), (False, True)
@@ -140,7 +145,7 @@ def reference_cases(backends=None) -> list[Case]:
 GROUP_LRS = (1e-2, 3e-3)
 
 
-def make_params(case: Case, seed: int = 0) -> list[dict]:
+def make_params(case: Case, seed: int = 0, device: torch.device = DEVICE) -> list[dict]:
     """Two param groups of awkward params, as ``[{"params": [...], "lr": ...}, ...]``.
 
     Group 0: a contiguous matrix, a transposed view, a column-sliced strided view of
@@ -152,7 +157,7 @@ def make_params(case: Case, seed: int = 0) -> list[dict]:
     cplx = torch.complex64 if real == torch.float32 else torch.complex128
 
     def randn(*shape, dtype=real):
-        return torch.randn(*shape, generator=g, dtype=dtype)
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
 
     base = randn(5, 8)
     group0 = [
@@ -161,7 +166,7 @@ def make_params(case: Case, seed: int = 0) -> list[dict]:
         base[:, ::3],  # strided view
         randn(()),
     ]
-    group1 = [randn(7), torch.empty(0, 3, dtype=real)]
+    group1 = [randn(7), torch.empty(0, 3, dtype=real, device=device)]
     if case.complex_params:
         group1.append(randn(3, 2, dtype=cplx))
     return [
@@ -176,7 +181,7 @@ def clone_groups(groups: list[dict]) -> list[dict]:
     for group in groups:
         params = []
         for p in group["params"]:
-            copy = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype)
+            copy = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype, device=p.device)
             copy.copy_(p.detach())
             params.append(torch.nn.Parameter(copy))
         lr = group["lr"].clone() if isinstance(group["lr"], torch.Tensor) else group["lr"]
@@ -206,7 +211,7 @@ def gradients(groups: list[dict], steps: int, seed: int = 1):
 def assign(groups: list[dict], grads: list) -> None:
     params = [p for group in groups for p in group["params"]]
     for p, grad in zip(params, grads):
-        p.grad = None if grad is None else grad.clone()
+        p.grad = None if grad is None else grad.to(p.device, copy=True)
 
 
 def run(optimizer, groups: list[dict], steps: int, seed: int = 1) -> None:
@@ -216,4 +221,4 @@ def run(optimizer, groups: list[dict], steps: int, seed: int = 1) -> None:
 
 
 def numpy_of(t: torch.Tensor) -> np.ndarray:
-    return t.detach().resolve_conj().numpy().copy()
+    return t.detach().resolve_conj().cpu().numpy().copy()
