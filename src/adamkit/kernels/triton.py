@@ -255,7 +255,7 @@ if triton is not None:
             return x / y
 
     @triton.jit
-    def _update_elements(
+    def _update_chunk(
         offsets,
         mask,
         bounds,
@@ -468,7 +468,7 @@ if triton is not None:
             bounds = (first, end)
             if end - first == BLOCK:
                 whole = tl.full([BLOCK], True, tl.int1)
-                _update_elements(
+                _update_chunk(
                     offsets,
                     whole,
                     bounds,
@@ -484,7 +484,7 @@ if triton is not None:
                 )
             else:
                 tail = offsets < end
-                _update_elements(
+                _update_chunk(
                     offsets,
                     tail,
                     bounds,
