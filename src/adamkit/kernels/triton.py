@@ -553,6 +553,7 @@ class _Bucket:
         self.whole_group = members == list(range(len(batch.params)))
         self.stream_keys: tuple | None = None
         self.moving: np.ndarray | None = None  # the param and grad addresses of the table on the device
+        self.aligned = False  # whether every address in that table is a multiple of 16 bytes
         self.no_inf = torch.zeros((), device=self.device)  # found_inf when a scaler gives only grad_scale
         self.constants: tuple | None = None  # the group's constants as last uploaded
 
