@@ -1,30 +1,138 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one run: the conformance suite and the CUDA
-# tests with Triton's real compiler (ADAMKIT_TEST_DEVICE=cuda), then the GPU step
-# benchmark and `adamkit bench --device cuda`.  Installs nothing: it expects a
-# Python with torch, triton, numba and pytest (as on the lent GPU machines) and runs
-# adamkit from src/.  Logs go to $OUT when it is set (the device tool), else /tmp.
+# Everything that needs a CUDA GPU, in one run of at most ~7 minutes (each part under its
+# own timeout, and they add up to 545 s at worst), so that one scarce GPU session proves the Triton kernel:
 #
-#   bash scripts/gpu_check.sh            # tests, then benchmarks
-#   bash scripts/gpu_check.sh tests      # only the tests
-#   bash scripts/gpu_check.sh bench      # only the benchmarks
+#   parity    tests/test_kernel_parity.py: Triton on the GPU stores the numba CPU
+#             kernel's bits (every dtype, state precision, master-weight/rounding mode)
+#   ptx       tests/test_triton_compile.py with this machine's Triton (IEEE arithmetic,
+#             vector loads in the sm_90 PTX)
+#   cuda      tests/test_cuda.py (default backend, CUDA graphs, GradScaler, torch fused),
+#             the torch.compile tests on CUDA, and the whole conformance matrix on CUDA
+#             (every CUDA backend against the NumPy reference)
+#   bench     benchmarks/bench_gpu.py: cases a, b, c (fp32 ~1B, 10,000 tensors, bf16)
+#   sweep     benchmarks/bench_gpu.py --sweep: the kernel's launch shapes, fp32 and int8
+#   quant     benchmarks/bench_gpu.py: case d (int8/int4 against torch fused,
+#             bitsandbytes and torchao where importable; torchao compiles per shape)
+#   cli       adamkit bench --device cuda
+#
+# parity and ptx start first, in the background (their CPU side, numba's and Triton's
+# compilers, overlaps the GPU tests); the benchmarks run alone after the tests.
+# Installs nothing.  It expects a Python with torch, triton, numba and pytest (as on
+# the lent GPU machines; pytest-xdist is used where present) and runs adamkit from
+# src/.  bitsandbytes and torchao are taken from .gpu-site/ when that folder exists
+# (the GPU machines cannot download: `bash scripts/gpu_check.sh prepare` fills it here).
+#
+#   bash scripts/gpu_check.sh                       # every part; logs to $OUT or /tmp/adamkit-gpu
+#   bash scripts/gpu_check.sh --logs DIR cuda bench # some parts, logs to DIR
+#   bash scripts/gpu_check.sh prepare               # (with network) fill .gpu-site/
+#
+# Without a CUDA device it is a dry run: the test parts run on the CPU (Triton under
+# its interpreter) and the GPU-only parts are skipped.  summary.txt (one screen) says,
+# per part, PASS / FAIL / TIMEOUT / SKIP, its seconds and its last lines.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 PYTHON=${PYTHON:-python3}
 LOGS=${OUT:-/tmp/adamkit-gpu}
+if [[ ${1:-} == --logs ]]; then LOGS=$2; shift 2; fi
+PARTS=("$@")
+[[ ${#PARTS[@]} -eq 0 ]] && PARTS=(parity ptx cuda bench sweep quant cli)
+
+if [[ ${PARTS[0]} == prepare ]]; then  # bitsandbytes (its CUDA 13 library only) and torchao, unpacked
+    rm -rf .gpu-site /tmp/adamkit-wheels && mkdir -p .gpu-site /tmp/adamkit-wheels
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d /tmp/adamkit-wheels \
+        bitsandbytes==0.50.2 torchao==0.18.0 || exit 1
+    for wheel in /tmp/adamkit-wheels/*.whl; do "$PYTHON" -m zipfile -e "$wheel" .gpu-site; done
+    rm -rf .gpu-site/test  # torchao's wheel carries its tests as a top-level package
+    find .gpu-site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda130*' ! -name '*cpu*' -delete
+    grep -qx '/.gpu-site/' .git/info/exclude 2>/dev/null || echo '/.gpu-site/' >> .git/info/exclude
+    du -sh .gpu-site
+    exit 0
+fi
+
 mkdir -p "$LOGS"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ADAMKIT_TEST_DEVICE=cuda
-what=${1:-all}
+SUMMARY=$LOGS/summary.txt
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[[ -d .gpu-site ]] && export PYTHONPATH="$PYTHONPATH:$ROOT/.gpu-site"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/adamkit-triton-cache} NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/adamkit-numba-cache}
+START=$SECONDS
+
+if "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    export ADAMKIT_TEST_DEVICE=cuda
+    GPU=1
+else
+    export ADAMKIT_TEST_DEVICE=cpu
+    GPU=0
+fi
+XDIST=() PARITY_XDIST=()  # pytest-xdist workers where it is installed (16 cores on the GPU machines)
+"$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 6) PARITY_XDIST=(-n 4)
+
+{
+    echo "adamkit GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    "$PYTHON" - <<'EOF'
+import torch, triton, numba
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device: dry run on the CPU"
+print(f"{name}; torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, numba {numba.__version__}")
+for module in ("bitsandbytes", "torchao", "xdist"):
+    try:
+        print(f"  {module} {__import__(module).__version__}")
+    except Exception as error:
+        print(f"  {module}: not importable ({type(error).__name__})")
+EOF
+} > "$SUMMARY" 2>&1
+
+wanted() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
+
+# run_part NAME SECONDS NEEDS_GPU COMMAND...: the command's output goes to NAME.log; a
+# line for the summary goes to NAME.status
+run_part() {
+    local name=$1 limit=$2 needs_gpu=$3 begin=$SECONDS rc
+    shift 3
+    if [[ $needs_gpu == 1 && $GPU == 0 ]]; then
+        echo "SKIP     $name (needs a GPU)" > "$LOGS/$name.status"
+        return 0
+    fi
+    timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    local verdict=PASS
+    [[ $rc -ne 0 ]] && verdict="FAIL($rc)"
+    [[ $rc -eq 124 || $rc -eq 137 ]] && verdict="TIMEOUT(${limit}s)"
+    printf '%-8s %s, %ss\n' "$verdict" "$name" "$((SECONDS - begin))" > "$LOGS/$name.status"
+    return "$rc"
+}
+
+PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider -rfE)
+
+declare -A BACKGROUND
+if wanted parity; then
+    run_part parity 240 0 "${PYTEST[@]}" "${PARITY_XDIST[@]}" tests/test_kernel_parity.py &
+    BACKGROUND[parity]=$!
+fi
+if wanted ptx; then
+    run_part ptx 150 0 "${PYTEST[@]}" tests/test_triton_compile.py &
+    BACKGROUND[ptx]=$!
+fi
+if wanted cuda; then
+    run_part cuda 200 1 "${PYTEST[@]}" "${XDIST[@]}" tests/test_cuda.py tests/test_compile.py tests/test_conformance.py
+fi
+for name in "${!BACKGROUND[@]}"; do wait "${BACKGROUND[$name]}"; done
+
+wanted bench && run_part bench 90 1 "$PYTHON" benchmarks/bench_gpu.py --cases a,b,c
+wanted sweep && run_part sweep 60 1 "$PYTHON" benchmarks/bench_gpu.py --cases "" --sweep
+wanted quant && run_part quant 150 1 "$PYTHON" benchmarks/bench_gpu.py --cases d
+wanted cli && run_part cli 45 1 "$PYTHON" -m adamkit bench --device cuda
+
 status=0
-
-"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 2
-
-if [[ $what == all || $what == tests ]]; then
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_compile.py tests/test_conformance.py \
-        2>&1 | tee "$LOGS/gpu_tests.log" || status=1
-fi
-if [[ $what == all || $what == bench ]]; then
-    "$PYTHON" benchmarks/bench_gpu.py 2>&1 | tee "$LOGS/bench_gpu.log" || status=1
-    "$PYTHON" -m adamkit bench --device cuda 2>&1 | tee "$LOGS/adamkit_bench_cuda.log" || status=1
-fi
+for name in parity ptx cuda bench sweep quant cli; do
+    wanted "$name" || continue
+    cat "$LOGS/$name.status" >> "$SUMMARY"
+    grep -q '^PASS\|^SKIP' "$LOGS/$name.status" || status=1
+    case $name in
+        parity | ptx | cuda) [[ -f $LOGS/$name.log ]] && grep -E '^(FAILED|ERROR)|passed|failed|error' "$LOGS/$name.log" | tail -6 | sed 's/^/    /' >> "$SUMMARY" ;;
+        bench | sweep | quant) [[ -f $LOGS/$name.log ]] && grep -E '^\(|^  [a-z]' "$LOGS/$name.log" | grep -v '^  contender' | head -24 | sed 's/^/  /' >> "$SUMMARY" ;;
+    esac
+done
+echo "total $((SECONDS - START))s" >> "$SUMMARY"
+cat "$SUMMARY"
 exit $status

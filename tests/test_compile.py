@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from matrix import DEVICE
 
 import adamkit
 
 BACKENDS = ["reference", "foreach", "cpu", "triton"]
 
 
-def train(backend: str, lr, *, compiled: bool, steps: int = 5, **options):
+def train(backend: str, lr, *, compiled: bool, steps: int = 5, device: str = "cpu", **options):
     """``steps`` steps of a tiny model under StepLR; returns the model, optimizer and
     the number of graphs compiled after each step (empty when not compiled)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    lr = lr.clone() if isinstance(lr, torch.Tensor) else lr  # schedulers fill a tensor lr in place
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(device)
+    lr = lr.clone().to(device) if isinstance(lr, torch.Tensor) else lr  # schedulers fill a tensor lr in place
     opt = adamkit.AdamW(model.parameters(), lr=lr, backend=backend, **options)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     graphs = []
@@ -35,7 +36,7 @@ def train(backend: str, lr, *, compiled: bool, steps: int = 5, **options):
 
     if compiled:
         train_step = torch.compile(train_step, backend=counting_backend)
-    x = torch.randn(16, 8)
+    x = torch.randn(16, 8).to(device)
     counts = []
     for _ in range(steps):
         train_step(x)
@@ -46,8 +47,19 @@ def train(backend: str, lr, *, compiled: bool, steps: int = 5, **options):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lr", [torch.tensor(0.01), 0.01], ids=["tensor_lr", "float_lr"])
 def test_compiled_step_matches_eager_and_never_recompiles(backend, lr):
-    compiled_model, compiled_opt, counts = train(backend, lr, compiled=True)
-    eager_model, eager_opt, _ = train(backend, lr, compiled=False)
+    check_compiled_against_eager(backend, lr, "cpu")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="set ADAMKIT_TEST_DEVICE=cuda on a machine with a GPU")
+@pytest.mark.parametrize("options", [{}, {"capturable": True}], ids=["default", "capturable"])
+@pytest.mark.parametrize("lr", [torch.tensor(0.01), 0.01], ids=["tensor_lr", "float_lr"])
+def test_on_cuda_the_triton_step_compiles_once_as_the_lr_changes(lr, options):
+    check_compiled_against_eager("triton", lr, "cuda", **options)
+
+
+def check_compiled_against_eager(backend, lr, device, **options):
+    compiled_model, compiled_opt, counts = train(backend, lr, compiled=True, device=device, **options)
+    eager_model, eager_opt, _ = train(backend, lr, compiled=False, device=device, **options)
     assert counts[0] >= 1, "the training step was not compiled at all"
     assert counts == [counts[0]] * len(counts), f"recompiled as the lr changed: graphs after each step {counts}"
     assert float(compiled_opt.param_groups[0]["lr"]) == pytest.approx(0.01 / 2**5)  # the scheduler ran

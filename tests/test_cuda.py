@@ -45,8 +45,11 @@ def test_cuda_params_default_to_the_triton_kernel_without_a_warning():
 
 STORAGE = {
     "fp32": (torch.float32, {}),
+    "bf16-nearest": (torch.bfloat16, {}),
+    "bf16-nearest-fp32-states": (torch.bfloat16, {"state_precision": "fp32"}),
     "bf16-kahan": (torch.bfloat16, {"rounding": "kahan"}),
     "bf16-stochastic": (torch.bfloat16, {"rounding": "stochastic"}),
+    "fp16-kahan-int8": (torch.float16, {"rounding": "kahan", "state_precision": "int8"}),
     "int8": (torch.float32, {"state_precision": "int8"}),
     "int4-amsgrad": (torch.float32, {"state_precision": "int4", "amsgrad": True}),
 }
@@ -65,7 +68,7 @@ def steps_with_changing_lr(storage: str, graphed: bool):
     for p, grad in zip(params, grads):
         p.grad = grad
     lr = torch.tensor(LRS[0], device="cuda")
-    opt = adamkit.AdamW(params, lr=lr, capturable=True, weight_decay=0.1, backend="triton", **options)
+    opt = adamkit.AdamW(params, lr=lr, capturable=True, weight_decay=0.1, seed=0, backend="triton", **options)
     g = torch.Generator(device="cuda").manual_seed(1)
     graph = None
     for step, value in enumerate(LRS):

@@ -77,7 +77,9 @@ def compile_variant(overrides: dict, capability: int) -> str:
     # torch allocations are 16-byte aligned: the launcher specializes tensor arguments so
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=kernel.COMPILE_OPTIONS)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", capability, 32), options=kernel.COMPILE_OPTIONS | {"num_warps": kernel.NUM_WARPS}
+    )
     return compiled.asm["ptx"]
 
 

@@ -58,8 +58,10 @@ try:
 except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
 
-#: elements per program
+#: elements per program, and the warps that run them: a bucket takes the values these
+#: have when it is built (``benchmarks/bench_gpu.py --sweep`` times other choices)
 BLOCK = 1024
+NUM_WARPS = 4
 
 #: the interpreter runs programs on the CPU with NumPy: slow, but exact, for tests
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -548,7 +550,8 @@ class _Bucket:
             row += (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
             rows.append(row)
         self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), 7)
-        self.chunks = torch.from_numpy(chunk_table([p.numel() for p in params], BLOCK)).to(self.device)
+        self.block, self.num_warps = BLOCK, NUM_WARPS
+        self.chunks = torch.from_numpy(chunk_table([p.numel() for p in params], self.block)).to(self.device)
         self.counters = HostCounters(self.steps) if self.steps[0].device.type == "cpu" and not rule.capturable else None
         self.whole_group = members == list(range(len(batch.params)))
         self.stream_keys: tuple | None = None
@@ -723,7 +726,8 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
             QBLOCK=bucket.quantized.block if bucket.quantized else 1,
             ALIGNED=bucket.aligned,
-            BLOCK=BLOCK,
+            BLOCK=bucket.block,
+            num_warps=bucket.num_warps,
             **COMPILE_OPTIONS,
         )
         if amp and found_inf is not None and bucket.counters is None:  # a skipped step does not count
