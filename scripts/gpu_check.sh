@@ -53,6 +53,7 @@ fi
 
 mkdir -p "$LOGS"
 SUMMARY=$LOGS/summary.txt
+STATUS=$(mktemp -d)  # a line per part (the device tool brings back at most 8 files: the logs and the summary)
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 [[ -d .gpu-site ]] && export PYTHONPATH="$PYTHONPATH:$ROOT/.gpu-site"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/adamkit-triton-cache} NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/adamkit-numba-cache}
@@ -69,7 +70,7 @@ XDIST=() PARITY_XDIST=()  # pytest-xdist workers where it is installed (16 cores
 "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 6) PARITY_XDIST=(-n 4)
 
 {
-    echo "adamkit GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "adamkit GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
     "$PYTHON" - <<'EOF'
 import torch, triton, numba
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device: dry run on the CPU"
@@ -90,7 +91,7 @@ run_part() {
     local name=$1 limit=$2 needs_gpu=$3 begin=$SECONDS rc
     shift 3
     if [[ $needs_gpu == 1 && $GPU == 0 ]]; then
-        echo "SKIP     $name (needs a GPU)" > "$LOGS/$name.status"
+        echo "SKIP     $name (needs a GPU)" > "$STATUS/$name.status"
         return 0
     fi
     timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
@@ -98,7 +99,7 @@ run_part() {
     local verdict=PASS
     [[ $rc -ne 0 ]] && verdict="FAIL($rc)"
     [[ $rc -eq 124 || $rc -eq 137 ]] && verdict="TIMEOUT(${limit}s)"
-    printf '%-8s %s, %ss\n' "$verdict" "$name" "$((SECONDS - begin))" > "$LOGS/$name.status"
+    printf '%-8s %s, %ss\n' "$verdict" "$name" "$((SECONDS - begin))" > "$STATUS/$name.status"
     return "$rc"
 }
 
@@ -126,8 +127,8 @@ wanted cli && run_part cli 45 1 "$PYTHON" -m adamkit bench --device cuda
 status=0
 for name in parity ptx cuda bench sweep quant cli; do
     wanted "$name" || continue
-    cat "$LOGS/$name.status" >> "$SUMMARY"
-    grep -q '^PASS\|^SKIP' "$LOGS/$name.status" || status=1
+    cat "$STATUS/$name.status" >> "$SUMMARY"
+    grep -q '^PASS\|^SKIP' "$STATUS/$name.status" || status=1
     case $name in
         parity | ptx | cuda) [[ -f $LOGS/$name.log ]] && grep -E '^(FAILED|ERROR)|passed|failed|error' "$LOGS/$name.log" | tail -6 | sed 's/^/    /' >> "$SUMMARY" ;;
         bench | sweep | quant) [[ -f $LOGS/$name.log ]] && grep -E '^\(|^  [a-z]' "$LOGS/$name.log" | grep -v '^  contender' | head -24 | sed 's/^/  /' >> "$SUMMARY" ;;

@@ -6,7 +6,9 @@
 * capturable groups never read a tensor on the host;
 * ``foreach=False`` always means the per-tensor path;
 * AdaMax accepts a tensor lr with ``foreach=True`` as torch.optim.Adamax does;
-* OneCycleLR's peak becomes ``max_lr`` for fully decoupled decay.
+* OneCycleLR's peak becomes ``max_lr`` for fully decoupled decay;
+* from the second step on, nothing is validated or rebuilt again (a CUDA graph is
+  captured after one eager step), and a state emptied by hand is noticed.
 """
 
 from __future__ import annotations
@@ -197,3 +199,37 @@ def test_decay_factor_that_would_flip_sign_is_rejected():
     opt.param_groups[0]["params"][0].grad = torch.ones(2)
     with pytest.raises(ValueError, match="flip the params' sign"):
         opt.step()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "foreach"])
+def test_the_second_step_rebuilds_nothing_and_a_cleared_state_is_noticed(backend):
+    """A step's first run initialises every group's state before any group steps and
+    keys the groups on it: the second step finds every key (and the fused kernels'
+    buckets) as the first left them.  Found on a GPU: the keys counted the state table
+    before it was filled, so the second step rebuilt its address tables, which copies
+    from the host and fails inside CUDA graph capture."""
+    torch.manual_seed(0)
+    groups = [{"params": [torch.nn.Parameter(torch.randn(5, 3))]}, {"params": [torch.nn.Parameter(torch.randn(4))]}]
+    opt = adamkit.AdamW(groups, lr=0.1, backend=backend)
+    params = [p for g in groups for p in g["params"]]
+
+    def step():
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return [dict(opt._group_cache(g)) for g in opt.param_groups]
+
+    first = step()
+    second = step()
+    for before, after in zip(first, second):
+        assert before["validated_key"] == after["validated_key"]
+        assert all(after[name] is before[name] for name in ("cpu", "triton") if name in before)
+    fresh = adamkit.AdamW([{"params": [p.detach().clone() for p in g["params"]]} for g in groups], lr=0.1)
+    opt.state.clear()  # start again from zero moments: the next step must not use the old ones
+    step()
+    for p in [p for g in fresh.param_groups for p in g["params"]]:
+        p.grad = torch.ones_like(p)
+    fresh.step()
+    for p, q in zip(params, [p for g in fresh.param_groups for p in g["params"]]):
+        assert torch.equal(opt.state[p]["exp_avg"], fresh.state[q]["exp_avg"])
+        assert torch.equal(p, q)

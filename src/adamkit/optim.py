@@ -436,7 +436,32 @@ class _AdamFamily(Optimizer):
             id(self.state),
             len(self.state),
             self.__dict__.get("_state_epoch", 0),
+            self.__dict__.get("_state_changes", 0),
         )
+
+    def _initialize_states(self, plans: list[tuple]) -> None:
+        """Bring the state of every planned group in line with it (allocate, convert),
+        before any group steps; then key each group on its state as it now stands, so
+        that the next step finds the same keys and validates and rebuilds nothing (a
+        CUDA graph of ``step()`` can be captured after one eager step, as with
+        torch.optim).  A change counts in every key: a state emptied by hand and
+        filled again is never mistaken for the old one."""
+        changed = False
+        for group, params, grads, _ in plans:
+            cache = self._group_cache(group)
+            if cache.get("initialized_key") == cache["validated_key"]:
+                continue
+            state_table = self.state
+            if cache["sharded"]:  # DTensors: the local shards' state
+                params, _, state_table = sharding.local_view(params, grads, self.state)
+            for p in params:
+                changed |= init_state(state_table[p], p, group, self.algorithm)
+        if changed:
+            self.__dict__["_state_changes"] = self.__dict__.get("_state_changes", 0) + 1
+        for group, params, _, _ in plans:
+            cache = self._group_cache(group)
+            if changed or cache.get("initialized_key") != cache["validated_key"]:
+                cache["validated_key"] = cache["initialized_key"] = self._state_key(group, params)
 
     def _run_group(self, group: dict, params: list[Tensor], grads: list[Tensor], kernel: Kernel, amp: tuple) -> None:
         cache = self._group_cache(group)
@@ -454,10 +479,6 @@ class _AdamFamily(Optimizer):
             batch.grad_scale, batch.found_inf = grad_scale, found_inf
             if found_inf is not None and grad_scale is None:
                 batch.grad_scale = torch.ones((), device=found_inf.device)
-        if cache.get("initialized_key") != key:  # new params, or a new state layout
-            for p, state in zip(params, batch.states):
-                init_state(state, p, group, self.algorithm)
-            cache["initialized_key"] = key
         kernel.step(batch, UpdateRule.from_group(group, self.algorithm))
 
     def _param_indices(self, params: list[Tensor]) -> list[int]:
@@ -498,9 +519,10 @@ class _AdamFamily(Optimizer):
         amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         if amp[1] is not None and not all(plan[3].amp for _, plan in plans) and amp[1].item():
             return loss  # a kernel that cannot skip in-kernel: skip the whole step, touching nothing
-        for index, plan in plans:
-            if self._admit(index, plan, amp[0]):
-                self._run_group(*plan, amp)
+        admitted = [plan for index, plan in plans if self._admit(index, plan, amp[0])]
+        self._initialize_states(admitted)
+        for plan in admitted:
+            self._run_group(*plan, amp)
         return loss
 
     def _admit(self, index: int, plan: tuple, grad_scale: Tensor | None) -> bool:
@@ -525,6 +547,7 @@ class _AdamFamily(Optimizer):
             return
         if amp[1] is not None and not plan[3].amp and amp[1].item():
             return  # a kernel that cannot skip in-kernel: skip here
+        self._initialize_states([plan])
         self._run_group(*plan, amp)
 
 

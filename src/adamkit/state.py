@@ -91,16 +91,17 @@ def moment_storage(state: dict, param: Tensor):
     return blockwise.stored_format(state, "exp_avg", param.numel())
 
 
-def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str | None) -> None:
+def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str | None) -> bool:
     """Hold moment ``key`` as ``state_precision`` asks: allocate zeros, or convert
-    what is there (a dtype cast, a quantization or a dequantization)."""
+    what is there (a dtype cast, a quantization or a dequantization).  Returns whether
+    it allocated or converted."""
     target = FORMATS.get(state_precision)
     held = blockwise.stored_format(state, key, param.numel())
     if target is not None and held is target and key not in state:
-        return
+        return False
     dtype = state_dtype(param, state_precision)
     if target is None and held is None and key in state and state[key].dtype == dtype:
-        return
+        return False
     value = moment_value(state, key, param)
     state.pop(key, None)
     if held is not None:
@@ -113,22 +114,26 @@ def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str |
         state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
     else:
         state[key] = torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format).copy_(value)
+    return True
 
 
-def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) -> None:
+def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) -> bool:
     """Fill an empty state dict for ``param`` (zeros, the param's layout), or bring an
     existing one in line with the group's ``state_precision`` and ``rounding``: moments
     are converted to the asked dtype or format, a Kahan compensation is added (zero:
-    the param is exact as it stands) or dropped."""
-    if not state:
+    the param is exact as it stands) or dropped.  Returns whether anything changed."""
+    changed = not state
+    if changed:
         state["step"] = step_tensor(0.0, param, group)
     for key in moment_keys(algorithm, algorithm == "adam" and bool(group.get("amsgrad"))):
-        _conform_moment(state, key, param, group.get("state_precision"))
+        changed |= _conform_moment(state, key, param, group.get("state_precision"))
     if has_compensation(param, group):
         if COMPENSATION_KEY not in state:
             state[COMPENSATION_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    else:
-        state.pop(COMPENSATION_KEY, None)
+            changed = True
+    elif state.pop(COMPENSATION_KEY, None) is not None:
+        changed = True
+    return changed
 
 
 def upgrade_step(state: dict, param: Tensor, group: dict) -> None:
