@@ -177,9 +177,7 @@ def report(title: str, case: Case, medians: dict, copy_gbps: float, sizes: dict)
         held, moved = sizes[name]
         rate = moved * case.params / (ms / 1e3) / 1e9
         ratio = f"{ms / fused:9.2f}" if fused else f"{'-':>9s}"
-        print(
-            f"  {name:22s} {ms:8.2f} {ratio} {held:10.2f} {moved:10.2f} {rate:7.0f} {100 * rate / copy_gbps:9.0f}%"
-        )
+        print(f"  {name:22s} {ms:8.2f} {ratio} {held:10.2f} {moved:10.2f} {rate:7.0f} {100 * rate / copy_gbps:9.0f}%")
     print(flush=True)
 
 

@@ -67,7 +67,7 @@ def stored_reference_step(
         max_exp_avg_sq=stored["max_second"].copy() if "max_second" in stored else None,
     )
     theta_new = reference.STEP_FUNCTIONS[algorithm](theta, grad, state, hp)
-    mode = rounding.effective_rounding(rounding_mode, param_dtype, state_dtype)
+    mode = rounding.effective_rounding(rounding_mode, param_dtype)
     step = stored["step"] + 1
 
     exact = {"param": theta_new, "exp_avg": state.exp_avg, "second": state.exp_avg_sq}
@@ -82,7 +82,7 @@ def stored_reference_step(
             out[name] = value.astype(np.float32).astype(np.float64) if dtype == torch.float32 else value
         elif mode == "kahan" and name == "param":
             out["param"], out["compensation"] = rounding.kahan_split(value, dtype)
-        elif mode == "stochastic":
+        elif mode == "stochastic" or name != "param":  # 16-bit moments: always stochastically
             key = int(rounding.step_keys(rounding.stream_key(seed, rounding.SLOTS * param_index + slots[name]), step))
             out["bits"][name] = rounding.random_bits(key, value.size).reshape(value.shape)
             out[name] = rounding.round_stochastic(value, dtype, out["bits"][name])

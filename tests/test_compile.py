@@ -12,7 +12,11 @@ import adamkit
 from adamkit.kernels import KERNELS
 
 #: the backends that run CPU params here (Triton only under its interpreter)
-BACKENDS = [name for name in ("reference", "foreach", "cpu", "triton") if KERNELS[name].supports(torch.device("cpu")) and KERNELS[name].available()]
+BACKENDS = [
+    name
+    for name in ("reference", "foreach", "cpu", "triton")
+    if KERNELS[name].supports(torch.device("cpu")) and KERNELS[name].available()
+]
 
 
 def train(backend: str, lr, *, compiled: bool, steps: int = 5, device: str = "cpu", **options):

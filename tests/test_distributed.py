@@ -131,44 +131,27 @@ def test_fsdp2_training_equals_single_process(sharded, single, setting):
 
 def test_unaligned_shards_are_quantized_shard_by_shard(sharded, single):
     """Shards that start mid-block: each rank's blocks start at its shard's first
-    element, so no block straddles the boundary.  The oracle: one process stepping
-    each shard (FSDP2's torch.chunk rows) as a separate tensor."""
-    setting, width = "int8-unaligned", worker.WIDTHS["int8-unaligned"]
-    model = worker.build_model(torch.float32, width)
-    params = list(model.parameters())
-    shards = [[piece.clone() for piece in p.detach().chunk(2)] for p in params]
-    optimizer = worker.build_optimizer([s for pieces in shards for s in pieces], setting)
-    for step in range(TOTAL):
-        x, y = worker.batch(step, torch.float32, width)
-        grads = torch.autograd.grad((model(x) - y).pow(2).mean(), params)
-        for pieces, grad in zip(shards, grads):
-            for piece, piece_grad in zip(pieces, grad.chunk(2)):
-                piece.grad = piece_grad.clone()
-        optimizer.step()
-        with torch.no_grad():
-            for p, pieces in zip(params, shards):
-                p.copy_(torch.cat(pieces))
-    _assert_close(sharded[setting]["params"], worker.full_params(model))
-    whole = single[setting]["params"]  # blocks over the unsharded tensors differ
-    assert any(not torch.equal(sharded[setting]["params"][name], whole[name]) for name in whole)
+    element, so no block straddles the boundary, and a block cut in two keeps two
+    scales: the moments differ from one process's (whose blocks run across the
+    boundary) by the quantization of the cut blocks only.  So the run stays within
+    the format's noise of one process, without equalling it."""
+    setting = "int8-unaligned"
+    ours, whole = sharded[setting], single[setting]
+    assert any(not torch.equal(ours["params"][name], whole["params"][name]) for name in whole["params"])
+    assert ours["losses"] == pytest.approx(whole["losses"], rel=1e-2)
+    for name, value in whole["params"].items():
+        torch.testing.assert_close(ours["params"][name], value, rtol=0, atol=TOTAL * 1e-2 * 0.05)
 
 
-def test_stochastic_rounding_draws_each_shards_bits_by_local_index(sharded):
-    """One step from the same weights and gradients: rank 0's shard (local index =
-    global index) rounds exactly as one process does; rank 1's shard draws other bits,
-    so each of its weights is the same bf16 value or its neighbour."""
+def test_stochastic_rounding_draws_each_shards_bits_by_global_index(sharded):
+    """One step from the same weights and gradients: each rank's shard draws the bits of
+    its elements' indices in the whole param, so both round exactly as one process does."""
     setting = "bf16-stochastic-cpu"
     model = worker.build_model(torch.bfloat16)
     worker.train(model, worker.build_optimizer(model.parameters(), setting), range(1), torch.bfloat16)
     ours, oracle = sharded[setting]["first_params"], worker.full_params(model)
-    differs = False
     for name in oracle:
-        (ours_0, ours_1), (oracle_0, oracle_1) = ours[name].chunk(2), oracle[name].chunk(2)
-        assert torch.equal(ours_0, oracle_0), name
-        apart = (ours_1.view(torch.int16).int() - oracle_1.view(torch.int16).int()).abs()
-        assert apart.max() <= 1, name
-        differs |= bool(apart.any())
-    assert differs
+        assert torch.equal(ours[name], oracle[name]), name
 
 
 @pytest.mark.parametrize("setting", worker.CHECKPOINTED)
@@ -235,6 +218,13 @@ def test_each_rank_on_its_share_of_the_batch_equals_torch_optim(sharded, wrapper
 @pytest.mark.parametrize("wrapper", ["ddp", "zero"])
 @pytest.mark.parametrize("setting", ["fp32-cpu", "int8-cpu"])
 def test_ddp_and_zero_equal_single_process(sharded, single, wrapper, setting):
+    """(Under ZeRO each rank's optimizer holds only its partition of the params, so their
+    indices, which key the random streams of stochastic rounding, are not one process's:
+    int8 states round with other bits there, and the run stays within their noise.)"""
+    if wrapper == "zero" and setting == "int8-cpu":
+        for name, value in single[setting]["params"].items():
+            torch.testing.assert_close(sharded[f"zero-{setting}"][name], value, rtol=0, atol=TOTAL * 1e-2 * 0.05)
+        return
     _assert_close(sharded[f"{wrapper}-{setting}"], single[setting]["params"])
 
 

@@ -41,7 +41,11 @@ CASES = {
     "adamw-fp32-int8": (adamkit.AdamW, torch.float32, {"state_precision": "int8"}),
     "adamw-fp32-int4-amsgrad": (adamkit.AdamW, torch.float32, {"state_precision": "int4", "amsgrad": True}),
     "adamw-bf16-kahan-int8": (adamkit.AdamW, torch.bfloat16, {"rounding": "kahan", "state_precision": "int8"}),
-    "adamax-bf16-stochastic-int4": (adamkit.AdaMax, torch.bfloat16, {"rounding": "stochastic", "state_precision": "int4"}),
+    "adamax-bf16-stochastic-int4": (
+        adamkit.AdaMax,
+        torch.bfloat16,
+        {"rounding": "stochastic", "state_precision": "int4"},
+    ),
 }
 
 #: a chunk and a ragged tail (several quantization blocks), a matrix, a 0-d param

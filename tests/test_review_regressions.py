@@ -28,7 +28,9 @@ PAIRS = {"Adam": (adamkit.Adam, torch.optim.Adam), "AdaMax": (adamkit.AdaMax, to
 @pytest.mark.parametrize("name", list(PAIRS))
 @pytest.mark.parametrize(
     "param_dtype,beta_dtype",
-    [(torch.float32, torch.float64), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
+    # (16-bit params no longer take torch's op-by-op rounding: their moments are stored
+    # stochastically, see adamkit.rounding; a casting error shows in fp32 and fp64 alike)
+    [(torch.float32, torch.float64), (torch.float64, torch.float32)],
 )
 def test_tensor_betas_of_another_dtype_bit_identical(name, param_dtype, beta_dtype):
     ours_cls, torch_cls = PAIRS[name]

@@ -84,8 +84,10 @@ def test_seed_none_draws_from_torch_generator_only_when_needed():
     torch.manual_seed(0)
     expected = torch.rand(1)
     torch.manual_seed(0)
-    adamkit.Adam([param], rounding="kahan")  # no stochastic rounding: no draw
+    adamkit.Adam([param], rounding="kahan", state_precision="fp32")  # nothing rounds stochastically: no draw
+    adamkit.Adam([torch.nn.Parameter(torch.zeros(3))], rounding="kahan")  # fp32 params and moments
     assert torch.equal(torch.rand(1), expected)
+    assert adamkit.Adam([param], rounding="kahan").param_groups[0]["seed"] is not None  # bf16 moments
     torch.manual_seed(5)
     first = adamkit.Adam([param], rounding="stochastic").param_groups[0]["seed"]
     torch.manual_seed(5)

@@ -16,12 +16,17 @@ VARIANTS = {
     "adam-fp32-amsgrad-l2-maximize-amp": {"AMSGRAD": True, "DECAY": 1, "MAXIMIZE": True, "AMP": True},
     "adamax-fp32": {"ADAMAX": True, "DECAY": 0},
     "adam-fp64": {"PARAM_STORAGE": "float64", "STATE_STORAGE": "float64", "COMPUTE": "float64"},
-    "adam-bf16-kahan": {"PARAM_STORAGE": "bfloat16", "STATE_STORAGE": "bfloat16", "KAHAN": True},
-    "adam-bf16-stochastic": {"PARAM_STORAGE": "bfloat16", "STOCHASTIC": True},
-    "adam-fp16-stochastic": {"PARAM_STORAGE": "float16", "STATE_STORAGE": "float16", "STOCHASTIC": True},
+    "adam-bf16-kahan": {"PARAM_STORAGE": "bfloat16", "STATE_STORAGE": "bfloat16", "KAHAN": True, "RANDOM": True},
+    "adam-bf16-stochastic": {"PARAM_STORAGE": "bfloat16", "STOCHASTIC": True, "RANDOM": True},
+    "adam-fp16-stochastic": {
+        "PARAM_STORAGE": "float16",
+        "STATE_STORAGE": "float16",
+        "STOCHASTIC": True,
+        "RANDOM": True,
+    },
     "adam-fp32-unaligned": {"ALIGNED": False},
-    "adam-int8-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int8", "AMSGRAD": True},
-    "adam-int4-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int4", "AMSGRAD": True},
+    "adam-int8-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int8", "AMSGRAD": True, "RANDOM": True},
+    "adam-int4-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int4", "AMSGRAD": True, "RANDOM": True},
 }
 
 #: dtype-valued constexprs, given by name above
@@ -38,6 +43,7 @@ BASE = {
     "AMP": False,
     "KAHAN": False,
     "STOCHASTIC": False,
+    "RANDOM": False,
     "QUANT_BITS": 0,
     "QBLOCK": 1,
     "ALIGNED": True,
@@ -78,7 +84,9 @@ def compile_variant(overrides: dict, capability: int) -> str:
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
-        source, target=GPUTarget("cuda", capability, 32), options=kernel.COMPILE_OPTIONS | {"num_warps": kernel.NUM_WARPS}
+        source,
+        target=GPUTarget("cuda", capability, 32),
+        options=kernel.COMPILE_OPTIONS | {"num_warps": kernel.NUM_WARPS},
     )
     return compiled.asm["ptx"]
 

@@ -93,7 +93,9 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     n = rule.accumulation_steps
     # stochastic rounding draws fresh bits per micro-batch: key on (updates, micro-batch)
     micro_steps = [t * n + c for t, c in zip(steps, counts)]
-    work, store = widened(batch.params, batch.grads, states, micro_steps, rule, batch.param_indices)
+    work, store = widened(
+        batch.params, batch.grads, states, micro_steps, rule, batch.param_indices, batch.element_offsets
+    )
     group = rule.group_scalars()
     adamax = rule.algorithm == "adamax"
     last = [c + 1 >= n for c in counts]

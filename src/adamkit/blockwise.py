@@ -1,19 +1,21 @@
 """Block-wise quantized moments in torch: quantize and dequantize tensors on any
-device, bit for bit as :mod:`adamkit.quantization` specifies, and the state keys
-that hold them (``{key}_{format}``, uint8 codes; ``{key}_{format}_scales``, bf16)."""
+device, bit for bit as :mod:`adamkit.quantization` specifies (stochastically, given
+each element's random bits, or to nearest), and the state keys that hold them
+(codes, uint8; scales, bf16; see :func:`adamkit.quantization.codes_key`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .quantization import FORMATS, SIGNED_KEYS, QuantFormat, codes_key, scales_key
+from .quantization import FORMATS, LEGACY_FORMATS, MIN_EXPONENT, SIGNED_KEYS, QuantFormat, codes_key, scales_key
 
 
 def stored_format(state: dict, key: str, numel: int) -> QuantFormat | None:
     """The format moment ``key`` is quantized in, if ``state`` holds it quantized
-    (codes and scales of the right sizes for ``numel`` elements)."""
-    for fmt in FORMATS.values():
+    (codes and scales of the right sizes for ``numel`` elements); a second moment of
+    an older checkpoint comes back as its :data:`~adamkit.quantization.LEGACY_FORMATS` entry."""
+    for fmt in (*FORMATS.values(), *LEGACY_FORMATS.values()):
         codes, scales = stored_keys(key, fmt)
         if codes in state and scales in state:
             if state[codes].numel() == fmt.code_bytes(numel) and state[scales].numel() == fmt.blocks(numel):
@@ -61,18 +63,42 @@ def scales_of(x: Tensor, fmt: QuantFormat) -> Tensor:
     return torch.where(finite, scales, torch.nan).to(torch.bfloat16)
 
 
-def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
-    """Each element's code (int64, unpacked) given its block's scale."""
+def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, bits16: Tensor | None) -> Tensor:
+    """Each element's code (int64, unpacked) given its block's scale: stochastically
+    rounded with ``bits16`` (int64, one per element), or to nearest without."""
     s = _per_element(scales, fmt, flat.numel())
     usable = s.isfinite() & (s > 0)
-    ratio = torch.where(usable, flat.abs() / torch.where(usable, s, 1.0), 0.0)
-    levels = fmt.signed_levels if signed else fmt.unsigned_levels
-    nearest = torch.floor(levels * ratio.sqrt() + 0.5).to(torch.int64)
+    r = torch.where(usable, flat.abs() / torch.where(usable, s, 1.0), 0.0)
     if signed:
-        code = torch.where(flat < 0, -nearest, nearest) + fmt.signed_levels
+        code = _signed_codes(flat, r, fmt, bits16)
+    elif fmt.legacy:
+        code = (torch.floor(fmt.unsigned_levels * r.sqrt() + 0.5).to(torch.int64) - 1).clamp(min=0)
     else:
-        code = (nearest - 1).clamp(min=0)
+        code = _float_codes(r, fmt, bits16)
     return torch.where(s.isnan(), 0, code)
+
+
+def _signed_codes(flat: Tensor, r: Tensor, fmt: QuantFormat, bits16: Tensor | None) -> Tensor:
+    K = fmt.signed_levels
+    if bits16 is None:
+        k = torch.floor(K * r.sqrt() + 0.5).to(torch.int64)
+    else:  # between the neighbouring levels lo <= r <= hi, up with probability (r - lo) / (hi - lo)
+        k = torch.floor(K * r.sqrt()).to(torch.int64).clamp(max=K)
+        t_lo, t_hi = k.float() / K, (k + 1).float() / K
+        lo, hi = t_lo * t_lo, t_hi * t_hi
+        fraction = (r - lo) / (hi - lo)
+        k = k + ((fraction * 65536.0 >= 65536.0 - bits16.float()) & (k < K)).to(torch.int64)
+    return torch.where(flat < 0, -k, k) + K
+
+
+def _float_codes(r: Tensor, fmt: QuantFormat, bits16: Tensor | None) -> Tensor:
+    """The float map's code of r: its fp32 bits, the dropped fraction bits rounded
+    (stochastically: ``bits16`` added at their top; else half of them added)."""
+    dropped = 23 - fmt.mantissa_bits
+    bits = r.view(torch.int32).to(torch.int64)
+    bits = bits + ((1 << (dropped - 1)) if bits16 is None else (bits16 << (dropped - 16)))
+    first = (127 + MIN_EXPONENT) << fmt.mantissa_bits
+    return ((bits >> dropped) - first).clamp(0, (1 << fmt.bits) - 1)
 
 
 def _packed(code: Tensor, fmt: QuantFormat) -> Tensor:
@@ -98,15 +124,24 @@ def _values(code: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Ten
         k = code - fmt.signed_levels
         t = k.abs().float() / fmt.signed_levels
         return torch.where(k < 0, -(s * (t * t)), s * (t * t))
-    t = (code + 1).float() / fmt.unsigned_levels
-    return s * (t * t)
+    if fmt.legacy:
+        t = (code + 1).float() / fmt.unsigned_levels
+        return s * (t * t)
+    first = (127 + MIN_EXPONENT) << fmt.mantissa_bits
+    level = ((code + first) << (23 - fmt.mantissa_bits)).to(torch.int32).view(torch.float32)
+    return s * level
 
 
-def quantize_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> None:
-    """Store ``x`` (read in row-major order) in ``codes`` and ``scales``."""
+def quantize_into(
+    x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, bits16: Tensor | None = None
+) -> None:
+    """Store ``x`` (read in row-major order) in ``codes`` and ``scales``: rounded
+    stochastically with ``bits16`` (one per element, as :func:`adamkit.kernels.storage.random_bits`
+    draws them), or to nearest."""
     flat = x.reshape(-1).float()
     new_scales = scales_of(flat, fmt)
-    codes.copy_(_packed(_level_codes(flat, new_scales, fmt, signed), fmt))
+    bits = None if bits16 is None else bits16.reshape(-1)
+    codes.copy_(_packed(_level_codes(flat, new_scales, fmt, signed, bits), fmt))
     scales.copy_(new_scales)
 
 
@@ -118,30 +153,51 @@ def _reproduced(code: Tensor, scales: Tensor, flat: Tensor, fmt: QuantFormat, si
     return padded.view(-1, fmt.block).all(dim=1) | scales.float().isnan()
 
 
+def _bfloat16_steps(scales: Tensor, steps: int) -> Tensor:
+    """Positive bf16 scales moved ``steps`` representable values up (or down); zero and
+    NaN scales stay."""
+    positive = scales.float() > 0
+    return torch.where(
+        positive, (scales.view(torch.int16) + positive.to(torch.int16) * steps).view(torch.bfloat16), scales
+    )
+
+
+def _second_level(fmt: QuantFormat, signed: bool) -> float:
+    """The level just below the top (1): where a block's largest element may have been
+    rounded to, stochastically."""
+    if signed:
+        t = (fmt.signed_levels - 1) / fmt.signed_levels
+        return t * t
+    return 1.0 - 2.0 ** -(fmt.mantissa_bits + 1)
+
+
 def restore_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> None:
     """Like :func:`quantize_into`, but if ``x`` holds dequantized values (a quantized
-    moment exported at full precision, see :mod:`adamkit.sharding`), store the codes
-    and scales they came from, so the values are kept bit for bit.
+    moment exported at full precision, see :mod:`adamkit.sharding`), store codes and
+    scales that dequantize to them exactly, so the values are kept bit for bit.
 
-    A block's scale is its absmax rounded *up* to bf16, so the largest element's code
-    may be one below the top and the absmax of dequantized values can round to a
-    smaller scale: a block that the usual scale does not reproduce exactly tries the
-    next two bf16 values up.  For any other ``x``, this is :func:`quantize_into`.
+    A block's scale is its absmax rounded *up* to bf16, and a step rounds its largest
+    element to the top level or to the one below it, so the absmax of dequantized
+    values is the scale or that much less: a block that the usual scale does not
+    reproduce exactly tries the next two bf16 values up, then its absmax over the
+    second level (and that value's bf16 neighbours).  For any other ``x``, this is
+    :func:`quantize_into` rounding to nearest.
     """
     flat = x.reshape(-1).float()
     best_scales = scales_of(flat, fmt)
-    best_code = _level_codes(flat, best_scales, fmt, signed)
-    trial = best_scales
-    for _ in range(2):
-        exact = _reproduced(best_code, best_scales, flat, fmt, signed)
+    best_code = _level_codes(flat, best_scales, fmt, signed, None)
+    below = (best_scales.float() / _second_level(fmt, signed)).to(torch.bfloat16)
+    trials = [_bfloat16_steps(best_scales, 1), _bfloat16_steps(best_scales, 2)]
+    trials += [_bfloat16_steps(below, steps) for steps in (0, -1, 1, 2)]
+    exact = _reproduced(best_code, best_scales, flat, fmt, signed)
+    for trial in trials:
         if bool(exact.all()):
             break
-        positive = trial.float() > 0
-        trial = torch.where(positive, (trial.view(torch.int16) + positive.to(torch.int16)).view(torch.bfloat16), trial)
-        code = _level_codes(flat, trial, fmt, signed)
+        code = _level_codes(flat, trial, fmt, signed, None)
         better = ~exact & _reproduced(code, trial, flat, fmt, signed)
         best_scales = torch.where(better, trial, best_scales)
         best_code = torch.where(_per_element(better.float(), fmt, flat.numel()) > 0, code, best_code)
+        exact = exact | better
     codes.copy_(_packed(best_code, fmt))
     scales.copy_(best_scales)
 
@@ -156,11 +212,17 @@ def load_moment(state: dict, key: str, shape: torch.Size, fmt: QuantFormat) -> T
     return dequantize(state[codes], state[scales], fmt, key in SIGNED_KEYS, shape)
 
 
-def store_moment(state: dict, key: str, value: Tensor, fmt: QuantFormat, *, restore: bool = False) -> None:
-    """Quantize ``value`` into the state's codes and scales (``restore``: keep
+def store_moment(
+    state: dict, key: str, value: Tensor, fmt: QuantFormat, *, restore: bool = False, bits16: Tensor | None = None
+) -> None:
+    """Quantize ``value`` into the state's codes and scales: a step's new moment
+    stochastically with ``bits16``; a conversion to nearest (``restore``: keep
     dequantized values bit for bit, see :func:`restore_into`)."""
     codes, scales = stored_keys(key, fmt)
-    (restore_into if restore else quantize_into)(value, state[codes], state[scales], fmt, key in SIGNED_KEYS)
+    if restore:
+        restore_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS)
+    else:
+        quantize_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS, bits16)
 
 
 __all__ = [

@@ -68,6 +68,8 @@ from . import accumulation, kernels, sharding
 from .diagnostics import Recorder, group_stats
 from .kernels import GroupBatch, Kernel
 from .kernels.amp import unscaled
+from .quantization import FORMATS
+from .rounding import is_low_precision
 from .rule import (
     Algorithm,
     UpdateRule,
@@ -109,12 +111,23 @@ def _all_finite(params: list[Tensor], grads: list[Tensor], sharded: bool) -> boo
     return not bool(nonfinite.item())
 
 
-def _draw_seed_if_needed(group: dict) -> None:
-    """A stochastic-rounding group without a seed gets one from torch's default
-    generator (so ``torch.manual_seed`` makes runs reproducible); other groups draw
-    nothing, leaving the user's random stream as torch.optim leaves it."""
-    if group.get("rounding") == "stochastic" and group.get("seed") is None:
+def _draw_seed_if_needed(group: dict, dtypes: set | None = None) -> None:
+    """A group that rounds stochastically (a ``"stochastic"`` param rounding, or
+    moments held in 16 bits or quantized) and has no seed gets one from torch's
+    default generator (so ``torch.manual_seed`` makes runs reproducible); other groups
+    draw nothing, leaving the user's random stream as torch.optim leaves it."""
+    if group.get("seed") is None and _rounds_stochastically(group, dtypes):
         group["seed"] = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def _rounds_stochastically(group: dict, dtypes: set | None) -> bool:
+    """``dtypes``: the group's param dtypes (read from the group when not given)."""
+    precision = group.get("state_precision")
+    if group.get("rounding") == "stochastic" or precision in ("bf16", *FORMATS):
+        return True
+    if dtypes is None:
+        dtypes = {p.dtype for p in group["params"]}
+    return precision is None and any(map(is_low_precision, dtypes))
 
 
 class _AdamFamily(Optimizer):
@@ -375,13 +388,15 @@ class _AdamFamily(Optimizer):
         if any(map(_is_sparse, grads)):
             raise RuntimeError(self.sparse_gradient_message)
         differentiable = group["differentiable"]
-        _draw_seed_if_needed(group)  # rounding may have been switched to "stochastic"
         cache = self._group_cache(group)
         key = self._state_key(group, params)
         if cache.get("validated_key") != key or differentiable:
             self._check_params_and_state(group, params, where)
             cache["validated_key"], cache["devices"] = key, set(map(_device_of, params))
+            cache["dtypes"] = set(map(attrgetter("dtype"), params))
             cache["sharded"] = any(map(sharding.is_sharded, params))
+            cache["offsets"] = {id(p): sharding.element_offset(p) for p in params} if cache["sharded"] else None
+        _draw_seed_if_needed(group, cache["dtypes"])  # rounding or state_precision may have changed
         if (
             self.algorithm == "adam"
             and group.get("foreach")
@@ -467,14 +482,16 @@ class _AdamFamily(Optimizer):
         cache = self._group_cache(group)
         key = cache["validated_key"]
         grad_scale, found_inf = amp
-        indices = self._param_indices(params) if group.get("rounding") == "stochastic" else None
+        indices = self._param_indices(params) if group.get("seed") is not None else None
+        offsets = cache["offsets"]
+        offsets = [offsets[id(p)] for p in params] if offsets is not None and indices is not None else None
         state_table = self.state
         if cache["sharded"]:  # DTensors: the kernels step each rank's local shard
             params, grads, state_table = sharding.local_view(params, grads, self.state)
         if found_inf is not None and not kernel.amp and grad_scale is not None:
             grads = unscaled(grads, grad_scale)
         batch = GroupBatch(params=params, grads=grads, state_table=state_table, cache=cache, key=key)
-        batch.param_indices = indices
+        batch.param_indices, batch.element_offsets = indices, offsets
         if kernel.amp:
             batch.grad_scale, batch.found_inf = grad_scale, found_inf
             if found_inf is not None and grad_scale is None:
@@ -540,7 +557,7 @@ class _AdamFamily(Optimizer):
         """Step one param as ``step()`` would step it in param_groups[index]: ``view``
         is that param's one-param group, brought up to date with ``group`` first.
         ``amp``: a GradScaler's scale and this param's inf flag."""
-        _draw_seed_if_needed(group)  # the group's seed, not a fresh one per view
+        _draw_seed_if_needed(group, {p.dtype for p in view["params"]})  # the group's seed, not one per view
         view.update((key, value) for key, value in group.items() if key != "params")
         plan = self._plan_group(index, view)
         if plan is None or not self._admit(index, plan, amp[0]):

@@ -4,46 +4,79 @@ the format's specification and its NumPy reference.
 A moment tensor :math:`x` is read in row-major order and cut into blocks of
 :math:`B` elements (the last block of a tensor may be shorter: ragged tails and
 one-element tensors are quantized like everything else).  Each block keeps one
-*scale* :math:`s`, its absolute maximum rounded up to bf16, and a :math:`b`-bit code per
-element.  Codes index a *power map*: levels evenly spaced in
-:math:`c = (|x| / s)^{1/p}`, so that the map is finest near zero, where most moment
-values lie, and needs no table (a code is computed, not searched for).
+*scale* :math:`s`, its absolute maximum rounded up to bf16, and a :math:`b`-bit code
+per element, a level of :math:`r = |x| / s \in [0, 1]` (fp32, correctly rounded).
 
-Signed map (``exp_avg``), :math:`K = 2^{b-1} - 1`:
-
-.. math::
-
-    k = \operatorname{sign}(x) \lfloor K c + \tfrac12 \rfloor \in [-K, K], \qquad
-    \text{code} = k + K, \qquad \hat x = s \operatorname{sign}(k) (|k| / K)^p
-
-Unsigned map *without zero* (``exp_avg_sq``, ``exp_inf``, ``max_exp_avg_sq``),
-:math:`N = 2^b`:
+First moment (``exp_avg``): a signed *power map*, :math:`K = 2^{b-1} - 1` levels
+each side of zero, evenly spaced in :math:`\sqrt r`, finest near zero:
 
 .. math::
 
-    \text{code} = \max(\lfloor N c + \tfrac12 \rfloor - 1, 0) \in [0, N - 1], \qquad
-    \hat x = s \left(\frac{\text{code} + 1}{N}\right)^p
+    \text{code} = \operatorname{sign}(x)\,k + K, \quad k \in [0, K], \qquad
+    \hat x = s \operatorname{sign}(x) (k / K)^2
 
-The second moment has no zero level: a :math:`v` rounded to zero while :math:`m` is
-not would make :math:`m / (\sqrt{\hat v} + \epsilon)` explode (the "zero-point
-problem" of Li et al., 2023, *Memory Efficient Optimizers with 4-bit States*).  Its
-smallest level is :math:`s / N^p`: small second moments are overestimated, which
-only shrinks their updates.
+Second moments (``exp_avg_sq``, ``exp_inf``, ``max_exp_avg_sq``): a small unsigned
+*float* with a 4-bit exponent and :math:`M = b - 4` mantissa bits (``e4m4`` for int8,
+``e4m0`` for int4), relative to the block scale and without zero:
+
+.. math::
+
+    \hat x = s \cdot 2^{e - 15} (1 + f / 2^M), \qquad
+    \text{code} = 2^M e + f, \quad e \in [0, 15]
+
+so levels run from :math:`2^{-15} s` to :math:`s` (4.5 decades) with a constant
+relative spacing (:math:`2^{-M}` to :math:`2^{1-M}`): small second moments of a block
+keep their relative precision, where a power map would crush them onto its lowest
+levels.  The code of :math:`r` is read off its fp32 bits: its exponent field less
+112, and the top :math:`M` bits of its fraction; :math:`r < 2^{-15}` takes code 0 (an
+overestimate: it only shrinks that element's update, where a zero would make
+:math:`m / (\sqrt{\hat v} + \epsilon)` explode, the "zero-point problem" of Li et al.,
+2023, *Memory Efficient Optimizers with 4-bit States*).
+
+**Rounding.** A moment written by an optimizer step is rounded *stochastically*
+between its two neighbouring levels :math:`lo \le r \le hi`, away from :math:`lo`
+with probability :math:`(r - lo) / (hi - lo)`, so that the stored value is the exact
+one in expectation.  Rounding to nearest would freeze a second moment: near
+convergence, :math:`v` must decay by :math:`1 - \beta_2` (0.1 %) per step, far less
+than half a level, so a nearest-rounded block requantizes to itself, step after step,
+while the gradients shrink.  The random bits are those of :mod:`adamkit.rounding`
+(16 bits :math:`u` per element, a hash of seed, param, slot, step and element), so
+every backend stores the same codes:
+
+* second moments: add :math:`u \cdot 2^{L - 16}` to the fp32 bits of :math:`r`, with
+  :math:`L = 23 - M` the fraction bits below the kept ones, then truncate them (the
+  carry rounds up with the right probability; levels are the fp32 numbers with
+  :math:`M` fraction bits, so this *is* value-domain stochastic rounding);
+* first moment: :math:`k_0 = \lfloor K \sqrt r \rfloor`, :math:`lo = (k_0/K)^2`,
+  :math:`hi = ((k_0 + 1)/K)^2`, :math:`\phi = (r - lo) / (hi - lo)`, and
+  :math:`k = k_0 + [2^{16}\phi \ge 2^{16} - u]` (:math:`k = K` when :math:`k_0 = K`).
+
+Values converted once rather than stepped (a checkpoint loaded into a quantized
+optimizer, a state converted between precisions) are rounded to nearest:
+:math:`k = \lfloor K \sqrt r + \tfrac12 \rfloor`, and half of the dropped fraction
+added before truncation for the float map.
 
 Arithmetic is fp32 and correctly rounded at every operation (``|x| / s``, the square
-root, ``K c``, ``+ 1/2``), so every backend produces the same codes; with
-:math:`p = 2`, :math:`c = \sqrt{|x| / s}`.  A block whose scale is zero stores
-codes 0 (it dequantizes to zeros); a block holding a NaN or an infinity stores the
-scale NaN (every element dequantizes to NaN: a non-finite moment poisons its block).
+root, ``K c``, the level products and the division), so every backend produces the
+same codes.  A block whose scale is zero stores codes 0 (it dequantizes to zeros); a
+block holding a NaN or an infinity stores the scale NaN (every element dequantizes to
+NaN: a non-finite moment poisons its block).
 
 Packing: int8 codes are one byte each; int4 codes two to a byte, element
-:math:`2j` in the low nibble and :math:`2j + 1` in the high one.  A state holds
-``{key}_{format}`` (the codes, uint8, flat; e.g. ``exp_avg_int8``) and
-``{key}_{format}_scales`` (bf16, one per block: the absmax rounded *up* to bf16,
-so that no value exceeds its scale and a scale costs 2 bytes, not 4).
+:math:`2j` in the low nibble and :math:`2j + 1` in the high one.  A state holds, per
+moment, its codes (uint8, flat) and its scales (bf16, one per block): ``exp_avg_int8``
+and ``exp_avg_int8_scales``, ``exp_avg_sq_e4m4`` and ``exp_avg_sq_e4m4_scales`` (int4:
+``_int4`` and ``_e4m0``).
 
-The maps' power and the block sizes were chosen by measured error on the moments of
-a real model (``benchmarks/quantization_error.py``; see the README).
+Checkpoints of adamkit before this format kept the second moments in a power map too
+(``exp_avg_sq_int8``: :math:`\hat x = s ((\text{code} + 1) / 2^b)^2`, and rounded every
+code to nearest); :data:`LEGACY_FORMATS` reads them, and the optimizer converts them
+at its next step.
+
+The block sizes were chosen by measured error on the moments of a real model
+(``benchmarks/quantization_error.py``); the second moment's map and the rounding by
+tracking fp32 Adam over thousands of steps of shrinking gradients
+(``tests/test_lean_tracking.py``, ``benchmarks/fidelity.py``).
 """
 
 from __future__ import annotations
@@ -55,15 +88,22 @@ import numpy as np
 #: the moment slots that take the signed map; the others are non-negative
 SIGNED_KEYS = frozenset({"exp_avg"})
 
+#: the float map's exponent bits, and the exponent of its smallest level (2^-15)
+EXPONENT_BITS = 4
+MIN_EXPONENT = -15
+
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """One quantized-state format: bits per code, elements per block, the map's power."""
+    """One quantized-state format: bits per code, elements per block, the first
+    moment's power map, and the second moments' map (a small float, or for
+    ``legacy`` checkpoints a power map)."""
 
     name: str
     bits: int
     block: int
     power: int = 2
+    legacy: bool = False
 
     @property
     def signed_levels(self) -> int:
@@ -72,8 +112,21 @@ class QuantFormat:
 
     @property
     def unsigned_levels(self) -> int:
-        """N: the unsigned map's levels are 1/N, ..., N/N in the companded domain."""
+        """N: the legacy unsigned map's levels are 1/N, ..., N/N in the companded domain."""
         return 1 << self.bits
+
+    @property
+    def mantissa_bits(self) -> int:
+        """M: the float map's fraction bits (4 for int8, 0 for int4)."""
+        return self.bits - EXPONENT_BITS
+
+    @property
+    def unsigned_name(self) -> str:
+        """The second moments' key suffix: the float map's name, e.g. ``e4m4``."""
+        return self.name if self.legacy else f"e{EXPONENT_BITS}m{self.mantissa_bits}"
+
+    def key_suffix(self, signed: bool) -> str:
+        return self.name if signed else self.unsigned_name
 
     def code_bytes(self, numel: int) -> int:
         return numel if self.bits == 8 else (numel + 1) // 2
@@ -88,33 +141,25 @@ class QuantFormat:
 
 FORMATS = {"int8": QuantFormat("int8", bits=8, block=256), "int4": QuantFormat("int4", bits=4, block=128)}
 
+#: how checkpoints written before the float map hold their second moments (read only)
+LEGACY_FORMATS = {name: QuantFormat(name, fmt.bits, fmt.block, legacy=True) for name, fmt in FORMATS.items()}
+
 
 def is_quantized(state_precision: str | None) -> bool:
     return state_precision in FORMATS
 
 
 def codes_key(key: str, fmt: QuantFormat) -> str:
-    """The state key of moment ``key``'s codes, e.g. ``exp_avg_int8``."""
-    return f"{key}_{fmt.name}"
+    """The state key of moment ``key``'s codes, e.g. ``exp_avg_int8`` or ``exp_avg_sq_e4m4``."""
+    return f"{key}_{fmt.key_suffix(key in SIGNED_KEYS)}"
 
 
 def scales_key(key: str, fmt: QuantFormat) -> str:
     """The state key of moment ``key``'s block scales, e.g. ``exp_avg_int8_scales``."""
-    return f"{key}_{fmt.name}_scales"
+    return f"{codes_key(key, fmt)}_scales"
 
 
 # ---------------------------------------------------------------------------- reference
-
-
-def _compand(magnitude: np.ndarray, power: int) -> np.ndarray:
-    """c = r^(1/p) in fp32; p = 2 is one correctly rounded square root."""
-    if power == 1:
-        return magnitude
-    if power == 2:
-        return np.sqrt(magnitude)
-    if power == 4:
-        return np.sqrt(np.sqrt(magnitude))
-    return (magnitude.astype(np.float64) ** (1.0 / power)).astype(np.float32)
 
 
 def _blocked(x: np.ndarray, block: int) -> np.ndarray:
@@ -142,19 +187,71 @@ def block_scales(x: np.ndarray, block: int) -> np.ndarray:
     return scales
 
 
-def level_codes(x: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed: bool) -> np.ndarray:
-    """Each element's code (int64, unpacked), given its block's scale."""
-    x = np.asarray(x, dtype=np.float32).ravel()
-    s = np.repeat(scales, fmt.block)[: x.size]
+def _ratios(x: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+    """r = |x| / s per element, fp32 (0 in a block whose scale is zero or NaN)."""
+    s = np.repeat(scales, block)[: x.size]
     usable = np.isfinite(s) & (s > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(usable, np.abs(x) / np.where(usable, s, np.float32(1)), np.float32(0)).astype(np.float32)
-    companded = _compand(ratio, fmt.power)
-    levels = fmt.signed_levels if signed else fmt.unsigned_levels
-    nearest = np.floor(np.float32(levels) * companded + np.float32(0.5)).astype(np.int64)
-    if signed:
-        return np.where(x < 0, -nearest, nearest) + fmt.signed_levels
+        return np.where(usable, np.abs(x) / np.where(usable, s, np.float32(1)), np.float32(0)).astype(np.float32)
+
+
+def _signed_codes(x: np.ndarray, r: np.ndarray, fmt: QuantFormat, bits16: np.ndarray | None) -> np.ndarray:
+    K = fmt.signed_levels
+    levels = np.float32(K)
+    if bits16 is None:
+        k = np.floor(levels * np.sqrt(r) + np.float32(0.5)).astype(np.int64)
+    else:
+        k = np.minimum(np.floor(levels * np.sqrt(r)).astype(np.int64), K)
+        t_lo = (k.astype(np.float32) / levels).astype(np.float32)
+        t_hi = ((k + 1).astype(np.float32) / levels).astype(np.float32)
+        lo, hi = t_lo * t_lo, t_hi * t_hi
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fraction = ((r - lo) / (hi - lo)).astype(np.float32)
+        threshold = np.float32(65536) - np.asarray(bits16, dtype=np.float32).reshape(r.shape)
+        k = k + ((fraction * np.float32(65536) >= threshold) & (k < K))
+    return np.where(x < 0, -k, k) + K
+
+
+def _float_codes(r: np.ndarray, fmt: QuantFormat, bits16: np.ndarray | None) -> np.ndarray:
+    dropped = 23 - fmt.mantissa_bits
+    bits = r.view(np.uint32).astype(np.int64)
+    if bits16 is None:
+        bits = bits + (1 << (dropped - 1))
+    else:
+        bits = bits + (np.asarray(bits16, dtype=np.int64).reshape(r.shape) << (dropped - 16))
+    kept = bits >> dropped
+    first = (127 + MIN_EXPONENT) << fmt.mantissa_bits
+    return np.clip(kept - first, 0, (1 << fmt.bits) - 1)
+
+
+def _legacy_unsigned_codes(r: np.ndarray, fmt: QuantFormat) -> np.ndarray:
+    nearest = np.floor(np.float32(fmt.unsigned_levels) * np.sqrt(r) + np.float32(0.5)).astype(np.int64)
     return np.maximum(nearest - 1, 0)
+
+
+def level_codes(
+    x: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed: bool, bits16: np.ndarray | None = None
+) -> np.ndarray:
+    """Each element's code (int64, unpacked), given its block's scale: rounded
+    stochastically with the 16 random bits ``bits16`` of each element, or to nearest
+    when ``bits16`` is None."""
+    x = np.asarray(x, dtype=np.float32).ravel()
+    r = _ratios(x, scales, fmt.block)
+    if signed:
+        return _signed_codes(x, r, fmt, bits16)
+    if fmt.legacy:
+        return _legacy_unsigned_codes(r, fmt)
+    return _float_codes(r, fmt, bits16)
+
+
+def unsigned_levels(codes: np.ndarray, fmt: QuantFormat) -> np.ndarray:
+    """fp32 levels (fractions of the block scale) of second-moment codes."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if fmt.legacy:
+        t = (codes + 1).astype(np.float32) / np.float32(fmt.unsigned_levels)
+        return (t * t).astype(np.float32)
+    first = (127 + MIN_EXPONENT) << fmt.mantissa_bits
+    return ((codes + first) << (23 - fmt.mantissa_bits)).astype(np.uint32).view(np.float32)
 
 
 def level_values(codes: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed: bool) -> np.ndarray:
@@ -162,20 +259,20 @@ def level_values(codes: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed
     codes = np.asarray(codes, dtype=np.int64)
     if signed:
         k = codes - fmt.signed_levels
-        level = np.sign(k) * (np.abs(k).astype(np.float32) / np.float32(fmt.signed_levels)) ** fmt.power
+        t = (np.abs(k).astype(np.float32) / np.float32(fmt.signed_levels)).astype(np.float32)
+        level = np.sign(k).astype(np.float32) * (t * t)
     else:
-        level = ((codes + 1).astype(np.float32) / np.float32(fmt.unsigned_levels)) ** fmt.power
+        level = unsigned_levels(codes, fmt)
     s = np.repeat(scales, fmt.block)[: codes.size]
     return (s * level.astype(np.float32)).astype(np.float32)
 
 
 def level_table(fmt: QuantFormat, signed: bool) -> np.ndarray:
-    """fp32 level of every code (``sign(k) (|k|/K)^2`` or ``((u+1)/N)^2``); a value is
-    ``scale * level`` (the same product as :func:`level_values`)."""
+    """fp32 level of every code; a value is ``scale * level`` (the same product as
+    :func:`level_values`)."""
     codes = np.arange(1 << fmt.bits)
-    return level_values(
-        codes, np.ones(1, dtype=np.float32), QuantFormat(fmt.name, fmt.bits, codes.size, fmt.power), signed
-    )
+    whole = QuantFormat(fmt.name, fmt.bits, codes.size, fmt.power, fmt.legacy)
+    return level_values(codes, np.ones(1, dtype=np.float32), whole, signed)
 
 
 def pack(codes: np.ndarray, fmt: QuantFormat) -> np.ndarray:
@@ -196,10 +293,13 @@ def unpack(stored: np.ndarray, fmt: QuantFormat, numel: int) -> np.ndarray:
     return both[:numel].astype(np.int64)
 
 
-def quantize(x: np.ndarray, fmt: QuantFormat, signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(stored codes, scales) of ``x`` (any shape; read in row-major order)."""
+def quantize(
+    x: np.ndarray, fmt: QuantFormat, signed: bool, bits16: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(stored codes, scales) of ``x`` (any shape; read in row-major order), rounded
+    stochastically with ``bits16`` (one per element) or, without, to nearest."""
     scales = block_scales(x, fmt.block)
-    codes = level_codes(x, scales, fmt, signed)
+    codes = level_codes(x, scales, fmt, signed, bits16)
     codes[np.repeat(~np.isfinite(scales), fmt.block)[: codes.size]] = 0
     return pack(codes, fmt), scales
 
@@ -212,6 +312,7 @@ def dequantize(stored: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed:
 
 __all__ = [
     "FORMATS",
+    "LEGACY_FORMATS",
     "SIGNED_KEYS",
     "QuantFormat",
     "block_scales",
@@ -225,4 +326,5 @@ __all__ = [
     "quantize",
     "scales_key",
     "unpack",
+    "unsigned_levels",
 ]

@@ -1,7 +1,7 @@
 r"""How a value computed in fp32 is stored in a 16-bit float (bf16 or fp16): the
 specification every kernel implements, and its NumPy reference.
 
-Three rounding modes (the ``rounding`` option):
+Three rounding modes for 16-bit *params* (the ``rounding`` option):
 
 ``"nearest"``
     Round to nearest, ties to even, as torch does.  An update smaller than half the
@@ -13,12 +13,19 @@ Three rounding modes (the ``rounding`` option):
     :math:`p \leftarrow \operatorname{rn}(\theta')`,
     :math:`c \leftarrow \operatorname{rn}(\theta' - p)`.  What nearest rounding
     loses is carried in ``c`` and added back next step.  Costs one 16-bit buffer per
-    param; states are rounded to nearest.
+    param.
 ``"stochastic"``
     Round to one of the two neighbours :math:`lo \le |x| < hi` (toward and away from
     zero) with :math:`P(hi) = (|x| - lo) / (hi - lo)`, so :math:`E[\text{stored}] = x`:
-    updates survive in expectation.  Applies to every 16-bit value written (param and
-    16-bit states).
+    updates survive in expectation.
+
+*Moments* stored in 16 bits (``state_precision="bf16"``, or the states of 16-bit
+params) are always rounded stochastically, whatever ``rounding`` says: they are
+exponential moving averages, and near convergence the second moment must decay by
+:math:`1 - \beta_2` (0.1 %) per step, below half a bf16 spacing (0.2 % to 0.4 %), so
+a moment rounded to nearest stops following its gradients (it freezes at a value many
+times too large, and the updates shrink).  Quantized moments are rounded the same way
+(:mod:`adamkit.quantization`).
 
 Stochastic rounding draws its random numbers from a counter-based generator: the
 16 random bits for element :math:`i` of stream :math:`s` at step :math:`t` are a
@@ -27,7 +34,9 @@ depend on threads, chunking or backend, and the generator's whole state is the s
 plus the step counts already in the optimizer state.  Stream :math:`s = 4j + k` for
 the optimizer's :math:`j`-th param (its index in ``state_dict``) and slot :math:`k`
 (0 param, 1 ``exp_avg``, 2 second moment, 3 its AMSGrad maximum); :math:`i` is the
-element's row-major index in the param (in its real view, for complex params).
+element's row-major index in the param (in its real view, for complex params; in the
+whole param, for a rank's shard of a sharded one, so that sharded training rounds as
+the unsharded run does).
 
 The hash is Wellons' *lowbias32* integer mixer :func:`mix32`:
 
@@ -172,15 +181,23 @@ def is_low_precision(dtype: torch.dtype) -> bool:
     return dtype in LOW_PRECISION
 
 
-def effective_rounding(rounding: str, param_dtype: torch.dtype, moment_dtype: torch.dtype) -> str:
-    """What a group's ``rounding`` does to params of ``param_dtype`` with moments of
-    ``moment_dtype``: Kahan needs a 16-bit param; stochastic rounding applies wherever
-    some value is stored in 16 bits; otherwise everything is rounded to nearest."""
-    if rounding == "kahan" and is_low_precision(param_dtype):
-        return "kahan"
-    if rounding == "stochastic" and (is_low_precision(param_dtype) or is_low_precision(moment_dtype)):
-        return "stochastic"
+def effective_rounding(rounding: str, param_dtype: torch.dtype) -> str:
+    """What a group's ``rounding`` does to params of ``param_dtype``: Kahan and
+    stochastic rounding apply to 16-bit params; everything else is rounded to nearest."""
+    if rounding in ("kahan", "stochastic") and is_low_precision(param_dtype):
+        return rounding
     return "nearest"
+
+
+def rounds_stochastically(moment_storage) -> bool:
+    """Whether moments held as ``moment_storage`` (a dtype, or a quantized format) are
+    rounded stochastically: 16-bit and quantized moments are."""
+    return not isinstance(moment_storage, torch.dtype) or is_low_precision(moment_storage)
+
+
+def needs_random_bits(rounding: str, param_dtype: torch.dtype, moment_storage) -> bool:
+    """Whether a step on such a param draws random bits (for its param or its moments)."""
+    return effective_rounding(rounding, param_dtype) == "stochastic" or rounds_stochastically(moment_storage)
 
 
 __all__ = [
@@ -191,10 +208,12 @@ __all__ = [
     "is_low_precision",
     "kahan_split",
     "mix32",
+    "needs_random_bits",
     "param_stream_keys",
     "random_bits",
     "round_nearest",
     "round_stochastic",
+    "rounds_stochastically",
     "spacing",
     "step_keys",
     "stream_key",

@@ -26,6 +26,7 @@ communication is needed.  What is kept global is the *state's layout*:
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator, MutableMapping, Sequence
 
@@ -48,6 +49,26 @@ def is_sharded(t: object) -> bool:
 def local(t):
     """A DTensor's local shard (a view sharing its storage); anything else as it is."""
     return t.to_local() if is_sharded(t) else t
+
+
+def element_offset(param) -> int:
+    """The row-major index, in the whole param, of the first element of this rank's
+    shard of ``param`` (0 for a tensor that is not sharded).  Stochastic rounding draws
+    element ``i``'s bits from that index, so a shard rounds as the whole tensor would.
+    A shard that is not one run of the whole tensor's row-major order (a param cut
+    along another dimension than its first) counts from 0: its bits differ from the
+    unsharded run's, as independent draws."""
+    if not is_sharded(param):
+        return 0
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # pragma: no cover - older torch
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if param.ndim == 0 or tuple(shape[1:]) != tuple(param.shape[1:]) or any(offset[1:]):
+        return 0
+    return int(offset[0]) * math.prod(param.shape[1:])
 
 
 def like_param(local_value: Tensor, param) -> Tensor:
@@ -159,6 +180,7 @@ __all__ = [
     "PARAM_SHAPED_KEYS",
     "LocalState",
     "exported_state",
+    "element_offset",
     "is_sharded",
     "like_param",
     "sum_over_shards",

@@ -18,10 +18,11 @@ stored back with round-to-nearest-even):
         \ \text{or}\ m / u
 
 Storage (:mod:`adamkit.rounding`): states may have their own dtype
-(``state_precision``); bf16/fp16 values are stored to nearest, with a Kahan
+(``state_precision``); a bf16/fp16 param is stored to nearest, with a Kahan
 compensation (:math:`\theta = p + c`, :math:`p = rn(\theta')`,
-:math:`c = rn(\theta' - p)`) or stochastically, with the counter-based random bits
-of the specification (so results equal the other backends' bit for bit).
+:math:`c = rn(\theta' - p)`) or stochastically; 16-bit and quantized moments are
+always stored stochastically, with the counter-based random bits of the
+specification (so results equal the other backends' bit for bit).
 
 How many tensors a group has barely matters: the kernel gets a table of raw
 addresses (param, grad, exp_avg, second moment, max second moment, compensation) and a table of
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .. import blockwise, quantization, rounding
-from ..quantization import QuantFormat
+from ..quantization import MIN_EXPONENT, QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
 from ..state import COMPENSATION_KEY, moment_keys, moment_storage
 from .amp import inverse_scale
@@ -177,6 +178,16 @@ if numba is not None:
 
         return types.uint16(types.float32, types.uint64), codegen
 
+    @intrinsic
+    def _float_bits(typingctx, value):
+        """The bit pattern of a float32, as an int64 (zero-extended)."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+
+        return types.int64(types.float32), codegen
+
     @njit(inline="always", nogil=True)
     def _stochastic_half(value, bits16):
         """float32 to IEEE half bits, stochastically (the neighbours method of the spec);
@@ -289,7 +300,7 @@ if numba is not None:
     def _dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
 
-    def _requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end):
+    def _requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
 
     @overload(_dequantize)
@@ -319,24 +330,54 @@ if numba is not None:
         return dequantize
 
     @njit(inline="always", nogil=True)
-    def _code(x, scale, levels, signed):
-        """The spec's code of fp32 ``x`` in a block of finite ``scale`` (0: all zeros)."""
-        ratio = abs(x) / (scale + np.float32(scale == 0))
-        nearest = np.int32(np.floor(np.float32(levels) * np.sqrt(ratio) + np.float32(0.5)))
+    def _ratio(x, scale):
+        """r = |x| / s (a zero scale: the block is all zeros)."""
+        return abs(x) / (scale + np.float32(scale == 0))
+
+    @njit(inline="always", nogil=True)
+    def _signed_code(x, scale, levels, bits16):
+        """The spec's stochastically rounded first-moment code: k0 = floor(K sqrt r),
+        up to k0 + 1 with probability (r - lo) / (hi - lo)."""
+        r = _ratio(x, scale)
+        k = min(np.int32(np.floor(np.float32(levels) * np.sqrt(r))), np.int32(levels))
+        t_lo = np.float32(k) / np.float32(levels)
+        t_hi = np.float32(k + 1) / np.float32(levels)
+        lo, hi = t_lo * t_lo, t_hi * t_hi
+        fraction = (r - lo) / (hi - lo)
+        up = (fraction * np.float32(65536.0) >= np.float32(65536.0) - np.float32(bits16)) & (k < np.int32(levels))
+        k = k + np.int32(up)
+        return k * (np.int32(1) - np.int32(2) * np.int32(x < 0)) + np.int32(levels)
+
+    @njit(inline="always", nogil=True)
+    def _float_code(x, scale, dropped, first, top, bits16):
+        """The spec's stochastically rounded second-moment code: r's fp32 bits with the
+        random bits added at the top of the ``dropped`` fraction bits, truncated."""
+        kept = (_float_bits(_ratio(x, scale)) + (np.int64(bits16) << (dropped - 16))) >> dropped
+        return np.int32(min(max(kept - first, np.int64(0)), np.int64(top)))
+
+    @njit(inline="always", nogil=True)
+    def _code(x, scale, i, key, levels, dropped, first, top, signed):
+        """Element ``i``'s code, with its random bits under step key ``key``."""
+        bits16 = _random16(key, i)
         if signed:
-            return nearest * (np.int32(1) - np.int32(2) * np.int32(x < 0)) + np.int32(levels)
-        return max(nearest - np.int32(1), np.int32(0))
+            return _signed_code(x, scale, levels, bits16)
+        return _float_code(x, scale, dropped, first, top, bits16)
 
     @overload(_requantize)
-    def _requantize_impl(codes_address, scales_address, state_witness, sign_witness, values, first, end):
+    def _requantize_impl(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
         """Quantize values[i - first] for elements [first, end) (``first`` on a block
         boundary): per block, the absmax over bit patterns (NaN and infinity sort
-        above every finite value) rounded up to bf16, then each element's code."""
+        above every finite value) rounded up to bf16, then each element's code,
+        rounded stochastically with the bits of step key ``key`` (element indices
+        counted from ``shift``)."""
         fmt, signed = _format_of(state_witness, sign_witness)
-        levels = fmt.signed_levels if signed else fmt.unsigned_levels
+        levels = fmt.signed_levels
+        dropped = 23 - fmt.mantissa_bits
+        first_code = (127 + MIN_EXPONENT) << fmt.mantissa_bits
+        top = (1 << fmt.bits) - 1
         log2_block, block, packed = fmt.block.bit_length() - 1, fmt.block, int(fmt.bits == 4)
 
-        def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end):
+        def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
             codes = _pointer(codes_address, _BYTE_WITNESS)
             scales = _pointer(scales_address, _BFLOAT16_WITNESS)
             # raw pointers, addressed by element index: array indexing keeps LLVM from vectorizing
@@ -354,12 +395,15 @@ if numba is not None:
                     if packed:
                         for j in range(low >> 1, (high + 1) >> 1):
                             i = 2 * j
-                            even = _code(fresh[i], scale, levels, signed)
-                            odd = _code(fresh[i + 1], scale, levels, signed) * np.int32(i + 1 < high)
-                            codes[j] = np.uint8(even | (odd << 4))
+                            even = _code(fresh[i], scale, i + shift, key, levels, dropped, first_code, top, signed)
+                            odd = _code(
+                                fresh[i + 1], scale, i + 1 + shift, key, levels, dropped, first_code, top, signed
+                            )
+                            codes[j] = np.uint8(even | ((odd * np.int32(i + 1 < high)) << 4))
                     else:
                         for i in range(low, high):
-                            codes[i] = np.uint8(_code(fresh[i], scale, levels, signed))
+                            code = _code(fresh[i], scale, i + shift, key, levels, dropped, first_code, top, signed)
+                            codes[i] = np.uint8(code)
                 else:  # a non-finite block: scale NaN, codes 0
                     scales[b] = np.uint16(0x7FC0)
                     for j in range(low >> packed, (high + packed) >> packed):
@@ -387,37 +431,34 @@ if numba is not None:
         return _load(param, i) + _load(compensation, i)
 
     @njit(inline="always", nogil=True)
-    def _put(pointer, i, value, key):
-        _store(pointer, i, value)
+    def _put_stochastic(pointer, i, value, key, shift):
+        _store_stochastic(pointer, i, value, _random16(key, i + shift))
 
     @njit(inline="always", nogil=True)
-    def _put_stochastic(pointer, i, value, key):
-        _store_stochastic(pointer, i, value, _random16(key, i))
-
-    @njit(inline="always", nogil=True)
-    def _put_kahan_param(param, compensation, i, value, key):
+    def _put_kahan_param(param, compensation, i, value, key, shift):
         """p = rn(theta), c = rn(theta - p)."""
         rounded = _rounded(param, value)
         _store(param, i, rounded)
         _store(compensation, i, value - rounded)
 
     @njit(inline="always", nogil=True)
-    def _put_param(param, compensation, i, value, key):
+    def _put_param(param, compensation, i, value, key, shift):
         _store(param, i, value)
 
     @njit(inline="always", nogil=True)
-    def _put_stochastic_param(param, compensation, i, value, key):
-        _store_stochastic(param, i, value, _random16(key, i))
+    def _put_stochastic_param(param, compensation, i, value, key, shift):
+        _store_stochastic(param, i, value, _random16(key, i + shift))
 
     _BYTE_WITNESS = np.empty(0, dtype=np.uint8)
     _FLOAT32_WITNESS = np.empty(0, dtype=np.float32)
     _INT32_WITNESS = np.empty(0, dtype=np.int32)
     _BFLOAT16_WITNESS = np.empty(0, dtype=np.uint16)
 
-    #: per rounding mode: (load param, store param, store a state value)
+    #: per param rounding mode: (load param, store param, store a moment); a moment is
+    #: stored stochastically in 16 bits and as it is in 32 or 64 (the bits go unused)
     _STORAGE_POLICIES = {
-        "nearest": (_load_param, _put_param, _put),
-        "kahan": (_load_kahan_param, _put_kahan_param, _put),
+        "nearest": (_load_param, _put_param, _put_stochastic),
+        "kahan": (_load_kahan_param, _put_kahan_param, _put_stochastic),
         "stochastic": (_load_param, _put_stochastic_param, _put_stochastic),
     }
 
@@ -446,19 +487,19 @@ if numba is not None:
                     p = p * decay_factor
                 m = _compute(param, _load(exp_avg, i))
                 m = m + one_minus_beta1 * (g - m)
-                put(exp_avg, i, m, keys[1])
+                put(exp_avg, i, m, keys[1], keys[4])
                 if adamax:
                     u = max(beta2 * _load(second, i), abs(g) + eps)
-                    put(second, i, u, keys[2])
+                    put(second, i, u, keys[2], keys[4])
                     denom = u
                 else:
                     v = beta2 * _load(second, i) + one_minus_beta2 * g * g
-                    put(second, i, v, keys[2])
+                    put(second, i, v, keys[2], keys[4])
                     if amsgrad:
                         v = max(_load(max_second, i), v)
-                        put(max_second, i, v, keys[3])
+                        put(max_second, i, v, keys[3], keys[4])
                     denom = np.sqrt(v) / bias_correction2_sqrt + eps
-                put_param(param, compensation, i, p - step_size * (m / denom), keys[0])
+                put_param(param, compensation, i, p - step_size * (m / denom), keys[0], keys[4])
 
         return loop
 
@@ -513,7 +554,8 @@ if numba is not None:
         constants: float64[7] 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay, decay
             factor, and the gradients' multiplier (a GradScaler's 1 / scale, else 1)
         flags: int64[4] algorithm (0 adam, 1 adamax), maximize, amsgrad, weight decay kind
-        keys: int64[T, 4] stochastic rounding's step keys (param, exp_avg, second, max)
+        keys: int64[T, 5] stochastic rounding's step keys (param, exp_avg, second, max)
+            and the tensor's element offset (a shard's first index in its whole param)
         witnesses: the param and state storage types (a quantized format: int8 for
             "int8", uint8 for "int4"); the rounding mode (its dtype)
         """
@@ -586,9 +628,9 @@ if numba is not None:
 
     @njit(inline="always", nogil=True)
     def _chunk_keys(keys, t):
-        """Tensor ``t``'s stochastic-rounding keys (one dummy row when unused)."""
+        """Tensor ``t``'s stochastic-rounding keys and element offset (one dummy row when unused)."""
         row = t if keys.shape[0] > 1 else 0
-        return (keys[row, 0], keys[row, 1], keys[row, 2], keys[row, 3])
+        return (keys[row, 0], keys[row, 1], keys[row, 2], keys[row, 3], keys[row, 4])
 
     #: elements per scratch pass of a quantized chunk: the fp32 scratch (3 rows) stays
     #: in cache and below malloc's mmap threshold (a fresh mapping per chunk would fault)
@@ -620,10 +662,10 @@ if numba is not None:
                 _pointer(row[5], pw),
             )
             _update_chunk(pointers, low, high, scalars, maximize, decay, keys, adamax, amsgrad, rw)
-            _requantize(row[2], row[6], sw, signed, scratch[0], low, high)
-            _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high)
+            _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4])
+            _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4])
             if amsgrad:
-                _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high)
+                _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4])
 
 
 def _dense(t: Tensor) -> bool:
@@ -653,7 +695,8 @@ class _Bucket:
         moment_dtype = torch.float32 if quantized else moment_storage
         self.members = members
         self.amsgrad = rule.amsgrad
-        self.mode = rounding.effective_rounding(rule.rounding, param_dtype, moment_dtype)
+        self.mode = rounding.effective_rounding(rule.rounding, param_dtype)
+        self.random = rounding.needs_random_bits(rule.rounding, param_dtype, moment_storage)
         self.param_witness = np.empty(0, dtype=_STORAGE[param_dtype])
         self.state_witness = np.empty(
             0, dtype=_QUANTIZED_STORAGE[moment_storage.name] if quantized else _STORAGE[moment_dtype]
@@ -670,7 +713,7 @@ class _Bucket:
         keys += [COMPENSATION_KEY] if self.mode == "kahan" else []
         states = [[batch.states[i][key] for key in keys] for i in members]
         params = [batch.params[i] for i in members]
-        in_order = self.mode != "stochastic" and not quantized  # random bits and codes follow the row-major index
+        in_order = not self.random and not quantized  # random bits and codes follow the row-major index
         self.direct = [
             (p.is_contiguous() or (in_order and _dense(p)))
             and (quantized or all(s.stride() == p.stride() for s in tensors))
@@ -703,14 +746,19 @@ class _Bucket:
         scales = (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
         return moments + [compensation] + scales
 
-    def step_keys(self, rule: UpdateRule, param_indices: list[int] | None, counts: np.ndarray) -> np.ndarray:
-        """Stochastic rounding's keys k_{s,t}, int64[T, 4]; a dummy row otherwise."""
-        if self.mode != "stochastic":
+    def step_keys(self, rule: UpdateRule, batch: GroupBatch, counts: np.ndarray) -> np.ndarray:
+        """Stochastic rounding's keys k_{s,t} and each tensor's element offset,
+        int64[T, 5]; a dummy row otherwise."""
+        if not self.random:
             return _NO_KEYS
-        indices = [param_indices[i] for i in self.members]
+        indices = [batch.param_indices[i] for i in self.members]
         if self.stream_keys is None or self.stream_keys[0] != (rule.seed, indices):
             self.stream_keys = ((rule.seed, indices), rounding.param_stream_keys(rule.seed, indices))
-        return rounding.step_keys(self.stream_keys[1], counts[:, None]).astype(np.int64)
+        offsets = np.zeros(len(self.members), dtype=np.int64)
+        if batch.element_offsets is not None:
+            offsets[:] = [batch.element_offsets[i] for i in self.members]
+        keys = rounding.step_keys(self.stream_keys[1], counts[:, None]).astype(np.int64)
+        return np.concatenate([keys, offsets[:, None]], axis=1)
 
     def addresses(self, batch: GroupBatch) -> tuple[np.ndarray, list]:
         """The address table for this step, and the staged tensors to copy back.
@@ -754,7 +802,7 @@ class _Bucket:
 
 
 #: the keys argument of a launch without stochastic rounding (never read)
-_NO_KEYS = np.zeros((1, 4), dtype=np.int64)
+_NO_KEYS = np.zeros((1, 5), dtype=np.int64)
 
 
 def chunk_table(numels: np.ndarray, size: int) -> np.ndarray:
@@ -852,7 +900,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             bias_correction2_sqrts,
             constants,
             flags,
-            bucket.step_keys(rule, batch.param_indices, counts),
+            bucket.step_keys(rule, batch, counts),
             bucket.param_witness,
             bucket.state_witness,
             bucket.rounding_witness,

@@ -17,13 +17,11 @@ class ListKernelFn(Protocol):
     ) -> None: ...
 
 
-def list_kernel(adam: ListKernelFn, adamax: ListKernelFn, *, fused: bool = False) -> StepFn:
+def list_kernel(adam: ListKernelFn, adamax: ListKernelFn) -> StepFn:
     """A kernel's ``step`` from per-list functions: advance each ``step`` counter (as
     torch does, one per tensor), get the scalars from the rule, run the element math
-    (on widened copies where the storage policy asks, see :mod:`.storage`).
-
-    ``fused``: also widen every bf16/fp16 param, so each value is rounded once per
-    update as the fused kernels round it (for a fused kernel's fallback path)."""
+    (on widened copies where the storage policy asks, see :mod:`.storage`: 16-bit
+    values are rounded once per update, as the fused kernels round them)."""
 
     def step(batch: GroupBatch, rule: UpdateRule) -> None:
         states = batch.states
@@ -32,7 +30,7 @@ def list_kernel(adam: ListKernelFn, adamax: ListKernelFn, *, fused: bool = False
             step_t += 1
         run = adam if rule.algorithm == "adam" else adamax
         work, store = storage.widened(
-            batch.params, batch.grads, states, steps, rule, batch.param_indices, widen_16_bit=fused
+            batch.params, batch.grads, states, steps, rule, batch.param_indices, batch.element_offsets
         )
         run(work, rule, rule.group_scalars(), rule.step_scalars_for(steps))
         store()

@@ -2,10 +2,9 @@ r"""Storage policies for the torch-op kernels (reference and foreach): run the e
 math in the compute dtype on widened copies, then store back with the group's
 rounding (:mod:`adamkit.rounding` specifies it; this is its torch implementation).
 
-A param is *widened* when its states are kept in another dtype or quantized
-(``state_precision``) or when it is a bf16/fp16 param under ``rounding="kahan"`` or
-``"stochastic"``.
-Everything else is stepped in place, exactly as torch.optim does.  The user's
+A param is *widened* when it is a bf16/fp16 param, or its states are kept in another
+dtype or quantized (``state_precision``).  Everything else (fp32 and fp64 params with
+states in their own dtype) is stepped in place, exactly as torch.optim does.  The user's
 ``.grad`` is read, never written: a gradient is converted into a new tensor or used
 as it is.
 
@@ -50,9 +49,10 @@ def step_key(stream_key: int, step: Tensor) -> Tensor:
     return mix32(step.detach().to(torch.int64) ^ stream_key)
 
 
-def random_bits(key: Tensor, shape: torch.Size, device: torch.device) -> Tensor:
-    """r_i = mix(k ^ i) >> 16 for the row-major index i of every element of ``shape``."""
-    index = torch.arange(shape.numel(), device=device, dtype=torch.int64).view(shape)
+def random_bits(key: Tensor, shape: torch.Size, device: torch.device, offset: int = 0) -> Tensor:
+    """r_i = mix(k ^ i) >> 16 for every element of ``shape``, i its row-major index
+    plus ``offset`` (a shard's first element's index in the whole param)."""
+    index = torch.arange(offset, offset + shape.numel(), device=device, dtype=torch.int64).view(shape)
     return mix32(key.to(device) ^ index) >> 16
 
 
@@ -116,27 +116,26 @@ def widened(
     steps: Sequence[Tensor],
     rule: UpdateRule,
     param_indices: Sequence[int] | None,
-    *,
-    widen_16_bit: bool = False,
+    element_offsets: Sequence[int] | None = None,
 ) -> tuple[GroupTensors, Callable[..., None]]:
     """The tensors to run the element math on, and a function that stores the results.
 
-    Params that need no widening (the default: states in the param's dtype, nearest
-    rounding) are passed through untouched, so their results stay torch's bits.
-    Quantized moments are dequantized to fp32 and quantized again after the update.
-    ``widen_16_bit`` widens every bf16/fp16 param (fused-kernel semantics).
-    ``store(written)`` stores the widened params only where ``written[i]`` is true
-    (all by default); moments are always stored.
+    Params of 32 or 64 bits whose moments are in their own dtype are passed through
+    untouched, so their results stay torch's bits.  The others are widened to their
+    compute dtype and stored back once per update, as the fused kernels store them: a
+    16-bit param with its ``rounding``, 16-bit moments stochastically, quantized
+    moments dequantized to fp32 and quantized again (stochastically) from the new
+    values.  ``store(written)`` stores the widened params only where ``written[i]`` is
+    true (all by default); moments are always stored.
     """
     kahan = rule.rounding == "kahan"
-    stochastic = rule.rounding == "stochastic"
     keys = moment_keys(rule.algorithm, rule.amsgrad)
     work = GroupTensors(list(params), list(grads), [], [], [])
     work_moments = (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs)
     pending: list[tuple[int, list[_Stored]]] = []
     for i, param in enumerate(params):
         state = states[i]
-        low = rounding.is_low_precision(param.dtype) and (rule.rounding != "nearest" or widen_16_bit)
+        low = rounding.is_low_precision(param.dtype)
         if not low and all(state.get(key) is not None and state[key].dtype == param.dtype for key in keys):
             for key, moments in zip(keys, work_moments):
                 moments.append(state[key])
@@ -152,27 +151,33 @@ def widened(
         work.grads[i] = grads[i].to(dtype)
         pending.append((i, stored))
 
+    def bits(i: int, item: _Stored) -> Tensor:
+        """The 16 random bits of every element of param ``i``'s value ``item`` this step."""
+        stream = rounding.SLOTS * param_indices[i] + item.slot
+        key = step_key(rounding.stream_key(rule.seed, stream), steps[i])
+        offset = 0 if element_offsets is None else element_offsets[i]
+        return random_bits(key, item.work.shape, item.work.device, offset)
+
     def store(written: Sequence[bool] | None = None) -> None:
         for i, stored in pending:
             for item in stored:
                 if written is not None and not written[i] and item.slot == rounding.PARAM_SLOT:
                     continue
                 if item.fmt is not None:
-                    blockwise.store_moment(states[i], item.key, item.work, item.fmt)
+                    blockwise.store_moment(states[i], item.key, item.work, item.fmt, bits16=bits(i, item))
                     continue
                 if item.work is item.target:
                     continue  # already in its storage dtype: updated in place
-                low = rounding.is_low_precision(item.target.dtype)
-                if kahan and low and item.slot == rounding.PARAM_SLOT:
-                    item.target.copy_(item.work)  # p = rn(theta), c = rn(theta - p)
-                    states[i]["kahan_compensation"].copy_(item.work - item.target.to(item.work.dtype))
-                elif stochastic and low:
-                    stream = rounding.SLOTS * param_indices[i] + item.slot
-                    key = step_key(rounding.stream_key(rule.seed, stream), steps[i])
-                    bits = random_bits(key, item.work.shape, item.work.device)
-                    item.target.copy_(round_stochastic(item.work, item.target.dtype, bits))
+                target = item.target
+                is_param = item.slot == rounding.PARAM_SLOT  # moments: always stochastic (in 16 bits)
+                mode = rounding.effective_rounding(rule.rounding, target.dtype) if is_param else "stochastic"
+                if mode == "kahan":
+                    target.copy_(item.work)  # p = rn(theta), c = rn(theta - p)
+                    states[i]["kahan_compensation"].copy_(item.work - target.to(item.work.dtype))
+                elif mode == "stochastic" and rounding.is_low_precision(target.dtype):
+                    target.copy_(round_stochastic(item.work, target.dtype, bits(i, item)))
                 else:
-                    item.target.copy_(item.work)
+                    target.copy_(item.work)
 
     return work, store
 

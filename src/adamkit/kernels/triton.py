@@ -106,8 +106,7 @@ if triton is not None:
 
     @triton.jit
     def _to_storage_stochastic(x, bits16, STORAGE: tl.constexpr):
-        """Round ``x`` to a 16-bit storage dtype stochastically (the spec's rule); wider
-        storage takes the value as it is."""
+        """Round ``x`` to a 16-bit storage dtype stochastically (the spec's rule)."""
         x = x.to(tl.float32)
         if STORAGE == tl.bfloat16:  # add r to the low half, truncate
             rounded = ((x.to(tl.uint32, bitcast=True) + bits16) >> 16).to(tl.uint16)
@@ -128,10 +127,12 @@ if triton is not None:
             return x.to(STORAGE)
 
     @triton.jit
-    def _put(pointer, offsets, mask, value, key, STORAGE: tl.constexpr, STOCHASTIC: tl.constexpr):
-        """Store a value: stochastically under stochastic rounding, else to nearest."""
-        if STOCHASTIC:
-            tl.store(pointer + offsets, _to_storage_stochastic(value, _random16(key, offsets), STORAGE), mask=mask)
+    def _put(pointer, offsets, mask, value, key, shift, STORAGE: tl.constexpr, STOCHASTIC: tl.constexpr):
+        """Store a value: stochastically under stochastic rounding in 16 bits, else
+        to nearest (32 and 64 bits take the value as it is)."""
+        if STOCHASTIC and (STORAGE == tl.bfloat16 or STORAGE == tl.float16):
+            bits16 = _random16(key, offsets + shift)
+            tl.store(pointer + offsets, _to_storage_stochastic(value, bits16, STORAGE), mask=mask)
         else:
             tl.store(pointer + offsets, _to_storage(value, STORAGE), mask=mask)
 
@@ -148,9 +149,31 @@ if triton is not None:
             t = tl.math.div_rn(tl.abs(k).to(tl.float32), float((1 << (BITS - 1)) - 1))
             value = scale * (t * t)
             return tl.where(k < 0, -value, value)
-        else:
-            t = tl.math.div_rn((code + 1).to(tl.float32), float(1 << BITS))
-            return scale * (t * t)
+        else:  # a float with 4 exponent bits and BITS - 4 fraction bits, from 2^-15
+            level = ((code + ((127 - 15) << (BITS - 4))) << (23 - (BITS - 4))).to(tl.int32)
+            level = level.to(tl.float32, bitcast=True)
+            return scale * level
+
+    @triton.jit
+    def _code(x, scale, bits16, BITS: tl.constexpr, SIGNED: tl.constexpr):
+        """The spec's stochastically rounded code of ``x`` in a block of ``scale``."""
+        ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
+        if SIGNED:  # k0 = floor(K sqrt r), up with probability (r - lo) / (hi - lo)
+            LEVELS: tl.constexpr = (1 << (BITS - 1)) - 1
+            k = tl.minimum(tl.floor(float(LEVELS) * tl.math.sqrt_rn(ratio)).to(tl.int32), LEVELS)
+            t_lo = tl.math.div_rn(k.to(tl.float32), float(LEVELS))
+            t_hi = tl.math.div_rn((k + 1).to(tl.float32), float(LEVELS))
+            lo = t_lo * t_lo
+            hi = t_hi * t_hi
+            fraction = tl.math.div_rn(ratio - lo, hi - lo)
+            up = (fraction * 65536.0 >= 65536.0 - bits16.to(tl.float32)) & (k < LEVELS)
+            k = k + up.to(tl.int32)
+            return tl.where(x < 0, -k, k) + LEVELS
+        else:  # r's fp32 bits, the random bits added at the top of the dropped fraction
+            DROPPED: tl.constexpr = 23 - (BITS - 4)
+            bits = ratio.to(tl.int32, bitcast=True).to(tl.int64) + (bits16.to(tl.int64) << (DROPPED - 16))
+            kept = (bits >> DROPPED) - ((127 - 15) << (BITS - 4))
+            return tl.minimum(tl.maximum(kept, 0), (1 << BITS) - 1).to(tl.int32)
 
     @triton.jit
     def _requantize(
@@ -161,6 +184,8 @@ if triton is not None:
         mask,
         first,
         end,
+        key,
+        shift,
         BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
@@ -168,7 +193,8 @@ if triton is not None:
     ):
         """Quantize a program's new values (``first`` on a block boundary): per block,
         the absmax over bit patterns (NaN and infinity sort above every finite value)
-        rounded up to bf16, then each element's code; int4 codes two to a byte."""
+        rounded up to bf16, then each element's code, rounded stochastically with the
+        bits of step key ``key``; int4 codes two to a byte."""
         x = tl.where(mask, value.to(tl.float32), 0.0)
         patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         largest = tl.max(tl.reshape(patterns, [BLOCK // QBLOCK, QBLOCK]), axis=1)
@@ -183,14 +209,7 @@ if triton is not None:
         scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         x = tl.where(ok == 1, x, 0.0)  # a non-finite block stores codes 0: no NaN reaches a cast
-        ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
-        if SIGNED:
-            levels = (1 << (BITS - 1)) - 1
-            nearest = tl.floor(levels * tl.math.sqrt_rn(ratio) + 0.5).to(tl.int32)
-            code = tl.where(x < 0, -nearest, nearest) + levels
-        else:
-            nearest = tl.floor((1 << BITS) * tl.math.sqrt_rn(ratio) + 0.5).to(tl.int32)
-            code = tl.maximum(nearest - 1, 0)
+        code = _code(x, scale, _random16(key, offsets + shift), BITS, SIGNED)
         code = tl.where(mask, code * ok, 0)
         if BITS == 8:
             tl.store(codes + offsets, code.to(tl.uint8), mask=mask)
@@ -224,20 +243,21 @@ if triton is not None:
         mask,
         value,
         key,
+        shift,
         first,
         end,
         STORAGE: tl.constexpr,
-        STOCHASTIC: tl.constexpr,
         BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Store a new moment: in its dtype, or quantized (from the unrounded value)."""
+        """Store a new moment: in its dtype (stochastically in 16 bits), or quantized
+        (from the unrounded value)."""
         if BITS == 0:
-            _put(pointer, offsets, mask, value, key, STORAGE, STOCHASTIC)
+            _put(pointer, offsets, mask, value, key, shift, STORAGE, True)
         else:
-            _requantize(value, pointer, scales, offsets, mask, first, end, BITS, QBLOCK, SIGNED, BLOCK)
+            _requantize(value, pointer, scales, offsets, mask, first, end, key, shift, BITS, QBLOCK, SIGNED, BLOCK)
 
     @triton.jit
     def _exact_sqrt(x):
@@ -299,6 +319,7 @@ if triton is not None:
             key_exp_avg,
             key_second,
             key_max,
+            shift,
         ) = scalars
         PARAM_STORAGE: tl.constexpr = param.dtype.element_ty
         STATE_STORAGE: tl.constexpr = exp_avg.dtype.element_ty  # uint8 codes when quantized
@@ -321,10 +342,10 @@ if triton is not None:
             mask,
             m,
             key_exp_avg,
+            shift,
             first,
             end,
             STATE_STORAGE,
-            STOCHASTIC,
             QUANT_BITS,
             QBLOCK,
             True,
@@ -342,10 +363,10 @@ if triton is not None:
             mask,
             new_second,
             key_second,
+            shift,
             first,
             end,
             STATE_STORAGE,
-            STOCHASTIC,
             QUANT_BITS,
             QBLOCK,
             False,
@@ -367,10 +388,10 @@ if triton is not None:
                     mask,
                     v,
                     key_max,
+                    shift,
                     first,
                     end,
                     STATE_STORAGE,
-                    STOCHASTIC,
                     QUANT_BITS,
                     QBLOCK,
                     False,
@@ -383,7 +404,7 @@ if triton is not None:
             tl.store(param + offsets, stored, mask=mask)
             tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
         else:
-            _put(param, offsets, mask, p, key_param, PARAM_STORAGE, STOCHASTIC)
+            _put(param, offsets, mask, p, key_param, shift, PARAM_STORAGE, STOCHASTIC)
 
     @triton.jit
     def _fused_step(
@@ -405,6 +426,7 @@ if triton is not None:
         AMP: tl.constexpr,
         KAHAN: tl.constexpr,
         STOCHASTIC: tl.constexpr,
+        RANDOM: tl.constexpr,
         QUANT_BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
         ALIGNED: tl.constexpr,
@@ -445,13 +467,14 @@ if triton is not None:
             scales = (tl.load(row + 6).to(scales_pointer), tl.load(row + 7).to(scales_pointer))
             scales += (tl.load(row + 8).to(scales_pointer),)  # the three moments' block scales
             tensors = (param, grad, exp_avg, second, max_second, compensation) + scales
-            keys = (0, 0, 0, 0)
-            if STOCHASTIC:
+            keys = (0, 0, 0, 0, 0)
+            if RANDOM:  # stochastic rounding's step keys (param, exp_avg, second moment, max)
                 keys = (
-                    tl.load(key_ptr + 4 * t),
-                    tl.load(key_ptr + 4 * t + 1),
-                    tl.load(key_ptr + 4 * t + 2),
-                    tl.load(key_ptr + 4 * t + 3),
+                    tl.load(key_ptr + 5 * t),
+                    tl.load(key_ptr + 5 * t + 1),
+                    tl.load(key_ptr + 5 * t + 2),
+                    tl.load(key_ptr + 5 * t + 3),
+                    tl.load(key_ptr + 5 * t + 4),  # the element offset of a shard
                 )
             scalars = (
                 tl.load(step_size_ptr + t).to(COMPUTE),
@@ -528,8 +551,8 @@ class _Bucket:
         self.storage = params[0].dtype
         self.quantized = state_storage if isinstance(state_storage, QuantFormat) else None
         self.state_storage = torch.uint8 if self.quantized else state_storage
-        moment_dtype = torch.float32 if self.quantized else state_storage
-        self.mode = rounding.effective_rounding(rule.rounding, self.storage, moment_dtype)
+        self.mode = rounding.effective_rounding(rule.rounding, self.storage)
+        self.random = rounding.needs_random_bits(rule.rounding, self.storage, state_storage)
         moments = moment_keys(rule.algorithm, rule.amsgrad)
         if self.quantized:
             moments = [blockwise.stored_keys(key, self.quantized)[0] for key in moments] + [
@@ -584,20 +607,32 @@ class _Bucket:
             self.moving = moving
         return self.device_table
 
-    def step_keys(self, rule: UpdateRule, param_indices: list[int] | None, counts) -> torch.Tensor | None:
-        """Stochastic rounding's keys k_{s,t} as an int64[T, 4] device array; ``counts``
-        are host step counts (NumPy) or device step tensors (never read on the host)."""
-        if self.mode != "stochastic":
+    def step_keys(self, rule: UpdateRule, batch: GroupBatch, counts) -> torch.Tensor | None:
+        """Stochastic rounding's keys k_{s,t} and each tensor's element offset, as an
+        int64[T, 5] device array; ``counts`` are host step counts (NumPy) or device step
+        tensors (never read on the host)."""
+        if not self.random:
             return None
-        indices = [param_indices[i] for i in self.members]
-        if self.stream_keys is None or self.stream_keys[0] != (rule.seed, indices):
+        indices = [batch.param_indices[i] for i in self.members]
+        offsets = (
+            [0] * len(indices) if batch.element_offsets is None else [batch.element_offsets[i] for i in self.members]
+        )
+        if self.stream_keys is None or self.stream_keys[0] != (rule.seed, indices, offsets):
             keys = rounding.param_stream_keys(rule.seed, indices).astype(np.int64)
-            self.stream_keys = ((rule.seed, indices), keys, torch.from_numpy(keys).to(self.device))
+            shifts = np.array(offsets, dtype=np.int64)[:, None]
+            self.stream_keys = (
+                (rule.seed, indices, offsets),
+                keys,
+                shifts,
+                torch.from_numpy(keys).to(self.device),
+                torch.from_numpy(shifts).to(self.device),
+            )
+        _, keys, shifts, device_keys, device_shifts = self.stream_keys
         if isinstance(counts, np.ndarray):
-            keys = rounding.step_keys(self.stream_keys[1], counts[:, None]).astype(np.int64)
-            return torch.from_numpy(keys).to(self.device, non_blocking=True)
+            step_keys = rounding.step_keys(keys, counts[:, None]).astype(np.int64)
+            return torch.from_numpy(np.concatenate([step_keys, shifts], axis=1)).to(self.device, non_blocking=True)
         steps = torch.stack(counts).to(self.device, torch.int64)[:, None]
-        return storage.mix32(self.stream_keys[2] ^ steps)
+        return torch.cat([storage.mix32(device_keys ^ steps), device_shifts], dim=1)
 
 
 class _NeedsStaging(Exception):
@@ -669,7 +704,7 @@ def _group_constants(bucket: _Bucket, group: GroupScalars) -> torch.Tensor:
     return bucket.constants[1]
 
 
-_foreach_step = list_kernel(foreach.adam, foreach.adamax, fused=True)
+_foreach_step = list_kernel(foreach.adam, foreach.adamax)
 
 
 def _foreach_fallback(batch: GroupBatch, rule: UpdateRule) -> None:
@@ -701,7 +736,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
         return
     for bucket, table in zip(buckets, tables):
         step_size, bias_correction2_sqrt, counts = _step_scalars(bucket, rule)
-        keys = bucket.step_keys(rule, batch.param_indices, counts)
+        keys = bucket.step_keys(rule, batch, counts)
         unused = table  # any pointer: read only when AMP is on
         grid = (bucket.chunks.shape[0],)
         _fused_step[grid](
@@ -723,6 +758,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             AMP=amp,
             KAHAN=bucket.mode == "kahan",
             STOCHASTIC=bucket.mode == "stochastic",
+            RANDOM=bucket.random,
             QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
             QBLOCK=bucket.quantized.block if bucket.quantized else 1,
             ALIGNED=bucket.aligned,

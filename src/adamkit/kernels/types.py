@@ -31,9 +31,13 @@ class GroupBatch:
     #: a GradScaler's scale and inf flag, for kernels that unscale and skip themselves
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
-    #: each param's position in the optimizer: its stochastic-rounding stream
-    #: (set for groups with ``rounding="stochastic"``)
+    #: each param's position in the optimizer: its stochastic-rounding stream (set
+    #: for groups that round stochastically: they have a ``seed``)
     param_indices: list[int] | None = None
+    #: per param, the row-major index in the whole param of its first element: a
+    #: shard's offset, so that its random bits are those of the unsharded param
+    #: (``None``: every param is whole)
+    element_offsets: list[int] | None = None
 
     @cached_property
     def states(self) -> list[dict]:

@@ -1,0 +1,108 @@
+"""Lean storage follows fp32 near convergence, not just after one step.
+
+A decaying gradient stream: per-element gradient scales spread log-uniformly over two
+decades (so second moments over four), every gradient shrinking steadily (21x over
+2000 steps, as late in training).  Each lean mode steps a param on that stream next
+to fp32 AdamW fed the same gradients; after 2000 steps its stored second moment
+(dequantized, or upcast from 16 bits) is compared element by element with fp32's.
+
+A moment stored with round-to-nearest cannot follow this: v must decay by 1 - beta2
+(0.1 %) per step, less than half a storage spacing, so it freezes (before the
+stochastic rounding of moments, int8 kept v at 14 times fp32's, and 16-bit moments
+of bf16 params at 5.5 times).  Stochastic rounding makes every stored value exact
+in expectation; what remains is its noise, which grows with the spacing of the
+storage at the value (the element's level, relative to its block's scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import adamkit
+from adamkit import blockwise
+from adamkit.quantization import FORMATS
+from adamkit.state import moment_value
+
+N = 64 * 256  # 64 int8 blocks
+STEPS = 2000
+DECADES = 2.0
+
+
+def gradient_stream(steps: int, seed: int = 0):
+    """Per step, fp32 gradients of N elements: scale_i * a(t) * z, with scales
+    log-uniform over DECADES decades and a(t) = 1 / (1 + t / 100)."""
+    g = torch.Generator().manual_seed(seed)
+    scales = 10.0 ** (-DECADES * torch.rand(N, generator=g, dtype=torch.float64))
+    for t in range(steps):
+        yield (scales * torch.randn(N, generator=g, dtype=torch.float64) / (1 + t / 100)).float()
+
+
+def second_moment(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
+    return moment_value(opt.state[p], "exp_avg_sq", p).double()
+
+
+def tracked(dtype: torch.dtype, **options) -> tuple[float, float]:
+    """(median of v / fp32 v, share of elements off by more than 2x) after STEPS."""
+    start = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    lean = torch.nn.Parameter(start.to(dtype))
+    exact = torch.nn.Parameter(start.clone())
+    lean_opt = adamkit.AdamW([lean], lr=1e-4, seed=0, backend="cpu", **options)
+    exact_opt = torch.optim.AdamW([exact], lr=1e-4)
+    for grad in gradient_stream(STEPS):
+        lean.grad, exact.grad = grad.to(dtype), grad.clone()
+        lean_opt.step()
+        exact_opt.step()
+    ratio = second_moment(lean_opt, lean) / exact_opt.state[exact]["exp_avg_sq"].double()
+    return ratio.median().item(), ((ratio > 2) | (ratio < 0.5)).double().mean().item()
+
+
+MODES = {
+    "int8": (torch.float32, {"state_precision": "int8"}, (0.8, 1.25), 0.05),
+    "bf16 states": (torch.float32, {"state_precision": "bf16"}, (0.8, 1.25), 0.05),
+    "bf16 params, nearest": (torch.bfloat16, {}, (0.8, 1.25), 0.05),
+    "bf16 params, kahan": (torch.bfloat16, {"rounding": "kahan"}, (0.8, 1.25), 0.05),
+    "bf16 params, stochastic": (torch.bfloat16, {"rounding": "stochastic"}, (0.8, 1.25), 0.05),
+    "bf16 params, kahan, int8": (torch.bfloat16, {"rounding": "kahan", "state_precision": "int8"}, (0.8, 1.25), 0.05),
+}
+
+INT4_MISS = (
+    "int4's 16 levels are too coarse to follow v element by element: stochastic rounding keeps it unbiased, "
+    "but its noise over beta2's memory is about sqrt(0.7 * spacing / v), the factor-2 spacing of e4m0 gives "
+    "a median ratio near 0.65 and about half the elements off by more than 2x on this stream"
+)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_lean_second_moments_track_fp32_on_a_decaying_stream(mode):
+    dtype, options, (low, high), off_limit = MODES[mode]
+    median, off = tracked(dtype, **options)
+    assert low <= median <= high, f"median stored v / fp32 v = {median:.3f}"
+    assert off <= off_limit, f"{100 * off:.1f} % of elements off by more than 2x"
+
+
+@pytest.mark.xfail(strict=True, reason=INT4_MISS)
+def test_int4_second_moments_track_fp32_on_a_decaying_stream():
+    median, off = tracked(torch.float32, state_precision="int4")
+    assert 0.67 <= median <= 1.5 and off <= 0.10, (median, off)
+
+
+def test_nearest_rounding_would_freeze_the_second_moment():
+    """The failure the stochastic rounding removes, shown with the format itself: v
+    requantized to nearest each step, starting from fp32's v, stays where it was
+    while fp32's decays."""
+    fmt = FORMATS["int8"]
+    v = torch.rand(N, dtype=torch.float64).float() + 0.5
+    codes = torch.zeros(fmt.code_bytes(N), dtype=torch.uint8)
+    scales = torch.zeros(fmt.blocks(N), dtype=torch.bfloat16)
+    blockwise.quantize_into(v, codes, scales, fmt, signed=False)
+    start = blockwise.dequantize(codes, scales, fmt, False, v.shape)
+    stored, exact = start.clone(), start.double()
+    for _ in range(500):  # zero gradients: v_t = beta2^t v_0
+        blockwise.quantize_into(0.999 * stored, codes, scales, fmt, signed=False)
+        stored = blockwise.dequantize(codes, scales, fmt, False, v.shape)
+        exact = 0.999 * exact
+    assert torch.equal(stored, start)  # frozen
+    assert math.isclose((exact / start.double()).median().item(), 0.999**500, rel_tol=1e-6)
