@@ -34,3 +34,16 @@ def test_train_storage_rejects_unknown_runs():
         [sys.executable, "train_storage.py", "--runs", "bf8"], cwd=BENCHMARKS, capture_output=True, text=True
     )
     assert result.returncode == 2 and "unknown runs ['bf8']" in result.stderr
+
+
+def test_the_fidelity_panel_runs_quick_and_int8_tracks_fp32():
+    """The panel's quick form on its near-convergence task: the table is printed, and
+    int8 states end within 1 % of fp32 AdamW's training loss (the panel's full form holds
+    every lean setting to its bar; see the README)."""
+    command = [sys.executable, "fidelity.py", "--quick", "--tasks", "regression", "--settings"]
+    command += ["fp32 AdamW (torch)", "int8", "bf16, stochastic"]
+    result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = {line[2:36].strip(): line[36:].split() for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert {"fp32 AdamW (torch)", "int8", "bf16, stochastic"} <= rows.keys()
+    assert abs(float(rows["int8"][1]) - 1) <= 0.01, rows["int8"]

@@ -15,9 +15,11 @@ BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.de
 MODES = ("nearest", "kahan", "stochastic")
 
 
-def zero_gradient_run(dtype, backend, rounding, steps=100, n=10_000):  # the issue's acceptance test
+def zero_gradient_run(dtype, backend, rounding, steps=100, n=None):  # the issue's acceptance test
     """AdamW, lr 1e-3, weight decay 1e-2, zero gradients: the update is pure decay,
-    theta_t = theta_0 (1 - lr * wd)^t (closed form)."""
+    theta_t = theta_0 (1 - lr * wd)^t (closed form).  10,000 elements (2,000 under
+    Triton's interpreter, which is slow)."""
+    n = n or (2_000 if backend == "triton" else 10_000)
     g = torch.Generator().manual_seed(0)
     start = (torch.rand(n, generator=g) * 1.5 + 0.5).to(torch.bfloat16)  # in [0.5, 2]
     param = torch.nn.Parameter(start.to(dtype))
