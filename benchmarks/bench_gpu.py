@@ -44,7 +44,11 @@ CASES = {
 
 SWEEP_CASE = Case("~350M fp32 params, GPT-like shapes", gpt2_shapes(n_layer=24, d_model=1024))
 #: (elements per program, warps) tried by --sweep; the first is the kernel's default
-LAUNCH_SHAPES = [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]
+LAUNCH_SHAPES = {
+    "fp32": [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16)],
+    "int8": [(512, 4), (1024, 8), (1024, 4), (1024, 16), (512, 8), (2048, 16)],
+    "int4": [(512, 4), (1024, 8), (1024, 4), (1024, 16), (512, 8), (256, 4)],
+}
 
 CONTENDERS = {
     "torch foreach": lambda ps: torch.optim.Adam(ps, foreach=True),
@@ -83,19 +87,22 @@ def sweep_contenders(state_precision: str | None) -> dict:
 
     def launched_with(block: int, warps: int):
         def make(params):
-            saved = triton_kernel.BLOCK, triton_kernel.NUM_WARPS
-            triton_kernel.BLOCK, triton_kernel.NUM_WARPS = block, warps
+            names = ("BLOCK", "NUM_WARPS", "QUANTIZED_BLOCK", "QUANTIZED_NUM_WARPS")
+            saved = [getattr(triton_kernel, name) for name in names]
+            for name, value in zip(names, (block, warps, block, warps)):
+                setattr(triton_kernel, name, value)
             try:  # a bucket takes the launch shape when its first step builds it
                 opt = adamkit.AdamW(params, backend="triton", **options)
                 opt.step()
             finally:
-                triton_kernel.BLOCK, triton_kernel.NUM_WARPS = saved
+                for name, value in zip(names, saved):
+                    setattr(triton_kernel, name, value)
             return opt
 
         return make
 
     contenders = {"torch fused": lambda ps: torch.optim.AdamW(ps, fused=True)}
-    for block, warps in LAUNCH_SHAPES:
+    for block, warps in LAUNCH_SHAPES[state_precision or "fp32"]:
         contenders[f"adamkit {state_precision or 'fp32'} {block}x{warps}w"] = launched_with(block, warps)
     return contenders
 
@@ -190,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="a,b,c,d", help="which of a,b,c,d (empty: none)")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's launch shapes")
+    parser.add_argument(
+        "--sweep",
+        nargs="?",
+        const="fp32,int8",
+        default="",
+        help="also time the Triton kernel's launch shapes for these state precisions (default fp32,int8)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA device (none found)", file=sys.stderr)
@@ -207,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         contenders = quantized_contenders() if key == "d" else CONTENDERS
         report(case.name, case, *run_case(case, args.rounds, contenders))
         release_memory()
-    if args.sweep:
-        for precision in (None, "int8"):
-            title = f"launch shapes, AdamW with {precision or 'fp32'} states, {SWEEP_CASE.name}"
-            report(title, SWEEP_CASE, *run_case(SWEEP_CASE, args.rounds, sweep_contenders(precision)))
-            release_memory()
+    for name in filter(None, args.sweep.split(",")):
+        precision = None if name == "fp32" else name
+        title = f"launch shapes, AdamW with {name} states, {SWEEP_CASE.name}"
+        report(title, SWEEP_CASE, *run_case(SWEEP_CASE, args.rounds, sweep_contenders(precision)))
+        release_memory()
     return 0
 
 

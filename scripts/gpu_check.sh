@@ -10,7 +10,7 @@
 #             the torch.compile tests on CUDA, and the whole conformance matrix on CUDA
 #             (every CUDA backend against the NumPy reference)
 #   bench     benchmarks/bench_gpu.py: cases a, b, c (fp32 ~1B, 10,000 tensors, bf16)
-#   sweep     benchmarks/bench_gpu.py --sweep: the kernel's launch shapes, fp32 and int8
+#   sweep     benchmarks/bench_gpu.py --sweep: the kernel's launch shapes, fp32, int8 and int4
 #   quant     benchmarks/bench_gpu.py: case d (int8/int4 against torch fused,
 #             bitsandbytes and torchao where importable; torchao compiles per shape)
 #   cli       adamkit bench --device cuda
@@ -107,7 +107,7 @@ PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider -rfE)
 
 declare -A BACKGROUND
 if wanted parity; then
-    run_part parity 240 0 "${PYTEST[@]}" "${PARITY_XDIST[@]}" tests/test_kernel_parity.py &
+    ADAMKIT_PARITY_DUMP="$LOGS/parity-dumps" run_part parity 240 0 "${PYTEST[@]}" "${PARITY_XDIST[@]}" tests/test_kernel_parity.py &
     BACKGROUND[parity]=$!
 fi
 if wanted ptx; then
@@ -120,7 +120,7 @@ fi
 for name in "${!BACKGROUND[@]}"; do wait "${BACKGROUND[$name]}"; done
 
 wanted bench && run_part bench 90 1 "$PYTHON" benchmarks/bench_gpu.py --cases a,b,c
-wanted sweep && run_part sweep 60 1 "$PYTHON" benchmarks/bench_gpu.py --cases "" --sweep
+wanted sweep && run_part sweep 90 1 "$PYTHON" benchmarks/bench_gpu.py --cases "" --sweep fp32,int8,int4
 wanted quant && run_part quant 150 1 "$PYTHON" benchmarks/bench_gpu.py --cases d
 wanted cli && run_part cli 45 1 "$PYTHON" -m adamkit bench --device cuda
 
@@ -131,7 +131,7 @@ for name in parity ptx cuda bench sweep quant cli; do
     grep -q '^PASS\|^SKIP' "$STATUS/$name.status" || status=1
     case $name in
         parity | ptx | cuda) [[ -f $LOGS/$name.log ]] && grep -E '^(FAILED|ERROR)|passed|failed|error' "$LOGS/$name.log" | tail -6 | sed 's/^/    /' >> "$SUMMARY" ;;
-        bench | sweep | quant) [[ -f $LOGS/$name.log ]] && grep -E '^\(|^  [a-z]' "$LOGS/$name.log" | grep -v '^  contender' | head -24 | sed 's/^/  /' >> "$SUMMARY" ;;
+        bench | sweep | quant) [[ -f $LOGS/$name.log ]] && grep -E '^\(|^  [a-z]' "$LOGS/$name.log" | grep -v '^  contender' | head -40 | sed 's/^/  /' >> "$SUMMARY" ;;
     esac
 done
 echo "total $((SECONDS - START))s" >> "$SUMMARY"

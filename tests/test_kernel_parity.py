@@ -11,6 +11,8 @@ reference by the conformance suites; this holds the GPU to the CPU kernel."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from matrix import DEVICE
@@ -53,18 +55,12 @@ SHAPES = [(3000,), (48, 70), ()]
 STEPS = 4
 
 
-def stepped(case: str, backend: str, device: torch.device):
-    """``STEPS`` steps from the same start with the same gradients; params and state on
-    the CPU."""
+def _optimizer(case: str, backend: str, device: torch.device):
+    """The case's optimizer on ``device`` and its params, from the same start."""
     cls, dtype, options = CASES[case]
     g = torch.Generator().manual_seed(11)
     params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype)) for s in SHAPES]
-    opt = cls(params, lr=1e-2, weight_decay=0.1, seed=5, backend=backend, **options)
-    for _ in range(STEPS):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(device, dtype)
-        opt.step()
-    return [p.detach().cpu() for p in params], [{k: v.cpu() for k, v in opt.state[p].items()} for p in params]
+    return cls(params, lr=1e-2, weight_decay=0.1, seed=5, backend=backend, **options), params
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -72,13 +68,50 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
 
 
+def _stored(opt, params) -> dict[str, torch.Tensor]:
+    """Every param and state tensor, on the CPU, by a readable name."""
+    stored = {}
+    for i, p in enumerate(params):
+        stored[f"param {i}"] = p.detach().cpu()
+        for key, value in opt.state[p].items():
+            stored[f"param {i} {key}"] = value.detach().cpu().reshape(-1)
+    return stored
+
+
+def _first_difference(ours: dict, theirs: dict) -> str | None:
+    """A description of the first stored tensor whose bits differ, or None."""
+    if ours.keys() != theirs.keys():
+        return f"state keys differ: {sorted(ours)} and {sorted(theirs)}"
+    for name in ours:
+        differ = (bits(ours[name]) != bits(theirs[name])).reshape(-1)
+        if differ.any():
+            where = differ.nonzero().reshape(-1)[:4].tolist()
+            a, b = ours[name].reshape(-1), theirs[name].reshape(-1)
+            pairs = ", ".join(f"[{i}] {a[i].item()!r} vs {b[i].item()!r}" for i in where)
+            return f"{name}: {int(differ.sum())} of {differ.numel()} elements differ, e.g. {pairs}"
+    return None
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_stores_the_cpu_kernels_bits(case):
-    triton_params, triton_state = stepped(case, "triton", DEVICE)
-    cpu_params, cpu_state = stepped(case, "cpu", torch.device("cpu"))
-    for ours, theirs in zip(triton_params, cpu_params):
-        assert torch.equal(bits(ours), bits(theirs))
-    for ours, theirs in zip(triton_state, cpu_state):
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            assert torch.equal(bits(ours[key].reshape(-1)), bits(theirs[key].reshape(-1))), key
+    """Both kernels stepped side by side on the same gradients; after every step each
+    param and state tensor holds the same bits.  ``ADAMKIT_PARITY_DUMP=DIR`` saves a
+    failing case's inputs and both sides' tensors for study on another machine."""
+    ours, our_params = _optimizer(case, "triton", DEVICE)
+    theirs, their_params = _optimizer(case, "cpu", torch.device("cpu"))
+    g = torch.Generator().manual_seed(12)
+    history = []
+    for step in range(1, STEPS + 1):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for p in their_params]
+        for p, q, grad in zip(our_params, their_params, grads):
+            p.grad, q.grad = grad.to(DEVICE), grad.clone()
+        ours.step()
+        theirs.step()
+        history.append((grads, _stored(ours, our_params), _stored(theirs, their_params)))
+        difference = _first_difference(history[-1][1], history[-1][2])
+        if difference is not None:
+            dump = os.environ.get("ADAMKIT_PARITY_DUMP")
+            if dump:
+                os.makedirs(dump, exist_ok=True)
+                torch.save(history, os.path.join(dump, f"{case}.pt"))
+            pytest.fail(f"step {step}: {difference}")

@@ -76,8 +76,10 @@ def compile_variant(overrides: dict, capability: int) -> str:
     for name in DTYPES:
         constexprs[name] = getattr(tl, constexprs[name])
     fmt = FORMATS.get(constexprs.pop("QUANT", None))
-    if fmt is not None:
-        constexprs |= {"QUANT_BITS": fmt.bits, "QBLOCK": fmt.block}
+    warps = kernel.NUM_WARPS
+    if fmt is not None:  # the quantized buckets' launch shape
+        constexprs |= {"QUANT_BITS": fmt.bits, "QBLOCK": fmt.block, "BLOCK": kernel.QUANTIZED_BLOCK}
+        warps = kernel.QUANTIZED_NUM_WARPS
     signature = {name: POINTERS.get(name, "constexpr") for name in fn.arg_names}
     assert set(signature) == set(POINTERS) | set(constexprs), "the worker's signature is out of date"
     # torch allocations are 16-byte aligned: the launcher specializes tensor arguments so
@@ -86,7 +88,7 @@ def compile_variant(overrides: dict, capability: int) -> str:
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", capability, 32),
-        options=kernel.COMPILE_OPTIONS | {"num_warps": kernel.NUM_WARPS},
+        options=kernel.COMPILE_OPTIONS | {"num_warps": warps},
     )
     return compiled.asm["ptx"]
 

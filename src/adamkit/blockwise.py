@@ -5,9 +5,12 @@ each element's random bits, or to nearest), and the state keys that hold them
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
+from . import quantization
 from .quantization import FORMATS, LEGACY_FORMATS, MIN_EXPONENT, SIGNED_KEYS, QuantFormat, codes_key, scales_key
 
 
@@ -78,16 +81,24 @@ def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, b
     return torch.where(s.isnan(), 0, code)
 
 
+@functools.cache
+def signed_tables(fmt: QuantFormat, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The signed map's levels L_0..L_K, +inf and gaps g_0..g_K on ``device`` (see
+    :func:`adamkit.quantization.signed_magnitudes`), made once per device."""
+    levels = torch.from_numpy(quantization.signed_magnitudes(fmt)).to(device)
+    return levels, torch.from_numpy(quantization.signed_gaps(fmt)).to(device)
+
+
 def _signed_codes(flat: Tensor, r: Tensor, fmt: QuantFormat, bits16: Tensor | None) -> Tensor:
     K = fmt.signed_levels
     if bits16 is None:
         k = torch.floor(K * r.sqrt() + 0.5).to(torch.int64)
-    else:  # between the neighbouring levels lo <= r <= hi, up with probability (r - lo) / (hi - lo)
+    else:  # the level L_k <= r < L_{k+1}, up with probability (r - L_k) / g_k
+        levels, gaps = signed_tables(fmt, r.device)
         k = torch.floor(K * r.sqrt()).to(torch.int64).clamp(max=K)
-        t_lo, t_hi = k.float() / K, (k + 1).float() / K
-        lo, hi = t_lo * t_lo, t_hi * t_hi
-        fraction = (r - lo) / (hi - lo)
-        k = k + ((fraction * 65536.0 >= 65536.0 - bits16.float()) & (k < K)).to(torch.int64)
+        k = k - (r < levels[k]).to(torch.int64) + (r >= levels[k + 1]).to(torch.int64)
+        up = (r - levels[k]) * 65536.0 >= gaps[k] * (65536.0 - bits16.float())
+        k = k + up.to(torch.int64)
     return torch.where(flat < 0, -k, k) + K
 
 
@@ -122,8 +133,8 @@ def _values(code: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Ten
     s = _per_element(scales, fmt, code.numel())
     if signed:
         k = code - fmt.signed_levels
-        t = k.abs().float() / fmt.signed_levels
-        return torch.where(k < 0, -(s * (t * t)), s * (t * t))
+        value = s * signed_tables(fmt, code.device)[0][k.abs()]
+        return torch.where(k < 0, -value, value)
     if fmt.legacy:
         t = (code + 1).float() / fmt.unsigned_levels
         return s * (t * t)
@@ -233,6 +244,7 @@ __all__ = [
     "quantize_into",
     "restore_into",
     "scales_of",
+    "signed_tables",
     "store_moment",
     "stored_format",
     "stored_keys",

@@ -47,19 +47,25 @@ every backend stores the same codes:
   :math:`L = 23 - M` the fraction bits below the kept ones, then truncate them (the
   carry rounds up with the right probability; levels are the fp32 numbers with
   :math:`M` fraction bits, so this *is* value-domain stochastic rounding);
-* first moment: :math:`k_0 = \lfloor K \sqrt r \rfloor`, :math:`lo = (k_0/K)^2`,
-  :math:`hi = ((k_0 + 1)/K)^2`, :math:`\phi = (r - lo) / (hi - lo)`, and
-  :math:`k = k_0 + [2^{16}\phi \ge 2^{16} - u]` (:math:`k = K` when :math:`k_0 = K`).
+* first moment: between the levels :math:`L_k = (k c)^2`, :math:`c = 1/K` (fp32:
+  :math:`c` rounded, then each product), :math:`k` the largest index with
+  :math:`L_k \le r`, and up to :math:`k + 1` when
+  :math:`2^{16} (r - L_k) \ge g_k (2^{16} - u)`, with the level gap
+  :math:`g_k = L_{k+1} - L_k` (:math:`g_K = \infty`: the top level stays).  Nothing
+  is divided but :math:`r`: kernels compute :math:`L` and :math:`g` (or read the
+  tables :func:`signed_magnitudes`, :func:`signed_gaps`) and find :math:`k` from
+  :math:`\lfloor K \sqrt r \rfloor` (any square root: one comparison either side
+  corrects it).
 
 Values converted once rather than stepped (a checkpoint loaded into a quantized
 optimizer, a state converted between precisions) are rounded to nearest:
 :math:`k = \lfloor K \sqrt r + \tfrac12 \rfloor`, and half of the dropped fraction
 added before truncation for the float map.
 
-Arithmetic is fp32 and correctly rounded at every operation (``|x| / s``, the square
-root, ``K c``, the level products and the division), so every backend produces the
-same codes.  A block whose scale is zero stores codes 0 (it dequantizes to zeros); a
-block holding a NaN or an infinity stores the scale NaN (every element dequantizes to
+Arithmetic is fp32 and correctly rounded at every operation (``|x| / s``, the
+level products and differences, the comparison's two products), so every backend
+produces the same codes.  A block whose scale is zero stores codes 0 (it dequantizes
+to zeros); a block holding a NaN or an infinity stores the scale NaN (every element dequantizes to
 NaN: a non-finite moment poisons its block).
 
 Packing: int8 codes are one byte each; int4 codes two to a byte, element
@@ -195,20 +201,33 @@ def _ratios(x: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
         return np.where(usable, np.abs(x) / np.where(usable, s, np.float32(1)), np.float32(0)).astype(np.float32)
 
 
+def signed_magnitudes(fmt: QuantFormat) -> np.ndarray:
+    """The signed map's levels L_k = (k c)^2, c = 1/K (fp32: c rounded, then each
+    product) for k = 0..K, then +inf (K + 2 entries: a kernel may look one past the
+    top).  Products rather than k / K: a kernel computes a level in two multiplies."""
+    K = fmt.signed_levels
+    t = (np.arange(K + 1).astype(np.float32) * (np.float32(1) / np.float32(K))).astype(np.float32)
+    return np.append(t * t, np.float32(np.inf)).astype(np.float32)
+
+
+def signed_gaps(fmt: QuantFormat) -> np.ndarray:
+    """g_k = L_{k+1} - L_k (fp32) for k = 0..K, g_K = +inf: no level above the top."""
+    levels = signed_magnitudes(fmt)
+    gaps = (levels[1:] - levels[:-1]).astype(np.float32)
+    gaps[-1] = np.inf
+    return gaps
+
+
 def _signed_codes(x: np.ndarray, r: np.ndarray, fmt: QuantFormat, bits16: np.ndarray | None) -> np.ndarray:
     K = fmt.signed_levels
-    levels = np.float32(K)
     if bits16 is None:
-        k = np.floor(levels * np.sqrt(r) + np.float32(0.5)).astype(np.int64)
-    else:
-        k = np.minimum(np.floor(levels * np.sqrt(r)).astype(np.int64), K)
-        t_lo = (k.astype(np.float32) / levels).astype(np.float32)
-        t_hi = ((k + 1).astype(np.float32) / levels).astype(np.float32)
-        lo, hi = t_lo * t_lo, t_hi * t_hi
-        with np.errstate(invalid="ignore", divide="ignore"):
-            fraction = ((r - lo) / (hi - lo)).astype(np.float32)
-        threshold = np.float32(65536) - np.asarray(bits16, dtype=np.float32).reshape(r.shape)
-        k = k + ((fraction * np.float32(65536) >= threshold) & (k < K))
+        k = np.floor(np.float32(K) * np.sqrt(r) + np.float32(0.5)).astype(np.int64)
+    else:  # the level below r, and up with probability (r - L_k) / g_k
+        levels = signed_magnitudes(fmt)
+        k = np.searchsorted(levels[: K + 1], r, side="right").astype(np.int64) - 1
+        distance = ((r - levels[k]) * np.float32(65536)).astype(np.float32)
+        threshold = signed_gaps(fmt)[k] * (np.float32(65536) - np.asarray(bits16, dtype=np.float32).reshape(r.shape))
+        k = k + (distance >= threshold.astype(np.float32))
     return np.where(x < 0, -k, k) + K
 
 
@@ -259,8 +278,7 @@ def level_values(codes: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed
     codes = np.asarray(codes, dtype=np.int64)
     if signed:
         k = codes - fmt.signed_levels
-        t = (np.abs(k).astype(np.float32) / np.float32(fmt.signed_levels)).astype(np.float32)
-        level = np.sign(k).astype(np.float32) * (t * t)
+        level = np.sign(k).astype(np.float32) * signed_magnitudes(fmt)[np.abs(k)]
     else:
         level = unsigned_levels(codes, fmt)
     s = np.repeat(scales, fmt.block)[: codes.size]
@@ -325,6 +343,8 @@ __all__ = [
     "pack",
     "quantize",
     "scales_key",
+    "signed_gaps",
+    "signed_magnitudes",
     "unpack",
     "unsigned_levels",
 ]

@@ -335,17 +335,15 @@ if numba is not None:
         return abs(x) / (scale + np.float32(scale == 0))
 
     @njit(inline="always", nogil=True)
-    def _signed_code(x, scale, levels, bits16):
-        """The spec's stochastically rounded first-moment code: k0 = floor(K sqrt r),
-        up to k0 + 1 with probability (r - lo) / (hi - lo)."""
+    def _signed_code(x, scale, levels, magnitudes, gaps, bits16):
+        """The spec's stochastically rounded first-moment code: the level L_k <= r found
+        from floor(K sqrt r) and a comparison either side, up to k + 1 when
+        2^16 (r - L_k) >= g_k (2^16 - u) (no division but r's)."""
         r = _ratio(x, scale)
         k = min(np.int32(np.floor(np.float32(levels) * np.sqrt(r))), np.int32(levels))
-        t_lo = np.float32(k) / np.float32(levels)
-        t_hi = np.float32(k + 1) / np.float32(levels)
-        lo, hi = t_lo * t_lo, t_hi * t_hi
-        fraction = (r - lo) / (hi - lo)
-        up = (fraction * np.float32(65536.0) >= np.float32(65536.0) - np.float32(bits16)) & (k < np.int32(levels))
-        k = k + np.int32(up)
+        k = k - np.int32(r < magnitudes[k]) + np.int32(r >= magnitudes[k + 1])
+        distance = (r - magnitudes[k]) * np.float32(65536.0)
+        k = k + np.int32(distance >= gaps[k] * (np.float32(65536.0) - np.float32(bits16)))
         return k * (np.int32(1) - np.int32(2) * np.int32(x < 0)) + np.int32(levels)
 
     @njit(inline="always", nogil=True)
@@ -356,11 +354,12 @@ if numba is not None:
         return np.int32(min(max(kept - first, np.int64(0)), np.int64(top)))
 
     @njit(inline="always", nogil=True)
-    def _code(x, scale, i, key, levels, dropped, first, top, signed):
+    def _code(x, scale, i, key, tables, dropped, first, top, signed):
         """Element ``i``'s code, with its random bits under step key ``key``."""
         bits16 = _random16(key, i)
         if signed:
-            return _signed_code(x, scale, levels, bits16)
+            levels, magnitudes, gaps = tables
+            return _signed_code(x, scale, levels, magnitudes, gaps, bits16)
         return _float_code(x, scale, dropped, first, top, bits16)
 
     @overload(_requantize)
@@ -371,7 +370,7 @@ if numba is not None:
         rounded stochastically with the bits of step key ``key`` (element indices
         counted from ``shift``)."""
         fmt, signed = _format_of(state_witness, sign_witness)
-        levels = fmt.signed_levels
+        levels, magnitudes, gaps = fmt.signed_levels, quantization.signed_magnitudes(fmt), quantization.signed_gaps(fmt)
         dropped = 23 - fmt.mantissa_bits
         first_code = (127 + MIN_EXPONENT) << fmt.mantissa_bits
         top = (1 << fmt.bits) - 1
@@ -380,6 +379,7 @@ if numba is not None:
         def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
             codes = _pointer(codes_address, _BYTE_WITNESS)
             scales = _pointer(scales_address, _BFLOAT16_WITNESS)
+            tables = (levels, magnitudes, gaps)  # the signed map's (see _signed_code)
             # raw pointers, addressed by element index: array indexing keeps LLVM from vectorizing
             address = np.int64(values.ctypes.data) - 4 * first
             fresh, patterns = _pointer(address, _FLOAT32_WITNESS), _pointer(address, _INT32_WITNESS)
@@ -395,14 +395,14 @@ if numba is not None:
                     if packed:
                         for j in range(low >> 1, (high + 1) >> 1):
                             i = 2 * j
-                            even = _code(fresh[i], scale, i + shift, key, levels, dropped, first_code, top, signed)
+                            even = _code(fresh[i], scale, i + shift, key, tables, dropped, first_code, top, signed)
                             odd = _code(
-                                fresh[i + 1], scale, i + 1 + shift, key, levels, dropped, first_code, top, signed
+                                fresh[i + 1], scale, i + 1 + shift, key, tables, dropped, first_code, top, signed
                             )
                             codes[j] = np.uint8(even | ((odd * np.int32(i + 1 < high)) << 4))
                     else:
                         for i in range(low, high):
-                            code = _code(fresh[i], scale, i + shift, key, levels, dropped, first_code, top, signed)
+                            code = _code(fresh[i], scale, i + shift, key, tables, dropped, first_code, top, signed)
                             codes[i] = np.uint8(code)
                 else:  # a non-finite block: scale NaN, codes 0
                     scales[b] = np.uint16(0x7FC0)
