@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# numba keys its on-disk cache by each kernel file's own stamp, but the CPU kernel bakes in
+# tables computed from the specs (adamkit/quantization.py, rounding.py): drop a cache that is
+# older than any source file, or an edited spec would be tested against stale kernels
+cache=src/adamkit/kernels/__pycache__
+oldest=$(ls -tr "$cache"/*.nbi 2>/dev/null | head -1 || true)
+if [[ -n $oldest && -n $(find src/adamkit -name '*.py' -newer "$oldest") ]]; then
+    rm -f "$cache"/*.nbi "$cache"/*.nbc
+fi
 # the cores this process may use, at most 4 (each worker holds its own torch and compiled kernels)
 workers=$(.venv/bin/python -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 exec .venv/bin/python -m pytest -q -n "$workers" "$@"
