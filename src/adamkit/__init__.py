@@ -4,16 +4,18 @@
 for ``torch.optim.Adam`` / ``AdamW`` / ``Adamax``; :mod:`adamkit.reference` is the
 paper, line by line, in NumPy float64; :mod:`adamkit.rounding` specifies how 16-bit
 values are stored and :mod:`adamkit.quantization` the int8/int4 state format;
-:mod:`adamkit.precision` has helpers for 16-bit training and :mod:`adamkit.convert`
+:mod:`adamkit.precision` has helpers for 16-bit training (and :func:`stall_guard`
+warns when steps are too small for a param's storage), :mod:`adamkit.convert`
 converts quantized state dicts to and from torch.optim's.  :mod:`adamkit.numpy` steps
 NumPy arrays, and :func:`adamkit.minimize` (needs SciPy) solves ``scipy.optimize``-style
 problems.
 """
 
-from . import convert, precision, quantization, reference, rounding
+from . import convert, precision, quantization, reference, rounding, stalls
 from ._version import __version__
 from .optim import Adam, AdaMax, Adamax, AdamW
 from .release import gradient_release
+from .stalls import stall_guard
 
 
 def __getattr__(name: str):
@@ -36,5 +38,7 @@ __all__ = [
     "quantization",
     "reference",
     "rounding",
+    "stall_guard",
+    "stalls",
     "__version__",
 ]
