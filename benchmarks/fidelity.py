@@ -65,6 +65,10 @@ def settings() -> list[Setting]:
         Setting("bf16, stochastic", torch.bfloat16, {"rounding": "stochastic"}),
         Setting("bf16, kahan, fp32 states", torch.bfloat16, {"rounding": "kahan", "state_precision": "fp32"}),
         Setting("bf16, kahan, int8", torch.bfloat16, {"rounding": "kahan", "state_precision": "int8"}),
+        Setting(
+            "bf16, master fp32, fp32 states", torch.bfloat16, {"master_weights": "fp32", "state_precision": "fp32"}
+        ),
+        Setting("bf16, master fp32, int8", torch.bfloat16, {"master_weights": "fp32", "state_precision": "int8"}),
     ]
     try:
         import bitsandbytes  # noqa: F401

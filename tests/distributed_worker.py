@@ -38,6 +38,11 @@ SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
     "adamax-cpu": ("AdaMax", {"backend": "cpu"}, torch.float32),
     "bf16-kahan-cpu": ("AdamW", {"backend": "cpu", "rounding": "kahan"}, torch.bfloat16),
     "bf16-kahan-foreach": ("Adam", {"backend": "foreach", "rounding": "kahan"}, torch.bfloat16),
+    "bf16-master-cpu": (
+        "AdamW",
+        {"backend": "cpu", "master_weights": "fp32", "state_precision": "int8"},
+        torch.bfloat16,
+    ),
     "int8-cpu": ("AdamW", {"backend": "cpu", "state_precision": "int8"}, torch.float32),
     "int8-foreach": ("Adam", {"backend": "foreach", "state_precision": "int8"}, torch.float32),
     "int4-cpu": ("Adam", {"backend": "cpu", "state_precision": "int4"}, torch.float32),
@@ -57,7 +62,7 @@ WIDTHS = {"int8-empty-shards": 1, "int8-unaligned": 6, "fp32-triton": 64, "int4-
 #: settings that do not equal single-process training
 NOT_EQUAL = ("int8-unaligned",)
 #: the settings checkpointed with DCP (and loaded 2 -> 1 -> 2 processes)
-CHECKPOINTED = ("fp32-cpu", "bf16-kahan-cpu", "int8-cpu")
+CHECKPOINTED = ("fp32-cpu", "bf16-kahan-cpu", "int8-cpu", "bf16-master-cpu")
 
 
 #: each rank on its share of the batch: adamkit's torch-exact path against torch.optim itself

@@ -13,6 +13,7 @@ import torch
 
 import adamkit
 from adamkit import reference
+from adamkit.master import join_tensors
 
 N = 4
 CYCLES = 3
@@ -196,7 +197,12 @@ def test_one_accumulation_step_is_the_plain_path():
 
 @pytest.mark.parametrize(
     "options",
-    [{"rounding": "kahan"}, {"rounding": "stochastic", "seed": 3}, {"state_precision": "int8"}],
+    [
+        {"rounding": "kahan"},
+        {"rounding": "stochastic", "seed": 3},
+        {"state_precision": "int8"},
+        {"master_weights": "fp32"},
+    ],
     ids=str,
 )
 def test_low_precision_storage_follows_the_reference(options):
@@ -204,7 +210,7 @@ def test_low_precision_storage_follows_the_reference(options):
     micro-batch: close to the float64 reference (which starts from the same values),
     within 5% of the most the weights can move (lr per update) or, for stochastic
     rounding, a few bf16 ulps."""
-    dtype = torch.bfloat16 if "rounding" in options else torch.float32
+    dtype = torch.bfloat16 if "rounding" in options or "master_weights" in options else torch.float32
     params = starting_params(dtype=dtype)
     opt = adamkit.Adam(params, lr=0.01, accumulation_steps=N, **options)
     run(opt, params, [[[g.to(dtype) for g in batch] for batch in cycle] for cycle in micro_batches()])
@@ -213,6 +219,8 @@ def test_low_precision_storage_follows_the_reference(options):
         value = p.detach().double().numpy()
         if options.get("rounding") == "kahan":
             value = value + opt.state[p]["kahan_compensation"].double().numpy()
+        if "master_weights" in options:
+            value = join_tensors(p, opt.state[p]["master_low_bits"]).double().numpy()
         if options.get("rounding") == "stochastic":
             np.testing.assert_allclose(value, theta, rtol=3 * 2.0**-8, atol=1e-6)
         else:

@@ -49,6 +49,7 @@ STORAGE = {
     "bf16-nearest-fp32-states": (torch.bfloat16, {"state_precision": "fp32"}),
     "bf16-kahan": (torch.bfloat16, {"rounding": "kahan"}),
     "bf16-stochastic": (torch.bfloat16, {"rounding": "stochastic"}),
+    "bf16-master-int8": (torch.bfloat16, {"master_weights": "fp32", "state_precision": "int8"}),
     "fp16-kahan-int8": (torch.float16, {"rounding": "kahan", "state_precision": "int8"}),
     "int8": (torch.float32, {"state_precision": "int8"}),
     "int4-amsgrad": (torch.float32, {"state_precision": "int4", "amsgrad": True}),

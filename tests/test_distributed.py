@@ -21,6 +21,7 @@ import torch
 
 import adamkit
 from adamkit.convert import full_precision_export
+from adamkit.master import MASTER_KEY, join_tensors
 from adamkit.state import moment_value
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -89,7 +90,7 @@ def single(out) -> dict:
 def _state(model, optimizer) -> dict:
     """Each param's state by name, moments as values (dequantized if quantized)."""
     names = {p: name for name, p in model.named_parameters()}
-    keys = ("exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq", "kahan_compensation")
+    keys = ("exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq", "kahan_compensation", "master_low_bits")
     result = {}
     for p, state in optimizer.state.items():
         values = {key: moment_value(state, key, p) for key in keys}
@@ -110,11 +111,16 @@ def _moments(state: dict) -> dict:
 
 
 def _assert_close(actual: dict, expected: dict, exact: bool = False) -> None:
+    """``master_low_bits`` (int16 patterns in bf16 tensors) are compared as bits when
+    ``exact``, else through the master weights (:func:`_assert_masters_close`)."""
     assert actual.keys() == expected.keys()
     for name in expected:
         a, e = actual[name], expected[name]
         if isinstance(e, dict):
             _assert_close(a, e, exact)
+        elif name == MASTER_KEY:
+            if exact:
+                assert torch.equal(a.view(torch.int16), e.view(torch.int16)), name
         elif exact:
             assert torch.equal(torch.as_tensor(a), torch.as_tensor(e)), name
         else:  # fp32 rounding: summation order may differ between a shard and the whole
@@ -127,6 +133,16 @@ def test_fsdp2_training_equals_single_process(sharded, single, setting):
     assert ours["losses"] == pytest.approx(oracle["losses"], rel=1e-6)
     _assert_close(ours["params"], oracle["params"])
     _assert_close(_moments(ours["state"]), oracle["state"])
+    _assert_close(_masters(ours), _masters(oracle))
+
+
+def _masters(run: dict) -> dict:
+    """The split fp32 master weights of a run's bf16 params, by name (none without)."""
+    return {
+        name: join_tensors(run["params"][name], state[MASTER_KEY])
+        for name, state in run["state"].items()
+        if MASTER_KEY in state
+    }
 
 
 def test_unaligned_shards_are_quantized_shard_by_shard(sharded, single):

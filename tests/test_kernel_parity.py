@@ -37,6 +37,12 @@ CASES = {
     "adamw-bf16-kahan": (adamkit.AdamW, torch.bfloat16, {"rounding": "kahan"}),
     "adamw-bf16-kahan-fp32-states": (adamkit.AdamW, torch.bfloat16, {"rounding": "kahan", "state_precision": "fp32"}),
     "adamw-bf16-stochastic": (adamkit.AdamW, torch.bfloat16, {"rounding": "stochastic"}),
+    "adamw-bf16-master": (adamkit.AdamW, torch.bfloat16, {"master_weights": "fp32"}),
+    "adam-bf16-master-int4-amsgrad": (
+        adamkit.Adam,
+        torch.bfloat16,
+        {"master_weights": "fp32", "state_precision": "int4", "amsgrad": True},
+    ),
     "adamw-fp16-nearest-fp32-states": (adamkit.AdamW, torch.float16, {"state_precision": "fp32"}),
     "adamw-fp16-kahan": (adamkit.AdamW, torch.float16, {"rounding": "kahan"}),
     "adamw-fp16-stochastic": (adamkit.AdamW, torch.float16, {"rounding": "stochastic"}),

@@ -122,8 +122,13 @@ def test_kahan_loses_fine_tuning_decay_once_its_compensation_has_grown():
 
 @pytest.mark.parametrize(
     "dtype, options",
-    [(torch.bfloat16, {"rounding": "stochastic"}), (torch.float32, {}), (torch.bfloat16, {"state_precision": "int8"})],
-    ids=["bf16-stochastic", "fp32", "bf16-int8"],
+    [
+        (torch.bfloat16, {"rounding": "stochastic"}),
+        (torch.float32, {}),
+        (torch.bfloat16, {"state_precision": "int8"}),
+        (torch.bfloat16, {"master_weights": "fp32"}),
+    ],
+    ids=["bf16-stochastic", "fp32", "bf16-int8", "bf16-master"],
 )
 def test_no_warning_where_training_steps_are_kept(dtype, options):
     model = _model(dtype)
@@ -182,3 +187,17 @@ def test_bad_arguments_are_named(arguments, error, words):
 def test_a_torch_optimizer_is_refused():
     with pytest.raises(TypeError, match="optimizer must be an adamkit optimizer, got AdamW"):
         adamkit.stall_guard(torch.optim.AdamW(_model(torch.float32).parameters()))
+
+
+def test_split_master_weights_keep_fine_tuning_decay():
+    """Where bf16 loses every decay step (above), the split fp32 master keeps them."""
+    model = _model(torch.bfloat16)
+    opt = adamkit.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, master_weights="fp32")
+    guard = adamkit.stall_guard(opt, every=10)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StallWarning)
+        for _ in range(30):
+            opt.step()
+    assert set(guard.check().values()) == {0.0}

@@ -18,6 +18,7 @@ VARIANTS = {
     "adam-fp64": {"PARAM_STORAGE": "float64", "STATE_STORAGE": "float64", "COMPUTE": "float64"},
     "adam-bf16-kahan": {"PARAM_STORAGE": "bfloat16", "STATE_STORAGE": "bfloat16", "KAHAN": True, "RANDOM": True},
     "adam-bf16-stochastic": {"PARAM_STORAGE": "bfloat16", "STOCHASTIC": True, "RANDOM": True},
+    "adam-bf16-master": {"PARAM_STORAGE": "bfloat16", "MASTER": True},
     "adam-fp16-stochastic": {
         "PARAM_STORAGE": "float16",
         "STATE_STORAGE": "float16",
@@ -42,6 +43,7 @@ BASE = {
     "DECAY": 2,
     "AMP": False,
     "KAHAN": False,
+    "MASTER": False,
     "STOCHASTIC": False,
     "RANDOM": False,
     "QUANT_BITS": 0,

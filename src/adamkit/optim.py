@@ -29,6 +29,13 @@ keyword-only:
     behaviour), ``"kahan"`` (a compensation buffer carries what rounding lost) or
     ``"stochastic"`` (unbiased random rounding, reproducible from ``seed``).  See
     :mod:`adamkit.rounding`.  fp32/fp64 params are unaffected.
+``master_weights``
+    ``"fp32"``: each bf16 param is the high half of an fp32 master weight whose low
+    16 bits the optimizer keeps (``state["master_low_bits"]``, +2 bytes per param): the
+    step runs on the fp32 master, and its bits are those of the same run on fp32
+    params.  ``None`` (the default): the param is the weight.  See
+    :mod:`adamkit.master`; needs ``rounding="nearest"``; fp32/fp64 params are
+    unaffected, fp16 params cannot split.
 ``state_precision``
     The moments' storage: ``None`` (the param's dtype, as torch), ``"fp32"``,
     ``"bf16"``, or block-wise quantized ``"int8"`` / ``"int4"`` (about 2 and 1 bytes
@@ -142,6 +149,7 @@ class _AdamFamily(Optimizer):
         "decouple_lr",
         "max_lr",
         "rounding",
+        "master_weights",
         "state_precision",
         "seed",
         "skip_nonfinite",
@@ -241,8 +249,16 @@ class _AdamFamily(Optimizer):
             group.get("state_precision"),
             group.get("seed"),
             differentiable=group["differentiable"],
+            master_weights=group.get("master_weights"),
             where=where,
         )
+        if group.get("master_weights") is not None:
+            for j, p in enumerate(group["params"]):
+                if p.dtype == torch.float16:
+                    raise ValueError(
+                        f"master_weights={group['master_weights']!r} splits bf16 params, but params[{j}]{where} "
+                        "is float16 (its exponent is not an fp32's): use bf16, or rounding='kahan' or 'stochastic'"
+                    )
         if not group.get("decouple_lr"):
             return
         max_lr = group["max_lr"]
@@ -279,6 +295,7 @@ class _AdamFamily(Optimizer):
             group.setdefault("decouple_lr", False)
             group.setdefault("max_lr", as_number(group["lr"]))
             group.setdefault("rounding", "nearest")
+            group.setdefault("master_weights", None)
             group.setdefault("state_precision", None)
             group.setdefault("seed", None)
             group.setdefault("skip_nonfinite", False)
@@ -447,6 +464,7 @@ class _AdamFamily(Optimizer):
             tuple(map(id, params)),
             bool(group.get("amsgrad")),
             group.get("rounding"),
+            group.get("master_weights"),
             group.get("state_precision"),
             id(self.state),
             len(self.state),
@@ -579,7 +597,8 @@ class Adam(_AdamFamily):
 
     Args are those of ``torch.optim.Adam`` (same defaults, same meaning), plus the
     keyword-only ``decouple_lr``, ``max_lr``, ``backend``, ``rounding``,
-    ``state_precision`` and ``seed`` described in :mod:`adamkit.optim`.
+    ``master_weights``, ``state_precision``, ``seed``, ``skip_nonfinite``,
+    ``diagnostics`` and ``accumulation_steps`` described in :mod:`adamkit.optim`.
 
     Example::
 
@@ -610,6 +629,7 @@ class Adam(_AdamFamily):
         max_lr: float | None = None,
         backend: str | None = None,
         rounding: str = "nearest",
+        master_weights: str | None = None,
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
@@ -629,7 +649,12 @@ class Adam(_AdamFamily):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        storage = {"rounding": rounding, "state_precision": state_precision, "seed": seed}
+        storage = {
+            "rounding": rounding,
+            "master_weights": master_weights,
+            "state_precision": state_precision,
+            "seed": seed,
+        }
         self._construct(
             params,
             torch_defaults,
@@ -679,6 +704,7 @@ class AdamW(Adam):
         max_lr: float | None = None,
         backend: str | None = None,
         rounding: str = "nearest",
+        master_weights: str | None = None,
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
@@ -702,6 +728,7 @@ class AdamW(Adam):
             max_lr=max_lr,
             backend=backend,
             rounding=rounding,
+            master_weights=master_weights,
             state_precision=state_precision,
             seed=seed,
             skip_nonfinite=skip_nonfinite,
@@ -749,6 +776,7 @@ class AdaMax(_AdamFamily):
         max_lr: float | None = None,
         backend: str | None = None,
         rounding: str = "nearest",
+        master_weights: str | None = None,
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
@@ -766,7 +794,12 @@ class AdaMax(_AdamFamily):
             "capturable": capturable,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        storage = {"rounding": rounding, "state_precision": state_precision, "seed": seed}
+        storage = {
+            "rounding": rounding,
+            "master_weights": master_weights,
+            "state_precision": state_precision,
+            "seed": seed,
+        }
         self._construct(
             params,
             torch_defaults,

@@ -1,13 +1,16 @@
 """Helpers for training with 16-bit weights: cast a model while keeping chosen modules
-in fp32, and move a run from fp32 to bf16 without losing the fp32 weights' precision
-(seed the Kahan compensation from them).
+in fp32; read the weights an optimizer holds at full precision (:func:`master_weights`),
+and set them from fp32 weights (:func:`load_master_weights`), so a bf16 run checkpoints
+as fp32 weights and resumes from them, or an fp32 run moves to bf16 without losing its
+weights' precision.
 
 Example::
 
     >>> model = adamkit.precision.cast_module(model, torch.bfloat16, keep=(torch.nn.LayerNorm,))
-    >>> opt = adamkit.AdamW(model.parameters(), rounding="kahan")
-    >>> opt.load_state_dict(fp32_optimizer_state)          # moments from the fp32 run
-    >>> adamkit.precision.seed_compensation(opt, fp32_weights)  # p + c == the fp32 weights
+    >>> opt = adamkit.AdamW(model.parameters(), master_weights="fp32")
+    >>> opt.load_state_dict(fp32_optimizer_state)                 # moments from the fp32 run
+    >>> adamkit.precision.load_master_weights(opt, fp32_weights)  # the fp32 weights, exactly
+    >>> fp32_weights = adamkit.precision.master_weights(opt)      # and back, at any time
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .master import MASTER_KEY, join_tensors, split_into
 from .rounding import is_low_precision
-from .state import COMPENSATION_KEY, init_state
+from .state import COMPENSATION_KEY, has_compensation, has_master_bits, init_state
 
 #: normalization layers, usually kept in fp32: ``keep=NORMALIZATION_LAYERS``
 NORMALIZATION_LAYERS: tuple[type[nn.Module], ...] = (
@@ -55,17 +59,51 @@ def cast_module(module: nn.Module, dtype: torch.dtype = torch.bfloat16, *, keep:
     return module
 
 
-def seed_compensation(optimizer: torch.optim.Optimizer, weights: Iterable[Tensor] | Mapping[Tensor, Tensor]) -> None:
-    """Set each 16-bit param of a ``rounding="kahan"`` group to the Kahan pair of its
-    fp32 (or fp64) weight: :math:`p = rn(w)`, :math:`c = rn(w - p)`, so the run goes on
-    from ``w`` itself rather than from ``w`` rounded to 16 bits.
+def master_weights(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The weights the optimizer holds, as new fp32 tensors (fp64 for fp64 params), one
+    per param in ``state_dict`` order: under ``master_weights="fp32"`` the split master
+    weight, exactly; under ``rounding="kahan"`` the sum p + c in fp32, as a step forms
+    it; elsewhere the param itself, upcast.  An fp32 model state dict of a bf16 run::
+
+        >>> weights = adamkit.precision.master_weights(opt)
+        >>> fp32_state = {name: w for (name, _), w in zip(model.named_parameters(), weights)}
+    """
+    weights = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            wide = torch.float64 if p.dtype == torch.float64 else torch.float32
+            if MASTER_KEY in state and has_master_bits(p, group):
+                weights.append(join_tensors(p, state[MASTER_KEY]).clone())
+            elif COMPENSATION_KEY in state:
+                weights.append(p.detach().to(wide) + state[COMPENSATION_KEY].to(wide))
+            else:
+                weights.append(p.detach().to(wide, copy=True))
+    return weights
+
+
+def load_master_weights(optimizer: torch.optim.Optimizer, weights: Iterable[Tensor] | Mapping[Tensor, Tensor]) -> None:
+    """Set every param to an fp32 (or fp64) weight, keeping what its group can keep:
+    under ``master_weights="fp32"`` the weight exactly (p and its low bits, split);
+    under ``rounding="kahan"`` the pair :math:`p = rn(w)`, :math:`c = rn(w - p)`;
+    elsewhere :math:`p = rn(w)`.  Resumes a bf16 run from an fp32 checkpoint, or moves
+    an fp32 run to bf16 without losing its weights' precision.
 
     ``weights``: one tensor per param in the optimizer's order (that of its
-    ``state_dict``: group by group), or a mapping from param to weight.  Params that
-    are not 16-bit are set to their weight as they are.  Raises ``ValueError`` naming
-    the param when a shape differs or its group does not use Kahan rounding; nothing
-    is changed then.
+    ``state_dict``: group by group), or a mapping from param to weight.  Raises
+    ``ValueError`` naming the param when a shape differs; nothing is changed then.
     """
+    _load(optimizer, weights, need_kahan=False)
+
+
+def seed_compensation(optimizer: torch.optim.Optimizer, weights: Iterable[Tensor] | Mapping[Tensor, Tensor]) -> None:
+    """:func:`load_master_weights` for ``rounding="kahan"`` groups: each 16-bit param
+    becomes the Kahan pair of its weight.  Raises ``ValueError`` naming a 16-bit param
+    whose group does not use Kahan rounding (nothing is changed then)."""
+    _load(optimizer, weights, need_kahan=True)
+
+
+def _load(optimizer, weights, *, need_kahan: bool) -> None:
     params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
     if isinstance(weights, Mapping):
         pairs = [(p, group, weights[p]) for p, group in params if p in weights]
@@ -78,18 +116,22 @@ def seed_compensation(optimizer: torch.optim.Optimizer, weights: Iterable[Tensor
         where = f"param {index} (shape {tuple(p.shape)}, {p.dtype})"
         if w.shape != p.shape:
             raise ValueError(f"the weight for {where} has shape {tuple(w.shape)}")
-        if is_low_precision(p.dtype) and group.get("rounding") != "kahan":
+        if need_kahan and is_low_precision(p.dtype) and group.get("rounding") != "kahan":
             raise ValueError(f"{where} is in a group with rounding={group.get('rounding')!r}; seeding needs 'kahan'")
     algorithm = getattr(optimizer, "algorithm", "adam")
     with torch.no_grad():
         for p, group, w in pairs:
             w = w.detach().to(p.device)
-            p.copy_(w)
-            if not is_low_precision(p.dtype):
+            if not (is_low_precision(p.dtype) and (has_master_bits(p, group) or has_compensation(p, group))):
+                p.copy_(w)
                 continue
             state = optimizer.state[p]
             init_state(state, p, group, algorithm)
-            state[COMPENSATION_KEY].copy_(w - p.to(w.dtype))  # exact in fp32 / fp64: rounded once
+            if has_master_bits(p, group):
+                split_into(w.to(torch.float32), p, state[MASTER_KEY])
+            else:
+                p.copy_(w)
+                state[COMPENSATION_KEY].copy_(w - p.to(w.dtype))  # exact in fp32 / fp64: rounded once
 
 
-__all__ = ["NORMALIZATION_LAYERS", "cast_module", "seed_compensation"]
+__all__ = ["NORMALIZATION_LAYERS", "cast_module", "load_master_weights", "master_weights", "seed_compensation"]

@@ -182,9 +182,12 @@ def is_low_precision(dtype: torch.dtype) -> bool:
 
 
 def effective_rounding(rounding: str, param_dtype: torch.dtype) -> str:
-    """What a group's ``rounding`` does to params of ``param_dtype``: Kahan and
-    stochastic rounding apply to 16-bit params; everything else is rounded to nearest."""
+    """What an update rule's ``rounding`` does to params of ``param_dtype``: Kahan and
+    stochastic rounding apply to 16-bit params, split master weights ("master", see
+    :mod:`adamkit.master`) to bf16 ones; everything else is rounded to nearest."""
     if rounding in ("kahan", "stochastic") and is_low_precision(param_dtype):
+        return rounding
+    if rounding == "master" and param_dtype == torch.bfloat16:
         return rounding
     return "nearest"
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .master import MASTER_WEIGHTS
 from .rounding import ROUNDINGS
 
 Algorithm = Literal["adam", "adamax"]
@@ -176,11 +177,27 @@ def check_training_options(
         )
 
 
-def check_storage(rounding: Any, state_precision: Any, seed: Any, *, differentiable: bool, where: str = "") -> None:
-    """``rounding``, ``state_precision`` and ``seed`` (the stochastic-rounding seed)."""
+def check_storage(
+    rounding: Any, state_precision: Any, seed: Any, *, differentiable: bool, master_weights: Any = None, where: str = ""
+) -> None:
+    """``rounding``, ``state_precision``, ``seed`` (the stochastic-rounding seed) and
+    ``master_weights``."""
     if rounding not in ROUNDINGS:
         allowed = ", ".join(repr(r) for r in ROUNDINGS)
         raise ValueError(f"Invalid rounding: {rounding!r}{where} (allowed: {allowed})")
+    if master_weights not in MASTER_WEIGHTS:
+        allowed = ", ".join(repr(m) for m in MASTER_WEIGHTS)
+        raise ValueError(f"Invalid master_weights: {master_weights!r}{where} (allowed: {allowed})")
+    if master_weights is not None and rounding != "nearest":
+        raise ValueError(
+            f"master_weights={master_weights!r} and rounding={rounding!r} both say how a 16-bit weight keeps "
+            f"its updates{where}: pick one (master_weights with rounding='nearest')"
+        )
+    if master_weights is not None and differentiable:
+        raise ValueError(
+            f"master_weights={master_weights!r} does not support differentiable=True{where} "
+            "(splitting bits is not differentiable)"
+        )
     if state_precision not in STATE_PRECISIONS:
         allowed = ", ".join(repr(p) for p in STATE_PRECISIONS)
         raise ValueError(f"Invalid state_precision: {state_precision!r}{where} (allowed: {allowed})")
@@ -265,7 +282,8 @@ class UpdateRule:
     maximize: bool
     differentiable: bool
     capturable: bool = False
-    #: how bf16/fp16 values are stored: "nearest", "kahan" or "stochastic"
+    #: how 16-bit params are stored: "nearest", "kahan", "stochastic", or "master" (bf16
+    #: params with split fp32 master weights, ``master_weights="fp32"``)
     rounding: str = "nearest"
     #: the states' dtype: None (the param's), "fp32" or "bf16"
     state_precision: str | None = None
@@ -296,7 +314,7 @@ class UpdateRule:
             maximize=bool(group["maximize"]),
             differentiable=bool(group["differentiable"]),
             capturable=bool(group.get("capturable", False)),
-            rounding=group.get("rounding", "nearest"),
+            rounding="master" if group.get("master_weights") == "fp32" else group.get("rounding", "nearest"),
             state_precision=group.get("state_precision"),
             seed=group.get("seed"),
             accumulation_steps=group.get("accumulation_steps", 1),

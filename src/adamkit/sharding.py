@@ -33,10 +33,11 @@ from collections.abc import Iterator, MutableMapping, Sequence
 from torch import Tensor
 
 from . import blockwise
+from .master import MASTER_KEY
 from .state import COMPENSATION_KEY, SECOND_MOMENT_KEY
 
 #: state keys whose tensors are shaped (and, for a sharded param, sharded) like the param
-PARAM_SHAPED_KEYS = frozenset({"exp_avg", "max_exp_avg_sq", COMPENSATION_KEY, *SECOND_MOMENT_KEY.values()})
+PARAM_SHAPED_KEYS = frozenset({"exp_avg", "max_exp_avg_sq", COMPENSATION_KEY, MASTER_KEY, *SECOND_MOMENT_KEY.values()})
 
 
 def is_sharded(t: object) -> bool:

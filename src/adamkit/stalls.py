@@ -27,7 +27,8 @@ step size at the group's current lr, and :math:`\theta` the weight.  The change 
   :math:`|\Delta_i|` is below half the spacing next to :math:`c_i` (a compensation of
   zero keeps any change);
 * ``rounding="stochastic"``: never: a change rounds up with the probability that
-  makes it exact in expectation.
+  makes it exact in expectation;
+* ``master_weights="fp32"``: at fp32's precision, next to the master weight.
 
 Moments need no guard: adamkit rounds 16-bit and quantized moments stochastically, and
 an fp32 moment changes by at least :math:`1 - \beta_2` of itself per step when the
@@ -59,6 +60,7 @@ from torch import Tensor
 
 from . import sharding
 from .kernels.types import as_real
+from .master import MASTER_KEY, join_tensors
 from .rounding import is_low_precision
 from .rule import UpdateRule, as_number
 from .state import COMPENSATION_KEY, moment_keys, moment_value
@@ -125,7 +127,11 @@ def last_changes(param: Tensor, state: dict, group: dict, algorithm: str) -> Cha
     decay_factor = rule.group_scalars().decay_factor
     decay = torch.zeros_like(theta) if decay_factor is None else (1 - as_number(decay_factor)) * theta
     change = decay + as_number(scalars.step_size) * update  # theta_new = theta - change
-    holder = as_real(state[COMPENSATION_KEY]) if rounding == "kahan" else stored  # Kahan: c takes the change
+    holder = stored
+    if rounding == "kahan":  # the compensation takes the change
+        holder = as_real(state[COMPENSATION_KEY])
+    elif rounding == "master":  # the split fp32 master weight does
+        holder = join_tensors(stored, state[MASTER_KEY])
     margin = change.abs() / _half_spacing(holder, change)
     moving, decaying = change != 0, decay != 0
     decay_lost = decaying & (decay.abs() < _half_spacing(holder, decay))

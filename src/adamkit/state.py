@@ -8,7 +8,9 @@ Beyond torch: the moments' dtype follows the group's ``state_precision`` (``None
 the param's dtype, as torch); under ``"int8"``/``"int4"`` each moment is held as
 block-wise codes and scales instead (``exp_avg_int8`` and ``exp_avg_int8_scales``,
 see :mod:`adamkit.quantization`).  A bf16/fp16 param under ``rounding="kahan"`` has
-a ``kahan_compensation`` tensor in its own dtype (torch.optim ignores the extra key).
+a ``kahan_compensation`` tensor in its own dtype, and under ``master_weights="fp32"`` a
+bf16 param has ``master_low_bits`` (int16 bits, see :mod:`adamkit.master`); torch.optim
+ignores the extra keys.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import blockwise
+from .master import MASTER_KEY
 from .quantization import FORMATS, is_quantized
 from .rounding import is_low_precision
 from .rule import Algorithm
@@ -73,6 +76,11 @@ def has_compensation(param: Tensor, group: dict) -> bool:
     return group.get("rounding") == "kahan" and is_low_precision(param.dtype)
 
 
+def has_master_bits(param: Tensor, group: dict) -> bool:
+    """Whether ``param`` is a bf16 param whose group keeps split fp32 master weights."""
+    return group.get("master_weights") == "fp32" and param.dtype == torch.bfloat16
+
+
 def moment_value(state: dict, key: str, param: Tensor) -> Tensor | None:
     """Moment ``key`` as a tensor shaped like ``param`` (dequantized to fp32 if it is
     held quantized), or ``None`` if the state lacks it."""
@@ -119,9 +127,10 @@ def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str |
 
 def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) -> bool:
     """Fill an empty state dict for ``param`` (zeros, the param's layout), or bring an
-    existing one in line with the group's ``state_precision`` and ``rounding``: moments
-    are converted to the asked dtype or format, a Kahan compensation is added (zero:
-    the param is exact as it stands) or dropped.  Returns whether anything changed."""
+    existing one in line with the group's ``state_precision``, ``rounding`` and
+    ``master_weights``: moments are converted to the asked dtype or format, a Kahan
+    compensation or a master weight's low bits are added (zero: the param is exact as
+    it stands) or dropped.  Returns whether anything changed."""
     changed = not state
     if changed:
         state["step"] = step_tensor(0.0, param, group)
@@ -132,6 +141,12 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
             state[COMPENSATION_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)
             changed = True
     elif state.pop(COMPENSATION_KEY, None) is not None:
+        changed = True
+    if has_master_bits(param, group):
+        if MASTER_KEY not in state:  # zero: the master weight is the param as it stands
+            state[MASTER_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)  # int16 bits 0
+            changed = True
+    elif state.pop(MASTER_KEY, None) is not None:
         changed = True
     return changed
 
@@ -156,7 +171,7 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
             else " (was it saved by a different optimizer?)"
         )
         raise ValueError(f"the state{where} lacks {missing}; it has {sorted(state)}{hint}")
-    checked = [key for key in moments if key in state] + ([COMPENSATION_KEY] if COMPENSATION_KEY in state else [])
+    checked = [key for key in moments if key in state] + [key for key in (COMPENSATION_KEY, MASTER_KEY) if key in state]
     for key in checked:
         value = state[key]
         if value.shape != param.shape or value.device != param.device:

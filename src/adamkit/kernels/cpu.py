@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .. import blockwise, quantization, rounding
+from ..master import MASTER_KEY
 from ..quantization import MIN_EXPONENT, QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
 from ..state import COMPENSATION_KEY, moment_keys, moment_storage
@@ -77,7 +78,7 @@ _QUANTIZED_STORAGE = {"int8": np.int8, "int4": np.uint8}
 ALGORITHMS = {"adam": 0, "adamax": 1}
 
 #: the rounding mode travels as a witness type, so each mode is its own specialization
-_ROUNDING_WITNESS = {"nearest": np.int8, "kahan": np.int16, "stochastic": np.int32}
+_ROUNDING_WITNESS = {"nearest": np.int8, "kahan": np.int16, "stochastic": np.int32, "master": np.int64}
 
 
 def available() -> bool:
@@ -441,6 +442,45 @@ if numba is not None:
         _store(param, i, rounded)
         _store(compensation, i, value - rounded)
 
+    @intrinsic
+    def _join_master(typingctx, high, low):
+        """The fp32 master weight of bf16 bits ``high`` and int16 bits ``low`` (both held
+        as uint16): (high << 16) + low, sign-extending low (see adamkit.master)."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+            return builder.bitcast(builder.add(wide, builder.sext(args[1], i32)), ir.FloatType())
+
+        return types.float32(types.uint16, types.uint16), codegen
+
+    @intrinsic
+    def _split_master(typingctx, value, low_half):
+        """The bf16 bits of fp32 ``value`` rounded half away from zero, (bits + 2^15) >> 16,
+        or (``low_half`` true) what that drops, bits - (high << 16), as uint16."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i32, i16 = ir.IntType(32), ir.IntType(16)
+            bits = builder.bitcast(args[0], i32)
+            high = builder.lshr(builder.add(bits, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+            low = builder.sub(bits, builder.shl(high, ir.Constant(i32, 16)))
+            return builder.trunc(builder.select(args[1], low, high), i16)
+
+        return types.uint16(types.float32, types.boolean), codegen
+
+    @njit(inline="always", nogil=True)
+    def _load_master_param(param, low, i):
+        """theta = the fp32 master weight, exactly (param: bf16 bits; low: int16 bits)."""
+        return _join_master(param[i], low[i])
+
+    @njit(inline="always", nogil=True)
+    def _put_master_param(param, low, i, value, key, shift):
+        """Split theta back into the bf16 param and its low bits."""
+        param[i] = _split_master(value, False)
+        low[i] = _split_master(value, True)
+
     @njit(inline="always", nogil=True)
     def _put_param(param, compensation, i, value, key, shift):
         _store(param, i, value)
@@ -460,6 +500,7 @@ if numba is not None:
         "nearest": (_load_param, _put_param, _put_stochastic),
         "kahan": (_load_kahan_param, _put_kahan_param, _put_stochastic),
         "stochastic": (_load_param, _put_stochastic_param, _put_stochastic),
+        "master": (_load_master_param, _put_master_param, _put_stochastic),
     }
 
     def _element_loop(adamax: bool, amsgrad: bool, rounding_mode: str):
@@ -512,7 +553,7 @@ if numba is not None:
         )
         for mode in _ROUNDING_WITNESS
     }
-    _MODE_OF_WITNESS = {types.int8: "nearest", types.int16: "kahan", types.int32: "stochastic"}
+    _MODE_OF_WITNESS = {types.int8: "nearest", types.int16: "kahan", types.int32: "stochastic", types.int64: "master"}
 
     def _update_chunk(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rounding_witness):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
@@ -710,7 +751,7 @@ class _Bucket:
         else:
             keys = list(moments)
         self.moment_count = len(moments)
-        keys += [COMPENSATION_KEY] if self.mode == "kahan" else []
+        keys += {"kahan": [COMPENSATION_KEY], "master": [MASTER_KEY]}.get(self.mode, [])
         states = [[batch.states[i][key] for key in keys] for i in members]
         params = [batch.params[i] for i in members]
         in_order = not self.random and not quantized  # random bits and codes follow the row-major index
@@ -740,7 +781,7 @@ class _Bucket:
         three moments' scales; unused slots hold 0 or repeat the second moment (the
         kernel variant never touches them)."""
         addresses = [t.data_ptr() for t in tensors]
-        compensation = addresses[-1] if self.mode == "kahan" else 0
+        compensation = addresses[-1] if self.mode in ("kahan", "master") else 0  # or the master's low bits
         n = self.moment_count
         moments = addresses[:n] + addresses[1:2] * (3 - n)
         scales = (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import blockwise, rounding
+from ..master import MASTER_KEY, join_tensors, split_into
 from ..quantization import QuantFormat
 from ..rounding import MASK32, MIX_MULTIPLIERS
 from ..rule import UpdateRule
@@ -128,7 +129,7 @@ def widened(
     values.  ``store(written)`` stores the widened params only where ``written[i]`` is
     true (all by default); moments are always stored.
     """
-    kahan = rule.rounding == "kahan"
+    kahan, master = rule.rounding == "kahan", rule.rounding == "master"
     keys = moment_keys(rule.algorithm, rule.amsgrad)
     work = GroupTensors(list(params), list(grads), [], [], [])
     work_moments = (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs)
@@ -144,6 +145,8 @@ def widened(
         stored = [_widen(param, dtype, rounding.PARAM_SLOT)]
         if kahan and low:
             stored[0].work.add_(state["kahan_compensation"])
+        if master and rounding.effective_rounding("master", param.dtype) == "master":  # the fp32 master, exactly
+            stored[0].work = join_tensors(param, state[MASTER_KEY])
         stored += [_moment(state, key, param, dtype, slot) for slot, key in enumerate(keys, start=1)]
         work.params[i] = stored[0].work
         for item, moments in zip(stored[1:], work_moments):
@@ -171,7 +174,9 @@ def widened(
                 target = item.target
                 is_param = item.slot == rounding.PARAM_SLOT  # moments: always stochastic (in 16 bits)
                 mode = rounding.effective_rounding(rule.rounding, target.dtype) if is_param else "stochastic"
-                if mode == "kahan":
+                if mode == "master":
+                    split_into(item.work, target, states[i][MASTER_KEY])
+                elif mode == "kahan":
                     target.copy_(item.work)  # p = rn(theta), c = rn(theta - p)
                     states[i]["kahan_compensation"].copy_(item.work - target.to(item.work.dtype))
                 elif mode == "stochastic" and rounding.is_low_precision(target.dtype):

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .. import blockwise, rounding
+from ..master import MASTER_KEY
 from ..quantization import QuantFormat
 from ..rule import GroupScalars, UpdateRule, step_scalar_arrays
 from ..state import COMPENSATION_KEY, moment_keys, moment_storage
@@ -298,6 +299,7 @@ if triton is not None:
         AMSGRAD: tl.constexpr,
         DECAY: tl.constexpr,
         KAHAN: tl.constexpr,
+        MASTER: tl.constexpr,
         STOCHASTIC: tl.constexpr,
         QUANT_BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
@@ -336,7 +338,12 @@ if triton is not None:
         STATE_STORAGE: tl.constexpr = exp_avg.dtype.element_ty  # uint8 codes when quantized
         COMPUTE: tl.constexpr = step_size.dtype
         BLOCK: tl.constexpr = offsets.shape[0]
-        p = tl.load(param + offsets, mask=mask).to(COMPUTE)
+        if MASTER:  # the fp32 master weight: the bf16 param's bits over the int16 low bits
+            low_bits = compensation.to(tl.pointer_type(tl.int16))
+            high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
+            p = ((high << 16) + tl.load(low_bits + offsets, mask=mask).to(tl.int32)).to(tl.float32, bitcast=True)
+        else:
+            p = tl.load(param + offsets, mask=mask).to(COMPUTE)
         if KAHAN:
             p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
         g = tl.load(grad + offsets, mask=mask).to(COMPUTE) * gradient_factor  # exact: +-1 or +-1/grad_scale
@@ -410,7 +417,12 @@ if triton is not None:
                 )
             denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
         p = p - step_size * _exact_div(m, denom)
-        if KAHAN:  # p = rn(theta), c = rn(theta - p)
+        if MASTER:  # split again: high half rounded half away from zero, and what it drops
+            bits = p.to(tl.int32, bitcast=True)
+            high = (bits + 0x8000) >> 16
+            tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+            tl.store(low_bits + offsets, (bits - (high << 16)).to(tl.int16), mask=mask)
+        elif KAHAN:  # p = rn(theta), c = rn(theta - p)
             stored = _to_storage(p, PARAM_STORAGE)
             tl.store(param + offsets, stored, mask=mask)
             tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
@@ -436,6 +448,7 @@ if triton is not None:
         DECAY: tl.constexpr,
         AMP: tl.constexpr,
         KAHAN: tl.constexpr,
+        MASTER: tl.constexpr,
         STOCHASTIC: tl.constexpr,
         RANDOM: tl.constexpr,
         QUANT_BITS: tl.constexpr,
@@ -514,6 +527,7 @@ if triton is not None:
                     AMSGRAD,
                     DECAY,
                     KAHAN,
+                    MASTER,
                     STOCHASTIC,
                     QUANT_BITS,
                     QBLOCK,
@@ -530,6 +544,7 @@ if triton is not None:
                     AMSGRAD,
                     DECAY,
                     KAHAN,
+                    MASTER,
                     STOCHASTIC,
                     QUANT_BITS,
                     QBLOCK,
@@ -569,7 +584,7 @@ class _Bucket:
             moments = [blockwise.stored_keys(key, self.quantized)[0] for key in moments] + [
                 blockwise.stored_keys(key, self.quantized)[1] for key in moments
             ]
-        keys = moments + ([COMPENSATION_KEY] if self.mode == "kahan" else [])
+        keys = moments + {"kahan": [COMPENSATION_KEY], "master": [MASTER_KEY]}.get(self.mode, [])
         self.state_tensors = [[_real(s[key]) for key in keys] for s in states]
         self.steps = [s["step"] for s in states]
         for p, tensors in zip(params, self.state_tensors):
@@ -580,7 +595,8 @@ class _Bucket:
         for tensors in self.state_tensors:
             addresses = [t.data_ptr() for t in tensors]
             # unused slots repeat the second moment (the kernel variant never touches them)
-            row = addresses[:n] + addresses[1:2] * (3 - n) + [addresses[-1] if self.mode == "kahan" else 0]
+            extra = addresses[-1] if self.mode in ("kahan", "master") else 0  # compensation or master low bits
+            row = addresses[:n] + addresses[1:2] * (3 - n) + [extra]
             row += (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
             rows.append(row)
         self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), 7)
@@ -768,6 +784,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             DECAY=group.decay_kind,
             AMP=amp,
             KAHAN=bucket.mode == "kahan",
+            MASTER=bucket.mode == "master",
             STOCHASTIC=bucket.mode == "stochastic",
             RANDOM=bucket.random,
             QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,

@@ -1,0 +1,214 @@
+"""Split master weights (``master_weights="fp32"``, adamkit.master): a bf16 param plus
+16 bits of state *is* an fp32 weight, so the run is bit for bit the run on fp32 params
+fed the same gradients, on every backend; the oracle is that run (and on the reference
+backend torch.optim.AdamW(foreach=False) itself)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from matrix import DEVICE, DEVICE_BACKENDS
+
+import adamkit
+from adamkit import master
+from adamkit.master import MASTER_KEY, join_tensors
+
+#: the interpreter runs the Triton kernel in NumPy: fewer steps there
+STEPS = {"triton": 60}
+SHAPES = [(3000,), (48, 70), ()]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def _pair(backend: str, cls=adamkit.AdamW, **options):
+    """bf16 params with split master weights, and fp32 params from the same values."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=g).to(torch.bfloat16) for s in SHAPES]
+    split = [torch.nn.Parameter(t.to(DEVICE)) for t in start]
+    full = [torch.nn.Parameter(t.float().to(DEVICE)) for t in start]
+    kwargs = {"lr": 1e-3, "weight_decay": 0.1, "backend": backend, "seed": 3, **options}
+    state_precision = kwargs.pop("state_precision", "fp32")
+    ours = cls(split, master_weights="fp32", state_precision=state_precision, **kwargs)
+    theirs = cls(full, state_precision=None if state_precision == "fp32" else state_precision, **kwargs)
+    return ours, split, theirs, full
+
+
+def _run(ours, split, theirs, full, steps: int, zero_grads: bool = False) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p, q in zip(split, full):
+            grad = torch.zeros(p.shape) if zero_grads else torch.randn(p.shape, generator=g)
+            grad = grad.to(torch.bfloat16)  # the same gradients: values bf16 can hold
+            p.grad, q.grad = grad.to(DEVICE), grad.float().to(DEVICE)
+        ours.step()
+        theirs.step()
+
+
+def _assert_same_run(ours, split, theirs, full) -> None:
+    for p, q in zip(split, full):
+        assert torch.equal(_bits(join_tensors(p, ours.state[p][MASTER_KEY])), _bits(q))
+        for key, value in theirs.state[q].items():
+            assert torch.equal(ours.state[p][key], value), key
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_the_split_master_weight_runs_the_fp32_run_bit_for_bit(backend):
+    ours, split, theirs, full = _pair(backend)
+    _run(ours, split, theirs, full, STEPS.get(backend, 1000))
+    _assert_same_run(ours, split, theirs, full)
+    for p in split:  # the model computes with the master rounded to bf16 (half away from zero)
+        high, _ = master.split(join_tensors(p, ours.state[p][MASTER_KEY]).cpu().numpy())
+        assert np.array_equal(p.detach().cpu().view(torch.int16).numpy().view(np.uint16), high)
+
+
+def test_on_the_reference_backend_it_is_torch_adamw_on_fp32_weights():
+    ours, split, _, _ = _pair("reference")
+    full = [torch.nn.Parameter(p.detach().float()) for p in split]
+    theirs = torch.optim.AdamW(full, lr=1e-3, weight_decay=0.1, foreach=False)
+    _run(ours, split, theirs, full, 1000)
+    _assert_same_run(ours, split, theirs, full)
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize(
+    "cls, options",
+    [(adamkit.Adam, {"amsgrad": True, "state_precision": "int8"}), (adamkit.AdaMax, {"state_precision": "int4"})],
+    ids=["adam-amsgrad-l2-int8", "adamax-int4"],
+)
+def test_with_quantized_states_and_amsgrad_or_adamax(backend, cls, options):
+    ours, split, theirs, full = _pair(backend, cls, **options)
+    _run(ours, split, theirs, full, 4 if backend == "triton" else 30)  # the interpreter is slow
+    _assert_same_run(ours, split, theirs, full)
+
+
+def test_fine_tuning_decay_is_kept_where_bf16_loses_it():
+    """Zero gradients, lr 1e-5, weight decay 0.1: the weight shrinks by 1e-6 of itself
+    per step, far below bf16's half spacing; the master weight decays as fp32 does."""
+    ours, split, theirs, full = _pair(None, lr=1e-5)
+    nearest = [torch.nn.Parameter(p.detach().clone()) for p in split]
+    started = [p.detach().clone() for p in split]
+    plain = adamkit.AdamW(nearest, lr=1e-5, weight_decay=0.1)
+    _run(ours, split, theirs, full, 1000, zero_grads=True)
+    for p in nearest:
+        p.grad = torch.zeros_like(p)
+    for _ in range(1000):
+        plain.step()
+    _assert_same_run(ours, split, theirs, full)  # bit for bit the fp32 weights' decay
+    for p, q, start in zip(split, nearest, started):
+        assert torch.equal(q.detach(), start)  # bf16 rounded to nearest: not one weight moved
+        decayed = join_tensors(p, ours.state[p][MASTER_KEY]).double()
+        ratio = (decayed / start.double())[start != 0]
+        factor = float(torch.tensor(1 - 1e-5 * 0.1, dtype=torch.float32)) ** 1000  # fp32's decay factor
+        # each fp32 step rounds theta * factor by at most half an ulp, 2^-24 of it
+        assert float((ratio - factor).abs().max()) <= 1000 * 2.0**-24
+
+
+def test_the_master_weights_round_trip_through_a_state_dict_and_fp32_weights():
+    ours, split, theirs, full = _pair("cpu")
+    _run(ours, split, theirs, full, 20)
+    saved = copy.deepcopy(ours.state_dict())
+    weights = adamkit.precision.master_weights(ours)
+    assert all(w.dtype == torch.float32 for w in weights)
+    assert all(torch.equal(_bits(w), _bits(q)) for w, q in zip(weights, full))
+
+    def bf16_run(params):
+        opt = adamkit.AdamW(params, lr=1e-3, weight_decay=0.1, master_weights="fp32", state_precision="fp32")
+        opt.load_state_dict(copy.deepcopy(saved))
+        return opt
+
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in split]  # a checkpoint: params and state dict
+    again = bf16_run(resumed)
+    rebuilt = [torch.nn.Parameter(w.to(torch.bfloat16)) for w in weights]  # fp32 weights alone
+    third = bf16_run(rebuilt)
+    for p in rebuilt:
+        third.state[p][MASTER_KEY].zero_()
+    adamkit.precision.load_master_weights(third, weights)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):  # all four runs go on with the same gradients
+        grads = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in split]
+        for params in (split, full, resumed, rebuilt):
+            for p, grad in zip(params, grads):
+                p.grad = grad.to(p.dtype)
+        for opt in (ours, theirs, again, third):
+            opt.step()
+    for opt, params in ((ours, split), (again, resumed), (third, rebuilt)):
+        _assert_same_run(opt, params, theirs, full)
+
+
+def test_torch_adamw_loads_the_state_dict_and_ignores_the_low_bits():
+    ours, split, _, _ = _pair("cpu")
+    _run(ours, split, *_pair("cpu")[2:], 3)
+    torch_opt = torch.optim.AdamW([torch.nn.Parameter(p.detach().float()) for p in split], lr=1e-3)
+    torch_opt.load_state_dict(ours.state_dict())
+    for p in torch_opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    torch_opt.step()
+
+
+def test_switching_master_weights_on_adds_zero_low_bits_and_off_drops_them():
+    p = torch.nn.Parameter(torch.randn(10).to(torch.bfloat16))
+    opt = adamkit.AdamW([p], lr=1e-3)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.param_groups[0]["master_weights"] = "fp32"
+    before = p.detach().clone()
+    opt.step()
+    assert opt.state[p][MASTER_KEY].dtype == torch.bfloat16  # holding int16 bit patterns
+    assert not torch.equal(p.detach(), before)
+    opt.param_groups[0]["master_weights"] = None
+    opt.step()
+    assert MASTER_KEY not in opt.state[p]
+
+
+@pytest.mark.parametrize(
+    "options, dtype, words",
+    [
+        ({"master_weights": "24bit"}, torch.bfloat16, "Invalid master_weights: '24bit' (allowed: None, 'fp32')"),
+        ({"master_weights": True}, torch.bfloat16, "Invalid master_weights: True (allowed: None, 'fp32')"),
+        (
+            {"master_weights": "fp32", "rounding": "kahan"},
+            torch.bfloat16,
+            "master_weights='fp32' and rounding='kahan' both say how a 16-bit weight keeps its updates",
+        ),
+        (
+            {"master_weights": "fp32", "differentiable": True},
+            torch.bfloat16,
+            "master_weights='fp32' does not support differentiable=True",
+        ),
+        ({"master_weights": "fp32"}, torch.float16, "splits bf16 params, but params[0] in param_groups[0] is float16"),
+    ],
+)
+def test_bad_master_weights_are_refused_by_name(options, dtype, words):
+    p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+    with pytest.raises(ValueError) as raised:
+        adamkit.AdamW([p], **options)
+    assert words in str(raised.value)
+
+
+def test_a_group_edited_to_a_bad_value_fails_the_step_and_changes_nothing():
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    opt = adamkit.AdamW([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    before, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0]["master_weights"] = "fp32"
+    with pytest.raises(ValueError, match="is float16"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in state.items()) and opt.state[p].keys() == state.keys()
+
+
+def test_fp32_params_in_a_master_group_are_plain_fp32():
+    p = torch.nn.Parameter(torch.randn(8))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours, theirs = adamkit.AdamW([p], master_weights="fp32"), adamkit.AdamW([q])
+    for _ in range(3):
+        p.grad = q.grad = torch.ones(8)
+        ours.step()
+        theirs.step()
+    assert torch.equal(p, q) and MASTER_KEY not in ours.state[p]
