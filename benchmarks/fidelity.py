@@ -69,6 +69,7 @@ def settings() -> list[Setting]:
             "bf16, master fp32, fp32 states", torch.bfloat16, {"master_weights": "fp32", "state_precision": "fp32"}
         ),
         Setting("bf16, master fp32, int8", torch.bfloat16, {"master_weights": "fp32", "state_precision": "int8"}),
+        Setting("bf16, master 24bit, int8", torch.bfloat16, {"master_weights": "24bit", "state_precision": "int8"}),
     ]
     try:
         import bitsandbytes  # noqa: F401

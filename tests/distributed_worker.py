@@ -43,6 +43,7 @@ SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
         {"backend": "cpu", "master_weights": "fp32", "state_precision": "int8"},
         torch.bfloat16,
     ),
+    "bf16-master24-cpu": ("AdamW", {"backend": "cpu", "master_weights": "24bit", "seed": 7}, torch.bfloat16),
     "int8-cpu": ("AdamW", {"backend": "cpu", "state_precision": "int8"}, torch.float32),
     "int8-foreach": ("Adam", {"backend": "foreach", "state_precision": "int8"}, torch.float32),
     "int4-cpu": ("Adam", {"backend": "cpu", "state_precision": "int4"}, torch.float32),

@@ -38,6 +38,7 @@ CASES = {
     "adamw-bf16-kahan-fp32-states": (adamkit.AdamW, torch.bfloat16, {"rounding": "kahan", "state_precision": "fp32"}),
     "adamw-bf16-stochastic": (adamkit.AdamW, torch.bfloat16, {"rounding": "stochastic"}),
     "adamw-bf16-master": (adamkit.AdamW, torch.bfloat16, {"master_weights": "fp32"}),
+    "adamw-bf16-master24-int8": (adamkit.AdamW, torch.bfloat16, {"master_weights": "24bit", "state_precision": "int8"}),
     "adam-bf16-master-int4-amsgrad": (
         adamkit.Adam,
         torch.bfloat16,

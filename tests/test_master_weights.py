@@ -25,7 +25,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
 
 
-def _pair(backend: str, cls=adamkit.AdamW, **options):
+def _pair(backend: str, cls=adamkit.AdamW, mode: str = "fp32", **options):
     """bf16 params with split master weights, and fp32 params from the same values."""
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=g).to(torch.bfloat16) for s in SHAPES]
@@ -33,7 +33,7 @@ def _pair(backend: str, cls=adamkit.AdamW, **options):
     full = [torch.nn.Parameter(t.float().to(DEVICE)) for t in start]
     kwargs = {"lr": 1e-3, "weight_decay": 0.1, "backend": backend, "seed": 3, **options}
     state_precision = kwargs.pop("state_precision", "fp32")
-    ours = cls(split, master_weights="fp32", state_precision=state_precision, **kwargs)
+    ours = cls(split, master_weights=mode, state_precision=state_precision, **kwargs)
     theirs = cls(full, state_precision=None if state_precision == "fp32" else state_precision, **kwargs)
     return ours, split, theirs, full
 
@@ -168,8 +168,8 @@ def test_switching_master_weights_on_adds_zero_low_bits_and_off_drops_them():
 @pytest.mark.parametrize(
     "options, dtype, words",
     [
-        ({"master_weights": "24bit"}, torch.bfloat16, "Invalid master_weights: '24bit' (allowed: None, 'fp32')"),
-        ({"master_weights": True}, torch.bfloat16, "Invalid master_weights: True (allowed: None, 'fp32')"),
+        ({"master_weights": "fp16"}, torch.bfloat16, "Invalid master_weights: 'fp16' (allowed: None, 'fp32', '24bit')"),
+        ({"master_weights": True}, torch.bfloat16, "Invalid master_weights: True (allowed: None, 'fp32', '24bit')"),
         (
             {"master_weights": "fp32", "rounding": "kahan"},
             torch.bfloat16,
@@ -212,3 +212,70 @@ def test_fp32_params_in_a_master_group_are_plain_fp32():
         ours.step()
         theirs.step()
     assert torch.equal(p, q) and MASTER_KEY not in ours.state[p]
+
+
+# ----------------------------------------------------------------------------- 24-bit
+
+
+def _relative_errors(ours, split, full) -> torch.Tensor:
+    masters = [join_tensors(p, ours.state[p][MASTER_KEY]).double().reshape(-1) for p in split]
+    exact = [q.detach().double().reshape(-1) for q in full]
+    return torch.cat([(m - e) / e.abs() for m, e in zip(masters, exact)])
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_the_24bit_master_follows_the_fp32_run_within_its_stochastic_rounding(backend):
+    """Each step rounds the fp32 result to 16 significant bits stochastically: an
+    unbiased error of variance at most spacing^2 / 4 (spacing <= 2^-15 of the weight),
+    so after T steps the relative error's RMS is at most sqrt(T) 2^-16 and its mean over
+    n elements within a few sqrt(T) 2^-16 / sqrt(n) of zero."""
+    steps = STEPS.get(backend, 1000)
+    ours, split, theirs, full = _pair(backend, mode="24bit")
+    _run(ours, split, theirs, full, steps)
+    errors = _relative_errors(ours, split, full)
+    bound = steps**0.5 * 2.0**-16
+    assert float(errors.square().mean().sqrt()) <= bound
+    assert abs(float(errors.mean())) <= 4 * bound / errors.numel() ** 0.5
+    assert ours.state[split[0]][MASTER_KEY].dtype == torch.int8
+    for p, q in zip(split, full):  # the moments see the same gradients: fp32's, bit for bit
+        assert torch.equal(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"])
+
+
+def test_24bit_keeps_fine_tuning_decay_in_expectation():
+    ours, split, theirs, full = _pair(None, mode="24bit", lr=1e-5)
+    _run(ours, split, theirs, full, 1000, zero_grads=True)
+    errors = _relative_errors(ours, split, full)
+    bound = 1000**0.5 * 2.0**-16
+    assert abs(float(errors.mean())) <= 4 * bound / errors.numel() ** 0.5  # decayed as fp32, on average
+    decayed = join_tensors(split[0], ours.state[split[0]][MASTER_KEY]).double()
+    assert float((decayed / full[0].detach().double()).median()) == pytest.approx(1.0, abs=2.0**-15)
+
+
+@pytest.mark.parametrize("state_precision, most", [("int8", 5.05), ("int4", 4.1)])
+def test_bf16_with_a_24bit_master_and_quantized_states_fits_its_bytes(state_precision, most):
+    """Weights plus optimizer state per param on transformer shapes (gradients aside)."""
+    shapes = [(768, 768), (3072, 768), (768, 3072), (768,), (50257 // 7, 768)]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in shapes]
+    opt = adamkit.AdamW(params, master_weights="24bit", state_precision=state_precision)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    count = sum(p.numel() for p in params)
+    held = sum(p.numel() * p.element_size() for p in params)
+    held += sum(v.numel() * v.element_size() for p in params for k, v in opt.state[p].items() if k != "step")
+    assert held / count <= most
+
+
+def test_switching_between_fp32_and_24bit_keeps_the_master_to_nearest():
+    ours, split, theirs, full = _pair("cpu")
+    _run(ours, split, theirs, full, 10)
+    before = [join_tensors(p, ours.state[p][MASTER_KEY]).clone() for p in split]
+    ours.param_groups[0]["master_weights"] = "24bit"
+    ours.param_groups[0]["lr"] = 0.0  # a step that converts the state and moves nothing
+    for p in split:
+        p.grad = torch.zeros_like(p)
+    ours.step()
+    for p, b in zip(split, before):
+        after = join_tensors(p, ours.state[p][MASTER_KEY])
+        assert ours.state[p][MASTER_KEY].dtype == torch.int8
+        assert float(((after.double() - b.double()) / b.double().abs()).abs().max()) <= 2.0**-16

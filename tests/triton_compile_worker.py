@@ -18,7 +18,8 @@ VARIANTS = {
     "adam-fp64": {"PARAM_STORAGE": "float64", "STATE_STORAGE": "float64", "COMPUTE": "float64"},
     "adam-bf16-kahan": {"PARAM_STORAGE": "bfloat16", "STATE_STORAGE": "bfloat16", "KAHAN": True, "RANDOM": True},
     "adam-bf16-stochastic": {"PARAM_STORAGE": "bfloat16", "STOCHASTIC": True, "RANDOM": True},
-    "adam-bf16-master": {"PARAM_STORAGE": "bfloat16", "MASTER": True},
+    "adam-bf16-master": {"PARAM_STORAGE": "bfloat16", "MASTER": 16},
+    "adam-bf16-master24": {"PARAM_STORAGE": "bfloat16", "MASTER": 8, "RANDOM": True},
     "adam-fp16-stochastic": {
         "PARAM_STORAGE": "float16",
         "STATE_STORAGE": "float16",
@@ -43,7 +44,7 @@ BASE = {
     "DECAY": 2,
     "AMP": False,
     "KAHAN": False,
-    "MASTER": False,
+    "MASTER": 0,
     "STOCHASTIC": False,
     "RANDOM": False,
     "QUANT_BITS": 0,

@@ -26,6 +26,17 @@ Memory: 2 bytes per param more than the bf16 weight, 4 in all: an fp32 master co
 bytes, without a copy the model cannot see (the param is the master's high half).
 Only bf16 params split this way: fp16's 5-bit exponent is not the top of an fp32
 pattern.
+
+``master_weights="24bit"`` keeps 8 bits instead of 16 (an int8 :math:`\ell_8`, 1 byte
+per param): the master weight is an fp32 number whose low 8 bits are zero (16
+significant bits, 8 more than bf16), :math:`b = 2^{16} p + 2^8 \ell_8`.  After the
+fp32 update the new pattern is rounded to that grid *stochastically*, with the param
+slot's random bits :math:`u` (see :mod:`adamkit.rounding`): :math:`b' = (b + \lfloor
+u / 2^8 \rfloor)` with its low 8 bits cleared (adding to a sign-magnitude pattern
+rounds the magnitude away from zero with the dropped fraction's probability), then
+split as above, :math:`\ell_8 = (b' - 2^{16} p) / 2^8 \in [-2^7, 2^7)`.  A NaN stays
+the quiet NaN ``0x7FC00000``.  Updates far below the grid's spacing (:math:`2^{-15}` of
+the weight) are kept in expectation, where rounding to nearest would drop them.
 """
 
 from __future__ import annotations
@@ -37,7 +48,11 @@ from torch import Tensor
 #: the state key of the master weight's low 16 bits (int16 bits in a bf16 tensor, shaped like the param)
 MASTER_KEY = "master_low_bits"
 #: the values of the ``master_weights`` option
-MASTER_WEIGHTS = (None, "fp32")
+MASTER_WEIGHTS = (None, "fp32", "24bit")
+#: the state dtype of each mode's low bits: int16 patterns held in bf16 (collectives
+#: move 16-bit floats, not int16), and int8
+LOW_BITS_DTYPE = {"fp32": torch.bfloat16, "24bit": torch.int8}
+QUIET_NAN = 0x7FC00000
 
 
 def split(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,25 +65,49 @@ def split(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def join(high: np.ndarray, low: np.ndarray) -> np.ndarray:
-    """fp32 values from bf16 bit patterns ``high`` and int16 ``low`` bits."""
-    bits = (np.asarray(high, dtype=np.int64) << 16) + np.asarray(low, dtype=np.int64)
+    """fp32 values from bf16 bit patterns ``high`` and ``low`` bits (int16; int8 for
+    the 24-bit master, which stands for ``low * 2^8``)."""
+    low = np.asarray(low)
+    shift = 8 if low.dtype == np.int8 else 0
+    bits = (np.asarray(high, dtype=np.int64) << 16) + (low.astype(np.int64) << shift)
     return (bits & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
 
 
+def split24(theta: np.ndarray, bits16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bf16 bit patterns, int8 low bits) of fp32 ``theta`` rounded stochastically to
+    16 significant bits with the 16 random bits ``bits16`` (their top 8 are used)."""
+    theta = np.asarray(theta, dtype=np.float32)
+    bits = theta.view(np.uint32).astype(np.int64)
+    bits = ((bits + (np.asarray(bits16, dtype=np.int64).reshape(bits.shape) >> 8)) & 0xFFFFFF00) & 0xFFFFFFFF
+    bits = np.where(np.isnan(theta), QUIET_NAN, bits)
+    high, low = split(bits.astype(np.uint32).view(np.float32))
+    return high, (low.astype(np.int64) >> 8).astype(np.int8)
+
+
 def join_tensors(param: Tensor, low: Tensor) -> Tensor:
-    """The fp32 master weight of a bf16 ``param`` and its ``low`` bits (a bf16 tensor
-    holding int16 bit patterns, as the state keeps them)."""
+    """The fp32 master weight of a bf16 ``param`` and its ``low`` bits as the state
+    keeps them (int16 patterns in a bf16 tensor; int8 for the 24-bit master)."""
     high = param.detach().view(torch.int16).to(torch.int32) & 0xFFFF
+    if low.dtype == torch.int8:
+        return ((high << 16) + (low.to(torch.int32) << 8)).view(torch.float32)
     return ((high << 16) + low.view(torch.int16).to(torch.int32)).view(torch.float32)
 
 
-def split_into(theta: Tensor, param: Tensor, low: Tensor) -> None:
+def split_into(theta: Tensor, param: Tensor, low: Tensor, bits16: Tensor | None = None) -> None:
     """Store fp32 ``theta`` as the bf16 ``param`` and its ``low`` bits (int16 patterns in
-    a bf16 tensor)."""
-    bits = theta.to(torch.float32).view(torch.int32)
+    a bf16 tensor; or int8, the 24-bit master: rounded stochastically with ``bits16``,
+    to nearest without, as a conversion does)."""
+    theta = theta.to(torch.float32)
+    bits = theta.view(torch.int32)
+    if low.dtype == torch.int8:
+        carry = 0x80 if bits16 is None else (bits16.to(torch.int32) >> 8)
+        bits = torch.where(theta.isnan(), QUIET_NAN, (bits + carry) & -256)
     high = (bits + 0x8000) >> 16  # arithmetic: the sign bits fill in, the low 16 are p
-    low.view(torch.int16).copy_((bits - (high << 16)).to(torch.int16))
+    if low.dtype == torch.int8:
+        low.copy_(((bits - (high << 16)) >> 8).to(torch.int8))
+    else:
+        low.view(torch.int16).copy_((bits - (high << 16)).to(torch.int16))
     param.copy_(high.to(torch.int16).view(torch.bfloat16))
 
 
-__all__ = ["MASTER_KEY", "MASTER_WEIGHTS", "join", "join_tensors", "split", "split_into"]
+__all__ = ["LOW_BITS_DTYPE", "MASTER_KEY", "MASTER_WEIGHTS", "join", "join_tensors", "split", "split24", "split_into"]

@@ -33,7 +33,9 @@ keyword-only:
     ``"fp32"``: each bf16 param is the high half of an fp32 master weight whose low
     16 bits the optimizer keeps (``state["master_low_bits"]``, +2 bytes per param): the
     step runs on the fp32 master, and its bits are those of the same run on fp32
-    params.  ``None`` (the default): the param is the weight.  See
+    params.  ``"24bit"``: 8 more bits (+1 byte), the master rounded stochastically to
+    16 significant bits after each update.  ``None`` (the default): the param is the
+    weight.  See
     :mod:`adamkit.master`; needs ``rounding="nearest"``; fp32/fp64 params are
     unaffected, fp16 params cannot split.
 ``state_precision``
@@ -131,6 +133,8 @@ def _rounds_stochastically(group: dict, dtypes: set | None) -> bool:
     """``dtypes``: the group's param dtypes (read from the group when not given)."""
     precision = group.get("state_precision")
     if group.get("rounding") == "stochastic" or precision in ("bf16", *FORMATS):
+        return True
+    if group.get("master_weights") == "24bit":
         return True
     if dtypes is None:
         dtypes = {p.dtype for p in group["params"]}

@@ -187,7 +187,7 @@ def effective_rounding(rounding: str, param_dtype: torch.dtype) -> str:
     :mod:`adamkit.master`) to bf16 ones; everything else is rounded to nearest."""
     if rounding in ("kahan", "stochastic") and is_low_precision(param_dtype):
         return rounding
-    if rounding == "master" and param_dtype == torch.bfloat16:
+    if rounding in ("master", "master24") and param_dtype == torch.bfloat16:
         return rounding
     return "nearest"
 
@@ -200,7 +200,8 @@ def rounds_stochastically(moment_storage) -> bool:
 
 def needs_random_bits(rounding: str, param_dtype: torch.dtype, moment_storage) -> bool:
     """Whether a step on such a param draws random bits (for its param or its moments)."""
-    return effective_rounding(rounding, param_dtype) == "stochastic" or rounds_stochastically(moment_storage)
+    stochastic = effective_rounding(rounding, param_dtype) in ("stochastic", "master24")  # 24-bit masters round so
+    return stochastic or rounds_stochastically(moment_storage)
 
 
 __all__ = [

@@ -266,6 +266,10 @@ class StepScalars:
     bias_correction2_sqrt: Scalar  # sqrt(1 - beta2^t); 1 for AdaMax (unused)
 
 
+#: the update rule's param rounding under each ``master_weights`` mode
+_MASTER_ROUNDING = {"fp32": "master", "24bit": "master24"}
+
+
 @dataclass(frozen=True)
 class UpdateRule:
     """One param group's update rule for one step: what a kernel is told to do."""
@@ -282,8 +286,8 @@ class UpdateRule:
     maximize: bool
     differentiable: bool
     capturable: bool = False
-    #: how 16-bit params are stored: "nearest", "kahan", "stochastic", or "master" (bf16
-    #: params with split fp32 master weights, ``master_weights="fp32"``)
+    #: how 16-bit params are stored: "nearest", "kahan", "stochastic", or "master" /
+    #: "master24" (bf16 params with split master weights, ``master_weights="fp32"`` / ``"24bit"``)
     rounding: str = "nearest"
     #: the states' dtype: None (the param's), "fp32" or "bf16"
     state_precision: str | None = None
@@ -314,7 +318,7 @@ class UpdateRule:
             maximize=bool(group["maximize"]),
             differentiable=bool(group["differentiable"]),
             capturable=bool(group.get("capturable", False)),
-            rounding="master" if group.get("master_weights") == "fp32" else group.get("rounding", "nearest"),
+            rounding=_MASTER_ROUNDING.get(group.get("master_weights"), group.get("rounding", "nearest")),
             state_precision=group.get("state_precision"),
             seed=group.get("seed"),
             accumulation_steps=group.get("accumulation_steps", 1),

@@ -28,7 +28,8 @@ step size at the group's current lr, and :math:`\theta` the weight.  The change 
   zero keeps any change);
 * ``rounding="stochastic"``: never: a change rounds up with the probability that
   makes it exact in expectation;
-* ``master_weights="fp32"``: at fp32's precision, next to the master weight.
+* ``master_weights="fp32"``: at fp32's precision, next to the master weight
+  (``"24bit"``: never, its master is rounded stochastically).
 
 Moments need no guard: adamkit rounds 16-bit and quantized moments stochastically, and
 an fp32 moment changes by at least :math:`1 - \beta_2` of itself per step when the
@@ -113,7 +114,7 @@ def last_changes(param: Tensor, state: dict, group: dict, algorithm: str) -> Cha
     rounding = rule.rounding if is_low_precision(param.dtype) else "nearest"
     steps = as_number(state.get("step", 0))
     m = moment_value(state, "exp_avg", param)
-    if rounding == "stochastic" or steps < 1 or m is None:
+    if rounding in ("stochastic", "master24") or steps < 1 or m is None:
         return None
     scalars = rule.step_scalars(steps)
     m = as_real(m).double()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import blockwise
-from .master import MASTER_KEY
+from .master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
 from .quantization import FORMATS, is_quantized
 from .rounding import is_low_precision
 from .rule import Algorithm
@@ -77,8 +77,8 @@ def has_compensation(param: Tensor, group: dict) -> bool:
 
 
 def has_master_bits(param: Tensor, group: dict) -> bool:
-    """Whether ``param`` is a bf16 param whose group keeps split fp32 master weights."""
-    return group.get("master_weights") == "fp32" and param.dtype == torch.bfloat16
+    """Whether ``param`` is a bf16 param whose group keeps split master weights."""
+    return group.get("master_weights") is not None and param.dtype == torch.bfloat16
 
 
 def moment_value(state: dict, key: str, param: Tensor) -> Tensor | None:
@@ -143,8 +143,13 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
     elif state.pop(COMPENSATION_KEY, None) is not None:
         changed = True
     if has_master_bits(param, group):
-        if MASTER_KEY not in state:  # zero: the master weight is the param as it stands
-            state[MASTER_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)  # int16 bits 0
+        dtype = LOW_BITS_DTYPE[group["master_weights"]]
+        held = state.get(MASTER_KEY)
+        if held is None or held.dtype != dtype:  # zero: the master weight is the param as it stands
+            state[MASTER_KEY] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            if held is not None:  # switched between fp32 and 24-bit: keep the master, to nearest
+                with torch.no_grad():
+                    split_into(join_tensors(param, held), param, state[MASTER_KEY])
             changed = True
     elif state.pop(MASTER_KEY, None) is not None:
         changed = True

@@ -78,7 +78,13 @@ _QUANTIZED_STORAGE = {"int8": np.int8, "int4": np.uint8}
 ALGORITHMS = {"adam": 0, "adamax": 1}
 
 #: the rounding mode travels as a witness type, so each mode is its own specialization
-_ROUNDING_WITNESS = {"nearest": np.int8, "kahan": np.int16, "stochastic": np.int32, "master": np.int64}
+_ROUNDING_WITNESS = {
+    "nearest": np.int8,
+    "kahan": np.int16,
+    "stochastic": np.int32,
+    "master": np.int64,
+    "master24": np.uint32,
+}
 
 
 def available() -> bool:
@@ -481,6 +487,75 @@ if numba is not None:
         param[i] = _split_master(value, False)
         low[i] = _split_master(value, True)
 
+    @intrinsic
+    def _as_bytes(typingctx, pointer):
+        """The same address as a pointer to int8 (the 24-bit master's low bits)."""
+        result = types.CPointer(types.int8)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(result))
+
+        return result(pointer), codegen
+
+    @intrinsic
+    def _join_master24(typingctx, high, low):
+        """The 24-bit master weight: (high << 16) + (low << 8), low an int8."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+            rest = builder.shl(builder.sext(args[1], i32), ir.Constant(i32, 8))
+            return builder.bitcast(builder.add(wide, rest), ir.FloatType())
+
+        return types.float32(types.uint16, types.int8), codegen
+
+    @intrinsic
+    def _split_master24(typingctx, value, bits16, low_half):
+        """fp32 ``value`` rounded stochastically to 16 significant bits (the top 8 of the
+        random bits added to its pattern, the low 8 cleared; NaN: 0x7FC00000), then its
+        bf16 high half, or (``low_half``) the int8 rest, as uint16."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i32, i16 = ir.IntType(32), ir.IntType(16)
+            carry = builder.trunc(builder.lshr(args[1], ir.Constant(ir.IntType(64), 8)), i32)
+            bits = builder.and_(builder.add(builder.bitcast(args[0], i32), carry), ir.Constant(i32, -256))
+            is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+            bits = builder.select(is_nan, ir.Constant(i32, 0x7FC00000), bits)
+            high = builder.lshr(builder.add(bits, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+            low = builder.ashr(builder.sub(bits, builder.shl(high, ir.Constant(i32, 16))), ir.Constant(i32, 8))
+            return builder.trunc(builder.select(args[2], low, high), i16)
+
+        return types.uint16(types.float32, types.uint64, types.boolean), codegen
+
+    @njit(inline="always", nogil=True)
+    def _load_master24_param(param, low, i):
+        """theta = the 24-bit master weight (param: bf16 bits; low: int8 bits)."""
+        return _join_master24(param[i], _as_bytes(low)[i])
+
+    @intrinsic
+    def _store_byte(typingctx, pointer, index, value):
+        """pointer (reinterpreted as int8*)[index] = the low byte of ``value``: a store the
+        parallel loop's dead-code pass cannot drop, as it drops a setitem on a pointer
+        made inside the loop."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i8 = ir.IntType(8)
+            address = builder.gep(builder.bitcast(args[0], i8.as_pointer()), [args[1]])
+            builder.store(builder.trunc(args[2], i8), address)
+            return context.get_dummy_value()
+
+        return types.none(pointer, types.int64, types.uint16), codegen
+
+    @njit(inline="always", nogil=True)
+    def _put_master24_param(param, low, i, value, key, shift):
+        """Round theta stochastically to the 24-bit grid and split it."""
+        bits16 = _random16(key, i + shift)
+        param[i] = _split_master24(value, bits16, False)
+        _store_byte(low, np.int64(i), _split_master24(value, bits16, True))
+
     @njit(inline="always", nogil=True)
     def _put_param(param, compensation, i, value, key, shift):
         _store(param, i, value)
@@ -501,6 +576,7 @@ if numba is not None:
         "kahan": (_load_kahan_param, _put_kahan_param, _put_stochastic),
         "stochastic": (_load_param, _put_stochastic_param, _put_stochastic),
         "master": (_load_master_param, _put_master_param, _put_stochastic),
+        "master24": (_load_master24_param, _put_master24_param, _put_stochastic),
     }
 
     def _element_loop(adamax: bool, amsgrad: bool, rounding_mode: str):
@@ -553,7 +629,13 @@ if numba is not None:
         )
         for mode in _ROUNDING_WITNESS
     }
-    _MODE_OF_WITNESS = {types.int8: "nearest", types.int16: "kahan", types.int32: "stochastic", types.int64: "master"}
+    _MODE_OF_WITNESS = {
+        types.int8: "nearest",
+        types.int16: "kahan",
+        types.int32: "stochastic",
+        types.int64: "master",
+        types.uint32: "master24",
+    }
 
     def _update_chunk(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rounding_witness):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
@@ -751,7 +833,7 @@ class _Bucket:
         else:
             keys = list(moments)
         self.moment_count = len(moments)
-        keys += {"kahan": [COMPENSATION_KEY], "master": [MASTER_KEY]}.get(self.mode, [])
+        keys += {"kahan": [COMPENSATION_KEY], "master": [MASTER_KEY], "master24": [MASTER_KEY]}.get(self.mode, [])
         states = [[batch.states[i][key] for key in keys] for i in members]
         params = [batch.params[i] for i in members]
         in_order = not self.random and not quantized  # random bits and codes follow the row-major index
@@ -781,7 +863,7 @@ class _Bucket:
         three moments' scales; unused slots hold 0 or repeat the second moment (the
         kernel variant never touches them)."""
         addresses = [t.data_ptr() for t in tensors]
-        compensation = addresses[-1] if self.mode in ("kahan", "master") else 0  # or the master's low bits
+        compensation = addresses[-1] if self.mode in ("kahan", "master", "master24") else 0  # or the master's low bits
         n = self.moment_count
         moments = addresses[:n] + addresses[1:2] * (3 - n)
         scales = (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]

@@ -129,7 +129,7 @@ def widened(
     values.  ``store(written)`` stores the widened params only where ``written[i]`` is
     true (all by default); moments are always stored.
     """
-    kahan, master = rule.rounding == "kahan", rule.rounding == "master"
+    kahan, master = rule.rounding == "kahan", rule.rounding in ("master", "master24")
     keys = moment_keys(rule.algorithm, rule.amsgrad)
     work = GroupTensors(list(params), list(grads), [], [], [])
     work_moments = (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs)
@@ -145,7 +145,7 @@ def widened(
         stored = [_widen(param, dtype, rounding.PARAM_SLOT)]
         if kahan and low:
             stored[0].work.add_(state["kahan_compensation"])
-        if master and rounding.effective_rounding("master", param.dtype) == "master":  # the fp32 master, exactly
+        if master and rounding.effective_rounding(rule.rounding, param.dtype) == rule.rounding:  # the master, exactly
             stored[0].work = join_tensors(param, state[MASTER_KEY])
         stored += [_moment(state, key, param, dtype, slot) for slot, key in enumerate(keys, start=1)]
         work.params[i] = stored[0].work
@@ -176,6 +176,8 @@ def widened(
                 mode = rounding.effective_rounding(rule.rounding, target.dtype) if is_param else "stochastic"
                 if mode == "master":
                     split_into(item.work, target, states[i][MASTER_KEY])
+                elif mode == "master24":
+                    split_into(item.work, target, states[i][MASTER_KEY], bits(i, item))
                 elif mode == "kahan":
                     target.copy_(item.work)  # p = rn(theta), c = rn(theta - p)
                     states[i]["kahan_compensation"].copy_(item.work - target.to(item.work.dtype))

@@ -338,10 +338,15 @@ if triton is not None:
         STATE_STORAGE: tl.constexpr = exp_avg.dtype.element_ty  # uint8 codes when quantized
         COMPUTE: tl.constexpr = step_size.dtype
         BLOCK: tl.constexpr = offsets.shape[0]
-        if MASTER:  # the fp32 master weight: the bf16 param's bits over the int16 low bits
+        if MASTER == 16:  # the fp32 master weight: the bf16 param's bits over the int16 low bits
             low_bits = compensation.to(tl.pointer_type(tl.int16))
             high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
             p = ((high << 16) + tl.load(low_bits + offsets, mask=mask).to(tl.int32)).to(tl.float32, bitcast=True)
+        elif MASTER == 8:  # the 24-bit master: int8 low bits, shifted by 8
+            low_bytes = compensation.to(tl.pointer_type(tl.int8))
+            high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
+            rest = tl.load(low_bytes + offsets, mask=mask).to(tl.int32) << 8
+            p = ((high << 16) + rest).to(tl.float32, bitcast=True)
         else:
             p = tl.load(param + offsets, mask=mask).to(COMPUTE)
         if KAHAN:
@@ -417,11 +422,17 @@ if triton is not None:
                 )
             denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
         p = p - step_size * _exact_div(m, denom)
-        if MASTER:  # split again: high half rounded half away from zero, and what it drops
+        if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
             bits = p.to(tl.int32, bitcast=True)
             high = (bits + 0x8000) >> 16
             tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
             tl.store(low_bits + offsets, (bits - (high << 16)).to(tl.int16), mask=mask)
+        elif MASTER == 8:  # round to 16 significant bits stochastically, then split
+            carry = (_random16(key_param, offsets + shift) >> 8).to(tl.int32)
+            bits = tl.where(p != p, 0x7FC00000, (p.to(tl.int32, bitcast=True) + carry) & -256)
+            high = (bits + 0x8000) >> 16
+            tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+            tl.store(low_bytes + offsets, ((bits - (high << 16)) >> 8).to(tl.int8), mask=mask)
         elif KAHAN:  # p = rn(theta), c = rn(theta - p)
             stored = _to_storage(p, PARAM_STORAGE)
             tl.store(param + offsets, stored, mask=mask)
@@ -584,7 +595,9 @@ class _Bucket:
             moments = [blockwise.stored_keys(key, self.quantized)[0] for key in moments] + [
                 blockwise.stored_keys(key, self.quantized)[1] for key in moments
             ]
-        keys = moments + {"kahan": [COMPENSATION_KEY], "master": [MASTER_KEY]}.get(self.mode, [])
+        keys = moments + {"kahan": [COMPENSATION_KEY], "master": [MASTER_KEY], "master24": [MASTER_KEY]}.get(
+            self.mode, []
+        )
         self.state_tensors = [[_real(s[key]) for key in keys] for s in states]
         self.steps = [s["step"] for s in states]
         for p, tensors in zip(params, self.state_tensors):
@@ -595,7 +608,7 @@ class _Bucket:
         for tensors in self.state_tensors:
             addresses = [t.data_ptr() for t in tensors]
             # unused slots repeat the second moment (the kernel variant never touches them)
-            extra = addresses[-1] if self.mode in ("kahan", "master") else 0  # compensation or master low bits
+            extra = addresses[-1] if self.mode in ("kahan", "master", "master24") else 0  # compensation, master bits
             row = addresses[:n] + addresses[1:2] * (3 - n) + [extra]
             row += (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
             rows.append(row)
@@ -784,7 +797,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             DECAY=group.decay_kind,
             AMP=amp,
             KAHAN=bucket.mode == "kahan",
-            MASTER=bucket.mode == "master",
+            MASTER={"master": 16, "master24": 8}.get(bucket.mode, 0),  # the master's extra bits
             STOCHASTIC=bucket.mode == "stochastic",
             RANDOM=bucket.random,
             QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
