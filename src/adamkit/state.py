@@ -76,6 +76,11 @@ def has_compensation(param: Tensor, group: dict) -> bool:
     return group.get("rounding") == "kahan" and is_low_precision(param.dtype)
 
 
+#: the state tensor each param rounding mode keeps beside a 16-bit param (see
+#: :func:`adamkit.rounding.effective_rounding`): Kahan's compensation, a split master's low bits
+PARAM_EXTRA_KEY = {"kahan": COMPENSATION_KEY, "master": MASTER_KEY, "master24": MASTER_KEY}
+
+
 def has_master_bits(param: Tensor, group: dict) -> bool:
     """Whether ``param`` is a bf16 param whose group keeps split master weights."""
     return group.get("master_weights") is not None and param.dtype == torch.bfloat16

@@ -45,10 +45,9 @@ import torch
 from torch import Tensor
 
 from .. import blockwise, quantization, rounding
-from ..master import MASTER_KEY
 from ..quantization import MIN_EXPONENT, QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
-from ..state import COMPENSATION_KEY, moment_keys, moment_storage
+from ..state import PARAM_EXTRA_KEY, moment_keys, moment_storage
 from .amp import inverse_scale
 from .types import GroupBatch
 
@@ -833,7 +832,7 @@ class _Bucket:
         else:
             keys = list(moments)
         self.moment_count = len(moments)
-        keys += {"kahan": [COMPENSATION_KEY], "master": [MASTER_KEY], "master24": [MASTER_KEY]}.get(self.mode, [])
+        keys += [PARAM_EXTRA_KEY[self.mode]] if self.mode in PARAM_EXTRA_KEY else []
         states = [[batch.states[i][key] for key in keys] for i in members]
         params = [batch.params[i] for i in members]
         in_order = not self.random and not quantized  # random bits and codes follow the row-major index
@@ -863,7 +862,7 @@ class _Bucket:
         three moments' scales; unused slots hold 0 or repeat the second moment (the
         kernel variant never touches them)."""
         addresses = [t.data_ptr() for t in tensors]
-        compensation = addresses[-1] if self.mode in ("kahan", "master", "master24") else 0  # or the master's low bits
+        compensation = addresses[-1] if self.mode in PARAM_EXTRA_KEY else 0  # or the master's low bits
         n = self.moment_count
         moments = addresses[:n] + addresses[1:2] * (3 - n)
         scales = (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]

@@ -129,7 +129,6 @@ def widened(
     values.  ``store(written)`` stores the widened params only where ``written[i]`` is
     true (all by default); moments are always stored.
     """
-    kahan, master = rule.rounding == "kahan", rule.rounding in ("master", "master24")
     keys = moment_keys(rule.algorithm, rule.amsgrad)
     work = GroupTensors(list(params), list(grads), [], [], [])
     work_moments = (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs)
@@ -143,9 +142,10 @@ def widened(
             continue
         dtype = compute_dtype(param.dtype)
         stored = [_widen(param, dtype, rounding.PARAM_SLOT)]
-        if kahan and low:
+        mode = rounding.effective_rounding(rule.rounding, param.dtype)
+        if mode == "kahan":
             stored[0].work.add_(state["kahan_compensation"])
-        if master and rounding.effective_rounding(rule.rounding, param.dtype) == rule.rounding:  # the master, exactly
+        elif mode in ("master", "master24"):  # the master weight, exactly
             stored[0].work = join_tensors(param, state[MASTER_KEY])
         stored += [_moment(state, key, param, dtype, slot) for slot, key in enumerate(keys, start=1)]
         work.params[i] = stored[0].work

@@ -43,10 +43,9 @@ import numpy as np
 import torch
 
 from .. import blockwise, rounding
-from ..master import MASTER_KEY
 from ..quantization import QuantFormat
 from ..rule import GroupScalars, UpdateRule, step_scalar_arrays
-from ..state import COMPENSATION_KEY, moment_keys, moment_storage
+from ..state import PARAM_EXTRA_KEY, moment_keys, moment_storage
 from . import foreach, storage
 from .amp import unscaled
 from .cpu import HostCounters, chunk_table
@@ -595,9 +594,7 @@ class _Bucket:
             moments = [blockwise.stored_keys(key, self.quantized)[0] for key in moments] + [
                 blockwise.stored_keys(key, self.quantized)[1] for key in moments
             ]
-        keys = moments + {"kahan": [COMPENSATION_KEY], "master": [MASTER_KEY], "master24": [MASTER_KEY]}.get(
-            self.mode, []
-        )
+        keys = moments + ([PARAM_EXTRA_KEY[self.mode]] if self.mode in PARAM_EXTRA_KEY else [])
         self.state_tensors = [[_real(s[key]) for key in keys] for s in states]
         self.steps = [s["step"] for s in states]
         for p, tensors in zip(params, self.state_tensors):
@@ -608,7 +605,7 @@ class _Bucket:
         for tensors in self.state_tensors:
             addresses = [t.data_ptr() for t in tensors]
             # unused slots repeat the second moment (the kernel variant never touches them)
-            extra = addresses[-1] if self.mode in ("kahan", "master", "master24") else 0  # compensation, master bits
+            extra = addresses[-1] if self.mode in PARAM_EXTRA_KEY else 0  # compensation, master bits
             row = addresses[:n] + addresses[1:2] * (3 - n) + [extra]
             row += (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
             rows.append(row)
