@@ -23,6 +23,7 @@ import torch
 
 import adamkit
 from adamkit import blockwise
+from adamkit.master import MASTER_KEY, join_tensors
 from adamkit.quantization import FORMATS
 from adamkit.state import moment_value
 
@@ -106,3 +107,31 @@ def test_nearest_rounding_would_freeze_the_second_moment():
         exact = 0.999 * exact
     assert torch.equal(stored, start)  # frozen
     assert math.isclose((exact / start.double()).median().item(), 0.999**500, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "24bit"])
+def test_split_master_weights_track_fp32_weights_on_a_decaying_stream(mode):
+    """The weights themselves on the same stream: bf16 params with split master weights
+    against torch.optim.AdamW on fp32 weights fed the same (bf16-representable)
+    gradients.  "fp32" is that run bit for bit; "24bit" rounds each step's result
+    stochastically to 16 significant bits, so its relative error has RMS at most
+    sqrt(T) 2^-16 and mean within noise of zero, however small the late updates get."""
+    start = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    lean = torch.nn.Parameter(start.clone())
+    exact = torch.nn.Parameter(start.float())
+    options = {"master_weights": mode, "state_precision": "fp32", "backend": "reference", "seed": 0}
+    lean_opt = adamkit.AdamW([lean], lr=1e-4, **options)
+    exact_opt = torch.optim.AdamW([exact], lr=1e-4, foreach=False)
+    for grad in gradient_stream(STEPS):
+        grad = grad.to(torch.bfloat16)
+        lean.grad, exact.grad = grad, grad.float()
+        lean_opt.step()
+        exact_opt.step()
+    master = join_tensors(lean, lean_opt.state[lean][MASTER_KEY])
+    if mode == "fp32":
+        assert torch.equal(master.view(torch.int32), exact.detach().view(torch.int32))
+        return
+    errors = (master.double() - exact.detach().double()) / exact.detach().double().abs()
+    bound = STEPS**0.5 * 2.0**-16
+    assert float(errors.square().mean().sqrt()) <= bound
+    assert abs(float(errors.mean())) <= 4 * bound / N**0.5
