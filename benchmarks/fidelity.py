@@ -69,7 +69,11 @@ def settings() -> list[Setting]:
             "bf16, master fp32, fp32 states", torch.bfloat16, {"master_weights": "fp32", "state_precision": "fp32"}
         ),
         Setting("bf16, master fp32, int8", torch.bfloat16, {"master_weights": "fp32", "state_precision": "int8"}),
+        Setting(
+            "bf16, master 24bit, fp32 states", torch.bfloat16, {"master_weights": "24bit", "state_precision": "fp32"}
+        ),
         Setting("bf16, master 24bit, int8", torch.bfloat16, {"master_weights": "24bit", "state_precision": "int8"}),
+        Setting("bf16, master 24bit, int4", torch.bfloat16, {"master_weights": "24bit", "state_precision": "int4"}),
     ]
     try:
         import bitsandbytes  # noqa: F401
@@ -101,7 +105,7 @@ def make_optimizer(setting: Setting, params: list, lr: float, weight_decay: floa
 
         cls = optim.AdamW8bit if setting.library == "ao8" else optim.AdamW4bit
         return cls(params, lr=lr, weight_decay=weight_decay)
-    return adamkit.AdamW(params, lr=lr, weight_decay=weight_decay, seed=0, **setting.options)
+    return adamkit.AdamW(params, lr=lr, weight_decay=weight_decay, **{"seed": 0, **setting.options})
 
 
 def tensor_bytes(value: torch.Tensor) -> int:

@@ -47,3 +47,11 @@ def test_the_fidelity_panel_runs_quick_and_int8_tracks_fp32():
     rows = {line[2:36].strip(): line[36:].split() for line in result.stdout.splitlines() if line.startswith("  ")}
     assert {"fp32 AdamW (torch)", "int8", "bf16, stochastic"} <= rows.keys()
     assert abs(float(rows["int8"][1]) - 1) <= 0.01, rows["int8"]
+
+
+def test_second_moment_bits_runs_and_prints_every_map():
+    command = [sys.executable, "second_moment_bits.py", "--steps", "50"]
+    result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [(row[1], row[2]) for row in rows] == [(f"e4m{m}", s) for m in range(5) for s in ("fp32", "bf16")]

@@ -71,8 +71,9 @@ MODES = {
 
 INT4_MISS = (
     "int4's 16 levels are too coarse to follow v element by element: stochastic rounding keeps it unbiased, "
-    "but its noise over beta2's memory is about sqrt(0.7 * spacing / v), the factor-2 spacing of e4m0 gives "
-    "a median ratio near 0.65 and about half the elements off by more than 2x on this stream"
+    "but its noise over beta2's memory grows with the spacing of the levels, and e4m0's factor 2 leaves a "
+    "median ratio near 0.81 with about 30 % of the elements off by more than 2x on this stream; "
+    "benchmarks/second_moment_bits.py measures 13 % off with 5 bits, 3 % with 6"
 )
 
 
@@ -91,22 +92,26 @@ def test_int4_second_moments_track_fp32_on_a_decaying_stream():
 
 
 def test_nearest_rounding_would_freeze_the_second_moment():
-    """The failure the stochastic rounding removes, shown with the format itself: v
-    requantized to nearest each step, starting from fp32's v, stays where it was
-    while fp32's decays."""
+    """The failure the stochastic rounding removes, shown with the format itself: the
+    largest element of each block is held steady by its gradients while every other
+    element gets none; requantized to nearest each step, v stays where it was while
+    fp32's decays (with the exact block scales, a block that decays as a whole would
+    follow: the scale carries it)."""
     fmt = FORMATS["int8"]
     v = torch.rand(N, dtype=torch.float64).float() + 0.5
+    held = torch.arange(N) % fmt.block == 0
+    v[held] = 2.0
     codes = torch.zeros(fmt.code_bytes(N), dtype=torch.uint8)
-    scales = torch.zeros(fmt.blocks(N), dtype=torch.bfloat16)
+    scales = torch.zeros(fmt.blocks(N), dtype=torch.float32)
     blockwise.quantize_into(v, codes, scales, fmt, signed=False)
     start = blockwise.dequantize(codes, scales, fmt, False, v.shape)
     stored, exact = start.clone(), start.double()
-    for _ in range(500):  # zero gradients: v_t = beta2^t v_0
-        blockwise.quantize_into(0.999 * stored, codes, scales, fmt, signed=False)
+    for _ in range(500):  # v_t = beta2^t v_0, but for the held elements
+        blockwise.quantize_into(torch.where(held, stored, 0.999 * stored), codes, scales, fmt, signed=False)
         stored = blockwise.dequantize(codes, scales, fmt, False, v.shape)
-        exact = 0.999 * exact
+        exact = torch.where(held, exact, 0.999 * exact)
     assert torch.equal(stored, start)  # frozen
-    assert math.isclose((exact / start.double()).median().item(), 0.999**500, rel_tol=1e-6)
+    assert math.isclose((exact / start.double())[~held].median().item(), 0.999**500, rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["fp32", "24bit"])

@@ -1,7 +1,7 @@
 """Block-wise quantized moments in torch: quantize and dequantize tensors on any
 device, bit for bit as :mod:`adamkit.quantization` specifies (stochastically, given
 each element's random bits, or to nearest), and the state keys that hold them
-(codes, uint8; scales, bf16; see :func:`adamkit.quantization.codes_key`)."""
+(codes, uint8; scales, bf16 or fp32; see :func:`adamkit.quantization.codes_key`)."""
 
 from __future__ import annotations
 
@@ -36,12 +36,29 @@ def stored_keys(key: str, fmt: QuantFormat) -> tuple[str, str]:
     return codes_key(key, fmt), scales_key(key, fmt)
 
 
+def scale_dtype(fmt: QuantFormat, signed: bool) -> torch.dtype:
+    """The dtype of a moment's block scales: fp32 where they are exact, else bf16."""
+    return torch.float32 if fmt.exact_scales(signed) else torch.bfloat16
+
+
 def allocate(state: dict, key: str, param: Tensor, fmt: QuantFormat) -> None:
     """Zero codes and scales for ``param``'s moment ``key`` (they dequantize to zeros)."""
     numel = param.numel()
     codes, scales = stored_keys(key, fmt)
     state[codes] = torch.zeros(fmt.code_bytes(numel), dtype=torch.uint8, device=param.device)
-    state[scales] = torch.zeros(fmt.blocks(numel), dtype=torch.bfloat16, device=param.device)
+    state[scales] = torch.zeros(fmt.blocks(numel), dtype=scale_dtype(fmt, key in SIGNED_KEYS), device=param.device)
+
+
+def widen_scales(state: dict, key: str, fmt: QuantFormat) -> bool:
+    """Hold moment ``key``'s scales in their dtype: a checkpoint written before second
+    moments kept exact scales has them in bf16, which fp32 holds exactly (the codes
+    stand as they are).  Returns whether it converted."""
+    scales = scales_key(key, fmt)
+    dtype = scale_dtype(fmt, key in SIGNED_KEYS)
+    if state[scales].dtype == dtype:
+        return False
+    state[scales] = state[scales].to(dtype)
+    return True
 
 
 def _per_element(scales: Tensor, fmt: QuantFormat, numel: int) -> Tensor:
@@ -55,15 +72,18 @@ def _bfloat16_ceil(x: Tensor) -> Tensor:
     return torch.where(x.isnan(), torch.nan, up)
 
 
-def scales_of(x: Tensor, fmt: QuantFormat) -> Tensor:
-    """Each block's absmax rounded up to bf16; NaN for a non-finite block."""
+def scales_of(x: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
+    """Each block's absmax, exact (fp32) or rounded up to bf16 as the moment's format
+    keeps it; NaN for a non-finite block."""
     flat = x.reshape(-1).float()
     padded = torch.zeros(fmt.blocks(flat.numel()) * fmt.block, dtype=torch.float32, device=x.device)
     padded[: flat.numel()] = flat
     rows = padded.view(-1, fmt.block)
-    scales = _bfloat16_ceil(rows.abs().amax(dim=1))
+    absmax = rows.abs().amax(dim=1)
+    exact = fmt.exact_scales(signed)
+    scales = absmax if exact else _bfloat16_ceil(absmax)
     finite = rows.isfinite().all(dim=1) & scales.isfinite()
-    return torch.where(finite, scales, torch.nan).to(torch.bfloat16)
+    return torch.where(finite, scales, torch.nan).to(scale_dtype(fmt, signed))
 
 
 def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, bits16: Tensor | None) -> Tensor:
@@ -149,11 +169,17 @@ def quantize_into(
     """Store ``x`` (read in row-major order) in ``codes`` and ``scales``: rounded
     stochastically with ``bits16`` (one per element, as :func:`adamkit.kernels.storage.random_bits`
     draws them), or to nearest."""
+    _check_scales(scales, fmt, signed)
     flat = x.reshape(-1).float()
-    new_scales = scales_of(flat, fmt)
+    new_scales = scales_of(flat, fmt, signed)
     bits = None if bits16 is None else bits16.reshape(-1)
     codes.copy_(_packed(_level_codes(flat, new_scales, fmt, signed, bits), fmt))
     scales.copy_(new_scales)
+
+
+def _check_scales(scales: Tensor, fmt: QuantFormat, signed: bool) -> None:
+    if scales.dtype != scale_dtype(fmt, signed):  # a copy into it would round them
+        raise TypeError(f"scales must be {scale_dtype(fmt, signed)} for this moment, got {scales.dtype}")
 
 
 def _reproduced(code: Tensor, scales: Tensor, flat: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
@@ -164,13 +190,12 @@ def _reproduced(code: Tensor, scales: Tensor, flat: Tensor, fmt: QuantFormat, si
     return padded.view(-1, fmt.block).all(dim=1) | scales.float().isnan()
 
 
-def _bfloat16_steps(scales: Tensor, steps: int) -> Tensor:
-    """Positive bf16 scales moved ``steps`` representable values up (or down); zero and
-    NaN scales stay."""
+def _neighbour_scales(scales: Tensor, steps: int) -> Tensor:
+    """Positive scales moved ``steps`` representable values (of their dtype) up or
+    down; zero and NaN scales stay."""
     positive = scales.float() > 0
-    return torch.where(
-        positive, (scales.view(torch.int16) + positive.to(torch.int16) * steps).view(torch.bfloat16), scales
-    )
+    bits = torch.int16 if scales.dtype == torch.bfloat16 else torch.int32
+    return torch.where(positive, (scales.view(bits) + positive.to(bits) * steps).view(scales.dtype), scales)
 
 
 def _second_level(fmt: QuantFormat, signed: bool) -> float:
@@ -187,19 +212,20 @@ def restore_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, sig
     moment exported at full precision, see :mod:`adamkit.sharding`), store codes and
     scales that dequantize to them exactly, so the values are kept bit for bit.
 
-    A block's scale is its absmax rounded *up* to bf16, and a step rounds its largest
-    element to the top level or to the one below it, so the absmax of dequantized
-    values is the scale or that much less: a block that the usual scale does not
-    reproduce exactly tries the next two bf16 values up, then its absmax over the
-    second level (and that value's bf16 neighbours).  For any other ``x``, this is
+    A block's scale is its absmax (exact, or rounded *up* to bf16), and a step rounds
+    its largest element to the top level or to the one below it, so the absmax of
+    dequantized values is the scale or that much less: a block that the usual scale
+    does not reproduce exactly tries the next two values up, then its absmax over the
+    second level (and that value's neighbours).  For any other ``x``, this is
     :func:`quantize_into` rounding to nearest.
     """
+    _check_scales(scales, fmt, signed)
     flat = x.reshape(-1).float()
-    best_scales = scales_of(flat, fmt)
+    best_scales = scales_of(flat, fmt, signed)
     best_code = _level_codes(flat, best_scales, fmt, signed, None)
-    below = (best_scales.float() / _second_level(fmt, signed)).to(torch.bfloat16)
-    trials = [_bfloat16_steps(best_scales, 1), _bfloat16_steps(best_scales, 2)]
-    trials += [_bfloat16_steps(below, steps) for steps in (0, -1, 1, 2)]
+    below = (best_scales.float() / _second_level(fmt, signed)).to(best_scales.dtype)
+    trials = [_neighbour_scales(best_scales, 1), _neighbour_scales(best_scales, 2)]
+    trials += [_neighbour_scales(below, steps) for steps in (0, -1, 1, 2)]
     exact = _reproduced(best_code, best_scales, flat, fmt, signed)
     for trial in trials:
         if bool(exact.all()):
@@ -243,9 +269,11 @@ __all__ = [
     "drop",
     "quantize_into",
     "restore_into",
+    "scale_dtype",
     "scales_of",
     "signed_tables",
     "store_moment",
     "stored_format",
     "stored_keys",
+    "widen_scales",
 ]

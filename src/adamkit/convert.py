@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import blockwise
-from .quantization import FORMATS, SIGNED_KEYS
+from .quantization import FORMATS
 
 #: every moment key a state may hold (Adam, AMSGrad, AdaMax)
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf")
@@ -87,10 +87,8 @@ def to_quantized(state_dict: dict, params: Sequence, state_precision: str) -> di
                     raise ValueError(
                         f"state[{param_id}][{key!r}] has shape {tuple(value.shape)}, the param {tuple(shape)}"
                     )
-                codes, scales = blockwise.stored_keys(key, fmt)
-                state[codes] = torch.empty(fmt.code_bytes(shape.numel()), dtype=torch.uint8, device=value.device)
-                state[scales] = torch.empty(fmt.blocks(shape.numel()), dtype=torch.bfloat16, device=value.device)
-                blockwise.restore_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS)
+                blockwise.allocate(state, key, value, fmt)
+                blockwise.store_moment(state, key, value, fmt, restore=True)
     for group in result["param_groups"]:
         group["state_precision"] = state_precision
     return result

@@ -4,8 +4,10 @@ the format's specification and its NumPy reference.
 A moment tensor :math:`x` is read in row-major order and cut into blocks of
 :math:`B` elements (the last block of a tensor may be shorter: ragged tails and
 one-element tensors are quantized like everything else).  Each block keeps one
-*scale* :math:`s`, its absolute maximum rounded up to bf16, and a :math:`b`-bit code
-per element, a level of :math:`r = |x| / s \in [0, 1]` (fp32, correctly rounded).
+*scale* :math:`s` and a :math:`b`-bit code per element, a level of
+:math:`r = |x| / s \in [0, 1]` (fp32, correctly rounded).  The first moment's scale
+is its block's absolute maximum rounded up to bf16; the second moments' scale is the
+absolute maximum itself, in fp32 (see *Scales* below).
 
 First moment (``exp_avg``): a signed *power map*, :math:`K = 2^{b-1} - 1` levels
 each side of zero, evenly spaced in :math:`\sqrt r`, finest near zero:
@@ -57,6 +59,18 @@ every backend stores the same codes:
   :math:`\lfloor K \sqrt r \rfloor` (any square root: one comparison either side
   corrects it).
 
+**Scales.** A second moment's block scale is held exactly (fp32, 4 bytes a block):
+the block's largest element is then exactly the top level, :math:`r = 1`, and a
+block whose second moments decay together keeps its codes while the scale follows
+them.  A scale rounded up to bf16 puts the largest element up to 0.4 % below the top
+level, where stochastic rounding sends it a level down now and then, a noise every
+element of the block inherits: on the decaying stream of
+``tests/test_lean_tracking.py`` (NumPy replica of the format, 2000 steps,
+``benchmarks/second_moment_bits.py``) the median stored v / fp32 v was 0.963 with
+bf16 scales and 0.992 with exact ones for int8, and 0.633 and 0.816 for int4.  The
+first moment keeps the bf16 scale (2 bytes): its power map is finest near zero, not
+at the top, and the extra 2 bytes a block would take int8 past 2.03 bytes a param.
+
 Values converted once rather than stepped (a checkpoint loaded into a quantized
 optimizer, a state converted between precisions) are rounded to nearest:
 :math:`k = \lfloor K \sqrt r + \tfrac12 \rfloor`, and half of the dropped fraction
@@ -70,7 +84,8 @@ NaN: a non-finite moment poisons its block).
 
 Packing: int8 codes are one byte each; int4 codes two to a byte, element
 :math:`2j` in the low nibble and :math:`2j + 1` in the high one.  A state holds, per
-moment, its codes (uint8, flat) and its scales (bf16, one per block): ``exp_avg_int8``
+moment, its codes (uint8, flat) and its scales (one per block; bf16 for the first
+moment, fp32 for the second moments): ``exp_avg_int8``
 and ``exp_avg_int8_scales``, ``exp_avg_sq_e4m4`` and ``exp_avg_sq_e4m4_scales`` (int4:
 ``_int4`` and ``_e4m0``).
 
@@ -140,9 +155,18 @@ class QuantFormat:
     def blocks(self, numel: int) -> int:
         return -(-numel // self.block)
 
-    def bytes_per_state(self, numel: int) -> int:
-        """Bytes held for one quantized moment of ``numel`` elements (codes, bf16 scales)."""
-        return self.code_bytes(numel) + 2 * self.blocks(numel)
+    def exact_scales(self, signed: bool) -> bool:
+        """Whether a moment's block scales are its exact absmax (fp32: the second
+        moments) rather than the absmax rounded up to bf16 (the first moment, and
+        every moment of a legacy checkpoint)."""
+        return not (signed or self.legacy)
+
+    def scale_bytes(self, signed: bool) -> int:
+        return 4 if self.exact_scales(signed) else 2
+
+    def bytes_per_state(self, numel: int, signed: bool) -> int:
+        """Bytes held for one quantized moment of ``numel`` elements (codes and scales)."""
+        return self.code_bytes(numel) + self.scale_bytes(signed) * self.blocks(numel)
 
 
 FORMATS = {"int8": QuantFormat("int8", bits=8, block=256), "int4": QuantFormat("int4", bits=4, block=128)}
@@ -183,12 +207,13 @@ def bfloat16_ceil(x: np.ndarray) -> np.ndarray:
     return up.view(np.float32)
 
 
-def block_scales(x: np.ndarray, block: int) -> np.ndarray:
-    """Each block's absmax rounded up to bf16 (as fp32 values); NaN for a block
-    holding a NaN or an infinity, or whose absmax rounds up past bf16's range."""
+def block_scales(x: np.ndarray, block: int, exact: bool = False) -> np.ndarray:
+    """Each block's absmax (fp32), rounded up to bf16 unless ``exact``; NaN for a
+    block holding a NaN or an infinity, or whose absmax rounds up past bf16's range."""
     rows = _blocked(np.asarray(x, dtype=np.float32).ravel(), block)
     with np.errstate(invalid="ignore"):
-        scales = bfloat16_ceil(np.abs(rows).max(axis=1))
+        scales = np.abs(rows).max(axis=1)
+        scales = scales if exact else bfloat16_ceil(scales)
     scales[~np.isfinite(rows).all(axis=1) | ~np.isfinite(scales)] = np.nan
     return scales
 
@@ -316,7 +341,7 @@ def quantize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(stored codes, scales) of ``x`` (any shape; read in row-major order), rounded
     stochastically with ``bits16`` (one per element) or, without, to nearest."""
-    scales = block_scales(x, fmt.block)
+    scales = block_scales(x, fmt.block, exact=fmt.exact_scales(signed))
     codes = level_codes(x, scales, fmt, signed, bits16)
     codes[np.repeat(~np.isfinite(scales), fmt.block)[: codes.size]] = 0
     return pack(codes, fmt), scales

@@ -111,7 +111,7 @@ def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str |
     target = FORMATS.get(state_precision)
     held = blockwise.stored_format(state, key, param.numel())
     if target is not None and held is target and key not in state:
-        return False
+        return blockwise.widen_scales(state, key, target)
     dtype = state_dtype(param, state_precision)
     if target is None and held is None and key in state and state[key].dtype == dtype:
         return False

@@ -316,14 +316,14 @@ if numba is not None:
         fmt, signed = _format_of(state_witness, sign_witness)
         table = quantization.level_table(fmt, signed)
         log2_block, block, packed = fmt.block.bit_length() - 1, fmt.block, fmt.bits == 4
+        read_scale = _exact_scale if fmt.exact_scales(signed) else _bfloat16_scale
 
         def dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end):
             codes = _pointer(codes_address, _BYTE_WITNESS)
-            scales = _pointer(scales_address, _BFLOAT16_WITNESS)
             values = _pointer(np.int64(out.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
                 low, high = b * block, min(b * block + block, end)
-                scale = _bfloat16_to_float(scales[b])
+                scale = read_scale(scales_address, b)
                 if packed:  # pairs: the one past a ragged end lands in the scratch's spare element
                     for j in range(low >> 1, (high + 1) >> 1):
                         byte = np.int32(codes[j])
@@ -334,6 +334,32 @@ if numba is not None:
                         values[i] = scale * table[np.int32(codes[i])]
 
         return dequantize
+
+    @njit(inline="always", nogil=True)
+    def _bfloat16_scale(scales_address, b):
+        return _bfloat16_to_float(_pointer(scales_address, _BFLOAT16_WITNESS)[b])
+
+    @njit(inline="always", nogil=True)
+    def _exact_scale(scales_address, b):
+        return _pointer(scales_address, _FLOAT32_WITNESS)[b]
+
+    @njit(inline="always", nogil=True)
+    def _put_bfloat16_scale(scales_address, b, largest):
+        """Store the block's absmax (its fp32 bit pattern, NaN and infinity above every
+        finite one) rounded up to bf16, and return the scale; NaN where that is not finite."""
+        rounded_up = (np.int64(largest) + 0xFFFF) >> 16
+        finite = (largest < np.int32(0x7F800000)) & (rounded_up < 0x7F80)
+        bits = np.uint16(rounded_up) if finite else np.uint16(0x7FC0)
+        _pointer(scales_address, _BFLOAT16_WITNESS)[b] = bits
+        return _bfloat16_to_float(bits)
+
+    @njit(inline="always", nogil=True)
+    def _put_exact_scale(scales_address, b, largest):
+        """Store the block's absmax itself (fp32, as its bit pattern; NaN for a non-finite
+        block) and return it."""
+        finite = largest < np.int32(0x7F800000)
+        _pointer(scales_address, _INT32_WITNESS)[b] = largest if finite else np.int32(0x7FC00000)
+        return _pointer(scales_address, _FLOAT32_WITNESS)[b]
 
     @njit(inline="always", nogil=True)
     def _ratio(x, scale):
@@ -372,7 +398,8 @@ if numba is not None:
     def _requantize_impl(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
         """Quantize values[i - first] for elements [first, end) (``first`` on a block
         boundary): per block, the absmax over bit patterns (NaN and infinity sort
-        above every finite value) rounded up to bf16, then each element's code,
+        above every finite value), exact or rounded up to bf16 as the moment's
+        format keeps it, then each element's code,
         rounded stochastically with the bits of step key ``key`` (element indices
         counted from ``shift``)."""
         fmt, signed = _format_of(state_witness, sign_witness)
@@ -381,10 +408,10 @@ if numba is not None:
         first_code = (127 + MIN_EXPONENT) << fmt.mantissa_bits
         top = (1 << fmt.bits) - 1
         log2_block, block, packed = fmt.block.bit_length() - 1, fmt.block, int(fmt.bits == 4)
+        put_scale = _put_exact_scale if fmt.exact_scales(signed) else _put_bfloat16_scale
 
         def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
             codes = _pointer(codes_address, _BYTE_WITNESS)
-            scales = _pointer(scales_address, _BFLOAT16_WITNESS)
             tables = (levels, magnitudes, gaps)  # the signed map's (see _signed_code)
             # raw pointers, addressed by element index: array indexing keeps LLVM from vectorizing
             address = np.int64(values.ctypes.data) - 4 * first
@@ -394,10 +421,8 @@ if numba is not None:
                 largest = np.int32(0)
                 for i in range(low, high):
                     largest = max(largest, patterns[i] & np.int32(0x7FFFFFFF))
-                rounded_up = (np.int64(largest) + 0xFFFF) >> 16
-                if (largest < np.int32(0x7F800000)) & (rounded_up < 0x7F80):
-                    scales[b] = np.uint16(rounded_up)
-                    scale = _bfloat16_to_float(np.uint16(rounded_up))
+                scale = put_scale(scales_address, b, largest)
+                if not np.isnan(scale):
                     if packed:
                         for j in range(low >> 1, (high + 1) >> 1):
                             i = 2 * j
@@ -410,8 +435,7 @@ if numba is not None:
                         for i in range(low, high):
                             code = _code(fresh[i], scale, i + shift, key, tables, dropped, first_code, top, signed)
                             codes[i] = np.uint8(code)
-                else:  # a non-finite block: scale NaN, codes 0
-                    scales[b] = np.uint16(0x7FC0)
+                else:  # a non-finite block: codes 0
                     for j in range(low >> packed, (high + packed) >> packed):
                         codes[j] = np.uint8(0)
 

@@ -203,19 +203,28 @@ if triton is not None:
         BLOCK: tl.constexpr,
     ):
         """Quantize a program's new values (``first`` on a block boundary): per block,
-        the absmax over bit patterns (NaN and infinity sort above every finite value)
-        rounded up to bf16, then each element's code, rounded stochastically with the
-        bits of step key ``key``; int4 codes two to a byte."""
+        the absmax over bit patterns (NaN and infinity sort above every finite value),
+        rounded up to bf16 for the first moment and exact (fp32) for the second
+        moments, then each element's code, rounded stochastically with the bits of
+        step key ``key``; int4 codes two to a byte."""
         x = tl.where(mask, value.to(tl.float32), 0.0)
         patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         largest = tl.max(tl.reshape(patterns, [BLOCK // QBLOCK, QBLOCK]), axis=1)
         largest = tl.minimum(largest, 0x7F800000)
-        rounded_up = (largest + 0xFFFF) >> 16
-        finite = (largest < 0x7F800000) & (rounded_up < 0x7F80)
         block_index = first // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
-        scale_bits = tl.where(finite, rounded_up, 0x7FC0).to(tl.uint16)
-        tl.store(scales + block_index, scale_bits.to(tl.bfloat16, bitcast=True), mask=block_index * QBLOCK < end)
-        block_scale = (tl.where(finite, rounded_up, 0) << 16).to(tl.float32, bitcast=True)
+        in_tensor = block_index * QBLOCK < end
+        if SIGNED:  # the absmax rounded up to bf16
+            rounded_up = (largest + 0xFFFF) >> 16
+            finite = (largest < 0x7F800000) & (rounded_up < 0x7F80)
+            scale_bits = tl.where(finite, rounded_up, 0x7FC0).to(tl.uint16)
+            tl.store(scales + block_index, scale_bits.to(tl.bfloat16, bitcast=True), mask=in_tensor)
+            block_scale = (tl.where(finite, rounded_up, 0) << 16).to(tl.float32, bitcast=True)
+        else:  # the absmax itself
+            finite = largest < 0x7F800000
+            tl.store(
+                scales + block_index, tl.where(finite, largest, 0x7FC00000).to(tl.float32, bitcast=True), mask=in_tensor
+            )
+            block_scale = tl.where(finite, largest, 0).to(tl.float32, bitcast=True)
         usable = tl.where(finite, 1, 0)
         scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
@@ -484,7 +493,8 @@ if triton is not None:
             row = table_ptr + 9 * t
             param_pointer = tl.pointer_type(PARAM_STORAGE)
             state_pointer = tl.pointer_type(STATE_STORAGE)  # uint8 codes when quantized
-            scales_pointer = tl.pointer_type(tl.bfloat16)
+            first_scales_pointer = tl.pointer_type(tl.bfloat16)  # the first moment's; the others' are fp32
+            scales_pointer = tl.pointer_type(tl.float32)
             param = tl.load(row).to(param_pointer)
             grad = tl.load(row + 1).to(param_pointer)
             exp_avg = tl.load(row + 2).to(state_pointer)
@@ -498,7 +508,7 @@ if triton is not None:
                 second = tl.multiple_of(second, 16)
                 max_second = tl.multiple_of(max_second, 16)
                 compensation = tl.multiple_of(compensation, 16)
-            scales = (tl.load(row + 6).to(scales_pointer), tl.load(row + 7).to(scales_pointer))
+            scales = (tl.load(row + 6).to(first_scales_pointer), tl.load(row + 7).to(scales_pointer))
             scales += (tl.load(row + 8).to(scales_pointer),)  # the three moments' block scales
             tensors = (param, grad, exp_avg, second, max_second, compensation) + scales
             keys = (0, 0, 0, 0, 0)
@@ -577,7 +587,7 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 class _Bucket:
     """One (device, param dtype, state storage) bucket of a group: what stays fixed
-    between steps.  Quantized moments are held as uint8 codes and bf16 scales."""
+    between steps.  Quantized moments are held as uint8 codes and bf16 or fp32 scales."""
 
     def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, state_storage):
         self.members = members
