@@ -232,15 +232,28 @@ def test_each_rank_on_its_share_of_the_batch_equals_torch_optim(sharded, wrapper
     _assert_close(sharded[f"split-{wrapper}-adamkit"], sharded[f"split-{wrapper}-torch"], exact=True)
 
 
+def _single_params(setting: str, **overrides) -> dict:
+    """A setting's params after TOTAL steps in one process, with optimizer arguments overridden."""
+    name, kwargs, dtype = worker.SETTINGS[setting]
+    model = worker.build_model(dtype, worker.WIDTHS.get(setting, worker.WIDTH))
+    optimizer = getattr(adamkit, name)(model.parameters(), lr=1e-2, **{**kwargs, **overrides})
+    worker.train(model, optimizer, range(TOTAL), dtype)
+    return worker.full_params(model)
+
+
 @pytest.mark.parametrize("wrapper", ["ddp", "zero"])
 @pytest.mark.parametrize("setting", ["fp32-cpu", "int8-cpu"])
 def test_ddp_and_zero_equal_single_process(sharded, single, wrapper, setting):
     """(Under ZeRO each rank's optimizer holds only its partition of the params, so their
     indices, which key the random streams of stochastic rounding, are not one process's:
-    int8 states round with other bits there, and the run stays within their noise.)"""
+    int8 states round with other bits there.  The oracle for that run is the noise
+    itself: it differs from the single process no more than a single process with
+    another seed does, on average and at its largest difference.)"""
     if wrapper == "zero" and setting == "int8-cpu":
+        reseeded = _single_params(setting, seed=1)
         for name, value in single[setting]["params"].items():
-            torch.testing.assert_close(sharded[f"zero-{setting}"][name], value, rtol=0, atol=TOTAL * 1e-2 * 0.05)
+            ours, noise = (sharded[f"zero-{setting}"][name] - value).abs(), (reseeded[name] - value).abs()
+            assert 0 < ours.mean() <= 1.25 * noise.mean() and ours.max() <= 1.5 * noise.max(), name
         return
     _assert_close(sharded[f"{wrapper}-{setting}"], single[setting]["params"])
 
