@@ -80,7 +80,7 @@ def candidate_formats(bits: int, block: int) -> dict:
     """name -> (round trip of m, round trip of v) for every candidate at this size."""
     candidates = {}
     for p in (1, 2, 3, 4):
-        fmt = QuantFormat(f"power {p}", bits, block, p)
+        fmt = QuantFormat(f"power {p}", bits, block, power=p)
         candidates[f"power p={p}"] = (
             lambda x, f=fmt: power_roundtrip(x, f, True),
             lambda x, f=fmt: power_roundtrip(x, f, False),
@@ -115,14 +115,15 @@ def main() -> None:
     for bits, blocks in ((8, (128, 256, 512)), (4, (64, 128, 256))):
         print(f"{bits}-bit codes" + "".join(f"  {'step ' + str(s):>12s}" for s in steps) + "  state B/param")
         for block in blocks:
-            bytes_per_param = 2 * QuantFormat("x", bits, block).bytes_per_state(1 << 20) / (1 << 20)
+            fmt = QuantFormat("x", bits, block, exact_second_scales=False)  # bf16 scales
+            bytes_per_param = (fmt.bytes_per_state(1 << 20, True) + fmt.bytes_per_state(1 << 20, False)) / (1 << 20)
             candidates = candidate_formats(bits, block)
             for name, (quantize_m, quantize_v) in candidates.items():
                 errors = [update_error(taken[s], s, quantize_m, quantize_v) for s in steps]
                 cells = "".join(f"  {e:12.4f}" for e in errors)
                 print(f"  block {block:3d} {name:22s}{cells}  {bytes_per_param:13.3f}")
         print()
-    chosen = ", ".join(f"{f.name}: power {f.power}, block {f.block}" for f in quantization.FORMATS.values())
+    chosen = ", ".join(f"{f.name}: block {f.block} (v: {f.block_of(False)})" for f in quantization.FORMATS.values())
     print(f"adamkit's formats: {chosen} (bf16 scales, v without a zero level)")
 
 

@@ -13,7 +13,9 @@ steps), fed to the second-moment recursion alone,
 once exactly (float64) and once through the format of :mod:`adamkit.quantization`
 (its NumPy reference: float map e4mM relative to the block scale, rounded
 stochastically with fresh random bits) with M = 0 (int4's e4m0) to 4 (int8's e4m4)
-and blocks of 128, the block scale exact (fp32) or rounded up to bf16.  Prints the
+and blocks of 128, under three block scales: exact (fp32; int4's second moments), the
+absmax rounded up to bf16 with ratios within 2^-8 of the top stored as the top (int8's),
+and rounded up to bf16 alone (adamkit's earlier format).  Prints the
 median of stored v / exact v and the share of elements more than 2x off, the two
 numbers the test bounds (int8: median in [0.8, 1.25], at most 5 % off; int4: [0.67,
 1.5], at most 10 %).
@@ -33,9 +35,14 @@ from adamkit.quantization import QuantFormat
 N, BLOCK, BETA2 = 64 * 256, 128, 0.999
 
 
-def tracked(bits: int, exact_scales: bool, steps: int, seed: int = 0) -> tuple[float, float]:
+#: scale -> (the format's scales exact?, snap ratios near the top?)
+SCALES = {"fp32": (True, False), "bf16+snap": (False, True), "bf16": (False, False)}
+
+
+def tracked(bits: int, scale: str, steps: int, seed: int = 0) -> tuple[float, float]:
     """(median stored v / exact v, share off by more than 2x) after ``steps``."""
-    fmt = QuantFormat(f"e4m{bits - 4}", bits=bits, block=BLOCK)
+    exact_scales, snap = SCALES[scale]
+    fmt = QuantFormat(f"e4m{bits - 4}", bits=bits, block=BLOCK, exact_second_scales=exact_scales or not snap)
     rng = np.random.default_rng(seed)
     scales = 10.0 ** (-2.0 * rng.random(N))
     exact = np.zeros(N)
@@ -55,12 +62,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
-    print(f"{'v bits':>6} {'map':>5} {'scale':>6} {'median v/fp32 v':>16} {'off by >2x':>11}")
+    print(f"{'v bits':>6} {'map':>5} {'scale':>10} {'median v/fp32 v':>16} {'off by >2x':>11}")
     for bits in (4, 5, 6, 7, 8):
-        for exact_scales in (True, False):
-            median, off = tracked(bits, exact_scales, args.steps)
-            scale = "fp32" if exact_scales else "bf16"
-            print(f"{bits:>6} {f'e4m{bits - 4}':>5} {scale:>6} {median:>16.3f} {100 * off:>10.1f}%", flush=True)
+        for scale in SCALES:
+            median, off = tracked(bits, scale, args.steps)
+            print(f"{bits:>6} {f'e4m{bits - 4}':>5} {scale:>10} {median:>16.3f} {100 * off:>10.1f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -54,4 +54,5 @@ def test_second_moment_bits_runs_and_prints_every_map():
     result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
-    assert [(row[1], row[2]) for row in rows] == [(f"e4m{m}", s) for m in range(5) for s in ("fp32", "bf16")]
+    scales = ("fp32", "bf16+snap", "bf16")
+    assert [(row[1], row[2]) for row in rows] == [(f"e4m{m}", s) for m in range(5) for s in scales]

@@ -99,10 +99,10 @@ def test_nearest_rounding_would_freeze_the_second_moment():
     follow: the scale carries it)."""
     fmt = FORMATS["int8"]
     v = torch.rand(N, dtype=torch.float64).float() + 0.5
-    held = torch.arange(N) % fmt.block == 0
+    held = torch.arange(N) % fmt.block_of(False) == 0
     v[held] = 2.0
     codes = torch.zeros(fmt.code_bytes(N), dtype=torch.uint8)
-    scales = torch.zeros(fmt.blocks(N), dtype=torch.float32)
+    scales = torch.zeros(fmt.blocks(N, False), dtype=blockwise.scale_dtype(fmt, False))
     blockwise.quantize_into(v, codes, scales, fmt, signed=False)
     start = blockwise.dequantize(codes, scales, fmt, False, v.shape)
     stored, exact = start.clone(), start.double()

@@ -73,7 +73,7 @@ def test_torch_quantizer_equals_the_numpy_specification(precision, signed, n):
         x[-1] = np.inf
     codes, scales = quantization.quantize(x, fmt, signed)
     stored_codes = torch.zeros(fmt.code_bytes(n), dtype=torch.uint8)
-    stored_scales = torch.zeros(fmt.blocks(n), dtype=blockwise.scale_dtype(fmt, signed))
+    stored_scales = torch.zeros(fmt.blocks(n, signed), dtype=blockwise.scale_dtype(fmt, signed))
     blockwise.quantize_into(torch.from_numpy(x), stored_codes, stored_scales, fmt, signed)
     assert np.array_equal(stored_codes.numpy(), codes)
     assert np.array_equal(stored_scales.float().numpy(), scales, equal_nan=True)
@@ -89,8 +89,9 @@ def test_dequantized_values_are_within_the_closed_form_bound(precision, signed):
     x = hostile_values(np.random.default_rng(1), 50_000, signed)
     codes, scales = quantization.quantize(x, fmt, signed)
     back = quantization.dequantize(codes, scales, fmt, signed, x.shape)
-    s = np.repeat(scales, fmt.block)[: x.size].astype(np.float64)
-    assert np.all(scales >= np.abs(quantization._blocked(x, fmt.block)).max(axis=1))  # rounded up: no overflow
+    block = fmt.block_of(signed)
+    s = np.repeat(scales, block)[: x.size].astype(np.float64)
+    assert np.all(scales >= np.abs(quantization._blocked(x, block)).max(axis=1))  # rounded up: no overflow
     error = np.abs(back.astype(np.float64) - x)
     bound = error_bounds(fmt, signed, x.astype(np.float64), s, stochastic=False) * (1 + 2.0**-20)
     assert np.all(error <= bound)
@@ -208,12 +209,12 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
             assert scale_ok.mean() > 0.99, f"{name}: {np.sum(~scale_ok)} block scales differ"
             got = quantization.unpack(state[codes_key].numpy(), fmt, p.numel())
             want = quantization.unpack(want_codes, fmt, p.numel())
-            in_good_block = np.repeat(scale_ok, fmt.block)[: p.numel()]
+            in_good_block = np.repeat(scale_ok, fmt.block_of(signed))[: p.numel()]
             differs = (got != want) & in_good_block
             assert np.all(near_a_rounding_threshold(exact, want_scales, fmt, signed, bits16, 1e-4)[differs]), name
             assert np.all(np.abs(got - want)[in_good_block] <= 1), name
             back = blockwise.load_moment(state, key, p.shape, fmt).double().numpy()
-            s_each = np.repeat(got_scales, fmt.block)[: p.numel()].reshape(p.shape)
+            s_each = np.repeat(got_scales, fmt.block_of(signed))[: p.numel()].reshape(p.shape)
             bound = error_bounds(fmt, signed, expected["exact"][name], s_each, stochastic=True)
             assert np.all(np.abs(back - expected["exact"][name]) <= bound * 1.001 + 1e-30), name
         assert int(state["step"].item()) == expected["step"]
@@ -274,7 +275,8 @@ def test_one_step_from_identical_state_against_torch(backend, precision):
         want = torch_opt.state[theirs][key]
         outside = ~torch.isclose(mine[key], want, rtol=1e-3, atol=3e-3)
         assert outside.sum().item() < 20 * want.numel() / 1e6, key
-        scales = opt.state[ours][blockwise.stored_keys(key, fmt)[1]].float().repeat_interleave(fmt.block)
+        block = fmt.block_of(key == "exp_avg")
+        scales = opt.state[ours][blockwise.stored_keys(key, fmt)[1]].float().repeat_interleave(block)
         scales = scales[: want.numel()]
         bound = error_bounds(fmt, key == "exp_avg", want, scales.view(shape), stochastic=True) * 1.001
         assert torch.all((mine[key] - want).abs() <= bound + 2.0**-20 * want.abs()), key  # + fp32 op order
@@ -366,7 +368,8 @@ def test_conversion_to_torch_and_back():
     for i, p in enumerate(params):  # within the format's bound of the full-precision moments
         for key in ("exp_avg", "exp_avg_sq"):
             got = blockwise.load_moment(back["state"][i], key, p.shape, fmt)
-            scales = back["state"][i][blockwise.stored_keys(key, fmt)[1]].float().repeat_interleave(fmt.block)
+            block = fmt.block_of(key == "exp_avg")
+            scales = back["state"][i][blockwise.stored_keys(key, fmt)[1]].float().repeat_interleave(block)
             bound = error_bounds(
                 fmt, key == "exp_avg", full["state"][i][key], scales[: p.numel()].view(p.shape), stochastic=False
             )
@@ -394,12 +397,20 @@ def test_a_torch_checkpoint_loads_into_a_quantized_optimizer_and_is_quantized_at
     assert before["exp_avg_int4"].shape == opt.state[params[0]]["exp_avg_int4"].shape
 
 
-def _older_checkpoint(backend: str, precision: str, legacy: bool):
-    """A quantized optimizer's state dict as an older adamkit wrote it: second moments
-    with bf16 block scales (the absmax rounded up), under the float map's key, or for
-    ``legacy`` in the power map of the first format (``exp_avg_sq_int8``), with the
-    second moments' values the spec dequantizes from them."""
-    fmt = (quantization.LEGACY_FORMATS if legacy else FORMATS)[precision]
+#: checkpoints of earlier adamkit formats: (precision, second moments' format, scale dtype)
+OLDER_FORMATS = {
+    "int8 power map": ("int8", quantization.LEGACY_FORMATS["int8"][0], torch.bfloat16),
+    "int8 blocks of 256, bf16 scales": ("int8", quantization.LEGACY_FORMATS["int8"][1], torch.bfloat16),
+    "int8 blocks of 256, fp32 scales": ("int8", quantization.LEGACY_FORMATS["int8"][1], torch.float32),
+    "int4 power map": ("int4", quantization.LEGACY_FORMATS["int4"][0], torch.bfloat16),
+    "int4 bf16 scales": ("int4", FORMATS["int4"], torch.bfloat16),
+}
+
+
+def _older_checkpoint(backend: str, older: str):
+    """A quantized optimizer's state dict as an older adamkit wrote it, with its second
+    moment's values as the spec dequantizes them."""
+    precision, fmt, dtype = OLDER_FORMATS[older]
     p = torch.nn.Parameter(torch.randn(1000, generator=torch.Generator().manual_seed(4)))
     opt = adamkit.AdamW([p], lr=1e-2, backend=backend, state_precision=precision, seed=0)
     p.grad = torch.randn(1000, generator=torch.Generator().manual_seed(5))
@@ -408,22 +419,21 @@ def _older_checkpoint(backend: str, precision: str, legacy: bool):
     old = copy.deepcopy(opt.state_dict())
     for key in [k for k in old["state"][0] if k.startswith("exp_avg_sq")]:
         del old["state"][0][key]
-    scales = quantization.block_scales(v, fmt.block)  # rounded up to bf16
+    scales = quantization.block_scales(v, fmt.block_of(False), exact=dtype == torch.float32)
     codes = quantization.level_codes(v, scales, fmt, False)
     old["state"][0][quantization.codes_key("exp_avg_sq", fmt)] = torch.from_numpy(quantization.pack(codes, fmt))
-    old["state"][0][quantization.scales_key("exp_avg_sq", fmt)] = torch.from_numpy(scales).to(torch.bfloat16)
-    return p, old, quantization.level_values(codes, scales, fmt, False)
+    old["state"][0][quantization.scales_key("exp_avg_sq", fmt)] = torch.from_numpy(scales).to(dtype)
+    return p, old, precision, quantization.level_values(codes, scales, fmt, False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("legacy", [False, True], ids=["bf16-scales", "power-map"])
-def test_older_checkpoints_load_keep_their_values_and_step_in_the_current_format(backend, precision, legacy):
+@pytest.mark.parametrize("older", list(OLDER_FORMATS))
+def test_older_checkpoints_load_keep_their_values_and_step_in_the_current_format(backend, older):
     """Loaded, the old second moment reads back as the values it held; the next step
-    converts it to the current format (fp32 scales: bf16 ones widen exactly, codes
-    and all; the power map is rounded to nearest in the float map) and steps exactly
-    as an optimizer loading those values converted to the current format does."""
-    p, old, values = _older_checkpoint(backend, precision, legacy)
+    converts it to the current format (bf16 scales that the format keeps in fp32 widen
+    exactly, codes and all; other formats are quantized again, to nearest) and steps
+    exactly as an optimizer loading those values converted to the current format does."""
+    p, old, precision, values = _older_checkpoint(backend, older)
     steps = []
     for checkpoint in (old, to_quantized(to_full_precision(old, [p]), [p], precision)):
         q = torch.nn.Parameter(p.detach().clone())
@@ -435,7 +445,7 @@ def test_older_checkpoints_load_keep_their_values_and_step_in_the_current_format
         opt.step()
         fmt = FORMATS[precision]
         scales = opt.state[q][quantization.scales_key("exp_avg_sq", fmt)]
-        assert scales.dtype == torch.float32 and quantization.codes_key("exp_avg_sq", fmt) in opt.state[q]
+        assert scales.dtype == blockwise.scale_dtype(fmt, False) and scales.numel() == fmt.blocks(1000, False)
         steps.append((q.detach().clone(), moment_value(opt.state[q], "exp_avg_sq", q)))
     assert torch.equal(steps[0][0], steps[1][0]) and torch.equal(steps[0][1], steps[1][1])
 
@@ -539,7 +549,7 @@ def test_dequantized_values_are_restored_to_the_same_codes_and_scales(precision,
     stored, scales = quantization.quantize(x, fmt, signed, g.integers(0, 65536, n))
     values = torch.from_numpy(quantization.dequantize(stored, scales, fmt, signed, x.shape))
     codes = torch.empty(fmt.code_bytes(x.size), dtype=torch.uint8)
-    restored_scales = torch.empty(fmt.blocks(x.size), dtype=blockwise.scale_dtype(fmt, signed))
+    restored_scales = torch.empty(fmt.blocks(x.size, signed), dtype=blockwise.scale_dtype(fmt, signed))
     blockwise.restore_into(values, codes, restored_scales, fmt, signed)
     back = blockwise.dequantize(codes, restored_scales, fmt, signed, torch.Size([n]))
     assert torch.equal(back.isnan(), values.isnan()) and torch.equal(back[~back.isnan()], values[~values.isnan()])
@@ -555,7 +565,7 @@ def test_restore_quantizes_values_that_were_never_quantized_as_usual(precision):
     x = torch.randn(5 * fmt.block + 3, generator=torch.Generator().manual_seed(3))
     expected = [
         torch.empty(fmt.code_bytes(x.numel()), dtype=torch.uint8),
-        torch.empty(fmt.blocks(x.numel()), dtype=torch.bfloat16),
+        torch.empty(fmt.blocks(x.numel(), True), dtype=torch.bfloat16),
     ]
     restored = [torch.empty_like(t) for t in expected]
     blockwise.quantize_into(x, *expected, fmt, True)

@@ -49,6 +49,8 @@ BASE = {
     "RANDOM": False,
     "QUANT_BITS": 0,
     "QBLOCK": 1,
+    "QBLOCK_SECOND": 1,
+    "EXACT_SECOND": False,
     "ALIGNED": True,
 }
 
@@ -82,6 +84,7 @@ def compile_variant(overrides: dict, capability: int) -> str:
     warps = kernel.NUM_WARPS
     if fmt is not None:  # the quantized buckets' launch shape
         constexprs |= {"QUANT_BITS": fmt.bits, "QBLOCK": fmt.block, "BLOCK": kernel.QUANTIZED_BLOCK}
+        constexprs |= {"QBLOCK_SECOND": fmt.block_of(False), "EXACT_SECOND": fmt.exact_scales(False)}
         warps = kernel.QUANTIZED_NUM_WARPS
     signature = {name: POINTERS.get(name, "constexpr") for name in fn.arg_names}
     assert set(signature) == set(POINTERS) | set(constexprs), "the worker's signature is out of date"

@@ -11,17 +11,27 @@ import torch
 from torch import Tensor
 
 from . import quantization
-from .quantization import FORMATS, LEGACY_FORMATS, MIN_EXPONENT, SIGNED_KEYS, QuantFormat, codes_key, scales_key
+from .quantization import (
+    FORMATS,
+    LEGACY_FORMATS,
+    MIN_EXPONENT,
+    SIGNED_KEYS,
+    SNAP_TO_TOP,
+    QuantFormat,
+    codes_key,
+    scales_key,
+)
 
 
 def stored_format(state: dict, key: str, numel: int) -> QuantFormat | None:
     """The format moment ``key`` is quantized in, if ``state`` holds it quantized
     (codes and scales of the right sizes for ``numel`` elements); a second moment of
     an older checkpoint comes back as its :data:`~adamkit.quantization.LEGACY_FORMATS` entry."""
-    for fmt in (*FORMATS.values(), *LEGACY_FORMATS.values()):
+    signed = key in SIGNED_KEYS
+    for fmt in (*FORMATS.values(), *(old for formats in LEGACY_FORMATS.values() for old in formats)):
         codes, scales = stored_keys(key, fmt)
         if codes in state and scales in state:
-            if state[codes].numel() == fmt.code_bytes(numel) and state[scales].numel() == fmt.blocks(numel):
+            if state[codes].numel() == fmt.code_bytes(numel) and state[scales].numel() == fmt.blocks(numel, signed):
                 return fmt
     return None
 
@@ -46,23 +56,26 @@ def allocate(state: dict, key: str, param: Tensor, fmt: QuantFormat) -> None:
     numel = param.numel()
     codes, scales = stored_keys(key, fmt)
     state[codes] = torch.zeros(fmt.code_bytes(numel), dtype=torch.uint8, device=param.device)
-    state[scales] = torch.zeros(fmt.blocks(numel), dtype=scale_dtype(fmt, key in SIGNED_KEYS), device=param.device)
+    signed = key in SIGNED_KEYS
+    state[scales] = torch.zeros(fmt.blocks(numel, signed), dtype=scale_dtype(fmt, signed), device=param.device)
 
 
-def widen_scales(state: dict, key: str, fmt: QuantFormat) -> bool:
-    """Hold moment ``key``'s scales in their dtype: a checkpoint written before second
-    moments kept exact scales has them in bf16, which fp32 holds exactly (the codes
-    stand as they are).  Returns whether it converted."""
+def scales_held_as(state: dict, key: str, fmt: QuantFormat) -> bool:
+    """Hold moment ``key``'s scales in their format's dtype where that keeps every value:
+    a checkpoint written when int4's second moments kept bf16 scales has them in bf16,
+    which fp32 holds exactly (the codes stand as they are).  Returns False where the
+    held scales cannot be kept as they are (the moment must be quantized again)."""
     scales = scales_key(key, fmt)
     dtype = scale_dtype(fmt, key in SIGNED_KEYS)
-    if state[scales].dtype == dtype:
-        return False
-    state[scales] = state[scales].to(dtype)
+    if state[scales].dtype != dtype:
+        if dtype != torch.float32:
+            return False
+        state[scales] = state[scales].to(dtype)
     return True
 
 
-def _per_element(scales: Tensor, fmt: QuantFormat, numel: int) -> Tensor:
-    return scales.float().repeat_interleave(fmt.block)[:numel]
+def _per_element(scales: Tensor, fmt: QuantFormat, signed: bool, numel: int) -> Tensor:
+    return scales.float().repeat_interleave(fmt.block_of(signed))[:numel]
 
 
 def _bfloat16_ceil(x: Tensor) -> Tensor:
@@ -76,9 +89,10 @@ def scales_of(x: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
     """Each block's absmax, exact (fp32) or rounded up to bf16 as the moment's format
     keeps it; NaN for a non-finite block."""
     flat = x.reshape(-1).float()
-    padded = torch.zeros(fmt.blocks(flat.numel()) * fmt.block, dtype=torch.float32, device=x.device)
+    block = fmt.block_of(signed)
+    padded = torch.zeros(fmt.blocks(flat.numel(), signed) * block, dtype=torch.float32, device=x.device)
     padded[: flat.numel()] = flat
-    rows = padded.view(-1, fmt.block)
+    rows = padded.view(-1, block)
     absmax = rows.abs().amax(dim=1)
     exact = fmt.exact_scales(signed)
     scales = absmax if exact else _bfloat16_ceil(absmax)
@@ -89,9 +103,11 @@ def scales_of(x: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
 def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, bits16: Tensor | None) -> Tensor:
     """Each element's code (int64, unpacked) given its block's scale: stochastically
     rounded with ``bits16`` (int64, one per element), or to nearest without."""
-    s = _per_element(scales, fmt, flat.numel())
+    s = _per_element(scales, fmt, signed, flat.numel())
     usable = s.isfinite() & (s > 0)
     r = torch.where(usable, flat.abs() / torch.where(usable, s, 1.0), 0.0)
+    if fmt.snaps_to_top(signed):
+        r = torch.where(r >= float(SNAP_TO_TOP), 1.0, r)
     if signed:
         code = _signed_codes(flat, r, fmt, bits16)
     elif fmt.legacy:
@@ -150,7 +166,7 @@ def _unpacked(codes: Tensor, fmt: QuantFormat, numel: int) -> Tensor:
 
 def _values(code: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
     """fp32 values of unpacked codes (flat)."""
-    s = _per_element(scales, fmt, code.numel())
+    s = _per_element(scales, fmt, signed, code.numel())
     if signed:
         k = code - fmt.signed_levels
         value = s * signed_tables(fmt, code.device)[0][k.abs()]
@@ -185,9 +201,10 @@ def _check_scales(scales: Tensor, fmt: QuantFormat, signed: bool) -> None:
 def _reproduced(code: Tensor, scales: Tensor, flat: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
     """Per block: whether the codes and scales dequantize to ``flat`` exactly (or the block is non-finite)."""
     same = _values(code, scales, fmt, signed) == flat
-    padded = torch.ones(fmt.blocks(flat.numel()) * fmt.block, dtype=torch.bool, device=flat.device)
+    block = fmt.block_of(signed)
+    padded = torch.ones(fmt.blocks(flat.numel(), signed) * block, dtype=torch.bool, device=flat.device)
     padded[: flat.numel()] = same
-    return padded.view(-1, fmt.block).all(dim=1) | scales.float().isnan()
+    return padded.view(-1, block).all(dim=1) | scales.float().isnan()
 
 
 def _neighbour_scales(scales: Tensor, steps: int) -> Tensor:
@@ -233,7 +250,7 @@ def restore_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, sig
         code = _level_codes(flat, trial, fmt, signed, None)
         better = ~exact & _reproduced(code, trial, flat, fmt, signed)
         best_scales = torch.where(better, trial, best_scales)
-        best_code = torch.where(_per_element(better.float(), fmt, flat.numel()) > 0, code, best_code)
+        best_code = torch.where(_per_element(better.float(), fmt, signed, flat.numel()) > 0, code, best_code)
         exact = exact | better
     codes.copy_(_packed(best_code, fmt))
     scales.copy_(best_scales)
@@ -270,10 +287,10 @@ __all__ = [
     "quantize_into",
     "restore_into",
     "scale_dtype",
+    "scales_held_as",
     "scales_of",
     "signed_tables",
     "store_moment",
     "stored_format",
     "stored_keys",
-    "widen_scales",
 ]

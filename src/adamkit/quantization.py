@@ -3,11 +3,12 @@ the format's specification and its NumPy reference.
 
 A moment tensor :math:`x` is read in row-major order and cut into blocks of
 :math:`B` elements (the last block of a tensor may be shorter: ragged tails and
-one-element tensors are quantized like everything else).  Each block keeps one
-*scale* :math:`s` and a :math:`b`-bit code per element, a level of
-:math:`r = |x| / s \in [0, 1]` (fp32, correctly rounded).  The first moment's scale
-is its block's absolute maximum rounded up to bf16; the second moments' scale is the
-absolute maximum itself, in fp32 (see *Scales* below).
+one-element tensors are quantized like everything else): int8's first moment in
+blocks of 256 and its second moments in blocks of 128; int4's moments in blocks of
+128.  Each block keeps one *scale* :math:`s` and a :math:`b`-bit code per element, a
+level of :math:`r = |x| / s \in [0, 1]` (fp32, correctly rounded).  A scale is the
+block's absolute maximum rounded up to bf16, except int4's second moments', which is
+the absolute maximum itself, in fp32 (see *Scales* below).
 
 First moment (``exp_avg``): a signed *power map*, :math:`K = 2^{b-1} - 1` levels
 each side of zero, evenly spaced in :math:`\sqrt r`, finest near zero:
@@ -59,17 +60,30 @@ every backend stores the same codes:
   :math:`\lfloor K \sqrt r \rfloor` (any square root: one comparison either side
   corrects it).
 
-**Scales.** A second moment's block scale is held exactly (fp32, 4 bytes a block):
-the block's largest element is then exactly the top level, :math:`r = 1`, and a
-block whose second moments decay together keeps its codes while the scale follows
-them.  A scale rounded up to bf16 puts the largest element up to 0.4 % below the top
-level, where stochastic rounding sends it a level down now and then, a noise every
-element of the block inherits: on the decaying stream of
-``tests/test_lean_tracking.py`` (NumPy replica of the format, 2000 steps,
-``benchmarks/second_moment_bits.py``) the median stored v / fp32 v was 0.963 with
-bf16 scales and 0.992 with exact ones for int8, and 0.633 and 0.816 for int4.  The
-first moment keeps the bf16 scale (2 bytes): its power map is finest near zero, not
-at the top, and the extra 2 bytes a block would take int8 past 2.03 bytes a param.
+**Scales.** A second moment must follow a slow decay, and its scale decides how
+well it can.  Rounded up to bf16, the scale puts a block's largest element up to
+0.4 % below the top level, where stochastic rounding sends it a level down now and
+then, a noise every element of the block inherits.  Two cures, both measured on the
+decaying stream of ``tests/test_lean_tracking.py`` (``benchmarks/second_moment_bits.py``:
+this format's reference, 2000 steps, blocks of 128; median stored v / fp32 v and the
+share of elements more than 2x off):
+
+* an exact scale (fp32, 4 bytes a block): the largest element is the top level,
+  and a block decaying as a whole keeps its codes while the scale follows it
+  (int8's e4m4: 0.992, 0 %; int4's e4m0: 0.816, 30 %);
+* a bf16 scale with every ratio :math:`r \ge 1 - 2^{-8}` stored as the top level
+  (:data:`SNAP_TO_TOP`; at most :math:`2^{-8}` high, for the block's largest
+  elements only): e4m4 0.984, 1.5 %; e4m0 0.721, 49 % (a bf16 scale without it:
+  0.965, 1.3 %; 0.633, 52 %).
+
+int8 takes the second: its budget (2.03 bytes a param for both moments) buys either
+fp32 scales on blocks of 256 or bf16 scales on blocks of 128, and the smaller blocks
+are what a model near convergence needs: its second moments spread over more decades
+than one block's map holds (e4m4 reaches down to :math:`2^{-15} s`; below it an
+element is held at that level, overestimated), and on the regression task of
+``benchmarks/fidelity.py`` int8 with blocks of 256 ended 2.8 % above fp32 AdamW, with
+blocks of 128 at 0.0 %.  int4 takes the first (its fp32 scales on blocks of 128 cost
+what bf16 ones on blocks of 64 would).  The first moment keeps the bf16 ceiling.
 
 Values converted once rather than stepped (a checkpoint loaded into a quantized
 optimizer, a state converted between precisions) are rounded to nearest:
@@ -84,15 +98,16 @@ NaN: a non-finite moment poisons its block).
 
 Packing: int8 codes are one byte each; int4 codes two to a byte, element
 :math:`2j` in the low nibble and :math:`2j + 1` in the high one.  A state holds, per
-moment, its codes (uint8, flat) and its scales (one per block; bf16 for the first
-moment, fp32 for the second moments): ``exp_avg_int8``
+moment, its codes (uint8, flat) and its scales (one per block; bf16, fp32 for int4's
+second moments): ``exp_avg_int8``
 and ``exp_avg_int8_scales``, ``exp_avg_sq_e4m4`` and ``exp_avg_sq_e4m4_scales`` (int4:
 ``_int4`` and ``_e4m0``).
 
-Checkpoints of adamkit before this format kept the second moments in a power map too
-(``exp_avg_sq_int8``: :math:`\hat x = s ((\text{code} + 1) / 2^b)^2`, and rounded every
-code to nearest); :data:`LEGACY_FORMATS` reads them, and the optimizer converts them
-at its next step.
+Older checkpoints load (:data:`LEGACY_FORMATS` reads them) and the optimizer
+converts them at its next step: adamkit's first format kept the second moments in a
+power map too (``exp_avg_sq_int8``: :math:`\hat x = s ((\text{code} + 1) / 2^b)^2`,
+every code rounded to nearest); later ones kept int8's second moments in blocks of
+256 (bf16 or fp32 scales), and int4's with bf16 scales (widened to fp32 exactly).
 
 The block sizes were chosen by measured error on the moments of a real model
 (``benchmarks/quantization_error.py``); the second moment's map and the rounding by
@@ -102,7 +117,7 @@ tracking fp32 Adam over thousands of steps of shrinking gradients
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -123,6 +138,9 @@ class QuantFormat:
     name: str
     bits: int
     block: int
+    #: the second moments' block (None: ``block``) and whether their scales are exact
+    second_block: int | None = None
+    exact_second_scales: bool = True
     power: int = 2
     legacy: bool = False
 
@@ -152,27 +170,45 @@ class QuantFormat:
     def code_bytes(self, numel: int) -> int:
         return numel if self.bits == 8 else (numel + 1) // 2
 
-    def blocks(self, numel: int) -> int:
-        return -(-numel // self.block)
+    def block_of(self, signed: bool) -> int:
+        """Elements per block of the first moment (``signed``) or of the second moments."""
+        return self.block if signed or self.second_block is None else self.second_block
+
+    def blocks(self, numel: int, signed: bool) -> int:
+        return -(-numel // self.block_of(signed))
 
     def exact_scales(self, signed: bool) -> bool:
-        """Whether a moment's block scales are its exact absmax (fp32: the second
-        moments) rather than the absmax rounded up to bf16 (the first moment, and
-        every moment of a legacy checkpoint)."""
-        return not (signed or self.legacy)
+        """Whether a moment's block scales are its exact absmax (fp32: int4's second
+        moments) rather than the absmax rounded up to bf16."""
+        return not (signed or self.legacy) and self.exact_second_scales
+
+    def snaps_to_top(self, signed: bool) -> bool:
+        """Whether ratios within 2^-8 of the top level are stored as the top level (a
+        second moment under a bf16 scale; see *Scales*)."""
+        return not (signed or self.legacy or self.exact_second_scales)
 
     def scale_bytes(self, signed: bool) -> int:
         return 4 if self.exact_scales(signed) else 2
 
     def bytes_per_state(self, numel: int, signed: bool) -> int:
         """Bytes held for one quantized moment of ``numel`` elements (codes and scales)."""
-        return self.code_bytes(numel) + self.scale_bytes(signed) * self.blocks(numel)
+        return self.code_bytes(numel) + self.scale_bytes(signed) * self.blocks(numel, signed)
 
 
-FORMATS = {"int8": QuantFormat("int8", bits=8, block=256), "int4": QuantFormat("int4", bits=4, block=128)}
+FORMATS = {
+    "int8": QuantFormat("int8", bits=8, block=256, second_block=128, exact_second_scales=False),
+    "int4": QuantFormat("int4", bits=4, block=128),
+}
 
-#: how checkpoints written before the float map hold their second moments (read only)
-LEGACY_FORMATS = {name: QuantFormat(name, fmt.bits, fmt.block, legacy=True) for name, fmt in FORMATS.items()}
+#: how older checkpoints hold their second moments (read, then converted): the power
+#: map of the first format, and int8's float map in blocks of 256 (bf16 or fp32 scales)
+LEGACY_FORMATS = {
+    "int8": (QuantFormat("int8", 8, 256, legacy=True), QuantFormat("int8", 8, 256)),
+    "int4": (QuantFormat("int4", 4, 128, legacy=True),),
+}
+
+#: a second moment's ratio at or above this is stored as the top level under a bf16 scale
+SNAP_TO_TOP = np.float32(1 - 2.0**-8)
 
 
 def is_quantized(state_precision: str | None) -> bool:
@@ -280,7 +316,9 @@ def level_codes(
     stochastically with the 16 random bits ``bits16`` of each element, or to nearest
     when ``bits16`` is None."""
     x = np.asarray(x, dtype=np.float32).ravel()
-    r = _ratios(x, scales, fmt.block)
+    r = _ratios(x, scales, fmt.block_of(signed))
+    if fmt.snaps_to_top(signed):
+        r = np.where(r >= SNAP_TO_TOP, np.float32(1), r).astype(np.float32)
     if signed:
         return _signed_codes(x, r, fmt, bits16)
     if fmt.legacy:
@@ -306,7 +344,7 @@ def level_values(codes: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed
         level = np.sign(k).astype(np.float32) * signed_magnitudes(fmt)[np.abs(k)]
     else:
         level = unsigned_levels(codes, fmt)
-    s = np.repeat(scales, fmt.block)[: codes.size]
+    s = np.repeat(scales, fmt.block_of(signed))[: codes.size]
     return (s * level.astype(np.float32)).astype(np.float32)
 
 
@@ -314,7 +352,7 @@ def level_table(fmt: QuantFormat, signed: bool) -> np.ndarray:
     """fp32 level of every code; a value is ``scale * level`` (the same product as
     :func:`level_values`)."""
     codes = np.arange(1 << fmt.bits)
-    whole = QuantFormat(fmt.name, fmt.bits, codes.size, fmt.power, fmt.legacy)
+    whole = replace(fmt, block=codes.size, second_block=None)
     return level_values(codes, np.ones(1, dtype=np.float32), whole, signed)
 
 
@@ -341,9 +379,10 @@ def quantize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(stored codes, scales) of ``x`` (any shape; read in row-major order), rounded
     stochastically with ``bits16`` (one per element) or, without, to nearest."""
-    scales = block_scales(x, fmt.block, exact=fmt.exact_scales(signed))
+    block = fmt.block_of(signed)
+    scales = block_scales(x, block, exact=fmt.exact_scales(signed))
     codes = level_codes(x, scales, fmt, signed, bits16)
-    codes[np.repeat(~np.isfinite(scales), fmt.block)[: codes.size]] = 0
+    codes[np.repeat(~np.isfinite(scales), block)[: codes.size]] = 0
     return pack(codes, fmt), scales
 
 

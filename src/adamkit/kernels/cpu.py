@@ -315,8 +315,9 @@ if numba is not None:
         the map's levels, computed by the spec: the same fp32 products)."""
         fmt, signed = _format_of(state_witness, sign_witness)
         table = quantization.level_table(fmt, signed)
-        log2_block, block, packed = fmt.block.bit_length() - 1, fmt.block, fmt.bits == 4
+        log2_block, packed = fmt.block_of(signed).bit_length() - 1, fmt.bits == 4
         read_scale = _exact_scale if fmt.exact_scales(signed) else _bfloat16_scale
+        block = fmt.block_of(signed)
 
         def dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end):
             codes = _pointer(codes_address, _BYTE_WITNESS)
@@ -379,20 +380,23 @@ if numba is not None:
         return k * (np.int32(1) - np.int32(2) * np.int32(x < 0)) + np.int32(levels)
 
     @njit(inline="always", nogil=True)
-    def _float_code(x, scale, dropped, first, top, bits16):
+    def _float_code(x, scale, dropped, first, top, bits16, snap):
         """The spec's stochastically rounded second-moment code: r's fp32 bits with the
-        random bits added at the top of the ``dropped`` fraction bits, truncated."""
-        kept = (_float_bits(_ratio(x, scale)) + (np.int64(bits16) << (dropped - 16))) >> dropped
+        random bits added at the top of the ``dropped`` fraction bits, truncated (under
+        a bf16 scale, r within 2^-8 of the top is the top)."""
+        r = _ratio(x, scale)
+        r = np.float32(1.0) if snap and r >= _SNAP_TO_TOP else r
+        kept = (_float_bits(r) + (np.int64(bits16) << (dropped - 16))) >> dropped
         return np.int32(min(max(kept - first, np.int64(0)), np.int64(top)))
 
     @njit(inline="always", nogil=True)
-    def _code(x, scale, i, key, tables, dropped, first, top, signed):
+    def _code(x, scale, i, key, tables, dropped, first, top, signed, snap):
         """Element ``i``'s code, with its random bits under step key ``key``."""
         bits16 = _random16(key, i)
         if signed:
             levels, magnitudes, gaps = tables
             return _signed_code(x, scale, levels, magnitudes, gaps, bits16)
-        return _float_code(x, scale, dropped, first, top, bits16)
+        return _float_code(x, scale, dropped, first, top, bits16, snap)
 
     @overload(_requantize)
     def _requantize_impl(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
@@ -407,7 +411,8 @@ if numba is not None:
         dropped = 23 - fmt.mantissa_bits
         first_code = (127 + MIN_EXPONENT) << fmt.mantissa_bits
         top = (1 << fmt.bits) - 1
-        log2_block, block, packed = fmt.block.bit_length() - 1, fmt.block, int(fmt.bits == 4)
+        block, packed, snap = fmt.block_of(signed), int(fmt.bits == 4), fmt.snaps_to_top(signed)
+        log2_block = block.bit_length() - 1
         put_scale = _put_exact_scale if fmt.exact_scales(signed) else _put_bfloat16_scale
 
         def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
@@ -426,14 +431,18 @@ if numba is not None:
                     if packed:
                         for j in range(low >> 1, (high + 1) >> 1):
                             i = 2 * j
-                            even = _code(fresh[i], scale, i + shift, key, tables, dropped, first_code, top, signed)
+                            even = _code(
+                                fresh[i], scale, i + shift, key, tables, dropped, first_code, top, signed, snap
+                            )
                             odd = _code(
-                                fresh[i + 1], scale, i + 1 + shift, key, tables, dropped, first_code, top, signed
+                                fresh[i + 1], scale, i + 1 + shift, key, tables, dropped, first_code, top, signed, snap
                             )
                             codes[j] = np.uint8(even | ((odd * np.int32(i + 1 < high)) << 4))
                     else:
                         for i in range(low, high):
-                            code = _code(fresh[i], scale, i + shift, key, tables, dropped, first_code, top, signed)
+                            code = _code(
+                                fresh[i], scale, i + shift, key, tables, dropped, first_code, top, signed, snap
+                            )
                             codes[i] = np.uint8(code)
                 else:  # a non-finite block: codes 0
                     for j in range(low >> packed, (high + packed) >> packed):
@@ -587,6 +596,7 @@ if numba is not None:
     def _put_stochastic_param(param, compensation, i, value, key, shift):
         _store_stochastic(param, i, value, _random16(key, i + shift))
 
+    _SNAP_TO_TOP = quantization.SNAP_TO_TOP
     _BYTE_WITNESS = np.empty(0, dtype=np.uint8)
     _FLOAT32_WITNESS = np.empty(0, dtype=np.float32)
     _INT32_WITNESS = np.empty(0, dtype=np.int32)

@@ -167,10 +167,13 @@ if triton is not None:
             return scale * level
 
     @triton.jit
-    def _code(x, scale, bits16, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    def _code(x, scale, bits16, BITS: tl.constexpr, SIGNED: tl.constexpr, EXACT: tl.constexpr):
         """The spec's stochastically rounded code of ``x`` in a block of ``scale``, with
-        one division (r = |x| / s)."""
+        one division (r = |x| / s); a second moment under a bf16 (not ``EXACT``) scale
+        stores r within 2^-8 of the top as the top."""
         ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
+        if not SIGNED and not EXACT:
+            ratio = tl.where(ratio >= 0.99609375, 1.0, ratio)  # quantization.SNAP_TO_TOP
         if SIGNED:  # L_k <= r < L_{k+1} from floor(K sqrt r), corrected either side
             LEVELS: tl.constexpr = (1 << (BITS - 1)) - 1
             k = tl.minimum(tl.floor(float(LEVELS) * tl.math.sqrt_rn(ratio)).to(tl.int32), LEVELS)
@@ -200,12 +203,12 @@ if triton is not None:
         BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
+        EXACT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Quantize a program's new values (``first`` on a block boundary): per block,
         the absmax over bit patterns (NaN and infinity sort above every finite value),
-        rounded up to bf16 for the first moment and exact (fp32) for the second
-        moments, then each element's code, rounded stochastically with the bits of
+        exact (fp32) where ``EXACT`` and else rounded up to bf16, then each element's code, rounded stochastically with the bits of
         step key ``key``; int4 codes two to a byte."""
         x = tl.where(mask, value.to(tl.float32), 0.0)
         patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -213,7 +216,7 @@ if triton is not None:
         largest = tl.minimum(largest, 0x7F800000)
         block_index = first // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
         in_tensor = block_index * QBLOCK < end
-        if SIGNED:  # the absmax rounded up to bf16
+        if not EXACT:  # the absmax rounded up to bf16
             rounded_up = (largest + 0xFFFF) >> 16
             finite = (largest < 0x7F800000) & (rounded_up < 0x7F80)
             scale_bits = tl.where(finite, rounded_up, 0x7FC0).to(tl.uint16)
@@ -229,7 +232,7 @@ if triton is not None:
         scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         x = tl.where(ok == 1, x, 0.0)  # a non-finite block stores codes 0: no NaN reaches a cast
-        code = _code(x, scale, _random16(key, offsets + shift), BITS, SIGNED)
+        code = _code(x, scale, _random16(key, offsets + shift), BITS, SIGNED, EXACT)
         code = tl.where(mask, code * ok, 0)
         if BITS == 8:
             tl.store(codes + offsets, code.to(tl.uint8), mask=mask)
@@ -270,6 +273,7 @@ if triton is not None:
         BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
+        EXACT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Store a new moment: in its dtype (stochastically in 16 bits), or quantized
@@ -277,7 +281,9 @@ if triton is not None:
         if BITS == 0:
             _put(pointer, offsets, mask, value, key, shift, STORAGE, True)
         else:
-            _requantize(value, pointer, scales, offsets, mask, first, end, key, shift, BITS, QBLOCK, SIGNED, BLOCK)
+            _requantize(
+                value, pointer, scales, offsets, mask, first, end, key, shift, BITS, QBLOCK, SIGNED, EXACT, BLOCK
+            )
 
     @triton.jit
     def _exact_sqrt(x):
@@ -311,6 +317,8 @@ if triton is not None:
         STOCHASTIC: tl.constexpr,
         QUANT_BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
+        QBLOCK_SECOND: tl.constexpr,
+        EXACT_SECOND: tl.constexpr,
     ):
         r"""One chunk's update, elements ``offsets`` where ``mask``:
 
@@ -380,9 +388,12 @@ if triton is not None:
             QUANT_BITS,
             QBLOCK,
             True,
+            False,
             BLOCK,
         )
-        second_value = _load_moment(second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False)
+        second_value = _load_moment(
+            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False
+        )
         if ADAMAX:
             new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
         else:
@@ -399,8 +410,9 @@ if triton is not None:
             end,
             STATE_STORAGE,
             QUANT_BITS,
-            QBLOCK,
+            QBLOCK_SECOND,
             False,
+            EXACT_SECOND,
             BLOCK,
         )
         if ADAMAX:
@@ -409,7 +421,7 @@ if triton is not None:
             v = new_second
             if AMSGRAD:
                 v_max = _load_moment(
-                    max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, False
+                    max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False
                 )
                 v = tl.maximum(v_max.to(COMPUTE), v)
                 _put_moment(
@@ -424,8 +436,9 @@ if triton is not None:
                     end,
                     STATE_STORAGE,
                     QUANT_BITS,
-                    QBLOCK,
+                    QBLOCK_SECOND,
                     False,
+                    EXACT_SECOND,
                     BLOCK,
                 )
             denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
@@ -472,6 +485,8 @@ if triton is not None:
         RANDOM: tl.constexpr,
         QUANT_BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
+        QBLOCK_SECOND: tl.constexpr,
+        EXACT_SECOND: tl.constexpr,
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -493,8 +508,11 @@ if triton is not None:
             row = table_ptr + 9 * t
             param_pointer = tl.pointer_type(PARAM_STORAGE)
             state_pointer = tl.pointer_type(STATE_STORAGE)  # uint8 codes when quantized
-            first_scales_pointer = tl.pointer_type(tl.bfloat16)  # the first moment's; the others' are fp32
-            scales_pointer = tl.pointer_type(tl.float32)
+            first_scales_pointer = tl.pointer_type(tl.bfloat16)  # the first moment's
+            if EXACT_SECOND:  # the second moments' scales
+                scales_pointer = tl.pointer_type(tl.float32)
+            else:
+                scales_pointer = tl.pointer_type(tl.bfloat16)
             param = tl.load(row).to(param_pointer)
             grad = tl.load(row + 1).to(param_pointer)
             exp_avg = tl.load(row + 2).to(state_pointer)
@@ -551,6 +569,8 @@ if triton is not None:
                     STOCHASTIC,
                     QUANT_BITS,
                     QBLOCK,
+                    QBLOCK_SECOND,
+                    EXACT_SECOND,
                 )
             else:
                 tail = offsets < end
@@ -568,6 +588,8 @@ if triton is not None:
                     STOCHASTIC,
                     QUANT_BITS,
                     QBLOCK,
+                    QBLOCK_SECOND,
+                    EXACT_SECOND,
                 )
 
 
@@ -809,6 +831,8 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             RANDOM=bucket.random,
             QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
             QBLOCK=bucket.quantized.block if bucket.quantized else 1,
+            QBLOCK_SECOND=bucket.quantized.block_of(False) if bucket.quantized else 1,
+            EXACT_SECOND=bool(bucket.quantized and bucket.quantized.exact_scales(False)),
             ALIGNED=bucket.aligned,
             BLOCK=bucket.block,
             num_warps=bucket.num_warps,
