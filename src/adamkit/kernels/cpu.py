@@ -40,6 +40,9 @@ is ever written.  Compiled code is cached on disk (numba's ``cache=True``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -1041,8 +1044,28 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     costs nothing on the CPU); its ``grad_scale`` is divided out in the kernel."""
     if batch.found_inf is not None and batch.found_inf.item():
         return
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(threads)
+    with _following_torch_threads():
+        _launch(batch, rule)
+
+
+@contextmanager
+def _following_torch_threads() -> Iterator[None]:
+    """Run numba's parallel loops on the threads torch is set to use, and leave both
+    settings as they were: the first time numba's thread pool is touched, its OpenMP
+    layer initialises the OpenMP runtime torch shares with numba's own thread count,
+    which would turn a user's ``torch.set_num_threads(1)`` into numba's count (an
+    oversubscribed multi-process job)."""
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(numba_threads)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+
+
+def _launch(batch: GroupBatch, rule: UpdateRule) -> None:
     flags, constants = _flags_and_constants(rule, batch.grad_scale)
     for bucket in _buckets(batch, rule):
         table, staged = bucket.addresses(batch)
