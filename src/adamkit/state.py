@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import blockwise
 from .master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
-from .quantization import FORMATS, SIGNED_KEYS, is_quantized
+from .quantization import FORMATS, is_quantized
 from .rounding import is_low_precision
 from .rule import Algorithm
 
@@ -111,9 +111,10 @@ def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str |
     target = FORMATS.get(state_precision)
     held = blockwise.stored_format(state, key, param.numel())
     if target is not None and held is target and key not in state:
-        dtype = state[blockwise.stored_keys(key, target)[1]].dtype
-        if blockwise.scales_held_as(state, key, target):
-            return dtype != blockwise.scale_dtype(target, key in SIGNED_KEYS)
+        scales = blockwise.stored_keys(key, target)[1]
+        before = state[scales].dtype
+        if blockwise.scales_held_as(state, key, target):  # else quantized again, below
+            return state[scales].dtype != before
     dtype = state_dtype(param, state_precision)
     if target is None and held is None and key in state and state[key].dtype == dtype:
         return False
