@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .. import blockwise, rounding
-from ..quantization import QuantFormat
+from ..quantization import SNAP_TO_TOP, QuantFormat
 from ..rule import GroupScalars, UpdateRule, step_scalar_arrays
 from ..state import PARAM_EXTRA_KEY, moment_keys, moment_storage
 from . import foreach, storage
@@ -86,6 +86,7 @@ def device_types() -> frozenset[str]:
 
 
 if triton is not None:
+    _SNAP_TO_TOP = tl.constexpr(float(SNAP_TO_TOP))
 
     @triton.jit
     def _to_storage(x, STORAGE: tl.constexpr):
@@ -173,7 +174,7 @@ if triton is not None:
         stores r within 2^-8 of the top as the top."""
         ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
         if not SIGNED and not EXACT:
-            ratio = tl.where(ratio >= 0.99609375, 1.0, ratio)  # quantization.SNAP_TO_TOP
+            ratio = tl.where(ratio >= _SNAP_TO_TOP, 1.0, ratio)
         if SIGNED:  # L_k <= r < L_{k+1} from floor(K sqrt r), corrected either side
             LEVELS: tl.constexpr = (1 << (BITS - 1)) - 1
             k = tl.minimum(tl.floor(float(LEVELS) * tl.math.sqrt_rn(ratio)).to(tl.int32), LEVELS)
