@@ -157,7 +157,9 @@ if numba is not None:
 
     @intrinsic
     def _random16(typingctx, key, index):
-        """r = lowbias32(key ^ index) >> 16 in 32-bit integer IR (see adamkit.rounding)."""
+        """u = lowbias32(key ^ index) >> 16 (see adamkit.rounding), an int32 in [0, 2^16)
+        computed in 32-bit integer IR: numba's own integer arithmetic widens to int64,
+        which AVX2 cannot multiply a vector of."""
         import llvmlite.ir as ir
 
         from ..rounding import MIX_MULTIPLIERS
@@ -169,9 +171,9 @@ if numba is not None:
                 x = builder.xor(x, builder.lshr(x, ir.Constant(i32, shift)))
                 x = builder.mul(x, ir.Constant(i32, multiplier))
             x = builder.xor(x, builder.lshr(x, ir.Constant(i32, 16)))
-            return builder.zext(builder.lshr(x, ir.Constant(i32, 16)), ir.IntType(64))
+            return builder.lshr(x, ir.Constant(i32, 16))
 
-        return types.uint64(types.int64, types.int64), codegen
+        return types.int32(types.int64, types.int64), codegen
 
     @intrinsic
     def _stochastic_bfloat16(typingctx, value, bits16):
@@ -180,22 +182,82 @@ if numba is not None:
 
         def codegen(context, builder, signature, args):
             i32, i16 = ir.IntType(32), ir.IntType(16)
-            bits = builder.add(builder.bitcast(args[0], i32), builder.trunc(args[1], i32))
+            bits = builder.add(builder.bitcast(args[0], i32), args[1])
             rounded = builder.trunc(builder.lshr(bits, ir.Constant(i32, 16)), i16)
             is_nan = builder.fcmp_unordered("uno", args[0], args[0])
             return builder.select(is_nan, ir.Constant(i16, 0x7FC0), rounded)
 
-        return types.uint16(types.float32, types.uint64), codegen
+        return types.uint16(types.float32, types.int32), codegen
 
     @intrinsic
-    def _float_bits(typingctx, value):
-        """The bit pattern of a float32, as an int64 (zero-extended)."""
+    def _magnitude_bits(typingctx, value):
+        """|x|'s fp32 bit pattern as an int32: ordered as the magnitudes, NaN and infinity
+        above every finite value (a block's absmax as an integer max, which vectorizes
+        and keeps a NaN)."""
         import llvmlite.ir as ir
 
         def codegen(context, builder, signature, args):
-            return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+            i32 = ir.IntType(32)
+            return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7FFFFFFF))
 
-        return types.int64(types.float32), codegen
+        return types.int32(types.float32), codegen
+
+    @intrinsic
+    def _float_map_code(typingctx, ratio, bits16, dropped, first, top):
+        """The float map's code of ``ratio`` in [0, 1], rounded stochastically: the 16
+        random bits added at the top of the ``dropped`` fraction bits of its fp32
+        pattern, which is then truncated; less ``first``, clamped to [0, top].  32-bit
+        integer IR (the constants are compile-time ints)."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            dropped_, first_, top_ = (builder.trunc(a, i32) for a in args[2:])
+            carry = builder.shl(args[1], builder.sub(dropped_, ir.Constant(i32, 16)))
+            kept = builder.lshr(builder.add(builder.bitcast(args[0], i32), carry), dropped_)
+            code = builder.sub(kept, first_)
+            code = builder.select(builder.icmp_signed("<", code, ir.Constant(i32, 0)), ir.Constant(i32, 0), code)
+            return builder.select(builder.icmp_signed(">", code, top_), top_, code)
+
+        return types.int32(ratio, bits16, dropped, first, top), codegen
+
+    @intrinsic
+    def _float_map_level(typingctx, code, dropped, first):
+        """The float map's level of a code: the fp32 number with pattern
+        (code + first) << dropped."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            wide = builder.zext(args[0], i32)
+            pattern = builder.shl(builder.add(wide, builder.trunc(args[2], i32)), builder.trunc(args[1], i32))
+            return builder.bitcast(pattern, ir.FloatType())
+
+        return types.float32(code, dropped, first), codegen
+
+    @intrinsic
+    def _nibble(typingctx, byte, high):
+        """The low (``high`` false) or high nibble of a byte, as a byte."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i8 = ir.IntType(8)
+            low = builder.and_(args[0], ir.Constant(i8, 0xF))
+            return builder.select(args[1], builder.lshr(args[0], ir.Constant(i8, 4)), low)
+
+        return types.uint8(types.uint8, types.boolean), codegen
+
+    @intrinsic
+    def _nibbles(typingctx, low, high):
+        """Two 4-bit codes (int32) as one byte, ``low`` in the low nibble."""
+        import llvmlite.ir as ir
+
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            both = builder.or_(args[0], builder.shl(args[1], ir.Constant(i32, 4)))
+            return builder.trunc(both, ir.IntType(8))
+
+        return types.uint8(types.int32, types.int32), codegen
 
     @njit(inline="always", nogil=True)
     def _stochastic_half(value, bits16):
@@ -312,15 +374,63 @@ if numba is not None:
     def _requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
 
+    @njit(inline="always", nogil=True)
+    def _power_level(k, step):
+        """The signed map's level L_k = (k c)^2 of a whole fp32 number k >= 0 (``step``
+        is c = fl(1 / K)): the spec's two fp32 products, so no table and no gather."""
+        t = k * step
+        return t * t
+
+    @njit(inline="always", nogil=True)
+    def _signed_code(x, r, top, step, bits16):
+        """The spec's stochastically rounded first-moment code of x (r = |x| / s): the
+        level L_k <= r found from floor(K sqrt r) and a comparison either side, up to
+        k + 1 when 2^16 (r - L_k) >= g_k (2^16 - u), never past K.  k stays an fp32
+        whole number throughout (AVX2 has no int64 <-> float vector conversions)."""
+        k = min(np.floor(top * np.sqrt(r)), top)
+        k = k - np.float32(r < _power_level(k, step)) + np.float32(r >= _power_level(k + np.float32(1), step))
+        low = _power_level(k, step)
+        gap = _power_level(k + np.float32(1), step) - low
+        threshold = gap * (np.float32(65536.0) - np.float32(bits16))
+        k = k + np.float32(((r - low) * np.float32(65536.0) >= threshold) & (k < top))
+        return np.int32(top - k if x < 0 else top + k)
+
+    def _moment_map(fmt: QuantFormat, signed: bool):
+        """(level of a code, stochastically rounded code of x given its block's
+        divisor and 16 random bits) of one moment's map, as inlined compiled functions
+        whose format constants are compile-time."""
+        top, step = np.float32(fmt.signed_levels), np.float32(1) / np.float32(fmt.signed_levels)
+        dropped, first = 23 - fmt.mantissa_bits, (127 + MIN_EXPONENT) << fmt.mantissa_bits
+        last, snap = (1 << fmt.bits) - 1, fmt.snaps_to_top(signed)
+
+        @njit(inline="always", nogil=True)
+        def level(code):
+            if signed:
+                k = np.float32(code) - top
+                magnitude = _power_level(abs(k), step)
+                return -magnitude if k < 0 else magnitude
+            return _float_map_level(code, dropped, first)
+
+        @njit(inline="always", nogil=True)
+        def code(x, divisor, bits16):
+            r = abs(x) / divisor
+            if signed:
+                return _signed_code(x, r, top, step, bits16)
+            if snap:  # under a bf16 scale, r within 2^-8 of the top is the top
+                r = np.float32(1.0) if r >= _SNAP_TO_TOP else r
+            return _float_map_code(r, bits16, dropped, first, last)
+
+        return level, code
+
     @overload(_dequantize)
     def _dequantize_impl(codes_address, scales_address, state_witness, sign_witness, out, first, end):
-        """out[i - first] = scale * level[code] for elements [first, end) (a table of
-        the map's levels, computed by the spec: the same fp32 products)."""
+        """out[i - first] = scale * level(code) for elements [first, end), each level
+        computed from its code (the spec's fp32 products)."""
         fmt, signed = _format_of(state_witness, sign_witness)
-        table = quantization.level_table(fmt, signed)
-        log2_block, packed = fmt.block_of(signed).bit_length() - 1, fmt.bits == 4
+        level, _ = _moment_map(fmt, signed)
+        block, packed = fmt.block_of(signed), fmt.bits == 4
+        log2_block = block.bit_length() - 1
         read_scale = _exact_scale if fmt.exact_scales(signed) else _bfloat16_scale
-        block = fmt.block_of(signed)
 
         def dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end):
             codes = _pointer(codes_address, _BYTE_WITNESS)
@@ -330,12 +440,11 @@ if numba is not None:
                 scale = read_scale(scales_address, b)
                 if packed:  # pairs: the one past a ragged end lands in the scratch's spare element
                     for j in range(low >> 1, (high + 1) >> 1):
-                        byte = np.int32(codes[j])
-                        values[2 * j] = scale * table[byte & 0xF]
-                        values[2 * j + 1] = scale * table[byte >> 4]
+                        values[2 * j] = scale * level(_nibble(codes[j], False))
+                        values[2 * j + 1] = scale * level(_nibble(codes[j], True))
                 else:
                     for i in range(low, high):
-                        values[i] = scale * table[np.int32(codes[i])]
+                        values[i] = scale * level(codes[i])
 
         return dequantize
 
@@ -365,91 +474,43 @@ if numba is not None:
         _pointer(scales_address, _INT32_WITNESS)[b] = largest if finite else np.int32(0x7FC00000)
         return _pointer(scales_address, _FLOAT32_WITNESS)[b]
 
-    @njit(inline="always", nogil=True)
-    def _ratio(x, scale):
-        """r = |x| / s (a zero scale: the block is all zeros)."""
-        return abs(x) / (scale + np.float32(scale == 0))
-
-    @njit(inline="always", nogil=True)
-    def _signed_code(x, scale, levels, magnitudes, gaps, bits16):
-        """The spec's stochastically rounded first-moment code: the level L_k <= r found
-        from floor(K sqrt r) and a comparison either side, up to k + 1 when
-        2^16 (r - L_k) >= g_k (2^16 - u) (no division but r's)."""
-        r = _ratio(x, scale)
-        k = min(np.int32(np.floor(np.float32(levels) * np.sqrt(r))), np.int32(levels))
-        k = k - np.int32(r < magnitudes[k]) + np.int32(r >= magnitudes[k + 1])
-        distance = (r - magnitudes[k]) * np.float32(65536.0)
-        k = k + np.int32(distance >= gaps[k] * (np.float32(65536.0) - np.float32(bits16)))
-        return k * (np.int32(1) - np.int32(2) * np.int32(x < 0)) + np.int32(levels)
-
-    @njit(inline="always", nogil=True)
-    def _float_code(x, scale, dropped, first, top, bits16, snap):
-        """The spec's stochastically rounded second-moment code: r's fp32 bits with the
-        random bits added at the top of the ``dropped`` fraction bits, truncated (under
-        a bf16 scale, r within 2^-8 of the top is the top)."""
-        r = _ratio(x, scale)
-        r = np.float32(1.0) if snap and r >= _SNAP_TO_TOP else r
-        kept = (_float_bits(r) + (np.int64(bits16) << (dropped - 16))) >> dropped
-        return np.int32(min(max(kept - first, np.int64(0)), np.int64(top)))
-
-    @njit(inline="always", nogil=True)
-    def _code(x, scale, i, key, tables, dropped, first, top, signed, snap):
-        """Element ``i``'s code, with its random bits under step key ``key``."""
-        bits16 = _random16(key, i)
-        if signed:
-            levels, magnitudes, gaps = tables
-            return _signed_code(x, scale, levels, magnitudes, gaps, bits16)
-        return _float_code(x, scale, dropped, first, top, bits16, snap)
-
     @overload(_requantize)
     def _requantize_impl(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
         """Quantize values[i - first] for elements [first, end) (``first`` on a block
         boundary): per block, the absmax over bit patterns (NaN and infinity sort
         above every finite value), exact or rounded up to bf16 as the moment's
-        format keeps it, then each element's code,
-        rounded stochastically with the bits of step key ``key`` (element indices
-        counted from ``shift``)."""
+        format keeps it, then each element's code, rounded stochastically with the
+        bits of step key ``key`` (element indices counted from ``shift``)."""
         fmt, signed = _format_of(state_witness, sign_witness)
-        levels, magnitudes, gaps = fmt.signed_levels, quantization.signed_magnitudes(fmt), quantization.signed_gaps(fmt)
-        dropped = 23 - fmt.mantissa_bits
-        first_code = (127 + MIN_EXPONENT) << fmt.mantissa_bits
-        top = (1 << fmt.bits) - 1
-        block, packed, snap = fmt.block_of(signed), int(fmt.bits == 4), fmt.snaps_to_top(signed)
+        _, code = _moment_map(fmt, signed)
+        block, packed = fmt.block_of(signed), int(fmt.bits == 4)
         log2_block = block.bit_length() - 1
         put_scale = _put_exact_scale if fmt.exact_scales(signed) else _put_bfloat16_scale
 
         def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
             codes = _pointer(codes_address, _BYTE_WITNESS)
-            tables = (levels, magnitudes, gaps)  # the signed map's (see _signed_code)
             # raw pointers, addressed by element index: array indexing keeps LLVM from vectorizing
-            address = np.int64(values.ctypes.data) - 4 * first
-            fresh, patterns = _pointer(address, _FLOAT32_WITNESS), _pointer(address, _INT32_WITNESS)
+            fresh = _pointer(np.int64(values.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
                 low, high = b * block, min(b * block + block, end)
                 largest = np.int32(0)
                 for i in range(low, high):
-                    largest = max(largest, patterns[i] & np.int32(0x7FFFFFFF))
+                    largest = max(largest, _magnitude_bits(fresh[i]))
                 scale = put_scale(scales_address, b, largest)
-                if not np.isnan(scale):
-                    if packed:
-                        for j in range(low >> 1, (high + 1) >> 1):
-                            i = 2 * j
-                            even = _code(
-                                fresh[i], scale, i + shift, key, tables, dropped, first_code, top, signed, snap
-                            )
-                            odd = _code(
-                                fresh[i + 1], scale, i + 1 + shift, key, tables, dropped, first_code, top, signed, snap
-                            )
-                            codes[j] = np.uint8(even | ((odd * np.int32(i + 1 < high)) << 4))
-                    else:
-                        for i in range(low, high):
-                            code = _code(
-                                fresh[i], scale, i + shift, key, tables, dropped, first_code, top, signed, snap
-                            )
-                            codes[i] = np.uint8(code)
-                else:  # a non-finite block: codes 0
+                if np.isnan(scale):  # a non-finite block: codes 0
                     for j in range(low >> packed, (high + packed) >> packed):
                         codes[j] = np.uint8(0)
+                    continue
+                divisor = scale + np.float32(scale == 0)  # a zero scale: the block is all zeros
+                if packed:
+                    for j in range(low >> 1, (high + 1) >> 1):
+                        i = 2 * j
+                        even = code(fresh[i], divisor, _random16(key, i + shift))
+                        odd = code(fresh[i + 1], divisor, _random16(key, i + 1 + shift))
+                        codes[j] = _nibbles(even, odd if i + 1 < high else np.int32(0))
+                else:
+                    for i in range(low, high):
+                        codes[i] = np.uint8(code(fresh[i], divisor, _random16(key, i + shift)))
 
         return requantize
 
@@ -554,7 +615,7 @@ if numba is not None:
 
         def codegen(context, builder, signature, args):
             i32, i16 = ir.IntType(32), ir.IntType(16)
-            carry = builder.trunc(builder.lshr(args[1], ir.Constant(ir.IntType(64), 8)), i32)
+            carry = builder.lshr(args[1], ir.Constant(i32, 8))
             bits = builder.and_(builder.add(builder.bitcast(args[0], i32), carry), ir.Constant(i32, -256))
             is_nan = builder.fcmp_unordered("uno", args[0], args[0])
             bits = builder.select(is_nan, ir.Constant(i32, 0x7FC00000), bits)
@@ -562,7 +623,7 @@ if numba is not None:
             low = builder.ashr(builder.sub(bits, builder.shl(high, ir.Constant(i32, 16))), ir.Constant(i32, 8))
             return builder.trunc(builder.select(args[2], low, high), i16)
 
-        return types.uint16(types.float32, types.uint64, types.boolean), codegen
+        return types.uint16(types.float32, types.int32, types.boolean), codegen
 
     @njit(inline="always", nogil=True)
     def _load_master24_param(param, low, i):
