@@ -1,12 +1,15 @@
-"""Quantized-state step benchmark: adamkit's int8 and int4 optimizer states against
-torch's fused AdamW (fp32 states) and adamkit's own fp32 states, on the CPU.
+"""Lean-state step benchmark on the CPU: adamkit's int8 and int4 optimizer states and
+its 16-bit master-weight modes against torch's fused AdamW (fp32 or bf16 states),
+adamkit's own full-width states, and the peers that import here: bitsandbytes'
+AdamW8bit, torchao's AdamW8bit/AdamW4bit and DeepSpeed's DeepSpeedCPUAdam.
 
-Prints ms per step, the ratio to torch fused, the optimizer-state bytes per param
-measured on the case's real shapes (codes, block scales, everything the optimizer
+Prints ms per step (median of interleaved rounds, every contender in one process),
+the ratio to torch fused, the optimizer-state bytes per param measured on the case's
+real shapes (codes, block scales, master-weight low bits: everything the optimizer
 holds beyond ``step``), the bytes a step moves per param and the effective
-bandwidth against an in-place ``add_`` in the same interleaved rounds (see
-bench_cpu.py).  bitsandbytes' and torchao's low-bit optimizers run on CUDA only,
-so they are not contenders here.
+bandwidth, against an in-place ``add_`` in the same rounds (see bench_cpu.py).  On the
+CPU, bitsandbytes 0.50 dequantizes, runs plain torch ops and requantizes, and
+torchao 0.18 keeps fp32 states (its state B/param says so).
 
     python benchmarks/bench_quantized.py [--cases a,c,e] [--rounds 20]
 """
@@ -17,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 from bench_cpu import parse_arguments
+from fidelity import tensor_bytes
 
 import adamkit
 from adamkit.experiments.bench import Case, gpt2_shapes, run_case
@@ -40,9 +44,37 @@ CONTENDERS: dict[str, Callable] = {
 }
 BF16_CONTENDERS: dict[str, Callable] = {
     "torch fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+    "adamkit 24-bit master, int8": adamkit_adamw(master_weights="24bit", state_precision="int8", seed=0),
+    "adamkit 24-bit master, int4": adamkit_adamw(master_weights="24bit", state_precision="int4", seed=0),
+    "adamkit fp32 master, int8": adamkit_adamw(master_weights="fp32", state_precision="int8", seed=0),
     "adamkit kahan, int8 states": adamkit_adamw(rounding="kahan", state_precision="int8"),
-    "adamkit stochastic, int4 states": adamkit_adamw(rounding="stochastic", seed=0, state_precision="int4"),
 }
+
+
+def peer_contenders(dtype: torch.dtype) -> dict[str, Callable]:
+    """The peers' CPU optimizers that import here (low-bit ones for fp32 params only)."""
+    found: dict[str, Callable] = {}
+    if dtype == torch.float32:
+        try:
+            import bitsandbytes
+
+            found["bitsandbytes AdamW8bit"] = lambda ps: bitsandbytes.optim.AdamW8bit(ps)
+        except ImportError:
+            pass
+        try:
+            from torchao import optim
+
+            found["torchao AdamW8bit"] = lambda ps: optim.AdamW8bit(ps)
+            found["torchao AdamW4bit"] = lambda ps: optim.AdamW4bit(ps)
+        except ImportError:
+            pass
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        found["DeepSpeedCPUAdam"] = lambda ps: DeepSpeedCPUAdam(ps, adamw_mode=True)
+    except ImportError:
+        pass
+    return found
 
 
 def state_bytes_per_param(case: Case, make: Callable) -> float:
@@ -52,14 +84,19 @@ def state_bytes_per_param(case: Case, make: Callable) -> float:
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    held = sum(t.numel() * t.element_size() for p in params for k, t in optimizer.state[p].items() if k != "step")
+    held = sum(
+        tensor_bytes(t)
+        for p in params
+        for k, t in optimizer.state[p].items()
+        if k != "step" and isinstance(t, torch.Tensor)
+    )
     return held / case.params
 
 
 def main(argv: list[str] | None = None) -> None:
     cases, rounds = parse_arguments(__doc__, CASES, argv)
     for case in cases:
-        contenders = BF16_CONTENDERS if case.dtype == torch.bfloat16 else CONTENDERS
+        contenders = (BF16_CONTENDERS if case.dtype == torch.bfloat16 else CONTENDERS) | peer_contenders(case.dtype)
         held = {name: state_bytes_per_param(case, make) for name, make in contenders.items()}
         medians, bandwidth = run_case(case, rounds, contenders)
         fused = medians["torch fused"]

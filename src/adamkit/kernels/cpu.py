@@ -249,15 +249,13 @@ if numba is not None:
 
     @intrinsic
     def _nibbles(typingctx, low, high):
-        """Two 4-bit codes (int32) as one byte, ``low`` in the low nibble."""
+        """Two 4-bit codes (bytes) as one byte, ``low`` in the low nibble."""
         import llvmlite.ir as ir
 
         def codegen(context, builder, signature, args):
-            i32 = ir.IntType(32)
-            both = builder.or_(args[0], builder.shl(args[1], ir.Constant(i32, 4)))
-            return builder.trunc(both, ir.IntType(8))
+            return builder.or_(args[0], builder.shl(args[1], ir.Constant(ir.IntType(8), 4)))
 
-        return types.uint8(types.int32, types.int32), codegen
+        return types.uint8(types.uint8, types.uint8), codegen
 
     @njit(inline="always", nogil=True)
     def _stochastic_half(value, bits16):
@@ -368,10 +366,10 @@ if numba is not None:
 
         return FORMATS["int8" if state_witness.dtype == types.int8 else "int4"], sign_witness.dtype == types.int8
 
-    def _dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end):
+    def _dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end, spread):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
 
-    def _requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
+    def _requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
 
     @njit(inline="always", nogil=True)
@@ -423,28 +421,30 @@ if numba is not None:
         return level, code
 
     @overload(_dequantize)
-    def _dequantize_impl(codes_address, scales_address, state_witness, sign_witness, out, first, end):
+    def _dequantize_impl(codes_address, scales_address, state_witness, sign_witness, out, first, end, spread):
         """out[i - first] = scale * level(code) for elements [first, end), each level
-        computed from its code (the spec's fp32 products)."""
+        computed from its code (the spec's fp32 products).  Packed codes are first
+        spread one to a byte (``spread``, a byte scratch row), so that both loops
+        vectorize."""
         fmt, signed = _format_of(state_witness, sign_witness)
         level, _ = _moment_map(fmt, signed)
         block, packed = fmt.block_of(signed), fmt.bits == 4
         log2_block = block.bit_length() - 1
         read_scale = _exact_scale if fmt.exact_scales(signed) else _bfloat16_scale
 
-        def dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end):
+        def dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end, spread):
             codes = _pointer(codes_address, _BYTE_WITNESS)
             values = _pointer(np.int64(out.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
+            if packed:  # pairs: the one past a ragged end lands in the spare element
+                codes = _pointer(np.int64(spread.ctypes.data) - first, _BYTE_WITNESS)
+                packs = _pointer(codes_address, _BYTE_WITNESS)
+                for j in range(first >> 1, (end + 1) >> 1):
+                    codes[2 * j] = _nibble(packs[j], False)
+                    codes[2 * j + 1] = _nibble(packs[j], True)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
-                low, high = b * block, min(b * block + block, end)
                 scale = read_scale(scales_address, b)
-                if packed:  # pairs: the one past a ragged end lands in the scratch's spare element
-                    for j in range(low >> 1, (high + 1) >> 1):
-                        values[2 * j] = scale * level(_nibble(codes[j], False))
-                        values[2 * j + 1] = scale * level(_nibble(codes[j], True))
-                else:
-                    for i in range(low, high):
-                        values[i] = scale * level(codes[i])
+                for i in range(b * block, min(b * block + block, end)):
+                    values[i] = scale * level(codes[i])
 
         return dequantize
 
@@ -475,20 +475,26 @@ if numba is not None:
         return _pointer(scales_address, _FLOAT32_WITNESS)[b]
 
     @overload(_requantize)
-    def _requantize_impl(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
+    def _requantize_impl(
+        codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread
+    ):
         """Quantize values[i - first] for elements [first, end) (``first`` on a block
         boundary): per block, the absmax over bit patterns (NaN and infinity sort
         above every finite value), exact or rounded up to bf16 as the moment's
         format keeps it, then each element's code, rounded stochastically with the
-        bits of step key ``key`` (element indices counted from ``shift``)."""
+        bits of step key ``key`` (element indices counted from ``shift``).  Packed
+        codes are made one to a byte in ``spread`` and paired afterwards."""
         fmt, signed = _format_of(state_witness, sign_witness)
         _, code = _moment_map(fmt, signed)
         block, packed = fmt.block_of(signed), int(fmt.bits == 4)
         log2_block = block.bit_length() - 1
         put_scale = _put_exact_scale if fmt.exact_scales(signed) else _put_bfloat16_scale
 
-        def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift):
-            codes = _pointer(codes_address, _BYTE_WITNESS)
+        def requantize(
+            codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread
+        ):
+            packs = _pointer(codes_address, _BYTE_WITNESS)
+            codes = _pointer(np.int64(spread.ctypes.data) - first, _BYTE_WITNESS) if packed else packs
             # raw pointers, addressed by element index: array indexing keeps LLVM from vectorizing
             fresh = _pointer(np.int64(values.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
@@ -498,19 +504,16 @@ if numba is not None:
                     largest = max(largest, _magnitude_bits(fresh[i]))
                 scale = put_scale(scales_address, b, largest)
                 if np.isnan(scale):  # a non-finite block: codes 0
-                    for j in range(low >> packed, (high + packed) >> packed):
-                        codes[j] = np.uint8(0)
+                    for i in range(low, high):
+                        codes[i] = np.uint8(0)
                     continue
                 divisor = scale + np.float32(scale == 0)  # a zero scale: the block is all zeros
-                if packed:
-                    for j in range(low >> 1, (high + 1) >> 1):
-                        i = 2 * j
-                        even = code(fresh[i], divisor, _random16(key, i + shift))
-                        odd = code(fresh[i + 1], divisor, _random16(key, i + 1 + shift))
-                        codes[j] = _nibbles(even, odd if i + 1 < high else np.int32(0))
-                else:
-                    for i in range(low, high):
-                        codes[i] = np.uint8(code(fresh[i], divisor, _random16(key, i + shift)))
+                for i in range(low, high):
+                    codes[i] = np.uint8(code(fresh[i], divisor, _random16(key, i + shift)))
+            if packed:
+                codes[end] = np.uint8(0)  # a ragged end's partner
+                for j in range(first >> 1, (end + 1) >> 1):
+                    packs[j] = _nibbles(codes[2 * j], codes[2 * j + 1])
 
         return requantize
 
@@ -862,15 +865,16 @@ if numba is not None:
         span: dequantize into fp32 scratch rows, run the plain element loop on those,
         quantize the new values (the update itself used them unrounded)."""
         scratch = np.empty((3, QUANTIZED_SPAN + 1), dtype=np.float32)
+        spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)  # int4 codes, one a byte
         signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
         rows = 3 if amsgrad else 2
         for low in range(first, end, QUANTIZED_SPAN):
             high = min(low + QUANTIZED_SPAN, end)
             scratch[:, high - low] = 0  # int4 pairs may touch one element past a ragged end
-            _dequantize(row[2], row[6], sw, signed, scratch[0], low, high)
-            _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high)
+            _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
+            _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
             if amsgrad:
-                _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high)
+                _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
             base = np.int64(scratch.ctypes.data) - 4 * low  # addressed by element index
             stride = 4 * (QUANTIZED_SPAN + 1)
             pointers = (
@@ -882,10 +886,10 @@ if numba is not None:
                 _pointer(row[5], pw),
             )
             _update_chunk(pointers, low, high, scalars, maximize, decay, keys, adamax, amsgrad, rw)
-            _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4])
-            _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4])
+            _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
+            _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4], spread)
             if amsgrad:
-                _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4])
+                _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4], spread)
 
 
 def _dense(t: Tensor) -> bool:
