@@ -36,6 +36,20 @@ only the param and gradient addresses are read again.
 Params whose memory is not dense in the same layout as their gradient and state (a
 sliced view, say) are staged through contiguous copies, so nothing outside a view
 is ever written.  Compiled code is cached on disk (numba's ``cache=True``).
+
+Quantized states are stepped span by span (:data:`QUANTIZED_SPAN` elements): their
+codes decoded into fp32 scratch rows, the element loop run on those, the new values
+encoded.  Every one of those loops vectorizes: levels are computed from codes (the
+spec's fp32 products; no table gathers), codes are computed in fp32 and 32-bit integer
+IR (numba widens integer arithmetic to int64, and AVX2 can neither multiply nor
+convert int64 vectors), a block's absmax is an int32 max over bit patterns, and int4
+codes are spread one to a byte and paired in passes of their own.  What LLVM emitted
+was read with ``benchmarks/kernel_asm.py`` (numba's ``inspect_asm``) on this
+project's AVX2 machines (AMD EPYC, no AVX-512): the float arithmetic of the int8,
+int4 and 24-bit-master specializations is packed in 256-bit ``ymm`` registers (92-96
+packed instructions beside the scalar remainder loops), the hash's multiplies are
+``vpmulld ymm``, and there are no gathers.  Where the CPU has AVX-512, LLVM picks the
+width; the loops have nothing width-specific.
 """
 
 from __future__ import annotations
