@@ -58,12 +58,9 @@ results exactly as a kernel rounds its fp32 ones.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 
-Rounding = Literal["nearest", "kahan", "stochastic"]
 ROUNDINGS: tuple[str, ...] = ("nearest", "kahan", "stochastic")
 
 #: the 16-bit storage formats the rounding modes apply to
@@ -207,7 +204,6 @@ def needs_random_bits(rounding: str, param_dtype: torch.dtype, moment_storage) -
 __all__ = [
     "LOW_PRECISION",
     "ROUNDINGS",
-    "Rounding",
     "effective_rounding",
     "is_low_precision",
     "kahan_split",

@@ -36,10 +36,10 @@ import torch
 from torch import Tensor
 
 from .master import MASTER_WEIGHTS
+from .reference import WeightDecayMode
 from .rounding import ROUNDINGS
 
 Algorithm = Literal["adam", "adamax"]
-WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
 
 #: The execution paths a param group may ask for; ``None`` picks per device.
 BACKENDS = (None, "reference", "foreach", "cpu", "triton")

@@ -1,9 +1,13 @@
 """Ways of executing the update rule, and the registry that picks among them.
 
-A kernel is a plug-in: one module exposing ``adam(tensors, rule, group, steps)`` and
-``adamax(...)`` plus one :class:`Kernel` entry below.  The shared conformance suite
-(``tests/test_conformance.py``) runs every registered kernel against the NumPy
-reference, so a new kernel inherits all tests.
+A kernel is a plug-in: a ``step(batch, rule)`` function (:data:`StepFn`: one param
+group's tensors as a :class:`GroupBatch`, and its :class:`~adamkit.rule.UpdateRule`)
+plus one :class:`Kernel` entry below.  Per-tensor kernels (``reference``, ``foreach``)
+write ``adam`` and ``adamax`` for a list of tensors and are lifted to a step by
+:func:`~adamkit.kernels.lists.list_kernel`; the fused kernels (``cpu``, ``triton``)
+take the whole group, sharing their host side (:mod:`~adamkit.kernels.host`).  The
+shared conformance suite (``tests/test_conformance.py``) runs every registered kernel
+against the NumPy reference, so a new kernel inherits all tests.
 """
 
 from __future__ import annotations

@@ -66,12 +66,35 @@ from ..quantization import MIN_EXPONENT, QuantFormat
 from ..rule import UpdateRule, step_scalar_arrays
 from ..state import PARAM_EXTRA_KEY, moment_keys, moment_storage
 from .amp import inverse_scale
-from .types import GroupBatch
+from .host import HostCounters, chunk_table
+from .types import GroupBatch, as_real
 
 try:  # numba is a dependency, but the rest of adamkit works without it
     import numba
     from numba import njit, prange, types
-    from numba.core.extending import intrinsic, overload
+    from numba.core.extending import overload
+
+    from .intrinsics import (
+        as_bytes,
+        bfloat16_to_float,
+        float_map_code,
+        float_map_level,
+        float_to_bfloat16,
+        float_to_half,
+        half_to_float,
+        join_master,
+        join_master24,
+        magnitude_bits,
+        nibble,
+        nibbles,
+        random16,
+        split_master,
+        split_master24,
+        stochastic_bfloat16,
+        stochastic_half,
+        store_byte,
+        typed_pointer,
+    )
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
@@ -109,180 +132,6 @@ def available() -> bool:
 
 if numba is not None:
 
-    @intrinsic
-    def _pointer(typingctx, address, witness):
-        """An int64 address as a typed pointer to the witness array's dtype."""
-        pointer_type = types.CPointer(witness.dtype)
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(pointer_type))
-
-        return pointer_type(types.int64, witness), codegen
-
-    @intrinsic
-    def _half_to_float(typingctx, bits):
-        """IEEE half (as int16 bits) to float32, exactly."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            half = builder.bitcast(args[0], ir.HalfType())
-            return builder.fpext(half, ir.FloatType())
-
-        return types.float32(types.int16), codegen
-
-    @intrinsic
-    def _float_to_half(typingctx, value):
-        """float32 to IEEE half bits (int16), rounding to nearest even."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            half = builder.fptrunc(args[0], ir.HalfType())
-            return builder.bitcast(half, ir.IntType(16))
-
-        return types.int16(types.float32), codegen
-
-    @intrinsic
-    def _bfloat16_to_float(typingctx, bits):
-        """bfloat16 (as uint16 bits) to float32, exactly: the high half of a float32."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.bitcast(wide, ir.FloatType())
-
-        return types.float32(types.uint16), codegen
-
-    @intrinsic
-    def _float_to_bfloat16(typingctx, value):
-        """float32 to bfloat16 bits, rounding to nearest even as torch does; NaN becomes
-        the quiet NaN 0x7FC0.  Straight-line integer IR with one select: vectorizes."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i32, i16 = ir.IntType(32), ir.IntType(16)
-            bits = builder.bitcast(args[0], i32)
-            lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-            biased = builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)), lsb)
-            rounded = builder.trunc(builder.lshr(biased, ir.Constant(i32, 16)), i16)
-            is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-            return builder.select(is_nan, ir.Constant(i16, 0x7FC0), rounded)
-
-        return types.uint16(types.float32), codegen
-
-    @intrinsic
-    def _random16(typingctx, key, index):
-        """u = lowbias32(key ^ index) >> 16 (see adamkit.rounding), an int32 in [0, 2^16)
-        computed in 32-bit integer IR: numba's own integer arithmetic widens to int64,
-        which AVX2 cannot multiply a vector of."""
-        import llvmlite.ir as ir
-
-        from ..rounding import MIX_MULTIPLIERS
-
-        def codegen(context, builder, signature, args):
-            i32 = ir.IntType(32)
-            x = builder.xor(builder.trunc(args[0], i32), builder.trunc(args[1], i32))
-            for shift, multiplier in zip((16, 15), MIX_MULTIPLIERS):
-                x = builder.xor(x, builder.lshr(x, ir.Constant(i32, shift)))
-                x = builder.mul(x, ir.Constant(i32, multiplier))
-            x = builder.xor(x, builder.lshr(x, ir.Constant(i32, 16)))
-            return builder.lshr(x, ir.Constant(i32, 16))
-
-        return types.int32(types.int64, types.int64), codegen
-
-    @intrinsic
-    def _stochastic_bfloat16(typingctx, value, bits16):
-        """float32 to bfloat16 bits, stochastically: add r to the low half, truncate."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i32, i16 = ir.IntType(32), ir.IntType(16)
-            bits = builder.add(builder.bitcast(args[0], i32), args[1])
-            rounded = builder.trunc(builder.lshr(bits, ir.Constant(i32, 16)), i16)
-            is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-            return builder.select(is_nan, ir.Constant(i16, 0x7FC0), rounded)
-
-        return types.uint16(types.float32, types.int32), codegen
-
-    @intrinsic
-    def _magnitude_bits(typingctx, value):
-        """|x|'s fp32 bit pattern as an int32: ordered as the magnitudes, NaN and infinity
-        above every finite value (a block's absmax as an integer max, which vectorizes
-        and keeps a NaN)."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i32 = ir.IntType(32)
-            return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7FFFFFFF))
-
-        return types.int32(types.float32), codegen
-
-    @intrinsic
-    def _float_map_code(typingctx, ratio, bits16, dropped, first, top):
-        """The float map's code of ``ratio`` in [0, 1], rounded stochastically: the 16
-        random bits added at the top of the ``dropped`` fraction bits of its fp32
-        pattern, which is then truncated; less ``first``, clamped to [0, top].  32-bit
-        integer IR (the constants are compile-time ints)."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i32 = ir.IntType(32)
-            dropped_, first_, top_ = (builder.trunc(a, i32) for a in args[2:])
-            carry = builder.shl(args[1], builder.sub(dropped_, ir.Constant(i32, 16)))
-            kept = builder.lshr(builder.add(builder.bitcast(args[0], i32), carry), dropped_)
-            code = builder.sub(kept, first_)
-            code = builder.select(builder.icmp_signed("<", code, ir.Constant(i32, 0)), ir.Constant(i32, 0), code)
-            return builder.select(builder.icmp_signed(">", code, top_), top_, code)
-
-        return types.int32(ratio, bits16, dropped, first, top), codegen
-
-    @intrinsic
-    def _float_map_level(typingctx, code, dropped, first):
-        """The float map's level of a code: the fp32 number with pattern
-        (code + first) << dropped."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i32 = ir.IntType(32)
-            wide = builder.zext(args[0], i32)
-            pattern = builder.shl(builder.add(wide, builder.trunc(args[2], i32)), builder.trunc(args[1], i32))
-            return builder.bitcast(pattern, ir.FloatType())
-
-        return types.float32(code, dropped, first), codegen
-
-    @intrinsic
-    def _nibble(typingctx, byte, high):
-        """The low (``high`` false) or high nibble of a byte, as a byte."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i8 = ir.IntType(8)
-            low = builder.and_(args[0], ir.Constant(i8, 0xF))
-            return builder.select(args[1], builder.lshr(args[0], ir.Constant(i8, 4)), low)
-
-        return types.uint8(types.uint8, types.boolean), codegen
-
-    @intrinsic
-    def _nibbles(typingctx, low, high):
-        """Two 4-bit codes (bytes) as one byte, ``low`` in the low nibble."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            return builder.or_(args[0], builder.shl(args[1], ir.Constant(ir.IntType(8), 4)))
-
-        return types.uint8(types.uint8, types.uint8), codegen
-
-    @njit(inline="always", nogil=True)
-    def _stochastic_half(value, bits16):
-        """float32 to IEEE half bits, stochastically (the neighbours method of the spec);
-        written without branches, so that it vectorizes."""
-        nearest = _float_to_half(value)
-        toward_zero = (np.int64(nearest) & 0xFFFF) - np.int64(abs(_half_to_float(nearest)) > abs(value))
-        spacing = np.float32(2.0 ** (max((toward_zero >> 10) & 0x1F, 1) - 25))
-        fraction = (abs(value) - abs(_half_to_float(np.int16(toward_zero)))) / spacing
-        away = np.int64(fraction * np.float32(65536.0) >= np.float32(65536 - np.int64(bits16)))
-        is_nan = np.int64(value != value)  # NaN keeps the converted NaN
-        return np.int16((toward_zero + away) * (1 - is_nan) + (np.int64(nearest) & 0xFFFF) * is_nan)
-
     def _load(pointer, index):  # pragma: no cover - replaced by the overload
         raise NotImplementedError
 
@@ -304,9 +153,9 @@ if numba is not None:
         if dtype in (types.float32, types.float64):
             return lambda pointer, index: pointer[index]
         if dtype == types.uint16:  # bfloat16: the high half of a float32
-            return lambda pointer, index: _bfloat16_to_float(pointer[index])
+            return lambda pointer, index: bfloat16_to_float(pointer[index])
         if dtype == types.int16:
-            return lambda pointer, index: _half_to_float(pointer[index])
+            return lambda pointer, index: half_to_float(pointer[index])
         return None
 
     @overload(_store, inline="always")
@@ -321,13 +170,13 @@ if numba is not None:
         if dtype == types.uint16:
 
             def store_bfloat16(pointer, index, value):
-                pointer[index] = _float_to_bfloat16(value)
+                pointer[index] = float_to_bfloat16(value)
 
             return store_bfloat16
         if dtype == types.int16:
 
             def store_half(pointer, index, value):
-                pointer[index] = _float_to_half(value)
+                pointer[index] = float_to_half(value)
 
             return store_half
         return None
@@ -345,13 +194,13 @@ if numba is not None:
         if dtype == types.uint16:
 
             def store_bfloat16(pointer, index, value, bits16):
-                pointer[index] = _stochastic_bfloat16(np.float32(value), bits16)
+                pointer[index] = stochastic_bfloat16(np.float32(value), bits16)
 
             return store_bfloat16
         if dtype == types.int16:
 
             def store_half(pointer, index, value, bits16):
-                pointer[index] = _stochastic_half(np.float32(value), bits16)
+                pointer[index] = stochastic_half(np.float32(value), bits16)
 
             return store_half
         return None
@@ -362,9 +211,9 @@ if numba is not None:
         (computed in registers: no store-then-load, which blocks vectorization)."""
         dtype = pointer.dtype
         if dtype == types.uint16:
-            return lambda pointer, value: _bfloat16_to_float(_float_to_bfloat16(value))
+            return lambda pointer, value: bfloat16_to_float(float_to_bfloat16(value))
         if dtype == types.int16:
-            return lambda pointer, value: _half_to_float(_float_to_half(value))
+            return lambda pointer, value: half_to_float(float_to_half(value))
         return lambda pointer, value: value
 
     @overload(_compute, inline="always")
@@ -421,7 +270,7 @@ if numba is not None:
                 k = np.float32(code) - top
                 magnitude = _power_level(abs(k), step)
                 return -magnitude if k < 0 else magnitude
-            return _float_map_level(code, dropped, first)
+            return float_map_level(code, dropped, first)
 
         @njit(inline="always", nogil=True)
         def code(x, divisor, bits16):
@@ -430,7 +279,7 @@ if numba is not None:
                 return _signed_code(x, r, top, step, bits16)
             if snap:  # under a bf16 scale, r within 2^-8 of the top is the top
                 r = np.float32(1.0) if r >= _SNAP_TO_TOP else r
-            return _float_map_code(r, bits16, dropped, first, last)
+            return float_map_code(r, bits16, dropped, first, last)
 
         return level, code
 
@@ -447,14 +296,14 @@ if numba is not None:
         read_scale = _exact_scale if fmt.exact_scales(signed) else _bfloat16_scale
 
         def dequantize(codes_address, scales_address, state_witness, sign_witness, out, first, end, spread):
-            codes = _pointer(codes_address, _BYTE_WITNESS)
-            values = _pointer(np.int64(out.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
+            codes = typed_pointer(codes_address, _BYTE_WITNESS)
+            values = typed_pointer(np.int64(out.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
             if packed:  # pairs: the one past a ragged end lands in the spare element
-                codes = _pointer(np.int64(spread.ctypes.data) - first, _BYTE_WITNESS)
-                packs = _pointer(codes_address, _BYTE_WITNESS)
+                codes = typed_pointer(np.int64(spread.ctypes.data) - first, _BYTE_WITNESS)
+                packs = typed_pointer(codes_address, _BYTE_WITNESS)
                 for j in range(first >> 1, (end + 1) >> 1):
-                    codes[2 * j] = _nibble(packs[j], False)
-                    codes[2 * j + 1] = _nibble(packs[j], True)
+                    codes[2 * j] = nibble(packs[j], False)
+                    codes[2 * j + 1] = nibble(packs[j], True)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
                 scale = read_scale(scales_address, b)
                 for i in range(b * block, min(b * block + block, end)):
@@ -464,11 +313,11 @@ if numba is not None:
 
     @njit(inline="always", nogil=True)
     def _bfloat16_scale(scales_address, b):
-        return _bfloat16_to_float(_pointer(scales_address, _BFLOAT16_WITNESS)[b])
+        return bfloat16_to_float(typed_pointer(scales_address, _BFLOAT16_WITNESS)[b])
 
     @njit(inline="always", nogil=True)
     def _exact_scale(scales_address, b):
-        return _pointer(scales_address, _FLOAT32_WITNESS)[b]
+        return typed_pointer(scales_address, _FLOAT32_WITNESS)[b]
 
     @njit(inline="always", nogil=True)
     def _put_bfloat16_scale(scales_address, b, largest):
@@ -477,16 +326,16 @@ if numba is not None:
         rounded_up = (np.int64(largest) + 0xFFFF) >> 16
         finite = (largest < np.int32(0x7F800000)) & (rounded_up < 0x7F80)
         bits = np.uint16(rounded_up) if finite else np.uint16(0x7FC0)
-        _pointer(scales_address, _BFLOAT16_WITNESS)[b] = bits
-        return _bfloat16_to_float(bits)
+        typed_pointer(scales_address, _BFLOAT16_WITNESS)[b] = bits
+        return bfloat16_to_float(bits)
 
     @njit(inline="always", nogil=True)
     def _put_exact_scale(scales_address, b, largest):
         """Store the block's absmax itself (fp32, as its bit pattern; NaN for a non-finite
         block) and return it."""
         finite = largest < np.int32(0x7F800000)
-        _pointer(scales_address, _INT32_WITNESS)[b] = largest if finite else np.int32(0x7FC00000)
-        return _pointer(scales_address, _FLOAT32_WITNESS)[b]
+        typed_pointer(scales_address, _INT32_WITNESS)[b] = largest if finite else np.int32(0x7FC00000)
+        return typed_pointer(scales_address, _FLOAT32_WITNESS)[b]
 
     @overload(_requantize)
     def _requantize_impl(
@@ -507,15 +356,15 @@ if numba is not None:
         def requantize(
             codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread
         ):
-            packs = _pointer(codes_address, _BYTE_WITNESS)
-            codes = _pointer(np.int64(spread.ctypes.data) - first, _BYTE_WITNESS) if packed else packs
+            packs = typed_pointer(codes_address, _BYTE_WITNESS)
+            codes = typed_pointer(np.int64(spread.ctypes.data) - first, _BYTE_WITNESS) if packed else packs
             # raw pointers, addressed by element index: array indexing keeps LLVM from vectorizing
-            fresh = _pointer(np.int64(values.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
+            fresh = typed_pointer(np.int64(values.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
                 low, high = b * block, min(b * block + block, end)
                 largest = np.int32(0)
                 for i in range(low, high):
-                    largest = max(largest, _magnitude_bits(fresh[i]))
+                    largest = max(largest, magnitude_bits(fresh[i]))
                 scale = put_scale(scales_address, b, largest)
                 if np.isnan(scale):  # a non-finite block: codes 0
                     for i in range(low, high):
@@ -523,23 +372,13 @@ if numba is not None:
                     continue
                 divisor = scale + np.float32(scale == 0)  # a zero scale: the block is all zeros
                 for i in range(low, high):
-                    codes[i] = np.uint8(code(fresh[i], divisor, _random16(key, i + shift)))
+                    codes[i] = np.uint8(code(fresh[i], divisor, random16(key, i + shift)))
             if packed:
                 codes[end] = np.uint8(0)  # a ragged end's partner
                 for j in range(first >> 1, (end + 1) >> 1):
-                    packs[j] = _nibbles(codes[2 * j], codes[2 * j + 1])
+                    packs[j] = nibbles(codes[2 * j], codes[2 * j + 1])
 
         return requantize
-
-    @njit(cache=True, nogil=True)
-    def _advance_steps(addresses, witness):
-        """``step += 1`` for every step counter; returns the new counts (float64)."""
-        counts = np.empty(addresses.shape[0], dtype=np.float64)
-        for t in range(addresses.shape[0]):
-            step = _pointer(addresses[t], witness)
-            step[0] += 1
-            counts[t] = step[0]
-        return counts
 
     @njit(inline="always", nogil=True)
     def _load_param(param, compensation, i):
@@ -552,7 +391,7 @@ if numba is not None:
 
     @njit(inline="always", nogil=True)
     def _put_stochastic(pointer, i, value, key, shift):
-        _store_stochastic(pointer, i, value, _random16(key, i + shift))
+        _store_stochastic(pointer, i, value, random16(key, i + shift))
 
     @njit(inline="always", nogil=True)
     def _put_kahan_param(param, compensation, i, value, key, shift):
@@ -561,113 +400,28 @@ if numba is not None:
         _store(param, i, rounded)
         _store(compensation, i, value - rounded)
 
-    @intrinsic
-    def _join_master(typingctx, high, low):
-        """The fp32 master weight of bf16 bits ``high`` and int16 bits ``low`` (both held
-        as uint16): (high << 16) + low, sign-extending low (see adamkit.master)."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i32 = ir.IntType(32)
-            wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
-            return builder.bitcast(builder.add(wide, builder.sext(args[1], i32)), ir.FloatType())
-
-        return types.float32(types.uint16, types.uint16), codegen
-
-    @intrinsic
-    def _split_master(typingctx, value, low_half):
-        """The bf16 bits of fp32 ``value`` rounded half away from zero, (bits + 2^15) >> 16,
-        or (``low_half`` true) what that drops, bits - (high << 16), as uint16."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i32, i16 = ir.IntType(32), ir.IntType(16)
-            bits = builder.bitcast(args[0], i32)
-            high = builder.lshr(builder.add(bits, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
-            low = builder.sub(bits, builder.shl(high, ir.Constant(i32, 16)))
-            return builder.trunc(builder.select(args[1], low, high), i16)
-
-        return types.uint16(types.float32, types.boolean), codegen
-
     @njit(inline="always", nogil=True)
     def _load_master_param(param, low, i):
         """theta = the fp32 master weight, exactly (param: bf16 bits; low: int16 bits)."""
-        return _join_master(param[i], low[i])
+        return join_master(param[i], low[i])
 
     @njit(inline="always", nogil=True)
     def _put_master_param(param, low, i, value, key, shift):
         """Split theta back into the bf16 param and its low bits."""
-        param[i] = _split_master(value, False)
-        low[i] = _split_master(value, True)
-
-    @intrinsic
-    def _as_bytes(typingctx, pointer):
-        """The same address as a pointer to int8 (the 24-bit master's low bits)."""
-        result = types.CPointer(types.int8)
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(result))
-
-        return result(pointer), codegen
-
-    @intrinsic
-    def _join_master24(typingctx, high, low):
-        """The 24-bit master weight: (high << 16) + (low << 8), low an int8."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i32 = ir.IntType(32)
-            wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
-            rest = builder.shl(builder.sext(args[1], i32), ir.Constant(i32, 8))
-            return builder.bitcast(builder.add(wide, rest), ir.FloatType())
-
-        return types.float32(types.uint16, types.int8), codegen
-
-    @intrinsic
-    def _split_master24(typingctx, value, bits16, low_half):
-        """fp32 ``value`` rounded stochastically to 16 significant bits (the top 8 of the
-        random bits added to its pattern, the low 8 cleared; NaN: 0x7FC00000), then its
-        bf16 high half, or (``low_half``) the int8 rest, as uint16."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i32, i16 = ir.IntType(32), ir.IntType(16)
-            carry = builder.lshr(args[1], ir.Constant(i32, 8))
-            bits = builder.and_(builder.add(builder.bitcast(args[0], i32), carry), ir.Constant(i32, -256))
-            is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-            bits = builder.select(is_nan, ir.Constant(i32, 0x7FC00000), bits)
-            high = builder.lshr(builder.add(bits, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
-            low = builder.ashr(builder.sub(bits, builder.shl(high, ir.Constant(i32, 16))), ir.Constant(i32, 8))
-            return builder.trunc(builder.select(args[2], low, high), i16)
-
-        return types.uint16(types.float32, types.int32, types.boolean), codegen
+        param[i] = split_master(value, False)
+        low[i] = split_master(value, True)
 
     @njit(inline="always", nogil=True)
     def _load_master24_param(param, low, i):
         """theta = the 24-bit master weight (param: bf16 bits; low: int8 bits)."""
-        return _join_master24(param[i], _as_bytes(low)[i])
-
-    @intrinsic
-    def _store_byte(typingctx, pointer, index, value):
-        """pointer (reinterpreted as int8*)[index] = the low byte of ``value``: a store the
-        parallel loop's dead-code pass cannot drop, as it drops a setitem on a pointer
-        made inside the loop."""
-        import llvmlite.ir as ir
-
-        def codegen(context, builder, signature, args):
-            i8 = ir.IntType(8)
-            address = builder.gep(builder.bitcast(args[0], i8.as_pointer()), [args[1]])
-            builder.store(builder.trunc(args[2], i8), address)
-            return context.get_dummy_value()
-
-        return types.none(pointer, types.int64, types.uint16), codegen
+        return join_master24(param[i], as_bytes(low)[i])
 
     @njit(inline="always", nogil=True)
     def _put_master24_param(param, low, i, value, key, shift):
         """Round theta stochastically to the 24-bit grid and split it."""
-        bits16 = _random16(key, i + shift)
-        param[i] = _split_master24(value, bits16, False)
-        _store_byte(low, np.int64(i), _split_master24(value, bits16, True))
+        bits16 = random16(key, i + shift)
+        param[i] = split_master24(value, bits16, False)
+        store_byte(low, np.int64(i), split_master24(value, bits16, True))
 
     @njit(inline="always", nogil=True)
     def _put_param(param, compensation, i, value, key, shift):
@@ -675,7 +429,7 @@ if numba is not None:
 
     @njit(inline="always", nogil=True)
     def _put_stochastic_param(param, compensation, i, value, key, shift):
-        _store_stochastic(param, i, value, _random16(key, i + shift))
+        _store_stochastic(param, i, value, random16(key, i + shift))
 
     _SNAP_TO_TOP = quantization.SNAP_TO_TOP
     _BYTE_WITNESS = np.empty(0, dtype=np.uint8)
@@ -802,12 +556,12 @@ if numba is not None:
             scalars = _chunk_scalars(addresses, t, step_sizes, bias_correction2_sqrts, constants, param_witness)
             tensor_keys = _chunk_keys(keys, t)
             pointers = (
-                _pointer(addresses[t, 0], param_witness),
-                _pointer(addresses[t, 1], param_witness),
-                _pointer(addresses[t, 2], state_witness),
-                _pointer(addresses[t, 3], state_witness),
-                _pointer(addresses[t, 4], state_witness),
-                _pointer(addresses[t, 5], param_witness),
+                typed_pointer(addresses[t, 0], param_witness),
+                typed_pointer(addresses[t, 1], param_witness),
+                typed_pointer(addresses[t, 2], state_witness),
+                typed_pointer(addresses[t, 3], state_witness),
+                typed_pointer(addresses[t, 4], state_witness),
+                typed_pointer(addresses[t, 5], param_witness),
             )
             _update_chunk(
                 pointers, first, end, scalars, maximize, decay, tensor_keys, adamax, amsgrad, rounding_witness
@@ -850,7 +604,7 @@ if numba is not None:
     @njit(inline="always", nogil=True)
     def _chunk_scalars(addresses, t, step_sizes, bias_correction2_sqrts, constants, param_witness):
         """Tensor ``t``'s scalars in its compute type."""
-        param = _pointer(addresses[t, 0], param_witness)
+        param = typed_pointer(addresses[t, 0], param_witness)
         return (
             _compute(param, constants[0]),
             _compute(param, constants[1]),
@@ -892,12 +646,12 @@ if numba is not None:
             base = np.int64(scratch.ctypes.data) - 4 * low  # addressed by element index
             stride = 4 * (QUANTIZED_SPAN + 1)
             pointers = (
-                _pointer(row[0], pw),
-                _pointer(row[1], pw),
-                _pointer(base, _FLOAT32_WITNESS),
-                _pointer(base + stride, _FLOAT32_WITNESS),
-                _pointer(base + stride * (rows - 1), _FLOAT32_WITNESS),
-                _pointer(row[5], pw),
+                typed_pointer(row[0], pw),
+                typed_pointer(row[1], pw),
+                typed_pointer(base, _FLOAT32_WITNESS),
+                typed_pointer(base + stride, _FLOAT32_WITNESS),
+                typed_pointer(base + stride * (rows - 1), _FLOAT32_WITNESS),
+                typed_pointer(row[5], pw),
             )
             _update_chunk(pointers, low, high, scalars, maximize, decay, keys, adamax, amsgrad, rw)
             _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
@@ -1043,45 +797,6 @@ class _Bucket:
 _NO_KEYS = np.zeros((1, 5), dtype=np.int64)
 
 
-def chunk_table(numels: np.ndarray, size: int) -> np.ndarray:
-    """Rows (tensor, first, end) covering every element in pieces of at most ``size``;
-    every piece starts on a multiple of ``size``."""
-    numels = np.asarray(numels, dtype=np.int64)
-    counts = (numels + size - 1) // size
-    tensor_index = np.repeat(np.arange(len(numels)), counts)
-    first_chunk = np.repeat(np.cumsum(counts) - counts, counts)
-    first = (np.arange(counts.sum()) - first_chunk) * size
-    end = np.minimum(first + size, numels[tensor_index])
-    return np.stack([tensor_index, first, end], axis=1).astype(np.int64)
-
-
-class HostCounters:
-    """CPU ``step`` counters advanced together: one compiled loop over their addresses
-    (a Python call per tensor costs microseconds: tens of ms a step for 10,000 tensors).
-
-    Needs numba and one dtype for every counter; otherwise each counter is advanced
-    and read as torch does (``torch._foreach_add_``, then ``item()``)."""
-
-    def __init__(self, steps: list[Tensor]):
-        self.steps = steps
-        dtypes = {s.dtype for s in steps}
-        self.compiled = numba is not None and len(dtypes) == 1 and all(s.device.type == "cpu" for s in steps)
-        if self.compiled:
-            self.addresses = np.array([s.data_ptr() for s in steps], dtype=np.int64)
-            self.witness = np.empty(0, dtype=np.float64 if dtypes == {torch.float64} else np.float32)
-
-    def advance(self) -> np.ndarray:
-        """``step += 1`` for every counter; the new counts as float64."""
-        if self.compiled:
-            return _advance_steps(self.addresses, self.witness)
-        torch._foreach_add_(self.steps, 1)
-        return np.array([s.item() for s in self.steps], dtype=np.float64)
-
-
-def _real_dtype(t: Tensor) -> torch.dtype:
-    return torch.view_as_real(t).dtype if t.is_complex() else t.dtype
-
-
 def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
     """The group's (param dtype, state storage) buckets, rebuilt when the params or
     their state changed."""
@@ -1091,7 +806,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
         return cached[1]
     by_storage: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        by_storage.setdefault((_real_dtype(p), moment_storage(batch.states[i], p)), []).append(i)
+        by_storage.setdefault((as_real(p).dtype, moment_storage(batch.states[i], p)), []).append(i)
     buckets = [_Bucket(members, batch, rule, storage) for storage, members in by_storage.items()]
     batch.cache["cpu"] = (key, buckets)
     return buckets

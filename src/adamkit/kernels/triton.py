@@ -24,7 +24,7 @@ step counters, so neither a tensor lr changed by a scheduler nor the step count
 needs the host: nothing syncs, nothing recompiles (lr and betas are runtime values),
 and the address table is uploaded only when an address changes, so a captured CUDA
 graph replays with no host-to-device copy.  Step counters on the host are advanced
-in one compiled pass (:class:`adamkit.kernels.cpu.HostCounters`).
+in one compiled pass (:class:`adamkit.kernels.host.HostCounters`).
 
 AMP: when a ``torch.amp.GradScaler`` drives the optimizer, ``grad_scale`` and
 ``found_inf`` are read inside the kernel: gradients are unscaled on the fly, and a
@@ -48,9 +48,9 @@ from ..rule import GroupScalars, UpdateRule, step_scalar_arrays
 from ..state import PARAM_EXTRA_KEY, moment_keys, moment_storage
 from . import foreach, storage
 from .amp import unscaled
-from .cpu import HostCounters, chunk_table
+from .host import HostCounters, chunk_table
 from .lists import list_kernel
-from .types import GroupBatch
+from .types import GroupBatch, as_real
 
 try:
     import triton
@@ -87,6 +87,7 @@ def device_types() -> frozenset[str]:
 
 if triton is not None:
     _SNAP_TO_TOP = tl.constexpr(float(SNAP_TO_TOP))
+    _MIX_FIRST, _MIX_SECOND = (tl.constexpr(m) for m in rounding.MIX_MULTIPLIERS)
 
     @triton.jit
     def _to_storage(x, STORAGE: tl.constexpr):
@@ -105,9 +106,9 @@ if triton is not None:
         """r = lowbias32(key ^ index) >> 16, in uint32 arithmetic (see adamkit.rounding)."""
         x = (key ^ index).to(tl.uint32)
         x = x ^ (x >> 16)
-        x = x * 0x7FEB352D
+        x = x * _MIX_FIRST
         x = x ^ (x >> 15)
-        x = x * 0x846CA68B
+        x = x * _MIX_SECOND
         x = x ^ (x >> 16)
         return x >> 16
 
@@ -604,17 +605,13 @@ def _triton_dtype(dtype: torch.dtype):
     }[dtype]
 
 
-def _real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
 class _Bucket:
     """One (device, param dtype, state storage) bucket of a group: what stays fixed
     between steps.  Quantized moments are held as uint8 codes and bf16 or fp32 scales."""
 
     def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, state_storage):
         self.members = members
-        params = [_real(batch.params[i]) for i in members]
+        params = [as_real(batch.params[i]) for i in members]
         states = [batch.states[i] for i in members]
         self.device = params[0].device
         self.storage = params[0].dtype
@@ -628,7 +625,7 @@ class _Bucket:
                 blockwise.stored_keys(key, self.quantized)[1] for key in moments
             ]
         keys = moments + ([PARAM_EXTRA_KEY[self.mode]] if self.mode in PARAM_EXTRA_KEY else [])
-        self.state_tensors = [[_real(s[key]) for key in keys] for s in states]
+        self.state_tensors = [[as_real(s[key]) for key in keys] for s in states]
         self.steps = [s["step"] for s in states]
         for p, tensors in zip(params, self.state_tensors):
             if not (p.is_contiguous() and all(t.is_contiguous() for t in tensors)):
@@ -716,7 +713,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
         return cached[1]
     by_kind: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        by_kind.setdefault((p.device, _real(p).dtype, moment_storage(batch.states[i], p)), []).append(i)
+        by_kind.setdefault((p.device, as_real(p).dtype, moment_storage(batch.states[i], p)), []).append(i)
     buckets = [_Bucket(members, batch, rule, kind[2]) for kind, members in by_kind.items()]
     batch.cache["triton"] = (key, buckets)
     return buckets

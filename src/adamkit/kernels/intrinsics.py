@@ -1,0 +1,280 @@
+"""The numba LLVM intrinsics of the fused CPU kernel (:mod:`adamkit.kernels.cpu`):
+typed pointers from raw addresses, exact 16-bit float conversions and their
+stochastic rounding, the counter-based random bits of :mod:`adamkit.rounding`, the
+bit arithmetic of the quantized maps (:mod:`adamkit.quantization`) and of split
+master weights (:mod:`adamkit.master`).
+
+Each is straight-line IR with at most a select, so that the element loops that inline
+them vectorize; integer work is done in 32 bits (numba widens integer arithmetic to
+int64, and AVX2 can neither multiply nor convert int64 vectors).  Importing this
+module needs numba.
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, types
+from numba.core.extending import intrinsic
+
+from ..rounding import MIX_MULTIPLIERS
+
+
+@intrinsic
+def typed_pointer(typingctx, address, witness):
+    """An int64 address as a typed pointer to the witness array's dtype."""
+    pointer_type = types.CPointer(witness.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer_type))
+
+    return pointer_type(types.int64, witness), codegen
+
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """IEEE half (as int16 bits) to float32, exactly."""
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def float_to_half(typingctx, value):
+    """float32 to IEEE half bits (int16), rounding to nearest even."""
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(half, ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+@intrinsic
+def bfloat16_to_float(typingctx, bits):
+    """bfloat16 (as uint16 bits) to float32, exactly: the high half of a float32."""
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def float_to_bfloat16(typingctx, value):
+    """float32 to bfloat16 bits, rounding to nearest even as torch does; NaN becomes
+    the quiet NaN 0x7FC0.  Straight-line integer IR with one select: vectorizes."""
+
+    def codegen(context, builder, signature, args):
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+        bits = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        biased = builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)), lsb)
+        rounded = builder.trunc(builder.lshr(biased, ir.Constant(i32, 16)), i16)
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(is_nan, ir.Constant(i16, 0x7FC0), rounded)
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def random16(typingctx, key, index):
+    """u = lowbias32(key ^ index) >> 16 (see adamkit.rounding), an int32 in [0, 2^16)
+    computed in 32-bit integer IR: numba's own integer arithmetic widens to int64,
+    which AVX2 cannot multiply a vector of."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        x = builder.xor(builder.trunc(args[0], i32), builder.trunc(args[1], i32))
+        for shift, multiplier in zip((16, 15), MIX_MULTIPLIERS):
+            x = builder.xor(x, builder.lshr(x, ir.Constant(i32, shift)))
+            x = builder.mul(x, ir.Constant(i32, multiplier))
+        x = builder.xor(x, builder.lshr(x, ir.Constant(i32, 16)))
+        return builder.lshr(x, ir.Constant(i32, 16))
+
+    return types.int32(types.int64, types.int64), codegen
+
+
+@intrinsic
+def stochastic_bfloat16(typingctx, value, bits16):
+    """float32 to bfloat16 bits, stochastically: add r to the low half, truncate."""
+
+    def codegen(context, builder, signature, args):
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+        bits = builder.add(builder.bitcast(args[0], i32), args[1])
+        rounded = builder.trunc(builder.lshr(bits, ir.Constant(i32, 16)), i16)
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(is_nan, ir.Constant(i16, 0x7FC0), rounded)
+
+    return types.uint16(types.float32, types.int32), codegen
+
+
+@intrinsic
+def magnitude_bits(typingctx, value):
+    """|x|'s fp32 bit pattern as an int32: ordered as the magnitudes, NaN and infinity
+    above every finite value (a block's absmax as an integer max, which vectorizes
+    and keeps a NaN)."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7FFFFFFF))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def float_map_code(typingctx, ratio, bits16, dropped, first, top):
+    """The float map's code of ``ratio`` in [0, 1], rounded stochastically: the 16
+    random bits added at the top of the ``dropped`` fraction bits of its fp32
+    pattern, which is then truncated; less ``first``, clamped to [0, top].  32-bit
+    integer IR (the constants are compile-time ints)."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        dropped_, first_, top_ = (builder.trunc(a, i32) for a in args[2:])
+        carry = builder.shl(args[1], builder.sub(dropped_, ir.Constant(i32, 16)))
+        kept = builder.lshr(builder.add(builder.bitcast(args[0], i32), carry), dropped_)
+        code = builder.sub(kept, first_)
+        code = builder.select(builder.icmp_signed("<", code, ir.Constant(i32, 0)), ir.Constant(i32, 0), code)
+        return builder.select(builder.icmp_signed(">", code, top_), top_, code)
+
+    return types.int32(ratio, bits16, dropped, first, top), codegen
+
+
+@intrinsic
+def float_map_level(typingctx, code, dropped, first):
+    """The float map's level of a code: the fp32 number with pattern
+    (code + first) << dropped."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        wide = builder.zext(args[0], i32)
+        pattern = builder.shl(builder.add(wide, builder.trunc(args[2], i32)), builder.trunc(args[1], i32))
+        return builder.bitcast(pattern, ir.FloatType())
+
+    return types.float32(code, dropped, first), codegen
+
+
+@intrinsic
+def nibble(typingctx, byte, high):
+    """The low (``high`` false) or high nibble of a byte, as a byte."""
+
+    def codegen(context, builder, signature, args):
+        i8 = ir.IntType(8)
+        low = builder.and_(args[0], ir.Constant(i8, 0xF))
+        return builder.select(args[1], builder.lshr(args[0], ir.Constant(i8, 4)), low)
+
+    return types.uint8(types.uint8, types.boolean), codegen
+
+
+@intrinsic
+def nibbles(typingctx, low, high):
+    """Two 4-bit codes (bytes) as one byte, ``low`` in the low nibble."""
+
+    def codegen(context, builder, signature, args):
+        return builder.or_(args[0], builder.shl(args[1], ir.Constant(ir.IntType(8), 4)))
+
+    return types.uint8(types.uint8, types.uint8), codegen
+
+
+@njit(inline="always", nogil=True)
+def stochastic_half(value, bits16):
+    """float32 to IEEE half bits, stochastically (the neighbours method of the spec);
+    written without branches, so that it vectorizes."""
+    nearest = float_to_half(value)
+    toward_zero = (np.int64(nearest) & 0xFFFF) - np.int64(abs(half_to_float(nearest)) > abs(value))
+    spacing = np.float32(2.0 ** (max((toward_zero >> 10) & 0x1F, 1) - 25))
+    fraction = (abs(value) - abs(half_to_float(np.int16(toward_zero)))) / spacing
+    away = np.int64(fraction * np.float32(65536.0) >= np.float32(65536 - np.int64(bits16)))
+    is_nan = np.int64(value != value)  # NaN keeps the converted NaN
+    return np.int16((toward_zero + away) * (1 - is_nan) + (np.int64(nearest) & 0xFFFF) * is_nan)
+
+
+@intrinsic
+def join_master(typingctx, high, low):
+    """The fp32 master weight of bf16 bits ``high`` and int16 bits ``low`` (both held
+    as uint16): (high << 16) + low, sign-extending low (see adamkit.master)."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(builder.add(wide, builder.sext(args[1], i32)), ir.FloatType())
+
+    return types.float32(types.uint16, types.uint16), codegen
+
+
+@intrinsic
+def split_master(typingctx, value, low_half):
+    """The bf16 bits of fp32 ``value`` rounded half away from zero, (bits + 2^15) >> 16,
+    or (``low_half`` true) what that drops, bits - (high << 16), as uint16."""
+
+    def codegen(context, builder, signature, args):
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+        bits = builder.bitcast(args[0], i32)
+        high = builder.lshr(builder.add(bits, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+        low = builder.sub(bits, builder.shl(high, ir.Constant(i32, 16)))
+        return builder.trunc(builder.select(args[1], low, high), i16)
+
+    return types.uint16(types.float32, types.boolean), codegen
+
+
+@intrinsic
+def as_bytes(typingctx, pointer):
+    """The same address as a pointer to int8 (the 24-bit master's low bits)."""
+    result = types.CPointer(types.int8)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(result))
+
+    return result(pointer), codegen
+
+
+@intrinsic
+def join_master24(typingctx, high, low):
+    """The 24-bit master weight: (high << 16) + (low << 8), low an int8."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        rest = builder.shl(builder.sext(args[1], i32), ir.Constant(i32, 8))
+        return builder.bitcast(builder.add(wide, rest), ir.FloatType())
+
+    return types.float32(types.uint16, types.int8), codegen
+
+
+@intrinsic
+def split_master24(typingctx, value, bits16, low_half):
+    """fp32 ``value`` rounded stochastically to 16 significant bits (the top 8 of the
+    random bits added to its pattern, the low 8 cleared; NaN: 0x7FC00000), then its
+    bf16 high half, or (``low_half``) the int8 rest, as uint16."""
+
+    def codegen(context, builder, signature, args):
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+        carry = builder.lshr(args[1], ir.Constant(i32, 8))
+        bits = builder.and_(builder.add(builder.bitcast(args[0], i32), carry), ir.Constant(i32, -256))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        bits = builder.select(is_nan, ir.Constant(i32, 0x7FC00000), bits)
+        high = builder.lshr(builder.add(bits, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+        low = builder.ashr(builder.sub(bits, builder.shl(high, ir.Constant(i32, 16))), ir.Constant(i32, 8))
+        return builder.trunc(builder.select(args[2], low, high), i16)
+
+    return types.uint16(types.float32, types.int32, types.boolean), codegen
+
+
+@intrinsic
+def store_byte(typingctx, pointer, index, value):
+    """pointer (reinterpreted as int8*)[index] = the low byte of ``value``: a store the
+    parallel loop's dead-code pass cannot drop, as it drops a setitem on a pointer
+    made inside the loop."""
+
+    def codegen(context, builder, signature, args):
+        i8 = ir.IntType(8)
+        address = builder.gep(builder.bitcast(args[0], i8.as_pointer()), [args[1]])
+        builder.store(builder.trunc(args[2], i8), address)
+        return context.get_dummy_value()
+
+    return types.none(pointer, types.int64, types.uint16), codegen
