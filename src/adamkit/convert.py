@@ -111,12 +111,8 @@ def full_precision_export(optimizer) -> Iterator:
         ...     dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
         ...     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     """
-    previous = optimizer.__dict__.get("_export_full_precision", False)
-    optimizer._export_full_precision = True
-    try:
+    with optimizer.full_precision_state_dict():
         yield optimizer
-    finally:
-        optimizer._export_full_precision = previous
 
 
 __all__ = ["MOMENT_KEYS", "full_precision_export", "to_full_precision", "to_quantized"]

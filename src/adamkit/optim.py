@@ -64,6 +64,8 @@ keyword-only:
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import repeat
 from operator import attrgetter
 from typing import Any, ClassVar
@@ -160,6 +162,18 @@ class _AdamFamily(Optimizer):
         "diagnostics",
         "accumulation_steps",
     )
+
+    #: bookkeeping that is not state (so not pickled: torch's ``__getstate__`` keeps
+    #: defaults, state and groups), with its defaults here: a changed state's epoch and
+    #: count (in every group's cache key), the per-group caches, the params' indices
+    _state_epoch: int = 0
+    _state_changes: int = 0
+    _group_caches: dict | None = None
+    _param_index_cache: tuple | None = None
+    #: the attached :class:`adamkit.release.GradientRelease` (see :meth:`attach_gradient_release`)
+    _gradient_release = None
+    #: whether :meth:`state_dict` exports every param's moments at full precision
+    _export_full_precision: bool = False
 
     def _construct(
         self, params, torch_defaults: dict, *, backend, decouple_lr: bool, max_lr, storage: dict, training: dict
@@ -289,7 +303,7 @@ class _AdamFamily(Optimizer):
     def __setstate__(self, state: dict) -> None:
         skips = state.pop("skipped_steps_by_group", {})
         super().__setstate__(state)
-        self._state_epoch = self.__dict__.get("_state_epoch", 0) + 1  # state may be new: validate again
+        self._state_epoch += 1  # state may be new: validate again
         self._recorder = Recorder()
         self._recorder.skips.update(skips)
         for group in self.param_groups:
@@ -318,7 +332,7 @@ class _AdamFamily(Optimizer):
         :func:`adamkit.convert.full_precision_export`, every param's are."""
         state_dict = super().state_dict()
         states, moments = state_dict["state"], moment_keys(self.algorithm, True)
-        every_param = self.__dict__.get("_export_full_precision", False)  # adamkit.convert.full_precision_export
+        every_param = self._export_full_precision
         for index, param in enumerate(p for g in self.param_groups for p in g["params"]):
             if index in states and (every_param or sharding.is_sharded(param)):
                 states[index] = sharding.exported_state(states[index], param, moments)
@@ -384,7 +398,9 @@ class _AdamFamily(Optimizer):
     def _group_cache(self, group: dict) -> dict:
         """A per-group scratch dict for validation keys and kernels' derived data;
         not part of the optimizer's state (rebuilt after pickling or deepcopy)."""
-        caches = self.__dict__.setdefault("_group_caches", {})
+        if self._group_caches is None:
+            self._group_caches = {}
+        caches = self._group_caches
         entry = caches.get(id(group))
         if entry is None or entry[0] is not group:
             entry = caches[id(group)] = (group, {})
@@ -472,8 +488,8 @@ class _AdamFamily(Optimizer):
             group.get("state_precision"),
             id(self.state),
             len(self.state),
-            self.__dict__.get("_state_epoch", 0),
-            self.__dict__.get("_state_changes", 0),
+            self._state_epoch,
+            self._state_changes,
         )
 
     def _initialize_states(self, plans: list[tuple]) -> None:
@@ -494,7 +510,7 @@ class _AdamFamily(Optimizer):
             for p in params:
                 changed |= init_state(state_table[p], p, group, self.algorithm)
         if changed:
-            self.__dict__["_state_changes"] = self.__dict__.get("_state_changes", 0) + 1
+            self._state_changes += 1
         for group, params, _, _ in plans:
             cache = self._group_cache(group)
             if changed or cache.get("initialized_key") != cache["validated_key"]:
@@ -524,10 +540,10 @@ class _AdamFamily(Optimizer):
         """Each param's position in the optimizer (its ``state_dict`` index): the
         stream of its stochastic rounding."""
         everything = [p for g in self.param_groups for p in g["params"]]
-        cached = self.__dict__.get("_param_index_cache")
+        cached = self._param_index_cache
         identity = tuple(map(id, everything))
         if cached is None or cached[0] != identity:
-            cached = self.__dict__["_param_index_cache"] = (identity, {id(p): i for i, p in enumerate(everything)})
+            cached = self._param_index_cache = (identity, {id(p): i for i, p in enumerate(everything)})
         return [cached[1][id(p)] for p in params]
 
     @torch.compiler.disable
@@ -551,7 +567,7 @@ class _AdamFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.__dict__.get("_gradient_release") is not None:
+        if self._gradient_release is not None:
             return loss  # params were stepped in backward (adamkit.gradient_release)
         plans = [(i, plan) for i, g in enumerate(self.param_groups) if (plan := self._plan_group(i, g)) is not None]
         # A torch.amp.GradScaler sets these when _step_supports_amp_scaling (fused=True).
@@ -575,10 +591,34 @@ class _AdamFamily(Optimizer):
             return False
         return True
 
-    def _step_one_param(self, index: int, group: dict, view: dict, amp: tuple = (None, None)) -> None:
-        """Step one param as ``step()`` would step it in param_groups[index]: ``view``
-        is that param's one-param group, brought up to date with ``group`` first.
-        ``amp``: a GradScaler's scale and this param's inf flag."""
+    def attach_gradient_release(self, release) -> None:
+        """Hook for :func:`adamkit.gradient_release`: while ``release`` is attached, it
+        steps each param in backward (with :meth:`step_param`) and ``step()`` only runs
+        its closure."""
+        if self._gradient_release is not None:
+            raise RuntimeError("this optimizer already has gradient release attached (call handle.remove() first)")
+        self._gradient_release = release
+
+    def detach_gradient_release(self, release) -> None:
+        """Undo :meth:`attach_gradient_release` (nothing if ``release`` is not attached)."""
+        if self._gradient_release is release:
+            self._gradient_release = None
+
+    @contextmanager
+    def full_precision_state_dict(self) -> Iterator[None]:
+        """Hook for :func:`adamkit.convert.full_precision_export`: within it,
+        :meth:`state_dict` exports every param's quantized moments as fp32."""
+        previous, self._export_full_precision = self._export_full_precision, True
+        try:
+            yield
+        finally:
+            self._export_full_precision = previous
+
+    def step_param(self, index: int, group: dict, view: dict, amp: tuple = (None, None)) -> None:
+        """Step one param as ``step()`` would step it in ``param_groups[index]``
+        (``group``): ``view`` is that param's one-param group, brought up to date with
+        ``group`` first.  ``amp``: a GradScaler's scale and this param's inf flag.
+        Gradient release calls it from each param's post-accumulate-grad hook."""
         _draw_seed_if_needed(group, {p.dtype for p in view["params"]})  # the group's seed, not one per view
         view.update((key, value) for key, value in group.items() if key != "params")
         plan = self._plan_group(index, view)

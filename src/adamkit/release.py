@@ -42,8 +42,8 @@ class GradientRelease:
         self.scaler = scaler
         self._views: dict[int, dict] = {}  # per param: a one-param group kept in step with its group
         self._groups: tuple = ((), {})  # (ids of the param-group dicts, param id -> group index)
+        optimizer.attach_gradient_release(self)
         self._hooks = [p.register_post_accumulate_grad_hook(self._step_param) for p in params]
-        optimizer._gradient_release = self
 
     def _group_of(self, param: Tensor) -> tuple[int, dict]:
         groups = self.optimizer.param_groups
@@ -58,7 +58,7 @@ class GradientRelease:
         index, group = self._group_of(param)
         view = self._views.setdefault(id(param), {"params": [param]})
         amp = self._amp(param.grad) if self.scaler is not None and self.scaler.is_enabled() else (None, None)
-        self.optimizer._step_one_param(index, group, view, amp)
+        self.optimizer.step_param(index, group, view, amp)
         param.grad = None
 
     def _amp(self, grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,8 +78,7 @@ class GradientRelease:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if getattr(self.optimizer, "_gradient_release", None) is self:
-            del self.optimizer._gradient_release
+        self.optimizer.detach_gradient_release(self)
 
 
 def gradient_release(
@@ -91,10 +90,8 @@ def gradient_release(
     one of ``optimizer``'s param groups (an adamkit optimizer).  ``scaler``: the
     ``torch.amp.GradScaler`` that scales the loss, if any.
     """
-    if not hasattr(optimizer, "_step_one_param"):
+    if not hasattr(optimizer, "attach_gradient_release"):
         raise TypeError(f"gradient_release needs an adamkit optimizer, got {type(optimizer).__name__}")
-    if getattr(optimizer, "_gradient_release", None) is not None:
-        raise RuntimeError("this optimizer already has gradient release attached (call handle.remove() first)")
     params = list(model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params)
     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
     strangers = [i for i, p in enumerate(params) if id(p) not in owned]
