@@ -20,8 +20,14 @@ from .stalls import stall_guard
 
 def __getattr__(name: str):
     if name == "minimize":  # SciPy is imported only when asked for
-        from .optimize import minimize
-
+        try:
+            from .optimize import minimize
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] != "scipy":
+                raise
+            raise ImportError(
+                "adamkit.minimize needs SciPy, which the 'scipy' extra installs: pip install 'adamkit[scipy]'"
+            ) from exc
         return minimize
     raise AttributeError(f"module 'adamkit' has no attribute {name!r}")
 

@@ -153,6 +153,19 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
+def _missing_extra(command: str, modules: Sequence[str], extra: str) -> int | None:
+    """Exit status 2, with a message naming the extra to install, when a module the
+    command needs is missing; ``None`` when all are there."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return _error(
+        f"{command} needs {', '.join(missing)}, which the {extra!r} extra installs: pip install 'adamkit[{extra}]'"
+    )
+
+
 def _output_problem(out: Path, force: bool) -> str | None:
     """Why ``out`` cannot take a command's files (``None`` if it can)."""
     if out.exists() and not out.is_dir():
@@ -170,6 +183,8 @@ def _unknown_names(names: Sequence[str], known: Sequence[str], what: str) -> str
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if (missing := _missing_extra("adamkit demo", ["matplotlib"], "cli")) is not None:
+        return missing
     if problem := _output_problem(args.out, args.force):
         return _error(problem)
 
@@ -184,6 +199,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
+    if (missing := _missing_extra("adamkit viz", ["matplotlib"], "cli")) is not None:
+        return missing
     functions = args.functions or list(args.known)
     if problem := _unknown_names(functions, args.known, "function") or _output_problem(args.out, args.force):
         return _error(problem)
@@ -226,6 +243,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    if (missing := _missing_extra("adamkit reproduce", ["matplotlib", "sklearn"], "experiments")) is not None:
+        return missing
     names = args.experiments or list(args.known)
     if problem := _unknown_names(names, args.known, "experiment") or _output_problem(args.out, args.force):
         return _error(problem)

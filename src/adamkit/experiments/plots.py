@@ -9,15 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure
 
 from .functions import Objective
 from .runs import Experiment, Trajectory
+
+if TYPE_CHECKING:  # matplotlib (the ``cli`` extra) is imported when a figure is drawn
+    from matplotlib.figure import Figure
 
 #: Lower limit of the log-scaled loss axes.
 GAP_FLOOR = 1e-14
@@ -46,6 +47,9 @@ Window2D = tuple[tuple[float, float], tuple[float, float]]
 
 def new_figure(width: float, height: float) -> Figure:
     """A figure rendered by the Agg backend (no display, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -130,6 +134,8 @@ def draw_contours(fig: Figure, ax, obj: Objective, window: Window2D) -> None:
     The levels run from the decade of the grid's 1% quantile (everything below
     gets the darkest shade) up to the decade of its maximum.
     """
+    from matplotlib.colors import LogNorm
+
     X, Y, Z = _grid(obj, window)
     gap = Z - obj.min_value
     lo_exp = math.floor(math.log10(max(np.quantile(gap, 0.01), 1e-12)))
