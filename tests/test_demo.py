@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+import io
 import math
 import subprocess
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from adamkit.cli import main
-from adamkit.experiments.demo import EXPERIMENTS, Row, run_demo
+from adamkit.experiments import demo as demo_module
+from adamkit.experiments.demo import EXPERIMENTS, Row
 from adamkit.experiments.functions import OBJECTIVES, Objective
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Row]]:
-    """One quiet run of the demo, shared by the tests below."""
-    out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, quiet=True)
+def cli_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Row], str]:
+    """One run of ``adamkit demo`` (through the CLI), shared by the tests below: its
+    output directory, the rows ``run_demo`` returned, and what the command printed."""
+    out = tmp_path_factory.mktemp("demo") / "new" / "dir"
+    rows: list[Row] = []
+    run_demo = demo_module.run_demo
+
+    def recorded(out, **kwargs):
+        rows.extend(run_demo(out, **kwargs))
+        return rows
+
+    printed = io.StringIO()
+    with mock.patch.object(demo_module, "run_demo", recorded), redirect_stdout(printed):
+        assert main(["demo", "--out", str(out)]) == 0
+    return out, rows, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(cli_demo: tuple[Path, list[Row], str]) -> tuple[Path, list[Row]]:
+    return cli_demo[:2]
 
 
 def _row(rows: list[Row], function: str, optimizer: str) -> Row:
@@ -149,12 +169,10 @@ def test_quadratic_matches_seed_loop(demo: tuple[Path, list[Row]], optimizer, se
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_demo_refuses_non_empty_dir_without_force(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+def test_cli_demo_prints_its_figures_and_refuses_non_empty_dir_without_force(
+    cli_demo: tuple[Path, list[Row], str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "new" / "dir"
-    assert main(["demo", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    out, _, printed = cli_demo
     for name in ("quadratic.png", "rosenbrock.png", "beale.png"):
         assert (out / name).is_file()
         assert str(out / name) in printed
