@@ -632,19 +632,18 @@ if numba is not None:
         """One chunk (it starts on a block boundary) with quantized moments, span by
         span: dequantize into fp32 scratch rows, run the plain element loop on those,
         quantize the new values (the update itself used them unrounded)."""
-        scratch = np.empty((3, QUANTIZED_SPAN + 1), dtype=np.float32)
+        scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
         spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)  # int4 codes, one a byte
         signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
         rows = 3 if amsgrad else 2
         for low in range(first, end, QUANTIZED_SPAN):
             high = min(low + QUANTIZED_SPAN, end)
-            scratch[:, high - low] = 0  # int4 pairs may touch one element past a ragged end
             _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
             _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
             if amsgrad:
                 _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
             base = np.int64(scratch.ctypes.data) - 4 * low  # addressed by element index
-            stride = 4 * (QUANTIZED_SPAN + 1)
+            stride = 4 * QUANTIZED_SPAN
             pointers = (
                 typed_pointer(row[0], pw),
                 typed_pointer(row[1], pw),
