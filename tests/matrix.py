@@ -1,15 +1,26 @@
-"""The shared option matrix: every test that compares adamkit against an oracle
-draws its cases from here, so a new option or kernel is tested everywhere at once.
+"""The shared test matrix: the single source of the cases, backends, optimizer
+configurations and bad inputs the tests draw from, so a new option or kernel is
+tested everywhere at once.
 
-A :class:`Case` says which optimizer, which options and which dtype; :func:`make_params`
-builds a set of awkward params (transposed, sliced and strided views, 0-d, empty,
-complex) in two param groups; :func:`gradients` yields deterministic gradients,
-leaving some params without a gradient on some steps.
+- :class:`Case` (keyword-only) says which optimizer, which options and which dtype,
+  for the oracle tests over the whole matrix (:func:`torch_comparable_cases`,
+  :func:`reference_cases`); :func:`make_params` builds a set of awkward params
+  (transposed, sliced and strided views, 0-d, empty, complex) in two param groups;
+  :func:`gradients` yields deterministic gradients, leaving some params without a
+  gradient on some steps.
+- :data:`CONFIGS` names a few optimizer configurations that between them use every
+  weight-decay mode and flag, for tests that run each one in depth (storage,
+  rounding, accumulation); :func:`reference_setup` is the NumPy reference's view of one.
+- :data:`DEVICE_BACKENDS`, :data:`CPU_BACKENDS`, :data:`TORCH_EXACT_BACKENDS`: the
+  registered kernels a test runs.
+- :data:`TORCH_ERROR_INPUTS` and :data:`ADAMKIT_ERROR_INPUTS`: bad constructor
+  arguments, with what the error must say.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass
 
@@ -33,9 +44,13 @@ WEIGHT_DECAYS = ("none", "l2", "decoupled")
 #: conformance suite on a GPU (with the kernels that run there)
 DEVICE = torch.device(os.environ.get("ADAMKIT_TEST_DEVICE", "cpu"))
 DEVICE_BACKENDS = tuple(name for name, kernel in KERNELS.items() if kernel.supports(DEVICE) and kernel.available())
+#: the kernels that run on the CPU here (the tests that build CPU params themselves)
+CPU_BACKENDS = tuple(n for n, k in KERNELS.items() if k.supports(torch.device("cpu")) and k.available())
+#: the fused kernels among them
+CPU_FUSED_BACKENDS = tuple(name for name in CPU_BACKENDS if KERNELS[name].fused)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Case:
     optimizer: str
     dtype: torch.dtype = torch.float32
@@ -122,7 +137,18 @@ def torch_comparable_cases(backends=None) -> list[Case]:
         if name == "AdaMax" and wd == "decoupled":
             continue  # torch.optim.Adamax has no decoupled decay
         for amsgrad in (False, True) if name != "AdaMax" else (False,):
-            cases.append(Case(name, dtype, amsgrad, maximize, wd, tensor_lr, cplx, backend))
+            cases.append(
+                Case(
+                    optimizer=name,
+                    dtype=dtype,
+                    amsgrad=amsgrad,
+                    maximize=maximize,
+                    weight_decay=wd,
+                    tensor_lr=tensor_lr,
+                    complex_params=cplx,
+                    backend=backend,
+                )
+            )
     return cases
 
 
@@ -138,9 +164,114 @@ def reference_cases(backends=None) -> list[Case]:
         if name == "AdamW" and wd == "l2":
             continue
         for amsgrad in (False, True) if name != "AdaMax" else (False,):
-            cases.append(Case(name, torch.float64, amsgrad, maximize, wd, capturable, cplx, backend, capturable))
+            cases.append(
+                Case(
+                    optimizer=name,
+                    dtype=torch.float64,
+                    amsgrad=amsgrad,
+                    maximize=maximize,
+                    weight_decay=wd,
+                    tensor_lr=capturable,
+                    complex_params=cplx,
+                    backend=backend,
+                    capturable=capturable,
+                )
+            )
     return cases
 
+
+#: named optimizer configurations (class, keyword arguments): between them every
+#: weight-decay mode (L2, decoupled, fully decoupled, AdaMax's decoupled), amsgrad
+#: and maximize
+CONFIGS = {
+    "adam": (adamkit.Adam, {}),
+    "adam-amsgrad-l2": (adamkit.Adam, {"amsgrad": True, "weight_decay": 0.1}),
+    "adamw-maximize": (adamkit.AdamW, {"maximize": True, "weight_decay": 0.1}),
+    "adamw-maximize-decouple_lr": (adamkit.AdamW, {"maximize": True, "weight_decay": 0.1, "decouple_lr": True}),
+    "adamax-decoupled": (adamkit.AdaMax, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+}
+
+
+def reference_setup(config: str, lr: float, max_lr: float | None = None) -> tuple[str, reference.Hyperparameters]:
+    """The NumPy reference's algorithm and hyperparameters for a :data:`CONFIGS` entry."""
+    cls, kwargs = CONFIGS[config]
+    if kwargs.get("decouple_lr"):
+        mode = "fully_decoupled"
+    elif cls is adamkit.AdamW or kwargs.get("decoupled_weight_decay"):
+        mode = "decoupled"
+    else:
+        mode = "l2"
+    hp = reference.Hyperparameters(
+        lr=lr,
+        weight_decay=kwargs.get("weight_decay", 0.0),
+        weight_decay_mode=mode,
+        max_lr=lr if max_lr is None else max_lr,
+        amsgrad=kwargs.get("amsgrad", False),
+        maximize=kwargs.get("maximize", False),
+    )
+    return ("adamax" if cls is adamkit.AdaMax else "adam"), hp
+
+
+#: (optimizer, kwargs) that torch.optim rejects: adamkit raises torch's type and message
+TORCH_ERROR_INPUTS = [
+    ("Adam", {"lr": -1.0}),
+    ("Adam", {"lr": math.nan}),
+    ("Adam", {"eps": -1e-8}),
+    ("Adam", {"eps": math.nan}),
+    ("Adam", {"betas": (1.0, 0.999)}),
+    ("Adam", {"betas": (0.9, -0.5)}),
+    ("Adam", {"betas": (math.nan, 0.999)}),
+    ("Adam", {"weight_decay": -0.1}),
+    ("Adam", {"weight_decay": math.nan}),
+    ("Adam", {"lr": torch.tensor(0.1), "foreach": True}),
+    ("Adam", {"lr": torch.tensor([0.1, 0.2])}),
+    ("Adam", {"betas": (torch.tensor(0.9), 0.999)}),
+    ("Adam", {"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True}),
+    ("Adam", {"fused": True, "foreach": True}),
+    ("Adam", {"fused": True, "differentiable": True}),
+    ("AdamW", {"lr": -1e-3}),
+    ("AdamW", {"betas": (0.9, 1.0)}),
+    ("AdamW", {"lr": torch.tensor(0.1), "foreach": True}),
+    ("AdamW", {"fused": True, "foreach": True}),
+    ("AdaMax", {"lr": -2e-3}),
+    ("AdaMax", {"eps": -1.0}),
+    ("AdaMax", {"betas": (0.9, 1.5)}),
+    ("AdaMax", {"weight_decay": -1.0}),
+    ("AdaMax", {"lr": torch.tensor([1.0, 2.0])}),
+]
+
+#: (kwargs, exception type, words the message must hold) for what adamkit checks beyond
+#: torch: values torch lets through, and a bad value of every option of
+#: :data:`adamkit.options.OPTIONS`.  Single-key entries are also written into a param
+#: group by hand, and must then fail at the next step.
+ADAMKIT_ERROR_INPUTS = [
+    ({"lr": math.inf}, ValueError, ["learning rate", "inf", "finite"]),
+    ({"eps": math.inf}, ValueError, ["epsilon", "inf", "finite"]),
+    ({"weight_decay": math.inf}, ValueError, ["weight_decay", "inf", "finite"]),
+    # torch fails here by accident ("Boolean value of Tensor ... is ambiguous")
+    ({"betas": (torch.tensor([0.9, 0.8]), torch.tensor(0.99))}, ValueError, ["betas[0]", "1-element", "(2,)"]),
+    ({"decouple_lr": "yes"}, TypeError, ["decouple_lr", "'yes'", "True or False"]),
+    ({"decouple_lr": True, "max_lr": 0.0}, ValueError, ["max_lr", "0.0", "> 0"]),
+    ({"decouple_lr": True, "max_lr": -1.0}, ValueError, ["max_lr", "-1.0", "> 0"]),
+    ({"decouple_lr": True, "max_lr": math.nan}, ValueError, ["max_lr", "nan", "> 0"]),
+    ({"decouple_lr": True, "lr": 0.0}, ValueError, ["max_lr", "0.0", "lr"]),
+    ({"max_lr": "big"}, TypeError, ["max_lr", "'big'", "float > 0 or None"]),
+    ({"backend": "cuda-magic"}, ValueError, ["backend", "cuda-magic", "'foreach'"]),
+    ({"rounding": "up"}, ValueError, ["rounding", "'up'", "'kahan'"]),
+    ({"master_weights": "fp8"}, ValueError, ["master_weights", "'fp8'", "'24bit'"]),
+    ({"master_weights": "fp32", "rounding": "kahan"}, ValueError, ["master_weights", "rounding='kahan'", "pick one"]),
+    ({"state_precision": "int2"}, ValueError, ["state_precision", "'int2'", "'int4'"]),
+    ({"seed": -1}, ValueError, ["seed", "-1", "[0, 2**64)"]),
+    ({"seed": 2**64}, ValueError, ["seed", str(2**64), "[0, 2**64)"]),
+    ({"skip_nonfinite": 1}, TypeError, ["skip_nonfinite", "1", "True or False"]),
+    ({"diagnostics": "no"}, TypeError, ["diagnostics", "'no'", "True or False"]),
+    ({"accumulation_steps": 0}, ValueError, ["accumulation_steps", "0", "int >= 1"]),
+    ({"accumulation_steps": 2.0}, ValueError, ["accumulation_steps", "2.0", "int >= 1"]),
+    ({"state_precision": "int8", "differentiable": True}, ValueError, ["state_precision='int8'", "differentiable"]),
+    ({"rounding": "stochastic", "differentiable": True}, ValueError, ["rounding='stochastic'", "differentiable"]),
+    ({"master_weights": "24bit", "differentiable": True}, ValueError, ["master_weights='24bit'", "differentiable"]),
+    ({"accumulation_steps": 4, "differentiable": True}, ValueError, ["accumulation_steps=4", "differentiable"]),
+]
 
 GROUP_LRS = (1e-2, 3e-3)
 

@@ -10,6 +10,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from matrix import CONFIGS, CPU_BACKENDS, reference_setup
 
 import adamkit
 from adamkit import reference
@@ -18,7 +19,6 @@ from adamkit.master import join_tensors
 N = 4
 CYCLES = 3
 SHAPES = [(30, 4), (9,), ()]
-BACKENDS = ["reference", "foreach", "cpu", "triton"]
 
 
 def micro_batches(seed=0, cycles=CYCLES, shapes=SHAPES, dtype=torch.float32):
@@ -43,29 +43,8 @@ def run(opt, params, cycles):
     return history
 
 
-CONFIGS = {
-    "adam": (adamkit.Adam, {}),
-    "adam_l2_maximize": (adamkit.Adam, {"weight_decay": 0.1, "maximize": True}),
-    "adamw_amsgrad": (adamkit.AdamW, {"weight_decay": 0.1, "amsgrad": True}),
-    "adamw_decouple_lr": (adamkit.AdamW, {"weight_decay": 0.1, "decouple_lr": True}),
-    "adamax": (adamkit.AdaMax, {"weight_decay": 0.1}),
-}
-
-
 def reference_run(name: str, lr: float, start_dtype=torch.float32):
-    cls, options = CONFIGS[name]
-    algorithm = "adamax" if cls is adamkit.AdaMax else "adam"
-    mode = "l2"
-    if cls is adamkit.AdamW:
-        mode = "fully_decoupled" if options.get("decouple_lr") else "decoupled"
-    hp = reference.Hyperparameters(
-        lr=lr,
-        weight_decay=options.get("weight_decay", 0.0),
-        weight_decay_mode=mode,
-        max_lr=lr,
-        amsgrad=options.get("amsgrad", False),
-        maximize=options.get("maximize", False),
-    )
+    algorithm, hp = reference_setup(name, lr)
     thetas = [p.detach().double().numpy() for p in starting_params(dtype=start_dtype)]
     states = [reference.ReferenceState() for _ in thetas]
     for cycle in micro_batches():
@@ -75,7 +54,7 @@ def reference_run(name: str, lr: float, start_dtype=torch.float32):
     return thetas, states
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_matches_the_numpy_reference_and_moves_weights_only_on_the_last_micro_batch(backend, name):
     cls, options = CONFIGS[name]
@@ -132,7 +111,7 @@ def test_first_moment_equals_gradient_accumulation_and_second_moment_is_not_smal
         assert torch.all(opt.state[p]["exp_avg_sq"] >= grad_accumulation.state[q]["exp_avg_sq"] * (1 - 1e-6))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("precision", [None, "int8"])
 def test_with_gradient_release_equals_stepping_after_backward(backend, precision):
     def train(release: bool):

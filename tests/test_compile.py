@@ -6,17 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matrix import DEVICE
+from matrix import CPU_BACKENDS, DEVICE
 
 import adamkit
-from adamkit.kernels import KERNELS
-
-#: the backends that run CPU params here (Triton only under its interpreter)
-BACKENDS = [
-    name
-    for name in ("reference", "foreach", "cpu", "triton")
-    if KERNELS[name].supports(torch.device("cpu")) and KERNELS[name].available()
-]
 
 
 def train(backend: str, lr, *, compiled: bool, steps: int = 5, device: str = "cpu", **options):
@@ -50,7 +42,7 @@ def train(backend: str, lr, *, compiled: bool, steps: int = 5, device: str = "cp
     return model, opt, counts
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("lr", [torch.tensor(0.01), 0.01], ids=["tensor_lr", "float_lr"])
 def test_compiled_step_matches_eager_and_never_recompiles(backend, lr):
     check_compiled_against_eager(backend, lr, "cpu")

@@ -40,7 +40,7 @@ def test_cuda_params_default_to_the_triton_kernel_without_a_warning():
         warnings.simplefilter("error")
         opt = adamkit.AdamW(params)
         opt.step()
-    assert "triton" in opt._group_cache(opt.param_groups[0])
+    assert "triton" in opt._stepper.cache(opt.param_groups[0])
 
 
 STORAGE = {

@@ -9,37 +9,16 @@ import math
 
 import pytest
 import torch
+from matrix import ADAMKIT_ERROR_INPUTS, OPTIMIZERS, TORCH_ERROR_INPUTS
 
 import adamkit
+from adamkit.options import OPTIONS
 
-TORCH = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "AdaMax": torch.optim.Adamax}
-OURS = {"Adam": adamkit.Adam, "AdamW": adamkit.AdamW, "AdaMax": adamkit.AdaMax}
-
-TORCH_CHECKED = [
-    ("Adam", {"lr": -1.0}),
-    ("Adam", {"lr": math.nan}),
-    ("Adam", {"eps": -1e-8}),
-    ("Adam", {"eps": math.nan}),
-    ("Adam", {"betas": (1.0, 0.999)}),
-    ("Adam", {"betas": (0.9, -0.5)}),
-    ("Adam", {"betas": (math.nan, 0.999)}),
-    ("Adam", {"weight_decay": -0.1}),
-    ("Adam", {"weight_decay": math.nan}),
-    ("Adam", {"lr": torch.tensor(0.1), "foreach": True}),
-    ("Adam", {"lr": torch.tensor([0.1, 0.2])}),
-    ("Adam", {"betas": (torch.tensor(0.9), 0.999)}),
-    ("Adam", {"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True}),
-    ("Adam", {"fused": True, "foreach": True}),
-    ("Adam", {"fused": True, "differentiable": True}),
-    ("AdamW", {"lr": -1e-3}),
-    ("AdamW", {"betas": (0.9, 1.0)}),
-    ("AdamW", {"lr": torch.tensor(0.1), "foreach": True}),
-    ("AdamW", {"fused": True, "foreach": True}),
-    ("AdaMax", {"lr": -2e-3}),
-    ("AdaMax", {"eps": -1.0}),
-    ("AdaMax", {"betas": (0.9, 1.5)}),
-    ("AdaMax", {"weight_decay": -1.0}),
-    ("AdaMax", {"lr": torch.tensor([1.0, 2.0])}),
+OURS = {name: classes[0] for name, classes in OPTIMIZERS.items()}
+TORCH = {name: classes[1] for name, classes in OPTIMIZERS.items()}
+#: the bad inputs that also fail when written into a param group by hand
+GROUP_EDITS = [
+    (k, v, error, words) for kwargs, error, words in ADAMKIT_ERROR_INPUTS if len(kwargs) == 1 for k, v in kwargs.items()
 ]
 
 
@@ -53,7 +32,7 @@ def torch_error(name, kwargs):
     return info.value
 
 
-@pytest.mark.parametrize("name,kwargs", TORCH_CHECKED, ids=lambda x: str(x))
+@pytest.mark.parametrize("name,kwargs", TORCH_ERROR_INPUTS, ids=lambda x: str(x))
 def test_same_error_as_torch(name, kwargs):
     expected = torch_error(name, kwargs)
     with pytest.raises(type(expected)) as info:
@@ -73,31 +52,17 @@ def test_sparse_gradient_same_error_as_torch(name):
     assert expected in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "kwargs,words",
-    [
-        ({"lr": math.inf}, ["learning rate", "inf", "finite"]),
-        ({"eps": math.inf}, ["epsilon", "inf", "finite"]),
-        ({"weight_decay": math.inf}, ["weight_decay", "inf", "finite"]),
-        ({"decouple_lr": True, "max_lr": 0.0}, ["max_lr", "0.0", "> 0"]),
-        ({"decouple_lr": True, "max_lr": -1.0}, ["max_lr", "-1.0", "> 0"]),
-        ({"decouple_lr": True, "max_lr": math.nan}, ["max_lr", "nan", "> 0"]),
-        ({"decouple_lr": True, "lr": 0.0}, ["max_lr", "0.0", "lr"]),
-        ({"backend": "cuda-magic"}, ["backend", "cuda-magic", "'foreach'"]),
-        # torch fails here by accident ("Boolean value of Tensor ... is ambiguous")
-        ({"betas": (torch.tensor([0.9, 0.8]), torch.tensor(0.99))}, ["betas[0]", "1-element", "(2,)"]),
-    ],
-)
-def test_adamkit_checks_name_argument_value_and_allowed(kwargs, words):
-    with pytest.raises(ValueError) as info:
+@pytest.mark.parametrize("kwargs,error,words", ADAMKIT_ERROR_INPUTS, ids=lambda x: str(x))
+def test_adamkit_checks_name_argument_value_and_allowed(kwargs, error, words):
+    with pytest.raises(error) as info:
         adamkit.Adam(params(), **kwargs)
     for word in words:
         assert word in str(info.value)
 
 
-def test_max_lr_must_be_a_number():
-    with pytest.raises(TypeError, match="max_lr"):
-        adamkit.AdamW(params(), decouple_lr=True, max_lr="big")
+def test_every_option_has_a_bad_input():
+    tried = {key for kwargs, _, _ in ADAMKIT_ERROR_INPUTS for key in kwargs}
+    assert {option.name for option in OPTIONS} <= tried
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
@@ -158,23 +123,25 @@ def test_failed_step_leaves_everything_untouched(cls, backend):
 
 
 @pytest.mark.parametrize(
-    "key,value,match",
+    "key,value,error,words",
     [
-        ("lr", math.nan, "learning rate"),
-        ("lr", -0.5, "learning rate"),
-        ("eps", math.inf, "epsilon"),
-        ("betas", (0.9, 1.0), "beta"),
-        ("weight_decay", -1.0, "weight_decay"),
-        ("backend", "gpu", "backend"),
+        ("lr", math.nan, ValueError, ["learning rate"]),
+        ("lr", -0.5, ValueError, ["learning rate"]),
+        ("betas", (0.9, 1.0), ValueError, ["beta"]),
+        ("weight_decay", -1.0, ValueError, ["weight_decay"]),
+        *GROUP_EDITS,
     ],
+    ids=str,
 )
-def test_group_edited_to_bad_value_fails_before_touching_anything(key, value, match):
+def test_group_edited_to_bad_value_fails_before_touching_anything(key, value, error, words):
     opt, a, b = two_group_optimizer()
     opt.param_groups[1][key] = value
     before = snapshot(opt)
-    with pytest.raises(ValueError, match=match) as info:
+    with pytest.raises(error) as info:
         opt.step()
     assert "param_groups[1]" in str(info.value)
+    for word in words:
+        assert word in str(info.value)
     assert_untouched(opt, before)
 
 
@@ -187,3 +154,61 @@ def test_fused_rejects_complex_params_like_torch():
         if cls is torch.optim.Adam:
             expected = str(info.value)
     assert expected.split(" but ")[0] in str(info.value)
+
+
+def test_differentiable_leaf_param_fails_before_touching_state():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = adamkit.Adam([p], differentiable=True)
+    p.grad = torch.randn(3)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        opt.step()
+    assert_untouched(opt, before)
+    assert not opt.state
+
+
+def test_amsgrad_switched_on_after_first_step_fails_cleanly():
+    opt, a, b = two_group_optimizer()
+    opt.param_groups[1]["amsgrad"] = True
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="max_exp_avg_sq.*amsgrad was switched on"):
+        opt.step()
+    assert_untouched(opt, before)
+
+
+def test_wrong_shaped_loaded_state_fails_cleanly():
+    opt, a, b = two_group_optimizer()
+    state_dict = copy.deepcopy(opt.state_dict())
+    state_dict["state"][1]["exp_avg"] = torch.zeros(2)
+    opt.load_state_dict(state_dict)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"exp_avg.*shape \(2,\).*shape \(4,\)"):
+        opt.step()
+    assert_untouched(opt, before)
+
+
+def test_adam_state_loaded_into_adamax_fails_cleanly():
+    p = torch.nn.Parameter(torch.randn(3))
+    adam = torch.optim.Adam([p])
+    p.grad = torch.ones(3)
+    adam.step()
+    adamax = adamkit.AdaMax([p])
+    adamax.load_state_dict(adam.state_dict())
+    with pytest.raises(ValueError, match="exp_inf.*different optimizer"):
+        adamax.step()
+
+
+@pytest.mark.parametrize("lr", ["abc", None, torch.tensor([0.1, 0.2])])
+def test_bad_lr_in_added_group_leaves_no_group(lr):
+    opt = adamkit.Adam([torch.nn.Parameter(torch.randn(2))])
+    with pytest.raises((TypeError, ValueError), match="lr"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "lr": lr})
+    assert len(opt.param_groups) == 1
+
+
+def test_decay_factor_that_would_flip_sign_is_rejected():
+    opt = adamkit.AdamW([torch.nn.Parameter(torch.randn(2))], lr=1e-3, weight_decay=0.5, decouple_lr=True)
+    opt.param_groups[0]["lr"] = 1.0  # lr / max_lr * wd = 500
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    with pytest.raises(ValueError, match="flip the params' sign"):
+        opt.step()

@@ -7,11 +7,9 @@ import io
 
 import pytest
 import torch
+from matrix import CPU_BACKENDS
 
 import adamkit
-from adamkit.kernels import KERNELS
-
-BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.device("cpu")) and kernel.available()]
 
 
 def model_and_data(seed=0):
@@ -47,7 +45,7 @@ def train(model, opt, scheduler, data, release: bool, reload_at: int | None = No
         handle.remove()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("options", [{}, {"state_precision": "int8"}], ids=["fp32", "int8"])
 @pytest.mark.parametrize("reload_at", [None, 4])
 def test_release_equals_normal_stepping(backend, options, reload_at):
@@ -124,7 +122,7 @@ def copy_state(opt):
     return {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_release_with_a_grad_scaler_equals_scaled_normal_stepping(backend):
     """Power-of-two scales unscale exactly: gradient release under a GradScaler gives
     the bits of normal stepping under the same scaler."""
@@ -137,7 +135,7 @@ def test_release_with_a_grad_scaler_equals_scaled_normal_stepping(backend):
             assert torch.equal(released_opt.state[p][key], value), key
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_release_with_a_grad_scaler_skips_the_param_with_an_inf_and_backs_off(backend):
     """The last layer's gradient comes first in backward: it is stepped; the first
     layer's weight gets an inf and is left exactly as it was; the scale halves and

@@ -19,19 +19,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from matrix import CONFIGS, CPU_FUSED_BACKENDS, reference_setup
 
 import adamkit
 from adamkit import reference, rounding
-from adamkit.kernels import KERNELS
 
-FUSED = [name for name, kernel in KERNELS.items() if kernel.fused and kernel.supports(torch.device("cpu"))]
-CONFIGS = {
-    "adam": (adamkit.Adam, {}),
-    "adam-amsgrad-l2": (adamkit.Adam, {"amsgrad": True, "weight_decay": 0.1}),
-    "adamw-maximize": (adamkit.AdamW, {"maximize": True, "weight_decay": 0.1}),
-    "adamw-decouple_lr": (adamkit.AdamW, {"weight_decay": 0.1, "decouple_lr": True}),
-    "adamax": (adamkit.AdaMax, {"weight_decay": 0.1}),
-}
 N = 200_000
 
 
@@ -65,7 +57,7 @@ def check_close(actual: torch.Tensor, expected: np.ndarray, operand_scale: np.nd
     assert abs(np.mean((got - expected) / spacing)) < 0.02  # unbiased
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_one_step_matches_rounded_reference(backend, dtype, config):
@@ -86,18 +78,10 @@ def test_one_step_matches_rounded_reference(backend, dtype, config):
         exp_avg_sq=as_f64(state[second]),
         max_exp_avg_sq=as_f64(state["max_exp_avg_sq"]) if kwargs.get("amsgrad") else None,
     )
-    decoupled = cls is adamkit.AdamW
-    hp = reference.Hyperparameters(
-        lr=group["lr"],
-        weight_decay=kwargs.get("weight_decay", 0.0),
-        weight_decay_mode="fully_decoupled" if kwargs.get("decouple_lr") else ("decoupled" if decoupled else "l2"),
-        max_lr=group["max_lr"],
-        amsgrad=kwargs.get("amsgrad", False),
-        maximize=kwargs.get("maximize", False),
-    )
+    algorithm, hp = reference_setup(config, group["lr"], group["max_lr"])
     grad = torch.randn(n, generator=g).to(dtype)
     before = {"param": as_f64(param), "m": ref_state.exp_avg.copy(), "v": ref_state.exp_avg_sq.copy()}
-    step = reference.STEP_FUNCTIONS["adamax" if cls is adamkit.AdaMax else "adam"]
+    step = reference.STEP_FUNCTIONS[algorithm]
     expected_param = step(before["param"], as_f64(grad), ref_state, hp)
     param.grad = grad
     opt.step()

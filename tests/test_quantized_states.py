@@ -15,6 +15,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from matrix import CPU_BACKENDS
 from oracle import stored_reference_step
 from test_storage_conformance import (
     CONFIGS,
@@ -28,11 +29,9 @@ from test_storage_conformance import (
 import adamkit
 from adamkit import blockwise, quantization
 from adamkit.convert import to_full_precision, to_quantized
-from adamkit.kernels import KERNELS
 from adamkit.quantization import FORMATS
 from adamkit.state import SECOND_MOMENT_KEY, moment_value
 
-BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.device("cpu")) and kernel.available()]
 PRECISIONS = tuple(FORMATS)
 
 
@@ -121,7 +120,7 @@ def test_bytes_per_param_meet_the_budget():
 
 
 def conformance_cases():
-    for backend in BACKENDS:
+    for backend in CPU_BACKENDS:
         for precision in PRECISIONS:
             for dtype, mode in [
                 (torch.float32, "nearest"),
@@ -226,7 +225,7 @@ def test_fused_kernels_and_torch_ops_store_the_same_codes_for_the_same_values(pr
     (AdaMax with integer-valued gradients keeps them exact), every backend stores
     identical codes and scales."""
     results = []
-    for backend in BACKENDS:
+    for backend in CPU_BACKENDS:
         g = torch.Generator().manual_seed(5)
         p = torch.nn.Parameter(torch.randn(5000, generator=g))
         opt = adamkit.AdaMax(
@@ -242,7 +241,7 @@ def test_fused_kernels_and_torch_ops_store_the_same_codes_for_the_same_values(pr
 # ---------------------------------------------------------------------------- the issue's criteria
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_one_step_from_identical_state_against_torch(backend, precision):
     """The issue's criterion: from identical state (adamkit's dequantized state, given
@@ -324,7 +323,7 @@ def trained(backend="cpu", precision="int8", steps=3, **kwargs):
     return params, opt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_state_dict_round_trips_codes_and_scales_exactly(backend, precision):
     params, opt = trained(backend, precision, amsgrad=True)
@@ -426,7 +425,7 @@ def _older_checkpoint(backend: str, older: str):
     return p, old, precision, quantization.level_values(codes, scales, fmt, False)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("older", list(OLDER_FORMATS))
 def test_older_checkpoints_load_keep_their_values_and_step_in_the_current_format(backend, older):
     """Loaded, the old second moment reads back as the values it held; the next step
@@ -450,7 +449,7 @@ def test_older_checkpoints_load_keep_their_values_and_step_in_the_current_format
     assert torch.equal(steps[0][0], steps[1][0]) and torch.equal(steps[0][1], steps[1][1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_switching_state_precision_mid_run_converts_the_state(backend):
     params, opt = trained(backend, None)
     m = opt.state[params[0]]["exp_avg"].clone()
@@ -484,7 +483,7 @@ def test_quantized_states_reject_complex_params_and_differentiable():
 # ---------------------------------------------------------------------------- hostile layouts and values
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_awkward_layouts_match_the_torch_op_path_and_stay_inside_views(backend, precision):
     """Empty, transposed, 0-d and sliced-view params: the same results as the foreach
@@ -511,7 +510,7 @@ def test_awkward_layouts_match_the_torch_op_path_and_stay_inside_views(backend, 
         assert all(torch.allclose(opt.state[a][k], other.state[b][k], rtol=1e-6, atol=0) for k in scales)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_nan_gradient_poisons_only_its_block(backend):
     fmt = FORMATS["int8"]
     p = torch.nn.Parameter(torch.randn(3 * fmt.block, generator=torch.Generator().manual_seed(0)))
@@ -573,7 +572,7 @@ def test_restore_quantizes_values_that_were_never_quantized_as_usual(precision):
     assert all(torch.equal(a, b) for a, b in zip(expected, restored))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_full_precision_export_round_trips_exactly(backend, precision):
     """Within full_precision_export the state dict holds fp32 moments under torch's

@@ -8,11 +8,9 @@ import pickle
 
 import pytest
 import torch
+from matrix import CPU_BACKENDS
 
 import adamkit
-from adamkit.kernels import KERNELS
-
-BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.device("cpu")) and kernel.available()]
 
 
 def batches(n_steps, shapes, seed=0):
@@ -27,7 +25,7 @@ def run(opt, params, grads_per_step):
         opt.step()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("precision", [None, "int8"])
 def test_a_nonfinite_batch_mid_run_is_skipped_as_if_it_never_came(backend, bad, precision):

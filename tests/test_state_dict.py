@@ -14,10 +14,10 @@ from test_torch_parity import assert_same_state
 import adamkit
 
 CASES = [
-    Case("Adam", amsgrad=True, weight_decay="l2"),
-    Case("Adam", dtype=torch.float64, maximize=True, complex_params=True),
-    Case("AdamW", weight_decay="decoupled", tensor_lr=True),
-    Case("AdaMax", weight_decay="l2"),
+    Case(optimizer="Adam", amsgrad=True, weight_decay="l2"),
+    Case(optimizer="Adam", dtype=torch.float64, maximize=True, complex_params=True),
+    Case(optimizer="AdamW", weight_decay="decoupled", tensor_lr=True),
+    Case(optimizer="AdaMax", weight_decay="l2"),
 ]
 
 

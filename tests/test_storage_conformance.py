@@ -22,26 +22,23 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from matrix import CONFIGS, CPU_BACKENDS, reference_setup
 from oracle import stored_reference_step
 
-import adamkit
-from adamkit import reference, rounding
+from adamkit import rounding
 from adamkit.kernels import KERNELS
 from adamkit.state import SECOND_MOMENT_KEY, state_dtype
 
-CONFIGS = {
-    "adam": (adamkit.Adam, {}),
-    "adam-amsgrad-l2": (adamkit.Adam, {"amsgrad": True, "weight_decay": 0.1}),
-    "adamw-maximize-decouple_lr": (adamkit.AdamW, {"maximize": True, "weight_decay": 0.1, "decouple_lr": True}),
-    "adamax-decoupled": (adamkit.AdaMax, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
-}
-BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.device("cpu")) and kernel.available()]
 SHAPES = [(6000,), (40, 50), ()]  # a vector, a matrix stepped through its transpose, a 0-d param
 
 
 def cases():
     for backend, dtype, mode, precision, config in itertools.product(
-        BACKENDS, [torch.bfloat16, torch.float16, torch.float32], rounding.ROUNDINGS, (None, "fp32", "bf16"), CONFIGS
+        CPU_BACKENDS,
+        [torch.bfloat16, torch.float16, torch.float32],
+        rounding.ROUNDINGS,
+        (None, "fp32", "bf16"),
+        CONFIGS,
     ):
         widened = precision is not None and state_dtype(torch.empty(0, dtype=dtype), precision) != dtype
         widened = widened or (rounding.is_low_precision(dtype) and mode != "nearest")
@@ -65,21 +62,6 @@ def warmed_up(cls, params, generator, dtype, **options):
 def oracle_names(second: str) -> dict[str, str]:
     """State key -> the oracle's name for each moment."""
     return {"exp_avg": "exp_avg", second: "second", "max_exp_avg_sq": "max_second"}
-
-
-def reference_setup(cls, kwargs: dict, group: dict) -> tuple[str, reference.Hyperparameters]:
-    """The reference's algorithm and hyperparameters for a CONFIGS entry and its group."""
-    mode_name = "fully_decoupled" if kwargs.get("decouple_lr") else None
-    decoupled = cls is adamkit.AdamW or kwargs.get("decoupled_weight_decay")
-    hp = reference.Hyperparameters(
-        lr=group["lr"],
-        weight_decay=kwargs.get("weight_decay", 0.0),
-        weight_decay_mode=mode_name or ("decoupled" if decoupled else "l2"),
-        max_lr=group["max_lr"],
-        amsgrad=kwargs.get("amsgrad", False),
-        maximize=kwargs.get("maximize", False),
-    )
-    return ("adamax" if cls is adamkit.AdaMax else "adam"), hp
 
 
 def snapshot_then_step(opt, params, generator, dtype, moments_of) -> tuple[list[dict], list[np.ndarray]]:
@@ -142,7 +124,7 @@ def test_one_step_matches_stored_reference(backend, dtype, mode, precision, conf
     ]
     opt = warmed_up(cls, params, g, dtype, backend=backend, rounding=mode, state_precision=precision, **kwargs)
     group = opt.param_groups[0]
-    algorithm, hp = reference_setup(cls, kwargs, group)
+    algorithm, hp = reference_setup(config, group["lr"], group["max_lr"])
     second = SECOND_MOMENT_KEY[algorithm]
     names = oracle_names(second)
     before, grads = snapshot_then_step(

@@ -7,11 +7,10 @@ import io
 
 import pytest
 import torch
+from matrix import CPU_BACKENDS
 
 import adamkit
-from adamkit.kernels import KERNELS
 
-BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.device("cpu")) and kernel.available()]
 MODES = ("nearest", "kahan", "stochastic")
 
 
@@ -30,7 +29,7 @@ def zero_gradient_run(dtype, backend, rounding, steps=100, n=None):  # the issue
     return start.double(), param.detach(), opt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_zero_gradient_decay_on_bf16_weights(backend):
     factor = (1 - 1e-3 * 1e-2) ** 100  # 0.999
     start, fp32, _ = zero_gradient_run(torch.float32, backend, "nearest")
@@ -64,7 +63,7 @@ def small_model_run(backend, rounding, state_precision=None, seed=3, steps=5, dt
     return params, opt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_stochastic_rounding_is_reproducible_from_the_seed(backend):
     a, _ = small_model_run(backend, "stochastic", seed=3)
     b, _ = small_model_run(backend, "stochastic", seed=3)
@@ -76,7 +75,7 @@ def test_stochastic_rounding_is_reproducible_from_the_seed(backend):
 def test_stochastic_rounding_is_the_same_on_every_backend():
     """The random bits are a function of (seed, param, step, element): no backend,
     thread count or chunking changes them."""
-    results = {backend: small_model_run(backend, "stochastic", "bf16")[0] for backend in BACKENDS}
+    results = {backend: small_model_run(backend, "stochastic", "bf16")[0] for backend in CPU_BACKENDS}
     for backend, params in results.items():
         assert all(torch.equal(x, y) for x, y in zip(params, results["cpu"])), backend
 
@@ -97,7 +96,7 @@ def test_seed_none_draws_from_torch_generator_only_when_needed():
     assert isinstance(first, int) and first == second
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("rounding", MODES)
 @pytest.mark.parametrize("state_precision", [None, "fp32", "bf16"])
 def test_gradients_are_never_scratch(backend, rounding, state_precision):
@@ -124,7 +123,7 @@ def round_trip(opt):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("rounding, state_precision", [("kahan", None), ("stochastic", "bf16"), ("kahan", "fp32")])
 def test_state_dict_round_trip_continues_bit_for_bit(backend, rounding, state_precision):
     params, opt = small_model_run(backend, rounding, state_precision)
@@ -193,7 +192,7 @@ def test_changing_storage_options_mid_run_converts_the_state():
     assert "kahan_compensation" not in state
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
 def test_rounding_leaves_fp32_params_alone(backend, rounding):
     a, opt_a = small_model_run(backend, "nearest", dtype=torch.float32)

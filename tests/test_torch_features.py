@@ -29,7 +29,7 @@ SCHEDULERS = {
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 @pytest.mark.parametrize("tensor_lr", [False, True])
 def test_lr_schedulers_bit_identical(optimizer, scheduler, tensor_lr):
-    case = Case(optimizer, tensor_lr=tensor_lr)
+    case = Case(optimizer=optimizer, tensor_lr=tensor_lr)
     ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
     torch_groups = make_params(case)
     our_groups = clone_groups(torch_groups)
@@ -109,7 +109,7 @@ def test_closure_like_torch(optimizer):
 
 
 def test_deepcopy_is_independent_and_identical():
-    case = Case("Adam", amsgrad=True)
+    case = Case(optimizer="Adam", amsgrad=True)
     groups = make_params(case)
     opt = adamkit.Adam(groups, **case.adamkit_kwargs())
     run(opt, groups, 4)
@@ -263,3 +263,68 @@ def test_torch_save_whole_optimizer_is_loadable():
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True)["param_groups"][0]["amsgrad"] is True
+
+
+def unrolled(beta1, beta2, lr, w0, steps=4):
+    w = w0.clone()
+    opt = adamkit.Adam([w], lr=lr, betas=(beta1, beta2), differentiable=True)
+    for _ in range(steps):
+        w.grad = w * torch.tensor(3.0, dtype=w.dtype)
+        opt.step()
+    return (w**2).sum()
+
+
+def test_differentiable_tensor_betas_requiring_grad():
+    """Hypergradients w.r.t. beta1 and beta2 (as tensors), checked by central differences."""
+    w0 = torch.tensor([0.7, -1.2], dtype=torch.float64)
+    b1 = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    b2 = torch.tensor(0.95, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(unrolled(b1, b2, 0.1, w0), (b1, b2))
+    h = 1e-6
+    with torch.no_grad():
+        numeric = [
+            (unrolled(b1 + h, b2, 0.1, w0) - unrolled(b1 - h, b2, 0.1, w0)) / (2 * h),
+            (unrolled(b1, b2 + h, 0.1, w0) - unrolled(b1, b2 - h, 0.1, w0)) / (2 * h),
+        ]
+    for analytic, finite_difference in zip(grads, numeric):
+        torch.testing.assert_close(analytic, finite_difference, rtol=1e-6, atol=1e-9)
+
+
+def test_differentiable_one_element_lr_with_0d_param():
+    w0 = torch.tensor(0.5, dtype=torch.float64)
+    lr = torch.tensor([0.1], dtype=torch.float64, requires_grad=True)
+    loss = unrolled(0.9, 0.999, lr, w0)
+    (grad,) = torch.autograd.grad(loss, lr)
+    assert grad.shape == (1,) and torch.isfinite(grad).all()
+
+
+def test_adamax_tensor_lr_with_foreach_runs():
+    """torch.optim.Adamax accepts a tensor lr with foreach=True (Adam does not).  torch's
+    foreach Adamax then divides lr.item() in float64 while its for-loop divides in the
+    tensor's float32; adamkit's paths all follow the for-loop, and match it bit for bit."""
+    start = torch.randn(5)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_ours = adamkit.AdaMax([ours], lr=torch.tensor(0.01), foreach=True)
+    opt_torch = torch.optim.Adamax([theirs], lr=torch.tensor(0.01), foreach=False)
+    for _ in range(5):
+        grad = torch.randn(5)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt_ours.step()
+        opt_torch.step()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_one_cycle_peak_becomes_max_lr_for_fully_decoupled_decay():
+    """OneCycleLR writes its peak into ``group["max_lr"]``: exactly the eta_max that
+    fully decoupled decay divides by, so decay follows lr_t / peak."""
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = adamkit.AdamW([p], lr=1e-3, weight_decay=0.1, decouple_lr=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=20)
+    assert opt.param_groups[0]["max_lr"] == 0.05
+    expected = 1.0
+    for _ in range(10):
+        expected *= 1 - (opt.param_groups[0]["lr"] / 0.05) * 0.1
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        sched.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), expected, dtype=torch.float64), rtol=1e-14, atol=0)

@@ -79,6 +79,6 @@ def test_the_launch_says_whether_every_address_is_16_byte_aligned():
             opt.step()
             results[name, backend] = p.detach().clone()
             if backend == "triton":
-                (bucket,) = opt._group_cache(opt.param_groups[0])["triton"][1]
+                (bucket,) = opt._stepper.cache(opt.param_groups[0])["triton"][1]
                 assert bucket.aligned == (name == "aligned")
         torch.testing.assert_close(results[name, "triton"], results[name, "foreach"], rtol=1e-6, atol=1e-7)

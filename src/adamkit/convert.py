@@ -1,5 +1,10 @@
-"""Converting optimizer state dicts between adamkit's quantized states and the
+"""Checkpoints: adamkit's state dicts, and converting them to and from the
 full-precision layout of ``torch.optim.Adam`` / ``AdamW`` / ``Adamax``.
+
+The optimizer's ``state_dict`` and ``load_state_dict`` are torch.optim's, finished
+by :func:`export_state` and :func:`import_state`: sharded (DTensor) params' moments
+leave as fp32 and come back cut to this rank's shard, and tensors adamkit keeps in
+their own dtype come back unrounded.
 
 A quantized state dict stores each moment as codes and block scales (see
 :mod:`adamkit.quantization`), flat, so converting needs the params' shapes: pass the
@@ -25,8 +30,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from . import blockwise
+from . import blockwise, sharding
 from .quantization import FORMATS
+from .state import moment_keys
 
 #: every moment key a state may hold (Adam, AMSGrad, AdaMax)
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf")
@@ -94,6 +100,49 @@ def to_quantized(state_dict: dict, params: Sequence, state_precision: str) -> di
     return result
 
 
+def export_state(optimizer, state_dict: dict, *, full_precision: bool) -> dict:
+    """Finish torch.optim's ``state_dict`` of ``optimizer``: a sharded (DTensor)
+    param's quantized moments become fp32 DTensors under torch's keys, so the
+    checkpoint does not depend on the number of ranks (see :mod:`adamkit.sharding`);
+    with ``full_precision``, every param's do."""
+    states, moments = state_dict["state"], moment_keys(optimizer.algorithm, True)
+    for index, param in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        if index in states and (full_precision or sharding.is_sharded(param)):
+            states[index] = sharding.exported_state(states[index], param, moments)
+    return state_dict
+
+
+def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> None:
+    """Finish torch.optim's ``load_state_dict`` of ``state_dict`` into ``optimizer``.
+
+    ``options_before``: each group's adamkit options before loading; a torch.optim
+    state dict lacks them, and they keep those values rather than falling back to
+    defaults.  torch casts every loaded state tensor to its param's dtype: tensors
+    adamkit keeps in their own dtype (quantized codes and scales; moments under a
+    ``state_precision``) are copied again from the saved tensors, so nothing is
+    rounded on the way in (the step converts any remaining mismatch).  For sharded
+    params, full tensors (a single-process checkpoint) are cut to this rank's shard.
+    """
+    moments = moment_keys(optimizer.algorithm, True)
+    for group, saved, before in zip(optimizer.param_groups, state_dict["param_groups"], options_before):
+        group.update((key, value) for key, value in before.items() if key not in saved)
+    saved_ids = _param_ids(state_dict)
+    params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    for saved_id, (param, group) in zip(saved_ids, params):
+        saved, state = state_dict["state"].get(saved_id), optimizer.state.get(param)
+        if not saved or not state:
+            continue
+        for key, value in saved.items():
+            if key == "step" or not torch.is_tensor(value) or key not in state:
+                continue
+            if key in moments and group["state_precision"] is None:
+                continue  # torch's behaviour: moments follow the param's dtype
+            if state[key].dtype != value.dtype:
+                state[key] = value.to(device=param.device, copy=True)
+        if sharding.is_sharded(param):
+            sharding.shard_loaded_state(state, param, moments)
+
+
 @contextmanager
 def full_precision_export(optimizer) -> Iterator:
     """Within this context, ``optimizer.state_dict()`` exports every quantized moment as
@@ -115,4 +164,4 @@ def full_precision_export(optimizer) -> Iterator:
         yield optimizer
 
 
-__all__ = ["MOMENT_KEYS", "full_precision_export", "to_full_precision", "to_quantized"]
+__all__ = ["MOMENT_KEYS", "export_state", "full_precision_export", "import_state", "to_full_precision", "to_quantized"]

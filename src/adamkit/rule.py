@@ -1,4 +1,6 @@
-r"""The Adam update rule: validated hyperparameters and the per-step scalars.
+r"""The Adam update rule: a param group's hyperparameters and the per-step scalars.
+
+The values are checked by :mod:`adamkit.options`; here they become numbers.
 
 Kernels do the element-wise work only; every scalar they need is computed here,
 once per group and step, on the host:
@@ -27,25 +29,16 @@ bit-identical to torch; pass a float64 tensor to keep float64 scalars.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .master import MASTER_WEIGHTS
 from .reference import WeightDecayMode
-from .rounding import ROUNDINGS
 
 Algorithm = Literal["adam", "adamax"]
-
-#: The execution paths a param group may ask for; ``None`` picks per device.
-BACKENDS = (None, "reference", "foreach", "cpu", "triton")
-
-#: The dtype of ``exp_avg`` and the second moments: ``None`` is the param's dtype.
-STATE_PRECISIONS = (None, "fp32", "bf16", "int8", "int4")
 
 Scalar = float | Tensor
 
@@ -53,166 +46,6 @@ Scalar = float | Tensor
 def as_number(x: Scalar) -> float:
     """A hyperparameter's value as a Python float (tensors are read, never differentiated)."""
     return float(x.detach().item()) if isinstance(x, Tensor) else float(x)
-
-
-def _number_of(name: str, value: Any, where: str, read_tensors: bool) -> float | None:
-    """The value of a hyperparameter, or ``None`` for a tensor that must not be read
-    (a capturable group's step: reading an accelerator tensor would sync)."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
-        return as_number(value) if read_tensors else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a 1-element tensor{where}, got {value!r}")
-    return float(value)
-
-
-def check_hyperparameters(
-    *,
-    lr: Scalar,
-    betas: tuple[Scalar, Scalar],
-    eps: float,
-    weight_decay: float,
-    where: str = "",
-    read_tensors: bool = True,
-) -> None:
-    """Raise ``ValueError`` (with ``torch.optim``'s message text) for a bad value.
-
-    Torch's checks (``not 0.0 <= lr`` and so on) already reject NaN; on top of
-    them infinite values are rejected, since no step can use them.  Values are
-    formatted as torch formats them (a 0-d tensor prints as its number).
-    ``where`` names the param group when the check runs at step time; with
-    ``read_tensors=False`` tensors are checked for shape only.
-    """
-    checks = (
-        ("learning rate", "lr", lr, "a finite number >= 0"),
-        ("epsilon value", "eps", eps, "a finite number >= 0"),
-    )
-    for label, name, value, allowed in checks:
-        number = _number_of(name, value, where, read_tensors)
-        if number is not None and (not 0.0 <= number or math.isinf(number)):
-            raise ValueError(f"Invalid {label}: {value} ({name} must be {allowed}{where})")
-    for index, beta in enumerate(betas):
-        number = _number_of(f"betas[{index}]", beta, where, read_tensors)
-        if number is not None and not 0.0 <= number < 1.0:
-            raise ValueError(
-                f"Invalid beta parameter at index {index}: {beta} (betas[{index}] must be in [0, 1){where})"
-            )
-    number = _number_of("weight_decay", weight_decay, where, read_tensors)
-    if number is not None and (not 0.0 <= number or math.isinf(number)):
-        raise ValueError(
-            f"Invalid weight_decay value: {weight_decay} (weight_decay must be a finite number >= 0{where})"
-        )
-
-
-def check_constructor_arguments(
-    lr: Scalar,
-    betas: tuple[Scalar, Scalar],
-    eps: float,
-    weight_decay: float,
-    *,
-    foreach: bool | None,
-    capturable: bool,
-    adam_checks: bool,
-) -> tuple[Scalar, Scalar]:
-    """torch.optim's constructor checks, in torch's order and with its messages.
-
-    Returns the betas to store: torch.optim.Adam makes 1-element tensors 0-d,
-    torch.optim.Adamax keeps what it was given.
-
-    ``adam_checks``: torch.optim.Adam also rejects tensor hyperparameters with
-    ``foreach=True`` and mixed float/tensor betas; torch.optim.Adamax does not.
-    """
-    if isinstance(lr, Tensor):
-        if foreach and not capturable and adam_checks:
-            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-    for index, beta in enumerate(betas):  # before the range checks, which need one element
-        if isinstance(beta, Tensor) and beta.numel() != 1:
-            raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")
-    check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if not adam_checks:
-        return betas
-    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
-        raise ValueError("betas must be either both floats or both Tensors")
-    for index, beta in enumerate(betas):
-        if isinstance(beta, Tensor) and foreach and not capturable:
-            raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
-    return tuple(to_scalar(b) for b in betas)
-
-
-def check_max_lr(max_lr: Any, *, where: str = "") -> None:
-    """``max_lr`` scales fully decoupled weight decay: it must be a finite number > 0."""
-    if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float, Tensor)):
-        raise TypeError(f"max_lr must be a float > 0 or None{where}, got {max_lr!r}")
-    number = as_number(max_lr)
-    if not (number > 0.0 and math.isfinite(number)):
-        raise ValueError(
-            f"Invalid max_lr value: {number} (with decouple_lr=True, max_lr must be a "
-            f"finite number > 0{where}; it defaults to the group's initial lr, so pass "
-            "max_lr explicitly when lr starts at 0)"
-        )
-
-
-def check_backend(backend: Any, *, where: str = "") -> None:
-    if backend not in BACKENDS:
-        allowed = ", ".join(repr(b) for b in BACKENDS)
-        raise ValueError(f"Invalid backend: {backend!r}{where} (allowed: {allowed})")
-
-
-def check_training_options(
-    *, skip_nonfinite: Any, diagnostics: Any, accumulation_steps: Any, differentiable: bool, where: str = ""
-) -> None:
-    """The training-loop options: ``skip_nonfinite``, ``diagnostics`` and ``accumulation_steps``."""
-    for name, value in (("skip_nonfinite", skip_nonfinite), ("diagnostics", diagnostics)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False{where}, got {value!r}")
-    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-        raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r}{where} (an int >= 1)")
-    if differentiable and accumulation_steps > 1:
-        raise ValueError(
-            f"accumulation_steps={accumulation_steps} does not support differentiable=True{where} "
-            "(use accumulation_steps=1)"
-        )
-
-
-def check_storage(
-    rounding: Any, state_precision: Any, seed: Any, *, differentiable: bool, master_weights: Any = None, where: str = ""
-) -> None:
-    """``rounding``, ``state_precision``, ``seed`` (the stochastic-rounding seed) and
-    ``master_weights``."""
-    if rounding not in ROUNDINGS:
-        allowed = ", ".join(repr(r) for r in ROUNDINGS)
-        raise ValueError(f"Invalid rounding: {rounding!r}{where} (allowed: {allowed})")
-    if master_weights not in MASTER_WEIGHTS:
-        allowed = ", ".join(repr(m) for m in MASTER_WEIGHTS)
-        raise ValueError(f"Invalid master_weights: {master_weights!r}{where} (allowed: {allowed})")
-    if master_weights is not None and rounding != "nearest":
-        raise ValueError(
-            f"master_weights={master_weights!r} and rounding={rounding!r} both say how a 16-bit weight keeps "
-            f"its updates{where}: pick one (master_weights with rounding='nearest')"
-        )
-    if master_weights is not None and differentiable:
-        raise ValueError(
-            f"master_weights={master_weights!r} does not support differentiable=True{where} "
-            "(splitting bits is not differentiable)"
-        )
-    if state_precision not in STATE_PRECISIONS:
-        allowed = ", ".join(repr(p) for p in STATE_PRECISIONS)
-        raise ValueError(f"Invalid state_precision: {state_precision!r}{where} (allowed: {allowed})")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
-        raise ValueError(f"Invalid seed: {seed!r}{where} (seed must be None or an int in [0, 2**64))")
-    if differentiable and state_precision in ("int8", "int4"):
-        raise ValueError(
-            f"state_precision={state_precision!r} does not support differentiable=True{where} "
-            "(quantized states are not differentiable; use state_precision=None or 'fp32')"
-        )
-    if differentiable and rounding != "nearest":
-        raise ValueError(
-            f"rounding={rounding!r} does not support differentiable=True{where} "
-            "(rounding is not differentiable; use rounding='nearest')"
-        )
 
 
 @dataclass(frozen=True)
@@ -298,9 +131,10 @@ class UpdateRule:
 
     @classmethod
     def from_group(cls, group: dict, algorithm: Algorithm) -> UpdateRule:
-        if group.get("decouple_lr", False):
+        """The rule of a param group as the optimizer keeps it (every option present)."""
+        if group["decouple_lr"]:
             mode: WeightDecayMode = "fully_decoupled"
-        elif group.get("decoupled_weight_decay", False):
+        elif group["decoupled_weight_decay"]:
             mode = "decoupled"
         else:
             mode = "l2"
@@ -313,15 +147,15 @@ class UpdateRule:
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             weight_decay_mode=mode,
-            max_lr=group.get("max_lr"),
+            max_lr=group["max_lr"],
             amsgrad=bool(group.get("amsgrad", False)),
             maximize=bool(group["maximize"]),
             differentiable=bool(group["differentiable"]),
-            capturable=bool(group.get("capturable", False)),
-            rounding=_MASTER_ROUNDING.get(group.get("master_weights"), group.get("rounding", "nearest")),
-            state_precision=group.get("state_precision"),
-            seed=group.get("seed"),
-            accumulation_steps=group.get("accumulation_steps", 1),
+            capturable=bool(group["capturable"]),
+            rounding=_MASTER_ROUNDING.get(group["master_weights"], group["rounding"]),
+            state_precision=group["state_precision"],
+            seed=group["seed"],
+            accumulation_steps=group["accumulation_steps"],
         )
 
     @property
@@ -404,18 +238,10 @@ def to_scalar(x: Scalar) -> Scalar:
 
 
 __all__ = [
-    "BACKENDS",
-    "STATE_PRECISIONS",
     "GroupScalars",
     "StepScalars",
     "UpdateRule",
     "as_number",
-    "check_backend",
-    "check_constructor_arguments",
-    "check_hyperparameters",
-    "check_max_lr",
-    "check_storage",
-    "check_training_options",
     "step_scalar_arrays",
     "to_scalar",
 ]

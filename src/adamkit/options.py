@@ -1,0 +1,359 @@
+r"""Every value a param group holds, and every check of it.
+
+adamkit's own options live in one table, :data:`OPTIONS` (name, default, check,
+meaning).  The constructors' keyword-only arguments, the param groups' defaults, the
+keys a torch.optim checkpoint lacks, the upgrade of an old pickle and the checks all
+read it; the public signatures spell the options out for users and IDEs, and
+:func:`check_signature` holds them to the table when a class is defined.
+
+torch.optim's own arguments (``lr``, ``betas``, ``eps``, ``weight_decay``...) are
+checked here too, with torch's messages and in torch's order.  Every check runs when
+a group is made and again at every step (a scheduler or a hand edit may have changed
+the group), before any tensor is touched.
+
+The options (reproduced from :data:`OPTIONS`):
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .kernels import KERNELS
+from .master import MASTER_WEIGHTS
+from .quantization import FORMATS
+from .rounding import ROUNDINGS
+from .rule import Scalar, as_number, to_scalar
+
+#: The execution paths a param group may ask for; ``None`` picks per device.
+BACKENDS = (None, *KERNELS)
+
+#: The dtype of ``exp_avg`` and the second moments: ``None`` is the param's dtype.
+STATE_PRECISIONS = (None, "fp32", "bf16", *FORMATS)
+
+
+def _one_of(allowed: tuple) -> Callable[[str, Any, str], None]:
+    def check(name: str, value: Any, where: str) -> None:
+        if value not in allowed:
+            raise ValueError(f"Invalid {name}: {value!r}{where} (allowed: {', '.join(map(repr, allowed))})")
+
+    return check
+
+
+def _boolean(name: str, value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False{where}, got {value!r}")
+
+
+def _number_or_none(name: str, value: Any, where: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, Tensor))):
+        raise TypeError(f"{name} must be a float > 0 or None{where}, got {value!r}")
+
+
+def _seed(name: str, value: Any, where: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64):
+        raise ValueError(f"Invalid {name}: {value!r}{where} ({name} must be None or an int in [0, 2**64))")
+
+
+def _count(name: str, value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r}{where} (an int >= 1)")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One of adamkit's options: its name, default, check and meaning (reST)."""
+
+    name: str
+    default: Any
+    #: ``check(name, value, where)`` raises a ``ValueError`` or ``TypeError`` for a bad value
+    check: Callable[[str, Any, str], None]
+    doc: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "decouple_lr",
+        False,
+        _boolean,
+        r"Fully decoupled weight decay, "
+        r":math:`\theta \leftarrow \theta (1 - \frac{\eta_t}{\eta_{max}} \lambda)`: the decay follows the "
+        "learning-rate *schedule* but not its magnitude.",
+    ),
+    Option(
+        "max_lr",
+        None,
+        _number_or_none,
+        r":math:`\eta_{max}` for ``decouple_lr``, per param group; defaults to the group's initial lr.",
+    ),
+    Option(
+        "backend",
+        None,
+        _one_of(BACKENDS),
+        '``None`` (pick per device), ``"reference"`` (per-tensor torch ops, torch\'s single-tensor path), '
+        '``"foreach"`` (multi-tensor ops), ``"cpu"`` (numba) or ``"triton"``.  ``foreach=True`` and '
+        "``fused=True`` map onto the matching adamkit path.  With a fused backend a "
+        "``torch.amp.GradScaler`` hands over its scale and inf flag, as it does to torch's fused "
+        "optimizers: gradients are unscaled inside the kernel and left scaled in ``.grad``; on other "
+        "paths the scaler unscales ``.grad`` in place.",
+    ),
+    Option(
+        "rounding",
+        "nearest",
+        _one_of(ROUNDINGS),
+        'How bf16/fp16 params are stored after each update: ``"nearest"`` (torch\'s behaviour), '
+        '``"kahan"`` (a compensation buffer carries what rounding lost) or ``"stochastic"`` (unbiased '
+        "random rounding, reproducible from ``seed``); see :mod:`adamkit.rounding`.  fp32/fp64 params "
+        "are unaffected.",
+    ),
+    Option(
+        "master_weights",
+        None,
+        _one_of(MASTER_WEIGHTS),
+        '``"fp32"``: each bf16 param is the high half of an fp32 master weight whose low 16 bits the '
+        'optimizer keeps (``state["master_low_bits"]``, +2 bytes per param), so the step runs on the '
+        'fp32 master and its bits are those of the same run on fp32 params.  ``"24bit"``: 8 more bits '
+        "(+1 byte), the master rounded stochastically to 16 significant bits after each update.  "
+        "``None``: the param is the weight.  See :mod:`adamkit.master`; needs "
+        '``rounding="nearest"``; fp16 params cannot split.',
+    ),
+    Option(
+        "state_precision",
+        None,
+        _one_of(STATE_PRECISIONS),
+        'The moments\' storage: ``None`` (the param\'s dtype, as torch), ``"fp32"``, ``"bf16"``, or '
+        'block-wise quantized ``"int8"`` / ``"int4"`` (about 2 and 1 bytes per param for both moments; '
+        "see :mod:`adamkit.quantization`).  Per param group, so a group can opt out.",
+    ),
+    Option(
+        "seed",
+        None,
+        _seed,
+        "The stochastic-rounding seed (an int in [0, 2**64)); ``None`` draws one from torch's default "
+        "generator when a group first rounds stochastically.",
+    ),
+    Option(
+        "skip_nonfinite",
+        False,
+        _boolean,
+        "``True``: a group whose gradients hold a NaN or an infinity is not stepped (params, moments "
+        "and step counters stay as they were), counted in ``optimizer.skipped_steps``; reads one flag "
+        "per group on the host.  ``False`` follows torch.optim.",
+    ),
+    Option(
+        "diagnostics",
+        False,
+        _boolean,
+        "``True``: record each gradient's norm at every step for ``optimizer.stats()`` "
+        "(:mod:`adamkit.diagnostics`); one extra norm per tensor, no host sync.",
+    ),
+    Option(
+        "accumulation_steps",
+        1,
+        _count,
+        "N > 1: optimizer accumulation (:mod:`adamkit.accumulation`): each ``step()`` folds one "
+        "micro-batch's gradient into the moments, and the weights move on every N-th.",
+    ),
+)
+
+#: option name -> default
+DEFAULTS: dict[str, Any] = {option.name: option.default for option in OPTIONS}
+
+__doc__ += "\n".join(f"``{o.name}`` (default ``{o.default!r}``)\n    {o.doc}\n" for o in OPTIONS)
+
+
+def check_signature(cls: type) -> None:
+    """Raise ``TypeError`` unless ``cls.__init__`` takes every option keyword-only, with
+    the table's default (run for every optimizer class when it is defined)."""
+    parameters = inspect.signature(cls.__init__).parameters
+    for option in OPTIONS:
+        parameter = parameters.get(option.name)
+        if parameter is None or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise TypeError(f"{cls.__name__}.__init__ must take the option {option.name!r} keyword-only")
+        if parameter.default != option.default:
+            raise TypeError(
+                f"{cls.__name__}.__init__'s {option.name}={parameter.default!r} differs from the table's "
+                f"default {option.default!r}"
+            )
+
+
+def split_arguments(arguments: Mapping[str, Any]) -> tuple[dict, dict]:
+    """A constructor's arguments (``locals()``, less ``self`` and ``params``) as
+    (torch.optim's, adamkit's options)."""
+    not_torch = {*DEFAULTS, "self", "params", "__class__"}
+    return {k: v for k, v in arguments.items() if k not in not_torch}, {name: arguments[name] for name in DEFAULTS}
+
+
+def check_options(values: Mapping[str, Any], *, differentiable: bool, where: str = "") -> None:
+    """Each option's own check, then the combinations that cannot work together."""
+    for option in OPTIONS:
+        option.check(option.name, values.get(option.name, option.default), where)
+    master, rounding = values.get("master_weights"), values.get("rounding", "nearest")
+    precision, steps = values.get("state_precision"), values.get("accumulation_steps", 1)
+    if master is not None and rounding != "nearest":
+        raise ValueError(
+            f"master_weights={master!r} and rounding={rounding!r} both say how a 16-bit weight keeps "
+            f"its updates{where}: pick one (master_weights with rounding='nearest')"
+        )
+    if values.get("decouple_lr") and values.get("max_lr") is not None:
+        check_max_lr(values["max_lr"], where=where)
+    if not differentiable:
+        return
+    for name, value, cannot, instead in (
+        ("master_weights", master, master is not None, "splitting bits is not differentiable"),
+        (
+            "state_precision",
+            precision,
+            precision in FORMATS,
+            "quantized states are not differentiable; use state_precision=None or 'fp32'",
+        ),
+        ("rounding", rounding, rounding != "nearest", "rounding is not differentiable; use rounding='nearest'"),
+        ("accumulation_steps", steps, steps > 1, "use accumulation_steps=1"),
+    ):
+        if cannot:
+            raise ValueError(f"{name}={value!r} does not support differentiable=True{where} ({instead})")
+
+
+def _number_of(name: str, value: Any, where: str, read_tensors: bool) -> float | None:
+    """The value of a hyperparameter, or ``None`` for a tensor that must not be read
+    (a capturable group's step: reading an accelerator tensor would sync)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
+        return as_number(value) if read_tensors else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a 1-element tensor{where}, got {value!r}")
+    return float(value)
+
+
+def check_hyperparameters(
+    *,
+    lr: Scalar,
+    betas: tuple[Scalar, Scalar],
+    eps: float,
+    weight_decay: float,
+    where: str = "",
+    read_tensors: bool = True,
+) -> None:
+    """Raise ``ValueError`` (with ``torch.optim``'s message text) for a bad value.
+
+    Torch's checks (``not 0.0 <= lr`` and so on) already reject NaN; on top of
+    them infinite values are rejected, since no step can use them.  Values are
+    formatted as torch formats them (a 0-d tensor prints as its number).
+    ``where`` names the param group when the check runs at step time; with
+    ``read_tensors=False`` tensors are checked for shape only.
+    """
+    checks = (
+        ("learning rate", "lr", lr, "a finite number >= 0"),
+        ("epsilon value", "eps", eps, "a finite number >= 0"),
+    )
+    for label, name, value, allowed in checks:
+        number = _number_of(name, value, where, read_tensors)
+        if number is not None and (not 0.0 <= number or math.isinf(number)):
+            raise ValueError(f"Invalid {label}: {value} ({name} must be {allowed}{where})")
+    for index, beta in enumerate(betas):
+        number = _number_of(f"betas[{index}]", beta, where, read_tensors)
+        if number is not None and not 0.0 <= number < 1.0:
+            raise ValueError(
+                f"Invalid beta parameter at index {index}: {beta} (betas[{index}] must be in [0, 1){where})"
+            )
+    number = _number_of("weight_decay", weight_decay, where, read_tensors)
+    if number is not None and (not 0.0 <= number or math.isinf(number)):
+        raise ValueError(
+            f"Invalid weight_decay value: {weight_decay} (weight_decay must be a finite number >= 0{where})"
+        )
+
+
+def check_constructor_arguments(arguments: Mapping[str, Any], *, adam_checks: bool) -> tuple[Scalar, Scalar]:
+    """torch.optim's constructor checks of its own arguments, in torch's order and with
+    its messages.
+
+    Returns the betas to store: torch.optim.Adam makes 1-element tensors 0-d,
+    torch.optim.Adamax keeps what it was given.
+
+    ``adam_checks``: torch.optim.Adam also rejects tensor hyperparameters with
+    ``foreach=True`` and mixed float/tensor betas; torch.optim.Adamax does not.
+    """
+    lr, betas = arguments["lr"], arguments["betas"]
+    tensors_refused = arguments["foreach"] and not arguments["capturable"] and adam_checks
+    if isinstance(lr, Tensor):
+        if tensors_refused:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    for index, beta in enumerate(betas):  # before the range checks, which need one element
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")
+    check_hyperparameters(lr=lr, betas=betas, eps=arguments["eps"], weight_decay=arguments["weight_decay"])
+    if not adam_checks:
+        return betas
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and tensors_refused:
+            raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
+    return tuple(to_scalar(b) for b in betas)
+
+
+def check_max_lr(max_lr: Any, *, where: str = "") -> None:
+    """``max_lr`` scales fully decoupled weight decay: it must be a finite number > 0."""
+    _number_or_none("max_lr", max_lr, where)
+    number = as_number(max_lr)
+    if not (number > 0.0 and math.isfinite(number)):
+        raise ValueError(
+            f"Invalid max_lr value: {number} (with decouple_lr=True, max_lr must be a "
+            f"finite number > 0{where}; it defaults to the group's initial lr, so pass "
+            "max_lr explicitly when lr starts at 0)"
+        )
+
+
+def check_group(group: dict, where: str) -> None:
+    """Every check of a param group's values, run when the group is made and at every
+    step.  A capturable group's tensors are not read: on an accelerator that would sync."""
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    check_hyperparameters(
+        lr=lr,
+        betas=group["betas"],
+        eps=group["eps"],
+        weight_decay=weight_decay,
+        where=where,
+        read_tensors=not group.get("capturable"),
+    )
+    check_options(group, differentiable=group["differentiable"], where=where)
+    master = group.get("master_weights")
+    if master is not None:
+        for j, p in enumerate(group["params"]):
+            if p.dtype == torch.float16:
+                raise ValueError(
+                    f"master_weights={master!r} splits bf16 params, but params[{j}]{where} is float16 (its "
+                    "exponent is not an fp32's): use bf16, or rounding='kahan' or 'stochastic'"
+                )
+    max_lr = group["max_lr"]  # checked by check_options where decouple_lr is set
+    if group.get("decouple_lr") and not isinstance(lr, Tensor) and (lr / max_lr) * weight_decay > 1:
+        raise ValueError(
+            f"fully decoupled weight decay would flip the params' sign{where}: "
+            f"1 - (lr / max_lr) * weight_decay = 1 - ({lr} / {max_lr}) * {weight_decay} < 0 "
+            "(keep lr <= max_lr / weight_decay)"
+        )
+
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULTS",
+    "OPTIONS",
+    "STATE_PRECISIONS",
+    "Option",
+    "check_constructor_arguments",
+    "check_group",
+    "check_hyperparameters",
+    "check_max_lr",
+    "check_options",
+    "check_signature",
+    "split_arguments",
+]

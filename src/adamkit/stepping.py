@@ -1,0 +1,276 @@
+"""How an optimizer steps a param group: plan, admit, initialize state, run a kernel.
+
+:class:`Stepper` is the optimizer's step engine.  For each group it validates the
+group, its params and their state, and picks the kernel (:meth:`Stepper.plan`,
+touching nothing); records diagnostics and applies ``skip_nonfinite``
+(:meth:`Stepper.admit`); allocates or converts the states of every admitted group
+before any of them moves (:meth:`Stepper.initialize`); then hands each group to its
+kernel with the step's :class:`~adamkit.rule.UpdateRule` (:meth:`Stepper.run`).
+
+Its caches (validation keys, the kernels' derived data, the params' indices) are
+bookkeeping, not state: an optimizer makes a new stepper when it is unpickled,
+copied or loads a state dict.
+"""
+
+from __future__ import annotations
+
+import operator
+from itertools import repeat
+from operator import attrgetter
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import accumulation, kernels, sharding
+from .diagnostics import Recorder
+from .kernels import GroupBatch, Kernel
+from .kernels.amp import unscaled
+from .options import check_group
+from .quantization import FORMATS
+from .rounding import is_low_precision
+from .rule import UpdateRule
+from .state import check_state, init_state, state_dtype
+
+_grad_of = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
+_device_of = attrgetter("device")
+_dtype_of = attrgetter("dtype")
+
+
+class GroupPlan(NamedTuple):
+    """One param group's step: the params with a gradient, their gradients, the kernel."""
+
+    group: dict
+    params: list[Tensor]
+    grads: list[Tensor]
+    kernel: Kernel
+
+
+def draw_seed_if_needed(group: dict, dtypes: set | None = None) -> None:
+    """A group that rounds stochastically (a ``"stochastic"`` param rounding, moments
+    held in 16 bits or quantized, a 24-bit master) and has no seed gets one from
+    torch's default generator (so ``torch.manual_seed`` makes runs reproducible);
+    other groups draw nothing, leaving the user's random stream as torch.optim leaves
+    it.  ``dtypes``: the group's param dtypes (read from the group when not given)."""
+    if group["seed"] is not None:
+        return
+    precision = group["state_precision"]
+    stochastic = group["rounding"] == "stochastic" or group["master_weights"] == "24bit"
+    stochastic |= precision in ("bf16", *FORMATS)
+    if not stochastic and precision is None:  # moments in the params' dtype
+        stochastic = any(map(is_low_precision, dtypes or {p.dtype for p in group["params"]}))
+    if stochastic:
+        group["seed"] = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def _fused_devices() -> list[str]:
+    """torch's list of devices with fused optimizer kernels (quoted in its error)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return _get_fused_kernels_supported_devices()
+    except ImportError:  # pragma: no cover - older torch
+        return ["mps", "cuda", "xpu", "hpu", "cpu", "mtia"]
+
+
+def _all_finite(params: list[Tensor], grads: list[Tensor], sharded: bool) -> bool:
+    """Whether no gradient holds a NaN or an infinity (max-abs norms: exact, no
+    overflow).  Sharded gradients are checked shard by shard and the ranks agree (a
+    collective), so that every rank skips the same steps."""
+    if sharded:
+        grads = list(map(sharding.local, grads))
+    norms = torch._foreach_norm([g.detach() for g in grads], float("inf"))
+    nonfinite = (~torch.stack([n.to(torch.float32) for n in norms]).isfinite()).sum(dtype=torch.float64)
+    if sharded:
+        nonfinite = sharding.sum_over_shards(nonfinite.reshape(1).cpu(), next(filter(sharding.is_sharded, params)))
+    return not bool(nonfinite.item())
+
+
+def backend_name(group: dict, devices: set[torch.device]) -> str | None:
+    """``backend`` if given; else torch's ``fused`` / ``foreach`` flags mapped onto
+    adamkit's paths; ``None`` lets the registry pick."""
+    if group["backend"] is not None:
+        return group["backend"]
+    if group.get("fused"):
+        return kernels.fused_backend(devices)
+    if group.get("foreach"):
+        return "foreach"
+    if group.get("foreach") is False:
+        return "reference"
+    return None
+
+
+class Stepper:
+    """The step engine of one optimizer (see the module docstring)."""
+
+    def __init__(self, optimizer, recorder: Recorder):
+        self.optimizer = optimizer
+        self.recorder = recorder
+        #: how often :meth:`initialize` changed some state (in every group's key)
+        self.state_changes = 0
+        self._caches: dict[int, tuple[dict, dict]] = {}
+        self._param_index_cache: tuple | None = None
+
+    def cache(self, group: dict) -> dict:
+        """A per-group scratch dict for validation keys and kernels' derived data."""
+        entry = self._caches.get(id(group))
+        if entry is None or entry[0] is not group:
+            entry = self._caches[id(group)] = (group, {})
+        return entry[1]
+
+    def plan(self, index: int, group: dict) -> GroupPlan | None:
+        """Validate one group, its params and their state, and pick its kernel; touches
+        nothing but the group's seed.  ``None``: no param of the group has a gradient.
+
+        Per-param work is kept to a few C-level passes (this runs every step, for
+        groups of thousands of tensors); state is validated again only when the set of
+        params, ``amsgrad`` or the optimizer's state may have changed.
+        """
+        where = f" in param_groups[{index}]"
+        check_group(group, where)
+        params = group["params"]
+        grads = list(map(_grad_of, params))
+        if any(map(operator.is_, grads, repeat(None))):  # identity: ``None in`` would call Tensor.__eq__
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if not params:
+            return None
+        if any(map(_is_sparse, grads)):
+            raise RuntimeError(self.optimizer.sparse_gradient_message)
+        differentiable = group["differentiable"]
+        cache = self.cache(group)
+        key = self._state_key(group, params)
+        if cache.get("validated_key") != key or differentiable:
+            self._check_params_and_state(group, params, where)
+            cache["validated_key"], cache["devices"] = key, set(map(_device_of, params))
+            cache["dtypes"] = set(map(_dtype_of, params))
+            cache["sharded"] = any(map(sharding.is_sharded, params))
+            cache["offsets"] = {id(p): sharding.element_offset(p) for p in params} if cache["sharded"] else None
+        draw_seed_if_needed(group, cache["dtypes"])  # rounding or state_precision may have changed
+        if (
+            self.optimizer.algorithm == "adam"
+            and group.get("foreach")
+            and isinstance(group["lr"], Tensor)
+            and not group["capturable"]
+        ):
+            raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        devices = cache["devices"]
+        kernel = kernels.resolve(backend_name(group, devices), devices, differentiable=differentiable)
+        if group["accumulation_steps"] > 1:
+            kernel = accumulation.KERNEL
+        return GroupPlan(group, params, grads, kernel)
+
+    def _check_params_and_state(self, group: dict, params: list[Tensor], where: str) -> None:
+        differentiable, state_table = group["differentiable"], self.optimizer.state
+        for j, p in enumerate(params):
+            try:
+                state_dtype(p, group["state_precision"])
+            except ValueError as error:
+                raise ValueError(f"{error} (params[{j}]{where})") from None
+            state = state_table.get(p)
+            if state and sharding.is_sharded(p):  # the kernels see the local shard
+                state, p = sharding.LocalState(state, p), sharding.local(p)
+            if state:
+                amsgrad = bool(group.get("amsgrad"))
+                check_state(state, p, self.optimizer.algorithm, amsgrad=amsgrad, where=f" of {where[4:]}")
+                if differentiable and state["step"].requires_grad:
+                    raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+            elif group.get("fused"):
+                devices = _fused_devices()
+                if not (p.is_floating_point() and p.device.type in devices):
+                    raise RuntimeError(
+                        "`fused=True` requires all the params to be floating point Tensors of "
+                        f"supported devices: {devices} but {p.dtype} and {p.device.type}"
+                    )
+            if differentiable and p.is_leaf and p.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "a leaf Variable that requires grad is being used in an in-place operation: with "
+                    f"differentiable=True, optimize a non-leaf copy (e.g. w = w0.clone()), not params[{j}]{where}"
+                )
+
+    def _state_key(self, group: dict, params: list[Tensor]) -> tuple:
+        """Equal keys mean the same params with the same, already validated state tensors:
+        the params' identities, ``amsgrad``, the options that shape the state, and the
+        state table's identity and size.  Replacing individual state tensors by hand is
+        not tracked: reset state with ``load_state_dict`` or ``state.clear()``."""
+        state_table = self.optimizer.state
+        return (
+            tuple(map(id, params)),
+            bool(group.get("amsgrad")),
+            group["rounding"],
+            group["master_weights"],
+            group["state_precision"],
+            id(state_table),
+            len(state_table),
+            self.state_changes,
+        )
+
+    def admit(self, index: int, plan: GroupPlan, grad_scale: Tensor | None) -> bool:
+        """Record diagnostics, then whether the group may step (``skip_nonfinite``)."""
+        group, params, grads, _ = plan
+        if group["diagnostics"]:
+            self.recorder.record(group, params, grads, grad_scale)
+        sharded = self.cache(group).get("sharded", False)
+        if group["skip_nonfinite"] and not _all_finite(params, grads, sharded):
+            self.recorder.skips[index] += 1
+            return False
+        return True
+
+    def initialize(self, plans: list[GroupPlan]) -> None:
+        """Bring the state of every planned group in line with it (allocate, convert),
+        before any group steps; then key each group on its state as it now stands, so
+        that the next step finds the same keys and validates and rebuilds nothing (a
+        CUDA graph of ``step()`` can be captured after one eager step, as with
+        torch.optim).  A change counts in every key: a state emptied by hand and
+        filled again is never mistaken for the old one."""
+        changed = False
+        for group, params, grads, _ in plans:
+            cache = self.cache(group)
+            if cache.get("initialized_key") == cache["validated_key"]:
+                continue
+            state_table = self.optimizer.state
+            if cache["sharded"]:  # DTensors: the local shards' state
+                params, _, state_table = sharding.local_view(params, grads, state_table)
+            for p in params:
+                changed |= init_state(state_table[p], p, group, self.optimizer.algorithm)
+        if changed:
+            self.state_changes += 1
+        for group, params, _, _ in plans:
+            cache = self.cache(group)
+            if changed or cache.get("initialized_key") != cache["validated_key"]:
+                cache["validated_key"] = cache["initialized_key"] = self._state_key(group, params)
+
+    def run(self, plan: GroupPlan, amp: tuple) -> None:
+        """Hand the group to its kernel.  ``amp``: a GradScaler's scale and inf flag."""
+        group, params, grads, kernel = plan
+        cache = self.cache(group)
+        grad_scale, found_inf = amp
+        indices = self._param_indices(params) if group["seed"] is not None else None
+        offsets = cache["offsets"]
+        offsets = [offsets[id(p)] for p in params] if offsets is not None and indices is not None else None
+        state_table = self.optimizer.state
+        if cache["sharded"]:  # DTensors: the kernels step each rank's local shard
+            params, grads, state_table = sharding.local_view(params, grads, state_table)
+        if found_inf is not None and not kernel.amp and grad_scale is not None:
+            grads = unscaled(grads, grad_scale)
+        batch = GroupBatch(params=params, grads=grads, state_table=state_table, cache=cache, key=cache["validated_key"])
+        batch.param_indices, batch.element_offsets = indices, offsets
+        if kernel.amp:
+            batch.grad_scale, batch.found_inf = grad_scale, found_inf
+            if found_inf is not None and grad_scale is None:
+                batch.grad_scale = torch.ones((), device=found_inf.device)
+        kernel.step(batch, UpdateRule.from_group(group, self.optimizer.algorithm))
+
+    def _param_indices(self, params: list[Tensor]) -> list[int]:
+        """Each param's position in the optimizer (its ``state_dict`` index): the
+        stream of its stochastic rounding."""
+        everything = [p for g in self.optimizer.param_groups for p in g["params"]]
+        cached = self._param_index_cache
+        identity = tuple(map(id, everything))
+        if cached is None or cached[0] != identity:
+            cached = self._param_index_cache = (identity, {id(p): i for i, p in enumerate(everything)})
+        return [cached[1][id(p)] for p in params]
+
+
+__all__ = ["GroupPlan", "Stepper", "backend_name", "draw_seed_if_needed"]
