@@ -15,16 +15,9 @@ import io
 import numpy as np
 import pytest
 import torch
-from matrix import CPU_BACKENDS
+from matrix import CONFIGS, CPU_BACKENDS, reference_setup
 from oracle import stored_reference_step
-from test_storage_conformance import (
-    CONFIGS,
-    check_stored,
-    oracle_names,
-    reference_setup,
-    snapshot_then_step,
-    warmed_up,
-)
+from test_storage_conformance import check_stored, oracle_names, snapshot_then_step, warmed_up
 
 import adamkit
 from adamkit import blockwise, quantization
@@ -165,7 +158,7 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
     params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
     opt = warmed_up(cls, params, g, dtype, backend=backend, rounding=mode, state_precision=precision, **kwargs)
     group = opt.param_groups[0]
-    algorithm, hp = reference_setup(cls, kwargs, group)
+    algorithm, hp = reference_setup(config, group["lr"], group["max_lr"])
     moment_names = oracle_names(SECOND_MOMENT_KEY[algorithm])
 
     def dequantized(state: dict, p: torch.Tensor) -> dict:

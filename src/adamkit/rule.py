@@ -42,6 +42,10 @@ Algorithm = Literal["adam", "adamax"]
 
 Scalar = float | Tensor
 
+#: what the fused kernels do with weight decay (:attr:`GroupScalars.decay_kind`): nothing,
+#: add the L2 term to the gradient, or multiply the param by the decay factor
+NO_DECAY, L2_DECAY, DECOUPLED_DECAY = 0, 1, 2
+
 
 def as_number(x: Scalar) -> float:
     """A hyperparameter's value as a Python float (tensors are read, never differentiated)."""
@@ -70,11 +74,12 @@ class GroupScalars:
 
     @property
     def decay_kind(self) -> int:
-        """What fused kernels do with weight decay: 0 nothing, 1 add the L2 term to the
-        gradient, 2 multiply the param by :attr:`decay_factor` (decoupled)."""
+        """What fused kernels do with weight decay: :data:`NO_DECAY`, :data:`L2_DECAY`
+        (add the L2 term to the gradient) or :data:`DECOUPLED_DECAY` (multiply the param
+        by :attr:`decay_factor`)."""
         if self.decay_factor is not None:
-            return 2
-        return 1 if self.l2_weight_decay != 0 else 0
+            return DECOUPLED_DECAY
+        return L2_DECAY if self.l2_weight_decay != 0 else NO_DECAY
 
     def one_minus_beta1(self, param: Tensor) -> Scalar:
         """The weight of ``exp_avg.lerp_(grad, weight)`` for ``param``, as torch forms it:
@@ -238,6 +243,9 @@ def to_scalar(x: Scalar) -> Scalar:
 
 
 __all__ = [
+    "DECOUPLED_DECAY",
+    "L2_DECAY",
+    "NO_DECAY",
     "GroupScalars",
     "StepScalars",
     "UpdateRule",

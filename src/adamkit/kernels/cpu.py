@@ -61,12 +61,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import blockwise, quantization, rounding
+from .. import quantization, rounding
 from ..quantization import MIN_EXPONENT, QuantFormat
-from ..rule import UpdateRule, step_scalar_arrays
-from ..state import PARAM_EXTRA_KEY, moment_keys, moment_storage
+from ..rule import DECOUPLED_DECAY, L2_DECAY, UpdateRule, step_scalar_arrays
+from ..state import PARAM_EXTRA_KEY, moment_storage
 from .amp import inverse_scale
-from .host import HostCounters, chunk_table
+from .host import COLUMNS, STATE_COLUMNS, HostCounters, chunk_table, group_constants, state_keys, state_row
 from .types import GroupBatch, as_real
 
 try:  # numba is a dependency, but the rest of adamkit works without it
@@ -459,16 +459,16 @@ if numba is not None:
         @njit(inline="always", nogil=True)
         def loop(pointers, first, end, scalars, maximize, decay, keys):
             param, grad, exp_avg, second, max_second, compensation = pointers
-            one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay_factor = scalars[0:6]
+            decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps, l2 = scalars[0:6]
             step_size, bias_correction2_sqrt, inverse_scale = scalars[6:9]
             for i in range(first, end):
                 p = load_param(param, compensation, i)
                 g = _load(grad, i) * inverse_scale
                 if maximize:
                     g = -g
-                if decay == 1:
+                if decay == L2_DECAY:
                     g = g + l2 * p
-                elif decay == 2:
+                elif decay == DECOUPLED_DECAY:
                     p = p * decay_factor
                 m = _compute(param, _load(exp_avg, i))
                 m = m + one_minus_beta1 * (g - m)
@@ -542,8 +542,8 @@ if numba is not None:
             max_exp_avg_sq, Kahan compensation, and for quantized states the three
             moments' block scales (the moment columns then hold their codes)
         chunks: int64[C, 3] tensor index, first element, end element
-        constants: float64[7] 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay, decay
-            factor, and the gradients' multiplier (a GradScaler's 1 / scale, else 1)
+        constants: float64[7] the group's constants (:data:`host.GROUP_CONSTANTS`), then
+            the gradients' multiplier (a GradScaler's 1 / scale, else 1)
         flags: int64[4] algorithm (0 adam, 1 adamax), maximize, amsgrad, weight decay kind
         keys: int64[T, 5] stochastic rounding's step keys (param, exp_avg, second, max)
             and the tensor's element offset (a shard's first index in its whole param)
@@ -694,14 +694,9 @@ class _Bucket:
         )
         self.rounding_witness = np.empty(0, dtype=_ROUNDING_WITNESS[self.mode])
         self.counters = HostCounters([batch.states[i]["step"] for i in members])
-        moments = moment_keys(rule.algorithm, rule.amsgrad)
-        if quantized:  # codes first, then scales
-            keys = [blockwise.stored_keys(k, moment_storage)[0] for k in moments]
-            keys += [blockwise.stored_keys(k, moment_storage)[1] for k in moments]
-        else:
-            keys = list(moments)
-        self.moment_count = len(moments)
-        keys += [PARAM_EXTRA_KEY[self.mode]] if self.mode in PARAM_EXTRA_KEY else []
+        keys, self.moment_count = state_keys(
+            rule.algorithm, rule.amsgrad, moment_storage if quantized else None, self.mode
+        )
         states = [[batch.states[i][key] for key in keys] for i in members]
         params = [batch.params[i] for i in members]
         in_order = not self.random and not quantized  # random bits and codes follow the row-major index
@@ -716,26 +711,19 @@ class _Bucket:
         self.real_numels = np.array([n * (2 if p.is_complex() else 1) for n, p in zip(self.numels, params)])
         self.strides = [p.stride() for p in params]
         self.state_addresses = np.array(
-            [self._state_row(tensors) if d else [0] * 7 for tensors, d in zip(states, self.direct)],
+            [self._state_row(tensors) if d else [0] * STATE_COLUMNS for tensors, d in zip(states, self.direct)],
             dtype=np.int64,
-        ).reshape(len(members), 7)
+        ).reshape(len(members), STATE_COLUMNS)
         self.chunks = chunk_table(self.real_numels, CHUNK)
         self.whole_group = members == list(range(len(batch.params)))
         self.all_contiguous = all(self.direct) and all(p.is_contiguous() for p in params)
-        self.table = np.empty((len(members), 9), dtype=np.int64)
+        self.table = np.empty((len(members), len(COLUMNS)), dtype=np.int64)
         self.table[:, 2:] = self.state_addresses
         self.stream_keys: tuple | None = None
 
     def _state_row(self, tensors: list[Tensor]) -> list[int]:
-        """exp_avg, second moment, its maximum, compensation, then (quantized) the
-        three moments' scales; unused slots hold 0 or repeat the second moment (the
-        kernel variant never touches them)."""
         addresses = [t.data_ptr() for t in tensors]
-        compensation = addresses[-1] if self.mode in PARAM_EXTRA_KEY else 0  # or the master's low bits
-        n = self.moment_count
-        moments = addresses[:n] + addresses[1:2] * (3 - n)
-        scales = (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
-        return moments + [compensation] + scales
+        return state_row(addresses, self.moment_count, self.mode in PARAM_EXTRA_KEY, self.quantized)
 
     def step_keys(self, rule: UpdateRule, batch: GroupBatch, counts: np.ndarray) -> np.ndarray:
         """Stochastic rounding's keys k_{s,t} and each tensor's element offset,
@@ -814,19 +802,8 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
 def _flags_and_constants(rule: UpdateRule, grad_scale: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
     group = rule.group_scalars()
     flags = np.array([ALGORITHMS[rule.algorithm], rule.maximize, rule.amsgrad, group.decay_kind], dtype=np.int64)
-    beta1 = group.beta1.item() if isinstance(group.beta1, Tensor) else group.beta1
-    constants = np.array(
-        [
-            1.0 - beta1,
-            group.beta2,
-            group.one_minus_beta2,
-            group.eps,
-            group.l2_weight_decay,
-            1.0 if group.decay_factor is None else group.decay_factor,
-            1.0 if grad_scale is None else inverse_scale(grad_scale).item(),
-        ],
-        dtype=np.float64,
-    )
+    gradient_factor = 1.0 if grad_scale is None else inverse_scale(grad_scale).item()
+    constants = np.array([*map(float, group_constants(group)), gradient_factor], dtype=np.float64)
     return flags, constants
 
 

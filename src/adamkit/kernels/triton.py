@@ -42,13 +42,13 @@ import os
 import numpy as np
 import torch
 
-from .. import blockwise, rounding
+from .. import rounding
 from ..quantization import SNAP_TO_TOP, QuantFormat
-from ..rule import GroupScalars, UpdateRule, step_scalar_arrays
-from ..state import PARAM_EXTRA_KEY, moment_keys, moment_storage
+from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule, step_scalar_arrays
+from ..state import PARAM_EXTRA_KEY, moment_storage
 from . import foreach, storage
 from .amp import unscaled
-from .host import HostCounters, chunk_table
+from .host import COLUMNS, STATE_COLUMNS, HostCounters, chunk_table, group_constants, state_keys, state_row
 from .lists import list_kernel
 from .types import GroupBatch, as_real
 
@@ -88,6 +88,8 @@ def device_types() -> frozenset[str]:
 if triton is not None:
     _SNAP_TO_TOP = tl.constexpr(float(SNAP_TO_TOP))
     _MIX_FIRST, _MIX_SECOND = (tl.constexpr(m) for m in rounding.MIX_MULTIPLIERS)
+    _L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
+    _ROW_LENGTH = tl.constexpr(len(COLUMNS))
 
     @triton.jit
     def _to_storage(x, STORAGE: tl.constexpr):
@@ -330,7 +332,7 @@ if triton is not None:
             \theta \leftarrow \theta - \alpha_t \, m / (\sqrt{\hat v} / \sqrt{1-\beta_2^t} + \epsilon)
 
         (AdaMax: :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`, :math:`\theta \leftarrow
-        \theta - \alpha_t m / u`), with L2 (``DECAY == 1``) or decoupled (``DECAY == 2``)
+        \theta - \alpha_t m / u`), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
         weight decay, in ``COMPUTE`` precision with IEEE division and square root."""
         first, end = bounds
         param, grad, exp_avg, second, max_second, compensation, exp_avg_scales, second_scales, max_second_scales = (
@@ -370,9 +372,9 @@ if triton is not None:
         if KAHAN:
             p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
         g = tl.load(grad + offsets, mask=mask).to(COMPUTE) * gradient_factor  # exact: +-1 or +-1/grad_scale
-        if DECAY == 1:
+        if DECAY == _L2_DECAY:
             g = g + l2_weight_decay * p
-        if DECAY == 2:
+        if DECAY == _DECOUPLED_DECAY:
             p = p * decay_factor
         m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True).to(COMPUTE)
         m = m + one_minus_beta1 * (g - m)
@@ -507,7 +509,7 @@ if triton is not None:
         if MAXIMIZE:
             gradient_factor = -gradient_factor
         if not skip:
-            row = table_ptr + 9 * t
+            row = table_ptr + _ROW_LENGTH * t  # the columns of host.COLUMNS
             param_pointer = tl.pointer_type(PARAM_STORAGE)
             state_pointer = tl.pointer_type(STATE_STORAGE)  # uint8 codes when quantized
             first_scales_pointer = tl.pointer_type(tl.bfloat16)  # the first moment's
@@ -619,27 +621,17 @@ class _Bucket:
         self.state_storage = torch.uint8 if self.quantized else state_storage
         self.mode = rounding.effective_rounding(rule.rounding, self.storage)
         self.random = rounding.needs_random_bits(rule.rounding, self.storage, state_storage)
-        moments = moment_keys(rule.algorithm, rule.amsgrad)
-        if self.quantized:
-            moments = [blockwise.stored_keys(key, self.quantized)[0] for key in moments] + [
-                blockwise.stored_keys(key, self.quantized)[1] for key in moments
-            ]
-        keys = moments + ([PARAM_EXTRA_KEY[self.mode]] if self.mode in PARAM_EXTRA_KEY else [])
+        keys, moment_count = state_keys(rule.algorithm, rule.amsgrad, self.quantized, self.mode)
         self.state_tensors = [[as_real(s[key]) for key in keys] for s in states]
         self.steps = [s["step"] for s in states]
         for p, tensors in zip(params, self.state_tensors):
             if not (p.is_contiguous() and all(t.is_contiguous() for t in tensors)):
                 raise _NeedsStaging
-        n = len(moment_keys(rule.algorithm, rule.amsgrad))
-        rows = []
-        for tensors in self.state_tensors:
-            addresses = [t.data_ptr() for t in tensors]
-            # unused slots repeat the second moment (the kernel variant never touches them)
-            extra = addresses[-1] if self.mode in PARAM_EXTRA_KEY else 0  # compensation, master bits
-            row = addresses[:n] + addresses[1:2] * (3 - n) + [extra]
-            row += (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if self.quantized else [0, 0, 0]
-            rows.append(row)
-        self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), 7)
+        extra, quantized = self.mode in PARAM_EXTRA_KEY, self.quantized is not None
+        rows = [
+            state_row([t.data_ptr() for t in tensors], moment_count, extra, quantized) for tensors in self.state_tensors
+        ]
+        self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), STATE_COLUMNS)
         self.block, self.num_warps = (QUANTIZED_BLOCK, QUANTIZED_NUM_WARPS) if self.quantized else (BLOCK, NUM_WARPS)
         self.chunks = torch.from_numpy(chunk_table([p.numel() for p in params], self.block)).to(self.device)
         self.counters = HostCounters(self.steps) if self.steps[0].device.type == "cpu" and not rule.capturable else None
@@ -751,19 +743,11 @@ def _step_scalars(bucket: _Bucket, rule: UpdateRule) -> tuple[torch.Tensor, torc
 
 
 def _group_constants(bucket: _Bucket, group: GroupScalars) -> torch.Tensor:
-    """(decay factor, 1 - beta1, beta2, 1 - beta2, eps, L2 weight decay) as a float64
-    device array, which the kernel rounds to its compute dtype (a Python float argument
-    would reach a compiled kernel as fp32).  Floats are uploaded when they change;
-    tensors (capturable groups) are combined on the device, never read on the host."""
-    beta1 = group.beta1.to(torch.float64) if isinstance(group.beta1, torch.Tensor) else group.beta1
-    values = (
-        1.0 if group.decay_factor is None else group.decay_factor,
-        1.0 - beta1,
-        group.beta2,
-        group.one_minus_beta2,
-        group.eps,
-        group.l2_weight_decay,
-    )
+    """The group's constants (:data:`host.GROUP_CONSTANTS`) as a float64 device array,
+    which the kernel rounds to its compute dtype (a Python float argument would reach a
+    compiled kernel as fp32).  Floats are uploaded when they change; tensors
+    (capturable groups) are combined on the device, never read on the host."""
+    values = group_constants(group)
     if any(isinstance(v, torch.Tensor) for v in values):
         return torch.stack([_device_array(v, 1, bucket.device)[0] for v in values])
     if bucket.constants is None or bucket.constants[0] != values:
