@@ -28,7 +28,7 @@ import torch
 from train_storage import ByteTransformer, batch, corpus, loss_of
 
 from adamkit import quantization
-from adamkit.quantization import QuantFormat
+from adamkit.specs.quantization import QuantFormat
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 

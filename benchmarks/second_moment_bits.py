@@ -30,7 +30,7 @@ import argparse
 import numpy as np
 
 from adamkit import quantization
-from adamkit.quantization import QuantFormat
+from adamkit.specs.quantization import QuantFormat
 
 N, BLOCK, BETA2 = 64 * 256, 128, 0.999
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # numba keys its on-disk cache by each kernel file's own stamp, but the CPU kernel bakes in
-# constants computed from the specs (adamkit/quantization.py, rounding.py): drop a cache that is
+# constants computed from the specs (adamkit/specs/quantization.py, rounding.py): drop a cache that is
 # older than any source file, or an edited spec would be tested against stale kernels
 cache=src/adamkit/kernels/__pycache__
 oldest=$(ls -tr "$cache"/*.nbi 2>/dev/null | head -1 || true)

@@ -32,7 +32,7 @@ STEPS_BEFORE_SAVE, STEPS_AFTER_SAVE = 3, 2
 
 #: name -> (optimizer class name, keyword arguments, param dtype)
 SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
-    "fp32-reference": ("Adam", {"backend": "reference"}, torch.float32),
+    "fp32-single_tensor": ("Adam", {"backend": "single_tensor"}, torch.float32),
     "fp32-foreach": ("Adam", {"backend": "foreach", "amsgrad": True}, torch.float32),
     "fp32-cpu": ("AdamW", {"backend": "cpu", "weight_decay": 0.1}, torch.float32),
     "adamax-cpu": ("AdaMax", {"backend": "cpu"}, torch.float32),
@@ -68,7 +68,7 @@ CHECKPOINTED = ("fp32-cpu", "bf16-kahan-cpu", "int8-cpu", "bf16-master-cpu")
 
 #: each rank on its share of the batch: adamkit's torch-exact path against torch.optim itself
 SPLIT_OPTIMIZERS = {
-    "adamkit": lambda params: adamkit.AdamW(params, lr=1e-2, weight_decay=0.1, backend="reference"),
+    "adamkit": lambda params: adamkit.AdamW(params, lr=1e-2, weight_decay=0.1, backend="single_tensor"),
     "torch": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False),
 }
 

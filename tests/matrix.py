@@ -59,7 +59,7 @@ class Case:
     weight_decay: str = "none"  # none | l2 | decoupled | fully_decoupled
     tensor_lr: bool = False
     complex_params: bool = False
-    backend: str = "reference"
+    backend: str = "single_tensor"
     capturable: bool = False
 
     @property

@@ -14,7 +14,7 @@ from matrix import CONFIGS, CPU_BACKENDS, reference_setup
 
 import adamkit
 from adamkit import reference
-from adamkit.master import join_tensors
+from adamkit.specs.master import join_tensors
 
 N = 4
 CYCLES = 3
@@ -162,7 +162,7 @@ def test_a_checkpoint_mid_cycle_resumes_bit_for_bit():
 def test_one_accumulation_step_is_the_plain_path():
     params = starting_params()
     plain = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = adamkit.Adam(params, lr=0.01, accumulation_steps=1, backend="reference")
+    opt = adamkit.Adam(params, lr=0.01, accumulation_steps=1, backend="single_tensor")
     torch_opt = torch.optim.Adam(plain, lr=0.01, foreach=False)
     for cycle in micro_batches(cycles=1):
         for grads in cycle:

@@ -22,7 +22,7 @@ from adamkit import kernels
 #: every backend, plain and with quantized states; fused=True as torch spells it
 AMP_PATHS = [
     {"fused": True},
-    *({"backend": backend} for backend in ("reference", "foreach", "cpu", "triton")),
+    *({"backend": backend} for backend in ("single_tensor", "foreach", "cpu", "triton")),
     {"backend": "cpu", "state_precision": "int8"},
     {"backend": "triton", "state_precision": "int4"},
     {"backend": "foreach", "state_precision": "int8"},
@@ -76,7 +76,7 @@ def test_fused_backends_take_the_scale_and_the_others_leave_it_to_the_scaler():
     for backend in ("cpu", "triton"):
         assert adamkit.Adam(params, backend=backend)._step_supports_amp_scaling
     assert adamkit.Adam(params, fused=True)._step_supports_amp_scaling
-    for backend in (None, "reference", "foreach"):  # torch.optim.Adam's default behaviour
+    for backend in (None, "single_tensor", "foreach"):  # torch.optim.Adam's default behaviour
         assert not getattr(adamkit.Adam(params, backend=backend), "_step_supports_amp_scaling", False)
 
 
@@ -137,7 +137,7 @@ def test_default_on_cuda_is_triton_else_foreach_with_one_warning(monkeypatch):
 
 def test_default_on_cpu_is_the_fused_cpu_kernel():
     assert kernels.default_backend({torch.device("cpu")}, differentiable=False) == "cpu"
-    assert kernels.default_backend({torch.device("cpu")}, differentiable=True) == "reference"
+    assert kernels.default_backend({torch.device("cpu")}, differentiable=True) == "single_tensor"
 
 
 def test_triton_fallback_for_strided_params_still_honours_the_scaler():
@@ -155,7 +155,7 @@ def test_triton_fallback_for_strided_params_still_honours_the_scaler():
         results.append((before, p.detach().clone(), opt.state[p].get("step")))
     (before, after, step), (before_inf, after_inf, step_inf) = results
     reference = torch.nn.Parameter(before.clone())
-    ref_opt = adamkit.Adam([reference], backend="reference")
+    ref_opt = adamkit.Adam([reference], backend="single_tensor")
     reference.grad = torch.full_like(reference, 2.0)
     ref_opt.step()
     torch.testing.assert_close(after, reference.detach(), rtol=1e-6, atol=1e-7)

@@ -47,7 +47,7 @@ def test_float64_matches_reference(case: Case):
 
 
 def reference_moments(ref_state, like, name):
-    from adamkit.reference import moments_as
+    from adamkit.specs.reference import moments_as
 
     return moments_as(ref_state, like)[name]
 

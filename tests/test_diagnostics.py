@@ -118,7 +118,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach", "cpu", "triton"])
 @pytest.mark.parametrize("cls,algorithm,options", CASES, ids=lambda c: str(c) if isinstance(c, dict) else None)
 def test_stats_equal_the_figures_computed_by_hand_from_the_reference(backend, cls, algorithm, options):
     opt = run_optimizer(cls, backend, **options)

@@ -21,7 +21,7 @@ import torch
 
 import adamkit
 from adamkit.convert import full_precision_export
-from adamkit.master import MASTER_KEY, join_tensors
+from adamkit.specs.master import MASTER_KEY, join_tensors
 from adamkit.state import moment_value
 
 pytest.importorskip("torch.distributed.fsdp")

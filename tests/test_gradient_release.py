@@ -153,6 +153,6 @@ def test_release_with_a_grad_scaler_skips_the_param_with_an_inf_and_backs_off(ba
 
 def test_release_rejects_something_that_is_not_a_grad_scaler():
     model, _ = model_and_data()
-    opt, _ = make_optimizer(model, "reference")
+    opt, _ = make_optimizer(model, "single_tensor")
     with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler or None, got float"):
         adamkit.gradient_release(model, opt, scaler=1.0)

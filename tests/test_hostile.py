@@ -13,7 +13,7 @@ import torch
 import adamkit
 
 PAIRS = [(adamkit.Adam, torch.optim.Adam), (adamkit.AdamW, torch.optim.AdamW), (adamkit.AdaMax, torch.optim.Adamax)]
-BACKENDS = ["reference", "foreach"]
+BACKENDS = ["single_tensor", "foreach"]
 
 
 def twin_params(*tensors):

@@ -23,7 +23,7 @@ VIEWS = {
 }
 
 PATHS = [
-    {"backend": "reference"},
+    {"backend": "single_tensor"},
     {"backend": "foreach"},
     {"backend": "cpu"},
     {"fused": True},

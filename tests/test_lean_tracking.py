@@ -23,8 +23,8 @@ import torch
 
 import adamkit
 from adamkit import blockwise
-from adamkit.master import MASTER_KEY, join_tensors
-from adamkit.quantization import FORMATS
+from adamkit.specs.master import MASTER_KEY, join_tensors
+from adamkit.specs.quantization import FORMATS
 from adamkit.state import moment_value
 
 N = 64 * 256  # 64 int8 blocks
@@ -124,7 +124,7 @@ def test_split_master_weights_track_fp32_weights_on_a_decaying_stream(mode):
     start = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     lean = torch.nn.Parameter(start.clone())
     exact = torch.nn.Parameter(start.float())
-    options = {"master_weights": mode, "state_precision": "fp32", "backend": "reference", "seed": 0}
+    options = {"master_weights": mode, "state_precision": "fp32", "backend": "single_tensor", "seed": 0}
     lean_opt = adamkit.AdamW([lean], lr=1e-4, **options)
     exact_opt = torch.optim.AdamW([exact], lr=1e-4, foreach=False)
     for grad in gradient_stream(STEPS):

@@ -14,7 +14,7 @@ from matrix import DEVICE, DEVICE_BACKENDS
 
 import adamkit
 from adamkit import master
-from adamkit.master import MASTER_KEY, join_tensors
+from adamkit.specs.master import MASTER_KEY, join_tensors
 
 #: the interpreter runs the Triton kernel in NumPy: fewer steps there
 STEPS = {"triton": 60}
@@ -67,7 +67,7 @@ def test_the_split_master_weight_runs_the_fp32_run_bit_for_bit(backend):
 
 
 def test_on_the_reference_backend_it_is_torch_adamw_on_fp32_weights():
-    ours, split, _, _ = _pair("reference")
+    ours, split, _, _ = _pair("single_tensor")
     full = [torch.nn.Parameter(p.detach().float()) for p in split]
     theirs = torch.optim.AdamW(full, lr=1e-3, weight_decay=0.1, foreach=False)
     _run(ours, split, theirs, full, 1000)

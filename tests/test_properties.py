@@ -35,7 +35,7 @@ def configurations(draw):
         kwargs["amsgrad"] = draw(st.booleans())
     if name == "Adam":
         kwargs["decoupled_weight_decay"] = draw(st.booleans())
-    backend = draw(st.sampled_from(["reference", "foreach"]))
+    backend = draw(st.sampled_from(["single_tensor", "foreach"]))
     return name, kwargs, backend
 
 

@@ -22,7 +22,7 @@ from test_storage_conformance import check_stored, oracle_names, snapshot_then_s
 import adamkit
 from adamkit import blockwise, quantization
 from adamkit.convert import to_full_precision, to_quantized
-from adamkit.quantization import FORMATS
+from adamkit.specs.quantization import FORMATS
 from adamkit.state import SECOND_MOMENT_KEY, moment_value
 
 PRECISIONS = tuple(FORMATS)

@@ -67,7 +67,7 @@ def test_a_group_can_opt_in_alone():
     assert torch.equal(a.detach(), torch.ones(2)) and b.isnan().any()
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach"])
 def test_the_default_follows_torch(backend):
     ours, theirs = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
     opt = adamkit.Adam([ours], lr=0.1, backend=backend)

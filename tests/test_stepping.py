@@ -13,7 +13,7 @@ from adamkit import kernels, stepping
 
 
 @pytest.mark.parametrize("cls", [adamkit.Adam, adamkit.AdamW, adamkit.AdaMax])
-@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach", "triton"])
 def test_capturable_step_never_reads_a_tensor_on_the_host(cls, backend, monkeypatch):
     """The capturable contract: no ``.item()``/``float()``/``bool()`` of a tensor during
     step (on CUDA each would be a host sync, forbidden inside graph capture)."""
@@ -40,7 +40,7 @@ def test_foreach_false_means_per_tensor_path_on_any_device(device):
     devices = {torch.device(device)}
     opt = adamkit.Adam([torch.nn.Parameter(torch.randn(2))], foreach=False)
     name = stepping.backend_name(opt.param_groups[0], devices)
-    assert kernels.resolve(name, devices, differentiable=False).name == "reference"
+    assert kernels.resolve(name, devices, differentiable=False).name == "single_tensor"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "foreach"])

@@ -33,7 +33,7 @@ def test_lr_schedulers_bit_identical(optimizer, scheduler, tensor_lr):
     ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
     torch_groups = make_params(case)
     our_groups = clone_groups(torch_groups)
-    theirs, ours = torch_cls(torch_groups, foreach=False), ours_cls(our_groups, backend="reference")
+    theirs, ours = torch_cls(torch_groups, foreach=False), ours_cls(our_groups, backend="single_tensor")
     schedules = [SCHEDULERS[scheduler](theirs), SCHEDULERS[scheduler](ours)]
     for _ in range(30):
         run(theirs, torch_groups, 1)
@@ -103,7 +103,7 @@ def test_closure_like_torch(optimizer):
         losses = [opt.step(closure).item() for _ in range(10)]
         return losses, [p.detach().clone() for p in model.parameters()]
 
-    results = [train(ours_cls, backend="reference"), train(torch_cls, foreach=False)]
+    results = [train(ours_cls, backend="single_tensor"), train(torch_cls, foreach=False)]
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
@@ -173,7 +173,7 @@ def test_max_lr_defaults_to_each_groups_initial_lr():
     assert explicit.param_groups[0]["max_lr"] == 0.1
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach"])
 def test_fully_decoupled_decay_closed_form(backend):
     r"""With zero gradients the moments stay 0 and only decay acts:
     theta_t = theta_0 \prod_s (1 - (lr_s / max_lr) wd), independent of lr's magnitude."""

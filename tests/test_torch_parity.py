@@ -41,7 +41,7 @@ def test_bit_identical_to_torch(case: Case):
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach"])
 def test_tensor_betas_bit_identical(optimizer, backend):
     case = Case(optimizer=optimizer, backend=backend, tensor_lr=True)
     ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
@@ -95,7 +95,7 @@ def test_tensor_betas_of_another_dtype_bit_identical(name, param_dtype, beta_dty
     start = torch.randn(6, 4, generator=g).to(param_dtype)
     ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     betas = (torch.tensor(0.85, dtype=beta_dtype), torch.tensor(0.995, dtype=beta_dtype))
-    opt_ours = ours_cls([ours], betas=betas, backend="reference")
+    opt_ours = ours_cls([ours], betas=betas, backend="single_tensor")
     opt_torch = torch_cls([theirs], betas=betas, foreach=False)
     for _ in range(30):
         grad = torch.randn(6, 4, generator=g).to(param_dtype)

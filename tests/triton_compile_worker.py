@@ -74,7 +74,7 @@ def compile_variant(overrides: dict, capability: int) -> str:
     from triton.compiler import ASTSource
 
     from adamkit.kernels import triton as kernel
-    from adamkit.quantization import FORMATS
+    from adamkit.specs.quantization import FORMATS
 
     fn = kernel._fused_step
     constexprs = BASE | overrides | {"BLOCK": kernel.BLOCK}

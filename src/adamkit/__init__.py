@@ -1,9 +1,9 @@
 """adamkit: the Adam optimizer family for PyTorch and NumPy.
 
 ``adamkit.Adam``, ``adamkit.AdamW`` and ``adamkit.AdaMax`` are drop-in replacements
-for ``torch.optim.Adam`` / ``AdamW`` / ``Adamax``; :mod:`adamkit.reference` is the
-paper, line by line, in NumPy float64; :mod:`adamkit.rounding` specifies how 16-bit
-values are stored and :mod:`adamkit.quantization` the int8/int4 state format;
+for ``torch.optim.Adam`` / ``AdamW`` / ``Adamax``; :mod:`adamkit.specs.reference` is the
+paper, line by line, in NumPy float64; :mod:`adamkit.specs.rounding` specifies how 16-bit
+values are stored and :mod:`adamkit.specs.quantization` the int8/int4 state format;
 :mod:`adamkit.precision` has helpers for 16-bit training (and :func:`stall_guard`
 warns when steps are too small for a param's storage), :mod:`adamkit.convert`
 converts quantized state dicts to and from torch.optim's.  :mod:`adamkit.numpy` steps
@@ -11,10 +11,11 @@ NumPy arrays, and :func:`adamkit.minimize` (needs SciPy) solves ``scipy.optimize
 problems.
 """
 
-from . import convert, precision, quantization, reference, rounding, stalls
+from . import convert, precision, stalls
 from ._version import __version__
 from .optim import Adam, AdaMax, Adamax, AdamW
 from .release import gradient_release
+from .specs import master, quantization, reference, rounding
 from .stalls import stall_guard
 
 
@@ -39,6 +40,7 @@ __all__ = [
     "Adamax",
     "convert",
     "gradient_release",
+    "master",
     "minimize",
     "precision",
     "quantization",

@@ -36,8 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import Kernel
-from .kernels import reference as ops
+from .kernels import Kernel, single_tensor
 from .kernels.storage import widened
 from .kernels.types import GroupBatch, as_real
 from .rule import GroupScalars, UpdateRule
@@ -74,15 +73,17 @@ def _update(param: Tensor, moments: list[Tensor], rule: UpdateRule, group: Group
     """The weight update from the accumulated moments (decoupled decay first)."""
     step_t += 1
     scalars = rule.step_scalars(step_t.to(torch.float64) if rule.capturable else step_t.item())
-    ops.decay_param(param, group)
+    single_tensor.decay_param(param, group)
     if rule.algorithm == "adamax":
-        ops.apply_update(as_real(param), moments[0], moments[1], scalars.step_size)
+        single_tensor.apply_update(as_real(param), moments[0], moments[1], scalars.step_size)
         return
     second = moments[1]
     if rule.amsgrad:
         torch.maximum(moments[2], second, out=moments[2])
         second = moments[2]
-    ops.apply_update(as_real(param), moments[0], ops.adam_denominator(second, scalars, group.eps), scalars.step_size)
+    single_tensor.apply_update(
+        as_real(param), moments[0], single_tensor.adam_denominator(second, scalars, group.eps), scalars.step_size
+    )
 
 
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
@@ -101,7 +102,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     last = [c + 1 >= n for c in counts]
     for i, param in enumerate(work.params):
         moments = [as_real(m[i]) for m in (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs) if m]
-        grad = as_real(ops.effective_gradient(param, work.grads[i], rule, group))
+        grad = as_real(single_tensor.effective_gradient(param, work.grads[i], rule, group))
         _fold(moments, grad, group, first=counts[i] == 0, weight=1.0 / n, adamax=adamax)
         if last[i]:
             _update(param, moments, rule, group, steps[i])

@@ -1,7 +1,7 @@
 """Block-wise quantized moments in torch: quantize and dequantize tensors on any
-device, bit for bit as :mod:`adamkit.quantization` specifies (stochastically, given
+device, bit for bit as :mod:`adamkit.specs.quantization` specifies (stochastically, given
 each element's random bits, or to nearest), and the state keys that hold them
-(codes, uint8; scales, bf16 or fp32; see :func:`adamkit.quantization.codes_key`)."""
+(codes, uint8; scales, bf16 or fp32; see :func:`adamkit.specs.quantization.codes_key`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import functools
 import torch
 from torch import Tensor
 
-from . import quantization
-from .quantization import (
+from .specs import quantization
+from .specs.quantization import (
     FORMATS,
     LEGACY_FORMATS,
     MIN_EXPONENT,
@@ -26,7 +26,7 @@ from .quantization import (
 def stored_format(state: dict, key: str, numel: int) -> QuantFormat | None:
     """The format moment ``key`` is quantized in, if ``state`` holds it quantized
     (codes and scales of the right sizes for ``numel`` elements); a second moment of
-    an older checkpoint comes back as its :data:`~adamkit.quantization.LEGACY_FORMATS` entry."""
+    an older checkpoint comes back as its :data:`~adamkit.specs.quantization.LEGACY_FORMATS` entry."""
     signed = key in SIGNED_KEYS
     for fmt in (*FORMATS.values(), *(old for formats in LEGACY_FORMATS.values() for old in formats)):
         codes, scales = stored_keys(key, fmt)
@@ -120,7 +120,7 @@ def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, b
 @functools.cache
 def signed_tables(fmt: QuantFormat, device: torch.device) -> tuple[Tensor, Tensor]:
     """The signed map's levels L_0..L_K, +inf and gaps g_0..g_K on ``device`` (see
-    :func:`adamkit.quantization.signed_magnitudes`), made once per device."""
+    :func:`adamkit.specs.quantization.signed_magnitudes`), made once per device."""
     levels = torch.from_numpy(quantization.signed_magnitudes(fmt)).to(device)
     return levels, torch.from_numpy(quantization.signed_gaps(fmt)).to(device)
 

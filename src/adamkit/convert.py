@@ -7,7 +7,7 @@ leave as fp32 and come back cut to this rank's shard, and tensors adamkit keeps 
 their own dtype come back unrounded.
 
 A quantized state dict stores each moment as codes and block scales (see
-:mod:`adamkit.quantization`), flat, so converting needs the params' shapes: pass the
+:mod:`adamkit.specs.quantization`), flat, so converting needs the params' shapes: pass the
 params (or their shapes) in ``state_dict`` order, i.e.
 ``[p for g in optimizer.param_groups for p in g["params"]]``.
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import blockwise, sharding
-from .quantization import FORMATS
+from .specs.quantization import FORMATS
 from .state import moment_keys
 
 #: every moment key a state may hold (Adam, AMSGrad, AdaMax)

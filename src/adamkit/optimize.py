@@ -136,7 +136,7 @@ def minimize(
     if project is not None:
         project(x)
     cls, fixed = METHODS[method]
-    optimizer = cls([x], lr=lr, backend="reference" if x.size < 1 << 16 else None, **fixed, **optimizer_options)
+    optimizer = cls([x], lr=lr, backend="single_tensor" if x.size < 1 << 16 else None, **fixed, **optimizer_options)
     f, g = evaluate(x)
     status, nit = 1, 0
     for nit in range(maxiter + 1):

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from .kernels import KERNELS
-from .master import MASTER_WEIGHTS
-from .quantization import FORMATS
-from .rounding import ROUNDINGS
 from .rule import Scalar, as_number, to_scalar
+from .specs.master import MASTER_WEIGHTS
+from .specs.quantization import FORMATS
+from .specs.rounding import ROUNDINGS
 
 #: The execution paths a param group may ask for; ``None`` picks per device.
 BACKENDS = (None, *KERNELS)
@@ -96,7 +96,7 @@ OPTIONS: tuple[Option, ...] = (
         "backend",
         None,
         _one_of(BACKENDS),
-        '``None`` (pick per device), ``"reference"`` (per-tensor torch ops, torch\'s single-tensor path), '
+        '``None`` (pick per device), ``"single_tensor"`` (torch\'s single-tensor path: per-tensor torch ops), '
         '``"foreach"`` (multi-tensor ops), ``"cpu"`` (numba) or ``"triton"``.  ``foreach=True`` and '
         "``fused=True`` map onto the matching adamkit path.  With a fused backend a "
         "``torch.amp.GradScaler`` hands over its scale and inf flag, as it does to torch's fused "
@@ -109,7 +109,7 @@ OPTIONS: tuple[Option, ...] = (
         _one_of(ROUNDINGS),
         'How bf16/fp16 params are stored after each update: ``"nearest"`` (torch\'s behaviour), '
         '``"kahan"`` (a compensation buffer carries what rounding lost) or ``"stochastic"`` (unbiased '
-        "random rounding, reproducible from ``seed``); see :mod:`adamkit.rounding`.  fp32/fp64 params "
+        "random rounding, reproducible from ``seed``); see :mod:`adamkit.specs.rounding`.  fp32/fp64 params "
         "are unaffected.",
     ),
     Option(
@@ -120,7 +120,7 @@ OPTIONS: tuple[Option, ...] = (
         'optimizer keeps (``state["master_low_bits"]``, +2 bytes per param), so the step runs on the '
         'fp32 master and its bits are those of the same run on fp32 params.  ``"24bit"``: 8 more bits '
         "(+1 byte), the master rounded stochastically to 16 significant bits after each update.  "
-        "``None``: the param is the weight.  See :mod:`adamkit.master`; needs "
+        "``None``: the param is the weight.  See :mod:`adamkit.specs.master`; needs "
         '``rounding="nearest"``; fp16 params cannot split.',
     ),
     Option(
@@ -129,7 +129,7 @@ OPTIONS: tuple[Option, ...] = (
         _one_of(STATE_PRECISIONS),
         'The moments\' storage: ``None`` (the param\'s dtype, as torch), ``"fp32"``, ``"bf16"``, or '
         'block-wise quantized ``"int8"`` / ``"int4"`` (about 2 and 1 bytes per param for both moments; '
-        "see :mod:`adamkit.quantization`).  Per param group, so a group can opt out.",
+        "see :mod:`adamkit.specs.quantization`).  Per param group, so a group can opt out.",
     ),
     Option(
         "seed",

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .master import MASTER_KEY, join_tensors, split_into
-from .rounding import is_low_precision
+from .specs.master import MASTER_KEY, join_tensors, split_into
+from .specs.rounding import is_low_precision
 from .state import COMPENSATION_KEY, has_compensation, has_master_bits, init_state
 
 #: normalization layers, usually kept in fp32: ``keep=NORMALIZATION_LAYERS``

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .reference import WeightDecayMode
+from .specs.reference import WeightDecayMode
 
 Algorithm = Literal["adam", "adamax"]
 

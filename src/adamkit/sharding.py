@@ -33,7 +33,7 @@ from collections.abc import Iterator, MutableMapping, Sequence
 from torch import Tensor
 
 from . import blockwise
-from .master import MASTER_KEY
+from .specs.master import MASTER_KEY
 from .state import COMPENSATION_KEY, SECOND_MOMENT_KEY
 
 #: state keys whose tensors are shaped (and, for a sharded param, sharded) like the param

@@ -61,9 +61,9 @@ from torch import Tensor
 
 from . import sharding
 from .kernels.types import as_real
-from .master import MASTER_KEY, join_tensors
-from .rounding import is_low_precision
 from .rule import UpdateRule, as_number
+from .specs.master import MASTER_KEY, join_tensors
+from .specs.rounding import is_low_precision
 from .state import COMPENSATION_KEY, moment_keys, moment_value
 
 

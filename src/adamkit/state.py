@@ -7,9 +7,9 @@ param, so a ``state_dict`` moves between adamkit and torch.optim in both directi
 Beyond torch: the moments' dtype follows the group's ``state_precision`` (``None``:
 the param's dtype, as torch); under ``"int8"``/``"int4"`` each moment is held as
 block-wise codes and scales instead (``exp_avg_int8`` and ``exp_avg_int8_scales``,
-see :mod:`adamkit.quantization`).  A bf16/fp16 param under ``rounding="kahan"`` has
+see :mod:`adamkit.specs.quantization`).  A bf16/fp16 param under ``rounding="kahan"`` has
 a ``kahan_compensation`` tensor in its own dtype, and under ``master_weights="fp32"`` a
-bf16 param has ``master_low_bits`` (int16 bits, see :mod:`adamkit.master`); torch.optim
+bf16 param has ``master_low_bits`` (int16 bits, see :mod:`adamkit.specs.master`); torch.optim
 ignores the extra keys.
 """
 
@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from . import blockwise
-from .master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
-from .quantization import FORMATS, is_quantized
-from .rounding import is_low_precision
 from .rule import Algorithm
+from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
+from .specs.quantization import FORMATS, is_quantized
+from .specs.rounding import is_low_precision
 
 #: name of the second state tensor per algorithm, as torch.optim names it
 SECOND_MOMENT_KEY: dict[str, str] = {"adam": "exp_avg_sq", "adamax": "exp_inf"}
@@ -77,7 +77,7 @@ def has_compensation(param: Tensor, group: dict) -> bool:
 
 
 #: the state tensor each param rounding mode keeps beside a 16-bit param (see
-#: :func:`adamkit.rounding.effective_rounding`): Kahan's compensation, a split master's low bits
+#: :func:`adamkit.specs.rounding.effective_rounding`): Kahan's compensation, a split master's low bits
 PARAM_EXTRA_KEY = {"kahan": COMPENSATION_KEY, "master": MASTER_KEY, "master24": MASTER_KEY}
 
 
@@ -97,7 +97,7 @@ def moment_value(state: dict, key: str, param: Tensor) -> Tensor | None:
 
 def moment_storage(state: dict, param: Tensor):
     """How an initialised state holds its moments: the (real) dtype of ``exp_avg``, or
-    the :class:`~adamkit.quantization.QuantFormat` it is quantized in."""
+    the :class:`~adamkit.specs.quantization.QuantFormat` it is quantized in."""
     if "exp_avg" in state:
         value = state["exp_avg"]
         return torch.view_as_real(value).dtype if value.is_complex() else value.dtype

@@ -27,9 +27,9 @@ from .diagnostics import Recorder
 from .kernels import GroupBatch, Kernel
 from .kernels.amp import unscaled
 from .options import check_group
-from .quantization import FORMATS
-from .rounding import is_low_precision
 from .rule import UpdateRule
+from .specs.quantization import FORMATS
+from .specs.rounding import is_low_precision
 from .state import check_state, init_state, state_dtype
 
 _grad_of = attrgetter("grad")
@@ -97,7 +97,7 @@ def backend_name(group: dict, devices: set[torch.device]) -> str | None:
     if group.get("foreach"):
         return "foreach"
     if group.get("foreach") is False:
-        return "reference"
+        return "single_tensor"
     return None
 
 

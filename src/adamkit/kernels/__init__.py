@@ -2,7 +2,7 @@
 
 A kernel is a plug-in: a ``step(batch, rule)`` function (:data:`StepFn`: one param
 group's tensors as a :class:`GroupBatch`, and its :class:`~adamkit.rule.UpdateRule`)
-plus one :class:`Kernel` entry below.  Per-tensor kernels (``reference``, ``foreach``)
+plus one :class:`Kernel` entry below.  Per-tensor kernels (``single_tensor``, ``foreach``)
 write ``adam`` and ``adamax`` for a list of tensors and are lifted to a step by
 :func:`~adamkit.kernels.lists.list_kernel`; the fused kernels (``cpu``, ``triton``)
 take the whole group, sharing their host side (:mod:`~adamkit.kernels.host`).  The
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu, foreach, reference
+from . import cpu, foreach, single_tensor
 from . import triton as triton_kernel
 from .lists import list_kernel
 from .types import GroupBatch, GroupTensors, StepFn
@@ -48,8 +48,11 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {
-    "reference": Kernel(
-        "reference", list_kernel(reference.adam, reference.adamax), differentiable=True, torch_exact=True
+    "single_tensor": Kernel(
+        "single_tensor",
+        list_kernel(single_tensor.adam, single_tensor.adamax),
+        differentiable=True,
+        torch_exact=True,
     ),
     "foreach": Kernel("foreach", list_kernel(foreach.adam, foreach.adamax), torch_exact=True),
     "cpu": Kernel("cpu", cpu.step, device_types=frozenset({"cpu"}), fused=True, amp=True, available=cpu.available),
@@ -87,10 +90,10 @@ def fused_backend(devices: set[torch.device]) -> str:
 
 
 def default_backend(devices: set[torch.device], *, differentiable: bool) -> str:
-    """The backend used when a group says ``backend=None``: autograd needs the reference
+    """The backend used when a group says ``backend=None``: autograd needs the single-tensor
     path; otherwise the device's fused kernel, else multi-tensor foreach ops."""
     if differentiable:
-        return "reference"
+        return "single_tensor"
     return fused_backend(devices)
 
 
@@ -102,7 +105,7 @@ def resolve(backend: str | None, devices: set[torch.device], *, differentiable: 
     name = backend or default_backend(devices, differentiable=differentiable)
     kernel = KERNELS[name]
     if differentiable and not kernel.differentiable:
-        raise ValueError(f"backend={name!r} does not support differentiable=True (use backend='reference' or None)")
+        raise ValueError(f"backend={name!r} does not support differentiable=True (use backend='single_tensor' or None)")
     if not kernel.available():
         raise ValueError(f"backend={name!r} is not available in this installation")
     for device in devices:

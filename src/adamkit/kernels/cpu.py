@@ -17,7 +17,7 @@ stored back with round-to-nearest-even):
         (\sqrt{\max(v^{max}, v)} / \text{bias\_correction2\_sqrt} + \epsilon)
         \ \text{or}\ m / u
 
-Storage (:mod:`adamkit.rounding`): states may have their own dtype
+Storage (:mod:`adamkit.specs.rounding`): states may have their own dtype
 (``state_precision``); a bf16/fp16 param is stored to nearest, with a Kahan
 compensation (:math:`\theta = p + c`, :math:`p = rn(\theta')`,
 :math:`c = rn(\theta' - p)`) or stochastically; 16-bit and quantized moments are
@@ -61,9 +61,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import quantization, rounding
-from ..quantization import MIN_EXPONENT, QuantFormat
 from ..rule import DECOUPLED_DECAY, L2_DECAY, UpdateRule, step_scalar_arrays
+from ..specs import quantization, rounding
+from ..specs.quantization import MIN_EXPONENT, QuantFormat
 from ..state import PARAM_EXTRA_KEY, moment_storage
 from .amp import inverse_scale
 from .host import COLUMNS, STATE_COLUMNS, HostCounters, chunk_table, group_constants, state_keys, state_row
@@ -225,7 +225,7 @@ if numba is not None:
 
     def _format_of(state_witness, sign_witness):
         """(format, signed) named by a quantized state witness and a sign witness."""
-        from ..quantization import FORMATS
+        from ..specs.quantization import FORMATS
 
         return FORMATS["int8" if state_witness.dtype == types.int8 else "int4"], sign_witness.dtype == types.int8
 

@@ -1,8 +1,8 @@
 """Multi-tensor ``torch._foreach_*`` ops: the same element-wise sequence as
-:mod:`adamkit.kernels.reference`, issued once per list instead of once per tensor.
+:mod:`adamkit.kernels.single_tensor`, issued once per list instead of once per tensor.
 
 Each op is applied to every tensor before the next op starts, so the arithmetic per
-element is exactly the reference kernel's; on CPU the results are bit-identical.
+element is exactly the single-tensor kernel's; on CPU the results are bit-identical.
 Tensors are grouped by (device, dtype) so accelerators take their fused list paths.
 Tensor step scalars (the capturable path) are applied with tensor-list ops, without
 reading them on the host.

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .. import blockwise
-from ..quantization import QuantFormat
 from ..rule import Algorithm, GroupScalars
+from ..specs.quantization import QuantFormat
 from ..state import PARAM_EXTRA_KEY, moment_keys
 
 #: the address table's columns (see the module docstring)

@@ -1,8 +1,8 @@
 """The numba LLVM intrinsics of the fused CPU kernel (:mod:`adamkit.kernels.cpu`):
 typed pointers from raw addresses, exact 16-bit float conversions and their
-stochastic rounding, the counter-based random bits of :mod:`adamkit.rounding`, the
-bit arithmetic of the quantized maps (:mod:`adamkit.quantization`) and of split
-master weights (:mod:`adamkit.master`).
+stochastic rounding, the counter-based random bits of :mod:`adamkit.specs.rounding`, the
+bit arithmetic of the quantized maps (:mod:`adamkit.specs.quantization`) and of split
+master weights (:mod:`adamkit.specs.master`).
 
 Each is straight-line IR with at most a select, so that the element loops that inline
 them vectorize; integer work is done in 32 bits (numba widens integer arithmetic to
@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, types
 from numba.core.extending import intrinsic
 
-from ..rounding import MIX_MULTIPLIERS
+from ..specs.rounding import MIX_MULTIPLIERS
 
 
 @intrinsic

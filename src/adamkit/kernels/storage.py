@@ -1,6 +1,6 @@
 r"""Storage policies for the torch-op kernels (reference and foreach): run the element
 math in the compute dtype on widened copies, then store back with the group's
-rounding (:mod:`adamkit.rounding` specifies it; this is its torch implementation).
+rounding (:mod:`adamkit.specs.rounding` specifies it; this is its torch implementation).
 
 A param is *widened* when it is a bf16/fp16 param, or its states are kept in another
 dtype or quantized (``state_precision``).  Everything else (fp32 and fp64 params with
@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import blockwise, rounding
-from ..master import MASTER_KEY, join_tensors, split_into
-from ..quantization import QuantFormat
-from ..rounding import MASK32, MIX_MULTIPLIERS
+from .. import blockwise
 from ..rule import UpdateRule
+from ..specs import rounding
+from ..specs.master import MASTER_KEY, join_tensors, split_into
+from ..specs.quantization import QuantFormat
+from ..specs.rounding import MASK32, MIX_MULTIPLIERS
 from ..state import moment_keys
 from .types import GroupTensors
 
@@ -36,7 +37,7 @@ def _multiply32(x: Tensor, constant: int) -> Tensor:
 
 
 def mix32(x: Tensor) -> Tensor:
-    """:func:`adamkit.rounding.mix32` on an int64 tensor of uint32 values."""
+    """:func:`adamkit.specs.rounding.mix32` on an int64 tensor of uint32 values."""
     x = x & MASK32
     x = x ^ (x >> 16)
     x = _multiply32(x, MIX_MULTIPLIERS[0])

@@ -42,9 +42,9 @@ import os
 import numpy as np
 import torch
 
-from .. import rounding
-from ..quantization import SNAP_TO_TOP, QuantFormat
 from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule, step_scalar_arrays
+from ..specs import rounding
+from ..specs.quantization import SNAP_TO_TOP, QuantFormat
 from ..state import PARAM_EXTRA_KEY, moment_storage
 from . import foreach, storage
 from .amp import unscaled

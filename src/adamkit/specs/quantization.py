@@ -42,7 +42,7 @@ with probability :math:`(r - lo) / (hi - lo)`, so that the stored value is the e
 one in expectation.  Rounding to nearest would freeze a second moment: near
 convergence, :math:`v` must decay by :math:`1 - \beta_2` (0.1 %) per step, far less
 than half a level, so a nearest-rounded block requantizes to itself, step after step,
-while the gradients shrink.  The random bits are those of :mod:`adamkit.rounding`
+while the gradients shrink.  The random bits are those of :mod:`adamkit.specs.rounding`
 (16 bits :math:`u` per element, a hash of seed, param, slot, step and element), so
 every backend stores the same codes:
 

@@ -25,7 +25,7 @@ exponential moving averages, and near convergence the second moment must decay b
 :math:`1 - \beta_2` (0.1 %) per step, below half a bf16 spacing (0.2 % to 0.4 %), so
 a moment rounded to nearest stops following its gradients (it freezes at a value many
 times too large, and the updates shrink).  Quantized moments are rounded the same way
-(:mod:`adamkit.quantization`).
+(:mod:`adamkit.specs.quantization`).
 
 Stochastic rounding draws its random numbers from a counter-based generator: the
 16 random bits for element :math:`i` of stream :math:`s` at step :math:`t` are a
@@ -181,7 +181,7 @@ def is_low_precision(dtype: torch.dtype) -> bool:
 def effective_rounding(rounding: str, param_dtype: torch.dtype) -> str:
     """What an update rule's ``rounding`` does to params of ``param_dtype``: Kahan and
     stochastic rounding apply to 16-bit params, split master weights ("master", see
-    :mod:`adamkit.master`) to bf16 ones; everything else is rounded to nearest."""
+    :mod:`adamkit.specs.master`) to bf16 ones; everything else is rounded to nearest."""
     if rounding in ("kahan", "stochastic") and is_low_precision(param_dtype):
         return rounding
     if rounding in ("master", "master24") and param_dtype == torch.bfloat16:

@@ -31,7 +31,7 @@ pattern.
 per param): the master weight is an fp32 number whose low 8 bits are zero (16
 significant bits, 8 more than bf16), :math:`b = 2^{16} p + 2^8 \ell_8`.  After the
 fp32 update the new pattern is rounded to that grid *stochastically*, with the param
-slot's random bits :math:`u` (see :mod:`adamkit.rounding`): :math:`b' = (b + \lfloor
+slot's random bits :math:`u` (see :mod:`adamkit.specs.rounding`): :math:`b' = (b + \lfloor
 u / 2^8 \rfloor)` with its low 8 bits cleared (adding to a sign-magnitude pattern
 rounds the magnitude away from zero with the dropped fraction's probability), then
 split as above, :math:`\ell_8 = (b' - 2^{16} p) / 2^8 \in [-2^7, 2^7)`.  A NaN stays

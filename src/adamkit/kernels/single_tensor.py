@@ -1,4 +1,5 @@
-r"""Per-tensor torch ops: the readable path, the one autograd can flow through.
+r"""torch's single-tensor path (``foreach=False``): per-tensor torch ops, the readable
+path, the one autograd can flow through.
 
 For each tensor, in the order ``torch.optim.Adam(foreach=False)`` uses, so results
 are bit-identical to it:
