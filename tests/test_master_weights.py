@@ -1,4 +1,4 @@
-"""Split master weights (``master_weights="fp32"``, adamkit.master): a bf16 param plus
+"""Split master weights (``master_weights="fp32"`` and ``"24bit"``, adamkit.specs.master): a bf16 param plus
 16 bits of state *is* an fp32 weight, so the run is bit for bit the run on fp32 params
 fed the same gradients, on every backend; the oracle is that run (and on the reference
 backend torch.optim.AdamW(foreach=False) itself)."""
@@ -13,7 +13,7 @@ import torch
 from matrix import DEVICE, DEVICE_BACKENDS
 
 import adamkit
-from adamkit import master
+from adamkit import master, rounding
 from adamkit.specs.master import MASTER_KEY, join_tensors
 
 #: the interpreter runs the Triton kernel in NumPy: fewer steps there
@@ -239,6 +239,29 @@ def test_the_24bit_master_follows_the_fp32_run_within_its_stochastic_rounding(ba
     assert ours.state[split[0]][MASTER_KEY].dtype == torch.int8
     for p, q in zip(split, full):  # the moments see the same gradients: fp32's, bit for bit
         assert torch.equal(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_the_24bit_master_is_stored_as_its_spec_says(backend):
+    """Each step stores ``master.split24`` of the fp32 result, with the param stream's
+    random bits (:mod:`adamkit.specs.rounding`): the fp32 run is put on the 24-bit
+    master before each step, so its result is the one the split master rounds."""
+    ours, split, theirs, full = _pair(backend, mode="24bit")
+    g = torch.Generator().manual_seed(1)
+    for step in (1, 2, 3):
+        for p, q in zip(split, full):
+            with torch.no_grad():  # before the first step the master is the bf16 param
+                q.copy_(join_tensors(p, ours.state[p][MASTER_KEY]) if ours.state[p] else p.float())
+            grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            p.grad, q.grad = grad.to(DEVICE), grad.float().to(DEVICE)
+        ours.step()
+        theirs.step()
+        for index, (p, q) in enumerate(zip(split, full)):
+            stream = rounding.stream_key(3, rounding.SLOTS * index + rounding.PARAM_SLOT)
+            bits = rounding.random_bits(int(rounding.step_keys(stream, step)), q.numel())
+            high, low = master.split24(q.detach().cpu().numpy(), bits.reshape(q.shape))
+            assert np.array_equal(_bits(p).cpu().numpy().view(np.uint16), high), f"param {index}, step {step}"
+            assert np.array_equal(ours.state[p][MASTER_KEY].cpu().numpy(), low), f"low bits {index}, step {step}"
 
 
 def test_24bit_keeps_fine_tuning_decay_in_expectation():

@@ -117,7 +117,7 @@ tracking fp32 Adam over thousands of steps of shrinking gradients
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -348,14 +348,6 @@ def level_values(codes: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed
     return (s * level.astype(np.float32)).astype(np.float32)
 
 
-def level_table(fmt: QuantFormat, signed: bool) -> np.ndarray:
-    """fp32 level of every code; a value is ``scale * level`` (the same product as
-    :func:`level_values`)."""
-    codes = np.arange(1 << fmt.bits)
-    whole = replace(fmt, block=codes.size, second_block=None)
-    return level_values(codes, np.ones(1, dtype=np.float32), whole, signed)
-
-
 def pack(codes: np.ndarray, fmt: QuantFormat) -> np.ndarray:
     """Unpacked codes as the stored uint8 bytes (two per byte for int4)."""
     codes = np.asarray(codes, dtype=np.uint8).ravel()
@@ -402,7 +394,6 @@ __all__ = [
     "dequantize",
     "is_quantized",
     "level_codes",
-    "level_table",
     "level_values",
     "pack",
     "quantize",
