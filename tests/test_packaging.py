@@ -4,6 +4,7 @@ are extras, and what needs one says which when it is missing."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -23,17 +24,33 @@ def test_the_core_requirements_are_torch_numpy_and_numba():
     assert core == {"numpy", "torch", "numba"}
 
 
-def _run_without_extras(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter that sees this environment's packages except the
-    extras' (a site directory of links, no .pth files, ``python -S``)."""
+def _install_without_extras(tmp_path: Path) -> list[str]:
+    """adamkit as ``pip install --no-deps`` installs it (from a copy of its source, so
+    the wheel's package list is what is tested), and a site directory of links to this
+    environment's packages except the extras' (no .pth files): the ``PYTHONPATH`` of a
+    core install."""
+    repo = Path(adamkit.__file__).resolve().parents[2]
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc", "*.egg-info")
+    shutil.copytree(repo / "src", source / "src", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    target = tmp_path / "installed"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    subprocess.run([*pip, "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     site = Path(sysconfig.get_paths()["purelib"])
     lean = tmp_path / "site"
     lean.mkdir()
     for entry in site.iterdir():
-        if not entry.name.lower().startswith(EXTRA_ENTRIES) and entry.suffix != ".pth":
+        keep = not entry.name.lower().startswith(EXTRA_ENTRIES + ("adamkit", "__editable__"))
+        if keep and entry.suffix != ".pth":
             (lean / entry.name).symlink_to(entry)
-    source = Path(adamkit.__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(lean)])}
+    return [str(target), str(lean)]
+
+
+def _run_without_extras(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (``python -S``) on a core install."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(_install_without_extras(tmp_path))}
     return subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -41,6 +58,7 @@ def test_without_the_extras_adamkit_steps_and_the_cli_names_the_extra_it_needs(t
     code = f"""
 import sys, torch, adamkit
 from adamkit import cli
+assert "installed" in adamkit.__file__, adamkit.__file__
 p = torch.nn.Parameter(torch.randn(10))
 p.grad = torch.randn(10)
 adamkit.AdamW([p]).step()
