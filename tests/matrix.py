@@ -124,60 +124,54 @@ class Case:
 TORCH_EXACT_BACKENDS = tuple(name for name, kernel in KERNELS.items() if kernel.torch_exact)
 
 
+def _cases(*, torch_expressible: bool, **grid: tuple) -> list[Case]:
+    """A :class:`Case` per combination of ``grid``'s values (field name -> values), each
+    with and without amsgrad where the optimizer has it; a capturable case takes a
+    tensor lr.  ``torch_expressible``: only what torch.optim's classes can express."""
+    cases = []
+    for values in itertools.product(*grid.values()):
+        fields = dict(zip(grid, values))
+        name, decay = fields["optimizer"], fields["weight_decay"]
+        if name == "AdamW" and decay == "l2":
+            continue  # AdamW's decay is always decoupled
+        if torch_expressible and name == "AdaMax" and decay == "decoupled":
+            continue  # torch.optim.Adamax has no decoupled decay
+        if fields.get("capturable"):
+            fields["tensor_lr"] = True
+        for amsgrad in (False, True) if name != "AdaMax" else (False,):
+            cases.append(Case(**fields, amsgrad=amsgrad))
+    return cases
+
+
 def torch_comparable_cases(backends=None) -> list[Case]:
     """Every combination torch.optim can be compared with bit for bit, for every kernel
     that promises torch's bits (the others are held to the reference instead)."""
-    backends = backends or TORCH_EXACT_BACKENDS
-    cases = []
-    for name, backend, dtype, maximize, wd, tensor_lr, cplx in itertools.product(
-        OPTIMIZERS, backends, (torch.float32, torch.float64), (False, True), WEIGHT_DECAYS, (False, True), (False, True)
-    ):
-        if name == "AdamW" and wd == "l2":
-            continue  # AdamW's decay is always decoupled
-        if name == "AdaMax" and wd == "decoupled":
-            continue  # torch.optim.Adamax has no decoupled decay
-        for amsgrad in (False, True) if name != "AdaMax" else (False,):
-            cases.append(
-                Case(
-                    optimizer=name,
-                    dtype=dtype,
-                    amsgrad=amsgrad,
-                    maximize=maximize,
-                    weight_decay=wd,
-                    tensor_lr=tensor_lr,
-                    complex_params=cplx,
-                    backend=backend,
-                )
-            )
-    return cases
+    return _cases(
+        torch_expressible=True,
+        optimizer=tuple(OPTIMIZERS),
+        backend=backends or TORCH_EXACT_BACKENDS,
+        dtype=(torch.float32, torch.float64),
+        maximize=(False, True),
+        weight_decay=WEIGHT_DECAYS,
+        tensor_lr=(False, True),
+        complex_params=(False, True),
+    )
 
 
 def reference_cases(backends=None) -> list[Case]:
     """Every option adamkit has, including those torch lacks, for the NumPy oracle.
 
     Capturable groups take the tensor-scalar path (no host sync), with a tensor lr."""
-    backends = backends or DEVICE_BACKENDS
-    cases = []
-    for name, backend, maximize, wd, cplx, capturable in itertools.product(
-        OPTIMIZERS, backends, (False, True), WEIGHT_DECAYS + ("fully_decoupled",), (False, True), (False, True)
-    ):
-        if name == "AdamW" and wd == "l2":
-            continue
-        for amsgrad in (False, True) if name != "AdaMax" else (False,):
-            cases.append(
-                Case(
-                    optimizer=name,
-                    dtype=torch.float64,
-                    amsgrad=amsgrad,
-                    maximize=maximize,
-                    weight_decay=wd,
-                    tensor_lr=capturable,
-                    complex_params=cplx,
-                    backend=backend,
-                    capturable=capturable,
-                )
-            )
-    return cases
+    return _cases(
+        torch_expressible=False,
+        optimizer=tuple(OPTIMIZERS),
+        backend=backends or DEVICE_BACKENDS,
+        dtype=(torch.float64,),
+        maximize=(False, True),
+        weight_decay=WEIGHT_DECAYS + ("fully_decoupled",),
+        complex_params=(False, True),
+        capturable=(False, True),
+    )
 
 
 #: named optimizer configurations (class, keyword arguments): between them every
