@@ -53,27 +53,31 @@ def _add_scaled(target: Tensor, value: Tensor, weight) -> None:
         target.add_(value, alpha=weight)
 
 
-def _fold(moments: list[Tensor], grad: Tensor, group: GroupScalars, first: bool, weight: float, adamax: bool) -> None:
+def _fold(
+    moments: list[Tensor], grad: Tensor, group_scalars: GroupScalars, first: bool, weight: float, adamax: bool
+) -> None:
     """Fold one micro-batch gradient into (m, v or u[, v_max]); the first of an update
     also decays the moments by beta."""
     exp_avg, second = moments[0], moments[1]
     if first:
-        exp_avg.mul_(group.beta1)
-    _add_scaled(exp_avg, grad, (1 - group.beta1) * weight)
+        exp_avg.mul_(group_scalars.beta1)
+    _add_scaled(exp_avg, grad, (1 - group_scalars.beta1) * weight)
     if adamax:
-        norm = grad.abs().add_(group.eps)
-        torch.maximum(second.mul_(group.beta2) if first else second, norm, out=second)
+        norm = grad.abs().add_(group_scalars.eps)
+        torch.maximum(second.mul_(group_scalars.beta2) if first else second, norm, out=second)
         return
     if first:
-        second.mul_(group.beta2)
-    _add_scaled(second, grad * grad, group.one_minus_beta2 * weight)
+        second.mul_(group_scalars.beta2)
+    _add_scaled(second, grad * grad, group_scalars.one_minus_beta2 * weight)
 
 
-def _update(param: Tensor, moments: list[Tensor], rule: UpdateRule, group: GroupScalars, step_t: Tensor) -> None:
+def _update(
+    param: Tensor, moments: list[Tensor], rule: UpdateRule, group_scalars: GroupScalars, step_t: Tensor
+) -> None:
     """The weight update from the accumulated moments (decoupled decay first)."""
     step_t += 1
     scalars = rule.step_scalars(step_t.to(torch.float64) if rule.capturable else step_t.item())
-    single_tensor.decay_param(param, group)
+    single_tensor.decay_param(param, group_scalars)
     if rule.algorithm == "adamax":
         single_tensor.apply_update(as_real(param), moments[0], moments[1], scalars.step_size)
         return
@@ -82,12 +86,15 @@ def _update(param: Tensor, moments: list[Tensor], rule: UpdateRule, group: Group
         torch.maximum(moments[2], second, out=moments[2])
         second = moments[2]
     single_tensor.apply_update(
-        as_real(param), moments[0], single_tensor.adam_denominator(second, scalars, group.eps), scalars.step_size
+        as_real(param),
+        moments[0],
+        single_tensor.adam_denominator(second, scalars, group_scalars.eps),
+        scalars.step_size,
     )
 
 
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
-    """One micro-batch for every param of the group."""
+    """One micro-batch for every param of the group_scalars."""
     states = batch.states
     steps = [s["step"] for s in states]
     counts = [s.get(COUNT_KEY, 0) for s in states]
@@ -97,15 +104,15 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     work, store = widened(
         batch.params, batch.grads, states, micro_steps, rule, batch.param_indices, batch.element_offsets
     )
-    group = rule.group_scalars()
+    group_scalars = rule.group_scalars()
     adamax = rule.algorithm == "adamax"
     last = [c + 1 >= n for c in counts]
     for i, param in enumerate(work.params):
         moments = [as_real(m[i]) for m in (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs) if m]
-        grad = as_real(single_tensor.effective_gradient(param, work.grads[i], rule, group))
-        _fold(moments, grad, group, first=counts[i] == 0, weight=1.0 / n, adamax=adamax)
+        grad = as_real(single_tensor.effective_gradient(param, work.grads[i], rule, group_scalars))
+        _fold(moments, grad, group_scalars, first=counts[i] == 0, weight=1.0 / n, adamax=adamax)
         if last[i]:
-            _update(param, moments, rule, group, steps[i])
+            _update(param, moments, rule, group_scalars, steps[i])
         states[i][COUNT_KEY] = 0 if last[i] else counts[i] + 1
     store(last)
 

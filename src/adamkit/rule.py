@@ -70,7 +70,7 @@ class GroupScalars:
     l2_weight_decay: float
     #: factor multiplying the param before the update, or ``None`` for no decoupled decay
     decay_factor: Scalar | None
-    keep_tensors: bool = False
+    keeps_tensors: bool = False
 
     @property
     def decay_kind(self) -> int:
@@ -91,7 +91,7 @@ class GroupScalars:
         if self.algorithm == "adam":
             beta1 = beta1.to(device=param.device, dtype=param.dtype)
         weight = 1 - beta1
-        if self.keep_tensors or self.algorithm == "adamax":
+        if self.keeps_tensors or self.algorithm == "adamax":
             return weight
         return weight.item()
 
@@ -189,7 +189,7 @@ class UpdateRule:
             eps=self.eps,
             l2_weight_decay=self.weight_decay if self.weight_decay_mode == "l2" else 0.0,
             decay_factor=None if decay_factor is None else self._finish(decay_factor),
-            keep_tensors=self.keeps_tensors,
+            keeps_tensors=self.keeps_tensors,
         )
 
     def step_scalars(self, step: Scalar) -> StepScalars:

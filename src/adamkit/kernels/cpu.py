@@ -672,7 +672,7 @@ def _dense(t: Tensor) -> bool:
 
 
 class _Bucket:
-    """The cached, validated addresses of one (param dtype, state dtype) bucket of a group.
+    """The cached, validated addresses of one (param dtype, state dtype) bucket of a group_scalars.
 
     ``direct`` tensors are updated in place; the others are staged: their param,
     gradient and state are copied into contiguous buffers, updated there, and copied
@@ -800,15 +800,17 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
 
 
 def _flags_and_constants(rule: UpdateRule, grad_scale: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-    group = rule.group_scalars()
-    flags = np.array([ALGORITHMS[rule.algorithm], rule.maximize, rule.amsgrad, group.decay_kind], dtype=np.int64)
+    group_scalars = rule.group_scalars()
+    flags = np.array(
+        [ALGORITHMS[rule.algorithm], rule.maximize, rule.amsgrad, group_scalars.decay_kind], dtype=np.int64
+    )
     gradient_factor = 1.0 if grad_scale is None else inverse_scale(grad_scale).item()
-    constants = np.array([*map(float, group_constants(group)), gradient_factor], dtype=np.float64)
+    constants = np.array([*map(float, group_constants(group_scalars)), gradient_factor], dtype=np.float64)
     return flags, constants
 
 
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
-    """Advance the steps and update every tensor of the group, one compiled call per bucket.
+    """Advance the steps and update every tensor of the group_scalars, one compiled call per bucket.
 
     A GradScaler's ``found_inf`` skips the step before anything moves (reading it
     costs nothing on the CPU); its ``grad_scale`` is divided out in the kernel."""

@@ -40,18 +40,18 @@ def _buckets(tensors: GroupTensors, steps: Sequence[StepScalars]):
         yield bucket, [steps[i] for i in members]
 
 
-def _decayed_gradients(t: GroupTensors, rule: UpdateRule, group: GroupScalars) -> list[Tensor]:
+def _decayed_gradients(t: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars) -> list[Tensor]:
     """Apply ``maximize`` and weight decay; the user's ``.grad`` tensors are never written."""
     grads = t.grads
     if rule.maximize:
         grads = torch._foreach_neg(grads)
-    if group.decay_factor is not None:
-        torch._foreach_mul_(t.params, group.decay_factor)
-    elif group.l2_weight_decay != 0:
+    if group_scalars.decay_factor is not None:
+        torch._foreach_mul_(t.params, group_scalars.decay_factor)
+    elif group_scalars.l2_weight_decay != 0:
         if rule.maximize:
-            torch._foreach_add_(grads, t.params, alpha=group.l2_weight_decay)
+            torch._foreach_add_(grads, t.params, alpha=group_scalars.l2_weight_decay)
         else:
-            grads = torch._foreach_add(grads, t.params, alpha=group.l2_weight_decay)
+            grads = torch._foreach_add(grads, t.params, alpha=group_scalars.l2_weight_decay)
     return grads
 
 
@@ -75,14 +75,14 @@ def _apply_updates(params: list[Tensor], exp_avgs: list[Tensor], denoms: list[Te
         torch._foreach_addcdiv_(params, exp_avgs, denoms, [-s for s in step_sizes])
 
 
-def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
+def adam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
     for t, bucket_steps in _buckets(tensors, steps):
-        grads = _real(_decayed_gradients(t, rule, group))
+        grads = _real(_decayed_gradients(t, rule, group_scalars))
         params, exp_avgs, exp_avg_sqs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
 
-        torch._foreach_lerp_(exp_avgs, grads, _number(group.one_minus_beta1(params[0])))
-        torch._foreach_mul_(exp_avg_sqs, _number(group.beta2))
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, _number(group.one_minus_beta2))
+        torch._foreach_lerp_(exp_avgs, grads, _number(group_scalars.one_minus_beta1(params[0])))
+        torch._foreach_mul_(exp_avg_sqs, _number(group_scalars.beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, _number(group_scalars.one_minus_beta2))
         second_moments = exp_avg_sqs
         if rule.amsgrad:
             second_moments = _real(t.max_exp_avg_sqs)
@@ -90,18 +90,18 @@ def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Se
 
         denoms = torch._foreach_sqrt(second_moments)
         torch._foreach_div_(denoms, [s.bias_correction2_sqrt for s in bucket_steps])
-        torch._foreach_add_(denoms, group.eps)
+        torch._foreach_add_(denoms, group_scalars.eps)
         _apply_updates(params, exp_avgs, denoms, bucket_steps)
 
 
-def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
+def adamax(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
     for t, bucket_steps in _buckets(tensors, steps):
-        grads = _real(_decayed_gradients(t, rule, group))
+        grads = _real(_decayed_gradients(t, rule, group_scalars))
         params, exp_avgs, exp_infs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
 
-        torch._foreach_lerp_(exp_avgs, grads, _number(group.one_minus_beta1(params[0])))
+        torch._foreach_lerp_(exp_avgs, grads, _number(group_scalars.one_minus_beta1(params[0])))
         norms = torch._foreach_abs(grads)
-        torch._foreach_add_(norms, group.eps)
-        torch._foreach_mul_(exp_infs, _number(group.beta2))
+        torch._foreach_add_(norms, group_scalars.eps)
+        torch._foreach_mul_(exp_infs, _number(group_scalars.beta2))
         torch._foreach_maximum_(exp_infs, norms)
         _apply_updates(params, exp_avgs, exp_infs, bucket_steps)

@@ -44,12 +44,19 @@ STATE_COLUMNS = len(COLUMNS) - 2
 GROUP_CONSTANTS = ("decay_factor", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_weight_decay")
 
 
-def group_constants(group: GroupScalars) -> tuple:
+def group_constants(group_scalars: GroupScalars) -> tuple:
     """:data:`GROUP_CONSTANTS` of a group; a tensor hyperparameter (a capturable
     group's) stays a tensor, in float64."""
-    beta1 = group.beta1.to(torch.float64) if isinstance(group.beta1, Tensor) else group.beta1
-    decay_factor = 1.0 if group.decay_factor is None else group.decay_factor
-    return (decay_factor, 1.0 - beta1, group.beta2, group.one_minus_beta2, group.eps, group.l2_weight_decay)
+    beta1 = group_scalars.beta1.to(torch.float64) if isinstance(group_scalars.beta1, Tensor) else group_scalars.beta1
+    decay_factor = 1.0 if group_scalars.decay_factor is None else group_scalars.decay_factor
+    return (
+        decay_factor,
+        1.0 - beta1,
+        group_scalars.beta2,
+        group_scalars.one_minus_beta2,
+        group_scalars.eps,
+        group_scalars.l2_weight_decay,
+    )
 
 
 def state_keys(algorithm: Algorithm, amsgrad: bool, fmt: QuantFormat | None, mode: str) -> tuple[list[str], int]:

@@ -13,7 +13,7 @@ from .types import GroupBatch, GroupTensors, StepFn
 
 class ListKernelFn(Protocol):
     def __call__(
-        self, tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]
+        self, tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
     ) -> None: ...
 
 

@@ -36,34 +36,34 @@ from ..rule import GroupScalars, StepScalars, UpdateRule
 from .types import GroupTensors, as_real
 
 
-def effective_gradient(param: Tensor, grad: Tensor, rule: UpdateRule, group: GroupScalars) -> Tensor:
+def effective_gradient(param: Tensor, grad: Tensor, rule: UpdateRule, group_scalars: GroupScalars) -> Tensor:
     """``maximize`` and L2 weight decay applied to the gradient (a new tensor if either is on)."""
     if rule.maximize:
         grad = -grad
-    if group.decay_factor is None and group.l2_weight_decay != 0:
-        grad = grad.add(param, alpha=group.l2_weight_decay)
+    if group_scalars.decay_factor is None and group_scalars.l2_weight_decay != 0:
+        grad = grad.add(param, alpha=group_scalars.l2_weight_decay)
     return grad
 
 
-def decay_param(param: Tensor, group: GroupScalars) -> None:
+def decay_param(param: Tensor, group_scalars: GroupScalars) -> None:
     """Decoupled weight decay: theta <- theta * decay_factor."""
-    if group.decay_factor is not None:
-        param.mul_(group.decay_factor)
+    if group_scalars.decay_factor is not None:
+        param.mul_(group_scalars.decay_factor)
 
 
-def _decayed_gradient(param: Tensor, grad: Tensor, rule: UpdateRule, group: GroupScalars) -> Tensor:
+def _decayed_gradient(param: Tensor, grad: Tensor, rule: UpdateRule, group_scalars: GroupScalars) -> Tensor:
     """Apply ``maximize`` and weight decay (decoupled: to the param; L2: to the gradient)."""
-    decay_param(param, group)
-    return effective_gradient(param, grad, rule, group)
+    decay_param(param, group_scalars)
+    return effective_gradient(param, grad, rule, group_scalars)
 
 
-def _second_moment_update(exp_avg_sq: Tensor, grad: Tensor, group: GroupScalars) -> None:
+def _second_moment_update(exp_avg_sq: Tensor, grad: Tensor, group_scalars: GroupScalars) -> None:
     """v <- beta2 v + (1 - beta2) g^2; as ``lerp`` towards g^2 when (1 - beta2) is a tensor."""
-    if isinstance(group.one_minus_beta2, Tensor):
-        weight = group.one_minus_beta2.to(device=exp_avg_sq.device, dtype=exp_avg_sq.dtype)
+    if isinstance(group_scalars.one_minus_beta2, Tensor):
+        weight = group_scalars.one_minus_beta2.to(device=exp_avg_sq.device, dtype=exp_avg_sq.dtype)
         exp_avg_sq.lerp_(grad.square(), weight)
     else:
-        exp_avg_sq.mul_(group.beta2).addcmul_(grad, grad, value=group.one_minus_beta2)
+        exp_avg_sq.mul_(group_scalars.beta2).addcmul_(grad, grad, value=group_scalars.one_minus_beta2)
 
 
 def adam_denominator(second_moment: Tensor, step: StepScalars, eps: float) -> Tensor:
@@ -79,14 +79,14 @@ def apply_update(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, diffe
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
+def adam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
     for i, param in enumerate(tensors.params):
-        grad = _decayed_gradient(param, tensors.grads[i], rule, group)
+        grad = _decayed_gradient(param, tensors.grads[i], rule, group_scalars)
         param, grad = as_real(param), as_real(grad)
         exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
 
-        exp_avg.lerp_(grad, group.one_minus_beta1(param))
-        _second_moment_update(exp_avg_sq, grad, group)
+        exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
+        _second_moment_update(exp_avg_sq, grad, group_scalars)
         second_moment = exp_avg_sq
         if rule.amsgrad:
             max_exp_avg_sq = as_real(tensors.max_exp_avg_sqs[i])
@@ -96,22 +96,22 @@ def adam(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Se
                 torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
             second_moment = max_exp_avg_sq
 
-        denom = adam_denominator(second_moment, steps[i], group.eps)
+        denom = adam_denominator(second_moment, steps[i], group_scalars.eps)
         apply_update(param, exp_avg, denom, steps[i].step_size, rule.differentiable)
 
 
-def adamax(tensors: GroupTensors, rule: UpdateRule, group: GroupScalars, steps: Sequence[StepScalars]) -> None:
+def adamax(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
     for i, param in enumerate(tensors.params):
-        grad = _decayed_gradient(param, tensors.grads[i], rule, group)
+        grad = _decayed_gradient(param, tensors.grads[i], rule, group_scalars)
         param, grad = as_real(param), as_real(grad)
         exp_avg, exp_inf = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
 
-        exp_avg.lerp_(grad, group.one_minus_beta1(param))
-        norm = grad.abs().add_(group.eps)
+        exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
+        norm = grad.abs().add_(group_scalars.eps)
         if rule.differentiable:
-            exp_inf.copy_(torch.maximum(exp_inf.mul(group.beta2), norm))
+            exp_inf.copy_(torch.maximum(exp_inf.mul(group_scalars.beta2), norm))
         else:
-            torch.maximum(exp_inf.mul_(group.beta2), norm, out=exp_inf)
+            torch.maximum(exp_inf.mul_(group_scalars.beta2), norm, out=exp_inf)
         apply_update(
             param, exp_avg, exp_inf.clone() if rule.differentiable else exp_inf, steps[i].step_size, rule.differentiable
         )

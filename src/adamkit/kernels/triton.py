@@ -3,7 +3,7 @@ r"""Fused multi-tensor Triton kernel for CUDA: one launch per param group and dt
 Each program updates one chunk of at most :data:`BLOCK` elements of one tensor; a
 table of raw addresses (param, grad, exp_avg, second moment, max second moment,
 Kahan compensation and, for quantized states, the moments' block scales) and
-a table of chunks let a single launch cover every tensor of the group, whatever
+a table of chunks let a single launch cover every tensor of the group_scalars, whatever
 their sizes.  The element math is the CPU kernel's (see :mod:`adamkit.kernels.cpu`),
 in fp32 (fp64 for fp64 params), with bf16/fp16 rounded to nearest even on store.
 Quantized moments (``state_precision="int8"``/``"int4"``) are dequantized on load
@@ -608,7 +608,7 @@ def _triton_dtype(dtype: torch.dtype):
 
 
 class _Bucket:
-    """One (device, param dtype, state storage) bucket of a group: what stays fixed
+    """One (device, param dtype, state storage) bucket of a group_scalars: what stays fixed
     between steps.  Quantized moments are held as uint8 codes and bf16 or fp32 scales."""
 
     def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, state_storage):
@@ -742,12 +742,12 @@ def _step_scalars(bucket: _Bucket, rule: UpdateRule) -> tuple[torch.Tensor, torc
     )
 
 
-def _group_constants(bucket: _Bucket, group: GroupScalars) -> torch.Tensor:
+def _group_constants(bucket: _Bucket, group_scalars: GroupScalars) -> torch.Tensor:
     """The group's constants (:data:`host.GROUP_CONSTANTS`) as a float64 device array,
     which the kernel rounds to its compute dtype (a Python float argument would reach a
     compiled kernel as fp32).  Floats are uploaded when they change; tensors
     (capturable groups) are combined on the device, never read on the host."""
-    values = group_constants(group)
+    values = group_constants(group_scalars)
     if any(isinstance(v, torch.Tensor) for v in values):
         return torch.stack([_device_array(v, 1, bucket.device)[0] for v in values])
     if bucket.constants is None or bucket.constants[0] != values:
@@ -770,7 +770,7 @@ def _foreach_fallback(batch: GroupBatch, rule: UpdateRule) -> None:
 
 
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
-    """Advance the steps and update every tensor of the group, one launch per bucket.
+    """Advance the steps and update every tensor of the group_scalars, one launch per bucket.
 
     A GradScaler's ``found_inf`` is read in the kernel; where the step counters live
     on the host, it is read once on the host instead, before anything moves."""
@@ -780,7 +780,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     except _NeedsStaging:
         _foreach_fallback(batch, rule)
         return
-    group = rule.group_scalars()
+    group_scalars = rule.group_scalars()
     grad_scale, found_inf = batch.grad_scale, batch.found_inf
     amp = grad_scale is not None
     if amp and found_inf is not None and any(b.counters is not None for b in buckets) and found_inf.item():
@@ -798,14 +798,14 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             grad_scale if amp else unused,
             bucket.no_inf if found_inf is None else found_inf,
             table if keys is None else keys,
-            _group_constants(bucket, group),
+            _group_constants(bucket, group_scalars),
             PARAM_STORAGE=_triton_dtype(bucket.storage),
             STATE_STORAGE=_triton_dtype(bucket.state_storage),
             COMPUTE=tl.float64 if bucket.storage == torch.float64 else tl.float32,
             ADAMAX=rule.algorithm == "adamax",
             AMSGRAD=rule.amsgrad,
             MAXIMIZE=rule.maximize,
-            DECAY=group.decay_kind,
+            DECAY=group_scalars.decay_kind,
             AMP=amp,
             KAHAN=bucket.mode == "kahan",
             MASTER={"master": 16, "master24": 8}.get(bucket.mode, 0),  # the master's extra bits
