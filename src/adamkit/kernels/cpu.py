@@ -680,8 +680,8 @@ class _Bucket:
     must also be in row-major order (its random bits follow the row-major index).
     """
 
-    def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, storage: tuple):
-        param_dtype, moment_storage = storage
+    def __init__(self, members: list[int], batch: GroupBatch, rule: UpdateRule, dtypes: tuple):
+        param_dtype, moment_storage = dtypes
         quantized = isinstance(moment_storage, QuantFormat)
         moment_dtype = torch.float32 if quantized else moment_storage
         self.members = members
@@ -794,7 +794,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
     by_storage: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
         by_storage.setdefault((as_real(p).dtype, moment_storage(batch.states[i], p)), []).append(i)
-    buckets = [_Bucket(members, batch, rule, storage) for storage, members in by_storage.items()]
+    buckets = [_Bucket(members, batch, rule, dtypes) for dtypes, members in by_storage.items()]
     batch.cache["cpu"] = (key, buckets)
     return buckets
 

@@ -616,11 +616,11 @@ class _Bucket:
         params = [as_real(batch.params[i]) for i in members]
         states = [batch.states[i] for i in members]
         self.device = params[0].device
-        self.storage = params[0].dtype
+        self.param_dtype = params[0].dtype
         self.quantized = state_storage if isinstance(state_storage, QuantFormat) else None
         self.state_storage = torch.uint8 if self.quantized else state_storage
-        self.mode = rounding.effective_rounding(rule.rounding, self.storage)
-        self.random = rounding.needs_random_bits(rule.rounding, self.storage, state_storage)
+        self.mode = rounding.effective_rounding(rule.rounding, self.param_dtype)
+        self.random = rounding.needs_random_bits(rule.rounding, self.param_dtype, state_storage)
         keys, moment_count = state_keys(rule.algorithm, rule.amsgrad, self.quantized, self.mode)
         self.state_tensors = [[as_real(s[key]) for key in keys] for s in states]
         self.steps = [s["step"] for s in states]
@@ -799,9 +799,9 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             bucket.no_inf if found_inf is None else found_inf,
             table if keys is None else keys,
             _group_constants(bucket, group_scalars),
-            PARAM_STORAGE=_triton_dtype(bucket.storage),
+            PARAM_STORAGE=_triton_dtype(bucket.param_dtype),
             STATE_STORAGE=_triton_dtype(bucket.state_storage),
-            COMPUTE=tl.float64 if bucket.storage == torch.float64 else tl.float32,
+            COMPUTE=tl.float64 if bucket.param_dtype == torch.float64 else tl.float32,
             ADAMAX=rule.algorithm == "adamax",
             AMSGRAD=rule.amsgrad,
             MAXIMIZE=rule.maximize,
