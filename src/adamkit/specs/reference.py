@@ -1,4 +1,5 @@
-r"""Kingma & Ba, line by line, in NumPy float64: the ground truth for every other path.
+r"""The Adam family (Kingma & Ba; NAdam, RAdam), line by line, in NumPy float64: the
+ground truth for every other path.
 
 Algorithm 1 (Adam), for step :math:`t = 1, 2, \dots` with gradient :math:`g_t`:
 
@@ -20,6 +21,37 @@ Algorithm 2 (AdaMax), the :math:`L^\infty` variant:
 
 (the paper has :math:`\epsilon = 0` in AdaMax; torch adds it inside the max, and so
 does this reference when ``eps`` is non-zero).
+
+NAdam (Dozat, 2016: Nesterov momentum in Adam), with torch's momentum schedule
+:math:`\mu_t = \beta_1 (1 - \tfrac12\, 0.96^{t \psi})` (``momentum_decay`` :math:`\psi`)
+and its running product :math:`\Pi_t = \prod_{i \le t} \mu_i`:
+
+.. math::
+
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    d_t &= \sqrt{v_t / (1 - \beta_2^t)} + \epsilon \\
+    \theta_t &= \theta_{t-1}
+        - \eta \frac{1 - \mu_t}{1 - \Pi_t} \frac{g_t}{d_t}
+        - \eta \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} \frac{m_t}{d_t}
+
+RAdam (Liu et al., 2020: the variance of the adaptive step, rectified).  With
+:math:`\rho_\infty = 2 / (1 - \beta_2) - 1` and
+:math:`\rho_t = \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t)`, the length of the
+approximated simple moving average:
+
+.. math::
+
+    \hat m_t &= m_t / (1 - \beta_1^t) \\
+    r_t &= \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}} \\
+    \theta_t &= \begin{cases}
+        \theta_{t-1} - \eta\, \hat m_t\, r_t \sqrt{1 - \beta_2^t} / (\sqrt{v_t} + \epsilon)
+            & \rho_t > 5 \\
+        \theta_{t-1} - \eta\, \hat m_t & \text{otherwise (SGD with momentum)}
+    \end{cases}
+
+(:math:`\epsilon` is added to :math:`\sqrt{v_t}` before the bias correction, as torch
+does; the paper leaves it out).
 
 Options, applied in this order before the moment updates:
 
@@ -60,6 +92,7 @@ class ReferenceState:
     exp_avg: np.ndarray | None = None  # m
     exp_avg_sq: np.ndarray | None = None  # v (Adam) or u (AdaMax)
     max_exp_avg_sq: np.ndarray | None = None  # v^max (AMSGrad)
+    mu_product: float = 1.0  # NAdam's product of momentum coefficients
 
 
 @dataclass
@@ -73,6 +106,8 @@ class Hyperparameters:
     max_lr: float | None = None
     amsgrad: bool = False
     maximize: bool = False
+    #: NAdam's momentum decay psi (torch's default)
+    momentum_decay: float = 4e-3
 
 
 def _as_real(x: np.ndarray) -> np.ndarray:
@@ -180,7 +215,49 @@ def accumulated_step(
     return _from_real(theta, like)
 
 
-STEP_FUNCTIONS = {"adam": adam_step, "adamax": adamax_step}
+def nadam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
+    """One step of NAdam (see the module docstring); updates ``state`` (``mu_product``
+    included), returns the new theta."""
+    if hp.amsgrad:
+        raise ValueError("NAdam has no AMSGrad variant (amsgrad must be False)")
+    like = theta
+    theta, grad = _as_real(theta), _as_real(grad)
+    t = _begin_step(state, theta, amsgrad=False)
+
+    theta, g = _effective_gradient(theta, grad, hp)
+    mu = hp.beta1 * (1.0 - 0.5 * 0.96 ** (t * hp.momentum_decay))
+    mu_next = hp.beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * hp.momentum_decay))
+    state.mu_product *= mu
+    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
+    state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+    denom = np.sqrt(state.exp_avg_sq / (1.0 - hp.beta2**t)) + hp.eps
+    theta = theta - hp.lr * (1.0 - mu) / (1.0 - state.mu_product) * g / denom
+    theta = theta - hp.lr * mu_next / (1.0 - state.mu_product * mu_next) * state.exp_avg / denom
+    return _from_real(theta, like)
+
+
+def radam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
+    """One step of RAdam (see the module docstring); updates ``state``, returns the new theta."""
+    if hp.amsgrad:
+        raise ValueError("RAdam has no AMSGrad variant (amsgrad must be False)")
+    like = theta
+    theta, grad = _as_real(theta), _as_real(grad)
+    t = _begin_step(state, theta, amsgrad=False)
+
+    theta, g = _effective_gradient(theta, grad, hp)
+    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
+    state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+    m_hat = state.exp_avg / (1.0 - hp.beta1**t)
+    rho_inf = 2.0 / (1.0 - hp.beta2) - 1.0
+    rho_t = rho_inf - 2.0 * t * hp.beta2**t / (1.0 - hp.beta2**t)
+    if rho_t <= 5.0:
+        return _from_real(theta - hp.lr * m_hat, like)
+    rectification = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    adaptive = np.sqrt(1.0 - hp.beta2**t) / (np.sqrt(state.exp_avg_sq) + hp.eps)
+    return _from_real(theta - hp.lr * m_hat * rectification * adaptive, like)
+
+
+STEP_FUNCTIONS = {"adam": adam_step, "adamax": adamax_step, "nadam": nadam_step, "radam": radam_step}
 
 
 def moments_as(state: ReferenceState, like: np.ndarray) -> dict[str, np.ndarray]:
@@ -201,4 +278,6 @@ __all__ = [
     "adam_step",
     "adamax_step",
     "moments_as",
+    "nadam_step",
+    "radam_step",
 ]

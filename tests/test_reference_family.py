@@ -1,0 +1,83 @@
+"""The NumPy reference's NAdam and RAdam (:mod:`adamkit.specs.reference`) against
+torch.optim.NAdam and torch.optim.RAdam in float64, every weight-decay mode, maximize
+and complex params, over enough steps to cross RAdam's switch from its momentum-SGD
+warm-up to the rectified update.  torch keeps its scalar state (step, NAdam's
+``mu_product``) in the default dtype: float64 here, so nothing is rounded to fp32."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from adamkit.specs import reference
+
+STEPS = 60
+VARIANTS = {"nadam": torch.optim.NAdam, "radam": torch.optim.RAdam}
+
+
+@pytest.fixture
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _run_both(algorithm: str, decay: str, maximize: bool, complex_param: bool, lr: float = 2e-2):
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.complex128 if complex_param else torch.float64
+    start = torch.randn(7, 3, generator=g, dtype=dtype)
+    param = torch.nn.Parameter(start.clone())
+    weight_decay = 0.0 if decay == "none" else 0.1
+    kwargs = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize, "foreach": False}
+    kwargs["decoupled_weight_decay"] = decay == "decoupled"
+    optimizer = VARIANTS[algorithm]([param], **kwargs)
+    hp = reference.Hyperparameters(
+        lr=lr,
+        weight_decay=weight_decay,
+        weight_decay_mode="decoupled" if decay == "decoupled" else "l2",
+        maximize=maximize,
+    )
+    theta, state = start.numpy().copy(), reference.ReferenceState()
+    for _ in range(STEPS):
+        grad = torch.randn(7, 3, generator=g, dtype=dtype)
+        param.grad = grad.clone()
+        optimizer.step()
+        theta = reference.STEP_FUNCTIONS[algorithm](theta, grad.numpy(), state, hp)
+    return param.detach().numpy(), theta, optimizer.state[param], state
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize(
+    "algorithm,decay,maximize,complex_param",
+    list(itertools.product(VARIANTS, ("none", "l2", "decoupled"), (False, True), (False, True))),
+)
+def test_reference_matches_torch(algorithm, decay, maximize, complex_param):
+    theirs, ours, torch_state, state = _run_both(algorithm, decay, maximize, complex_param)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-14)
+    moments = reference.moments_as(state, theirs)
+    np.testing.assert_allclose(moments["exp_avg"], torch_state["exp_avg"].numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(moments["exp_avg_sq"], torch_state["exp_avg_sq"].numpy(), rtol=1e-12, atol=1e-15)
+    if algorithm == "nadam":
+        assert state.mu_product == pytest.approx(float(torch_state["mu_product"]), rel=1e-15)
+
+
+def test_radam_warms_up_as_momentum_sgd_then_rectifies():
+    """rho_1 = 1 for beta2 = 0.999: the first steps are momentum SGD with bias-corrected
+    m (theta moves by lr * m_hat exactly); rho_t passes 5 at t = 6."""
+    hp = reference.Hyperparameters(lr=0.1)
+    state, theta = reference.ReferenceState(), np.zeros(3)
+    grad = np.array([1.0, -2.0, 0.5])
+    for t in range(1, 7):
+        before = theta
+        theta = reference.radam_step(theta, grad, state, hp)
+        rho_inf = 2 / (1 - hp.beta2) - 1
+        rho_t = rho_inf - 2 * t * hp.beta2**t / (1 - hp.beta2**t)
+        m_hat = state.exp_avg / (1 - hp.beta1**t)
+        if t < 6:
+            assert rho_t <= 5 and np.array_equal(theta, before - hp.lr * m_hat)
+        else:
+            assert rho_t > 5 and not np.allclose(theta, before - hp.lr * m_hat)
