@@ -36,6 +36,8 @@ OPTIMIZERS = {
     "Adam": (adamkit.Adam, torch.optim.Adam, "adam"),
     "AdamW": (adamkit.AdamW, torch.optim.AdamW, "adam"),
     "AdaMax": (adamkit.AdaMax, torch.optim.Adamax, "adamax"),
+    "NAdam": (adamkit.NAdam, torch.optim.NAdam, "nadam"),
+    "RAdam": (adamkit.RAdam, torch.optim.RAdam, "radam"),
 }
 
 WEIGHT_DECAYS = ("none", "l2", "decoupled")
@@ -83,7 +85,7 @@ class Case:
             kw["weight_decay"] = 0.0
         if self.algorithm == "adam":
             kw["amsgrad"] = self.amsgrad
-        if self.optimizer == "Adam" and self.weight_decay == "decoupled":
+        if self.optimizer in ("Adam", "NAdam", "RAdam") and self.weight_decay == "decoupled":
             kw["decoupled_weight_decay"] = True
         return kw
 
@@ -136,9 +138,11 @@ def _cases(*, torch_expressible: bool, **grid: tuple) -> list[Case]:
             continue  # AdamW's decay is always decoupled
         if torch_expressible and name == "AdaMax" and decay == "decoupled":
             continue  # torch.optim.Adamax has no decoupled decay
+        if OPTIMIZERS[name][2] not in KERNELS[fields["backend"]].algorithms:
+            continue
         if fields.get("capturable"):
             fields["tensor_lr"] = True
-        for amsgrad in (False, True) if name != "AdaMax" else (False,):
+        for amsgrad in (False, True) if OPTIMIZERS[name][2] == "adam" else (False,):
             cases.append(Case(**fields, amsgrad=amsgrad))
     return cases
 
@@ -232,6 +236,12 @@ TORCH_ERROR_INPUTS = [
     ("AdaMax", {"betas": (0.9, 1.5)}),
     ("AdaMax", {"weight_decay": -1.0}),
     ("AdaMax", {"lr": torch.tensor([1.0, 2.0])}),
+    ("NAdam", {"momentum_decay": -0.1}),
+    ("NAdam", {"betas": (0.9, 1.0)}),
+    ("NAdam", {"lr": torch.tensor([1.0, 2.0])}),
+    ("RAdam", {"lr": -1e-3}),
+    ("RAdam", {"eps": -1.0}),
+    ("RAdam", {"weight_decay": -1.0}),
 ]
 
 #: (kwargs, exception type, words the message must hold) for what adamkit checks beyond

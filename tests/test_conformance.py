@@ -8,6 +8,8 @@ allowing a few float32 roundings per step.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -19,13 +21,27 @@ from oracle import max_relative_error, run_reference
 STEPS = 100
 
 
+@contextmanager
+def scalar_state_dtype_for(case: Case) -> Iterator[None]:
+    """NAdam keeps ``mu_product`` in torch's scalar dtype, float64 only under a float64
+    default dtype (torch's rule, followed bit for bit): a float64 case runs under it."""
+    previous = torch.get_default_dtype()
+    if case.algorithm == "nadam" and case.dtype == torch.float64:
+        torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def run_both(case: Case, steps: int):
     ours_cls = OPTIMIZERS[case.optimizer][0]
     groups = make_params(case)
     start = clone_groups(groups)
     initial = [numpy_of(p) for g in start for p in g["params"]]
-    optimizer = ours_cls(groups, **case.adamkit_kwargs())
-    run(optimizer, groups, steps)
+    with scalar_state_dtype_for(case):
+        optimizer = ours_cls(groups, **case.adamkit_kwargs())
+        run(optimizer, groups, steps)
     expected_params, expected_states = run_reference(case, start, steps)
     params = [p for g in groups for p in g["params"]]
     return optimizer, params, expected_params, expected_states, initial

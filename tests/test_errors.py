@@ -212,3 +212,29 @@ def test_decay_factor_that_would_flip_sign_is_rejected():
     opt.param_groups[0]["params"][0].grad = torch.ones(2)
     with pytest.raises(ValueError, match="flip the params' sign"):
         opt.step()
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,error,words",
+    [
+        (adamkit.NAdam, {"momentum_decay": math.inf}, ValueError, ["momentum_decay", "inf", "finite"]),
+        (adamkit.NAdam, {"accumulation_steps": 2}, ValueError, ["accumulation_steps=2", "NAdam", "not run"]),
+        (adamkit.RAdam, {"diagnostics": True}, ValueError, ["diagnostics=True", "RAdam", "not run"]),
+    ],
+    ids=str,
+)
+def test_nadam_and_radam_name_what_they_do_not_take(cls, kwargs, error, words):
+    with pytest.raises(error) as info:
+        cls(params(), **kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("cls", [adamkit.NAdam, adamkit.RAdam])
+def test_a_fused_backend_asked_for_nadam_or_radam_fails_before_touching_anything(cls):
+    opt, a, b = two_group_optimizer(cls)
+    opt.param_groups[1]["backend"] = "cpu"
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"backend='cpu' does not run .*'single_tensor', 'foreach'"):
+        opt.step()
+    assert_untouched(opt, before)

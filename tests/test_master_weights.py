@@ -74,6 +74,16 @@ def test_on_the_reference_backend_it_is_torch_adamw_on_fp32_weights():
     _assert_same_run(ours, split, theirs, full)
 
 
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach"])
+@pytest.mark.parametrize("name", ["NAdam", "RAdam"])
+def test_nadam_and_radam_on_split_masters_are_torchs_runs_on_fp32_weights(backend, name):
+    ours, split, _, _ = _pair(backend, cls=getattr(adamkit, name))
+    full = [torch.nn.Parameter(p.detach().float()) for p in split]
+    theirs = getattr(torch.optim, name)(full, lr=1e-3, weight_decay=0.1, foreach=False)
+    _run(ours, split, theirs, full, 300)
+    _assert_same_run(ours, split, theirs, full)
+
+
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize(
     "cls, options",

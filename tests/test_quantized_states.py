@@ -590,3 +590,28 @@ def test_full_precision_export_round_trips_exactly(backend, precision):
     step_both(opt, params, other, copies, steps=2)
     assert all(torch.equal(p, q) for p, q in zip(params, copies))
     assert all(torch.equal(opt.state[p][k], other.state[q][k]) for p, q in zip(params, copies) for k in opt.state[p])
+
+
+@pytest.mark.parametrize("name", ["NAdam", "RAdam"])
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach"])
+def test_nadam_and_radam_step_from_their_dequantized_moments(name, precision, backend):
+    """A quantized NAdam/RAdam step is torch.optim's fp32 step from the dequantized
+    moments, bit for bit (its state dict, converted to full precision, loads there)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3000, generator=g)), torch.nn.Parameter(torch.randn(40, 50, generator=g))]
+    ours = getattr(adamkit, name)(params, lr=1e-2, weight_decay=0.1, backend=backend, state_precision=precision)
+    for _ in range(8):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        ours.step()
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    theirs = getattr(torch.optim, name)(twins, lr=1e-2, weight_decay=0.1, foreach=False)
+    theirs.load_state_dict(adamkit.convert.to_full_precision(ours.state_dict(), params))
+    for p, q in zip(params, twins):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    ours.step()
+    theirs.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)

@@ -1,4 +1,4 @@
-r"""``torch.optim.Optimizer`` front: Adam, AdamW and AdaMax.
+r"""``torch.optim.Optimizer`` front: Adam, AdamW, AdaMax, NAdam and RAdam.
 
 The front keeps the signatures and ``step``.  How a group is stepped (validated,
 its state initialized, handed to a kernel from :mod:`adamkit.kernels` with the
@@ -43,6 +43,8 @@ class _AdamFamily(Optimizer):
     sparse_gradient_message: ClassVar[str]
     #: param-group keys adamkit adds to those of the torch.optim counterpart
     extra_group_keys: ClassVar[tuple[str, ...]] = tuple(options.DEFAULTS)
+    #: options this algorithm does not run yet (they must keep their defaults)
+    unavailable_options: ClassVar[tuple[str, ...]] = ()
 
     #: the attached :class:`adamkit.release.GradientRelease` (see :meth:`attach_gradient_release`)
     _gradient_release = None
@@ -60,6 +62,7 @@ class _AdamFamily(Optimizer):
         betas = options.check_constructor_arguments(torch_arguments, adam_checks=self.algorithm == "adam")
         differentiable = torch_arguments["differentiable"]
         options.check_options(values, differentiable=differentiable)
+        options.check_available(values, self.unavailable_options, type(self).__name__)
         self._recorder = Recorder()
         self._stepper = Stepper(self, self._recorder)
         super().__init__(params, {**torch_arguments, "betas": betas, **values})
@@ -99,6 +102,7 @@ class _AdamFamily(Optimizer):
                 options.check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, where=where)
                 group["max_lr"] = as_number(group["lr"])
             options.check_group(group, where)
+            options.check_available(group, self.unavailable_options, type(self).__name__, where)
             draw_seed_if_needed(group)
         except Exception:
             self.param_groups.pop()
@@ -360,4 +364,102 @@ class AdaMax(_AdamFamily):
 #: torch.optim's spelling, for drop-in imports
 Adamax = AdaMax
 
-__all__ = ["Adam", "AdamW", "AdaMax", "Adamax"]
+
+class NAdam(_AdamFamily):
+    r"""NAdam (Dozat, 2016), a drop-in for ``torch.optim.NAdam``: Adam with Nesterov
+    momentum, its momentum coefficient warmed up as
+    :math:`\mu_t = \beta_1 (1 - \tfrac12\, 0.96^{t \psi})` (``momentum_decay`` :math:`\psi`).
+
+    .. math::
+
+        \theta_t = \theta_{t-1}
+            - \eta \frac{1 - \mu_t}{1 - \prod_{i \le t} \mu_i} \frac{g_t}{d_t}
+            - \eta \frac{\mu_{t+1}}{1 - \prod_{i \le t+1} \mu_i} \frac{m_t}{d_t},
+        \qquad d_t = \sqrt{v_t / (1 - \beta_2^t)} + \epsilon
+
+    Args are those of ``torch.optim.NAdam`` (same defaults and meaning) plus those
+    described in :mod:`adamkit.options`.  The fused kernels do not run NAdam yet:
+    ``backend=None`` and ``fused=True`` take the foreach path.
+    """
+
+    algorithm = "nadam"
+    sparse_gradient_message = "NAdam does not support sparse gradients"
+    unavailable_options = ("accumulation_steps", "diagnostics")
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        backend: str | None = None,
+        rounding: str = "nearest",
+        master_weights: str | None = None,
+        state_precision: str | None = None,
+        seed: int | None = None,
+        skip_nonfinite: bool = False,
+        diagnostics: bool = False,
+        accumulation_steps: int = 1,
+    ) -> None:
+        self._construct(params, locals())
+
+
+class RAdam(_AdamFamily):
+    r"""RAdam (Liu et al., 2020), a drop-in for ``torch.optim.RAdam``: Adam whose
+    adaptive step is rectified by the variance of its moving average, and plain
+    momentum SGD while that variance is undefined (:math:`\rho_t \le 5`).
+
+    .. math::
+
+        \theta_t = \theta_{t-1} - \eta\, \frac{m_t}{1 - \beta_1^t}
+            \begin{cases} r_t \sqrt{1 - \beta_2^t} / (\sqrt{v_t} + \epsilon) & \rho_t > 5 \\
+            1 & \text{otherwise} \end{cases}
+
+    with :math:`\rho_t` and :math:`r_t` as in :mod:`adamkit.specs.reference`.  Args are
+    those of ``torch.optim.RAdam`` (same defaults and meaning) plus those described in
+    :mod:`adamkit.options`.  The fused kernels do not run RAdam yet: ``backend=None``
+    and ``fused=True`` take the foreach path.
+    """
+
+    algorithm = "radam"
+    sparse_gradient_message = "RAdam does not support sparse gradients"
+    unavailable_options = ("accumulation_steps", "diagnostics")
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        backend: str | None = None,
+        rounding: str = "nearest",
+        master_weights: str | None = None,
+        state_precision: str | None = None,
+        seed: int | None = None,
+        skip_nonfinite: bool = False,
+        diagnostics: bool = False,
+        accumulation_steps: int = 1,
+    ) -> None:
+        self._construct(params, locals())
+
+
+__all__ = ["Adam", "AdamW", "AdaMax", "Adamax", "NAdam", "RAdam"]

@@ -220,6 +220,16 @@ def check_options(values: Mapping[str, Any], *, differentiable: bool, where: str
             raise ValueError(f"{name}={value!r} does not support differentiable=True{where} ({instead})")
 
 
+def check_available(values: Mapping[str, Any], unavailable: tuple[str, ...], optimizer: str, where: str = "") -> None:
+    """Raise ``ValueError`` where an option ``optimizer`` does not run yet is set."""
+    for name in unavailable:
+        value = values.get(name, DEFAULTS[name])
+        if value != DEFAULTS[name]:
+            raise ValueError(
+                f"{name}={value!r}{where}: {optimizer} does not run this option yet (leave it at {DEFAULTS[name]!r})"
+            )
+
+
 def _number_of(name: str, value: Any, where: str, read_tensors: bool) -> float | None:
     """The value of a hyperparameter, or ``None`` for a tensor that must not be read
     (a capturable group's step: reading an accelerator tensor would sync)."""
@@ -291,6 +301,8 @@ def check_constructor_arguments(arguments: Mapping[str, Any], *, adam_checks: bo
         if isinstance(beta, Tensor) and beta.numel() != 1:
             raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")
     check_hyperparameters(lr=lr, betas=betas, eps=arguments["eps"], weight_decay=arguments["weight_decay"])
+    if "momentum_decay" in arguments:
+        check_momentum_decay(arguments["momentum_decay"])
     if not adam_checks:
         return betas
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
@@ -299,6 +311,15 @@ def check_constructor_arguments(arguments: Mapping[str, Any], *, adam_checks: bo
         if isinstance(beta, Tensor) and tensors_refused:
             raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
     return tuple(to_scalar(b) for b in betas)
+
+
+def check_momentum_decay(momentum_decay: Any, *, where: str = "") -> None:
+    """NAdam's ``momentum_decay`` (torch's message; infinity and NaN rejected too)."""
+    number = _number_of("momentum_decay", momentum_decay, where, read_tensors=True)
+    if not 0.0 <= number or math.isinf(number):
+        raise ValueError(
+            f"Invalid momentum_decay value: {momentum_decay} (momentum_decay must be a finite number >= 0{where})"
+        )
 
 
 def check_max_lr(max_lr: Any, *, where: str = "") -> None:
@@ -326,6 +347,8 @@ def check_group(group: dict, where: str) -> None:
         read_tensors=not group.get("capturable"),
     )
     check_options(group, differentiable=group["differentiable"], where=where)
+    if "momentum_decay" in group:
+        check_momentum_decay(group["momentum_decay"], where=where)
     master = group.get("master_weights")
     if master is not None:
         for j, p in enumerate(group["params"]):
@@ -349,10 +372,12 @@ __all__ = [
     "OPTIONS",
     "STATE_PRECISIONS",
     "Option",
+    "check_available",
     "check_constructor_arguments",
     "check_group",
     "check_hyperparameters",
     "check_max_lr",
+    "check_momentum_decay",
     "check_options",
     "check_signature",
     "split_arguments",

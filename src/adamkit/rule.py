@@ -29,7 +29,7 @@ bit-identical to torch; pass a float64 tensor to keep float64 scalars.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .specs.reference import WeightDecayMode
 
-Algorithm = Literal["adam", "adamax"]
+Algorithm = Literal["adam", "adamax", "nadam", "radam"]
 
 Scalar = float | Tensor
 
@@ -98,10 +98,23 @@ class GroupScalars:
 
 @dataclass(frozen=True)
 class StepScalars:
-    """Scalars that depend on the step count t of one tensor."""
+    """Scalars that depend on the step count t of one tensor (NAdam's and RAdam's
+    as torch.optim forms them, so their single-tensor path keeps torch's bits)."""
 
     step_size: Scalar  # lr / (1 - beta1^t)
     bias_correction2_sqrt: Scalar  # sqrt(1 - beta2^t); 1 for AdaMax (unused)
+    #: 1 - beta1^t (RAdam)
+    bias_correction1: Scalar | None = None
+    #: 1 - beta2^t (NAdam)
+    bias_correction2: Scalar | None = None
+    #: NAdam's momentum coefficients mu_t and mu_{t+1}
+    mu: Scalar | None = None
+    mu_next: Scalar | None = None
+    #: RAdam's variance rectification r_t; ``None`` while rho_t <= 5 (a momentum-SGD
+    #: step).  On the capturable path a tensor, NaN where rho_t <= 5, and ``rectified``
+    #: says where it applies.
+    rectification: Scalar | None = None
+    rectified: Tensor | None = None
 
 
 #: the update rule's param rounding under each ``master_weights`` mode
@@ -133,6 +146,8 @@ class UpdateRule:
     seed: int | None = None
     #: micro-batches folded into the moments per update (optimizer accumulation)
     accumulation_steps: int = 1
+    #: NAdam's momentum decay psi
+    momentum_decay: float = 4e-3
 
     @classmethod
     def from_group(cls, group: dict, algorithm: Algorithm) -> UpdateRule:
@@ -161,6 +176,7 @@ class UpdateRule:
             state_precision=group["state_precision"],
             seed=group["seed"],
             accumulation_steps=group["accumulation_steps"],
+            momentum_decay=group.get("momentum_decay", 4e-3),
         )
 
     @property
@@ -195,12 +211,40 @@ class UpdateRule:
     def step_scalars(self, step: Scalar) -> StepScalars:
         """Bias-corrected step size for step count ``step`` (t >= 1): a float, or a
         float64 device tensor on the capturable path (no host sync)."""
+        if self.algorithm == "nadam":
+            return self._nadam_scalars(step)
+        if self.algorithm == "radam":
+            return self._radam_scalars(step)
         bias_correction1 = 1 - self.beta1**step
         step_size = self.lr / bias_correction1
         if self.algorithm == "adamax":
             return StepScalars(self._finish(step_size), 1.0)
         bias_correction2 = 1 - self.beta2**step
         return StepScalars(self._finish(step_size), self._finish(bias_correction2**0.5))
+
+    def _nadam_scalars(self, step: Scalar) -> StepScalars:
+        r""":math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})`, :math:`\mu_{t+1}` and
+        :math:`1 - \beta_2^t`, in torch.optim.NAdam's arithmetic."""
+        bias_correction2 = 1 - self.beta2**step
+        mu = self.beta1 * (1.0 - 0.5 * (0.96 ** (step * self.momentum_decay)))
+        mu_next = self.beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * self.momentum_decay)))
+        return StepScalars(
+            self.lr, self._finish(bias_correction2**0.5), bias_correction2=bias_correction2, mu=mu, mu_next=mu_next
+        )
+
+    def _radam_scalars(self, step: Scalar) -> StepScalars:
+        r""":math:`1 - \beta_1^t`, :math:`\sqrt{1 - \beta_2^t}` and the rectification
+        :math:`r_t` (``None`` while :math:`\rho_t \le 5`), in torch.optim.RAdam's arithmetic."""
+        bias_correction1 = 1 - self.beta1**step
+        bias_correction2 = 1 - self.beta2**step
+        rho_inf = 2 / (1 - self.beta2) - 1
+        rho_t = rho_inf - 2 * step * (self.beta2**step) / bias_correction2
+        rectification = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        scalars = StepScalars(self.lr, bias_correction2**0.5, bias_correction1=bias_correction1)
+        if isinstance(rho_t, Tensor) and self.capturable:  # decided on the device
+            return replace(scalars, rectification=rectification, rectified=rho_t > 5.0)
+        # (a tensor beta2 outside capturable: the test reads rho_t, as torch's does)
+        return replace(scalars, rectification=rectification if rho_t > 5.0 else None)
 
     def step_scalars_for(self, steps: list[Tensor]) -> list[StepScalars]:
         """One :class:`StepScalars` per tensor, computed once per distinct step count.

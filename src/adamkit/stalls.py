@@ -213,6 +213,11 @@ def stall_guard(optimizer, *, every: int = 100, threshold: float = 0.5, names=No
         raise ValueError(f"stall_guard: threshold must be a number in (0, 1], got {threshold!r}")
     if not hasattr(optimizer, "algorithm"):
         raise TypeError(f"stall_guard: optimizer must be an adamkit optimizer, got {type(optimizer).__name__}")
+    if optimizer.algorithm not in ("adam", "adamax"):
+        raise ValueError(
+            f"stall_guard reads Adam's and AdaMax's steps back from their state; {type(optimizer).__name__} "
+            "is not supported yet"
+        )
     if isinstance(names, torch.nn.Module):
         names = {p: n for n, p in names.named_parameters()}
     elif names is not None and not isinstance(names, Mapping):

@@ -1,8 +1,8 @@
 """Per-parameter optimizer state, laid out exactly as ``torch.optim`` lays it out.
 
-Keys: ``step`` (a 0-d tensor), ``exp_avg`` and ``exp_avg_sq`` (Adam; ``exp_inf``
-for AdaMax) and ``max_exp_avg_sq`` (AMSGrad), each shaped and strided like its
-param, so a ``state_dict`` moves between adamkit and torch.optim in both directions.
+Keys: ``step`` (a 0-d tensor), ``exp_avg`` and ``exp_avg_sq`` (Adam, NAdam, RAdam;
+``exp_inf`` for AdaMax), ``max_exp_avg_sq`` (AMSGrad) and NAdam's ``mu_product`` (a
+0-d tensor), the moments shaped and strided like their param, so a ``state_dict`` moves between adamkit and torch.optim in both directions.
 
 Beyond torch: the moments' dtype follows the group's ``state_precision`` (``None``:
 the param's dtype, as torch); under ``"int8"``/``"int4"`` each moment is held as
@@ -25,7 +25,15 @@ from .specs.quantization import FORMATS, is_quantized
 from .specs.rounding import is_low_precision
 
 #: name of the second state tensor per algorithm, as torch.optim names it
-SECOND_MOMENT_KEY: dict[str, str] = {"adam": "exp_avg_sq", "adamax": "exp_inf"}
+SECOND_MOMENT_KEY: dict[str, str] = {
+    "adam": "exp_avg_sq",
+    "adamax": "exp_inf",
+    "nadam": "exp_avg_sq",
+    "radam": "exp_avg_sq",
+}
+
+#: NAdam's running product of its momentum coefficients, a 0-d tensor beside ``step``
+MU_PRODUCT_KEY = "mu_product"
 
 
 def _scalar_dtype(fused: bool) -> torch.dtype:
@@ -142,6 +150,9 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
     changed = not state
     if changed:
         state["step"] = step_tensor(0.0, param, group)
+    if algorithm == "nadam" and MU_PRODUCT_KEY not in state:
+        state[MU_PRODUCT_KEY] = step_tensor(1.0, param, group)
+        changed = True
     for key in moment_keys(algorithm, algorithm == "adam" and bool(group.get("amsgrad"))):
         changed |= _conform_moment(state, key, param, group.get("state_precision"))
     if has_compensation(param, group):
@@ -165,9 +176,11 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
 
 
 def upgrade_step(state: dict, param: Tensor, group: dict) -> None:
-    """Old checkpoints stored ``step`` as a number; make it a tensor as torch does."""
-    if state and not torch.is_tensor(state["step"]):
-        state["step"] = step_tensor(float(state["step"]), param, group)
+    """Old checkpoints stored ``step`` (and NAdam's ``mu_product``) as a number; make
+    it a tensor as torch does."""
+    for key in ("step", MU_PRODUCT_KEY):
+        if key in state and not torch.is_tensor(state[key]):
+            state[key] = step_tensor(float(state[key]), param, group)
 
 
 def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bool, where: str) -> None:
@@ -176,7 +189,8 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
     first step) or a tensor's shape or device differs from the param's."""
     moments = moment_keys(algorithm, amsgrad)
     held_quantized = {key: blockwise.stored_format(state, key, param.numel()) for key in moments if key not in state}
-    missing = [key for key in ["step"] + moments if key not in state and held_quantized.get(key) is None]
+    scalars = ["step", MU_PRODUCT_KEY] if algorithm == "nadam" else ["step"]
+    missing = [key for key in scalars + moments if key not in state and held_quantized.get(key) is None]
     if missing:
         hint = (
             " (amsgrad was switched on after the first step)"

@@ -26,7 +26,7 @@ from . import accumulation, kernels, sharding
 from .diagnostics import Recorder
 from .kernels import GroupBatch, Kernel
 from .kernels.amp import unscaled
-from .options import check_group
+from .options import check_available, check_group
 from .rule import UpdateRule
 from .specs.quantization import FORMATS
 from .specs.rounding import is_low_precision
@@ -87,13 +87,13 @@ def _all_finite(params: list[Tensor], grads: list[Tensor], sharded: bool) -> boo
     return not bool(nonfinite.item())
 
 
-def backend_name(group: dict, devices: set[torch.device]) -> str | None:
+def backend_name(group: dict, devices: set[torch.device], algorithm: str = "adam") -> str | None:
     """``backend`` if given; else torch's ``fused`` / ``foreach`` flags mapped onto
     adamkit's paths; ``None`` lets the registry pick."""
     if group["backend"] is not None:
         return group["backend"]
     if group.get("fused"):
-        return kernels.fused_backend(devices)
+        return kernels.fused_backend(devices, algorithm)
     if group.get("foreach"):
         return "foreach"
     if group.get("foreach") is False:
@@ -129,6 +129,7 @@ class Stepper:
         """
         where = f" in param_groups[{index}]"
         check_group(group, where)
+        check_available(group, self.optimizer.unavailable_options, type(self.optimizer).__name__, where)
         params = group["params"]
         grads = list(map(_grad_of, params))
         if any(map(operator.is_, grads, repeat(None))):  # identity: ``None in`` would call Tensor.__eq__
@@ -156,7 +157,9 @@ class Stepper:
         ):
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
         devices = cache["devices"]
-        kernel = kernels.resolve(backend_name(group, devices), devices, differentiable=differentiable)
+        algorithm = self.optimizer.algorithm
+        name = backend_name(group, devices, algorithm)
+        kernel = kernels.resolve(name, devices, differentiable=differentiable, algorithm=algorithm)
         if group["accumulation_steps"] > 1:
             kernel = accumulation.KERNEL
         return GroupPlan(group, params, grads, kernel)

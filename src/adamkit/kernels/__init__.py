@@ -42,20 +42,34 @@ class Kernel:
     amp: bool = False
     #: extra availability check (e.g. an optional dependency is importable)
     available: Callable[[], bool] = lambda: True
+    #: the algorithms it runs
+    algorithms: frozenset[str] = frozenset({"adam", "adamax", "nadam", "radam"})
 
     def supports(self, device: torch.device) -> bool:
         return self.device_types is None or device.type in self.device_types
 
 
+#: what the fused kernels' element loops are written for (NAdam and RAdam run on the
+#: per-tensor paths)
+FUSED_ALGORITHMS = frozenset({"adam", "adamax"})
+
 KERNELS: dict[str, Kernel] = {
     "single_tensor": Kernel(
         "single_tensor",
-        list_kernel(single_tensor.adam, single_tensor.adamax),
+        list_kernel(single_tensor.ALGORITHMS),
         differentiable=True,
         torch_exact=True,
     ),
-    "foreach": Kernel("foreach", list_kernel(foreach.adam, foreach.adamax), torch_exact=True),
-    "cpu": Kernel("cpu", cpu.step, device_types=frozenset({"cpu"}), fused=True, amp=True, available=cpu.available),
+    "foreach": Kernel("foreach", list_kernel(foreach.ALGORITHMS), torch_exact=True),
+    "cpu": Kernel(
+        "cpu",
+        cpu.step,
+        device_types=frozenset({"cpu"}),
+        fused=True,
+        amp=True,
+        available=cpu.available,
+        algorithms=FUSED_ALGORITHMS,
+    ),
     "triton": Kernel(
         "triton",
         triton_kernel.step,
@@ -63,6 +77,7 @@ KERNELS: dict[str, Kernel] = {
         fused=True,
         amp=True,
         available=triton_kernel.available,
+        algorithms=FUSED_ALGORITHMS,
     ),
 }
 
@@ -80,30 +95,36 @@ def _fallback(wanted: str, instead: str) -> str:
     return instead
 
 
-def fused_backend(devices: set[torch.device]) -> str:
-    """The fused kernel for these devices (``fused=True``), or foreach where there is none."""
+def fused_backend(devices: set[torch.device], algorithm: str = "adam") -> str:
+    """The fused kernel for these devices (``fused=True``), or foreach where there is
+    none (or it does not run ``algorithm``)."""
     types = {d.type for d in devices}
     name = FUSED.get(types.pop()) if len(types) == 1 else None
-    if name is None:
+    if name is None or algorithm not in KERNELS[name].algorithms:
         return "foreach"
     return name if KERNELS[name].available() else _fallback(name, "foreach")
 
 
-def default_backend(devices: set[torch.device], *, differentiable: bool) -> str:
+def default_backend(devices: set[torch.device], *, differentiable: bool, algorithm: str = "adam") -> str:
     """The backend used when a group says ``backend=None``: autograd needs the single-tensor
     path; otherwise the device's fused kernel, else multi-tensor foreach ops."""
     if differentiable:
         return "single_tensor"
-    return fused_backend(devices)
+    return fused_backend(devices, algorithm)
 
 
-def resolve(backend: str | None, devices: set[torch.device], *, differentiable: bool) -> Kernel:
-    """The kernel for a group whose params live on ``devices``.
+def resolve(
+    backend: str | None, devices: set[torch.device], *, differentiable: bool, algorithm: str = "adam"
+) -> Kernel:
+    """The kernel for a group of ``algorithm`` whose params live on ``devices``.
 
     Raises ``ValueError`` naming the backend when it cannot run this group.
     """
-    name = backend or default_backend(devices, differentiable=differentiable)
+    name = backend or default_backend(devices, differentiable=differentiable, algorithm=algorithm)
     kernel = KERNELS[name]
+    if algorithm not in kernel.algorithms:
+        runs = ", ".join(repr(n) for n, k in KERNELS.items() if algorithm in k.algorithms)
+        raise ValueError(f"backend={name!r} does not run {algorithm} (backends that do: {runs}, or None)")
     if differentiable and not kernel.differentiable:
         raise ValueError(f"backend={name!r} does not support differentiable=True (use backend='single_tensor' or None)")
     if not kernel.available():

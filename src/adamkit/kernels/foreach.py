@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..rule import GroupScalars, StepScalars, UpdateRule
+from . import single_tensor
 from .types import GroupTensors, as_real
 
 
@@ -36,6 +37,7 @@ def _buckets(tensors: GroupTensors, steps: Sequence[StepScalars]):
             exp_avgs=_select(tensors.exp_avgs, members),
             exp_avg_sqs=_select(tensors.exp_avg_sqs, members),
             max_exp_avg_sqs=_select(tensors.max_exp_avg_sqs, members),
+            mu_products=_select(tensors.mu_products, members),
         )
         yield bucket, [steps[i] for i in members]
 
@@ -105,3 +107,59 @@ def adamax(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars,
         torch._foreach_mul_(exp_infs, _number(group_scalars.beta2))
         torch._foreach_maximum_(exp_infs, norms)
         _apply_updates(params, exp_avgs, exp_infs, bucket_steps)
+
+
+def _moment_updates(t: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars) -> tuple[list, list, list, list]:
+    """The decayed gradients and Adam's moment updates, on real views from the start
+    (as torch's NAdam and RAdam decay them); (params, grads, exp_avgs, exp_avg_sqs)."""
+    real = GroupTensors(_real(t.params), _real(t.grads), _real(t.exp_avgs), _real(t.exp_avg_sqs))
+    grads = _decayed_gradients(real, rule, group_scalars)
+    params, exp_avgs, exp_avg_sqs = real.params, real.exp_avgs, real.exp_avg_sqs
+    torch._foreach_lerp_(exp_avgs, grads, _number(group_scalars.one_minus_beta1(params[0])))
+    torch._foreach_mul_(exp_avg_sqs, _number(group_scalars.beta2))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, _number(group_scalars.one_minus_beta2))
+    return params, grads, exp_avgs, exp_avg_sqs
+
+
+def nadam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    """:func:`adamkit.kernels.single_tensor.nadam`'s arithmetic, op by op, over lists
+    (a capturable group, which must not read ``mu_product`` on the host, tensor by tensor)."""
+    if rule.capturable:
+        return single_tensor.nadam(tensors, rule, group_scalars, steps)
+    lr = rule.lr
+    for t, bucket_steps in _buckets(tensors, steps):
+        for mu_product, step in zip(t.mu_products, bucket_steps):
+            mu_product.mul_(step.mu)
+        params, grads, exp_avgs, exp_avg_sqs = _moment_updates(t, rule, group_scalars)
+        denoms = torch._foreach_div(exp_avg_sqs, [s.bias_correction2 for s in bucket_steps])
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, group_scalars.eps)
+        products = [mu_product.item() for mu_product in t.mu_products]
+        gradient_weights = [_number(-lr * (1.0 - s.mu) / (1.0 - p)) for s, p in zip(bucket_steps, products)]
+        momentum_weights = [_number((-lr * s.mu_next) / (1.0 - p * s.mu_next)) for s, p in zip(bucket_steps, products)]
+        torch._foreach_addcdiv_(params, grads, denoms, gradient_weights)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, momentum_weights)
+
+
+def radam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    """:func:`adamkit.kernels.single_tensor.radam`'s arithmetic, op by op, over lists
+    (a capturable group, whose rectification is chosen on the device, tensor by tensor)."""
+    if rule.capturable:
+        return single_tensor.radam(tensors, rule, group_scalars, steps)
+    for t, bucket_steps in _buckets(tensors, steps):
+        params, _, exp_avgs, exp_avg_sqs = _moment_updates(t, rule, group_scalars)
+        updates = torch._foreach_div(exp_avgs, [s.bias_correction1 for s in bucket_steps])
+        torch._foreach_mul_(updates, rule.lr)
+        rectified = [i for i, s in enumerate(bucket_steps) if s.rectification is not None]
+        if rectified:
+            roots = torch._foreach_sqrt([exp_avg_sqs[i] for i in rectified])
+            torch._foreach_add_(roots, group_scalars.eps)
+            adaptive = [bucket_steps[i].bias_correction2_sqrt / root for i, root in zip(rectified, roots)]
+            chosen = [updates[i] for i in rectified]
+            torch._foreach_mul_(chosen, adaptive)
+            torch._foreach_mul_(chosen, [_number(bucket_steps[i].rectification) for i in rectified])
+        torch._foreach_add_(params, updates, alpha=-1.0)
+
+
+#: the per-list function of each algorithm
+ALGORITHMS = {"adam": adam, "adamax": adamax, "nadam": nadam, "radam": radam}

@@ -3,7 +3,7 @@ per-list element functions to a kernel's ``step``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from ..rule import GroupScalars, StepScalars, UpdateRule
@@ -17,8 +17,8 @@ class ListKernelFn(Protocol):
     ) -> None: ...
 
 
-def list_kernel(adam: ListKernelFn, adamax: ListKernelFn) -> StepFn:
-    """A kernel's ``step`` from per-list functions: advance each ``step`` counter (as
+def list_kernel(algorithms: Mapping[str, ListKernelFn]) -> StepFn:
+    """A kernel's ``step`` from per-list functions, one per algorithm: advance each ``step`` counter (as
     torch does, one per tensor), get the scalars from the rule, run the element math
     (on widened copies where the storage policy asks, see :mod:`.storage`: 16-bit
     values are rounded once per update, as the fused kernels round them)."""
@@ -28,7 +28,7 @@ def list_kernel(adam: ListKernelFn, adamax: ListKernelFn) -> StepFn:
         steps = [s["step"] for s in states]
         for step_t in steps:
             step_t += 1
-        run = adam if rule.algorithm == "adam" else adamax
+        run = algorithms[rule.algorithm]
         work, store = storage.widened(
             batch.params, batch.grads, states, steps, rule, batch.param_indices, batch.element_offsets
         )

@@ -115,3 +115,65 @@ def adamax(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars,
         apply_update(
             param, exp_avg, exp_inf.clone() if rule.differentiable else exp_inf, steps[i].step_size, rule.differentiable
         )
+
+
+def nadam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    """NAdam as torch.optim.NAdam steps it: ``mu_product`` is a 0-d state tensor
+    multiplied by mu_t in its own dtype, the update two ``addcdiv`` terms over
+    sqrt(v / (1 - beta2^t)) + eps."""
+    tensor_scalars = rule.differentiable or rule.capturable
+    for i, param in enumerate(tensors.params):
+        param, grad = as_real(param), as_real(tensors.grads[i])  # torch decays the real views
+        grad = _decayed_gradient(param, grad, rule, group_scalars)
+        exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
+        mu_product, step = tensors.mu_products[i], steps[i]
+        mu_product *= step.mu
+
+        exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
+        _second_moment_update(exp_avg_sq, grad, group_scalars)
+        denom = exp_avg_sq.div(step.bias_correction2).sqrt()
+        lr, mu, mu_next = rule.lr, step.mu, step.mu_next
+        if tensor_scalars:  # no host read; autograd sees the products
+            denom = denom.add(group_scalars.eps)
+            grad = grad * (-lr * (1.0 - mu) / (1.0 - mu_product))
+            momentum = exp_avg * (-lr * mu_next / (1.0 - mu_product * mu_next))
+            param.addcdiv_(grad, denom)
+            param.addcdiv_(momentum, denom)
+        else:
+            product = mu_product.item()
+            denom.add_(group_scalars.eps)
+            param.addcdiv_(grad, denom, value=-lr * (1.0 - mu) / (1.0 - product))
+            param.addcdiv_(exp_avg, denom, value=(-lr * mu_next) / (1.0 - product * mu_next))
+
+
+def radam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    """RAdam as torch.optim.RAdam steps it: the bias-corrected m times lr, times
+    sqrt(1 - beta2^t) / (sqrt(v) + eps) and the rectification once rho_t > 5."""
+    for i, param in enumerate(tensors.params):
+        param, grad = as_real(param), as_real(tensors.grads[i])  # torch decays the real views
+        grad = _decayed_gradient(param, grad, rule, group_scalars)
+        exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
+        step = steps[i]
+
+        exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
+        _second_moment_update(exp_avg_sq, grad, group_scalars)
+        corrected = exp_avg / step.bias_correction1
+        if step.rectified is not None:  # capturable: both branches, picked on the device
+            adaptive = step.rectification * _radam_adaptive_lr(exp_avg_sq, step, group_scalars.eps, rule)
+            param.add_(corrected * rule.lr * torch.where(step.rectified, adaptive, 1.0), alpha=-1.0)
+        elif step.rectification is not None:
+            adaptive = _radam_adaptive_lr(exp_avg_sq, step, group_scalars.eps, rule)
+            param.add_(corrected * rule.lr * adaptive * step.rectification, alpha=-1.0)
+        else:
+            param.add_(corrected * rule.lr, alpha=-1.0)
+
+
+def _radam_adaptive_lr(exp_avg_sq: Tensor, step: StepScalars, eps: float, rule: UpdateRule) -> Tensor:
+    """sqrt(1 - beta2^t) / (sqrt(v) + eps)."""
+    root = exp_avg_sq.sqrt()
+    root = root.add(eps) if rule.differentiable else root.add_(eps)
+    return step.bias_correction2_sqrt / root
+
+
+#: the per-list function of each algorithm
+ALGORITHMS = {"adam": adam, "adamax": adamax, "nadam": nadam, "radam": radam}

@@ -26,7 +26,7 @@ from ..specs import rounding
 from ..specs.master import MASTER_KEY, join_tensors, split_into
 from ..specs.quantization import QuantFormat
 from ..specs.rounding import MASK32, MIX_MULTIPLIERS
-from ..state import moment_keys
+from ..state import MU_PRODUCT_KEY, moment_keys
 from .types import GroupTensors
 
 
@@ -132,6 +132,8 @@ def widened(
     """
     keys = moment_keys(rule.algorithm, rule.amsgrad)
     work = GroupTensors(list(params), list(grads), [], [], [])
+    if rule.algorithm == "nadam":
+        work.mu_products = [state[MU_PRODUCT_KEY] for state in states]
     work_moments = (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs)
     pending: list[tuple[int, list[_Stored]]] = []
     for i, param in enumerate(params):

@@ -755,7 +755,7 @@ def _group_constants(bucket: _Bucket, group_scalars: GroupScalars) -> torch.Tens
     return bucket.constants[1]
 
 
-_foreach_step = list_kernel(foreach.adam, foreach.adamax)
+_foreach_step = list_kernel(foreach.ALGORITHMS)
 
 
 def _foreach_fallback(batch: GroupBatch, rule: UpdateRule) -> None:

@@ -48,8 +48,9 @@ class GroupBatch:
 class GroupTensors:
     """Parallel lists, one entry per param that has a gradient this step.
 
-    ``exp_avg_sqs`` holds the second moment v (Adam) or the infinity norm u (AdaMax);
-    ``max_exp_avg_sqs`` is empty unless AMSGrad is on.
+    ``exp_avg_sqs`` holds the second moment v (Adam, NAdam, RAdam) or the infinity
+    norm u (AdaMax); ``max_exp_avg_sqs`` is empty unless AMSGrad is on, and
+    ``mu_products`` (0-d state tensors) unless the algorithm is NAdam.
     """
 
     params: list[Tensor]
@@ -57,6 +58,7 @@ class GroupTensors:
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
     max_exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    mu_products: list[Tensor] = field(default_factory=list)
 
 
 StepFn = Callable[[GroupBatch, UpdateRule], None]
