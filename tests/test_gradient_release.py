@@ -20,10 +20,10 @@ def model_and_data(seed=0):
     return model, data
 
 
-def make_optimizer(model, backend, **options):
+def make_optimizer(model, backend, cls=adamkit.AdamW, **options):
     decay, rest = [model[0].weight, model[2].weight], [model[0].bias, model[2].bias]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0, "lr": 3e-3}]
-    opt = adamkit.AdamW(groups, lr=1e-2, backend=backend, **options)
+    opt = cls(groups, lr=1e-2, backend=backend, **options)
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
 
@@ -59,6 +59,20 @@ def test_release_equals_normal_stepping(backend, options, reload_at):
 
     assert all(torch.equal(a, b) for a, b in zip(normal_model.parameters(), released_model.parameters()))
     assert opt.state_dict()["param_groups"] == released_opt.state_dict()["param_groups"]
+    mine, theirs = opt.state_dict()["state"], released_opt.state_dict()["state"]
+    assert all(torch.equal(mine[i][k], theirs[i][k]) for i in mine for k in mine[i])
+
+
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach"])
+@pytest.mark.parametrize("cls", [adamkit.NAdam, adamkit.RAdam], ids=lambda c: c.__name__)
+def test_nadam_and_radam_release_equals_normal_stepping(backend, cls):
+    normal_model, data = model_and_data()
+    opt, scheduler = make_optimizer(normal_model, backend, cls)
+    train(normal_model, opt, scheduler, data, release=False, reload_at=4)
+    released_model, _ = model_and_data()
+    released_opt, released_scheduler = make_optimizer(released_model, backend, cls)
+    train(released_model, released_opt, released_scheduler, data, release=True, reload_at=4)
+    assert all(torch.equal(a, b) for a, b in zip(normal_model.parameters(), released_model.parameters()))
     mine, theirs = opt.state_dict()["state"], released_opt.state_dict()["state"]
     assert all(torch.equal(mine[i][k], theirs[i][k]) for i in mine for k in mine[i])
 

@@ -25,10 +25,14 @@ def run(opt, params, grads_per_step):
         opt.step()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+CASES = [(adamkit.AdamW, backend) for backend in CPU_BACKENDS]
+CASES += [(cls, "foreach") for cls in (adamkit.NAdam, adamkit.RAdam)]  # their fused paths are foreach's
+
+
+@pytest.mark.parametrize("cls,backend", CASES, ids=lambda x: getattr(x, "__name__", x))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("precision", [None, "int8"])
-def test_a_nonfinite_batch_mid_run_is_skipped_as_if_it_never_came(backend, bad, precision):
+def test_a_nonfinite_batch_mid_run_is_skipped_as_if_it_never_came(cls, backend, bad, precision):
     shapes = [(50, 3), (7,), ()]
     good = batches(6, shapes)
     poisoned = [[g.clone() for g in grads] for grads in good[:3]]
@@ -36,11 +40,11 @@ def test_a_nonfinite_batch_mid_run_is_skipped_as_if_it_never_came(backend, bad, 
     start = [torch.randn(s, generator=torch.Generator().manual_seed(1)) for s in shapes]
 
     clean = [torch.nn.Parameter(x.clone()) for x in start]
-    opt = adamkit.AdamW(clean, lr=1e-2, backend=backend, state_precision=precision, skip_nonfinite=True, seed=0)
+    opt = cls(clean, lr=1e-2, backend=backend, state_precision=precision, skip_nonfinite=True, seed=0)
     run(opt, clean, good[:2] + good[3:])
 
     skipped = [torch.nn.Parameter(x.clone()) for x in start]
-    other = adamkit.AdamW(skipped, lr=1e-2, backend=backend, state_precision=precision, skip_nonfinite=True, seed=0)
+    other = cls(skipped, lr=1e-2, backend=backend, state_precision=precision, skip_nonfinite=True, seed=0)
     run(other, skipped, good[:2] + [poisoned[2]] + good[3:])
 
     assert other.skipped_steps == 1 and opt.skipped_steps == 0
