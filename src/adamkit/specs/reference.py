@@ -149,15 +149,28 @@ def _begin_step(state: ReferenceState, theta: np.ndarray, *, amsgrad: bool) -> i
     return state.step
 
 
+def _start(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters, name: str):
+    """Refuse AMSGrad where ``name`` has none, count the step, apply ``maximize`` and
+    weight decay: ``(theta, g, t)`` as float64 reals."""
+    if hp.amsgrad and name != "Adam":
+        raise ValueError(f"{name} has no AMSGrad variant (amsgrad must be False)")
+    theta, grad = _as_real(theta), _as_real(grad)
+    t = _begin_step(state, theta, amsgrad=hp.amsgrad)
+    theta, g = _effective_gradient(theta, grad, hp)
+    return theta, g, t
+
+
+def _update_moments(state: ReferenceState, g: np.ndarray, hp: Hyperparameters) -> None:
+    """m_t and v_t (Adam's moments, shared by NAdam and RAdam)."""
+    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
+    state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+
+
 def adam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
     """One step of Algorithm 1 with the options above; updates ``state``, returns the new theta."""
     like = theta
-    theta, grad = _as_real(theta), _as_real(grad)
-    t = _begin_step(state, theta, amsgrad=hp.amsgrad)
-
-    theta, g = _effective_gradient(theta, grad, hp)
-    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
-    state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+    theta, g, t = _start(theta, grad, state, hp, "Adam")
+    _update_moments(state, g, hp)
     m_hat = state.exp_avg / (1.0 - hp.beta1**t)
     if hp.amsgrad:
         state.max_exp_avg_sq = np.maximum(state.max_exp_avg_sq, state.exp_avg_sq)
@@ -170,13 +183,8 @@ def adam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hy
 
 def adamax_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
     """One step of Algorithm 2 (AdaMax); ``state.exp_avg_sq`` holds u_t."""
-    if hp.amsgrad:
-        raise ValueError("AdaMax has no AMSGrad variant (amsgrad must be False)")
     like = theta
-    theta, grad = _as_real(theta), _as_real(grad)
-    t = _begin_step(state, theta, amsgrad=False)
-
-    theta, g = _effective_gradient(theta, grad, hp)
+    theta, g, t = _start(theta, grad, state, hp, "AdaMax")
     state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
     state.exp_avg_sq = np.maximum(hp.beta2 * state.exp_avg_sq, np.abs(g) + hp.eps)
     theta = theta - (hp.lr / (1.0 - hp.beta1**t)) * state.exp_avg / state.exp_avg_sq
@@ -218,18 +226,12 @@ def accumulated_step(
 def nadam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
     """One step of NAdam (see the module docstring); updates ``state`` (``mu_product``
     included), returns the new theta."""
-    if hp.amsgrad:
-        raise ValueError("NAdam has no AMSGrad variant (amsgrad must be False)")
     like = theta
-    theta, grad = _as_real(theta), _as_real(grad)
-    t = _begin_step(state, theta, amsgrad=False)
-
-    theta, g = _effective_gradient(theta, grad, hp)
+    theta, g, t = _start(theta, grad, state, hp, "NAdam")
     mu = hp.beta1 * (1.0 - 0.5 * 0.96 ** (t * hp.momentum_decay))
     mu_next = hp.beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * hp.momentum_decay))
     state.mu_product *= mu
-    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
-    state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+    _update_moments(state, g, hp)
     denom = np.sqrt(state.exp_avg_sq / (1.0 - hp.beta2**t)) + hp.eps
     theta = theta - hp.lr * (1.0 - mu) / (1.0 - state.mu_product) * g / denom
     theta = theta - hp.lr * mu_next / (1.0 - state.mu_product * mu_next) * state.exp_avg / denom
@@ -238,15 +240,9 @@ def nadam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: H
 
 def radam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
     """One step of RAdam (see the module docstring); updates ``state``, returns the new theta."""
-    if hp.amsgrad:
-        raise ValueError("RAdam has no AMSGrad variant (amsgrad must be False)")
     like = theta
-    theta, grad = _as_real(theta), _as_real(grad)
-    t = _begin_step(state, theta, amsgrad=False)
-
-    theta, g = _effective_gradient(theta, grad, hp)
-    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
-    state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+    theta, g, t = _start(theta, grad, state, hp, "RAdam")
+    _update_moments(state, g, hp)
     m_hat = state.exp_avg / (1.0 - hp.beta1**t)
     rho_inf = 2.0 / (1.0 - hp.beta2) - 1.0
     rho_t = rho_inf - 2.0 * t * hp.beta2**t / (1.0 - hp.beta2**t)
