@@ -165,7 +165,8 @@ OPTIONS: tuple[Option, ...] = (
 #: option name -> default
 DEFAULTS: dict[str, Any] = {option.name: option.default for option in OPTIONS}
 
-__doc__ += "\n".join(f"``{o.name}`` (default ``{o.default!r}``)\n    {o.doc}\n" for o in OPTIONS)
+if __doc__ is not None:  # (``python -OO`` strips docstrings)
+    __doc__ += "\n".join(f"``{o.name}`` (default ``{o.default!r}``)\n    {o.doc}\n" for o in OPTIONS)
 
 
 def check_signature(cls: type) -> None:
