@@ -55,11 +55,25 @@ CASES = {
         torch.bfloat16,
         {"rounding": "stochastic", "state_precision": "int4"},
     ),
+    "nadam-fp32-l2": (adamkit.NAdam, torch.float32, {}),
+    "nadam-bf16-master24-int8-decoupled": (
+        adamkit.NAdam,
+        torch.bfloat16,
+        {"master_weights": "24bit", "state_precision": "int8", "decoupled_weight_decay": True},
+    ),
+    "radam-fp32-l2": (adamkit.RAdam, torch.float32, {}),
+    "radam-fp16-stochastic-int4-decoupled": (
+        adamkit.RAdam,
+        torch.float16,
+        {"rounding": "stochastic", "state_precision": "int4", "decoupled_weight_decay": True},
+    ),
 }
 
 #: a chunk and a ragged tail (several quantization blocks), a matrix, a 0-d param
 SHAPES = [(3000,), (48, 70), ()]
 STEPS = 4
+#: RAdam's steps are rectified from the sixth on (rho_t > 5 with beta2 = 0.999)
+RADAM_STEPS = 7
 
 
 def _optimizer(case: str, backend: str, device: torch.device):
@@ -108,7 +122,7 @@ def test_triton_stores_the_cpu_kernels_bits(case):
     theirs, their_params = _optimizer(case, "cpu", torch.device("cpu"))
     g = torch.Generator().manual_seed(12)
     history = []
-    for step in range(1, STEPS + 1):
+    for step in range(1, (RADAM_STEPS if case.startswith("radam") else STEPS) + 1):
         grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for p in their_params]
         for p, q, grad in zip(our_params, their_params, grads):
             p.grad, q.grad = grad.to(DEVICE), grad.clone()

@@ -45,13 +45,14 @@ def second_moment(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
     return moment_value(opt.state[p], "exp_avg_sq", p).double()
 
 
-def tracked(dtype: torch.dtype, **options) -> tuple[float, float]:
-    """(median of v / fp32 v, share of elements off by more than 2x) after STEPS."""
+def tracked(dtype: torch.dtype, name: str = "AdamW", **options) -> tuple[float, float]:
+    """(median of v / fp32 v, share of elements off by more than 2x) after STEPS, next
+    to torch.optim's ``name`` on fp32."""
     start = torch.randn(N, generator=torch.Generator().manual_seed(1))
     lean = torch.nn.Parameter(start.to(dtype))
     exact = torch.nn.Parameter(start.clone())
-    lean_opt = adamkit.AdamW([lean], lr=1e-4, seed=0, backend="cpu", **options)
-    exact_opt = torch.optim.AdamW([exact], lr=1e-4)
+    lean_opt = getattr(adamkit, name)([lean], lr=1e-4, seed=0, backend="cpu", **options)
+    exact_opt = getattr(torch.optim, name)([exact], lr=1e-4)
     for grad in gradient_stream(STEPS):
         lean.grad, exact.grad = grad.to(dtype), grad.clone()
         lean_opt.step()
@@ -81,6 +82,15 @@ INT4_MISS = (
 def test_lean_second_moments_track_fp32_on_a_decaying_stream(mode):
     dtype, options, (low, high), off_limit = MODES[mode]
     median, off = tracked(dtype, **options)
+    assert low <= median <= high, f"median stored v / fp32 v = {median:.3f}"
+    assert off <= off_limit, f"{100 * off:.1f} % of elements off by more than 2x"
+
+
+@pytest.mark.parametrize("name, mode", [("NAdam", "int8"), ("RAdam", "bf16 params, kahan")])
+def test_nadam_and_radam_second_moments_track_fp32_on_a_decaying_stream(name, mode):
+    """(The storage is the same code for every algorithm: one lean mode each.)"""
+    dtype, options, (low, high), off_limit = MODES[mode]
+    median, off = tracked(dtype, name, **options)
     assert low <= median <= high, f"median stored v / fp32 v = {median:.3f}"
     assert off <= off_limit, f"{100 * off:.1f} % of elements off by more than 2x"
 

@@ -14,7 +14,16 @@ import sys
 VARIANTS = {
     "adam-fp32": {},
     "adam-fp32-amsgrad-l2-maximize-amp": {"AMSGRAD": True, "DECAY": 1, "MAXIMIZE": True, "AMP": True},
-    "adamax-fp32": {"ADAMAX": True, "DECAY": 0},
+    "adamax-fp32": {"ALGORITHM": 1, "DECAY": 0},
+    "nadam-fp32-l2": {"ALGORITHM": 2, "DECAY": 1},
+    "radam-bf16-master24-int8": {
+        "ALGORITHM": 3,
+        "PARAM_STORAGE": "bfloat16",
+        "MASTER": 8,
+        "STATE_STORAGE": "uint8",
+        "QUANT": "int8",
+        "RANDOM": True,
+    },
     "adam-fp64": {"PARAM_STORAGE": "float64", "STATE_STORAGE": "float64", "COMPUTE": "float64"},
     "adam-bf16-kahan": {"PARAM_STORAGE": "bfloat16", "STATE_STORAGE": "bfloat16", "KAHAN": True, "RANDOM": True},
     "adam-bf16-stochastic": {"PARAM_STORAGE": "bfloat16", "STOCHASTIC": True, "RANDOM": True},
@@ -38,7 +47,7 @@ BASE = {
     "PARAM_STORAGE": "float32",
     "STATE_STORAGE": "float32",
     "COMPUTE": "float32",
-    "ADAMAX": False,
+    "ALGORITHM": 0,  # adamkit.kernels.host.ALGORITHM_CODES
     "AMSGRAD": False,
     "MAXIMIZE": False,
     "DECAY": 2,
@@ -58,8 +67,7 @@ BASE = {
 POINTERS = {
     "table_ptr": "*i64",
     "chunk_ptr": "*i64",
-    "step_size_ptr": "*fp64",
-    "bias_correction2_sqrt_ptr": "*fp64",
+    "tensor_scalar_ptr": "*fp64",
     "grad_scale_ptr": "*fp32",
     "found_inf_ptr": "*fp32",
     "key_ptr": "*i64",

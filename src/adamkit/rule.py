@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -111,8 +110,8 @@ class StepScalars:
     mu: Scalar | None = None
     mu_next: Scalar | None = None
     #: RAdam's variance rectification r_t; ``None`` while rho_t <= 5 (a momentum-SGD
-    #: step).  On the capturable path a tensor, NaN where rho_t <= 5, and ``rectified``
-    #: says where it applies.
+    #: step).  For step counts on a device a tensor, NaN where rho_t <= 5, and
+    #: ``rectified`` says where it applies.
     rectification: Scalar | None = None
     rectified: Tensor | None = None
 
@@ -241,9 +240,9 @@ class UpdateRule:
         rho_t = rho_inf - 2 * step * (self.beta2**step) / bias_correction2
         rectification = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
         scalars = StepScalars(self.lr, bias_correction2**0.5, bias_correction1=bias_correction1)
-        if isinstance(rho_t, Tensor) and self.capturable:  # decided on the device
+        if isinstance(step, Tensor):  # a step count on the device: decided there
             return replace(scalars, rectification=rectification, rectified=rho_t > 5.0)
-        # (a tensor beta2 outside capturable: the test reads rho_t, as torch's does)
+        # (a tensor beta2 with a host step: the test reads rho_t, as torch's does)
         return replace(scalars, rectification=rectification if rho_t > 5.0 else None)
 
     def step_scalars_for(self, steps: list[Tensor]) -> list[StepScalars]:
@@ -263,22 +262,6 @@ class UpdateRule:
         return out
 
 
-def step_scalar_arrays(rule: UpdateRule, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(step_size, bias_correction2_sqrt)`` as float64 arrays aligned with ``steps``,
-    each computed once per distinct step count by :meth:`UpdateRule.step_scalars`."""
-    if (steps == steps[0]).all():  # the usual case: one step count for the whole group
-        scalars = rule.step_scalars(float(steps[0]))
-        return (
-            np.full(steps.shape, as_number(scalars.step_size)),
-            np.full(steps.shape, as_number(scalars.bias_correction2_sqrt)),
-        )
-    distinct, position = np.unique(steps, return_inverse=True)
-    scalars = [rule.step_scalars(float(step)) for step in distinct]
-    step_size = np.array([as_number(s.step_size) for s in scalars], dtype=np.float64)
-    bias_correction2_sqrt = np.array([as_number(s.bias_correction2_sqrt) for s in scalars], dtype=np.float64)
-    return step_size[position], bias_correction2_sqrt[position]
-
-
 def to_scalar(x: Scalar) -> Scalar:
     """A 1-element tensor hyperparameter becomes 0-d (as torch stores betas)."""
     if isinstance(x, Tensor) and x.dim() != 0:
@@ -294,6 +277,5 @@ __all__ = [
     "StepScalars",
     "UpdateRule",
     "as_number",
-    "step_scalar_arrays",
     "to_scalar",
 ]

@@ -126,7 +126,8 @@ def format_case(case: Case, medians: dict[str, float], bandwidth: float, anchor:
     lines = [
         f"{case.name}: {case.params / 1e6:.1f}M params, {moved / 1e9:.2f} GB moved per step",
         f"  in-place add_ bandwidth, interleaved in the same rounds: {bandwidth:.1f} GB/s",
-        f"  {'contender':16s} {'ms':>8s} {'vs fused':>9s} {'GB/s':>7s} {'% of add_':>10s}",
+        f"  ratio: time over {anchor}'s",
+        f"  {'contender':16s} {'ms':>8s} {'ratio':>9s} {'GB/s':>7s} {'% of add_':>10s}",
     ]
     for name, seconds in medians.items():
         rate = moved / seconds / 1e9

@@ -3,7 +3,7 @@
 A kernel is a plug-in: a ``step(batch, rule)`` function (:data:`StepFn`: one param
 group's tensors as a :class:`GroupBatch`, and its :class:`~adamkit.rule.UpdateRule`)
 plus one :class:`Kernel` entry below.  Per-tensor kernels (``single_tensor``, ``foreach``)
-write ``adam`` and ``adamax`` for a list of tensors and are lifted to a step by
+write each algorithm for a list of tensors and are lifted to a step by
 :func:`~adamkit.kernels.lists.list_kernel`; the fused kernels (``cpu``, ``triton``)
 take the whole group, sharing their host side (:mod:`~adamkit.kernels.host`).  The
 shared conformance suite (``tests/test_conformance.py``) runs every registered kernel
@@ -49,10 +49,6 @@ class Kernel:
         return self.device_types is None or device.type in self.device_types
 
 
-#: what the fused kernels' element loops are written for (NAdam and RAdam run on the
-#: per-tensor paths)
-FUSED_ALGORITHMS = frozenset({"adam", "adamax"})
-
 KERNELS: dict[str, Kernel] = {
     "single_tensor": Kernel(
         "single_tensor",
@@ -68,7 +64,6 @@ KERNELS: dict[str, Kernel] = {
         fused=True,
         amp=True,
         available=cpu.available,
-        algorithms=FUSED_ALGORITHMS,
     ),
     "triton": Kernel(
         "triton",
@@ -77,7 +72,6 @@ KERNELS: dict[str, Kernel] = {
         fused=True,
         amp=True,
         available=triton_kernel.available,
-        algorithms=FUSED_ALGORITHMS,
     ),
 }
 

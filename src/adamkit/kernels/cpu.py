@@ -17,6 +17,9 @@ stored back with round-to-nearest-even):
         (\sqrt{\max(v^{max}, v)} / \text{bias\_correction2\_sqrt} + \epsilon)
         \ \text{or}\ m / u
 
+and NAdam's and RAdam's updates in the form :mod:`adamkit.kernels.host` writes for
+the whole family (per-tensor scalars; the algorithm is a compile-time choice).
+
 Storage (:mod:`adamkit.specs.rounding`): states may have their own dtype
 (``state_precision``); a bf16/fp16 param is stored to nearest, with a Kahan
 compensation (:math:`\theta = p + c`, :math:`p = rn(\theta')`,
@@ -61,12 +64,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..rule import DECOUPLED_DECAY, L2_DECAY, UpdateRule, step_scalar_arrays
+from ..rule import DECOUPLED_DECAY, L2_DECAY, UpdateRule
 from ..specs import quantization, rounding
 from ..specs.quantization import MIN_EXPONENT, QuantFormat
 from ..state import PARAM_EXTRA_KEY, moment_storage
 from .amp import inverse_scale
-from .host import COLUMNS, STATE_COLUMNS, HostCounters, chunk_table, group_constants, state_keys, state_row
+from .host import (
+    ALGORITHM_CODES,
+    COLUMNS,
+    STATE_COLUMNS,
+    HostCounters,
+    chunk_table,
+    group_constants,
+    state_keys,
+    state_row,
+)
 from .types import GroupBatch, as_real
 
 try:  # numba is a dependency, but the rest of adamkit works without it
@@ -114,7 +126,8 @@ _STORAGE = {
 #: quantized-state formats as state witnesses (the codes are bytes either way)
 _QUANTIZED_STORAGE = {"int8": np.int8, "int4": np.uint8}
 
-ALGORITHMS = {"adam": 0, "adamax": 1}
+#: the algorithm travels as a witness type too (:data:`host.ALGORITHM_CODES` order)
+_ALGORITHM_WITNESS = {name: (np.int8, np.int16, np.int32, np.int64)[code] for name, code in ALGORITHM_CODES.items()}
 
 #: the rounding mode travels as a witness type, so each mode is its own specialization
 _ROUNDING_WITNESS = {
@@ -447,20 +460,23 @@ if numba is not None:
         "master24": (_load_master24_param, _put_master24_param, _put_stochastic),
     }
 
-    def _element_loop(adamax: bool, amsgrad: bool, rounding_mode: str):
-        """The element loop of one algorithm and rounding variant.  ``adamax``,
+    def _element_loop(algorithm: str, amsgrad: bool, rounding_mode: str):
+        """The element loop of one algorithm and rounding variant.  The algorithm,
         ``amsgrad`` and the storage functions are fixed here, in Python: the variants
         differ in which memory they read and write, and LLVM only vectorizes a loop with
         conditional stores after unswitching it, which it refuses for the larger bf16
         bodies (and code that is never run is then never compiled either).  Decay and
-        maximize only select values and stay runtime flags."""
+        maximize only select values and stay runtime flags, as does whether RAdam's
+        step is rectified (one per tensor)."""
         load_param, put_param, put = _STORAGE_POLICIES[rounding_mode]
+        adamax, nadam, radam = algorithm == "adamax", algorithm == "nadam", algorithm == "radam"
 
         @njit(inline="always", nogil=True)
         def loop(pointers, first, end, scalars, maximize, decay, keys):
             param, grad, exp_avg, second, max_second, compensation = pointers
-            decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps, l2 = scalars[0:6]
-            step_size, bias_correction2_sqrt, inverse_scale = scalars[6:9]
+            decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps, l2, inverse_scale = scalars[0:7]
+            step_size, bias_correction2_sqrt, gradient_step_size, rectified = scalars[7:11]
+            one = _compute(param, 1.0)
             for i in range(first, end):
                 p = load_param(param, compensation, i)
                 g = _load(grad, i) * inverse_scale
@@ -483,18 +499,25 @@ if numba is not None:
                     if amsgrad:
                         v = max(_load(max_second, i), v)
                         put(max_second, i, v, keys[3], keys[4])
-                    denom = np.sqrt(v) / bias_correction2_sqrt + eps
-                put_param(param, compensation, i, p - step_size * (m / denom), keys[0], keys[4])
+                    if radam:  # before rectification: momentum SGD, no denominator
+                        denom = np.sqrt(v) + eps if rectified else one
+                    else:
+                        denom = np.sqrt(v) / bias_correction2_sqrt + eps
+                if nadam:
+                    update = (step_size * m + gradient_step_size * g) / denom
+                else:
+                    update = step_size * (m / denom)
+                put_param(param, compensation, i, p - update, keys[0], keys[4])
 
         return loop
 
-    #: (adam, amsgrad, adamax) loops per rounding mode
+    #: (plain, amsgrad) loops per (algorithm, rounding mode); only Adam has AMSGrad
     _LOOPS = {
-        mode: (
-            _element_loop(adamax=False, amsgrad=False, rounding_mode=mode),
-            _element_loop(adamax=False, amsgrad=True, rounding_mode=mode),
-            _element_loop(adamax=True, amsgrad=False, rounding_mode=mode),
+        (algorithm, mode): (
+            _element_loop(algorithm, amsgrad=False, rounding_mode=mode),
+            _element_loop(algorithm, amsgrad=algorithm == "adam", rounding_mode=mode),
         )
+        for algorithm in _ALGORITHM_WITNESS
         for mode in _ROUNDING_WITNESS
     }
     _MODE_OF_WITNESS = {
@@ -504,22 +527,28 @@ if numba is not None:
         types.int64: "master",
         types.uint32: "master24",
     }
+    _ALGORITHM_OF_WITNESS = {
+        getattr(types, np.dtype(witness).name): name for name, witness in _ALGORITHM_WITNESS.items()
+    }
 
-    def _update_chunk(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rounding_witness):
+    def _update_chunk(
+        pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness
+    ):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
 
     @overload(_update_chunk, inline="always")
-    def _update_chunk_impl(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rounding_witness):
-        """Only the rounding mode's own loops are compiled for a specialization."""
-        adam_loop, amsgrad_loop, adamax_loop = _LOOPS[_MODE_OF_WITNESS[rounding_witness.dtype]]
+    def _update_chunk_impl(
+        pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness
+    ):
+        """Only the algorithm's and rounding mode's own loops are compiled for a specialization."""
+        algorithm = _ALGORITHM_OF_WITNESS[algorithm_witness.dtype]
+        plain_loop, amsgrad_loop = _LOOPS[algorithm, _MODE_OF_WITNESS[rounding_witness.dtype]]
 
-        def update(pointers, first, end, scalars, maximize, decay, keys, adamax, amsgrad, rounding_witness):
-            if adamax:
-                adamax_loop(pointers, first, end, scalars, maximize, decay, keys)
-            elif amsgrad:
+        def update(pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness):
+            if amsgrad:
                 amsgrad_loop(pointers, first, end, scalars, maximize, decay, keys)
             else:
-                adam_loop(pointers, first, end, scalars, maximize, decay, keys)
+                plain_loop(pointers, first, end, scalars, maximize, decay, keys)
 
         return update
 
@@ -527,14 +556,14 @@ if numba is not None:
     def _fused_step(
         addresses,
         chunks,
-        step_sizes,
-        bias_correction2_sqrts,
+        tensor_scalars,
         constants,
         flags,
         keys,
         param_witness,
         state_witness,
         rounding_witness,
+        algorithm_witness,
     ):
         """The update for every chunk of every tensor of one (param dtype, state dtype) bucket.
 
@@ -542,18 +571,19 @@ if numba is not None:
             max_exp_avg_sq, Kahan compensation, and for quantized states the three
             moments' block scales (the moment columns then hold their codes)
         chunks: int64[C, 3] tensor index, first element, end element
+        tensor_scalars: float64[T, 4] each tensor's :data:`host.TENSOR_SCALARS`
         constants: float64[7] the group's constants (:data:`host.GROUP_CONSTANTS`), then
             the gradients' multiplier (a GradScaler's 1 / scale, else 1)
-        flags: int64[4] algorithm (0 adam, 1 adamax), maximize, amsgrad, weight decay kind
+        flags: int64[3] maximize, amsgrad, weight decay kind
         keys: int64[T, 5] stochastic rounding's step keys (param, exp_avg, second, max)
             and the tensor's element offset (a shard's first index in its whole param)
         witnesses: the param and state storage types (a quantized format: int8 for
-            "int8", uint8 for "int4"); the rounding mode (its dtype)
+            "int8", uint8 for "int4"); the rounding mode and the algorithm (their dtypes)
         """
-        adamax, maximize, amsgrad, decay = flags[0] == 1, flags[1] != 0, flags[2] != 0, flags[3]
+        maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
         for c in prange(chunks.shape[0]):
             t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            scalars = _chunk_scalars(addresses, t, step_sizes, bias_correction2_sqrts, constants, param_witness)
+            scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness)
             tensor_keys = _chunk_keys(keys, t)
             pointers = (
                 typed_pointer(addresses[t, 0], param_witness),
@@ -564,27 +594,36 @@ if numba is not None:
                 typed_pointer(addresses[t, 5], param_witness),
             )
             _update_chunk(
-                pointers, first, end, scalars, maximize, decay, tensor_keys, adamax, amsgrad, rounding_witness
+                pointers,
+                first,
+                end,
+                scalars,
+                maximize,
+                decay,
+                tensor_keys,
+                amsgrad,
+                algorithm_witness,
+                rounding_witness,
             )
 
     @njit(parallel=True, cache=True, nogil=True)
     def _fused_quantized_step(
         addresses,
         chunks,
-        step_sizes,
-        bias_correction2_sqrts,
+        tensor_scalars,
         constants,
         flags,
         keys,
         param_witness,
         state_witness,
         rounding_witness,
+        algorithm_witness,
     ):
         """:func:`_fused_step` for quantized states (``state_witness`` names the format)."""
-        adamax, maximize, amsgrad, decay = flags[0] == 1, flags[1] != 0, flags[2] != 0, flags[3]
+        maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
         for c in prange(chunks.shape[0]):
             t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            scalars = _chunk_scalars(addresses, t, step_sizes, bias_correction2_sqrts, constants, param_witness)
+            scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness)
             tensor_keys = _chunk_keys(keys, t)
             _quantized_chunk(
                 addresses[t],
@@ -594,16 +633,17 @@ if numba is not None:
                 maximize,
                 decay,
                 tensor_keys,
-                adamax,
                 amsgrad,
                 param_witness,
                 state_witness,
                 rounding_witness,
+                algorithm_witness,
             )
 
     @njit(inline="always", nogil=True)
-    def _chunk_scalars(addresses, t, step_sizes, bias_correction2_sqrts, constants, param_witness):
-        """Tensor ``t``'s scalars in its compute type."""
+    def _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness):
+        """Tensor ``t``'s scalars in its compute type: the group's constants, the
+        gradients' multiplier, then the tensor's own (RAdam's ``rectified`` a bool)."""
         param = typed_pointer(addresses[t, 0], param_witness)
         return (
             _compute(param, constants[0]),
@@ -612,9 +652,11 @@ if numba is not None:
             _compute(param, constants[3]),
             _compute(param, constants[4]),
             _compute(param, constants[5]),
-            _compute(param, step_sizes[t]),
-            _compute(param, bias_correction2_sqrts[t]),
             _compute(param, constants[6]),
+            _compute(param, tensor_scalars[t, 0]),
+            _compute(param, tensor_scalars[t, 1]),
+            _compute(param, tensor_scalars[t, 2]),
+            tensor_scalars[t, 3] != 0,
         )
 
     @njit(inline="always", nogil=True)
@@ -628,7 +670,7 @@ if numba is not None:
     QUANTIZED_SPAN = 4096
 
     @njit(inline="always", nogil=True)
-    def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, adamax, amsgrad, pw, sw, rw):
+    def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, pw, sw, rw, aw):
         """One chunk (it starts on a block boundary) with quantized moments, span by
         span: dequantize into fp32 scratch rows, run the plain element loop on those,
         quantize the new values (the update itself used them unrounded)."""
@@ -652,7 +694,7 @@ if numba is not None:
                 typed_pointer(base + stride * (rows - 1), _FLOAT32_WITNESS),
                 typed_pointer(row[5], pw),
             )
-            _update_chunk(pointers, low, high, scalars, maximize, decay, keys, adamax, amsgrad, rw)
+            _update_chunk(pointers, low, high, scalars, maximize, decay, keys, amsgrad, aw, rw)
             _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
             _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4], spread)
             if amsgrad:
@@ -693,7 +735,8 @@ class _Bucket:
             0, dtype=_QUANTIZED_STORAGE[moment_storage.name] if quantized else _STORAGE[moment_dtype]
         )
         self.rounding_witness = np.empty(0, dtype=_ROUNDING_WITNESS[self.mode])
-        self.counters = HostCounters([batch.states[i]["step"] for i in members])
+        self.counters = HostCounters([batch.states[i] for i in members], rule.algorithm)
+        self.algorithm_witness = np.empty(0, dtype=_ALGORITHM_WITNESS[rule.algorithm])
         keys, self.moment_count = state_keys(
             rule.algorithm, rule.amsgrad, moment_storage if quantized else None, self.mode
         )
@@ -801,9 +844,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
 
 def _flags_and_constants(rule: UpdateRule, grad_scale: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
     group_scalars = rule.group_scalars()
-    flags = np.array(
-        [ALGORITHMS[rule.algorithm], rule.maximize, rule.amsgrad, group_scalars.decay_kind], dtype=np.int64
-    )
+    flags = np.array([rule.maximize, rule.amsgrad, group_scalars.decay_kind], dtype=np.int64)
     gradient_factor = 1.0 if grad_scale is None else inverse_scale(grad_scale).item()
     constants = np.array([*map(float, group_constants(group_scalars)), gradient_factor], dtype=np.float64)
     return flags, constants
@@ -841,20 +882,19 @@ def _launch(batch: GroupBatch, rule: UpdateRule) -> None:
     flags, constants = _flags_and_constants(rule, batch.grad_scale)
     for bucket in _buckets(batch, rule):
         table, staged = bucket.addresses(batch)
-        counts = bucket.counters.advance()
-        step_sizes, bias_correction2_sqrts = step_scalar_arrays(rule, counts)
+        counts, tensor_scalars = bucket.counters.advance(rule)
         launch = _fused_quantized_step if bucket.quantized else _fused_step
         launch(
             table,
             bucket.chunks,
-            step_sizes,
-            bias_correction2_sqrts,
+            tensor_scalars,
             constants,
             flags,
             bucket.step_keys(rule, batch, counts),
             bucket.param_witness,
             bucket.state_witness,
             bucket.rounding_witness,
+            bucket.algorithm_witness,
         )
         for param, param_buffer, _grad_buffer, state_tensors, state_buffers in staged:
             param.copy_(param_buffer)

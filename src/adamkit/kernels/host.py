@@ -1,7 +1,8 @@
-"""The host side shared by the fused kernels (:mod:`adamkit.kernels.cpu` and
-:mod:`adamkit.kernels.triton`): one layout of the address table and of the group's
-constants, the state tensors a bucket addresses, the table of chunks a launch covers,
-and the CPU ``step`` counters, advanced together.
+r"""The host side shared by the fused kernels (:mod:`adamkit.kernels.cpu` and
+:mod:`adamkit.kernels.triton`): one layout of the address table, of the group's
+constants and of the per-tensor scalars, the state tensors a bucket addresses, the
+table of chunks a launch covers, and the CPU ``step`` counters (and NAdam's
+``mu_product``), advanced together.
 
 The address table has one row per tensor and these columns (:data:`COLUMNS`)::
 
@@ -11,18 +12,38 @@ The address table has one row per tensor and these columns (:data:`COLUMNS`)::
 bits) or 0; the scales are the quantized moments' (their columns then hold codes) or
 0.  A moment the variant never touches (the maximum without AMSGrad) repeats the
 second moment's address.
+
+Every algorithm's update is one element-wise form with per-tensor scalars
+(:data:`TENSOR_SCALARS`: :math:`\alpha` step size, :math:`c_2` bias correction,
+:math:`\gamma` gradient step size, and whether RAdam's step is rectified):
+
+.. math::
+
+    \text{Adam, AdaMax:}\quad & \theta \leftarrow \theta - \alpha\, m / d, \qquad
+        d = \sqrt{v} / c_2 + \epsilon \ \text{(AdaMax: } d = u) \\
+    \text{NAdam:}\quad & \theta \leftarrow \theta - (\alpha\, m + \gamma\, g) / d,
+        \qquad \alpha = \frac{\eta\,\mu_{t+1}}{1 - \textstyle\prod_{i \le t+1} \mu_i}, \quad
+        \gamma = \frac{\eta (1 - \mu_t)}{1 - \prod_{i \le t} \mu_i} \\
+    \text{RAdam:}\quad & \theta \leftarrow \theta - \alpha\, m / d, \qquad
+        d = \sqrt{v} + \epsilon, \ \alpha = \frac{\eta\, r_t \sqrt{1 - \beta_2^t}}{1 - \beta_1^t}
+        \ \text{once } \rho_t > 5; \quad d = 1, \ \alpha = \frac{\eta}{1 - \beta_1^t} \text{ before}
 """
 
 from __future__ import annotations
+
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import blockwise
-from ..rule import Algorithm, GroupScalars
+from ..rule import Algorithm, GroupScalars, StepScalars, UpdateRule, as_number
 from ..specs.quantization import QuantFormat
-from ..state import PARAM_EXTRA_KEY, moment_keys
+from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_keys
+
+#: the algorithms the fused kernels run, and the code each kernel specializes on
+ALGORITHM_CODES = {"adam": 0, "adamax": 1, "nadam": 2, "radam": 3}
 
 #: the address table's columns (see the module docstring)
 COLUMNS = (
@@ -44,6 +65,12 @@ STATE_COLUMNS = len(COLUMNS) - 2
 GROUP_CONSTANTS = ("decay_factor", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_weight_decay")
 
 
+#: the per-tensor scalars, one row per tensor, in this order (float64; see the module
+#: docstring): the step size of m / d, sqrt(1 - beta2^t), NAdam's step size of g / d,
+#: and 1 where RAdam's step is rectified
+TENSOR_SCALARS = ("step_size", "bias_correction2_sqrt", "gradient_step_size", "rectified")
+
+
 def group_constants(group_scalars: GroupScalars) -> tuple:
     """:data:`GROUP_CONSTANTS` of a group; a tensor hyperparameter (a capturable
     group's) stays a tensor, in float64."""
@@ -57,6 +84,47 @@ def group_constants(group_scalars: GroupScalars) -> tuple:
         group_scalars.eps,
         group_scalars.l2_weight_decay,
     )
+
+
+def tensor_scalar_columns(algorithm: Algorithm, lr, scalars: StepScalars, mu_products, where) -> tuple:
+    """:data:`TENSOR_SCALARS` from each tensor's step scalars (fields that are float64
+    arrays or device tensors, aligned with the tensors) and NAdam's new ``mu_product``
+    values; ``where`` is ``numpy.where`` or ``torch.where``."""
+    s = scalars
+    if algorithm == "nadam":
+        return (
+            lr * s.mu_next / (1.0 - mu_products * s.mu_next),
+            s.bias_correction2_sqrt,
+            lr * (1.0 - s.mu) / (1.0 - mu_products),
+            0.0,
+        )
+    if algorithm == "radam":
+        adaptive = lr * s.rectification * s.bias_correction2_sqrt / s.bias_correction1
+        return (where(s.rectified, adaptive, lr / s.bias_correction1), 1.0, 0.0, 1.0 * s.rectified)
+    return (s.step_size, s.bias_correction2_sqrt, 0.0, 0.0)
+
+
+def host_step_scalars(rule: UpdateRule, counts: np.ndarray) -> StepScalars:
+    """The step scalars of host step counts ``counts``, as float64 arrays aligned with
+    them: computed once per distinct count by :meth:`~adamkit.rule.UpdateRule.step_scalars`,
+    tensor hyperparameters read as floats.  RAdam's ``rectification`` is NaN where
+    ``rectified`` is False."""
+    if (counts == counts[0]).all():  # the usual case: one step count for the whole group
+        distinct, position = counts[:1], np.zeros(len(counts), dtype=np.int64)
+    else:
+        distinct, position = np.unique(counts, return_inverse=True)
+    per_count = [rule.step_scalars(float(count)) for count in distinct]
+
+    def column(name: str) -> np.ndarray:
+        values = (getattr(s, name) for s in per_count)
+        return np.array([np.nan if v is None else as_number(v) for v in values], dtype=np.float64)[position]
+
+    scalars = StepScalars(**{name: column(name) for name in _STEP_FIELDS})
+    return replace(scalars, rectified=~np.isnan(scalars.rectification))
+
+
+#: the fields of :class:`~adamkit.rule.StepScalars` that hold numbers
+_STEP_FIELDS = [f.name for f in fields(StepScalars) if f.name != "rectified"]
 
 
 def state_keys(algorithm: Algorithm, amsgrad: bool, fmt: QuantFormat | None, mode: str) -> tuple[list[str], int]:
@@ -102,26 +170,46 @@ def chunk_table(numels: np.ndarray, size: int) -> np.ndarray:
 
 
 class HostCounters:
-    """CPU ``step`` counters advanced together: one compiled loop over their addresses
-    (a Python call per tensor costs microseconds: tens of ms a step for 10,000 tensors).
+    """CPU ``step`` counters (and NAdam's ``mu_product`` tensors) advanced together:
+    one compiled loop over their addresses (a Python call per tensor costs
+    microseconds: tens of ms a step for 10,000 tensors).
 
-    Needs numba and one dtype for every counter; otherwise each counter is advanced
-    and read as torch does (``torch._foreach_add_``, then ``item()``)."""
+    Needs numba and one dtype for every counter; otherwise each one is advanced and
+    read as torch does (``torch._foreach_add_`` / ``_foreach_mul_``, then ``item()``)."""
 
-    def __init__(self, steps: list[Tensor]):
-        self.steps = steps
-        dtypes = {s.dtype for s in steps}
-        self.compiled = njit is not None and len(dtypes) == 1 and all(s.device.type == "cpu" for s in steps)
+    def __init__(self, states: list[dict], algorithm: Algorithm):
+        self.steps = [state["step"] for state in states]
+        self.products = [state[MU_PRODUCT_KEY] for state in states] if algorithm == "nadam" else []
+        counters = self.steps + self.products
+        dtypes = {c.dtype for c in counters}
+        self.compiled = njit is not None and len(dtypes) == 1 and all(c.device.type == "cpu" for c in counters)
         if self.compiled:
-            self.addresses = np.array([s.data_ptr() for s in steps], dtype=np.int64)
+            self.addresses = np.array([c.data_ptr() for c in self.steps], dtype=np.int64)
+            self.product_addresses = np.array([c.data_ptr() for c in self.products], dtype=np.int64)
             self.witness = np.empty(0, dtype=np.float64 if dtypes == {torch.float64} else np.float32)
 
-    def advance(self) -> np.ndarray:
-        """``step += 1`` for every counter; the new counts as float64."""
+    def advance(self, rule: UpdateRule) -> tuple[np.ndarray, np.ndarray]:
+        """``step += 1`` for every counter (NAdam: then ``mu_product *= mu_t``); the new
+        counts as float64, and the tensors' :data:`TENSOR_SCALARS`."""
+        counts = self._add_one()
+        scalars = host_step_scalars(rule, counts)
+        products = self._multiply_products(scalars.mu) if self.products else None
+        columns = tensor_scalar_columns(rule.algorithm, as_number(rule.lr), scalars, products, np.where)
+        return counts, np.stack(np.broadcast_arrays(*columns), axis=1).astype(np.float64)
+
+    def _add_one(self) -> np.ndarray:
         if self.compiled:
             return _advance_steps(self.addresses, self.witness)
         torch._foreach_add_(self.steps, 1)
         return np.array([s.item() for s in self.steps], dtype=np.float64)
+
+    def _multiply_products(self, factors: np.ndarray) -> np.ndarray:
+        """Each product times its factor rounded to the product's dtype (as torch's
+        ``mul_`` by a Python float rounds it); the new products as float64."""
+        if self.compiled:
+            return _multiply_in_place(self.product_addresses, factors.astype(self.witness.dtype))
+        torch._foreach_mul_(self.products, factors.tolist())
+        return np.array([p.item() for p in self.products], dtype=np.float64)
 
 
 if njit is not None:
@@ -135,3 +223,14 @@ if njit is not None:
             step[0] += 1
             counts[t] = step[0]
         return counts
+
+    @njit(cache=True, nogil=True)
+    def _multiply_in_place(addresses, factors):
+        """``x *= factor`` for every 0-d tensor at ``addresses`` (of ``factors``' dtype);
+        returns the new values (float64)."""
+        values = np.empty(addresses.shape[0], dtype=np.float64)
+        for t in range(addresses.shape[0]):
+            x = typed_pointer(addresses[t], factors)
+            x[0] = x[0] * factors[t]
+            values[t] = x[0]
+        return values

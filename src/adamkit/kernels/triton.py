@@ -18,8 +18,8 @@ and 16-byte-aligned addresses the compiler is told of, so it loads and stores ve
 only a tensor's last chunk is masked element by element.  ``tests/test_triton_compile.py``
 reads all of this from the PTX.
 
-Per-tensor step sizes and bias corrections come from :class:`adamkit.rule.UpdateRule`
-as device arrays.  With ``capturable=True`` they are computed on the device from the
+Per-tensor step sizes and bias corrections (:data:`adamkit.kernels.host.TENSOR_SCALARS`)
+come from :class:`adamkit.rule.UpdateRule` as a device array.  With ``capturable=True`` they are computed on the device from the
 step counters, so neither a tensor lr changed by a scheduler nor the step count
 needs the host: nothing syncs, nothing recompiles (lr and betas are runtime values),
 and the address table is uploaded only when an address changes, so a captured CUDA
@@ -42,13 +42,24 @@ import os
 import numpy as np
 import torch
 
-from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule, step_scalar_arrays
+from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule
 from ..specs import rounding
 from ..specs.quantization import SNAP_TO_TOP, QuantFormat
-from ..state import PARAM_EXTRA_KEY, moment_storage
+from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_storage
 from . import foreach, storage
 from .amp import unscaled
-from .host import COLUMNS, STATE_COLUMNS, HostCounters, chunk_table, group_constants, state_keys, state_row
+from .host import (
+    ALGORITHM_CODES,
+    COLUMNS,
+    STATE_COLUMNS,
+    TENSOR_SCALARS,
+    HostCounters,
+    chunk_table,
+    group_constants,
+    state_keys,
+    state_row,
+    tensor_scalar_columns,
+)
 from .lists import list_kernel
 from .types import GroupBatch, as_real
 
@@ -90,6 +101,8 @@ if triton is not None:
     _MIX_FIRST, _MIX_SECOND = (tl.constexpr(m) for m in rounding.MIX_MULTIPLIERS)
     _L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
     _ROW_LENGTH = tl.constexpr(len(COLUMNS))
+    _TENSOR_SCALAR_COUNT = tl.constexpr(len(TENSOR_SCALARS))
+    _ADAMAX, _NADAM, _RADAM = (tl.constexpr(ALGORITHM_CODES[name]) for name in ("adamax", "nadam", "radam"))
 
     @triton.jit
     def _to_storage(x, STORAGE: tl.constexpr):
@@ -313,7 +326,7 @@ if triton is not None:
         bounds,
         tensors,
         scalars,
-        ADAMAX: tl.constexpr,
+        ALGORITHM: tl.constexpr,
         AMSGRAD: tl.constexpr,
         DECAY: tl.constexpr,
         KAHAN: tl.constexpr,
@@ -332,7 +345,8 @@ if triton is not None:
             \theta \leftarrow \theta - \alpha_t \, m / (\sqrt{\hat v} / \sqrt{1-\beta_2^t} + \epsilon)
 
         (AdaMax: :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`, :math:`\theta \leftarrow
-        \theta - \alpha_t m / u`), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
+        \theta - \alpha_t m / u`; NAdam and RAdam as :mod:`adamkit.kernels.host` writes
+        them), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
         weight decay, in ``COMPUTE`` precision with IEEE division and square root."""
         first, end = bounds
         param, grad, exp_avg, second, max_second, compensation, exp_avg_scales, second_scales, max_second_scales = (
@@ -341,6 +355,8 @@ if triton is not None:
         (
             step_size,
             bias_correction2_sqrt,
+            gradient_step_size,
+            rectified,
             gradient_factor,
             decay_factor,
             one_minus_beta1,
@@ -398,7 +414,7 @@ if triton is not None:
         second_value = _load_moment(
             second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False
         )
-        if ADAMAX:
+        if ALGORITHM == _ADAMAX:
             new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
         else:
             new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
@@ -419,7 +435,7 @@ if triton is not None:
             EXACT_SECOND,
             BLOCK,
         )
-        if ADAMAX:
+        if ALGORITHM == _ADAMAX:
             denom = new_second
         else:
             v = new_second
@@ -445,8 +461,14 @@ if triton is not None:
                     EXACT_SECOND,
                     BLOCK,
                 )
-            denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
-        p = p - step_size * _exact_div(m, denom)
+            if ALGORITHM == _RADAM:  # before rectification: momentum SGD, no denominator
+                denom = tl.where(rectified != 0, _exact_sqrt(v) + eps, 1.0)
+            else:
+                denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
+        if ALGORITHM == _NADAM:
+            p = p - _exact_div(step_size * m + gradient_step_size * g, denom)
+        else:
+            p = p - step_size * _exact_div(m, denom)
         if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
             bits = p.to(tl.int32, bitcast=True)
             high = (bits + 0x8000) >> 16
@@ -469,8 +491,7 @@ if triton is not None:
     def _fused_step(
         table_ptr,
         chunk_ptr,
-        step_size_ptr,
-        bias_correction2_sqrt_ptr,
+        tensor_scalar_ptr,
         grad_scale_ptr,
         found_inf_ptr,
         key_ptr,
@@ -478,7 +499,7 @@ if triton is not None:
         PARAM_STORAGE: tl.constexpr,
         STATE_STORAGE: tl.constexpr,
         COMPUTE: tl.constexpr,
-        ADAMAX: tl.constexpr,
+        ALGORITHM: tl.constexpr,
         AMSGRAD: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         DECAY: tl.constexpr,
@@ -496,7 +517,8 @@ if triton is not None:
     ):
         """One program per chunk: chunk row (tensor t, first, end), then tensor t's
         addresses (param, grad, exp_avg, second moment, max second moment, Kahan
-        compensation, the three moments' scales) and step scalars."""
+        compensation, the three moments' scales) and its row of the tensor scalars
+        (:data:`host.TENSOR_SCALARS`)."""
         chunk = tl.program_id(0)
         t = tl.load(chunk_ptr + 3 * chunk)
         first = tl.multiple_of(tl.load(chunk_ptr + 3 * chunk + 1), BLOCK)
@@ -542,9 +564,12 @@ if triton is not None:
                     tl.load(key_ptr + 5 * t + 3),
                     tl.load(key_ptr + 5 * t + 4),  # the element offset of a shard
                 )
+            tensor_row = tensor_scalar_ptr + _TENSOR_SCALAR_COUNT * t
             scalars = (
-                tl.load(step_size_ptr + t).to(COMPUTE),
-                tl.load(bias_correction2_sqrt_ptr + t).to(COMPUTE),
+                tl.load(tensor_row).to(COMPUTE),  # step size
+                tl.load(tensor_row + 1).to(COMPUTE),  # sqrt(1 - beta2^t)
+                tl.load(tensor_row + 2).to(COMPUTE),  # NAdam's gradient step size
+                tl.load(tensor_row + 3),  # RAdam: rectified
                 gradient_factor.to(COMPUTE),
                 tl.load(constants_ptr).to(COMPUTE),  # decay factor
                 tl.load(constants_ptr + 1).to(COMPUTE),  # 1 - beta1
@@ -565,7 +590,7 @@ if triton is not None:
                     bounds,
                     tensors,
                     scalars,
-                    ADAMAX,
+                    ALGORITHM,
                     AMSGRAD,
                     DECAY,
                     KAHAN,
@@ -584,7 +609,7 @@ if triton is not None:
                     bounds,
                     tensors,
                     scalars,
-                    ADAMAX,
+                    ALGORITHM,
                     AMSGRAD,
                     DECAY,
                     KAHAN,
@@ -634,7 +659,9 @@ class _Bucket:
         self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), STATE_COLUMNS)
         self.block, self.num_warps = (QUANTIZED_BLOCK, QUANTIZED_NUM_WARPS) if self.quantized else (BLOCK, NUM_WARPS)
         self.chunks = torch.from_numpy(chunk_table([p.numel() for p in params], self.block)).to(self.device)
-        self.counters = HostCounters(self.steps) if self.steps[0].device.type == "cpu" and not rule.capturable else None
+        self.products = [s[MU_PRODUCT_KEY] for s in states] if rule.algorithm == "nadam" else []
+        on_host = self.steps[0].device.type == "cpu" and not rule.capturable
+        self.counters = HostCounters(states, rule.algorithm) if on_host else None
         self.whole_group = members == list(range(len(batch.params)))
         self.stream_keys: tuple | None = None
         self.moving: np.ndarray | None = None  # the param and grad addresses of the table on the device
@@ -719,27 +746,27 @@ def _device_array(value, length: int, device: torch.device) -> torch.Tensor:
     return value.to(device, torch.float64).expand(length).contiguous()
 
 
-def _step_scalars(bucket: _Bucket, rule: UpdateRule) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """Advance the bucket's step counters; per-tensor step sizes and sqrt(1 - beta2^t)
-    as float64 device arrays, and the step counts (host array, or the device tensors).
-    Counters on the device (capturable or fused, as torch places them) never go
-    through the host; counters on the host are advanced in one compiled pass."""
-    if bucket.counters is None:
-        torch._foreach_add_(bucket.steps, 1)
-        count = len(bucket.steps)
-        scalars = rule.step_scalars(torch.stack(bucket.steps).to(bucket.device, torch.float64))
-        return (
-            _device_array(scalars.step_size, count, bucket.device),
-            _device_array(scalars.bias_correction2_sqrt, count, bucket.device),
-            bucket.steps,
-        )
-    counts = bucket.counters.advance()
-    step_size, bias_correction2_sqrt = step_scalar_arrays(rule, counts)
-    return (
-        torch.from_numpy(step_size).to(bucket.device, non_blocking=True),
-        torch.from_numpy(bias_correction2_sqrt).to(bucket.device, non_blocking=True),
-        counts,
-    )
+def _tensor_scalars(bucket: _Bucket, rule: UpdateRule, found_inf) -> tuple[torch.Tensor, object]:
+    """Advance the bucket's step counters (and NAdam's products); the tensors'
+    :data:`host.TENSOR_SCALARS` as a float64 device array, and the step counts (host
+    array, or the device tensors).  Counters on the device (capturable or fused, as
+    torch places them) never go through the host (a GradScaler's ``found_inf`` keeps
+    the products as they are; the step counts are rolled back after the launch);
+    counters on the host are advanced in one compiled pass."""
+    if bucket.counters is not None:
+        counts, table = bucket.counters.advance(rule)
+        return torch.from_numpy(table).to(bucket.device, non_blocking=True), counts
+    torch._foreach_add_(bucket.steps, 1)
+    count = len(bucket.steps)
+    scalars = rule.step_scalars(torch.stack(bucket.steps).to(bucket.device, torch.float64))
+    products = None
+    if bucket.products:  # mu_product *= mu_t in the product's dtype, as torch's capturable NAdam
+        factors = scalars.mu if found_inf is None else torch.where(found_inf.to(bucket.device) != 0, 1.0, scalars.mu)
+        factors = factors.to(bucket.products[0].dtype)
+        torch._foreach_mul_(bucket.products, list(factors.to(bucket.products[0].device).unbind()))
+        products = torch.stack(bucket.products).to(bucket.device, torch.float64)
+    columns = tensor_scalar_columns(rule.algorithm, rule.lr, scalars, products, torch.where)
+    return torch.stack([_device_array(c, count, bucket.device) for c in columns], dim=1), bucket.steps
 
 
 def _group_constants(bucket: _Bucket, group_scalars: GroupScalars) -> torch.Tensor:
@@ -786,15 +813,14 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     if amp and found_inf is not None and any(b.counters is not None for b in buckets) and found_inf.item():
         return
     for bucket, table in zip(buckets, tables):
-        step_size, bias_correction2_sqrt, counts = _step_scalars(bucket, rule)
+        tensor_scalars, counts = _tensor_scalars(bucket, rule, found_inf if amp else None)
         keys = bucket.step_keys(rule, batch, counts)
         unused = table  # any pointer: read only when AMP is on
         grid = (bucket.chunks.shape[0],)
         _fused_step[grid](
             table,
             bucket.chunks,
-            step_size,
-            bias_correction2_sqrt,
+            tensor_scalars,
             grad_scale if amp else unused,
             bucket.no_inf if found_inf is None else found_inf,
             table if keys is None else keys,
@@ -802,7 +828,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             PARAM_STORAGE=_triton_dtype(bucket.param_dtype),
             STATE_STORAGE=_triton_dtype(bucket.state_storage),
             COMPUTE=tl.float64 if bucket.param_dtype == torch.float64 else tl.float32,
-            ADAMAX=rule.algorithm == "adamax",
+            ALGORITHM=ALGORITHM_CODES[rule.algorithm],
             AMSGRAD=rule.amsgrad,
             MAXIMIZE=rule.maximize,
             DECAY=group_scalars.decay_kind,

@@ -1,0 +1,38 @@
+"""The Adam family's fused CPU steps against adamkit's fused AdamW step (the anchor), and
+torch.optim's fastest path for each variant, measured in the same process in interleaved
+rounds (see ``adamkit.experiments.bench``).  The goal: every variant within 1.1x of AdamW.
+
+    python benchmarks/bench_family.py                 # case (a): 50M fp32 params in 50 tensors
+    python benchmarks/bench_family.py --cases a,c --rounds 30
+"""
+
+from __future__ import annotations
+
+import torch
+from bench_cpu import parse_arguments
+
+import adamkit
+from adamkit.experiments.bench import CASES, format_case, run_case
+
+ANCHOR = "adamkit AdamW"
+
+CONTENDERS = {
+    ANCHOR: lambda ps: adamkit.AdamW(ps, backend="cpu"),
+    "adamkit AdaMax": lambda ps: adamkit.AdaMax(ps, backend="cpu"),
+    "adamkit NAdam": lambda ps: adamkit.NAdam(ps, backend="cpu"),
+    "adamkit RAdam": lambda ps: adamkit.RAdam(ps, backend="cpu"),
+    # torch.optim has no fused NAdam or RAdam on the CPU: foreach is its fastest path
+    "torch NAdam": lambda ps: torch.optim.NAdam(ps, foreach=True),
+    "torch RAdam": lambda ps: torch.optim.RAdam(ps, foreach=True),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cases, rounds = parse_arguments(__doc__, CASES, argv or ["--cases", "a"])
+    for case in cases:
+        medians, bandwidth = run_case(case, rounds, CONTENDERS)
+        print(format_case(case, medians, bandwidth, anchor=ANCHOR) + "\n")
+
+
+if __name__ == "__main__":
+    main()
