@@ -21,9 +21,12 @@ CONTENDERS = {
     "adamkit AdaMax": lambda ps: adamkit.AdaMax(ps, backend="cpu"),
     "adamkit NAdam": lambda ps: adamkit.NAdam(ps, backend="cpu"),
     "adamkit RAdam": lambda ps: adamkit.RAdam(ps, backend="cpu"),
+    "adamkit ADOPT": lambda ps: adamkit.ADOPT(ps, backend="cpu"),
     # torch.optim has no fused NAdam or RAdam on the CPU: foreach is its fastest path
     "torch NAdam": lambda ps: torch.optim.NAdam(ps, foreach=True),
     "torch RAdam": lambda ps: torch.optim.RAdam(ps, foreach=True),
+    # ADOPT is not in torch.optim: adamkit's own foreach path stands for the usual one
+    "adamkit ADOPT foreach": lambda ps: adamkit.ADOPT(ps, backend="foreach"),
 }
 
 

@@ -39,6 +39,8 @@ OPTIMIZERS = {
     "NAdam": (adamkit.NAdam, torch.optim.NAdam, "nadam"),
     "RAdam": (adamkit.RAdam, torch.optim.RAdam, "radam"),
 }
+#: the whole family: :data:`OPTIMIZERS` and the variants torch.optim lacks (no torch class)
+FAMILY = {**OPTIMIZERS, "ADOPT": (adamkit.ADOPT, None, "adopt")}
 
 WEIGHT_DECAYS = ("none", "l2", "decoupled")
 
@@ -74,7 +76,7 @@ class Case:
 
     @property
     def algorithm(self) -> str:
-        return OPTIMIZERS[self.optimizer][2]
+        return FAMILY[self.optimizer][2]
 
     def torch_kwargs(self) -> dict:
         """Constructor kwargs that torch.optim accepts for this case (lr excluded)."""
@@ -93,6 +95,8 @@ class Case:
         kw = self.torch_kwargs()
         if self.optimizer == "AdaMax" and self.weight_decay == "decoupled":
             kw["decoupled_weight_decay"] = True
+        if self.optimizer == "ADOPT":  # Adam's betas and eps, as the shared oracle runs
+            kw.update(betas=(0.9, 0.999), eps=1e-8, decoupled_weight_decay=self.weight_decay == "decoupled")
         if self.weight_decay == "fully_decoupled":
             kw["weight_decay"] = 0.1
             kw["decouple_lr"] = True
@@ -138,11 +142,11 @@ def _cases(*, torch_expressible: bool, **grid: tuple) -> list[Case]:
             continue  # AdamW's decay is always decoupled
         if torch_expressible and name == "AdaMax" and decay == "decoupled":
             continue  # torch.optim.Adamax has no decoupled decay
-        if OPTIMIZERS[name][2] not in KERNELS[fields["backend"]].algorithms:
+        if FAMILY[name][2] not in KERNELS[fields["backend"]].algorithms:
             continue
         if fields.get("capturable"):
             fields["tensor_lr"] = True
-        for amsgrad in (False, True) if OPTIMIZERS[name][2] == "adam" else (False,):
+        for amsgrad in (False, True) if FAMILY[name][2] == "adam" else (False,):
             cases.append(Case(**fields, amsgrad=amsgrad))
     return cases
 
@@ -168,7 +172,7 @@ def reference_cases(backends=None) -> list[Case]:
     Capturable groups take the tensor-scalar path (no host sync), with a tensor lr."""
     return _cases(
         torch_expressible=False,
-        optimizer=tuple(OPTIMIZERS),
+        optimizer=tuple(FAMILY),
         backend=backends or DEVICE_BACKENDS,
         dtype=(torch.float64,),
         maximize=(False, True),

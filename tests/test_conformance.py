@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from matrix import OPTIMIZERS, Case, clone_groups, make_params, numpy_of, reference_cases, run
+from matrix import FAMILY, Case, clone_groups, make_params, numpy_of, reference_cases, run
 from oracle import max_relative_error, run_reference
 
 STEPS = 100
@@ -35,7 +35,7 @@ def scalar_state_dtype_for(case: Case) -> Iterator[None]:
 
 
 def run_both(case: Case, steps: int):
-    ours_cls = OPTIMIZERS[case.optimizer][0]
+    ours_cls = FAMILY[case.optimizer][0]
     groups = make_params(case)
     start = clone_groups(groups)
     initial = [numpy_of(p) for g in start for p in g["params"]]

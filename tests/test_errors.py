@@ -222,14 +222,28 @@ def test_decay_factor_that_would_flip_sign_is_rejected():
         (adamkit.NAdam, {"momentum_decay": math.inf}, ValueError, ["momentum_decay", "inf", "finite"]),
         (adamkit.NAdam, {"accumulation_steps": 2}, ValueError, ["accumulation_steps=2", "NAdam", "not run"]),
         (adamkit.RAdam, {"diagnostics": True}, ValueError, ["diagnostics=True", "RAdam", "not run"]),
+        (adamkit.ADOPT, {"clip_exponent": -0.25}, ValueError, ["clip_exponent", "-0.25", ">= 0", "None"]),
+        (adamkit.ADOPT, {"clip_exponent": math.nan}, ValueError, ["clip_exponent", "nan", "finite"]),
+        (adamkit.ADOPT, {"clip_exponent": "quarter"}, TypeError, ["clip_exponent", "'quarter'"]),
+        (adamkit.ADOPT, {"amsgrad": True}, TypeError, ["amsgrad"]),
+        (adamkit.ADOPT, {"accumulation_steps": 2}, ValueError, ["accumulation_steps=2", "ADOPT", "not run"]),
     ],
     ids=str,
 )
-def test_nadam_and_radam_name_what_they_do_not_take(cls, kwargs, error, words):
+def test_the_family_names_what_it_does_not_take(cls, kwargs, error, words):
     with pytest.raises(error) as info:
         cls(params(), **kwargs)
     for word in words:
         assert word in str(info.value)
+
+
+def test_a_bad_clip_exponent_written_into_a_group_fails_before_touching_anything():
+    opt, a, b = two_group_optimizer(adamkit.ADOPT)
+    opt.param_groups[1]["clip_exponent"] = -1.0
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"clip_exponent value: -1.0 .* in param_groups\[1\]"):
+        opt.step()
+    assert_untouched(opt, before)
 
 
 def test_a_backend_asked_for_an_algorithm_it_lacks_fails_before_touching_anything(monkeypatch):

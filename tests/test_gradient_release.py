@@ -64,8 +64,8 @@ def test_release_equals_normal_stepping(backend, options, reload_at):
 
 
 @pytest.mark.parametrize("backend", ["single_tensor", "cpu"])
-@pytest.mark.parametrize("cls", [adamkit.NAdam, adamkit.RAdam], ids=lambda c: c.__name__)
-def test_nadam_and_radam_release_equals_normal_stepping(backend, cls):
+@pytest.mark.parametrize("cls", [adamkit.NAdam, adamkit.RAdam, adamkit.ADOPT], ids=lambda c: c.__name__)
+def test_the_family_s_release_equals_normal_stepping(backend, cls):
     normal_model, data = model_and_data()
     opt, scheduler = make_optimizer(normal_model, backend, cls)
     train(normal_model, opt, scheduler, data, release=False, reload_at=4)

@@ -67,6 +67,12 @@ CASES = {
         torch.float16,
         {"rounding": "stochastic", "state_precision": "int4", "decoupled_weight_decay": True},
     ),
+    "adopt-fp32-decoupled": (adamkit.ADOPT, torch.float32, {"decoupled_weight_decay": True}),
+    "adopt-bf16-master-int8-l2-unclipped": (
+        adamkit.ADOPT,
+        torch.bfloat16,
+        {"master_weights": "fp32", "state_precision": "int8", "clip_exponent": None},
+    ),
 }
 
 #: a chunk and a ragged tail (several quantization blocks), a matrix, a 0-d param

@@ -47,12 +47,18 @@ def second_moment(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
 
 def tracked(dtype: torch.dtype, name: str = "AdamW", **options) -> tuple[float, float]:
     """(median of v / fp32 v, share of elements off by more than 2x) after STEPS, next
-    to torch.optim's ``name`` on fp32."""
+    to torch.optim's ``name`` on fp32 (adamkit's fp32 single-tensor path where torch has
+    no ``name``; ADOPT with Adam's beta2, whose v decays by 0.1 % a step)."""
     start = torch.randn(N, generator=torch.Generator().manual_seed(1))
     lean = torch.nn.Parameter(start.to(dtype))
     exact = torch.nn.Parameter(start.clone())
+    if name == "ADOPT":
+        options = {**options, "betas": (0.9, 0.999)}
     lean_opt = getattr(adamkit, name)([lean], lr=1e-4, seed=0, backend="cpu", **options)
-    exact_opt = getattr(torch.optim, name)([exact], lr=1e-4)
+    if hasattr(torch.optim, name):
+        exact_opt = getattr(torch.optim, name)([exact], lr=1e-4)
+    else:
+        exact_opt = getattr(adamkit, name)([exact], lr=1e-4, backend="single_tensor", betas=options["betas"])
     for grad in gradient_stream(STEPS):
         lean.grad, exact.grad = grad.to(dtype), grad.clone()
         lean_opt.step()
@@ -86,8 +92,8 @@ def test_lean_second_moments_track_fp32_on_a_decaying_stream(mode):
     assert off <= off_limit, f"{100 * off:.1f} % of elements off by more than 2x"
 
 
-@pytest.mark.parametrize("name, mode", [("NAdam", "int8"), ("RAdam", "bf16 params, kahan")])
-def test_nadam_and_radam_second_moments_track_fp32_on_a_decaying_stream(name, mode):
+@pytest.mark.parametrize("name, mode", [("NAdam", "int8"), ("RAdam", "bf16 params, kahan"), ("ADOPT", "bf16 states")])
+def test_the_family_s_second_moments_track_fp32_on_a_decaying_stream(name, mode):
     """(The storage is the same code for every algorithm: one lean mode each.)"""
     dtype, options, (low, high), off_limit = MODES[mode]
     median, off = tracked(dtype, name, **options)
@@ -99,6 +105,22 @@ def test_nadam_and_radam_second_moments_track_fp32_on_a_decaying_stream(name, mo
 def test_int4_second_moments_track_fp32_on_a_decaying_stream():
     median, off = tracked(torch.float32, state_precision="int4")
     assert 0.67 <= median <= 1.5 and off <= 0.10, (median, off)
+
+
+ADOPT_INT8_MISS = (
+    "ADOPT starts v at g_1^2 (Adam at (1 - beta2) g_1^2), and with beta2 = 0.999 that one squared sample "
+    "still dominates v after 2000 steps of shrinking gradients: within a block v then spreads like a "
+    "chi-square with one degree of freedom, and the elements far below the block's largest sit where "
+    "int8's levels are coarse; the median ratio stays near 1.08 but about 19 % of the elements are off "
+    "by more than 2x (bf16 states: 0 %)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=ADOPT_INT8_MISS)
+def test_adopt_int8_second_moments_track_fp32_on_a_decaying_stream():
+    dtype, options, (low, high), off_limit = MODES["int8"]
+    median, off = tracked(dtype, "ADOPT", **options)
+    assert low <= median <= high and off <= off_limit, (median, off)
 
 
 def test_nearest_rounding_would_freeze_the_second_moment():

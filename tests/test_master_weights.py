@@ -76,11 +76,12 @@ def test_on_the_reference_backend_it_is_torch_adamw_on_fp32_weights():
 
 
 @pytest.mark.parametrize("backend", ["single_tensor", "foreach", "cpu"])
-@pytest.mark.parametrize("name", ["NAdam", "RAdam"])
-def test_nadam_and_radam_on_split_masters_are_the_runs_on_fp32_weights(backend, name):
-    """torch.optim's own run where the backend keeps torch's bits, else the backend's."""
+@pytest.mark.parametrize("name", ["NAdam", "RAdam", "ADOPT"])
+def test_the_family_on_split_masters_is_the_run_on_fp32_weights(backend, name):
+    """torch.optim's own run where the backend keeps torch's bits (and torch has the
+    algorithm), else the backend's."""
     ours, split, theirs, full = _pair(backend, cls=getattr(adamkit, name))
-    if KERNELS[backend].torch_exact:
+    if KERNELS[backend].torch_exact and hasattr(torch.optim, name):
         full = [torch.nn.Parameter(p.detach().float()) for p in split]
         theirs = getattr(torch.optim, name)(full, lr=1e-3, weight_decay=0.1, foreach=False)
     _run(ours, split, theirs, full, 300)

@@ -62,13 +62,22 @@ def test_regret_closed_form(problem):
     assert problem.regret(np.zeros(steps))[-1] == pytest.approx(periods * per_period)
 
 
-def test_theorem_1_adam_goes_to_the_worst_point_and_amsgrad_to_the_best():
+def test_theorem_1_adam_goes_to_the_worst_point_amsgrad_and_adopt_to_the_best():
     problem = amsgrad.THEOREM_1
-    adam = amsgrad.play(problem, amsgrad=False, steps=3000)
-    ams = amsgrad.play(problem, amsgrad=True, steps=3000)
-    assert np.all(np.abs(adam) <= 1) and np.all(np.abs(ams) <= 1)  # projected
-    assert adam[-3:].mean() > 0.95 and ams[-3:].mean() < -0.95
+    played = amsgrad.play_all((problem,), ("Adam", "AMSGrad", "ADOPT"), steps=3000)
+    adam, ams, adopt = (played[problem.label, name] for name in ("Adam", "AMSGrad", "ADOPT"))
+    assert all(np.all(np.abs(xs) <= 1) for xs in (adam, ams, adopt))  # projected
+    assert adam[-3:].mean() > 0.95 and ams[-3:].mean() < -0.95 and adopt[-3:].mean() < -0.95
     assert problem.regret(ams)[-1] / 3000 < 0.05 < problem.regret(adam)[-1] / 3000
+    assert problem.regret(adopt)[-1] / 3000 < 0.05
+
+
+def test_play_all_equals_one_run_per_optimizer():
+    """Groups sharing an optimizer are stepped as if each had its own."""
+    together = amsgrad.play_all((amsgrad.THEOREM_1, amsgrad.SYNTHETIC), tuple(amsgrad.VARIANTS), steps=300)
+    for (label, name), xs in together.items():
+        problem = next(p for p in (amsgrad.THEOREM_1, amsgrad.SYNTHETIC) if p.label == label)
+        np.testing.assert_array_equal(xs, amsgrad.play(problem, name, steps=300))
 
 
 def _curve(name, costs, lr=0.1):

@@ -81,3 +81,31 @@ def test_radam_warms_up_as_momentum_sgd_then_rectifies():
             assert rho_t <= 5 and np.array_equal(theta, before - hp.lr * m_hat)
         else:
             assert rho_t > 5 and not np.allclose(theta, before - hp.lr * m_hat)
+
+
+@pytest.mark.parametrize("clip_exponent", [0.25, None])
+def test_adopt_by_hand(clip_exponent):
+    """ADOPT's first steps written out (Taniguchi et al., 2024, Algorithm 1 with the
+    authors' clipping): step 1 only sets v = g1^2; step 2 moves by
+    -lr (1 - beta1) clip(g2 / max(|g1|, eps), 1); step 3 normalizes by the v of step 2."""
+    beta1, beta2, lr, eps = 0.9, 0.99, 0.1, 1e-6
+    hp = reference.Hyperparameters(lr=lr, beta1=beta1, beta2=beta2, eps=eps, clip_exponent=clip_exponent)
+    state, theta = reference.ReferenceState(), np.array([1.0, -2.0, 0.5])
+    g1, g2, g3 = np.array([0.5, 4.0, 0.0]), np.array([2.0, -1.0, 3e-7]), np.array([1.0, 1.0, 1.0])
+    after1 = reference.adopt_step(theta, g1, state, hp)
+    np.testing.assert_array_equal(after1, theta)
+    np.testing.assert_array_equal(state.exp_avg_sq, g1 * g1)
+    np.testing.assert_array_equal(state.exp_avg, 0.0)
+    after2 = reference.adopt_step(after1, g2, state, hp)
+    normalized = np.array([2.0 / 0.5, -1.0 / 4.0, 3e-7 / eps])  # the third: |g1| = 0 < eps
+    if clip_exponent is not None:  # c_2 = 1^p = 1
+        normalized = np.clip(normalized, -1.0, 1.0)
+    m2 = (1 - beta1) * normalized
+    np.testing.assert_allclose(after2, theta - lr * m2, rtol=1e-15)
+    v2 = beta2 * g1 * g1 + (1 - beta2) * g2 * g2
+    np.testing.assert_allclose(state.exp_avg_sq, v2, rtol=1e-15)
+    after3 = reference.adopt_step(after2, g3, state, hp)
+    normalized = g3 / np.maximum(np.sqrt(v2), eps)
+    if clip_exponent is not None:  # c_3 = 2^(1/4)
+        normalized = np.clip(normalized, -(2.0**0.25), 2.0**0.25)
+    np.testing.assert_allclose(after3, after2 - lr * (beta1 * m2 + (1 - beta1) * normalized), rtol=1e-14)

@@ -26,7 +26,7 @@ def run(opt, params, grads_per_step):
 
 
 CASES = [(adamkit.AdamW, backend) for backend in CPU_BACKENDS]
-CASES += [(cls, "cpu") for cls in (adamkit.NAdam, adamkit.RAdam)]
+CASES += [(cls, "cpu") for cls in (adamkit.NAdam, adamkit.RAdam, adamkit.ADOPT)]
 
 
 @pytest.mark.parametrize("cls,backend", CASES, ids=lambda x: getattr(x, "__name__", x))

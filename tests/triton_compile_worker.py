@@ -16,6 +16,7 @@ VARIANTS = {
     "adam-fp32-amsgrad-l2-maximize-amp": {"AMSGRAD": True, "DECAY": 1, "MAXIMIZE": True, "AMP": True},
     "adamax-fp32": {"ALGORITHM": 1, "DECAY": 0},
     "nadam-fp32-l2": {"ALGORITHM": 2, "DECAY": 1},
+    "adopt-fp32-decoupled": {"ALGORITHM": 4, "DECAY": 2},
     "radam-bf16-master24-int8": {
         "ALGORITHM": 3,
         "PARAM_STORAGE": "bfloat16",

@@ -13,7 +13,7 @@ problems.
 
 from . import convert, precision, stalls
 from ._version import __version__
-from .optim import Adam, AdaMax, Adamax, AdamW, NAdam, RAdam
+from .optim import ADOPT, Adam, AdaMax, Adamax, AdamW, NAdam, RAdam
 from .release import gradient_release
 from .specs import master, quantization, reference, rounding
 from .stalls import stall_guard
@@ -38,6 +38,7 @@ __all__ = [
     "AdamW",
     "AdaMax",
     "Adamax",
+    "ADOPT",
     "NAdam",
     "RAdam",
     "convert",

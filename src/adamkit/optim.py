@@ -1,4 +1,4 @@
-r"""``torch.optim.Optimizer`` front: Adam, AdamW, AdaMax, NAdam and RAdam.
+r"""``torch.optim.Optimizer`` front: Adam, AdamW, AdaMax, NAdam, RAdam and ADOPT.
 
 The front keeps the signatures and ``step``.  How a group is stepped (validated,
 its state initialized, handed to a kernel from :mod:`adamkit.kernels` with the
@@ -378,8 +378,8 @@ class NAdam(_AdamFamily):
         \qquad d_t = \sqrt{v_t / (1 - \beta_2^t)} + \epsilon
 
     Args are those of ``torch.optim.NAdam`` (same defaults and meaning) plus those
-    described in :mod:`adamkit.options`.  The fused kernels do not run NAdam yet:
-    ``backend=None`` and ``fused=True`` take the foreach path.
+    described in :mod:`adamkit.options` (except ``accumulation_steps`` and
+    ``diagnostics``, which NAdam does not run yet).
     """
 
     algorithm = "nadam"
@@ -427,8 +427,8 @@ class RAdam(_AdamFamily):
 
     with :math:`\rho_t` and :math:`r_t` as in :mod:`adamkit.specs.reference`.  Args are
     those of ``torch.optim.RAdam`` (same defaults and meaning) plus those described in
-    :mod:`adamkit.options`.  The fused kernels do not run RAdam yet: ``backend=None``
-    and ``fused=True`` take the foreach path.
+    :mod:`adamkit.options` (except ``accumulation_steps`` and ``diagnostics``, which
+    RAdam does not run yet).
     """
 
     algorithm = "radam"
@@ -462,4 +462,58 @@ class RAdam(_AdamFamily):
         self._construct(params, locals())
 
 
-__all__ = ["Adam", "AdamW", "AdaMax", "Adamax", "NAdam", "RAdam"]
+class ADOPT(_AdamFamily):
+    r"""ADOPT (Taniguchi et al., 2024): Adam that converges for any :math:`\beta_2`.  The
+    gradient is normalized by the *previous* second moment (so it does not shrink its
+    own step), clipped, then averaged; the first step only measures :math:`v`.
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)
+            \operatorname{clip}\Bigl(\frac{g_t}{\max(\sqrt{v_{t-1}}, \epsilon)}, (t-1)^p\Bigr), \qquad
+        \theta_t = \theta_{t-1} - \eta\, m_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \qquad v_1 = g_1^2
+
+    Defaults are the authors' (``betas=(0.9, 0.9999)``, ``eps=1e-6``, clipping at
+    :math:`(t-1)^{1/4}`).  Their ``clip_lambda=lambda step: step ** p`` is
+    ``clip_exponent=p`` here (``None``: no clipping, the paper's first version), and
+    their ``decouple=True`` is ``decoupled_weight_decay=True`` (:math:`\theta \leftarrow
+    \theta (1 - \eta\lambda)`, from the second step on).  The other arguments are those of
+    torch.optim's Adam family, plus those described in :mod:`adamkit.options` (except
+    ``accumulation_steps`` and ``diagnostics``, which ADOPT does not run yet).
+    """
+
+    algorithm = "adopt"
+    sparse_gradient_message = "ADOPT does not support sparse gradients"
+    unavailable_options = ("accumulation_steps", "diagnostics")
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        clip_exponent: float | None = 0.25,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        backend: str | None = None,
+        rounding: str = "nearest",
+        master_weights: str | None = None,
+        state_precision: str | None = None,
+        seed: int | None = None,
+        skip_nonfinite: bool = False,
+        diagnostics: bool = False,
+        accumulation_steps: int = 1,
+    ) -> None:
+        self._construct(params, locals())
+
+
+__all__ = ["ADOPT", "Adam", "AdamW", "AdaMax", "Adamax", "NAdam", "RAdam"]

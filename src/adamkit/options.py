@@ -304,6 +304,8 @@ def check_constructor_arguments(arguments: Mapping[str, Any], *, adam_checks: bo
     check_hyperparameters(lr=lr, betas=betas, eps=arguments["eps"], weight_decay=arguments["weight_decay"])
     if "momentum_decay" in arguments:
         check_momentum_decay(arguments["momentum_decay"])
+    if "clip_exponent" in arguments:
+        check_clip_exponent(arguments["clip_exponent"])
     if not adam_checks:
         return betas
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
@@ -320,6 +322,18 @@ def check_momentum_decay(momentum_decay: Any, *, where: str = "") -> None:
     if not 0.0 <= number or math.isinf(number):
         raise ValueError(
             f"Invalid momentum_decay value: {momentum_decay} (momentum_decay must be a finite number >= 0{where})"
+        )
+
+
+def check_clip_exponent(clip_exponent: Any, *, where: str = "") -> None:
+    """ADOPT's ``clip_exponent``: ``None`` (no clipping) or a finite number >= 0."""
+    if clip_exponent is None:
+        return
+    number = _number_of("clip_exponent", clip_exponent, where, read_tensors=True)
+    if not 0.0 <= number or math.isinf(number):
+        raise ValueError(
+            f"Invalid clip_exponent value: {clip_exponent!r} (clip_exponent must be None, for no "
+            f"clipping, or a finite number >= 0{where}; the clipping value at step t is (t - 1) ** clip_exponent)"
         )
 
 
@@ -350,6 +364,8 @@ def check_group(group: dict, where: str) -> None:
     check_options(group, differentiable=group["differentiable"], where=where)
     if "momentum_decay" in group:
         check_momentum_decay(group["momentum_decay"], where=where)
+    if "clip_exponent" in group:
+        check_clip_exponent(group["clip_exponent"], where=where)
     master = group.get("master_weights")
     if master is not None:
         for j, p in enumerate(group["params"]):
@@ -374,6 +390,7 @@ __all__ = [
     "STATE_PRECISIONS",
     "Option",
     "check_available",
+    "check_clip_exponent",
     "check_constructor_arguments",
     "check_group",
     "check_hyperparameters",

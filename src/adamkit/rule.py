@@ -29,6 +29,7 @@ bit-identical to torch; pass a float64 tensor to keep float64 scalars.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from .specs.reference import WeightDecayMode
 
-Algorithm = Literal["adam", "adamax", "nadam", "radam"]
+Algorithm = Literal["adam", "adamax", "nadam", "radam", "adopt"]
 
 Scalar = float | Tensor
 
@@ -114,6 +115,12 @@ class StepScalars:
     #: ``rectified`` says where it applies.
     rectification: Scalar | None = None
     rectified: Tensor | None = None
+    #: ADOPT: whether this is the first step (which only measures v), the clipping
+    #: value c_t of the normalized gradient (0 on the first step: m stays 0), and the
+    #: weight of g^2 in v (1 on the first step, where v = g^2; else 1 - beta2)
+    first: Scalar | bool | None = None
+    clip: Scalar | None = None
+    second_weight: Scalar | None = None
 
 
 #: the update rule's param rounding under each ``master_weights`` mode
@@ -147,6 +154,8 @@ class UpdateRule:
     accumulation_steps: int = 1
     #: NAdam's momentum decay psi
     momentum_decay: float = 4e-3
+    #: ADOPT's clipping exponent p: c_t = (t - 1)^p; None: no clipping
+    clip_exponent: float | None = 0.25
 
     @classmethod
     def from_group(cls, group: dict, algorithm: Algorithm) -> UpdateRule:
@@ -176,6 +185,7 @@ class UpdateRule:
             seed=group["seed"],
             accumulation_steps=group["accumulation_steps"],
             momentum_decay=group.get("momentum_decay", 4e-3),
+            clip_exponent=group.get("clip_exponent", 0.25),
         )
 
     @property
@@ -214,6 +224,8 @@ class UpdateRule:
             return self._nadam_scalars(step)
         if self.algorithm == "radam":
             return self._radam_scalars(step)
+        if self.algorithm == "adopt":
+            return self._adopt_scalars(step)
         bias_correction1 = 1 - self.beta1**step
         step_size = self.lr / bias_correction1
         if self.algorithm == "adamax":
@@ -244,6 +256,19 @@ class UpdateRule:
             return replace(scalars, rectification=rectification, rectified=rho_t > 5.0)
         # (a tensor beta2 with a host step: the test reads rho_t, as torch's does)
         return replace(scalars, rectification=rectification if rho_t > 5.0 else None)
+
+    def _adopt_scalars(self, step: Scalar) -> StepScalars:
+        r"""ADOPT's clipping value :math:`c_t = (t - 1)^p` and the weight of :math:`g^2`
+        in :math:`v`, both chosen so that the first step only sets :math:`v = g^2`."""
+        clip = math.inf if self.clip_exponent is None else (step - 1) ** self.clip_exponent
+        first = step == 1
+        if isinstance(step, Tensor):  # a step count on the device: decided there
+            clip = torch.where(first, torch.zeros_like(step), clip)  # in the step's dtype (float64)
+            second_weight = torch.where(first, torch.ones_like(step), 1 - self.beta2)
+        else:
+            clip = 0.0 if first else clip
+            second_weight = 1.0 if first else self._finish(1 - self.beta2)
+        return StepScalars(self._finish(self.lr), 1.0, first=first, clip=clip, second_weight=second_weight)
 
     def step_scalars_for(self, steps: list[Tensor]) -> list[StepScalars]:
         """One :class:`StepScalars` per tensor, computed once per distinct step count.

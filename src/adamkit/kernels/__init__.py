@@ -43,7 +43,7 @@ class Kernel:
     #: extra availability check (e.g. an optional dependency is importable)
     available: Callable[[], bool] = lambda: True
     #: the algorithms it runs
-    algorithms: frozenset[str] = frozenset({"adam", "adamax", "nadam", "radam"})
+    algorithms: frozenset[str] = frozenset({"adam", "adamax", "nadam", "radam", "adopt"})
 
     def supports(self, device: torch.device) -> bool:
         return self.device_types is None or device.type in self.device_types

@@ -17,8 +17,8 @@ stored back with round-to-nearest-even):
         (\sqrt{\max(v^{max}, v)} / \text{bias\_correction2\_sqrt} + \epsilon)
         \ \text{or}\ m / u
 
-and NAdam's and RAdam's updates in the form :mod:`adamkit.kernels.host` writes for
-the whole family (per-tensor scalars; the algorithm is a compile-time choice).
+and NAdam's, RAdam's and ADOPT's updates in the form :mod:`adamkit.kernels.host`
+writes for the whole family (per-tensor scalars; the algorithm is a compile-time choice).
 
 Storage (:mod:`adamkit.specs.rounding`): states may have their own dtype
 (``state_precision``); a bf16/fp16 param is stored to nearest, with a Kahan
@@ -127,7 +127,9 @@ _STORAGE = {
 _QUANTIZED_STORAGE = {"int8": np.int8, "int4": np.uint8}
 
 #: the algorithm travels as a witness type too (:data:`host.ALGORITHM_CODES` order)
-_ALGORITHM_WITNESS = {name: (np.int8, np.int16, np.int32, np.int64)[code] for name, code in ALGORITHM_CODES.items()}
+_ALGORITHM_WITNESS = {
+    name: (np.int8, np.int16, np.int32, np.int64, np.uint8)[code] for name, code in ALGORITHM_CODES.items()
+}
 
 #: the rounding mode travels as a witness type, so each mode is its own specialization
 _ROUNDING_WITNESS = {
@@ -466,17 +468,19 @@ if numba is not None:
         differ in which memory they read and write, and LLVM only vectorizes a loop with
         conditional stores after unswitching it, which it refuses for the larger bf16
         bodies (and code that is never run is then never compiled either).  Decay and
-        maximize only select values and stay runtime flags, as does whether RAdam's
-        step is rectified (one per tensor)."""
+        maximize only select values and stay runtime flags, as does whether the step is
+        adaptive (RAdam: rectified; ADOPT: past its first step; one per tensor)."""
         load_param, put_param, put = _STORAGE_POLICIES[rounding_mode]
-        adamax, nadam, radam = algorithm == "adamax", algorithm == "nadam", algorithm == "radam"
+        adamax, nadam, radam, adopt = (algorithm == name for name in ("adamax", "nadam", "radam", "adopt"))
 
         @njit(inline="always", nogil=True)
         def loop(pointers, first, end, scalars, maximize, decay, keys):
             param, grad, exp_avg, second, max_second, compensation = pointers
             decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps, l2, inverse_scale = scalars[0:7]
-            step_size, bias_correction2_sqrt, gradient_step_size, rectified = scalars[7:11]
+            step_size, bias_correction2_sqrt, gradient_step_size, adaptive, clip, second_weight = scalars[7:13]
             one = _compute(param, 1.0)
+            if adopt and not adaptive:  # ADOPT's first step moves nothing, decay included
+                decay_factor = one
             for i in range(first, end):
                 p = load_param(param, compensation, i)
                 g = _load(grad, i) * inverse_scale
@@ -487,12 +491,25 @@ if numba is not None:
                 elif decay == DECOUPLED_DECAY:
                     p = p * decay_factor
                 m = _compute(param, _load(exp_avg, i))
-                m = m + one_minus_beta1 * (g - m)
+                if adopt:  # m follows g normalized by the previous v, clipped to [-c, c]
+                    v = _load(second, i)
+                    root = np.sqrt(v)
+                    target = g / (eps if root < eps else root)
+                    if target > clip:
+                        target = clip
+                    elif target < -clip:
+                        target = -clip
+                    m = m + one_minus_beta1 * (target - m)
+                else:
+                    m = m + one_minus_beta1 * (g - m)
                 put(exp_avg, i, m, keys[1], keys[4])
                 if adamax:
                     u = max(beta2 * _load(second, i), abs(g) + eps)
                     put(second, i, u, keys[2], keys[4])
                     denom = u
+                elif adopt:
+                    put(second, i, beta2 * v + second_weight * g * g, keys[2], keys[4])
+                    denom = one
                 else:
                     v = beta2 * _load(second, i) + one_minus_beta2 * g * g
                     put(second, i, v, keys[2], keys[4])
@@ -500,7 +517,7 @@ if numba is not None:
                         v = max(_load(max_second, i), v)
                         put(max_second, i, v, keys[3], keys[4])
                     if radam:  # before rectification: momentum SGD, no denominator
-                        denom = np.sqrt(v) + eps if rectified else one
+                        denom = np.sqrt(v) + eps if adaptive else one
                     else:
                         denom = np.sqrt(v) / bias_correction2_sqrt + eps
                 if nadam:
@@ -571,7 +588,7 @@ if numba is not None:
             max_exp_avg_sq, Kahan compensation, and for quantized states the three
             moments' block scales (the moment columns then hold their codes)
         chunks: int64[C, 3] tensor index, first element, end element
-        tensor_scalars: float64[T, 4] each tensor's :data:`host.TENSOR_SCALARS`
+        tensor_scalars: float64[T, 6] each tensor's :data:`host.TENSOR_SCALARS`
         constants: float64[7] the group's constants (:data:`host.GROUP_CONSTANTS`), then
             the gradients' multiplier (a GradScaler's 1 / scale, else 1)
         flags: int64[3] maximize, amsgrad, weight decay kind
@@ -643,7 +660,7 @@ if numba is not None:
     @njit(inline="always", nogil=True)
     def _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness):
         """Tensor ``t``'s scalars in its compute type: the group's constants, the
-        gradients' multiplier, then the tensor's own (RAdam's ``rectified`` a bool)."""
+        gradients' multiplier, then the tensor's own (``adaptive`` a bool)."""
         param = typed_pointer(addresses[t, 0], param_witness)
         return (
             _compute(param, constants[0]),
@@ -657,6 +674,8 @@ if numba is not None:
             _compute(param, tensor_scalars[t, 1]),
             _compute(param, tensor_scalars[t, 2]),
             tensor_scalars[t, 3] != 0,
+            _compute(param, tensor_scalars[t, 4]),
+            _compute(param, tensor_scalars[t, 5]),
         )
 
     @njit(inline="always", nogil=True)

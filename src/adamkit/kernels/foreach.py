@@ -161,5 +161,33 @@ def radam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         torch._foreach_add_(params, updates, alpha=-1.0)
 
 
+def adopt(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    """:func:`adamkit.kernels.single_tensor.adopt`'s arithmetic, op by op, over lists
+    (a capturable group, whose first step is told apart on the device, tensor by tensor)."""
+    if rule.capturable:
+        return single_tensor.adopt(tensors, rule, group_scalars, steps)
+    for t, bucket_steps in _buckets(tensors, steps):
+        params, exp_avgs, exp_avg_sqs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
+        grads = _real(t.grads)
+        if rule.maximize:
+            grads = torch._foreach_neg(grads)
+        if group_scalars.decay_factor is not None:
+            factor = _number(group_scalars.decay_factor)
+            torch._foreach_mul_(params, [1.0 if s.first else factor for s in bucket_steps])
+        elif group_scalars.l2_weight_decay != 0:
+            grads = torch._foreach_add(grads, params, alpha=group_scalars.l2_weight_decay)
+
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_clamp_min_(denoms, group_scalars.eps)
+        normalized = torch._foreach_div(grads, denoms)
+        clips = [s.clip for s in bucket_steps]
+        torch._foreach_clamp_min_(normalized, [-c for c in clips])
+        torch._foreach_clamp_max_(normalized, clips)
+        torch._foreach_lerp_(exp_avgs, normalized, _number(group_scalars.one_minus_beta1(params[0])))
+        torch._foreach_sub_(params, torch._foreach_mul(exp_avgs, [s.step_size for s in bucket_steps]))
+        torch._foreach_mul_(exp_avg_sqs, _number(group_scalars.beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, [s.second_weight for s in bucket_steps])
+
+
 #: the per-list function of each algorithm
-ALGORITHMS = {"adam": adam, "adamax": adamax, "nadam": nadam, "radam": radam}
+ALGORITHMS = {"adam": adam, "adamax": adamax, "nadam": nadam, "radam": radam, "adopt": adopt}

@@ -15,7 +15,8 @@ second moment's address.
 
 Every algorithm's update is one element-wise form with per-tensor scalars
 (:data:`TENSOR_SCALARS`: :math:`\alpha` step size, :math:`c_2` bias correction,
-:math:`\gamma` gradient step size, and whether RAdam's step is rectified):
+:math:`\gamma` gradient step size, whether the step is adaptive (RAdam: rectified;
+ADOPT: past its first step), and ADOPT's clipping value :math:`c` and weight :math:`w`):
 
 .. math::
 
@@ -26,7 +27,13 @@ Every algorithm's update is one element-wise form with per-tensor scalars
         \gamma = \frac{\eta (1 - \mu_t)}{1 - \prod_{i \le t} \mu_i} \\
     \text{RAdam:}\quad & \theta \leftarrow \theta - \alpha\, m / d, \qquad
         d = \sqrt{v} + \epsilon, \ \alpha = \frac{\eta\, r_t \sqrt{1 - \beta_2^t}}{1 - \beta_1^t}
-        \ \text{once } \rho_t > 5; \quad d = 1, \ \alpha = \frac{\eta}{1 - \beta_1^t} \text{ before}
+        \ \text{once } \rho_t > 5; \quad d = 1, \ \alpha = \frac{\eta}{1 - \beta_1^t} \text{ before} \\
+    \text{ADOPT:}\quad & m \leftarrow m + (1 - \beta_1)
+        \bigl(\operatorname{clip}(g / \max(\sqrt{v}, \epsilon), c) - m\bigr), \quad
+        \theta \leftarrow \theta - \eta\, m, \quad v \leftarrow \beta_2 v + w g^2
+
+ADOPT's first step has :math:`c = 0` and :math:`w = 1` (so :math:`m` stays 0 and
+:math:`v = g^2`) and is not adaptive: its decoupled decay factor is 1.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from ..specs.quantization import QuantFormat
 from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_keys
 
 #: the algorithms the fused kernels run, and the code each kernel specializes on
-ALGORITHM_CODES = {"adam": 0, "adamax": 1, "nadam": 2, "radam": 3}
+ALGORITHM_CODES = {"adam": 0, "adamax": 1, "nadam": 2, "radam": 3, "adopt": 4}
 
 #: the address table's columns (see the module docstring)
 COLUMNS = (
@@ -67,8 +74,9 @@ GROUP_CONSTANTS = ("decay_factor", "one_minus_beta1", "beta2", "one_minus_beta2"
 
 #: the per-tensor scalars, one row per tensor, in this order (float64; see the module
 #: docstring): the step size of m / d, sqrt(1 - beta2^t), NAdam's step size of g / d,
-#: and 1 where RAdam's step is rectified
-TENSOR_SCALARS = ("step_size", "bias_correction2_sqrt", "gradient_step_size", "rectified")
+#: 1 where the step is adaptive (RAdam: rectified; ADOPT: not the first), ADOPT's
+#: clipping value and weight of g^2
+TENSOR_SCALARS = ("step_size", "bias_correction2_sqrt", "gradient_step_size", "adaptive", "clip", "second_weight")
 
 
 def group_constants(group_scalars: GroupScalars) -> tuple:
@@ -97,11 +105,15 @@ def tensor_scalar_columns(algorithm: Algorithm, lr, scalars: StepScalars, mu_pro
             s.bias_correction2_sqrt,
             lr * (1.0 - s.mu) / (1.0 - mu_products),
             0.0,
+            0.0,
+            0.0,
         )
     if algorithm == "radam":
         adaptive = lr * s.rectification * s.bias_correction2_sqrt / s.bias_correction1
-        return (where(s.rectified, adaptive, lr / s.bias_correction1), 1.0, 0.0, 1.0 * s.rectified)
-    return (s.step_size, s.bias_correction2_sqrt, 0.0, 0.0)
+        return (where(s.rectified, adaptive, lr / s.bias_correction1), 1.0, 0.0, 1.0 * s.rectified, 0.0, 0.0)
+    if algorithm == "adopt":
+        return (s.step_size, 1.0, 0.0, where(s.first, 0.0, 1.0), s.clip, s.second_weight)
+    return (s.step_size, s.bias_correction2_sqrt, 0.0, 0.0, 0.0, 0.0)
 
 
 def host_step_scalars(rule: UpdateRule, counts: np.ndarray) -> StepScalars:

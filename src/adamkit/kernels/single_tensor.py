@@ -175,5 +175,36 @@ def _radam_adaptive_lr(exp_avg_sq: Tensor, step: StepScalars, eps: float, rule: 
     return step.bias_correction2_sqrt / root
 
 
+def adopt(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
+    r"""ADOPT: m follows the gradient normalized by the *previous* v, clipped to
+    :math:`[-c_t, c_t]`; the param moves by :math:`-\eta m`; then v is updated.  The
+    first step's scalars (:meth:`~adamkit.rule.UpdateRule.step_scalars`: :math:`c = 0`,
+    weight 1 for :math:`g^2`, no decay) leave m and the param as they are and set
+    :math:`v = g^2`, without a branch (a device step count is never read)."""
+    for i, param in enumerate(tensors.params):
+        param, grad = as_real(param), as_real(tensors.grads[i])
+        grad = effective_gradient(param, grad, rule, group_scalars)
+        exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
+        step = steps[i]
+        if group_scalars.decay_factor is not None:
+            param.mul_(_unless_first(step, group_scalars.decay_factor))
+
+        normalized = grad / exp_avg_sq.sqrt().clamp_(min=group_scalars.eps)
+        normalized.clamp_(-step.clip, step.clip)
+        exp_avg.lerp_(normalized, group_scalars.one_minus_beta1(param))
+        param.sub_((exp_avg.clone() if rule.differentiable else exp_avg) * step.step_size)
+        if isinstance(step.second_weight, Tensor):
+            exp_avg_sq.mul_(group_scalars.beta2).addcmul_(grad * step.second_weight, grad)
+        else:
+            exp_avg_sq.mul_(group_scalars.beta2).addcmul_(grad, grad, value=step.second_weight)
+
+
+def _unless_first(step: StepScalars, factor):
+    """``factor``, or 1 on ADOPT's first step."""
+    if isinstance(step.first, Tensor):
+        return torch.where(step.first, 1.0, factor)
+    return 1.0 if step.first else factor
+
+
 #: the per-list function of each algorithm
-ALGORITHMS = {"adam": adam, "adamax": adamax, "nadam": nadam, "radam": radam}
+ALGORITHMS = {"adam": adam, "adamax": adamax, "nadam": nadam, "radam": radam, "adopt": adopt}

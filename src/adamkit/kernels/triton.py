@@ -102,7 +102,9 @@ if triton is not None:
     _L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
     _ROW_LENGTH = tl.constexpr(len(COLUMNS))
     _TENSOR_SCALAR_COUNT = tl.constexpr(len(TENSOR_SCALARS))
-    _ADAMAX, _NADAM, _RADAM = (tl.constexpr(ALGORITHM_CODES[name]) for name in ("adamax", "nadam", "radam"))
+    _ADAMAX, _NADAM, _RADAM, _ADOPT = (
+        tl.constexpr(ALGORITHM_CODES[name]) for name in ("adamax", "nadam", "radam", "adopt")
+    )
 
     @triton.jit
     def _to_storage(x, STORAGE: tl.constexpr):
@@ -345,8 +347,8 @@ if triton is not None:
             \theta \leftarrow \theta - \alpha_t \, m / (\sqrt{\hat v} / \sqrt{1-\beta_2^t} + \epsilon)
 
         (AdaMax: :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`, :math:`\theta \leftarrow
-        \theta - \alpha_t m / u`; NAdam and RAdam as :mod:`adamkit.kernels.host` writes
-        them), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
+        \theta - \alpha_t m / u`; NAdam, RAdam and ADOPT as :mod:`adamkit.kernels.host`
+        writes them), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
         weight decay, in ``COMPUTE`` precision with IEEE division and square root."""
         first, end = bounds
         param, grad, exp_avg, second, max_second, compensation, exp_avg_scales, second_scales, max_second_scales = (
@@ -356,7 +358,9 @@ if triton is not None:
             step_size,
             bias_correction2_sqrt,
             gradient_step_size,
-            rectified,
+            adaptive,
+            clip,
+            second_weight,
             gradient_factor,
             decay_factor,
             one_minus_beta1,
@@ -391,9 +395,21 @@ if triton is not None:
         if DECAY == _L2_DECAY:
             g = g + l2_weight_decay * p
         if DECAY == _DECOUPLED_DECAY:
-            p = p * decay_factor
+            if ALGORITHM == _ADOPT:  # ADOPT's first step moves nothing, decay included
+                p = p * tl.where(adaptive != 0, decay_factor, 1.0)
+            else:
+                p = p * decay_factor
+        second_value = _load_moment(
+            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False
+        )
         m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True).to(COMPUTE)
-        m = m + one_minus_beta1 * (g - m)
+        if ALGORITHM == _ADOPT:  # m follows g normalized by the previous v, clipped to [-c, c]
+            root = _exact_sqrt(second_value.to(COMPUTE))
+            target = _exact_div(g, tl.where(root < eps, eps, root))
+            target = tl.where(target > clip, clip, tl.where(target < -clip, -clip, target))
+            m = m + one_minus_beta1 * (target - m)
+        else:
+            m = m + one_minus_beta1 * (g - m)
         _put_moment(
             exp_avg,
             exp_avg_scales,
@@ -411,11 +427,10 @@ if triton is not None:
             False,
             BLOCK,
         )
-        second_value = _load_moment(
-            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False
-        )
         if ALGORITHM == _ADAMAX:
             new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
+        elif ALGORITHM == _ADOPT:
+            new_second = beta2 * second_value.to(COMPUTE) + second_weight * g * g
         else:
             new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
         _put_moment(
@@ -437,6 +452,8 @@ if triton is not None:
         )
         if ALGORITHM == _ADAMAX:
             denom = new_second
+        elif ALGORITHM == _ADOPT:
+            denom = 1.0
         else:
             v = new_second
             if AMSGRAD:
@@ -462,11 +479,13 @@ if triton is not None:
                     BLOCK,
                 )
             if ALGORITHM == _RADAM:  # before rectification: momentum SGD, no denominator
-                denom = tl.where(rectified != 0, _exact_sqrt(v) + eps, 1.0)
+                denom = tl.where(adaptive != 0, _exact_sqrt(v) + eps, 1.0)
             else:
                 denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
         if ALGORITHM == _NADAM:
             p = p - _exact_div(step_size * m + gradient_step_size * g, denom)
+        elif ALGORITHM == _ADOPT:
+            p = p - step_size * m
         else:
             p = p - step_size * _exact_div(m, denom)
         if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
@@ -569,7 +588,9 @@ if triton is not None:
                 tl.load(tensor_row).to(COMPUTE),  # step size
                 tl.load(tensor_row + 1).to(COMPUTE),  # sqrt(1 - beta2^t)
                 tl.load(tensor_row + 2).to(COMPUTE),  # NAdam's gradient step size
-                tl.load(tensor_row + 3),  # RAdam: rectified
+                tl.load(tensor_row + 3),  # adaptive (RAdam: rectified; ADOPT: not the first step)
+                tl.load(tensor_row + 4).to(COMPUTE),  # ADOPT's clipping value
+                tl.load(tensor_row + 5).to(COMPUTE),  # ADOPT's weight of g^2
                 gradient_factor.to(COMPUTE),
                 tl.load(constants_ptr).to(COMPUTE),  # decay factor
                 tl.load(constants_ptr + 1).to(COMPUTE),  # 1 - beta1

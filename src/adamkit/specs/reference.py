@@ -1,4 +1,4 @@
-r"""The Adam family (Kingma & Ba; NAdam, RAdam), line by line, in NumPy float64: the
+r"""The Adam family (Kingma & Ba; NAdam, RAdam, ADOPT), line by line, in NumPy float64: the
 ground truth for every other path.
 
 Algorithm 1 (Adam), for step :math:`t = 1, 2, \dots` with gradient :math:`g_t`:
@@ -52,6 +52,21 @@ approximated simple moving average:
 
 (:math:`\epsilon` is added to :math:`\sqrt{v_t}` before the bias correction, as torch
 does; the paper leaves it out).
+
+ADOPT (Taniguchi et al., 2024: Adam converging for any :math:`\beta_2`): the gradient is
+normalized by the *previous* second moment, then averaged; the first step only measures
+:math:`v`.  With the clipping value :math:`c_t = (t - 1)^p` (``clip_exponent`` :math:`p`,
+the authors' :math:`\text{step}^{1/4}` by default; :math:`c_t = \infty` without clipping):
+
+.. math::
+
+    t = 1:\quad & v_1 = g_1^2 \quad (\theta \text{ and } m \text{ unchanged}) \\
+    t > 1:\quad & m_t = \beta_1 m_{t-1} + (1 - \beta_1)
+        \operatorname{clip}\Bigl(\frac{g_t}{\max(\sqrt{v_{t-1}}, \epsilon)}, c_t\Bigr) \\
+    & \theta_t = \theta_{t-1} - \eta\, m_t \\
+    & v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2
+
+(no bias correction; decoupled weight decay, like the update, starts at :math:`t = 2`).
 
 Options, applied in this order before the moment updates:
 
@@ -108,6 +123,8 @@ class Hyperparameters:
     maximize: bool = False
     #: NAdam's momentum decay psi (torch's default)
     momentum_decay: float = 4e-3
+    #: ADOPT's clipping exponent p (c_t = (t - 1)^p); None: no clipping
+    clip_exponent: float | None = 0.25
 
 
 def _as_real(x: np.ndarray) -> np.ndarray:
@@ -253,7 +270,32 @@ def radam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: H
     return _from_real(theta - hp.lr * m_hat * rectification * adaptive, like)
 
 
-STEP_FUNCTIONS = {"adam": adam_step, "adamax": adamax_step, "nadam": nadam_step, "radam": radam_step}
+def adopt_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
+    """One step of ADOPT (see the module docstring); updates ``state``, returns the new theta."""
+    like = theta
+    if hp.amsgrad:
+        raise ValueError("ADOPT has no AMSGrad variant (amsgrad must be False)")
+    theta = _as_real(theta)
+    t = _begin_step(state, theta, amsgrad=False)
+    decayed, g = _effective_gradient(theta, _as_real(grad), hp)
+    if t == 1:  # the first step measures v (an L2 term included); nothing moves
+        state.exp_avg_sq = g * g
+        return _from_real(theta, like)
+    clip = np.inf if hp.clip_exponent is None else (t - 1.0) ** hp.clip_exponent
+    normalized = np.clip(g / np.maximum(np.sqrt(state.exp_avg_sq), hp.eps), -clip, clip)
+    state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * normalized
+    theta = decayed - hp.lr * state.exp_avg
+    state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+    return _from_real(theta, like)
+
+
+STEP_FUNCTIONS = {
+    "adam": adam_step,
+    "adamax": adamax_step,
+    "nadam": nadam_step,
+    "radam": radam_step,
+    "adopt": adopt_step,
+}
 
 
 def moments_as(state: ReferenceState, like: np.ndarray) -> dict[str, np.ndarray]:
@@ -273,6 +315,7 @@ __all__ = [
     "STEP_FUNCTIONS",
     "adam_step",
     "adamax_step",
+    "adopt_step",
     "moments_as",
     "nadam_step",
     "radam_step",

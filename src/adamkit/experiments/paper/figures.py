@@ -17,6 +17,7 @@ OPTIMIZER_COLORS = {
     "RMSProp": "tab:purple",
     "AdaDelta": "tab:brown",
     "AMSGrad": "tab:orange",
+    "ADOPT": "tab:cyan",
 }
 BETA2_COLORS = {0.99: "tab:green", 0.999: "tab:blue", 0.9999: "tab:red"}
 
@@ -79,16 +80,19 @@ def plot_bias_correction(
     fig.savefig(path, dpi=100)
 
 
-def plot_amsgrad(runs: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> None:
-    """Per setting: the iterate x_t of Adam and AMSGrad, and the average regret R_t / t."""
+def plot_amsgrad(runs: Mapping[str, Mapping[str, np.ndarray]], names: Sequence[str], path: Path) -> None:
+    """Per setting: the iterate x_t of each optimizer ``names``, and the average regret R_t / t."""
     fig = new_figure(11, 4 * len(runs))
     axes = fig.subplots(len(runs), 2, squeeze=False)
     for row, (setting, series) in enumerate(runs.items()):
         ax_x, ax_regret = axes[row]
-        for name in ("Adam", "AMSGrad"):
+        for name in names:
             t = np.arange(1, len(series[f"{name} x"]) + 1)
-            ax_x.plot(t, series[f"{name} x"], color=OPTIMIZER_COLORS[name], label=name)
-            ax_regret.plot(t, series[f"{name} regret"] / t, color=OPTIMIZER_COLORS[name], label=name)
+            style = {"color": OPTIMIZER_COLORS.get(name.split(",")[0]), "label": name}
+            if "," in name:  # a variant of an optimizer: its color, dashed
+                style["linestyle"] = "--"
+            ax_x.plot(t, series[f"{name} x"], **style)
+            ax_regret.plot(t, series[f"{name} regret"] / t, **style)
         ax_x.axhline(-1, color="0.3", linestyle=":", label="optimum x = -1")
         ax_x.set(xscale="log", xlabel="t", ylabel="x_t", title=f"{setting}: iterate", ylim=(-1.1, 1.1))
         ax_regret.set(xscale="log", xlabel="t", ylabel="R_t / t", title=f"{setting}: average regret")
