@@ -40,7 +40,11 @@ OPTIMIZERS = {
     "RAdam": (adamkit.RAdam, torch.optim.RAdam, "radam"),
 }
 #: the whole family: :data:`OPTIMIZERS` and the variants torch.optim lacks (no torch class)
-FAMILY = {**OPTIMIZERS, "ADOPT": (adamkit.ADOPT, None, "adopt")}
+FAMILY = {
+    **OPTIMIZERS,
+    "ADOPT": (adamkit.ADOPT, None, "adopt"),
+    "StableAdamW": (adamkit.StableAdamW, None, "stable_adamw"),
+}
 
 WEIGHT_DECAYS = ("none", "l2", "decoupled")
 
@@ -83,7 +87,7 @@ class Case:
         kw: dict = {"maximize": self.maximize}
         if self.weight_decay != "none":
             kw["weight_decay"] = 0.1
-        elif self.optimizer == "AdamW":
+        elif self.optimizer in ("AdamW", "StableAdamW"):
             kw["weight_decay"] = 0.0
         if self.algorithm == "adam":
             kw["amsgrad"] = self.amsgrad
@@ -138,8 +142,8 @@ def _cases(*, torch_expressible: bool, **grid: tuple) -> list[Case]:
     for values in itertools.product(*grid.values()):
         fields = dict(zip(grid, values))
         name, decay = fields["optimizer"], fields["weight_decay"]
-        if name == "AdamW" and decay == "l2":
-            continue  # AdamW's decay is always decoupled
+        if name in ("AdamW", "StableAdamW") and decay == "l2":
+            continue  # their decay is always decoupled
         if torch_expressible and name == "AdaMax" and decay == "decoupled":
             continue  # torch.optim.Adamax has no decoupled decay
         if FAMILY[name][2] not in KERNELS[fields["backend"]].algorithms:
@@ -273,6 +277,8 @@ ADAMKIT_ERROR_INPUTS = [
     ({"seed": 2**64}, ValueError, ["seed", str(2**64), "[0, 2**64)"]),
     ({"skip_nonfinite": 1}, TypeError, ["skip_nonfinite", "1", "True or False"]),
     ({"diagnostics": "no"}, TypeError, ["diagnostics", "'no'", "True or False"]),
+    ({"cautious": 1}, TypeError, ["cautious", "1", "True or False"]),
+    ({"cautious": True, "accumulation_steps": 2}, ValueError, ["cautious=True", "accumulation_steps=2", "together"]),
     ({"accumulation_steps": 0}, ValueError, ["accumulation_steps", "0", "int >= 1"]),
     ({"accumulation_steps": 2.0}, ValueError, ["accumulation_steps", "2.0", "int >= 1"]),
     ({"state_precision": "int8", "differentiable": True}, ValueError, ["state_precision='int8'", "differentiable"]),

@@ -107,22 +107,6 @@ def test_int4_second_moments_track_fp32_on_a_decaying_stream():
     assert 0.67 <= median <= 1.5 and off <= 0.10, (median, off)
 
 
-ADOPT_INT8_MISS = (
-    "ADOPT starts v at g_1^2 (Adam at (1 - beta2) g_1^2), and with beta2 = 0.999 that one squared sample "
-    "still dominates v after 2000 steps of shrinking gradients: within a block v then spreads like a "
-    "chi-square with one degree of freedom, and the elements far below the block's largest sit where "
-    "int8's levels are coarse; the median ratio stays near 1.08 but about 19 % of the elements are off "
-    "by more than 2x (bf16 states: 0 %)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=ADOPT_INT8_MISS)
-def test_adopt_int8_second_moments_track_fp32_on_a_decaying_stream():
-    dtype, options, (low, high), off_limit = MODES["int8"]
-    median, off = tracked(dtype, "ADOPT", **options)
-    assert low <= median <= high and off <= off_limit, (median, off)
-
-
 def test_nearest_rounding_would_freeze_the_second_moment():
     """The failure the stochastic rounding removes, shown with the format itself: the
     largest element of each block is held steady by its gradients while every other

@@ -1,4 +1,4 @@
-r"""``torch.optim.Optimizer`` front: Adam, AdamW, AdaMax, NAdam, RAdam and ADOPT.
+r"""``torch.optim.Optimizer`` front: Adam, AdamW, AdaMax, NAdam, RAdam, ADOPT and StableAdamW.
 
 The front keeps the signatures and ``step``.  How a group is stepped (validated,
 its state initialized, handed to a kernel from :mod:`adamkit.kernels` with the
@@ -11,7 +11,7 @@ Constructors take every argument of torch 2.13's ``torch.optim.Adam`` / ``AdamW`
 keyword-only:
 
 ``decouple_lr``, ``max_lr``, ``backend``, ``rounding``, ``master_weights``,
-``state_precision``, ``seed``, ``skip_nonfinite``, ``diagnostics`` and
+``state_precision``, ``seed``, ``skip_nonfinite``, ``cautious``, ``diagnostics`` and
 ``accumulation_steps``, each described (with its default and its check) in the
 option table of :mod:`adamkit.options`.
 """
@@ -234,7 +234,7 @@ class Adam(_AdamFamily):
 
     Args are those of ``torch.optim.Adam`` (same defaults, same meaning), plus the
     keyword-only ``decouple_lr``, ``max_lr``, ``backend``, ``rounding``,
-    ``master_weights``, ``state_precision``, ``seed``, ``skip_nonfinite``,
+    ``master_weights``, ``state_precision``, ``seed``, ``skip_nonfinite``, ``cautious``,
     ``diagnostics`` and ``accumulation_steps`` described in :mod:`adamkit.options`.
 
     Example::
@@ -270,6 +270,7 @@ class Adam(_AdamFamily):
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
+        cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
     ) -> None:
@@ -306,6 +307,7 @@ class AdamW(Adam):
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
+        cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
     ) -> None:
@@ -355,6 +357,7 @@ class AdaMax(_AdamFamily):
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
+        cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
     ) -> None:
@@ -408,6 +411,7 @@ class NAdam(_AdamFamily):
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
+        cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
     ) -> None:
@@ -456,6 +460,7 @@ class RAdam(_AdamFamily):
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
+        cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
     ) -> None:
@@ -510,10 +515,67 @@ class ADOPT(_AdamFamily):
         state_precision: str | None = None,
         seed: int | None = None,
         skip_nonfinite: bool = False,
+        cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
     ) -> None:
         self._construct(params, locals())
 
 
-__all__ = ["ADOPT", "Adam", "AdamW", "AdaMax", "Adamax", "NAdam", "RAdam"]
+class StableAdamW(_AdamFamily):
+    r"""StableAdamW (Wortsman et al., 2023): AdamW whose step is clipped per tensor by
+    the root mean square of the gradient over its second moment, so a tensor whose
+    gradient jumps far above its history (a loss spike) takes a smaller step.
+
+    .. math::
+
+        \mathrm{RMS}_t = \sqrt{\operatorname{mean}\bigl(g_t^2 / \max(\hat v_t, \epsilon^2)\bigr)},
+        \qquad \eta'_t = \frac{\eta}{\max(1, \mathrm{RMS}_t)}, \qquad
+        \theta_t = \theta_{t-1} (1 - \eta'_t \lambda) - \eta'_t \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+
+    A class of its own rather than an option of AdamW: its step is no longer an
+    element-wise function of the state (each tensor's RMS is a reduction), and a
+    checkpoint says which rule produced it.  Arguments and defaults are AdamW's (decay
+    always decoupled; ``decouple_lr`` for optimi's fully decoupled form), plus those
+    described in :mod:`adamkit.options` (except ``accumulation_steps`` and
+    ``diagnostics``).  The fused kernels do not run it yet: ``backend=None`` takes the
+    foreach path.
+    """
+
+    algorithm = "stable_adamw"
+    sparse_gradient_message = "StableAdamW does not support sparse gradients"
+    unavailable_options = ("accumulation_steps", "diagnostics")
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        backend: str | None = None,
+        rounding: str = "nearest",
+        master_weights: str | None = None,
+        state_precision: str | None = None,
+        seed: int | None = None,
+        skip_nonfinite: bool = False,
+        cautious: bool = False,
+        diagnostics: bool = False,
+        accumulation_steps: int = 1,
+    ) -> None:
+        self._construct(params, {**locals(), "decoupled_weight_decay": True})
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+__all__ = ["ADOPT", "Adam", "AdamW", "AdaMax", "Adamax", "NAdam", "RAdam", "StableAdamW"]

@@ -147,6 +147,16 @@ OPTIONS: tuple[Option, ...] = (
         "per group on the host.  ``False`` follows torch.optim.",
     ),
     Option(
+        "cautious",
+        False,
+        _boolean,
+        "``True``: cautious updates (Liang et al., 2024): each tensor's update keeps only the "
+        "elements whose sign agrees with the gradient's (the gradient the moments see), the kept ones "
+        "scaled by n / (kept + 1) so the update's size is roughly kept; weight decay is not masked.  "
+        "Every class; runs on ``single_tensor`` and ``foreach`` (tensor by tensor), not yet in the fused "
+        "kernels (``backend=None`` picks foreach).",
+    ),
+    Option(
         "diagnostics",
         False,
         _boolean,
@@ -204,6 +214,11 @@ def check_options(values: Mapping[str, Any], *, differentiable: bool, where: str
         )
     if values.get("decouple_lr") and values.get("max_lr") is not None:
         check_max_lr(values["max_lr"], where=where)
+    if values.get("cautious") and steps > 1:
+        raise ValueError(
+            f"cautious=True and accumulation_steps={steps} do not run together yet{where}: "
+            "use accumulation_steps=1, or cautious=False"
+        )
     if not differentiable:
         return
     for name, value, cannot, instead in (

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .specs.reference import WeightDecayMode
 
-Algorithm = Literal["adam", "adamax", "nadam", "radam", "adopt"]
+Algorithm = Literal["adam", "adamax", "nadam", "radam", "adopt", "stable_adamw"]
 
 Scalar = float | Tensor
 
@@ -156,6 +156,8 @@ class UpdateRule:
     momentum_decay: float = 4e-3
     #: ADOPT's clipping exponent p: c_t = (t - 1)^p; None: no clipping
     clip_exponent: float | None = 0.25
+    #: cautious updates: only the elements whose update agrees in sign with the gradient
+    cautious: bool = False
 
     @classmethod
     def from_group(cls, group: dict, algorithm: Algorithm) -> UpdateRule:
@@ -186,6 +188,7 @@ class UpdateRule:
             accumulation_steps=group["accumulation_steps"],
             momentum_decay=group.get("momentum_decay", 4e-3),
             clip_exponent=group.get("clip_exponent", 0.25),
+            cautious=bool(group.get("cautious", False)),
         )
 
     @property
@@ -200,12 +203,19 @@ class UpdateRule:
             return value
         return value.detach().item()
 
-    def group_scalars(self) -> GroupScalars:
-        decay_factor: Scalar | None = None
+    def decay_rate(self) -> Scalar | None:
+        r"""How much decoupled weight decay takes off the param per step:
+        :math:`\eta\lambda`, or :math:`(\eta / \eta_{max})\lambda` fully decoupled; ``None``
+        without decoupled decay."""
         if self.weight_decay != 0 and self.weight_decay_mode == "decoupled":
-            decay_factor = 1 - self.lr * self.weight_decay
-        elif self.weight_decay != 0 and self.weight_decay_mode == "fully_decoupled":
-            decay_factor = 1 - (self.lr / self.max_lr) * self.weight_decay
+            return self.lr * self.weight_decay
+        if self.weight_decay != 0 and self.weight_decay_mode == "fully_decoupled":
+            return (self.lr / self.max_lr) * self.weight_decay
+        return None
+
+    def group_scalars(self) -> GroupScalars:
+        rate = self.decay_rate()
+        decay_factor = None if rate is None else 1 - rate
         return GroupScalars(
             algorithm=self.algorithm,
             beta1=self.beta1,
@@ -231,7 +241,10 @@ class UpdateRule:
         if self.algorithm == "adamax":
             return StepScalars(self._finish(step_size), 1.0)
         bias_correction2 = 1 - self.beta2**step
-        return StepScalars(self._finish(step_size), self._finish(bias_correction2**0.5))
+        scalars = StepScalars(self._finish(step_size), self._finish(bias_correction2**0.5))
+        if self.algorithm == "stable_adamw":  # its update clipping reads v / (1 - beta2^t)
+            return replace(scalars, bias_correction2=self._finish(bias_correction2))
+        return scalars
 
     def _nadam_scalars(self, step: Scalar) -> StepScalars:
         r""":math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})`, :math:`\mu_{t+1}` and

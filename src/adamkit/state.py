@@ -1,6 +1,6 @@
 """Per-parameter optimizer state, laid out exactly as ``torch.optim`` lays it out.
 
-Keys: ``step`` (a 0-d tensor), ``exp_avg`` and ``exp_avg_sq`` (Adam, NAdam, RAdam, ADOPT;
+Keys: ``step`` (a 0-d tensor), ``exp_avg`` and ``exp_avg_sq`` (Adam, NAdam, RAdam, ADOPT, StableAdamW;
 ``exp_inf`` for AdaMax), ``max_exp_avg_sq`` (AMSGrad) and NAdam's ``mu_product`` (a
 0-d tensor), the moments shaped and strided like their param, so a ``state_dict`` moves between adamkit and torch.optim in both directions.
 
@@ -31,6 +31,7 @@ SECOND_MOMENT_KEY: dict[str, str] = {
     "nadam": "exp_avg_sq",
     "radam": "exp_avg_sq",
     "adopt": "exp_avg_sq",
+    "stable_adamw": "exp_avg_sq",
 }
 
 #: NAdam's running product of its momentum coefficients, a 0-d tensor beside ``step``

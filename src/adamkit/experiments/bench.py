@@ -123,16 +123,17 @@ def run_case(
 def format_case(case: Case, medians: dict[str, float], bandwidth: float, anchor: str = "torch fused") -> str:
     """One case's table: ms, ratio to ``anchor``, GB/s and share of the ``add_`` bandwidth."""
     moved = BYTES_PER_PARAM[case.dtype] * case.params
+    width = max(16, *(len(name) for name in medians))
     lines = [
         f"{case.name}: {case.params / 1e6:.1f}M params, {moved / 1e9:.2f} GB moved per step",
         f"  in-place add_ bandwidth, interleaved in the same rounds: {bandwidth:.1f} GB/s",
         f"  ratio: time over {anchor}'s",
-        f"  {'contender':16s} {'ms':>8s} {'ratio':>9s} {'GB/s':>7s} {'% of add_':>10s}",
+        f"  {'contender':{width}s} {'ms':>8s} {'ratio':>9s} {'GB/s':>7s} {'% of add_':>10s}",
     ]
     for name, seconds in medians.items():
         rate = moved / seconds / 1e9
         ratio = seconds / medians[anchor]
-        lines.append(f"  {name:16s} {seconds * 1e3:8.2f} {ratio:9.2f} {rate:7.1f} {100 * rate / bandwidth:9.0f}%")
+        lines.append(f"  {name:{width}s} {seconds * 1e3:8.2f} {ratio:9.2f} {rate:7.1f} {100 * rate / bandwidth:9.0f}%")
     return "\n".join(lines)
 
 

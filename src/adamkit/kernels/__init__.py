@@ -20,6 +20,7 @@ import torch
 
 from . import cpu, foreach, single_tensor
 from . import triton as triton_kernel
+from .host import ALGORITHM_CODES
 from .lists import list_kernel
 from .types import GroupBatch, GroupTensors, StepFn
 
@@ -43,7 +44,9 @@ class Kernel:
     #: extra availability check (e.g. an optional dependency is importable)
     available: Callable[[], bool] = lambda: True
     #: the algorithms it runs
-    algorithms: frozenset[str] = frozenset({"adam", "adamax", "nadam", "radam", "adopt"})
+    algorithms: frozenset[str] = frozenset(single_tensor.ALGORITHMS)
+    #: runs ``cautious=True`` (each tensor's update masked by a reduction of its own)
+    cautious: bool = True
 
     def supports(self, device: torch.device) -> bool:
         return self.device_types is None or device.type in self.device_types
@@ -64,6 +67,8 @@ KERNELS: dict[str, Kernel] = {
         fused=True,
         amp=True,
         available=cpu.available,
+        algorithms=frozenset(ALGORITHM_CODES),
+        cautious=False,
     ),
     "triton": Kernel(
         "triton",
@@ -72,6 +77,8 @@ KERNELS: dict[str, Kernel] = {
         fused=True,
         amp=True,
         available=triton_kernel.available,
+        algorithms=frozenset(ALGORITHM_CODES),
+        cautious=False,
     ),
 }
 
@@ -89,36 +96,47 @@ def _fallback(wanted: str, instead: str) -> str:
     return instead
 
 
-def fused_backend(devices: set[torch.device], algorithm: str = "adam") -> str:
+def fused_backend(devices: set[torch.device], algorithm: str = "adam", cautious: bool = False) -> str:
     """The fused kernel for these devices (``fused=True``), or foreach where there is
-    none (or it does not run ``algorithm``)."""
+    none (or it does not run ``algorithm``, or ``cautious`` updates)."""
     types = {d.type for d in devices}
     name = FUSED.get(types.pop()) if len(types) == 1 else None
-    if name is None or algorithm not in KERNELS[name].algorithms:
+    if name is None or algorithm not in KERNELS[name].algorithms or (cautious and not KERNELS[name].cautious):
         return "foreach"
     return name if KERNELS[name].available() else _fallback(name, "foreach")
 
 
-def default_backend(devices: set[torch.device], *, differentiable: bool, algorithm: str = "adam") -> str:
+def default_backend(
+    devices: set[torch.device], *, differentiable: bool, algorithm: str = "adam", cautious: bool = False
+) -> str:
     """The backend used when a group says ``backend=None``: autograd needs the single-tensor
     path; otherwise the device's fused kernel, else multi-tensor foreach ops."""
     if differentiable:
         return "single_tensor"
-    return fused_backend(devices, algorithm)
+    return fused_backend(devices, algorithm, cautious)
 
 
 def resolve(
-    backend: str | None, devices: set[torch.device], *, differentiable: bool, algorithm: str = "adam"
+    backend: str | None,
+    devices: set[torch.device],
+    *,
+    differentiable: bool,
+    algorithm: str = "adam",
+    cautious: bool = False,
 ) -> Kernel:
-    """The kernel for a group of ``algorithm`` whose params live on ``devices``.
+    """The kernel for a group of ``algorithm`` (with ``cautious`` updates or not) whose
+    params live on ``devices``.
 
     Raises ``ValueError`` naming the backend when it cannot run this group.
     """
-    name = backend or default_backend(devices, differentiable=differentiable, algorithm=algorithm)
+    name = backend or default_backend(devices, differentiable=differentiable, algorithm=algorithm, cautious=cautious)
     kernel = KERNELS[name]
     if algorithm not in kernel.algorithms:
         runs = ", ".join(repr(n) for n, k in KERNELS.items() if algorithm in k.algorithms)
         raise ValueError(f"backend={name!r} does not run {algorithm} (backends that do: {runs}, or None)")
+    if cautious and not kernel.cautious:
+        runs = ", ".join(repr(n) for n, k in KERNELS.items() if k.cautious)
+        raise ValueError(f"backend={name!r} does not run cautious=True (backends that do: {runs}, or None)")
     if differentiable and not kernel.differentiable:
         raise ValueError(f"backend={name!r} does not support differentiable=True (use backend='single_tensor' or None)")
     if not kernel.available():

@@ -189,5 +189,57 @@ def adopt(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, [s.second_weight for s in bucket_steps])
 
 
+def stable_adamw(
+    tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
+) -> None:
+    """:func:`adamkit.kernels.single_tensor.stable_adamw`'s arithmetic over lists: the
+    moments and updates as list ops, each tensor's clipping from its own reduction
+    (a capturable group tensor by tensor)."""
+    if rule.capturable:
+        return single_tensor.stable_adamw(tensors, rule, group_scalars, steps)
+    decay_rate = rule.decay_rate()
+    for t, bucket_steps in _buckets(tensors, steps):
+        real = GroupTensors(_real(t.params), _real(t.grads), _real(t.exp_avgs), _real(t.exp_avg_sqs))
+        params, exp_avgs, exp_avg_sqs = real.params, real.exp_avgs, real.exp_avg_sqs
+        grads = real.grads
+        if rule.maximize:
+            grads = torch._foreach_neg(grads)
+        if group_scalars.l2_weight_decay != 0:
+            grads = torch._foreach_add(grads, params, alpha=group_scalars.l2_weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, _number(group_scalars.one_minus_beta1(params[0])))
+        torch._foreach_mul_(exp_avg_sqs, _number(group_scalars.beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, _number(group_scalars.one_minus_beta2))
+        scales = [
+            single_tensor.update_clipping(g, v, s, group_scalars.eps)
+            for g, v, s in zip(grads, exp_avg_sqs, bucket_steps)
+        ]
+        if decay_rate is not None:
+            torch._foreach_mul_(params, [1 - s * decay_rate for s in scales])
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, [s.bias_correction2_sqrt for s in bucket_steps])
+        torch._foreach_add_(denoms, group_scalars.eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-s.step_size * c for s, c in zip(bucket_steps, scales)])
+
+
+def _tensor_by_tensor_when_cautious(run, per_tensor):
+    """``run``, or the single-tensor ``per_tensor`` for a cautious group (each tensor's
+    mask is a reduction of its own)."""
+
+    def step(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps) -> None:
+        (per_tensor if rule.cautious else run)(tensors, rule, group_scalars, steps)
+
+    return step
+
+
 #: the per-list function of each algorithm
-ALGORITHMS = {"adam": adam, "adamax": adamax, "nadam": nadam, "radam": radam, "adopt": adopt}
+ALGORITHMS = {
+    name: _tensor_by_tensor_when_cautious(run, single_tensor.ALGORITHMS[name])
+    for name, run in {
+        "adam": adam,
+        "adamax": adamax,
+        "nadam": nadam,
+        "radam": radam,
+        "adopt": adopt,
+        "stable_adamw": stable_adamw,
+    }.items()
+}

@@ -79,6 +79,25 @@ def apply_update(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, diffe
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+def descend_cautiously(param: Tensor, update: Tensor, grad: Tensor) -> None:
+    r"""Cautious updates (Liang et al., 2024): :math:`\theta \leftarrow \theta - u \odot \phi
+    \cdot n / (\lVert\phi\rVert_0 + 1)`, :math:`\phi = [u \odot g > 0]`: only the elements whose
+    update (``update``, the amount subtracted) agrees in sign with the gradient move, the
+    kept ones scaled up so the update keeps about its size.  The scale is a float64
+    device tensor (no host read)."""
+    agree = update * grad > 0
+    scale = update.numel() / (agree.sum().to(torch.float64) + 1.0)
+    param.sub_(update * agree * scale)
+
+
+def _descend(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, grad: Tensor, rule: UpdateRule) -> None:
+    """theta <- theta - step_size * m / denom, cautiously if the rule says so."""
+    if rule.cautious:
+        descend_cautiously(param, exp_avg / denom * step_size, grad)
+    else:
+        apply_update(param, exp_avg, denom, step_size, rule.differentiable)
+
+
 def adam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
     for i, param in enumerate(tensors.params):
         grad = _decayed_gradient(param, tensors.grads[i], rule, group_scalars)
@@ -97,7 +116,7 @@ def adam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, s
             second_moment = max_exp_avg_sq
 
         denom = adam_denominator(second_moment, steps[i], group_scalars.eps)
-        apply_update(param, exp_avg, denom, steps[i].step_size, rule.differentiable)
+        _descend(param, exp_avg, denom, steps[i].step_size, grad, rule)
 
 
 def adamax(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
@@ -112,9 +131,8 @@ def adamax(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars,
             exp_inf.copy_(torch.maximum(exp_inf.mul(group_scalars.beta2), norm))
         else:
             torch.maximum(exp_inf.mul_(group_scalars.beta2), norm, out=exp_inf)
-        apply_update(
-            param, exp_avg, exp_inf.clone() if rule.differentiable else exp_inf, steps[i].step_size, rule.differentiable
-        )
+        denom = exp_inf.clone() if rule.differentiable else exp_inf
+        _descend(param, exp_avg, denom, steps[i].step_size, grad, rule)
 
 
 def nadam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
@@ -133,7 +151,14 @@ def nadam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         _second_moment_update(exp_avg_sq, grad, group_scalars)
         denom = exp_avg_sq.div(step.bias_correction2).sqrt()
         lr, mu, mu_next = rule.lr, step.mu, step.mu_next
-        if tensor_scalars:  # no host read; autograd sees the products
+        if rule.cautious:  # the two terms as one update, masked
+            product = mu_product if tensor_scalars else mu_product.item()
+            gradient_part = grad * (lr * (1.0 - mu) / (1.0 - product))
+            update = (gradient_part + exp_avg * (lr * mu_next / (1.0 - product * mu_next))) / denom.add(
+                group_scalars.eps
+            )
+            descend_cautiously(param, update, grad)
+        elif tensor_scalars:  # no host read; autograd sees the products
             denom = denom.add(group_scalars.eps)
             grad = grad * (-lr * (1.0 - mu) / (1.0 - mu_product))
             momentum = exp_avg * (-lr * mu_next / (1.0 - mu_product * mu_next))
@@ -160,12 +185,16 @@ def radam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         corrected = exp_avg / step.bias_correction1
         if step.rectified is not None:  # capturable: both branches, picked on the device
             adaptive = step.rectification * _radam_adaptive_lr(exp_avg_sq, step, group_scalars.eps, rule)
-            param.add_(corrected * rule.lr * torch.where(step.rectified, adaptive, 1.0), alpha=-1.0)
+            update = corrected * rule.lr * torch.where(step.rectified, adaptive, 1.0)
         elif step.rectification is not None:
             adaptive = _radam_adaptive_lr(exp_avg_sq, step, group_scalars.eps, rule)
-            param.add_(corrected * rule.lr * adaptive * step.rectification, alpha=-1.0)
+            update = corrected * rule.lr * adaptive * step.rectification
         else:
-            param.add_(corrected * rule.lr, alpha=-1.0)
+            update = corrected * rule.lr
+        if rule.cautious:
+            descend_cautiously(param, update, grad)
+        else:
+            param.add_(update, alpha=-1.0)
 
 
 def _radam_adaptive_lr(exp_avg_sq: Tensor, step: StepScalars, eps: float, rule: UpdateRule) -> Tensor:
@@ -192,11 +221,49 @@ def adopt(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         normalized = grad / exp_avg_sq.sqrt().clamp_(min=group_scalars.eps)
         normalized.clamp_(-step.clip, step.clip)
         exp_avg.lerp_(normalized, group_scalars.one_minus_beta1(param))
-        param.sub_((exp_avg.clone() if rule.differentiable else exp_avg) * step.step_size)
+        update = (exp_avg.clone() if rule.differentiable else exp_avg) * step.step_size
+        if rule.cautious:
+            descend_cautiously(param, update, grad)
+        else:
+            param.sub_(update)
         if isinstance(step.second_weight, Tensor):
             exp_avg_sq.mul_(group_scalars.beta2).addcmul_(grad * step.second_weight, grad)
         else:
             exp_avg_sq.mul_(group_scalars.beta2).addcmul_(grad, grad, value=step.second_weight)
+
+
+def stable_adamw(
+    tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
+) -> None:
+    r"""StableAdamW: Adam's moments, then per tensor :math:`s = 1 / \max(1, \mathrm{RMS})`
+    with :math:`\mathrm{RMS} = \sqrt{\operatorname{mean}(g^2 / \max(\hat v, \epsilon^2))}`
+    (:func:`update_clipping`); the step size and the decoupled decay are scaled by s."""
+    decay_rate = rule.decay_rate()
+    for i, param in enumerate(tensors.params):
+        param, grad = as_real(param), as_real(tensors.grads[i])
+        grad = effective_gradient(param, grad, rule, group_scalars)
+        exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
+        step = steps[i]
+
+        exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
+        _second_moment_update(exp_avg_sq, grad, group_scalars)
+        scale = update_clipping(grad, exp_avg_sq, step, group_scalars.eps)
+        if decay_rate is not None:
+            param.mul_(1 - scale * decay_rate)
+        denom = adam_denominator(exp_avg_sq, step, group_scalars.eps)
+        _descend(param, exp_avg, denom, step.step_size * scale, grad, rule)
+
+
+def update_clipping(grad: Tensor, exp_avg_sq: Tensor, step: StepScalars, eps: float):
+    r""":math:`1 / \max(1, \mathrm{RMS})` of one tensor (1 for an empty one): a float read
+    from the device, or a 0-d tensor where the step scalars are tensors (no host read)."""
+    if grad.numel() == 0:
+        return 1.0
+    v_hat = (exp_avg_sq / step.bias_correction2).clamp_(min=eps * eps)
+    rms = (grad * grad / v_hat).mean().sqrt()
+    if isinstance(step.bias_correction2, Tensor):
+        return 1.0 / rms.to(torch.float64).clamp(min=1.0)
+    return 1.0 / max(1.0, rms.item())
 
 
 def _unless_first(step: StepScalars, factor):
@@ -207,4 +274,11 @@ def _unless_first(step: StepScalars, factor):
 
 
 #: the per-list function of each algorithm
-ALGORITHMS = {"adam": adam, "adamax": adamax, "nadam": nadam, "radam": radam, "adopt": adopt}
+ALGORITHMS = {
+    "adam": adam,
+    "adamax": adamax,
+    "nadam": nadam,
+    "radam": radam,
+    "adopt": adopt,
+    "stable_adamw": stable_adamw,
+}

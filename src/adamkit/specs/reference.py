@@ -1,4 +1,4 @@
-r"""The Adam family (Kingma & Ba; NAdam, RAdam, ADOPT), line by line, in NumPy float64: the
+r"""The Adam family (Kingma & Ba; NAdam, RAdam, ADOPT, StableAdamW), line by line, in NumPy float64: the
 ground truth for every other path.
 
 Algorithm 1 (Adam), for step :math:`t = 1, 2, \dots` with gradient :math:`g_t`:
@@ -68,6 +68,20 @@ the authors' :math:`\text{step}^{1/4}` by default; :math:`c_t = \infty` without 
 
 (no bias correction; decoupled weight decay, like the update, starts at :math:`t = 2`).
 
+StableAdamW (Wortsman et al., 2023, Algorithm 2: AdamW with update clipping): Adam's
+moments and bias corrections, and per tensor the root mean square of the gradient over
+the second moment it has just entered,
+
+.. math::
+
+    \mathrm{RMS}_t = \sqrt{\operatorname{mean}\bigl(g_t^2 / \max(\hat v_t, \epsilon^2)\bigr)}, \qquad
+    \eta'_t = \eta / \max(1, \mathrm{RMS}_t)
+
+so a tensor whose gradient jumps far above its running second moment takes a smaller
+step.  :math:`\eta'_t` replaces :math:`\eta` in the update and in decoupled weight decay:
+:math:`\theta_t = \theta_{t-1}(1 - \eta'_t \lambda) - \eta'_t \hat m_t / (\sqrt{\hat v_t} + \epsilon)`
+(fully decoupled: :math:`1 - (\eta'_t / \eta_{max})\lambda`).
+
 Options, applied in this order before the moment updates:
 
 * ``maximize``: :math:`g_t \leftarrow -g_t`.
@@ -79,6 +93,11 @@ Options, applied in this order before the moment updates:
     :math:`\theta \leftarrow \theta(1 - \frac{\eta_t}{\eta_{max}}\lambda)`, so the decay
     follows the schedule's shape but not the learning rate's magnitude.
 
+* ``cautious`` (Liang et al., 2024), applied to the update :math:`u` each algorithm
+  subtracts from :math:`\theta` (weight decay excluded): with
+  :math:`\phi = [u \odot g_t > 0]` (the gradient after ``maximize`` and L2 decay),
+  :math:`\theta \leftarrow \theta - u \odot \phi \cdot n / (\lVert\phi\rVert_0 + 1)`, n the
+  number of (real) elements.
 * ``amsgrad`` (Reddi et al., as torch computes it): keep
   :math:`v^{max}_t = \max(v^{max}_{t-1}, v_t)` and use it in place of :math:`v_t`
   in :math:`\hat v_t`.
@@ -125,6 +144,8 @@ class Hyperparameters:
     momentum_decay: float = 4e-3
     #: ADOPT's clipping exponent p (c_t = (t - 1)^p); None: no clipping
     clip_exponent: float | None = 0.25
+    #: cautious updates (Liang et al., 2024)
+    cautious: bool = False
 
 
 def _as_real(x: np.ndarray) -> np.ndarray:
@@ -177,6 +198,15 @@ def _start(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyper
     return theta, g, t
 
 
+def _descend(theta: np.ndarray, update: np.ndarray, g: np.ndarray, hp: Hyperparameters) -> np.ndarray:
+    """theta - update; with ``cautious``, only where the update agrees in sign with g,
+    the kept elements scaled by n / (kept + 1)."""
+    if not hp.cautious:
+        return theta - update
+    agree = update * g > 0
+    return theta - update * agree * (agree.size / (agree.sum() + 1.0))
+
+
 def _update_moments(state: ReferenceState, g: np.ndarray, hp: Hyperparameters) -> None:
     """m_t and v_t (Adam's moments, shared by NAdam and RAdam)."""
     state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
@@ -194,7 +224,7 @@ def adam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hy
         v_hat = state.max_exp_avg_sq / (1.0 - hp.beta2**t)
     else:
         v_hat = state.exp_avg_sq / (1.0 - hp.beta2**t)
-    theta = theta - hp.lr * m_hat / (np.sqrt(v_hat) + hp.eps)
+    theta = _descend(theta, hp.lr * m_hat / (np.sqrt(v_hat) + hp.eps), g, hp)
     return _from_real(theta, like)
 
 
@@ -204,7 +234,7 @@ def adamax_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: 
     theta, g, t = _start(theta, grad, state, hp, "AdaMax")
     state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g
     state.exp_avg_sq = np.maximum(hp.beta2 * state.exp_avg_sq, np.abs(g) + hp.eps)
-    theta = theta - (hp.lr / (1.0 - hp.beta1**t)) * state.exp_avg / state.exp_avg_sq
+    theta = _descend(theta, (hp.lr / (1.0 - hp.beta1**t)) * state.exp_avg / state.exp_avg_sq, g, hp)
     return _from_real(theta, like)
 
 
@@ -250,9 +280,11 @@ def nadam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: H
     state.mu_product *= mu
     _update_moments(state, g, hp)
     denom = np.sqrt(state.exp_avg_sq / (1.0 - hp.beta2**t)) + hp.eps
-    theta = theta - hp.lr * (1.0 - mu) / (1.0 - state.mu_product) * g / denom
-    theta = theta - hp.lr * mu_next / (1.0 - state.mu_product * mu_next) * state.exp_avg / denom
-    return _from_real(theta, like)
+    gradient_term = hp.lr * (1.0 - mu) / (1.0 - state.mu_product) * g / denom
+    momentum_term = hp.lr * mu_next / (1.0 - state.mu_product * mu_next) * state.exp_avg / denom
+    if hp.cautious:
+        return _from_real(_descend(theta, gradient_term + momentum_term, g, hp), like)
+    return _from_real(theta - gradient_term - momentum_term, like)
 
 
 def radam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
@@ -264,10 +296,10 @@ def radam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: H
     rho_inf = 2.0 / (1.0 - hp.beta2) - 1.0
     rho_t = rho_inf - 2.0 * t * hp.beta2**t / (1.0 - hp.beta2**t)
     if rho_t <= 5.0:
-        return _from_real(theta - hp.lr * m_hat, like)
+        return _from_real(_descend(theta, hp.lr * m_hat, g, hp), like)
     rectification = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
     adaptive = np.sqrt(1.0 - hp.beta2**t) / (np.sqrt(state.exp_avg_sq) + hp.eps)
-    return _from_real(theta - hp.lr * m_hat * rectification * adaptive, like)
+    return _from_real(_descend(theta, hp.lr * m_hat * rectification * adaptive, g, hp), like)
 
 
 def adopt_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
@@ -284,8 +316,31 @@ def adopt_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: H
     clip = np.inf if hp.clip_exponent is None else (t - 1.0) ** hp.clip_exponent
     normalized = np.clip(g / np.maximum(np.sqrt(state.exp_avg_sq), hp.eps), -clip, clip)
     state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * normalized
-    theta = decayed - hp.lr * state.exp_avg
+    theta = _descend(decayed, hp.lr * state.exp_avg, g, hp)
     state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+    return _from_real(theta, like)
+
+
+def stable_adamw_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
+    """One step of StableAdamW (see the module docstring); updates ``state``, returns the new theta."""
+    if hp.amsgrad:
+        raise ValueError("StableAdamW has no AMSGrad variant (amsgrad must be False)")
+    like = theta
+    theta, grad = _as_real(theta), _as_real(grad)
+    t = _begin_step(state, theta, amsgrad=False)
+    g = -grad if hp.maximize else grad
+    if hp.weight_decay != 0 and hp.weight_decay_mode == "l2":
+        g = g + hp.weight_decay * theta
+    _update_moments(state, g, hp)
+    m_hat = state.exp_avg / (1.0 - hp.beta1**t)
+    v_hat = state.exp_avg_sq / (1.0 - hp.beta2**t)
+    rms = np.sqrt(np.mean(g * g / np.maximum(v_hat, hp.eps**2))) if g.size else 0.0
+    lr = hp.lr / max(1.0, rms)
+    if hp.weight_decay != 0 and hp.weight_decay_mode == "decoupled":
+        theta = theta * (1.0 - lr * hp.weight_decay)
+    elif hp.weight_decay != 0 and hp.weight_decay_mode == "fully_decoupled":
+        theta = theta * (1.0 - (lr / hp.max_lr) * hp.weight_decay)
+    theta = _descend(theta, lr * m_hat / (np.sqrt(v_hat) + hp.eps), g, hp)
     return _from_real(theta, like)
 
 
@@ -295,6 +350,7 @@ STEP_FUNCTIONS = {
     "nadam": nadam_step,
     "radam": radam_step,
     "adopt": adopt_step,
+    "stable_adamw": stable_adamw_step,
 }
 
 
@@ -319,4 +375,5 @@ __all__ = [
     "moments_as",
     "nadam_step",
     "radam_step",
+    "stable_adamw_step",
 ]

@@ -1,0 +1,95 @@
+"""Cautious updates (``cautious=True``, Liang et al., 2024) on every class and every
+backend that runs them, against the NumPy reference in float64; and what makes them
+cautious: no element moves against its gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matrix import FAMILY
+
+from adamkit import reference
+from adamkit.kernels import KERNELS
+
+BACKENDS = [name for name, kernel in KERNELS.items() if kernel.cautious and kernel.supports(torch.device("cpu"))]
+STEPS = 25
+
+
+def _run(name: str, backend: str, weight_decay: float, cautious: bool = True):
+    """The class ``name`` and the reference over the same float64 gradients (a vector
+    and a complex param, a group each); returns (params, reference thetas)."""
+    cls, _, algorithm = FAMILY[name]
+    g = torch.Generator().manual_seed(5)
+    starts = [torch.randn(40, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.complex128)]
+    params = [torch.nn.Parameter(s.clone()) for s in starts]
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay}
+    if name not in ("AdamW", "StableAdamW"):  # (those two always decouple)
+        kwargs["decoupled_weight_decay"] = True
+    optimizer = cls([{"params": [p]} for p in params], backend=backend, cautious=cautious, **kwargs)
+    hp = reference.Hyperparameters(lr=1e-2, weight_decay=weight_decay, weight_decay_mode="decoupled", cautious=cautious)
+    thetas = [s.numpy().copy() for s in starts]
+    states = [reference.ReferenceState() for _ in starts]
+    for _ in range(STEPS):
+        grads = [torch.randn(s.shape, generator=g, dtype=s.dtype) for s in starts]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        optimizer.step()
+        for i, grad in enumerate(grads):
+            thetas[i] = reference.STEP_FUNCTIONS[algorithm](thetas[i], grad.numpy(), states[i], hp)
+    return params, thetas
+
+
+@pytest.fixture
+def float64_default():
+    """NAdam keeps ``mu_product`` in torch's default dtype: float64 here, as the reference."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_cautious_matches_the_reference(name, backend, float64_default):
+    params, thetas = _run(name, backend, weight_decay=0.1)
+    plain, plain_thetas = _run(name, backend, weight_decay=0.1, cautious=False)
+    for p, theta, q in zip(params, thetas, plain):
+        expected = theta
+        scale = np.max(np.abs(expected))
+        assert np.max(np.abs(p.detach().numpy() - expected)) <= 1e-12 * scale
+        assert not torch.equal(p, q)  # the masks did something
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_no_element_moves_against_its_gradient(name):
+    """One cautious step from a state whose momentum disagrees with the new gradient in
+    half the elements: those stay where they were (no decay here)."""
+    cls = FAMILY[name][0]
+    p = torch.nn.Parameter(torch.zeros(64, dtype=torch.float64))
+    optimizer = cls([p], lr=1e-2, weight_decay=0.0, cautious=True, backend="single_tensor")
+    for grad in (torch.ones(64, dtype=torch.float64), torch.ones(64, dtype=torch.float64)):
+        p.grad = grad.clone()
+        optimizer.step()  # (ADOPT's first step only measures v)
+    before = p.detach().clone()
+    flip = torch.arange(64) % 2 == 0
+    p.grad = torch.where(flip, -1.0, 1.0).to(torch.float64) * 1e-3  # small: m keeps its sign
+    optimizer.step()
+    moved = p.detach() - before
+    assert torch.all(moved[flip] == 0)
+    assert torch.all(moved[~flip] < 0)
+
+
+def test_the_fused_kernels_refuse_it_and_none_picks_a_backend_that_runs_it():
+    import adamkit
+
+    p = torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.randn(8)
+    with pytest.raises(ValueError, match=r"backend='cpu' does not run cautious=True .*'single_tensor', 'foreach'"):
+        adamkit.AdamW([p], backend="cpu", cautious=True).step()
+    for options in ({}, {"fused": True}):
+        before = p.detach().clone()
+        adamkit.AdamW([p], cautious=True, **options).step()
+        assert not torch.equal(p.detach(), before)
+    with pytest.raises(ValueError, match="cautious=True and accumulation_steps=4"):
+        adamkit.Adam([p], cautious=True, accumulation_steps=4)
