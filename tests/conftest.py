@@ -9,3 +9,17 @@ import os
 
 if os.environ.get("ADAMKIT_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402  (after the environment is set: triton must not load first)
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def float64_default():
+    """torch's default dtype float64 for the test (torch keeps NAdam's ``mu_product`` and
+    other scalar state in it), restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -75,8 +75,9 @@ CASES = {
     ),
 }
 
-#: a chunk and a ragged tail (several quantization blocks), a matrix, a 0-d param
-SHAPES = [(3000,), (48, 70), ()]
+#: a chunk and a ragged tail (several quantization blocks), a matrix, a 0-d param (small:
+#: under the interpreter every chunk costs a fraction of a second)
+SHAPES = [(1500,), (24, 70), ()]
 STEPS = 4
 #: RAdam's steps are rectified from the sixth on (rho_t > 5 with beta2 = 0.999)
 RADAM_STEPS = 7

@@ -18,14 +18,6 @@ STEPS = 60
 VARIANTS = {"nadam": torch.optim.NAdam, "radam": torch.optim.RAdam}
 
 
-@pytest.fixture
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def _run_both(algorithm: str, decay: str, maximize: bool, complex_param: bool, lr: float = 2e-2):
     g = torch.Generator().manual_seed(0)
     dtype = torch.complex128 if complex_param else torch.float64

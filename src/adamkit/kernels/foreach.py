@@ -233,13 +233,6 @@ def _tensor_by_tensor_when_cautious(run, per_tensor):
 
 #: the per-list function of each algorithm
 ALGORITHMS = {
-    name: _tensor_by_tensor_when_cautious(run, single_tensor.ALGORITHMS[name])
-    for name, run in {
-        "adam": adam,
-        "adamax": adamax,
-        "nadam": nadam,
-        "radam": radam,
-        "adopt": adopt,
-        "stable_adamw": stable_adamw,
-    }.items()
+    run.__name__: _tensor_by_tensor_when_cautious(run, single_tensor.ALGORITHMS[run.__name__])
+    for run in (adam, adamax, nadam, radam, adopt, stable_adamw)
 }

@@ -92,8 +92,8 @@ def descend_cautiously(param: Tensor, update: Tensor, grad: Tensor) -> None:
 
 def _descend(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, grad: Tensor, rule: UpdateRule) -> None:
     """theta <- theta - step_size * m / denom, cautiously if the rule says so."""
-    if rule.cautious:
-        descend_cautiously(param, exp_avg / denom * step_size, grad)
+    if rule.cautious:  # (autograd saves m: a copy, as m changes in place next step)
+        descend_cautiously(param, (exp_avg.clone() if rule.differentiable else exp_avg) / denom * step_size, grad)
     else:
         apply_update(param, exp_avg, denom, step_size, rule.differentiable)
 
@@ -153,8 +153,9 @@ def nadam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         lr, mu, mu_next = rule.lr, step.mu, step.mu_next
         if rule.cautious:  # the two terms as one update, masked
             product = mu_product if tensor_scalars else mu_product.item()
+            momentum = exp_avg.clone() if rule.differentiable else exp_avg  # (m changes in place next step)
             gradient_part = grad * (lr * (1.0 - mu) / (1.0 - product))
-            update = (gradient_part + exp_avg * (lr * mu_next / (1.0 - product * mu_next))) / denom.add(
+            update = (gradient_part + momentum * (lr * mu_next / (1.0 - product * mu_next))) / denom.add(
                 group_scalars.eps
             )
             descend_cautiously(param, update, grad)
@@ -274,11 +275,4 @@ def _unless_first(step: StepScalars, factor):
 
 
 #: the per-list function of each algorithm
-ALGORITHMS = {
-    "adam": adam,
-    "adamax": adamax,
-    "nadam": nadam,
-    "radam": radam,
-    "adopt": adopt,
-    "stable_adamw": stable_adamw,
-}
+ALGORITHMS = {run.__name__: run for run in (adam, adamax, nadam, radam, adopt, stable_adamw)}
