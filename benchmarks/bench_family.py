@@ -22,12 +22,19 @@ CONTENDERS = {
     "adamkit NAdam": lambda ps: adamkit.NAdam(ps, backend="cpu"),
     "adamkit RAdam": lambda ps: adamkit.RAdam(ps, backend="cpu"),
     "adamkit ADOPT": lambda ps: adamkit.ADOPT(ps, backend="cpu"),
+    "adamkit StableAdamW": lambda ps: adamkit.StableAdamW(ps, backend="cpu"),
     # torch.optim has no fused NAdam or RAdam on the CPU: foreach is its fastest path
     "torch NAdam": lambda ps: torch.optim.NAdam(ps, foreach=True),
     "torch RAdam": lambda ps: torch.optim.RAdam(ps, foreach=True),
     # ADOPT is not in torch.optim: adamkit's own foreach path stands for the usual one
     "adamkit ADOPT foreach": lambda ps: adamkit.ADOPT(ps, backend="foreach"),
 }
+try:  # optimi's StableAdamW (foreach), where it is installed
+    import optimi
+
+    CONTENDERS["optimi StableAdamW"] = lambda ps: optimi.StableAdamW(ps, lr=1e-3, foreach=True)
+except ImportError:
+    pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,6 +54,10 @@ SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
     # stochastic rounding draws each shard's bits by its elements' index in the whole param
     "bf16-stochastic-cpu": ("AdamW", {"backend": "cpu", "rounding": "stochastic", "seed": 7}, torch.bfloat16),
     "int8-unaligned": ("AdamW", {"backend": "cpu", "state_precision": "int8"}, torch.float32),
+    # per-tensor reductions (StableAdamW's clipping, a cautious update's count) over the whole param
+    "stable-cpu": ("StableAdamW", {"backend": "cpu", "weight_decay": 0.1}, torch.float32),
+    "stable-int8-foreach": ("StableAdamW", {"backend": "foreach", "state_precision": "int8"}, torch.float32),
+    "cautious-nadam-single_tensor": ("NAdam", {"backend": "single_tensor", "cautious": True}, torch.float32),
     # Triton under its CPU interpreter: smaller layers (256 keeps int4's 128-blocks aligned)
     "fp32-triton": ("AdamW", {"backend": "triton"}, torch.float32),
     "int4-triton": ("Adam", {"backend": "triton", "state_precision": "int4"}, torch.float32),

@@ -91,10 +91,13 @@ def _state(model, optimizer) -> dict:
     """Each param's state by name, moments as values (dequantized if quantized)."""
     names = {p: name for name, p in model.named_parameters()}
     keys = ("exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq", "kahan_compensation", "master_low_bits")
+    scalars = ("mu_product",)  # NAdam's 0-d state tensor
     result = {}
     for p, state in optimizer.state.items():
         values = {key: moment_value(state, key, p) for key in keys}
-        counters = {k: v for k, v in state.items() if not torch.is_tensor(v)}  # e.g. accumulation's count
+        counters = {
+            k: v for k, v in state.items() if not torch.is_tensor(v) or k in scalars
+        }  # e.g. accumulation's count
         result[names[p]] = {
             "step": state["step"],
             **counters,

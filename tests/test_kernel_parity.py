@@ -6,7 +6,10 @@ precision and master-weight/rounding mode.
 
 Both compute each element op by op in IEEE arithmetic (fp32, fp64 for fp64 params),
 with no fused multiply-adds, and store with the same rounding rules and random bits,
-so nothing may differ, not even in the last bit.  The CPU kernel is held to the NumPy
+so nothing may differ, not even in the last bit.  (StableAdamW's per-tensor clipping
+sums are added in different orders by the two kernels: float64 sums of the same fp32
+terms, whose last-bit differences would have to cross an fp32 rounding boundary of the
+step size to show; in these cases none does.)  The CPU kernel is held to the NumPy
 reference by the conformance suites; this holds the GPU to the CPU kernel."""
 
 from __future__ import annotations
@@ -72,6 +75,19 @@ CASES = {
         adamkit.ADOPT,
         torch.bfloat16,
         {"master_weights": "fp32", "state_precision": "int8", "clip_exponent": None},
+    ),
+    "stable_adamw-fp32": (adamkit.StableAdamW, torch.float32, {}),
+    # cautious: the agreement pass (L2 decay reads the Kahan-compensated weight) and the masked update
+    "nadam-bf16-kahan-int8-l2-cautious": (
+        adamkit.NAdam,
+        torch.bfloat16,
+        {"rounding": "kahan", "state_precision": "int8", "cautious": True},
+    ),
+    "adopt-fp32-maximize-cautious": (adamkit.ADOPT, torch.float32, {"maximize": True, "cautious": True}),
+    "stable_adamw-bf16-master24-int4-decouple_lr": (
+        adamkit.StableAdamW,
+        torch.bfloat16,
+        {"master_weights": "24bit", "state_precision": "int4", "decouple_lr": True},
     ),
 }
 

@@ -45,7 +45,7 @@ def test_every_variant_compiles_for_sm90_with_ieee_arithmetic(report, variant):
     inexact = [i for i in found if ".approx" in i or "div.full" in i or ".ftz" in i or i.startswith("fma")]
     assert inexact == [], f"approximate or contracted arithmetic: {inexact}"
     assert any(i.startswith("div.rn") for i in found)
-    if not variant.startswith("adamax"):
+    if not variant.startswith(("adamax", "clipping")):  # (StableAdamW's clipping sums take no root)
         assert any(i.startswith("sqrt.rn") for i in found)
 
 
@@ -53,7 +53,8 @@ def test_every_variant_compiles_for_sm90_with_ieee_arithmetic(report, variant):
 def test_whole_chunks_load_and_store_vectors(report, variant):
     found = report[variant]["instructions"]
     assert any(i.startswith("ld.global.v") for i in found), found
-    assert any(i.startswith("st.global.v") for i in found), found
+    if not variant.startswith(("clipping", "agreement")):  # (which store one sum per chunk)
+        assert any(i.startswith("st.global.v") for i in found), found
 
 
 def test_the_alignment_hint_is_what_vectorizes(report):

@@ -39,6 +39,24 @@ VARIANTS = {
     "adam-fp32-unaligned": {"ALIGNED": False},
     "adam-int8-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int8", "AMSGRAD": True, "RANDOM": True},
     "adam-int4-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int4", "AMSGRAD": True, "RANDOM": True},
+    "adam-fp32-cautious": {"CAUTIOUS": True},
+    # the passes before the update: StableAdamW's clipping sums, cautious updates' agreement counts
+    "clipping-fp32-amp": {"KERNEL": "_clipping_sums", "AMP": True},
+    "clipping-bf16-int8": {
+        "KERNEL": "_clipping_sums",
+        "PARAM_STORAGE": "bfloat16",
+        "STATE_STORAGE": "uint8",
+        "QUANT": "int8",
+    },
+    "agreement-adopt-bf16-master24-int8-l2": {
+        "KERNEL": "_agreement_counts",
+        "ALGORITHM": 4,
+        "DECAY": 1,
+        "PARAM_STORAGE": "bfloat16",
+        "MASTER": 8,
+        "STATE_STORAGE": "uint8",
+        "QUANT": "int8",
+    },
 }
 
 #: dtype-valued constexprs, given by name above
@@ -62,9 +80,10 @@ BASE = {
     "QBLOCK_SECOND": 1,
     "EXACT_SECOND": False,
     "ALIGNED": True,
+    "CAUTIOUS": False,
 }
 
-#: the launch's tensor arguments (every other argument is a constexpr)
+#: the launches' tensor arguments (every other argument is a constexpr)
 POINTERS = {
     "table_ptr": "*i64",
     "chunk_ptr": "*i64",
@@ -73,6 +92,7 @@ POINTERS = {
     "found_inf_ptr": "*fp32",
     "key_ptr": "*i64",
     "constants_ptr": "*fp64",
+    "sums_ptr": "*fp64",
 }
 
 
@@ -85,7 +105,8 @@ def compile_variant(overrides: dict, capability: int) -> str:
     from adamkit.kernels import triton as kernel
     from adamkit.specs.quantization import FORMATS
 
-    fn = kernel._fused_step
+    overrides = dict(overrides)
+    fn = getattr(kernel, overrides.pop("KERNEL", "_fused_step"))
     constexprs = BASE | overrides | {"BLOCK": kernel.BLOCK}
     for name in DTYPES:
         constexprs[name] = getattr(tl, constexprs[name])
@@ -95,10 +116,12 @@ def compile_variant(overrides: dict, capability: int) -> str:
         constexprs |= {"QUANT_BITS": fmt.bits, "QBLOCK": fmt.block, "BLOCK": kernel.QUANTIZED_BLOCK}
         constexprs |= {"QBLOCK_SECOND": fmt.block_of(False), "EXACT_SECOND": fmt.exact_scales(False)}
         warps = kernel.QUANTIZED_NUM_WARPS
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {name: POINTERS.get(name, "constexpr") for name in fn.arg_names}
-    assert set(signature) == set(POINTERS) | set(constexprs), "the worker's signature is out of date"
+    pointers = [name for name in fn.arg_names if name in POINTERS]
+    assert set(signature) == set(pointers) | set(constexprs), "the worker's signature is out of date"
     # torch allocations are 16-byte aligned: the launcher specializes tensor arguments so
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in pointers}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
         source,

@@ -538,8 +538,9 @@ class StableAdamW(_AdamFamily):
     checkpoint says which rule produced it.  Arguments and defaults are AdamW's (decay
     always decoupled; ``decouple_lr`` for optimi's fully decoupled form), plus those
     described in :mod:`adamkit.options` (except ``accumulation_steps`` and
-    ``diagnostics``).  The fused kernels do not run it yet: ``backend=None`` takes the
-    foreach path.
+    ``diagnostics``).  Every backend runs it; the fused kernels sum each tensor's
+    :math:`g^2 / \max(\hat v, \epsilon^2)` in a pass of their own before the update, and
+    under FSDP2 the sums are totalled over the ranks holding a param's shards.
     """
 
     algorithm = "stable_adamw"

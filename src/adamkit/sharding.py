@@ -2,7 +2,9 @@ r"""Sharded params (``torch.distributed`` DTensors, as FSDP2's ``fully_shard`` m
 them): every kernel steps each rank's *local shard* as an ordinary tensor.
 
 Adam is element-wise, so stepping the shards is stepping the whole tensor; no
-communication is needed.  What is kept global is the *state's layout*:
+communication is needed, except for the two per-tensor reductions (StableAdamW's RMS, a
+cautious update's count): their per-shard sums are totalled over the ranks that hold the
+param's other shards (:func:`per_tensor_totals`).  What is kept global is the *state's layout*:
 
 - Param-shaped state (``exp_avg``, ``exp_avg_sq``/``exp_inf``, ``max_exp_avg_sq``,
   ``kahan_compensation``) is a DTensor laid out like its param, exactly as
@@ -133,6 +135,29 @@ def sum_over_shards(values: Tensor, param) -> Tensor:
     return values
 
 
+def per_tensor_totals(values: Tensor, shards: Sequence | None) -> Tensor:
+    """``values``, one row of per-shard sums per param (float64, any device), with each
+    sharded param's row summed over the ranks holding its other shards (``shards``: the
+    params as the optimizer holds them, DTensors or plain tensors, aligned with the rows;
+    ``None``: nothing is sharded).  Rows of params laid out alike go in one collective
+    per mesh dimension; every rank must call this with the same params.  This is what
+    makes a per-tensor reduction (StableAdamW's clipping, a cautious update's count) see
+    the whole param."""
+    if shards is None:
+        return values
+    layouts: dict[tuple, list[int]] = {}
+    for row, param in enumerate(shards):
+        if is_sharded(param):
+            layouts.setdefault((id(param.device_mesh), tuple(param.placements)), []).append(row)
+    if not layouts:
+        return values
+    values = values.clone()
+    for rows in layouts.values():
+        totals = sum_over_shards(values[rows].cpu(), shards[rows[0]])
+        values[rows] = totals.to(values.device)
+    return values
+
+
 def exported_state(state: dict, param, moment_keys: Sequence[str]) -> dict:
     """``state`` with its quantized moments as fp32 tensors under their torch.optim
     keys (DTensors laid out like ``param`` if it is sharded); the rest as held.  This
@@ -184,6 +209,7 @@ __all__ = [
     "element_offset",
     "is_sharded",
     "like_param",
+    "per_tensor_totals",
     "sum_over_shards",
     "local",
     "local_view",

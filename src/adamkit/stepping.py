@@ -254,13 +254,14 @@ class Stepper:
         indices = self._param_indices(params) if group["seed"] is not None else None
         offsets = cache["offsets"]
         offsets = [offsets[id(p)] for p in params] if offsets is not None and indices is not None else None
-        state_table = self.optimizer.state
+        state_table, shards = self.optimizer.state, None
         if cache["sharded"]:  # DTensors: the kernels step each rank's local shard
+            shards = params
             params, grads, state_table = sharding.local_view(params, grads, state_table)
         if found_inf is not None and not kernel.amp and grad_scale is not None:
             grads = unscaled(grads, grad_scale)
         batch = GroupBatch(params=params, grads=grads, state_table=state_table, cache=cache, key=cache["validated_key"])
-        batch.param_indices, batch.element_offsets = indices, offsets
+        batch.param_indices, batch.element_offsets, batch.shards = indices, offsets, shards
         if kernel.amp:
             batch.grad_scale, batch.found_inf = grad_scale, found_inf
             if found_inf is not None and grad_scale is None:

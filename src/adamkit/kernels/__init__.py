@@ -68,7 +68,6 @@ KERNELS: dict[str, Kernel] = {
         amp=True,
         available=cpu.available,
         algorithms=frozenset(ALGORITHM_CODES),
-        cautious=False,
     ),
     "triton": Kernel(
         "triton",
@@ -78,7 +77,6 @@ KERNELS: dict[str, Kernel] = {
         amp=True,
         available=triton_kernel.available,
         algorithms=frozenset(ALGORITHM_CODES),
-        cautious=False,
     ),
 }
 

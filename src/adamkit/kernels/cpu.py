@@ -64,18 +64,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..rule import DECOUPLED_DECAY, L2_DECAY, UpdateRule
+from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule, as_number
+from ..sharding import per_tensor_totals
 from ..specs import quantization, rounding
 from ..specs.quantization import MIN_EXPONENT, QuantFormat
 from ..state import PARAM_EXTRA_KEY, moment_storage
 from .amp import inverse_scale
 from .host import (
     ALGORITHM_CODES,
+    CLIPPED,
     COLUMNS,
     STATE_COLUMNS,
     HostCounters,
     chunk_table,
+    clip_update_sizes,
     group_constants,
+    set_cautious_scales,
     state_keys,
     state_row,
 )
@@ -114,6 +118,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 #: small enough to balance two to a few dozen threads
 CHUNK = 1 << 15
 
+
 #: storage "witness" dtypes: what the kernel loads and stores for each param dtype.
 #: bf16 and fp16 travel as their 16-bit patterns (uint16 and int16 respectively).
 _STORAGE = {
@@ -128,8 +133,11 @@ _QUANTIZED_STORAGE = {"int8": np.int8, "int4": np.uint8}
 
 #: the algorithm travels as a witness type too (:data:`host.ALGORITHM_CODES` order)
 _ALGORITHM_WITNESS = {
-    name: (np.int8, np.int16, np.int32, np.int64, np.uint8)[code] for name, code in ALGORITHM_CODES.items()
+    name: (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16)[code] for name, code in ALGORITHM_CODES.items()
 }
+
+#: whether the update is cautious, as a witness type
+_CAUTIOUS_WITNESS = {False: np.int8, True: np.uint8}
 
 #: the rounding mode travels as a witness type, so each mode is its own specialization
 _ROUNDING_WITNESS = {
@@ -449,6 +457,7 @@ if numba is not None:
     _SNAP_TO_TOP = quantization.SNAP_TO_TOP
     _BYTE_WITNESS = np.empty(0, dtype=np.uint8)
     _FLOAT32_WITNESS = np.empty(0, dtype=np.float32)
+    _FLOAT64_WITNESS = np.empty(0, dtype=np.float64)
     _INT32_WITNESS = np.empty(0, dtype=np.int32)
     _BFLOAT16_WITNESS = np.empty(0, dtype=np.uint16)
 
@@ -462,25 +471,30 @@ if numba is not None:
         "master24": (_load_master24_param, _put_master24_param, _put_stochastic),
     }
 
-    def _element_loop(algorithm: str, amsgrad: bool, rounding_mode: str):
+    def _element_loop(algorithm: str, amsgrad: bool, rounding_mode: str, cautious: bool):
         """The element loop of one algorithm and rounding variant.  The algorithm,
         ``amsgrad`` and the storage functions are fixed here, in Python: the variants
         differ in which memory they read and write, and LLVM only vectorizes a loop with
         conditional stores after unswitching it, which it refuses for the larger bf16
         bodies (and code that is never run is then never compiled either).  Decay and
         maximize only select values and stay runtime flags, as does whether the step is
-        adaptive (RAdam: rectified; ADOPT: past its first step; one per tensor)."""
+        adaptive (RAdam: rectified; ADOPT: past its first step; one per tensor).
+        StableAdamW's loop is Adam's: its clipping is in the per-tensor scalars.  A
+        ``cautious`` loop keeps an element's update only where its direction agrees in
+        sign with the gradient (:func:`_direction`), scaled by the tensor's n / (kept + 1)
+        from the agreement pass (:func:`_agreement_counts`)."""
         load_param, put_param, put = _STORAGE_POLICIES[rounding_mode]
         adamax, nadam, radam, adopt = (algorithm == name for name in ("adamax", "nadam", "radam", "adopt"))
+        direction = _direction_of(algorithm)
 
         @njit(inline="always", nogil=True)
         def loop(pointers, first, end, scalars, maximize, decay, keys):
             param, grad, exp_avg, second, max_second, compensation = pointers
-            decay_factor, one_minus_beta1, beta2, one_minus_beta2, eps, l2, inverse_scale = scalars[0:7]
-            step_size, bias_correction2_sqrt, gradient_step_size, adaptive, clip, second_weight = scalars[7:13]
+            one_minus_beta1, beta2, one_minus_beta2, eps, l2, inverse_scale = scalars[0:6]
+            step_size, bias_correction2_sqrt, gradient_step_size, adaptive, clip, second_weight = scalars[6:12]
+            decay_factor, cautious_scale = scalars[12], scalars[13]
             one = _compute(param, 1.0)
-            if adopt and not adaptive:  # ADOPT's first step moves nothing, decay included
-                decay_factor = one
+            zero = _compute(param, 0.0)
             for i in range(first, end):
                 p = load_param(param, compensation, i)
                 g = _load(grad, i) * inverse_scale
@@ -524,16 +538,77 @@ if numba is not None:
                     update = (step_size * m + gradient_step_size * g) / denom
                 else:
                     update = step_size * (m / denom)
+                if cautious:
+                    agrees = direction(m, g, step_size, gradient_step_size) * g > zero
+                    update = update * cautious_scale if agrees else zero
                 put_param(param, compensation, i, p - update, keys[0], keys[4])
 
         return loop
 
-    #: (plain, amsgrad) loops per (algorithm, rounding mode); only Adam has AMSGrad
+    @njit(inline="always", nogil=True)
+    def _nadam_direction(m, g, step_size, gradient_step_size):
+        return step_size * m + gradient_step_size * g
+
+    @njit(inline="always", nogil=True)
+    def _momentum_direction(m, g, step_size, gradient_step_size):
+        return m
+
+    def _direction_of(algorithm: str):
+        """The sign-carrying part of the algorithm's update (its numerator: m, NAdam's
+        alpha m + gamma g; the step sizes and denominators are positive), so that the
+        update agrees with the gradient where direction * g > 0 (:mod:`adamkit.kernels.host`)."""
+        return _nadam_direction if algorithm == "nadam" else _momentum_direction
+
+    def _agreement_loop(algorithm: str, rounding_mode: str):
+        """The count of elements in [first, end) whose update direction agrees in sign
+        with the gradient, computed as the element loop computes them (m's new value,
+        before any rounding; ADOPT's from the previous v), storing nothing."""
+        load_param = _STORAGE_POLICIES[rounding_mode][0]
+        adopt = algorithm == "adopt"
+        direction = _direction_of(algorithm)
+
+        @njit(inline="always", nogil=True)
+        def count(pointers, first, end, scalars, maximize, decay):
+            param, grad, exp_avg, second, _, compensation = pointers
+            one_minus_beta1, eps, l2, inverse_scale = scalars[0], scalars[3], scalars[4], scalars[5]
+            step_size, gradient_step_size, clip = scalars[6], scalars[8], scalars[10]
+            zero = _compute(param, 0.0)
+            agree = 0
+            for i in range(first, end):
+                g = _load(grad, i) * inverse_scale
+                if maximize:
+                    g = -g
+                if decay == L2_DECAY:
+                    g = g + l2 * load_param(param, compensation, i)
+                m = _compute(param, _load(exp_avg, i))
+                if adopt:
+                    root = np.sqrt(_load(second, i))
+                    target = g / (eps if root < eps else root)
+                    if target > clip:
+                        target = clip
+                    elif target < -clip:
+                        target = -clip
+                    m = m + one_minus_beta1 * (target - m)
+                else:
+                    m = m + one_minus_beta1 * (g - m)
+                agree += np.int64(direction(m, g, step_size, gradient_step_size) * g > zero)
+            return agree
+
+        return count
+
+    #: (plain, amsgrad) loops per (algorithm, rounding mode, cautious); only Adam has AMSGrad
     _LOOPS = {
-        (algorithm, mode): (
-            _element_loop(algorithm, amsgrad=False, rounding_mode=mode),
-            _element_loop(algorithm, amsgrad=algorithm == "adam", rounding_mode=mode),
+        (algorithm, mode, cautious): (
+            _element_loop(algorithm, amsgrad=False, rounding_mode=mode, cautious=cautious),
+            _element_loop(algorithm, amsgrad=algorithm == "adam", rounding_mode=mode, cautious=cautious),
         )
+        for algorithm in _ALGORITHM_WITNESS
+        for mode in _ROUNDING_WITNESS
+        for cautious in (False, True)
+    }
+    #: the agreement pass's counting loop per (algorithm, rounding mode)
+    _AGREEMENT_LOOPS = {
+        (algorithm, mode): _agreement_loop(algorithm, mode)
         for algorithm in _ALGORITHM_WITNESS
         for mode in _ROUNDING_WITNESS
     }
@@ -549,19 +624,23 @@ if numba is not None:
     }
 
     def _update_chunk(
-        pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness
+        pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw
     ):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
 
     @overload(_update_chunk, inline="always")
     def _update_chunk_impl(
-        pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness
+        pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw
     ):
-        """Only the algorithm's and rounding mode's own loops are compiled for a specialization."""
+        """Only the algorithm's, rounding mode's and cautious-or-not loops are compiled
+        for a specialization (``cw``: the cautious witness, uint8 when cautious)."""
         algorithm = _ALGORITHM_OF_WITNESS[algorithm_witness.dtype]
-        plain_loop, amsgrad_loop = _LOOPS[algorithm, _MODE_OF_WITNESS[rounding_witness.dtype]]
+        cautious = cw.dtype == types.uint8
+        plain_loop, amsgrad_loop = _LOOPS[algorithm, _MODE_OF_WITNESS[rounding_witness.dtype], cautious]
 
-        def update(pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness):
+        def update(
+            pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw
+        ):
             if amsgrad:
                 amsgrad_loop(pointers, first, end, scalars, maximize, decay, keys)
             else:
@@ -581,6 +660,7 @@ if numba is not None:
         state_witness,
         rounding_witness,
         algorithm_witness,
+        cautious_witness,
     ):
         """The update for every chunk of every tensor of one (param dtype, state dtype) bucket.
 
@@ -588,14 +668,15 @@ if numba is not None:
             max_exp_avg_sq, Kahan compensation, and for quantized states the three
             moments' block scales (the moment columns then hold their codes)
         chunks: int64[C, 3] tensor index, first element, end element
-        tensor_scalars: float64[T, 6] each tensor's :data:`host.TENSOR_SCALARS`
-        constants: float64[7] the group's constants (:data:`host.GROUP_CONSTANTS`), then
+        tensor_scalars: float64[T, 8] each tensor's :data:`host.TENSOR_SCALARS`
+        constants: float64[6] the group's constants (:data:`host.GROUP_CONSTANTS`), then
             the gradients' multiplier (a GradScaler's 1 / scale, else 1)
         flags: int64[3] maximize, amsgrad, weight decay kind
         keys: int64[T, 5] stochastic rounding's step keys (param, exp_avg, second, max)
             and the tensor's element offset (a shard's first index in its whole param)
         witnesses: the param and state storage types (a quantized format: int8 for
-            "int8", uint8 for "int4"); the rounding mode and the algorithm (their dtypes)
+            "int8", uint8 for "int4"); the rounding mode, the algorithm and whether the
+            update is cautious (their dtypes)
         """
         maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
         for c in prange(chunks.shape[0]):
@@ -621,6 +702,7 @@ if numba is not None:
                 amsgrad,
                 algorithm_witness,
                 rounding_witness,
+                cautious_witness,
             )
 
     @njit(parallel=True, cache=True, nogil=True)
@@ -635,6 +717,7 @@ if numba is not None:
         state_witness,
         rounding_witness,
         algorithm_witness,
+        cautious_witness,
     ):
         """:func:`_fused_step` for quantized states (``state_witness`` names the format)."""
         maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
@@ -655,12 +738,14 @@ if numba is not None:
                 state_witness,
                 rounding_witness,
                 algorithm_witness,
+                cautious_witness,
             )
 
     @njit(inline="always", nogil=True)
     def _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness):
         """Tensor ``t``'s scalars in its compute type: the group's constants, the
-        gradients' multiplier, then the tensor's own (``adaptive`` a bool)."""
+        gradients' multiplier, then the tensor's own (``adaptive`` a bool; 1 - beta2^t,
+        read by the clipping pass only, is left out)."""
         param = typed_pointer(addresses[t, 0], param_witness)
         return (
             _compute(param, constants[0]),
@@ -669,13 +754,14 @@ if numba is not None:
             _compute(param, constants[3]),
             _compute(param, constants[4]),
             _compute(param, constants[5]),
-            _compute(param, constants[6]),
             _compute(param, tensor_scalars[t, 0]),
             _compute(param, tensor_scalars[t, 1]),
             _compute(param, tensor_scalars[t, 2]),
             tensor_scalars[t, 3] != 0,
             _compute(param, tensor_scalars[t, 4]),
             _compute(param, tensor_scalars[t, 5]),
+            _compute(param, tensor_scalars[t, 6]),
+            _compute(param, tensor_scalars[t, 8]),
         )
 
     @njit(inline="always", nogil=True)
@@ -689,7 +775,7 @@ if numba is not None:
     QUANTIZED_SPAN = 4096
 
     @njit(inline="always", nogil=True)
-    def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, pw, sw, rw, aw):
+    def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, pw, sw, rw, aw, cw):
         """One chunk (it starts on a block boundary) with quantized moments, span by
         span: dequantize into fp32 scratch rows, run the plain element loop on those,
         quantize the new values (the update itself used them unrounded)."""
@@ -713,11 +799,133 @@ if numba is not None:
                 typed_pointer(base + stride * (rows - 1), _FLOAT32_WITNESS),
                 typed_pointer(row[5], pw),
             )
-            _update_chunk(pointers, low, high, scalars, maximize, decay, keys, amsgrad, aw, rw)
+            _update_chunk(pointers, low, high, scalars, maximize, decay, keys, amsgrad, aw, rw, cw)
             _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
             _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4], spread)
             if amsgrad:
                 _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4], spread)
+
+    #: elements per step of the clipping pass: their terms (float64) stay in L1
+    CLIPPING_SPAN = 2048
+
+    @njit(nogil=True, fastmath={"reassoc"})
+    def _sum(values, count):
+        """The sum of values[:count] in whatever order LLVM vectorizes it: "reassoc" is
+        the only liberty, and its flags stay on this function's additions (the terms
+        themselves are computed without it)."""
+        total = 0.0
+        for i in range(count):
+            total += values[i]
+        return total
+
+    @njit(inline="always", nogil=True)
+    def _clipping_sum(grad, second, first, end, tensor_scalars, constants, t):
+        """The float64 sum over elements [first, end) of tensor ``t`` of
+        g^2 / max(v / (1 - beta2^t), eps^2), v the second moment the update is about to
+        compute (Adam's, before any rounding), each term in the param's compute type
+        (NaN stays NaN), span by span: a vectorized loop writes the terms, :func:`_sum`
+        adds them."""
+        beta2, one_minus_beta2 = _compute(grad, constants[1]), _compute(grad, constants[2])
+        eps_squared, inverse_scale = _compute(grad, constants[3] * constants[3]), _compute(grad, constants[5])
+        bias_correction2 = _compute(grad, tensor_scalars[t, 7])
+        terms = np.empty(CLIPPING_SPAN, dtype=np.float64)
+        total = 0.0
+        for low in range(first, end, CLIPPING_SPAN):
+            high = min(low + CLIPPING_SPAN, end)
+            out = typed_pointer(np.int64(terms.ctypes.data) - 8 * low, _FLOAT64_WITNESS)  # by element index
+            for i in range(low, high):
+                g = _load(grad, i) * inverse_scale
+                v_hat = (beta2 * _load(second, i) + one_minus_beta2 * g * g) / bias_correction2
+                out[i] = np.float64(g * g / (eps_squared if v_hat < eps_squared else v_hat))
+            total += _sum(terms, high - low)
+        return total
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _clipping_sums(addresses, chunks, tensor_scalars, constants, param_witness, state_witness):
+        """StableAdamW's clipping pass: :func:`_clipping_sum` of every chunk (float64[C])."""
+        sums = np.empty(chunks.shape[0], dtype=np.float64)
+        for c in prange(chunks.shape[0]):
+            t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            grad = typed_pointer(addresses[t, 1], param_witness)
+            second = typed_pointer(addresses[t, 3], state_witness)
+            sums[c] = _clipping_sum(grad, second, first, end, tensor_scalars, constants, t)
+        return sums
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _quantized_clipping_sums(addresses, chunks, tensor_scalars, constants, param_witness, state_witness):
+        """:func:`_clipping_sums` for quantized states: each span's second moment decoded
+        into an fp32 scratch row first."""
+        sums = np.empty(chunks.shape[0], dtype=np.float64)
+        for c in prange(chunks.shape[0]):
+            t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            scratch = np.empty(QUANTIZED_SPAN, dtype=np.float32)
+            spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)
+            unsigned = np.empty(0, dtype=np.uint8)
+            grad = typed_pointer(addresses[t, 1], param_witness)
+            total = 0.0
+            for low in range(first, end, QUANTIZED_SPAN):
+                high = min(low + QUANTIZED_SPAN, end)
+                _dequantize(addresses[t, 3], addresses[t, 7], state_witness, unsigned, scratch, low, high, spread)
+                second = typed_pointer(np.int64(scratch.ctypes.data) - 4 * low, _FLOAT32_WITNESS)
+                total += _clipping_sum(grad, second, low, high, tensor_scalars, constants, t)
+            sums[c] = total
+        return sums
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _agreement_counts(addresses, chunks, tensor_scalars, constants, flags, pw, sw, rw, aw):
+        """The cautious pass: per chunk, how many elements' update direction agrees in
+        sign with the gradient (float64[C]; quantized moments decoded span by span)."""
+        maximize, decay = flags[0] != 0, flags[2]
+        counts = np.empty(chunks.shape[0], dtype=np.float64)
+        for c in prange(chunks.shape[0]):
+            t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, pw)
+            counts[c] = _chunk_agreement(addresses[t], first, end, scalars, maximize, decay, pw, sw, rw, aw)
+        return counts
+
+    def _chunk_agreement(row, first, end, scalars, maximize, decay, pw, sw, rw, aw):
+        raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+    @overload(_chunk_agreement, inline="always")
+    def _chunk_agreement_impl(row, first, end, scalars, maximize, decay, pw, sw, rw, aw):
+        count = _AGREEMENT_LOOPS[_ALGORITHM_OF_WITNESS[aw.dtype], _MODE_OF_WITNESS[rw.dtype]]
+        if sw.dtype in (types.int8, types.uint8):  # quantized: m (and ADOPT's v) decoded first
+
+            def quantized(row, first, end, scalars, maximize, decay, pw, sw, rw, aw):
+                scratch = np.empty((2, QUANTIZED_SPAN), dtype=np.float32)
+                spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)
+                signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
+                agree = 0
+                for low in range(first, end, QUANTIZED_SPAN):
+                    high = min(low + QUANTIZED_SPAN, end)
+                    _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
+                    _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
+                    base = np.int64(scratch.ctypes.data) - 4 * low  # addressed by element index
+                    pointers = (
+                        typed_pointer(row[0], pw),
+                        typed_pointer(row[1], pw),
+                        typed_pointer(base, _FLOAT32_WITNESS),
+                        typed_pointer(base + 4 * QUANTIZED_SPAN, _FLOAT32_WITNESS),
+                        typed_pointer(base, _FLOAT32_WITNESS),
+                        typed_pointer(row[5], pw),
+                    )
+                    agree += count(pointers, low, high, scalars, maximize, decay)
+                return agree
+
+            return quantized
+
+        def plain(row, first, end, scalars, maximize, decay, pw, sw, rw, aw):
+            pointers = (
+                typed_pointer(row[0], pw),
+                typed_pointer(row[1], pw),
+                typed_pointer(row[2], sw),
+                typed_pointer(row[3], sw),
+                typed_pointer(row[4], sw),
+                typed_pointer(row[5], pw),
+            )
+            return count(pointers, first, end, scalars, maximize, decay)
+
+        return plain
 
 
 def _dense(t: Tensor) -> bool:
@@ -777,6 +985,9 @@ class _Bucket:
             dtype=np.int64,
         ).reshape(len(members), STATE_COLUMNS)
         self.chunks = chunk_table(self.real_numels, CHUNK)
+        self.clipped = rule.algorithm in CLIPPED
+        self.cautious = rule.cautious
+        self.cautious_witness = np.empty(0, dtype=_CAUTIOUS_WITNESS[rule.cautious])
         self.whole_group = members == list(range(len(batch.params)))
         self.all_contiguous = all(self.direct) and all(p.is_contiguous() for p in params)
         self.table = np.empty((len(members), len(COLUMNS)), dtype=np.int64)
@@ -849,7 +1060,7 @@ _NO_KEYS = np.zeros((1, 5), dtype=np.int64)
 def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
     """The group's (param dtype, state storage) buckets, rebuilt when the params or
     their state changed."""
-    key = (batch.key, rule.algorithm, rule.amsgrad)
+    key = (batch.key, rule.algorithm, rule.amsgrad, rule.cautious)
     cached = batch.cache.get("cpu")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -861,8 +1072,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
     return buckets
 
 
-def _flags_and_constants(rule: UpdateRule, grad_scale: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-    group_scalars = rule.group_scalars()
+def _flags_and_constants(rule: UpdateRule, group_scalars: GroupScalars, grad_scale: Tensor | None):
     flags = np.array([rule.maximize, rule.amsgrad, group_scalars.decay_kind], dtype=np.int64)
     gradient_factor = 1.0 if grad_scale is None else inverse_scale(grad_scale).item()
     constants = np.array([*map(float, group_constants(group_scalars)), gradient_factor], dtype=np.float64)
@@ -897,24 +1107,51 @@ def _following_torch_threads() -> Iterator[None]:
             torch.set_num_threads(torch_threads)
 
 
+def _clip_update_sizes(batch, bucket, table, tensor_scalars, constants, decay_rate) -> None:
+    """StableAdamW's clipping: a parallel pass of chunk sums, added up per tensor (over
+    the ranks of a sharded param), and the tensors' scalars scaled by
+    :func:`~adamkit.kernels.host.clip_update_sizes`.  The pass reads each gradient and
+    second moment once more: on these 2-core hosts the step takes about 1.3x AdamW's
+    (``benchmarks/bench_family.py``)."""
+    clipping_sums = _quantized_clipping_sums if bucket.quantized else _clipping_sums
+    chunks = bucket.chunks
+    sums = clipping_sums(table, chunks, tensor_scalars, constants, bucket.param_witness, bucket.state_witness)
+    totals = _per_tensor_totals(batch, bucket, sums)
+    clip_update_sizes(tensor_scalars, totals[:, 0], np.maximum(totals[:, 1], 1), decay_rate)
+
+
+def _per_tensor_totals(batch, bucket, chunk_values: np.ndarray) -> np.ndarray:
+    """Chunk values added up per tensor, next to each tensor's size: float64[T, 2], over
+    the ranks that hold a sharded param's other shards."""
+    per_tensor = np.bincount(bucket.chunks[:, 0], weights=chunk_values, minlength=len(bucket.members))
+    totals = np.stack([per_tensor, bucket.real_numels.astype(np.float64)], axis=1)
+    if batch.shards is not None:  # the whole params' sums and sizes
+        totals = per_tensor_totals(torch.from_numpy(totals), [batch.shards[i] for i in bucket.members]).numpy()
+    return totals
+
+
+def _set_cautious_scales(batch, bucket, tensor_scalars, counts_per_chunk) -> None:
+    totals = _per_tensor_totals(batch, bucket, counts_per_chunk)
+    set_cautious_scales(tensor_scalars, totals[:, 0], totals[:, 1])
+
+
 def _launch(batch: GroupBatch, rule: UpdateRule) -> None:
-    flags, constants = _flags_and_constants(rule, batch.grad_scale)
+    group_scalars = rule.group_scalars()
+    flags, constants = _flags_and_constants(rule, group_scalars, batch.grad_scale)
+    decay_rate = rule.decay_rate()
+    decay_rate = None if decay_rate is None else as_number(decay_rate)
     for bucket in _buckets(batch, rule):
         table, staged = bucket.addresses(batch)
-        counts, tensor_scalars = bucket.counters.advance(rule)
+        counts, tensor_scalars = bucket.counters.advance(rule, group_scalars.decay_factor)
+        keys = bucket.step_keys(rule, batch, counts)
+        witnesses = (bucket.param_witness, bucket.state_witness, bucket.rounding_witness, bucket.algorithm_witness)
         launch = _fused_quantized_step if bucket.quantized else _fused_step
-        launch(
-            table,
-            bucket.chunks,
-            tensor_scalars,
-            constants,
-            flags,
-            bucket.step_keys(rule, batch, counts),
-            bucket.param_witness,
-            bucket.state_witness,
-            bucket.rounding_witness,
-            bucket.algorithm_witness,
-        )
+        if bucket.clipped:  # StableAdamW: its per-tensor clipping first
+            _clip_update_sizes(batch, bucket, table, tensor_scalars, constants, decay_rate)
+        if bucket.cautious:  # then the count of each tensor's agreeing elements
+            counts_per_chunk = _agreement_counts(table, bucket.chunks, tensor_scalars, constants, flags, *witnesses)
+            _set_cautious_scales(batch, bucket, tensor_scalars, counts_per_chunk)
+        launch(table, bucket.chunks, tensor_scalars, constants, flags, keys, *witnesses, bucket.cautious_witness)
         for param, param_buffer, _grad_buffer, state_tensors, state_buffers in staged:
             param.copy_(param_buffer)
             for state, buffer in zip(state_tensors, state_buffers):

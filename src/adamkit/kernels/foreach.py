@@ -38,6 +38,7 @@ def _buckets(tensors: GroupTensors, steps: Sequence[StepScalars]):
             exp_avg_sqs=_select(tensors.exp_avg_sqs, members),
             max_exp_avg_sqs=_select(tensors.max_exp_avg_sqs, members),
             mu_products=_select(tensors.mu_products, members),
+            shards=_select(tensors.shards, members) or None,
         )
         yield bucket, [steps[i] for i in members]
 
@@ -209,9 +210,10 @@ def stable_adamw(
         torch._foreach_lerp_(exp_avgs, grads, _number(group_scalars.one_minus_beta1(params[0])))
         torch._foreach_mul_(exp_avg_sqs, _number(group_scalars.beta2))
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, _number(group_scalars.one_minus_beta2))
+        shards = t.shards or [None] * len(grads)
         scales = [
-            single_tensor.update_clipping(g, v, s, group_scalars.eps)
-            for g, v, s in zip(grads, exp_avg_sqs, bucket_steps)
+            single_tensor.update_clipping(g, v, s, group_scalars.eps, shard)
+            for g, v, s, shard in zip(grads, exp_avg_sqs, bucket_steps, shards)
         ]
         if decay_rate is not None:
             torch._foreach_mul_(params, [1 - s * decay_rate for s in scales])

@@ -33,7 +33,17 @@ ADOPT: past its first step), and ADOPT's clipping value :math:`c` and weight :ma
         \theta \leftarrow \theta - \eta\, m, \quad v \leftarrow \beta_2 v + w g^2
 
 ADOPT's first step has :math:`c = 0` and :math:`w = 1` (so :math:`m` stays 0 and
-:math:`v = g^2`) and is not adaptive: its decoupled decay factor is 1.
+:math:`v = g^2`) and is not adaptive: its decoupled decay factor is 1.  The decay factor
+is a per-tensor scalar for that reason and for StableAdamW's:
+
+.. math::
+
+    \text{StableAdamW:}\quad s = 1 / \max\bigl(1, \sqrt{\operatorname{mean}(g^2 / \max(v / b_2, \epsilon^2))}\bigr),
+    \qquad \alpha \leftarrow s\,\alpha, \quad \text{decay factor} = 1 - s\,\eta\lambda
+
+(:math:`b_2 = 1 - \beta_2^t`, :math:`v` the new second moment), then Adam's update.  The
+sums behind :math:`s` are a reduction over each whole tensor: the kernels run a pass of
+chunk sums of their own first (:func:`clip_update_sizes` turns them into the scalars).
 """
 
 from __future__ import annotations
@@ -50,7 +60,10 @@ from ..specs.quantization import QuantFormat
 from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_keys
 
 #: the algorithms the fused kernels run, and the code each kernel specializes on
-ALGORITHM_CODES = {"adam": 0, "adamax": 1, "nadam": 2, "radam": 3, "adopt": 4}
+ALGORITHM_CODES = {"adam": 0, "adamax": 1, "nadam": 2, "radam": 3, "adopt": 4, "stable_adamw": 5}
+
+#: the algorithms whose update sizes wait for a per-tensor reduction (:func:`clip_update_sizes`)
+CLIPPED = frozenset({"stable_adamw"})
 
 #: the address table's columns (see the module docstring)
 COLUMNS = (
@@ -69,23 +82,35 @@ STATE_COLUMNS = len(COLUMNS) - 2
 
 #: the group's constants as both kernels read them, in this order (float64 on the
 #: host; each kernel rounds them to its compute dtype)
-GROUP_CONSTANTS = ("decay_factor", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_weight_decay")
+GROUP_CONSTANTS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_weight_decay")
 
 
 #: the per-tensor scalars, one row per tensor, in this order (float64; see the module
 #: docstring): the step size of m / d, sqrt(1 - beta2^t), NAdam's step size of g / d,
 #: 1 where the step is adaptive (RAdam: rectified; ADOPT: not the first), ADOPT's
-#: clipping value and weight of g^2
-TENSOR_SCALARS = ("step_size", "bias_correction2_sqrt", "gradient_step_size", "adaptive", "clip", "second_weight")
+#: clipping value and weight of g^2, the decoupled decay factor (1 without decoupled
+#: decay), 1 - beta2^t (read by StableAdamW's clipping pass; 1 for the others), and a
+#: cautious update's n / (kept + 1) (1 until :func:`set_cautious_scales`)
+TENSOR_SCALARS = (
+    "step_size",
+    "bias_correction2_sqrt",
+    "gradient_step_size",
+    "adaptive",
+    "clip",
+    "second_weight",
+    "decay_factor",
+    "bias_correction2",
+    "cautious_scale",
+)
+_STEP_SIZE, _DECAY_FACTOR = TENSOR_SCALARS.index("step_size"), TENSOR_SCALARS.index("decay_factor")
+_CAUTIOUS_SCALE = TENSOR_SCALARS.index("cautious_scale")
 
 
 def group_constants(group_scalars: GroupScalars) -> tuple:
     """:data:`GROUP_CONSTANTS` of a group; a tensor hyperparameter (a capturable
     group's) stays a tensor, in float64."""
     beta1 = group_scalars.beta1.to(torch.float64) if isinstance(group_scalars.beta1, Tensor) else group_scalars.beta1
-    decay_factor = 1.0 if group_scalars.decay_factor is None else group_scalars.decay_factor
     return (
-        decay_factor,
         1.0 - beta1,
         group_scalars.beta2,
         group_scalars.one_minus_beta2,
@@ -94,26 +119,62 @@ def group_constants(group_scalars: GroupScalars) -> tuple:
     )
 
 
-def tensor_scalar_columns(algorithm: Algorithm, lr, scalars: StepScalars, mu_products, where) -> tuple:
+def tensor_scalar_columns(algorithm: Algorithm, lr, scalars: StepScalars, mu_products, decay_factor, where) -> tuple:
     """:data:`TENSOR_SCALARS` from each tensor's step scalars (fields that are float64
-    arrays or device tensors, aligned with the tensors) and NAdam's new ``mu_product``
-    values; ``where`` is ``numpy.where`` or ``torch.where``."""
+    arrays or device tensors, aligned with the tensors), NAdam's new ``mu_product``
+    values and the group's decoupled decay factor (``None`` without decoupled decay);
+    ``where`` is ``numpy.where`` or ``torch.where``."""
     s = scalars
+    columns = {
+        "step_size": s.step_size,
+        "bias_correction2_sqrt": s.bias_correction2_sqrt,
+        "gradient_step_size": 0.0,
+        "adaptive": 0.0,
+        "clip": 0.0,
+        "second_weight": 0.0,
+        "decay_factor": 1.0 if decay_factor is None else decay_factor,
+        "bias_correction2": 1.0,
+        "cautious_scale": 1.0,
+    }
     if algorithm == "nadam":
-        return (
-            lr * s.mu_next / (1.0 - mu_products * s.mu_next),
-            s.bias_correction2_sqrt,
-            lr * (1.0 - s.mu) / (1.0 - mu_products),
-            0.0,
-            0.0,
-            0.0,
-        )
-    if algorithm == "radam":
+        columns["step_size"] = lr * s.mu_next / (1.0 - mu_products * s.mu_next)
+        columns["gradient_step_size"] = lr * (1.0 - s.mu) / (1.0 - mu_products)
+    elif algorithm == "radam":
         adaptive = lr * s.rectification * s.bias_correction2_sqrt / s.bias_correction1
-        return (where(s.rectified, adaptive, lr / s.bias_correction1), 1.0, 0.0, 1.0 * s.rectified, 0.0, 0.0)
-    if algorithm == "adopt":
-        return (s.step_size, 1.0, 0.0, where(s.first, 0.0, 1.0), s.clip, s.second_weight)
-    return (s.step_size, s.bias_correction2_sqrt, 0.0, 0.0, 0.0, 0.0)
+        columns["step_size"] = where(s.rectified, adaptive, lr / s.bias_correction1)
+        columns.update(bias_correction2_sqrt=1.0, adaptive=1.0 * s.rectified)
+    elif algorithm == "adopt":  # the first step moves nothing, decay included
+        columns.update(bias_correction2_sqrt=1.0, adaptive=where(s.first, 0.0, 1.0), clip=s.clip)
+        columns["second_weight"] = s.second_weight
+        columns["decay_factor"] = where(s.first, 1.0, columns["decay_factor"])
+    elif algorithm == "stable_adamw":  # the step size and decay factor before clipping
+        columns["bias_correction2"] = s.bias_correction2
+    return tuple(columns[name] for name in TENSOR_SCALARS)
+
+
+def clip_update_sizes(rows, sums, numels, decay_rate) -> None:
+    r"""StableAdamW's update clipping, in place on ``rows`` of the tensor scalars
+    (a NumPy or torch float64 array): each tensor's
+    :math:`s = 1 / \max(1, \sqrt{\Sigma / n})` from ``sums``
+    :math:`\Sigma = \sum g^2 / \max(\hat v, \epsilon^2)` over its ``numels`` real elements
+    :math:`n` (1 for an empty tensor, and where the sum is NaN); the step size becomes
+    :math:`s\alpha` and the decay factor :math:`1 - s\,\eta\lambda` (``decay_rate``
+    :math:`\eta\lambda`, or ``None`` without decoupled decay), as
+    :func:`adamkit.kernels.single_tensor.update_clipping` forms them."""
+    lib = torch if isinstance(rows, Tensor) else np
+    rms = lib.sqrt(sums / numels)
+    scale = 1.0 / lib.where(rms > 1.0, rms, 1.0)
+    rows[:, _STEP_SIZE] *= scale
+    if decay_rate is not None:
+        rows[:, _DECAY_FACTOR] = 1.0 - scale * decay_rate
+
+
+def set_cautious_scales(rows, kept, numels) -> None:
+    r"""A cautious update's scale, in place on ``rows`` of the tensor scalars (NumPy or
+    torch, float64): :math:`n / (\lVert\phi\rVert_0 + 1)` from each tensor's count ``kept``
+    of elements whose update agrees in sign with the gradient and its ``numels`` n, as
+    :func:`adamkit.kernels.single_tensor.descend_cautiously` forms it."""
+    rows[:, _CAUTIOUS_SCALE] = numels / (kept + 1.0)
 
 
 def host_step_scalars(rule: UpdateRule, counts: np.ndarray) -> StepScalars:
@@ -200,13 +261,15 @@ class HostCounters:
             self.product_addresses = np.array([c.data_ptr() for c in self.products], dtype=np.int64)
             self.witness = np.empty(0, dtype=np.float64 if dtypes == {torch.float64} else np.float32)
 
-    def advance(self, rule: UpdateRule) -> tuple[np.ndarray, np.ndarray]:
+    def advance(self, rule: UpdateRule, decay_factor) -> tuple[np.ndarray, np.ndarray]:
         """``step += 1`` for every counter (NAdam: then ``mu_product *= mu_t``); the new
-        counts as float64, and the tensors' :data:`TENSOR_SCALARS`."""
+        counts as float64, and the tensors' :data:`TENSOR_SCALARS` (``decay_factor``:
+        the group's, or ``None``)."""
         counts = self._add_one()
         scalars = host_step_scalars(rule, counts)
         products = self._multiply_products(scalars.mu) if self.products else None
-        columns = tensor_scalar_columns(rule.algorithm, as_number(rule.lr), scalars, products, np.where)
+        decay = None if decay_factor is None else as_number(decay_factor)
+        columns = tensor_scalar_columns(rule.algorithm, as_number(rule.lr), scalars, products, decay, np.where)
         return counts, np.stack(np.broadcast_arrays(*columns), axis=1).astype(np.float64)
 
     def _add_one(self) -> np.ndarray:

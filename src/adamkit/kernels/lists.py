@@ -32,6 +32,7 @@ def list_kernel(algorithms: Mapping[str, ListKernelFn]) -> StepFn:
         work, store = storage.widened(
             batch.params, batch.grads, states, steps, rule, batch.param_indices, batch.element_offsets
         )
+        work.shards = batch.shards
         run(work, rule, rule.group_scalars(), rule.step_scalars_for(steps))
         store()
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..rule import GroupScalars, StepScalars, UpdateRule
+from ..sharding import per_tensor_totals
 from .types import GroupTensors, as_real
 
 
@@ -79,23 +80,37 @@ def apply_update(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, diffe
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def descend_cautiously(param: Tensor, update: Tensor, grad: Tensor) -> None:
+def descend_cautiously(param: Tensor, update: Tensor, grad: Tensor, shard=None) -> None:
     r"""Cautious updates (Liang et al., 2024): :math:`\theta \leftarrow \theta - u \odot \phi
     \cdot n / (\lVert\phi\rVert_0 + 1)`, :math:`\phi = [u \odot g > 0]`: only the elements whose
     update (``update``, the amount subtracted) agrees in sign with the gradient move, the
     kept ones scaled up so the update keeps about its size.  The scale is a float64
-    device tensor (no host read)."""
+    device tensor (no host read).  ``shard``: the sharded param whose local shard
+    ``param`` is (the count and n are then the whole param's), or ``None``."""
     agree = update * grad > 0
-    scale = update.numel() / (agree.sum().to(torch.float64) + 1.0)
+    if shard is None:
+        scale = update.numel() / (agree.sum().to(torch.float64) + 1.0)
+    else:
+        local = torch.stack([agree.sum().to(torch.float64), torch.tensor(float(update.numel()), device=agree.device)])
+        kept, total = per_tensor_totals(local.reshape(1, 2), [shard])[0]
+        scale = total / (kept + 1.0)
     param.sub_(update * agree * scale)
 
 
-def _descend(param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, grad: Tensor, rule: UpdateRule) -> None:
+def _descend(
+    param: Tensor, exp_avg: Tensor, denom: Tensor, step_size, grad: Tensor, rule: UpdateRule, shard=None
+) -> None:
     """theta <- theta - step_size * m / denom, cautiously if the rule says so."""
     if rule.cautious:  # (autograd saves m: a copy, as m changes in place next step)
-        descend_cautiously(param, (exp_avg.clone() if rule.differentiable else exp_avg) / denom * step_size, grad)
+        update = (exp_avg.clone() if rule.differentiable else exp_avg) / denom * step_size
+        descend_cautiously(param, update, grad, shard)
     else:
         apply_update(param, exp_avg, denom, step_size, rule.differentiable)
+
+
+def shard_of(tensors: GroupTensors, i: int):
+    """The sharded param whose local shard is ``tensors.params[i]``, or ``None``."""
+    return tensors.shards[i] if tensors.shards else None
 
 
 def adam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
@@ -116,7 +131,7 @@ def adam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, s
             second_moment = max_exp_avg_sq
 
         denom = adam_denominator(second_moment, steps[i], group_scalars.eps)
-        _descend(param, exp_avg, denom, steps[i].step_size, grad, rule)
+        _descend(param, exp_avg, denom, steps[i].step_size, grad, rule, shard_of(tensors, i))
 
 
 def adamax(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
@@ -132,7 +147,7 @@ def adamax(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars,
         else:
             torch.maximum(exp_inf.mul_(group_scalars.beta2), norm, out=exp_inf)
         denom = exp_inf.clone() if rule.differentiable else exp_inf
-        _descend(param, exp_avg, denom, steps[i].step_size, grad, rule)
+        _descend(param, exp_avg, denom, steps[i].step_size, grad, rule, shard_of(tensors, i))
 
 
 def nadam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]) -> None:
@@ -158,7 +173,7 @@ def nadam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
             update = (gradient_part + momentum * (lr * mu_next / (1.0 - product * mu_next))) / denom.add(
                 group_scalars.eps
             )
-            descend_cautiously(param, update, grad)
+            descend_cautiously(param, update, grad, shard_of(tensors, i))
         elif tensor_scalars:  # no host read; autograd sees the products
             denom = denom.add(group_scalars.eps)
             grad = grad * (-lr * (1.0 - mu) / (1.0 - mu_product))
@@ -193,7 +208,7 @@ def radam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         else:
             update = corrected * rule.lr
         if rule.cautious:
-            descend_cautiously(param, update, grad)
+            descend_cautiously(param, update, grad, shard_of(tensors, i))
         else:
             param.add_(update, alpha=-1.0)
 
@@ -224,7 +239,7 @@ def adopt(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         exp_avg.lerp_(normalized, group_scalars.one_minus_beta1(param))
         update = (exp_avg.clone() if rule.differentiable else exp_avg) * step.step_size
         if rule.cautious:
-            descend_cautiously(param, update, grad)
+            descend_cautiously(param, update, grad, shard_of(tensors, i))
         else:
             param.sub_(update)
         if isinstance(step.second_weight, Tensor):
@@ -248,20 +263,28 @@ def stable_adamw(
 
         exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
         _second_moment_update(exp_avg_sq, grad, group_scalars)
-        scale = update_clipping(grad, exp_avg_sq, step, group_scalars.eps)
+        scale = update_clipping(grad, exp_avg_sq, step, group_scalars.eps, shard_of(tensors, i))
         if decay_rate is not None:
             param.mul_(1 - scale * decay_rate)
         denom = adam_denominator(exp_avg_sq, step, group_scalars.eps)
-        _descend(param, exp_avg, denom, step.step_size * scale, grad, rule)
+        _descend(param, exp_avg, denom, step.step_size * scale, grad, rule, shard_of(tensors, i))
 
 
-def update_clipping(grad: Tensor, exp_avg_sq: Tensor, step: StepScalars, eps: float):
+def update_clipping(grad: Tensor, exp_avg_sq: Tensor, step: StepScalars, eps: float, shard=None):
     r""":math:`1 / \max(1, \mathrm{RMS})` of one tensor (1 for an empty one): a float read
-    from the device, or a 0-d tensor where the step scalars are tensors (no host read)."""
-    if grad.numel() == 0:
+    from the device, or a 0-d tensor where the step scalars are tensors (no host read).
+    ``shard``: the sharded param whose local shard this is (the mean is then over the
+    whole param: a collective), or ``None``."""
+    if grad.numel() == 0 and shard is None:
         return 1.0
     v_hat = (exp_avg_sq / step.bias_correction2).clamp_(min=eps * eps)
-    rms = (grad * grad / v_hat).mean().sqrt()
+    total = (grad * grad / v_hat).sum(dtype=torch.float64)  # (float64, as the fused kernels add)
+    if shard is None:
+        rms = (total / grad.numel()).sqrt()
+    else:
+        local = torch.stack([total, total.new_tensor(grad.numel())])
+        total, count = per_tensor_totals(local.reshape(1, 2), [shard])[0]
+        rms = (total / count.clamp(min=1.0)).sqrt()
     if isinstance(step.bias_correction2, Tensor):
         return 1.0 / rms.to(torch.float64).clamp(min=1.0)
     return 1.0 / max(1.0, rms.item())

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule
+from ..sharding import per_tensor_totals
 from ..specs import rounding
 from ..specs.quantization import SNAP_TO_TOP, QuantFormat
 from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_storage
@@ -50,12 +51,15 @@ from . import foreach, storage
 from .amp import unscaled
 from .host import (
     ALGORITHM_CODES,
+    CLIPPED,
     COLUMNS,
     STATE_COLUMNS,
     TENSOR_SCALARS,
     HostCounters,
     chunk_table,
+    clip_update_sizes,
     group_constants,
+    set_cautious_scales,
     state_keys,
     state_row,
     tensor_scalar_columns,
@@ -322,6 +326,35 @@ if triton is not None:
             return x / y
 
     @triton.jit
+    def _load_param(
+        param, compensation, offsets, mask, COMPUTE: tl.constexpr, KAHAN: tl.constexpr, MASTER: tl.constexpr
+    ):
+        """The weight theta: the param, or with its Kahan compensation, or the split
+        master weight (the bf16 param's bits over its 16 or 8 low bits)."""
+        if MASTER == 16:  # the fp32 master weight: the bf16 param's bits over the int16 low bits
+            low_bits = compensation.to(tl.pointer_type(tl.int16))
+            high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
+            p = ((high << 16) + tl.load(low_bits + offsets, mask=mask).to(tl.int32)).to(tl.float32, bitcast=True)
+        elif MASTER == 8:  # the 24-bit master: int8 low bits, shifted by 8
+            low_bytes = compensation.to(tl.pointer_type(tl.int8))
+            high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
+            rest = tl.load(low_bytes + offsets, mask=mask).to(tl.int32) << 8
+            p = ((high << 16) + rest).to(tl.float32, bitcast=True)
+        else:
+            p = tl.load(param + offsets, mask=mask).to(COMPUTE)
+        if KAHAN:
+            p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
+        return p
+
+    @triton.jit
+    def _direction(m, g, step_size, gradient_step_size, ALGORITHM: tl.constexpr):
+        """The sign-carrying part of the update (its numerator: m; NAdam's alpha m + gamma g)."""
+        if ALGORITHM == _NADAM:
+            return step_size * m + gradient_step_size * g
+        else:
+            return m
+
+    @triton.jit
     def _update_chunk(
         offsets,
         mask,
@@ -338,6 +371,7 @@ if triton is not None:
         QBLOCK: tl.constexpr,
         QBLOCK_SECOND: tl.constexpr,
         EXACT_SECOND: tl.constexpr,
+        CAUTIOUS: tl.constexpr,
     ):
         r"""One chunk's update, elements ``offsets`` where ``mask``:
 
@@ -349,7 +383,9 @@ if triton is not None:
         (AdaMax: :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`, :math:`\theta \leftarrow
         \theta - \alpha_t m / u`; NAdam, RAdam and ADOPT as :mod:`adamkit.kernels.host`
         writes them), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
-        weight decay, in ``COMPUTE`` precision with IEEE division and square root."""
+        weight decay, in ``COMPUTE`` precision with IEEE division and square root.
+        ``CAUTIOUS``: the update kept only where its direction agrees in sign with the
+        gradient, scaled by the tensor's n / (kept + 1)."""
         first, end = bounds
         param, grad, exp_avg, second, max_second, compensation, exp_avg_scales, second_scales, max_second_scales = (
             tensors
@@ -361,8 +397,9 @@ if triton is not None:
             adaptive,
             clip,
             second_weight,
-            gradient_factor,
             decay_factor,
+            cautious_scale,
+            gradient_factor,
             one_minus_beta1,
             beta2,
             one_minus_beta2,
@@ -378,27 +415,12 @@ if triton is not None:
         STATE_STORAGE: tl.constexpr = exp_avg.dtype.element_ty  # uint8 codes when quantized
         COMPUTE: tl.constexpr = step_size.dtype
         BLOCK: tl.constexpr = offsets.shape[0]
-        if MASTER == 16:  # the fp32 master weight: the bf16 param's bits over the int16 low bits
-            low_bits = compensation.to(tl.pointer_type(tl.int16))
-            high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
-            p = ((high << 16) + tl.load(low_bits + offsets, mask=mask).to(tl.int32)).to(tl.float32, bitcast=True)
-        elif MASTER == 8:  # the 24-bit master: int8 low bits, shifted by 8
-            low_bytes = compensation.to(tl.pointer_type(tl.int8))
-            high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
-            rest = tl.load(low_bytes + offsets, mask=mask).to(tl.int32) << 8
-            p = ((high << 16) + rest).to(tl.float32, bitcast=True)
-        else:
-            p = tl.load(param + offsets, mask=mask).to(COMPUTE)
-        if KAHAN:
-            p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
+        p = _load_param(param, compensation, offsets, mask, COMPUTE, KAHAN, MASTER)
         g = tl.load(grad + offsets, mask=mask).to(COMPUTE) * gradient_factor  # exact: +-1 or +-1/grad_scale
         if DECAY == _L2_DECAY:
             g = g + l2_weight_decay * p
-        if DECAY == _DECOUPLED_DECAY:
-            if ALGORITHM == _ADOPT:  # ADOPT's first step moves nothing, decay included
-                p = p * tl.where(adaptive != 0, decay_factor, 1.0)
-            else:
-                p = p * decay_factor
+        if DECAY == _DECOUPLED_DECAY:  # a per-tensor factor (ADOPT's first step: 1; StableAdamW: clipped)
+            p = p * decay_factor
         second_value = _load_moment(
             second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False
         )
@@ -483,17 +505,23 @@ if triton is not None:
             else:
                 denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
         if ALGORITHM == _NADAM:
-            p = p - _exact_div(step_size * m + gradient_step_size * g, denom)
+            update = _exact_div(step_size * m + gradient_step_size * g, denom)
         elif ALGORITHM == _ADOPT:
-            p = p - step_size * m
+            update = step_size * m
         else:
-            p = p - step_size * _exact_div(m, denom)
+            update = step_size * _exact_div(m, denom)
+        if CAUTIOUS:
+            agrees = _direction(m, g, step_size, gradient_step_size, ALGORITHM) * g > 0.0
+            update = tl.where(agrees, update * cautious_scale, 0.0)
+        p = p - update
         if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
+            low_bits = compensation.to(tl.pointer_type(tl.int16))
             bits = p.to(tl.int32, bitcast=True)
             high = (bits + 0x8000) >> 16
             tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
             tl.store(low_bits + offsets, (bits - (high << 16)).to(tl.int16), mask=mask)
         elif MASTER == 8:  # round to 16 significant bits stochastically, then split
+            low_bytes = compensation.to(tl.pointer_type(tl.int8))
             carry = (_random16(key_param, offsets + shift) >> 8).to(tl.int32)
             bits = tl.where(p != p, 0x7FC00000, (p.to(tl.int32, bitcast=True) + carry) & -256)
             high = (bits + 0x8000) >> 16
@@ -532,6 +560,7 @@ if triton is not None:
         QBLOCK_SECOND: tl.constexpr,
         EXACT_SECOND: tl.constexpr,
         ALIGNED: tl.constexpr,
+        CAUTIOUS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """One program per chunk: chunk row (tensor t, first, end), then tensor t's
@@ -591,13 +620,14 @@ if triton is not None:
                 tl.load(tensor_row + 3),  # adaptive (RAdam: rectified; ADOPT: not the first step)
                 tl.load(tensor_row + 4).to(COMPUTE),  # ADOPT's clipping value
                 tl.load(tensor_row + 5).to(COMPUTE),  # ADOPT's weight of g^2
+                tl.load(tensor_row + 6).to(COMPUTE),  # decoupled decay factor
+                tl.load(tensor_row + 8).to(COMPUTE),  # a cautious update's n / (kept + 1)
                 gradient_factor.to(COMPUTE),
-                tl.load(constants_ptr).to(COMPUTE),  # decay factor
-                tl.load(constants_ptr + 1).to(COMPUTE),  # 1 - beta1
-                tl.load(constants_ptr + 2).to(COMPUTE),  # beta2
-                tl.load(constants_ptr + 3).to(COMPUTE),  # 1 - beta2
-                tl.load(constants_ptr + 4).to(COMPUTE),  # eps
-                tl.load(constants_ptr + 5).to(COMPUTE),  # L2 weight decay
+                tl.load(constants_ptr).to(COMPUTE),  # 1 - beta1
+                tl.load(constants_ptr + 1).to(COMPUTE),  # beta2
+                tl.load(constants_ptr + 2).to(COMPUTE),  # 1 - beta2
+                tl.load(constants_ptr + 3).to(COMPUTE),  # eps
+                tl.load(constants_ptr + 4).to(COMPUTE),  # L2 weight decay
             ) + keys
             # a whole chunk is told to the compiler as such (an all-true mask: vector
             # loads and stores); only the tail of a tensor is masked element by element
@@ -621,6 +651,7 @@ if triton is not None:
                     QBLOCK,
                     QBLOCK_SECOND,
                     EXACT_SECOND,
+                    CAUTIOUS,
                 )
             else:
                 tail = offsets < end
@@ -640,7 +671,223 @@ if triton is not None:
                     QBLOCK,
                     QBLOCK_SECOND,
                     EXACT_SECOND,
+                    CAUTIOUS,
                 )
+
+    @triton.jit
+    def _clipping_sum(
+        grad,
+        second,
+        second_scales,
+        offsets,
+        mask,
+        constants,
+        STATE_STORAGE: tl.constexpr,
+        QUANT_BITS: tl.constexpr,
+        QBLOCK_SECOND: tl.constexpr,
+    ):
+        """The float64 sum of g^2 / max(v / (1 - beta2^t), eps^2) over elements
+        ``offsets`` where ``mask``, v the second moment the update is about to compute
+        (before any rounding)."""
+        gradient_factor, beta2, one_minus_beta2, eps_squared, bias_correction2 = constants
+        COMPUTE: tl.constexpr = beta2.dtype
+        g = tl.load(grad + offsets, mask=mask, other=0.0).to(COMPUTE) * gradient_factor
+        v = _load_moment(second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False)
+        v_hat = _exact_div(beta2 * v.to(COMPUTE) + one_minus_beta2 * g * g, bias_correction2)
+        term = _exact_div(g * g, tl.where(v_hat < eps_squared, eps_squared, v_hat))  # NaN stays NaN
+        return tl.sum(tl.where(mask, term, 0.0).to(tl.float64), axis=0)
+
+    @triton.jit
+    def _clipping_sums(
+        table_ptr,
+        chunk_ptr,
+        tensor_scalar_ptr,
+        grad_scale_ptr,
+        constants_ptr,
+        sums_ptr,
+        PARAM_STORAGE: tl.constexpr,
+        STATE_STORAGE: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        AMP: tl.constexpr,
+        QUANT_BITS: tl.constexpr,
+        QBLOCK_SECOND: tl.constexpr,
+        EXACT_SECOND: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """StableAdamW's clipping pass, one program per chunk: :func:`_clipping_sum` of
+        the chunk into ``sums_ptr`` (whole chunks with an all-true mask, as the update)."""
+        chunk = tl.program_id(0)
+        t = tl.load(chunk_ptr + 3 * chunk)
+        first = tl.multiple_of(tl.load(chunk_ptr + 3 * chunk + 1), BLOCK)
+        end = tl.load(chunk_ptr + 3 * chunk + 2)
+        gradient_factor = 1.0
+        if AMP:  # fp32(1 / s), as the update forms it
+            gradient_factor = tl.math.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
+        row = table_ptr + _ROW_LENGTH * t
+        grad = tl.load(row + 1).to(tl.pointer_type(PARAM_STORAGE))
+        second = tl.load(row + 3).to(tl.pointer_type(STATE_STORAGE))
+        if ALIGNED:
+            grad = tl.multiple_of(grad, 16)
+            second = tl.multiple_of(second, 16)
+        if EXACT_SECOND:
+            second_scales = tl.load(row + 7).to(tl.pointer_type(tl.float32))
+        else:
+            second_scales = tl.load(row + 7).to(tl.pointer_type(tl.bfloat16))
+        eps = tl.load(constants_ptr + 3)
+        constants = (
+            gradient_factor.to(COMPUTE),
+            tl.load(constants_ptr + 1).to(COMPUTE),  # beta2
+            tl.load(constants_ptr + 2).to(COMPUTE),  # 1 - beta2
+            (eps * eps).to(COMPUTE),
+            tl.load(tensor_scalar_ptr + _TENSOR_SCALAR_COUNT * t + 7).to(COMPUTE),  # 1 - beta2^t
+        )
+        offsets = first + tl.arange(0, BLOCK)
+        if end - first == BLOCK:
+            whole = tl.full([BLOCK], True, tl.int1)
+            total = _clipping_sum(
+                grad, second, second_scales, offsets, whole, constants, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND
+            )
+        else:
+            tail = offsets < end
+            total = _clipping_sum(
+                grad, second, second_scales, offsets, tail, constants, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND
+            )
+        tl.store(sums_ptr + chunk, total)
+
+    @triton.jit
+    def _agreement_count(
+        tensors,
+        offsets,
+        mask,
+        scalars,
+        ALGORITHM: tl.constexpr,
+        DECAY: tl.constexpr,
+        KAHAN: tl.constexpr,
+        MASTER: tl.constexpr,
+        STATE_STORAGE: tl.constexpr,
+        QUANT_BITS: tl.constexpr,
+        QBLOCK: tl.constexpr,
+        QBLOCK_SECOND: tl.constexpr,
+    ):
+        """How many elements ``offsets`` where ``mask`` have an update direction that
+        agrees in sign with the gradient, computed as :func:`_update_chunk` computes
+        them (m's new value before any rounding; ADOPT's from the previous v)."""
+        param, grad, exp_avg, second, compensation, exp_avg_scales, second_scales = tensors
+        step_size, gradient_step_size, clip, gradient_factor, one_minus_beta1, eps, l2_weight_decay = scalars
+        COMPUTE: tl.constexpr = step_size.dtype
+        g = tl.load(grad + offsets, mask=mask, other=0.0).to(COMPUTE) * gradient_factor
+        if DECAY == _L2_DECAY:
+            g = g + l2_weight_decay * _load_param(param, compensation, offsets, mask, COMPUTE, KAHAN, MASTER)
+        m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True).to(COMPUTE)
+        if ALGORITHM == _ADOPT:
+            v = _load_moment(second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False)
+            root = _exact_sqrt(v.to(COMPUTE))
+            target = _exact_div(g, tl.where(root < eps, eps, root))
+            target = tl.where(target > clip, clip, tl.where(target < -clip, -clip, target))
+            m = m + one_minus_beta1 * (target - m)
+        else:
+            m = m + one_minus_beta1 * (g - m)
+        agrees = (_direction(m, g, step_size, gradient_step_size, ALGORITHM) * g > 0.0) & mask
+        return tl.sum(agrees.to(tl.int32), axis=0).to(tl.float64)
+
+    @triton.jit
+    def _agreement_counts(
+        table_ptr,
+        chunk_ptr,
+        tensor_scalar_ptr,
+        grad_scale_ptr,
+        constants_ptr,
+        sums_ptr,
+        PARAM_STORAGE: tl.constexpr,
+        STATE_STORAGE: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        ALGORITHM: tl.constexpr,
+        MAXIMIZE: tl.constexpr,
+        DECAY: tl.constexpr,
+        AMP: tl.constexpr,
+        KAHAN: tl.constexpr,
+        MASTER: tl.constexpr,
+        QUANT_BITS: tl.constexpr,
+        QBLOCK: tl.constexpr,
+        QBLOCK_SECOND: tl.constexpr,
+        EXACT_SECOND: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """The cautious pass, one program per chunk: :func:`_agreement_count` of the
+        chunk into ``sums_ptr`` (whole chunks with an all-true mask, as the update)."""
+        chunk = tl.program_id(0)
+        t = tl.load(chunk_ptr + 3 * chunk)
+        first = tl.multiple_of(tl.load(chunk_ptr + 3 * chunk + 1), BLOCK)
+        end = tl.load(chunk_ptr + 3 * chunk + 2)
+        gradient_factor = 1.0
+        if AMP:  # fp32(1 / s), as the update forms it
+            gradient_factor = tl.math.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
+        if MAXIMIZE:
+            gradient_factor = -gradient_factor
+        row = table_ptr + _ROW_LENGTH * t
+        param = tl.load(row).to(tl.pointer_type(PARAM_STORAGE))
+        grad = tl.load(row + 1).to(tl.pointer_type(PARAM_STORAGE))
+        exp_avg = tl.load(row + 2).to(tl.pointer_type(STATE_STORAGE))
+        second = tl.load(row + 3).to(tl.pointer_type(STATE_STORAGE))
+        compensation = tl.load(row + 5).to(tl.pointer_type(PARAM_STORAGE))
+        if ALIGNED:
+            param = tl.multiple_of(param, 16)
+            grad = tl.multiple_of(grad, 16)
+            exp_avg = tl.multiple_of(exp_avg, 16)
+            second = tl.multiple_of(second, 16)
+            compensation = tl.multiple_of(compensation, 16)
+        exp_avg_scales = tl.load(row + 6).to(tl.pointer_type(tl.bfloat16))
+        if EXACT_SECOND:
+            second_scales = tl.load(row + 7).to(tl.pointer_type(tl.float32))
+        else:
+            second_scales = tl.load(row + 7).to(tl.pointer_type(tl.bfloat16))
+        tensors = (param, grad, exp_avg, second, compensation, exp_avg_scales, second_scales)
+        tensor_row = tensor_scalar_ptr + _TENSOR_SCALAR_COUNT * t
+        scalars = (
+            tl.load(tensor_row).to(COMPUTE),  # step size
+            tl.load(tensor_row + 2).to(COMPUTE),  # NAdam's gradient step size
+            tl.load(tensor_row + 4).to(COMPUTE),  # ADOPT's clipping value
+            gradient_factor.to(COMPUTE),
+            tl.load(constants_ptr).to(COMPUTE),  # 1 - beta1
+            tl.load(constants_ptr + 3).to(COMPUTE),  # eps
+            tl.load(constants_ptr + 4).to(COMPUTE),  # L2 weight decay
+        )
+        offsets = first + tl.arange(0, BLOCK)
+        if end - first == BLOCK:
+            whole = tl.full([BLOCK], True, tl.int1)
+            total = _agreement_count(
+                tensors,
+                offsets,
+                whole,
+                scalars,
+                ALGORITHM,
+                DECAY,
+                KAHAN,
+                MASTER,
+                STATE_STORAGE,
+                QUANT_BITS,
+                QBLOCK,
+                QBLOCK_SECOND,
+            )
+        else:
+            tail = offsets < end
+            total = _agreement_count(
+                tensors,
+                offsets,
+                tail,
+                scalars,
+                ALGORITHM,
+                DECAY,
+                KAHAN,
+                MASTER,
+                STATE_STORAGE,
+                QUANT_BITS,
+                QBLOCK,
+                QBLOCK_SECOND,
+            )
+        tl.store(sums_ptr + chunk, total)
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -679,7 +926,10 @@ class _Bucket:
         ]
         self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), STATE_COLUMNS)
         self.block, self.num_warps = (QUANTIZED_BLOCK, QUANTIZED_NUM_WARPS) if self.quantized else (BLOCK, NUM_WARPS)
-        self.chunks = torch.from_numpy(chunk_table([p.numel() for p in params], self.block)).to(self.device)
+        chunks = chunk_table([p.numel() for p in params], self.block)
+        self.chunks = torch.from_numpy(chunks).to(self.device)
+        reduced = rule.algorithm in CLIPPED or rule.cautious  # a per-tensor reduction before the update
+        self.totals = _ChunkTotals(chunks, [p.numel() for p in params], self.device) if reduced else None
         self.products = [s[MU_PRODUCT_KEY] for s in states] if rule.algorithm == "nadam" else []
         on_host = self.steps[0].device.type == "cpu" and not rule.capturable
         self.counters = HostCounters(states, rule.algorithm) if on_host else None
@@ -742,12 +992,32 @@ class _Bucket:
         return torch.cat([storage.mix32(device_keys ^ steps), device_shifts], dim=1)
 
 
+class _ChunkTotals:
+    """Each tensor's sum of its chunks' sums (StableAdamW's clipping sums, cautious
+    counts), in a fixed order (so on every run the same bits): the chunk sums are laid
+    out as a [tensors, most chunks] matrix whose rows are summed."""
+
+    def __init__(self, chunks: np.ndarray, numels: list[int], device: torch.device):
+        tensors = chunks[:, 0]
+        count, self.tensors = len(numels), len(numels)
+        first_chunk = np.searchsorted(tensors, np.arange(count))
+        self.width = max(1, int(np.bincount(tensors, minlength=count).max(initial=0)))
+        positions = tensors * self.width + (np.arange(len(chunks)) - first_chunk[tensors])
+        self.positions = torch.from_numpy(positions).to(device)
+        self.numels = torch.tensor(numels, dtype=torch.float64, device=device)
+
+    def per_tensor(self, chunk_sums: torch.Tensor) -> torch.Tensor:
+        padded = chunk_sums.new_zeros(self.tensors * self.width)
+        padded[self.positions] = chunk_sums
+        return padded.view(self.tensors, self.width).sum(dim=1)
+
+
 class _NeedsStaging(Exception):
     """A non-contiguous param, gradient or state: this group goes through foreach ops."""
 
 
 def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
-    key = (batch.key, rule.algorithm, rule.amsgrad)
+    key = (batch.key, rule.algorithm, rule.amsgrad, rule.cautious)
     cached = batch.cache.get("triton")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -767,7 +1037,7 @@ def _device_array(value, length: int, device: torch.device) -> torch.Tensor:
     return value.to(device, torch.float64).expand(length).contiguous()
 
 
-def _tensor_scalars(bucket: _Bucket, rule: UpdateRule, found_inf) -> tuple[torch.Tensor, object]:
+def _tensor_scalars(bucket: _Bucket, rule: UpdateRule, decay_factor, found_inf) -> tuple[torch.Tensor, object]:
     """Advance the bucket's step counters (and NAdam's products); the tensors'
     :data:`host.TENSOR_SCALARS` as a float64 device array, and the step counts (host
     array, or the device tensors).  Counters on the device (capturable or fused, as
@@ -775,7 +1045,7 @@ def _tensor_scalars(bucket: _Bucket, rule: UpdateRule, found_inf) -> tuple[torch
     the products as they are; the step counts are rolled back after the launch);
     counters on the host are advanced in one compiled pass."""
     if bucket.counters is not None:
-        counts, table = bucket.counters.advance(rule)
+        counts, table = bucket.counters.advance(rule, decay_factor)
         return torch.from_numpy(table).to(bucket.device, non_blocking=True), counts
     torch._foreach_add_(bucket.steps, 1)
     count = len(bucket.steps)
@@ -786,7 +1056,7 @@ def _tensor_scalars(bucket: _Bucket, rule: UpdateRule, found_inf) -> tuple[torch
         factors = factors.to(bucket.products[0].dtype)
         torch._foreach_mul_(bucket.products, list(factors.to(bucket.products[0].device).unbind()))
         products = torch.stack(bucket.products).to(bucket.device, torch.float64)
-    columns = tensor_scalar_columns(rule.algorithm, rule.lr, scalars, products, torch.where)
+    columns = tensor_scalar_columns(rule.algorithm, rule.lr, scalars, products, decay_factor, torch.where)
     return torch.stack([_device_array(c, count, bucket.device) for c in columns], dim=1), bucket.steps
 
 
@@ -801,6 +1071,80 @@ def _group_constants(bucket: _Bucket, group_scalars: GroupScalars) -> torch.Tens
     if bucket.constants is None or bucket.constants[0] != values:
         bucket.constants = (values, torch.tensor(values, dtype=torch.float64).to(bucket.device, non_blocking=True))
     return bucket.constants[1]
+
+
+def _clip_update_sizes(bucket: _Bucket, table, tensor_scalars, grad_scale, constants, rule: UpdateRule, shards) -> None:
+    """StableAdamW: the clipping pass over every chunk, then each tensor's step size and
+    decay factor scaled on the device (:func:`adamkit.kernels.host.clip_update_sizes`)."""
+    sums = torch.empty(bucket.chunks.shape[0], dtype=torch.float64, device=bucket.device)
+    _clipping_sums[(bucket.chunks.shape[0],)](
+        table,
+        bucket.chunks,
+        tensor_scalars,
+        table if grad_scale is None else grad_scale,  # any pointer: read only under AMP
+        constants,
+        sums,
+        PARAM_STORAGE=_triton_dtype(bucket.param_dtype),
+        STATE_STORAGE=_triton_dtype(bucket.state_storage),
+        COMPUTE=tl.float64 if bucket.param_dtype == torch.float64 else tl.float32,
+        AMP=grad_scale is not None,
+        QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
+        QBLOCK_SECOND=bucket.quantized.block_of(False) if bucket.quantized else 1,
+        EXACT_SECOND=bool(bucket.quantized and bucket.quantized.exact_scales(False)),
+        ALIGNED=bucket.aligned,
+        BLOCK=bucket.block,
+        num_warps=bucket.num_warps,
+        **COMPILE_OPTIONS,
+    )
+    rate = rule.decay_rate()
+    if isinstance(rate, torch.Tensor):
+        rate = rate.to(bucket.device, torch.float64)
+    totals = _totals(bucket, sums, shards)
+    clip_update_sizes(tensor_scalars, totals[:, 0], totals[:, 1].clamp(min=1.0), rate)
+
+
+def _totals(bucket: _Bucket, chunk_sums: torch.Tensor, shards) -> torch.Tensor:
+    """Chunk sums added up per tensor, next to each tensor's size: float64[T, 2] on the
+    device, over the ranks that hold a sharded param's other shards."""
+    totals = torch.stack([bucket.totals.per_tensor(chunk_sums), bucket.totals.numels], dim=1)
+    if shards is not None:  # the whole params' sums and sizes
+        totals = per_tensor_totals(totals, [shards[i] for i in bucket.members])
+    return totals
+
+
+def _set_cautious_scales(
+    bucket: _Bucket, table, tensor_scalars, grad_scale, constants, rule: UpdateRule, shards
+) -> None:
+    """Cautious updates: the agreement pass over every chunk, then each tensor's
+    n / (kept + 1) on the device (:func:`adamkit.kernels.host.set_cautious_scales`)."""
+    counts = torch.empty(bucket.chunks.shape[0], dtype=torch.float64, device=bucket.device)
+    _agreement_counts[(bucket.chunks.shape[0],)](
+        table,
+        bucket.chunks,
+        tensor_scalars,
+        table if grad_scale is None else grad_scale,  # any pointer: read only under AMP
+        constants,
+        counts,
+        PARAM_STORAGE=_triton_dtype(bucket.param_dtype),
+        STATE_STORAGE=_triton_dtype(bucket.state_storage),
+        COMPUTE=tl.float64 if bucket.param_dtype == torch.float64 else tl.float32,
+        ALGORITHM=ALGORITHM_CODES[rule.algorithm],
+        MAXIMIZE=rule.maximize,
+        DECAY=rule.group_scalars().decay_kind,
+        AMP=grad_scale is not None,
+        KAHAN=bucket.mode == "kahan",
+        MASTER={"master": 16, "master24": 8}.get(bucket.mode, 0),
+        QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
+        QBLOCK=bucket.quantized.block if bucket.quantized else 1,
+        QBLOCK_SECOND=bucket.quantized.block_of(False) if bucket.quantized else 1,
+        EXACT_SECOND=bool(bucket.quantized and bucket.quantized.exact_scales(False)),
+        ALIGNED=bucket.aligned,
+        BLOCK=bucket.block,
+        num_warps=bucket.num_warps,
+        **COMPILE_OPTIONS,
+    )
+    totals = _totals(bucket, counts, shards)
+    set_cautious_scales(tensor_scalars, totals[:, 0], totals[:, 1])
 
 
 _foreach_step = list_kernel(foreach.ALGORITHMS)
@@ -834,10 +1178,19 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     if amp and found_inf is not None and any(b.counters is not None for b in buckets) and found_inf.item():
         return
     for bucket, table in zip(buckets, tables):
-        tensor_scalars, counts = _tensor_scalars(bucket, rule, found_inf if amp else None)
+        tensor_scalars, counts = _tensor_scalars(bucket, rule, group_scalars.decay_factor, found_inf if amp else None)
         keys = bucket.step_keys(rule, batch, counts)
         unused = table  # any pointer: read only when AMP is on
         grid = (bucket.chunks.shape[0],)
+        constants = _group_constants(bucket, group_scalars)
+        if rule.algorithm in CLIPPED:
+            _clip_update_sizes(
+                bucket, table, tensor_scalars, grad_scale if amp else None, constants, rule, batch.shards
+            )
+        if rule.cautious:
+            _set_cautious_scales(
+                bucket, table, tensor_scalars, grad_scale if amp else None, constants, rule, batch.shards
+            )
         _fused_step[grid](
             table,
             bucket.chunks,
@@ -845,7 +1198,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             grad_scale if amp else unused,
             bucket.no_inf if found_inf is None else found_inf,
             table if keys is None else keys,
-            _group_constants(bucket, group_scalars),
+            constants,
             PARAM_STORAGE=_triton_dtype(bucket.param_dtype),
             STATE_STORAGE=_triton_dtype(bucket.state_storage),
             COMPUTE=tl.float64 if bucket.param_dtype == torch.float64 else tl.float32,
@@ -863,6 +1216,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             QBLOCK_SECOND=bucket.quantized.block_of(False) if bucket.quantized else 1,
             EXACT_SECOND=bool(bucket.quantized and bucket.quantized.exact_scales(False)),
             ALIGNED=bucket.aligned,
+            CAUTIOUS=rule.cautious,
             BLOCK=bucket.block,
             num_warps=bucket.num_warps,
             **COMPILE_OPTIONS,

@@ -38,6 +38,10 @@ class GroupBatch:
     #: shard's offset, so that its random bits are those of the unsharded param
     #: (``None``: every param is whole)
     element_offsets: list[int] | None = None
+    #: the params as the optimizer holds them (DTensors) where the kernel steps their
+    #: local shards, for per-tensor reductions (:func:`adamkit.sharding.per_tensor_totals`);
+    #: ``None`` when nothing is sharded
+    shards: list | None = None
 
     @cached_property
     def states(self) -> list[dict]:
@@ -59,6 +63,8 @@ class GroupTensors:
     exp_avg_sqs: list[Tensor]
     max_exp_avg_sqs: list[Tensor] = field(default_factory=list)
     mu_products: list[Tensor] = field(default_factory=list)
+    #: :attr:`GroupBatch.shards`, for per-tensor reductions over a sharded param
+    shards: list | None = None
 
 
 StepFn = Callable[[GroupBatch, UpdateRule], None]
