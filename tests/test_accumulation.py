@@ -76,17 +76,42 @@ def test_matches_the_numpy_reference_and_moves_weights_only_on_the_last_micro_ba
         assert opt.state[p]["step"].item() == CYCLES and opt.state[p]["accumulated"] == 0
 
 
-@pytest.mark.parametrize("cls", [adamkit.Adam, adamkit.AdaMax])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_radam_accumulates_as_the_reference_before_and_after_rectification(backend):
+    """RAdam folds the micro-batches like Adam and takes its own update from the folded
+    moments: momentum SGD for five updates, rectified from the sixth (beta2 = 0.999)."""
+    params = starting_params()
+    start = [p.detach().double().numpy() for p in params]
+    opt = adamkit.RAdam(
+        params, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, backend=backend, accumulation_steps=N
+    )
+    cycles = micro_batches(seed=3, cycles=8)
+    run(opt, params, cycles)
+    hp = reference.Hyperparameters(lr=0.01, weight_decay=0.1, weight_decay_mode="decoupled")
+    states = [reference.ReferenceState() for _ in start]
+    thetas = start
+    for cycle in cycles:
+        thetas = [
+            reference.accumulated_step(theta, [batch[i].double().numpy() for batch in cycle], states[i], hp, "radam")
+            for i, theta in enumerate(thetas)
+        ]
+    for p, theta in zip(params, thetas):
+        np.testing.assert_allclose(p.detach().double().numpy(), theta, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [adamkit.Adam, adamkit.AdaMax, adamkit.RAdam])
 def test_equal_micro_batches_give_the_plain_step(cls):
     """N copies of the same gradient: exactly one step of torch.optim's optimizer (up
-    to the rounding of summing N terms)."""
-    torch_cls = torch.optim.Adam if cls is adamkit.Adam else torch.optim.Adamax
+    to the rounding of summing N terms), for seven updates (RAdam's rectified from the sixth)."""
+    torch_cls = {adamkit.Adam: torch.optim.Adam, adamkit.AdaMax: torch.optim.Adamax, adamkit.RAdam: torch.optim.RAdam}[
+        cls
+    ]
     params = starting_params()
     plain = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = cls(params, lr=0.05, accumulation_steps=N)
     torch_opt = torch_cls(plain, lr=0.05)
     g = torch.Generator().manual_seed(3)
-    for _ in range(CYCLES):
+    for _ in range(7):
         grads = [torch.randn(p.shape, generator=g) for p in params]
         run(opt, params, [[grads] * N])
         for q, grad in zip(plain, grads):

@@ -12,7 +12,7 @@ from matrix import FAMILY
 from adamkit import reference
 from adamkit.kernels import KERNELS
 
-BACKENDS = [name for name, kernel in KERNELS.items() if kernel.cautious and kernel.supports(torch.device("cpu"))]
+BACKENDS = [name for name, kernel in KERNELS.items() if kernel.supports(torch.device("cpu"))]
 STEPS = 25
 
 
@@ -79,7 +79,7 @@ def test_every_backend_runs_it_but_not_with_accumulation():
     p = torch.nn.Parameter(torch.randn(8))
     p.grad = torch.randn(8)
     fused = "cpu" if KERNELS["cpu"].available() else "foreach"
-    assert default_backend({p.device}, differentiable=False, cautious=True) == fused
+    assert default_backend({p.device}, differentiable=False) == fused
     for options in ({}, {"fused": True}):
         before = p.detach().clone()
         adamkit.AdamW([p], cautious=True, **options).step()

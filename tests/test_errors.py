@@ -220,13 +220,25 @@ def test_decay_factor_that_would_flip_sign_is_rejected():
     "cls,kwargs,error,words",
     [
         (adamkit.NAdam, {"momentum_decay": math.inf}, ValueError, ["momentum_decay", "inf", "finite"]),
-        (adamkit.NAdam, {"accumulation_steps": 2}, ValueError, ["accumulation_steps=2", "NAdam", "not run"]),
+        (
+            adamkit.NAdam,
+            {"accumulation_steps": 2},
+            ValueError,
+            ["accumulation_steps=2", "NAdam", "accumulate gradients"],
+        ),
+        (
+            adamkit.StableAdamW,
+            {"accumulation_steps": 3},
+            ValueError,
+            ["accumulation_steps=3", "StableAdamW", "own gradient"],
+        ),
         (adamkit.RAdam, {"diagnostics": True}, ValueError, ["diagnostics=True", "RAdam", "not run"]),
         (adamkit.ADOPT, {"clip_exponent": -0.25}, ValueError, ["clip_exponent", "-0.25", ">= 0", "None"]),
         (adamkit.ADOPT, {"clip_exponent": math.nan}, ValueError, ["clip_exponent", "nan", "finite"]),
         (adamkit.ADOPT, {"clip_exponent": "quarter"}, TypeError, ["clip_exponent", "'quarter'"]),
         (adamkit.ADOPT, {"amsgrad": True}, TypeError, ["amsgrad"]),
         (adamkit.ADOPT, {"accumulation_steps": 2}, ValueError, ["accumulation_steps=2", "ADOPT", "not run"]),
+        (adamkit.StableAdamW, {"diagnostics": True}, ValueError, ["diagnostics=True", "StableAdamW", "option yet"]),
     ],
     ids=str,
 )

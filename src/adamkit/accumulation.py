@@ -12,7 +12,8 @@ of its own micro-batch's mean loss; maximize and L2 decay applied as usual):
     v_t &= \beta_2 v_{t-1} + (1 - \beta_2) \tfrac{1}{N} \textstyle\sum_k g_k^2
         \qquad \text{(AdaMax: } u_t = \max(\beta_2 u_{t-1}, \max_k |g_k| + \epsilon)) \\
     \theta_t &= \theta_{t-1} - \eta\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)
-        \quad \text{(decoupled decay, AMSGrad and bias corrections as in a normal step)}
+        \quad \text{(decoupled decay, AMSGrad and bias corrections as in a normal step;
+        RAdam: its rectified update)}
 
 Against gradient accumulation (``N`` backward passes into ``.grad``, one step with
 :math:`G = \frac1N \sum_k g_k`): :math:`m_t` is the same; :math:`v_t` holds the mean of
@@ -29,6 +30,12 @@ its ``step`` counts updates.  Before its last micro-batch a param's weights are 
 written.  The fold runs on torch ops (every device, dtype and ``state_precision``:
 moments stored in bf16 or int8/int4 are rounded after every micro-batch); the fused
 kernels are not used for these groups.
+
+Adam, AdaMax and RAdam accumulate.  NAdam, ADOPT and StableAdamW do not: each needs
+this step's gradient beside the folded moments (NAdam's update has a g term, ADOPT
+normalizes g by the *previous* v while v is being folded, StableAdamW's clipping reads
+g^2 against the new v), so accumulating them would keep a gradient-sized buffer
+between micro-batches, which is what gradient accumulation already does.
 """
 
 from __future__ import annotations
@@ -78,6 +85,9 @@ def _update(
     step_t += 1
     scalars = rule.step_scalars(step_t.to(torch.float64) if rule.capturable else step_t.item())
     single_tensor.decay_param(param, group_scalars)
+    if rule.algorithm == "radam":
+        as_real(param).sub_(single_tensor.radam_update(moments[0], moments[1], scalars, rule, group_scalars.eps))
+        return
     if rule.algorithm == "adamax":
         single_tensor.apply_update(as_real(param), moments[0], moments[1], scalars.step_size)
         return

@@ -431,13 +431,12 @@ class RAdam(_AdamFamily):
 
     with :math:`\rho_t` and :math:`r_t` as in :mod:`adamkit.specs.reference`.  Args are
     those of ``torch.optim.RAdam`` (same defaults and meaning) plus those described in
-    :mod:`adamkit.options` (except ``accumulation_steps`` and ``diagnostics``, which
-    RAdam does not run yet).
+    :mod:`adamkit.options` (except ``diagnostics``, which RAdam does not run yet).
     """
 
     algorithm = "radam"
     sparse_gradient_message = "RAdam does not support sparse gradients"
-    unavailable_options = ("accumulation_steps", "diagnostics")
+    unavailable_options = ("diagnostics",)
 
     def __init__(
         self,

@@ -237,13 +237,21 @@ def check_options(values: Mapping[str, Any], *, differentiable: bool, where: str
             raise ValueError(f"{name}={value!r} does not support differentiable=True{where} ({instead})")
 
 
+#: why a class that refuses an option refuses it, where it is more than "not yet"
+_WHY_NOT = {
+    "accumulation_steps": "its update needs each step's own gradient beside the folded moments, which optimizer "
+    "accumulation does not keep; accumulate gradients instead (N backward passes, then one step)",
+}
+
+
 def check_available(values: Mapping[str, Any], unavailable: tuple[str, ...], optimizer: str, where: str = "") -> None:
-    """Raise ``ValueError`` where an option ``optimizer`` does not run yet is set."""
+    """Raise ``ValueError`` where an option ``optimizer`` does not run is set."""
     for name in unavailable:
         value = values.get(name, DEFAULTS[name])
         if value != DEFAULTS[name]:
+            why = f" ({_WHY_NOT[name]})" if name in _WHY_NOT else " yet"
             raise ValueError(
-                f"{name}={value!r}{where}: {optimizer} does not run this option yet (leave it at {DEFAULTS[name]!r})"
+                f"{name}={value!r}{where}: {optimizer} does not run this option{why}; leave it at {DEFAULTS[name]!r}"
             )
 
 

@@ -93,7 +93,7 @@ def backend_name(group: dict, devices: set[torch.device], algorithm: str = "adam
     if group["backend"] is not None:
         return group["backend"]
     if group.get("fused"):
-        return kernels.fused_backend(devices, algorithm, bool(group.get("cautious")))
+        return kernels.fused_backend(devices, algorithm)
     if group.get("foreach"):
         return "foreach"
     if group.get("foreach") is False:
@@ -159,9 +159,7 @@ class Stepper:
         devices = cache["devices"]
         algorithm = self.optimizer.algorithm
         name = backend_name(group, devices, algorithm)
-        kernel = kernels.resolve(
-            name, devices, differentiable=differentiable, algorithm=algorithm, cautious=group["cautious"]
-        )
+        kernel = kernels.resolve(name, devices, differentiable=differentiable, algorithm=algorithm)
         if group["accumulation_steps"] > 1:
             kernel = accumulation.KERNEL
         return GroupPlan(group, params, grads, kernel)

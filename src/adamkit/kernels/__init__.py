@@ -45,8 +45,6 @@ class Kernel:
     available: Callable[[], bool] = lambda: True
     #: the algorithms it runs
     algorithms: frozenset[str] = frozenset(single_tensor.ALGORITHMS)
-    #: runs ``cautious=True`` (each tensor's update masked by a reduction of its own)
-    cautious: bool = True
 
     def supports(self, device: torch.device) -> bool:
         return self.device_types is None or device.type in self.device_types
@@ -94,24 +92,22 @@ def _fallback(wanted: str, instead: str) -> str:
     return instead
 
 
-def fused_backend(devices: set[torch.device], algorithm: str = "adam", cautious: bool = False) -> str:
+def fused_backend(devices: set[torch.device], algorithm: str = "adam") -> str:
     """The fused kernel for these devices (``fused=True``), or foreach where there is
-    none (or it does not run ``algorithm``, or ``cautious`` updates)."""
+    none (or it does not run ``algorithm``)."""
     types = {d.type for d in devices}
     name = FUSED.get(types.pop()) if len(types) == 1 else None
-    if name is None or algorithm not in KERNELS[name].algorithms or (cautious and not KERNELS[name].cautious):
+    if name is None or algorithm not in KERNELS[name].algorithms:
         return "foreach"
     return name if KERNELS[name].available() else _fallback(name, "foreach")
 
 
-def default_backend(
-    devices: set[torch.device], *, differentiable: bool, algorithm: str = "adam", cautious: bool = False
-) -> str:
+def default_backend(devices: set[torch.device], *, differentiable: bool, algorithm: str = "adam") -> str:
     """The backend used when a group says ``backend=None``: autograd needs the single-tensor
     path; otherwise the device's fused kernel, else multi-tensor foreach ops."""
     if differentiable:
         return "single_tensor"
-    return fused_backend(devices, algorithm, cautious)
+    return fused_backend(devices, algorithm)
 
 
 def resolve(
@@ -120,21 +116,16 @@ def resolve(
     *,
     differentiable: bool,
     algorithm: str = "adam",
-    cautious: bool = False,
 ) -> Kernel:
-    """The kernel for a group of ``algorithm`` (with ``cautious`` updates or not) whose
-    params live on ``devices``.
+    """The kernel for a group of ``algorithm`` whose params live on ``devices``.
 
     Raises ``ValueError`` naming the backend when it cannot run this group.
     """
-    name = backend or default_backend(devices, differentiable=differentiable, algorithm=algorithm, cautious=cautious)
+    name = backend or default_backend(devices, differentiable=differentiable, algorithm=algorithm)
     kernel = KERNELS[name]
     if algorithm not in kernel.algorithms:
         runs = ", ".join(repr(n) for n, k in KERNELS.items() if algorithm in k.algorithms)
         raise ValueError(f"backend={name!r} does not run {algorithm} (backends that do: {runs}, or None)")
-    if cautious and not kernel.cautious:
-        runs = ", ".join(repr(n) for n, k in KERNELS.items() if k.cautious)
-        raise ValueError(f"backend={name!r} does not run cautious=True (backends that do: {runs}, or None)")
     if differentiable and not kernel.differentiable:
         raise ValueError(f"backend={name!r} does not support differentiable=True (use backend='single_tensor' or None)")
     if not kernel.available():

@@ -198,19 +198,23 @@ def radam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
 
         exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
         _second_moment_update(exp_avg_sq, grad, group_scalars)
-        corrected = exp_avg / step.bias_correction1
-        if step.rectified is not None:  # capturable: both branches, picked on the device
-            adaptive = step.rectification * _radam_adaptive_lr(exp_avg_sq, step, group_scalars.eps, rule)
-            update = corrected * rule.lr * torch.where(step.rectified, adaptive, 1.0)
-        elif step.rectification is not None:
-            adaptive = _radam_adaptive_lr(exp_avg_sq, step, group_scalars.eps, rule)
-            update = corrected * rule.lr * adaptive * step.rectification
-        else:
-            update = corrected * rule.lr
+        update = radam_update(exp_avg, exp_avg_sq, step, rule, group_scalars.eps)
         if rule.cautious:
             descend_cautiously(param, update, grad, shard_of(tensors, i))
         else:
             param.add_(update, alpha=-1.0)
+
+
+def radam_update(exp_avg: Tensor, exp_avg_sq: Tensor, step: StepScalars, rule: UpdateRule, eps: float) -> Tensor:
+    """RAdam's update from the new moments: the bias-corrected m times lr, times the
+    rectification and sqrt(1 - beta2^t) / (sqrt(v) + eps) once rho_t > 5."""
+    corrected = exp_avg / step.bias_correction1
+    if step.rectified is not None:  # capturable: both branches, picked on the device
+        adaptive = step.rectification * _radam_adaptive_lr(exp_avg_sq, step, eps, rule)
+        return corrected * rule.lr * torch.where(step.rectified, adaptive, 1.0)
+    if step.rectification is not None:
+        return corrected * rule.lr * _radam_adaptive_lr(exp_avg_sq, step, eps, rule) * step.rectification
+    return corrected * rule.lr
 
 
 def _radam_adaptive_lr(exp_avg_sq: Tensor, step: StepScalars, eps: float, rule: UpdateRule) -> Tensor:

@@ -246,7 +246,8 @@ def accumulated_step(
     :math:`m_t = \beta_1 m_{t-1} + (1-\beta_1)\,\mathrm{mean}_k\, g_k`,
     :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2)\,\mathrm{mean}_k\, g_k^2`
     (AdaMax: :math:`u_t = \max(\beta_2 u_{t-1}, \max_k |g_k| + \epsilon)`), then the
-    update of Algorithm 1 (2) with the same options."""
+    update of Algorithm 1 (2) with the same options (``algorithm`` "adam", "adamax" or
+    "radam": RAdam's rectified update from those moments)."""
     like = theta
     theta = _as_real(theta)
     decayed, grads = theta, []
@@ -256,6 +257,9 @@ def accumulated_step(
     g = np.stack(grads)
     t = _begin_step(state, theta, amsgrad=hp.amsgrad)
     state.exp_avg = hp.beta1 * state.exp_avg + (1.0 - hp.beta1) * g.mean(axis=0)
+    if algorithm == "radam":
+        state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * (g * g).mean(axis=0)
+        return _from_real(_radam_descent(decayed, g.mean(axis=0), state, hp, t), like)
     if algorithm == "adamax":
         state.exp_avg_sq = np.maximum(hp.beta2 * state.exp_avg_sq, np.abs(g).max(axis=0) + hp.eps)
         denom = state.exp_avg_sq
@@ -292,14 +296,19 @@ def radam_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: H
     like = theta
     theta, g, t = _start(theta, grad, state, hp, "RAdam")
     _update_moments(state, g, hp)
+    return _from_real(_radam_descent(theta, g, state, hp, t), like)
+
+
+def _radam_descent(theta: np.ndarray, g: np.ndarray, state: ReferenceState, hp: Hyperparameters, t: int):
+    """RAdam's update of theta from the new moments of step t."""
     m_hat = state.exp_avg / (1.0 - hp.beta1**t)
     rho_inf = 2.0 / (1.0 - hp.beta2) - 1.0
     rho_t = rho_inf - 2.0 * t * hp.beta2**t / (1.0 - hp.beta2**t)
     if rho_t <= 5.0:
-        return _from_real(_descend(theta, hp.lr * m_hat, g, hp), like)
+        return _descend(theta, hp.lr * m_hat, g, hp)
     rectification = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
     adaptive = np.sqrt(1.0 - hp.beta2**t) / (np.sqrt(state.exp_avg_sq) + hp.eps)
-    return _from_real(_descend(theta, hp.lr * m_hat * rectification * adaptive, g, hp), like)
+    return _descend(theta, hp.lr * m_hat * rectification * adaptive, g, hp)
 
 
 def adopt_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
