@@ -16,7 +16,7 @@ import adamkit
 from adamkit import reference
 
 SHAPES = [(40, 5), (17,), ()]
-STEPS = 4
+STEPS = 7  # past RAdam's rectification (from the sixth step with beta2 = 0.999)
 LRS = [0.02, 0.005]  # group 0, group 1 (the scheduler halves them after each step)
 
 
@@ -62,6 +62,17 @@ def figures_of(states: list, thetas: list, algorithm: str, amsgrad: bool, eps: f
                 u = st.exp_avg_sq
                 step = lr / bias1 / u
                 dominated.append(2 * eps > u)
+            elif algorithm == "adopt":  # the update is lr m: m is already normalized
+                step = np.full_like(st.exp_avg, lr)
+                dominated.append(eps > np.sqrt(st.exp_avg_sq))
+            elif algorithm == "radam":  # rectified at step 7: r_t from rho_t (Liu et al., 2020)
+                rho_inf = 2 / (1 - 0.999) - 1
+                rho_t = rho_inf - 2 * STEPS * 0.999**STEPS / (1 - 0.999**STEPS)
+                assert rho_t > 5
+                r = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+                root = np.sqrt(st.exp_avg_sq)
+                step = lr / bias1 * r * math.sqrt(1 - 0.999**STEPS) / (root + eps)
+                dominated.append(eps > root)
             else:
                 v = st.max_exp_avg_sq if amsgrad else st.exp_avg_sq
                 root = np.sqrt(v / (1 - 0.999**STEPS))
@@ -114,7 +125,9 @@ CASES = [
     (adamkit.AdaMax, "adamax", {}),
     # eps large enough that it dominates some elements and not others
     (adamkit.Adam, "adam", {"eps": 0.5}),
-    (adamkit.AdaMax, "adamax", {"eps": 0.5}),
+    (adamkit.AdaMax, "adamax", {"eps": 2.0}),
+    (adamkit.RAdam, "radam", {"eps": 0.05}),  # (its sqrt(v) is not bias-corrected)
+    (adamkit.ADOPT, "adopt", {"betas": (0.9, 0.999), "eps": 0.5}),
 ]
 
 

@@ -232,7 +232,7 @@ def test_decay_factor_that_would_flip_sign_is_rejected():
             ValueError,
             ["accumulation_steps=3", "StableAdamW", "own gradient"],
         ),
-        (adamkit.RAdam, {"diagnostics": True}, ValueError, ["diagnostics=True", "RAdam", "not run"]),
+        (adamkit.NAdam, {"diagnostics": True}, ValueError, ["diagnostics=True", "NAdam", "not run"]),
         (adamkit.ADOPT, {"clip_exponent": -0.25}, ValueError, ["clip_exponent", "-0.25", ">= 0", "None"]),
         (adamkit.ADOPT, {"clip_exponent": math.nan}, ValueError, ["clip_exponent", "nan", "finite"]),
         (adamkit.ADOPT, {"clip_exponent": "quarter"}, TypeError, ["clip_exponent", "'quarter'"]),

@@ -13,6 +13,13 @@ infinity norm :math:`u` for AdaMax):
     \ \ \Big(\text{AdaMax: } \frac{\eta}{(1 - \beta_1^t)\, u_i}\Big), \qquad
     \Delta_i = \eta^{eff}_i\, m_i
 
+RAdam: :math:`\eta^{eff}_i = \eta\, r_t \sqrt{1 - \beta_2^t} / ((1 - \beta_1^t)(\sqrt{v_i} + \epsilon))`
+once rectified, :math:`\eta / (1 - \beta_1^t)` before (no denominator, so no element is
+eps-dominated); ADOPT: :math:`\eta^{eff}_i = \eta` (its m is already normalized), and an
+element is eps-dominated where :math:`\epsilon > \sqrt{v_i}` (the normalization's floor).
+NAdam and StableAdamW have no ``diagnostics``: their last update depended on that
+step's gradient (NAdam's g term, StableAdamW's clipping), which the state does not keep.
+
 ``update_rms``
     :math:`\sqrt{\operatorname{mean}_i \Delta_i^2}` over the group's elements: the
     Adam update (weight decay not included).
@@ -47,7 +54,7 @@ from torch import Tensor
 from . import sharding
 from .kernels.amp import inverse_scale
 from .kernels.types import as_real
-from .rule import as_number
+from .rule import UpdateRule, as_number
 from .state import moment_keys, moment_value
 
 
@@ -80,13 +87,23 @@ def _param_sums(param: Tensor, state: dict, lr: float, group: dict, algorithm: s
     second = as_real(moment_value(state, second_key, param)).double()
     step_size = lr / (1 - beta1**t)
     if algorithm == "adamax":
-        denom = second
+        effective = step_size / second
         eps_dominated = 2 * eps > second
+    elif algorithm == "adopt":
+        effective = torch.full_like(m, lr)
+        eps_dominated = eps > second.sqrt()
+    elif algorithm == "radam":
+        scalars = UpdateRule.from_group(group, algorithm).step_scalars(t)
+        if scalars.rectification is None:  # momentum SGD
+            effective, eps_dominated = torch.full_like(m, step_size), torch.zeros_like(m, dtype=torch.bool)
+        else:
+            root = second.sqrt()
+            effective = step_size * scalars.rectification * scalars.bias_correction2_sqrt / (root + eps)
+            eps_dominated = eps > root
     else:
         root = (second / (1 - beta2**t)).sqrt()
-        denom = root + eps
+        effective = step_size / (root + eps)
         eps_dominated = eps > root
-    effective = step_size / denom
     update = effective * m
     weight = as_real(param.detach()).double()
     return (

@@ -431,12 +431,11 @@ class RAdam(_AdamFamily):
 
     with :math:`\rho_t` and :math:`r_t` as in :mod:`adamkit.specs.reference`.  Args are
     those of ``torch.optim.RAdam`` (same defaults and meaning) plus those described in
-    :mod:`adamkit.options` (except ``diagnostics``, which RAdam does not run yet).
+    :mod:`adamkit.options`.
     """
 
     algorithm = "radam"
     sparse_gradient_message = "RAdam does not support sparse gradients"
-    unavailable_options = ("diagnostics",)
 
     def __init__(
         self,
@@ -484,12 +483,12 @@ class ADOPT(_AdamFamily):
     their ``decouple=True`` is ``decoupled_weight_decay=True`` (:math:`\theta \leftarrow
     \theta (1 - \eta\lambda)`, from the second step on).  The other arguments are those of
     torch.optim's Adam family, plus those described in :mod:`adamkit.options` (except
-    ``accumulation_steps`` and ``diagnostics``, which ADOPT does not run yet).
+    ``accumulation_steps``: see :mod:`adamkit.accumulation`).
     """
 
     algorithm = "adopt"
     sparse_gradient_message = "ADOPT does not support sparse gradients"
-    unavailable_options = ("accumulation_steps", "diagnostics")
+    unavailable_options = ("accumulation_steps",)
 
     def __init__(
         self,
