@@ -48,7 +48,7 @@ def _step_with(opt, model, g: torch.Generator, scale: float = 1.0) -> None:
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "kahan"])
-@pytest.mark.parametrize("algorithm", [adamkit.AdamW, adamkit.AdaMax])
+@pytest.mark.parametrize("algorithm", [adamkit.AdamW, adamkit.AdaMax, adamkit.RAdam, adamkit.ADOPT])
 def test_the_changes_read_back_as_lost_are_those_the_step_rounded_away(algorithm, rounding):
     model = _model(torch.bfloat16)
     # fp32 moments: the update the kernel made is the one read back from the state
@@ -182,6 +182,12 @@ def test_bad_arguments_are_named(arguments, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
         adamkit.stall_guard(opt, **arguments)
     assert not opt._optimizer_step_post_hooks  # nothing attached
+
+
+@pytest.mark.parametrize("cls", [adamkit.NAdam, adamkit.StableAdamW])
+def test_optimizers_whose_step_cannot_be_read_back_are_refused(cls):
+    with pytest.raises(ValueError, match=f"{cls.__name__}'s step depended on that step's gradient"):
+        adamkit.stall_guard(cls(_model(torch.float32).parameters()))
 
 
 def test_a_torch_optimizer_is_refused():

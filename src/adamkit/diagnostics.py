@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -76,34 +77,43 @@ class Recorder:
         self.lrs.update(zip(params, [lr] * len(params)))
 
 
+#: the algorithms whose last update can be read back from the state (NAdam's and
+#: StableAdamW's depended on that step's gradient, which the state does not keep)
+READ_BACK = frozenset({"adam", "adamax", "radam", "adopt"})
+
+
+def effective_step_sizes(second: Tensor, rule: UpdateRule, t: float) -> tuple[Tensor, Tensor]:
+    r"""Per element, the factor :math:`\eta^{eff}` by which step ``t`` of ``rule`` moved
+    the weight along its new m (:math:`\theta \leftarrow \theta - \eta^{eff} m`, decay
+    aside), and where :math:`\epsilon` dominated the denominator, read back from the
+    second moment ``second`` (float64, the maximum under AMSGrad) stored by that step
+    (see the module docstring; ``rule.algorithm`` in :data:`READ_BACK`)."""
+    scalars, eps = rule.step_scalars(t), rule.eps
+    lr, step_size = as_number(rule.lr), as_number(scalars.step_size)
+    if rule.algorithm == "adamax":
+        return step_size / second, 2 * eps > second
+    if rule.algorithm == "adopt":  # theta -= lr m: m is already normalized
+        return torch.full_like(second, lr), eps > second.sqrt()
+    if rule.algorithm == "radam":
+        momentum_step = lr / as_number(scalars.bias_correction1)
+        if scalars.rectification is None:  # momentum SGD: no denominator
+            return torch.full_like(second, momentum_step), torch.zeros_like(second, dtype=torch.bool)
+        root = second.sqrt()
+        rectified = momentum_step * as_number(scalars.rectification) * as_number(scalars.bias_correction2_sqrt)
+        return rectified / (root + eps), eps > root
+    root = second.sqrt() / as_number(scalars.bias_correction2_sqrt)
+    return step_size / (root + eps), eps > root
+
+
 def _param_sums(param: Tensor, state: dict, lr: float, group: dict, algorithm: str) -> tuple[float, ...]:
     """(elements, sum of squared updates, sum of squared weights, sum of log step sizes,
     elements where eps dominates) for one param, in float64."""
     t = as_number(state["step"])
-    beta1, beta2 = (as_number(b) for b in group["betas"])
-    eps = group["eps"]
+    rule = replace(UpdateRule.from_group(group, algorithm), lr=lr)  # the lr of that step
     second_key = moment_keys(algorithm, bool(group.get("amsgrad")))[-1]
     m = as_real(moment_value(state, "exp_avg", param)).double()
     second = as_real(moment_value(state, second_key, param)).double()
-    step_size = lr / (1 - beta1**t)
-    if algorithm == "adamax":
-        effective = step_size / second
-        eps_dominated = 2 * eps > second
-    elif algorithm == "adopt":
-        effective = torch.full_like(m, lr)
-        eps_dominated = eps > second.sqrt()
-    elif algorithm == "radam":
-        scalars = UpdateRule.from_group(group, algorithm).step_scalars(t)
-        if scalars.rectification is None:  # momentum SGD
-            effective, eps_dominated = torch.full_like(m, step_size), torch.zeros_like(m, dtype=torch.bool)
-        else:
-            root = second.sqrt()
-            effective = step_size * scalars.rectification * scalars.bias_correction2_sqrt / (root + eps)
-            eps_dominated = eps > root
-    else:
-        root = (second / (1 - beta2**t)).sqrt()
-        effective = step_size / (root + eps)
-        eps_dominated = eps > root
+    effective, eps_dominated = effective_step_sizes(second, rule, t)
     update = effective * m
     weight = as_real(param.detach()).double()
     return (

@@ -12,12 +12,14 @@ After a step, the change of every element can be read back from the optimizer's 
 
 .. math::
 
-    \Delta_i = (1 - d)\,\theta_i + \alpha_t\,u_i, \qquad
-    u_i = m_i / (\sqrt{v_i} / \sqrt{1 - \beta_2^t} + \epsilon)
-    \quad (\text{AdaMax: } u_i = m_i / v_i)
+    \Delta_i = (1 - d)\,\theta_i + \eta^{eff}_i\, m_i, \qquad
+    \eta^{eff}_i = \frac{\alpha_t}{\sqrt{v_i} / \sqrt{1 - \beta_2^t} + \epsilon}
+    \quad (\text{AdaMax: } \alpha_t / v_i)
 
 with :math:`d` the decoupled decay factor (1 without), :math:`\alpha_t` the bias-corrected
-step size at the group's current lr, and :math:`\theta` the weight.  The change is
+step size at the group's current lr, and :math:`\theta` the weight; RAdam's and ADOPT's
+:math:`\eta^{eff}` are their own (:func:`adamkit.diagnostics.effective_step_sizes`).
+NAdam and StableAdamW are not guarded: their steps depended on that step's gradient.  The change is
 *lost* when rounding the new value gives back the old one:
 
 * ``rounding="nearest"`` (and fp32/fp64 params, at their own precision): when
@@ -60,6 +62,7 @@ import torch
 from torch import Tensor
 
 from . import sharding
+from .diagnostics import READ_BACK, effective_step_sizes
 from .kernels.types import as_real
 from .rule import UpdateRule, as_number
 from .specs.master import MASTER_KEY, join_tensors
@@ -116,18 +119,14 @@ def last_changes(param: Tensor, state: dict, group: dict, algorithm: str) -> Cha
     m = moment_value(state, "exp_avg", param)
     if rounding in ("stochastic", "master24") or steps < 1 or m is None:
         return None
-    scalars = rule.step_scalars(steps)
     m = as_real(m).double()
     second = as_real(moment_value(state, moment_keys(algorithm, rule.amsgrad)[-1], param)).double()
-    if algorithm == "adamax":
-        update = m / second
-    else:
-        update = m / (second.sqrt() / as_number(scalars.bias_correction2_sqrt) + rule.eps)
+    effective, _ = effective_step_sizes(second, rule, steps)
     stored = as_real(param.detach())
     theta = stored.double()
     decay_factor = rule.group_scalars().decay_factor
     decay = torch.zeros_like(theta) if decay_factor is None else (1 - as_number(decay_factor)) * theta
-    change = decay + as_number(scalars.step_size) * update  # theta_new = theta - change
+    change = decay + effective * m  # theta_new = theta - change
     holder = stored
     if rounding == "kahan":  # the compensation takes the change
         holder = as_real(state[COMPENSATION_KEY])
@@ -213,10 +212,10 @@ def stall_guard(optimizer, *, every: int = 100, threshold: float = 0.5, names=No
         raise ValueError(f"stall_guard: threshold must be a number in (0, 1], got {threshold!r}")
     if not hasattr(optimizer, "algorithm"):
         raise TypeError(f"stall_guard: optimizer must be an adamkit optimizer, got {type(optimizer).__name__}")
-    if optimizer.algorithm not in ("adam", "adamax"):
+    if optimizer.algorithm not in READ_BACK:
         raise ValueError(
-            f"stall_guard reads Adam's and AdaMax's steps back from their state; {type(optimizer).__name__} "
-            "is not supported yet"
+            f"stall_guard reads each step back from the optimizer's state; {type(optimizer).__name__}'s step "
+            "depended on that step's gradient, which the state does not keep"
         )
     if isinstance(names, torch.nn.Module):
         names = {p: n for n, p in names.named_parameters()}
