@@ -74,6 +74,18 @@ def _amsgrad(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     return adamkit.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, amsgrad=True)
 
 
+def _nadam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    return adamkit.NAdam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+
+
+def _radam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    return adamkit.RAdam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+
+
+def _adopt(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    return adamkit.ADOPT(params, lr=lr)  # its authors' betas (0.9, 0.9999) and eps 1e-6
+
+
 def _sgd(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr)
 
@@ -86,6 +98,9 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "Adam": _adam,
     "AdamW": _adamw,
     "AMSGrad": _amsgrad,
+    "NAdam": _nadam,
+    "RAdam": _radam,
+    "ADOPT": _adopt,
     "SGD": _sgd,
     "SGD+momentum": _sgd_momentum,
 }

@@ -30,6 +30,9 @@ COLORS = {
     "Adam": "tab:blue",
     "AdamW": "tab:orange",
     "AMSGrad": "tab:green",
+    "NAdam": "tab:purple",
+    "RAdam": "tab:brown",
+    "ADOPT": "tab:pink",
     "SGD": "tab:red",
     "SGD+momentum": "tab:red",
 }
@@ -37,10 +40,22 @@ LINES = {
     "Adam": dict(linestyle="-", linewidth=3.0),
     "AdamW": dict(linestyle="--", linewidth=2.0),
     "AMSGrad": dict(linestyle=":", linewidth=2.2),
+    "NAdam": dict(linestyle="-.", linewidth=1.8),
+    "RAdam": dict(linestyle="--", linewidth=1.6),
+    "ADOPT": dict(linestyle="-", linewidth=1.6),
     "SGD": dict(linestyle="-", linewidth=1.4),
     "SGD+momentum": dict(linestyle="-", linewidth=1.4),
 }
-MARKERS = {"Adam": "o", "AdamW": "s", "AMSGrad": "^", "SGD": "D", "SGD+momentum": "D"}
+MARKERS = {
+    "Adam": "o",
+    "AdamW": "s",
+    "AMSGrad": "^",
+    "NAdam": "v",
+    "RAdam": "P",
+    "ADOPT": "X",
+    "SGD": "D",
+    "SGD+momentum": "D",
+}
 
 Window2D = tuple[tuple[float, float], tuple[float, float]]
 
