@@ -42,7 +42,7 @@ VIZ_EXPERIMENTS: dict[str, Experiment] = {e.objective.name: e for e in EXPERIMEN
     "himmelblau": _race("himmelblau", adam_lr=0.03, sgd_lr=3e-3, steps=400),
     # from 1e-3 off the ridge, steps until |y| > 0.5: Adam and AMSGrad 17, NAdam 15, ADOPT 20
     # (normalised steps), SGD + momentum 105, and RAdam 88: RAdam warms its step up, five
-    # momentum-SGD steps, then the rectification r_t scales it (0.05 at step 6, 0.21 at 100)
+    # momentum-SGD steps, then the rectification r_t scales it (0.026 at step 6, 0.22 at 100)
     "saddle": _race("saddle", adam_lr=0.03, sgd_lr=0.01, steps=300, family=_ADAM_FAMILY + _VARIANTS),
     # every method stops in the local minimum at (1.99, -1.99); SGD + momentum diverges from 0.01
     "rastrigin": _race("rastrigin", adam_lr=0.1, sgd_lr=1e-3, steps=300),
