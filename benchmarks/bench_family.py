@@ -23,11 +23,14 @@ CONTENDERS = {
     "adamkit RAdam": lambda ps: adamkit.RAdam(ps, backend="cpu"),
     "adamkit ADOPT": lambda ps: adamkit.ADOPT(ps, backend="cpu"),
     "adamkit StableAdamW": lambda ps: adamkit.StableAdamW(ps, backend="cpu"),
+    "adamkit AdamW cautious": lambda ps: adamkit.AdamW(ps, backend="cpu", cautious=True),
     # torch.optim has no fused NAdam or RAdam on the CPU: foreach is its fastest path
     "torch NAdam": lambda ps: torch.optim.NAdam(ps, foreach=True),
     "torch RAdam": lambda ps: torch.optim.RAdam(ps, foreach=True),
     # ADOPT is not in torch.optim: adamkit's own foreach path stands for the usual one
     "adamkit ADOPT foreach": lambda ps: adamkit.ADOPT(ps, backend="foreach"),
+    # cautious updates elsewhere run per tensor (heavyball, optimi): adamkit's foreach path does too
+    "adamkit AdamW cautious foreach": lambda ps: adamkit.AdamW(ps, backend="foreach", cautious=True),
 }
 try:  # optimi's StableAdamW (foreach), where it is installed
     import optimi
