@@ -101,3 +101,43 @@ def test_adopt_by_hand(clip_exponent):
     if clip_exponent is not None:  # c_3 = 2^(1/4)
         normalized = np.clip(normalized, -(2.0**0.25), 2.0**0.25)
     np.testing.assert_allclose(after3, after2 - lr * (beta1 * m2 + (1 - beta1) * normalized), rtol=1e-14)
+
+
+@pytest.mark.parametrize("clip_exponent", [0.25, None])
+def test_adopt_matches_optax(clip_exponent):
+    """optax's ``contrib.adopt`` (a peer implementation, in JAX's float64) over 200 steps
+    of gradients whose scale drifts: the NumPy reference and adamkit.ADOPT agree with it
+    to a few ulps, clipped (optax's default clip value t^(1/4)) and unclipped."""
+    optax = pytest.importorskip("optax")
+    import jax
+
+    import adamkit
+
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal(500)
+    grads = [rng.standard_normal(500) * (1 + 0.5 * np.sin(k / 10)) for k in range(200)]
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)  # (JAX computes in float32 otherwise)
+    try:
+        transform = optax.contrib.adopt(1e-2, use_clipping=clip_exponent is not None)
+        theirs = jax.numpy.asarray(start)
+        state = transform.init(theirs)
+        for g in grads:
+            updates, state = transform.update(jax.numpy.asarray(g), state, theirs)
+            theirs = optax.apply_updates(theirs, updates)
+        theirs = np.asarray(theirs)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+    assert theirs.dtype == np.float64
+    hp = reference.Hyperparameters(lr=1e-2, beta1=0.9, beta2=0.9999, eps=1e-6, clip_exponent=clip_exponent)
+    spec, spec_state = start.copy(), reference.ReferenceState()
+    param = torch.nn.Parameter(torch.tensor(start))
+    ours = adamkit.ADOPT([param], lr=1e-2, clip_exponent=clip_exponent)
+    for g in grads:
+        spec = reference.adopt_step(spec, g, spec_state, hp)
+        param.grad = torch.tensor(g)
+        ours.step()
+    scale = np.abs(theirs - start).max()  # how far the run moved
+    assert scale > 0.5
+    assert np.abs(spec - theirs).max() <= 1e-13 * np.abs(theirs).max()
+    assert np.abs(param.detach().numpy() - theirs).max() <= 1e-13 * np.abs(theirs).max()
