@@ -21,10 +21,10 @@ from oracle import max_relative_error, run_reference
 
 STEPS = 100
 #: Triton under its CPU interpreter (CI without a GPU) costs about a second a step; there
-#: its cases run 20 steps (past RAdam's rectification at step 6 and ADOPT's first step),
+#: its cases run 12 steps (past RAdam's rectification at step 6 and ADOPT's first step),
 #: while ``test_kernel_parity.py`` holds its bits to the numba kernel's.  On a GPU
 #: (``ADAMKIT_TEST_DEVICE=cuda``) it runs all of them.
-INTERPRETED_STEPS = 20
+INTERPRETED_STEPS = 12
 
 
 def steps_for(case: Case) -> int:

@@ -94,7 +94,7 @@ CASES = {
 #: a chunk and a ragged tail (several quantization blocks), a matrix, a 0-d param (small:
 #: under the interpreter every chunk costs a fraction of a second)
 SHAPES = [(1500,), (24, 70), ()]
-STEPS = 4
+STEPS = 3  # (ADOPT's first step only sets v: its second and third move)
 #: RAdam's steps are rectified from the sixth on (rho_t > 5 with beta2 = 0.999)
 RADAM_STEPS = 7
 
