@@ -485,7 +485,7 @@ if numba is not None:
         from the agreement pass (:func:`_agreement_counts`)."""
         load_param, put_param, put = _STORAGE_POLICIES[rounding_mode]
         adamax, nadam, radam, adopt = (algorithm == name for name in ("adamax", "nadam", "radam", "adopt"))
-        direction = _direction_of(algorithm)
+        direction, first_moment = _direction_of(algorithm), _first_moment_of(algorithm)
 
         @njit(inline="always", nogil=True)
         def loop(pointers, first, end, scalars, maximize, decay, keys):
@@ -505,17 +505,8 @@ if numba is not None:
                 elif decay == DECOUPLED_DECAY:
                     p = p * decay_factor
                 m = _compute(param, _load(exp_avg, i))
-                if adopt:  # m follows g normalized by the previous v, clipped to [-c, c]
-                    v = _load(second, i)
-                    root = np.sqrt(v)
-                    target = g / (eps if root < eps else root)
-                    if target > clip:
-                        target = clip
-                    elif target < -clip:
-                        target = -clip
-                    m = m + one_minus_beta1 * (target - m)
-                else:
-                    m = m + one_minus_beta1 * (g - m)
+                v = _load(second, i) if adopt else zero  # (ADOPT normalizes g by the previous v)
+                m = first_moment(m, g, v, one_minus_beta1, eps, clip)
                 put(exp_avg, i, m, keys[1], keys[4])
                 if adamax:
                     u = max(beta2 * _load(second, i), abs(g) + eps)
@@ -546,6 +537,25 @@ if numba is not None:
         return loop
 
     @njit(inline="always", nogil=True)
+    def _adam_first_moment(m, g, v, one_minus_beta1, eps, clip):
+        """m + (1 - beta1)(g - m)."""
+        return m + one_minus_beta1 * (g - m)
+
+    @njit(inline="always", nogil=True)
+    def _adopt_first_moment(m, g, v, one_minus_beta1, eps, clip):
+        """ADOPT's: m follows g normalized by the previous v, clipped to [-c, c]."""
+        root = np.sqrt(v)
+        target = g / (eps if root < eps else root)
+        if target > clip:
+            target = clip
+        elif target < -clip:
+            target = -clip
+        return m + one_minus_beta1 * (target - m)
+
+    def _first_moment_of(algorithm: str):
+        return _adopt_first_moment if algorithm == "adopt" else _adam_first_moment
+
+    @njit(inline="always", nogil=True)
     def _nadam_direction(m, g, step_size, gradient_step_size):
         return step_size * m + gradient_step_size * g
 
@@ -565,7 +575,7 @@ if numba is not None:
         before any rounding; ADOPT's from the previous v), storing nothing."""
         load_param = _STORAGE_POLICIES[rounding_mode][0]
         adopt = algorithm == "adopt"
-        direction = _direction_of(algorithm)
+        direction, first_moment = _direction_of(algorithm), _first_moment_of(algorithm)
 
         @njit(inline="always", nogil=True)
         def count(pointers, first, end, scalars, maximize, decay):
@@ -581,16 +591,8 @@ if numba is not None:
                 if decay == L2_DECAY:
                     g = g + l2 * load_param(param, compensation, i)
                 m = _compute(param, _load(exp_avg, i))
-                if adopt:
-                    root = np.sqrt(_load(second, i))
-                    target = g / (eps if root < eps else root)
-                    if target > clip:
-                        target = clip
-                    elif target < -clip:
-                        target = -clip
-                    m = m + one_minus_beta1 * (target - m)
-                else:
-                    m = m + one_minus_beta1 * (g - m)
+                v = _load(second, i) if adopt else zero
+                m = first_moment(m, g, v, one_minus_beta1, eps, clip)
                 agree += np.int64(direction(m, g, step_size, gradient_step_size) * g > zero)
             return agree
 

@@ -1073,6 +1073,28 @@ def _group_constants(bucket: _Bucket, group_scalars: GroupScalars) -> torch.Tens
     return bucket.constants[1]
 
 
+#: the split master weight's extra bits per rounding mode (0: none)
+_MASTER_BITS = {"master": 16, "master24": 8}
+
+
+def _bucket_options(bucket: _Bucket) -> dict:
+    """What every launch over a bucket is compiled for (storage, compute type, the
+    second moment's quantization, alignment) and its launch shape."""
+    quantized = bucket.quantized
+    return {
+        "PARAM_STORAGE": _triton_dtype(bucket.param_dtype),
+        "STATE_STORAGE": _triton_dtype(bucket.state_storage),
+        "COMPUTE": tl.float64 if bucket.param_dtype == torch.float64 else tl.float32,
+        "QUANT_BITS": quantized.bits if quantized else 0,
+        "QBLOCK_SECOND": quantized.block_of(False) if quantized else 1,
+        "EXACT_SECOND": bool(quantized and quantized.exact_scales(False)),
+        "ALIGNED": bucket.aligned,
+        "BLOCK": bucket.block,
+        "num_warps": bucket.num_warps,
+        **COMPILE_OPTIONS,
+    }
+
+
 def _clip_update_sizes(bucket: _Bucket, table, tensor_scalars, grad_scale, constants, rule: UpdateRule, shards) -> None:
     """StableAdamW: the clipping pass over every chunk, then each tensor's step size and
     decay factor scaled on the device (:func:`adamkit.kernels.host.clip_update_sizes`)."""
@@ -1084,17 +1106,8 @@ def _clip_update_sizes(bucket: _Bucket, table, tensor_scalars, grad_scale, const
         table if grad_scale is None else grad_scale,  # any pointer: read only under AMP
         constants,
         sums,
-        PARAM_STORAGE=_triton_dtype(bucket.param_dtype),
-        STATE_STORAGE=_triton_dtype(bucket.state_storage),
-        COMPUTE=tl.float64 if bucket.param_dtype == torch.float64 else tl.float32,
         AMP=grad_scale is not None,
-        QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
-        QBLOCK_SECOND=bucket.quantized.block_of(False) if bucket.quantized else 1,
-        EXACT_SECOND=bool(bucket.quantized and bucket.quantized.exact_scales(False)),
-        ALIGNED=bucket.aligned,
-        BLOCK=bucket.block,
-        num_warps=bucket.num_warps,
-        **COMPILE_OPTIONS,
+        **_bucket_options(bucket),
     )
     rate = rule.decay_rate()
     if isinstance(rate, torch.Tensor):
@@ -1125,23 +1138,14 @@ def _set_cautious_scales(
         table if grad_scale is None else grad_scale,  # any pointer: read only under AMP
         constants,
         counts,
-        PARAM_STORAGE=_triton_dtype(bucket.param_dtype),
-        STATE_STORAGE=_triton_dtype(bucket.state_storage),
-        COMPUTE=tl.float64 if bucket.param_dtype == torch.float64 else tl.float32,
         ALGORITHM=ALGORITHM_CODES[rule.algorithm],
         MAXIMIZE=rule.maximize,
         DECAY=rule.group_scalars().decay_kind,
         AMP=grad_scale is not None,
         KAHAN=bucket.mode == "kahan",
-        MASTER={"master": 16, "master24": 8}.get(bucket.mode, 0),
-        QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
+        MASTER=_MASTER_BITS.get(bucket.mode, 0),
         QBLOCK=bucket.quantized.block if bucket.quantized else 1,
-        QBLOCK_SECOND=bucket.quantized.block_of(False) if bucket.quantized else 1,
-        EXACT_SECOND=bool(bucket.quantized and bucket.quantized.exact_scales(False)),
-        ALIGNED=bucket.aligned,
-        BLOCK=bucket.block,
-        num_warps=bucket.num_warps,
-        **COMPILE_OPTIONS,
+        **_bucket_options(bucket),
     )
     totals = _totals(bucket, counts, shards)
     set_cautious_scales(tensor_scalars, totals[:, 0], totals[:, 1])
@@ -1199,27 +1203,18 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             bucket.no_inf if found_inf is None else found_inf,
             table if keys is None else keys,
             constants,
-            PARAM_STORAGE=_triton_dtype(bucket.param_dtype),
-            STATE_STORAGE=_triton_dtype(bucket.state_storage),
-            COMPUTE=tl.float64 if bucket.param_dtype == torch.float64 else tl.float32,
             ALGORITHM=ALGORITHM_CODES[rule.algorithm],
             AMSGRAD=rule.amsgrad,
             MAXIMIZE=rule.maximize,
             DECAY=group_scalars.decay_kind,
             AMP=amp,
             KAHAN=bucket.mode == "kahan",
-            MASTER={"master": 16, "master24": 8}.get(bucket.mode, 0),  # the master's extra bits
+            MASTER=_MASTER_BITS.get(bucket.mode, 0),
             STOCHASTIC=bucket.mode == "stochastic",
             RANDOM=bucket.random,
-            QUANT_BITS=bucket.quantized.bits if bucket.quantized else 0,
             QBLOCK=bucket.quantized.block if bucket.quantized else 1,
-            QBLOCK_SECOND=bucket.quantized.block_of(False) if bucket.quantized else 1,
-            EXACT_SECOND=bool(bucket.quantized and bucket.quantized.exact_scales(False)),
-            ALIGNED=bucket.aligned,
             CAUTIOUS=rule.cautious,
-            BLOCK=bucket.block,
-            num_warps=bucket.num_warps,
-            **COMPILE_OPTIONS,
+            **_bucket_options(bucket),
         )
         if amp and found_inf is not None and bucket.counters is None:  # a skipped step does not count
             torch._foreach_sub_(bucket.steps, [found_inf.to(bucket.steps[0].device)] * len(bucket.steps))
