@@ -4,6 +4,8 @@ cautious: no element moves against its gradient."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,33 @@ def test_gradients_flow_through_cautious_steps(name, float64_default):
         numeric = (loss_after(torch.tensor(0.05 + h)) - loss_after(torch.tensor(0.05 - h))) / (2 * h)
     assert lr.grad is not None
     torch.testing.assert_close(lr.grad, numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (NumPy, under the interpreter)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AdamW", "NAdam", "StableAdamW"])
+def test_nan_and_inf_gradients_do_what_the_single_tensor_path_does(name, backend):
+    """A NaN and two infinite gradient elements one step: the update there is NaN
+    (inf / inf), not counted as agreeing and not masked away (NaN times 0 is NaN, as in
+    the reference), so every backend leaves NaN in the same places, and the other
+    elements (whose scale depends on the count) within fp32 rounding of single_tensor."""
+    cls = FAMILY[name][0]
+    options = {} if name == "StableAdamW" else {"cautious": True}
+
+    def run(backend):
+        g = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(300, generator=g)), torch.nn.Parameter(torch.randn(40, generator=g))]
+        optimizer = cls(params, lr=1e-2, backend=backend, **options)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            if step == 2:
+                params[0].grad[5], params[0].grad[7], params[1].grad[3] = math.nan, math.inf, -math.inf
+            optimizer.step()
+        return params
+
+    expected = run("single_tensor")
+    for ours, theirs in zip(run(backend), expected):
+        assert torch.equal(ours.isnan(), theirs.isnan()) and int(theirs.isnan().sum()) >= 1
+        finite = theirs.isfinite()
+        torch.testing.assert_close(ours[finite], theirs[finite], rtol=2e-6, atol=1e-6)

@@ -40,7 +40,8 @@ VARIANTS = {
     "adam-int8-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int8", "AMSGRAD": True, "RANDOM": True},
     "adam-int4-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int4", "AMSGRAD": True, "RANDOM": True},
     "adam-fp32-cautious": {"CAUTIOUS": True},
-    # the passes before the update: StableAdamW's clipping sums, cautious updates' agreement counts
+    # the passes before the update: StableAdamW's clipping sums, cautious updates' agreement
+    # counts (the update kernel, counting instead of storing)
     "clipping-fp32-amp": {"KERNEL": "_clipping_sums", "AMP": True},
     "clipping-bf16-int8": {
         "KERNEL": "_clipping_sums",
@@ -48,8 +49,8 @@ VARIANTS = {
         "STATE_STORAGE": "uint8",
         "QUANT": "int8",
     },
-    "agreement-adopt-bf16-master24-int8-l2": {
-        "KERNEL": "_agreement_counts",
+    "counting-adopt-bf16-master24-int8-l2": {
+        "COUNTING": True,
         "ALGORITHM": 4,
         "DECAY": 1,
         "PARAM_STORAGE": "bfloat16",
@@ -81,6 +82,7 @@ BASE = {
     "EXACT_SECOND": False,
     "ALIGNED": True,
     "CAUTIOUS": False,
+    "COUNTING": False,
 }
 
 #: the launches' tensor arguments (every other argument is a constexpr)
@@ -93,6 +95,7 @@ POINTERS = {
     "key_ptr": "*i64",
     "constants_ptr": "*fp64",
     "sums_ptr": "*fp64",
+    "counts_ptr": "*fp64",
 }
 
 

@@ -153,9 +153,8 @@ OPTIONS: tuple[Option, ...] = (
         "``True``: cautious updates (Liang et al., 2024): each tensor's update keeps only the "
         "elements whose sign agrees with the gradient's (the gradient the moments see), the kept ones "
         "scaled by n / (kept + 1) so the update's size is roughly kept; weight decay is not masked.  "
-        "Every class, every backend: the fused kernels count each tensor's agreeing elements in a pass "
-        "of their own before the update (the sign of the update's numerator: m, NAdam's alpha m + gamma g, "
-        "which is the update's own wherever the update is not zero); ``foreach`` runs it tensor by tensor.",
+        "Every class, every backend: the fused kernels first count each tensor's agreeing elements (the "
+        "update kernel run with nothing stored), then update; ``foreach`` runs it tensor by tensor.",
     ),
     Option(
         "diagnostics",

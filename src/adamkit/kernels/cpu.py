@@ -471,7 +471,7 @@ if numba is not None:
         "master24": (_load_master24_param, _put_master24_param, _put_stochastic),
     }
 
-    def _element_loop(algorithm: str, amsgrad: bool, rounding_mode: str, cautious: bool):
+    def _element_loop(algorithm: str, amsgrad: bool, rounding_mode: str, cautious: bool, counting: bool = False):
         """The element loop of one algorithm and rounding variant.  The algorithm,
         ``amsgrad`` and the storage functions are fixed here, in Python: the variants
         differ in which memory they read and write, and LLVM only vectorizes a loop with
@@ -480,12 +480,15 @@ if numba is not None:
         maximize only select values and stay runtime flags, as does whether the step is
         adaptive (RAdam: rectified; ADOPT: past its first step; one per tensor).
         StableAdamW's loop is Adam's: its clipping is in the per-tensor scalars.  A
-        ``cautious`` loop keeps an element's update only where its direction agrees in
-        sign with the gradient (:func:`_direction`), scaled by the tensor's n / (kept + 1)
-        from the agreement pass (:func:`_agreement_counts`)."""
+        ``cautious`` loop keeps an element's update u only where u g > 0, as the
+        reference does (u [u g > 0] n / (kept + 1): a NaN update stays NaN), and a
+        ``counting`` loop is the agreement pass: the same arithmetic, nothing stored, the
+        number of elements with u g > 0 returned (:func:`_agreement_counts`)."""
         load_param, put_param, put = _STORAGE_POLICIES[rounding_mode]
         adamax, nadam, radam, adopt = (algorithm == name for name in ("adamax", "nadam", "radam", "adopt"))
-        direction, first_moment = _direction_of(algorithm), _first_moment_of(algorithm)
+        first_moment = _first_moment_of(algorithm)
+        if counting:  # nothing is stored
+            put_param, put = _put_nothing, _put_nothing_stochastic
 
         @njit(inline="always", nogil=True)
         def loop(pointers, first, end, scalars, maximize, decay, keys):
@@ -495,6 +498,7 @@ if numba is not None:
             decay_factor, cautious_scale = scalars[12], scalars[13]
             one = _compute(param, 1.0)
             zero = _compute(param, 0.0)
+            agree = 0
             for i in range(first, end):
                 p = load_param(param, compensation, i)
                 g = _load(grad, i) * inverse_scale
@@ -529,12 +533,22 @@ if numba is not None:
                     update = (step_size * m + gradient_step_size * g) / denom
                 else:
                     update = step_size * (m / denom)
-                if cautious:
-                    agrees = direction(m, g, step_size, gradient_step_size) * g > zero
-                    update = update * cautious_scale if agrees else zero
+                if counting:
+                    agree += np.int64(update * g > zero)
+                elif cautious:
+                    update = update * (one if update * g > zero else zero) * cautious_scale
                 put_param(param, compensation, i, p - update, keys[0], keys[4])
+            return agree
 
         return loop
+
+    @njit(inline="always", nogil=True)
+    def _put_nothing(param, compensation, i, value, key, shift):
+        pass
+
+    @njit(inline="always", nogil=True)
+    def _put_nothing_stochastic(pointer, i, value, key, shift):
+        pass
 
     @njit(inline="always", nogil=True)
     def _adam_first_moment(m, g, v, one_minus_beta1, eps, clip):
@@ -555,49 +569,6 @@ if numba is not None:
     def _first_moment_of(algorithm: str):
         return _adopt_first_moment if algorithm == "adopt" else _adam_first_moment
 
-    @njit(inline="always", nogil=True)
-    def _nadam_direction(m, g, step_size, gradient_step_size):
-        return step_size * m + gradient_step_size * g
-
-    @njit(inline="always", nogil=True)
-    def _momentum_direction(m, g, step_size, gradient_step_size):
-        return m
-
-    def _direction_of(algorithm: str):
-        """The sign-carrying part of the algorithm's update (its numerator: m, NAdam's
-        alpha m + gamma g; the step sizes and denominators are positive), so that the
-        update agrees with the gradient where direction * g > 0 (:mod:`adamkit.kernels.host`)."""
-        return _nadam_direction if algorithm == "nadam" else _momentum_direction
-
-    def _agreement_loop(algorithm: str, rounding_mode: str):
-        """The count of elements in [first, end) whose update direction agrees in sign
-        with the gradient, computed as the element loop computes them (m's new value,
-        before any rounding; ADOPT's from the previous v), storing nothing."""
-        load_param = _STORAGE_POLICIES[rounding_mode][0]
-        adopt = algorithm == "adopt"
-        direction, first_moment = _direction_of(algorithm), _first_moment_of(algorithm)
-
-        @njit(inline="always", nogil=True)
-        def count(pointers, first, end, scalars, maximize, decay):
-            param, grad, exp_avg, second, _, compensation = pointers
-            one_minus_beta1, eps, l2, inverse_scale = scalars[0], scalars[3], scalars[4], scalars[5]
-            step_size, gradient_step_size, clip = scalars[6], scalars[8], scalars[10]
-            zero = _compute(param, 0.0)
-            agree = 0
-            for i in range(first, end):
-                g = _load(grad, i) * inverse_scale
-                if maximize:
-                    g = -g
-                if decay == L2_DECAY:
-                    g = g + l2 * load_param(param, compensation, i)
-                m = _compute(param, _load(exp_avg, i))
-                v = _load(second, i) if adopt else zero
-                m = first_moment(m, g, v, one_minus_beta1, eps, clip)
-                agree += np.int64(direction(m, g, step_size, gradient_step_size) * g > zero)
-            return agree
-
-        return count
-
     #: (plain, amsgrad) loops per (algorithm, rounding mode, cautious); only Adam has AMSGrad
     _LOOPS = {
         (algorithm, mode, cautious): (
@@ -608,9 +579,12 @@ if numba is not None:
         for mode in _ROUNDING_WITNESS
         for cautious in (False, True)
     }
-    #: the agreement pass's counting loop per (algorithm, rounding mode)
-    _AGREEMENT_LOOPS = {
-        (algorithm, mode): _agreement_loop(algorithm, mode)
+    #: the agreement pass's (plain, amsgrad) counting loops per (algorithm, rounding mode)
+    _COUNTING_LOOPS = {
+        (algorithm, mode): (
+            _element_loop(algorithm, amsgrad=False, rounding_mode=mode, cautious=False, counting=True),
+            _element_loop(algorithm, amsgrad=algorithm == "adam", rounding_mode=mode, cautious=False, counting=True),
+        )
         for algorithm in _ALGORITHM_WITNESS
         for mode in _ROUNDING_WITNESS
     }
@@ -875,26 +849,35 @@ if numba is not None:
 
     @njit(parallel=True, cache=True, nogil=True)
     def _agreement_counts(addresses, chunks, tensor_scalars, constants, flags, pw, sw, rw, aw):
-        """The cautious pass: per chunk, how many elements' update direction agrees in
-        sign with the gradient (float64[C]; quantized moments decoded span by span)."""
-        maximize, decay = flags[0] != 0, flags[2]
+        """The cautious pass: per chunk, how many elements' update u agrees in sign with
+        the gradient (u g > 0), computed by the element loop itself with nothing stored
+        (float64[C]; quantized moments decoded span by span)."""
+        maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
         counts = np.empty(chunks.shape[0], dtype=np.float64)
         for c in prange(chunks.shape[0]):
             t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, pw)
-            counts[c] = _chunk_agreement(addresses[t], first, end, scalars, maximize, decay, pw, sw, rw, aw)
+            row = addresses[t]
+            counts[c] = _chunk_agreement(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw)
         return counts
 
-    def _chunk_agreement(row, first, end, scalars, maximize, decay, pw, sw, rw, aw):
+    def _chunk_agreement(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
         raise NotImplementedError  # pragma: no cover - replaced by the overload
 
     @overload(_chunk_agreement, inline="always")
-    def _chunk_agreement_impl(row, first, end, scalars, maximize, decay, pw, sw, rw, aw):
-        count = _AGREEMENT_LOOPS[_ALGORITHM_OF_WITNESS[aw.dtype], _MODE_OF_WITNESS[rw.dtype]]
-        if sw.dtype in (types.int8, types.uint8):  # quantized: m (and ADOPT's v) decoded first
+    def _chunk_agreement_impl(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
+        plain_loop, amsgrad_loop = _COUNTING_LOOPS[_ALGORITHM_OF_WITNESS[aw.dtype], _MODE_OF_WITNESS[rw.dtype]]
 
-            def quantized(row, first, end, scalars, maximize, decay, pw, sw, rw, aw):
-                scratch = np.empty((2, QUANTIZED_SPAN), dtype=np.float32)
+        def count(pointers, first, end, scalars, maximize, decay, amsgrad):
+            if amsgrad:
+                return amsgrad_loop(pointers, first, end, scalars, maximize, decay, _NO_STREAM)
+            return plain_loop(pointers, first, end, scalars, maximize, decay, _NO_STREAM)
+
+        count = njit(inline="always", nogil=True)(count)
+        if sw.dtype in (types.int8, types.uint8):  # quantized: the moments decoded first
+
+            def quantized(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
+                scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
                 spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)
                 signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
                 agree = 0
@@ -902,21 +885,23 @@ if numba is not None:
                     high = min(low + QUANTIZED_SPAN, end)
                     _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
                     _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
+                    if amsgrad:
+                        _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
                     base = np.int64(scratch.ctypes.data) - 4 * low  # addressed by element index
                     pointers = (
                         typed_pointer(row[0], pw),
                         typed_pointer(row[1], pw),
                         typed_pointer(base, _FLOAT32_WITNESS),
                         typed_pointer(base + 4 * QUANTIZED_SPAN, _FLOAT32_WITNESS),
-                        typed_pointer(base, _FLOAT32_WITNESS),
+                        typed_pointer(base + 8 * QUANTIZED_SPAN, _FLOAT32_WITNESS),
                         typed_pointer(row[5], pw),
                     )
-                    agree += count(pointers, low, high, scalars, maximize, decay)
+                    agree += count(pointers, low, high, scalars, maximize, decay, amsgrad)
                 return agree
 
             return quantized
 
-        def plain(row, first, end, scalars, maximize, decay, pw, sw, rw, aw):
+        def plain(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
             pointers = (
                 typed_pointer(row[0], pw),
                 typed_pointer(row[1], pw),
@@ -925,9 +910,12 @@ if numba is not None:
                 typed_pointer(row[4], sw),
                 typed_pointer(row[5], pw),
             )
-            return count(pointers, first, end, scalars, maximize, decay)
+            return count(pointers, first, end, scalars, maximize, decay, amsgrad)
 
         return plain
+
+    #: the keys argument of a counting loop (its stores, and so its random bits, never happen)
+    _NO_STREAM = (np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.int64(0))
 
 
 def _dense(t: Tensor) -> bool:

@@ -37,6 +37,7 @@ that is how the conformance suite tests it in CI.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -347,14 +348,6 @@ if triton is not None:
         return p
 
     @triton.jit
-    def _direction(m, g, step_size, gradient_step_size, ALGORITHM: tl.constexpr):
-        """The sign-carrying part of the update (its numerator: m; NAdam's alpha m + gamma g)."""
-        if ALGORITHM == _NADAM:
-            return step_size * m + gradient_step_size * g
-        else:
-            return m
-
-    @triton.jit
     def _update_chunk(
         offsets,
         mask,
@@ -372,6 +365,7 @@ if triton is not None:
         QBLOCK_SECOND: tl.constexpr,
         EXACT_SECOND: tl.constexpr,
         CAUTIOUS: tl.constexpr,
+        COUNTING: tl.constexpr,
     ):
         r"""One chunk's update, elements ``offsets`` where ``mask``:
 
@@ -384,8 +378,10 @@ if triton is not None:
         \theta - \alpha_t m / u`; NAdam, RAdam and ADOPT as :mod:`adamkit.kernels.host`
         writes them), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
         weight decay, in ``COMPUTE`` precision with IEEE division and square root.
-        ``CAUTIOUS``: the update kept only where its direction agrees in sign with the
-        gradient, scaled by the tensor's n / (kept + 1)."""
+        ``CAUTIOUS``: the update u kept only where u g > 0, scaled by the tensor's
+        n / (kept + 1) (as the reference: u [u g > 0] n / (kept + 1), a NaN update stays
+        NaN).  ``COUNTING``: the agreement pass: nothing is stored, and the number of
+        elements with u g > 0 is returned (float64)."""
         first, end = bounds
         param, grad, exp_avg, second, max_second, compensation, exp_avg_scales, second_scales, max_second_scales = (
             tensors
@@ -432,46 +428,48 @@ if triton is not None:
             m = m + one_minus_beta1 * (target - m)
         else:
             m = m + one_minus_beta1 * (g - m)
-        _put_moment(
-            exp_avg,
-            exp_avg_scales,
-            offsets,
-            mask,
-            m,
-            key_exp_avg,
-            shift,
-            first,
-            end,
-            STATE_STORAGE,
-            QUANT_BITS,
-            QBLOCK,
-            True,
-            False,
-            BLOCK,
-        )
+        if not COUNTING:  # (the agreement pass stores nothing)
+            _put_moment(
+                exp_avg,
+                exp_avg_scales,
+                offsets,
+                mask,
+                m,
+                key_exp_avg,
+                shift,
+                first,
+                end,
+                STATE_STORAGE,
+                QUANT_BITS,
+                QBLOCK,
+                True,
+                False,
+                BLOCK,
+            )
         if ALGORITHM == _ADAMAX:
             new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
         elif ALGORITHM == _ADOPT:
             new_second = beta2 * second_value.to(COMPUTE) + second_weight * g * g
         else:
             new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
-        _put_moment(
-            second,
-            second_scales,
-            offsets,
-            mask,
-            new_second,
-            key_second,
-            shift,
-            first,
-            end,
-            STATE_STORAGE,
-            QUANT_BITS,
-            QBLOCK_SECOND,
-            False,
-            EXACT_SECOND,
-            BLOCK,
-        )
+        if not COUNTING:  # (the agreement pass stores nothing)
+            _put_moment(
+                second,
+                second_scales,
+                offsets,
+                mask,
+                new_second,
+                key_second,
+                shift,
+                first,
+                end,
+                STATE_STORAGE,
+                QUANT_BITS,
+                QBLOCK_SECOND,
+                False,
+                EXACT_SECOND,
+                BLOCK,
+            )
         if ALGORITHM == _ADAMAX:
             denom = new_second
         elif ALGORITHM == _ADOPT:
@@ -483,23 +481,24 @@ if triton is not None:
                     max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False
                 )
                 v = tl.maximum(v_max.to(COMPUTE), v)
-                _put_moment(
-                    max_second,
-                    max_second_scales,
-                    offsets,
-                    mask,
-                    v,
-                    key_max,
-                    shift,
-                    first,
-                    end,
-                    STATE_STORAGE,
-                    QUANT_BITS,
-                    QBLOCK_SECOND,
-                    False,
-                    EXACT_SECOND,
-                    BLOCK,
-                )
+                if not COUNTING:  # (the agreement pass stores nothing)
+                    _put_moment(
+                        max_second,
+                        max_second_scales,
+                        offsets,
+                        mask,
+                        v,
+                        key_max,
+                        shift,
+                        first,
+                        end,
+                        STATE_STORAGE,
+                        QUANT_BITS,
+                        QBLOCK_SECOND,
+                        False,
+                        EXACT_SECOND,
+                        BLOCK,
+                    )
             if ALGORITHM == _RADAM:  # before rectification: momentum SGD, no denominator
                 denom = tl.where(adaptive != 0, _exact_sqrt(v) + eps, 1.0)
             else:
@@ -510,29 +509,33 @@ if triton is not None:
             update = step_size * m
         else:
             update = step_size * _exact_div(m, denom)
-        if CAUTIOUS:
-            agrees = _direction(m, g, step_size, gradient_step_size, ALGORITHM) * g > 0.0
-            update = tl.where(agrees, update * cautious_scale, 0.0)
-        p = p - update
-        if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
-            low_bits = compensation.to(tl.pointer_type(tl.int16))
-            bits = p.to(tl.int32, bitcast=True)
-            high = (bits + 0x8000) >> 16
-            tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
-            tl.store(low_bits + offsets, (bits - (high << 16)).to(tl.int16), mask=mask)
-        elif MASTER == 8:  # round to 16 significant bits stochastically, then split
-            low_bytes = compensation.to(tl.pointer_type(tl.int8))
-            carry = (_random16(key_param, offsets + shift) >> 8).to(tl.int32)
-            bits = tl.where(p != p, 0x7FC00000, (p.to(tl.int32, bitcast=True) + carry) & -256)
-            high = (bits + 0x8000) >> 16
-            tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
-            tl.store(low_bytes + offsets, ((bits - (high << 16)) >> 8).to(tl.int8), mask=mask)
-        elif KAHAN:  # p = rn(theta), c = rn(theta - p)
-            stored = _to_storage(p, PARAM_STORAGE)
-            tl.store(param + offsets, stored, mask=mask)
-            tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
+        if COUNTING:
+            total = tl.sum(((update * g > 0.0) & mask).to(tl.int32), axis=0).to(tl.float64)
         else:
-            _put(param, offsets, mask, p, key_param, shift, PARAM_STORAGE, STOCHASTIC)
+            if CAUTIOUS:
+                update = update * tl.where(update * g > 0.0, 1.0, 0.0) * cautious_scale
+            p = p - update
+            if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
+                low_bits = compensation.to(tl.pointer_type(tl.int16))
+                bits = p.to(tl.int32, bitcast=True)
+                high = (bits + 0x8000) >> 16
+                tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+                tl.store(low_bits + offsets, (bits - (high << 16)).to(tl.int16), mask=mask)
+            elif MASTER == 8:  # round to 16 significant bits stochastically, then split
+                low_bytes = compensation.to(tl.pointer_type(tl.int8))
+                carry = (_random16(key_param, offsets + shift) >> 8).to(tl.int32)
+                bits = tl.where(p != p, 0x7FC00000, (p.to(tl.int32, bitcast=True) + carry) & -256)
+                high = (bits + 0x8000) >> 16
+                tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+                tl.store(low_bytes + offsets, ((bits - (high << 16)) >> 8).to(tl.int8), mask=mask)
+            elif KAHAN:  # p = rn(theta), c = rn(theta - p)
+                stored = _to_storage(p, PARAM_STORAGE)
+                tl.store(param + offsets, stored, mask=mask)
+                tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
+            else:
+                _put(param, offsets, mask, p, key_param, shift, PARAM_STORAGE, STOCHASTIC)
+            total = 0.0
+        return total
 
     @triton.jit
     def _fused_step(
@@ -543,6 +546,7 @@ if triton is not None:
         found_inf_ptr,
         key_ptr,
         constants_ptr,
+        counts_ptr,
         PARAM_STORAGE: tl.constexpr,
         STATE_STORAGE: tl.constexpr,
         COMPUTE: tl.constexpr,
@@ -561,6 +565,7 @@ if triton is not None:
         EXACT_SECOND: tl.constexpr,
         ALIGNED: tl.constexpr,
         CAUTIOUS: tl.constexpr,
+        COUNTING: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """One program per chunk: chunk row (tensor t, first, end), then tensor t's
@@ -635,7 +640,7 @@ if triton is not None:
             bounds = (first, end)
             if end - first == BLOCK:
                 whole = tl.full([BLOCK], True, tl.int1)
-                _update_chunk(
+                total = _update_chunk(
                     offsets,
                     whole,
                     bounds,
@@ -652,10 +657,11 @@ if triton is not None:
                     QBLOCK_SECOND,
                     EXACT_SECOND,
                     CAUTIOUS,
+                    COUNTING,
                 )
             else:
                 tail = offsets < end
-                _update_chunk(
+                total = _update_chunk(
                     offsets,
                     tail,
                     bounds,
@@ -672,7 +678,10 @@ if triton is not None:
                     QBLOCK_SECOND,
                     EXACT_SECOND,
                     CAUTIOUS,
+                    COUNTING,
                 )
+            if COUNTING:  # the agreement pass: this chunk's count
+                tl.store(counts_ptr + chunk, total)
 
     @triton.jit
     def _clipping_sum(
@@ -752,140 +761,6 @@ if triton is not None:
             tail = offsets < end
             total = _clipping_sum(
                 grad, second, second_scales, offsets, tail, constants, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND
-            )
-        tl.store(sums_ptr + chunk, total)
-
-    @triton.jit
-    def _agreement_count(
-        tensors,
-        offsets,
-        mask,
-        scalars,
-        ALGORITHM: tl.constexpr,
-        DECAY: tl.constexpr,
-        KAHAN: tl.constexpr,
-        MASTER: tl.constexpr,
-        STATE_STORAGE: tl.constexpr,
-        QUANT_BITS: tl.constexpr,
-        QBLOCK: tl.constexpr,
-        QBLOCK_SECOND: tl.constexpr,
-    ):
-        """How many elements ``offsets`` where ``mask`` have an update direction that
-        agrees in sign with the gradient, computed as :func:`_update_chunk` computes
-        them (m's new value before any rounding; ADOPT's from the previous v)."""
-        param, grad, exp_avg, second, compensation, exp_avg_scales, second_scales = tensors
-        step_size, gradient_step_size, clip, gradient_factor, one_minus_beta1, eps, l2_weight_decay = scalars
-        COMPUTE: tl.constexpr = step_size.dtype
-        g = tl.load(grad + offsets, mask=mask, other=0.0).to(COMPUTE) * gradient_factor
-        if DECAY == _L2_DECAY:
-            g = g + l2_weight_decay * _load_param(param, compensation, offsets, mask, COMPUTE, KAHAN, MASTER)
-        m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True).to(COMPUTE)
-        if ALGORITHM == _ADOPT:
-            v = _load_moment(second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False)
-            root = _exact_sqrt(v.to(COMPUTE))
-            target = _exact_div(g, tl.where(root < eps, eps, root))
-            target = tl.where(target > clip, clip, tl.where(target < -clip, -clip, target))
-            m = m + one_minus_beta1 * (target - m)
-        else:
-            m = m + one_minus_beta1 * (g - m)
-        agrees = (_direction(m, g, step_size, gradient_step_size, ALGORITHM) * g > 0.0) & mask
-        return tl.sum(agrees.to(tl.int32), axis=0).to(tl.float64)
-
-    @triton.jit
-    def _agreement_counts(
-        table_ptr,
-        chunk_ptr,
-        tensor_scalar_ptr,
-        grad_scale_ptr,
-        constants_ptr,
-        sums_ptr,
-        PARAM_STORAGE: tl.constexpr,
-        STATE_STORAGE: tl.constexpr,
-        COMPUTE: tl.constexpr,
-        ALGORITHM: tl.constexpr,
-        MAXIMIZE: tl.constexpr,
-        DECAY: tl.constexpr,
-        AMP: tl.constexpr,
-        KAHAN: tl.constexpr,
-        MASTER: tl.constexpr,
-        QUANT_BITS: tl.constexpr,
-        QBLOCK: tl.constexpr,
-        QBLOCK_SECOND: tl.constexpr,
-        EXACT_SECOND: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """The cautious pass, one program per chunk: :func:`_agreement_count` of the
-        chunk into ``sums_ptr`` (whole chunks with an all-true mask, as the update)."""
-        chunk = tl.program_id(0)
-        t = tl.load(chunk_ptr + 3 * chunk)
-        first = tl.multiple_of(tl.load(chunk_ptr + 3 * chunk + 1), BLOCK)
-        end = tl.load(chunk_ptr + 3 * chunk + 2)
-        gradient_factor = 1.0
-        if AMP:  # fp32(1 / s), as the update forms it
-            gradient_factor = tl.math.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
-        if MAXIMIZE:
-            gradient_factor = -gradient_factor
-        row = table_ptr + _ROW_LENGTH * t
-        param = tl.load(row).to(tl.pointer_type(PARAM_STORAGE))
-        grad = tl.load(row + 1).to(tl.pointer_type(PARAM_STORAGE))
-        exp_avg = tl.load(row + 2).to(tl.pointer_type(STATE_STORAGE))
-        second = tl.load(row + 3).to(tl.pointer_type(STATE_STORAGE))
-        compensation = tl.load(row + 5).to(tl.pointer_type(PARAM_STORAGE))
-        if ALIGNED:
-            param = tl.multiple_of(param, 16)
-            grad = tl.multiple_of(grad, 16)
-            exp_avg = tl.multiple_of(exp_avg, 16)
-            second = tl.multiple_of(second, 16)
-            compensation = tl.multiple_of(compensation, 16)
-        exp_avg_scales = tl.load(row + 6).to(tl.pointer_type(tl.bfloat16))
-        if EXACT_SECOND:
-            second_scales = tl.load(row + 7).to(tl.pointer_type(tl.float32))
-        else:
-            second_scales = tl.load(row + 7).to(tl.pointer_type(tl.bfloat16))
-        tensors = (param, grad, exp_avg, second, compensation, exp_avg_scales, second_scales)
-        tensor_row = tensor_scalar_ptr + _TENSOR_SCALAR_COUNT * t
-        scalars = (
-            tl.load(tensor_row).to(COMPUTE),  # step size
-            tl.load(tensor_row + 2).to(COMPUTE),  # NAdam's gradient step size
-            tl.load(tensor_row + 4).to(COMPUTE),  # ADOPT's clipping value
-            gradient_factor.to(COMPUTE),
-            tl.load(constants_ptr).to(COMPUTE),  # 1 - beta1
-            tl.load(constants_ptr + 3).to(COMPUTE),  # eps
-            tl.load(constants_ptr + 4).to(COMPUTE),  # L2 weight decay
-        )
-        offsets = first + tl.arange(0, BLOCK)
-        if end - first == BLOCK:
-            whole = tl.full([BLOCK], True, tl.int1)
-            total = _agreement_count(
-                tensors,
-                offsets,
-                whole,
-                scalars,
-                ALGORITHM,
-                DECAY,
-                KAHAN,
-                MASTER,
-                STATE_STORAGE,
-                QUANT_BITS,
-                QBLOCK,
-                QBLOCK_SECOND,
-            )
-        else:
-            tail = offsets < end
-            total = _agreement_count(
-                tensors,
-                offsets,
-                tail,
-                scalars,
-                ALGORITHM,
-                DECAY,
-                KAHAN,
-                MASTER,
-                STATE_STORAGE,
-                QUANT_BITS,
-                QBLOCK,
-                QBLOCK_SECOND,
             )
         tl.store(sums_ptr + chunk, total)
 
@@ -1125,28 +1000,42 @@ def _totals(bucket: _Bucket, chunk_sums: torch.Tensor, shards) -> torch.Tensor:
     return totals
 
 
-def _set_cautious_scales(
-    bucket: _Bucket, table, tensor_scalars, grad_scale, constants, rule: UpdateRule, shards
+def _launch_update(
+    bucket: _Bucket, rule: UpdateRule, table, tensor_scalars, keys, constants, grad_scale, found_inf, counts=None
 ) -> None:
-    """Cautious updates: the agreement pass over every chunk, then each tensor's
-    n / (kept + 1) on the device (:func:`adamkit.kernels.host.set_cautious_scales`)."""
-    counts = torch.empty(bucket.chunks.shape[0], dtype=torch.float64, device=bucket.device)
-    _agreement_counts[(bucket.chunks.shape[0],)](
+    """The update kernel over one bucket; with ``counts`` (a float64 array, one entry per
+    chunk), its agreement pass instead: nothing stored, each chunk's count written."""
+    _fused_step[(bucket.chunks.shape[0],)](
         table,
         bucket.chunks,
         tensor_scalars,
         table if grad_scale is None else grad_scale,  # any pointer: read only under AMP
+        bucket.no_inf if found_inf is None else found_inf,
+        table if keys is None else keys,
         constants,
-        counts,
+        table if counts is None else counts,  # any pointer: written only when counting
         ALGORITHM=ALGORITHM_CODES[rule.algorithm],
+        AMSGRAD=rule.amsgrad,
         MAXIMIZE=rule.maximize,
         DECAY=rule.group_scalars().decay_kind,
         AMP=grad_scale is not None,
         KAHAN=bucket.mode == "kahan",
         MASTER=_MASTER_BITS.get(bucket.mode, 0),
+        STOCHASTIC=bucket.mode == "stochastic",
+        RANDOM=bucket.random,
         QBLOCK=bucket.quantized.block if bucket.quantized else 1,
+        CAUTIOUS=rule.cautious and counts is None,
+        COUNTING=counts is not None,
         **_bucket_options(bucket),
     )
+
+
+def _set_cautious_scales(bucket: _Bucket, tensor_scalars, launch, shards) -> None:
+    """Cautious updates: the agreement pass (the update kernel with nothing stored,
+    counting each chunk's elements whose update agrees in sign with the gradient), then
+    each tensor's n / (kept + 1) on the device (:func:`adamkit.kernels.host.set_cautious_scales`)."""
+    counts = torch.zeros(bucket.chunks.shape[0], dtype=torch.float64, device=bucket.device)
+    launch(counts)
     totals = _totals(bucket, counts, shards)
     set_cautious_scales(tensor_scalars, totals[:, 0], totals[:, 1])
 
@@ -1184,37 +1073,17 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     for bucket, table in zip(buckets, tables):
         tensor_scalars, counts = _tensor_scalars(bucket, rule, group_scalars.decay_factor, found_inf if amp else None)
         keys = bucket.step_keys(rule, batch, counts)
-        unused = table  # any pointer: read only when AMP is on
-        grid = (bucket.chunks.shape[0],)
         constants = _group_constants(bucket, group_scalars)
         if rule.algorithm in CLIPPED:
             _clip_update_sizes(
                 bucket, table, tensor_scalars, grad_scale if amp else None, constants, rule, batch.shards
             )
-        if rule.cautious:
-            _set_cautious_scales(
-                bucket, table, tensor_scalars, grad_scale if amp else None, constants, rule, batch.shards
-            )
-        _fused_step[grid](
-            table,
-            bucket.chunks,
-            tensor_scalars,
-            grad_scale if amp else unused,
-            bucket.no_inf if found_inf is None else found_inf,
-            table if keys is None else keys,
-            constants,
-            ALGORITHM=ALGORITHM_CODES[rule.algorithm],
-            AMSGRAD=rule.amsgrad,
-            MAXIMIZE=rule.maximize,
-            DECAY=group_scalars.decay_kind,
-            AMP=amp,
-            KAHAN=bucket.mode == "kahan",
-            MASTER=_MASTER_BITS.get(bucket.mode, 0),
-            STOCHASTIC=bucket.mode == "stochastic",
-            RANDOM=bucket.random,
-            QBLOCK=bucket.quantized.block if bucket.quantized else 1,
-            CAUTIOUS=rule.cautious,
-            **_bucket_options(bucket),
+
+        update = functools.partial(
+            _launch_update, bucket, rule, table, tensor_scalars, keys, constants, grad_scale if amp else None, found_inf
         )
+        if rule.cautious:
+            _set_cautious_scales(bucket, tensor_scalars, update, batch.shards)
+        update()
         if amp and found_inf is not None and bucket.counters is None:  # a skipped step does not count
             torch._foreach_sub_(bucket.steps, [found_inf.to(bucket.steps[0].device)] * len(bucket.steps))
