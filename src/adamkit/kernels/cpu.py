@@ -751,6 +751,27 @@ if numba is not None:
     QUANTIZED_SPAN = 4096
 
     @njit(inline="always", nogil=True)
+    def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw):
+        """Decode elements [low, high) of a row's quantized moments into the fp32
+        ``scratch`` rows (m, v, and v's maximum under AMSGrad); the element loop's
+        pointers, with the moments' addressed in the scratch by element index."""
+        signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
+        _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
+        _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
+        if amsgrad:
+            _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
+        base = np.int64(scratch.ctypes.data) - 4 * low
+        stride = 4 * QUANTIZED_SPAN
+        return (
+            typed_pointer(row[0], pw),
+            typed_pointer(row[1], pw),
+            typed_pointer(base, _FLOAT32_WITNESS),
+            typed_pointer(base + stride, _FLOAT32_WITNESS),
+            typed_pointer(base + (2 * stride if amsgrad else stride), _FLOAT32_WITNESS),
+            typed_pointer(row[5], pw),
+        )
+
+    @njit(inline="always", nogil=True)
     def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, pw, sw, rw, aw, cw):
         """One chunk (it starts on a block boundary) with quantized moments, span by
         span: dequantize into fp32 scratch rows, run the plain element loop on those,
@@ -758,23 +779,9 @@ if numba is not None:
         scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
         spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)  # int4 codes, one a byte
         signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
-        rows = 3 if amsgrad else 2
         for low in range(first, end, QUANTIZED_SPAN):
             high = min(low + QUANTIZED_SPAN, end)
-            _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
-            _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
-            if amsgrad:
-                _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
-            base = np.int64(scratch.ctypes.data) - 4 * low  # addressed by element index
-            stride = 4 * QUANTIZED_SPAN
-            pointers = (
-                typed_pointer(row[0], pw),
-                typed_pointer(row[1], pw),
-                typed_pointer(base, _FLOAT32_WITNESS),
-                typed_pointer(base + stride, _FLOAT32_WITNESS),
-                typed_pointer(base + stride * (rows - 1), _FLOAT32_WITNESS),
-                typed_pointer(row[5], pw),
-            )
+            pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw)
             _update_chunk(pointers, low, high, scalars, maximize, decay, keys, amsgrad, aw, rw, cw)
             _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
             _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4], spread)
@@ -879,23 +886,10 @@ if numba is not None:
             def quantized(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
                 scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
                 spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)
-                signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
                 agree = 0
                 for low in range(first, end, QUANTIZED_SPAN):
                     high = min(low + QUANTIZED_SPAN, end)
-                    _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
-                    _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
-                    if amsgrad:
-                        _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
-                    base = np.int64(scratch.ctypes.data) - 4 * low  # addressed by element index
-                    pointers = (
-                        typed_pointer(row[0], pw),
-                        typed_pointer(row[1], pw),
-                        typed_pointer(base, _FLOAT32_WITNESS),
-                        typed_pointer(base + 4 * QUANTIZED_SPAN, _FLOAT32_WITNESS),
-                        typed_pointer(base + 8 * QUANTIZED_SPAN, _FLOAT32_WITNESS),
-                        typed_pointer(row[5], pw),
-                    )
+                    pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw)
                     agree += count(pointers, low, high, scalars, maximize, decay, amsgrad)
                 return agree
 
