@@ -1001,7 +1001,16 @@ def _totals(bucket: _Bucket, chunk_sums: torch.Tensor, shards) -> torch.Tensor:
 
 
 def _launch_update(
-    bucket: _Bucket, rule: UpdateRule, table, tensor_scalars, keys, constants, grad_scale, found_inf, counts=None
+    bucket: _Bucket,
+    rule: UpdateRule,
+    decay_kind: int,
+    table,
+    tensor_scalars,
+    keys,
+    constants,
+    grad_scale,
+    found_inf,
+    counts=None,
 ) -> None:
     """The update kernel over one bucket; with ``counts`` (a float64 array, one entry per
     chunk), its agreement pass instead: nothing stored, each chunk's count written."""
@@ -1017,7 +1026,7 @@ def _launch_update(
         ALGORITHM=ALGORITHM_CODES[rule.algorithm],
         AMSGRAD=rule.amsgrad,
         MAXIMIZE=rule.maximize,
-        DECAY=rule.group_scalars().decay_kind,
+        DECAY=decay_kind,
         AMP=grad_scale is not None,
         KAHAN=bucket.mode == "kahan",
         MASTER=_MASTER_BITS.get(bucket.mode, 0),
@@ -1080,7 +1089,16 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
             )
 
         update = functools.partial(
-            _launch_update, bucket, rule, table, tensor_scalars, keys, constants, grad_scale if amp else None, found_inf
+            _launch_update,
+            bucket,
+            rule,
+            group_scalars.decay_kind,
+            table,
+            tensor_scalars,
+            keys,
+            constants,
+            grad_scale if amp else None,
+            found_inf,
         )
         if rule.cautious:
             _set_cautious_scales(bucket, tensor_scalars, update, batch.shards)
