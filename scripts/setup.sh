@@ -8,4 +8,4 @@ TORCH_PIN=${ADAMKIT_TORCH_PIN:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "$TORCH_PIN" -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c scripts/constraints.txt "$TORCH_PIN" -e ".[test]"
