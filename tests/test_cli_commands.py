@@ -13,7 +13,7 @@ from PIL import Image
 from adamkit.cli import main
 from adamkit.experiments.functions import OBJECTIVES
 from adamkit.experiments.paper import EXPERIMENTS
-from adamkit.experiments.progress import ProgressBar
+from adamkit.experiments.progress import progress
 
 
 @pytest.mark.parametrize("command", ["demo", "viz", "bench", "reproduce"])
@@ -150,22 +150,25 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_bar_into_a_file_writes_few_lines():
+def test_progress_into_a_file_writes_few_plain_lines():
     stream = io.StringIO()
-    with ProgressBar(1000, "work", stream=stream, lines=10) as bar:
+    with progress(1000, "work", stream=stream, lines=10) as tick:
         for i in range(1000):
-            bar.tick(f"item {i}")
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 10 and lines[-1] == "work: 1000/1000 item 999"
-
-
-def test_progress_bar_on_a_terminal_redraws_one_line():
-    stream = _Terminal()
-    with ProgressBar(4, "work", stream=stream, width=8) as bar:
-        for _ in range(4):
-            bar.tick("x")
+            tick(f"item {i}")
     text = stream.getvalue()
-    assert text.count("\n") == 1 and "[####....] 2/4" in text and "work: 4/4 in" in text
+    lines = text.splitlines()
+    assert "\r" not in text and len(lines) == 10 and lines[-1] == "work: 1000/1000 item 999"
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar_redrawn_in_place():
+    stream = _Terminal()
+    with progress(4, "work", stream=stream) as tick:
+        for i in range(4):
+            tick(f"item {i}")
+    text = stream.getvalue()
+    final = text.split("\r")[-1]
+    assert text.count("\n") == 1 and text.count("\r") > 1  # one line, redrawn
+    assert final.startswith("work: 100%") and "4/4" in final and "item 3" in final
 
 
 def test_on_the_saddle_radam_leaves_the_ridge_last_of_the_adam_family():

@@ -199,18 +199,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
-    if (missing := _missing_extra("adamkit viz", ["matplotlib"], "cli")) is not None:
+    if (missing := _missing_extra("adamkit viz", ["matplotlib", "tqdm"], "cli")) is not None:
         return missing
     functions = args.functions or list(args.known)
     if problem := _unknown_names(functions, args.known, "function") or _output_problem(args.out, args.force):
         return _error(problem)
 
-    from adamkit.experiments.progress import ProgressBar
+    from adamkit.experiments.progress import progress
     from adamkit.experiments.viz import VIZ_EXPERIMENTS, run_viz
 
     animated = sum(VIZ_EXPERIMENTS[f].objective.dim == 2 for f in functions) if args.animate else 0
-    with ProgressBar(len(functions) + animated, "viz") as bar:
-        written = run_viz(functions, args.out, animate=args.animate, steps=args.steps, progress=bar.tick)
+    with progress(len(functions) + animated, "viz") as tick:
+        written = run_viz(functions, args.out, animate=args.animate, steps=args.steps, progress=tick)
     print("Figures written:")
     for path in written:
         print(f"  {path}")
@@ -218,10 +218,12 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if (missing := _missing_extra("adamkit bench", ["tqdm"], "cli")) is not None:
+        return missing
     import torch
 
     from adamkit.experiments import bench
-    from adamkit.experiments.progress import ProgressBar
+    from adamkit.experiments.progress import progress
 
     cases = bench.QUICK_CASES if args.quick else bench.CASES
     keys = args.cases.split(",")
@@ -236,25 +238,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"{bench.versions()}, device {device}\n")
     for key in keys:
         case = cases[key]
-        with ProgressBar(rounds, f"case {key}") as bar:
-            medians, bandwidth = bench.run_case(case, rounds, contenders, add_elements, device=device, tick=bar.tick)
+        with progress(rounds, f"case {key}") as tick:
+            medians, bandwidth = bench.run_case(case, rounds, contenders, add_elements, device=device, tick=tick)
         print(bench.format_case(case, medians, bandwidth) + "\n", flush=True)
     return 0
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    if (missing := _missing_extra("adamkit reproduce", ["matplotlib", "sklearn"], "experiments")) is not None:
+    if (missing := _missing_extra("adamkit reproduce", ["matplotlib", "sklearn", "tqdm"], "experiments")) is not None:
         return missing
     names = args.experiments or list(args.known)
     if problem := _unknown_names(names, args.known, "experiment") or _output_problem(args.out, args.force):
         return _error(problem)
 
     from adamkit.experiments.paper import EXPERIMENTS, run_reproduce
-    from adamkit.experiments.progress import ProgressBar
+    from adamkit.experiments.progress import progress
 
     units = sum(EXPERIMENTS[name].units(args.quick) for name in names)
-    with ProgressBar(units, "reproduce") as bar:
-        outcomes, report = run_reproduce(names, args.out, quick=args.quick, tick=bar.tick)
+    with progress(units, "reproduce") as tick:
+        outcomes, report = run_reproduce(names, args.out, quick=args.quick, tick=tick)
     width = max(len(o.title) for o in outcomes)
     print(f"{'experiment':{width}s}  paper's result holds here?")
     for o in outcomes:

@@ -1,55 +1,43 @@
-"""A dependency-free progress bar for the command line, drawn on stderr.
-
-On a terminal it redraws one line in place (``[#######.....] 7/12  0:14 left  label``);
-into a file or pipe it writes at most ``lines`` plain lines, so logs stay short.
+"""Progress of the command line's long runs, on stderr: a tqdm bar on a terminal; into a
+file or pipe, at most ``lines`` plain lines, so logs stay short and free of
+carriage returns.
 """
 
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
-
-class ProgressBar:
-    """Counts ``total`` units of work; call ``tick(label)`` after each, ``close()`` at the end."""
-
-    def __init__(self, total: int, title: str, *, stream: TextIO | None = None, width: int = 30, lines: int = 10):
-        self.total, self.title, self.width = max(total, 1), title, width
-        self.stream = sys.stderr if stream is None else stream
-        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = max(self.total // lines, 1)
-        self.done = 0
-        self.start = time.perf_counter()
-
-    def _eta(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        return f"{int(left) // 60}:{int(left) % 60:02d} left"
-
-    def tick(self, label: str = "") -> None:
-        self.done = min(self.done + 1, self.total)
-        if self.live:
-            filled = self.width * self.done // self.total
-            bar = "#" * filled + "." * (self.width - filled)
-            line = f"\r{self.title} [{bar}] {self.done}/{self.total} {self._eta()}  {label}"
-            self.stream.write(line[:120].ljust(120))
-            self.stream.flush()
-        elif self.done % self.every == 0 or self.done == self.total:
-            self.stream.write(f"{self.title}: {self.done}/{self.total} {label}\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.live:
-            seconds = time.perf_counter() - self.start
-            self.stream.write(f"\r{self.title}: {self.done}/{self.total} in {seconds:.0f} s".ljust(120) + "\n")
-            self.stream.flush()
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+from tqdm import tqdm
 
 
-__all__ = ["ProgressBar"]
+@contextmanager
+def progress(total: int, title: str, *, stream: TextIO | None = None, lines: int = 10) -> Iterator[Callable[..., None]]:
+    """Yield ``tick(label="")``, to be called after each of ``total`` units of work."""
+    stream = sys.stderr if stream is None else stream
+    total = max(total, 1)
+    if getattr(stream, "isatty", lambda: False)():
+        with tqdm(total=total, desc=title, file=stream, dynamic_ncols=True) as bar:
+
+            def tick(label: str = "") -> None:
+                bar.set_postfix_str(label, refresh=False)
+                bar.update()
+
+            yield tick
+        return
+
+    every, done = max(total // lines, 1), 0
+
+    def tick(label: str = "") -> None:
+        nonlocal done
+        done = min(done + 1, total)
+        if done % every == 0 or done == total:
+            stream.write(f"{title}: {done}/{total} {label}\n")
+            stream.flush()
+
+    yield tick
+
+
+__all__ = ["progress"]
