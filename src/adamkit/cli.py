@@ -9,6 +9,10 @@ Commands
     Optimizer trajectories over contour plots of test functions, optionally as GIFs.
 ``adamkit bench [--quick] [--cases a,b,...] [--rounds N] [--device cpu|cuda]``
     The step benchmarks on this machine against torch.optim.Adam, as tables.
+``adamkit memory MODEL [--hidden-size N] [--layers N] [--set KEY=VALUE ...] [--time]``
+    Bytes per param and GB of weights, gradients and optimizer state for a model (a
+    Hugging Face model type built from its config, or ``package.module:factory``)
+    under each adamkit setting and under torch.optim, bitsandbytes, torchao and FlashOptim.
 ``adamkit reproduce [EXPERIMENT ...] [--quick] [--out DIR] [--force]``
     Kingma & Ba's section 6 experiments (and Reddi et al.'s AMSGrad counterexample) on
     bundled data, with figures, curves and a report beside the papers' results.
@@ -21,6 +25,7 @@ without ``--force``, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,6 +128,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=_cmd_bench)
 
+    memory = commands.add_parser(
+        "memory",
+        help="plan a model's training memory under each optimizer setting",
+        description=(
+            "Print the bytes per param and the GB of weights, gradients and optimizer state, with and "
+            "without gradient release, for a model under each adamkit setting and under torch.optim, "
+            "bitsandbytes, torchao and FlashOptim.  MODEL is a Hugging Face model type (gpt2, llama, "
+            "bert, ...: its config with transformers' defaults, nothing downloaded) or "
+            "package.module:factory (a callable returning a torch.nn.Module).  The model is built on "
+            "the meta device, so no weights are allocated."
+        ),
+    )
+    memory.add_argument("model", metavar="MODEL", help="a Hugging Face model type, or package.module:factory")
+    for flag, key in _CONFIG_FLAGS.items():
+        memory.add_argument(f"--{flag}", type=_positive_int, metavar="N", dest=key, help=f"config {key}")
+    memory.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="config_items",
+        help="any other config attribute (a number, true/false, or text); repeatable",
+    )
+    memory.add_argument(
+        "--time",
+        action="store_true",
+        help="also time one step of each adamkit setting on this machine (allocates the model)",
+    )
+    memory.set_defaults(handler=_cmd_memory)
+
     from adamkit.experiments.paper import EXPERIMENTS
 
     reproduce = commands.add_parser(
@@ -146,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out_options(reproduce, "adamkit-reproduce", "figures, curves and report")
     reproduce.set_defaults(handler=_cmd_reproduce, known=tuple(EXPERIMENTS))
     return parser
+
+
+#: --flag -> the Hugging Face config attribute it sets
+_CONFIG_FLAGS = {
+    "hidden-size": "hidden_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "intermediate-size": "intermediate_size",
+    "vocab-size": "vocab_size",
+}
+
+
+def _config_value(text: str):
+    """A --set value: an int, a float, a boolean, or the text."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _error(message: str) -> int:
@@ -241,6 +296,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         with progress(rounds, f"case {key}") as tick:
             medians, bandwidth = bench.run_case(case, rounds, contenders, add_elements, device=device, tick=tick)
         print(bench.format_case(case, medians, bandwidth) + "\n", flush=True)
+    return 0
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from adamkit import memory
+
+    overrides = {key: getattr(args, key) for key in _CONFIG_FLAGS.values() if getattr(args, key) is not None}
+    for item in args.config_items:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            return _error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = _config_value(value)
+    try:
+        model = memory.build_model(args.model, overrides)
+    except memory.ModelSpecError as error:
+        return _error(str(error))
+    shapes = memory.param_shapes(model)
+    count = sum(math.prod(shape) for shape in shapes)
+    print(f"{args.model}: {memory.parameter_count_text(count)} params in {len(shapes)} tensors ({count:,})")
+    print("bytes per param of weights, gradients and optimizer state; GB in all, and with gradient release\n")
+    plans = [memory.plan(shapes, setting) for setting in memory.settings()]
+    print(memory.format_table(plans))
+    if args.time:
+        print("\none adamkit.AdamW step on this machine (median of 3):")
+        for setting in memory.settings():
+            if setting.library == "adamkit":
+                print(f"  {setting.name:32s} {1e3 * memory.time_step(shapes, setting):9.1f} ms", flush=True)
     return 0
 
 
