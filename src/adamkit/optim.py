@@ -157,10 +157,10 @@ class _AdamFamily(Optimizer):
     def step(self, closure=None):
         """Perform one optimization step.
 
-        Inside ``torch.compile``d code the step is a graph break: it runs as it runs
-        eagerly (its paths are fused already), so nothing in it is traced or guarded
-        on, and a learning rate changed by a scheduler (a float or a tensor) never
-        causes a recompilation.
+        Inside code compiled by ``torch.compile`` the step is a graph break: it runs as
+        it runs eagerly (its paths are fused already), so nothing in it is traced or
+        guarded on, and a learning rate changed by a scheduler (a float or a tensor)
+        never causes a recompilation.
 
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss.

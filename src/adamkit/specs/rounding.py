@@ -138,7 +138,7 @@ def toward_zero(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 
 def spacing(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """The distance from |value| to the next number away from zero, from the exponent field."""
+    """The distance from ``|value|`` to the next number away from zero, from the exponent field."""
     mantissa, bias = _FORMATS[dtype]
     exponent = (np.asarray(bits, dtype=np.int64) >> mantissa) & ((1 << (15 - mantissa)) - 1)
     return np.ldexp(1.0, np.maximum(exponent, 1) - bias - mantissa)
