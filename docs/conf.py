@@ -47,24 +47,3 @@ python_maximum_signature_line_length = 100
 html_theme = "furo"
 html_title = f"adamkit {release}"
 html_static_path: list[str] = []
-
-
-def _separate_options_table(app, what, name, obj, options, lines):
-    """Put a blank line between ``adamkit.options``' prose and the option table that the
-    module appends to its docstring at import time.
-
-    The table is joined straight onto the line that introduces it, which reST reads as
-    a paragraph followed by an unexpected indentation.  Until ``adamkit/options.py``
-    starts its table with a blank line, this adds one here; once it does, this finds
-    nothing to do.
-    """
-    if what != "module" or name != "adamkit.options":
-        return
-    for i, line in enumerate(lines[:-1]):
-        if line.rstrip().endswith("(reproduced from :data:`OPTIONS`):") and lines[i + 1].strip():
-            lines.insert(i + 1, "")
-            return
-
-
-def setup(app):
-    app.connect("autodoc-process-docstring", _separate_options_table)

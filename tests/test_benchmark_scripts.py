@@ -39,7 +39,7 @@ def test_train_storage_rejects_unknown_runs():
 def test_the_fidelity_panel_runs_quick_and_int8_tracks_fp32():
     """The panel's quick form on its near-convergence task: the table is printed, and
     int8 states end within 1 % of fp32 AdamW's training loss (the panel's full form holds
-    every lean setting to its bar; see the README)."""
+    every lean setting to its bar; see docs/lean-memory.md)."""
     command = [sys.executable, "fidelity.py", "--quick", "--tasks", "regression", "--settings"]
     command += ["fp32 AdamW (torch)", "int8", "bf16, stochastic"]
     result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)

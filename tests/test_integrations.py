@@ -1,4 +1,4 @@
-"""adamkit in the Hugging Face Trainer and in Lightning, the way the README shows.
+"""adamkit in the Hugging Face Trainer and in Lightning, the way docs/integrations.md shows.
 
 transformers, accelerate and lightning are in the ``test`` extra, so these tests run
 (not skip) wherever the suite runs.  The models are built from configs (no download):

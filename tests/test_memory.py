@@ -118,6 +118,15 @@ def test_the_command_times_adamkit_settings_on_request(capsys):
     assert out.count(" ms") == sum(s.library == "adamkit" for s in memory.settings())
 
 
+def test_timing_refuses_a_model_that_would_not_fit(capsys, monkeypatch):
+    """Timing allocates the model for real: Llama-2-7B's 108 GB of fp32 training state is
+    refused on a machine with 24 GB free."""
+    monkeypatch.setattr(memory, "available_bytes", lambda: 24 * 10**9)
+    argv = ["memory", "llama", "--hidden-size", "4096", "--layers", "32", "--intermediate-size", "11008", "--time"]
+    assert main(argv) == 2
+    assert "--time would allocate up to" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -319,6 +319,13 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     plans = [memory.plan(shapes, setting) for setting in memory.settings()]
     print(memory.format_table(plans))
     if args.time:
+        needed = max(p.total for p in plans if p.setting.library == "adamkit")
+        available = memory.available_bytes()
+        if available is not None and needed > available / 2:
+            return _error(
+                f"--time would allocate up to {needed / memory.GB:.1f} GB for {args.model}, more than half the "
+                f"{available / memory.GB:.1f} GB this machine has free; plan without --time, or time a smaller config"
+            )
         print("\none adamkit.AdamW step on this machine (median of 3):")
         for setting in memory.settings():
             if setting.library == "adamkit":

@@ -261,6 +261,16 @@ def format_table(plans: list[Plan]) -> str:
     return "\n".join(rows)
 
 
+def available_bytes() -> int | None:
+    """Memory this machine has free (Linux and other POSIX systems that report it), or ``None``."""
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def time_step(model_shapes: list[tuple[int, ...]], setting: Setting, rounds: int = 3) -> float:
     """Median seconds of one ``adamkit.AdamW`` step under an adamkit ``setting``, on
     real params of the model's shapes (random gradients; the first step not timed)."""
@@ -291,6 +301,7 @@ def parameter_count_text(count: int) -> str:
 
 __all__ = [
     "ModelSpecError",
+    "available_bytes",
     "Plan",
     "Setting",
     "build_model",

@@ -176,7 +176,7 @@ OPTIONS: tuple[Option, ...] = (
 DEFAULTS: dict[str, Any] = {option.name: option.default for option in OPTIONS}
 
 if __doc__ is not None:  # (``python -OO`` strips docstrings)
-    __doc__ += "\n".join(f"``{o.name}`` (default ``{o.default!r}``)\n    {o.doc}\n" for o in OPTIONS)
+    __doc__ += "\n\n" + "\n".join(f"``{o.name}`` (default ``{o.default!r}``)\n    {o.doc}\n" for o in OPTIONS)
 
 
 def check_signature(cls: type) -> None:
