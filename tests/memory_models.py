@@ -14,3 +14,10 @@ def small_convnet() -> torch.nn.Module:
         torch.nn.Flatten(),
         torch.nn.Linear(40 * 6 * 6, 97),
     )
+
+
+def frozen_backbone() -> torch.nn.Module:
+    """A frozen embedding under a trainable head: the optimizer holds state for the head only."""
+    model = torch.nn.Sequential(torch.nn.Embedding(5000, 64), torch.nn.Linear(64, 10))
+    model[0].weight.requires_grad_(False)
+    return model

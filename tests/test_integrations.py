@@ -148,7 +148,7 @@ def _lightning_run(out, epochs: int, resume: str | None = None, **optimizer_opti
     checkpoints = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=out, every_n_epochs=1, save_top_k=-1)
     trainer = lightning.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, callbacks=[checkpoints], enable_progress_bar=False,
-        enable_model_summary=False, deterministic=True,
+        enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, _regression_data(), ckpt_path=resume)
     return module, trainer

@@ -86,6 +86,21 @@ def test_the_planner_builds_on_the_meta_device_and_counts_llama_7b():
     assert fp32.per_param(fp32.total) == pytest.approx(16.0, abs=1e-6)  # 4 weights + 4 grads + 8 state
 
 
+def test_frozen_params_count_as_weights_only(capsys):
+    model = memory.build_model("memory_models:frozen_backbone")
+    trainable, frozen = memory.param_shapes(model), memory.param_shapes(model, trainable=False)
+    assert trainable == [(10, 64), (10,)] and frozen == [(5000, 64)]
+    int8 = next(s for s in memory.settings() if s.name == "int8 states")
+    planned = memory.plan(trainable, int8, frozen)
+    assert planned.params == 5000 * 64 + 650
+    assert planned.weights == 4 * planned.params and planned.gradients == 4 * 650
+    real = torch.nn.Sequential(torch.nn.Embedding(5000, 64), torch.nn.Linear(64, 10))
+    real[0].weight.requires_grad_(False)
+    assert planned.state == _measured_state_bytes(int8, real)
+    assert main(["memory", "memory_models:frozen_backbone"]) == 0
+    assert "and 320,000 frozen params (weights only) in 1 tensors" in capsys.readouterr().out
+
+
 def test_lean_settings_hold_the_bytes_the_issues_promise():
     """int8 <= 2.03 and int4 <= 1.06 B/param of state; bf16 + 24-bit master + int8 <=
     5.05 and + int4 <= 4.1 B/param of weights and state (GPT-2 small's shapes)."""

@@ -312,11 +312,15 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         model = memory.build_model(args.model, overrides)
     except memory.ModelSpecError as error:
         return _error(str(error))
-    shapes = memory.param_shapes(model)
+    shapes, frozen = memory.param_shapes(model), memory.param_shapes(model, trainable=False)
     count = sum(math.prod(shape) for shape in shapes)
-    print(f"{args.model}: {memory.parameter_count_text(count)} params in {len(shapes)} tensors ({count:,})")
+    print(f"{args.model}: {memory.parameter_count_text(count)} trainable params in {len(shapes)} tensors ({count:,})")
+    if frozen:
+        print(
+            f"and {sum(math.prod(shape) for shape in frozen):,} frozen params (weights only) in {len(frozen)} tensors"
+        )
     print("bytes per param of weights, gradients and optimizer state; GB in all, and with gradient release\n")
-    plans = [memory.plan(shapes, setting) for setting in memory.settings()]
+    plans = [memory.plan(shapes, setting, frozen) for setting in memory.settings()]
     print(memory.format_table(plans))
     if args.time:
         needed = max(p.total for p in plans if p.setting.library == "adamkit")

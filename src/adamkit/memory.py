@@ -167,15 +167,17 @@ class Plan:
         return self.weights + self.largest_gradient + self.state
 
 
-def plan(shapes: Iterable[Sequence[int]], setting: Setting) -> Plan:
-    """Bytes of weights, gradients and state for params of ``shapes`` under ``setting``."""
+def plan(shapes: Iterable[Sequence[int]], setting: Setting, frozen: Iterable[Sequence[int]] = ()) -> Plan:
+    """Bytes of weights, gradients and state for trainable params of ``shapes`` (and the
+    weights alone of ``frozen`` params, which have no gradient or state) under ``setting``."""
     metas = [torch.empty(tuple(shape), dtype=setting.weight_dtype, device="meta") for shape in shapes]
     size = torch.empty(0, dtype=setting.weight_dtype).element_size()
     counts = [m.numel() for m in metas]
+    frozen_count = sum(math.prod(shape) for shape in frozen)
     return Plan(
         setting,
-        params=sum(counts),
-        weights=size * sum(counts),
+        params=sum(counts) + frozen_count,
+        weights=size * (sum(counts) + frozen_count),
         gradients=size * sum(counts),
         largest_gradient=size * max(counts, default=0),
         state=sum(setting.state_bytes(m) for m in metas),
@@ -240,9 +242,10 @@ def _hugging_face_model(model_type: str, overrides: dict) -> torch.nn.Module:
         return transformers.AutoModel.from_config(config)
 
 
-def param_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
-    """The shapes of the model's trainable params (shared ones once)."""
-    return [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+def param_shapes(model: torch.nn.Module, trainable: bool = True) -> list[tuple[int, ...]]:
+    """The shapes of the model's trainable params (``trainable=False``: its frozen ones);
+    a param shared between modules counts once."""
+    return [tuple(p.shape) for p in model.parameters() if p.requires_grad == trainable]
 
 
 def format_table(plans: list[Plan]) -> str:
