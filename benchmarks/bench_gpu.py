@@ -33,6 +33,7 @@ import torch
 import adamkit
 from adamkit.experiments.bench import Case, gpt2_shapes
 from adamkit.kernels import triton as triton_kernel
+from adamkit.memory import tensor_bytes
 
 CASES = {
     # 36 layers of width 1536 with a 50K vocabulary: ~1.1B params
@@ -105,12 +106,6 @@ def sweep_contenders(state_precision: str | None) -> dict:
     for block, warps in LAUNCH_SHAPES[state_precision or "fp32"]:
         contenders[f"adamkit {state_precision or 'fp32'} {block}x{warps}w"] = launched_with(block, warps)
     return contenders
-
-
-def tensor_bytes(value) -> int:
-    inner = getattr(value, "__tensor_flatten__", None)  # torchao's tensor subclasses
-    parts = [getattr(value, name) for name in inner()[0]] if inner else [value]
-    return sum(t.numel() * t.element_size() for t in parts)
 
 
 def bytes_per_param(optimizer: torch.optim.Optimizer) -> tuple[float, float]:

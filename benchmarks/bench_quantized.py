@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import torch
 from bench_cpu import parse_arguments
-from fidelity import tensor_bytes
 
 import adamkit
 from adamkit.experiments.bench import Case, gpt2_shapes, run_case
+from adamkit.memory import tensor_bytes
 
 CASES = {
     "a": Case("(a) 50M fp32 params in 50 tensors", [(1_000_000,)] * 50),

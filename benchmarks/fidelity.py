@@ -40,6 +40,7 @@ from torch import nn
 from torch.func import functional_call
 
 import adamkit
+from adamkit.memory import tensor_bytes
 from adamkit.precision import cast_module
 from adamkit.state import moment_value
 
@@ -106,13 +107,6 @@ def make_optimizer(setting: Setting, params: list, lr: float, weight_decay: floa
         cls = optim.AdamW8bit if setting.library == "ao8" else optim.AdamW4bit
         return cls(params, lr=lr, weight_decay=weight_decay)
     return adamkit.AdamW(params, lr=lr, weight_decay=weight_decay, **{"seed": 0, **setting.options})
-
-
-def tensor_bytes(value: torch.Tensor) -> int:
-    """Bytes a state tensor holds (torchao's quantized tensors: their parts)."""
-    inner = getattr(value, "__tensor_flatten__", None)
-    parts = [getattr(value, name) for name in inner()[0]] if inner else [value]
-    return sum(t.numel() * t.element_size() for t in parts)
 
 
 def full_precision_share(optimizer) -> float:

@@ -309,6 +309,7 @@ __all__ = [
     "Setting",
     "build_model",
     "format_table",
+    "parameter_count_text",
     "param_shapes",
     "plan",
     "settings",
