@@ -99,3 +99,60 @@ def test_every_backend_follows_the_single_tensor_path_through_spikes():
     for backend in BACKENDS:
         for ours, theirs in zip(run(backend), expected):
             torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_the_pre_pass_windows_hold_whole_tensors():
+    from adamkit.kernels.cpu import window_table
+    from adamkit.kernels.host import chunk_table
+
+    chunks = chunk_table(np.array([5, 0, 3, 9, 1, 2]), 4)  # tensor 1 has no chunks
+    assert window_table(chunks, 6) == [(0, 3, 0, 3), (3, 6, 3, 4), (6, 8, 4, 6)]
+    assert window_table(chunks, 1) == [(0, 2, 0, 1), (2, 3, 2, 3), (3, 6, 3, 4), (6, 7, 4, 5), (7, 8, 5, 6)]
+    assert window_table(chunks, 10**9) == [(0, 8, 0, 6)]
+    assert window_table(chunk_table(np.array([0, 0]), 4), 1) == []
+
+
+@pytest.mark.skipif(not KERNELS["cpu"].available(), reason="needs numba")
+@pytest.mark.parametrize(
+    "name, cautious, state_precision, dtype",
+    [
+        ("StableAdamW", False, None, torch.float32),
+        ("StableAdamW", False, "int8", torch.bfloat16),
+        ("AdamW", True, None, torch.bfloat16),
+        ("StableAdamW", True, "int8", torch.float32),
+    ],
+)
+def test_stepping_window_by_window_changes_no_bit(monkeypatch, name, cautious, state_precision, dtype):
+    """The fused CPU kernel runs StableAdamW's clipping and a cautious update's count
+    window by window (the update re-reads what the pre-pass read while it is in cache):
+    a window per tensor ends bit for bit where one window for the whole group does,
+    through gradient spikes that engage the clipping."""
+    from adamkit.kernels import cpu
+
+    def run(window):
+        monkeypatch.setattr(cpu, "PRE_PASS_WINDOW", window)
+        g = torch.Generator().manual_seed(7)
+        shapes = [(70_000,), (3, 0), (40_000,), (5,), (300, 200)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+        opt = getattr(adamkit, name)(
+            params,
+            lr=1e-2,
+            weight_decay=0.1,
+            cautious=cautious,
+            state_precision=state_precision,
+            seed=3,
+            backend="cpu",
+        )
+        for step in range(5):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=g) * (40.0 if step == 2 else 1.0)).to(dtype)
+            opt.step()
+        return [p.detach().clone() for p in params], opt.state_dict()["state"]
+
+    per_tensor, state_per_tensor = run(1)
+    whole, state_whole = run(10**12)
+    for ours, theirs in zip(per_tensor, whole):
+        assert torch.equal(ours, theirs)
+    for index, state in state_whole.items():
+        for key, value in state.items():
+            assert torch.equal(state_per_tensor[index][key], value), (index, key)

@@ -72,9 +72,12 @@ from ..state import PARAM_EXTRA_KEY, moment_storage
 from .amp import inverse_scale
 from .host import (
     ALGORITHM_CODES,
+    CAUTIOUS_SCALE_COLUMN,
     CLIPPED,
     COLUMNS,
+    DECAY_FACTOR_COLUMN,
     STATE_COLUMNS,
+    STEP_SIZE_COLUMN,
     HostCounters,
     chunk_table,
     clip_update_sizes,
@@ -117,6 +120,13 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 #: elements per parallel work item: large enough to amortise the loop set-up,
 #: small enough to balance two to a few dozen threads
 CHUNK = 1 << 15
+
+#: elements per pre-pass window: StableAdamW's clipping and a cautious update need a
+#: pass over each tensor before its update, so a bucket with one of them is stepped
+#: window by window (whole tensors, at least this many elements unless the bucket ends),
+#: its pre-pass then its update, while the gradient and moments the pre-pass read
+#: (8-12 bytes an element in fp32, 8-12 MB a window) are still in the last-level cache
+PRE_PASS_WINDOW = 1 << 20
 
 
 #: storage "witness" dtypes: what the kernel loads and stores for each param dtype.
@@ -911,6 +921,93 @@ if numba is not None:
     #: the keys argument of a counting loop (its stores, and so its random bits, never happen)
     _NO_STREAM = (np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.int64(0))
 
+    @njit(inline="always", nogil=True)
+    def _window_totals(chunks, values, first_tensor, end_tensor):
+        """``values`` of a window's chunks added up per tensor, in chunk order."""
+        totals = np.zeros(end_tensor - first_tensor, dtype=np.float64)
+        for c in range(chunks.shape[0]):
+            totals[chunks[c, 0] - first_tensor] += values[c]
+        return totals
+
+    def _clip_window(addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw):
+        raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+    @overload(_clip_window, inline="always")
+    def _clip_window_impl(addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw):
+        """StableAdamW's clipping of tensors [first, end), as
+        :func:`~adamkit.kernels.host.clip_update_sizes` computes it (nothing for the
+        other algorithms: the choice is made when compiling)."""
+        if _ALGORITHM_OF_WITNESS[aw.dtype] not in CLIPPED:
+            return lambda addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw: None
+        clipping_sums = _quantized_clipping_sums if sw.dtype in (types.int8, types.uint8) else _clipping_sums
+
+        def clip(addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw):
+            sums = _window_totals(
+                window, clipping_sums(addresses, window, tensor_scalars, constants, pw, sw), first, end
+            )
+            for t in range(first, end):
+                rms = np.sqrt(sums[t - first] / max(numels[t], 1.0))
+                scale = 1.0 / (rms if rms > 1.0 else 1.0)
+                tensor_scalars[t, STEP_SIZE_COLUMN] *= scale
+                if not np.isnan(decay_rate):
+                    tensor_scalars[t, DECAY_FACTOR_COLUMN] = 1.0 - scale * decay_rate
+
+        return clip
+
+    def _caution_window(addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw):
+        raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+    @overload(_caution_window, inline="always")
+    def _caution_window_impl(
+        addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw
+    ):
+        """A cautious update's scale n / (kept + 1) for tensors [first, end), as
+        :func:`~adamkit.kernels.host.set_cautious_scales` computes it (nothing when the
+        update is not cautious)."""
+        if cw.dtype != types.uint8:
+            return lambda addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw: (
+                None
+            )
+
+        def caution(addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw):
+            counts = _agreement_counts(addresses, window, tensor_scalars, constants, flags, pw, sw, rw, aw)
+            kept = _window_totals(window, counts, first, end)
+            for t in range(first, end):
+                tensor_scalars[t, CAUTIOUS_SCALE_COLUMN] = numels[t] / (kept[t - first] + 1.0)
+
+        return caution
+
+    def _update_window(addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw):
+        raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+    @overload(_update_window, inline="always")
+    def _update_window_impl(addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw):
+        """The update of a window's chunks (:func:`_fused_step`, or its quantized form)."""
+        update = _fused_quantized_step if sw.dtype in (types.int8, types.uint8) else _fused_step
+        return lambda addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw: update(
+            addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw
+        )
+
+    @njit(cache=True, nogil=True)
+    def _windowed_step(
+        addresses, chunks, windows, tensor_scalars, constants, flags, keys, numels, decay_rate, pw, sw, rw, aw, cw
+    ):
+        """A bucket whose tensors need a pass before their update (StableAdamW's
+        clipping, a cautious update's count of agreeing elements), window by window:
+        each window's pre-pass, its tensors' scalars, then its update, while what the
+        pre-pass read is still in cache.
+
+        windows: int64[W, 4] first chunk, end chunk, first tensor, end tensor
+        numels: float64[T] each tensor's real elements; decay_rate: eta * lambda, NaN
+        without decoupled decay; the rest (witnesses abbreviated) as :func:`_fused_step`
+        takes them."""
+        for w in range(windows.shape[0]):
+            first, end = windows[w, 2], windows[w, 3]
+            window = chunks[windows[w, 0] : windows[w, 1]]
+            _clip_window(addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw)
+            _caution_window(addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw)
+            _update_window(addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw)
+
 
 def _dense(t: Tensor) -> bool:
     """True when ``t`` covers one contiguous block of memory (any dimension order)."""
@@ -969,6 +1066,7 @@ class _Bucket:
             dtype=np.int64,
         ).reshape(len(members), STATE_COLUMNS)
         self.chunks = chunk_table(self.real_numels, CHUNK)
+        self.windows = np.array(window_table(self.chunks, PRE_PASS_WINDOW), dtype=np.int64).reshape(-1, 4)
         self.clipped = rule.algorithm in CLIPPED
         self.cautious = rule.cautious
         self.cautious_witness = np.empty(0, dtype=_CAUTIOUS_WITNESS[rule.cautious])
@@ -1091,17 +1189,21 @@ def _following_torch_threads() -> Iterator[None]:
             torch.set_num_threads(torch_threads)
 
 
-def _clip_update_sizes(batch, bucket, table, tensor_scalars, constants, decay_rate) -> None:
-    """StableAdamW's clipping: a parallel pass of chunk sums, added up per tensor (over
-    the ranks of a sharded param), and the tensors' scalars scaled by
-    :func:`~adamkit.kernels.host.clip_update_sizes`.  The pass reads each gradient and
-    second moment once more: on these 2-core hosts the step takes about 1.3x AdamW's
-    (``benchmarks/bench_family.py``)."""
-    clipping_sums = _quantized_clipping_sums if bucket.quantized else _clipping_sums
-    chunks = bucket.chunks
-    sums = clipping_sums(table, chunks, tensor_scalars, constants, bucket.param_witness, bucket.state_witness)
-    totals = _per_tensor_totals(batch, bucket, sums)
-    clip_update_sizes(tensor_scalars, totals[:, 0], np.maximum(totals[:, 1], 1), decay_rate)
+def window_table(chunks: np.ndarray, elements: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive windows of whole tensors over a chunk table: (first chunk, end chunk,
+    first tensor, end tensor), each closed at a tensor's end once it holds at least
+    ``elements`` elements (the last one wherever the table ends)."""
+    if len(chunks) == 0:
+        return []
+    sizes = np.cumsum(chunks[:, 2] - chunks[:, 1])
+    tensor_ends = [*(np.flatnonzero(np.diff(chunks[:, 0])) + 1).tolist(), len(chunks)]
+    windows, first = [], 0
+    for end in tensor_ends:
+        held = sizes[end - 1] - (sizes[first - 1] if first else 0)
+        if held >= elements or end == len(chunks):
+            windows.append((first, end, int(chunks[first, 0]), int(chunks[end - 1, 0]) + 1))
+            first = end
+    return windows
 
 
 def _per_tensor_totals(batch, bucket, chunk_values: np.ndarray) -> np.ndarray:
@@ -1114,9 +1216,22 @@ def _per_tensor_totals(batch, bucket, chunk_values: np.ndarray) -> np.ndarray:
     return totals
 
 
-def _set_cautious_scales(batch, bucket, tensor_scalars, counts_per_chunk) -> None:
-    totals = _per_tensor_totals(batch, bucket, counts_per_chunk)
-    set_cautious_scales(tensor_scalars, totals[:, 0], totals[:, 1])
+def _sharded_pre_pass(batch, bucket, table, tensor_scalars, constants, flags, witnesses, decay_rate) -> None:
+    """What sharded tensors need before their update, over the whole bucket (each rank
+    holds its own shards, so all of them total every tensor at once): StableAdamW's
+    clipping sums, then a cautious update's count of agreeing elements, added up over
+    the ranks and turned into the tensors' scalars by
+    :func:`~adamkit.kernels.host.clip_update_sizes` and
+    :func:`~adamkit.kernels.host.set_cautious_scales`."""
+    if bucket.clipped:
+        clipping_sums = _quantized_clipping_sums if bucket.quantized else _clipping_sums
+        sums = clipping_sums(table, bucket.chunks, tensor_scalars, constants, *witnesses[:2])
+        totals = _per_tensor_totals(batch, bucket, sums)
+        clip_update_sizes(tensor_scalars, totals[:, 0], np.maximum(totals[:, 1], 1), decay_rate)
+    if bucket.cautious:
+        counts = _agreement_counts(table, bucket.chunks, tensor_scalars, constants, flags, *witnesses)
+        totals = _per_tensor_totals(batch, bucket, counts)
+        set_cautious_scales(tensor_scalars, totals[:, 0], totals[:, 1])
 
 
 def _launch(batch: GroupBatch, rule: UpdateRule) -> None:
@@ -1130,12 +1245,15 @@ def _launch(batch: GroupBatch, rule: UpdateRule) -> None:
         keys = bucket.step_keys(rule, batch, counts)
         witnesses = (bucket.param_witness, bucket.state_witness, bucket.rounding_witness, bucket.algorithm_witness)
         launch = _fused_quantized_step if bucket.quantized else _fused_step
-        if bucket.clipped:  # StableAdamW: its per-tensor clipping first
-            _clip_update_sizes(batch, bucket, table, tensor_scalars, constants, decay_rate)
-        if bucket.cautious:  # then the count of each tensor's agreeing elements
-            counts_per_chunk = _agreement_counts(table, bucket.chunks, tensor_scalars, constants, flags, *witnesses)
-            _set_cautious_scales(batch, bucket, tensor_scalars, counts_per_chunk)
-        launch(table, bucket.chunks, tensor_scalars, constants, flags, keys, *witnesses, bucket.cautious_witness)
+        if (bucket.clipped or bucket.cautious) and batch.shards is None:
+            numels = bucket.real_numels.astype(np.float64)
+            decay = np.nan if decay_rate is None else decay_rate
+            arguments = (keys, numels, decay, *witnesses, bucket.cautious_witness)
+            _windowed_step(table, bucket.chunks, bucket.windows, tensor_scalars, constants, flags, *arguments)
+        else:
+            if bucket.clipped or bucket.cautious:
+                _sharded_pre_pass(batch, bucket, table, tensor_scalars, constants, flags, witnesses, decay_rate)
+            launch(table, bucket.chunks, tensor_scalars, constants, flags, keys, *witnesses, bucket.cautious_witness)
         for param, param_buffer, _grad_buffer, state_tensors, state_buffers in staged:
             param.copy_(param_buffer)
             for state, buffer in zip(state_tensors, state_buffers):

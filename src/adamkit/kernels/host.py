@@ -102,8 +102,9 @@ TENSOR_SCALARS = (
     "bias_correction2",
     "cautious_scale",
 )
-_STEP_SIZE, _DECAY_FACTOR = TENSOR_SCALARS.index("step_size"), TENSOR_SCALARS.index("decay_factor")
-_CAUTIOUS_SCALE = TENSOR_SCALARS.index("cautious_scale")
+STEP_SIZE_COLUMN = TENSOR_SCALARS.index("step_size")
+DECAY_FACTOR_COLUMN = TENSOR_SCALARS.index("decay_factor")
+CAUTIOUS_SCALE_COLUMN = TENSOR_SCALARS.index("cautious_scale")
 
 
 def group_constants(group_scalars: GroupScalars) -> tuple:
@@ -164,9 +165,9 @@ def clip_update_sizes(rows, sums, numels, decay_rate) -> None:
     lib = torch if isinstance(rows, Tensor) else np
     rms = lib.sqrt(sums / numels)
     scale = 1.0 / lib.where(rms > 1.0, rms, 1.0)
-    rows[:, _STEP_SIZE] *= scale
+    rows[:, STEP_SIZE_COLUMN] *= scale
     if decay_rate is not None:
-        rows[:, _DECAY_FACTOR] = 1.0 - scale * decay_rate
+        rows[:, DECAY_FACTOR_COLUMN] = 1.0 - scale * decay_rate
 
 
 def set_cautious_scales(rows, kept, numels) -> None:
@@ -174,7 +175,7 @@ def set_cautious_scales(rows, kept, numels) -> None:
     torch, float64): :math:`n / (\lVert\phi\rVert_0 + 1)` from each tensor's count ``kept``
     of elements whose update agrees in sign with the gradient and its ``numels`` n, as
     :func:`adamkit.kernels.single_tensor.descend_cautiously` forms it."""
-    rows[:, _CAUTIOUS_SCALE] = numels / (kept + 1.0)
+    rows[:, CAUTIOUS_SCALE_COLUMN] = numels / (kept + 1.0)
 
 
 def host_step_scalars(rule: UpdateRule, counts: np.ndarray) -> StepScalars:
