@@ -1,6 +1,8 @@
 """The Adam family's fused CPU steps against adamkit's fused AdamW step (the anchor), and
 torch.optim's fastest path for each variant, measured in the same process in interleaved
 rounds (see ``adamkit.experiments.bench``).  The goal: every variant within 1.1x of AdamW.
+StableAdamW and cautious AdamW also run with one pre-pass window for the whole group, to
+show what running the pre-pass window by window (in cache) saves.
 
     python benchmarks/bench_family.py                 # case (a): 50M fp32 params in 50 tensors
     python benchmarks/bench_family.py --cases a,c --rounds 30
@@ -13,8 +15,23 @@ from bench_cpu import parse_arguments
 
 import adamkit
 from adamkit.experiments.bench import CASES, format_case, run_case
+from adamkit.kernels import cpu
 
 ANCHOR = "adamkit AdamW"
+
+
+def one_window(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` with its fused CPU buckets built for a single pre-pass window (the
+    whole group), as before StableAdamW's clipping and a cautious update's count ran
+    window by window: the pre-pass's cache reuse, measured in the same rounds."""
+    default = cpu.PRE_PASS_WINDOW
+    cpu.PRE_PASS_WINDOW = 2**62
+    try:
+        optimizer.step()  # the buckets (and their windows) are built by the first step
+    finally:
+        cpu.PRE_PASS_WINDOW = default
+    return optimizer
+
 
 CONTENDERS = {
     ANCHOR: lambda ps: adamkit.AdamW(ps, backend="cpu"),
@@ -24,6 +41,8 @@ CONTENDERS = {
     "adamkit ADOPT": lambda ps: adamkit.ADOPT(ps, backend="cpu"),
     "adamkit StableAdamW": lambda ps: adamkit.StableAdamW(ps, backend="cpu"),
     "adamkit AdamW cautious": lambda ps: adamkit.AdamW(ps, backend="cpu", cautious=True),
+    "adamkit StableAdamW, one window": lambda ps: one_window(adamkit.StableAdamW(ps, backend="cpu")),
+    "adamkit AdamW cautious, one window": lambda ps: one_window(adamkit.AdamW(ps, backend="cpu", cautious=True)),
     # torch.optim has no fused NAdam or RAdam on the CPU: foreach is its fastest path
     "torch NAdam": lambda ps: torch.optim.NAdam(ps, foreach=True),
     "torch RAdam": lambda ps: torch.optim.RAdam(ps, foreach=True),
