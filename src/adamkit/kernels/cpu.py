@@ -30,7 +30,10 @@ specification (so results equal the other backends' bit for bit).
 How many tensors a group has barely matters: the kernel gets a table of raw
 addresses (param, grad, exp_avg, second moment, max second moment, compensation) and a table of
 chunks of at most :data:`CHUNK` elements, and runs one ``prange`` over the chunks,
-so small tensors share threads and large ones are split.  The step counters are
+so small tensors share threads and large ones are split.  StableAdamW's clipping and a
+cautious update's count need a pass over each whole tensor before it moves: those buckets
+are stepped window by window (:data:`PRE_PASS_WINDOW`), each window's pre-pass then its
+update, so that the update re-reads the gradient and moments from cache.  The step counters are
 advanced by a small compiled loop over their addresses, and the per-tensor scalars
 come from :class:`adamkit.rule.UpdateRule`, computed once per distinct step count.
 What the addresses point to is validated in Python and cached per group; per step,
