@@ -278,7 +278,6 @@ ADAMKIT_ERROR_INPUTS = [
     ({"skip_nonfinite": 1}, TypeError, ["skip_nonfinite", "1", "True or False"]),
     ({"diagnostics": "no"}, TypeError, ["diagnostics", "'no'", "True or False"]),
     ({"cautious": 1}, TypeError, ["cautious", "1", "True or False"]),
-    ({"cautious": True, "accumulation_steps": 2}, ValueError, ["cautious=True", "accumulation_steps=2", "together"]),
     ({"accumulation_steps": 0}, ValueError, ["accumulation_steps", "0", "int >= 1"]),
     ({"accumulation_steps": 2.0}, ValueError, ["accumulation_steps", "2.0", "int >= 1"]),
     ({"state_precision": "int8", "differentiable": True}, ValueError, ["state_precision='int8'", "differentiable"]),

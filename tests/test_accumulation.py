@@ -240,3 +240,140 @@ def test_accumulation_steps_must_be_a_positive_int(value):
 def test_accumulation_is_not_differentiable():
     with pytest.raises(ValueError, match="accumulation_steps=2 does not support differentiable=True"):
         adamkit.Adam([torch.nn.Parameter(torch.ones(2))], accumulation_steps=2, differentiable=True)
+
+
+# ------------------------------------------- updates that read their gradient: the mean
+
+READS_ITS_GRADIENT = {
+    "nadam": (adamkit.NAdam, {}),
+    "adopt": (adamkit.ADOPT, {}),
+    "stable_adamw-decay": (adamkit.StableAdamW, {"weight_decay": 0.1}),
+    "adamw-cautious": (adamkit.AdamW, {"cautious": True, "weight_decay": 0.1}),
+    "nadam-int8": (adamkit.NAdam, {"state_precision": "int8", "seed": 1}),
+}
+
+
+def mean_gradients(cycle, dtype=torch.float32):
+    """Each param's sum of its micro-batch gradients times 1/N, added in order (fp32)."""
+    means = []
+    for i in range(len(cycle[0])):
+        mean = torch.zeros_like(cycle[0][i], dtype=torch.float32)
+        for batch in cycle:
+            mean.add_(batch[i].float(), alpha=1.0 / N)
+        means.append(mean.to(dtype))
+    return means
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", READS_ITS_GRADIENT)
+def test_updates_that_read_their_gradient_step_with_the_micro_batches_mean(backend, name):
+    """NAdam, ADOPT, StableAdamW and cautious updates accumulate the gradients, not the
+    moments: bit for bit the class's own step (single-tensor path) fed the mean, the
+    weights moving only on the last micro-batch, and no buffer left after an update."""
+    cls, options = READS_ITS_GRADIENT[name]
+    cycles = micro_batches()
+    params, plain = starting_params(), starting_params()
+    opt = cls(params, lr=0.01, backend=backend, accumulation_steps=N, **options)
+    oracle = cls(plain, lr=0.01, backend="single_tensor", **options)
+    history = run(opt, params, cycles)
+    for k in range(len(history)):
+        if k % N != N - 1:  # not the last micro-batch: nothing moved since the last update
+            before = history[k - 1] if k % N else (history[k - 1] if k else starting_params())
+            assert all(torch.equal(a, b) for a, b in zip(history[k], before)), k
+    for cycle in cycles:
+        for q, mean in zip(plain, mean_gradients(cycle)):
+            q.grad = mean
+        oracle.step()
+    for p, q in zip(params, plain):
+        assert torch.equal(p, q)
+        assert opt.state[p]["accumulated"] == 0 and "accumulated_grad" not in opt.state[p]
+        for key, value in oracle.state[q].items():
+            assert torch.equal(torch.as_tensor(opt.state[p][key]), torch.as_tensor(value)), key
+
+
+def test_nadam_accumulating_is_torch_nadam_on_the_mean_gradient():
+    cycles = micro_batches()
+    params, plain = starting_params(), starting_params()
+    opt = adamkit.NAdam(params, lr=0.01, accumulation_steps=N, backend="foreach")
+    torch_opt = torch.optim.NAdam(plain, lr=0.01, foreach=False)
+    run(opt, params, cycles)
+    for cycle in cycles:
+        for q, mean in zip(plain, mean_gradients(cycle)):
+            q.grad = mean
+        torch_opt.step()
+    for p, q in zip(params, plain):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["exp_avg_sq"], torch_opt.state[q]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "cls, options, algorithm, hp",
+    [
+        (adamkit.NAdam, {}, "nadam", {}),
+        (adamkit.ADOPT, {"eps": 1e-8, "betas": (0.9, 0.999)}, "adopt", {}),
+        (adamkit.StableAdamW, {"weight_decay": 0.1}, "stable_adamw", {"weight_decay": 0.1}),
+        (adamkit.Adam, {"cautious": True}, "adam", {"cautious": True}),
+    ],
+    ids=["nadam", "adopt", "stable_adamw", "adam-cautious"],
+)
+def test_accumulating_the_mean_follows_the_numpy_reference_in_float64(
+    backend, cls, options, algorithm, hp, float64_default
+):
+    mode = "decoupled" if cls is adamkit.StableAdamW else "l2"
+    hyperparameters = reference.Hyperparameters(lr=0.01, weight_decay_mode=mode, **hp)
+    params = starting_params(dtype=torch.float64)
+    opt = cls(params, lr=0.01, backend=backend, accumulation_steps=N, **options)
+    cycles = micro_batches(dtype=torch.float64)
+    run(opt, params, cycles)
+    thetas = [p.detach().numpy().copy() for p in starting_params(dtype=torch.float64)]
+    states = [reference.ReferenceState() for _ in thetas]
+    for cycle in cycles:
+        for i in range(len(thetas)):
+            grads = [batch[i].numpy() for batch in cycle]
+            thetas[i] = reference.accumulated_step(thetas[i], grads, states[i], hyperparameters, algorithm)
+    for p, theta in zip(params, thetas):
+        np.testing.assert_allclose(p.detach().numpy(), theta, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [adamkit.NAdam, adamkit.StableAdamW])
+def test_the_mean_under_gradient_release_equals_stepping_after_backward(cls):
+    def train(release: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = cls(model.parameters(), lr=0.02, accumulation_steps=3)
+        handle = adamkit.gradient_release(model, opt) if release else None
+        data = torch.Generator().manual_seed(5)
+        for _ in range(7):  # two updates and a third cycle under way
+            model(torch.randn(16, 6, generator=data)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        if handle:
+            handle.remove()
+        return model, opt
+
+    (released, released_opt), (plain, plain_opt) = train(True), train(False)
+    for p, q in zip(released.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+        for key, value in plain_opt.state[q].items():
+            assert torch.equal(torch.as_tensor(released_opt.state[p][key]), torch.as_tensor(value)), key
+
+
+def test_a_checkpoint_mid_cycle_keeps_the_fp32_sum_of_bf16_gradients():
+    cycles = micro_batches(dtype=torch.bfloat16)
+    flat = [batch for cycle in cycles for batch in cycle]
+    params = starting_params(dtype=torch.bfloat16)
+    opt = adamkit.StableAdamW(params, lr=0.01, accumulation_steps=N)
+    run(opt, params, [flat[:6]])  # one update and two micro-batches of the next
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    assert saved["state"][0]["accumulated_grad"].dtype == torch.float32
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = adamkit.StableAdamW(resumed_params, lr=0.01, accumulation_steps=N)
+    resumed.load_state_dict(saved)
+    assert resumed.state[resumed_params[0]]["accumulated_grad"].dtype == torch.float32
+    run(opt, params, [flat[6:]])
+    run(resumed, resumed_params, [flat[6:]])
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)

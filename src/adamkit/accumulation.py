@@ -31,11 +31,19 @@ written.  The fold runs on torch ops (every device, dtype and ``state_precision`
 moments stored in bf16 or int8/int4 are rounded after every micro-batch); the fused
 kernels are not used for these groups.
 
-Adam, AdaMax and RAdam accumulate.  NAdam, ADOPT and StableAdamW do not: each needs
-this step's gradient beside the folded moments (NAdam's update has a g term, ADOPT
-normalizes g by the *previous* v while v is being folded, StableAdamW's clipping reads
-g^2 against the new v), so accumulating them would keep a gradient-sized buffer
-between micro-batches, which is what gradient accumulation already does.
+Adam, AdaMax and RAdam fold.  NAdam, ADOPT, StableAdamW and cautious updates need the
+update's gradient beside the moments (NAdam's update has a g term, ADOPT normalizes g by
+the *previous* v, StableAdamW's clipping reads g^2 against the new v, a cautious update
+compares its sign with g), which a fold does not keep.  They accumulate the gradients
+instead, in the state (``state["accumulated_grad"]``, fp32, or fp64 for fp64 params,
+while an update's micro-batches are under way) and take their own step with the mean
+
+.. math::
+
+    G = \textstyle\sum_k \tfrac{1}{N} g_k \quad\text{(added in that order)},
+
+which is gradient accumulation (a gradient-sized buffer between micro-batches), also
+under :func:`adamkit.gradient_release`, where ``.grad`` cannot accumulate.
 """
 
 from __future__ import annotations
@@ -43,13 +51,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import Kernel, single_tensor
+from .kernels import KERNELS, Kernel, single_tensor
 from .kernels.storage import widened
 from .kernels.types import GroupBatch, as_real
 from .rule import GroupScalars, UpdateRule
 
 #: the state key counting the micro-batches folded since the last update
 COUNT_KEY = "accumulated"
+
+#: the state key of the gradient sum of the algorithms that step with the mean gradient
+GRADIENT_KEY = "accumulated_grad"
+
+#: the algorithms whose update reads its gradient (besides any cautious update)
+STEP_WITH_MEAN = frozenset({"nadam", "adopt", "stable_adamw"})
 
 
 def _add_scaled(target: Tensor, value: Tensor, weight) -> None:
@@ -103,8 +117,57 @@ def _update(
     )
 
 
+def steps_with_mean(rule: UpdateRule) -> bool:
+    """Whether ``rule``'s update needs its gradient: it accumulates gradients, not moments."""
+    return rule.algorithm in STEP_WITH_MEAN or rule.cautious
+
+
+def _step_with_mean(batch: GroupBatch, rule: UpdateRule) -> None:
+    """One micro-batch: each gradient added, times 1/N, to its param's sum; the params at
+    their last micro-batch take the algorithm's own step with that mean (the
+    single-tensor path, as the fold's updates use torch ops)."""
+    n = rule.accumulation_steps
+    finished = []
+    for i, (grad, state) in enumerate(zip(batch.grads, batch.states)):
+        count = state.get(COUNT_KEY, 0)
+        real = as_real(grad)
+        wide = torch.float64 if real.dtype == torch.float64 else torch.float32
+        if count == 0 or GRADIENT_KEY not in state:
+            state[GRADIENT_KEY] = torch.zeros_like(real, dtype=wide)
+        state[GRADIENT_KEY].add_(real.to(wide), alpha=1.0 / n)
+        state[COUNT_KEY] = count + 1
+        if count + 1 >= n:
+            finished.append(i)
+    if not finished:
+        return
+    means = []
+    for i in finished:
+        mean = batch.states[i].pop(GRADIENT_KEY).to(as_real(batch.grads[i]).dtype)
+        means.append(torch.view_as_complex(mean) if batch.grads[i].is_complex() else mean)
+        batch.states[i][COUNT_KEY] = 0
+
+    def pick(values):
+        return None if values is None else [values[i] for i in finished]
+
+    update = GroupBatch(
+        params=pick(batch.params),
+        grads=means,
+        state_table=batch.state_table,
+        key=(batch.key, "mean of the micro-batches", tuple(finished)),
+    )
+    update.param_indices, update.element_offsets, update.shards = (
+        pick(batch.param_indices),
+        pick(batch.element_offsets),
+        pick(batch.shards),
+    )
+    KERNELS["single_tensor"].step(update, rule)
+
+
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
     """One micro-batch for every param of the group_scalars."""
+    if steps_with_mean(rule):
+        _step_with_mean(batch, rule)
+        return
     states = batch.states
     steps = [s["step"] for s in states]
     counts = [s.get(COUNT_KEY, 0) for s in states]
@@ -130,4 +193,4 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
 #: how the front runs a group with ``accumulation_steps > 1``
 KERNEL = Kernel("accumulation", step)
 
-__all__ = ["COUNT_KEY", "KERNEL", "step"]
+__all__ = ["COUNT_KEY", "GRADIENT_KEY", "KERNEL", "STEP_WITH_MEAN", "step", "steps_with_mean"]

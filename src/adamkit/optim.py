@@ -385,13 +385,14 @@ class NAdam(_AdamFamily):
         \qquad d_t = \sqrt{v_t / (1 - \beta_2^t)} + \epsilon
 
     Args are those of ``torch.optim.NAdam`` (same defaults and meaning) plus those
-    described in :mod:`adamkit.options` (except ``accumulation_steps`` and
-    ``diagnostics``, which NAdam does not run yet).
+    described in :mod:`adamkit.options` (except ``diagnostics``, which NAdam does not run
+    yet; with ``accumulation_steps`` it steps with the micro-batches' mean gradient, see
+    :mod:`adamkit.accumulation`).
     """
 
     algorithm = "nadam"
     sparse_gradient_message = "NAdam does not support sparse gradients"
-    unavailable_options = ("accumulation_steps", "diagnostics")
+    unavailable_options = ("diagnostics",)
 
     def __init__(
         self,
@@ -486,13 +487,14 @@ class ADOPT(_AdamFamily):
     ``clip_exponent=p`` here (``None``: no clipping, the paper's first version), and
     their ``decouple=True`` is ``decoupled_weight_decay=True`` (:math:`\theta \leftarrow
     \theta (1 - \eta\lambda)`, from the second step on).  The other arguments are those of
-    torch.optim's Adam family, plus those described in :mod:`adamkit.options` (except
-    ``accumulation_steps``: see :mod:`adamkit.accumulation`).
+    torch.optim's Adam family, plus those described in :mod:`adamkit.options` (with
+    ``accumulation_steps`` it steps with the micro-batches' mean gradient: see
+    :mod:`adamkit.accumulation`).
     """
 
     algorithm = "adopt"
     sparse_gradient_message = "ADOPT does not support sparse gradients"
-    unavailable_options = ("accumulation_steps",)
+    unavailable_options = ()
 
     def __init__(
         self,
@@ -539,15 +541,16 @@ class StableAdamW(_AdamFamily):
     element-wise function of the state (each tensor's RMS is a reduction), and a
     checkpoint says which rule produced it.  Arguments and defaults are AdamW's (decay
     always decoupled; ``decouple_lr`` for optimi's fully decoupled form), plus those
-    described in :mod:`adamkit.options` (except ``accumulation_steps`` and
-    ``diagnostics``).  Every backend runs it; the fused kernels sum each tensor's
+    described in :mod:`adamkit.options` (except ``diagnostics``; with
+    ``accumulation_steps`` it steps with the micro-batches' mean gradient, see
+    :mod:`adamkit.accumulation`).  Every backend runs it; the fused kernels sum each tensor's
     :math:`g^2 / \max(\hat v, \epsilon^2)` in a pass of their own before the update, and
     under FSDP2 the sums are totalled over the ranks holding a param's shards.
     """
 
     algorithm = "stable_adamw"
     sparse_gradient_message = "StableAdamW does not support sparse gradients"
-    unavailable_options = ("accumulation_steps", "diagnostics")
+    unavailable_options = ("diagnostics",)
 
     def __init__(
         self,

@@ -168,7 +168,8 @@ OPTIONS: tuple[Option, ...] = (
         1,
         _count,
         "N > 1: optimizer accumulation (:mod:`adamkit.accumulation`): each ``step()`` folds one "
-        "micro-batch's gradient into the moments, and the weights move on every N-th.",
+        "micro-batch's gradient into the moments, and the weights move on every N-th (NAdam, ADOPT, "
+        "StableAdamW and cautious updates add up the gradients and step with their mean).",
     ),
 )
 
@@ -214,11 +215,6 @@ def check_options(values: Mapping[str, Any], *, differentiable: bool, where: str
         )
     if values.get("decouple_lr") and values.get("max_lr") is not None:
         check_max_lr(values["max_lr"], where=where)
-    if values.get("cautious") and steps > 1:
-        raise ValueError(
-            f"cautious=True and accumulation_steps={steps} do not run together yet{where}: "
-            "use accumulation_steps=1, or cautious=False"
-        )
     if not differentiable:
         return
     for name, value, cannot, instead in (
@@ -236,21 +232,13 @@ def check_options(values: Mapping[str, Any], *, differentiable: bool, where: str
             raise ValueError(f"{name}={value!r} does not support differentiable=True{where} ({instead})")
 
 
-#: why a class that refuses an option refuses it, where it is more than "not yet"
-_WHY_NOT = {
-    "accumulation_steps": "its update needs each step's own gradient beside the folded moments, which optimizer "
-    "accumulation does not keep; accumulate gradients instead (N backward passes, then one step)",
-}
-
-
 def check_available(values: Mapping[str, Any], unavailable: tuple[str, ...], optimizer: str, where: str = "") -> None:
     """Raise ``ValueError`` where an option ``optimizer`` does not run is set."""
     for name in unavailable:
         value = values.get(name, DEFAULTS[name])
         if value != DEFAULTS[name]:
-            why = f" ({_WHY_NOT[name]})" if name in _WHY_NOT else " yet"
             raise ValueError(
-                f"{name}={value!r}{where}: {optimizer} does not run this option{why}; leave it at {DEFAULTS[name]!r}"
+                f"{name}={value!r}{where}: {optimizer} does not run this option yet; leave it at {DEFAULTS[name]!r}"
             )
 
 
