@@ -136,32 +136,45 @@ def test_first_moment_equals_gradient_accumulation_and_second_moment_is_not_smal
         assert torch.all(opt.state[p]["exp_avg_sq"] >= grad_accumulation.state[q]["exp_avg_sq"] * (1 - 1e-6))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("precision", [None, "int8"])
-def test_with_gradient_release_equals_stepping_after_backward(backend, precision):
+def assert_gradient_release_equals_stepping_after_backward(make_optimizer) -> None:
+    """A small model trained for two updates and a third under way (accumulation_steps=3),
+    with and without :func:`adamkit.gradient_release`: equal weights and state."""
+
     def train(release: bool):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        opt = adamkit.AdamW(
-            model.parameters(), lr=0.02, backend=backend, state_precision=precision, accumulation_steps=3
-        )
+        opt = make_optimizer(model.parameters())
         handle = adamkit.gradient_release(model, opt) if release else None
         data = torch.Generator().manual_seed(5)
-        for _ in range(7):  # two updates and a third cycle under way
-            x = torch.randn(16, 6, generator=data)
-            model(x).square().mean().backward()
+        for _ in range(7):
+            model(torch.randn(16, 6, generator=data)).square().mean().backward()
             opt.step()
             opt.zero_grad()
         if handle:
             handle.remove()
         return model, opt
 
-    released, released_opt = train(True)
-    plain, plain_opt = train(False)
+    (released, released_opt), (plain, plain_opt) = train(True), train(False)
     for p, q in zip(released.parameters(), plain.parameters()):
         assert torch.equal(p, q)
         for key, value in plain_opt.state[q].items():
             assert torch.equal(torch.as_tensor(released_opt.state[p][key]), torch.as_tensor(value)), key
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("precision", [None, "int8"])
+def test_with_gradient_release_equals_stepping_after_backward(backend, precision):
+    assert_gradient_release_equals_stepping_after_backward(
+        lambda ps: adamkit.AdamW(ps, lr=0.02, backend=backend, state_precision=precision, accumulation_steps=3)
+    )
+
+
+def saved_and_loaded(opt: torch.optim.Optimizer) -> dict:
+    """``opt``'s state dict through ``torch.save`` and ``torch.load``."""
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
 
 
 def test_a_checkpoint_mid_cycle_resumes_bit_for_bit():
@@ -170,10 +183,7 @@ def test_a_checkpoint_mid_cycle_resumes_bit_for_bit():
     params = starting_params()
     opt = adamkit.Adam(params, lr=0.01, accumulation_steps=N)
     run(opt, params, [flat[:6]])  # one update and two micro-batches of the next
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer)
+    saved = saved_and_loaded(opt)
     assert [saved["state"][i]["accumulated"] for i in range(len(params))] == [2, 2, 2]
     resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     resumed = adamkit.Adam(resumed_params, lr=0.01, accumulation_steps=N)
@@ -337,25 +347,7 @@ def test_accumulating_the_mean_follows_the_numpy_reference_in_float64(
 
 @pytest.mark.parametrize("cls", [adamkit.NAdam, adamkit.StableAdamW])
 def test_the_mean_under_gradient_release_equals_stepping_after_backward(cls):
-    def train(release: bool):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        opt = cls(model.parameters(), lr=0.02, accumulation_steps=3)
-        handle = adamkit.gradient_release(model, opt) if release else None
-        data = torch.Generator().manual_seed(5)
-        for _ in range(7):  # two updates and a third cycle under way
-            model(torch.randn(16, 6, generator=data)).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-        if handle:
-            handle.remove()
-        return model, opt
-
-    (released, released_opt), (plain, plain_opt) = train(True), train(False)
-    for p, q in zip(released.parameters(), plain.parameters()):
-        assert torch.equal(p, q)
-        for key, value in plain_opt.state[q].items():
-            assert torch.equal(torch.as_tensor(released_opt.state[p][key]), torch.as_tensor(value)), key
+    assert_gradient_release_equals_stepping_after_backward(lambda ps: cls(ps, lr=0.02, accumulation_steps=3))
 
 
 def test_a_checkpoint_mid_cycle_keeps_the_fp32_sum_of_bf16_gradients():
@@ -364,10 +356,7 @@ def test_a_checkpoint_mid_cycle_keeps_the_fp32_sum_of_bf16_gradients():
     params = starting_params(dtype=torch.bfloat16)
     opt = adamkit.StableAdamW(params, lr=0.01, accumulation_steps=N)
     run(opt, params, [flat[:6]])  # one update and two micro-batches of the next
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer)
+    saved = saved_and_loaded(opt)
     assert saved["state"][0]["accumulated_grad"].dtype == torch.float32
     resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     resumed = adamkit.StableAdamW(resumed_params, lr=0.01, accumulation_steps=N)
