@@ -1063,6 +1063,7 @@ class _Bucket:
         self.state_tensors = states
         self.numels = [p.numel() for p in params]
         self.real_numels = np.array([n * (2 if p.is_complex() else 1) for n, p in zip(self.numels, params)])
+        self.real_sizes = self.real_numels.astype(np.float64)  # the pre-pass's n per tensor
         self.strides = [p.stride() for p in params]
         self.state_addresses = np.array(
             [self._state_row(tensors) if d else [0] * STATE_COLUMNS for tensors, d in zip(states, self.direct)],
@@ -1249,9 +1250,8 @@ def _launch(batch: GroupBatch, rule: UpdateRule) -> None:
         witnesses = (bucket.param_witness, bucket.state_witness, bucket.rounding_witness, bucket.algorithm_witness)
         launch = _fused_quantized_step if bucket.quantized else _fused_step
         if (bucket.clipped or bucket.cautious) and batch.shards is None:
-            numels = bucket.real_numels.astype(np.float64)
             decay = np.nan if decay_rate is None else decay_rate
-            arguments = (keys, numels, decay, *witnesses, bucket.cautious_witness)
+            arguments = (keys, bucket.real_sizes, decay, *witnesses, bucket.cautious_witness)
             _windowed_step(table, bucket.chunks, bucket.windows, tensor_scalars, constants, flags, *arguments)
         else:
             if bucket.clipped or bucket.cautious:
