@@ -51,6 +51,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import statekeeping
 from .kernels import KERNELS, Kernel, single_tensor
 from .kernels.storage import widened
 from .kernels.types import GroupBatch, as_real
@@ -61,6 +62,8 @@ COUNT_KEY = "accumulated"
 
 #: the state key of the gradient sum of the algorithms that step with the mean gradient
 GRADIENT_KEY = "accumulated_grad"
+
+statekeeping.untracked(COUNT_KEY, GRADIENT_KEY)  # written at every micro-batch; no kernel caches them
 
 #: the algorithms whose update reads its gradient (besides any cautious update)
 STEP_WITH_MEAN = frozenset({"nadam", "adopt", "stable_adamw"})

@@ -20,6 +20,7 @@ from .specs.quantization import (
     QuantFormat,
     codes_key,
     scales_key,
+    second_moment_ceiling,
 )
 
 
@@ -187,6 +188,8 @@ def quantize_into(
     draws them), or to nearest."""
     _check_scales(scales, fmt, signed)
     flat = x.reshape(-1).float()
+    if not (signed or fmt.legacy):  # an overflowed square: the ceiling (NaN stays NaN)
+        flat = flat.clamp(max=float(second_moment_ceiling(fmt)))
     new_scales = scales_of(flat, fmt, signed)
     bits = None if bits16 is None else bits16.reshape(-1)
     codes.copy_(_packed(_level_codes(flat, new_scales, fmt, signed, bits), fmt))

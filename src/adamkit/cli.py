@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -222,11 +223,18 @@ def _missing_extra(command: str, modules: Sequence[str], extra: str) -> int | No
 
 
 def _output_problem(out: Path, force: bool) -> str | None:
-    """Why ``out`` cannot take a command's files (``None`` if it can)."""
+    """Why ``out`` cannot take a command's files (``None`` if it can): checked before the
+    command starts, by making the directory and writing a file there."""
     if out.exists() and not out.is_dir():
         return f"--out {str(out)!r} exists and is not a directory"
     if out.is_dir() and any(out.iterdir()) and not force:
         return f"output directory {str(out)!r} is not empty; use --force to write into it anyway"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        return f"--out {str(out)!r}: cannot write there ({error.strerror or error})"
     return None
 
 

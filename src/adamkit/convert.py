@@ -104,11 +104,14 @@ def export_state(optimizer, state_dict: dict, *, full_precision: bool) -> dict:
     """Finish torch.optim's ``state_dict`` of ``optimizer``: a sharded (DTensor)
     param's quantized moments become fp32 DTensors under torch's keys, so the
     checkpoint does not depend on the number of ranks (see :mod:`adamkit.sharding`);
-    with ``full_precision``, every param's do."""
+    with ``full_precision``, every param's do.  Each param's state is exported as a
+    plain dict."""
     states, moments = state_dict["state"], moment_keys(optimizer.algorithm, True)
     for index, param in enumerate(p for g in optimizer.param_groups for p in g["params"]):
         if index in states and (full_precision or sharding.is_sharded(param)):
             states[index] = sharding.exported_state(states[index], param, moments)
+    for index, state in states.items():  # the plain dicts torch.optim exports, not the optimizer's tracked ones
+        states[index] = dict(state)
     return state_dict
 
 

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -235,11 +236,60 @@ def _hugging_face_model(model_type: str, overrides: dict) -> torch.nn.Module:
         raise ModelSpecError(
             f"model {model_type!r} is neither package.module:function nor a Hugging Face model type{hint}"
         )
+    _check_sizes(transformers.AutoConfig.for_model(model_type), overrides)
     config = transformers.AutoConfig.for_model(model_type, **overrides)
+    with _at_most(MAX_TENSORS, model_type):
+        try:
+            return transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError:  # no causal-LM head for this type
+            return transformers.AutoModel.from_config(config)
+
+
+#: the most param tensors a model may have for ``adamkit memory`` to build it (building
+#: takes about a quarter of a millisecond per tensor on the meta device: 20 s at this bound)
+MAX_TENSORS = 80_000
+
+#: the most layers a config may ask for (the largest published models have a few hundred)
+MAX_LAYERS = 2_000
+
+
+def _check_sizes(defaults, overrides: dict) -> None:
+    """Refuse a size that is not a positive integer (an attribute whose default is one), and
+    a layer count beyond :data:`MAX_LAYERS`."""
+    for key, value in overrides.items():
+        default = getattr(defaults, key, None)
+        if isinstance(default, int) and not isinstance(default, bool) and default > 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelSpecError(
+                    f"{key}={value!r}: {key} is a size (default {default}); expected a positive integer"
+                )
+    layers = getattr(defaults.__class__(**overrides), "num_hidden_layers", None) if overrides else None
+    if isinstance(layers, int) and layers > MAX_LAYERS:
+        raise ModelSpecError(
+            f"{layers:,} layers: adamkit memory builds models of up to {MAX_LAYERS:,} layers (bytes grow linearly "
+            f"with them: plan a smaller config and scale)"
+        )
+
+
+@contextmanager
+def _at_most(count: int, name: str) -> Iterator[None]:
+    """Stop building a model once it has registered ``count`` param tensors."""
+    registered = 0
+
+    def hook(module, param_name, param):
+        nonlocal registered
+        registered += param is not None
+        if registered > count:
+            raise ModelSpecError(
+                f"model {name!r} has more than {count:,} param tensors; adamkit memory builds models of up to "
+                f"{count:,} (a few seconds): plan a smaller config and scale"
+            )
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
     try:
-        return transformers.AutoModelForCausalLM.from_config(config)
-    except ValueError:  # no causal-LM head for this type
-        return transformers.AutoModel.from_config(config)
+        yield
+    finally:
+        handle.remove()
 
 
 def param_shapes(model: torch.nn.Module, trainable: bool = True) -> list[tuple[int, ...]]:

@@ -30,8 +30,10 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import convert, kernels, options
 from .diagnostics import Recorder, group_stats
+from .kernels.cpu import fork_safe_threads
 from .rule import Algorithm, as_number
 from .state import upgrade_step
+from .statekeeping import StateEpoch, tracked
 from .stepping import Stepper, draw_seed_if_needed
 
 
@@ -70,6 +72,9 @@ class _AdamFamily(Optimizer):
         self._recorder = Recorder()
         self._stepper = Stepper(self, self._recorder)
         super().__init__(params, {**torch_arguments, "betas": betas, **values})
+        #: advances whenever the state changes (see :mod:`adamkit.statekeeping`)
+        self.state_epoch = StateEpoch()
+        self.state = tracked(self.state, self.state_epoch)
         fused = torch_arguments.get("fused")
         if fused:  # after the params are in, as torch.optim.Adam checks
             if differentiable:
@@ -127,6 +132,8 @@ class _AdamFamily(Optimizer):
     def __setstate__(self, state: dict) -> None:
         skips = state.pop("skipped_steps_by_group", {})
         super().__setstate__(state)
+        self.state_epoch = self.__dict__.get("state_epoch") or StateEpoch()
+        self.state = tracked(self.state, self.state_epoch)
         self._recorder = Recorder()
         self._recorder.skips.update(skips)
         self._stepper = Stepper(self, self._recorder)  # the state may be new: validate again
@@ -175,28 +182,42 @@ class _AdamFamily(Optimizer):
                 loss = closure()
         if self._gradient_release is not None:
             return loss  # params were stepped in backward (adamkit.gradient_release)
+        with fork_safe_threads():
+            self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
+        """Plan every group (nothing is written until all are valid), then step them."""
         stepper = self._stepper
         plans = [(i, plan) for i, g in enumerate(self.param_groups) if (plan := stepper.plan(i, g)) is not None]
         # A torch.amp.GradScaler sets these when _step_supports_amp_scaling (fused=True).
         amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         if amp[1] is not None and not all(plan.kernel.amp for _, plan in plans) and amp[1].item():
-            return loss  # a kernel that cannot skip in-kernel: skip the whole step, touching nothing
+            return  # a kernel that cannot skip in-kernel: skip the whole step, touching nothing
+        for _, plan in plans:  # every group is valid: only now draw what a group lacks
+            draw_seed_if_needed(plan.group, stepper.cache(plan.group)["dtypes"])
         admitted = [plan for index, plan in plans if stepper.admit(index, plan, amp[0])]
         stepper.initialize(admitted)
         for plan in admitted:
             stepper.run(plan, amp)
-        return loss
 
     def step_param(self, index: int, group: dict, view: dict, amp: tuple = (None, None)) -> None:
         """Step one param as ``step()`` would step it in ``param_groups[index]``
         (``group``): ``view`` is that param's one-param group, brought up to date with
         ``group`` first.  ``amp``: a GradScaler's scale and this param's inf flag.
         Gradient release calls it from each param's post-accumulate-grad hook."""
-        draw_seed_if_needed(group, {p.dtype for p in view["params"]})  # the group's seed, not one per view
+        with fork_safe_threads():
+            self._step_view(index, group, view, amp)
+
+    def _step_view(self, index: int, group: dict, view: dict, amp: tuple) -> None:
         view.update((key, value) for key, value in group.items() if key != "params")
         stepper = self._stepper
         plan = stepper.plan(index, view)
-        if plan is None or not stepper.admit(index, plan, amp[0]):
+        if plan is None:
+            return
+        draw_seed_if_needed(group, {p.dtype for p in view["params"]})  # the group's seed, not one per view
+        view["seed"] = group["seed"]
+        if not stepper.admit(index, plan, amp[0]):
             return
         if amp[1] is not None and not plan.kernel.amp and amp[1].item():
             return  # a kernel that cannot skip in-kernel: skip here

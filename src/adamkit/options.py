@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,6 +279,7 @@ def check_hyperparameters(
         number = _number_of(name, value, where, read_tensors)
         if number is not None and (not 0.0 <= number or math.isinf(number)):
             raise ValueError(f"Invalid {label}: {value} ({name} must be {allowed}{where})")
+    check_betas_pair(betas, where)
     for index, beta in enumerate(betas):
         number = _number_of(f"betas[{index}]", beta, where, read_tensors)
         if number is not None and not 0.0 <= number < 1.0:
@@ -290,6 +291,15 @@ def check_hyperparameters(
         raise ValueError(
             f"Invalid weight_decay value: {weight_decay} (weight_decay must be a finite number >= 0{where})"
         )
+
+
+def check_betas_pair(betas: Any, where: str = "") -> None:
+    """``betas`` is a pair (beta1, beta2): torch.optim fails on anything else only later,
+    or with an IndexError that does not say which argument."""
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
 
 
 def check_constructor_arguments(arguments: Mapping[str, Any], *, adam_checks: bool) -> tuple[Scalar, Scalar]:
@@ -309,6 +319,7 @@ def check_constructor_arguments(arguments: Mapping[str, Any], *, adam_checks: bo
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+    check_betas_pair(betas)
     for index, beta in enumerate(betas):  # before the range checks, which need one element
         if isinstance(beta, Tensor) and beta.numel() != 1:
             raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")

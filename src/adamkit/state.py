@@ -15,6 +15,8 @@ ignores the extra keys.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,8 @@ from . import blockwise
 from .rule import Algorithm
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
 from .specs.quantization import FORMATS, is_quantized
-from .specs.rounding import is_low_precision
+from .specs.rounding import is_low_precision, needs_random_bits
+from .statekeeping import ISSUABLE_DEVICES, issue
 
 #: name of the second state tensor per algorithm, as torch.optim names it
 SECOND_MOMENT_KEY: dict[str, str] = {
@@ -46,11 +49,31 @@ def _scalar_dtype(fused: bool) -> torch.dtype:
 
 
 def step_tensor(value: float, param: Tensor, group: dict) -> Tensor:
-    """The ``step`` counter: on the param's device when capturable or fused, else on CPU."""
+    """The ``step`` counter: on the param's device when capturable or fused, else on CPU.
+    Its dtype is torch's, except where ``param`` draws random bits
+    (:func:`draws_random_bits`): its stream of bits is keyed on the count, which must
+    keep counting, so it is float64 there (exact to 2^53 steps; float32 stops at 2^24)."""
     fused = bool(group.get("fused"))
+    dtype = torch.float64 if draws_random_bits(param, group) else _scalar_dtype(fused)
     if group.get("capturable") or fused:
-        return torch.tensor(value, dtype=_scalar_dtype(fused), device=param.device)
-    return torch.tensor(value, dtype=_scalar_dtype(False))
+        return torch.tensor(value, dtype=dtype, device=param.device)
+    return torch.tensor(value, dtype=dtype)
+
+
+def draws_random_bits(param: Tensor, group: dict) -> bool:
+    """Whether stepping ``param`` in ``group`` rounds stochastically (the param, a 24-bit
+    master, or its moments held in 16 bits or quantized)."""
+    master = {"fp32": "master", "24bit": "master24"}.get(group.get("master_weights"))
+    precision = group.get("state_precision")
+    try:
+        storage = FORMATS.get(precision) or _real(state_dtype(param, precision))
+    except ValueError:  # a combination the group's validation refuses
+        return False
+    return needs_random_bits(master or group.get("rounding", "nearest"), _real(param.dtype), storage)
+
+
+def _real(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 #: the state dtype asked for by ``state_precision``, for real and complex params
@@ -114,6 +137,15 @@ def moment_storage(state: dict, param: Tensor):
     return blockwise.stored_format(state, "exp_avg", param.numel())
 
 
+def _new(state, tensor: Tensor) -> Tensor:
+    """A tensor adamkit just allocated for ``state``, as the state keeps it: issued
+    (:func:`adamkit.statekeeping.issue`) where the state is an optimizer's tracked one."""
+    epoch = getattr(state, "epoch", None)
+    if epoch is None or tensor.device.type not in ISSUABLE_DEVICES:
+        return tensor
+    return issue(tensor, epoch, fresh=True)
+
+
 def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str | None) -> bool:
     """Hold moment ``key`` as ``state_precision`` asks: allocate zeros, or convert
     what is there (a dtype cast, a quantization or a dequantization).  Returns whether
@@ -137,9 +169,9 @@ def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str |
         if value is not None:  # a loaded or converted moment: dequantized values are kept exactly
             blockwise.store_moment(state, key, value, target, restore=True)
     elif value is None:
-        state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        state[key] = _new(state, torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format))
     else:
-        state[key] = torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format).copy_(value)
+        state[key] = _new(state, torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format).copy_(value))
     return True
 
 
@@ -151,15 +183,21 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
     it stands) or dropped.  Returns whether anything changed."""
     changed = not state
     if changed:
-        state["step"] = step_tensor(0.0, param, group)
+        state["step"] = _new(state, step_tensor(0.0, param, group))
     if algorithm == "nadam" and MU_PRODUCT_KEY not in state:
-        state[MU_PRODUCT_KEY] = step_tensor(1.0, param, group)
+        state[MU_PRODUCT_KEY] = _new(state, step_tensor(1.0, param, group))
         changed = True
+    for key in ("step", MU_PRODUCT_KEY):
+        if key in state and not _is_counter(state[key], _counter_dtype(key, param, group)):
+            state[key] = _new(state, step_tensor(float(state[key]), param, group))
+            changed = True
     for key in moment_keys(algorithm, algorithm == "adam" and bool(group.get("amsgrad"))):
         changed |= _conform_moment(state, key, param, group.get("state_precision"))
     if has_compensation(param, group):
-        if COMPENSATION_KEY not in state:
-            state[COMPENSATION_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        held = state.get(COMPENSATION_KEY)
+        if held is None or held.dtype != param.dtype:
+            compensation = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state[COMPENSATION_KEY] = _new(state, compensation if held is None else compensation.copy_(held))
             changed = True
     elif state.pop(COMPENSATION_KEY, None) is not None:
         changed = True
@@ -167,7 +205,7 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
         dtype = LOW_BITS_DTYPE[group["master_weights"]]
         held = state.get(MASTER_KEY)
         if held is None or held.dtype != dtype:  # zero: the master weight is the param as it stands
-            state[MASTER_KEY] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            state[MASTER_KEY] = _new(state, torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format))
             if held is not None:  # switched between fp32 and 24-bit: keep the master, to nearest
                 with torch.no_grad():
                     split_into(join_tensors(param, held), param, state[MASTER_KEY])
@@ -175,6 +213,18 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
     elif state.pop(MASTER_KEY, None) is not None:
         changed = True
     return changed
+
+
+def _counter_dtype(key: str, param: Tensor, group: dict) -> tuple[torch.dtype, ...]:
+    """The dtypes a counter may be held in: float64 where the step keys a random stream
+    (:func:`step_tensor`), else torch's float32 or float64 (NAdam's ``mu_product``: either)."""
+    if key == "step" and draws_random_bits(param, group):
+        return (torch.float64,)
+    return (torch.float32, torch.float64)
+
+
+def _is_counter(value, dtypes: tuple[torch.dtype, ...]) -> bool:
+    return torch.is_tensor(value) and value.dtype in dtypes and value.numel() == 1
 
 
 def upgrade_step(state: dict, param: Tensor, group: dict) -> None:
@@ -188,11 +238,15 @@ def upgrade_step(state: dict, param: Tensor, group: dict) -> None:
 def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bool, where: str) -> None:
     """Raise ``ValueError`` if an existing state cannot be stepped with ``param``: a key
     is missing (a checkpoint from another optimizer, or AMSGrad switched on after the
-    first step) or a tensor's shape or device differs from the param's."""
+    first step), a tensor's shape or device differs from the param's, a quantized
+    moment's codes or scales are not those of the param's size, or a step counter is not
+    one number >= 0.  (What :func:`init_state` converts, dtypes and layouts, is not checked.)"""
     moments = moment_keys(algorithm, amsgrad)
     held_quantized = {key: blockwise.stored_format(state, key, param.numel()) for key in moments if key not in state}
     scalars = ["step", MU_PRODUCT_KEY] if algorithm == "nadam" else ["step"]
     missing = [key for key in scalars + moments if key not in state and held_quantized.get(key) is None]
+    for key in missing:
+        _check_quantized_sizes(state, key, param, where)
     if missing:
         hint = (
             " (amsgrad was switched on after the first step)"
@@ -200,17 +254,61 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
             else " (was it saved by a different optimizer?)"
         )
         raise ValueError(f"the state{where} lacks {missing}; it has {sorted(state)}{hint}")
+    for key in scalars:
+        _check_counter(state[key], key, where)
     checked = [key for key in moments if key in state] + [key for key in (COMPENSATION_KEY, MASTER_KEY) if key in state]
     for key in checked:
         value = state[key]
-        if value.shape != param.shape or value.device != param.device:
+        if not torch.is_tensor(value) or value.shape != param.shape or value.device != param.device:
+            shown = (
+                f"shape {tuple(value.shape)} on {value.device}"
+                if torch.is_tensor(value)
+                else f"a {type(value).__name__}"
+            )
             raise ValueError(
-                f"state[{key!r}]{where} has shape {tuple(value.shape)} on {value.device}, "
-                f"but the param has shape {tuple(param.shape)} on {param.device}"
+                f"state[{key!r}]{where} is {shown}, but the param has shape {tuple(param.shape)} on {param.device}"
             )
     for key, fmt in held_quantized.items():
         for stored in blockwise.stored_keys(key, fmt):
-            if state[stored].device != param.device:
-                raise ValueError(
-                    f"state[{stored!r}]{where} is on {state[stored].device}, but the param is on {param.device}"
-                )
+            value = state[stored]
+            if value.device != param.device:
+                raise ValueError(f"state[{stored!r}]{where} is on {value.device}, but the param is on {param.device}")
+        codes = state[blockwise.stored_keys(key, fmt)[0]]
+        if codes.dtype != torch.uint8:
+            raise ValueError(
+                f"state[{blockwise.stored_keys(key, fmt)[0]!r}]{where} holds {codes.dtype} codes; they are uint8"
+            )
+
+
+def _check_quantized_sizes(state: dict, key: str, param: Tensor, where: str) -> None:
+    """A moment held quantized, but in codes or scales of another size than the param's
+    (a checkpoint of another model, or one edited by hand): say so."""
+    numel, signed = param.numel(), key in blockwise.SIGNED_KEYS
+    for fmt in FORMATS.values():
+        codes, scales = blockwise.stored_keys(key, fmt)
+        if codes in state or scales in state:
+            held = ", ".join(
+                f"state[{k!r}] holds {state[k].numel() if torch.is_tensor(state[k]) else 'no tensor'}"
+                for k in (codes, scales)
+                if k in state
+            )
+            raise ValueError(
+                f"{key} is held in {fmt.name}{where}, but {held}: a param of {numel} elements needs "
+                f"{fmt.code_bytes(numel)} code bytes and {fmt.blocks(numel, signed)} block scales "
+                f"(a checkpoint of another model, or edited by hand?)"
+            )
+
+
+def _check_counter(value, key: str, where: str) -> None:
+    """A step counter (or NAdam's ``mu_product``) is one finite number; a step count is >= 0."""
+    number = None
+    if torch.is_tensor(value) and value.numel() == 1 and (value.is_floating_point() or not value.is_complex()):
+        number = float(value.detach().reshape(()).item()) if value.device.type != "meta" else 0.0
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not math.isfinite(number) or (key == "step" and number < 0):
+        shown = (
+            f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) and value.numel() != 1 else repr(value)
+        )
+        what = "a step count is one number >= 0" if key == "step" else "it is one finite number"
+        raise ValueError(f"state[{key!r}]{where} is {shown}: {what}")

@@ -1,15 +1,19 @@
 """How an optimizer steps a param group: plan, admit, initialize state, run a kernel.
 
 :class:`Stepper` is the optimizer's step engine.  For each group it validates the
-group, its params and their state, and picks the kernel (:meth:`Stepper.plan`,
-touching nothing); records diagnostics and applies ``skip_nonfinite``
-(:meth:`Stepper.admit`); allocates or converts the states of every admitted group
-before any of them moves (:meth:`Stepper.initialize`); then hands each group to its
-kernel with the step's :class:`~adamkit.rule.UpdateRule` (:meth:`Stepper.run`).
+group, its params and their state, checks every param and gradient against what it
+last validated (:class:`~adamkit.guard.StepGuard`) and picks the kernel
+(:meth:`Stepper.plan`, touching nothing); records diagnostics and applies
+``skip_nonfinite`` (:meth:`Stepper.admit`); allocates or converts the states of every
+admitted group before any of them moves, issuing the tensors a fused kernel will
+address (:meth:`Stepper.initialize`); then hands each group to its kernel with the
+step's :class:`~adamkit.rule.UpdateRule` (:meth:`Stepper.run`).  Every group is
+planned before anything is written, so a step that raises changes nothing.
 
-Its caches (validation keys, the kernels' derived data, the params' indices) are
-bookkeeping, not state: an optimizer makes a new stepper when it is unpickled,
-copied or loads a state dict.
+Its caches (validation keys, guards, the kernels' derived data, the params' indices)
+are bookkeeping, not state: an optimizer makes a new stepper when it is unpickled,
+copied or loads a state dict.  They are keyed on the optimizer's
+:class:`~adamkit.statekeeping.StateEpoch`, which advances whenever the state changes.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import accumulation, kernels, sharding
+from . import accumulation, kernels, sharding, statekeeping
 from .diagnostics import Recorder
+from .guard import CheckedTensors, StepGuard
 from .kernels import GroupBatch, Kernel
 from .kernels.amp import unscaled
 from .options import check_available, check_group
@@ -33,18 +38,19 @@ from .specs.rounding import is_low_precision
 from .state import check_state, init_state, state_dtype
 
 _grad_of = attrgetter("grad")
-_is_sparse = attrgetter("is_sparse")
 _device_of = attrgetter("device")
 _dtype_of = attrgetter("dtype")
 
 
 class GroupPlan(NamedTuple):
-    """One param group's step: the params with a gradient, their gradients, the kernel."""
+    """One param group's step: the params with a gradient, their gradients, the kernel,
+    and what the guard let through (the local shards' for sharded params)."""
 
     group: dict
     params: list[Tensor]
     grads: list[Tensor]
     kernel: Kernel
+    checked: CheckedTensors
 
 
 def draw_seed_if_needed(group: dict, dtypes: set | None = None) -> None:
@@ -107,8 +113,6 @@ class Stepper:
     def __init__(self, optimizer, recorder: Recorder):
         self.optimizer = optimizer
         self.recorder = recorder
-        #: how often :meth:`initialize` changed some state (in every group's key)
-        self.state_changes = 0
         self._caches: dict[int, tuple[dict, dict]] = {}
         self._param_index_cache: tuple | None = None
 
@@ -120,12 +124,13 @@ class Stepper:
         return entry[1]
 
     def plan(self, index: int, group: dict) -> GroupPlan | None:
-        """Validate one group, its params and their state, and pick its kernel; touches
-        nothing but the group's seed.  ``None``: no param of the group has a gradient.
+        """Validate one group, its params, their gradients and their state, and pick its
+        kernel; touches nothing.  ``None``: no param of the group has a gradient.
 
         Per-param work is kept to a few C-level passes (this runs every step, for
         groups of thousands of tensors); state is validated again only when the set of
-        params, ``amsgrad`` or the optimizer's state may have changed.
+        params, the options that shape the state or the state itself may have changed
+        (the optimizer's :class:`~adamkit.statekeeping.StateEpoch`).
         """
         where = f" in param_groups[{index}]"
         check_group(group, where)
@@ -137,18 +142,17 @@ class Stepper:
             grads = [g for g in grads if g is not None]
         if not params:
             return None
-        if any(map(_is_sparse, grads)):
-            raise RuntimeError(self.optimizer.sparse_gradient_message)
         differentiable = group["differentiable"]
         cache = self.cache(group)
         key = self._state_key(group, params)
         if cache.get("validated_key") != key or differentiable:
+            if any(map(operator.attrgetter("is_sparse"), grads)):
+                raise RuntimeError(self.optimizer.sparse_gradient_message)
             self._check_params_and_state(group, params, where)
             cache["validated_key"], cache["devices"] = key, set(map(_device_of, params))
             cache["dtypes"] = set(map(_dtype_of, params))
             cache["sharded"] = any(map(sharding.is_sharded, params))
             cache["offsets"] = {id(p): sharding.element_offset(p) for p in params} if cache["sharded"] else None
-        draw_seed_if_needed(group, cache["dtypes"])  # rounding or state_precision may have changed
         if (
             self.optimizer.algorithm == "adam"
             and group.get("foreach")
@@ -162,7 +166,39 @@ class Stepper:
         kernel = kernels.resolve(name, devices, differentiable=differentiable, algorithm=algorithm)
         if group["accumulation_steps"] > 1:
             kernel = accumulation.KERNEL
-        return GroupPlan(group, params, grads, kernel)
+        checked = self._guard(group, params, grads, where, kernel)
+        return GroupPlan(group, params, grads, kernel, checked)
+
+    def _guard(self, group: dict, params: list[Tensor], grads: list[Tensor], where: str, kernel) -> CheckedTensors:
+        """The group's :class:`~adamkit.guard.StepGuard` check of this step's params and
+        gradients (their local shards when sharded); a fused kernel refuses params that
+        share memory (their updates would race)."""
+        cache = self.cache(group)
+        guard = cache.get("guard")
+        if guard is None:
+            guard = cache["guard"] = StepGuard()
+        state_table = self.optimizer.state
+        if cache["sharded"]:
+            held = params
+            params, grads = list(map(sharding.local, params)), list(map(sharding.local, grads))
+
+            def state_of(j: int):
+                return state_table.get(held[j])
+
+        else:
+
+            def state_of(j: int):
+                return state_table.get(params[j])
+
+        checked = guard.check(params, grads, where, state_of, self.optimizer.sparse_gradient_message)
+        if kernel.fused and guard.layout.overlapping:
+            first, second = guard.layout.overlapping[0]
+            raise RuntimeError(
+                f"params[{first}] and params[{second}]{where} share memory: the {kernel.name!r} kernel updates "
+                f"tensors in parallel, and their updates would race. Give each param its own memory, or step "
+                f"this group with backend='single_tensor' (or 'foreach')"
+            )
+        return checked
 
     def _check_params_and_state(self, group: dict, params: list[Tensor], where: str) -> None:
         differentiable, state_table = group["differentiable"], self.optimizer.state
@@ -176,7 +212,7 @@ class Stepper:
                 state, p = sharding.LocalState(state, p), sharding.local(p)
             if state:
                 amsgrad = bool(group.get("amsgrad"))
-                check_state(state, p, self.optimizer.algorithm, amsgrad=amsgrad, where=f" of {where[4:]}")
+                check_state(state, p, self.optimizer.algorithm, amsgrad=amsgrad, where=f" of params[{j}]{where}")
                 if differentiable and state["step"].requires_grad:
                     raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
             elif group.get("fused"):
@@ -195,23 +231,26 @@ class Stepper:
     def _state_key(self, group: dict, params: list[Tensor]) -> tuple:
         """Equal keys mean the same params with the same, already validated state tensors:
         the params' identities, ``amsgrad``, the options that shape the state, and the
-        state table's identity and size.  Replacing individual state tensors by hand is
-        not tracked: reset state with ``load_state_dict`` or ``state.clear()``."""
-        state_table = self.optimizer.state
+        state's epoch (every write to ``optimizer.state``, and every issued state tensor
+        that lets go of its memory, advances it)."""
+        optimizer = self.optimizer
+        if (
+            not isinstance(optimizer.state, statekeeping.StateTable)
+            or optimizer.state.epoch is not optimizer.state_epoch
+        ):
+            optimizer.state = statekeeping.tracked(optimizer.state, optimizer.state_epoch)  # replaced by hand
         return (
             tuple(map(id, params)),
             bool(group.get("amsgrad")),
             group["rounding"],
             group["master_weights"],
             group["state_precision"],
-            id(state_table),
-            len(state_table),
-            self.state_changes,
+            optimizer.state_epoch.value,
         )
 
     def admit(self, index: int, plan: GroupPlan, grad_scale: Tensor | None) -> bool:
         """Record diagnostics, then whether the group may step (``skip_nonfinite``)."""
-        group, params, grads, _ = plan
+        group, params, grads, _, _ = plan
         if group["diagnostics"]:
             self.recorder.record(group, params, grads, grad_scale)
         sharded = self.cache(group).get("sharded", False)
@@ -221,14 +260,14 @@ class Stepper:
         return True
 
     def initialize(self, plans: list[GroupPlan]) -> None:
-        """Bring the state of every planned group in line with it (allocate, convert),
+        """Bring the state of every planned group in line with it (allocate, convert,
+        and issue what a fused kernel will address: see :mod:`adamkit.statekeeping`),
         before any group steps; then key each group on its state as it now stands, so
         that the next step finds the same keys and validates and rebuilds nothing (a
         CUDA graph of ``step()`` can be captured after one eager step, as with
-        torch.optim).  A change counts in every key: a state emptied by hand and
-        filled again is never mistaken for the old one."""
-        changed = False
-        for group, params, grads, _ in plans:
+        torch.optim)."""
+        epoch = self.optimizer.state_epoch
+        for group, params, grads, kernel, _ in plans:
             cache = self.cache(group)
             if cache.get("initialized_key") == cache["validated_key"]:
                 continue
@@ -236,17 +275,17 @@ class Stepper:
             if cache["sharded"]:  # DTensors: the local shards' state
                 params, _, state_table = sharding.local_view(params, grads, state_table)
             for p in params:
-                changed |= init_state(state_table[p], p, group, self.optimizer.algorithm)
-        if changed:
-            self.state_changes += 1
-        for group, params, _, _ in plans:
+                init_state(state_table[p], p, group, self.optimizer.algorithm)
+                if kernel.fused:
+                    statekeeping.issue_all(state_table[p], epoch)
+        for group, params, _, _, _ in plans:
             cache = self.cache(group)
-            if changed or cache.get("initialized_key") != cache["validated_key"]:
+            if cache.get("initialized_key") != cache["validated_key"] or cache["validated_key"][-1] != epoch.value:
                 cache["validated_key"] = cache["initialized_key"] = self._state_key(group, params)
 
     def run(self, plan: GroupPlan, amp: tuple) -> None:
         """Hand the group to its kernel.  ``amp``: a GradScaler's scale and inf flag."""
-        group, params, grads, kernel = plan
+        group, params, grads, kernel, checked = plan
         cache = self.cache(group)
         grad_scale, found_inf = amp
         indices = self._param_indices(params) if group["seed"] is not None else None
@@ -258,7 +297,8 @@ class Stepper:
             params, grads, state_table = sharding.local_view(params, grads, state_table)
         if found_inf is not None and not kernel.amp and grad_scale is not None:
             grads = unscaled(grads, grad_scale)
-        batch = GroupBatch(params=params, grads=grads, state_table=state_table, cache=cache, key=cache["validated_key"])
+        key = (cache["validated_key"], cache["guard"].generation)
+        batch = GroupBatch(params=params, grads=grads, state_table=state_table, cache=cache, key=key, checked=checked)
         batch.param_indices, batch.element_offsets, batch.shards = indices, offsets, shards
         if kernel.amp:
             batch.grad_scale, batch.found_inf = grad_scale, found_inf

@@ -43,6 +43,8 @@ class Kernel:
     amp: bool = False
     #: extra availability check (e.g. an optional dependency is importable)
     available: Callable[[], bool] = lambda: True
+    #: why the kernel is not available here (None: it is, or no reason is known)
+    unavailable_reason: Callable[[], str | None] = lambda: None
     #: the algorithms it runs
     algorithms: frozenset[str] = frozenset(single_tensor.ALGORITHMS)
 
@@ -65,6 +67,7 @@ KERNELS: dict[str, Kernel] = {
         fused=True,
         amp=True,
         available=cpu.available,
+        unavailable_reason=cpu.unavailable_reason,
         algorithms=frozenset(ALGORITHM_CODES),
     ),
     "triton": Kernel(
@@ -88,7 +91,9 @@ _warned: set[str] = set()
 def _fallback(wanted: str, instead: str) -> str:
     if wanted not in _warned:
         _warned.add(wanted)
-        warnings.warn(f"adamkit: the {wanted!r} kernel is not available here; using {instead!r}", stacklevel=4)
+        reason = KERNELS[wanted].unavailable_reason()
+        because = f" ({reason})" if reason else ""
+        warnings.warn(f"adamkit: the {wanted!r} kernel is not available here{because}; using {instead!r}", stacklevel=4)
     return instead
 
 
@@ -129,7 +134,8 @@ def resolve(
     if differentiable and not kernel.differentiable:
         raise ValueError(f"backend={name!r} does not support differentiable=True (use backend='single_tensor' or None)")
     if not kernel.available():
-        raise ValueError(f"backend={name!r} is not available in this installation")
+        reason = kernel.unavailable_reason()
+        raise ValueError(f"backend={name!r} is not available {f'here: {reason}' if reason else 'in this installation'}")
     for device in devices:
         if not kernel.supports(device):
             raise ValueError(f"backend={name!r} cannot run params on device {device}")

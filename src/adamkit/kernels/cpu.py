@@ -60,6 +60,8 @@ width; the loops have nothing width-specific.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -82,6 +84,8 @@ from .host import (
     STATE_COLUMNS,
     STEP_SIZE_COLUMN,
     HostCounters,
+    addressed_forms,
+    check_addressed,
     chunk_table,
     clip_update_sizes,
     group_constants,
@@ -163,7 +167,57 @@ _ROUNDING_WITNESS = {
 
 
 def available() -> bool:
-    return numba is not None
+    return numba is not None and not _forked_from_gnu_openmp
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run in this process, if it cannot."""
+    if numba is None:
+        return "numba is not installed"
+    if _forked_from_gnu_openmp:
+        return (
+            "this process was forked from one whose numba thread pool had run (GNU OpenMP, numba's "
+            "'omp' threading layer, cannot run parallel code in a forked child: the process would be killed). "
+            "Start workers with multiprocessing's 'spawn' or 'forkserver' method, or set "
+            "NUMBA_THREADING_LAYER=workqueue (or tbb, after pip install tbb) before the parent's first step"
+        )
+    return None
+
+
+#: whether this process was forked after numba's GNU OpenMP thread pool had started
+_forked_from_gnu_openmp = False
+
+
+@contextmanager
+def fork_safe_threads() -> Iterator[None]:
+    """Where this process was forked after numba's GNU OpenMP pool had run, no parallel
+    region can start here (numba's would kill the process, torch's hang): run what is
+    inside on one torch thread (the fused kernel is then unavailable: see
+    :func:`unavailable_reason`), and leave the setting as it was."""
+    if not _forked_from_gnu_openmp:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _note_fork() -> None:
+    """In a forked child: remember whether the parent's numba pool was GNU OpenMP."""
+    global _forked_from_gnu_openmp
+    if numba is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # the pool never started: the child may start its own
+        return
+    _forked_from_gnu_openmp = layer == "omp"
+
+
+os.register_at_fork(after_in_child=_note_fork)
 
 
 if numba is not None:
@@ -378,8 +432,9 @@ if numba is not None:
         codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread
     ):
         """Quantize values[i - first] for elements [first, end) (``first`` on a block
-        boundary): per block, the absmax over bit patterns (NaN and infinity sort
-        above every finite value), exact or rounded up to bf16 as the moment's
+        boundary): per block, a second moment held at its ceiling (an overflowed square,
+        see :func:`~adamkit.specs.quantization.second_moment_ceiling`), the absmax over
+        bit patterns (NaN and infinity sort above every finite value), exact or rounded up to bf16 as the moment's
         format keeps it, then each element's code, rounded stochastically with the
         bits of step key ``key`` (element indices counted from ``shift``).  Packed
         codes are made one to a byte in ``spread`` and paired afterwards."""
@@ -388,6 +443,8 @@ if numba is not None:
         block, packed = fmt.block_of(signed), int(fmt.bits == 4)
         log2_block = block.bit_length() - 1
         put_scale = _put_exact_scale if fmt.exact_scales(signed) else _put_bfloat16_scale
+        saturates = not (signed or fmt.legacy)  # a second moment: an overflowed square is held at the ceiling
+        ceiling = quantization.second_moment_ceiling(fmt)
 
         def requantize(
             codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread
@@ -398,6 +455,10 @@ if numba is not None:
             fresh = typed_pointer(np.int64(values.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
                 low, high = b * block, min(b * block + block, end)
+                if saturates:
+                    for i in range(low, high):
+                        if fresh[i] > ceiling:  # (NaN stays NaN)
+                            fresh[i] = ceiling
                 largest = np.int32(0)
                 for i in range(low, high):
                     largest = max(largest, magnitude_bits(fresh[i]))
@@ -1053,6 +1114,9 @@ class _Bucket:
         )
         states = [[batch.states[i][key] for key in keys] for i in members]
         params = [batch.params[i] for i in members]
+        fmt = moment_storage if quantized else None
+        forms = [addressed_forms(rule.algorithm, rule.amsgrad, fmt, self.mode, moment_dtype, p) for p in params]
+        check_addressed(params, states, keys, forms, members)
         in_order = not self.random and not quantized  # random bits and codes follow the row-major index
         self.direct = [
             (p.is_contiguous() or (in_order and _dense(p)))
@@ -1064,7 +1128,6 @@ class _Bucket:
         self.numels = [p.numel() for p in params]
         self.real_numels = np.array([n * (2 if p.is_complex() else 1) for n, p in zip(self.numels, params)])
         self.real_sizes = self.real_numels.astype(np.float64)  # the pre-pass's n per tensor
-        self.strides = [p.stride() for p in params]
         self.state_addresses = np.array(
             [self._state_row(tensors) if d else [0] * STATE_COLUMNS for tensors, d in zip(states, self.direct)],
             dtype=np.int64,
@@ -1075,7 +1138,9 @@ class _Bucket:
         self.cautious = rule.cautious
         self.cautious_witness = np.empty(0, dtype=_CAUTIOUS_WITNESS[rule.cautious])
         self.whole_group = members == list(range(len(batch.params)))
-        self.all_contiguous = all(self.direct) and all(p.is_contiguous() for p in params)
+        #: the rows always staged (their param or state is not laid out for the kernel)
+        self.staged_rows = [row for row, direct in enumerate(self.direct) if not direct]
+        self.restaged_last = False
         self.table = np.empty((len(members), len(COLUMNS)), dtype=np.int64)
         self.table[:, 2:] = self.state_addresses
         self.stream_keys: tuple | None = None
@@ -1101,42 +1166,45 @@ class _Bucket:
     def addresses(self, batch: GroupBatch) -> tuple[np.ndarray, list]:
         """The address table for this step, and the staged tensors to copy back.
 
-        The common case (every param and gradient contiguous, sizes unchanged) is a
-        few C-level passes over the group; anything else goes row by row."""
+        The params' and gradients' addresses are those the step's guard read and checked
+        (:class:`adamkit.guard.StepGuard`); rows whose param is not laid out for the
+        kernel, or whose gradient is not laid out like its param, are staged."""
+        checked = batch.checked
         if self.whole_group:
-            params, grads = batch.params, batch.grads
+            param_ptrs, grad_ptrs = checked.param_ptrs, checked.grad_ptrs
         else:
-            params = [batch.params[i] for i in self.members]
-            grads = [batch.grads[i] for i in self.members]
-        if (
-            self.all_contiguous
-            and all(map(Tensor.is_contiguous, params))
-            and all(map(Tensor.is_contiguous, grads))
-            and list(map(Tensor.numel, params)) == self.numels
-        ):
-            count = len(params)
-            self.table[:, 0] = np.fromiter(map(Tensor.data_ptr, params), dtype=np.int64, count=count)
-            self.table[:, 1] = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=count)
+            param_ptrs = [checked.param_ptrs[i] for i in self.members]
+            grad_ptrs = [checked.grad_ptrs[i] for i in self.members]
+        self.table[:, 0] = param_ptrs
+        self.table[:, 1] = grad_ptrs
+        if self.restaged_last:  # the last step staged rows that are direct now: their state's own addresses
+            self.table[:, 2:] = self.state_addresses
+            self.restaged_last = False
+        restaged = self.staged_rows
+        if checked.mismatched_rows:
+            rows = {member: row for row, member in enumerate(self.members)}
+            extra = [rows[i] for i in checked.mismatched_rows if i in rows]
+            restaged = sorted(set(restaged).union(extra))
+        if not restaged:
             return self.table, []
-        return self._addresses_row_by_row(params, grads)
+        self.restaged_last = True
+        return self.table, self._stage(restaged, batch)
 
-    def _addresses_row_by_row(self, params: list[Tensor], grads: list[Tensor]) -> tuple[np.ndarray, list]:
+    def _stage(self, rows: list[int], batch: GroupBatch) -> list:
+        """Contiguous copies of the params, gradients and state of ``rows``, addressed in
+        the table (which is restored to the state's own addresses first)."""
         table = self.table
         table[:, 2:] = self.state_addresses
         staged = []
-        for row, (param, grad) in enumerate(zip(params, grads)):
-            if param.numel() != self.numels[row]:
-                raise RuntimeError(f"a param changed size since its state was created ({self.numels[row]} elements)")
-            if self.direct[row] and param.stride() == self.strides[row] and grad.stride() == param.stride():
-                table[row, 0], table[row, 1] = param.data_ptr(), grad.data_ptr()
-                continue
+        for row in rows:
+            param, grad = batch.params[self.members[row]], batch.grads[self.members[row]]
             # the buffers must outlive the kernel call: they are kept in ``staged``
             param_buffer, grad_buffer = param.contiguous(), grad.contiguous()
             state_buffers = [t.contiguous() for t in self.state_tensors[row]]
             table[row, 0], table[row, 1] = param_buffer.data_ptr(), grad_buffer.data_ptr()
             table[row, 2:] = self._state_row(state_buffers)
             staged.append((param, param_buffer, grad_buffer, self.state_tensors[row], state_buffers))
-        return table, staged
+        return staged
 
 
 #: the keys argument of a launch without stochastic rounding (never read)

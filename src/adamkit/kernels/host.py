@@ -56,8 +56,11 @@ from torch import Tensor
 
 from .. import blockwise
 from ..rule import Algorithm, GroupScalars, StepScalars, UpdateRule, as_number
-from ..specs.quantization import QuantFormat
+from ..sharding import PARAM_SHAPED_KEYS
+from ..specs.master import LOW_BITS_DTYPE
+from ..specs.quantization import SIGNED_KEYS, QuantFormat
 from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_keys
+from .types import as_real
 
 #: the algorithms the fused kernels run, and the code each kernel specializes on
 ALGORITHM_CODES = {"adam": 0, "adamax": 1, "nadam": 2, "radam": 3, "adopt": 4, "stable_adamw": 5}
@@ -212,6 +215,52 @@ def state_keys(algorithm: Algorithm, amsgrad: bool, fmt: QuantFormat | None, mod
     if mode in PARAM_EXTRA_KEY:
         keys.append(PARAM_EXTRA_KEY[mode])
     return keys, len(moments)
+
+
+def check_addressed(
+    params: list[Tensor],
+    rows: list[list[Tensor]],
+    keys: list[str],
+    forms: list[list[tuple[torch.dtype, int]]],
+    members: list[int],
+) -> None:
+    """Where a fused kernel's bucket is built: every state tensor it will address (``rows``,
+    under ``keys`` as :func:`state_keys` lists them) is on its param's device, holds exactly
+    the elements of the dtype the kernel reads (``forms``: :func:`addressed_forms` per row;
+    ``members``: the rows' places in the group) and, if quantized, is contiguous.  The step's validation and
+    :func:`adamkit.state.init_state` make it so; this is the kernels' own check before they
+    trust an address (a ``RuntimeError``: an adamkit bug)."""
+    for param, tensors, row_forms, member in zip(params, rows, forms, members):
+        where = f" of the group's params[{member}]"
+        for key, t, (dtype, numel) in zip(keys, tensors, row_forms):
+            real = as_real(t)
+            packed = key not in PARAM_SHAPED_KEYS  # quantized codes and scales: read as one block
+            if (real.dtype, real.numel(), t.device) != (dtype, numel, param.device) or (
+                packed and not t.is_contiguous()
+            ):
+                raise RuntimeError(
+                    f"state[{key!r}]{where} holds {real.numel()} {real.dtype} on {t.device}, but the kernel reads "
+                    f"{numel} {dtype} on {param.device} (an adamkit bug: please report it)"
+                )
+
+
+def addressed_forms(algorithm: Algorithm, amsgrad: bool, fmt: QuantFormat | None, mode: str, moment_dtype, param):
+    """The (dtype, element count) a fused kernel reads from each of ``param``'s state
+    tensors, in :func:`state_keys` order (complex tensors as their real views)."""
+    real = as_real(param)
+    numel, moments = real.numel(), moment_keys(algorithm, amsgrad)
+    if fmt is None:
+        forms = [(moment_dtype, numel)] * len(moments)
+    else:
+        forms = [(torch.uint8, fmt.code_bytes(numel))] * len(moments)
+        forms += [(blockwise.scale_dtype(fmt, k in SIGNED_KEYS), fmt.blocks(numel, k in SIGNED_KEYS)) for k in moments]
+    if mode in PARAM_EXTRA_KEY:
+        forms.append((LOW_BITS_DTYPE[_MASTER_MODE[mode]] if mode in _MASTER_MODE else real.dtype, numel))
+    return forms
+
+
+#: the ``master_weights`` value of each split-master rounding mode
+_MASTER_MODE = {"master": "fp32", "master24": "24bit"}
 
 
 def state_row(addresses: list[int], moment_count: int, extra: bool, quantized: bool) -> list[int]:

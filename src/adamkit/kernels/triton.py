@@ -57,6 +57,8 @@ from .host import (
     STATE_COLUMNS,
     TENSOR_SCALARS,
     HostCounters,
+    addressed_forms,
+    check_addressed,
     chunk_table,
     clip_update_sizes,
     group_constants,
@@ -230,11 +232,16 @@ if triton is not None:
         EXACT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Quantize a program's new values (``first`` on a block boundary): per block,
-        the absmax over bit patterns (NaN and infinity sort above every finite value),
+        """Quantize a program's new values (``first`` on a block boundary): per block, a
+        second moment held at its ceiling (an overflowed square), the absmax over bit patterns (NaN and infinity sort above every finite value),
         exact (fp32) where ``EXACT`` and else rounded up to bf16, then each element's code, rounded stochastically with the bits of
         step key ``key``; int4 codes two to a byte."""
         x = tl.where(mask, value.to(tl.float32), 0.0)
+        if not SIGNED:  # an overflowed square is held at the ceiling (NaN stays NaN)
+            if EXACT:  # fp32's largest number
+                x = tl.where(x > 3.4028234663852886e38, 3.4028234663852886e38, x)
+            else:  # bf16's
+                x = tl.where(x > 3.3895313892515355e38, 3.3895313892515355e38, x)
         patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         largest = tl.max(tl.reshape(patterns, [BLOCK // QBLOCK, QBLOCK]), axis=1)
         largest = tl.minimum(largest, 0x7F800000)
@@ -791,6 +798,11 @@ class _Bucket:
         self.random = rounding.needs_random_bits(rule.rounding, self.param_dtype, state_storage)
         keys, moment_count = state_keys(rule.algorithm, rule.amsgrad, self.quantized, self.mode)
         self.state_tensors = [[as_real(s[key]) for key in keys] for s in states]
+        moment_dtype = torch.float32 if self.quantized else state_storage
+        forms = [
+            addressed_forms(rule.algorithm, rule.amsgrad, self.quantized, self.mode, moment_dtype, p) for p in params
+        ]
+        check_addressed(params, self.state_tensors, keys, forms, members)
         self.steps = [s["step"] for s in states]
         for p, tensors in zip(params, self.state_tensors):
             if not (p.is_contiguous() and all(t.is_contiguous() for t in tensors)):
@@ -809,6 +821,7 @@ class _Bucket:
         on_host = self.steps[0].device.type == "cpu" and not rule.capturable
         self.counters = HostCounters(states, rule.algorithm) if on_host else None
         self.whole_group = members == list(range(len(batch.params)))
+        self.member_set = frozenset(members)
         self.stream_keys: tuple | None = None
         self.moving: np.ndarray | None = None  # the param and grad addresses of the table on the device
         self.aligned = False  # whether every address in that table is a multiple of 16 bytes
@@ -817,21 +830,20 @@ class _Bucket:
 
     def table(self, batch: GroupBatch) -> torch.Tensor:
         """The address table on the device, uploaded again only when a param or gradient
-        address changed (so a CUDA graph replays with no host-to-device copy)."""
+        address changed (so a CUDA graph replays with no host-to-device copy).  The
+        addresses are those the step's guard read and checked
+        (:class:`adamkit.guard.StepGuard`)."""
+        checked = batch.checked
         if self.whole_group:  # (a complex tensor's address and layout are its real view's)
-            params, grads = batch.params, batch.grads
+            param_ptrs, grad_ptrs = checked.param_ptrs, checked.grad_ptrs
+            mismatched = bool(checked.mismatched_rows)
         else:
-            params, grads = [batch.params[i] for i in self.members], [batch.grads[i] for i in self.members]
-        if not (all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))):
+            param_ptrs = [checked.param_ptrs[i] for i in self.members]
+            grad_ptrs = [checked.grad_ptrs[i] for i in self.members]
+            mismatched = not self.member_set.isdisjoint(checked.mismatched_rows)
+        if mismatched:  # a gradient not laid out like its (contiguous) param
             raise _NeedsStaging
-        count = len(params)
-        moving = np.stack(
-            [
-                np.fromiter(map(torch.Tensor.data_ptr, params), dtype=np.int64, count=count),
-                np.fromiter(map(torch.Tensor.data_ptr, grads), dtype=np.int64, count=count),
-            ],
-            axis=1,
-        )
+        moving = np.array([param_ptrs, grad_ptrs], dtype=np.int64).T
         if self.moving is None or not np.array_equal(moving, self.moving):
             table = np.concatenate([moving, self.state_addresses], axis=1)
             self.aligned = bool((table % 16 == 0).all())  # unused slots hold 0

@@ -9,6 +9,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ..guard import CheckedTensors
 from ..rule import UpdateRule
 
 
@@ -42,6 +43,9 @@ class GroupBatch:
     #: local shards, for per-tensor reductions (:func:`adamkit.sharding.per_tensor_totals`);
     #: ``None`` when nothing is sharded
     shards: list | None = None
+    #: what :class:`adamkit.guard.StepGuard` checked this step: the params' and
+    #: gradients' addresses, and the rows whose gradient is not laid out like its param
+    checked: CheckedTensors | None = None
 
     @cached_property
     def states(self) -> list[dict]:

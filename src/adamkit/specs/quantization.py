@@ -96,6 +96,21 @@ produces the same codes.  A block whose scale is zero stores codes 0 (it dequant
 to zeros); a block holding a NaN or an infinity stores the scale NaN (every element dequantizes to
 NaN: a non-finite moment poisons its block).
 
+**Overflow.** A finite gradient whose square overflows fp32 (:math:`|g| > 1.8 \cdot 10^{19}`)
+makes :math:`v = +\infty`; fp32 Adam then moves that element by
+:math:`m / (\sqrt{\infty} + \epsilon) = 0`, that step and every later one, and keeps
+its weights finite.  A second moment is therefore stored no larger than the largest
+finite scale its format holds (:func:`second_moment_ceiling`: bf16's largest number
+under a bf16 scale, fp32's under an exact one, :math:`\approx 3.4 \cdot 10^{38}`), so
+every weight stays finite.  The step that overflows moves the element by 0, as fp32
+Adam (the update reads the fresh fp32 :math:`v`); later steps read the stored ceiling
+and move it by :math:`\eta\, \hat m / \sqrt{\hat v} \approx \eta\, m / (1.8 \cdot 10^{19})`,
+small unless :math:`|g|` was far beyond the overflow, where fp32 Adam moves it by 0.
+The other elements of its block fall below the map's lowest level (:math:`2^{-15}` of
+that scale) and are held there, so their updates all but stop until the block's
+:math:`v` has decayed (fp32 Adam does not touch them).  A NaN, or an infinite gradient,
+still poisons its block.
+
 Packing: int8 codes are one byte each; int4 codes two to a byte, element
 :math:`2j` in the low nibble and :math:`2j + 1` in the high one.  A state holds, per
 moment, its codes (uint8, flat) and its scales (one per block; bf16, fp32 for int4's
@@ -366,11 +381,22 @@ def unpack(stored: np.ndarray, fmt: QuantFormat, numel: int) -> np.ndarray:
     return both[:numel].astype(np.int64)
 
 
+def second_moment_ceiling(fmt: QuantFormat) -> np.float32:
+    """The largest second moment ``fmt`` stores (see *Overflow*): the largest finite
+    scale, bf16's largest number under a bf16 scale, fp32's under an exact one."""
+    if fmt.exact_scales(False):
+        return np.float32(np.finfo(np.float32).max)
+    return np.uint32(0x7F7F0000).view(np.float32)
+
+
 def quantize(
     x: np.ndarray, fmt: QuantFormat, signed: bool, bits16: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(stored codes, scales) of ``x`` (any shape; read in row-major order), rounded
-    stochastically with ``bits16`` (one per element) or, without, to nearest."""
+    stochastically with ``bits16`` (one per element) or, without, to nearest; a second
+    moment above :func:`second_moment_ceiling` is stored as the ceiling."""
+    if not (signed or fmt.legacy):
+        x = np.minimum(np.asarray(x, dtype=np.float32), second_moment_ceiling(fmt))  # (NaN stays NaN)
     block = fmt.block_of(signed)
     scales = block_scales(x, block, exact=fmt.exact_scales(signed))
     codes = level_codes(x, scales, fmt, signed, bits16)
@@ -398,6 +424,7 @@ __all__ = [
     "pack",
     "quantize",
     "scales_key",
+    "second_moment_ceiling",
     "signed_gaps",
     "signed_magnitudes",
     "unpack",

@@ -1,0 +1,233 @@
+r"""What a step may touch: every param and gradient checked at every step, before anything is written.
+
+A param group's params are validated in depth when they change (:mod:`adamkit.stepping`);
+between those moments a user may still have changed any of them in place:
+``model.half()`` or ``.to()`` (new data under the same ``Parameter``), ``p.data = ...``,
+``p.grad.data = ...``, a resize.  The fused kernels address raw memory, so at every step
+:class:`StepGuard` reads each param's address, size in bytes and strides, and each
+gradient's address, size, dtype, device and strides, and compares them, as one list,
+with what it last validated: a few C-level passes over the group, no Python loop, when
+nothing changed (the common case).  A gradient must have its param's size and strides
+(so its shape and layout), dtype and device.  Anything else goes through
+:meth:`StepGuard.validate`, row by row, which either accepts the change (a param whose
+data was replaced by a tensor of the same kind; a gradient laid out unlike its param,
+which the kernels then stage) or raises a ``RuntimeError`` that names the param, what
+changed and what to do, with nothing touched.
+
+A param keeps its address from step to step (the kernels update it in place), so an
+unchanged address with an unchanged size and strides is the same extent of memory; a
+param that moved (``model.half()``, ``.to()``, ``.data = ...``) is checked in full, its
+dtype and device included.  (A param re-viewed in place as another dtype of the same
+size, ``p.data = p.data.view(torch.int32)``, keeps its address and is not seen: memory
+stays safe, as the extent is the same.)
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from functools import cached_property
+from operator import attrgetter
+
+import torch
+from torch import Tensor
+
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_stride = Tensor.stride
+_get_device = Tensor.get_device
+_dtype_of = attrgetter("dtype")
+_nbytes_of = attrgetter("nbytes")
+
+
+@dataclass
+class Layout:
+    """The params of a group as last validated (one entry per param, in order)."""
+
+    ids: tuple
+    param_ptrs: list[int]
+    #: element counts times element sizes
+    nbytes: list[int]
+    dtypes: list[torch.dtype]
+    devices: list[int]
+    strides: list[tuple]
+    #: pairs of rows whose params share memory (their updates would race in a fused kernel)
+    overlapping: list[tuple[int, int]]
+
+    @cached_property
+    def expected(self) -> list:
+        """What :meth:`StepGuard.check` reads at every step, as it must read it: the
+        params' sizes in bytes and strides, then their gradients' sizes, dtypes, devices
+        and strides (those of the params: with the sizes, the same shape and layout)."""
+        return [*self.nbytes, *self.strides, *self.nbytes, *self.dtypes, *self.devices, *self.strides]
+
+
+@dataclass
+class CheckedTensors:
+    """One step's params and gradients as the guard let them through."""
+
+    param_ptrs: list[int]
+    grad_ptrs: list[int]
+    #: rows whose gradient is not laid out like its param (kernels stage them)
+    mismatched_rows: list[int]
+
+
+class StepGuard:
+    """One param group's per-step check (see the module docstring).
+
+    ``generation`` counts the times the params' layout changed (not their addresses):
+    kernels key what they derived from the layout on it."""
+
+    def __init__(self) -> None:
+        self.layout: Layout | None = None
+        self.generation = 0
+        #: each param's (dtype, shape, device) as last validated, by identity
+        self.known: dict[int, tuple] = {}
+
+    def check(self, params: list[Tensor], grads: list[Tensor], where: str, state_of, sparse_message: str):
+        """The step's :class:`CheckedTensors`, or a ``RuntimeError`` (``where``: the
+        group, for messages; ``state_of(j)``: param ``j``'s state, empty if none)."""
+        layout = self.layout
+        try:
+            param_ptrs = list(map(_data_ptr, params))
+            grad_ptrs = list(map(_data_ptr, grads))
+            unchanged = (
+                layout is not None
+                and param_ptrs == layout.param_ptrs
+                and [  # one list, compared at once: what each param and gradient must still be
+                    *map(_nbytes_of, params),
+                    *map(_stride, params),
+                    *map(_nbytes_of, grads),
+                    *map(_dtype_of, grads),
+                    *map(_get_device, grads),
+                    *map(_stride, grads),
+                ]
+                == layout.expected
+                and (0 not in grad_ptrs or _empty_where_null(grad_ptrs, layout.nbytes))
+            )
+        except (RuntimeError, TypeError):  # a sparse or storage-less tensor: row by row
+            unchanged = False
+        if unchanged:
+            return CheckedTensors(param_ptrs, grad_ptrs, [])
+        return self.validate(params, grads, where, state_of, sparse_message)
+
+    def validate(self, params: list[Tensor], grads: list[Tensor], where: str, state_of, sparse_message: str):
+        """Row by row: raise for what cannot be stepped, else remember the params as they are."""
+        mismatched = []
+        for j, (p, g) in enumerate(zip(params, grads)):
+            name = f"params[{j}]{where}"
+            self._check_unchanged_param(p, j, name, state_of)
+            _check_gradient(p, g, name, sparse_message)
+            if g.stride() != p.stride() or not _dense(g):  # the kernels stage it
+                mismatched.append(j)
+        layout = _layout_of(params)
+        if self.layout is None or _kind(layout) != _kind(self.layout):
+            self.generation += 1
+        self.layout = layout
+        for p in params:
+            self.known[id(p)] = (weakref.ref(p), _kind_of(p))
+        return CheckedTensors(layout.param_ptrs, list(map(_data_ptr, grads)), mismatched)
+
+    def _check_unchanged_param(self, p: Tensor, j: int, name: str, state_of) -> None:
+        """A param with state may move (new data of the same kind), but not change dtype,
+        shape or device: its state was made for what it was (torch.optim fails there too)."""
+        known = self.known.get(id(p))
+        if known is None or known[0]() is not p or known[1] == _kind_of(p) or not state_of(j):
+            return
+        changes = [
+            f"{what} {_shown(old)} -> {_shown(new)}"
+            for what, old, new in zip(("dtype", "shape", "device"), known[1], _kind_of(p))
+            if old != new
+        ]
+        raise RuntimeError(
+            f"{name} changed since the optimizer last stepped it ({', '.join(changes)}; model.half(), .to() or "
+            f"`.data = ...`?), but its optimizer state was made for it as it was. Convert the model before creating "
+            f"the optimizer, or convert the state with it: optimizer.load_state_dict(optimizer.state_dict()) casts "
+            f"every state to its param's dtype and device (a param of a new shape needs a fresh state: "
+            f"optimizer.state.pop(param))"
+        )
+
+
+def _empty_where_null(ptrs: list[int], nbytes: list[int]) -> bool:
+    """Whether every null address belongs to an empty tensor (which is never read)."""
+    return all(nbytes[i] == 0 for i, ptr in enumerate(ptrs) if ptr == 0)
+
+
+def _dense(t: Tensor) -> bool:
+    """True when ``t`` covers one block of memory with no gaps or overlaps (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout_of(params: list[Tensor]) -> Layout:
+    ptrs, numels = list(map(_data_ptr, params)), list(map(_numel, params))
+    return Layout(
+        ids=tuple(map(id, params)),
+        param_ptrs=ptrs,
+        nbytes=list(map(_nbytes_of, params)),
+        dtypes=list(map(_dtype_of, params)),
+        devices=list(map(_get_device, params)),
+        strides=list(map(_stride, params)),
+        overlapping=_overlapping(params, ptrs, numels),
+    )
+
+
+def _kind_of(p: Tensor) -> tuple:
+    return (p.dtype, p.shape, p.device)
+
+
+def _kind(layout: Layout) -> tuple:
+    """Everything of a layout but the addresses."""
+    return (layout.nbytes, layout.dtypes, layout.devices, layout.strides, layout.overlapping)
+
+
+def _overlapping(params: list[Tensor], ptrs: list[int], numels: list[int]) -> list[tuple[int, int]]:
+    """Pairs of rows whose memory intersects (each param's extent from its first to its last
+    element, by address: a conservative test for strided views of one buffer)."""
+    extents = []
+    for j, (p, ptr, n) in enumerate(zip(params, ptrs, numels)):
+        if n:
+            last = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
+            extents.append((ptr, ptr + (last + 1) * p.element_size(), j))
+    extents.sort()
+    pairs, reach, owner = [], 0, -1
+    for start, end, j in extents:
+        if start < reach:
+            pairs.append((owner, j))
+        if end > reach:
+            reach, owner = end, j
+    return pairs
+
+
+def _shown(value) -> str:
+    return str(tuple(value)) if isinstance(value, torch.Size) else str(value)
+
+
+def _check_gradient(p: Tensor, g: Tensor, name: str, sparse_message: str) -> None:
+    if g.is_sparse:
+        raise RuntimeError(sparse_message)
+    if g.layout != torch.strided:
+        raise RuntimeError(f"the gradient of {name} has layout {g.layout}; only dense (torch.strided) gradients step")
+    mismatch = [
+        f"{what} {_shown(mine)}, but the param's is {_shown(its)}"
+        for what, mine, its in (
+            ("shape", g.shape, p.shape),
+            ("dtype", g.dtype, p.dtype),
+            ("device", g.device, p.device),
+        )
+        if mine != its
+    ]
+    if mismatch:
+        raise RuntimeError(
+            f"the gradient of {name} has {'; '.join(mismatch)} (was `.grad.data` replaced or resized, or the "
+            f"param changed after backward?); torch.optim cannot step it either"
+        )
+
+
+__all__ = ["CheckedTensors", "Layout", "StepGuard"]

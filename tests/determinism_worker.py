@@ -1,0 +1,63 @@
+"""One fresh process's results for ``tests/test_determinism.py``: every backend under every
+storage mode steps the same params with the same gradients, and prints one digest of the
+params and state per run (``name digest`` lines)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import torch
+
+import adamkit
+
+#: storage modes: param dtype and options
+MODES = {
+    "fp32": (torch.float32, {}),
+    "fp32-int8": (torch.float32, {"state_precision": "int8"}),
+    "fp32-int4": (torch.float32, {"state_precision": "int4"}),
+    "bf16-nearest": (torch.bfloat16, {}),
+    "bf16-kahan": (torch.bfloat16, {"rounding": "kahan"}),
+    "bf16-stochastic": (torch.bfloat16, {"rounding": "stochastic"}),
+    "bf16-master-fp32": (torch.bfloat16, {"master_weights": "fp32", "state_precision": "fp32"}),
+    "bf16-master-24bit": (torch.bfloat16, {"master_weights": "24bit", "state_precision": "int8"}),
+    "bf16-states": (torch.float32, {"state_precision": "bf16"}),
+}
+#: the interpreted Triton kernel is slow: two modes on small tensors
+TRITON_MODES = ("fp32", "bf16-master-24bit")
+
+
+def digest(opt, params) -> str:
+    h = hashlib.sha256()
+    for p in params:
+        h.update(_bytes(p))
+        for key, value in sorted(opt.state[p].items()):
+            if torch.is_tensor(value):
+                h.update(key.encode() + _bytes(value))
+    return h.hexdigest()[:16]
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def run(backend: str, mode: str) -> str:
+    dtype, options = MODES[mode]
+    size = 512 if backend == "triton" else 4096
+    g = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter((torch.randn(size, generator=g) * 0.02).to(dtype)),
+        torch.nn.Parameter(torch.randn(64, 48, generator=g).to(dtype)),
+    ]
+    opt = adamkit.AdamW(params, lr=1e-3, weight_decay=0.01, backend=backend, seed=3, **options)
+    for _ in range(3):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(dtype)
+        opt.step()
+    return digest(opt, params)
+
+
+if __name__ == "__main__":
+    for backend in sys.argv[1:]:
+        for mode in TRITON_MODES if backend == "triton" else MODES:
+            print(f"{backend}/{mode} {run(backend, mode)}", flush=True)

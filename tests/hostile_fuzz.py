@@ -1,0 +1,403 @@
+"""The hostile-use fuzzer (run by ``tests/test_fuzz.py`` in a subprocess of its own).
+
+Hypothesis draws an optimizer (class, param dtype, storage options, backend under test)
+and a sequence of steps and of the mutations users really make between them: the model
+cast (``.half()``, ``.bfloat16()``, ``.double()``), a param's ``.data`` replaced by data
+of the same or another shape, params tied to one buffer, gradients dropped, replaced
+through ``.data`` by another shape, dtype or layout, ``optimizer.state`` edited in place
+(entries replaced, re-pointed, moved to shared memory, popped; a step count that cannot
+count), hand-edited state dicts loaded, and param groups edited.  Every tensor a kernel
+may address — params, gradients and the state adamkit issues — ends where a page ends,
+followed by a page that cannot be read or written, so a read or write one byte past any
+of them kills the process (the test sees the signal).
+
+After each step one of two things must hold:
+
+- the step raised a ``RuntimeError``, ``ValueError`` or ``TypeError`` with a message,
+  and params, state and counters are exactly as they were; or
+- it stepped, and so did a twin on the ``single_tensor`` path given the same params,
+  state, gradients and mutations, to the same result (within each dtype's rounding; the
+  twin is then set to the result, so every step is compared from the same start).
+
+    python tests/hostile_fuzz.py BACKEND EXAMPLES     # ADAMKIT_FUZZ_TRACE=1: print each sequence
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import mmap
+import os
+import sys
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import adamkit
+from adamkit import statekeeping
+
+PAGE = mmap.PAGESIZE
+#: print each sequence before running it (``ADAMKIT_FUZZ_TRACE=1``)
+TRACE = os.environ.get("ADAMKIT_FUZZ_TRACE") == "1"
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def guarded_empty(shape, dtype: torch.dtype, strides=None) -> torch.Tensor:
+    """An uninitialised CPU tensor whose memory ends where a page ends, followed by a page
+    with no access: reading or writing past its last byte is a segmentation fault."""
+    shape = tuple(shape)
+    if strides is None:
+        strides = torch.empty(shape, device="meta").stride()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides)) if all(shape) else 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = extent * itemsize
+    if nbytes == 0:
+        return torch.empty_strided(shape, strides, dtype=dtype)
+    pages = -(-nbytes // PAGE)
+    region = mmap.mmap(-1, (pages + 1) * PAGE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    if _libc.mprotect(address + pages * PAGE, PAGE, 0) != 0:  # PROT_NONE
+        raise OSError(ctypes.get_errno(), "mprotect failed")
+    flat = torch.frombuffer(region, dtype=dtype, count=extent, offset=pages * PAGE - nbytes)
+    return flat.as_strided(shape, strides)
+
+
+def guarded_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A guarded tensor with ``tensor``'s shape, dtype and (dense) strides."""
+    if tensor.device.type != "cpu":
+        return torch.empty_like(tensor, memory_format=torch.preserve_format)
+    strides = tensor.stride() if _dense(tensor) else None
+    return guarded_empty(tensor.shape, tensor.dtype, strides)
+
+
+def guarded_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return guarded_like(tensor).copy_(tensor)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+# ------------------------------------------------------------------------- scenarios
+
+CLASSES = {
+    "Adam": adamkit.Adam,
+    "AdamW": adamkit.AdamW,
+    "AdaMax": adamkit.AdaMax,
+    "NAdam": adamkit.NAdam,
+    "RAdam": adamkit.RAdam,
+    "ADOPT": adamkit.ADOPT,
+    "StableAdamW": adamkit.StableAdamW,
+}
+SHAPES = [(), (7,), (3, 5), (130,), (2, 3, 4), (5, 2)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+#: the optimizers drawn from: every storage option and every algorithm at least once (a
+#: few, so that the compiled kernels they need are built once: each costs seconds cold)
+OPTIMIZERS = [
+    ("Adam", "fp32", {}),
+    ("AdamW", "fp32", {"amsgrad": True, "weight_decay": 0.1}),
+    ("AdamW", "bf16", {"rounding": "kahan", "weight_decay": 0.1}),
+    ("AdamW", "bf16", {"master_weights": "fp32", "state_precision": "fp32"}),
+    ("AdamW", "bf16", {"master_weights": "24bit", "state_precision": "int8"}),
+    ("Adam", "fp32", {"state_precision": "int4", "cautious": True}),
+    ("NAdam", "fp16", {"rounding": "stochastic", "state_precision": "bf16"}),
+    ("AdaMax", "fp64", {"weight_decay": 0.1}),
+    ("RAdam", "fp32", {"state_precision": "int8"}),
+    ("ADOPT", "bf16", {}),
+    ("StableAdamW", "fp32", {"weight_decay": 0.1}),
+]
+
+
+@st.composite
+def configs(draw):
+    name, dtype, options = draw(st.sampled_from(OPTIMIZERS))
+    shapes = draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4))
+    transposed = draw(st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)))
+    return {
+        "name": name,
+        "dtype": dtype,
+        "options": {"seed": 7, **options},
+        "shapes": shapes,
+        "transposed": transposed,
+        "one_buffer": draw(st.booleans()),
+    }
+
+
+MUTATIONS = st.one_of(
+    st.just(("step",)),
+    st.just(("step",)),
+    st.just(("step",)),
+    st.tuples(st.just("grad_none"), st.integers(0, 3)),
+    st.tuples(st.just("grad_data"), st.integers(0, 3), st.sampled_from(["shape", "dtype", "strided", "expanded"])),
+    st.tuples(st.just("cast"), st.sampled_from(["half", "bfloat16", "double", "float"])),
+    st.tuples(st.just("param_data"), st.integers(0, 3), st.sampled_from(["same", "shape", "dtype"])),
+    st.tuples(st.just("tie"), st.integers(0, 3), st.integers(0, 3)),
+    st.tuples(
+        st.just("state"),
+        st.integers(0, 3),
+        st.sampled_from(["replace", "data", "set_", "share_memory_", "pop", "wrong_shape", "negative_step"]),
+    ),
+    st.tuples(st.just("state_dict"), st.sampled_from(["round_trip", "truncate", "drop_key", "step_pair"])),
+    st.tuples(st.just("group"), st.sampled_from(["lr", "weight_decay", "precision", "rounding", "amsgrad", "bad_lr"])),
+    st.just(("clear_state",)),
+)
+
+
+class Run:
+    """One optimizer under test and its single-tensor twin, stepped and mutated alike."""
+
+    def __init__(self, config: dict, backend: str):
+        self.config = config
+        dtype = DTYPES[config["dtype"]]
+        generator = torch.Generator().manual_seed(0)
+        values = [torch.randn(shape, generator=generator).to(dtype) for shape in config["shapes"]]
+        self.ours = self._params(values)
+        self.theirs = self._params(values)
+        cls, options = CLASSES[config["name"]], config["options"]
+        self.opt = cls(self.ours, lr=1e-2, backend=backend, **options)
+        self.twin = cls(self.theirs, lr=1e-2, backend="single_tensor", **options)
+        self.generator = torch.Generator().manual_seed(1)
+        #: params whose gradient a mutation set since the last step (a step keeps it)
+        self.kept_grads: set[int] = set()
+
+    def _params(self, values):
+        config = self.config
+        if config["one_buffer"]:  # views of one guarded buffer, side by side
+            total = sum(v.numel() for v in values)
+            buffer = guarded_empty((total,), values[0].dtype)
+            params, start = [], 0
+            for v in values:
+                view = buffer[start : start + v.numel()].view(v.shape)
+                view.copy_(v)
+                params.append(torch.nn.Parameter(view))
+                start += v.numel()
+            return params
+        params = []
+        for v, transposed in zip(values, config["transposed"]):
+            if transposed and v.dim() >= 2:  # a param laid out as a transpose
+                held = guarded_empty((v.shape[1], v.shape[0], *v.shape[2:]), v.dtype).transpose(0, 1)
+                params.append(torch.nn.Parameter(held.copy_(v)))
+            else:
+                params.append(torch.nn.Parameter(guarded_copy(v)))
+        return params
+
+    # the same change to both runs ---------------------------------------------------
+
+    def both(self, change) -> None:
+        for params, opt in ((self.ours, self.opt), (self.theirs, self.twin)):
+            change(params, opt)
+
+    def apply(self, mutation: tuple) -> None:
+        kind, *args = mutation
+        getattr(self, f"_{kind}")(*args)
+
+    def _grad_none(self, i):
+        def change(params, opt):
+            params[i % len(params)].grad = None
+
+        self.kept_grads.add(i % len(self.ours))
+        self.both(change)
+
+    def _grad_data(self, i, how):
+        self.kept_grads.add(i % len(self.ours))
+
+        def change(params, opt):
+            p = params[i % len(params)]
+            if p.grad is None:
+                return
+            if how == "shape":  # one element short (a kernel reading all of it would fault), or one more
+                p.grad.data = guarded_empty((max(p.numel() - 1, 0) or 2,), p.dtype).fill_(0.5)
+            elif how == "dtype":
+                other = torch.float64 if p.dtype != torch.float64 else torch.float32
+                p.grad.data = guarded_copy(p.grad.to(other))
+            elif how == "strided" and p.dim() >= 2:
+                shape = (p.shape[1], p.shape[0], *p.shape[2:])
+                p.grad.data = guarded_empty(shape, p.dtype).transpose(0, 1).copy_(p.grad)
+            elif how == "expanded":
+                p.grad.data = guarded_empty((1,), p.dtype).fill_(0.25).expand(p.shape)
+
+        self.both(change)
+
+    def _cast(self, how):
+        dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64, "float": torch.float32}
+
+        def change(params, opt):
+            for p in params:
+                p.data = guarded_copy(p.data.to(dtype[how]))
+                if p.grad is not None:
+                    p.grad.data = guarded_copy(p.grad.data.to(dtype[how]))
+
+        self.both(change)
+
+    def _param_data(self, i, how):
+        def change(params, opt):
+            p = params[i % len(params)]
+            if how == "same":
+                p.data = guarded_copy(p.data)
+            elif how == "shape":
+                p.data = guarded_empty((p.numel() + 1,), p.dtype).fill_(0.5)
+            else:
+                p.data = guarded_copy(p.data.to(torch.float64 if p.dtype != torch.float64 else torch.float32))
+
+        self.both(change)
+
+    def _tie(self, i, j):
+        def change(params, opt):
+            a, b = params[i % len(params)], params[j % len(params)]
+            if a is not b and a.shape == b.shape and a.dtype == b.dtype:
+                b.data = a.data
+
+        self.both(change)
+
+    def _state(self, i, how):
+        def change(params, opt):
+            state = opt.state.get(params[i % len(params)])
+            if not state:
+                return
+            tensors = [k for k, v in state.items() if torch.is_tensor(v) and v.numel() > 1 and k != "step"]
+            key = tensors[0] if tensors else "step"
+            value = state[key]
+            if how == "replace":
+                state[key] = guarded_copy(value).fill_(1)
+            elif how == "data":
+                value.data = guarded_copy(value).fill_(1)
+            elif how == "set_":
+                value.set_(guarded_copy(value).fill_(1))
+            elif how == "share_memory_":
+                value.share_memory_()
+            elif how == "pop":
+                state.pop(key)
+            elif how == "wrong_shape":
+                state[key] = guarded_empty((value.numel() + 5,), value.dtype).fill_(1)
+            else:
+                state["step"] = torch.tensor(-3.0)
+
+        self.both(change)
+
+    def _state_dict(self, how):
+        def change(params, opt):
+            saved = copy.deepcopy(opt.state_dict())
+            if saved["state"]:
+                first = saved["state"][min(saved["state"])]
+                tensors = [k for k, v in first.items() if torch.is_tensor(v) and v.numel() > 1]
+                if how == "truncate" and tensors:
+                    first[tensors[0]] = first[tensors[0]].flatten()[:-1].clone()
+                elif how == "drop_key" and tensors:
+                    del first[tensors[-1]]
+                elif how == "step_pair":
+                    first["step"] = torch.tensor([1.0, 2.0])
+            opt.load_state_dict(saved)
+
+        self.both(change)
+
+    def _group(self, how):
+        def change(params, opt):
+            group = opt.param_groups[0]
+            if how == "lr":
+                group["lr"] = 3e-3
+            elif how == "weight_decay":
+                group["weight_decay"] = 0.05
+            elif how == "precision" and group["state_precision"] is not None:
+                group["state_precision"] = {"int8": "int4", "int4": "fp32", "fp32": "int8", "bf16": "int8"}[
+                    group["state_precision"]
+                ]
+            elif how == "rounding" and "rounding" in self.config["options"]:
+                group["rounding"] = "stochastic"
+            elif how == "amsgrad" and "amsgrad" in group:
+                group["amsgrad"] = not group["amsgrad"]
+            elif how == "bad_lr":
+                group["lr"] = -1.0
+
+        self.both(change)
+
+    def _clear_state(self):
+        self.both(lambda params, opt: opt.state.clear())
+
+    # a step -------------------------------------------------------------------------
+
+    def _step(self):
+        for i, (p, q) in enumerate(zip(self.ours, self.theirs)):
+            if i not in self.kept_grads and p.dtype == q.dtype and p.shape == q.shape:
+                grad = torch.randn(p.shape, generator=self.generator).to(p.dtype)
+                p.grad, q.grad = guarded_copy(grad), guarded_copy(grad)
+        self.kept_grads.clear()
+        before = snapshot(self.opt, self.ours)
+        try:
+            self.opt.step()
+        except (RuntimeError, ValueError, TypeError) as error:
+            assert str(error), f"an error without a message: {error!r}"
+            assert_unchanged(self.opt, self.ours, before, error)
+            return
+        self.twin.step()  # the oracle must step too
+        for p, q in zip(self.ours, self.theirs):
+            assert p.dtype == q.dtype and p.shape == q.shape
+            tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(p.dtype, 2e-2)
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=tolerance, atol=tolerance, equal_nan=True)
+        for p, q in zip(self.ours, self.theirs):  # the next step starts from the same place
+            q.data.copy_(p.data)
+        self.twin.load_state_dict(copy.deepcopy(self.opt.state_dict()))
+
+
+def snapshot(opt, params) -> tuple:
+    return copy.deepcopy(opt.state_dict()), [(p.dtype, p.shape, p.detach().clone()) for p in params]
+
+
+def assert_unchanged(opt, params, before, error) -> None:
+    state_dict, values = before
+    now = opt.state_dict()
+    assert now["state"].keys() == state_dict["state"].keys(), error
+    for index, state in state_dict["state"].items():
+        assert now["state"][index].keys() == state.keys(), error
+        for key, value in state.items():
+            held = now["state"][index][key]
+            if torch.is_tensor(value):
+                assert held.dtype == value.dtype and held.shape == value.shape, (key, error)
+                torch.testing.assert_close(held, value, rtol=0, atol=0, equal_nan=True, msg=f"{key}: {error}")
+            else:
+                assert held == value, (key, error)
+    for p, (dtype, shape, value) in zip(params, values):
+        assert p.dtype == dtype and p.shape == shape, error
+        torch.testing.assert_close(p.detach(), value, rtol=0, atol=0, equal_nan=True, msg=str(error))
+
+
+def fuzz(backend: str, examples: int) -> None:
+    statekeeping.allocator = guarded_like  # every issued state tensor is guarded too
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(config=configs(), mutations=st.lists(MUTATIONS, min_size=1, max_size=10))
+    def sequence(config, mutations):
+        if TRACE:  # the last line printed before a crash is the sequence that crashed
+            print(config, mutations, flush=True)
+        run = Run(config, backend)
+        run.apply(("step",))
+        for mutation in mutations:
+            if mutation[0] == "step":
+                run.apply(mutation)
+                continue
+            try:
+                run.apply(mutation)
+            except (RuntimeError, ValueError, TypeError):
+                return  # torch or adamkit refused the mutation itself (a bad state dict...): the runs part here
+        run.apply(("step",))
+
+    sequence()
+
+
+if __name__ == "__main__":
+    fuzz(sys.argv[1], int(sys.argv[2]))
+    print("ok")

@@ -1,0 +1,383 @@
+"""What a user does between steps never makes a kernel touch memory outside its tensors,
+and a step that fails changes nothing (issue 35).
+
+Each reproduction of the issue is a test here, on every backend that runs on the CPU
+(the Triton kernel under its interpreter): casting the model after a step, replacing a
+gradient's data, a loaded ``step`` that cannot count, state tensors replaced, re-pointed
+or moved, params that share memory, overflowing squares in quantized states, the random
+stream past fp32's 2^24, and a process forked after a step.  Oracles: torch.optim (which
+raises for the same casts), the ``single_tensor`` path fed the same state, fp32 Adam for
+the overflow, and the step counter's exact value.  The hostile-use fuzzer, with tensors
+at the end of pages followed by guard pages, is ``tests/test_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from matrix import CPU_BACKENDS, CPU_FUSED_BACKENDS
+
+import adamkit
+from adamkit.statekeeping import is_issued
+
+#: the Triton interpreter is slow: small tensors everywhere
+SIZE = 300
+
+
+def snapshot(opt, params) -> tuple:
+    """Everything a step may change: the state dict (deep), the params, the groups' options."""
+    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params], groups
+
+
+def assert_unchanged(opt, params, before) -> None:
+    state_dict, values, groups = before
+    now = opt.state_dict()
+    assert now["state"].keys() == state_dict["state"].keys()
+    for index, state in state_dict["state"].items():
+        assert now["state"][index].keys() == state.keys()
+        for key, value in state.items():
+            held = now["state"][index][key]
+            if torch.is_tensor(value):
+                assert held.dtype == value.dtype and held.shape == value.shape, key
+                torch.testing.assert_close(held, value, rtol=0, atol=0, equal_nan=True, msg=key)
+            else:
+                assert held == value, key
+    for p, value in zip(params, values):
+        assert p.dtype == value.dtype and p.shape == value.shape
+        assert torch.equal(p.detach(), value)
+    for group, options in zip(opt.param_groups, groups):
+        assert {k: v for k, v in group.items() if k != "params"}.keys() == options.keys()
+        assert group["seed"] == options["seed"]
+
+
+def stepped(backend: str, cls=adamkit.AdamW, steps: int = 2, **options):
+    """A two-layer model and its optimizer after ``steps`` steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(SIZE // 10, 10), torch.nn.Linear(10, 3))
+    opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1, backend=backend, **options)
+    for _ in range(steps):
+        backward(model)
+        opt.step()
+    return model, opt
+
+
+def backward(model) -> None:
+    model.zero_grad()
+    first = model[0]
+    model(torch.randn(4, first.in_features, dtype=first.weight.dtype)).square().sum().backward()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "double"])
+def test_casting_the_model_after_a_step_raises_as_torch_does_and_changes_nothing(backend, cast):
+    model, opt = stepped(backend)
+    getattr(model, cast)()
+    backward(model)
+    params = list(model.parameters())
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"params\[0\] in param_groups\[0\] changed since .*dtype torch.float32 ->"):
+        opt.step()
+    assert_unchanged(opt, params, before)
+    # torch.optim refuses it too
+    model, _ = stepped(backend)
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    backward(model)
+    theirs.step()
+    getattr(model, cast)()
+    backward(model)
+    with pytest.raises(RuntimeError):
+        theirs.step()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_remedy_the_error_names_works(backend):
+    """After ``model.double()``, ``load_state_dict(state_dict())`` casts the state with
+    it and training goes on."""
+    model, opt = stepped(backend)
+    model.double()
+    opt.load_state_dict(opt.state_dict())
+    backward(model)
+    opt.step()
+    assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "bad,words",
+    [
+        (lambda g: torch.ones(10), r"has shape \(10,\), but the param's is \(10, 30\)"),
+        (
+            lambda g: torch.ones_like(g, dtype=torch.float64),
+            r"has dtype torch.float64, but the param's is torch.float32",
+        ),
+        (lambda g: torch.ones(g.numel() + 1)[1:].view_as(g), None),  # a view of a bigger buffer: fine
+        (lambda g: g.t().contiguous().t(), None),  # strided like the param's transpose: staged, fine
+        (lambda g: torch.ones(1).expand_as(g), None),  # an expanded gradient: staged, fine
+    ],
+    ids=["shape", "dtype", "view", "transposed", "expanded"],
+)
+def test_a_gradient_whose_data_was_replaced_is_checked_before_anything_moves(backend, bad, words):
+    model, opt = stepped(backend)
+    backward(model)
+    weight = model[0].weight
+    weight.grad.data = bad(weight.grad)
+    params = list(model.parameters())
+    if words is None:  # a gradient of the param's shape and dtype: the step is the single-tensor path's
+        twin_model, twin = stepped("single_tensor")
+        twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+        twin_model.load_state_dict(model.state_dict())
+        for p, q in zip(params, twin_model.parameters()):
+            q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+        for p, q in zip(params, twin_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        return
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"the gradient of params\[0\] in param_groups\[0\] " + words):
+        opt.step()
+    assert_unchanged(opt, params, before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_failing_group_leaves_every_group_as_it_was(backend):
+    """The first group is valid, the second's gradient has the wrong shape: nothing moves
+    (single_tensor and foreach used to decay the first group's params before raising)."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(SIZE)), torch.nn.Parameter(torch.randn(SIZE))
+    opt = adamkit.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2, weight_decay=0.5, backend=backend)
+    a.grad, b.grad = torch.randn(SIZE), torch.randn(SIZE)
+    opt.step()
+    a.grad, b.grad = torch.randn(SIZE), torch.randn(SIZE)
+    b.grad.data = torch.randn(SIZE - 1)
+    before = snapshot(opt, [a, b])
+    for _ in range(2):  # and again: a failed step counts nothing
+        with pytest.raises(RuntimeError, match=r"params\[0\] in param_groups\[1\]"):
+            opt.step()
+        assert_unchanged(opt, [a, b], before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "step,words",
+    [(-3.0, "a step count is one number >= 0"), (float("nan"), "a step count"), (torch.tensor([1.0, 2.0]), "shape")],
+    ids=["negative", "nan", "two-elements"],
+)
+def test_a_loaded_step_that_cannot_count_is_refused_and_counts_nothing(backend, step, words):
+    model, opt = stepped(backend)
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = step if torch.is_tensor(step) else torch.tensor(step)
+    opt.load_state_dict(saved)
+    backward(model)
+    params = list(model.parameters())
+    before = snapshot(opt, params)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"state\['step'\] of params\[0\] in param_groups\[0\] is .*" + words):
+            opt.step()
+        assert_unchanged(opt, params, before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"state_precision": "int8"}, {"master_weights": "fp32"}], ids=str)
+@pytest.mark.parametrize("how", ["dict entry", "data", "set_", "share_memory_", "pop"])
+def test_state_tensors_replaced_re_pointed_or_moved_are_what_the_next_step_uses(backend, options, how):
+    """Whatever is done to ``optimizer.state``, the next step reads it as it now stands:
+    the result equals the single-tensor path given the same state."""
+    dtype = torch.bfloat16 if "master_weights" in options else torch.float32
+    model, opt = stepped(backend, **options)
+    model.to(dtype)
+    opt.load_state_dict(opt.state_dict())
+    twin_model = copy.deepcopy(model)
+    twin = adamkit.AdamW(twin_model.parameters(), lr=1e-2, weight_decay=0.1, backend="single_tensor", **options)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    backward(model)
+    opt.step()  # every state tensor issued, the kernel's tables built
+    twin_model.load_state_dict(model.state_dict())
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for target in (opt, twin):  # the same change to both
+        state = target.state[next(iter(target.param_groups[0]["params"]))]
+        key = next(k for k in state if k.startswith("exp_avg") and not k.endswith("_scales"))
+        replacement = (
+            state[key].detach().clone().fill_(state[key].flatten()[0] if state[key].dtype != torch.uint8 else 3)
+        )
+        if how == "dict entry":
+            state[key] = replacement
+        elif how == "data":
+            state[key].data = replacement
+        elif how == "set_":
+            state[key].set_(replacement)
+        elif how == "share_memory_":
+            state[key].share_memory_()
+        else:
+            state.pop("step")
+            state["step"] = torch.tensor(7.0, dtype=torch.float64 if options else torch.float32)
+    backward(model)
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    if backend in CPU_FUSED_BACKENDS:
+        for state in opt.state.values():
+            assert all(is_issued(v, opt.state_epoch) for v in state.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_params_that_share_memory_are_refused_by_a_fused_kernel(backend):
+    buffer = torch.randn(2 * SIZE)
+    a, b = torch.nn.Parameter(buffer[:SIZE]), torch.nn.Parameter(buffer[SIZE // 2 : SIZE // 2 + SIZE])
+    opt = adamkit.Adam([a, b], lr=1e-2, backend=backend)
+    a.grad, b.grad = torch.randn(SIZE), torch.randn(SIZE)
+    before = snapshot(opt, [a, b])
+    with pytest.raises(RuntimeError, match=r"params\[0\] and params\[1\] in param_groups\[0\] share memory"):
+        opt.step()
+    assert_unchanged(opt, [a, b], before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_views_of_one_buffer_that_do_not_overlap_step_as_separate_tensors(backend):
+    buffer = torch.randn(2 * SIZE)
+    ours = [torch.nn.Parameter(buffer[:SIZE]), torch.nn.Parameter(buffer[SIZE:])]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt, twin = adamkit.Adam(ours, lr=1e-2, backend=backend), adamkit.Adam(theirs, lr=1e-2, backend="single_tensor")
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(SIZE)
+            q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("state_precision", ["int8", "int4"])
+def test_an_overflowing_square_keeps_the_weights_finite_as_in_fp32_adam(backend, state_precision):
+    """A finite gradient of 1e22 (its square overflows fp32): fp32 Adam's v is +inf and
+    its update 0; quantized states hold v at their ceiling, so the overflowing step moves
+    the element by 0 too and every weight stays finite (the issue: NaN in the whole
+    block).  Blocks other than the element's step exactly as without the overflow."""
+    runs = []
+    for overflow in (True, False):
+        p, q = torch.nn.Parameter(torch.ones(2 * SIZE)), torch.nn.Parameter(torch.ones(2 * SIZE))
+        ours = adamkit.Adam([p], lr=1e-3, state_precision=state_precision, backend=backend, seed=1)
+        fp32 = adamkit.Adam([q], lr=1e-3, backend="single_tensor")
+        for step in range(4):
+            grad = torch.linspace(0.05, 0.15, 2 * SIZE)
+            if step == 1 and overflow:
+                grad[5] = 1e22
+            p.grad, q.grad = grad.clone(), grad.clone()
+            before = p.detach().clone()
+            ours.step()
+            fp32.step()
+            assert torch.isfinite(p).all()
+            if step == 1 and overflow:
+                assert p[5] == before[5] == q[5]  # the overflowing step moves it by 0, as fp32 Adam
+                assert torch.isinf(fp32.state[q]["exp_avg_sq"][5])
+        runs.append(p.detach())
+    assert torch.equal(runs[0][256:], runs[1][256:])  # past the element's blocks (256 for int8's m)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("options", [{"rounding": "stochastic"}, {"state_precision": "int8"}], ids=str)
+def test_the_random_stream_keeps_moving_past_fp32s_last_count(backend, options):
+    """A group that rounds stochastically counts steps in float64 (fp32 stops at 2^24,
+    and its random bits would repeat at every step): from the same state, steps 2^24,
+    2^24 + 1 and 2^31 draw different bits, and the counter holds each count exactly."""
+    dtype = torch.bfloat16 if "rounding" in options else torch.float32
+    start = torch.randn(SIZE).to(dtype)
+    results = []
+    for count in (2**24, 2**24 + 1, 2**31):
+        p = torch.nn.Parameter(start.clone())
+        opt = adamkit.Adam([p], lr=1e-3, backend=backend, seed=5, **options)
+        p.grad = torch.full((SIZE,), 1e-3).to(dtype)
+        opt.step()
+        opt.state[p]["step"].fill_(count - 1)
+        p.data.copy_(start)
+        p.grad = torch.full((SIZE,), 1e-3).to(dtype)
+        opt.step()
+        assert opt.state[p]["step"].dtype == torch.float64 and opt.state[p]["step"].item() == count
+        stored = p.detach().clone() if "rounding" in options else opt.state[p]["exp_avg_sq_e4m4"].clone()
+        results.append(stored)
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], results[2])
+
+
+def test_a_torch_checkpoint_gives_a_stochastic_group_a_float64_counter():
+    p = torch.nn.Parameter(torch.randn(SIZE))
+    theirs = torch.optim.Adam([p], lr=1e-3)
+    p.grad = torch.randn(SIZE)
+    theirs.step()
+    ours = adamkit.Adam([p], lr=1e-3, state_precision="int8")
+    ours.load_state_dict(theirs.state_dict())
+    p.grad = torch.randn(SIZE)
+    ours.step()
+    assert ours.state[p]["step"].dtype == torch.float64 and ours.state[p]["step"].item() == 2
+
+
+FORK_CHILD = textwrap.dedent(
+    """
+    import os, sys, warnings
+    import torch, adamkit
+    backend = sys.argv[1] if sys.argv[1] != "None" else None
+    p = torch.nn.Parameter(torch.zeros(100_000))
+    opt = adamkit.AdamW([p], lr=1e-3, backend=backend)
+    p.grad = torch.ones(100_000)
+    opt.step()  # numba's thread pool (GNU OpenMP) has run in the parent
+    pid = os.fork()
+    if pid == 0:
+        warnings.simplefilter("ignore")
+        try:
+            opt.step()
+            print("stepped", float(p[0]), flush=True)
+            os._exit(0)
+        except Exception as error:
+            print("raised", type(error).__name__, error, flush=True)
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    print("signal" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}", torch.get_num_threads())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GNU OpenMP's fork hazard is Linux's")
+@pytest.mark.parametrize("backend", [None, "cpu"])
+def test_a_process_forked_after_a_step_can_step_or_is_told_why(backend):
+    """numba's GNU OpenMP pool cannot run in a forked child (the child used to die of
+    SIGTERM; torch's own OpenMP hangs there): the default backend steps on foreach ops
+    on one thread, an explicit ``backend='cpu'`` raises a ValueError saying why."""
+    run = subprocess.run([sys.executable, "-c", FORK_CHILD, str(backend)], capture_output=True, text=True, timeout=120)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0, run.stderr
+    if backend is None:
+        assert lines[0].startswith("stepped") and lines[-1].startswith("exit 0")
+        assert float(lines[0].split()[1]) < -0.0019  # the second step moved it
+    else:
+        assert lines[0].startswith("raised ValueError backend='cpu' is not available here: this process was forked")
+        assert lines[-1].startswith("exit 3")
+
+
+def test_quantized_codes_of_another_size_are_reported_as_such():
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = adamkit.Adam([p], lr=1e-3, state_precision="int8")
+    p.grad = torch.randn(1000)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["exp_avg_int8"] = saved["state"][0]["exp_avg_int8"][:100].clone()
+    opt.load_state_dict(saved)
+    with pytest.raises(
+        ValueError, match=r"exp_avg is held in int8.*holds 100.*needs 1000 code bytes and 4 block scales"
+    ):
+        opt.step()
+
+
+@pytest.mark.parametrize("betas,error", [((0.9,), ValueError), ((0.9, 0.99, 0.5), ValueError), (0.9, TypeError)])
+def test_betas_must_be_a_pair_from_the_constructor_on(betas, error):
+    with pytest.raises(error, match="betas must be a pair"):
+        adamkit.Adam([torch.nn.Parameter(torch.zeros(3))], betas=betas)
