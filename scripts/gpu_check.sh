@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one run of at most ~7 minutes (each part under its
-# own timeout, and they add up to 545 s at worst), so that one scarce GPU session proves the Triton kernel:
+# Everything that needs a CUDA GPU, in one run of at most ~8 minutes (each part under its
+# own timeout, and they add up to 665 s at worst, 545 s without fuzz), so that one scarce
+# GPU session proves the Triton kernel:
 #
 #   parity    tests/test_kernel_parity.py: Triton on the GPU stores the numba CPU
 #             kernel's bits (every dtype, state precision, master-weight/rounding mode)
@@ -9,6 +10,9 @@
 #   cuda      tests/test_cuda.py (default backend, CUDA graphs, GradScaler, torch fused),
 #             the torch.compile tests on CUDA, and the whole conformance matrix on CUDA
 #             (every CUDA backend against the NumPy reference)
+#   fuzz      the hostile-use fuzzer's CUDA subset (tests/hostile_fuzz.py triton 150 cuda):
+#             user mutations between steps on CUDA params; an access outside a tensor is
+#             a CUDA error that fails the part (the memory-safety issue)
 #   bench     benchmarks/bench_gpu.py: cases a, b, c (fp32 ~1B, 10,000 tensors, bf16)
 #   sweep     benchmarks/bench_gpu.py --sweep: the kernel's launch shapes, fp32, int8 and int4
 #   quant     benchmarks/bench_gpu.py: case d (int8/int4 against torch fused,
@@ -36,13 +40,13 @@ PYTHON=${PYTHON:-python3}
 LOGS=${OUT:-/tmp/adamkit-gpu}
 if [[ ${1:-} == --logs ]]; then LOGS=$2; shift 2; fi
 PARTS=("$@")
-[[ ${#PARTS[@]} -eq 0 ]] && PARTS=(parity ptx cuda bench sweep quant cli)
+[[ ${#PARTS[@]} -eq 0 ]] && PARTS=(parity ptx cuda fuzz bench sweep quant cli)
 
-if [[ ${PARTS[0]} == prepare ]]; then  # bitsandbytes (its CUDA 13 library only) and torchao, unpacked
+if [[ ${PARTS[0]} == prepare ]]; then  # bitsandbytes (its CUDA 13 library only), torchao and hypothesis (the fuzzer), unpacked
     rm -rf .gpu-site /tmp/adamkit-wheels && mkdir -p .gpu-site /tmp/adamkit-wheels
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d /tmp/adamkit-wheels \
-        bitsandbytes==0.50.2 torchao==0.18.0 || exit 1
+        bitsandbytes==0.50.2 torchao==0.18.0 hypothesis==6.170.27 sortedcontainers==2.4.0 attrs==26.1.0 || exit 1
     for wheel in /tmp/adamkit-wheels/*.whl; do "$PYTHON" -m zipfile -e "$wheel" .gpu-site; done
     rm -rf .gpu-site/test  # torchao's wheel carries its tests as a top-level package
     find .gpu-site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda130*' ! -name '*cpu*' -delete
@@ -118,6 +122,13 @@ if wanted cuda; then
     run_part cuda 200 1 "${PYTEST[@]}" "${XDIST[@]}" tests/test_cuda.py tests/test_compile.py tests/test_conformance.py
 fi
 for name in "${!BACKGROUND[@]}"; do wait "${BACKGROUND[$name]}"; done
+if wanted fuzz; then  # CUDA params on the GPU; the CPU kernel's guard-page run in a dry run
+    if [[ $GPU == 1 ]]; then
+        run_part fuzz 120 1 "$PYTHON" tests/hostile_fuzz.py triton 150 cuda
+    else
+        run_part fuzz 120 0 "$PYTHON" tests/hostile_fuzz.py cpu 100
+    fi
+fi
 
 wanted bench && run_part bench 90 1 "$PYTHON" benchmarks/bench_gpu.py --cases a,b,c
 wanted sweep && run_part sweep 90 1 "$PYTHON" benchmarks/bench_gpu.py --cases "" --sweep fp32,int8,int4
@@ -125,12 +136,12 @@ wanted quant && run_part quant 150 1 "$PYTHON" benchmarks/bench_gpu.py --cases d
 wanted cli && run_part cli 45 1 "$PYTHON" -m adamkit bench --device cuda
 
 status=0
-for name in parity ptx cuda bench sweep quant cli; do
+for name in parity ptx cuda fuzz bench sweep quant cli; do
     wanted "$name" || continue
     cat "$STATUS/$name.status" >> "$SUMMARY"
     grep -q '^PASS\|^SKIP' "$STATUS/$name.status" || status=1
     case $name in
-        parity | ptx | cuda) [[ -f $LOGS/$name.log ]] && grep -E '^(FAILED|ERROR)|passed|failed|error' "$LOGS/$name.log" | tail -6 | sed 's/^/    /' >> "$SUMMARY" ;;
+        parity | ptx | cuda | fuzz) [[ -f $LOGS/$name.log ]] && grep -E '^(FAILED|ERROR)|passed|failed|error' "$LOGS/$name.log" | tail -6 | sed 's/^/    /' >> "$SUMMARY" ;;
         bench | sweep | quant) [[ -f $LOGS/$name.log ]] && grep -E '^\(|^  [a-z]' "$LOGS/$name.log" | grep -v '^  contender' | head -40 | sed 's/^/  /' >> "$SUMMARY" ;;
     esac
 done

@@ -19,7 +19,7 @@ After each step one of two things must hold:
   state, gradients and mutations, to the same result (within each dtype's rounding; the
   twin is then set to the result, so every step is compared from the same start).
 
-    python tests/hostile_fuzz.py BACKEND EXAMPLES     # ADAMKIT_FUZZ_TRACE=1: print each sequence
+    python tests/hostile_fuzz.py BACKEND EXAMPLES [DEVICE]   # ADAMKIT_FUZZ_TRACE=1: print each sequence
 """
 
 from __future__ import annotations
@@ -44,12 +44,20 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
+#: where the fuzzed tensors live: the CPU (guard pages), or ``cuda`` (the GPU check's
+#: subset: an access outside a tensor is then a CUDA error, which the run reports)
+DEVICE = torch.device("cpu")
+
+
 def guarded_empty(shape, dtype: torch.dtype, strides=None) -> torch.Tensor:
     """An uninitialised CPU tensor whose memory ends where a page ends, followed by a page
-    with no access: reading or writing past its last byte is a segmentation fault."""
+    with no access: reading or writing past its last byte is a segmentation fault.  (On
+    ``cuda``: a plain allocation.)"""
     shape = tuple(shape)
     if strides is None:
         strides = torch.empty(shape, device="meta").stride()
+    if DEVICE.type != "cpu":
+        return torch.empty_strided(shape, strides, dtype=dtype, device=DEVICE)
     extent = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides)) if all(shape) else 0
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = extent * itemsize
@@ -159,7 +167,7 @@ class Run:
         self.config = config
         dtype = DTYPES[config["dtype"]]
         generator = torch.Generator().manual_seed(0)
-        values = [torch.randn(shape, generator=generator).to(dtype) for shape in config["shapes"]]
+        values = [torch.randn(shape, generator=generator).to(DEVICE, dtype) for shape in config["shapes"]]
         self.ours = self._params(values)
         self.theirs = self._params(values)
         cls, options = CLASSES[config["name"]], config["options"]
@@ -327,7 +335,7 @@ class Run:
     def _step(self):
         for i, (p, q) in enumerate(zip(self.ours, self.theirs)):
             if i not in self.kept_grads and p.dtype == q.dtype and p.shape == q.shape:
-                grad = torch.randn(p.shape, generator=self.generator).to(p.dtype)
+                grad = torch.randn(p.shape, generator=self.generator).to(DEVICE, p.dtype)
                 p.grad, q.grad = guarded_copy(grad), guarded_copy(grad)
         self.kept_grads.clear()
         before = snapshot(self.opt, self.ours)
@@ -369,8 +377,11 @@ def assert_unchanged(opt, params, before, error) -> None:
         torch.testing.assert_close(p.detach(), value, rtol=0, atol=0, equal_nan=True, msg=str(error))
 
 
-def fuzz(backend: str, examples: int) -> None:
-    statekeeping.allocator = guarded_like  # every issued state tensor is guarded too
+def fuzz(backend: str, examples: int, device: str = "cpu") -> None:
+    global DEVICE
+    DEVICE = torch.device(device)
+    if DEVICE.type == "cpu":
+        statekeeping.allocator = guarded_like  # every issued state tensor is guarded too
 
     @settings(
         max_examples=examples,
@@ -396,8 +407,10 @@ def fuzz(backend: str, examples: int) -> None:
         run.apply(("step",))
 
     sequence()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()  # an illegal address in any launch raises here at the latest
 
 
 if __name__ == "__main__":
-    fuzz(sys.argv[1], int(sys.argv[2]))
+    fuzz(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])
     print("ok")

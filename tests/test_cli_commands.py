@@ -185,3 +185,12 @@ def test_on_the_saddle_radam_leaves_the_ridge_last_of_the_adam_family():
     assert all(0 < steps for steps in left.values()), left  # every method leaves it
     normalised = [left[name] for name in ("Adam", "AdamW", "AMSGrad", "NAdam", "ADOPT")]
     assert max(normalised) <= 25 and left["RAdam"] >= 3 * max(normalised), left
+
+
+@pytest.mark.parametrize("command", ["demo", "viz", "reproduce"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_run(command, capsys, tmp_path):
+    """Checked by making the directory and writing a file there, before anything runs."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([command, "--out", str(blocker / "inside")]) == 2
+    assert "cannot write there" in capsys.readouterr().err

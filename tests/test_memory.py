@@ -156,8 +156,19 @@ def test_timing_refuses_a_model_that_would_not_fit(capsys, monkeypatch):
         (["memory", "adamkit.memory:GB"], "is a float, not a callable"),
         (["memory", "memory_models:small_convnet", "--layers", "2"], "apply to Hugging Face model types only"),
         (["memory", "gpt2", "--set", "n_layer"], "--set 'n_layer': expected KEY=VALUE"),
+        (["memory", "gpt2", "--set", "n_layer=-1"], "n_layer=-1: n_layer is a size (default 12); expected a positive"),
+        (["memory", "gpt2", "--set", "n_embd=0"], "n_embd=0: n_embd is a size (default 768); expected a positive"),
+        (["memory", "gpt2", "--layers", "99999999999"], "99,999,999,999 layers: adamkit memory builds models of up to"),
     ],
 )
 def test_bad_models_are_named_with_exit_status_2(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_model_too_big_to_build_in_seconds_is_refused_while_it_is_built(capsys, monkeypatch):
+    """The build stops at the param tensor past the bound (gpt2 has 148), instead of
+    building for minutes while memory grows."""
+    monkeypatch.setattr(memory, "MAX_TENSORS", 100)
+    assert main(["memory", "gpt2"]) == 2
+    assert "model 'gpt2' has more than 100 param tensors" in capsys.readouterr().err

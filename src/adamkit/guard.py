@@ -4,7 +4,7 @@ A param group's params are validated in depth when they change (:mod:`adamkit.st
 between those moments a user may still have changed any of them in place:
 ``model.half()`` or ``.to()`` (new data under the same ``Parameter``), ``p.data = ...``,
 ``p.grad.data = ...``, a resize.  The fused kernels address raw memory, so at every step
-:class:`StepGuard` reads each param's address, size in bytes and strides, and each
+:class:`StepGuard` reads each param's address, size in bytes and contiguity, and each
 gradient's address, size, dtype, device and strides, and compares them, as one list,
 with what it last validated: a few C-level passes over the group, no Python loop, when
 nothing changed (the common case).  A gradient must have its param's size and strides
@@ -15,11 +15,12 @@ which the kernels then stage) or raises a ``RuntimeError`` that names the param,
 changed and what to do, with nothing touched.
 
 A param keeps its address from step to step (the kernels update it in place), so an
-unchanged address with an unchanged size and strides is the same extent of memory; a
+unchanged address with an unchanged size and contiguity is the same extent of memory; a
 param that moved (``model.half()``, ``.to()``, ``.data = ...``) is checked in full, its
-dtype and device included.  (A param re-viewed in place as another dtype of the same
-size, ``p.data = p.data.view(torch.int32)``, keeps its address and is not seen: memory
-stays safe, as the extent is the same.)
+dtype and device included, and a param whose layout changed in place is found through its
+next gradient, which no longer has the strides it had.  (A param re-viewed in place, as
+another dtype of the same size or another layout of its memory, after its gradient was
+computed, keeps its address and is not seen: memory stays safe, as the extent is the same.)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import Tensor
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _stride = Tensor.stride
+_is_contiguous = Tensor.is_contiguous
 _get_device = Tensor.get_device
 _dtype_of = attrgetter("dtype")
 _nbytes_of = attrgetter("nbytes")
@@ -50,6 +52,7 @@ class Layout:
     nbytes: list[int]
     dtypes: list[torch.dtype]
     devices: list[int]
+    contiguous: list[bool]
     strides: list[tuple]
     #: pairs of rows whose params share memory (their updates would race in a fused kernel)
     overlapping: list[tuple[int, int]]
@@ -57,9 +60,9 @@ class Layout:
     @cached_property
     def expected(self) -> list:
         """What :meth:`StepGuard.check` reads at every step, as it must read it: the
-        params' sizes in bytes and strides, then their gradients' sizes, dtypes, devices
+        params' sizes in bytes and contiguity, then their gradients' sizes, dtypes, devices
         and strides (those of the params: with the sizes, the same shape and layout)."""
-        return [*self.nbytes, *self.strides, *self.nbytes, *self.dtypes, *self.devices, *self.strides]
+        return [*self.nbytes, *self.contiguous, *self.nbytes, *self.dtypes, *self.devices, *self.strides]
 
 
 @dataclass
@@ -96,7 +99,7 @@ class StepGuard:
                 and param_ptrs == layout.param_ptrs
                 and [  # one list, compared at once: what each param and gradient must still be
                     *map(_nbytes_of, params),
-                    *map(_stride, params),
+                    *map(_is_contiguous, params),
                     *map(_nbytes_of, grads),
                     *map(_dtype_of, grads),
                     *map(_get_device, grads),
@@ -173,6 +176,7 @@ def _layout_of(params: list[Tensor]) -> Layout:
         nbytes=list(map(_nbytes_of, params)),
         dtypes=list(map(_dtype_of, params)),
         devices=list(map(_get_device, params)),
+        contiguous=list(map(_is_contiguous, params)),
         strides=list(map(_stride, params)),
         overlapping=_overlapping(params, ptrs, numels),
     )

@@ -36,8 +36,10 @@ are stepped window by window (:data:`PRE_PASS_WINDOW`), each window's pre-pass t
 update, so that the update re-reads the gradient and moments from cache.  The step counters are
 advanced by a small compiled loop over their addresses, and the per-tensor scalars
 come from :class:`adamkit.rule.UpdateRule`, computed once per distinct step count.
-What the addresses point to is validated in Python and cached per group; per step,
-only the param and gradient addresses are read again.
+The state's addresses are cached per group, keyed on the optimizer's state epoch
+(:mod:`adamkit.statekeeping`: every state tensor addressed is issued memory that no user
+action can free or move while the table holds it); the param and gradient addresses come,
+at every step, from the step's guard (:mod:`adamkit.guard`), which has checked them.
 
 Params whose memory is not dense in the same layout as their gradient and state (a
 sliced view, say) are staged through contiguous copies, so nothing outside a view

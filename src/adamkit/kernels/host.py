@@ -183,11 +183,12 @@ def set_cautious_scales(rows, kept, numels) -> None:
 
 def host_step_scalars(rule: UpdateRule, counts: np.ndarray) -> StepScalars:
     """The step scalars of host step counts ``counts``, as float64 arrays aligned with
-    them: computed once per distinct count by :meth:`~adamkit.rule.UpdateRule.step_scalars`,
+    them (of one element, which broadcasts, where every count is the same: the usual
+    case): computed once per distinct count by :meth:`~adamkit.rule.UpdateRule.step_scalars`,
     tensor hyperparameters read as floats.  RAdam's ``rectification`` is NaN where
     ``rectified`` is False."""
     if (counts == counts[0]).all():  # the usual case: one step count for the whole group
-        distinct, position = counts[:1], np.zeros(len(counts), dtype=np.int64)
+        distinct, position = counts[:1], slice(None)
     else:
         distinct, position = np.unique(counts, return_inverse=True)
     per_count = [rule.step_scalars(float(count)) for count in distinct]
@@ -320,7 +321,10 @@ class HostCounters:
         products = self._multiply_products(scalars.mu) if self.products else None
         decay = None if decay_factor is None else as_number(decay_factor)
         columns = tensor_scalar_columns(rule.algorithm, as_number(rule.lr), scalars, products, decay, np.where)
-        return counts, np.stack(np.broadcast_arrays(*columns), axis=1).astype(np.float64)
+        rows = np.empty((len(counts), len(columns)), dtype=np.float64)
+        for j, column in enumerate(columns):  # (a float or a float64 array per column)
+            rows[:, j] = column
+        return counts, rows
 
     def _add_one(self) -> np.ndarray:
         if self.compiled:
@@ -331,6 +335,7 @@ class HostCounters:
     def _multiply_products(self, factors: np.ndarray) -> np.ndarray:
         """Each product times its factor rounded to the product's dtype (as torch's
         ``mul_`` by a Python float rounds it); the new products as float64."""
+        factors = np.broadcast_to(factors, (len(self.products),))  # one per product (one value may stand for all)
         if self.compiled:
             return _multiply_in_place(self.product_addresses, factors.astype(self.witness.dtype))
         torch._foreach_mul_(self.products, factors.tolist())
