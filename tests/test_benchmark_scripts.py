@@ -56,3 +56,19 @@ def test_second_moment_bits_runs_and_prints_every_map():
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
     scales = ("fp32", "bf16+snap", "bf16")
     assert [(row[1], row[2]) for row in rows] == [(f"e4m{m}", s) for m in range(5) for s in scales]
+
+
+def test_ab_revision_steps_another_revision_beside_this_tree():
+    """Two rounds of the smallest case against HEAD: both versions import side by side
+    and the worktree it made is gone afterwards."""
+    result = subprocess.run(
+        [sys.executable, "ab_revision.py", "HEAD", "--cases", "tiny", "--rounds", "2"],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "this tree against HEAD:" in result.stdout and "torch fused" in result.stdout
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=BENCHMARKS, capture_output=True, text=True).stdout
+    assert len(worktrees.splitlines()) == 1
