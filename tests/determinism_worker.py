@@ -43,11 +43,11 @@ def _bytes(t: torch.Tensor) -> bytes:
 
 def run(backend: str, mode: str) -> str:
     dtype, options = MODES[mode]
-    size = 512 if backend == "triton" else 4096
+    size, rows = (512, 16) if backend == "triton" else (4096, 64)
     g = torch.Generator().manual_seed(0)
     params = [
         torch.nn.Parameter((torch.randn(size, generator=g) * 0.02).to(dtype)),
-        torch.nn.Parameter(torch.randn(64, 48, generator=g).to(dtype)),
+        torch.nn.Parameter(torch.randn(rows, 48, generator=g).to(dtype)),
     ]
     opt = adamkit.AdamW(params, lr=1e-3, weight_decay=0.01, backend=backend, seed=3, **options)
     for _ in range(3):
