@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 import adamkit
 from adamkit import statekeeping
+from adamkit.guard import is_dense
 
 PAGE = mmap.PAGESIZE
 #: print each sequence before running it (``ADAMKIT_FUZZ_TRACE=1``)
@@ -76,21 +77,12 @@ def guarded_like(tensor: torch.Tensor) -> torch.Tensor:
     """A guarded tensor with ``tensor``'s shape, dtype and (dense) strides."""
     if tensor.device.type != "cpu":
         return torch.empty_like(tensor, memory_format=torch.preserve_format)
-    strides = tensor.stride() if _dense(tensor) else None
+    strides = tensor.stride() if is_dense(tensor) else None
     return guarded_empty(tensor.shape, tensor.dtype, strides)
 
 
 def guarded_copy(tensor: torch.Tensor) -> torch.Tensor:
     return guarded_like(tensor).copy_(tensor)
-
-
-def _dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 # ------------------------------------------------------------------------- scenarios

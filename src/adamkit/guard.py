@@ -121,7 +121,7 @@ class StepGuard:
             name = f"params[{j}]{where}"
             self._check_unchanged_param(p, j, name, state_of)
             _check_gradient(p, g, name, sparse_message)
-            if g.stride() != p.stride() or not _dense(g):  # the kernels stage it
+            if g.stride() != p.stride() or not is_dense(g):  # the kernels stage it
                 mismatched.append(j)
         layout = _layout_of(params)
         if self.layout is None or _kind(layout) != _kind(self.layout):
@@ -156,7 +156,7 @@ def _empty_where_null(ptrs: list[int], nbytes: list[int]) -> bool:
     return all(nbytes[i] == 0 for i, ptr in enumerate(ptrs) if ptr == 0)
 
 
-def _dense(t: Tensor) -> bool:
+def is_dense(t: Tensor) -> bool:
     """True when ``t`` covers one block of memory with no gaps or overlaps (any dimension order)."""
     if t.is_contiguous():
         return True
@@ -234,4 +234,4 @@ def _check_gradient(p: Tensor, g: Tensor, name: str, sparse_message: str) -> Non
         )
 
 
-__all__ = ["CheckedTensors", "Layout", "StepGuard"]
+__all__ = ["CheckedTensors", "Layout", "StepGuard", "is_dense"]

@@ -28,6 +28,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
+from itertools import count
 
 import torch
 from torch import Tensor
@@ -42,14 +43,15 @@ class StateEpoch:
     ``issued`` maps each issued alias's storage (by identity) to weak references to
     that storage and to the tensor whose death marks the release of its memory."""
 
-    __slots__ = ("__weakref__", "issued", "value")
+    __slots__ = ("__weakref__", "_counter", "issued", "value")
 
     def __init__(self) -> None:
+        self._counter = count(1)
         self.value = 0
         self.issued: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
     def advance(self) -> None:
-        self.value += 1
+        self.value = next(self._counter)  # (one C call: atomic where callbacks run on other threads)
 
 
 #: state keys no kernel caches an address of (bookkeeping written at every step, such
@@ -62,104 +64,90 @@ def untracked(*keys: str) -> None:
     UNTRACKED_KEYS.update(keys)
 
 
-class ParamState(dict):
+class _Tracked:
+    """The mutators of a dict that advance its ``epoch`` before they change it (mixed
+    into a dict subclass with an ``epoch``); :meth:`_changing` says which keys count,
+    :meth:`_kept` what a stored value becomes."""
+
+    __slots__ = ()
+
+    def _changing(self, key=None) -> None:
+        self.epoch.advance()
+
+    def _kept(self, value):
+        return value
+
+    def __setitem__(self, key, value) -> None:
+        self._changing(key)
+        super().__setitem__(key, self._kept(value))
+
+    def __delitem__(self, key) -> None:
+        self._changing(key)
+        super().__delitem__(key)
+
+    def pop(self, key, *default):
+        self._changing(key)
+        return super().pop(key, *default)
+
+    def popitem(self):
+        self._changing()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._changing()
+        super().clear()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return dict.__getitem__(self, key)
+
+    def update(self, *args, **kwargs) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+
+class ParamState(_Tracked, dict):
     """One param's state: a dict that advances its :class:`StateEpoch` on every write
     (but those of :data:`UNTRACKED_KEYS`)."""
 
     __slots__ = ("epoch",)
 
     def __init__(self, epoch: StateEpoch, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        dict.__init__(self, *args, **kwargs)
         self.epoch = epoch
 
-    def __setitem__(self, key, value) -> None:
+    def _changing(self, key=None) -> None:
         if key not in UNTRACKED_KEYS:
             self.epoch.advance()
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key) -> None:
-        if key not in UNTRACKED_KEYS:
-            self.epoch.advance()
-        super().__delitem__(key)
-
-    def pop(self, key, *default):
-        if key not in UNTRACKED_KEYS:
-            self.epoch.advance()
-        return super().pop(key, *default)
-
-    def popitem(self):
-        self.epoch.advance()
-        return super().popitem()
-
-    def clear(self) -> None:
-        self.epoch.advance()
-        super().clear()
-
-    def setdefault(self, key, default=None):
-        self.epoch.advance()
-        return super().setdefault(key, default)
-
-    def update(self, *args, **kwargs) -> None:
-        self.epoch.advance()
-        super().update(*args, **kwargs)
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
 
     def __reduce__(self):  # pickles and copies as the plain dict torch.optim keeps
         return (dict, (dict(self),))
 
 
-class StateTable(defaultdict):
+class StateTable(_Tracked, defaultdict):
     """``optimizer.state``: param -> :class:`ParamState`, as torch.optim's
     ``defaultdict(dict)``; a dict stored in it is kept as a :class:`ParamState` copy."""
 
     __slots__ = ("epoch",)
 
     def __init__(self, epoch: StateEpoch, items=()) -> None:
-        super().__init__(partial(ParamState, epoch))
+        defaultdict.__init__(self, partial(ParamState, epoch))
         self.epoch = epoch
         for param, state in dict(items).items():
-            super().__setitem__(param, self._tracked(state))
+            dict.__setitem__(self, param, self._kept(state))
 
-    def _tracked(self, state):
+    def _kept(self, state):
         if isinstance(state, dict) and not (isinstance(state, ParamState) and state.epoch is self.epoch):
             return ParamState(self.epoch, state)
         return state
 
-    def __setitem__(self, param, state) -> None:
-        self.epoch.advance()
-        super().__setitem__(param, self._tracked(state))
-
-    def __delitem__(self, param) -> None:
-        self.epoch.advance()
-        super().__delitem__(param)
-
-    def pop(self, *args):
-        self.epoch.advance()
-        return super().pop(*args)
-
-    def popitem(self):
-        self.epoch.advance()
-        return super().popitem()
-
-    def clear(self) -> None:
-        self.epoch.advance()
-        super().clear()
-
     def setdefault(self, param, state=None):
-        if param not in self:
-            self[param] = ParamState(self.epoch) if state is None else state
-        return dict.__getitem__(self, param)
-
-    def update(self, *args, **kwargs) -> None:
-        for param, state in dict(*args, **kwargs).items():
-            self[param] = state
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
+        return super().setdefault(param, ParamState(self.epoch) if state is None else state)
 
     def __reduce__(self):  # pickles and copies as torch.optim's defaultdict(dict)
         return (defaultdict, (dict,), None, None, iter(self.items()))

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..guard import is_dense
 from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule, as_number
 from ..sharding import per_tensor_totals
 from ..specs import quantization, rounding
@@ -1075,18 +1076,6 @@ if numba is not None:
             _update_window(addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw)
 
 
-def _dense(t: Tensor) -> bool:
-    """True when ``t`` covers one contiguous block of memory (any dimension order)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 class _Bucket:
     """The cached, validated addresses of one (param dtype, state dtype) bucket of a group_scalars.
 
@@ -1121,7 +1110,7 @@ class _Bucket:
         check_addressed(params, states, keys, forms, members)
         in_order = not self.random and not quantized  # random bits and codes follow the row-major index
         self.direct = [
-            (p.is_contiguous() or (in_order and _dense(p)))
+            (p.is_contiguous() or (in_order and is_dense(p)))
             and (quantized or all(s.stride() == p.stride() for s in tensors))
             for p, tensors in zip(params, states)
         ]
