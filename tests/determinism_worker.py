@@ -1,6 +1,8 @@
 """One fresh process's results for ``tests/test_determinism.py``: every backend under every
 storage mode steps the same params with the same gradients, and prints one digest of the
-params and state per run (``name digest`` lines)."""
+params and state per run (``name digest`` lines).  First of all, it checks that torch's first
+vector-math calls after a fused step compute what later calls do (``first-vector-math-calls``:
+``same``, or the functions that differed)."""
 
 from __future__ import annotations
 
@@ -57,7 +59,24 @@ def run(backend: str, mode: str) -> str:
     return digest(opt, params)
 
 
+def first_vector_math_calls() -> str:
+    """After the fused CPU kernel's first step (numba's pool has run): do torch's first
+    sqrt, exp and log on 4,096 elements (two threads) equal their second calls?"""
+    param = torch.nn.Parameter(torch.zeros(4096))
+    param.grad = torch.ones(4096)
+    adamkit.AdamW([param], lr=1e-3).step()
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    differed = [
+        f"{name}/{dtype}".replace("torch.", "")
+        for dtype in (torch.float32, torch.float64)
+        for name in ("sqrt", "exp", "log")
+        if not torch.equal(getattr(x.to(dtype), name)(), getattr(x.to(dtype), name)())
+    ]
+    return ",".join(differed) or "same"
+
+
 if __name__ == "__main__":
+    print(f"first-vector-math-calls {first_vector_math_calls()}", flush=True)
     for backend in sys.argv[1:]:
         for mode in TRITON_MODES if backend == "triton" else MODES:
             print(f"{backend}/{mode} {run(backend, mode)}", flush=True)

@@ -223,6 +223,25 @@ def _note_fork() -> None:
 os.register_at_fork(after_in_child=_note_fork)
 
 
+def _settle_torch_vector_math() -> None:
+    """Make torch's first call of its MKL vector-math functions (sqrt, exp, log on fp32
+    and fp64) here, on one thread, on a few elements.
+
+    In a process where numba's OpenMP pool has run, torch's *first* such call made on two
+    threads at once (a tensor of 4,096 elements or more) can compute the second thread's
+    half one ulp differently from every later call: 1 to 5 fresh processes in 15 did, for
+    each function (issue 35: the single-tensor backend's ``sqrt(v)`` made a bf16 param's
+    master weight differ from the fp32 run's).  After one call made on one thread, none
+    of 90 did; ``tests/test_determinism.py`` checks it in 20 fresh processes."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((8,), 2.0, dtype=dtype)
+        x.sqrt(), x.exp(), x.log()
+
+
+if numba is not None:
+    _settle_torch_vector_math()
+
+
 if numba is not None:
 
     def _load(pointer, index):  # pragma: no cover - replaced by the overload
