@@ -1,6 +1,7 @@
 """The hostile-use fuzzer (run by ``tests/test_fuzz.py`` in a subprocess of its own).
 
-Hypothesis draws an optimizer (class, param dtype, storage options, backend under test)
+Hypothesis draws an optimizer (class, param dtype, storage options, backend under test,
+state on the host or not: ``offload="cpu"``)
 and a sequence of steps and of the mutations users really make between them: the model
 cast (``.half()``, ``.bfloat16()``, ``.double()``), a param's ``.data`` replaced by data
 of the same or another shape, params tied to one buffer, gradients dropped, replaced
@@ -129,6 +130,7 @@ def configs(draw):
         "shapes": shapes,
         "transposed": transposed,
         "one_buffer": draw(st.booleans()),
+        "offload": draw(st.booleans()),
     }
 
 
@@ -163,7 +165,8 @@ class Run:
         self.ours = self._params(values)
         self.theirs = self._params(values)
         cls, options = CLASSES[config["name"]], config["options"]
-        self.opt = cls(self.ours, lr=1e-2, backend=backend, **options)
+        offload = "cpu" if config["offload"] and backend != "triton" else None  # the host step: offload="cpu"
+        self.opt = cls(self.ours, lr=1e-2, backend=backend, offload=offload, **options)
         self.twin = cls(self.theirs, lr=1e-2, backend="single_tensor", **options)
         self.generator = torch.Generator().manual_seed(1)
         #: params whose gradient a mutation set since the last step (a step keeps it)

@@ -284,6 +284,10 @@ ADAMKIT_ERROR_INPUTS = [
     ({"rounding": "stochastic", "differentiable": True}, ValueError, ["rounding='stochastic'", "differentiable"]),
     ({"master_weights": "24bit", "differentiable": True}, ValueError, ["master_weights='24bit'", "differentiable"]),
     ({"accumulation_steps": 4, "differentiable": True}, ValueError, ["accumulation_steps=4", "differentiable"]),
+    ({"offload": "gpu"}, ValueError, ["offload", "'gpu'", "'cpu'"]),
+    ({"offload": "cpu", "backend": "triton"}, ValueError, ["offload='cpu'", "backend='triton'", "'foreach'"]),
+    ({"offload": "cpu", "capturable": True}, ValueError, ["offload='cpu'", "capturable=True", "CUDA graph"]),
+    ({"offload": "cpu", "differentiable": True}, ValueError, ["offload='cpu'", "differentiable"]),
 ]
 
 GROUP_LRS = (1e-2, 3e-3)

@@ -30,12 +30,17 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from . import blockwise, sharding
+from . import blockwise, offload, sharding
 from .specs.quantization import FORMATS
 from .state import moment_keys
 
 #: every moment key a state may hold (Adam, AMSGrad, AdaMax)
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf")
+
+
+#: options that say where this run keeps its state, not how it trains: a loaded state
+#: dict does not change them (a checkpoint moves between resident and offloaded runs)
+PLACEMENT_KEYS = frozenset({"offload"})
 
 
 def _shapes(params: Sequence[Tensor | torch.Size | Sequence[int]]) -> list[torch.Size]:
@@ -115,12 +120,45 @@ def export_state(optimizer, state_dict: dict, *, full_precision: bool) -> dict:
     return state_dict
 
 
+def split_offloaded(optimizer, state_dict: dict, options_before: list[dict]) -> tuple[dict, dict]:
+    """``state_dict`` less the states of params whose group is offloaded (torch would
+    load them onto the params' device), and those states by param."""
+    offloaded = {}
+    params = [(p, before) for g, before in zip(optimizer.param_groups, options_before) for p in g["params"]]
+    for saved_id, (param, before) in zip(_param_ids(state_dict), params):
+        if before.get("offload") is not None and saved_id in state_dict["state"]:
+            offloaded[saved_id] = param
+    if not offloaded:
+        return state_dict, {}
+    states = {key: value for key, value in state_dict["state"].items() if key not in offloaded}
+    host_states = {param: state_dict["state"][key] for key, param in offloaded.items()}
+    return {**state_dict, "state": states}, host_states
+
+
+def load_offloaded(optimizer, host_states: dict) -> None:
+    """Load each offloaded param's saved state into host memory, cast as torch.optim
+    casts a state for its param (floating-point tensors to the param's dtype; ``step``
+    as saved), but on the host."""
+    for param, saved in host_states.items():
+        optimizer.state[param] = {
+            key: (
+                value
+                if not torch.is_tensor(value)
+                else value.to(device=offload.HOST)
+                if key == "step" or not param.is_floating_point()
+                else value.to(dtype=param.dtype, device=offload.HOST)
+            )
+            for key, value in saved.items()
+        }
+
+
 def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> None:
     """Finish torch.optim's ``load_state_dict`` of ``state_dict`` into ``optimizer``.
 
     ``options_before``: each group's adamkit options before loading; a torch.optim
     state dict lacks them, and they keep those values rather than falling back to
-    defaults.  torch casts every loaded state tensor to its param's dtype: tensors
+    defaults; :data:`PLACEMENT_KEYS` keep theirs whatever the state dict says.  torch
+    casts every loaded state tensor to its param's dtype: tensors
     adamkit keeps in their own dtype (quantized codes and scales; moments under a
     ``state_precision``) are copied again from the saved tensors, so nothing is
     rounded on the way in (the step converts any remaining mismatch).  For sharded
@@ -128,7 +166,7 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
     """
     moments = moment_keys(optimizer.algorithm, True)
     for group, saved, before in zip(optimizer.param_groups, state_dict["param_groups"], options_before):
-        group.update((key, value) for key, value in before.items() if key not in saved)
+        group.update((key, value) for key, value in before.items() if key not in saved or key in PLACEMENT_KEYS)
     saved_ids = _param_ids(state_dict)
     params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
     for saved_id, (param, group) in zip(saved_ids, params):
@@ -141,7 +179,7 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
             if key in moments and group["state_precision"] is None:
                 continue  # torch's behaviour: moments follow the param's dtype
             if state[key].dtype != value.dtype:
-                state[key] = value.to(device=param.device, copy=True)
+                state[key] = value.to(device=offload.host_device_of(group, param.device), copy=True)
         if sharding.is_sharded(param):
             sharding.shard_loaded_state(state, param, moments)
 

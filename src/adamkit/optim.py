@@ -11,8 +11,8 @@ Constructors take every argument of torch 2.13's ``torch.optim.Adam`` / ``AdamW`
 keyword-only:
 
 ``decouple_lr``, ``max_lr``, ``backend``, ``rounding``, ``master_weights``,
-``state_precision``, ``seed``, ``skip_nonfinite``, ``cautious``, ``diagnostics`` and
-``accumulation_steps``, each described (with its default and its check) in the
+``state_precision``, ``seed``, ``skip_nonfinite``, ``cautious``, ``diagnostics``,
+``accumulation_steps`` and ``offload``, each described (with its default and its check) in the
 option table of :mod:`adamkit.options`.
 """
 
@@ -31,6 +31,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from . import convert, kernels, options
 from .diagnostics import Recorder, group_stats
 from .kernels.cpu import fork_safe_threads
+from .offload import HostStep
 from .rule import Algorithm, as_number
 from .state import upgrade_step
 from .statekeeping import StateEpoch, tracked
@@ -149,14 +150,20 @@ class _AdamFamily(Optimizer):
         """torch.optim's state dict, finished by :func:`adamkit.convert.export_state`:
         a sharded (DTensor) param's quantized moments are exported as fp32 DTensors
         under torch's keys; within :func:`adamkit.convert.full_precision_export`,
-        every param's are."""
+        every param's are.  Host steps still running (offload under gradient release)
+        finish first."""
+        self.wait_for_host_steps()
         return convert.export_state(self, super().state_dict(), full_precision=self._export_full_precision)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from adamkit or torch.optim (see :func:`adamkit.convert.import_state`):
-        adamkit's options missing from a torch.optim state dict keep this optimizer's values."""
+        adamkit's options missing from a torch.optim state dict keep this optimizer's values.
+        An offloaded group's state is loaded into host memory (never through the device)."""
+        self.wait_for_host_steps()
         before = [{k: g[k] for k in self.extra_group_keys if k in g} for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        torch_part, host_states = convert.split_offloaded(self, state_dict, before)
+        super().load_state_dict(torch_part)
+        convert.load_offloaded(self, host_states)
         convert.import_state(self, state_dict, before)
 
     @torch.compiler.disable
@@ -180,8 +187,9 @@ class _AdamFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._gradient_release is not None:
-            return loss  # params were stepped in backward (adamkit.gradient_release)
+        if self._gradient_release is not None:  # params were stepped in backward (adamkit.gradient_release)
+            self._gradient_release.finish()  # offloaded params: their host steps are done and copied back
+            return loss
         with fork_safe_threads():
             self._step_groups()
         return loss
@@ -201,15 +209,30 @@ class _AdamFamily(Optimizer):
         for plan in admitted:
             stepper.run(plan, amp)
 
-    def step_param(self, index: int, group: dict, view: dict, amp: tuple = (None, None)) -> None:
+    def step_param(self, index: int, group: dict, view: dict, amp: tuple = (None, None)) -> HostStep | None:
         """Step one param as ``step()`` would step it in ``param_groups[index]``
         (``group``): ``view`` is that param's one-param group, brought up to date with
         ``group`` first.  ``amp``: a GradScaler's scale and this param's inf flag.
-        Gradient release calls it from each param's post-accumulate-grad hook."""
-        with fork_safe_threads():
-            self._step_view(index, group, view, amp)
+        Gradient release calls it from each param's post-accumulate-grad hook.
 
-    def _step_view(self, index: int, group: dict, view: dict, amp: tuple) -> None:
+        An offloaded param is validated and copied to the host here, and its
+        :class:`~adamkit.offload.HostStep` returned, to be run (:meth:`submit_host_step`)
+        once its gradient may be used as it is."""
+        with fork_safe_threads():
+            return self._step_view(index, group, view, amp)
+
+    def submit_host_step(self, host_step: HostStep) -> None:
+        """Run ``host_step`` on the host worker thread (see :mod:`adamkit.offload`)."""
+        self._stepper.offload.worker.submit(host_step.run)
+
+    def wait_for_host_steps(self) -> None:
+        """Return when every submitted host step has run and its params are copied back
+        (the current CUDA streams wait for the copies); raise the first error one raised."""
+        offload = self._stepper.offload
+        offload.worker.join()
+        offload.settle()
+
+    def _step_view(self, index: int, group: dict, view: dict, amp: tuple) -> HostStep | None:
         view.update((key, value) for key, value in group.items() if key != "params")
         stepper = self._stepper
         plan = stepper.plan(index, view)
@@ -220,9 +243,19 @@ class _AdamFamily(Optimizer):
         if not stepper.admit(index, plan, amp[0]):
             return
         if amp[1] is not None and not plan.kernel.amp and amp[1].item():
-            return  # a kernel that cannot skip in-kernel: skip here
+            return None  # a kernel that cannot skip in-kernel: skip here
         stepper.initialize([plan])
-        stepper.run(plan, amp)
+        if plan.hosts is None:
+            stepper.run(plan, amp)
+            return None
+        ready = stepper.offload.pull(plan.params, plan.grads, plan.hosts, wait=False)
+
+        def run() -> None:
+            ready()
+            with fork_safe_threads():
+                stepper.run_pulled(plan, amp)
+
+        return HostStep(run, [h.grad for h in plan.hosts])
 
     def attach_gradient_release(self, release) -> None:
         """Hook for :func:`adamkit.gradient_release`: while ``release`` is attached, it
@@ -260,7 +293,7 @@ class Adam(_AdamFamily):
     Args are those of ``torch.optim.Adam`` (same defaults, same meaning), plus the
     keyword-only ``decouple_lr``, ``max_lr``, ``backend``, ``rounding``,
     ``master_weights``, ``state_precision``, ``seed``, ``skip_nonfinite``, ``cautious``,
-    ``diagnostics`` and ``accumulation_steps`` described in :mod:`adamkit.options`.
+    ``diagnostics``, ``accumulation_steps`` and ``offload`` described in :mod:`adamkit.options`.
 
     Example::
 
@@ -298,6 +331,7 @@ class Adam(_AdamFamily):
         cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
+        offload: str | None = None,
     ) -> None:
         self._construct(params, locals())
 
@@ -335,6 +369,7 @@ class AdamW(Adam):
         cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
+        offload: str | None = None,
     ) -> None:
         self._construct(params, {**locals(), "decoupled_weight_decay": True})
 
@@ -385,6 +420,7 @@ class AdaMax(_AdamFamily):
         cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
+        offload: str | None = None,
     ) -> None:
         self._construct(params, locals())
 
@@ -440,6 +476,7 @@ class NAdam(_AdamFamily):
         cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
+        offload: str | None = None,
     ) -> None:
         self._construct(params, locals())
 
@@ -487,6 +524,7 @@ class RAdam(_AdamFamily):
         cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
+        offload: str | None = None,
     ) -> None:
         self._construct(params, locals())
 
@@ -543,6 +581,7 @@ class ADOPT(_AdamFamily):
         cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
+        offload: str | None = None,
     ) -> None:
         self._construct(params, locals())
 
@@ -596,6 +635,7 @@ class StableAdamW(_AdamFamily):
         cautious: bool = False,
         diagnostics: bool = False,
         accumulation_steps: int = 1,
+        offload: str | None = None,
     ) -> None:
         self._construct(params, {**locals(), "decoupled_weight_decay": True})
 

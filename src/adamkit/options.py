@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .kernels import KERNELS
+from .offload import OFFLOADS
 from .rule import Scalar, as_number, to_scalar
 from .specs.master import MASTER_WEIGHTS
 from .specs.quantization import FORMATS
@@ -33,6 +34,9 @@ from .specs.rounding import ROUNDINGS
 
 #: The execution paths a param group may ask for; ``None`` picks per device.
 BACKENDS = (None, *KERNELS)
+
+#: The backends an offloaded group may name (they step host tensors)
+HOST_BACKENDS = ("cpu", "foreach", "single_tensor")
 
 #: The dtype of ``exp_avg`` and the second moments: ``None`` is the param's dtype.
 STATE_PRECISIONS = (None, "fp32", "bf16", *FORMATS)
@@ -171,6 +175,18 @@ OPTIONS: tuple[Option, ...] = (
         "micro-batch's gradient into the moments, and the weights move on every N-th (NAdam, ADOPT, "
         "StableAdamW and cautious updates add up the gradients and step with their mean).",
     ),
+    Option(
+        "offload",
+        None,
+        _one_of(OFFLOADS),
+        '``"cpu"``: the group\'s state lives in host memory (pinned for CUDA params) and a CPU kernel '
+        "steps it there: each step copies the params and gradients to the host and the new params "
+        "back; with :func:`adamkit.gradient_release`, a host thread steps each param while backward "
+        "goes on (:mod:`adamkit.offload`).  Results equal the device-resident run's bit for bit.  "
+        '``backend`` may be ``None`` (the ``"cpu"`` kernel), ``"cpu"``, ``"foreach"`` or '
+        '``"single_tensor"``; not with ``capturable`` or ``differentiable``.  A loaded state dict '
+        "does not change it: checkpoints move between offloaded and resident runs.",
+    ),
 )
 
 #: option name -> default
@@ -213,6 +229,16 @@ def check_options(values: Mapping[str, Any], *, differentiable: bool, where: str
             f"master_weights={master!r} and rounding={rounding!r} both say how a 16-bit weight keeps "
             f"its updates{where}: pick one (master_weights with rounding='nearest')"
         )
+    offload, backend = values.get("offload"), values.get("backend")
+    if offload is not None and backend is not None and backend not in HOST_BACKENDS:
+        raise ValueError(
+            f"offload={offload!r} steps the state on the host, but backend={backend!r}{where} does not run there "
+            f"(allowed with offload: None, {', '.join(map(repr, HOST_BACKENDS))})"
+        )
+    if offload is not None and values.get("capturable"):
+        raise ValueError(
+            f"offload={offload!r} and capturable=True{where}: a CUDA graph cannot capture a step made on the host"
+        )
     if values.get("decouple_lr") and values.get("max_lr") is not None:
         check_max_lr(values["max_lr"], where=where)
     if not differentiable:
@@ -227,6 +253,7 @@ def check_options(values: Mapping[str, Any], *, differentiable: bool, where: str
         ),
         ("rounding", rounding, rounding != "nearest", "rounding is not differentiable; use rounding='nearest'"),
         ("accumulation_steps", steps, steps > 1, "use accumulation_steps=1"),
+        ("offload", values.get("offload"), values.get("offload") is not None, "use offload=None"),
     ):
         if cannot:
             raise ValueError(f"{name}={value!r} does not support differentiable=True{where} ({instead})")

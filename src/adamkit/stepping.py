@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import accumulation, kernels, sharding, statekeeping
+from . import accumulation, kernels, offload, sharding, statekeeping
 from .diagnostics import Recorder
 from .guard import CheckedTensors, StepGuard
 from .kernels import GroupBatch, Kernel
@@ -44,13 +44,15 @@ _dtype_of = attrgetter("dtype")
 
 class GroupPlan(NamedTuple):
     """One param group's step: the params with a gradient, their gradients, the kernel,
-    and what the guard let through (the local shards' for sharded params)."""
+    what the guard let through for the kernel (the local shards' for sharded params, the
+    host buffers' for an offloaded group), and an offloaded group's host buffers."""
 
     group: dict
     params: list[Tensor]
     grads: list[Tensor]
     kernel: Kernel
     checked: CheckedTensors
+    hosts: list[offload.HostBuffers] | None = None
 
 
 def draw_seed_if_needed(group: dict, dtypes: set | None = None) -> None:
@@ -115,6 +117,8 @@ class Stepper:
         self.recorder = recorder
         self._caches: dict[int, tuple[dict, dict]] = {}
         self._param_index_cache: tuple | None = None
+        #: offloaded groups' host buffers, copy stream and worker thread
+        self.offload = offload.Offload()
 
     def cache(self, group: dict) -> dict:
         """A per-group scratch dict for validation keys and kernels' derived data."""
@@ -145,10 +149,13 @@ class Stepper:
         differentiable = group["differentiable"]
         cache = self.cache(group)
         key = self._state_key(group, params)
+        hosts = self.offload.buffers(params) if group["offload"] is not None else None
         if cache.get("validated_key") != key or differentiable:
             if any(map(operator.attrgetter("is_sparse"), grads)):
                 raise RuntimeError(self.optimizer.sparse_gradient_message)
-            self._check_params_and_state(group, params, where)
+            if hosts is not None and any(map(sharding.is_sharded, params)):
+                raise ValueError(f"offload={group['offload']!r}{where}: sharded (DTensor) params are not offloaded yet")
+            self._check_params_and_state(group, params, where, hosts)
             cache["validated_key"], cache["devices"] = key, set(map(_device_of, params))
             cache["dtypes"] = set(map(_dtype_of, params))
             cache["sharded"] = any(map(sharding.is_sharded, params))
@@ -160,23 +167,29 @@ class Stepper:
             and not group["capturable"]
         ):
             raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        devices = cache["devices"]
+        devices = cache["devices"] if hosts is None else {offload.HOST}
         algorithm = self.optimizer.algorithm
         name = backend_name(group, devices, algorithm)
         kernel = kernels.resolve(name, devices, differentiable=differentiable, algorithm=algorithm)
         if group["accumulation_steps"] > 1:
             kernel = accumulation.KERNEL
         checked = self._guard(group, params, grads, where, kernel)
-        return GroupPlan(group, params, grads, kernel, checked)
+        if hosts is not None:  # the kernel addresses the host buffers: what it is handed is checked
+            host_params, host_grads = [h.param for h in hosts], [h.grad for h in hosts]
+            checked = self._guard(group, host_params, host_grads, where, kernel, "host_guard")
+        return GroupPlan(group, params, grads, kernel, checked, hosts)
 
-    def _guard(self, group: dict, params: list[Tensor], grads: list[Tensor], where: str, kernel) -> CheckedTensors:
+    def _guard(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], where: str, kernel, name: str = "guard"
+    ) -> CheckedTensors:
         """The group's :class:`~adamkit.guard.StepGuard` check of this step's params and
         gradients (their local shards when sharded); a fused kernel refuses params that
-        share memory (their updates would race)."""
+        share memory (their updates would race).  An offloaded group has a second guard,
+        ``"host_guard"``, over the host buffers the kernel steps."""
         cache = self.cache(group)
-        guard = cache.get("guard")
+        guard = cache.get(name)
         if guard is None:
-            guard = cache["guard"] = StepGuard()
+            guard = cache[name] = StepGuard()
         state_table = self.optimizer.state
         if cache["sharded"]:
             held = params
@@ -200,7 +213,9 @@ class Stepper:
             )
         return checked
 
-    def _check_params_and_state(self, group: dict, params: list[Tensor], where: str) -> None:
+    def _check_params_and_state(self, group: dict, params: list[Tensor], where: str, hosts=None) -> None:
+        """Each param's dtype against ``state_precision``, and its state against it (an
+        offloaded group's against its host buffer, which the state lives beside)."""
         differentiable, state_table = group["differentiable"], self.optimizer.state
         for j, p in enumerate(params):
             try:
@@ -212,7 +227,8 @@ class Stepper:
                 state, p = sharding.LocalState(state, p), sharding.local(p)
             if state:
                 amsgrad = bool(group.get("amsgrad"))
-                check_state(state, p, self.optimizer.algorithm, amsgrad=amsgrad, where=f" of params[{j}]{where}")
+                held = hosts[j].param if hosts is not None else p
+                check_state(state, held, self.optimizer.algorithm, amsgrad=amsgrad, where=f" of params[{j}]{where}")
                 if differentiable and state["step"].requires_grad:
                     raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
             elif group.get("fused"):
@@ -250,7 +266,7 @@ class Stepper:
 
     def admit(self, index: int, plan: GroupPlan, grad_scale: Tensor | None) -> bool:
         """Record diagnostics, then whether the group may step (``skip_nonfinite``)."""
-        group, params, grads, _, _ = plan
+        group, params, grads = plan.group, plan.params, plan.grads
         if group["diagnostics"]:
             self.recorder.record(group, params, grads, grad_scale)
         sharded = self.cache(group).get("sharded", False)
@@ -267,37 +283,50 @@ class Stepper:
         CUDA graph of ``step()`` can be captured after one eager step, as with
         torch.optim)."""
         epoch = self.optimizer.state_epoch
-        for group, params, grads, kernel, _ in plans:
+        for group, params, grads, kernel, _, hosts in plans:
             cache = self.cache(group)
             if cache.get("initialized_key") == cache["validated_key"]:
                 continue
             state_table = self.optimizer.state
             if cache["sharded"]:  # DTensors: the local shards' state
                 params, _, state_table = sharding.local_view(params, grads, state_table)
+            elif hosts is not None:  # offloaded: the state is made beside the host buffers
+                params, _, state_table = offload.host_view(hosts, params, state_table)
             for p in params:
                 init_state(state_table[p], p, group, self.optimizer.algorithm)
                 if kernel.fused:
                     statekeeping.issue_all(state_table[p], epoch)
-        for group, params, _, _, _ in plans:
+        for group, params, *_ in plans:
             cache = self.cache(group)
             if cache.get("initialized_key") != cache["validated_key"] or cache["validated_key"][-1] != epoch.value:
                 cache["validated_key"] = cache["initialized_key"] = self._state_key(group, params)
 
     def run(self, plan: GroupPlan, amp: tuple) -> None:
-        """Hand the group to its kernel.  ``amp``: a GradScaler's scale and inf flag."""
-        group, params, grads, kernel, checked = plan
+        """Hand the group to its kernel.  ``amp``: a GradScaler's scale and inf flag.
+        An offloaded group is pulled to the host, stepped there and pushed back."""
+        if plan.hosts is not None:
+            self.offload.pull(plan.params, plan.grads, plan.hosts)
+        self.run_pulled(plan, amp)
+
+    def run_pulled(self, plan: GroupPlan, amp: tuple) -> None:
+        """:meth:`run`, for a group whose host buffers (if offloaded) hold this step's
+        params and gradients already (gradient release pulls them in backward)."""
+        group, params, grads, kernel, checked, hosts = plan
         cache = self.cache(group)
-        grad_scale, found_inf = amp
         indices = self._param_indices(params) if group["seed"] is not None else None
         offsets = cache["offsets"]
         offsets = [offsets[id(p)] for p in params] if offsets is not None and indices is not None else None
-        state_table, shards = self.optimizer.state, None
+        state_table, shards, held = self.optimizer.state, None, params
         if cache["sharded"]:  # DTensors: the kernels step each rank's local shard
             shards = params
             params, grads, state_table = sharding.local_view(params, grads, state_table)
+        elif hosts is not None:
+            params, grads, state_table = offload.host_view(hosts, params, state_table)
+            amp = tuple(None if t is None else t.to(offload.HOST) for t in amp)
+        grad_scale, found_inf = amp
         if found_inf is not None and not kernel.amp and grad_scale is not None:
             grads = unscaled(grads, grad_scale)
-        key = (cache["validated_key"], cache["guard"].generation)
+        key = (cache["validated_key"], cache["host_guard" if hosts is not None else "guard"].generation)
         batch = GroupBatch(params=params, grads=grads, state_table=state_table, cache=cache, key=key, checked=checked)
         batch.param_indices, batch.element_offsets, batch.shards = indices, offsets, shards
         if kernel.amp:
@@ -305,6 +334,8 @@ class Stepper:
             if found_inf is not None and grad_scale is None:
                 batch.grad_scale = torch.ones((), device=found_inf.device)
         kernel.step(batch, UpdateRule.from_group(group, self.optimizer.algorithm))
+        if hosts is not None:
+            self.offload.push(held, hosts)
 
     def _param_indices(self, params: list[Tensor]) -> list[int]:
         """Each param's position in the optimizer (its ``state_dict`` index): the

@@ -1,0 +1,210 @@
+r"""Optimizer state in host memory (``offload="cpu"``): the device keeps only the params.
+
+A group with ``offload="cpu"`` keeps every state tensor (moments, a master weight's low
+bits, a Kahan compensation, accumulation buffers, the step counters) in host memory,
+and is stepped there by a CPU kernel (the fused ``cpu`` kernel unless the group names
+``"foreach"`` or ``"single_tensor"``).  Each step of such a group
+
+1. *pulls*: copies each gradient and each param into the param's host buffers
+   (:class:`HostBuffers`: pinned when the param is on CUDA, copied on a side stream
+   after the work the current stream has queued);
+2. steps the host copies with the group's state, as the kernel would step the params;
+3. *pushes*: copies each param's new value back (the current stream waits for it).
+
+The update is elementwise and the CPU kernel computes what the Triton kernel computes
+bit for bit, so an offloaded run equals the device-resident run with the same options.
+The param is read back at every step rather than trusted to be what the host last
+wrote: in-place edits that torch does not count (``p.data.mul_(...)``,
+``p.data = ...``) are seen.  That costs the param's bytes once more per step over the
+bus (see ``docs/offload.md``).
+
+With :func:`adamkit.gradient_release`, each param is pulled in its gradient's hook
+(its device gradient is then freed) and stepped by :class:`HostWorker`, one thread
+stepping params in the order their gradients arrived, while backward goes on;
+``optimizer.step()`` waits for it.  Params are independent (their state and random
+bits are their own), so the result does not depend on how the threads interleave.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import statekeeping
+
+#: where an offloaded group's state may live (``None``: with the params)
+OFFLOADS = (None, "cpu")
+HOST = torch.device("cpu")
+
+
+@dataclass
+class HostBuffers:
+    """One param's copies in host memory: ``param`` (the kernel steps it) and ``grad``
+    (the gradient it steps with); both contiguous, of the param's shape and dtype."""
+
+    param: Tensor
+    grad: Tensor
+
+    @classmethod
+    def for_param(cls, p: Tensor) -> HostBuffers:
+        pinned = p.device.type == "cuda"
+        made = [torch.empty(p.shape, dtype=p.dtype, device=HOST, pin_memory=pinned) for _ in range(2)]
+        if statekeeping.allocator is not None and not pinned:  # the fuzzer's guard-paged memory
+            made = list(map(statekeeping.allocator, made))
+        return cls(*made)
+
+    def fits(self, p: Tensor) -> bool:
+        return self.param.dtype == p.dtype and self.param.shape == p.shape
+
+
+class HostWorker:
+    """One thread that runs submitted jobs in order (see the module docstring).  The
+    first error a job raises is raised again by :meth:`join`; jobs submitted after it
+    are dropped, as a failed ``step()`` would have stopped there."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._idle:
+            self._pending += 1
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="adamkit-offload", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if self._error is None:
+                    job()
+            except BaseException as error:  # handed to join(), in the caller's thread
+                self._error = error
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    if not self._pending:
+                        self._idle.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        return self._pending > 0
+
+    def join(self) -> None:
+        """Wait until every submitted job has run; raise the first error one raised."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._pending)
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+class Offload:
+    """One optimizer's host side: each param's :class:`HostBuffers`, the copy stream and
+    the :class:`HostWorker`.  Bookkeeping, not state: made again when needed."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, tuple[weakref.ref, HostBuffers]] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.worker = HostWorker()
+
+    def buffers(self, params: Sequence[Tensor]) -> list[HostBuffers]:
+        """Each param's host buffers, allocated where missing or no longer fitting."""
+        found = []
+        for p in params:
+            entry = self._buffers.get(id(p))
+            if entry is None or entry[0]() is not p or not entry[1].fits(p):
+                entry = self._buffers[id(p)] = (weakref.ref(p), HostBuffers.for_param(p))
+            found.append(entry[1])
+        return found
+
+    def pull(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], hosts: Sequence[HostBuffers], *, wait: bool = True
+    ) -> Callable[[], None]:
+        """Copy each param and gradient into its host buffers, after the work the current
+        stream has queued.  ``wait``: return once they are there; else return what
+        waits for them (a released gradient's memory is kept until its copy is done)."""
+        stream = self._copy_stream(params)
+        if stream is None:
+            for p, g, host in zip(params, grads, hosts):
+                host.param.copy_(p.detach())
+                host.grad.copy_(g.detach())
+            return _nothing
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            for p, g, host in zip(params, grads, hosts):
+                host.param.copy_(p.detach(), non_blocking=True)
+                host.grad.copy_(g.detach(), non_blocking=True)
+                g.record_stream(stream)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+        if wait:
+            copied.synchronize()
+        return copied.synchronize
+
+    def push(self, params: Sequence[Tensor], hosts: Sequence[HostBuffers]) -> None:
+        """Copy each param's stepped host copy back into the param; the current stream
+        waits for the copies (the next forward sees the new weights)."""
+        stream = self._copy_stream(params)
+        with torch.no_grad():
+            if stream is None:
+                for p, host in zip(params, hosts):
+                    p.copy_(host.param)
+                return
+            with torch.cuda.stream(stream):
+                for p, host in zip(params, hosts):
+                    p.copy_(host.param, non_blocking=True)
+
+    def settle(self) -> None:
+        """Make the current streams wait for every copy back pushed so far."""
+        for device, stream in self._streams.items():
+            torch.cuda.current_stream(device).wait_stream(stream)
+
+    def _copy_stream(self, params: Sequence[Tensor]) -> torch.cuda.Stream | None:
+        """The side stream of the params' CUDA device; ``None`` for host params."""
+        device = params[0].device if params else HOST
+        if device.type != "cuda":
+            return None
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class HostStep:
+    """One param's host step under gradient release, pulled and waiting to run:
+    ``run()`` steps the host copies and pushes the param back; ``grads`` are the host
+    gradients it will step with (clipping scales them first)."""
+
+    run: Callable[[], None]
+    grads: list[Tensor]
+
+
+def host_view(hosts: Sequence[HostBuffers], params: Sequence[Tensor], state_table) -> tuple[list, list, dict]:
+    """The host copies the kernel steps: params, gradients, and a state table keyed by
+    the host params whose entries are the params' states."""
+    return [h.param for h in hosts], [h.grad for h in hosts], {h.param: state_table[p] for h, p in zip(hosts, params)}
+
+
+def host_device_of(group: dict, device: torch.device) -> torch.device:
+    """Where the state of a param on ``device`` lives in ``group``."""
+    return HOST if group.get("offload") is not None else device
+
+
+__all__ = ["HOST", "OFFLOADS", "HostBuffers", "HostStep", "HostWorker", "Offload", "host_device_of", "host_view"]
