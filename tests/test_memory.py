@@ -172,3 +172,15 @@ def test_a_model_too_big_to_build_in_seconds_is_refused_while_it_is_built(capsys
     monkeypatch.setattr(memory, "MAX_TENSORS", 100)
     assert main(["memory", "gpt2"]) == 2
     assert "model 'gpt2' has more than 100 param tensors" in capsys.readouterr().err
+
+
+def test_offloaded_rows_keep_the_state_off_the_device():
+    """An offloaded setting's device holds weights and gradients only; its host holds the
+    state and a staging copy of each param and gradient (GPT-2 small's shapes)."""
+    shapes = memory.param_shapes(memory.build_model("gpt2"))
+    plans = {s.name: memory.plan(shapes, s) for s in memory.settings() if s.library == "adamkit"}
+    offloaded, resident = plans["bf16, master fp32, int8, offload"], plans["bf16, master fp32, int8"]
+    assert offloaded.state == resident.state and offloaded.device_state == 0
+    assert offloaded.per_param(offloaded.total) == pytest.approx(4.0)  # bf16 weights and gradients
+    assert offloaded.host == offloaded.state + 2 * offloaded.weights
+    assert resident.host == 0 and resident.total == offloaded.total + resident.state

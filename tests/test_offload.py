@@ -2,8 +2,9 @@
 
 On these machines the params are CPU tensors, and an offloaded group runs the same
 machinery as on a GPU (host buffers apart from the params, the worker thread under
-gradient release, the copies back), so every run here is held bit for bit to the same
-run without offload: every class, a matrix of storage settings, with and without
+gradient release, the copies back); ``ADAMKIT_TEST_DEVICE=cuda`` runs the same tests with
+the params on a GPU (the resident runs then use the Triton kernel).  Every run is held
+bit for bit to the same run without offload: every class, a matrix of storage settings, with and without
 gradient release, with an LR scheduler, clipping, a GradScaler and a save/load in the
 middle.  A worker thread slowed on purpose shows that nothing depends on timing.
 """
@@ -14,7 +15,7 @@ import time
 
 import pytest
 import torch
-from matrix import FAMILY
+from matrix import DEVICE, FAMILY
 
 import adamkit
 
@@ -46,7 +47,7 @@ def model(dtype: torch.dtype) -> torch.nn.Module:
         torch.nn.GELU(),
         torch.nn.Linear(24, 3),
     ]
-    return torch.nn.Sequential(*layers).to(dtype)
+    return torch.nn.Sequential(*layers).to(DEVICE, dtype)
 
 
 def groups(net: torch.nn.Module) -> list[dict]:
@@ -61,7 +62,7 @@ def groups(net: torch.nn.Module) -> list[dict]:
 def batches(dtype: torch.dtype, steps: int):
     g = torch.Generator().manual_seed(7)
     for _ in range(steps):
-        yield torch.randn(32, 12, generator=g).to(dtype), torch.randn(32, 3, generator=g).to(dtype)
+        yield torch.randn(32, 12, generator=g).to(DEVICE, dtype), torch.randn(32, 3, generator=g).to(DEVICE, dtype)
 
 
 def train(
@@ -138,7 +139,8 @@ def test_clipping_with_and_without_release(name, storage):
     unclipped = train(name, storage, None)
     assert not torch.equal(next(resident[0].parameters()), next(unclipped[0].parameters()))  # the clip bites
     assert_same_run(train(name, storage, "cpu", clip=0.05), resident)
-    assert_same_run(train(name, storage, "cpu", release=True, clip=0.05), resident)
+    if DEVICE.type == "cpu":  # on a GPU the host sums the norm in its own order (docs/offload.md)
+        assert_same_run(train(name, storage, "cpu", release=True, clip=0.05), resident)
 
 
 @pytest.mark.parametrize("release", [False, True])
@@ -148,7 +150,7 @@ def test_save_and_load_in_the_middle(storage, release):
     first = train("AdamW", storage, "cpu", release=release, steps=STEPS // 2)
     saved_model, saved = first[0].state_dict(), first[1].state_dict()
     saved_schedule = first[0].schedule.state_dict()
-    for state in saved["state"].values():
+    for state in saved["state"].values():  # host tensors, wherever the params are
         assert all(v.device.type == "cpu" for v in state.values() if torch.is_tensor(v))
     dtype, options = options_for("AdamW", storage)
     net = model(dtype)
@@ -226,7 +228,7 @@ def test_grad_scaler_and_skipped_steps():
     def scaled(offload):
         net = model(torch.float32)
         opt = adamkit.AdamW(net.parameters(), lr=1e-2, offload=offload, fused=True)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+        scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**20)
         for i, (x, y) in enumerate(batches(torch.float32, 6)):
             loss = (net(x) - y).square().mean() * (1e38 if i == 2 else 1.0)
             scaler.scale(loss).backward()
@@ -290,12 +292,13 @@ def test_release_clipping_needs_every_group_offloaded():
 
 
 def test_a_group_may_switch_offload_on_between_steps():
-    """Turning offload on moves nothing by itself: the next step steps the same state
-    tensors on the host (here both are host memory), and the run goes on bit for bit."""
+    """Turning offload on, then moving the state as the docs say (a state dict round
+    trip: into host memory), and the run goes on bit for bit."""
     resident = train("AdamW", "bf16-master-fp32-int8", None, steps=8)
     net, opt = train("AdamW", "bf16-master-fp32-int8", None, steps=4)
     for group in opt.param_groups:
         group["offload"] = "cpu"
+    opt.load_state_dict(opt.state_dict())
     assert_same_run(
         train("AdamW", "bf16-master-fp32-int8", "cpu", steps=4, start=(net, opt, net.schedule, 4)), resident
     )
@@ -311,3 +314,15 @@ def test_a_param_changed_under_an_offloaded_state_is_refused():
         opt.step()
     after = opt.state[next(net.parameters())]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("offload", [None, "cpu"])
+@pytest.mark.parametrize("release", [False, True])
+def test_steps_after_the_first_validate_nothing_again(offload, release):
+    """Once every state exists, a step writes no state entry, so the state's epoch stands
+    still and no param is validated again (a pop of a key that is not there once advanced
+    it, and under gradient release every param's step re-validated the others')."""
+    net, opt = train("AdamW", "bf16-master-fp32-int8", offload, release=release, steps=2)
+    epoch = opt.state_epoch.value
+    train("AdamW", "bf16-master-fp32-int8", offload, release=release, steps=3, start=(net, opt, net.schedule, 2))
+    assert opt.state_epoch.value == epoch

@@ -327,7 +327,10 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         print(
             f"and {sum(math.prod(shape) for shape in frozen):,} frozen params (weights only) in {len(frozen)} tensors"
         )
-    print("bytes per param of weights, gradients and optimizer state; GB in all, and with gradient release\n")
+    print(
+        "bytes per param of weights, gradients and optimizer state on the device; the device's GB in all, and "
+        "with gradient release; bytes per param in host memory (offload)\n"
+    )
     plans = [memory.plan(shapes, setting, frozen) for setting in memory.settings()]
     print(memory.format_table(plans))
     if args.time:

@@ -28,6 +28,11 @@ Gradients are held in the param's dtype.  With gradient release
 (:func:`adamkit.gradient_release`), each gradient is consumed by its own step during
 the backward pass, so at least the largest one is alive at a time; that is the figure
 the release column uses for every setting (the peers need the same per-param hooks).
+
+Offloaded settings (``offload="cpu"``, :mod:`adamkit.offload`) keep the state in host
+memory: the device holds the weights and gradients only, and the host holds the state
+plus two staging copies per param (the param and its gradient, in the param's dtype),
+the ``host`` column.
 """
 
 from __future__ import annotations
@@ -56,6 +61,10 @@ class Setting:
     #: the options of an ``adamkit.AdamW`` that trains this way (adamkit settings only)
     options: dict = field(default_factory=dict)
     note: str = ""
+
+    @property
+    def offloaded(self) -> bool:
+        return self.options.get("offload") is not None
 
 
 def tensor_bytes(tensor: Tensor) -> int:
@@ -136,6 +145,22 @@ def settings() -> list[Setting]:
         _adamkit("bf16, master fp32, int8", bf16, master_weights="fp32", state_precision="int8"),
         _adamkit("bf16, master 24bit, int8", bf16, master_weights="24bit", state_precision="int8"),
         _adamkit("bf16, master 24bit, int4", bf16, master_weights="24bit", state_precision="int4"),
+        _adamkit(
+            "bf16, master fp32, fp32, offload",
+            bf16,
+            "state on the host",
+            master_weights="fp32",
+            state_precision="fp32",
+            offload="cpu",
+        ),
+        _adamkit(
+            "bf16, master fp32, int8, offload",
+            bf16,
+            "state on the host",
+            master_weights="fp32",
+            state_precision="int8",
+            offload="cpu",
+        ),
         Setting("AdamW fp32", "torch.optim", fp32, _torch_adamw),
         Setting("AdamW bf16", "torch.optim", bf16, _torch_adamw, note="loses small updates"),
         Setting("AdamW8bit", "bitsandbytes", fp32, _bitsandbytes_8bit),
@@ -154,18 +179,26 @@ class Plan:
     weights: int
     gradients: int
     largest_gradient: int
+    #: the optimizer's state, wherever it lives
     state: int
+    #: bytes in host memory (an offloaded setting's state and staging copies)
+    host: int = 0
 
     def per_param(self, nbytes: int) -> float:
         return nbytes / self.params
 
     @property
+    def device_state(self) -> int:
+        return 0 if self.setting.offloaded else self.state
+
+    @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.state
+        """Bytes on the device (where the weights are)."""
+        return self.weights + self.gradients + self.device_state
 
     @property
     def total_with_release(self) -> int:
-        return self.weights + self.largest_gradient + self.state
+        return self.weights + self.largest_gradient + self.device_state
 
 
 def plan(shapes: Iterable[Sequence[int]], setting: Setting, frozen: Iterable[Sequence[int]] = ()) -> Plan:
@@ -175,13 +208,15 @@ def plan(shapes: Iterable[Sequence[int]], setting: Setting, frozen: Iterable[Seq
     size = torch.empty(0, dtype=setting.weight_dtype).element_size()
     counts = [m.numel() for m in metas]
     frozen_count = sum(math.prod(shape) for shape in frozen)
+    state = sum(setting.state_bytes(m) for m in metas)
     return Plan(
         setting,
         params=sum(counts) + frozen_count,
         weights=size * (sum(counts) + frozen_count),
         gradients=size * sum(counts),
         largest_gradient=size * max(counts, default=0),
-        state=sum(setting.state_bytes(m) for m in metas),
+        state=state,
+        host=state + 2 * size * sum(counts) if setting.offloaded else 0,
     )
 
 
@@ -299,17 +334,19 @@ def param_shapes(model: torch.nn.Module, trainable: bool = True) -> list[tuple[i
 
 
 def format_table(plans: list[Plan]) -> str:
-    """The plans as a table: bytes per param of each part, and the totals in GB."""
+    """The plans as a table: bytes per param of each part on the device, the device's
+    totals in GB (and with gradient release), and bytes per param in host memory."""
     header = (
         f"{'library':13s} {'setting':32s} {'weights':>7s} {'grads':>6s} {'state':>6s} {'B/param':>8s} "
-        f"{'GB':>8s} {'GB, release':>11s}  note"
+        f"{'GB':>8s} {'GB, release':>11s} {'host':>6s}  note"
     )
     rows = [header, "-" * len(header)]
     for p in plans:
         rows.append(
             f"{p.setting.library:13s} {p.setting.name:32s} {p.per_param(p.weights):7.3f} "
-            f"{p.per_param(p.gradients):6.3f} {p.per_param(p.state):6.3f} {p.per_param(p.total):8.3f} "
-            f"{p.total / GB:8.3f} {p.total_with_release / GB:11.3f}  {p.setting.note}".rstrip()
+            f"{p.per_param(p.gradients):6.3f} {p.per_param(p.device_state):6.3f} {p.per_param(p.total):8.3f} "
+            f"{p.total / GB:8.3f} {p.total_with_release / GB:11.3f} {p.per_param(p.host):6.3f}  "
+            f"{p.setting.note}".rstrip()
         )
     return "\n".join(rows)
 

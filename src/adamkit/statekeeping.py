@@ -86,7 +86,8 @@ class _Tracked:
         super().__delitem__(key)
 
     def pop(self, key, *default):
-        self._changing(key)
+        if key in self:  # popping what is not there changes nothing
+            self._changing(key)
         return super().pop(key, *default)
 
     def popitem(self):
