@@ -13,7 +13,9 @@ every state tensor, bit for bit), the peak device memory of each run against the
 forward+backward alone, gradients freed as they come, less the weights and the largest
 gradient), and the step time against its parts, each measured alone in this run:
 forward+backward, the host step (the CPU kernel on host copies), and the transfers
-(each param and gradient to the host, each param back).
+(each param and gradient to the host, each param back).  Last, the host step's kernel
+alone on fp32 params of the model's shapes, fp32 and int8 states, against torch's fused
+CPU AdamW, in interleaved rounds (the host that offload runs on).
 
     python benchmarks/bench_offload.py            # ~1B params on CUDA; a tiny model on CPU
     python benchmarks/bench_offload.py --layers 4 --width 1024 --steps 5
@@ -170,6 +172,40 @@ def transfers_alone(args, device) -> float:
     return 1e3 * statistics.median(times)
 
 
+def host_kernel_vs_torch(args, rounds: int = 5) -> None:
+    """adamkit's CPU kernel (fp32 and int8 states) against ``torch.optim.AdamW(fused=True)``
+    on fp32 host params of the model's shapes, one step of each in turn."""
+    shapes = [p.shape for p in build(args, torch.device("meta")).parameters()]
+    generator = torch.Generator().manual_seed(2)
+    contenders = {
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+        "adamkit cpu, fp32 states": lambda ps: adamkit.AdamW(ps, lr=1e-4),
+        "adamkit cpu, int8 states": lambda ps: adamkit.AdamW(ps, lr=1e-4, state_precision="int8"),
+    }
+    setups = {}
+    for name, make in contenders.items():
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02) for shape in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+        optimizer = make(params)
+        optimizer.step()
+        state = sum(tensor_bytes(v) for p in params for v in optimizer.state[p].values() if torch.is_tensor(v))
+        moved = 3 * sum(tensor_bytes(p) for p in params) + 2 * state  # read param, grad, state; write both
+        setups[name] = (optimizer, moved, [])
+    for _ in range(rounds):
+        for optimizer, _, times in setups.values():
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+    base = statistics.median(setups["torch AdamW fused"][2])
+    print(f"\nhost kernel alone: fp32 params of the model's shapes, {torch.get_num_threads()} threads, {rounds} rounds")
+    for name, (_, moved, times) in setups.items():
+        median = statistics.median(times)
+        print(
+            f"  {name:26s} {1e3 * median:9.1f} ms  {median / base:5.2f}x torch fused  {moved / median / GB:6.1f} GB/s"
+        )
+
+
 class _nothing:
     def __enter__(self):
         return None
@@ -262,6 +298,8 @@ def main() -> None:
             f"{name:34s} {run['ms']:9.1f} {run['ms'] / parts:13.2f} {run['peak'] / GB:8.3f} "
             f"{run['peak'] / bound if bound else float('nan'):8.3f}"
         )
+    runs.clear()  # the runs' memory, before the host kernel's own params
+    host_kernel_vs_torch(args)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,13 @@ def test_ab_revision_steps_another_revision_beside_this_tree():
     assert "this tree against HEAD:" in result.stdout and "torch fused" in result.stdout
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=BENCHMARKS, capture_output=True, text=True).stdout
     assert len(worktrees.splitlines()) == 1
+
+
+def test_the_offload_benchmark_runs_its_dry_run_and_finds_equal_bits():
+    """On CPU: a tiny GPT-like model, offloaded (fp32 and int8 host states, gradient
+    release) against the resident runs, bit for bit; then the parts and the host kernel."""
+    command = [sys.executable, "bench_offload.py", "--steps", "3", "--skip-torchao"]
+    result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("bit for bit equal after 3 steps") == 2, result.stdout
+    assert "parts alone" in result.stdout and "adamkit cpu, int8 states" in result.stdout

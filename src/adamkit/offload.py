@@ -154,8 +154,9 @@ class Offload:
         return copied.synchronize
 
     def push(self, params: Sequence[Tensor], hosts: Sequence[HostBuffers]) -> None:
-        """Copy each param's stepped host copy back into the param; the current stream
-        waits for the copies (the next forward sees the new weights)."""
+        """Copy each param's stepped host copy back into the param (on the copy stream:
+        :meth:`settle`, from the thread that goes on to use the params, makes its stream
+        wait for them, so the next forward sees the new weights)."""
         stream = self._copy_stream(params)
         with torch.no_grad():
             if stream is None:
@@ -167,7 +168,7 @@ class Offload:
                     p.copy_(host.param, non_blocking=True)
 
     def settle(self) -> None:
-        """Make the current streams wait for every copy back pushed so far."""
+        """Make the calling thread's current streams wait for every copy pushed so far."""
         for device, stream in self._streams.items():
             torch.cuda.current_stream(device).wait_stream(stream)
 

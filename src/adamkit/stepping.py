@@ -304,9 +304,12 @@ class Stepper:
     def run(self, plan: GroupPlan, amp: tuple) -> None:
         """Hand the group to its kernel.  ``amp``: a GradScaler's scale and inf flag.
         An offloaded group is pulled to the host, stepped there and pushed back."""
-        if plan.hosts is not None:
-            self.offload.pull(plan.params, plan.grads, plan.hosts)
+        if plan.hosts is None:
+            self.run_pulled(plan, amp)
+            return
+        self.offload.pull(plan.params, plan.grads, plan.hosts)
         self.run_pulled(plan, amp)
+        self.offload.settle()  # the caller's stream waits for the params' copies back
 
     def run_pulled(self, plan: GroupPlan, amp: tuple) -> None:
         """:meth:`run`, for a group whose host buffers (if offloaded) hold this step's
