@@ -326,3 +326,13 @@ def test_steps_after_the_first_validate_nothing_again(offload, release):
     epoch = opt.state_epoch.value
     train("AdamW", "bf16-master-fp32-int8", offload, release=release, steps=3, start=(net, opt, net.schedule, 2))
     assert opt.state_epoch.value == epoch
+
+
+@pytest.mark.parametrize("name", ["AdamW", "StableAdamW", "NAdam"])
+def test_a_step_in_buckets_equals_a_step_in_one_piece(name, monkeypatch):
+    """Buckets of a few params each (the kernel steps each with a cache of its own, and
+    stochastic rounding keeps each param's stream): the same bits as one piece."""
+    resident = train(name, "bf16-master-24bit-int4", None, steps=12)
+    monkeypatch.setattr(adamkit.offload, "BUCKET_BYTES", 600)
+    assert len(adamkit.offload.buckets(adamkit.offload.Offload().buffers(list(model(torch.bfloat16).parameters())))) > 2
+    assert_same_run(train(name, "bf16-master-24bit-int4", "cpu", steps=12), resident)

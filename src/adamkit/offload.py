@@ -9,7 +9,11 @@ and is stepped there by a CPU kernel (the fused ``cpu`` kernel unless the group 
    (:class:`HostBuffers`: pinned when the param is on CUDA, copied on a side stream
    after the work the current stream has queued);
 2. steps the host copies with the group's state, as the kernel would step the params;
-3. *pushes*: copies each param's new value back (the current stream waits for it).
+3. *pushes*: copies each param's new value back (the current stream waits for it),
+
+bucket by bucket (:func:`buckets`): all pulls are queued at once, and each bucket is
+stepped as soon as its copies are in, while the next ones are still on the way and the
+previous ones go back.
 
 The update is elementwise and the CPU kernel computes what the Triton kernel computes
 bit for bit, so an offloaded run equals the device-resident run with the same options.
@@ -183,6 +187,25 @@ class Offload:
         return stream
 
 
+#: the param bytes an offloaded group is stepped in at a time (whole params; see
+#: :meth:`adamkit.stepping.Stepper.run`)
+BUCKET_BYTES = 64 * 2**20
+
+
+def buckets(hosts: Sequence[HostBuffers]) -> list[slice]:
+    """Consecutive runs of params of about :data:`BUCKET_BYTES` each (a bigger param is a
+    bucket of its own)."""
+    spans, start, held = [], 0, 0
+    for j, host in enumerate(hosts):
+        held += host.param.nbytes
+        if held >= BUCKET_BYTES:
+            spans.append(slice(start, j + 1))
+            start, held = j + 1, 0
+    if start < len(hosts) or not spans:
+        spans.append(slice(start, len(hosts)))
+    return spans
+
+
 def _nothing() -> None:
     pass
 
@@ -208,4 +231,15 @@ def host_device_of(group: dict, device: torch.device) -> torch.device:
     return HOST if group.get("offload") is not None else device
 
 
-__all__ = ["HOST", "OFFLOADS", "HostBuffers", "HostStep", "HostWorker", "Offload", "host_device_of", "host_view"]
+__all__ = [
+    "BUCKET_BYTES",
+    "HOST",
+    "OFFLOADS",
+    "buckets",
+    "HostBuffers",
+    "HostStep",
+    "HostWorker",
+    "Offload",
+    "host_device_of",
+    "host_view",
+]

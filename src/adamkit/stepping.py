@@ -303,24 +303,35 @@ class Stepper:
 
     def run(self, plan: GroupPlan, amp: tuple) -> None:
         """Hand the group to its kernel.  ``amp``: a GradScaler's scale and inf flag.
-        An offloaded group is pulled to the host, stepped there and pushed back."""
+
+        An offloaded group is stepped in buckets of whole params
+        (:func:`adamkit.offload.buckets`): every bucket's copies to the host are queued at
+        once, and each bucket is stepped as soon as its copies are in and pushed back
+        while the next one steps, so that copies and host work overlap."""
         if plan.hosts is None:
             self.run_pulled(plan, amp)
             return
-        self.offload.pull(plan.params, plan.grads, plan.hosts)
-        self.run_pulled(plan, amp)
+        spans = offload.buckets(plan.hosts)
+        arrivals = [self.offload.pull(plan.params[s], plan.grads[s], plan.hosts[s], wait=False) for s in spans]
+        for span, arrived in zip(spans, arrivals):
+            arrived()
+            self.run_pulled(_part_of(plan, span), amp, span if len(spans) > 1 else None)
         self.offload.settle()  # the caller's stream waits for the params' copies back
 
-    def run_pulled(self, plan: GroupPlan, amp: tuple) -> None:
+    def run_pulled(self, plan: GroupPlan, amp: tuple, span: slice | None = None) -> None:
         """:meth:`run`, for a group whose host buffers (if offloaded) hold this step's
-        params and gradients already (gradient release pulls them in backward)."""
+        params and gradients already (gradient release pulls them in backward).
+        ``span``: the plan is that part of its group (a bucket, with a kernel cache of
+        its own)."""
         group, params, grads, kernel, checked, hosts = plan
-        cache = self.cache(group)
+        cache = group_cache = self.cache(group)
+        if span is not None:
+            cache = group_cache.setdefault(("bucket", span.start, span.stop), {})
         indices = self._param_indices(params) if group["seed"] is not None else None
-        offsets = cache["offsets"]
+        offsets = group_cache["offsets"]
         offsets = [offsets[id(p)] for p in params] if offsets is not None and indices is not None else None
         state_table, shards, held = self.optimizer.state, None, params
-        if cache["sharded"]:  # DTensors: the kernels step each rank's local shard
+        if group_cache["sharded"]:  # DTensors: the kernels step each rank's local shard
             shards = params
             params, grads, state_table = sharding.local_view(params, grads, state_table)
         elif hosts is not None:
@@ -329,7 +340,8 @@ class Stepper:
         grad_scale, found_inf = amp
         if found_inf is not None and not kernel.amp and grad_scale is not None:
             grads = unscaled(grads, grad_scale)
-        key = (cache["validated_key"], cache["host_guard" if hosts is not None else "guard"].generation)
+        guard = group_cache["host_guard" if hosts is not None else "guard"]
+        key = (group_cache["validated_key"], guard.generation, span)
         batch = GroupBatch(params=params, grads=grads, state_table=state_table, cache=cache, key=key, checked=checked)
         batch.param_indices, batch.element_offsets, batch.shards = indices, offsets, shards
         if kernel.amp:
@@ -349,6 +361,14 @@ class Stepper:
         if cached is None or cached[0] != identity:
             cached = self._param_index_cache = (identity, {id(p): i for i, p in enumerate(everything)})
         return [cached[1][id(p)] for p in params]
+
+
+def _part_of(plan: GroupPlan, span: slice) -> GroupPlan:
+    """The params ``span`` of an offloaded group's plan, as a plan of their own."""
+    checked = plan.checked
+    rows = [row - span.start for row in checked.mismatched_rows if span.start <= row < span.stop]
+    part = CheckedTensors(checked.param_ptrs[span], checked.grad_ptrs[span], rows)
+    return plan._replace(params=plan.params[span], grads=plan.grads[span], checked=part, hosts=plan.hosts[span])
 
 
 __all__ = ["GroupPlan", "Stepper", "backend_name", "draw_seed_if_needed"]
