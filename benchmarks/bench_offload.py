@@ -86,11 +86,9 @@ def loss_of(model, tokens):
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def train(args, device, optimizer_for, release: bool) -> dict:
-    """``args.steps`` steps; the first is a warm-up (compiles), the others timed."""
-    model = build(args, device)
-    optimizer = optimizer_for(model)
-    handle = adamkit.gradient_release(model, optimizer) if release else None
+def timed_steps(args, device, model, after_backward) -> tuple[float, int]:
+    """Median ms of a forward, backward and ``after_backward()`` (the first of
+    ``args.steps`` not counted: it compiles), and the peak device memory meanwhile."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -98,14 +96,27 @@ def train(args, device, optimizer_for, release: bool) -> dict:
         sync(device)
         start = time.perf_counter()
         loss_of(model, tokens).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        after_backward()
         sync(device)
         times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return 1e3 * statistics.median(times[1:] or times), peak
+
+
+def train(args, device, optimizer_for, release: bool) -> dict:
+    """``args.steps`` training steps (under gradient release if ``release``)."""
+    model = build(args, device)
+    optimizer = optimizer_for(model)
+    handle = adamkit.gradient_release(model, optimizer) if release else None
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    ms, peak = timed_steps(args, device, model, step)
     if handle is not None:
         handle.remove()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {"model": model, "optimizer": optimizer, "ms": 1e3 * statistics.median(times[1:] or times), "peak": peak}
+    return {"model": model, "optimizer": optimizer, "ms": ms, "peak": peak}
 
 
 def forward_backward_alone(args, device) -> dict:
@@ -113,20 +124,11 @@ def forward_backward_alone(args, device) -> dict:
     model = build(args, device)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for tokens in batches(args, device):
-        sync(device)
-        start = time.perf_counter()
-        loss_of(model, tokens).backward()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    ms, peak = timed_steps(args, device, model, lambda: None)
     params = list(model.parameters())
     weights = sum(tensor_bytes(p) for p in params)
     largest = max(tensor_bytes(p) for p in params)
-    return {"ms": 1e3 * statistics.median(times[1:] or times), "peak": peak, "weights": weights, "largest": largest}
+    return {"ms": ms, "peak": peak, "weights": weights, "largest": largest}
 
 
 def host_step_alone(args, precision: str) -> float:
