@@ -336,3 +336,29 @@ def test_a_step_in_buckets_equals_a_step_in_one_piece(name, monkeypatch):
     monkeypatch.setattr(adamkit.offload, "BUCKET_BYTES", 600)
     assert len(adamkit.offload.buckets(adamkit.offload.Offload().buffers(list(model(torch.bfloat16).parameters())))) > 2
     assert_same_run(train(name, "bf16-master-24bit-int4", "cpu", steps=12), resident)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("storage", ["fp32", "bf16-master-fp32-int8"])
+def test_a_distributed_checkpoint_round_trip_resumes_bit_for_bit(storage, tmp_path):
+    """torch.distributed.checkpoint (one process): the offloaded optimizer's state saved
+    after half the run and loaded into a fresh one (in host memory), then the run goes on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    resident = train("AdamW", storage, None)
+    net, opt = train("AdamW", storage, "cpu", steps=STEPS // 2)
+    model_state, optim_state = get_state_dict(net, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path))
+    dtype, options = options_for("AdamW", storage)
+    fresh = model(dtype)
+    fresh_opt = adamkit.AdamW(groups(fresh), lr=1e-2, seed=11, offload="cpu", **options)
+    schedule = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=10, gamma=0.5)
+    model_state, optim_state = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert all(v.device.type == "cpu" for s in fresh_opt.state.values() for v in s.values() if torch.is_tensor(v))
+    schedule.load_state_dict(net.schedule.state_dict())
+    resumed = train("AdamW", storage, "cpu", steps=STEPS - STEPS // 2, start=(fresh, fresh_opt, schedule, STEPS // 2))
+    assert_same_run(resumed, resident)
