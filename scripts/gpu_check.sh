@@ -18,11 +18,20 @@
 #   quant     benchmarks/bench_gpu.py: case d (int8/int4 against torch fused,
 #             bitsandbytes and torchao where importable; torchao compiles per shape)
 #   cli       adamkit bench --device cuda
+#   latency   benchmarks/first_step_latency.py --device cuda: the first step() in a fresh
+#             process with an empty and with a warm Triton cache (fp32, bf16 + fp32 masters,
+#             int8); the dry run times the CPU kernel's
+#   host      benchmarks/bench_cpu.py and bench_quantized.py on the machine's host cores: the
+#             CPU kernel (fp32, int8, int4) against torch's fused CPU AdamW, the host step
+#             offload runs on (runs on CPU alike: no GPU needed)
 #   offload   offload="cpu" (issue 36): tests/test_offload.py with CUDA params (offloaded runs
 #             equal Triton-resident runs bit for bit), then benchmarks/bench_offload.py: a ~1B
 #             GPT-like model, resident vs offloaded (fp32 and int8 host states) vs torchao's
-#             CPUOffloadOptimizer, peak memory and step time against their parts.  Not in the
-#             default list (up to 480 s): run it on its own, `bash scripts/gpu_check.sh offload`
+#             CPUOffloadOptimizer, peak memory and step time against their parts
+#
+# latency, host and offload are not in the default list (which stays within ~8 minutes):
+# name them in a run of their own, `bash scripts/gpu_check.sh latency host offload` (up to
+# 150 + 240 + 480 s).
 #
 # parity and ptx start first, in the background (their CPU side, numba's and Triton's
 # compilers, overlaps the GPU tests); the benchmarks run alone after the tests.
@@ -139,6 +148,14 @@ wanted bench && run_part bench 90 1 "$PYTHON" benchmarks/bench_gpu.py --cases a,
 wanted sweep && run_part sweep 90 1 "$PYTHON" benchmarks/bench_gpu.py --cases "" --sweep fp32,int8,int4
 wanted quant && run_part quant 150 1 "$PYTHON" benchmarks/bench_gpu.py --cases d
 wanted cli && run_part cli 45 1 "$PYTHON" -m adamkit bench --device cuda
+if wanted latency; then
+    if [[ $GPU == 1 ]]; then
+        run_part latency 150 1 "$PYTHON" benchmarks/first_step_latency.py --device cuda
+    else
+        run_part latency 150 0 "$PYTHON" benchmarks/first_step_latency.py
+    fi
+fi
+wanted host && run_part host 240 0 bash -c "cd benchmarks && $PYTHON bench_cpu.py --rounds 10 && $PYTHON bench_quantized.py --rounds 10"
 if wanted offload; then  # CUDA params against host states; the dry run: CPU params and a tiny model
     if [[ $GPU == 1 ]]; then
         run_part offload 480 1 bash -c "${PYTEST[*]} ${XDIST[*]} tests/test_offload.py && $PYTHON benchmarks/bench_offload.py"
@@ -148,12 +165,14 @@ if wanted offload; then  # CUDA params against host states; the dry run: CPU par
 fi
 
 status=0
-for name in parity ptx cuda fuzz bench sweep quant cli offload; do
+for name in parity ptx cuda fuzz bench sweep quant cli latency host offload; do
     wanted "$name" || continue
     cat "$STATUS/$name.status" >> "$SUMMARY"
     grep -q '^PASS\|^SKIP' "$STATUS/$name.status" || status=1
     case $name in
         parity | ptx | cuda | fuzz) [[ -f $LOGS/$name.log ]] && grep -E '^(FAILED|ERROR)|passed|failed|error' "$LOGS/$name.log" | tail -6 | sed 's/^/    /' >> "$SUMMARY" ;;
+        latency) [[ -f $LOGS/$name.log ]] && tail -7 "$LOGS/$name.log" | sed 's/^/  /' >> "$SUMMARY" ;;
+        host) [[ -f $LOGS/$name.log ]] && grep -E '^\(|^  [a-z]' "$LOGS/$name.log" | grep -v '^  contender' | head -40 | sed 's/^/  /' >> "$SUMMARY" ;;
         offload) [[ -f $LOGS/$name.log ]] && grep -E 'passed|failed|bit for bit|DIFFERS|parts alone|memory bound|^\(|^run' "$LOGS/$name.log" | head -16 | sed 's/^/  /' >> "$SUMMARY" ;;
         bench | sweep | quant) [[ -f $LOGS/$name.log ]] && grep -E '^\(|^  [a-z]' "$LOGS/$name.log" | grep -v '^  contender' | head -40 | sed 's/^/  /' >> "$SUMMARY" ;;
     esac

@@ -246,7 +246,7 @@ class Stepper:
 
     def _state_key(self, group: dict, params: list[Tensor]) -> tuple:
         """Equal keys mean the same params with the same, already validated state tensors:
-        the params' identities, ``amsgrad``, the options that shape the state, and the
+        the params' identities, ``amsgrad``, the options that shape or place the state, and the
         state's epoch (every write to ``optimizer.state``, and every issued state tensor
         that lets go of its memory, advances it)."""
         optimizer = self.optimizer
@@ -261,6 +261,7 @@ class Stepper:
             group["rounding"],
             group["master_weights"],
             group["state_precision"],
+            group["offload"],
             optimizer.state_epoch.value,
         )
 
