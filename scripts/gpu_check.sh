@@ -155,7 +155,7 @@ if wanted latency; then
         run_part latency 150 0 "$PYTHON" benchmarks/first_step_latency.py
     fi
 fi
-wanted host && run_part host 240 0 bash -c "cd benchmarks && $PYTHON bench_cpu.py --rounds 10 && $PYTHON bench_quantized.py --rounds 10"
+wanted host && run_part host 240 0 bash -c "$PYTHON benchmarks/bench_cpu.py --rounds 10 && $PYTHON benchmarks/bench_quantized.py --rounds 10"
 if wanted offload; then  # CUDA params against host states; the dry run: CPU params and a tiny model
     if [[ $GPU == 1 ]]; then
         run_part offload 480 1 bash -c "${PYTEST[*]} ${XDIST[*]} tests/test_offload.py && $PYTHON benchmarks/bench_offload.py"
