@@ -87,3 +87,13 @@ def test_the_offload_benchmark_runs_its_dry_run_and_finds_equal_bits():
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("bit for bit equal after 3 steps") == 2, result.stdout
     assert "parts alone" in result.stdout and "adamkit cpu, int8 states" in result.stdout
+
+
+def test_the_wide_range_benchmark_runs_and_prints_a_row_per_stream_and_contender():
+    command = [sys.executable, "wide_range.py", "--steps", "20", "--elements", "2048", "--streams", "D=3,mixture"]
+    result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("D=3", "mixture"))]
+    assert {(row[0], " ".join(row[1:3])) for row in rows} >= {
+        (stream, name) for stream in ("D=3", "mixture") for name in ("adamkit int8", "adamkit int4")
+    }
