@@ -18,6 +18,9 @@
 #   quant     benchmarks/bench_gpu.py: case d (int8/int4 against torch fused,
 #             bitsandbytes and torchao where importable; torchao compiles per shape)
 #   cli       adamkit bench --device cuda
+#   peers     benchmarks/peers_gpu.py: evidence that bitsandbytes' and torchao's fast paths ran
+#             (the native CUDA library, no dynamo recompiles in the timed rounds, the kernels a
+#             step launches) and each contender's host, device and wall time per step
 #   latency   benchmarks/first_step_latency.py --device cuda: the first step() in a fresh
 #             process with an empty and with a warm Triton cache (fp32, bf16 + fp32 masters,
 #             int8); the dry run times the CPU kernel's
@@ -29,9 +32,9 @@
 #             GPT-like model, resident vs offloaded (fp32 and int8 host states) vs torchao's
 #             CPUOffloadOptimizer, peak memory and step time against their parts
 #
-# latency, host and offload are not in the default list (which stays within ~8 minutes):
-# name them in a run of their own, `bash scripts/gpu_check.sh latency host offload` (up to
-# 150 + 240 + 480 s).
+# peers, latency, host and offload are not in the default list (which stays within ~8
+# minutes): name them in runs of their own, e.g. `bash scripts/gpu_check.sh peers latency
+# host` (up to 150 + 150 + 240 s) and `bash scripts/gpu_check.sh offload` (up to 480 s).
 #
 # parity and ptx start first, in the background (their CPU side, numba's and Triton's
 # compilers, overlaps the GPU tests); the benchmarks run alone after the tests.
@@ -148,6 +151,7 @@ wanted bench && run_part bench 90 1 "$PYTHON" benchmarks/bench_gpu.py --cases a,
 wanted sweep && run_part sweep 90 1 "$PYTHON" benchmarks/bench_gpu.py --cases "" --sweep fp32,int8,int4
 wanted quant && run_part quant 150 1 "$PYTHON" benchmarks/bench_gpu.py --cases d
 wanted cli && run_part cli 45 1 "$PYTHON" -m adamkit bench --device cuda
+wanted peers && run_part peers 150 1 "$PYTHON" benchmarks/peers_gpu.py
 if wanted latency; then
     if [[ $GPU == 1 ]]; then
         run_part latency 150 1 "$PYTHON" benchmarks/first_step_latency.py --device cuda
@@ -165,12 +169,13 @@ if wanted offload; then  # CUDA params against host states; the dry run: CPU par
 fi
 
 status=0
-for name in parity ptx cuda fuzz bench sweep quant cli latency host offload; do
+for name in parity ptx cuda fuzz bench sweep quant cli peers latency host offload; do
     wanted "$name" || continue
     cat "$STATUS/$name.status" >> "$SUMMARY"
     grep -q '^PASS\|^SKIP' "$STATUS/$name.status" || status=1
     case $name in
         parity | ptx | cuda | fuzz) [[ -f $LOGS/$name.log ]] && grep -E '^(FAILED|ERROR)|passed|failed|error' "$LOGS/$name.log" | tail -6 | sed 's/^/    /' >> "$SUMMARY" ;;
+        peers) [[ -f $LOGS/$name.log ]] && tail -14 "$LOGS/$name.log" | sed 's/^/  /' >> "$SUMMARY" ;;
         latency) [[ -f $LOGS/$name.log ]] && tail -7 "$LOGS/$name.log" | sed 's/^/  /' >> "$SUMMARY" ;;
         host) [[ -f $LOGS/$name.log ]] && grep -E '^\(|^  [a-z]' "$LOGS/$name.log" | grep -v '^  contender' | head -40 | sed 's/^/  /' >> "$SUMMARY" ;;
         offload) [[ -f $LOGS/$name.log ]] && grep -E 'passed|failed|bit for bit|DIFFERS|parts alone|memory bound|^\(|^run' "$LOGS/$name.log" | head -16 | sed 's/^/  /' >> "$SUMMARY" ;;
