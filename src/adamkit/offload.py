@@ -101,10 +101,6 @@ class HostWorker:
                     if not self._pending:
                         self._idle.notify_all()
 
-    @property
-    def busy(self) -> bool:
-        return self._pending > 0
-
     def join(self) -> None:
         """Wait until every submitted job has run; raise the first error one raised."""
         with self._idle:

@@ -157,10 +157,10 @@ def _check_max_grad_norm(max_grad_norm, optimizer, scaler) -> None:
         raise ValueError("max_grad_norm must be finite (None: no clipping)")
     if scaler is not None:
         raise ValueError("max_grad_norm with a GradScaler is not supported: the scaled gradients would be clipped")
-    devices = [i for i, g in enumerate(optimizer.param_groups) if g.get("offload") is None]
-    if devices:
+    resident = [i for i, g in enumerate(optimizer.param_groups) if g.get("offload") is None]
+    if resident:
         raise ValueError(
-            f"max_grad_norm clips gradients kept in host memory until step(): param_groups {devices} are not "
+            f"max_grad_norm clips gradients kept in host memory until step(): param_groups {resident} are not "
             "offloaded (offload='cpu'), and their gradients are freed in backward"
         )
 
