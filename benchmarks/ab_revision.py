@@ -7,6 +7,7 @@ machine's drift hits all three alike.  Prints the median ms per step and the rat
 
     python benchmarks/ab_revision.py HEAD~1                # cases a and b
     python benchmarks/ab_revision.py 1567344 --cases b --rounds 60
+    python benchmarks/ab_revision.py HEAD~1 --state-precision int8   # adamkit's quantized states
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ def load_revision(revision: str, folder: Path):
     return module
 
 
-def optimizer(library, count: int, size: int):
+def optimizer(library, count: int, size: int, **options):
+    """Adam over ``count`` fp32 tensors of ``size``: torch's fused one, or ``library``'s with ``options``."""
     torch.manual_seed(0)
     params = [torch.zeros(size, requires_grad=True) for _ in range(count)]
     for p in params:
         p.grad = torch.randn(size)
-    opt = torch.optim.Adam(params, lr=1e-3, fused=True) if library is torch else library.Adam(params, lr=1e-3)
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True) if library is torch else library.Adam(params, lr=1e-3, **options)
     for _ in range(3):  # compiled, state allocated
         opt.step()
     return opt
@@ -62,18 +64,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("revision", help="the git revision to compare with (e.g. HEAD~1)")
     parser.add_argument("--cases", default="a,b", help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--rounds", type=int, default=30, help="timed steps per contender")
+    parser.add_argument("--state-precision", help="adamkit's state_precision for both revisions (e.g. int8)")
     args = parser.parse_args(argv)
+    options = {"state_precision": args.state_precision} if args.state_precision else {}
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "tree"
         try:
             other = load_revision(args.revision, folder)
-            print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; this tree against {args.revision}\n")
+            print(
+                f"torch {torch.__version__}, threads {torch.get_num_threads()}; this tree against {args.revision}"
+                + (f", adamkit with {options}" if options else "")
+                + "\n"
+            )
             for key in args.cases.split(","):
                 count, size = CASES[key]
                 contenders = {
-                    args.revision: optimizer(other, count, size),
-                    "this tree": optimizer(adamkit, count, size),
+                    args.revision: optimizer(other, count, size, **options),
+                    "this tree": optimizer(adamkit, count, size, **options),
                     "torch fused": optimizer(torch, count, size),
                 }
                 times = {name: [] for name in contenders}

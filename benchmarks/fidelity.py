@@ -16,11 +16,16 @@ weights with each rounding (16-bit moments) and with fp32 or int8 moments, and, 
 they import, bitsandbytes' and torchao's 8-/4-bit AdamW (on the CPU both keep small
 tensors in full precision by default: reported, and also run with that fallback off).
 
-For every adamkit setting a *shadow* torch.optim.AdamW is fed the same gradients: at the
-end, the median of stored v / shadow v, and the share of second-moment codes that the
-last step left unchanged (a frozen quantized moment leaves all of them).
+Every setting has a *shadow* torch.optim.AdamW fed the same gradients.  For adamkit
+settings: at the end, the median of stored v / shadow v, and the share of second-moment
+codes that the last step left unchanged (a frozen quantized moment leaves all of them).
+For settings with fp32 weights (whose step is the update itself): the *update-direction
+error* against the shadow, sqrt(sum ||d - d_shadow||^2 / sum ||d_shadow||^2) over the
+steps of a window, d and d_shadow the two optimizers' weight changes in the same step
+(``direction``: the last tenth of the steps, near convergence; ``direction all``: every
+step after the first 10).
 
-    python benchmarks/fidelity.py                 # every task, every setting (about 15 minutes, 2 cores)
+    python benchmarks/fidelity.py                 # every task, every setting (about 5 minutes, 2 cores)
     python benchmarks/fidelity.py --quick         # tiny versions (seconds; CI runs it)
     python benchmarks/fidelity.py --tasks regression --out DIR   # curves.png and results.csv in DIR
 """
@@ -299,16 +304,41 @@ def second_moment_codes(optimizer, params) -> list[torch.Tensor]:
     return out
 
 
+class DirectionError:
+    """The update-direction error against the shadow (see the module's docstring),
+    summed over two windows of steps: the last tenth, and every step after the 10th."""
+
+    def __init__(self, steps: int):
+        self.last_tenth = steps - max(1, steps // 10)
+        self.sums = {"direction": [0.0, 0.0], "direction_all": [0.0, 0.0]}
+
+    def add(self, step: int, before, params, shadow_before, shadow_params) -> None:
+        if step < 10:
+            return
+        error = reference = 0.0
+        for b, p, sb, q in zip(before, params, shadow_before, shadow_params):
+            d, d_shadow = (p.detach() - b).double(), (q.detach() - sb).double()
+            error += (d - d_shadow).square().sum().item()
+            reference += d_shadow.square().sum().item()
+        windows = ["direction_all"] + (["direction"] if step >= self.last_tenth else [])
+        for window in windows:
+            self.sums[window][0] += error
+            self.sums[window][1] += reference
+
+    def errors(self) -> tuple[float, float]:
+        return tuple(math.sqrt(e / r) if r else float("nan") for e, r in self.sums.values())
+
+
 def run(task: Task, setting: Setting) -> dict:
     model = cast_module(task.model(), setting.dtype)
     params = list(model.parameters())
     optimizer = make_optimizer(setting, params, task.lr, task.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: min(1.0, (t + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / task.steps)))
-    )
     shadow_params = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
     shadow = torch.optim.AdamW(shadow_params, lr=task.lr, weight_decay=task.weight_decay)
+    warmup_cosine = lambda t: min(1.0, (t + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / task.steps)))  # noqa: E731
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine) for opt in (optimizer, shadow)]
     curve, unchanged = [], float("nan")
+    directions = DirectionError(task.steps) if setting.dtype == torch.float32 else None
     for step in range(task.steps):
         loss = task.loss(model, step)
         loss.backward()
@@ -316,16 +346,22 @@ def run(task: Task, setting: Setting) -> dict:
             q.grad = p.grad.float()
         last = step == task.steps - 1 and setting.library == "adamkit"
         before = second_moment_codes(optimizer, params) if last else None
+        weights = [p.detach().clone() for p in params] if directions else None
+        shadow_weights = [q.detach().clone() for q in shadow_params] if directions else None
         optimizer.step()
         shadow.step()
+        if directions:
+            directions.add(step, weights, params, shadow_weights, shadow_params)
         if last:
             after = second_moment_codes(optimizer, params)
             same = sum(int((a == b).sum()) for a, b in zip(before, after))
             unchanged = same / max(1, sum(a.numel() for a in after))
         optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+        for schedule in schedules:
+            schedule.step()
         curve.append(loss.item())
     result = {"curve": curve, **task.evaluate(model), "unchanged_codes": unchanged}
+    result["direction"], result["direction_all"] = directions.errors() if directions else (float("nan"),) * 2
     if setting.library == "adamkit":
         ratios = torch.cat(
             [
@@ -370,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{task.name}: {task.steps} steps, AdamW lr {task.lr:g}, weight decay {task.weight_decay:g}")
             print(
                 f"  {'setting':34s} {task.metric:>11s} {'vs fp32':>8s} {'v / fp32 v':>10s} "
-                f"{'unchanged':>9s} {'B/param':>8s}  other"
+                f"{'unchanged':>9s} {'direction':>9s} {'dir. all':>8s} {'B/param':>8s}  other"
             )
             results = {}
             for setting in chosen:
@@ -380,11 +416,21 @@ def main(argv: list[str] | None = None) -> int:
                 extra = {
                     k: v
                     for k, v in r.items()
-                    if k not in ("curve", task.metric, "v_ratio", "unchanged_codes", "bytes_per_param")
+                    if k
+                    not in (
+                        "curve",
+                        task.metric,
+                        "v_ratio",
+                        "unchanged_codes",
+                        "bytes_per_param",
+                        "direction",
+                        "direction_all",
+                    )
                 }
                 print(
                     f"  {setting.name:34s} {r[task.metric]:11.4g} {ratio:8.3f} {r['v_ratio']:10.3f} "
-                    f"{r['unchanged_codes']:9.3f} {r['bytes_per_param']:8.2f}  "
+                    f"{r['unchanged_codes']:9.3f} {r['direction']:9.3f} {r['direction_all']:8.3f} "
+                    f"{r['bytes_per_param']:8.2f}  "
                     + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()),
                     flush=True,
                 )

@@ -69,12 +69,14 @@ def _torchao_v(opt, p) -> torch.Tensor:
     return opt.state[p]["exp_avg_sq"].dequantize()
 
 
-def contenders() -> dict[str, tuple[Callable, Callable]]:
-    """name -> (make an optimizer for [param], read its v)."""
+def contenders(peers: bool = True) -> dict[str, tuple[Callable, Callable]]:
+    """name -> (make an optimizer for [param], read its v); the peers where they import."""
     found = {
         "adamkit int8": (lambda ps: adamkit.Adam(ps, lr=LR, state_precision="int8", seed=0), _adamkit_v),
         "adamkit int4": (lambda ps: adamkit.Adam(ps, lr=LR, state_precision="int4", seed=0), _adamkit_v),
     }
+    if not peers:
+        return found
     try:
         import bitsandbytes
 

@@ -102,12 +102,12 @@ def test_frozen_params_count_as_weights_only(capsys):
 
 
 def test_lean_settings_hold_the_bytes_the_issues_promise():
-    """int8 <= 2.03 and int4 <= 1.06 B/param of state; bf16 + 24-bit master + int8 <=
-    5.05 and + int4 <= 4.1 B/param of weights and state (GPT-2 small's shapes)."""
+    """int8 <= 2.05 and int4 <= 1.10 B/param of state (issue 37's budgets); bf16 + 24-bit
+    master + int8 <= 5.05 and + int4 <= 4.1 B/param of weights and state (GPT-2 small's shapes)."""
     shapes = memory.param_shapes(memory.build_model("gpt2"))
     plans = {s.name: memory.plan(shapes, s) for s in memory.settings() if s.library == "adamkit"}
-    assert plans["int8 states"].per_param(plans["int8 states"].state) <= 2.03
-    assert plans["int4 states"].per_param(plans["int4 states"].state) <= 1.06
+    assert plans["int8 states"].per_param(plans["int8 states"].state) <= 2.05
+    assert plans["int4 states"].per_param(plans["int4 states"].state) <= 1.10
     for name, bound in (("bf16, master 24bit, int8", 5.05), ("bf16, master 24bit, int4", 4.1)):
         assert plans[name].per_param(plans[name].weights + plans[name].state) <= bound
 

@@ -14,7 +14,6 @@ from .specs import quantization
 from .specs.quantization import (
     FORMATS,
     LEGACY_FORMATS,
-    MIN_EXPONENT,
     SIGNED_KEYS,
     SNAP_TO_TOP,
     QuantFormat,
@@ -145,7 +144,7 @@ def _float_codes(r: Tensor, fmt: QuantFormat, bits16: Tensor | None) -> Tensor:
     dropped = 23 - fmt.mantissa_bits
     bits = r.view(torch.int32).to(torch.int64)
     bits = bits + ((1 << (dropped - 1)) if bits16 is None else (bits16 << (dropped - 16)))
-    first = (127 + MIN_EXPONENT) << fmt.mantissa_bits
+    first = (127 + fmt.min_exponent) << fmt.mantissa_bits
     return ((bits >> dropped) - first).clamp(0, (1 << fmt.bits) - 1)
 
 
@@ -175,7 +174,7 @@ def _values(code: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Ten
     if fmt.legacy:
         t = (code + 1).float() / fmt.unsigned_levels
         return s * (t * t)
-    first = (127 + MIN_EXPONENT) << fmt.mantissa_bits
+    first = (127 + fmt.min_exponent) << fmt.mantissa_bits
     level = ((code + first) << (23 - fmt.mantissa_bits)).to(torch.int32).view(torch.float32)
     return s * level
 

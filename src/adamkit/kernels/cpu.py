@@ -75,7 +75,7 @@ from ..guard import is_dense
 from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule, as_number
 from ..sharding import per_tensor_totals
 from ..specs import quantization, rounding
-from ..specs.quantization import MIN_EXPONENT, QuantFormat
+from ..specs.quantization import QuantFormat
 from ..state import PARAM_EXTRA_KEY, moment_storage
 from .amp import inverse_scale
 from .host import (
@@ -373,8 +373,9 @@ if numba is not None:
         divisor and 16 random bits) of one moment's map, as inlined compiled functions
         whose format constants are compile-time."""
         top, step = np.float32(fmt.signed_levels), np.float32(1) / np.float32(fmt.signed_levels)
-        dropped, first = 23 - fmt.mantissa_bits, (127 + MIN_EXPONENT) << fmt.mantissa_bits
-        last, snap = (1 << fmt.bits) - 1, fmt.snaps_to_top(signed)
+        dropped, first = 23 - fmt.mantissa_bits, (127 + fmt.min_exponent) << fmt.mantissa_bits
+        last = (1 << fmt.bits) - 1
+        assert not fmt.snaps_to_top(signed), "the kernels step the current formats, none of which snaps"
 
         @njit(inline="always", nogil=True)
         def level(code):
@@ -389,8 +390,6 @@ if numba is not None:
             r = abs(x) / divisor
             if signed:
                 return _signed_code(x, r, top, step, bits16)
-            if snap:  # under a bf16 scale, r within 2^-8 of the top is the top
-                r = np.float32(1.0) if r >= _SNAP_TO_TOP else r
             return float_map_code(r, bits16, dropped, first, last)
 
         return level, code
@@ -550,7 +549,6 @@ if numba is not None:
     def _put_stochastic_param(param, compensation, i, value, key, shift):
         _store_stochastic(param, i, value, random16(key, i + shift))
 
-    _SNAP_TO_TOP = quantization.SNAP_TO_TOP
     _BYTE_WITNESS = np.empty(0, dtype=np.uint8)
     _FLOAT32_WITNESS = np.empty(0, dtype=np.float32)
     _FLOAT64_WITNESS = np.empty(0, dtype=np.float64)

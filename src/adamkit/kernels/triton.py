@@ -46,7 +46,7 @@ import torch
 from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule
 from ..sharding import per_tensor_totals
 from ..specs import rounding
-from ..specs.quantization import SNAP_TO_TOP, QuantFormat
+from ..specs.quantization import QuantFormat
 from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_storage
 from . import foreach, storage
 from .amp import unscaled
@@ -104,7 +104,6 @@ def device_types() -> frozenset[str]:
 
 
 if triton is not None:
-    _SNAP_TO_TOP = tl.constexpr(float(SNAP_TO_TOP))
     _MIX_FIRST, _MIX_SECOND = (tl.constexpr(m) for m in rounding.MIX_MULTIPLIERS)
     _L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
     _ROW_LENGTH = tl.constexpr(len(COLUMNS))
@@ -176,8 +175,11 @@ if triton is not None:
         return t * t
 
     @triton.jit
-    def _dequantize(codes, scales, offsets, mask, BITS: tl.constexpr, QBLOCK: tl.constexpr, SIGNED: tl.constexpr):
-        """The spec's fp32 values of elements ``offsets`` (see adamkit.quantization)."""
+    def _dequantize(
+        codes, scales, offsets, mask, BITS: tl.constexpr, QBLOCK: tl.constexpr, SIGNED: tl.constexpr, EXPONENT: tl.constexpr
+    ):
+        """The spec's fp32 values of elements ``offsets`` (see adamkit.quantization); a
+        second moment's float map has ``EXPONENT`` exponent bits."""
         if BITS == 8:
             code = tl.load(codes + offsets, mask=mask, other=0).to(tl.int32)
         else:
@@ -187,19 +189,18 @@ if triton is not None:
             k = code - ((1 << (BITS - 1)) - 1)
             value = scale * _signed_level(tl.abs(k), (1 << (BITS - 1)) - 1)
             return tl.where(k < 0, -value, value)
-        else:  # a float with 4 exponent bits and BITS - 4 fraction bits, from 2^-15
-            level = ((code + ((127 - 15) << (BITS - 4))) << (23 - (BITS - 4))).to(tl.int32)
+        else:  # a float with E exponent bits and M = BITS - E fraction bits, from 2^(1 - 2^E)
+            MANTISSA: tl.constexpr = BITS - EXPONENT
+            level = ((code + ((128 - (1 << EXPONENT)) << MANTISSA)) << (23 - MANTISSA)).to(tl.int32)
             level = level.to(tl.float32, bitcast=True)
             return scale * level
 
     @triton.jit
-    def _code(x, scale, bits16, BITS: tl.constexpr, SIGNED: tl.constexpr, EXACT: tl.constexpr):
+    def _code(x, scale, bits16, BITS: tl.constexpr, SIGNED: tl.constexpr, EXPONENT: tl.constexpr):
         """The spec's stochastically rounded code of ``x`` in a block of ``scale``, with
-        one division (r = |x| / s); a second moment under a bf16 (not ``EXACT``) scale
-        stores r within 2^-8 of the top as the top."""
+        one division (r = |x| / s); a second moment's float map has ``EXPONENT``
+        exponent bits."""
         ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
-        if not SIGNED and not EXACT:
-            ratio = tl.where(ratio >= _SNAP_TO_TOP, 1.0, ratio)
         if SIGNED:  # L_k <= r < L_{k+1} from floor(K sqrt r), corrected either side
             LEVELS: tl.constexpr = (1 << (BITS - 1)) - 1
             k = tl.minimum(tl.floor(float(LEVELS) * tl.math.sqrt_rn(ratio)).to(tl.int32), LEVELS)
@@ -210,9 +211,10 @@ if triton is not None:
             k = k + (((ratio - lo) * 65536.0 >= gap * (65536.0 - bits16.to(tl.float32))) & (k < LEVELS)).to(tl.int32)
             return tl.where(x < 0, -k, k) + LEVELS
         else:  # r's fp32 bits (r <= 1: no int32 overflow), the random bits added at the top of the dropped fraction
-            DROPPED: tl.constexpr = 23 - (BITS - 4)
+            MANTISSA: tl.constexpr = BITS - EXPONENT
+            DROPPED: tl.constexpr = 23 - MANTISSA
             bits = ratio.to(tl.int32, bitcast=True) + (bits16.to(tl.int32) << (DROPPED - 16))
-            kept = (bits >> DROPPED) - ((127 - 15) << (BITS - 4))
+            kept = (bits >> DROPPED) - ((128 - (1 << EXPONENT)) << MANTISSA)
             return tl.minimum(tl.maximum(kept, 0), (1 << BITS) - 1)
 
     @triton.jit
@@ -230,6 +232,7 @@ if triton is not None:
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
         EXACT: tl.constexpr,
+        EXPONENT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Quantize a program's new values (``first`` on a block boundary): per block, a
@@ -263,7 +266,7 @@ if triton is not None:
         scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         x = tl.where(ok == 1, x, 0.0)  # a non-finite block stores codes 0: no NaN reaches a cast
-        code = _code(x, scale, _random16(key, offsets + shift), BITS, SIGNED, EXACT)
+        code = _code(x, scale, _random16(key, offsets + shift), BITS, SIGNED, EXPONENT)
         code = tl.where(mask, code * ok, 0)
         if BITS == 8:
             tl.store(codes + offsets, code.to(tl.uint8), mask=mask)
@@ -282,12 +285,13 @@ if triton is not None:
         BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
+        EXPONENT: tl.constexpr,
     ):
         """A moment's values: loaded in its dtype, or dequantized to fp32."""
         if BITS == 0:
             return tl.load(pointer + offsets, mask=mask)
         else:
-            return _dequantize(pointer, scales, offsets, mask, BITS, QBLOCK, SIGNED)
+            return _dequantize(pointer, scales, offsets, mask, BITS, QBLOCK, SIGNED, EXPONENT)
 
     @triton.jit
     def _put_moment(
@@ -305,6 +309,7 @@ if triton is not None:
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
         EXACT: tl.constexpr,
+        EXPONENT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Store a new moment: in its dtype (stochastically in 16 bits), or quantized
@@ -313,7 +318,21 @@ if triton is not None:
             _put(pointer, offsets, mask, value, key, shift, STORAGE, True)
         else:
             _requantize(
-                value, pointer, scales, offsets, mask, first, end, key, shift, BITS, QBLOCK, SIGNED, EXACT, BLOCK
+                value,
+                pointer,
+                scales,
+                offsets,
+                mask,
+                first,
+                end,
+                key,
+                shift,
+                BITS,
+                QBLOCK,
+                SIGNED,
+                EXACT,
+                EXPONENT,
+                BLOCK,
             )
 
     @triton.jit
@@ -371,6 +390,7 @@ if triton is not None:
         QBLOCK: tl.constexpr,
         QBLOCK_SECOND: tl.constexpr,
         EXACT_SECOND: tl.constexpr,
+        EXPONENT_SECOND: tl.constexpr,
         CAUTIOUS: tl.constexpr,
         COUNTING: tl.constexpr,
     ):
@@ -425,9 +445,10 @@ if triton is not None:
         if DECAY == _DECOUPLED_DECAY:  # a per-tensor factor (ADOPT's first step: 1; StableAdamW: clipped)
             p = p * decay_factor
         second_value = _load_moment(
-            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False
+            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, EXPONENT_SECOND
         )
-        m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True).to(COMPUTE)
+        m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
+        m = m.to(COMPUTE)
         if ALGORITHM == _ADOPT:  # m follows g normalized by the previous v, clipped to [-c, c]
             root = _exact_sqrt(second_value.to(COMPUTE))
             target = _exact_div(g, tl.where(root < eps, eps, root))
@@ -451,6 +472,7 @@ if triton is not None:
                 QBLOCK,
                 True,
                 False,
+                0,
                 BLOCK,
             )
         if ALGORITHM == _ADAMAX:
@@ -475,6 +497,7 @@ if triton is not None:
                 QBLOCK_SECOND,
                 False,
                 EXACT_SECOND,
+                EXPONENT_SECOND,
                 BLOCK,
             )
         if ALGORITHM == _ADAMAX:
@@ -485,7 +508,15 @@ if triton is not None:
             v = new_second
             if AMSGRAD:
                 v_max = _load_moment(
-                    max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False
+                    max_second,
+                    max_second_scales,
+                    offsets,
+                    mask,
+                    STATE_STORAGE,
+                    QUANT_BITS,
+                    QBLOCK_SECOND,
+                    False,
+                    EXPONENT_SECOND,
                 )
                 v = tl.maximum(v_max.to(COMPUTE), v)
                 if not COUNTING:  # (the agreement pass stores nothing)
@@ -504,6 +535,7 @@ if triton is not None:
                         QBLOCK_SECOND,
                         False,
                         EXACT_SECOND,
+                        EXPONENT_SECOND,
                         BLOCK,
                     )
             if ALGORITHM == _RADAM:  # before rectification: momentum SGD, no denominator
@@ -570,6 +602,7 @@ if triton is not None:
         QBLOCK: tl.constexpr,
         QBLOCK_SECOND: tl.constexpr,
         EXACT_SECOND: tl.constexpr,
+        EXPONENT_SECOND: tl.constexpr,
         ALIGNED: tl.constexpr,
         CAUTIOUS: tl.constexpr,
         COUNTING: tl.constexpr,
@@ -663,6 +696,7 @@ if triton is not None:
                     QBLOCK,
                     QBLOCK_SECOND,
                     EXACT_SECOND,
+                    EXPONENT_SECOND,
                     CAUTIOUS,
                     COUNTING,
                 )
@@ -684,6 +718,7 @@ if triton is not None:
                     QBLOCK,
                     QBLOCK_SECOND,
                     EXACT_SECOND,
+                    EXPONENT_SECOND,
                     CAUTIOUS,
                     COUNTING,
                 )
@@ -701,6 +736,7 @@ if triton is not None:
         STATE_STORAGE: tl.constexpr,
         QUANT_BITS: tl.constexpr,
         QBLOCK_SECOND: tl.constexpr,
+        EXPONENT_SECOND: tl.constexpr,
     ):
         """The float64 sum of g^2 / max(v / (1 - beta2^t), eps^2) over elements
         ``offsets`` where ``mask``, v the second moment the update is about to compute
@@ -708,7 +744,9 @@ if triton is not None:
         gradient_factor, beta2, one_minus_beta2, eps_squared, bias_correction2 = constants
         COMPUTE: tl.constexpr = beta2.dtype
         g = tl.load(grad + offsets, mask=mask, other=0.0).to(COMPUTE) * gradient_factor
-        v = _load_moment(second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False)
+        v = _load_moment(
+            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, EXPONENT_SECOND
+        )
         v_hat = _exact_div(beta2 * v.to(COMPUTE) + one_minus_beta2 * g * g, bias_correction2)
         term = _exact_div(g * g, tl.where(v_hat < eps_squared, eps_squared, v_hat))  # NaN stays NaN
         return tl.sum(tl.where(mask, term, 0.0).to(tl.float64), axis=0)
@@ -728,6 +766,7 @@ if triton is not None:
         QUANT_BITS: tl.constexpr,
         QBLOCK_SECOND: tl.constexpr,
         EXACT_SECOND: tl.constexpr,
+        EXPONENT_SECOND: tl.constexpr,
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -762,12 +801,12 @@ if triton is not None:
         if end - first == BLOCK:
             whole = tl.full([BLOCK], True, tl.int1)
             total = _clipping_sum(
-                grad, second, second_scales, offsets, whole, constants, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND
+                grad, second, second_scales, offsets, whole, constants, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, EXPONENT_SECOND
             )
         else:
             tail = offsets < end
             total = _clipping_sum(
-                grad, second, second_scales, offsets, tail, constants, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND
+                grad, second, second_scales, offsets, tail, constants, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, EXPONENT_SECOND
             )
         tl.store(sums_ptr + chunk, total)
 
@@ -975,6 +1014,7 @@ def _bucket_options(bucket: _Bucket) -> dict:
         "QUANT_BITS": quantized.bits if quantized else 0,
         "QBLOCK_SECOND": quantized.block_of(False) if quantized else 1,
         "EXACT_SECOND": bool(quantized and quantized.exact_scales(False)),
+        "EXPONENT_SECOND": quantized.exponent_bits if quantized else 0,
         "ALIGNED": bucket.aligned,
         "BLOCK": bucket.block,
         "num_warps": bucket.num_warps,

@@ -4,11 +4,11 @@ the format's specification and its NumPy reference.
 A moment tensor :math:`x` is read in row-major order and cut into blocks of
 :math:`B` elements (the last block of a tensor may be shorter: ragged tails and
 one-element tensors are quantized like everything else): int8's first moment in
-blocks of 256 and its second moments in blocks of 128; int4's moments in blocks of
+blocks of 256, int4's in blocks of 32, and both formats' second moments in blocks of
 128.  Each block keeps one *scale* :math:`s` and a :math:`b`-bit code per element, a
-level of :math:`r = |x| / s \in [0, 1]` (fp32, correctly rounded).  A scale is the
-block's absolute maximum rounded up to bf16, except int4's second moments', which is
-the absolute maximum itself, in fp32 (see *Scales* below).
+level of :math:`r = |x| / s \in [0, 1]` (fp32, correctly rounded).  A first moment's
+scale is the block's absolute maximum rounded up to bf16; a second moment's is the
+absolute maximum itself, in fp32 (see *Scales* below).
 
 First moment (``exp_avg``): a signed *power map*, :math:`K = 2^{b-1} - 1` levels
 each side of zero, evenly spaced in :math:`\sqrt r`, finest near zero:
@@ -19,22 +19,35 @@ each side of zero, evenly spaced in :math:`\sqrt r`, finest near zero:
     \hat x = s \operatorname{sign}(x) (k / K)^2
 
 Second moments (``exp_avg_sq``, ``exp_inf``, ``max_exp_avg_sq``): a small unsigned
-*float* with a 4-bit exponent and :math:`M = b - 4` mantissa bits (``e4m4`` for int8,
-``e4m0`` for int4), relative to the block scale and without zero:
+*float* with :math:`E` exponent bits and :math:`M = b - E` mantissa bits (``e5m3``
+for int8, ``e4m0`` for int4), relative to the block scale and without zero:
 
 .. math::
 
-    \hat x = s \cdot 2^{e - 15} (1 + f / 2^M), \qquad
-    \text{code} = 2^M e + f, \quad e \in [0, 15]
+    \hat x = s \cdot 2^{e + 1 - 2^E} (1 + f / 2^M), \qquad
+    \text{code} = 2^M e + f, \quad e \in [0, 2^E - 1]
 
-so levels run from :math:`2^{-15} s` to :math:`s` (4.5 decades) with a constant
-relative spacing (:math:`2^{-M}` to :math:`2^{1-M}`): small second moments of a block
-keep their relative precision, where a power map would crush them onto its lowest
-levels.  The code of :math:`r` is read off its fp32 bits: its exponent field less
-112, and the top :math:`M` bits of its fraction; :math:`r < 2^{-15}` takes code 0 (an
-overestimate: it only shrinks that element's update, where a zero would make
-:math:`m / (\sqrt{\hat v} + \epsilon)` explode, the "zero-point problem" of Li et al.,
-2023, *Memory Efficient Optimizers with 4-bit States*).
+so levels run from :math:`2^{1 - 2^E} s` to :math:`s` (e5m3: :math:`2^{-31}`, 9.3
+decades; e4m0: :math:`2^{-15}`, 4.5 decades) with a constant relative spacing
+(:math:`2^{-M}` to :math:`2^{1-M}`): small second moments of a block keep their
+relative precision, where a power map would crush them onto its lowest levels.  The
+code of :math:`r` is read off its fp32 bits: its exponent field less
+:math:`128 - 2^E`, and the top :math:`M` bits of its fraction; :math:`r` below the
+lowest level takes code 0 (an overestimate: it only shrinks that element's update,
+where a zero would make :math:`m / (\sqrt{\hat v} + \epsilon)` explode, the
+"zero-point problem" of Li et al., 2023, *Memory Efficient Optimizers with 4-bit
+States*).
+
+**Why e5m3 for int8.** A block's second moments spread over twice as many decades as
+its gradients do.  Where the gradients' scales inside a block spread over three decades
+or more (inputs or units that are rarely active beside busy ones), e4m4's floor of
+:math:`2^{-15}` held a third of the elements above their true :math:`v` (overestimated:
+their updates shrink).  e5m3 reaches :math:`2^{-31}`, and its coarser spacing costs less
+than the floor did, even where nothing reaches the floor: on the decaying streams of
+``benchmarks/wide_range.py`` (0 to 4 decades of spread, and a per-block mixture), the
+share of elements whose stored :math:`v` is more than 2x off fp32's went from 1.2-49 %
+(e4m4, bf16 scales) to 0.2-0.3 % at every spread, and on the regression task of
+``benchmarks/fidelity.py`` the update-direction error against fp32 fell by half.
 
 **Rounding.** A moment written by an optimizer step is rounded *stochastically*
 between its two neighbouring levels :math:`lo \le r \le hi`, away from :math:`lo`
@@ -63,27 +76,24 @@ every backend stores the same codes:
 **Scales.** A second moment must follow a slow decay, and its scale decides how
 well it can.  Rounded up to bf16, the scale puts a block's largest element up to
 0.4 % below the top level, where stochastic rounding sends it a level down now and
-then, a noise every element of the block inherits.  Two cures, both measured on the
-decaying stream of ``tests/test_lean_tracking.py`` (``benchmarks/second_moment_bits.py``:
-this format's reference, 2000 steps, blocks of 128; median stored v / fp32 v and the
-share of elements more than 2x off):
+then, a noise every element of the block inherits.  So second moments keep their
+block's exact absmax (fp32, 4 bytes a block): the largest element is the top level,
+and a block decaying as a whole keeps its codes while the scale follows it.  Measured
+on the decaying stream of ``tests/test_lean_tracking.py``
+(``benchmarks/second_moment_bits.py``: 2000 steps, blocks of 128; median stored v /
+fp32 v and the share of elements more than 2x off): e4m4 0.992, 0 % with an exact
+scale, 0.965, 1.3 % under a bf16 one; e4m0 0.816, 30 % against 0.633, 52 %.  An
+earlier int8 format kept bf16 scales and stored every ratio :math:`r \ge 1 - 2^{-8}`
+as the top level (:data:`SNAP_TO_TOP`; e4m4 0.984, 1.5 %); within issue 37's budget
+(2.05 bytes a param for both moments) fp32 scales on blocks of 128 now fit.  The
+first moment keeps the bf16 ceiling (it moves by 10 % of the gradient a step, and the
+noise a bf16 scale adds is small beside its rounding).
 
-* an exact scale (fp32, 4 bytes a block): the largest element is the top level,
-  and a block decaying as a whole keeps its codes while the scale follows it
-  (int8's e4m4: 0.992, 0 %; int4's e4m0: 0.816, 30 %);
-* a bf16 scale with every ratio :math:`r \ge 1 - 2^{-8}` stored as the top level
-  (:data:`SNAP_TO_TOP`; at most :math:`2^{-8}` high, for the block's largest
-  elements only): e4m4 0.984, 1.5 %; e4m0 0.721, 49 % (a bf16 scale without it:
-  0.965, 1.3 %; 0.633, 52 %).
-
-int8 takes the second: its budget (2.03 bytes a param for both moments) buys either
-fp32 scales on blocks of 256 or bf16 scales on blocks of 128, and the smaller blocks
-are what a model near convergence needs: its second moments spread over more decades
-than one block's map holds (e4m4 reaches down to :math:`2^{-15} s`; below it an
-element is held at that level, overestimated), and on the regression task of
-``benchmarks/fidelity.py`` int8 with blocks of 256 ended 2.8 % above fp32 AdamW, with
-blocks of 128 at 0.0 %.  int4 takes the first (its fp32 scales on blocks of 128 cost
-what bf16 ones on blocks of 64 would).  The first moment keeps the bf16 ceiling.
+Blocks: int8's first moment in 256 (its 255 levels leave little to gain), int4's in
+32: on the regression task of ``benchmarks/fidelity.py`` a first moment with 15
+levels in blocks of 32 followed fp32's updates with about two thirds of the error of
+blocks of 128, for 0.047 bytes a param more (int4: 1.094 bytes a param of state,
+int8: 2.039).
 
 Values converted once rather than stepped (a checkpoint loaded into a quantized
 optimizer, a state converted between precisions) are rounded to nearest:
@@ -106,23 +116,24 @@ every weight stays finite.  The step that overflows moves the element by 0, as f
 Adam (the update reads the fresh fp32 :math:`v`); later steps read the stored ceiling
 and move it by :math:`\eta\, \hat m / \sqrt{\hat v} \approx \eta\, m / (1.8 \cdot 10^{19})`,
 small unless :math:`|g|` was far beyond the overflow, where fp32 Adam moves it by 0.
-The other elements of its block fall below the map's lowest level (:math:`2^{-15}` of
-that scale) and are held there, so their updates all but stop until the block's
+The other elements of its block fall below the map's lowest level (:math:`2^{1 - 2^E}`
+of that scale) and are held there, so their updates all but stop until the block's
 :math:`v` has decayed (fp32 Adam does not touch them).  A NaN, or an infinite gradient,
 still poisons its block.
 
 Packing: int8 codes are one byte each; int4 codes two to a byte, element
 :math:`2j` in the low nibble and :math:`2j + 1` in the high one.  A state holds, per
-moment, its codes (uint8, flat) and its scales (one per block; bf16, fp32 for int4's
-second moments): ``exp_avg_int8``
-and ``exp_avg_int8_scales``, ``exp_avg_sq_e4m4`` and ``exp_avg_sq_e4m4_scales`` (int4:
-``_int4`` and ``_e4m0``).
+moment, its codes (uint8, flat) and its scales (one per block; bf16 for the first
+moment, fp32 for the second ones): ``exp_avg_int8`` and ``exp_avg_int8_scales``,
+``exp_avg_sq_e5m3`` and ``exp_avg_sq_e5m3_scales`` (int4: ``_int4`` and ``_e4m0``).
 
 Older checkpoints load (:data:`LEGACY_FORMATS` reads them) and the optimizer
 converts them at its next step: adamkit's first format kept the second moments in a
 power map too (``exp_avg_sq_int8``: :math:`\hat x = s ((\text{code} + 1) / 2^b)^2`,
-every code rounded to nearest); later ones kept int8's second moments in blocks of
-256 (bf16 or fp32 scales), and int4's with bf16 scales (widened to fp32 exactly).
+every code rounded to nearest); later ones kept int8's second moments in e4m4
+(``exp_avg_sq_e4m4``) in blocks of 256 (bf16 or fp32 scales), then in blocks of 128
+under bf16 scales snapped to the top, int4's second moments with bf16 scales (widened
+to fp32 exactly), and int4's first moment in blocks of 128.
 
 The block sizes were chosen by measured error on the moments of a real model
 (``benchmarks/quantization_error.py``); the second moment's map and the rounding by
@@ -139,7 +150,9 @@ import numpy as np
 #: the moment slots that take the signed map; the others are non-negative
 SIGNED_KEYS = frozenset({"exp_avg"})
 
-#: the float map's exponent bits, and the exponent of its smallest level (2^-15)
+#: the float map's exponent bits by default (int4's e4m0), and the exponent of its
+#: smallest level (2^-15); a format's own are :attr:`QuantFormat.exponent_bits` and
+#: :attr:`QuantFormat.min_exponent` (int8's e5m3: 5 and -31)
 EXPONENT_BITS = 4
 MIN_EXPONENT = -15
 
@@ -156,6 +169,8 @@ class QuantFormat:
     #: the second moments' block (None: ``block``) and whether their scales are exact
     second_block: int | None = None
     exact_second_scales: bool = True
+    #: the second moments' float map: exponent bits E (levels from 2^-(2^E - 1) of the scale)
+    exponent_bits: int = EXPONENT_BITS
     power: int = 2
     legacy: bool = False
 
@@ -171,13 +186,18 @@ class QuantFormat:
 
     @property
     def mantissa_bits(self) -> int:
-        """M: the float map's fraction bits (4 for int8, 0 for int4)."""
-        return self.bits - EXPONENT_BITS
+        """M: the float map's fraction bits (3 for int8's e5m3, 0 for int4's e4m0)."""
+        return self.bits - self.exponent_bits
+
+    @property
+    def min_exponent(self) -> int:
+        """The exponent of the float map's lowest level: 1 - 2^E (-31 for e5m3, -15 for e4m0)."""
+        return 1 - (1 << self.exponent_bits)
 
     @property
     def unsigned_name(self) -> str:
-        """The second moments' key suffix: the float map's name, e.g. ``e4m4``."""
-        return self.name if self.legacy else f"e{EXPONENT_BITS}m{self.mantissa_bits}"
+        """The second moments' key suffix: the float map's name, e.g. ``e5m3``."""
+        return self.name if self.legacy else f"e{self.exponent_bits}m{self.mantissa_bits}"
 
     def key_suffix(self, signed: bool) -> str:
         return self.name if signed else self.unsigned_name
@@ -193,7 +213,7 @@ class QuantFormat:
         return -(-numel // self.block_of(signed))
 
     def exact_scales(self, signed: bool) -> bool:
-        """Whether a moment's block scales are its exact absmax (fp32: int4's second
+        """Whether a moment's block scales are its exact absmax (fp32: the second
         moments) rather than the absmax rounded up to bf16."""
         return not (signed or self.legacy) and self.exact_second_scales
 
@@ -211,15 +231,21 @@ class QuantFormat:
 
 
 FORMATS = {
-    "int8": QuantFormat("int8", bits=8, block=256, second_block=128, exact_second_scales=False),
-    "int4": QuantFormat("int4", bits=4, block=128),
+    "int8": QuantFormat("int8", bits=8, block=256, second_block=128, exponent_bits=5),
+    "int4": QuantFormat("int4", bits=4, block=32, second_block=128),
 }
 
-#: how older checkpoints hold their second moments (read, then converted): the power
-#: map of the first format, and int8's float map in blocks of 256 (bf16 or fp32 scales)
+#: how older checkpoints hold their moments (read, then converted at the next step):
+#: the power map of the first format; int8's e4m4 in blocks of 256 (bf16 or fp32
+#: scales) and in blocks of 128 under bf16 scales snapped to the top; int4's first
+#: moment in blocks of 128
 LEGACY_FORMATS = {
-    "int8": (QuantFormat("int8", 8, 256, legacy=True), QuantFormat("int8", 8, 256)),
-    "int4": (QuantFormat("int4", 4, 128, legacy=True),),
+    "int8": (
+        QuantFormat("int8", 8, 256, legacy=True),
+        QuantFormat("int8", 8, 256, second_block=128, exact_second_scales=False, exponent_bits=4),
+        QuantFormat("int8", 8, 256, exponent_bits=4),
+    ),
+    "int4": (QuantFormat("int4", 4, 128, legacy=True), QuantFormat("int4", 4, 128)),
 }
 
 #: a second moment's ratio at or above this is stored as the top level under a bf16 scale
@@ -231,7 +257,7 @@ def is_quantized(state_precision: str | None) -> bool:
 
 
 def codes_key(key: str, fmt: QuantFormat) -> str:
-    """The state key of moment ``key``'s codes, e.g. ``exp_avg_int8`` or ``exp_avg_sq_e4m4``."""
+    """The state key of moment ``key``'s codes, e.g. ``exp_avg_int8`` or ``exp_avg_sq_e5m3``."""
     return f"{key}_{fmt.key_suffix(key in SIGNED_KEYS)}"
 
 
@@ -315,7 +341,7 @@ def _float_codes(r: np.ndarray, fmt: QuantFormat, bits16: np.ndarray | None) -> 
     else:
         bits = bits + (np.asarray(bits16, dtype=np.int64).reshape(r.shape) << (dropped - 16))
     kept = bits >> dropped
-    first = (127 + MIN_EXPONENT) << fmt.mantissa_bits
+    first = (127 + fmt.min_exponent) << fmt.mantissa_bits
     return np.clip(kept - first, 0, (1 << fmt.bits) - 1)
 
 
@@ -347,7 +373,7 @@ def unsigned_levels(codes: np.ndarray, fmt: QuantFormat) -> np.ndarray:
     if fmt.legacy:
         t = (codes + 1).astype(np.float32) / np.float32(fmt.unsigned_levels)
         return (t * t).astype(np.float32)
-    first = (127 + MIN_EXPONENT) << fmt.mantissa_bits
+    first = (127 + fmt.min_exponent) << fmt.mantissa_bits
     return ((codes + first) << (23 - fmt.mantissa_bits)).astype(np.uint32).view(np.float32)
 
 
