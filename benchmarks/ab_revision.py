@@ -53,7 +53,9 @@ def optimizer(library, count: int, size: int, **options):
     params = [torch.zeros(size, requires_grad=True) for _ in range(count)]
     for p in params:
         p.grad = torch.randn(size)
-    opt = torch.optim.Adam(params, lr=1e-3, fused=True) if library is torch else library.Adam(params, lr=1e-3, **options)
+    opt = (
+        torch.optim.Adam(params, lr=1e-3, fused=True) if library is torch else library.Adam(params, lr=1e-3, **options)
+    )
     for _ in range(3):  # compiled, state allocated
         opt.step()
     return opt

@@ -430,8 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  {setting.name:34s} {r[task.metric]:11.4g} {ratio:8.3f} {r['v_ratio']:10.3f} "
                     f"{r['unchanged_codes']:9.3f} {r['direction']:9.3f} {r['direction_all']:8.3f} "
-                    f"{r['bytes_per_param']:8.2f}  "
-                    + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()),
+                    f"{r['bytes_per_param']:8.2f}  " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()),
                     flush=True,
                 )
                 rows.append(

@@ -23,8 +23,8 @@ import torch
 from matrix import CPU_BACKENDS, CPU_FUSED_BACKENDS
 
 import adamkit
-from adamkit.statekeeping import is_issued
 from adamkit.specs.quantization import FORMATS, codes_key
+from adamkit.statekeeping import is_issued
 
 #: the Triton interpreter is slow: small tensors everywhere
 SIZE = 300

@@ -176,7 +176,14 @@ if triton is not None:
 
     @triton.jit
     def _dequantize(
-        codes, scales, offsets, mask, BITS: tl.constexpr, QBLOCK: tl.constexpr, SIGNED: tl.constexpr, EXPONENT: tl.constexpr
+        codes,
+        scales,
+        offsets,
+        mask,
+        BITS: tl.constexpr,
+        QBLOCK: tl.constexpr,
+        SIGNED: tl.constexpr,
+        EXPONENT: tl.constexpr,
     ):
         """The spec's fp32 values of elements ``offsets`` (see adamkit.quantization); a
         second moment's float map has ``EXPONENT`` exponent bits."""
@@ -801,12 +808,30 @@ if triton is not None:
         if end - first == BLOCK:
             whole = tl.full([BLOCK], True, tl.int1)
             total = _clipping_sum(
-                grad, second, second_scales, offsets, whole, constants, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, EXPONENT_SECOND
+                grad,
+                second,
+                second_scales,
+                offsets,
+                whole,
+                constants,
+                STATE_STORAGE,
+                QUANT_BITS,
+                QBLOCK_SECOND,
+                EXPONENT_SECOND,
             )
         else:
             tail = offsets < end
             total = _clipping_sum(
-                grad, second, second_scales, offsets, tail, constants, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, EXPONENT_SECOND
+                grad,
+                second,
+                second_scales,
+                offsets,
+                tail,
+                constants,
+                STATE_STORAGE,
+                QUANT_BITS,
+                QBLOCK_SECOND,
+                EXPONENT_SECOND,
             )
         tl.store(sums_ptr + chunk, total)
 
