@@ -80,7 +80,7 @@ BASE = {
     "QBLOCK": 1,
     "QBLOCK_SECOND": 1,
     "EXACT_SECOND": False,
-    "EXPONENT_SECOND": 0,
+    "FLOAT_MAPS_SECOND": 0,
     "ALIGNED": True,
     "CAUTIOUS": False,
     "COUNTING": False,
@@ -119,7 +119,7 @@ def compile_variant(overrides: dict, capability: int) -> str:
     if fmt is not None:  # the quantized buckets' launch shape
         constexprs |= {"QUANT_BITS": fmt.bits, "QBLOCK": fmt.block, "BLOCK": kernel.QUANTIZED_BLOCK}
         constexprs |= {"QBLOCK_SECOND": fmt.block_of(False), "EXACT_SECOND": fmt.exact_scales(False)}
-        constexprs |= {"EXPONENT_SECOND": fmt.exponent_bits}
+        constexprs |= {"FLOAT_MAPS_SECOND": kernel.float_maps(fmt)}
         warps = kernel.QUANTIZED_NUM_WARPS
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {name: POINTERS.get(name, "constexpr") for name in fn.arg_names}

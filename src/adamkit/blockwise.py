@@ -100,10 +100,28 @@ def scales_of(x: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
     return torch.where(finite, scales, torch.nan).to(scale_dtype(fmt, signed))
 
 
+def marked(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
+    """Scales as stored: a second moment's negative where its block takes the format's
+    finer map (see :func:`adamkit.specs.quantization.fine_blocks`)."""
+    if signed or fmt.fine_exponent_bits is None:
+        return scales
+    block = fmt.block_of(False)
+    padded = torch.full((scales.numel() * block,), torch.inf, dtype=torch.float32, device=flat.device)
+    padded[: flat.numel()] = flat.abs()
+    smallest = padded.view(-1, block).amin(dim=1)
+    usable = scales.isfinite() & (scales > 0)
+    ratio = smallest / torch.where(usable, scales, 1.0)
+    fine = usable & (ratio >= 2.0 ** fmt.float_map(fine=True)[1])
+    return torch.where(fine, -scales, scales)
+
+
 def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, bits16: Tensor | None) -> Tensor:
-    """Each element's code (int64, unpacked) given its block's scale: stochastically
-    rounded with ``bits16`` (int64, one per element), or to nearest without."""
+    """Each element's code (int64, unpacked) given its block's scale as stored (a
+    negative second-moment scale: the finer map): stochastically rounded with
+    ``bits16`` (int64, one per element), or to nearest without."""
     s = _per_element(scales, fmt, signed, flat.numel())
+    fine = s < 0
+    s = s.abs()
     usable = s.isfinite() & (s > 0)
     r = torch.where(usable, flat.abs() / torch.where(usable, s, 1.0), 0.0)
     if fmt.snaps_to_top(signed):
@@ -113,7 +131,7 @@ def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, b
     elif fmt.legacy:
         code = (torch.floor(fmt.unsigned_levels * r.sqrt() + 0.5).to(torch.int64) - 1).clamp(min=0)
     else:
-        code = _float_codes(r, fmt, bits16)
+        code = _float_codes(r, fmt, bits16, fine)
     return torch.where(s.isnan(), 0, code)
 
 
@@ -138,14 +156,19 @@ def _signed_codes(flat: Tensor, r: Tensor, fmt: QuantFormat, bits16: Tensor | No
     return torch.where(flat < 0, -k, k) + K
 
 
-def _float_codes(r: Tensor, fmt: QuantFormat, bits16: Tensor | None) -> Tensor:
-    """The float map's code of r: its fp32 bits, the dropped fraction bits rounded
-    (stochastically: ``bits16`` added at their top; else half of them added)."""
-    dropped = 23 - fmt.mantissa_bits
-    bits = r.view(torch.int32).to(torch.int64)
-    bits = bits + ((1 << (dropped - 1)) if bits16 is None else (bits16 << (dropped - 16)))
-    first = (127 + fmt.min_exponent) << fmt.mantissa_bits
-    return ((bits >> dropped) - first).clamp(0, (1 << fmt.bits) - 1)
+def _float_codes(r: Tensor, fmt: QuantFormat, bits16: Tensor | None, fine: Tensor) -> Tensor:
+    """The float map's code of r (the finer map's where ``fine``): its fp32 bits, the
+    dropped fraction bits rounded (stochastically: ``bits16`` added at their top; else
+    half of them added)."""
+    code = torch.zeros_like(r, dtype=torch.int64)
+    for which in (False, True) if fmt.fine_exponent_bits else (False,):
+        mantissa, lowest = fmt.float_map(which)
+        dropped = 23 - mantissa
+        bits = r.view(torch.int32).to(torch.int64)
+        bits = bits + ((1 << (dropped - 1)) if bits16 is None else (bits16 << (dropped - 16)))
+        first = (127 + lowest) << mantissa
+        code = torch.where(fine == which, ((bits >> dropped) - first).clamp(0, (1 << fmt.bits) - 1), code)
+    return code
 
 
 def _packed(code: Tensor, fmt: QuantFormat) -> Tensor:
@@ -174,9 +197,13 @@ def _values(code: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Ten
     if fmt.legacy:
         t = (code + 1).float() / fmt.unsigned_levels
         return s * (t * t)
-    first = (127 + fmt.min_exponent) << fmt.mantissa_bits
-    level = ((code + first) << (23 - fmt.mantissa_bits)).to(torch.int32).view(torch.float32)
-    return s * level
+    level = torch.zeros_like(s)
+    for which in (False, True) if fmt.fine_exponent_bits else (False,):
+        mantissa, lowest = fmt.float_map(which)
+        first = (127 + lowest) << mantissa
+        which_level = ((code + first) << (23 - mantissa)).to(torch.int32).view(torch.float32)
+        level = torch.where((s < 0) == which, which_level, level)
+    return s.abs() * level
 
 
 def quantize_into(
@@ -189,7 +216,7 @@ def quantize_into(
     flat = x.reshape(-1).float()
     if not (signed or fmt.legacy):  # an overflowed square: the ceiling (NaN stays NaN)
         flat = flat.clamp(max=float(second_moment_ceiling(fmt)))
-    new_scales = scales_of(flat, fmt, signed)
+    new_scales = marked(flat, scales_of(flat, fmt, signed), fmt, signed)
     bits = None if bits16 is None else bits16.reshape(-1)
     codes.copy_(_packed(_level_codes(flat, new_scales, fmt, signed, bits), fmt))
     scales.copy_(new_scales)
@@ -240,11 +267,13 @@ def restore_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, sig
     """
     _check_scales(scales, fmt, signed)
     flat = x.reshape(-1).float()
-    best_scales = scales_of(flat, fmt, signed)
+    absmax = scales_of(flat, fmt, signed)
+    best_scales = marked(flat, absmax, fmt, signed)
     best_code = _level_codes(flat, best_scales, fmt, signed, None)
-    below = (best_scales.float() / _second_level(fmt, signed)).to(best_scales.dtype)
-    trials = [_neighbour_scales(best_scales, 1), _neighbour_scales(best_scales, 2)]
+    below = (absmax.float() / _second_level(fmt, signed)).to(absmax.dtype)
+    trials = [_neighbour_scales(absmax, 1), _neighbour_scales(absmax, 2)]
     trials += [_neighbour_scales(below, steps) for steps in (0, -1, 1, 2)]
+    trials = [marked(flat, trial, fmt, signed) for trial in trials]
     exact = _reproduced(best_code, best_scales, flat, fmt, signed)
     for trial in trials:
         if bool(exact.all()):

@@ -371,25 +371,31 @@ if numba is not None:
     def _moment_map(fmt: QuantFormat, signed: bool):
         """(level of a code, stochastically rounded code of x given its block's
         divisor and 16 random bits) of one moment's map, as inlined compiled functions
-        whose format constants are compile-time."""
+        whose format constants are compile-time; ``fine`` (a block's, loop-invariant)
+        selects a second moment's finer map where the format has one."""
         top, step = np.float32(fmt.signed_levels), np.float32(1) / np.float32(fmt.signed_levels)
-        dropped, first = 23 - fmt.mantissa_bits, (127 + fmt.min_exponent) << fmt.mantissa_bits
+        maps = [fmt.float_map(which) for which in ((False, True) if fmt.fine_exponent_bits else (False, False))]
+        (dropped, first), (fine_dropped, fine_first) = ((23 - m, (127 + low) << m) for m, low in maps)
         last = (1 << fmt.bits) - 1
         assert not fmt.snaps_to_top(signed), "the kernels step the current formats, none of which snaps"
 
         @njit(inline="always", nogil=True)
-        def level(code):
+        def level(code, fine):
             if signed:
                 k = np.float32(code) - top
                 magnitude = _power_level(abs(k), step)
                 return -magnitude if k < 0 else magnitude
+            if fine:
+                return float_map_level(code, fine_dropped, fine_first)
             return float_map_level(code, dropped, first)
 
         @njit(inline="always", nogil=True)
-        def code(x, divisor, bits16):
+        def code(x, divisor, bits16, fine):
             r = abs(x) / divisor
             if signed:
                 return _signed_code(x, r, top, step, bits16)
+            if fine:
+                return float_map_code(r, bits16, fine_dropped, fine_first, last)
             return float_map_code(r, bits16, dropped, first, last)
 
         return level, code
@@ -417,8 +423,10 @@ if numba is not None:
                     codes[2 * j + 1] = nibble(packs[j], True)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
                 scale = read_scale(scales_address, b)
+                fine = scale < 0  # a second moment's block in the finer map
+                scale = abs(scale)
                 for i in range(b * block, min(b * block + block, end)):
-                    values[i] = scale * level(codes[i])
+                    values[i] = scale * level(codes[i], fine)
 
         return dequantize
 
@@ -466,6 +474,8 @@ if numba is not None:
         put_scale = _put_exact_scale if fmt.exact_scales(signed) else _put_bfloat16_scale
         saturates = not (signed or fmt.legacy)  # a second moment: an overflowed square is held at the ceiling
         ceiling = quantization.second_moment_ceiling(fmt)
+        has_fine = not signed and fmt.fine_exponent_bits is not None
+        fine_lowest = np.float32(2.0 ** fmt.float_map(fine=True)[1]) if has_fine else np.float32(0)
 
         def requantize(
             codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread
@@ -480,17 +490,21 @@ if numba is not None:
                     for i in range(low, high):
                         if fresh[i] > ceiling:  # (NaN stays NaN)
                             fresh[i] = ceiling
-                largest = np.int32(0)
+                largest, smallest = np.int32(0), np.float32(np.inf)
                 for i in range(low, high):
                     largest = max(largest, magnitude_bits(fresh[i]))
+                    smallest = min(smallest, abs(fresh[i]))
                 scale = put_scale(scales_address, b, largest)
                 if np.isnan(scale):  # a non-finite block: codes 0
                     for i in range(low, high):
                         codes[i] = np.uint8(0)
                     continue
                 divisor = scale + np.float32(scale == 0)  # a zero scale: the block is all zeros
+                fine = has_fine and scale > 0 and smallest / scale >= fine_lowest
+                if fine:  # the finer map holds the block: its scale's sign bit says so
+                    typed_pointer(scales_address, _FLOAT32_WITNESS)[b] = -scale
                 for i in range(low, high):
-                    codes[i] = np.uint8(code(fresh[i], divisor, random16(key, i + shift)))
+                    codes[i] = np.uint8(code(fresh[i], divisor, random16(key, i + shift), fine))
             if packed:
                 codes[end] = np.uint8(0)  # a ragged end's partner
                 for j in range(first >> 1, (end + 1) >> 1):

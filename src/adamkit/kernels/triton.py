@@ -183,10 +183,11 @@ if triton is not None:
         BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
-        EXPONENT: tl.constexpr,
+        FLOAT_MAPS: tl.constexpr,
     ):
         """The spec's fp32 values of elements ``offsets`` (see adamkit.quantization); a
-        second moment's float map has ``EXPONENT`` exponent bits."""
+        second moment's float maps are ``FLOAT_MAPS`` (see :func:`float_maps`), the finer
+        one where its block's scale is negative."""
         if BITS == 8:
             code = tl.load(codes + offsets, mask=mask, other=0).to(tl.int32)
         else:
@@ -196,17 +197,36 @@ if triton is not None:
             k = code - ((1 << (BITS - 1)) - 1)
             value = scale * _signed_level(tl.abs(k), (1 << (BITS - 1)) - 1)
             return tl.where(k < 0, -value, value)
-        else:  # a float with E exponent bits and M = BITS - E fraction bits, from 2^(1 - 2^E)
-            MANTISSA: tl.constexpr = BITS - EXPONENT
-            level = ((code + ((128 - (1 << EXPONENT)) << MANTISSA)) << (23 - MANTISSA)).to(tl.int32)
-            level = level.to(tl.float32, bitcast=True)
-            return scale * level
+        else:
+            WIDE: tl.constexpr = FLOAT_MAPS % 16
+            FINE: tl.constexpr = FLOAT_MAPS // 16
+            level = _float_level(code, BITS, WIDE)
+            if FINE != 0:
+                level = tl.where(scale < 0, _float_level(code, BITS, FINE), level)
+            return tl.abs(scale) * level
 
     @triton.jit
-    def _code(x, scale, bits16, BITS: tl.constexpr, SIGNED: tl.constexpr, EXPONENT: tl.constexpr):
-        """The spec's stochastically rounded code of ``x`` in a block of ``scale``, with
-        one division (r = |x| / s); a second moment's float map has ``EXPONENT``
-        exponent bits."""
+    def _float_level(code, BITS: tl.constexpr, E: tl.constexpr):
+        """A float map's level: E exponent bits and M = BITS - E fraction bits, from 2^(1 - 2^E)."""
+        MANTISSA: tl.constexpr = BITS - E
+        level = ((code + ((128 - (1 << E)) << MANTISSA)) << (23 - MANTISSA)).to(tl.int32)
+        return level.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _float_code(ratio, bits16, BITS: tl.constexpr, E: tl.constexpr):
+        """A float map's stochastically rounded code of r: its fp32 bits (r <= 1: no int32
+        overflow), the random bits added at the top of the dropped fraction."""
+        MANTISSA: tl.constexpr = BITS - E
+        DROPPED: tl.constexpr = 23 - MANTISSA
+        bits = ratio.to(tl.int32, bitcast=True) + (bits16.to(tl.int32) << (DROPPED - 16))
+        kept = (bits >> DROPPED) - ((128 - (1 << E)) << MANTISSA)
+        return tl.minimum(tl.maximum(kept, 0), (1 << BITS) - 1)
+
+    @triton.jit
+    def _code(x, scale, bits16, fine, BITS: tl.constexpr, SIGNED: tl.constexpr, FLOAT_MAPS: tl.constexpr):
+        """The spec's stochastically rounded code of ``x`` in a block of ``scale`` (> 0),
+        with one division (r = |x| / s); a second moment's float maps are ``FLOAT_MAPS``,
+        the finer one where ``fine``."""
         ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
         if SIGNED:  # L_k <= r < L_{k+1} from floor(K sqrt r), corrected either side
             LEVELS: tl.constexpr = (1 << (BITS - 1)) - 1
@@ -217,12 +237,13 @@ if triton is not None:
             gap = _signed_level(k + 1, LEVELS) - lo
             k = k + (((ratio - lo) * 65536.0 >= gap * (65536.0 - bits16.to(tl.float32))) & (k < LEVELS)).to(tl.int32)
             return tl.where(x < 0, -k, k) + LEVELS
-        else:  # r's fp32 bits (r <= 1: no int32 overflow), the random bits added at the top of the dropped fraction
-            MANTISSA: tl.constexpr = BITS - EXPONENT
-            DROPPED: tl.constexpr = 23 - MANTISSA
-            bits = ratio.to(tl.int32, bitcast=True) + (bits16.to(tl.int32) << (DROPPED - 16))
-            kept = (bits >> DROPPED) - ((128 - (1 << EXPONENT)) << MANTISSA)
-            return tl.minimum(tl.maximum(kept, 0), (1 << BITS) - 1)
+        else:
+            WIDE: tl.constexpr = FLOAT_MAPS % 16
+            FINE: tl.constexpr = FLOAT_MAPS // 16
+            code = _float_code(ratio, bits16, BITS, WIDE)
+            if FINE != 0:
+                code = tl.where(fine, _float_code(ratio, bits16, BITS, FINE), code)
+            return code
 
     @triton.jit
     def _requantize(
@@ -239,13 +260,14 @@ if triton is not None:
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
         EXACT: tl.constexpr,
-        EXPONENT: tl.constexpr,
+        FLOAT_MAPS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Quantize a program's new values (``first`` on a block boundary): per block, a
         second moment held at its ceiling (an overflowed square), the absmax over bit patterns (NaN and infinity sort above every finite value),
-        exact (fp32) where ``EXACT`` and else rounded up to bf16, then each element's code, rounded stochastically with the bits of
-        step key ``key``; int4 codes two to a byte."""
+        exact (fp32) where ``EXACT`` and else rounded up to bf16 (a second moment's exact
+        scale negated where its block takes the finer float map), then each element's
+        code, rounded stochastically with the bits of step key ``key``; int4 codes two to a byte."""
         x = tl.where(mask, value.to(tl.float32), 0.0)
         if not SIGNED:  # an overflowed square is held at the ceiling (NaN stays NaN)
             if EXACT:  # fp32's largest number
@@ -255,6 +277,8 @@ if triton is not None:
         patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         largest = tl.max(tl.reshape(patterns, [BLOCK // QBLOCK, QBLOCK]), axis=1)
         largest = tl.minimum(largest, 0x7F800000)
+        smallest = tl.min(tl.reshape(tl.where(mask, patterns, 0x7F800000), [BLOCK // QBLOCK, QBLOCK]), axis=1)
+        fine_block = largest < 0  # (all False: the finer map, where there is one, is decided below)
         block_index = first // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
         in_tensor = block_index * QBLOCK < end
         if not EXACT:  # the absmax rounded up to bf16
@@ -265,15 +289,23 @@ if triton is not None:
             block_scale = (tl.where(finite, rounded_up, 0) << 16).to(tl.float32, bitcast=True)
         else:  # the absmax itself
             finite = largest < 0x7F800000
-            tl.store(
-                scales + block_index, tl.where(finite, largest, 0x7FC00000).to(tl.float32, bitcast=True), mask=in_tensor
-            )
             block_scale = tl.where(finite, largest, 0).to(tl.float32, bitcast=True)
+            stored = tl.where(finite, largest, 0x7FC00000).to(tl.float32, bitcast=True)
+            FINE: tl.constexpr = FLOAT_MAPS // 16
+            if not SIGNED and FINE != 0:  # the finer map holds the block: its smallest ratio is at its lowest level
+                divisor = block_scale + (block_scale == 0).to(tl.float32)
+                lowest = tl.math.div_rn(smallest.to(tl.float32, bitcast=True), divisor)  # >= 0: bits order as values
+                fine_block = (
+                    finite & (block_scale > 0) & (lowest.to(tl.int32, bitcast=True) >= ((128 - (1 << FINE)) << 23))
+                )
+                stored = tl.where(fine_block, -stored, stored)
+            tl.store(scales + block_index, stored, mask=in_tensor)
         usable = tl.where(finite, 1, 0)
         scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
         x = tl.where(ok == 1, x, 0.0)  # a non-finite block stores codes 0: no NaN reaches a cast
-        code = _code(x, scale, _random16(key, offsets + shift), BITS, SIGNED, EXPONENT)
+        fine = tl.reshape(tl.broadcast_to(fine_block[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+        code = _code(x, scale, _random16(key, offsets + shift), fine, BITS, SIGNED, FLOAT_MAPS)
         code = tl.where(mask, code * ok, 0)
         if BITS == 8:
             tl.store(codes + offsets, code.to(tl.uint8), mask=mask)
@@ -292,13 +324,13 @@ if triton is not None:
         BITS: tl.constexpr,
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
-        EXPONENT: tl.constexpr,
+        FLOAT_MAPS: tl.constexpr,
     ):
         """A moment's values: loaded in its dtype, or dequantized to fp32."""
         if BITS == 0:
             return tl.load(pointer + offsets, mask=mask)
         else:
-            return _dequantize(pointer, scales, offsets, mask, BITS, QBLOCK, SIGNED, EXPONENT)
+            return _dequantize(pointer, scales, offsets, mask, BITS, QBLOCK, SIGNED, FLOAT_MAPS)
 
     @triton.jit
     def _put_moment(
@@ -316,7 +348,7 @@ if triton is not None:
         QBLOCK: tl.constexpr,
         SIGNED: tl.constexpr,
         EXACT: tl.constexpr,
-        EXPONENT: tl.constexpr,
+        FLOAT_MAPS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Store a new moment: in its dtype (stochastically in 16 bits), or quantized
@@ -338,7 +370,7 @@ if triton is not None:
                 QBLOCK,
                 SIGNED,
                 EXACT,
-                EXPONENT,
+                FLOAT_MAPS,
                 BLOCK,
             )
 
@@ -397,7 +429,7 @@ if triton is not None:
         QBLOCK: tl.constexpr,
         QBLOCK_SECOND: tl.constexpr,
         EXACT_SECOND: tl.constexpr,
-        EXPONENT_SECOND: tl.constexpr,
+        FLOAT_MAPS_SECOND: tl.constexpr,
         CAUTIOUS: tl.constexpr,
         COUNTING: tl.constexpr,
     ):
@@ -452,7 +484,7 @@ if triton is not None:
         if DECAY == _DECOUPLED_DECAY:  # a per-tensor factor (ADOPT's first step: 1; StableAdamW: clipped)
             p = p * decay_factor
         second_value = _load_moment(
-            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, EXPONENT_SECOND
+            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
         )
         m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
         m = m.to(COMPUTE)
@@ -504,7 +536,7 @@ if triton is not None:
                 QBLOCK_SECOND,
                 False,
                 EXACT_SECOND,
-                EXPONENT_SECOND,
+                FLOAT_MAPS_SECOND,
                 BLOCK,
             )
         if ALGORITHM == _ADAMAX:
@@ -523,7 +555,7 @@ if triton is not None:
                     QUANT_BITS,
                     QBLOCK_SECOND,
                     False,
-                    EXPONENT_SECOND,
+                    FLOAT_MAPS_SECOND,
                 )
                 v = tl.maximum(v_max.to(COMPUTE), v)
                 if not COUNTING:  # (the agreement pass stores nothing)
@@ -542,7 +574,7 @@ if triton is not None:
                         QBLOCK_SECOND,
                         False,
                         EXACT_SECOND,
-                        EXPONENT_SECOND,
+                        FLOAT_MAPS_SECOND,
                         BLOCK,
                     )
             if ALGORITHM == _RADAM:  # before rectification: momentum SGD, no denominator
@@ -609,7 +641,7 @@ if triton is not None:
         QBLOCK: tl.constexpr,
         QBLOCK_SECOND: tl.constexpr,
         EXACT_SECOND: tl.constexpr,
-        EXPONENT_SECOND: tl.constexpr,
+        FLOAT_MAPS_SECOND: tl.constexpr,
         ALIGNED: tl.constexpr,
         CAUTIOUS: tl.constexpr,
         COUNTING: tl.constexpr,
@@ -703,7 +735,7 @@ if triton is not None:
                     QBLOCK,
                     QBLOCK_SECOND,
                     EXACT_SECOND,
-                    EXPONENT_SECOND,
+                    FLOAT_MAPS_SECOND,
                     CAUTIOUS,
                     COUNTING,
                 )
@@ -725,7 +757,7 @@ if triton is not None:
                     QBLOCK,
                     QBLOCK_SECOND,
                     EXACT_SECOND,
-                    EXPONENT_SECOND,
+                    FLOAT_MAPS_SECOND,
                     CAUTIOUS,
                     COUNTING,
                 )
@@ -743,7 +775,7 @@ if triton is not None:
         STATE_STORAGE: tl.constexpr,
         QUANT_BITS: tl.constexpr,
         QBLOCK_SECOND: tl.constexpr,
-        EXPONENT_SECOND: tl.constexpr,
+        FLOAT_MAPS_SECOND: tl.constexpr,
     ):
         """The float64 sum of g^2 / max(v / (1 - beta2^t), eps^2) over elements
         ``offsets`` where ``mask``, v the second moment the update is about to compute
@@ -752,7 +784,7 @@ if triton is not None:
         COMPUTE: tl.constexpr = beta2.dtype
         g = tl.load(grad + offsets, mask=mask, other=0.0).to(COMPUTE) * gradient_factor
         v = _load_moment(
-            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, EXPONENT_SECOND
+            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
         )
         v_hat = _exact_div(beta2 * v.to(COMPUTE) + one_minus_beta2 * g * g, bias_correction2)
         term = _exact_div(g * g, tl.where(v_hat < eps_squared, eps_squared, v_hat))  # NaN stays NaN
@@ -773,7 +805,7 @@ if triton is not None:
         QUANT_BITS: tl.constexpr,
         QBLOCK_SECOND: tl.constexpr,
         EXACT_SECOND: tl.constexpr,
-        EXPONENT_SECOND: tl.constexpr,
+        FLOAT_MAPS_SECOND: tl.constexpr,
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -817,7 +849,7 @@ if triton is not None:
                 STATE_STORAGE,
                 QUANT_BITS,
                 QBLOCK_SECOND,
-                EXPONENT_SECOND,
+                FLOAT_MAPS_SECOND,
             )
         else:
             tail = offsets < end
@@ -831,7 +863,7 @@ if triton is not None:
                 STATE_STORAGE,
                 QUANT_BITS,
                 QBLOCK_SECOND,
-                EXPONENT_SECOND,
+                FLOAT_MAPS_SECOND,
             )
         tl.store(sums_ptr + chunk, total)
 
@@ -1028,6 +1060,12 @@ def _group_constants(bucket: _Bucket, group_scalars: GroupScalars) -> torch.Tens
 _MASTER_BITS = {"master": 16, "master24": 8}
 
 
+def float_maps(fmt: QuantFormat) -> int:
+    """The second moments' float maps as one compile-time number: E + 16 F, E the
+    exponent bits of the map and F those of the finer map (0: none)."""
+    return fmt.exponent_bits + 16 * (fmt.fine_exponent_bits or 0)
+
+
 def _bucket_options(bucket: _Bucket) -> dict:
     """What every launch over a bucket is compiled for (storage, compute type, the
     second moment's quantization, alignment) and its launch shape."""
@@ -1039,7 +1077,7 @@ def _bucket_options(bucket: _Bucket) -> dict:
         "QUANT_BITS": quantized.bits if quantized else 0,
         "QBLOCK_SECOND": quantized.block_of(False) if quantized else 1,
         "EXACT_SECOND": bool(quantized and quantized.exact_scales(False)),
-        "EXPONENT_SECOND": quantized.exponent_bits if quantized else 0,
+        "FLOAT_MAPS_SECOND": float_maps(quantized) if quantized else 0,
         "ALIGNED": bucket.aligned,
         "BLOCK": bucket.block,
         "num_warps": bucket.num_warps,

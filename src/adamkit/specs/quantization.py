@@ -19,8 +19,9 @@ each side of zero, evenly spaced in :math:`\sqrt r`, finest near zero:
     \hat x = s \operatorname{sign}(x) (k / K)^2
 
 Second moments (``exp_avg_sq``, ``exp_inf``, ``max_exp_avg_sq``): a small unsigned
-*float* with :math:`E` exponent bits and :math:`M = b - E` mantissa bits (``e5m3``
-for int8, ``e4m0`` for int4), relative to the block scale and without zero:
+*float* with :math:`E` exponent bits and :math:`M = b - E` mantissa bits (``e4m0``
+for int4; for int8 ``e5m3``, or the finer ``e4m4`` for a block whose range it holds,
+see *Two maps* below), relative to the block scale and without zero:
 
 .. math::
 
@@ -38,16 +39,25 @@ where a zero would make :math:`m / (\sqrt{\hat v} + \epsilon)` explode, the
 "zero-point problem" of Li et al., 2023, *Memory Efficient Optimizers with 4-bit
 States*).
 
-**Why e5m3 for int8.** A block's second moments spread over twice as many decades as
+**Two maps for int8.** A block of int8 second moments takes ``e4m4`` (levels from
+:math:`2^{-15}` of its scale, 16 a binade) when fp32(smallest :math:`|x|` / scale)
+is at least :math:`2^{-15}`, and ``e5m3`` (from :math:`2^{-31}`, 8 a binade)
+otherwise; the stored scale is negated for an ``e4m4`` block (its sign bit names the
+map; a scale is otherwise never negative).  Most blocks of a model span fewer than 4.5
+decades of :math:`v` and get e4m4's finer spacing, which halves stochastic rounding's
+noise; the others keep every element above the floor.  Both maps' levels are fp32
+numbers, and e5m3's in :math:`[2^{-15}, 1]` are among e4m4's, so a block moving between
+them is rounded between levels of the map it is stored in, exact in expectation.
+
+**Why the range.** A block's second moments spread over twice as many decades as
 its gradients do.  Where the gradients' scales inside a block spread over three decades
-or more (inputs or units that are rarely active beside busy ones), e4m4's floor of
-:math:`2^{-15}` held a third of the elements above their true :math:`v` (overestimated:
-their updates shrink).  e5m3 reaches :math:`2^{-31}`, and its coarser spacing costs less
-than the floor did, even where nothing reaches the floor: on the decaying streams of
-``benchmarks/wide_range.py`` (0 to 4 decades of spread, and a per-block mixture), the
-share of elements whose stored :math:`v` is more than 2x off fp32's went from 1.2-49 %
-(e4m4, bf16 scales) to 0.2-0.3 % at every spread, and on the regression task of
-``benchmarks/fidelity.py`` the update-direction error against fp32 fell by half.
+or more (inputs or units that are rarely active beside busy ones), e4m4 alone held a
+third of the elements at its floor, above their true :math:`v` (overestimated: their
+updates shrink), and e5m3 alone, which reaches :math:`2^{-31}`, pays with a coarser
+spacing everywhere: its noise made the steps a little longer on average (the mean of
+:math:`1 / \sqrt{\hat v}` grows with the noise), and the panel's regression ended 1.5 %
+below fp32's loss.  Measured in ``benchmarks/wide_range.py`` and ``benchmarks/fidelity.py``
+(see ``docs/lean-memory.md``).
 
 **Rounding.** A moment written by an optimizer step is rounded *stochastically*
 between its two neighbouring levels :math:`lo \le r \le hi`, away from :math:`lo`
@@ -125,7 +135,7 @@ Packing: int8 codes are one byte each; int4 codes two to a byte, element
 :math:`2j` in the low nibble and :math:`2j + 1` in the high one.  A state holds, per
 moment, its codes (uint8, flat) and its scales (one per block; bf16 for the first
 moment, fp32 for the second ones): ``exp_avg_int8`` and ``exp_avg_int8_scales``,
-``exp_avg_sq_e5m3`` and ``exp_avg_sq_e5m3_scales`` (int4: ``_int4`` and ``_e4m0``).
+``exp_avg_sq_e5m3_e4m4`` and ``exp_avg_sq_e5m3_e4m4_scales`` (int4: ``_int4`` and ``_e4m0``).
 
 Older checkpoints load (:data:`LEGACY_FORMATS` reads them) and the optimizer
 converts them at its next step: adamkit's first format kept the second moments in a
@@ -169,8 +179,10 @@ class QuantFormat:
     #: the second moments' block (None: ``block``) and whether their scales are exact
     second_block: int | None = None
     exact_second_scales: bool = True
-    #: the second moments' float map: exponent bits E (levels from 2^-(2^E - 1) of the scale)
+    #: the second moments' float map: exponent bits E (levels from 2^(1 - 2^E) of the scale)
     exponent_bits: int = EXPONENT_BITS
+    #: a finer float map (fewer exponent bits) for the blocks whose range it holds, or None
+    fine_exponent_bits: int | None = None
     power: int = 2
     legacy: bool = False
 
@@ -194,10 +206,20 @@ class QuantFormat:
         """The exponent of the float map's lowest level: 1 - 2^E (-31 for e5m3, -15 for e4m0)."""
         return 1 - (1 << self.exponent_bits)
 
+    def float_map(self, fine: bool = False) -> tuple[int, int]:
+        """(M, the exponent of the lowest level) of the second moments' float map, or of
+        its finer map (``fine``): (3, -31) for e5m3, (4, -15) for e4m4, (0, -15) for e4m0."""
+        exponent_bits = self.fine_exponent_bits if fine else self.exponent_bits
+        return self.bits - exponent_bits, 1 - (1 << exponent_bits)
+
     @property
     def unsigned_name(self) -> str:
-        """The second moments' key suffix: the float map's name, e.g. ``e5m3``."""
-        return self.name if self.legacy else f"e{self.exponent_bits}m{self.mantissa_bits}"
+        """The second moments' key suffix: the float map's name, e.g. ``e4m0``, and the
+        finer map's where the format has one (``e5m3_e4m4``)."""
+        if self.legacy:
+            return self.name
+        names = [f"e{e}m{self.bits - e}" for e in (self.exponent_bits, self.fine_exponent_bits) if e is not None]
+        return "_".join(names)
 
     def key_suffix(self, signed: bool) -> str:
         return self.name if signed else self.unsigned_name
@@ -231,7 +253,7 @@ class QuantFormat:
 
 
 FORMATS = {
-    "int8": QuantFormat("int8", bits=8, block=256, second_block=128, exponent_bits=5),
+    "int8": QuantFormat("int8", bits=8, block=256, second_block=128, exponent_bits=5, fine_exponent_bits=4),
     "int4": QuantFormat("int4", bits=4, block=32, second_block=128),
 }
 
@@ -257,7 +279,7 @@ def is_quantized(state_precision: str | None) -> bool:
 
 
 def codes_key(key: str, fmt: QuantFormat) -> str:
-    """The state key of moment ``key``'s codes, e.g. ``exp_avg_int8`` or ``exp_avg_sq_e5m3``."""
+    """The state key of moment ``key``'s codes, e.g. ``exp_avg_int8`` or ``exp_avg_sq_e4m0``."""
     return f"{key}_{fmt.key_suffix(key in SIGNED_KEYS)}"
 
 
@@ -295,9 +317,32 @@ def block_scales(x: np.ndarray, block: int, exact: bool = False) -> np.ndarray:
     return scales
 
 
+def fine_blocks(x: np.ndarray, scales: np.ndarray, fmt: QuantFormat) -> np.ndarray:
+    """Per block of second moments: whether the format's finer map holds it, i.e. its
+    scale is positive and finite and fp32(smallest |x| / scale) is at least the finer
+    map's lowest level (always False for a format without one)."""
+    usable = np.isfinite(scales) & (scales > 0)
+    if fmt.fine_exponent_bits is None:
+        return np.zeros(scales.shape, dtype=bool)
+    block = fmt.block_of(False)
+    flat = np.abs(np.asarray(x, dtype=np.float32).ravel())
+    padded = np.full(scales.size * block, np.inf, dtype=np.float32)
+    padded[: flat.size] = flat
+    smallest = padded.reshape(-1, block).min(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (smallest / np.where(usable, scales, np.float32(1))).astype(np.float32)
+    return usable & (ratio >= np.float32(2.0 ** fmt.float_map(fine=True)[1]))
+
+
+def marked_scales(scales: np.ndarray, fine: np.ndarray) -> np.ndarray:
+    """Second-moment scales as stored: negative (the sign bit set) where the block takes
+    the finer map."""
+    return np.where(fine, -scales, scales).astype(np.float32)
+
+
 def _ratios(x: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
-    """r = |x| / s per element, fp32 (0 in a block whose scale is zero or NaN)."""
-    s = np.repeat(scales, block)[: x.size]
+    """r = |x| / |s| per element, fp32 (0 in a block whose scale is zero or NaN)."""
+    s = np.abs(np.repeat(scales, block)[: x.size])
     usable = np.isfinite(s) & (s > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(usable, np.abs(x) / np.where(usable, s, np.float32(1)), np.float32(0)).astype(np.float32)
@@ -333,16 +378,20 @@ def _signed_codes(x: np.ndarray, r: np.ndarray, fmt: QuantFormat, bits16: np.nda
     return np.where(x < 0, -k, k) + K
 
 
-def _float_codes(r: np.ndarray, fmt: QuantFormat, bits16: np.ndarray | None) -> np.ndarray:
-    dropped = 23 - fmt.mantissa_bits
-    bits = r.view(np.uint32).astype(np.int64)
-    if bits16 is None:
-        bits = bits + (1 << (dropped - 1))
-    else:
-        bits = bits + (np.asarray(bits16, dtype=np.int64).reshape(r.shape) << (dropped - 16))
-    kept = bits >> dropped
-    first = (127 + fmt.min_exponent) << fmt.mantissa_bits
-    return np.clip(kept - first, 0, (1 << fmt.bits) - 1)
+def _float_codes(r: np.ndarray, fmt: QuantFormat, bits16: np.ndarray | None, fine: np.ndarray) -> np.ndarray:
+    """The float map's codes of r (the finer map's where ``fine``, per element)."""
+    codes = np.zeros(r.shape, dtype=np.int64)
+    for which in (False, True) if fmt.fine_exponent_bits else (False,):
+        mantissa, lowest = fmt.float_map(which)
+        dropped = 23 - mantissa
+        bits = r.view(np.uint32).astype(np.int64)
+        if bits16 is None:
+            bits = bits + (1 << (dropped - 1))
+        else:
+            bits = bits + (np.asarray(bits16, dtype=np.int64).reshape(r.shape) << (dropped - 16))
+        first = (127 + lowest) << mantissa
+        codes = np.where(fine == which, np.clip((bits >> dropped) - first, 0, (1 << fmt.bits) - 1), codes)
+    return codes
 
 
 def _legacy_unsigned_codes(r: np.ndarray, fmt: QuantFormat) -> np.ndarray:
@@ -353,9 +402,9 @@ def _legacy_unsigned_codes(r: np.ndarray, fmt: QuantFormat) -> np.ndarray:
 def level_codes(
     x: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed: bool, bits16: np.ndarray | None = None
 ) -> np.ndarray:
-    """Each element's code (int64, unpacked), given its block's scale: rounded
-    stochastically with the 16 random bits ``bits16`` of each element, or to nearest
-    when ``bits16`` is None."""
+    """Each element's code (int64, unpacked), given its block's scale (as stored: a
+    negative second-moment scale selects the finer map): rounded stochastically with
+    the 16 random bits ``bits16`` of each element, or to nearest when ``bits16`` is None."""
     x = np.asarray(x, dtype=np.float32).ravel()
     r = _ratios(x, scales, fmt.block_of(signed))
     if fmt.snaps_to_top(signed):
@@ -364,17 +413,23 @@ def level_codes(
         return _signed_codes(x, r, fmt, bits16)
     if fmt.legacy:
         return _legacy_unsigned_codes(r, fmt)
-    return _float_codes(r, fmt, bits16)
+    return _float_codes(r, fmt, bits16, np.repeat(scales < 0, fmt.block_of(False))[: x.size])
 
 
-def unsigned_levels(codes: np.ndarray, fmt: QuantFormat) -> np.ndarray:
-    """fp32 levels (fractions of the block scale) of second-moment codes."""
+def unsigned_levels(codes: np.ndarray, fmt: QuantFormat, fine: np.ndarray | bool = False) -> np.ndarray:
+    """fp32 levels (fractions of the block scale) of second-moment codes, in the finer
+    map where ``fine`` (per element)."""
     codes = np.asarray(codes, dtype=np.int64)
     if fmt.legacy:
         t = (codes + 1).astype(np.float32) / np.float32(fmt.unsigned_levels)
         return (t * t).astype(np.float32)
-    first = (127 + fmt.min_exponent) << fmt.mantissa_bits
-    return ((codes + first) << (23 - fmt.mantissa_bits)).astype(np.uint32).view(np.float32)
+    levels = np.zeros(codes.shape, dtype=np.float32)
+    for which in (False, True) if fmt.fine_exponent_bits else (False,):
+        mantissa, lowest = fmt.float_map(which)
+        first = (127 + lowest) << mantissa
+        level = ((codes + first) << (23 - mantissa)).astype(np.uint32).view(np.float32)
+        levels = np.where(np.asarray(fine) == which, level, levels)
+    return levels
 
 
 def level_values(codes: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed: bool) -> np.ndarray:
@@ -383,10 +438,10 @@ def level_values(codes: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed
     if signed:
         k = codes - fmt.signed_levels
         level = np.sign(k).astype(np.float32) * signed_magnitudes(fmt)[np.abs(k)]
-    else:
-        level = unsigned_levels(codes, fmt)
     s = np.repeat(scales, fmt.block_of(signed))[: codes.size]
-    return (s * level.astype(np.float32)).astype(np.float32)
+    if not signed:
+        level = unsigned_levels(codes, fmt, s < 0)
+    return (np.abs(s) * level.astype(np.float32)).astype(np.float32)
 
 
 def pack(codes: np.ndarray, fmt: QuantFormat) -> np.ndarray:
@@ -425,6 +480,8 @@ def quantize(
         x = np.minimum(np.asarray(x, dtype=np.float32), second_moment_ceiling(fmt))  # (NaN stays NaN)
     block = fmt.block_of(signed)
     scales = block_scales(x, block, exact=fmt.exact_scales(signed))
+    if not signed:
+        scales = marked_scales(scales, fine_blocks(x, scales, fmt))
     codes = level_codes(x, scales, fmt, signed, bits16)
     codes[np.repeat(~np.isfinite(scales), block)[: codes.size]] = 0
     return pack(codes, fmt), scales
@@ -444,9 +501,11 @@ __all__ = [
     "block_scales",
     "codes_key",
     "dequantize",
+    "fine_blocks",
     "is_quantized",
     "level_codes",
     "level_values",
+    "marked_scales",
     "pack",
     "quantize",
     "scales_key",
