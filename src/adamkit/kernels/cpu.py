@@ -108,6 +108,7 @@ try:  # numba is a dependency, but the rest of adamkit works without it
         bfloat16_to_float,
         float_map_code,
         float_map_level,
+        float_of_bits,
         float_to_bfloat16,
         float_to_half,
         half_to_float,
@@ -368,34 +369,30 @@ if numba is not None:
         k = k + np.float32(((r - low) * np.float32(65536.0) >= threshold) & (k < top))
         return np.int32(top - k if x < 0 else top + k)
 
-    def _moment_map(fmt: QuantFormat, signed: bool):
+    def _moment_map(fmt: QuantFormat, signed: bool, fine: bool = False):
         """(level of a code, stochastically rounded code of x given its block's
-        divisor and 16 random bits) of one moment's map, as inlined compiled functions
-        whose format constants are compile-time; ``fine`` (a block's, loop-invariant)
-        selects a second moment's finer map where the format has one."""
+        divisor and 16 random bits) of one moment's map (a second moment's finer map
+        where ``fine``), as inlined compiled functions whose format constants are
+        compile-time."""
         top, step = np.float32(fmt.signed_levels), np.float32(1) / np.float32(fmt.signed_levels)
-        maps = [fmt.float_map(which) for which in ((False, True) if fmt.fine_exponent_bits else (False, False))]
-        (dropped, first), (fine_dropped, fine_first) = ((23 - m, (127 + low) << m) for m, low in maps)
+        mantissa, lowest = fmt.float_map(fine and not signed and fmt.fine_exponent_bits is not None)
+        dropped, first = 23 - mantissa, (127 + lowest) << mantissa
         last = (1 << fmt.bits) - 1
         assert not fmt.snaps_to_top(signed), "the kernels step the current formats, none of which snaps"
 
         @njit(inline="always", nogil=True)
-        def level(code, fine):
+        def level(code):
             if signed:
                 k = np.float32(code) - top
                 magnitude = _power_level(abs(k), step)
                 return -magnitude if k < 0 else magnitude
-            if fine:
-                return float_map_level(code, fine_dropped, fine_first)
             return float_map_level(code, dropped, first)
 
         @njit(inline="always", nogil=True)
-        def code(x, divisor, bits16, fine):
+        def code(x, divisor, bits16):
             r = abs(x) / divisor
             if signed:
                 return _signed_code(x, r, top, step, bits16)
-            if fine:
-                return float_map_code(r, bits16, fine_dropped, fine_first, last)
             return float_map_code(r, bits16, dropped, first, last)
 
         return level, code
@@ -407,7 +404,7 @@ if numba is not None:
         spread one to a byte (``spread``, a byte scratch row), so that both loops
         vectorize."""
         fmt, signed = _format_of(state_witness, sign_witness)
-        level, _ = _moment_map(fmt, signed)
+        (level, _), (fine_level, _) = _moment_map(fmt, signed), _moment_map(fmt, signed, fine=True)
         block, packed = fmt.block_of(signed), fmt.bits == 4
         log2_block = block.bit_length() - 1
         read_scale = _exact_scale if fmt.exact_scales(signed) else _bfloat16_scale
@@ -423,10 +420,12 @@ if numba is not None:
                     codes[2 * j + 1] = nibble(packs[j], True)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
                 scale = read_scale(scales_address, b)
-                fine = scale < 0  # a second moment's block in the finer map
-                scale = abs(scale)
-                for i in range(b * block, min(b * block + block, end)):
-                    values[i] = scale * level(codes[i], fine)
+                if scale < 0:  # a second moment's block in the finer map (one loop per map: both vectorize)
+                    for i in range(b * block, min(b * block + block, end)):
+                        values[i] = -scale * fine_level(codes[i])
+                else:
+                    for i in range(b * block, min(b * block + block, end)):
+                        values[i] = scale * level(codes[i])
 
         return dequantize
 
@@ -468,7 +467,7 @@ if numba is not None:
         bits of step key ``key`` (element indices counted from ``shift``).  Packed
         codes are made one to a byte in ``spread`` and paired afterwards."""
         fmt, signed = _format_of(state_witness, sign_witness)
-        _, code = _moment_map(fmt, signed)
+        (_, code), (_, fine_code) = _moment_map(fmt, signed), _moment_map(fmt, signed, fine=True)
         block, packed = fmt.block_of(signed), int(fmt.bits == 4)
         log2_block = block.bit_length() - 1
         put_scale = _put_exact_scale if fmt.exact_scales(signed) else _put_bfloat16_scale
@@ -490,21 +489,24 @@ if numba is not None:
                     for i in range(low, high):
                         if fresh[i] > ceiling:  # (NaN stays NaN)
                             fresh[i] = ceiling
-                largest, smallest = np.int32(0), np.float32(np.inf)
+                largest, smallest = np.int32(0), np.int32(0x7F800000)
                 for i in range(low, high):
                     largest = max(largest, magnitude_bits(fresh[i]))
-                    smallest = min(smallest, abs(fresh[i]))
+                    smallest = min(smallest, magnitude_bits(fresh[i]))
                 scale = put_scale(scales_address, b, largest)
                 if np.isnan(scale):  # a non-finite block: codes 0
                     for i in range(low, high):
                         codes[i] = np.uint8(0)
                     continue
                 divisor = scale + np.float32(scale == 0)  # a zero scale: the block is all zeros
-                fine = has_fine and scale > 0 and smallest / scale >= fine_lowest
-                if fine:  # the finer map holds the block: its scale's sign bit says so
+                if has_fine and scale > 0 and float_of_bits(smallest) / scale >= fine_lowest:
+                    # the finer map holds the block: its scale's sign bit says so
                     typed_pointer(scales_address, _FLOAT32_WITNESS)[b] = -scale
+                    for i in range(low, high):
+                        codes[i] = np.uint8(fine_code(fresh[i], divisor, random16(key, i + shift)))
+                    continue
                 for i in range(low, high):
-                    codes[i] = np.uint8(code(fresh[i], divisor, random16(key, i + shift), fine))
+                    codes[i] = np.uint8(code(fresh[i], divisor, random16(key, i + shift)))
             if packed:
                 codes[end] = np.uint8(0)  # a ragged end's partner
                 for j in range(first >> 1, (end + 1) >> 1):

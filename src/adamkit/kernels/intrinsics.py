@@ -127,6 +127,17 @@ def magnitude_bits(typingctx, value):
 
 
 @intrinsic
+def float_of_bits(typingctx, bits):
+    """The fp32 number whose bit pattern is the int32 ``bits`` (the inverse of
+    :func:`magnitude_bits` on non-negative numbers)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
 def float_map_code(typingctx, ratio, bits16, dropped, first, top):
     """The float map's code of ``ratio`` in [0, 1], rounded stochastically: the 16
     random bits added at the top of the ``dropped`` fraction bits of its fp32
