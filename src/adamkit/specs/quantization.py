@@ -319,8 +319,8 @@ def block_scales(x: np.ndarray, block: int, exact: bool = False) -> np.ndarray:
 
 def fine_blocks(x: np.ndarray, scales: np.ndarray, fmt: QuantFormat) -> np.ndarray:
     """Per block of second moments: whether the format's finer map holds it, i.e. its
-    scale is positive and finite and fp32(smallest |x| / scale) is at least the finer
-    map's lowest level (always False for a format without one)."""
+    scale is positive and finite and fp32(smallest ``abs(x)`` / scale) is at least the
+    finer map's lowest level (always False for a format without one)."""
     usable = np.isfinite(scales) & (scales > 0)
     if fmt.fine_exponent_bits is None:
         return np.zeros(scales.shape, dtype=bool)
