@@ -463,9 +463,12 @@ if numba is not None:
         boundary): per block, a second moment held at its ceiling (an overflowed square,
         see :func:`~adamkit.specs.quantization.second_moment_ceiling`), the absmax over
         bit patterns (NaN and infinity sort above every finite value), exact or rounded up to bf16 as the moment's
-        format keeps it, then each element's code, rounded stochastically with the
-        bits of step key ``key`` (element indices counted from ``shift``).  Packed
-        codes are made one to a byte in ``spread`` and paired afterwards."""
+        format keeps it (a second moment's negated where its block takes the finer
+        float map: its smallest magnitude, an integer min over bit patterns, over the
+        scale at least that map's lowest level), then each element's code, rounded
+        stochastically with the bits of step key ``key`` (element indices counted from
+        ``shift``).  Packed codes are made one to a byte in ``spread`` and paired
+        afterwards."""
         fmt, signed = _format_of(state_witness, sign_witness)
         (_, code), (_, fine_code) = _moment_map(fmt, signed), _moment_map(fmt, signed, fine=True)
         block, packed = fmt.block_of(signed), int(fmt.bits == 4)
