@@ -17,8 +17,10 @@ they import, bitsandbytes' and torchao's 8-/4-bit AdamW (on the CPU both keep sm
 tensors in full precision by default: reported, and also run with that fallback off).
 
 Every setting has a *shadow* torch.optim.AdamW fed the same gradients.  For adamkit
-settings: at the end, the median of stored v / shadow v, and the share of second-moment
-codes that the last step left unchanged (a frozen quantized moment leaves all of them).
+settings: at the end, the median of stored v / shadow v, and the share of stored
+second-moment bytes that the last step left unchanged, a quantized code counting as
+unchanged only where its block's scale is too (a frozen moment leaves all of them; a
+block decaying as a whole keeps its codes while its exact scale moves).
 For settings with fp32 weights (whose step is the update itself): the *update-direction
 error* against the shadow, sqrt(sum ||d - d_shadow||^2 / sum ||d_shadow||^2) over the
 steps of a window, d and d_shadow the two optimizers' weight changes in the same step
@@ -293,15 +295,31 @@ TASKS = {"regression": Regression, "digits": Digits, "charlm": CharLM}
 # ---------------------------------------------------------------------------- runs
 
 
-def second_moment_codes(optimizer, params) -> list[torch.Tensor]:
-    """The stored second moments (quantized codes, or 16-bit patterns), to count how many
-    the last step changed."""
+def second_moment_codes(optimizer, params) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The stored second moments (quantized codes with their block scales, or 16-bit
+    patterns), to count how many the last step changed."""
     out = []
     for p in params:
         state = optimizer.state[p]
-        stored = [v for k, v in state.items() if k.startswith("exp_avg_sq") and not k.endswith("_scales")]
-        out += [v.detach().clone() for v in stored]
+        for key, value in state.items():
+            if key.startswith("exp_avg_sq") and not key.endswith("_scales"):
+                scales = state.get(f"{key}_scales")
+                out.append((value.detach().clone(), None if scales is None else scales.detach().clone()))
     return out
+
+
+def unchanged_share(before: list, after: list) -> float:
+    """Of the stored second-moment bytes, the share equal before and after a step: a
+    code only where its block's scale is equal too."""
+    same = total = 0
+    for (codes, scales), (new_codes, new_scales) in zip(before, after):
+        kept = codes == new_codes
+        if scales is not None:  # each scale covers a run of code bytes
+            per_block = -(-codes.numel() // scales.numel())
+            kept &= (scales == new_scales).repeat_interleave(per_block)[: codes.numel()]
+        same += int(kept.sum())
+        total += codes.numel()
+    return same / max(1, total)
 
 
 class DirectionError:
@@ -353,9 +371,7 @@ def run(task: Task, setting: Setting) -> dict:
         if directions:
             directions.add(step, weights, params, shadow_weights, shadow_params)
         if last:
-            after = second_moment_codes(optimizer, params)
-            same = sum(int((a == b).sum()) for a, b in zip(before, after))
-            unchanged = same / max(1, sum(a.numel() for a in after))
+            unchanged = unchanged_share(before, second_moment_codes(optimizer, params))
         optimizer.zero_grad(set_to_none=True)
         for schedule in schedules:
             schedule.step()
