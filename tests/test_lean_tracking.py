@@ -183,8 +183,8 @@ INT4_RANGE = (
     "int4's e4m0 spans 4.5 decades of v (2^-15 of its block's largest): with gradient scales spread over four "
     "decades, or quiet elements six decades of v below the busy ones of their block, the elements below that "
     "floor are held at it, and the median stored v is 1.7x (D=4) and 34x (mixture) fp32's.  A map with the "
-    "range (levels a factor 2^1.5 apart) keeps every median within [0.67, 1.5] but raises the noise of every "
-    "element by a third: benchmarks/wide_range.py and docs/lean-memory.md"
+    "range (levels a factor 2^1.5 apart) keeps every median within [0.67, 1.5] but makes the rms error of "
+    "sqrt(v) 35-45 % larger: benchmarks/wide_range.py and docs/lean-memory.md"
 )
 
 

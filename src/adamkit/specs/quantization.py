@@ -44,8 +44,8 @@ States*).
 is at least :math:`2^{-15}`, and ``e5m3`` (from :math:`2^{-31}`, 8 a binade)
 otherwise; the stored scale is negated for an ``e4m4`` block (its sign bit names the
 map; a scale is otherwise never negative).  Most blocks of a model span fewer than 4.5
-decades of :math:`v` and get e4m4's finer spacing, which halves stochastic rounding's
-noise; the others keep every element above the floor.  Both maps' levels are fp32
+decades of :math:`v` and get e4m4's finer spacing, which halves the variance of
+stochastic rounding's noise; the others keep every element above the floor.  Both maps' levels are fp32
 numbers, and e5m3's in :math:`[2^{-15}, 1]` are among e4m4's, so a block moving between
 them is rounded between levels of the map it is stored in, exact in expectation.
 
