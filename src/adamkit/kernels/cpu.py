@@ -420,7 +420,7 @@ if numba is not None:
                     codes[2 * j + 1] = nibble(packs[j], True)
             for b in range(first >> log2_block, (end + block - 1) >> log2_block):
                 scale = read_scale(scales_address, b)
-                if scale < 0:  # a second moment's block in the finer map (one loop per map: both vectorize)
+                if not signed and scale < 0:  # a second moment's finer map: one loop per map, both vectorize
                     for i in range(b * block, min(b * block + block, end)):
                         values[i] = -scale * fine_level(codes[i])
                 else:
@@ -495,7 +495,8 @@ if numba is not None:
                 largest, smallest = np.int32(0), np.int32(0x7F800000)
                 for i in range(low, high):
                     largest = max(largest, magnitude_bits(fresh[i]))
-                    smallest = min(smallest, magnitude_bits(fresh[i]))
+                    if has_fine:  # (compile-time: the other formats skip it)
+                        smallest = min(smallest, magnitude_bits(fresh[i]))
                 scale = put_scale(scales_address, b, largest)
                 if np.isnan(scale):  # a non-finite block: codes 0
                     for i in range(low, high):

@@ -277,7 +277,6 @@ if triton is not None:
         patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         largest = tl.max(tl.reshape(patterns, [BLOCK // QBLOCK, QBLOCK]), axis=1)
         largest = tl.minimum(largest, 0x7F800000)
-        smallest = tl.min(tl.reshape(tl.where(mask, patterns, 0x7F800000), [BLOCK // QBLOCK, QBLOCK]), axis=1)
         fine_block = largest < 0  # (all False: the finer map, where there is one, is decided below)
         block_index = first // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
         in_tensor = block_index * QBLOCK < end
@@ -293,6 +292,7 @@ if triton is not None:
             stored = tl.where(finite, largest, 0x7FC00000).to(tl.float32, bitcast=True)
             FINE: tl.constexpr = FLOAT_MAPS // 16
             if not SIGNED and FINE != 0:  # the finer map holds the block: its smallest ratio is at its lowest level
+                smallest = tl.min(tl.reshape(tl.where(mask, patterns, 0x7F800000), [BLOCK // QBLOCK, QBLOCK]), axis=1)
                 divisor = block_scale + (block_scale == 0).to(tl.float32)
                 lowest = tl.math.div_rn(smallest.to(tl.float32, bitcast=True), divisor)  # >= 0: bits order as values
                 fine_block = (

@@ -439,9 +439,9 @@ def level_values(codes: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed
         k = codes - fmt.signed_levels
         level = np.sign(k).astype(np.float32) * signed_magnitudes(fmt)[np.abs(k)]
     s = np.repeat(scales, fmt.block_of(signed))[: codes.size]
-    if not signed:
-        level = unsigned_levels(codes, fmt, s < 0)
-    return (np.abs(s) * level.astype(np.float32)).astype(np.float32)
+    if not signed:  # a negative scale: the block's finer map
+        level, s = unsigned_levels(codes, fmt, s < 0), np.abs(s)
+    return (s * level.astype(np.float32)).astype(np.float32)
 
 
 def pack(codes: np.ndarray, fmt: QuantFormat) -> np.ndarray:
