@@ -21,9 +21,10 @@ from test_storage_conformance import check_stored, oracle_names, snapshot_then_s
 
 import adamkit
 from adamkit import blockwise, quantization
+from adamkit.algorithms import lookup
 from adamkit.convert import to_full_precision, to_quantized
 from adamkit.specs.quantization import FORMATS
-from adamkit.state import SECOND_MOMENT_KEY, moment_value
+from adamkit.state import moment_value
 
 PRECISIONS = tuple(FORMATS)
 
@@ -162,7 +163,7 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
     opt = warmed_up(cls, params, g, dtype, backend=backend, rounding=mode, state_precision=precision, **kwargs)
     group = opt.param_groups[0]
     algorithm, hp = reference_setup(config, group["lr"], group["max_lr"])
-    moment_names = oracle_names(SECOND_MOMENT_KEY[algorithm])
+    moment_names = oracle_names(lookup(algorithm).second_moment_key)
 
     def dequantized(state: dict, p: torch.Tensor) -> dict:
         assert "exp_avg" not in state  # no silent full-precision fallback, whatever the size

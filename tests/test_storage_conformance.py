@@ -26,8 +26,9 @@ from matrix import CONFIGS, CPU_BACKENDS, reference_setup
 from oracle import stored_reference_step
 
 from adamkit import rounding
+from adamkit.algorithms import lookup
 from adamkit.kernels import KERNELS
-from adamkit.state import SECOND_MOMENT_KEY, state_dtype
+from adamkit.state import state_dtype
 
 SHAPES = [(6000,), (40, 50), ()]  # a vector, a matrix stepped through its transpose, a 0-d param
 
@@ -125,7 +126,7 @@ def test_one_step_matches_stored_reference(backend, dtype, mode, precision, conf
     opt = warmed_up(cls, params, g, dtype, backend=backend, rounding=mode, state_precision=precision, **kwargs)
     group = opt.param_groups[0]
     algorithm, hp = reference_setup(config, group["lr"], group["max_lr"])
-    second = SECOND_MOMENT_KEY[algorithm]
+    second = lookup(algorithm).second_moment_key
     names = oracle_names(second)
     before, grads = snapshot_then_step(
         opt, params, g, dtype, lambda state, p: {name: as_f64(state[k]) for k, name in names.items() if k in state}

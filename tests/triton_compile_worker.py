@@ -14,11 +14,11 @@ import sys
 VARIANTS = {
     "adam-fp32": {},
     "adam-fp32-amsgrad-l2-maximize-amp": {"AMSGRAD": True, "DECAY": 1, "MAXIMIZE": True, "AMP": True},
-    "adamax-fp32": {"ALGORITHM": 1, "DECAY": 0},
-    "nadam-fp32-l2": {"ALGORITHM": 2, "DECAY": 1},
-    "adopt-fp32-decoupled": {"ALGORITHM": 4, "DECAY": 2},
+    "adamax-fp32": {"ALGORITHM": "adamax", "DECAY": 0},
+    "nadam-fp32-l2": {"ALGORITHM": "nadam", "DECAY": 1},
+    "adopt-fp32-decoupled": {"ALGORITHM": "adopt", "DECAY": 2},
     "radam-bf16-master24-int8": {
-        "ALGORITHM": 3,
+        "ALGORITHM": "radam",
         "PARAM_STORAGE": "bfloat16",
         "MASTER": 8,
         "STATE_STORAGE": "uint8",
@@ -51,7 +51,7 @@ VARIANTS = {
     },
     "counting-adopt-bf16-master24-int8-l2": {
         "COUNTING": True,
-        "ALGORITHM": 4,
+        "ALGORITHM": "adopt",
         "DECAY": 1,
         "PARAM_STORAGE": "bfloat16",
         "MASTER": 8,
@@ -67,7 +67,7 @@ BASE = {
     "PARAM_STORAGE": "float32",
     "STATE_STORAGE": "float32",
     "COMPUTE": "float32",
-    "ALGORITHM": 0,  # adamkit.kernels.host.ALGORITHM_CODES
+    "ALGORITHM": "adam",  # passed as its FORMS (adamkit.algorithms)
     "AMSGRAD": False,
     "MAXIMIZE": False,
     "DECAY": 2,
@@ -106,6 +106,7 @@ def compile_variant(overrides: dict, capability: int) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from adamkit.algorithms import lookup
     from adamkit.kernels import triton as kernel
     from adamkit.specs.quantization import FORMATS
 
@@ -114,6 +115,7 @@ def compile_variant(overrides: dict, capability: int) -> str:
     constexprs = BASE | overrides | {"BLOCK": kernel.BLOCK}
     for name in DTYPES:
         constexprs[name] = getattr(tl, constexprs[name])
+    constexprs["FORMS"] = lookup(constexprs.pop("ALGORITHM")).forms
     fmt = FORMATS.get(constexprs.pop("QUANT", None))
     warps = kernel.NUM_WARPS
     if fmt is not None:  # the quantized buckets' launch shape

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from . import statekeeping
+from .algorithms import REGISTRY, Denominator, SecondMoment
 from .kernels import KERNELS, Kernel, single_tensor
 from .kernels.storage import widened
 from .kernels.types import GroupBatch, as_real
@@ -65,8 +66,8 @@ GRADIENT_KEY = "accumulated_grad"
 
 statekeeping.untracked(COUNT_KEY, GRADIENT_KEY)  # written at every micro-batch; no kernel caches them
 
-#: the algorithms whose update reads its gradient (besides any cautious update)
-STEP_WITH_MEAN = frozenset({"nadam", "adopt", "stable_adamw"})
+#: the algorithms whose update reads its gradient (besides any cautious update), from the registry
+STEP_WITH_MEAN = frozenset(name for name, spec in REGISTRY.items() if spec.steps_with_mean_gradient)
 
 
 def _add_scaled(target: Tensor, value: Tensor, weight) -> None:
@@ -102,10 +103,10 @@ def _update(
     step_t += 1
     scalars = rule.step_scalars(step_t.to(torch.float64) if rule.capturable else step_t.item())
     single_tensor.decay_param(param, group_scalars)
-    if rule.algorithm == "radam":
+    if rule.spec.denominator == Denominator.RECTIFIED_ROOT:
         as_real(param).sub_(single_tensor.radam_update(moments[0], moments[1], scalars, rule, group_scalars.eps))
         return
-    if rule.algorithm == "adamax":
+    if rule.spec.denominator == Denominator.NORM:
         single_tensor.apply_update(as_real(param), moments[0], moments[1], scalars.step_size)
         return
     second = moments[1]
@@ -122,7 +123,7 @@ def _update(
 
 def steps_with_mean(rule: UpdateRule) -> bool:
     """Whether ``rule``'s update needs its gradient: it accumulates gradients, not moments."""
-    return rule.algorithm in STEP_WITH_MEAN or rule.cautious
+    return rule.spec.steps_with_mean_gradient or rule.cautious
 
 
 def _step_with_mean(batch: GroupBatch, rule: UpdateRule) -> None:
@@ -181,7 +182,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
         batch.params, batch.grads, states, micro_steps, rule, batch.param_indices, batch.element_offsets
     )
     group_scalars = rule.group_scalars()
-    adamax = rule.algorithm == "adamax"
+    adamax = rule.spec.second_moment == SecondMoment.INFINITY_NORM
     last = [c + 1 >= n for c in counts]
     for i, param in enumerate(work.params):
         moments = [as_real(m[i]) for m in (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs) if m]

@@ -77,32 +77,18 @@ class Recorder:
         self.lrs.update(zip(params, [lr] * len(params)))
 
 
-#: the algorithms whose last update can be read back from the state (NAdam's and
-#: StableAdamW's depended on that step's gradient, which the state does not keep)
-READ_BACK = frozenset({"adam", "adamax", "radam", "adopt"})
-
-
 def effective_step_sizes(second: Tensor, rule: UpdateRule, t: float) -> tuple[Tensor, Tensor]:
     r"""Per element, the factor :math:`\eta^{eff}` by which step ``t`` of ``rule`` moved
     the weight along its new m (:math:`\theta \leftarrow \theta - \eta^{eff} m`, decay
     aside), and where :math:`\epsilon` dominated the denominator, read back from the
     second moment ``second`` (float64, the maximum under AMSGrad) stored by that step
-    (see the module docstring; ``rule.algorithm`` in :data:`READ_BACK`)."""
-    scalars, eps = rule.step_scalars(t), rule.eps
-    lr, step_size = as_number(rule.lr), as_number(scalars.step_size)
-    if rule.algorithm == "adamax":
-        return step_size / second, 2 * eps > second
-    if rule.algorithm == "adopt":  # theta -= lr m: m is already normalized
-        return torch.full_like(second, lr), eps > second.sqrt()
-    if rule.algorithm == "radam":
-        momentum_step = lr / as_number(scalars.bias_correction1)
-        if scalars.rectification is None:  # momentum SGD: no denominator
-            return torch.full_like(second, momentum_step), torch.zeros_like(second, dtype=torch.bool)
-        root = second.sqrt()
-        rectified = momentum_step * as_number(scalars.rectification) * as_number(scalars.bias_correction2_sqrt)
-        return rectified / (root + eps), eps > root
-    root = second.sqrt() / as_number(scalars.bias_correction2_sqrt)
-    return step_size / (root + eps), eps > root
+    (see the module docstring), by the algorithm's
+    :attr:`~adamkit.algorithms.AlgorithmSpec.read_back` (``None`` for NAdam and
+    StableAdamW: their step depended on that step's gradient, which the state does not keep)."""
+    read_back = rule.spec.read_back
+    if read_back is None:
+        raise ValueError(f"{rule.algorithm}'s step depended on that step's gradient: it cannot be read back")
+    return read_back(second, rule, rule.step_scalars(t))
 
 
 def _param_sums(param: Tensor, state: dict, lr: float, group: dict, algorithm: str) -> tuple[float, ...]:

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import convert, kernels, options
+from .algorithms import ADAM, ADAMAX, ADOPT, NADAM, RADAM, STABLE_ADAMW, lookup
 from .diagnostics import Recorder, group_stats
 from .kernels.cpu import fork_safe_threads
 from .offload import HostStep
@@ -66,7 +67,9 @@ class _AdamFamily(Optimizer):
         """Validate a constructor's ``arguments`` (torch's checks first, then adamkit's),
         then build the optimizer."""
         torch_arguments, values = options.split_arguments(arguments)
-        betas = options.check_constructor_arguments(torch_arguments, adam_checks=self.algorithm == "adam")
+        betas = options.check_constructor_arguments(
+            torch_arguments, adam_checks=lookup(self.algorithm).tensor_hyperparameter_checks
+        )
         differentiable = torch_arguments["differentiable"]
         options.check_options(values, differentiable=differentiable)
         options.check_available(values, self.unavailable_options, type(self).__name__)
@@ -302,7 +305,7 @@ class Adam(_AdamFamily):
         >>> model(torch.randn(8, 4)).sum().backward(); opt.step(); opt.zero_grad()
     """
 
-    algorithm = "adam"
+    algorithm = ADAM.name
     sparse_gradient_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
@@ -392,7 +395,7 @@ class AdaMax(_AdamFamily):
     ``decoupled_weight_decay`` and those described in :mod:`adamkit.options`.
     """
 
-    algorithm = "adamax"
+    algorithm = ADAMAX.name
     sparse_gradient_message = "Adamax does not support sparse gradients"
     extra_group_keys = _AdamFamily.extra_group_keys + ("decoupled_weight_decay",)
 
@@ -447,7 +450,7 @@ class NAdam(_AdamFamily):
     :mod:`adamkit.accumulation`).
     """
 
-    algorithm = "nadam"
+    algorithm = NADAM.name
     sparse_gradient_message = "NAdam does not support sparse gradients"
     unavailable_options = ("diagnostics",)
 
@@ -458,7 +461,7 @@ class NAdam(_AdamFamily):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0,
-        momentum_decay: float = 4e-3,
+        momentum_decay: float = NADAM.default("momentum_decay"),
         decoupled_weight_decay: bool = False,
         *,
         foreach: bool | None = None,
@@ -497,7 +500,7 @@ class RAdam(_AdamFamily):
     :mod:`adamkit.options`.
     """
 
-    algorithm = "radam"
+    algorithm = RADAM.name
     sparse_gradient_message = "RAdam does not support sparse gradients"
 
     def __init__(
@@ -551,7 +554,7 @@ class ADOPT(_AdamFamily):
     :mod:`adamkit.accumulation`).
     """
 
-    algorithm = "adopt"
+    algorithm = ADOPT.name
     sparse_gradient_message = "ADOPT does not support sparse gradients"
     unavailable_options = ()
 
@@ -564,7 +567,7 @@ class ADOPT(_AdamFamily):
         weight_decay: float = 0,
         decoupled_weight_decay: bool = False,
         *,
-        clip_exponent: float | None = 0.25,
+        clip_exponent: float | None = ADOPT.default("clip_exponent"),
         foreach: bool | None = None,
         maximize: bool = False,
         capturable: bool = False,
@@ -608,7 +611,7 @@ class StableAdamW(_AdamFamily):
     under FSDP2 the sums are totalled over the ranks holding a param's shards.
     """
 
-    algorithm = "stable_adamw"
+    algorithm = STABLE_ADAMW.name
     sparse_gradient_message = "StableAdamW does not support sparse gradients"
     unavailable_options = ("diagnostics",)
 

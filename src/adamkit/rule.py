@@ -29,27 +29,22 @@ bit-identical to torch; pass a float64 tensor to keep float64 scalars.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .algorithms import ADOPT, NADAM, AlgorithmSpec, StepScalars, as_number, lookup
 from .specs.reference import WeightDecayMode
 
-Algorithm = Literal["adam", "adamax", "nadam", "radam", "adopt", "stable_adamw"]
+#: an algorithm's name, a key of :data:`adamkit.algorithms.REGISTRY`
+Algorithm = str
 
 Scalar = float | Tensor
 
 #: what the fused kernels do with weight decay (:attr:`GroupScalars.decay_kind`): nothing,
 #: add the L2 term to the gradient, or multiply the param by the decay factor
 NO_DECAY, L2_DECAY, DECOUPLED_DECAY = 0, 1, 2
-
-
-def as_number(x: Scalar) -> float:
-    """A hyperparameter's value as a Python float (tensors are read, never differentiated)."""
-    return float(x.detach().item()) if isinstance(x, Tensor) else float(x)
 
 
 @dataclass(frozen=True)
@@ -88,39 +83,13 @@ class GroupScalars:
         beta1 = self.beta1
         if not isinstance(beta1, Tensor):
             return 1 - beta1
-        if self.algorithm == "adam":
+        spec = lookup(self.algorithm)
+        if spec.tensor_beta1 == "cast":
             beta1 = beta1.to(device=param.device, dtype=param.dtype)
         weight = 1 - beta1
-        if self.keeps_tensors or self.algorithm == "adamax":
+        if self.keeps_tensors or spec.tensor_beta1 == "tensor":
             return weight
         return weight.item()
-
-
-@dataclass(frozen=True)
-class StepScalars:
-    """Scalars that depend on the step count t of one tensor (NAdam's and RAdam's
-    as torch.optim forms them, so their single-tensor path keeps torch's bits)."""
-
-    step_size: Scalar  # lr / (1 - beta1^t)
-    bias_correction2_sqrt: Scalar  # sqrt(1 - beta2^t); 1 for AdaMax (unused)
-    #: 1 - beta1^t (RAdam)
-    bias_correction1: Scalar | None = None
-    #: 1 - beta2^t (NAdam)
-    bias_correction2: Scalar | None = None
-    #: NAdam's momentum coefficients mu_t and mu_{t+1}
-    mu: Scalar | None = None
-    mu_next: Scalar | None = None
-    #: RAdam's variance rectification r_t; ``None`` while rho_t <= 5 (a momentum-SGD
-    #: step).  For step counts on a device a tensor, NaN where rho_t <= 5, and
-    #: ``rectified`` says where it applies.
-    rectification: Scalar | None = None
-    rectified: Tensor | None = None
-    #: ADOPT: whether this is the first step (which only measures v), the clipping
-    #: value c_t of the normalized gradient (0 on the first step: m stays 0), and the
-    #: weight of g^2 in v (1 on the first step, where v = g^2; else 1 - beta2)
-    first: Scalar | bool | None = None
-    clip: Scalar | None = None
-    second_weight: Scalar | None = None
 
 
 #: the update rule's param rounding under each ``master_weights`` mode
@@ -153,9 +122,9 @@ class UpdateRule:
     #: micro-batches folded into the moments per update (optimizer accumulation)
     accumulation_steps: int = 1
     #: NAdam's momentum decay psi
-    momentum_decay: float = 4e-3
+    momentum_decay: float = NADAM.default("momentum_decay")
     #: ADOPT's clipping exponent p: c_t = (t - 1)^p; None: no clipping
-    clip_exponent: float | None = 0.25
+    clip_exponent: float | None = ADOPT.default("clip_exponent")
     #: cautious updates: only the elements whose update agrees in sign with the gradient
     cautious: bool = False
 
@@ -186,17 +155,22 @@ class UpdateRule:
             state_precision=group["state_precision"],
             seed=group["seed"],
             accumulation_steps=group["accumulation_steps"],
-            momentum_decay=group.get("momentum_decay", 4e-3),
-            clip_exponent=group.get("clip_exponent", 0.25),
+            momentum_decay=group.get("momentum_decay", NADAM.default("momentum_decay")),
+            clip_exponent=group.get("clip_exponent", ADOPT.default("clip_exponent")),
             cautious=bool(group.get("cautious", False)),
         )
+
+    @property
+    def spec(self) -> AlgorithmSpec:
+        """The algorithm's declaration (:mod:`adamkit.algorithms`)."""
+        return lookup(self.algorithm)
 
     @property
     def keeps_tensors(self) -> bool:
         """Differentiable and capturable groups keep tensor scalars as tensors."""
         return self.differentiable or self.capturable
 
-    def _finish(self, value: Scalar) -> Scalar:
+    def finish(self, value: Scalar) -> Scalar:
         """Scalars reach kernels as Python floats unless :attr:`keeps_tensors`.
         ``.item()`` of a 0-d tensor is what ``addcdiv_(value=tensor)`` uses in torch."""
         if self.keeps_tensors or not isinstance(value, Tensor):
@@ -219,69 +193,19 @@ class UpdateRule:
         return GroupScalars(
             algorithm=self.algorithm,
             beta1=self.beta1,
-            beta2=self._finish(self.beta2),
-            one_minus_beta2=self._finish(1 - self.beta2),
+            beta2=self.finish(self.beta2),
+            one_minus_beta2=self.finish(1 - self.beta2),
             eps=self.eps,
             l2_weight_decay=self.weight_decay if self.weight_decay_mode == "l2" else 0.0,
-            decay_factor=None if decay_factor is None else self._finish(decay_factor),
+            decay_factor=None if decay_factor is None else self.finish(decay_factor),
             keeps_tensors=self.keeps_tensors,
         )
 
     def step_scalars(self, step: Scalar) -> StepScalars:
-        """Bias-corrected step size for step count ``step`` (t >= 1): a float, or a
-        float64 device tensor on the capturable path (no host sync)."""
-        if self.algorithm == "nadam":
-            return self._nadam_scalars(step)
-        if self.algorithm == "radam":
-            return self._radam_scalars(step)
-        if self.algorithm == "adopt":
-            return self._adopt_scalars(step)
-        bias_correction1 = 1 - self.beta1**step
-        step_size = self.lr / bias_correction1
-        if self.algorithm == "adamax":
-            return StepScalars(self._finish(step_size), 1.0)
-        bias_correction2 = 1 - self.beta2**step
-        scalars = StepScalars(self._finish(step_size), self._finish(bias_correction2**0.5))
-        if self.algorithm == "stable_adamw":  # its update clipping reads v / (1 - beta2^t)
-            return replace(scalars, bias_correction2=self._finish(bias_correction2))
-        return scalars
-
-    def _nadam_scalars(self, step: Scalar) -> StepScalars:
-        r""":math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})`, :math:`\mu_{t+1}` and
-        :math:`1 - \beta_2^t`, in torch.optim.NAdam's arithmetic."""
-        bias_correction2 = 1 - self.beta2**step
-        mu = self.beta1 * (1.0 - 0.5 * (0.96 ** (step * self.momentum_decay)))
-        mu_next = self.beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * self.momentum_decay)))
-        return StepScalars(
-            self.lr, self._finish(bias_correction2**0.5), bias_correction2=bias_correction2, mu=mu, mu_next=mu_next
-        )
-
-    def _radam_scalars(self, step: Scalar) -> StepScalars:
-        r""":math:`1 - \beta_1^t`, :math:`\sqrt{1 - \beta_2^t}` and the rectification
-        :math:`r_t` (``None`` while :math:`\rho_t \le 5`), in torch.optim.RAdam's arithmetic."""
-        bias_correction1 = 1 - self.beta1**step
-        bias_correction2 = 1 - self.beta2**step
-        rho_inf = 2 / (1 - self.beta2) - 1
-        rho_t = rho_inf - 2 * step * (self.beta2**step) / bias_correction2
-        rectification = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-        scalars = StepScalars(self.lr, bias_correction2**0.5, bias_correction1=bias_correction1)
-        if isinstance(step, Tensor):  # a step count on the device: decided there
-            return replace(scalars, rectification=rectification, rectified=rho_t > 5.0)
-        # (a tensor beta2 with a host step: the test reads rho_t, as torch's does)
-        return replace(scalars, rectification=rectification if rho_t > 5.0 else None)
-
-    def _adopt_scalars(self, step: Scalar) -> StepScalars:
-        r"""ADOPT's clipping value :math:`c_t = (t - 1)^p` and the weight of :math:`g^2`
-        in :math:`v`, both chosen so that the first step only sets :math:`v = g^2`."""
-        clip = math.inf if self.clip_exponent is None else (step - 1) ** self.clip_exponent
-        first = step == 1
-        if isinstance(step, Tensor):  # a step count on the device: decided there
-            clip = torch.where(first, torch.zeros_like(step), clip)  # in the step's dtype (float64)
-            second_weight = torch.where(first, torch.ones_like(step), 1 - self.beta2)
-        else:
-            clip = 0.0 if first else clip
-            second_weight = 1.0 if first else self._finish(1 - self.beta2)
-        return StepScalars(self._finish(self.lr), 1.0, first=first, clip=clip, second_weight=second_weight)
+        """The algorithm's scalars for step count ``step`` (t >= 1): floats, or float64
+        device tensors on the capturable path (no host sync); see
+        :attr:`adamkit.algorithms.AlgorithmSpec.step_scalars`."""
+        return self.spec.step_scalars(self, step)
 
     def step_scalars_for(self, steps: list[Tensor]) -> list[StepScalars]:
         """One :class:`StepScalars` per tensor, computed once per distinct step count.

@@ -35,11 +35,14 @@ from collections.abc import Iterator, MutableMapping, Sequence
 from torch import Tensor
 
 from . import blockwise
+from .algorithms import REGISTRY
 from .specs.master import MASTER_KEY
-from .state import COMPENSATION_KEY, SECOND_MOMENT_KEY
+from .state import COMPENSATION_KEY
 
 #: state keys whose tensors are shaped (and, for a sharded param, sharded) like the param
-PARAM_SHAPED_KEYS = frozenset({"exp_avg", "max_exp_avg_sq", COMPENSATION_KEY, MASTER_KEY, *SECOND_MOMENT_KEY.values()})
+PARAM_SHAPED_KEYS = frozenset(
+    {"exp_avg", "max_exp_avg_sq", COMPENSATION_KEY, MASTER_KEY, *(spec.second_moment_key for spec in REGISTRY.values())}
+)
 
 
 def is_sharded(t: object) -> bool:

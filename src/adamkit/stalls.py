@@ -62,7 +62,8 @@ import torch
 from torch import Tensor
 
 from . import sharding
-from .diagnostics import READ_BACK, effective_step_sizes
+from .algorithms import lookup
+from .diagnostics import effective_step_sizes
 from .kernels.types import as_real
 from .rule import UpdateRule, as_number
 from .specs.master import MASTER_KEY, join_tensors
@@ -212,7 +213,7 @@ def stall_guard(optimizer, *, every: int = 100, threshold: float = 0.5, names=No
         raise ValueError(f"stall_guard: threshold must be a number in (0, 1], got {threshold!r}")
     if not hasattr(optimizer, "algorithm"):
         raise TypeError(f"stall_guard: optimizer must be an adamkit optimizer, got {type(optimizer).__name__}")
-    if optimizer.algorithm not in READ_BACK:
+    if lookup(optimizer.algorithm).read_back is None:
         raise ValueError(
             f"stall_guard reads each step back from the optimizer's state; {type(optimizer).__name__}'s step "
             "depended on that step's gradient, which the state does not keep"

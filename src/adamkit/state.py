@@ -21,21 +21,15 @@ import torch
 from torch import Tensor
 
 from . import blockwise
+from .algorithms import REGISTRY, lookup
 from .rule import Algorithm
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
 from .specs.quantization import FORMATS, is_quantized
 from .specs.rounding import is_low_precision, needs_random_bits
 from .statekeeping import ISSUABLE_DEVICES, issue
 
-#: name of the second state tensor per algorithm, as torch.optim names it
-SECOND_MOMENT_KEY: dict[str, str] = {
-    "adam": "exp_avg_sq",
-    "adamax": "exp_inf",
-    "nadam": "exp_avg_sq",
-    "radam": "exp_avg_sq",
-    "adopt": "exp_avg_sq",
-    "stable_adamw": "exp_avg_sq",
-}
+#: name of the second state tensor per algorithm, as torch.optim names it (read from the registry)
+SECOND_MOMENT_KEY: dict[str, str] = {name: spec.second_moment_key for name, spec in REGISTRY.items()}
 
 #: NAdam's running product of its momentum coefficients, a 0-d tensor beside ``step``
 MU_PRODUCT_KEY = "mu_product"
@@ -102,7 +96,7 @@ def state_dtype(param: Tensor, state_precision: str | None) -> torch.dtype:
 
 def moment_keys(algorithm: Algorithm, amsgrad: bool) -> list[str]:
     """The state keys holding moments, in kernel order (first, second, AMSGrad maximum)."""
-    return ["exp_avg", SECOND_MOMENT_KEY[algorithm]] + (["max_exp_avg_sq"] if amsgrad else [])
+    return lookup(algorithm).moment_keys(amsgrad)
 
 
 def has_compensation(param: Tensor, group: dict) -> bool:
@@ -181,17 +175,18 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
     ``master_weights``: moments are converted to the asked dtype or format, a Kahan
     compensation or a master weight's low bits are added (zero: the param is exact as
     it stands) or dropped.  Returns whether anything changed."""
+    spec = lookup(algorithm)
     changed = not state
     if changed:
         state["step"] = _new(state, step_tensor(0.0, param, group))
-    if algorithm == "nadam" and MU_PRODUCT_KEY not in state:
+    if spec.keeps_mu_product and MU_PRODUCT_KEY not in state:
         state[MU_PRODUCT_KEY] = _new(state, step_tensor(1.0, param, group))
         changed = True
     for key in ("step", MU_PRODUCT_KEY):
         if key in state and not _is_counter(state[key], _counter_dtype(key, param, group)):
             state[key] = _new(state, step_tensor(float(state[key]), param, group))
             changed = True
-    for key in moment_keys(algorithm, algorithm == "adam" and bool(group.get("amsgrad"))):
+    for key in spec.moment_keys(spec.amsgrad and bool(group.get("amsgrad"))):
         changed |= _conform_moment(state, key, param, group.get("state_precision"))
     if has_compensation(param, group):
         held = state.get(COMPENSATION_KEY)
@@ -243,7 +238,7 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
     one number >= 0.  (What :func:`init_state` converts, dtypes and layouts, is not checked.)"""
     moments = moment_keys(algorithm, amsgrad)
     held_quantized = {key: blockwise.stored_format(state, key, param.numel()) for key in moments if key not in state}
-    scalars = ["step", MU_PRODUCT_KEY] if algorithm == "nadam" else ["step"]
+    scalars = ["step", MU_PRODUCT_KEY] if lookup(algorithm).keeps_mu_product else ["step"]
     missing = [key for key in scalars + moments if key not in state and held_quantized.get(key) is None]
     for key in missing:
         _check_quantized_sizes(state, key, param, where)

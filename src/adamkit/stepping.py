@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import accumulation, kernels, offload, sharding, statekeeping
+from .algorithms import lookup
 from .diagnostics import Recorder
 from .guard import CheckedTensors, StepGuard
 from .kernels import GroupBatch, Kernel
@@ -161,7 +162,7 @@ class Stepper:
             cache["sharded"] = any(map(sharding.is_sharded, params))
             cache["offsets"] = {id(p): sharding.element_offset(p) for p in params} if cache["sharded"] else None
         if (
-            self.optimizer.algorithm == "adam"
+            lookup(self.optimizer.algorithm).tensor_hyperparameter_checks
             and group.get("foreach")
             and isinstance(group["lr"], Tensor)
             and not group["capturable"]

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..algorithms import REGISTRY
 from . import cpu, foreach, single_tensor
 from . import triton as triton_kernel
-from .host import ALGORITHM_CODES
 from .lists import list_kernel
 from .types import GroupBatch, GroupTensors, StepFn
 
@@ -45,11 +45,16 @@ class Kernel:
     available: Callable[[], bool] = lambda: True
     #: why the kernel is not available here (None: it is, or no reason is known)
     unavailable_reason: Callable[[], str | None] = lambda: None
-    #: the algorithms it runs
-    algorithms: frozenset[str] = frozenset(single_tensor.ALGORITHMS)
+    #: the algorithms it runs (every registered one: the list kernels have a function
+    #: per algorithm, the fused kernels compile every algorithm's forms)
+    algorithms: frozenset[str] = frozenset(REGISTRY)
 
     def supports(self, device: torch.device) -> bool:
         return self.device_types is None or device.type in self.device_types
+
+    def runs(self, algorithm: str) -> bool:
+        """Whether the kernel runs ``algorithm``."""
+        return algorithm in self.algorithms
 
 
 KERNELS: dict[str, Kernel] = {
@@ -68,7 +73,6 @@ KERNELS: dict[str, Kernel] = {
         amp=True,
         available=cpu.available,
         unavailable_reason=cpu.unavailable_reason,
-        algorithms=frozenset(ALGORITHM_CODES),
     ),
     "triton": Kernel(
         "triton",
@@ -77,7 +81,6 @@ KERNELS: dict[str, Kernel] = {
         fused=True,
         amp=True,
         available=triton_kernel.available,
-        algorithms=frozenset(ALGORITHM_CODES),
     ),
 }
 
@@ -102,7 +105,7 @@ def fused_backend(devices: set[torch.device], algorithm: str = "adam") -> str:
     none (or it does not run ``algorithm``)."""
     types = {d.type for d in devices}
     name = FUSED.get(types.pop()) if len(types) == 1 else None
-    if name is None or algorithm not in KERNELS[name].algorithms:
+    if name is None or not KERNELS[name].runs(algorithm):
         return "foreach"
     return name if KERNELS[name].available() else _fallback(name, "foreach")
 
@@ -128,8 +131,8 @@ def resolve(
     """
     name = backend or default_backend(devices, differentiable=differentiable, algorithm=algorithm)
     kernel = KERNELS[name]
-    if algorithm not in kernel.algorithms:
-        runs = ", ".join(repr(n) for n, k in KERNELS.items() if algorithm in k.algorithms)
+    if not kernel.runs(algorithm):
+        runs = ", ".join(repr(n) for n, k in KERNELS.items() if k.runs(algorithm))
         raise ValueError(f"backend={name!r} does not run {algorithm} (backends that do: {runs}, or None)")
     if differentiable and not kernel.differentiable:
         raise ValueError(f"backend={name!r} does not support differentiable=True (use backend='single_tensor' or None)")

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..algorithms import REGISTRY, AlgorithmSpec, Denominator, FirstMoment, SecondMoment, lookup
 from ..guard import is_dense
 from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule, as_number
 from ..sharding import per_tensor_totals
@@ -79,9 +80,7 @@ from ..specs.quantization import QuantFormat
 from ..state import PARAM_EXTRA_KEY, moment_storage
 from .amp import inverse_scale
 from .host import (
-    ALGORITHM_CODES,
     CAUTIOUS_SCALE_COLUMN,
-    CLIPPED,
     COLUMNS,
     DECAY_FACTOR_COLUMN,
     STATE_COLUMNS,
@@ -152,9 +151,10 @@ _STORAGE = {
 #: quantized-state formats as state witnesses (the codes are bytes either way)
 _QUANTIZED_STORAGE = {"int8": np.int8, "int4": np.uint8}
 
-#: the algorithm travels as a witness type too (:data:`host.ALGORITHM_CODES` order)
+#: the algorithm travels as a witness type too, by its code (:attr:`AlgorithmSpec.code`)
 _ALGORITHM_WITNESS = {
-    name: (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16)[code] for name, code in ALGORITHM_CODES.items()
+    name: (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)[spec.code]
+    for name, spec in REGISTRY.items()
 }
 
 #: whether the update is cautious, as a witness type
@@ -585,22 +585,28 @@ if numba is not None:
         "master24": (_load_master24_param, _put_master24_param, _put_stochastic),
     }
 
-    def _element_loop(algorithm: str, amsgrad: bool, rounding_mode: str, cautious: bool, counting: bool = False):
-        """The element loop of one algorithm and rounding variant.  The algorithm,
-        ``amsgrad`` and the storage functions are fixed here, in Python: the variants
+    def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautious: bool, counting: bool = False):
+        """The element loop of one algorithm and rounding variant.  The algorithm's
+        forms (:mod:`adamkit.algorithms`), ``amsgrad`` and the storage functions are
+        fixed here, in Python: the variants
         differ in which memory they read and write, and LLVM only vectorizes a loop with
         conditional stores after unswitching it, which it refuses for the larger bf16
         bodies (and code that is never run is then never compiled either).  Decay and
         maximize only select values and stay runtime flags, as does whether the step is
         adaptive (RAdam: rectified; ADOPT: past its first step; one per tensor).
-        StableAdamW's loop is Adam's: its clipping is in the per-tensor scalars.  A
+        StableAdamW's loop is Adam's: its clipping is in the per-tensor scalars.  The
+        forms are taken in the order of :class:`~adamkit.kernels.triton`'s twin.  A
         ``cautious`` loop keeps an element's update u only where u g > 0, as the
         reference does (u [u g > 0] n / (kept + 1): a NaN update stays NaN), and a
         ``counting`` loop is the agreement pass: the same arithmetic, nothing stored, the
         number of elements with u g > 0 returned (:func:`_agreement_counts`)."""
         load_param, put_param, put = _STORAGE_POLICIES[rounding_mode]
-        adamax, nadam, radam, adopt = (algorithm == name for name in ("adamax", "nadam", "radam", "adopt"))
-        first_moment = _first_moment_of(algorithm)
+        infinity_norm = spec.second_moment == SecondMoment.INFINITY_NORM
+        average_after = spec.second_moment == SecondMoment.AVERAGE_AFTER
+        rectified = spec.denominator == Denominator.RECTIFIED_ROOT
+        reads_previous_second = spec.first_moment == FirstMoment.NORMALIZED_CLIPPED
+        nesterov = spec.nesterov
+        first_moment = _adopt_first_moment if reads_previous_second else _adam_first_moment
         if counting:  # nothing is stored
             put_param, put = _put_nothing, _put_nothing_stochastic
 
@@ -623,14 +629,14 @@ if numba is not None:
                 elif decay == DECOUPLED_DECAY:
                     p = p * decay_factor
                 m = _compute(param, _load(exp_avg, i))
-                v = _load(second, i) if adopt else zero  # (ADOPT normalizes g by the previous v)
+                v = _load(second, i) if reads_previous_second else zero  # (ADOPT: g over the previous v)
                 m = first_moment(m, g, v, one_minus_beta1, eps, clip)
                 put(exp_avg, i, m, keys[1], keys[4])
-                if adamax:
+                if infinity_norm:
                     u = max(beta2 * _load(second, i), abs(g) + eps)
                     put(second, i, u, keys[2], keys[4])
                     denom = u
-                elif adopt:
+                elif average_after:
                     put(second, i, beta2 * v + second_weight * g * g, keys[2], keys[4])
                     denom = one
                 else:
@@ -639,11 +645,11 @@ if numba is not None:
                     if amsgrad:
                         v = max(_load(max_second, i), v)
                         put(max_second, i, v, keys[3], keys[4])
-                    if radam:  # before rectification: momentum SGD, no denominator
+                    if rectified:  # before rectification: momentum SGD, no denominator
                         denom = np.sqrt(v) + eps if adaptive else one
                     else:
                         denom = np.sqrt(v) / bias_correction2_sqrt + eps
-                if nadam:
+                if nesterov:
                     update = (step_size * m + gradient_step_size * g) / denom
                 else:
                     update = step_size * (m / denom)
@@ -680,26 +686,23 @@ if numba is not None:
             target = -clip
         return m + one_minus_beta1 * (target - m)
 
-    def _first_moment_of(algorithm: str):
-        return _adopt_first_moment if algorithm == "adopt" else _adam_first_moment
-
-    #: (plain, amsgrad) loops per (algorithm, rounding mode, cautious); only Adam has AMSGrad
+    #: (plain, amsgrad) loops per (algorithm, rounding mode, cautious); AMSGrad where the algorithm has it
     _LOOPS = {
-        (algorithm, mode, cautious): (
-            _element_loop(algorithm, amsgrad=False, rounding_mode=mode, cautious=cautious),
-            _element_loop(algorithm, amsgrad=algorithm == "adam", rounding_mode=mode, cautious=cautious),
+        (spec.name, mode, cautious): (
+            _element_loop(spec, amsgrad=False, rounding_mode=mode, cautious=cautious),
+            _element_loop(spec, amsgrad=spec.amsgrad, rounding_mode=mode, cautious=cautious),
         )
-        for algorithm in _ALGORITHM_WITNESS
+        for spec in REGISTRY.values()
         for mode in _ROUNDING_WITNESS
         for cautious in (False, True)
     }
     #: the agreement pass's (plain, amsgrad) counting loops per (algorithm, rounding mode)
     _COUNTING_LOOPS = {
-        (algorithm, mode): (
-            _element_loop(algorithm, amsgrad=False, rounding_mode=mode, cautious=False, counting=True),
-            _element_loop(algorithm, amsgrad=algorithm == "adam", rounding_mode=mode, cautious=False, counting=True),
+        (spec.name, mode): (
+            _element_loop(spec, amsgrad=False, rounding_mode=mode, cautious=False, counting=True),
+            _element_loop(spec, amsgrad=spec.amsgrad, rounding_mode=mode, cautious=False, counting=True),
         )
-        for algorithm in _ALGORITHM_WITNESS
+        for spec in REGISTRY.values()
         for mode in _ROUNDING_WITNESS
     }
     _MODE_OF_WITNESS = {
@@ -1041,7 +1044,7 @@ if numba is not None:
         """StableAdamW's clipping of tensors [first, end), as
         :func:`~adamkit.kernels.host.clip_update_sizes` computes it (nothing for the
         other algorithms: the choice is made when compiling)."""
-        if _ALGORITHM_OF_WITNESS[aw.dtype] not in CLIPPED:
+        if not lookup(_ALGORITHM_OF_WITNESS[aw.dtype]).clips_update:
             return lambda addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw: None
         clipping_sums = _quantized_clipping_sums if sw.dtype in (types.int8, types.uint8) else _clipping_sums
 
@@ -1162,7 +1165,7 @@ class _Bucket:
         ).reshape(len(members), STATE_COLUMNS)
         self.chunks = chunk_table(self.real_numels, CHUNK)
         self.windows = np.array(window_table(self.chunks, PRE_PASS_WINDOW), dtype=np.int64).reshape(-1, 4)
-        self.clipped = rule.algorithm in CLIPPED
+        self.clipped = rule.spec.clips_update
         self.cautious = rule.cautious
         self.cautious_witness = np.empty(0, dtype=_CAUTIOUS_WITNESS[rule.cautious])
         self.whole_group = members == list(range(len(batch.params)))

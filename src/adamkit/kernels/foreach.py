@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..rule import GroupScalars, StepScalars, UpdateRule
 from . import single_tensor
+from .lists import named_after_algorithms
 from .types import GroupTensors, as_real
 
 
@@ -233,8 +234,8 @@ def _tensor_by_tensor_when_cautious(run, per_tensor):
     return step
 
 
-#: the per-list function of each algorithm
+#: the per-list function of each algorithm: the function above named after it
 ALGORITHMS = {
-    run.__name__: _tensor_by_tensor_when_cautious(run, single_tensor.ALGORITHMS[run.__name__])
-    for run in (adam, adamax, nadam, radam, adopt, stable_adamw)
+    name: _tensor_by_tensor_when_cautious(run, single_tensor.ALGORITHMS[name])
+    for name, run in named_after_algorithms(globals()).items()
 }

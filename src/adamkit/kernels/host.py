@@ -55,18 +55,13 @@ import torch
 from torch import Tensor
 
 from .. import blockwise
+from ..algorithms import lookup
 from ..rule import Algorithm, GroupScalars, StepScalars, UpdateRule, as_number
 from ..sharding import PARAM_SHAPED_KEYS
 from ..specs.master import LOW_BITS_DTYPE
 from ..specs.quantization import SIGNED_KEYS, QuantFormat
 from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_keys
 from .types import as_real
-
-#: the algorithms the fused kernels run, and the code each kernel specializes on
-ALGORITHM_CODES = {"adam": 0, "adamax": 1, "nadam": 2, "radam": 3, "adopt": 4, "stable_adamw": 5}
-
-#: the algorithms whose update sizes wait for a per-tensor reduction (:func:`clip_update_sizes`)
-CLIPPED = frozenset({"stable_adamw"})
 
 #: the address table's columns (see the module docstring)
 COLUMNS = (
@@ -126,8 +121,10 @@ def group_constants(group_scalars: GroupScalars) -> tuple:
 def tensor_scalar_columns(algorithm: Algorithm, lr, scalars: StepScalars, mu_products, decay_factor, where) -> tuple:
     """:data:`TENSOR_SCALARS` from each tensor's step scalars (fields that are float64
     arrays or device tensors, aligned with the tensors), NAdam's new ``mu_product``
-    values and the group's decoupled decay factor (``None`` without decoupled decay);
-    ``where`` is ``numpy.where`` or ``torch.where``."""
+    values and the group's decoupled decay factor (``None`` without decoupled decay):
+    Adam's, changed by the algorithm's
+    :attr:`~adamkit.algorithms.AlgorithmSpec.tensor_columns`; ``where`` is
+    ``numpy.where`` or ``torch.where``."""
     s = scalars
     columns = {
         "step_size": s.step_size,
@@ -140,19 +137,7 @@ def tensor_scalar_columns(algorithm: Algorithm, lr, scalars: StepScalars, mu_pro
         "bias_correction2": 1.0,
         "cautious_scale": 1.0,
     }
-    if algorithm == "nadam":
-        columns["step_size"] = lr * s.mu_next / (1.0 - mu_products * s.mu_next)
-        columns["gradient_step_size"] = lr * (1.0 - s.mu) / (1.0 - mu_products)
-    elif algorithm == "radam":
-        adaptive = lr * s.rectification * s.bias_correction2_sqrt / s.bias_correction1
-        columns["step_size"] = where(s.rectified, adaptive, lr / s.bias_correction1)
-        columns.update(bias_correction2_sqrt=1.0, adaptive=1.0 * s.rectified)
-    elif algorithm == "adopt":  # the first step moves nothing, decay included
-        columns.update(bias_correction2_sqrt=1.0, adaptive=where(s.first, 0.0, 1.0), clip=s.clip)
-        columns["second_weight"] = s.second_weight
-        columns["decay_factor"] = where(s.first, 1.0, columns["decay_factor"])
-    elif algorithm == "stable_adamw":  # the step size and decay factor before clipping
-        columns["bias_correction2"] = s.bias_correction2
+    lookup(algorithm).tensor_columns(columns, lr, s, mu_products, where)
     return tuple(columns[name] for name in TENSOR_SCALARS)
 
 
@@ -303,7 +288,7 @@ class HostCounters:
 
     def __init__(self, states: list[dict], algorithm: Algorithm):
         self.steps = [state["step"] for state in states]
-        self.products = [state[MU_PRODUCT_KEY] for state in states] if algorithm == "nadam" else []
+        self.products = [state[MU_PRODUCT_KEY] for state in states] if lookup(algorithm).keeps_mu_product else []
         counters = self.steps + self.products
         dtypes = {c.dtype for c in counters}
         self.compiled = njit is not None and len(dtypes) == 1 and all(c.device.type == "cpu" for c in counters)

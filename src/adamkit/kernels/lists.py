@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from ..algorithms import REGISTRY
 from ..rule import GroupScalars, StepScalars, UpdateRule
 from . import storage
 from .types import GroupBatch, GroupTensors, StepFn
@@ -15,6 +16,15 @@ class ListKernelFn(Protocol):
     def __call__(
         self, tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
     ) -> None: ...
+
+
+def named_after_algorithms(namespace: Mapping[str, object]) -> dict[str, ListKernelFn]:
+    """A list kernel's per-list function of every registered algorithm: the function
+    ``namespace`` (a module's globals) holds under the algorithm's name."""
+    missing = [name for name in REGISTRY if not callable(namespace.get(name))]
+    if missing:
+        raise ImportError(f"{namespace['__name__']} has no per-list function for {missing}")
+    return {name: namespace[name] for name in REGISTRY}
 
 
 def list_kernel(algorithms: Mapping[str, ListKernelFn]) -> StepFn:
@@ -39,4 +49,4 @@ def list_kernel(algorithms: Mapping[str, ListKernelFn]) -> StepFn:
     return step
 
 
-__all__ = ["ListKernelFn", "list_kernel"]
+__all__ = ["ListKernelFn", "list_kernel", "named_after_algorithms"]

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..rule import GroupScalars, StepScalars, UpdateRule
 from ..sharding import per_tensor_totals
+from .lists import named_after_algorithms
 from .types import GroupTensors, as_real
 
 
@@ -301,5 +302,5 @@ def _unless_first(step: StepScalars, factor):
     return 1.0 if step.first else factor
 
 
-#: the per-list function of each algorithm
-ALGORITHMS = {run.__name__: run for run in (adam, adamax, nadam, radam, adopt, stable_adamw)}
+#: the per-list function of each algorithm: the function above named after it
+ALGORITHMS = named_after_algorithms(globals())

@@ -132,7 +132,7 @@ def widened(
     """
     keys = moment_keys(rule.algorithm, rule.amsgrad)
     work = GroupTensors(list(params), list(grads), [], [], [])
-    if rule.algorithm == "nadam":
+    if rule.spec.keeps_mu_product:
         work.mu_products = [state[MU_PRODUCT_KEY] for state in states]
     work_moments = (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs)
     pending: list[tuple[int, list[_Stored]]] = []

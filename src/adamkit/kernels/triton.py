@@ -43,6 +43,7 @@ import os
 import numpy as np
 import torch
 
+from ..algorithms import Denominator, FirstMoment, SecondMoment
 from ..rule import DECOUPLED_DECAY, L2_DECAY, GroupScalars, UpdateRule
 from ..sharding import per_tensor_totals
 from ..specs import rounding
@@ -51,8 +52,6 @@ from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_storage
 from . import foreach, storage
 from .amp import unscaled
 from .host import (
-    ALGORITHM_CODES,
-    CLIPPED,
     COLUMNS,
     STATE_COLUMNS,
     TENSOR_SCALARS,
@@ -108,8 +107,13 @@ if triton is not None:
     _L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
     _ROW_LENGTH = tl.constexpr(len(COLUMNS))
     _TENSOR_SCALAR_COUNT = tl.constexpr(len(TENSOR_SCALARS))
-    _ADAMAX, _NADAM, _RADAM, _ADOPT = (
-        tl.constexpr(ALGORITHM_CODES[name]) for name in ("adamax", "nadam", "radam", "adopt")
+    # the element math's forms (adamkit.algorithms), as FORMS packs them
+    _NORMALIZED_CLIPPED = tl.constexpr(int(FirstMoment.NORMALIZED_CLIPPED))
+    _INFINITY_NORM, _AVERAGE_AFTER = (
+        tl.constexpr(int(f)) for f in (SecondMoment.INFINITY_NORM, SecondMoment.AVERAGE_AFTER)
+    )
+    _RECTIFIED_ROOT, _NORM, _NO_DENOMINATOR = (
+        tl.constexpr(int(d)) for d in (Denominator.RECTIFIED_ROOT, Denominator.NORM, Denominator.NONE)
     )
 
     @triton.jit
@@ -419,7 +423,7 @@ if triton is not None:
         bounds,
         tensors,
         scalars,
-        ALGORITHM: tl.constexpr,
+        FORMS: tl.constexpr,
         AMSGRAD: tl.constexpr,
         DECAY: tl.constexpr,
         KAHAN: tl.constexpr,
@@ -440,9 +444,8 @@ if triton is not None:
             v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
             \theta \leftarrow \theta - \alpha_t \, m / (\sqrt{\hat v} / \sqrt{1-\beta_2^t} + \epsilon)
 
-        (AdaMax: :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`, :math:`\theta \leftarrow
-        \theta - \alpha_t m / u`; NAdam, RAdam and ADOPT as :mod:`adamkit.kernels.host`
-        writes them), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
+        (the other forms, ``FORMS`` as :attr:`adamkit.algorithms.AlgorithmSpec.forms` packs
+        them, as :mod:`adamkit.algorithms` writes them, in the CPU kernel's order), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
         weight decay, in ``COMPUTE`` precision with IEEE division and square root.
         ``CAUTIOUS``: the update u kept only where u g > 0, scaled by the tensor's
         n / (kept + 1) (as the reference: u [u g > 0] n / (kept + 1), a NaN update stays
@@ -477,6 +480,10 @@ if triton is not None:
         STATE_STORAGE: tl.constexpr = exp_avg.dtype.element_ty  # uint8 codes when quantized
         COMPUTE: tl.constexpr = step_size.dtype
         BLOCK: tl.constexpr = offsets.shape[0]
+        FIRST_MOMENT: tl.constexpr = FORMS % 4
+        SECOND_MOMENT: tl.constexpr = FORMS // 4 % 4
+        DENOMINATOR: tl.constexpr = FORMS // 16 % 4
+        NESTEROV: tl.constexpr = FORMS // 64
         p = _load_param(param, compensation, offsets, mask, COMPUTE, KAHAN, MASTER)
         g = tl.load(grad + offsets, mask=mask).to(COMPUTE) * gradient_factor  # exact: +-1 or +-1/grad_scale
         if DECAY == _L2_DECAY:
@@ -488,7 +495,7 @@ if triton is not None:
         )
         m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
         m = m.to(COMPUTE)
-        if ALGORITHM == _ADOPT:  # m follows g normalized by the previous v, clipped to [-c, c]
+        if FIRST_MOMENT == _NORMALIZED_CLIPPED:  # m follows g over the previous v's root, clipped to [-c, c]
             root = _exact_sqrt(second_value.to(COMPUTE))
             target = _exact_div(g, tl.where(root < eps, eps, root))
             target = tl.where(target > clip, clip, tl.where(target < -clip, -clip, target))
@@ -514,9 +521,9 @@ if triton is not None:
                 0,
                 BLOCK,
             )
-        if ALGORITHM == _ADAMAX:
+        if SECOND_MOMENT == _INFINITY_NORM:
             new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
-        elif ALGORITHM == _ADOPT:
+        elif SECOND_MOMENT == _AVERAGE_AFTER:
             new_second = beta2 * second_value.to(COMPUTE) + second_weight * g * g
         else:
             new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
@@ -539,9 +546,9 @@ if triton is not None:
                 FLOAT_MAPS_SECOND,
                 BLOCK,
             )
-        if ALGORITHM == _ADAMAX:
+        if DENOMINATOR == _NORM:
             denom = new_second
-        elif ALGORITHM == _ADOPT:
+        elif DENOMINATOR == _NO_DENOMINATOR:
             denom = 1.0
         else:
             v = new_second
@@ -577,13 +584,13 @@ if triton is not None:
                         FLOAT_MAPS_SECOND,
                         BLOCK,
                     )
-            if ALGORITHM == _RADAM:  # before rectification: momentum SGD, no denominator
+            if DENOMINATOR == _RECTIFIED_ROOT:  # before rectification: momentum SGD, no denominator
                 denom = tl.where(adaptive != 0, _exact_sqrt(v) + eps, 1.0)
             else:
                 denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
-        if ALGORITHM == _NADAM:
+        if NESTEROV:
             update = _exact_div(step_size * m + gradient_step_size * g, denom)
-        elif ALGORITHM == _ADOPT:
+        elif DENOMINATOR == _NO_DENOMINATOR:
             update = step_size * m
         else:
             update = step_size * _exact_div(m, denom)
@@ -628,7 +635,7 @@ if triton is not None:
         PARAM_STORAGE: tl.constexpr,
         STATE_STORAGE: tl.constexpr,
         COMPUTE: tl.constexpr,
-        ALGORITHM: tl.constexpr,
+        FORMS: tl.constexpr,
         AMSGRAD: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         DECAY: tl.constexpr,
@@ -725,7 +732,7 @@ if triton is not None:
                     bounds,
                     tensors,
                     scalars,
-                    ALGORITHM,
+                    FORMS,
                     AMSGRAD,
                     DECAY,
                     KAHAN,
@@ -747,7 +754,7 @@ if triton is not None:
                     bounds,
                     tensors,
                     scalars,
-                    ALGORITHM,
+                    FORMS,
                     AMSGRAD,
                     DECAY,
                     KAHAN,
@@ -911,9 +918,9 @@ class _Bucket:
         self.block, self.num_warps = (QUANTIZED_BLOCK, QUANTIZED_NUM_WARPS) if self.quantized else (BLOCK, NUM_WARPS)
         chunks = chunk_table([p.numel() for p in params], self.block)
         self.chunks = torch.from_numpy(chunks).to(self.device)
-        reduced = rule.algorithm in CLIPPED or rule.cautious  # a per-tensor reduction before the update
+        reduced = rule.spec.clips_update or rule.cautious  # a per-tensor reduction before the update
         self.totals = _ChunkTotals(chunks, [p.numel() for p in params], self.device) if reduced else None
-        self.products = [s[MU_PRODUCT_KEY] for s in states] if rule.algorithm == "nadam" else []
+        self.products = [s[MU_PRODUCT_KEY] for s in states] if rule.spec.keeps_mu_product else []
         on_host = self.steps[0].device.type == "cpu" and not rule.capturable
         self.counters = HostCounters(states, rule.algorithm) if on_host else None
         self.whole_group = members == list(range(len(batch.params)))
@@ -1138,7 +1145,7 @@ def _launch_update(
         table if keys is None else keys,
         constants,
         table if counts is None else counts,  # any pointer: written only when counting
-        ALGORITHM=ALGORITHM_CODES[rule.algorithm],
+        FORMS=rule.spec.forms,
         AMSGRAD=rule.amsgrad,
         MAXIMIZE=rule.maximize,
         DECAY=decay_kind,
@@ -1198,7 +1205,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
         tensor_scalars, counts = _tensor_scalars(bucket, rule, group_scalars.decay_factor, found_inf if amp else None)
         keys = bucket.step_keys(rule, batch, counts)
         constants = _group_constants(bucket, group_scalars)
-        if rule.algorithm in CLIPPED:
+        if rule.spec.clips_update:
             _clip_update_sizes(
                 bucket, table, tensor_scalars, grad_scale if amp else None, constants, rule, batch.shards
             )

@@ -115,6 +115,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..algorithms import ADOPT, NADAM
+
 WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
 
 
@@ -141,9 +143,9 @@ class Hyperparameters:
     amsgrad: bool = False
     maximize: bool = False
     #: NAdam's momentum decay psi (torch's default)
-    momentum_decay: float = 4e-3
+    momentum_decay: float = NADAM.default("momentum_decay")
     #: ADOPT's clipping exponent p (c_t = (t - 1)^p); None: no clipping
-    clip_exponent: float | None = 0.25
+    clip_exponent: float | None = ADOPT.default("clip_exponent")
     #: cautious updates (Liang et al., 2024)
     cautious: bool = False
 

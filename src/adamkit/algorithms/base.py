@@ -1,0 +1,226 @@
+r"""What an algorithm of the Adam family is, as every consumer reads it.
+
+One :class:`AlgorithmSpec` per algorithm, registered in :data:`REGISTRY` by its module
+in this package.  The declaration holds data and small host-side functions only (no
+kernel code, no torch optimizer): the option checks, state creation and checkpoint
+conversion, the per-tensor and fused kernels, accumulation, diagnostics and the
+stall guard read it instead of comparing names.
+
+The element math every kernel runs is one form, specialised by three choices
+(:class:`FirstMoment`, :class:`SecondMoment`, :class:`Denominator`) and whether the
+direction is Nesterov's:
+
+.. math::
+
+    m \leftarrow m + (1 - \beta_1)(x - m), \qquad
+    x = \begin{cases} g & \text{average} \\
+        \operatorname{clip}(g / \max(\sqrt{v_{t-1}}, \epsilon), c) & \text{normalized and clipped (ADOPT)}
+    \end{cases}
+
+.. math::
+
+    v \leftarrow \begin{cases} \beta_2 v + (1 - \beta_2) g^2 & \text{average} \\
+        \max(\beta_2 u, |g| + \epsilon) & \text{infinity norm (AdaMax)} \\
+        \beta_2 v + w g^2 & \text{average, read before it is updated (ADOPT)} \end{cases}
+
+.. math::
+
+    \theta \leftarrow \theta - (\alpha m\ [+\ \gamma g]) / d, \qquad
+    d = \begin{cases} \sqrt{v} / c_2 + \epsilon & \text{bias-corrected root} \\
+        \sqrt{v} + \epsilon \text{ once adaptive, else } 1 & \text{rectified root (RAdam)} \\
+        u & \text{the norm itself} \\ 1 & \text{none} \end{cases}
+
+with the per-tensor scalars (:math:`\alpha, c_2, \gamma, c, w`) from the algorithm's
+host-side functions (:attr:`AlgorithmSpec.step_scalars`,
+:attr:`AlgorithmSpec.tensor_columns`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from types import MappingProxyType
+from typing import Any, Literal
+
+from torch import Tensor
+
+Scalar = float | Tensor
+
+
+def as_number(x: Scalar) -> float:
+    """A hyperparameter's value as a Python float (tensors are read, never differentiated)."""
+    return float(x.detach().item()) if isinstance(x, Tensor) else float(x)
+
+
+class FirstMoment(IntEnum):
+    """What the first moment averages."""
+
+    AVERAGE = 0  #: the gradient
+    NORMALIZED_CLIPPED = 1  #: the gradient over the previous second moment's root, clipped (ADOPT)
+
+
+class SecondMoment(IntEnum):
+    """How the second moment is formed."""
+
+    AVERAGE = 0  #: an exponential average of g^2, updated before the direction reads it
+    INFINITY_NORM = 1  #: ``max(beta2 u, |g| + eps)`` (AdaMax)
+    AVERAGE_AFTER = 2  #: an average of g^2 with a per-tensor weight, read before it is updated (ADOPT)
+
+
+class Denominator(IntEnum):
+    """What the direction divides by."""
+
+    BIAS_CORRECTED_ROOT = 0  #: sqrt(v) / sqrt(1 - beta2^t) + eps
+    RECTIFIED_ROOT = 1  #: sqrt(v) + eps where the step is adaptive, else 1 (RAdam)
+    NORM = 2  #: the infinity norm u itself (AdaMax)
+    NONE = 3  #: 1: the first moment is already normalized (ADOPT)
+
+
+#: the (first moment, second moment, denominator) forms both fused kernels implement
+#: (:mod:`adamkit.kernels.cpu`, :mod:`adamkit.kernels.triton`), Nesterov or not with each
+KERNEL_FORMS = frozenset(
+    {
+        (FirstMoment.AVERAGE, SecondMoment.AVERAGE, Denominator.BIAS_CORRECTED_ROOT),
+        (FirstMoment.AVERAGE, SecondMoment.AVERAGE, Denominator.RECTIFIED_ROOT),
+        (FirstMoment.AVERAGE, SecondMoment.INFINITY_NORM, Denominator.NORM),
+        (FirstMoment.NORMALIZED_CLIPPED, SecondMoment.AVERAGE_AFTER, Denominator.NONE),
+    }
+)
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Scalars that depend on the step count t of one tensor (NAdam's and RAdam's
+    as torch.optim forms them, so their single-tensor path keeps torch's bits)."""
+
+    step_size: Scalar  # lr / (1 - beta1^t)
+    bias_correction2_sqrt: Scalar  # sqrt(1 - beta2^t); 1 for AdaMax (unused)
+    #: 1 - beta1^t (RAdam)
+    bias_correction1: Scalar | None = None
+    #: 1 - beta2^t (NAdam)
+    bias_correction2: Scalar | None = None
+    #: NAdam's momentum coefficients mu_t and mu_{t+1}
+    mu: Scalar | None = None
+    mu_next: Scalar | None = None
+    #: RAdam's variance rectification r_t; ``None`` while rho_t <= 5 (a momentum-SGD
+    #: step).  For step counts on a device a tensor, NaN where rho_t <= 5, and
+    #: ``rectified`` says where it applies.
+    rectification: Scalar | None = None
+    rectified: Tensor | None = None
+    #: ADOPT: whether this is the first step (which only measures v), the clipping
+    #: value c_t of the normalized gradient (0 on the first step: m stays 0), and the
+    #: weight of g^2 in v (1 on the first step, where v = g^2; else 1 - beta2)
+    first: Scalar | bool | None = None
+    clip: Scalar | None = None
+    second_weight: Scalar | None = None
+
+
+#: ``step_scalars(rule, step)``: the :class:`StepScalars` of step count ``step`` (a float,
+#: or a float64 device tensor on the capturable path) under an
+#: :class:`adamkit.rule.UpdateRule` ``rule``
+StepScalarsFn = Callable[[Any, Scalar], StepScalars]
+#: ``tensor_columns(columns, lr, scalars, mu_products, where)``: the algorithm's changes,
+#: in place, to the fused kernels' per-tensor scalar ``columns`` (a dict by
+#: :data:`adamkit.kernels.host.TENSOR_SCALARS` name, filled with Adam's values) from the
+#: tensors' ``scalars`` (arrays or device tensors), NAdam's new ``mu_products``; ``where``
+#: is ``numpy.where`` or ``torch.where``
+TensorColumnsFn = Callable[[dict, Any, StepScalars, Any, Callable], None]
+#: ``read_back(second, rule, scalars)``: per element, the factor by which the step moved
+#: the weight along its new m, and where eps dominated (see :mod:`adamkit.diagnostics`)
+ReadBackFn = Callable[[Tensor, Any, StepScalars], tuple[Tensor, Tensor]]
+
+
+def no_tensor_columns(columns: dict, lr, scalars: StepScalars, mu_products, where) -> None:
+    """Adam's per-tensor scalars need no change."""
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """One algorithm, declared once (see the module docstring)."""
+
+    #: the name the optimizer class carries (``optimizer.algorithm``) and code reads
+    name: str
+    #: the optimizer class's name in :mod:`adamkit` (AdamW is Adam's with decoupled decay)
+    class_name: str
+    #: the host-side step scalars (see :data:`StepScalarsFn`)
+    step_scalars: StepScalarsFn
+    #: the element math's forms
+    first_moment: FirstMoment = FirstMoment.AVERAGE
+    second_moment: SecondMoment = SecondMoment.AVERAGE
+    denominator: Denominator = Denominator.BIAS_CORRECTED_ROOT
+    #: the direction adds the gradient's own term (NAdam: (alpha m + gamma g) / d)
+    nesterov: bool = False
+    #: the state key of the second moment, as torch.optim names it
+    second_moment_key: str = "exp_avg_sq"
+    #: keeps NAdam's running product of momentum coefficients (``mu_product``) beside ``step``
+    keeps_mu_product: bool = False
+    #: has an AMSGrad variant (a running maximum of the second moment)
+    amsgrad: bool = False
+    #: a per-tensor reduction before the update (StableAdamW's update clipping)
+    clips_update: bool = False
+    #: the update reads the step's gradient beyond the moments, so optimizer
+    #: accumulation steps with the micro-batches' mean gradient
+    steps_with_mean_gradient: bool = False
+    #: the fused kernels' per-tensor scalars (see :data:`TensorColumnsFn`)
+    tensor_columns: TensorColumnsFn = no_tensor_columns
+    #: how the last step is read back from the state (``None``: it cannot be, as it
+    #: depended on that step's gradient), for diagnostics and the stall guard
+    read_back: ReadBackFn | None = None
+    #: hyperparameters of its own, with their defaults (also the constructor's)
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    #: how a tensor beta1 becomes the weight 1 - beta1, as the torch.optim counterpart
+    #: forms it: cast to the param's dtype and device first (Adam), kept a tensor
+    #: (Adamax), or read as a number
+    tensor_beta1: Literal["cast", "tensor", "item"] = "item"
+    #: torch.optim.Adam's checks of tensor hyperparameters (refused with foreach,
+    #: both betas alike, 1-element betas made 0-d)
+    tensor_hyperparameter_checks: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hyperparameters", MappingProxyType(dict(self.hyperparameters)))
+        forms = (self.first_moment, self.second_moment, self.denominator)
+        if forms not in KERNEL_FORMS:
+            names = ", ".join(f.name for f in forms)
+            raise ValueError(
+                f"{self.name}: the fused kernels have no element math for the forms ({names}); "
+                f"they run {', '.join('(' + ', '.join(f.name for f in k) + ')' for k in KERNEL_FORMS)}"
+            )
+
+    @property
+    def forms(self) -> int:
+        """The element math's choices packed in one int (the fused kernels' compile-time key)."""
+        return int(self.first_moment) + 4 * int(self.second_moment) + 16 * int(self.denominator) + 64 * self.nesterov
+
+    @property
+    def code(self) -> int:
+        """The algorithm's place in :data:`REGISTRY` (a compile-time index)."""
+        return list(REGISTRY).index(self.name)
+
+    def default(self, name: str) -> Any:
+        """The default of hyperparameter ``name`` of this algorithm."""
+        return self.hyperparameters[name]
+
+    def moment_keys(self, amsgrad: bool) -> list[str]:
+        """The state keys holding moments, in kernel order (first, second, AMSGrad maximum)."""
+        return ["exp_avg", self.second_moment_key] + (["max_exp_avg_sq"] if amsgrad else [])
+
+
+#: every algorithm, by name, in the order registered
+REGISTRY: dict[str, AlgorithmSpec] = {}
+
+
+def register(spec: AlgorithmSpec) -> AlgorithmSpec:
+    """Add ``spec`` to :data:`REGISTRY` (once per name)."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"algorithm {spec.name!r} is registered already")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def lookup(name: str) -> AlgorithmSpec:
+    """The declaration of algorithm ``name``."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r} (registered: {', '.join(REGISTRY)})") from None

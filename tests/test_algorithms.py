@@ -1,0 +1,110 @@
+"""The algorithm registry (:mod:`adamkit.algorithms`): each algorithm declared once, and
+every consumer reading the declaration."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import adamkit
+from adamkit import kernels
+from adamkit.algorithms import REGISTRY, AlgorithmSpec, Denominator, FirstMoment, SecondMoment, lookup
+from adamkit.algorithms.adam import adam_step_scalars
+from adamkit.kernels import foreach, single_tensor
+from adamkit.rule import UpdateRule
+
+SOURCE = Path(adamkit.__file__).parent
+
+
+def test_every_class_is_registered_and_every_algorithm_has_its_class():
+    classes = {
+        cls.algorithm: cls
+        for cls in vars(adamkit).values()
+        if inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer) and hasattr(cls, "algorithm")
+    }
+    assert set(classes) == set(REGISTRY)
+    for spec in REGISTRY.values():
+        assert getattr(adamkit, spec.class_name).algorithm == spec.name
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_hyperparameter_defaults_are_the_constructors(name):
+    spec = REGISTRY[name]
+    parameters = inspect.signature(getattr(adamkit, spec.class_name)).parameters
+    for key, default in spec.hyperparameters.items():
+        assert parameters[key].default == default
+        assert getattr(UpdateRule, key) == default  # the rule's field default is the same one
+
+
+def test_every_kernel_runs_every_registered_algorithm():
+    assert set(single_tensor.ALGORITHMS) == set(foreach.ALGORITHMS) == set(REGISTRY)
+    for kernel in kernels.KERNELS.values():
+        assert all(kernel.runs(name) for name in REGISTRY), kernel.name
+
+
+def test_codes_are_registration_order_and_stable():
+    # the CPU kernel's disk-cached loops are keyed on the codes: a new algorithm goes last
+    assert [spec.code for spec in REGISTRY.values()] == list(range(len(REGISTRY)))
+    assert list(REGISTRY)[:6] == ["adam", "adamax", "nadam", "radam", "adopt", "stable_adamw"]
+
+
+def test_forms_pack_each_choice():
+    spec = lookup("adopt")
+    forms = spec.forms
+    assert (forms % 4, forms // 4 % 4, forms // 16 % 4, forms // 64) == (
+        FirstMoment.NORMALIZED_CLIPPED,
+        SecondMoment.AVERAGE_AFTER,
+        Denominator.NONE,
+        0,
+    )
+    assert lookup("nadam").forms // 64 == 1 and lookup("adam").forms == 0
+
+
+def test_a_form_the_kernels_lack_is_refused_when_declared():
+    with pytest.raises(ValueError, match=r"no element math for the forms \(AVERAGE, AVERAGE, NONE\)"):
+        AlgorithmSpec(
+            name="adam_without_denominator",
+            class_name="Adam",
+            step_scalars=adam_step_scalars,
+            denominator=Denominator.NONE,
+        )
+
+
+def test_unknown_algorithm_names_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown algorithm 'lion' \(registered: adam, adamax"):
+        lookup("lion")
+
+
+def test_hyperparameters_are_read_only():
+    with pytest.raises(TypeError):
+        lookup("nadam").hyperparameters["momentum_decay"] = 1.0
+
+
+def test_no_algorithm_name_is_compared_outside_the_registry():
+    """The consumers read the declaration, not the name: at most the NumPy reference (an
+    independent oracle, which keeps its own branches) and the kernels' capability check."""
+    pattern = re.compile(r"algorithm (==|!=|in|not in) ")
+    hits = [
+        f"{path.relative_to(SOURCE)}:{n}"
+        for path in sorted(SOURCE.rglob("*.py"))
+        if "algorithms" not in path.relative_to(SOURCE).parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert len(hits) <= 5, hits
+    assert all(h.startswith(("specs/reference.py", "kernels/__init__.py")) for h in hits), hits
+
+
+def test_the_registry_imports_nothing_else_of_adamkit():
+    """The bottom layer: the specs, the rule and every kernel import it, so it imports none of them."""
+    outside = [
+        f"{path.name}: {line.strip()}"
+        for path in sorted((SOURCE / "algorithms").glob("*.py"))
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*(from \.\.|from adamkit|import adamkit)", line)
+    ]
+    assert outside == []
