@@ -47,6 +47,8 @@ FAMILY = {
 }
 
 WEIGHT_DECAYS = ("none", "l2", "decoupled")
+#: the classes whose weight decay is always decoupled
+ALWAYS_DECOUPLED = ("AdamW", "StableAdamW", "AdEMAMix")
 
 #: where the matrix's params live: the CPU, or ``ADAMKIT_TEST_DEVICE=cuda`` to run the
 #: conformance suite on a GPU (with the kernels that run there)
@@ -87,7 +89,7 @@ class Case:
         kw: dict = {"maximize": self.maximize}
         if self.weight_decay != "none":
             kw["weight_decay"] = 0.1
-        elif self.optimizer in ("AdamW", "StableAdamW"):
+        elif self.optimizer in ALWAYS_DECOUPLED:
             kw["weight_decay"] = 0.0
         if self.algorithm == "adam":
             kw["amsgrad"] = self.amsgrad
@@ -142,7 +144,7 @@ def _cases(*, torch_expressible: bool, **grid: tuple) -> list[Case]:
     for values in itertools.product(*grid.values()):
         fields = dict(zip(grid, values))
         name, decay = fields["optimizer"], fields["weight_decay"]
-        if name in ("AdamW", "StableAdamW") and decay == "l2":
+        if name in ALWAYS_DECOUPLED and decay == "l2":
             continue  # their decay is always decoupled
         if torch_expressible and name == "AdaMax" and decay == "decoupled":
             continue  # torch.optim.Adamax has no decoupled decay

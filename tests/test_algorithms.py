@@ -37,13 +37,17 @@ def test_hyperparameter_defaults_are_the_constructors(name):
     parameters = inspect.signature(getattr(adamkit, spec.class_name)).parameters
     for key, default in spec.hyperparameters.items():
         assert parameters[key].default == default
-        assert getattr(UpdateRule, key) == default  # the rule's field default is the same one
+        rule = UpdateRule(name, 1e-3, 0.9, 0.999, 1e-8, 0.0, "l2", None, False, False, False)
+        assert getattr(rule, key) == default  # the rule reads the same default
 
 
-def test_every_kernel_runs_every_registered_algorithm():
+def test_every_kernel_runs_what_the_registry_says():
+    """The list kernels run every algorithm; the fused kernels those declared ``fused``
+    (their forms among KERNEL_FORMS, no slow first moment), and nothing else."""
     assert set(single_tensor.ALGORITHMS) == set(foreach.ALGORITHMS) == set(REGISTRY)
     for kernel in kernels.KERNELS.values():
-        assert all(kernel.runs(name) for name in REGISTRY), kernel.name
+        expected = {n for n, s in REGISTRY.items() if s.fused} if kernel.fused else set(REGISTRY)
+        assert {n for n in REGISTRY if kernel.runs(n)} == expected, kernel.name
 
 
 def test_codes_are_registration_order_and_stable():
@@ -64,14 +68,16 @@ def test_forms_pack_each_choice():
     assert lookup("nadam").forms // 64 == 1 and lookup("adam").forms == 0
 
 
-def test_a_form_the_kernels_lack_is_refused_when_declared():
-    with pytest.raises(ValueError, match=r"no element math for the forms \(AVERAGE, AVERAGE, NONE\)"):
-        AlgorithmSpec(
-            name="adam_without_denominator",
-            class_name="Adam",
-            step_scalars=adam_step_scalars,
-            denominator=Denominator.NONE,
-        )
+def test_forms_the_fused_kernels_lack_leave_it_to_the_list_kernels():
+    spec = AlgorithmSpec(
+        name="adam_without_denominator",
+        class_name="Adam",
+        step_scalars=adam_step_scalars,
+        denominator=Denominator.NONE,
+    )
+    assert not spec.fused and lookup("adam").fused
+    with pytest.raises(ValueError, match="takes AMSGrad's place"):
+        AlgorithmSpec(name="x", class_name="Adam", step_scalars=adam_step_scalars, amsgrad=True, slow_first_moment=True)
 
 
 def test_unknown_algorithm_names_the_registered_ones():

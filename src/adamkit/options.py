@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .algorithms import REGISTRY
+from .algorithms.adopt import check_clip_exponent
+from .algorithms.nadam import check_momentum_decay
 from .kernels import KERNELS
 from .offload import OFFLOADS
 from .rule import Scalar, as_number, to_scalar
@@ -351,10 +354,7 @@ def check_constructor_arguments(arguments: Mapping[str, Any], *, adam_checks: bo
         if isinstance(beta, Tensor) and beta.numel() != 1:
             raise ValueError(f"Tensor betas[{index}] must be 1-element, got shape {tuple(beta.shape)}")
     check_hyperparameters(lr=lr, betas=betas, eps=arguments["eps"], weight_decay=arguments["weight_decay"])
-    if "momentum_decay" in arguments:
-        check_momentum_decay(arguments["momentum_decay"])
-    if "clip_exponent" in arguments:
-        check_clip_exponent(arguments["clip_exponent"])
+    check_algorithm_hyperparameters(arguments)
     if not adam_checks:
         return betas
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
@@ -363,27 +363,6 @@ def check_constructor_arguments(arguments: Mapping[str, Any], *, adam_checks: bo
         if isinstance(beta, Tensor) and tensors_refused:
             raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
     return tuple(to_scalar(b) for b in betas)
-
-
-def check_momentum_decay(momentum_decay: Any, *, where: str = "") -> None:
-    """NAdam's ``momentum_decay`` (torch's message; infinity and NaN rejected too)."""
-    number = _number_of("momentum_decay", momentum_decay, where, read_tensors=True)
-    if not 0.0 <= number or math.isinf(number):
-        raise ValueError(
-            f"Invalid momentum_decay value: {momentum_decay} (momentum_decay must be a finite number >= 0{where})"
-        )
-
-
-def check_clip_exponent(clip_exponent: Any, *, where: str = "") -> None:
-    """ADOPT's ``clip_exponent``: ``None`` (no clipping) or a finite number >= 0."""
-    if clip_exponent is None:
-        return
-    number = _number_of("clip_exponent", clip_exponent, where, read_tensors=True)
-    if not 0.0 <= number or math.isinf(number):
-        raise ValueError(
-            f"Invalid clip_exponent value: {clip_exponent!r} (clip_exponent must be None, for no "
-            f"clipping, or a finite number >= 0{where}; the clipping value at step t is (t - 1) ** clip_exponent)"
-        )
 
 
 def check_max_lr(max_lr: Any, *, where: str = "") -> None:
@@ -396,6 +375,15 @@ def check_max_lr(max_lr: Any, *, where: str = "") -> None:
             f"finite number > 0{where}; it defaults to the group's initial lr, so pass "
             "max_lr explicitly when lr starts at 0)"
         )
+
+
+def check_algorithm_hyperparameters(values: Mapping[str, Any], where: str = "") -> None:
+    """Check every algorithm hyperparameter ``values`` holds (a constructor's arguments or
+    a group), by the checks each algorithm declares (:mod:`adamkit.algorithms`)."""
+    for spec in REGISTRY.values():
+        for name, check in spec.checks.items():
+            if name in values:
+                check(values[name], where)
 
 
 def check_group(group: dict, where: str) -> None:
@@ -411,10 +399,7 @@ def check_group(group: dict, where: str) -> None:
         read_tensors=not group.get("capturable"),
     )
     check_options(group, differentiable=group["differentiable"], where=where)
-    if "momentum_decay" in group:
-        check_momentum_decay(group["momentum_decay"], where=where)
-    if "clip_exponent" in group:
-        check_clip_exponent(group["clip_exponent"], where=where)
+    check_algorithm_hyperparameters(group, where)
     master = group.get("master_weights")
     if master is not None:
         for j, p in enumerate(group["params"]):
@@ -438,6 +423,7 @@ __all__ = [
     "OPTIONS",
     "STATE_PRECISIONS",
     "Option",
+    "check_algorithm_hyperparameters",
     "check_available",
     "check_clip_exponent",
     "check_constructor_arguments",

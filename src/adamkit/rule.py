@@ -30,11 +30,12 @@ bit-identical to torch; pass a float64 tensor to keep float64 scalars.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .algorithms import ADOPT, NADAM, AlgorithmSpec, StepScalars, as_number, lookup
+from .algorithms import REGISTRY, AlgorithmSpec, StepScalars, as_number, lookup
 from .specs.reference import WeightDecayMode
 
 #: an algorithm's name, a key of :data:`adamkit.algorithms.REGISTRY`
@@ -121,12 +122,22 @@ class UpdateRule:
     seed: int | None = None
     #: micro-batches folded into the moments per update (optimizer accumulation)
     accumulation_steps: int = 1
-    #: NAdam's momentum decay psi
-    momentum_decay: float = NADAM.default("momentum_decay")
-    #: ADOPT's clipping exponent p: c_t = (t - 1)^p; None: no clipping
-    clip_exponent: float | None = ADOPT.default("clip_exponent")
     #: cautious updates: only the elements whose update agrees in sign with the gradient
     cautious: bool = False
+    #: the algorithm's own hyperparameters (:attr:`AlgorithmSpec.hyperparameters`, e.g.
+    #: NAdam's ``momentum_decay``) as (name, value) pairs; each reads as an attribute
+    #: (``rule.momentum_decay``), its registry default where the pairs lack it
+    hyperparameters: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("__"):
+            for key, value in self.__dict__.get("hyperparameters", ()):
+                if key == name:
+                    return value
+            spec = REGISTRY.get(self.__dict__.get("algorithm"))
+            if spec is not None and name in spec.hyperparameters:
+                return spec.hyperparameters[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def from_group(cls, group: dict, algorithm: Algorithm) -> UpdateRule:
@@ -138,6 +149,7 @@ class UpdateRule:
         else:
             mode = "l2"
         beta1, beta2 = (to_scalar(b) for b in group["betas"])
+        spec = lookup(algorithm)
         return cls(
             algorithm=algorithm,
             lr=to_scalar(group["lr"]),
@@ -155,9 +167,8 @@ class UpdateRule:
             state_precision=group["state_precision"],
             seed=group["seed"],
             accumulation_steps=group["accumulation_steps"],
-            momentum_decay=group.get("momentum_decay", NADAM.default("momentum_decay")),
-            clip_exponent=group.get("clip_exponent", ADOPT.default("clip_exponent")),
             cautious=bool(group.get("cautious", False)),
+            hyperparameters=tuple((key, group.get(key, default)) for key, default in spec.hyperparameters.items()),
         )
 
     @property

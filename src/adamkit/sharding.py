@@ -41,7 +41,13 @@ from .state import COMPENSATION_KEY
 
 #: state keys whose tensors are shaped (and, for a sharded param, sharded) like the param
 PARAM_SHAPED_KEYS = frozenset(
-    {"exp_avg", "max_exp_avg_sq", COMPENSATION_KEY, MASTER_KEY, *(spec.second_moment_key for spec in REGISTRY.values())}
+    {
+        "exp_avg",
+        "max_exp_avg_sq",
+        COMPENSATION_KEY,
+        MASTER_KEY,
+        *(key for spec in REGISTRY.values() for key in spec.moment_keys(True)),
+    }
 )
 
 

@@ -26,7 +26,9 @@ Adding an algorithm (see docs/architecture.md):
 from __future__ import annotations
 
 from .base import (
+    KERNEL_FORMS,
     REGISTRY,
+    SLOW_MOMENT_KEY,
     AlgorithmSpec,
     Denominator,
     FirstMoment,
@@ -52,7 +54,9 @@ __all__ = [
     "ADOPT",
     "NADAM",
     "RADAM",
+    "KERNEL_FORMS",
     "REGISTRY",
+    "SLOW_MOMENT_KEY",
     "STABLE_ADAMW",
     "AlgorithmSpec",
     "Denominator",

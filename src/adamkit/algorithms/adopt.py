@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import AlgorithmSpec, Denominator, FirstMoment, SecondMoment, StepScalars, as_number, register
+from .base import AlgorithmSpec, Denominator, FirstMoment, SecondMoment, StepScalars, as_number, number_of, register
 
 
 def adopt_step_scalars(rule, step) -> StepScalars:
@@ -49,6 +49,18 @@ def adopt_read_back(second, rule, scalars: StepScalars):
     return torch.full_like(second, as_number(rule.lr)), rule.eps > second.sqrt()
 
 
+def check_clip_exponent(clip_exponent, where: str = "") -> None:
+    """ADOPT's ``clip_exponent``: ``None`` (no clipping) or a finite number >= 0."""
+    if clip_exponent is None:
+        return
+    number = number_of("clip_exponent", clip_exponent, where)
+    if not 0.0 <= number or math.isinf(number):
+        raise ValueError(
+            f"Invalid clip_exponent value: {clip_exponent!r} (clip_exponent must be None, for no "
+            f"clipping, or a finite number >= 0{where}; the clipping value at step t is (t - 1) ** clip_exponent)"
+        )
+
+
 ADOPT = register(
     AlgorithmSpec(
         name="adopt",
@@ -61,7 +73,8 @@ ADOPT = register(
         tensor_columns=adopt_tensor_columns,
         read_back=adopt_read_back,
         hyperparameters={"clip_exponent": 0.25},
+        checks={"clip_exponent": check_clip_exponent},
     )
 )
 
-__all__ = ["ADOPT", "adopt_read_back", "adopt_step_scalars", "adopt_tensor_columns"]
+__all__ = ["ADOPT", "check_clip_exponent", "adopt_read_back", "adopt_step_scalars", "adopt_tensor_columns"]

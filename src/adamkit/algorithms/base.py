@@ -77,6 +77,9 @@ class Denominator(IntEnum):
     NONE = 3  #: 1: the first moment is already normalized (ADOPT)
 
 
+#: the state key of a slow first moment (:attr:`AlgorithmSpec.slow_first_moment`)
+SLOW_MOMENT_KEY = "exp_avg_slow"
+
 #: the (first moment, second moment, denominator) forms both fused kernels implement
 #: (:mod:`adamkit.kernels.cpu`, :mod:`adamkit.kernels.triton`), Nesterov or not with each
 KERNEL_FORMS = frozenset(
@@ -114,6 +117,10 @@ class StepScalars:
     first: Scalar | bool | None = None
     clip: Scalar | None = None
     second_weight: Scalar | None = None
+    #: a slow first moment's weight in the direction and its decay at step t (AdEMAMix's
+    #: alpha_t and beta3_t)
+    slow_weight: Scalar | None = None
+    slow_decay: Scalar | None = None
 
 
 #: ``step_scalars(rule, step)``: the :class:`StepScalars` of step count ``step`` (a float,
@@ -129,6 +136,18 @@ TensorColumnsFn = Callable[[dict, Any, StepScalars, Any, Callable], None]
 #: ``read_back(second, rule, scalars)``: per element, the factor by which the step moved
 #: the weight along its new m, and where eps dominated (see :mod:`adamkit.diagnostics`)
 ReadBackFn = Callable[[Tensor, Any, StepScalars], tuple[Tensor, Tensor]]
+
+
+def number_of(name: str, value: Any, where: str = "") -> float:
+    """A hyperparameter's value as a float (a 1-element tensor is read); ``TypeError``
+    naming it for anything else."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
+        return as_number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a 1-element tensor{where}, got {value!r}")
+    return float(value)
 
 
 def no_tensor_columns(columns: dict, lr, scalars: StepScalars, mu_products, where) -> None:
@@ -155,6 +174,9 @@ class AlgorithmSpec:
     second_moment_key: str = "exp_avg_sq"
     #: keeps NAdam's running product of momentum coefficients (``mu_product``) beside ``step``
     keeps_mu_product: bool = False
+    #: keeps a second, slow first moment (AdEMAMix: ``exp_avg_slow``, third in kernel
+    #: order, where AMSGrad's maximum would be: the two never meet)
+    slow_first_moment: bool = False
     #: has an AMSGrad variant (a running maximum of the second moment)
     amsgrad: bool = False
     #: a per-tensor reduction before the update (StableAdamW's update clipping)
@@ -169,6 +191,9 @@ class AlgorithmSpec:
     read_back: ReadBackFn | None = None
     #: hyperparameters of its own, with their defaults (also the constructor's)
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    #: their checks, ``check(value, where)``: raise ``ValueError`` naming the argument, its
+    #: value and what is allowed (``where`` names the param group at step time)
+    checks: Mapping[str, Callable[[Any, str], None]] = field(default_factory=dict)
     #: how a tensor beta1 becomes the weight 1 - beta1, as the torch.optim counterpart
     #: forms it: cast to the param's dtype and device first (Adam), kept a tensor
     #: (Adamax), or read as a number
@@ -179,13 +204,20 @@ class AlgorithmSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hyperparameters", MappingProxyType(dict(self.hyperparameters)))
-        forms = (self.first_moment, self.second_moment, self.denominator)
-        if forms not in KERNEL_FORMS:
-            names = ", ".join(f.name for f in forms)
+        object.__setattr__(self, "checks", MappingProxyType(dict(self.checks)))
+        if not set(self.checks) <= set(self.hyperparameters):
             raise ValueError(
-                f"{self.name}: the fused kernels have no element math for the forms ({names}); "
-                f"they run {', '.join('(' + ', '.join(f.name for f in k) + ')' for k in KERNEL_FORMS)}"
+                f"{self.name}: checks of undeclared hyperparameters {set(self.checks) - set(self.hyperparameters)}"
             )
+        if self.slow_first_moment and self.amsgrad:
+            raise ValueError(f"{self.name}: a slow first moment takes AMSGrad's place in the kernels' order")
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused kernels run it: its forms are among :data:`KERNEL_FORMS`
+        and its state is that of Adam's element loop (no slow first moment yet)."""
+        forms = (self.first_moment, self.second_moment, self.denominator)
+        return forms in KERNEL_FORMS and not self.slow_first_moment
 
     @property
     def forms(self) -> int:
@@ -202,8 +234,10 @@ class AlgorithmSpec:
         return self.hyperparameters[name]
 
     def moment_keys(self, amsgrad: bool) -> list[str]:
-        """The state keys holding moments, in kernel order (first, second, AMSGrad maximum)."""
-        return ["exp_avg", self.second_moment_key] + (["max_exp_avg_sq"] if amsgrad else [])
+        """The state keys holding moments, in kernel order (first, second, then AMSGrad's
+        maximum or the slow first moment)."""
+        third = ["max_exp_avg_sq"] if amsgrad else []
+        return ["exp_avg", self.second_moment_key] + third + ([SLOW_MOMENT_KEY] if self.slow_first_moment else [])
 
 
 #: every algorithm, by name, in the order registered

@@ -10,7 +10,9 @@ r"""NAdam (Dozat, 2016): Adam with Nesterov momentum, its coefficient warmed up 
 
 from __future__ import annotations
 
-from .base import AlgorithmSpec, StepScalars, register
+import math
+
+from .base import AlgorithmSpec, StepScalars, number_of, register
 
 
 def nadam_step_scalars(rule, step) -> StepScalars:
@@ -30,6 +32,15 @@ def nadam_tensor_columns(columns: dict, lr, s: StepScalars, mu_products, where) 
     columns["gradient_step_size"] = lr * (1.0 - s.mu) / (1.0 - mu_products)
 
 
+def check_momentum_decay(momentum_decay, where: str = "") -> None:
+    """NAdam's ``momentum_decay`` (torch's message; infinity and NaN rejected too)."""
+    number = number_of("momentum_decay", momentum_decay, where)
+    if not 0.0 <= number or math.isinf(number):
+        raise ValueError(
+            f"Invalid momentum_decay value: {momentum_decay} (momentum_decay must be a finite number >= 0{where})"
+        )
+
+
 NADAM = register(
     AlgorithmSpec(
         name="nadam",
@@ -40,7 +51,8 @@ NADAM = register(
         steps_with_mean_gradient=True,
         tensor_columns=nadam_tensor_columns,
         hyperparameters={"momentum_decay": 4e-3},
+        checks={"momentum_decay": check_momentum_decay},
     )
 )
 
-__all__ = ["NADAM", "nadam_step_scalars", "nadam_tensor_columns"]
+__all__ = ["NADAM", "check_momentum_decay", "nadam_step_scalars", "nadam_tensor_columns"]

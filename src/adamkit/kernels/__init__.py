@@ -45,8 +45,8 @@ class Kernel:
     available: Callable[[], bool] = lambda: True
     #: why the kernel is not available here (None: it is, or no reason is known)
     unavailable_reason: Callable[[], str | None] = lambda: None
-    #: the algorithms it runs (every registered one: the list kernels have a function
-    #: per algorithm, the fused kernels compile every algorithm's forms)
+    #: the algorithms it runs (the list kernels have a function per algorithm; the fused
+    #: kernels compile the forms of those declared :attr:`~adamkit.algorithms.AlgorithmSpec.fused`)
     algorithms: frozenset[str] = frozenset(REGISTRY)
 
     def supports(self, device: torch.device) -> bool:
@@ -56,6 +56,9 @@ class Kernel:
         """Whether the kernel runs ``algorithm``."""
         return algorithm in self.algorithms
 
+
+#: the algorithms the fused kernels run
+FUSED_ALGORITHMS = frozenset(name for name, spec in REGISTRY.items() if spec.fused)
 
 KERNELS: dict[str, Kernel] = {
     "single_tensor": Kernel(
@@ -73,6 +76,7 @@ KERNELS: dict[str, Kernel] = {
         amp=True,
         available=cpu.available,
         unavailable_reason=cpu.unavailable_reason,
+        algorithms=FUSED_ALGORITHMS,
     ),
     "triton": Kernel(
         "triton",
@@ -81,6 +85,7 @@ KERNELS: dict[str, Kernel] = {
         fused=True,
         amp=True,
         available=triton_kernel.available,
+        algorithms=FUSED_ALGORITHMS,
     ),
 }
 

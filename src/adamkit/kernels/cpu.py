@@ -693,6 +693,7 @@ if numba is not None:
             _element_loop(spec, amsgrad=spec.amsgrad, rounding_mode=mode, cautious=cautious),
         )
         for spec in REGISTRY.values()
+        if spec.fused
         for mode in _ROUNDING_WITNESS
         for cautious in (False, True)
     }
@@ -703,6 +704,7 @@ if numba is not None:
             _element_loop(spec, amsgrad=spec.amsgrad, rounding_mode=mode, cautious=False, counting=True),
         )
         for spec in REGISTRY.values()
+        if spec.fused
         for mode in _ROUNDING_WITNESS
     }
     _MODE_OF_WITNESS = {

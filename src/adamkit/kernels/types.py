@@ -57,8 +57,9 @@ class GroupTensors:
     """Parallel lists, one entry per param that has a gradient this step.
 
     ``exp_avg_sqs`` holds the second moment v (Adam, NAdam, RAdam) or the infinity
-    norm u (AdaMax); ``max_exp_avg_sqs`` is empty unless AMSGrad is on, and
-    ``mu_products`` (0-d state tensors) unless the algorithm is NAdam.
+    norm u (AdaMax); ``max_exp_avg_sqs``, the third moment in kernel order, is AMSGrad's
+    maximum or AdEMAMix's slow first moment (:attr:`exp_avg_slows`), else empty; and
+    ``mu_products`` (0-d state tensors) is empty unless the algorithm is NAdam.
     """
 
     params: list[Tensor]
@@ -69,6 +70,11 @@ class GroupTensors:
     mu_products: list[Tensor] = field(default_factory=list)
     #: :attr:`GroupBatch.shards`, for per-tensor reductions over a sharded param
     shards: list | None = None
+
+    @property
+    def exp_avg_slows(self) -> list[Tensor]:
+        """A slow first moment (AdEMAMix), held where AMSGrad's maximum would be."""
+        return self.max_exp_avg_sqs
 
 
 StepFn = Callable[[GroupBatch, UpdateRule], None]

@@ -158,7 +158,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: the moment slots that take the signed map; the others are non-negative
-SIGNED_KEYS = frozenset({"exp_avg"})
+SIGNED_KEYS = frozenset({"exp_avg", "exp_avg_slow"})
 
 #: the float map's exponent bits by default (int4's e4m0), and the exponent of its
 #: smallest level (2^-15); a format's own are :attr:`QuantFormat.exponent_bits` and
