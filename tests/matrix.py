@@ -44,6 +44,7 @@ FAMILY = {
     **OPTIMIZERS,
     "ADOPT": (adamkit.ADOPT, None, "adopt"),
     "StableAdamW": (adamkit.StableAdamW, None, "stable_adamw"),
+    "AdEMAMix": (adamkit.AdEMAMix, None, "ademamix"),
 }
 
 WEIGHT_DECAYS = ("none", "l2", "decoupled")

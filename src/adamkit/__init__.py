@@ -13,7 +13,7 @@ problems.
 
 from . import convert, precision, stalls
 from ._version import __version__
-from .optim import ADOPT, Adam, AdaMax, Adamax, AdamW, NAdam, RAdam, StableAdamW
+from .optim import ADOPT, Adam, AdaMax, Adamax, AdamW, AdEMAMix, NAdam, RAdam, StableAdamW
 from .release import gradient_release
 from .specs import master, quantization, reference, rounding
 from .stalls import stall_guard
@@ -42,6 +42,7 @@ __all__ = [
     "NAdam",
     "RAdam",
     "StableAdamW",
+    "AdEMAMix",
     "convert",
     "gradient_release",
     "master",

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import convert, kernels, options
-from .algorithms import ADAM, ADAMAX, ADOPT, NADAM, RADAM, STABLE_ADAMW, lookup
+from .algorithms import ADAM, ADAMAX, ADEMAMIX, ADOPT, NADAM, RADAM, STABLE_ADAMW, lookup
 from .diagnostics import Recorder, group_stats
 from .kernels.cpu import fork_safe_threads
 from .offload import HostStep
@@ -648,4 +648,67 @@ class StableAdamW(_AdamFamily):
             group["decoupled_weight_decay"] = True
 
 
-__all__ = ["ADOPT", "Adam", "AdamW", "AdaMax", "Adamax", "NAdam", "RAdam", "StableAdamW"]
+class AdEMAMix(_AdamFamily):
+    r"""AdEMAMix (Pagliardini et al., 2024): AdamW whose direction adds a slow
+    exponential average of the gradient, weighted by :math:`\alpha`, to Adam's fast one.
+
+    .. math::
+
+        m^{(2)}_t = \beta_3(t)\, m^{(2)}_{t-1} + (1 - \beta_3(t))\, g_t, \qquad
+        \theta_t = \theta_{t-1}(1 - \eta\lambda)
+            - \eta\, \frac{\hat m_t + \alpha(t)\, m^{(2)}_t}{\sqrt{\hat v_t} + \epsilon}
+
+    ``beta3`` (the slow average's decay) and ``alpha`` (its weight) are warmed up over
+    ``beta3_warmup`` and ``alpha_warmup`` steps as in the paper (``None``: no warm-up; the
+    paper advises both, as long as training, for large ``beta3``); see
+    :mod:`adamkit.algorithms.ademamix`.  Defaults are optax's (``alpha=5``,
+    ``beta3=0.9999``, ``weight_decay=0``); weight decay is always decoupled (``decouple_lr``
+    for the fully decoupled form).  The state holds ``exp_avg``, ``exp_avg_sq`` and
+    ``exp_avg_slow``, each in any ``state_precision`` (int8/int4: the slow average in the
+    first moment's signed format).  The per-tensor paths run it (the fused kernels do not yet:
+    ``backend=None`` picks ``foreach``); with ``accumulation_steps`` it steps with the
+    micro-batches' mean gradient; ``diagnostics`` and ``offload`` it does not run yet.
+    """
+
+    algorithm = ADEMAMIX.name
+    sparse_gradient_message = "AdEMAMix does not support sparse gradients"
+    unavailable_options = ("diagnostics", "offload")
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        beta3: float = ADEMAMIX.default("beta3"),
+        alpha: float = ADEMAMIX.default("alpha"),
+        alpha_warmup: int | None = ADEMAMIX.default("alpha_warmup"),
+        beta3_warmup: int | None = ADEMAMIX.default("beta3_warmup"),
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        backend: str | None = None,
+        rounding: str = "nearest",
+        master_weights: str | None = None,
+        state_precision: str | None = None,
+        seed: int | None = None,
+        skip_nonfinite: bool = False,
+        cautious: bool = False,
+        diagnostics: bool = False,
+        accumulation_steps: int = 1,
+        offload: str | None = None,
+    ) -> None:
+        self._construct(params, {**locals(), "decoupled_weight_decay": True})
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+__all__ = ["ADOPT", "AdEMAMix", "Adam", "AdamW", "AdaMax", "Adamax", "NAdam", "RAdam", "StableAdamW"]

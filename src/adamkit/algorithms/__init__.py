@@ -47,9 +47,11 @@ from .nadam import NADAM
 from .radam import RADAM
 from .adopt import ADOPT
 from .stable_adamw import STABLE_ADAMW
+from .ademamix import ADEMAMIX
 
 __all__ = [
     "ADAM",
+    "ADEMAMIX",
     "ADAMAX",
     "ADOPT",
     "NADAM",

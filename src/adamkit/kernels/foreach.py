@@ -224,6 +224,27 @@ def stable_adamw(
         torch._foreach_addcdiv_(params, exp_avgs, denoms, [-s.step_size * c for s, c in zip(bucket_steps, scales)])
 
 
+def ademamix(
+    tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
+) -> None:
+    """AdEMAMix (see :func:`adamkit.kernels.single_tensor.ademamix`) with foreach ops."""
+    for t, bucket_steps in _buckets(tensors, steps):
+        grads = _real(_decayed_gradients(t, rule, group_scalars))
+        params, exp_avgs, exp_avg_sqs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
+        exp_avg_slows = _real(t.exp_avg_slows)
+        torch._foreach_lerp_(exp_avgs, grads, _number(group_scalars.one_minus_beta1(params[0])))
+        for slow, grad, step in zip(exp_avg_slows, grads, bucket_steps):  # (beta3_t may differ per tensor)
+            slow.lerp_(grad, _number(1 - step.slow_decay))
+        torch._foreach_mul_(exp_avg_sqs, _number(group_scalars.beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, _number(group_scalars.one_minus_beta2))
+        directions = torch._foreach_div(exp_avgs, [s.bias_correction1 for s in bucket_steps])
+        torch._foreach_add_(directions, torch._foreach_mul(exp_avg_slows, [s.slow_weight for s in bucket_steps]))
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, [s.bias_correction2_sqrt for s in bucket_steps])
+        torch._foreach_add_(denoms, group_scalars.eps)
+        _apply_updates(params, directions, denoms, bucket_steps)
+
+
 def _tensor_by_tensor_when_cautious(run, per_tensor):
     """``run``, or the single-tensor ``per_tensor`` for a cautious group (each tensor's
     mask is a reduction of its own)."""

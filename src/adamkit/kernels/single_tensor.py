@@ -275,6 +275,31 @@ def stable_adamw(
         _descend(param, exp_avg, denom, step.step_size * scale, grad, rule, shard_of(tensors, i))
 
 
+def ademamix(
+    tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
+) -> None:
+    r"""AdEMAMix: Adam's moments and a slow first moment :math:`m_2` (decay :math:`\beta_3(t)`,
+    not bias-corrected); the direction is
+    :math:`(m_1 / (1 - \beta_1^t) + \alpha(t) m_2) / (\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon)`."""
+    for i, param in enumerate(tensors.params):
+        grad = _decayed_gradient(param, tensors.grads[i], rule, group_scalars)
+        param, grad = as_real(param), as_real(grad)
+        exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
+        exp_avg_slow, step = as_real(tensors.exp_avg_slows[i]), steps[i]
+
+        exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
+        exp_avg_slow.lerp_(grad, _weight(1 - step.slow_decay, exp_avg_slow))
+        _second_moment_update(exp_avg_sq, grad, group_scalars)
+        denom = adam_denominator(exp_avg_sq, step, group_scalars.eps)
+        direction = exp_avg / step.bias_correction1 + exp_avg_slow * step.slow_weight
+        _descend(param, direction, denom, step.step_size, grad, rule, shard_of(tensors, i))
+
+
+def _weight(value, like: Tensor):
+    """A lerp weight: a float, or a device tensor in ``like``'s dtype."""
+    return value.to(like.dtype) if isinstance(value, Tensor) else value
+
+
 def update_clipping(grad: Tensor, exp_avg_sq: Tensor, step: StepScalars, eps: float, shard=None):
     r""":math:`1 / \max(1, \mathrm{RMS})` of one tensor (1 for an empty one): a float read
     from the device, or a 0-d tensor where the step scalars are tensors (no host read).

@@ -1,4 +1,4 @@
-r"""The Adam family (Kingma & Ba; NAdam, RAdam, ADOPT, StableAdamW), line by line, in NumPy float64: the
+r"""The Adam family (Kingma & Ba; NAdam, RAdam, ADOPT, StableAdamW, AdEMAMix), line by line, in NumPy float64: the
 ground truth for every other path.
 
 Algorithm 1 (Adam), for step :math:`t = 1, 2, \dots` with gradient :math:`g_t`:
@@ -82,6 +82,22 @@ step.  :math:`\eta'_t` replaces :math:`\eta` in the update and in decoupled weig
 :math:`\theta_t = \theta_{t-1}(1 - \eta'_t \lambda) - \eta'_t \hat m_t / (\sqrt{\hat v_t} + \epsilon)`
 (fully decoupled: :math:`1 - (\eta'_t / \eta_{max})\lambda`).
 
+AdEMAMix (Pagliardini et al., 2024, Algorithm 1): Adam's moments and a slow average
+:math:`m^{(2)}` of the gradient with decay :math:`\beta_3(t)`, not bias-corrected, mixed
+into the direction with weight :math:`\alpha(t)` (decay decoupled, as AdamW's):
+
+.. math::
+
+    m^{(2)}_t &= \beta_3(t)\, m^{(2)}_{t-1} + (1 - \beta_3(t))\, g_t \\
+    \theta_t &= \theta_{t-1}(1 - \eta\lambda)
+        - \eta\, (\hat m_t + \alpha(t)\, m^{(2)}_t) / (\sqrt{\hat v_t} + \epsilon)
+
+with the warm-ups over :math:`T_\alpha` and :math:`T_{\beta_3}` steps (none: the final
+value from the start): :math:`\alpha(t) = \min(t / T_\alpha, 1)\,\alpha` and
+:math:`\beta_3(t)` equal to :math:`\beta_3` for :math:`t \ge T_{\beta_3}`, before that the
+:math:`\beta` whose half-life :math:`h(\beta) = \ln\tfrac12 / \ln\beta` is
+:math:`(1 - a)\, h(\beta_1) + a\, h(\beta_3)`, :math:`a = t / T_{\beta_3}`.
+
 Options, applied in this order before the moment updates:
 
 * ``maximize``: :math:`g_t \leftarrow -g_t`.
@@ -115,7 +131,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..algorithms import ADOPT, NADAM
+from ..algorithms import ADEMAMIX, ADOPT, NADAM
 
 WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
 
@@ -129,6 +145,7 @@ class ReferenceState:
     exp_avg_sq: np.ndarray | None = None  # v (Adam) or u (AdaMax)
     max_exp_avg_sq: np.ndarray | None = None  # v^max (AMSGrad)
     mu_product: float = 1.0  # NAdam's product of momentum coefficients
+    exp_avg_slow: np.ndarray | None = None  # AdEMAMix's slow average m^(2)
 
 
 @dataclass
@@ -148,6 +165,11 @@ class Hyperparameters:
     clip_exponent: float | None = ADOPT.default("clip_exponent")
     #: cautious updates (Liang et al., 2024)
     cautious: bool = False
+    #: AdEMAMix's slow average: its decay beta3, its weight alpha, their warm-ups (steps)
+    beta3: float = ADEMAMIX.default("beta3")
+    alpha: float = ADEMAMIX.default("alpha")
+    alpha_warmup: int | None = ADEMAMIX.default("alpha_warmup")
+    beta3_warmup: int | None = ADEMAMIX.default("beta3_warmup")
 
 
 def _as_real(x: np.ndarray) -> np.ndarray:
@@ -360,6 +382,32 @@ def stable_adamw_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState
     return _from_real(theta, like)
 
 
+def _half_life(beta: float) -> float:
+    """The steps after which an average with decay ``beta`` weighs a gradient by 1/2."""
+    return np.log(0.5) / np.log(beta)
+
+
+def ademamix_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
+    """One step of AdEMAMix (see the module docstring); updates ``state``, returns the new theta."""
+    if hp.amsgrad:
+        raise ValueError("AdEMAMix has no AMSGrad variant (amsgrad must be False)")
+    like = theta
+    theta, g, t = _start(theta, grad, state, hp, "AdEMAMix")
+    if state.exp_avg_slow is None:
+        state.exp_avg_slow = np.zeros_like(theta)
+    alpha = hp.alpha if hp.alpha_warmup is None else min(t / hp.alpha_warmup, 1.0) * hp.alpha
+    beta3 = hp.beta3
+    if hp.beta3_warmup is not None and t < hp.beta3_warmup and hp.beta1 > 0 and hp.beta3 > 0:
+        a = t / hp.beta3_warmup  # (the paper's min(., beta3): a beta1 above beta3 is not kept)
+        beta3 = min(0.5 ** (1.0 / ((1.0 - a) * _half_life(hp.beta1) + a * _half_life(hp.beta3))), hp.beta3)
+    _update_moments(state, g, hp)
+    state.exp_avg_slow = beta3 * state.exp_avg_slow + (1.0 - beta3) * g
+    m_hat = state.exp_avg / (1.0 - hp.beta1**t)
+    v_hat = state.exp_avg_sq / (1.0 - hp.beta2**t)
+    update = hp.lr * (m_hat + alpha * state.exp_avg_slow) / (np.sqrt(v_hat) + hp.eps)
+    return _from_real(_descend(theta, update, g, hp), like)
+
+
 STEP_FUNCTIONS = {
     "adam": adam_step,
     "adamax": adamax_step,
@@ -367,13 +415,14 @@ STEP_FUNCTIONS = {
     "radam": radam_step,
     "adopt": adopt_step,
     "stable_adamw": stable_adamw_step,
+    "ademamix": ademamix_step,
 }
 
 
 def moments_as(state: ReferenceState, like: np.ndarray) -> dict[str, np.ndarray]:
     """The state's arrays in the shape (and complex-ness) of the parameter ``like``."""
     out = {}
-    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_slow"):
         value = getattr(state, name)
         if value is not None:
             out[name] = _from_real(value, like)
@@ -387,6 +436,7 @@ __all__ = [
     "STEP_FUNCTIONS",
     "adam_step",
     "adamax_step",
+    "ademamix_step",
     "adopt_step",
     "moments_as",
     "nadam_step",

@@ -1,0 +1,112 @@
+r"""AdEMAMix (Pagliardini et al., 2024, "The AdEMAMix Optimizer: Better, Faster, Older"):
+AdamW whose direction mixes a fast and a slow exponential average of the gradient.
+
+.. math::
+
+    m_1 &\leftarrow \beta_1 m_1 + (1 - \beta_1) g, \qquad
+    m_2 \leftarrow \beta_3(t)\, m_2 + (1 - \beta_3(t))\, g, \qquad
+    v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+    \theta &\leftarrow \theta (1 - \eta\lambda)
+        - \eta\, \frac{m_1 / (1 - \beta_1^t) + \alpha(t)\, m_2}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}
+
+The slow average is not bias-corrected (it fills slowly on purpose).  Its weight and its
+decay are warmed up over ``alpha_warmup`` and ``beta3_warmup`` steps (``None``: none),
+as the paper's Algorithm 1 does, with :math:`a = \min(t / T, 1)`:
+
+.. math::
+
+    \alpha(t) = a\,\alpha, \qquad
+    \beta_3(t) = \min\Bigl(\exp\Bigl(\frac{\ln\beta_1 \ln\beta_3}
+        {(1 - a)\ln\beta_3 + a\ln\beta_1}\Bigr), \beta_3\Bigr)
+
+(:math:`\beta_3(t)` moves linearly in the half-life :math:`\ln\tfrac12 / \ln\beta` from
+:math:`\beta_1`'s to :math:`\beta_3`'s).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import AlgorithmSpec, StepScalars, as_number, number_of, register
+
+
+def _warmed_up(step, warmup: int | None):
+    """:math:`\\min(t / T, 1)` (1 without a warm-up), a float or a device tensor."""
+    if warmup is None:
+        return 1.0
+    if isinstance(step, Tensor):
+        return torch.clamp(step / warmup, max=1.0)
+    return min(step / warmup, 1.0)
+
+
+def slow_decay(step, beta1: float, beta3: float, warmup: int | None):
+    r""":math:`\beta_3(t)`, warmed up from :math:`\beta_1` (see the module docstring)."""
+    a = _warmed_up(step, warmup)
+    if warmup is None or beta1 <= 0.0 or beta3 <= 0.0:  # (ln 0: no warm-up is possible)
+        return beta3
+    log1, log3 = math.log(beta1), math.log(beta3)
+    if isinstance(a, Tensor):  # (beta3 itself once warm: the closed form may round past it)
+        warming = torch.clamp(torch.exp(log1 * log3 / ((1 - a) * log3 + a * log1)), max=beta3)
+        return torch.where(a >= 1.0, torch.full_like(warming, beta3), warming)
+    return beta3 if a >= 1.0 else min(math.exp(log1 * log3 / ((1 - a) * log3 + a * log1)), beta3)
+
+
+def ademamix_step_scalars(rule, step) -> StepScalars:
+    r""":math:`1 - \beta_1^t`, :math:`\sqrt{1 - \beta_2^t}`, :math:`\alpha(t)` and :math:`\beta_3(t)`."""
+    beta1 = as_number(rule.beta1)
+    return StepScalars(
+        rule.finish(rule.lr),
+        rule.finish((1 - rule.beta2**step) ** 0.5),
+        bias_correction1=rule.finish(1 - rule.beta1**step),
+        slow_weight=rule.alpha * _warmed_up(step, rule.alpha_warmup),
+        slow_decay=slow_decay(step, beta1, rule.beta3, rule.beta3_warmup),
+    )
+
+
+def check_alpha(alpha, where: str = "") -> None:
+    """``alpha``, the slow average's weight: a finite number >= 0."""
+    number = number_of("alpha", alpha, where)
+    if not 0.0 <= number or math.isinf(number):
+        raise ValueError(f"Invalid alpha value: {alpha!r} (alpha must be a finite number >= 0{where})")
+
+
+def check_beta3(beta3, where: str = "") -> None:
+    """``beta3``, the slow average's decay: in [0, 1)."""
+    if not 0.0 <= number_of("beta3", beta3, where) < 1.0:
+        raise ValueError(f"Invalid beta3 value: {beta3!r} (beta3 must be in [0, 1){where})")
+
+
+def check_warmup(name: str):
+    """The check of warm-up length ``name``: ``None`` (none) or a whole number of steps >= 1."""
+
+    def check(warmup, where: str = "") -> None:
+        if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1):
+            raise ValueError(
+                f"Invalid {name} value: {warmup!r} ({name} must be None, for no warm-up, or an int >= 1 "
+                f"of steps{where})"
+            )
+
+    return check
+
+
+ADEMAMIX = register(
+    AlgorithmSpec(
+        name="ademamix",
+        class_name="AdEMAMix",
+        step_scalars=ademamix_step_scalars,
+        slow_first_moment=True,
+        steps_with_mean_gradient=True,
+        hyperparameters={"beta3": 0.9999, "alpha": 5.0, "alpha_warmup": None, "beta3_warmup": None},
+        checks={
+            "beta3": check_beta3,
+            "alpha": check_alpha,
+            "alpha_warmup": check_warmup("alpha_warmup"),
+            "beta3_warmup": check_warmup("beta3_warmup"),
+        },
+    )
+)
+
+__all__ = ["ADEMAMIX", "ademamix_step_scalars", "slow_decay"]
