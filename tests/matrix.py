@@ -19,6 +19,7 @@ tested everywhere at once.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import os
@@ -29,27 +30,32 @@ import torch
 
 import adamkit
 from adamkit import reference
+from adamkit.algorithms import REGISTRY, lookup
 from adamkit.kernels import KERNELS
 
-OPTIMIZERS = {
-    # name: (adamkit class, torch class, algorithm, default lr)
-    "Adam": (adamkit.Adam, torch.optim.Adam, "adam"),
-    "AdamW": (adamkit.AdamW, torch.optim.AdamW, "adam"),
-    "AdaMax": (adamkit.AdaMax, torch.optim.Adamax, "adamax"),
-    "NAdam": (adamkit.NAdam, torch.optim.NAdam, "nadam"),
-    "RAdam": (adamkit.RAdam, torch.optim.RAdam, "radam"),
-}
-#: the whole family: :data:`OPTIMIZERS` and the variants torch.optim lacks (no torch class)
+
+def _torch_counterpart(class_name: str):
+    """torch.optim's class of the same name (AdaMax: Adamax), or ``None``."""
+    return {name.lower(): cls for name, cls in vars(torch.optim).items() if isinstance(cls, type)}.get(
+        class_name.lower()
+    )
+
+
+#: the whole family, one row per algorithm of the registry (and AdamW, Adam's with decoupled
+#: decay): name -> (adamkit class, torch.optim's counterpart or None, algorithm)
 FAMILY = {
-    **OPTIMIZERS,
-    "ADOPT": (adamkit.ADOPT, None, "adopt"),
-    "StableAdamW": (adamkit.StableAdamW, None, "stable_adamw"),
-    "AdEMAMix": (adamkit.AdEMAMix, None, "ademamix"),
+    spec.class_name: (getattr(adamkit, spec.class_name), _torch_counterpart(spec.class_name), spec.name)
+    for spec in REGISTRY.values()
 }
+FAMILY = {"Adam": FAMILY.pop("Adam"), "AdamW": (adamkit.AdamW, torch.optim.AdamW, "adam"), **FAMILY}
+#: the members torch.optim has
+OPTIMIZERS = {name: row for name, row in FAMILY.items() if row[1] is not None}
 
 WEIGHT_DECAYS = ("none", "l2", "decoupled")
-#: the classes whose weight decay is always decoupled
-ALWAYS_DECOUPLED = ("AdamW", "StableAdamW", "AdEMAMix")
+#: the classes whose weight decay is always decoupled (they take no ``decoupled_weight_decay``)
+ALWAYS_DECOUPLED = tuple(
+    name for name, (cls, _, _) in FAMILY.items() if "decoupled_weight_decay" not in inspect.signature(cls).parameters
+)
 
 #: where the matrix's params live: the CPU, or ``ADAMKIT_TEST_DEVICE=cuda`` to run the
 #: conformance suite on a GPU (with the kernels that run there)
@@ -92,7 +98,7 @@ class Case:
             kw["weight_decay"] = 0.1
         elif self.optimizer in ALWAYS_DECOUPLED:
             kw["weight_decay"] = 0.0
-        if self.algorithm == "adam":
+        if lookup(self.algorithm).amsgrad:
             kw["amsgrad"] = self.amsgrad
         if self.optimizer in ("Adam", "NAdam", "RAdam") and self.weight_decay == "decoupled":
             kw["decoupled_weight_decay"] = True
@@ -153,7 +159,7 @@ def _cases(*, torch_expressible: bool, **grid: tuple) -> list[Case]:
             continue
         if fields.get("capturable"):
             fields["tensor_lr"] = True
-        for amsgrad in (False, True) if FAMILY[name][2] == "adam" else (False,):
+        for amsgrad in (False, True) if lookup(FAMILY[name][2]).amsgrad else (False,):
             cases.append(Case(**fields, amsgrad=amsgrad))
     return cases
 
