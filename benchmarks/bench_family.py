@@ -24,12 +24,12 @@ def one_window(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """``optimizer`` with its fused CPU buckets built for a single pre-pass window (the
     whole group), as before StableAdamW's clipping and a cautious update's count ran
     window by window: the pre-pass's cache reuse, measured in the same rounds."""
-    default = cpu.PRE_PASS_WINDOW
-    cpu.PRE_PASS_WINDOW = 2**62
+    default = cpu.layout.PRE_PASS_WINDOW
+    cpu.layout.PRE_PASS_WINDOW = 2**62
     try:
         optimizer.step()  # the buckets (and their windows) are built by the first step
     finally:
-        cpu.PRE_PASS_WINDOW = default
+        cpu.layout.PRE_PASS_WINDOW = default
     return optimizer
 
 

@@ -89,15 +89,15 @@ def sweep_contenders(state_precision: str | None) -> dict:
     def launched_with(block: int, warps: int):
         def make(params):
             names = ("BLOCK", "NUM_WARPS", "QUANTIZED_BLOCK", "QUANTIZED_NUM_WARPS")
-            saved = [getattr(triton_kernel, name) for name in names]
+            saved = [getattr(triton_kernel.config, name) for name in names]
             for name, value in zip(names, (block, warps, block, warps)):
-                setattr(triton_kernel, name, value)
+                setattr(triton_kernel.config, name, value)
             try:  # a bucket takes the launch shape when its first step builds it
                 opt = adamkit.AdamW(params, backend="triton", **options)
                 opt.step()
             finally:
                 for name, value in zip(names, saved):
-                    setattr(triton_kernel, name, value)
+                    setattr(triton_kernel.config, name, value)
             return opt
 
         return make

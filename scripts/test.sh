@@ -7,10 +7,10 @@ bash scripts/setup.sh
 # numba keys its on-disk cache by each kernel file's own stamp, but the CPU kernel bakes in
 # constants computed from the specs (adamkit/specs/quantization.py, rounding.py): drop a cache that is
 # older than any source file, or an edited spec would be tested against stale kernels
-cache=src/adamkit/kernels/__pycache__
-oldest=$(ls -tr "$cache"/*.nbi 2>/dev/null | head -1 || true)
+caches=(src/adamkit/kernels/__pycache__ src/adamkit/kernels/cpu/__pycache__)
+oldest=$(ls -tr src/adamkit/kernels/__pycache__/*.nbi src/adamkit/kernels/cpu/__pycache__/*.nbi 2>/dev/null | head -1 || true)
 if [[ -n $oldest && -n $(find src/adamkit -name '*.py' -newer "$oldest") ]]; then
-    rm -f "$cache"/*.nbi "$cache"/*.nbc
+    for cache in "${caches[@]}"; do rm -f "$cache"/*.nbi "$cache"/*.nbc; done
 fi
 # the cores this process may use, at most 4 (each worker holds its own torch and compiled kernels)
 workers=$(.venv/bin/python -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")

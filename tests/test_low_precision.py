@@ -104,8 +104,8 @@ import numba, torch, adamkit
 from adamkit.kernels import cpu
 
 during = []  # nothing of numba's thread pool is touched before the first step
-launch = cpu._launch
-cpu._launch = lambda *args: (during.append(numba.get_num_threads()), launch(*args))
+launch = cpu.launch._launch
+cpu.launch._launch = lambda *args: (during.append(numba.get_num_threads()), launch(*args))
 for threads in (1, 2, 1):
     torch.set_num_threads(threads)
     p = torch.nn.Parameter(torch.randn(100_000))

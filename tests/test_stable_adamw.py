@@ -130,7 +130,7 @@ def test_stepping_window_by_window_changes_no_bit(monkeypatch, name, cautious, s
     from adamkit.kernels import cpu
 
     def run(window):
-        monkeypatch.setattr(cpu, "PRE_PASS_WINDOW", window)
+        monkeypatch.setattr(cpu.layout, "PRE_PASS_WINDOW", window)
         g = torch.Generator().manual_seed(7)
         shapes = [(70_000,), (3, 0), (40_000,), (5,), (300, 200)]
         params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]

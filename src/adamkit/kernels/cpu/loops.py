@@ -1,0 +1,578 @@
+"""The CPU kernel's compiled loops: one element loop per algorithm (specialised from
+its forms, :mod:`adamkit.algorithms`), rounding mode and cautious-or-not, the fused
+steps over a bucket's chunks (plain and quantized), the pre-passes (StableAdamW's
+clipping sums, a cautious update's agreement counts) and the window-by-window step.
+Imported only where numba is."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.core.extending import overload
+
+from ...algorithms import REGISTRY, AlgorithmSpec, Denominator, FirstMoment, SecondMoment, lookup
+from ...rule import DECOUPLED_DECAY, L2_DECAY
+from ..host import (
+    CAUTIOUS_SCALE_COLUMN,
+    DECAY_FACTOR_COLUMN,
+    STEP_SIZE_COLUMN,
+)
+from ..intrinsics import (
+    typed_pointer,
+)
+from .layout import _ALGORITHM_WITNESS, _ROUNDING_WITNESS
+from .storage import _FLOAT32_WITNESS, _FLOAT64_WITNESS, _STORAGE_POLICIES, _compute, _dequantize, _load, _requantize
+
+
+def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautious: bool, counting: bool = False):
+    """The element loop of one algorithm and rounding variant.  The algorithm's
+    forms (:mod:`adamkit.algorithms`), ``amsgrad`` and the storage functions are
+    fixed here, in Python: the variants
+    differ in which memory they read and write, and LLVM only vectorizes a loop with
+    conditional stores after unswitching it, which it refuses for the larger bf16
+    bodies (and code that is never run is then never compiled either).  Decay and
+    maximize only select values and stay runtime flags, as does whether the step is
+    adaptive (RAdam: rectified; ADOPT: past its first step; one per tensor).
+    StableAdamW's loop is Adam's: its clipping is in the per-tensor scalars.  The
+    forms are taken in the order of :class:`~adamkit.kernels.triton`'s twin.  A
+    ``cautious`` loop keeps an element's update u only where u g > 0, as the
+    reference does (u [u g > 0] n / (kept + 1): a NaN update stays NaN), and a
+    ``counting`` loop is the agreement pass: the same arithmetic, nothing stored, the
+    number of elements with u g > 0 returned (:func:`_agreement_counts`)."""
+    load_param, put_param, put = _STORAGE_POLICIES[rounding_mode]
+    infinity_norm = spec.second_moment == SecondMoment.INFINITY_NORM
+    average_after = spec.second_moment == SecondMoment.AVERAGE_AFTER
+    rectified = spec.denominator == Denominator.RECTIFIED_ROOT
+    reads_previous_second = spec.first_moment == FirstMoment.NORMALIZED_CLIPPED
+    nesterov = spec.nesterov
+    first_moment = _adopt_first_moment if reads_previous_second else _adam_first_moment
+    if counting:  # nothing is stored
+        put_param, put = _put_nothing, _put_nothing_stochastic
+
+    @njit(inline="always", nogil=True)
+    def loop(pointers, first, end, scalars, maximize, decay, keys):
+        param, grad, exp_avg, second, max_second, compensation = pointers
+        one_minus_beta1, beta2, one_minus_beta2, eps, l2, inverse_scale = scalars[0:6]
+        step_size, bias_correction2_sqrt, gradient_step_size, adaptive, clip, second_weight = scalars[6:12]
+        decay_factor, cautious_scale = scalars[12], scalars[13]
+        one = _compute(param, 1.0)
+        zero = _compute(param, 0.0)
+        agree = 0
+        for i in range(first, end):
+            p = load_param(param, compensation, i)
+            g = _load(grad, i) * inverse_scale
+            if maximize:
+                g = -g
+            if decay == L2_DECAY:
+                g = g + l2 * p
+            elif decay == DECOUPLED_DECAY:
+                p = p * decay_factor
+            m = _compute(param, _load(exp_avg, i))
+            v = _load(second, i) if reads_previous_second else zero  # (ADOPT: g over the previous v)
+            m = first_moment(m, g, v, one_minus_beta1, eps, clip)
+            put(exp_avg, i, m, keys[1], keys[4])
+            if infinity_norm:
+                u = max(beta2 * _load(second, i), abs(g) + eps)
+                put(second, i, u, keys[2], keys[4])
+                denom = u
+            elif average_after:
+                put(second, i, beta2 * v + second_weight * g * g, keys[2], keys[4])
+                denom = one
+            else:
+                v = beta2 * _load(second, i) + one_minus_beta2 * g * g
+                put(second, i, v, keys[2], keys[4])
+                if amsgrad:
+                    v = max(_load(max_second, i), v)
+                    put(max_second, i, v, keys[3], keys[4])
+                if rectified:  # before rectification: momentum SGD, no denominator
+                    denom = np.sqrt(v) + eps if adaptive else one
+                else:
+                    denom = np.sqrt(v) / bias_correction2_sqrt + eps
+            if nesterov:
+                update = (step_size * m + gradient_step_size * g) / denom
+            else:
+                update = step_size * (m / denom)
+            if counting:
+                agree += np.int64(update * g > zero)
+            elif cautious:
+                update = update * (one if update * g > zero else zero) * cautious_scale
+            put_param(param, compensation, i, p - update, keys[0], keys[4])
+        return agree
+
+    return loop
+
+
+@njit(inline="always", nogil=True)
+def _put_nothing(param, compensation, i, value, key, shift):
+    pass
+
+
+@njit(inline="always", nogil=True)
+def _put_nothing_stochastic(pointer, i, value, key, shift):
+    pass
+
+
+@njit(inline="always", nogil=True)
+def _adam_first_moment(m, g, v, one_minus_beta1, eps, clip):
+    """m + (1 - beta1)(g - m)."""
+    return m + one_minus_beta1 * (g - m)
+
+
+@njit(inline="always", nogil=True)
+def _adopt_first_moment(m, g, v, one_minus_beta1, eps, clip):
+    """ADOPT's: m follows g normalized by the previous v, clipped to [-c, c]."""
+    root = np.sqrt(v)
+    target = g / (eps if root < eps else root)
+    if target > clip:
+        target = clip
+    elif target < -clip:
+        target = -clip
+    return m + one_minus_beta1 * (target - m)
+
+
+#: (plain, amsgrad) loops per (algorithm, rounding mode, cautious); AMSGrad where the algorithm has it
+_LOOPS = {
+    (spec.name, mode, cautious): (
+        _element_loop(spec, amsgrad=False, rounding_mode=mode, cautious=cautious),
+        _element_loop(spec, amsgrad=spec.amsgrad, rounding_mode=mode, cautious=cautious),
+    )
+    for spec in REGISTRY.values()
+    if spec.fused
+    for mode in _ROUNDING_WITNESS
+    for cautious in (False, True)
+}
+#: the agreement pass's (plain, amsgrad) counting loops per (algorithm, rounding mode)
+_COUNTING_LOOPS = {
+    (spec.name, mode): (
+        _element_loop(spec, amsgrad=False, rounding_mode=mode, cautious=False, counting=True),
+        _element_loop(spec, amsgrad=spec.amsgrad, rounding_mode=mode, cautious=False, counting=True),
+    )
+    for spec in REGISTRY.values()
+    if spec.fused
+    for mode in _ROUNDING_WITNESS
+}
+_MODE_OF_WITNESS = {
+    types.int8: "nearest",
+    types.int16: "kahan",
+    types.int32: "stochastic",
+    types.int64: "master",
+    types.uint32: "master24",
+}
+_ALGORITHM_OF_WITNESS = {getattr(types, np.dtype(witness).name): name for name, witness in _ALGORITHM_WITNESS.items()}
+
+
+def _update_chunk(
+    pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw
+):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_update_chunk, inline="always")
+def _update_chunk_impl(
+    pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw
+):
+    """Only the algorithm's, rounding mode's and cautious-or-not loops are compiled
+    for a specialization (``cw``: the cautious witness, uint8 when cautious)."""
+    algorithm = _ALGORITHM_OF_WITNESS[algorithm_witness.dtype]
+    cautious = cw.dtype == types.uint8
+    plain_loop, amsgrad_loop = _LOOPS[algorithm, _MODE_OF_WITNESS[rounding_witness.dtype], cautious]
+
+    def update(pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw):
+        if amsgrad:
+            amsgrad_loop(pointers, first, end, scalars, maximize, decay, keys)
+        else:
+            plain_loop(pointers, first, end, scalars, maximize, decay, keys)
+
+    return update
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _fused_step(
+    addresses,
+    chunks,
+    tensor_scalars,
+    constants,
+    flags,
+    keys,
+    param_witness,
+    state_witness,
+    rounding_witness,
+    algorithm_witness,
+    cautious_witness,
+):
+    """The update for every chunk of every tensor of one (param dtype, state dtype) bucket.
+
+    addresses: int64[T, 9] param, grad, exp_avg, exp_avg_sq (or exp_inf),
+        max_exp_avg_sq, Kahan compensation, and for quantized states the three
+        moments' block scales (the moment columns then hold their codes)
+    chunks: int64[C, 3] tensor index, first element, end element
+    tensor_scalars: float64[T, 8] each tensor's :data:`host.TENSOR_SCALARS`
+    constants: float64[6] the group's constants (:data:`host.GROUP_CONSTANTS`), then
+        the gradients' multiplier (a GradScaler's 1 / scale, else 1)
+    flags: int64[3] maximize, amsgrad, weight decay kind
+    keys: int64[T, 5] stochastic rounding's step keys (param, exp_avg, second, max)
+        and the tensor's element offset (a shard's first index in its whole param)
+    witnesses: the param and state storage types (a quantized format: int8 for
+        "int8", uint8 for "int4"); the rounding mode, the algorithm and whether the
+        update is cautious (their dtypes)
+    """
+    maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
+    for c in prange(chunks.shape[0]):
+        t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness)
+        tensor_keys = _chunk_keys(keys, t)
+        pointers = (
+            typed_pointer(addresses[t, 0], param_witness),
+            typed_pointer(addresses[t, 1], param_witness),
+            typed_pointer(addresses[t, 2], state_witness),
+            typed_pointer(addresses[t, 3], state_witness),
+            typed_pointer(addresses[t, 4], state_witness),
+            typed_pointer(addresses[t, 5], param_witness),
+        )
+        _update_chunk(
+            pointers,
+            first,
+            end,
+            scalars,
+            maximize,
+            decay,
+            tensor_keys,
+            amsgrad,
+            algorithm_witness,
+            rounding_witness,
+            cautious_witness,
+        )
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _fused_quantized_step(
+    addresses,
+    chunks,
+    tensor_scalars,
+    constants,
+    flags,
+    keys,
+    param_witness,
+    state_witness,
+    rounding_witness,
+    algorithm_witness,
+    cautious_witness,
+):
+    """:func:`_fused_step` for quantized states (``state_witness`` names the format)."""
+    maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
+    for c in prange(chunks.shape[0]):
+        t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness)
+        tensor_keys = _chunk_keys(keys, t)
+        _quantized_chunk(
+            addresses[t],
+            first,
+            end,
+            scalars,
+            maximize,
+            decay,
+            tensor_keys,
+            amsgrad,
+            param_witness,
+            state_witness,
+            rounding_witness,
+            algorithm_witness,
+            cautious_witness,
+        )
+
+
+@njit(inline="always", nogil=True)
+def _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness):
+    """Tensor ``t``'s scalars in its compute type: the group's constants, the
+    gradients' multiplier, then the tensor's own (``adaptive`` a bool; 1 - beta2^t,
+    read by the clipping pass only, is left out)."""
+    param = typed_pointer(addresses[t, 0], param_witness)
+    return (
+        _compute(param, constants[0]),
+        _compute(param, constants[1]),
+        _compute(param, constants[2]),
+        _compute(param, constants[3]),
+        _compute(param, constants[4]),
+        _compute(param, constants[5]),
+        _compute(param, tensor_scalars[t, 0]),
+        _compute(param, tensor_scalars[t, 1]),
+        _compute(param, tensor_scalars[t, 2]),
+        tensor_scalars[t, 3] != 0,
+        _compute(param, tensor_scalars[t, 4]),
+        _compute(param, tensor_scalars[t, 5]),
+        _compute(param, tensor_scalars[t, 6]),
+        _compute(param, tensor_scalars[t, 8]),
+    )
+
+
+@njit(inline="always", nogil=True)
+def _chunk_keys(keys, t):
+    """Tensor ``t``'s stochastic-rounding keys and element offset (one dummy row when unused)."""
+    row = t if keys.shape[0] > 1 else 0
+    return (keys[row, 0], keys[row, 1], keys[row, 2], keys[row, 3], keys[row, 4])
+
+
+#: elements per scratch pass of a quantized chunk: the fp32 scratch (3 rows) stays
+#: in cache and below malloc's mmap threshold (a fresh mapping per chunk would fault)
+QUANTIZED_SPAN = 4096
+
+
+@njit(inline="always", nogil=True)
+def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw):
+    """Decode elements [low, high) of a row's quantized moments into the fp32
+    ``scratch`` rows (m, v, and v's maximum under AMSGrad); the element loop's
+    pointers, with the moments' addressed in the scratch by element index."""
+    signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
+    _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
+    _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
+    if amsgrad:
+        _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
+    base = np.int64(scratch.ctypes.data) - 4 * low
+    stride = 4 * QUANTIZED_SPAN
+    return (
+        typed_pointer(row[0], pw),
+        typed_pointer(row[1], pw),
+        typed_pointer(base, _FLOAT32_WITNESS),
+        typed_pointer(base + stride, _FLOAT32_WITNESS),
+        typed_pointer(base + (2 * stride if amsgrad else stride), _FLOAT32_WITNESS),
+        typed_pointer(row[5], pw),
+    )
+
+
+@njit(inline="always", nogil=True)
+def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, pw, sw, rw, aw, cw):
+    """One chunk (it starts on a block boundary) with quantized moments, span by
+    span: dequantize into fp32 scratch rows, run the plain element loop on those,
+    quantize the new values (the update itself used them unrounded)."""
+    scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
+    spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)  # int4 codes, one a byte
+    signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
+    for low in range(first, end, QUANTIZED_SPAN):
+        high = min(low + QUANTIZED_SPAN, end)
+        pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw)
+        _update_chunk(pointers, low, high, scalars, maximize, decay, keys, amsgrad, aw, rw, cw)
+        _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
+        _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4], spread)
+        if amsgrad:
+            _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4], spread)
+
+
+#: elements per step of the clipping pass: their terms (float64) stay in L1
+CLIPPING_SPAN = 2048
+
+
+@njit(nogil=True, fastmath={"reassoc"})
+def _sum(values, count):
+    """The sum of values[:count] in whatever order LLVM vectorizes it: "reassoc" is
+    the only liberty, and its flags stay on this function's additions (the terms
+    themselves are computed without it)."""
+    total = 0.0
+    for i in range(count):
+        total += values[i]
+    return total
+
+
+@njit(inline="always", nogil=True)
+def _clipping_sum(grad, second, first, end, tensor_scalars, constants, t):
+    """The float64 sum over elements [first, end) of tensor ``t`` of
+    g^2 / max(v / (1 - beta2^t), eps^2), v the second moment the update is about to
+    compute (Adam's, before any rounding), each term in the param's compute type
+    (NaN stays NaN), span by span: a vectorized loop writes the terms, :func:`_sum`
+    adds them."""
+    beta2, one_minus_beta2 = _compute(grad, constants[1]), _compute(grad, constants[2])
+    eps_squared, inverse_scale = _compute(grad, constants[3] * constants[3]), _compute(grad, constants[5])
+    bias_correction2 = _compute(grad, tensor_scalars[t, 7])
+    terms = np.empty(CLIPPING_SPAN, dtype=np.float64)
+    total = 0.0
+    for low in range(first, end, CLIPPING_SPAN):
+        high = min(low + CLIPPING_SPAN, end)
+        out = typed_pointer(np.int64(terms.ctypes.data) - 8 * low, _FLOAT64_WITNESS)  # by element index
+        for i in range(low, high):
+            g = _load(grad, i) * inverse_scale
+            v_hat = (beta2 * _load(second, i) + one_minus_beta2 * g * g) / bias_correction2
+            out[i] = np.float64(g * g / (eps_squared if v_hat < eps_squared else v_hat))
+        total += _sum(terms, high - low)
+    return total
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _clipping_sums(addresses, chunks, tensor_scalars, constants, param_witness, state_witness):
+    """StableAdamW's clipping pass: :func:`_clipping_sum` of every chunk (float64[C])."""
+    sums = np.empty(chunks.shape[0], dtype=np.float64)
+    for c in prange(chunks.shape[0]):
+        t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        grad = typed_pointer(addresses[t, 1], param_witness)
+        second = typed_pointer(addresses[t, 3], state_witness)
+        sums[c] = _clipping_sum(grad, second, first, end, tensor_scalars, constants, t)
+    return sums
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _quantized_clipping_sums(addresses, chunks, tensor_scalars, constants, param_witness, state_witness):
+    """:func:`_clipping_sums` for quantized states: each span's second moment decoded
+    into an fp32 scratch row first."""
+    sums = np.empty(chunks.shape[0], dtype=np.float64)
+    for c in prange(chunks.shape[0]):
+        t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        scratch = np.empty(QUANTIZED_SPAN, dtype=np.float32)
+        spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)
+        unsigned = np.empty(0, dtype=np.uint8)
+        grad = typed_pointer(addresses[t, 1], param_witness)
+        total = 0.0
+        for low in range(first, end, QUANTIZED_SPAN):
+            high = min(low + QUANTIZED_SPAN, end)
+            _dequantize(addresses[t, 3], addresses[t, 7], state_witness, unsigned, scratch, low, high, spread)
+            second = typed_pointer(np.int64(scratch.ctypes.data) - 4 * low, _FLOAT32_WITNESS)
+            total += _clipping_sum(grad, second, low, high, tensor_scalars, constants, t)
+        sums[c] = total
+    return sums
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _agreement_counts(addresses, chunks, tensor_scalars, constants, flags, pw, sw, rw, aw):
+    """The cautious pass: per chunk, how many elements' update u agrees in sign with
+    the gradient (u g > 0), computed by the element loop itself with nothing stored
+    (float64[C]; quantized moments decoded span by span)."""
+    maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
+    counts = np.empty(chunks.shape[0], dtype=np.float64)
+    for c in prange(chunks.shape[0]):
+        t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, pw)
+        row = addresses[t]
+        counts[c] = _chunk_agreement(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw)
+    return counts
+
+
+def _chunk_agreement(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_chunk_agreement, inline="always")
+def _chunk_agreement_impl(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
+    plain_loop, amsgrad_loop = _COUNTING_LOOPS[_ALGORITHM_OF_WITNESS[aw.dtype], _MODE_OF_WITNESS[rw.dtype]]
+
+    def count(pointers, first, end, scalars, maximize, decay, amsgrad):
+        if amsgrad:
+            return amsgrad_loop(pointers, first, end, scalars, maximize, decay, _NO_STREAM)
+        return plain_loop(pointers, first, end, scalars, maximize, decay, _NO_STREAM)
+
+    count = njit(inline="always", nogil=True)(count)
+    if sw.dtype in (types.int8, types.uint8):  # quantized: the moments decoded first
+
+        def quantized(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
+            scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
+            spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)
+            agree = 0
+            for low in range(first, end, QUANTIZED_SPAN):
+                high = min(low + QUANTIZED_SPAN, end)
+                pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw)
+                agree += count(pointers, low, high, scalars, maximize, decay, amsgrad)
+            return agree
+
+        return quantized
+
+    def plain(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
+        pointers = (
+            typed_pointer(row[0], pw),
+            typed_pointer(row[1], pw),
+            typed_pointer(row[2], sw),
+            typed_pointer(row[3], sw),
+            typed_pointer(row[4], sw),
+            typed_pointer(row[5], pw),
+        )
+        return count(pointers, first, end, scalars, maximize, decay, amsgrad)
+
+    return plain
+
+
+#: the keys argument of a counting loop (its stores, and so its random bits, never happen)
+_NO_STREAM = (np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.int64(0))
+
+
+@njit(inline="always", nogil=True)
+def _window_totals(chunks, values, first_tensor, end_tensor):
+    """``values`` of a window's chunks added up per tensor, in chunk order."""
+    totals = np.zeros(end_tensor - first_tensor, dtype=np.float64)
+    for c in range(chunks.shape[0]):
+        totals[chunks[c, 0] - first_tensor] += values[c]
+    return totals
+
+
+def _clip_window(addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_clip_window, inline="always")
+def _clip_window_impl(addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw):
+    """StableAdamW's clipping of tensors [first, end), as
+    :func:`~adamkit.kernels.host.clip_update_sizes` computes it (nothing for the
+    other algorithms: the choice is made when compiling)."""
+    if not lookup(_ALGORITHM_OF_WITNESS[aw.dtype]).clips_update:
+        return lambda addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw: None
+    clipping_sums = _quantized_clipping_sums if sw.dtype in (types.int8, types.uint8) else _clipping_sums
+
+    def clip(addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw):
+        sums = _window_totals(window, clipping_sums(addresses, window, tensor_scalars, constants, pw, sw), first, end)
+        for t in range(first, end):
+            rms = np.sqrt(sums[t - first] / max(numels[t], 1.0))
+            scale = 1.0 / (rms if rms > 1.0 else 1.0)
+            tensor_scalars[t, STEP_SIZE_COLUMN] *= scale
+            if not np.isnan(decay_rate):
+                tensor_scalars[t, DECAY_FACTOR_COLUMN] = 1.0 - scale * decay_rate
+
+    return clip
+
+
+def _caution_window(addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_caution_window, inline="always")
+def _caution_window_impl(addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw):
+    """A cautious update's scale n / (kept + 1) for tensors [first, end), as
+    :func:`~adamkit.kernels.host.set_cautious_scales` computes it (nothing when the
+    update is not cautious)."""
+    if cw.dtype != types.uint8:
+        return lambda addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw: None
+
+    def caution(addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw):
+        counts = _agreement_counts(addresses, window, tensor_scalars, constants, flags, pw, sw, rw, aw)
+        kept = _window_totals(window, counts, first, end)
+        for t in range(first, end):
+            tensor_scalars[t, CAUTIOUS_SCALE_COLUMN] = numels[t] / (kept[t - first] + 1.0)
+
+    return caution
+
+
+def _update_window(addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_update_window, inline="always")
+def _update_window_impl(addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw):
+    """The update of a window's chunks (:func:`_fused_step`, or its quantized form)."""
+    update = _fused_quantized_step if sw.dtype in (types.int8, types.uint8) else _fused_step
+    return lambda addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw: update(
+        addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw
+    )
+
+
+@njit(cache=True, nogil=True)
+def _windowed_step(
+    addresses, chunks, windows, tensor_scalars, constants, flags, keys, numels, decay_rate, pw, sw, rw, aw, cw
+):
+    """A bucket whose tensors need a pass before their update (StableAdamW's
+    clipping, a cautious update's count of agreeing elements), window by window:
+    each window's pre-pass, its tensors' scalars, then its update, while what the
+    pre-pass read is still in cache.
+
+    windows: int64[W, 4] first chunk, end chunk, first tensor, end tensor
+    numels: float64[T] each tensor's real elements; decay_rate: eta * lambda, NaN
+    without decoupled decay; the rest (witnesses abbreviated) as :func:`_fused_step`
+    takes them."""
+    for w in range(windows.shape[0]):
+        first, end = windows[w, 2], windows[w, 3]
+        window = chunks[windows[w, 0] : windows[w, 1]]
+        _clip_window(addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw)
+        _caution_window(addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw)
+        _update_window(addresses, window, tensor_scalars, constants, flags, keys, pw, sw, rw, aw, cw)

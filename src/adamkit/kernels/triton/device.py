@@ -1,0 +1,341 @@
+"""Device-side helpers of the Triton kernel: rounding to the storage dtype (to nearest
+even and stochastically, with the specification's random bits), quantized moments
+decoded and encoded block by block, IEEE square root and division, param loads (Kahan,
+split masters), and the compile-time constants the element math compares with."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...algorithms import Denominator, FirstMoment, SecondMoment
+from ...rule import DECOUPLED_DECAY, L2_DECAY
+from ...specs import rounding
+from ..host import (
+    COLUMNS,
+    TENSOR_SCALARS,
+)
+
+_MIX_FIRST, _MIX_SECOND = (tl.constexpr(m) for m in rounding.MIX_MULTIPLIERS)
+_L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
+_ROW_LENGTH = tl.constexpr(len(COLUMNS))
+_TENSOR_SCALAR_COUNT = tl.constexpr(len(TENSOR_SCALARS))
+# the element math's forms (adamkit.algorithms), as FORMS packs them
+_NORMALIZED_CLIPPED = tl.constexpr(int(FirstMoment.NORMALIZED_CLIPPED))
+_INFINITY_NORM, _AVERAGE_AFTER = (
+    tl.constexpr(int(f)) for f in (SecondMoment.INFINITY_NORM, SecondMoment.AVERAGE_AFTER)
+)
+_RECTIFIED_ROOT, _NORM, _NO_DENOMINATOR = (
+    tl.constexpr(int(d)) for d in (Denominator.RECTIFIED_ROOT, Denominator.NORM, Denominator.NONE)
+)
+
+
+@triton.jit
+def _to_storage(x, STORAGE: tl.constexpr):
+    """Round ``x`` to the storage dtype; bf16 explicitly to nearest even (NaN stays a
+    quiet NaN), as torch rounds, whatever the backend's own conversion does."""
+    if STORAGE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+        return rounded.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(STORAGE)
+
+
+@triton.jit
+def _random16(key, index):
+    """r = lowbias32(key ^ index) >> 16, in uint32 arithmetic (see adamkit.rounding)."""
+    x = (key ^ index).to(tl.uint32)
+    x = x ^ (x >> 16)
+    x = x * _MIX_FIRST
+    x = x ^ (x >> 15)
+    x = x * _MIX_SECOND
+    x = x ^ (x >> 16)
+    return x >> 16
+
+
+@triton.jit
+def _to_storage_stochastic(x, bits16, STORAGE: tl.constexpr):
+    """Round ``x`` to a 16-bit storage dtype stochastically (the spec's rule)."""
+    x = x.to(tl.float32)
+    if STORAGE == tl.bfloat16:  # add r to the low half, truncate
+        rounded = ((x.to(tl.uint32, bitcast=True) + bits16) >> 16).to(tl.uint16)
+        rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+        return rounded.to(tl.bfloat16, bitcast=True)
+    elif STORAGE == tl.float16:
+        nearest = x.to(tl.float16)
+        pattern = nearest.to(tl.uint16, bitcast=True).to(tl.int32)
+        toward_zero = pattern - (tl.abs(nearest.to(tl.float32)) > tl.abs(x)).to(tl.int32)
+        exponent = tl.maximum((toward_zero >> 10) & 0x1F, 1)
+        spacing = ((exponent + (127 - 25)) << 23).to(tl.float32, bitcast=True)
+        lower = toward_zero.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        fraction = _exact_div(tl.abs(x) - tl.abs(lower), spacing)  # exact: spacing is a power of 2
+        away = (fraction * 65536.0 >= 65536.0 - bits16.to(tl.float32)).to(tl.int32)
+        rounded = (toward_zero + away).to(tl.uint16).to(tl.float16, bitcast=True)
+        return tl.where(x != x, nearest, rounded)
+    else:
+        return x.to(STORAGE)
+
+
+@triton.jit
+def _put(pointer, offsets, mask, value, key, shift, STORAGE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Store a value: stochastically under stochastic rounding in 16 bits, else
+    to nearest (32 and 64 bits take the value as it is)."""
+    if STOCHASTIC and (STORAGE == tl.bfloat16 or STORAGE == tl.float16):
+        bits16 = _random16(key, offsets + shift)
+        tl.store(pointer + offsets, _to_storage_stochastic(value, bits16, STORAGE), mask=mask)
+    else:
+        tl.store(pointer + offsets, _to_storage(value, STORAGE), mask=mask)
+
+
+@triton.jit
+def _signed_level(k, LEVELS: tl.constexpr):
+    """The signed map's level L_k = (k c)^2, c = fp32(1/K), each product rounded
+    (see adamkit.quantization.signed_magnitudes): no division, no table."""
+    t = k.to(tl.float32) * tl.full((), 1.0 / LEVELS, tl.float32)  # fp32(1/K) for K = 7, 127
+    return t * t
+
+
+@triton.jit
+def _dequantize(
+    codes,
+    scales,
+    offsets,
+    mask,
+    BITS: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    SIGNED: tl.constexpr,
+    FLOAT_MAPS: tl.constexpr,
+):
+    """The spec's fp32 values of elements ``offsets`` (see adamkit.quantization); a
+    second moment's float maps are ``FLOAT_MAPS`` (see :func:`float_maps`), the finer
+    one where its block's scale is negative."""
+    if BITS == 8:
+        code = tl.load(codes + offsets, mask=mask, other=0).to(tl.int32)
+    else:
+        code = (tl.load(codes + offsets // 2, mask=mask, other=0).to(tl.int32) >> ((offsets & 1) * 4)) & 0xF
+    scale = tl.load(scales + offsets // QBLOCK, mask=mask, other=0).to(tl.float32)
+    if SIGNED:
+        k = code - ((1 << (BITS - 1)) - 1)
+        value = scale * _signed_level(tl.abs(k), (1 << (BITS - 1)) - 1)
+        return tl.where(k < 0, -value, value)
+    else:
+        WIDE: tl.constexpr = FLOAT_MAPS % 16
+        FINE: tl.constexpr = FLOAT_MAPS // 16
+        level = _float_level(code, BITS, WIDE)
+        if FINE != 0:
+            level = tl.where(scale < 0, _float_level(code, BITS, FINE), level)
+        return tl.abs(scale) * level
+
+
+@triton.jit
+def _float_level(code, BITS: tl.constexpr, E: tl.constexpr):
+    """A float map's level: E exponent bits and M = BITS - E fraction bits, from 2^(1 - 2^E)."""
+    MANTISSA: tl.constexpr = BITS - E
+    level = ((code + ((128 - (1 << E)) << MANTISSA)) << (23 - MANTISSA)).to(tl.int32)
+    return level.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _float_code(ratio, bits16, BITS: tl.constexpr, E: tl.constexpr):
+    """A float map's stochastically rounded code of r: its fp32 bits (r <= 1: no int32
+    overflow), the random bits added at the top of the dropped fraction."""
+    MANTISSA: tl.constexpr = BITS - E
+    DROPPED: tl.constexpr = 23 - MANTISSA
+    bits = ratio.to(tl.int32, bitcast=True) + (bits16.to(tl.int32) << (DROPPED - 16))
+    kept = (bits >> DROPPED) - ((128 - (1 << E)) << MANTISSA)
+    return tl.minimum(tl.maximum(kept, 0), (1 << BITS) - 1)
+
+
+@triton.jit
+def _code(x, scale, bits16, fine, BITS: tl.constexpr, SIGNED: tl.constexpr, FLOAT_MAPS: tl.constexpr):
+    """The spec's stochastically rounded code of ``x`` in a block of ``scale`` (> 0),
+    with one division (r = |x| / s); a second moment's float maps are ``FLOAT_MAPS``,
+    the finer one where ``fine``."""
+    ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
+    if SIGNED:  # L_k <= r < L_{k+1} from floor(K sqrt r), corrected either side
+        LEVELS: tl.constexpr = (1 << (BITS - 1)) - 1
+        k = tl.minimum(tl.floor(float(LEVELS) * tl.math.sqrt_rn(ratio)).to(tl.int32), LEVELS)
+        k = k - (ratio < _signed_level(k, LEVELS)).to(tl.int32)
+        k = k + (ratio >= _signed_level(k + 1, LEVELS)).to(tl.int32)  # L_{K+1} > 1 >= r
+        lo = _signed_level(k, LEVELS)
+        gap = _signed_level(k + 1, LEVELS) - lo
+        k = k + (((ratio - lo) * 65536.0 >= gap * (65536.0 - bits16.to(tl.float32))) & (k < LEVELS)).to(tl.int32)
+        return tl.where(x < 0, -k, k) + LEVELS
+    else:
+        WIDE: tl.constexpr = FLOAT_MAPS % 16
+        FINE: tl.constexpr = FLOAT_MAPS // 16
+        code = _float_code(ratio, bits16, BITS, WIDE)
+        if FINE != 0:
+            code = tl.where(fine, _float_code(ratio, bits16, BITS, FINE), code)
+        return code
+
+
+@triton.jit
+def _requantize(
+    value,
+    codes,
+    scales,
+    offsets,
+    mask,
+    first,
+    end,
+    key,
+    shift,
+    BITS: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    SIGNED: tl.constexpr,
+    EXACT: tl.constexpr,
+    FLOAT_MAPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Quantize a program's new values (``first`` on a block boundary): per block, a
+    second moment held at its ceiling (an overflowed square), the absmax over bit patterns (NaN and infinity sort above every finite value),
+    exact (fp32) where ``EXACT`` and else rounded up to bf16 (a second moment's exact
+    scale negated where its block takes the finer float map), then each element's
+    code, rounded stochastically with the bits of step key ``key``; int4 codes two to a byte."""
+    x = tl.where(mask, value.to(tl.float32), 0.0)
+    if not SIGNED:  # an overflowed square is held at the ceiling (NaN stays NaN)
+        if EXACT:  # fp32's largest number
+            x = tl.where(x > 3.4028234663852886e38, 3.4028234663852886e38, x)
+        else:  # bf16's
+            x = tl.where(x > 3.3895313892515355e38, 3.3895313892515355e38, x)
+    patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    largest = tl.max(tl.reshape(patterns, [BLOCK // QBLOCK, QBLOCK]), axis=1)
+    largest = tl.minimum(largest, 0x7F800000)
+    fine_block = largest < 0  # (all False: the finer map, where there is one, is decided below)
+    block_index = first // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
+    in_tensor = block_index * QBLOCK < end
+    if not EXACT:  # the absmax rounded up to bf16
+        rounded_up = (largest + 0xFFFF) >> 16
+        finite = (largest < 0x7F800000) & (rounded_up < 0x7F80)
+        scale_bits = tl.where(finite, rounded_up, 0x7FC0).to(tl.uint16)
+        tl.store(scales + block_index, scale_bits.to(tl.bfloat16, bitcast=True), mask=in_tensor)
+        block_scale = (tl.where(finite, rounded_up, 0) << 16).to(tl.float32, bitcast=True)
+    else:  # the absmax itself
+        finite = largest < 0x7F800000
+        block_scale = tl.where(finite, largest, 0).to(tl.float32, bitcast=True)
+        stored = tl.where(finite, largest, 0x7FC00000).to(tl.float32, bitcast=True)
+        FINE: tl.constexpr = FLOAT_MAPS // 16
+        if not SIGNED and FINE != 0:  # the finer map holds the block: its smallest ratio is at its lowest level
+            smallest = tl.min(tl.reshape(tl.where(mask, patterns, 0x7F800000), [BLOCK // QBLOCK, QBLOCK]), axis=1)
+            divisor = block_scale + (block_scale == 0).to(tl.float32)
+            lowest = tl.math.div_rn(smallest.to(tl.float32, bitcast=True), divisor)  # >= 0: bits order as values
+            fine_block = finite & (block_scale > 0) & (lowest.to(tl.int32, bitcast=True) >= ((128 - (1 << FINE)) << 23))
+            stored = tl.where(fine_block, -stored, stored)
+        tl.store(scales + block_index, stored, mask=in_tensor)
+    usable = tl.where(finite, 1, 0)
+    scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+    ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+    x = tl.where(ok == 1, x, 0.0)  # a non-finite block stores codes 0: no NaN reaches a cast
+    fine = tl.reshape(tl.broadcast_to(fine_block[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+    code = _code(x, scale, _random16(key, offsets + shift), fine, BITS, SIGNED, FLOAT_MAPS)
+    code = tl.where(mask, code * ok, 0)
+    if BITS == 8:
+        tl.store(codes + offsets, code.to(tl.uint8), mask=mask)
+    else:
+        even, odd = tl.split(tl.reshape(code, [BLOCK // 2, 2]))
+        byte_index = first // 2 + tl.arange(0, BLOCK // 2)
+        tl.store(codes + byte_index, (even | (odd << 4)).to(tl.uint8), mask=byte_index * 2 < end)
+
+
+@triton.jit
+def _load_moment(
+    pointer,
+    scales,
+    offsets,
+    mask,
+    STORAGE: tl.constexpr,
+    BITS: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    SIGNED: tl.constexpr,
+    FLOAT_MAPS: tl.constexpr,
+):
+    """A moment's values: loaded in its dtype, or dequantized to fp32."""
+    if BITS == 0:
+        return tl.load(pointer + offsets, mask=mask)
+    else:
+        return _dequantize(pointer, scales, offsets, mask, BITS, QBLOCK, SIGNED, FLOAT_MAPS)
+
+
+@triton.jit
+def _put_moment(
+    pointer,
+    scales,
+    offsets,
+    mask,
+    value,
+    key,
+    shift,
+    first,
+    end,
+    STORAGE: tl.constexpr,
+    BITS: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    SIGNED: tl.constexpr,
+    EXACT: tl.constexpr,
+    FLOAT_MAPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Store a new moment: in its dtype (stochastically in 16 bits), or quantized
+    (from the unrounded value)."""
+    if BITS == 0:
+        _put(pointer, offsets, mask, value, key, shift, STORAGE, True)
+    else:
+        _requantize(
+            value,
+            pointer,
+            scales,
+            offsets,
+            mask,
+            first,
+            end,
+            key,
+            shift,
+            BITS,
+            QBLOCK,
+            SIGNED,
+            EXACT,
+            FLOAT_MAPS,
+            BLOCK,
+        )
+
+
+@triton.jit
+def _exact_sqrt(x):
+    """IEEE square root, rounded to nearest (in fp32, ``tl.sqrt`` is an approximation)."""
+    if x.dtype == tl.float32:
+        return tl.math.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _exact_div(x, y):
+    """IEEE division, rounded to nearest (in fp32, ``/`` is an approximation)."""
+    x, y = tl.broadcast(x, y)
+    if x.dtype == tl.float32:
+        return tl.math.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
+def _load_param(param, compensation, offsets, mask, COMPUTE: tl.constexpr, KAHAN: tl.constexpr, MASTER: tl.constexpr):
+    """The weight theta: the param, or with its Kahan compensation, or the split
+    master weight (the bf16 param's bits over its 16 or 8 low bits)."""
+    if MASTER == 16:  # the fp32 master weight: the bf16 param's bits over the int16 low bits
+        low_bits = compensation.to(tl.pointer_type(tl.int16))
+        high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
+        p = ((high << 16) + tl.load(low_bits + offsets, mask=mask).to(tl.int32)).to(tl.float32, bitcast=True)
+    elif MASTER == 8:  # the 24-bit master: int8 low bits, shifted by 8
+        low_bytes = compensation.to(tl.pointer_type(tl.int8))
+        high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
+        rest = tl.load(low_bytes + offsets, mask=mask).to(tl.int32) << 8
+        p = ((high << 16) + rest).to(tl.float32, bitcast=True)
+    else:
+        p = tl.load(param + offsets, mask=mask).to(COMPUTE)
+    if KAHAN:
+        p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
+    return p

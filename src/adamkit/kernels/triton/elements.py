@@ -1,0 +1,489 @@
+"""The Triton kernel's element math: one chunk's update (specialised at compile time from
+the algorithm's forms, :mod:`adamkit.algorithms`, in the CPU kernel's order), the fused
+step over a bucket's chunks, and StableAdamW's clipping sums."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .device import (
+    _AVERAGE_AFTER,
+    _DECOUPLED_DECAY,
+    _INFINITY_NORM,
+    _L2_DECAY,
+    _NO_DENOMINATOR,
+    _NORM,
+    _NORMALIZED_CLIPPED,
+    _RECTIFIED_ROOT,
+    _ROW_LENGTH,
+    _TENSOR_SCALAR_COUNT,
+    _exact_div,
+    _exact_sqrt,
+    _load_moment,
+    _load_param,
+    _put,
+    _put_moment,
+    _random16,
+    _to_storage,
+)
+
+
+@triton.jit
+def _update_chunk(
+    offsets,
+    mask,
+    bounds,
+    tensors,
+    scalars,
+    FORMS: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    DECAY: tl.constexpr,
+    KAHAN: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    QUANT_BITS: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    QBLOCK_SECOND: tl.constexpr,
+    EXACT_SECOND: tl.constexpr,
+    FLOAT_MAPS_SECOND: tl.constexpr,
+    CAUTIOUS: tl.constexpr,
+    COUNTING: tl.constexpr,
+):
+    r"""One chunk's update, elements ``offsets`` where ``mask``:
+
+    .. math::
+        m \leftarrow m + (1-\beta_1)(g - m), \quad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
+        \theta \leftarrow \theta - \alpha_t \, m / (\sqrt{\hat v} / \sqrt{1-\beta_2^t} + \epsilon)
+
+    (the other forms, ``FORMS`` as :attr:`adamkit.algorithms.AlgorithmSpec.forms` packs
+    them, as :mod:`adamkit.algorithms` writes them, in the CPU kernel's order), with L2 (``DECAY == L2_DECAY``) or decoupled (``DECAY == DECOUPLED_DECAY``)
+    weight decay, in ``COMPUTE`` precision with IEEE division and square root.
+    ``CAUTIOUS``: the update u kept only where u g > 0, scaled by the tensor's
+    n / (kept + 1) (as the reference: u [u g > 0] n / (kept + 1), a NaN update stays
+    NaN).  ``COUNTING``: the agreement pass: nothing is stored, and the number of
+    elements with u g > 0 is returned (float64)."""
+    first, end = bounds
+    param, grad, exp_avg, second, max_second, compensation, exp_avg_scales, second_scales, max_second_scales = tensors
+    (
+        step_size,
+        bias_correction2_sqrt,
+        gradient_step_size,
+        adaptive,
+        clip,
+        second_weight,
+        decay_factor,
+        cautious_scale,
+        gradient_factor,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        eps,
+        l2_weight_decay,
+        key_param,
+        key_exp_avg,
+        key_second,
+        key_max,
+        shift,
+    ) = scalars
+    PARAM_STORAGE: tl.constexpr = param.dtype.element_ty
+    STATE_STORAGE: tl.constexpr = exp_avg.dtype.element_ty  # uint8 codes when quantized
+    COMPUTE: tl.constexpr = step_size.dtype
+    BLOCK: tl.constexpr = offsets.shape[0]
+    FIRST_MOMENT: tl.constexpr = FORMS % 4
+    SECOND_MOMENT: tl.constexpr = FORMS // 4 % 4
+    DENOMINATOR: tl.constexpr = FORMS // 16 % 4
+    NESTEROV: tl.constexpr = FORMS // 64
+    p = _load_param(param, compensation, offsets, mask, COMPUTE, KAHAN, MASTER)
+    g = tl.load(grad + offsets, mask=mask).to(COMPUTE) * gradient_factor  # exact: +-1 or +-1/grad_scale
+    if DECAY == _L2_DECAY:
+        g = g + l2_weight_decay * p
+    if DECAY == _DECOUPLED_DECAY:  # a per-tensor factor (ADOPT's first step: 1; StableAdamW: clipped)
+        p = p * decay_factor
+    second_value = _load_moment(
+        second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
+    )
+    m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
+    m = m.to(COMPUTE)
+    if FIRST_MOMENT == _NORMALIZED_CLIPPED:  # m follows g over the previous v's root, clipped to [-c, c]
+        root = _exact_sqrt(second_value.to(COMPUTE))
+        target = _exact_div(g, tl.where(root < eps, eps, root))
+        target = tl.where(target > clip, clip, tl.where(target < -clip, -clip, target))
+        m = m + one_minus_beta1 * (target - m)
+    else:
+        m = m + one_minus_beta1 * (g - m)
+    if not COUNTING:  # (the agreement pass stores nothing)
+        _put_moment(
+            exp_avg,
+            exp_avg_scales,
+            offsets,
+            mask,
+            m,
+            key_exp_avg,
+            shift,
+            first,
+            end,
+            STATE_STORAGE,
+            QUANT_BITS,
+            QBLOCK,
+            True,
+            False,
+            0,
+            BLOCK,
+        )
+    if SECOND_MOMENT == _INFINITY_NORM:
+        new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
+    elif SECOND_MOMENT == _AVERAGE_AFTER:
+        new_second = beta2 * second_value.to(COMPUTE) + second_weight * g * g
+    else:
+        new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
+    if not COUNTING:  # (the agreement pass stores nothing)
+        _put_moment(
+            second,
+            second_scales,
+            offsets,
+            mask,
+            new_second,
+            key_second,
+            shift,
+            first,
+            end,
+            STATE_STORAGE,
+            QUANT_BITS,
+            QBLOCK_SECOND,
+            False,
+            EXACT_SECOND,
+            FLOAT_MAPS_SECOND,
+            BLOCK,
+        )
+    if DENOMINATOR == _NORM:
+        denom = new_second
+    elif DENOMINATOR == _NO_DENOMINATOR:
+        denom = 1.0
+    else:
+        v = new_second
+        if AMSGRAD:
+            v_max = _load_moment(
+                max_second,
+                max_second_scales,
+                offsets,
+                mask,
+                STATE_STORAGE,
+                QUANT_BITS,
+                QBLOCK_SECOND,
+                False,
+                FLOAT_MAPS_SECOND,
+            )
+            v = tl.maximum(v_max.to(COMPUTE), v)
+            if not COUNTING:  # (the agreement pass stores nothing)
+                _put_moment(
+                    max_second,
+                    max_second_scales,
+                    offsets,
+                    mask,
+                    v,
+                    key_max,
+                    shift,
+                    first,
+                    end,
+                    STATE_STORAGE,
+                    QUANT_BITS,
+                    QBLOCK_SECOND,
+                    False,
+                    EXACT_SECOND,
+                    FLOAT_MAPS_SECOND,
+                    BLOCK,
+                )
+        if DENOMINATOR == _RECTIFIED_ROOT:  # before rectification: momentum SGD, no denominator
+            denom = tl.where(adaptive != 0, _exact_sqrt(v) + eps, 1.0)
+        else:
+            denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
+    if NESTEROV:
+        update = _exact_div(step_size * m + gradient_step_size * g, denom)
+    elif DENOMINATOR == _NO_DENOMINATOR:
+        update = step_size * m
+    else:
+        update = step_size * _exact_div(m, denom)
+    if COUNTING:
+        total = tl.sum(((update * g > 0.0) & mask).to(tl.int32), axis=0).to(tl.float64)
+    else:
+        if CAUTIOUS:
+            update = update * tl.where(update * g > 0.0, 1.0, 0.0) * cautious_scale
+        p = p - update
+        if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
+            low_bits = compensation.to(tl.pointer_type(tl.int16))
+            bits = p.to(tl.int32, bitcast=True)
+            high = (bits + 0x8000) >> 16
+            tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+            tl.store(low_bits + offsets, (bits - (high << 16)).to(tl.int16), mask=mask)
+        elif MASTER == 8:  # round to 16 significant bits stochastically, then split
+            low_bytes = compensation.to(tl.pointer_type(tl.int8))
+            carry = (_random16(key_param, offsets + shift) >> 8).to(tl.int32)
+            bits = tl.where(p != p, 0x7FC00000, (p.to(tl.int32, bitcast=True) + carry) & -256)
+            high = (bits + 0x8000) >> 16
+            tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+            tl.store(low_bytes + offsets, ((bits - (high << 16)) >> 8).to(tl.int8), mask=mask)
+        elif KAHAN:  # p = rn(theta), c = rn(theta - p)
+            stored = _to_storage(p, PARAM_STORAGE)
+            tl.store(param + offsets, stored, mask=mask)
+            tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
+        else:
+            _put(param, offsets, mask, p, key_param, shift, PARAM_STORAGE, STOCHASTIC)
+        total = 0.0
+    return total
+
+
+@triton.jit
+def _fused_step(
+    table_ptr,
+    chunk_ptr,
+    tensor_scalar_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    key_ptr,
+    constants_ptr,
+    counts_ptr,
+    PARAM_STORAGE: tl.constexpr,
+    STATE_STORAGE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    FORMS: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECAY: tl.constexpr,
+    AMP: tl.constexpr,
+    KAHAN: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    RANDOM: tl.constexpr,
+    QUANT_BITS: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    QBLOCK_SECOND: tl.constexpr,
+    EXACT_SECOND: tl.constexpr,
+    FLOAT_MAPS_SECOND: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CAUTIOUS: tl.constexpr,
+    COUNTING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per chunk: chunk row (tensor t, first, end), then tensor t's
+    addresses (param, grad, exp_avg, second moment, max second moment, Kahan
+    compensation, the three moments' scales) and its row of the tensor scalars
+    (:data:`host.TENSOR_SCALARS`)."""
+    chunk = tl.program_id(0)
+    t = tl.load(chunk_ptr + 3 * chunk)
+    first = tl.multiple_of(tl.load(chunk_ptr + 3 * chunk + 1), BLOCK)
+    end = tl.load(chunk_ptr + 3 * chunk + 2)
+    skip = False
+    gradient_factor = 1.0
+    if AMP:  # fp32(1 / s), as adamkit.kernels.amp forms it
+        skip = tl.load(found_inf_ptr) != 0
+        gradient_factor = tl.math.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
+    if MAXIMIZE:
+        gradient_factor = -gradient_factor
+    if not skip:
+        row = table_ptr + _ROW_LENGTH * t  # the columns of host.COLUMNS
+        param_pointer = tl.pointer_type(PARAM_STORAGE)
+        state_pointer = tl.pointer_type(STATE_STORAGE)  # uint8 codes when quantized
+        first_scales_pointer = tl.pointer_type(tl.bfloat16)  # the first moment's
+        if EXACT_SECOND:  # the second moments' scales
+            scales_pointer = tl.pointer_type(tl.float32)
+        else:
+            scales_pointer = tl.pointer_type(tl.bfloat16)
+        param = tl.load(row).to(param_pointer)
+        grad = tl.load(row + 1).to(param_pointer)
+        exp_avg = tl.load(row + 2).to(state_pointer)
+        second = tl.load(row + 3).to(state_pointer)
+        max_second = tl.load(row + 4).to(state_pointer)
+        compensation = tl.load(row + 5).to(param_pointer)
+        if ALIGNED:  # every address is a multiple of 16 bytes: whole chunks move in vectors
+            param = tl.multiple_of(param, 16)
+            grad = tl.multiple_of(grad, 16)
+            exp_avg = tl.multiple_of(exp_avg, 16)
+            second = tl.multiple_of(second, 16)
+            max_second = tl.multiple_of(max_second, 16)
+            compensation = tl.multiple_of(compensation, 16)
+        scales = (tl.load(row + 6).to(first_scales_pointer), tl.load(row + 7).to(scales_pointer))
+        scales += (tl.load(row + 8).to(scales_pointer),)  # the three moments' block scales
+        tensors = (param, grad, exp_avg, second, max_second, compensation) + scales
+        keys = (0, 0, 0, 0, 0)
+        if RANDOM:  # stochastic rounding's step keys (param, exp_avg, second moment, max)
+            keys = (
+                tl.load(key_ptr + 5 * t),
+                tl.load(key_ptr + 5 * t + 1),
+                tl.load(key_ptr + 5 * t + 2),
+                tl.load(key_ptr + 5 * t + 3),
+                tl.load(key_ptr + 5 * t + 4),  # the element offset of a shard
+            )
+        tensor_row = tensor_scalar_ptr + _TENSOR_SCALAR_COUNT * t
+        scalars = (
+            tl.load(tensor_row).to(COMPUTE),  # step size
+            tl.load(tensor_row + 1).to(COMPUTE),  # sqrt(1 - beta2^t)
+            tl.load(tensor_row + 2).to(COMPUTE),  # NAdam's gradient step size
+            tl.load(tensor_row + 3),  # adaptive (RAdam: rectified; ADOPT: not the first step)
+            tl.load(tensor_row + 4).to(COMPUTE),  # ADOPT's clipping value
+            tl.load(tensor_row + 5).to(COMPUTE),  # ADOPT's weight of g^2
+            tl.load(tensor_row + 6).to(COMPUTE),  # decoupled decay factor
+            tl.load(tensor_row + 8).to(COMPUTE),  # a cautious update's n / (kept + 1)
+            gradient_factor.to(COMPUTE),
+            tl.load(constants_ptr).to(COMPUTE),  # 1 - beta1
+            tl.load(constants_ptr + 1).to(COMPUTE),  # beta2
+            tl.load(constants_ptr + 2).to(COMPUTE),  # 1 - beta2
+            tl.load(constants_ptr + 3).to(COMPUTE),  # eps
+            tl.load(constants_ptr + 4).to(COMPUTE),  # L2 weight decay
+        ) + keys
+        # a whole chunk is told to the compiler as such (an all-true mask: vector
+        # loads and stores); only the tail of a tensor is masked element by element
+        offsets = first + tl.arange(0, BLOCK)
+        bounds = (first, end)
+        if end - first == BLOCK:
+            whole = tl.full([BLOCK], True, tl.int1)
+            total = _update_chunk(
+                offsets,
+                whole,
+                bounds,
+                tensors,
+                scalars,
+                FORMS,
+                AMSGRAD,
+                DECAY,
+                KAHAN,
+                MASTER,
+                STOCHASTIC,
+                QUANT_BITS,
+                QBLOCK,
+                QBLOCK_SECOND,
+                EXACT_SECOND,
+                FLOAT_MAPS_SECOND,
+                CAUTIOUS,
+                COUNTING,
+            )
+        else:
+            tail = offsets < end
+            total = _update_chunk(
+                offsets,
+                tail,
+                bounds,
+                tensors,
+                scalars,
+                FORMS,
+                AMSGRAD,
+                DECAY,
+                KAHAN,
+                MASTER,
+                STOCHASTIC,
+                QUANT_BITS,
+                QBLOCK,
+                QBLOCK_SECOND,
+                EXACT_SECOND,
+                FLOAT_MAPS_SECOND,
+                CAUTIOUS,
+                COUNTING,
+            )
+        if COUNTING:  # the agreement pass: this chunk's count
+            tl.store(counts_ptr + chunk, total)
+
+
+@triton.jit
+def _clipping_sum(
+    grad,
+    second,
+    second_scales,
+    offsets,
+    mask,
+    constants,
+    STATE_STORAGE: tl.constexpr,
+    QUANT_BITS: tl.constexpr,
+    QBLOCK_SECOND: tl.constexpr,
+    FLOAT_MAPS_SECOND: tl.constexpr,
+):
+    """The float64 sum of g^2 / max(v / (1 - beta2^t), eps^2) over elements
+    ``offsets`` where ``mask``, v the second moment the update is about to compute
+    (before any rounding)."""
+    gradient_factor, beta2, one_minus_beta2, eps_squared, bias_correction2 = constants
+    COMPUTE: tl.constexpr = beta2.dtype
+    g = tl.load(grad + offsets, mask=mask, other=0.0).to(COMPUTE) * gradient_factor
+    v = _load_moment(
+        second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
+    )
+    v_hat = _exact_div(beta2 * v.to(COMPUTE) + one_minus_beta2 * g * g, bias_correction2)
+    term = _exact_div(g * g, tl.where(v_hat < eps_squared, eps_squared, v_hat))  # NaN stays NaN
+    return tl.sum(tl.where(mask, term, 0.0).to(tl.float64), axis=0)
+
+
+@triton.jit
+def _clipping_sums(
+    table_ptr,
+    chunk_ptr,
+    tensor_scalar_ptr,
+    grad_scale_ptr,
+    constants_ptr,
+    sums_ptr,
+    PARAM_STORAGE: tl.constexpr,
+    STATE_STORAGE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    AMP: tl.constexpr,
+    QUANT_BITS: tl.constexpr,
+    QBLOCK_SECOND: tl.constexpr,
+    EXACT_SECOND: tl.constexpr,
+    FLOAT_MAPS_SECOND: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """StableAdamW's clipping pass, one program per chunk: :func:`_clipping_sum` of
+    the chunk into ``sums_ptr`` (whole chunks with an all-true mask, as the update)."""
+    chunk = tl.program_id(0)
+    t = tl.load(chunk_ptr + 3 * chunk)
+    first = tl.multiple_of(tl.load(chunk_ptr + 3 * chunk + 1), BLOCK)
+    end = tl.load(chunk_ptr + 3 * chunk + 2)
+    gradient_factor = 1.0
+    if AMP:  # fp32(1 / s), as the update forms it
+        gradient_factor = tl.math.div_rn(1.0, tl.load(grad_scale_ptr).to(tl.float32))
+    row = table_ptr + _ROW_LENGTH * t
+    grad = tl.load(row + 1).to(tl.pointer_type(PARAM_STORAGE))
+    second = tl.load(row + 3).to(tl.pointer_type(STATE_STORAGE))
+    if ALIGNED:
+        grad = tl.multiple_of(grad, 16)
+        second = tl.multiple_of(second, 16)
+    if EXACT_SECOND:
+        second_scales = tl.load(row + 7).to(tl.pointer_type(tl.float32))
+    else:
+        second_scales = tl.load(row + 7).to(tl.pointer_type(tl.bfloat16))
+    eps = tl.load(constants_ptr + 3)
+    constants = (
+        gradient_factor.to(COMPUTE),
+        tl.load(constants_ptr + 1).to(COMPUTE),  # beta2
+        tl.load(constants_ptr + 2).to(COMPUTE),  # 1 - beta2
+        (eps * eps).to(COMPUTE),
+        tl.load(tensor_scalar_ptr + _TENSOR_SCALAR_COUNT * t + 7).to(COMPUTE),  # 1 - beta2^t
+    )
+    offsets = first + tl.arange(0, BLOCK)
+    if end - first == BLOCK:
+        whole = tl.full([BLOCK], True, tl.int1)
+        total = _clipping_sum(
+            grad,
+            second,
+            second_scales,
+            offsets,
+            whole,
+            constants,
+            STATE_STORAGE,
+            QUANT_BITS,
+            QBLOCK_SECOND,
+            FLOAT_MAPS_SECOND,
+        )
+    else:
+        tail = offsets < end
+        total = _clipping_sum(
+            grad,
+            second,
+            second_scales,
+            offsets,
+            tail,
+            constants,
+            STATE_STORAGE,
+            QUANT_BITS,
+            QBLOCK_SECOND,
+            FLOAT_MAPS_SECOND,
+        )
+    tl.store(sums_ptr + chunk, total)
