@@ -114,3 +114,14 @@ def test_the_registry_imports_nothing_else_of_adamkit():
         if re.match(r"\s*(from \.\.|from adamkit|import adamkit)", line)
     ]
     assert outside == []
+
+
+def test_names_derived_from_the_registry_keep_their_values():
+    """Module constants earlier versions defined by hand, kept for code that imports them."""
+    from adamkit.accumulation import STEP_WITH_MEAN
+    from adamkit.diagnostics import READ_BACK
+    from adamkit.state import SECOND_MOMENT_KEY
+
+    assert READ_BACK == {"adam", "adamax", "radam", "adopt"}
+    assert STEP_WITH_MEAN == {"nadam", "adopt", "stable_adamw", "ademamix"}
+    assert SECOND_MOMENT_KEY["adamax"] == "exp_inf" and SECOND_MOMENT_KEY["nadam"] == "exp_avg_sq"

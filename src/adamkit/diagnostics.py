@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from . import sharding
+from .algorithms import REGISTRY
 from .kernels.amp import inverse_scale
 from .kernels.types import as_real
 from .rule import UpdateRule, as_number
@@ -75,6 +76,12 @@ class Recorder:
         lr = lr.detach().clone() if isinstance(lr, Tensor) else lr  # schedulers fill tensors in place
         self.grad_norms.update(zip(params, norms))
         self.lrs.update(zip(params, [lr] * len(params)))
+
+
+#: the algorithms whose last update can be read back from the state (those whose
+#: declaration has a ``read_back``: NAdam's and StableAdamW's step depended on that step's
+#: gradient, which the state does not keep)
+READ_BACK = frozenset(name for name, spec in REGISTRY.items() if spec.read_back is not None)
 
 
 def effective_step_sizes(second: Tensor, rule: UpdateRule, t: float) -> tuple[Tensor, Tensor]:
