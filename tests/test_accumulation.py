@@ -14,6 +14,7 @@ from matrix import CONFIGS, CPU_BACKENDS, reference_setup
 
 import adamkit
 from adamkit import reference
+from adamkit.kernels import KERNELS
 from adamkit.specs.master import join_tensors
 
 N = 4
@@ -260,6 +261,7 @@ READS_ITS_GRADIENT = {
     "stable_adamw-decay": (adamkit.StableAdamW, {"weight_decay": 0.1}),
     "adamw-cautious": (adamkit.AdamW, {"cautious": True, "weight_decay": 0.1}),
     "nadam-int8": (adamkit.NAdam, {"state_precision": "int8", "seed": 1}),
+    "ademamix-int8": (adamkit.AdEMAMix, {"state_precision": "int8", "seed": 1, "alpha_warmup": 3, "beta3_warmup": 3}),
 }
 
 
@@ -281,6 +283,8 @@ def test_updates_that_read_their_gradient_step_with_the_micro_batches_mean(backe
     moments: bit for bit the class's own step (single-tensor path) fed the mean, the
     weights moving only on the last micro-batch, and no buffer left after an update."""
     cls, options = READS_ITS_GRADIENT[name]
+    if not KERNELS[backend].runs(cls.algorithm):
+        pytest.skip(f"the {backend} kernel does not run {cls.__name__}")
     cycles = micro_batches()
     params, plain = starting_params(), starting_params()
     opt = cls(params, lr=0.01, backend=backend, accumulation_steps=N, **options)
@@ -323,13 +327,21 @@ def test_nadam_accumulating_is_torch_nadam_on_the_mean_gradient():
         (adamkit.ADOPT, {"eps": 1e-8, "betas": (0.9, 0.999)}, "adopt", {}),
         (adamkit.StableAdamW, {"weight_decay": 0.1}, "stable_adamw", {"weight_decay": 0.1}),
         (adamkit.Adam, {"cautious": True}, "adam", {"cautious": True}),
+        (
+            adamkit.AdEMAMix,
+            {"weight_decay": 0.1, "alpha_warmup": 3},
+            "ademamix",
+            {"weight_decay": 0.1, "alpha_warmup": 3},
+        ),
     ],
-    ids=["nadam", "adopt", "stable_adamw", "adam-cautious"],
+    ids=["nadam", "adopt", "stable_adamw", "adam-cautious", "ademamix"],
 )
 def test_accumulating_the_mean_follows_the_numpy_reference_in_float64(
     backend, cls, options, algorithm, hp, float64_default
 ):
-    mode = "decoupled" if cls is adamkit.StableAdamW else "l2"
+    if not KERNELS[backend].runs(cls.algorithm):
+        pytest.skip(f"the {backend} kernel does not run {cls.__name__}")
+    mode = "decoupled" if cls in (adamkit.StableAdamW, adamkit.AdEMAMix) else "l2"
     hyperparameters = reference.Hyperparameters(lr=0.01, weight_decay_mode=mode, **hp)
     params = starting_params(dtype=torch.float64)
     opt = cls(params, lr=0.01, backend=backend, accumulation_steps=N, **options)

@@ -272,9 +272,9 @@ def accumulated_step(
     (AdaMax: :math:`u_t = \max(\beta_2 u_{t-1}, \max_k |g_k| + \epsilon)`), then the
     update of Algorithm 1 (2) with the same options (``algorithm`` "adam", "adamax" or
     "radam": RAdam's rectified update from those moments).  The algorithms whose update
-    reads its gradient ("nadam", "adopt", "stable_adamw", and any cautious update) take
-    their own step with the mean gradient :math:`\sum_k g_k / N` instead."""
-    if algorithm in ("nadam", "adopt", "stable_adamw") or hp.cautious:
+    reads its gradient ("nadam", "adopt", "stable_adamw", "ademamix", and any cautious
+    update) take their own step with the mean gradient :math:`\sum_k g_k / N` instead."""
+    if algorithm in ("nadam", "adopt", "stable_adamw", "ademamix") or hp.cautious:
         mean = sum(np.asarray(grad) / len(micro_grads) for grad in micro_grads)
         return STEP_FUNCTIONS[algorithm](theta, mean, state, hp)
     like = theta
