@@ -32,7 +32,10 @@ direction is Nesterov's:
 
 with the per-tensor scalars (:math:`\alpha, c_2, \gamma, c, w`) from the algorithm's
 host-side functions (:attr:`AlgorithmSpec.step_scalars`,
-:attr:`AlgorithmSpec.tensor_columns`).
+:attr:`AlgorithmSpec.tensor_columns`).  A slow first moment
+(:attr:`AlgorithmSpec.slow_first_moment`, AdEMAMix's
+:math:`m_2 \leftarrow m_2 + (1 - \beta_3(t))(g - m_2)`, added to the direction with weight
+:math:`\alpha(t)`) is run by the per-tensor paths only, so far (:attr:`AlgorithmSpec.fused`).
 """
 
 from __future__ import annotations
