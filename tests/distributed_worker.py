@@ -84,8 +84,13 @@ def build_model(dtype: torch.dtype = torch.float32, width: int = WIDTH) -> nn.Mo
     ).to(dtype)
 
 
-def build_optimizer(params, setting: str) -> torch.optim.Optimizer:
+def build_optimizer(params, setting: str, *, oracle: bool = False) -> torch.optim.Optimizer:
+    """``oracle``: the single-process run that the sharded one is held to; a Triton
+    setting's oracle steps on the CPU kernel, whose bits the Triton kernel's equal
+    (``test_kernel_parity.py``) at a small fraction of the interpreter's time."""
     name, kwargs, _ = SETTINGS[setting]
+    if oracle and kwargs.get("backend") == "triton":
+        kwargs = {**kwargs, "backend": "cpu"}
     return getattr(adamkit, name)(params, lr=1e-2, **kwargs)
 
 

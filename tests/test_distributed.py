@@ -75,7 +75,7 @@ def single(out) -> dict:
     results = {}
     for setting, (_, _, dtype) in worker.SETTINGS.items():
         model = worker.build_model(dtype, worker.WIDTHS.get(setting, worker.WIDTH))
-        optimizer = worker.build_optimizer(model.parameters(), setting)
+        optimizer = worker.build_optimizer(model.parameters(), setting, oracle=True)
         losses = worker.train(model, optimizer, range(worker.STEPS_BEFORE_SAVE), dtype)
         if setting in worker.CHECKPOINTED:  # quantized moments at fp32, as sharded ranks save them
             with full_precision_export(optimizer):
