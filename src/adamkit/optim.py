@@ -49,6 +49,8 @@ class _AdamFamily(Optimizer):
     extra_group_keys: ClassVar[tuple[str, ...]] = tuple(options.DEFAULTS)
     #: options this algorithm does not run yet (they must keep their defaults)
     unavailable_options: ClassVar[tuple[str, ...]] = ()
+    #: torch.optim arguments (``capturable``, ``differentiable``) it does not run: they must be False
+    unavailable_arguments: ClassVar[tuple[str, ...]] = ()
 
     #: the attached :class:`adamkit.release.GradientRelease` (see :meth:`attach_gradient_release`)
     _gradient_release = None
@@ -73,6 +75,11 @@ class _AdamFamily(Optimizer):
         differentiable = torch_arguments["differentiable"]
         options.check_options(values, differentiable=differentiable)
         options.check_available(values, self.unavailable_options, type(self).__name__)
+        for name in self.unavailable_arguments:
+            if torch_arguments[name]:
+                raise ValueError(
+                    f"{name}={torch_arguments[name]!r}: {type(self).__name__} does not run it; leave it False"
+                )
         self._recorder = Recorder()
         self._stepper = Stepper(self, self._recorder)
         super().__init__(params, {**torch_arguments, "betas": betas, **values})
@@ -209,7 +216,10 @@ class _AdamFamily(Optimizer):
             draw_seed_if_needed(plan.group, stepper.cache(plan.group)["dtypes"])
         admitted = [plan for index, plan in plans if stepper.admit(index, plan, amp[0])]
         stepper.initialize(admitted)
+        advance = lookup(self.algorithm).advance
         for plan in admitted:
+            if advance is not None:  # the group's own running values (schedule-free's), once per step
+                advance(plan.group)
             stepper.run(plan, amp)
 
     def step_param(self, index: int, group: dict, view: dict, amp: tuple = (None, None)) -> HostStep | None:
@@ -266,6 +276,12 @@ class _AdamFamily(Optimizer):
         its closure."""
         if self._gradient_release is not None:
             raise RuntimeError("this optimizer already has gradient release attached (call handle.remove() first)")
+        running = ", ".join(lookup(self.algorithm).group_state)
+        if running:
+            raise TypeError(
+                f"{type(self).__name__} keeps running values per param group ({running}), which one step moves "
+                "once for the whole group: gradient release, which steps each param on its own, cannot run it"
+            )
         self._gradient_release = release
 
     def detach_gradient_release(self, release) -> None:

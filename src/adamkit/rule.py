@@ -125,8 +125,9 @@ class UpdateRule:
     #: cautious updates: only the elements whose update agrees in sign with the gradient
     cautious: bool = False
     #: the algorithm's own hyperparameters (:attr:`AlgorithmSpec.hyperparameters`, e.g.
-    #: NAdam's ``momentum_decay``) as (name, value) pairs; each reads as an attribute
-    #: (``rule.momentum_decay``), its registry default where the pairs lack it
+    #: NAdam's ``momentum_decay``) and group state (:attr:`AlgorithmSpec.group_state`) as
+    #: (name, value) pairs; each reads as an attribute (``rule.momentum_decay``), its
+    #: registry default where the pairs lack it
     hyperparameters: tuple[tuple[str, Any], ...] = ()
 
     def __getattr__(self, name: str) -> Any:
@@ -135,8 +136,9 @@ class UpdateRule:
                 if key == name:
                     return value
             spec = REGISTRY.get(self.__dict__.get("algorithm"))
-            if spec is not None and name in spec.hyperparameters:
-                return spec.hyperparameters[name]
+            for declared in () if spec is None else (spec.hyperparameters, spec.group_state):
+                if name in declared:
+                    return declared[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
@@ -168,7 +170,9 @@ class UpdateRule:
             seed=group["seed"],
             accumulation_steps=group["accumulation_steps"],
             cautious=bool(group.get("cautious", False)),
-            hyperparameters=tuple((key, group.get(key, default)) for key, default in spec.hyperparameters.items()),
+            hyperparameters=tuple(
+                (key, group.get(key, default)) for key, default in {**spec.hyperparameters, **spec.group_state}.items()
+            ),
         )
 
     @property

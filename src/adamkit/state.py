@@ -169,6 +169,18 @@ def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str |
     return True
 
 
+def _conform_weight_copy(state: dict, key: str, param: Tensor) -> bool:
+    """Hold a second weight sequence (:attr:`~adamkit.algorithms.AlgorithmSpec.weight_copy`)
+    in the param's dtype: a copy of the param at first, cast where the param's dtype
+    changed since (``model.half()``).  Returns whether it allocated or converted."""
+    held = state.get(key)
+    if held is not None and held.dtype == param.dtype:
+        return False
+    source = param.detach() if held is None else held
+    state[key] = _new(state, torch.empty_like(param, memory_format=torch.preserve_format).copy_(source))
+    return True
+
+
 def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) -> bool:
     """Fill an empty state dict for ``param`` (zeros, the param's layout), or bring an
     existing one in line with the group's ``state_precision``, ``rounding`` and
@@ -187,7 +199,10 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
             state[key] = _new(state, step_tensor(float(state[key]), param, group))
             changed = True
     for key in spec.moment_keys(spec.amsgrad and bool(group.get("amsgrad"))):
-        changed |= _conform_moment(state, key, param, group.get("state_precision"))
+        if key == spec.weight_copy:
+            changed |= _conform_weight_copy(state, key, param)
+        else:
+            changed |= _conform_moment(state, key, param, group.get("state_precision"))
     if has_compensation(param, group):
         held = state.get(COMPENSATION_KEY)
         if held is None or held.dtype != param.dtype:

@@ -124,6 +124,9 @@ class StepScalars:
     #: alpha_t and beta3_t)
     slow_weight: Scalar | None = None
     slow_decay: Scalar | None = None
+    #: the weight of the new point in an iterate average (schedule-free's
+    #: :math:`c_{t+1}`, the param's pull towards its second weight sequence)
+    average_weight: Scalar | None = None
 
 
 #: ``step_scalars(rule, step)``: the :class:`StepScalars` of step count ``step`` (a float,
@@ -180,6 +183,18 @@ class AlgorithmSpec:
     #: keeps a second, slow first moment (AdEMAMix: ``exp_avg_slow``, third in kernel
     #: order, where AMSGrad's maximum would be: the two never meet)
     slow_first_moment: bool = False
+    #: the state key of a second weight sequence kept in the first moment's place
+    #: (schedule-free's ``z``), or ``None``: it starts as a copy of the param, is held in
+    #: the param's dtype whatever ``state_precision`` says (a weight is never quantized),
+    #: and a 16-bit one is stored back stochastically, as 16-bit moments are
+    weight_copy: str | None = None
+    #: values the algorithm keeps per param group, with their initial values (schedule-free's
+    #: step count and running weight sum): held in ``param_groups`` (so they are saved and
+    #: loaded with it), read on the rule as its hyperparameters are
+    group_state: Mapping[str, Any] = field(default_factory=dict)
+    #: ``advance(group)``: move :attr:`group_state` on by one step, once per step the group
+    #: takes, before its kernel runs (``None``: nothing to move)
+    advance: Callable[[dict], None] | None = None
     #: has an AMSGrad variant (a running maximum of the second moment)
     amsgrad: bool = False
     #: a per-tensor reduction before the update (StableAdamW's update clipping)
@@ -208,6 +223,9 @@ class AlgorithmSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "hyperparameters", MappingProxyType(dict(self.hyperparameters)))
         object.__setattr__(self, "checks", MappingProxyType(dict(self.checks)))
+        object.__setattr__(self, "group_state", MappingProxyType(dict(self.group_state)))
+        if (self.advance is None) != (not self.group_state):
+            raise ValueError(f"{self.name}: group state and its advance come together")
         if not set(self.checks) <= set(self.hyperparameters):
             raise ValueError(
                 f"{self.name}: checks of undeclared hyperparameters {set(self.checks) - set(self.hyperparameters)}"
@@ -220,7 +238,7 @@ class AlgorithmSpec:
         """Whether the fused kernels run it: its forms are among :data:`KERNEL_FORMS`
         and its state is that of Adam's element loop (no slow first moment yet)."""
         forms = (self.first_moment, self.second_moment, self.denominator)
-        return forms in KERNEL_FORMS and not self.slow_first_moment
+        return forms in KERNEL_FORMS and not (self.slow_first_moment or self.weight_copy or self.group_state)
 
     @property
     def forms(self) -> int:
@@ -237,10 +255,11 @@ class AlgorithmSpec:
         return self.hyperparameters[name]
 
     def moment_keys(self, amsgrad: bool) -> list[str]:
-        """The state keys holding moments, in kernel order (first, second, then AMSGrad's
-        maximum or the slow first moment)."""
+        """The state keys holding moments, in kernel order (first, or the second weight
+        sequence in its place; second; then AMSGrad's maximum or the slow first moment)."""
         third = ["max_exp_avg_sq"] if amsgrad else []
-        return ["exp_avg", self.second_moment_key] + third + ([SLOW_MOMENT_KEY] if self.slow_first_moment else [])
+        first = self.weight_copy or "exp_avg"
+        return [first, self.second_moment_key] + third + ([SLOW_MOMENT_KEY] if self.slow_first_moment else [])
 
 
 #: every algorithm, by name, in the order registered
