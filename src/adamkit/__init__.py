@@ -13,7 +13,7 @@ problems.
 
 from . import convert, precision, stalls
 from ._version import __version__
-from .optim import ADOPT, Adam, AdaMax, Adamax, AdamW, AdEMAMix, NAdam, RAdam, StableAdamW
+from .optim import ADOPT, Adam, AdaMax, Adamax, AdamW, AdEMAMix, NAdam, RAdam, ScheduleFreeAdamW, StableAdamW
 from .release import gradient_release
 from .specs import master, quantization, reference, rounding
 from .stalls import stall_guard
@@ -43,6 +43,7 @@ __all__ = [
     "RAdam",
     "StableAdamW",
     "AdEMAMix",
+    "ScheduleFreeAdamW",
     "convert",
     "gradient_release",
     "master",

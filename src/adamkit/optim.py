@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import convert, kernels, options
-from .algorithms import ADAM, ADAMAX, ADEMAMIX, ADOPT, NADAM, RADAM, STABLE_ADAMW, lookup
+from .algorithms import ADAM, ADAMAX, ADEMAMIX, ADOPT, NADAM, RADAM, SCHEDULE_FREE_ADAMW, STABLE_ADAMW, lookup
 from .diagnostics import Recorder, group_stats
 from .kernels.cpu import fork_safe_threads
 from .offload import HostStep
@@ -727,4 +727,156 @@ class AdEMAMix(_AdamFamily):
             group["decoupled_weight_decay"] = True
 
 
-__all__ = ["ADOPT", "AdEMAMix", "Adam", "AdamW", "AdaMax", "Adamax", "NAdam", "RAdam", "StableAdamW"]
+class ScheduleFreeAdamW(_AdamFamily):
+    r"""Schedule-free AdamW (Defazio et al., 2024, "The Road Less Scheduled"), a drop-in
+    for the ``schedulefree`` package's ``AdamWScheduleFree`` (same arguments, defaults,
+    state and param-group keys: its checkpoints load here and ours there).
+
+    .. math::
+
+        z_{t+1} = z_t - \gamma_t \Bigl(\frac{g_t}{\sqrt{\hat v_t} + \epsilon} + \lambda y_t\Bigr), \qquad
+        x_{t+1} = (1 - c_{t+1})\, x_t + c_{t+1} z_{t+1}, \qquad
+        y_{t+1} = (1 - \beta_1) z_{t+1} + \beta_1 x_{t+1}
+
+    No learning-rate schedule is needed: ``warmup_steps`` warms the rate up linearly,
+    and the average weights :math:`c_{t+1} \propto t^r \gamma_{max}^{p}` (``r``,
+    ``weight_lr_power``); see :mod:`adamkit.algorithms.schedule_free`.  The params hold
+    :math:`y` in train mode and :math:`x` in eval mode: call :meth:`train` before training
+    steps and :meth:`eval` before evaluating or saving, as with that package.  A new
+    optimizer starts in train mode (the package's starts in eval mode, where its first
+    ``step()`` raises; before the first step both points are the params themselves, so
+    ``train()`` first is allowed and changes nothing); :meth:`step` in eval mode raises.
+
+    Storage: ``state_precision`` holds the second moment (``"bf16"``, ``"int8"``,
+    ``"int4"``); ``z`` is a weight, not a moment, so it stays in the param's dtype (a
+    16-bit ``z`` is stored back stochastically, as a 16-bit moment is, so that its small
+    steps are not rounded away).  ``rounding`` is the param's (``"nearest"`` or
+    ``"stochastic"``); ``"kahan"`` and ``master_weights`` would need a second
+    compensation or master for ``z`` and are refused, as are ``decouple_lr``,
+    ``cautious``, ``accumulation_steps``, ``diagnostics``, ``offload``, ``capturable``,
+    ``differentiable`` and gradient release (the group's running values move once per
+    step of the whole group).  The per-tensor paths run it (``backend=None`` picks
+    ``foreach``).
+    """
+
+    algorithm = SCHEDULE_FREE_ADAMW.name
+    sparse_gradient_message = "ScheduleFreeAdamW does not support sparse gradients"
+    unavailable_options = (
+        "decouple_lr",
+        "master_weights",
+        "cautious",
+        "accumulation_steps",
+        "diagnostics",
+        "offload",
+    )
+    #: its step's scalars come from the groups' running values, on the host
+    unavailable_arguments = ("capturable", "differentiable")
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 0.0025,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = SCHEDULE_FREE_ADAMW.default("warmup_steps"),
+        r: float = SCHEDULE_FREE_ADAMW.default("r"),
+        weight_lr_power: float = SCHEDULE_FREE_ADAMW.default("weight_lr_power"),
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        backend: str | None = None,
+        rounding: str = "nearest",
+        master_weights: str | None = None,
+        state_precision: str | None = None,
+        seed: int | None = None,
+        skip_nonfinite: bool = False,
+        cautious: bool = False,
+        diagnostics: bool = False,
+        accumulation_steps: int = 1,
+        offload: str | None = None,
+    ) -> None:
+        if rounding == "kahan":
+            raise ValueError(
+                "rounding='kahan': ScheduleFreeAdamW would need a compensation for z as well as for the param; "
+                "use 'nearest' or 'stochastic'"
+            )
+        self._construct(params, {**locals(), **SCHEDULE_FREE_ADAMW.group_state, "decoupled_weight_decay": True})
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+    @torch.compiler.disable
+    def step(self, closure=None):
+        """One step of every group, which must be in train mode (see :meth:`train`)."""
+        for index, group in enumerate(self.param_groups):
+            if not group["train_mode"]:
+                raise RuntimeError(
+                    f"ScheduleFreeAdamW.step() with param_groups[{index}] in eval mode: call optimizer.train() "
+                    "before training steps (and optimizer.eval() before evaluating or saving)"
+                )
+        return super().step(closure)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        r"""Put the params at the training point :math:`y = (1 - \beta_1) z + \beta_1 x`
+        (from :math:`x`, where :meth:`eval` left them); nothing for groups in train mode."""
+        self._move_params(train=True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        r"""Put the params at the average :math:`x`, the point to evaluate and keep (from
+        :math:`y`: :math:`x = y + (1 - 1/\beta_1)(z - y)`); nothing for groups in eval mode."""
+        self._move_params(train=False)
+
+    def _move_params(self, train: bool) -> None:
+        for index, group in enumerate(self.param_groups):
+            if group["train_mode"] == train:
+                continue
+            beta1 = as_number(group["betas"][0])
+            if not train and beta1 == 0:
+                raise ValueError(
+                    f"eval() with betas[0] = 0 in param_groups[{index}]: the training point is z itself and the "
+                    "average x cannot be recovered from it (use betas[0] > 0)"
+                )
+            weight = 1 - beta1 if train else 1 - 1 / beta1
+            for p in group["params"]:
+                z = self.state[p].get(SCHEDULE_FREE_ADAMW.weight_copy) if p in self.state else None
+                if z is not None:
+                    p.lerp_(z.to(p.device), weight)
+            group["train_mode"] = train
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of the ``schedulefree`` package's
+        ``AdamWScheduleFree`` (whose param states have no ``step``: each param's is its
+        group's step count ``k``)."""
+        groups = state_dict.get("param_groups", [])
+        states = state_dict.get("state", {})
+        if any("step" not in states.get(i, {"step": 0}) for g in groups for i in g.get("params", [])):
+            states = dict(states)
+            for group in groups:
+                for i in group.get("params", []):
+                    if i in states and "step" not in states[i]:
+                        states[i] = {**states[i], "step": torch.tensor(float(group.get("k", 0)))}
+            state_dict = {**state_dict, "state": states}
+        super().load_state_dict(state_dict)
+
+
+__all__ = [
+    "ADOPT",
+    "AdEMAMix",
+    "Adam",
+    "AdamW",
+    "AdaMax",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "ScheduleFreeAdamW",
+    "StableAdamW",
+]

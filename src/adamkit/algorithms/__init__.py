@@ -48,6 +48,7 @@ from .radam import RADAM
 from .adopt import ADOPT
 from .stable_adamw import STABLE_ADAMW
 from .ademamix import ADEMAMIX
+from .schedule_free import SCHEDULE_FREE_ADAMW
 
 __all__ = [
     "ADAM",
@@ -56,6 +57,7 @@ __all__ = [
     "ADOPT",
     "NADAM",
     "RADAM",
+    "SCHEDULE_FREE_ADAMW",
     "KERNEL_FORMS",
     "REGISTRY",
     "SLOW_MOMENT_KEY",

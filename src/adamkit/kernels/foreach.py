@@ -245,6 +245,30 @@ def ademamix(
         _apply_updates(params, directions, denoms, bucket_steps)
 
 
+def schedule_free_adamw(
+    tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
+) -> None:
+    """Schedule-free AdamW (see :func:`adamkit.kernels.single_tensor.schedule_free_adamw`)
+    with foreach ops, as the ``schedulefree`` package's foreach path issues them (every
+    scalar is the group's: one per bucket)."""
+    beta1 = _number(group_scalars.beta1)
+    for t, bucket_steps in _buckets(tensors, steps):
+        step = bucket_steps[0]
+        ys, zs, exp_avg_sqs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
+        grads = _real(torch._foreach_neg(t.grads) if rule.maximize else t.grads)
+        torch._foreach_mul_(exp_avg_sqs, _number(group_scalars.beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=_number(group_scalars.one_minus_beta2))
+        denoms = torch._foreach_div(exp_avg_sqs, step.bias_correction2)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, group_scalars.eps)
+        directions = torch._foreach_div(grads, denoms)
+        if rule.weight_decay != 0:
+            torch._foreach_add_(directions, ys, alpha=rule.weight_decay)
+        torch._foreach_lerp_(ys, zs, weight=step.average_weight)
+        torch._foreach_add_(ys, directions, alpha=step.step_size * (beta1 * (1 - step.average_weight) - 1))
+        torch._foreach_sub_(zs, directions, alpha=step.step_size)
+
+
 def _tensor_by_tensor_when_cautious(run, per_tensor):
     """``run``, or the single-tensor ``per_tensor`` for a cautious group (each tensor's
     mask is a reduction of its own)."""

@@ -131,7 +131,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..algorithms import ADEMAMIX, ADOPT, NADAM
+from ..algorithms import ADEMAMIX, ADOPT, NADAM, SCHEDULE_FREE_ADAMW
 
 WeightDecayMode = Literal["l2", "decoupled", "fully_decoupled"]
 
@@ -146,6 +146,12 @@ class ReferenceState:
     max_exp_avg_sq: np.ndarray | None = None  # v^max (AMSGrad)
     mu_product: float = 1.0  # NAdam's product of momentum coefficients
     exp_avg_slow: np.ndarray | None = None  # AdEMAMix's slow average m^(2)
+    #: schedule-free: the SGD sequence z, its average x, the running sum of the averaging
+    #: weights and the largest warmed-up learning rate so far
+    z: np.ndarray | None = None
+    x: np.ndarray | None = None
+    weight_sum: float = 0.0
+    lr_max: float = -1.0
 
 
 @dataclass
@@ -170,6 +176,10 @@ class Hyperparameters:
     alpha: float = ADEMAMIX.default("alpha")
     alpha_warmup: int | None = ADEMAMIX.default("alpha_warmup")
     beta3_warmup: int | None = ADEMAMIX.default("beta3_warmup")
+    #: schedule-free: linear warm-up (steps), the averaging weights' powers of t and of lr_max
+    warmup_steps: int = SCHEDULE_FREE_ADAMW.default("warmup_steps")
+    r: float = SCHEDULE_FREE_ADAMW.default("r")
+    weight_lr_power: float = SCHEDULE_FREE_ADAMW.default("weight_lr_power")
 
 
 def _as_real(x: np.ndarray) -> np.ndarray:
@@ -408,6 +418,41 @@ def ademamix_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp
     return _from_real(_descend(theta, update, g, hp), like)
 
 
+def schedule_free_adamw_step(
+    theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters
+) -> np.ndarray:
+    r"""One step of schedule-free AdamW (Defazio et al., 2024) from the training point
+    ``theta`` (:math:`y`), written in the paper's three sequences: :math:`z` steps along
+    the normalized gradient (weight decay at :math:`y`), :math:`x` averages the
+    :math:`z` with weight :math:`c_{t+1} = w_t / \sum_{i \le t} w_i`,
+    :math:`w_t = t^r \gamma_{max}^p`; returns the next :math:`y = (1 - \beta_1) z + \beta_1 x`
+    (:func:`schedule_free_average` is :math:`x`, the point to evaluate).  The step count
+    and the weights' sum are this param's (a group's params step together)."""
+    if hp.amsgrad or hp.cautious or hp.weight_decay_mode == "fully_decoupled":
+        raise ValueError("schedule-free AdamW has no AMSGrad or cautious variant; its weight decay is at y")
+    like, y = theta, _as_real(theta)
+    g = -_as_real(grad) if hp.maximize else _as_real(grad)
+    if state.z is None:
+        state.z, state.x, state.exp_avg_sq = y.copy(), y.copy(), np.zeros_like(y)
+    state.step += 1
+    t = state.step
+    lr = hp.lr * (t / hp.warmup_steps if t <= hp.warmup_steps else 1.0)
+    state.lr_max = max(state.lr_max, lr)
+    weight = t**hp.r * state.lr_max**hp.weight_lr_power
+    state.weight_sum += weight
+    c = weight / state.weight_sum if state.weight_sum != 0 else 0.0
+    state.exp_avg_sq = hp.beta2 * state.exp_avg_sq + (1.0 - hp.beta2) * g * g
+    d = g / (np.sqrt(state.exp_avg_sq / (1.0 - hp.beta2**t)) + hp.eps) + hp.weight_decay * y
+    state.z = state.z - lr * d
+    state.x = (1.0 - c) * state.x + c * state.z
+    return _from_real((1.0 - hp.beta1) * state.z + hp.beta1 * state.x, like)
+
+
+def schedule_free_average(state: ReferenceState, like: np.ndarray) -> np.ndarray:
+    """Schedule-free's average :math:`x`, the point to evaluate (the param in eval mode)."""
+    return _from_real(state.x, like)
+
+
 STEP_FUNCTIONS = {
     "adam": adam_step,
     "adamax": adamax_step,
@@ -416,13 +461,14 @@ STEP_FUNCTIONS = {
     "adopt": adopt_step,
     "stable_adamw": stable_adamw_step,
     "ademamix": ademamix_step,
+    "schedule_free_adamw": schedule_free_adamw_step,
 }
 
 
 def moments_as(state: ReferenceState, like: np.ndarray) -> dict[str, np.ndarray]:
     """The state's arrays in the shape (and complex-ness) of the parameter ``like``."""
     out = {}
-    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_slow"):
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_slow", "z"):
         value = getattr(state, name)
         if value is not None:
             out[name] = _from_real(value, like)
@@ -437,6 +483,8 @@ __all__ = [
     "adam_step",
     "adamax_step",
     "ademamix_step",
+    "schedule_free_adamw_step",
+    "schedule_free_average",
     "adopt_step",
     "moments_as",
     "nadam_step",

@@ -1,0 +1,109 @@
+r"""Schedule-free AdamW (Defazio et al., 2024, "The Road Less Scheduled"): no learning-rate
+schedule; the weights the loss is evaluated at during training (:math:`y`) interpolate
+between a plain AdamW-normalized SGD sequence (:math:`z`) and its running average
+(:math:`x`), which is what one evaluates and keeps.
+
+With :math:`t` the group's step count, :math:`\gamma_t` the warmed-up learning rate
+(:math:`\gamma \min(t / T_w, 1)`), :math:`\gamma_{max}` its running maximum and
+:math:`\lambda` the weight decay:
+
+.. math::
+
+    v &\leftarrow \beta_2 v + (1 - \beta_2) g^2, \qquad
+    d = \frac{g}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} + \lambda y \\
+    w_t &= t^r \gamma_{max}^{p}, \qquad c_{t+1} = w_t / \textstyle\sum_{i \le t} w_i \\
+    z &\leftarrow z - \gamma_t d, \qquad
+    x \leftarrow (1 - c_{t+1})\, x + c_{t+1} z, \qquad
+    y = (1 - \beta_1) z + \beta_1 x
+
+The param holds :math:`y` while training (``optimizer.train()``) and :math:`x` for
+evaluation (``optimizer.eval()``); :math:`x` is never stored: :math:`y` is moved to its
+next value directly, :math:`y \leftarrow \operatorname{lerp}(y, z, c_{t+1}) +
+\gamma_t(\beta_1(1 - c_{t+1}) - 1)\, d` with the old :math:`z`, then :math:`z` steps
+(the ``schedulefree`` package's arithmetic, in its order).
+
+The state is ``z``, a weight (:attr:`~.base.AlgorithmSpec.weight_copy`: in the param's
+dtype whatever ``state_precision`` says), and ``exp_avg_sq``.  The group keeps its step
+count ``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr`` and ``train_mode``, as that
+package keeps them (so its checkpoints load): :attr:`~.base.AlgorithmSpec.group_state`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .base import AlgorithmSpec, StepScalars, as_number, register
+
+#: the values the group keeps, with their initial values (the schedulefree package's, but
+#: for ``train_mode``: a new optimizer here starts in train mode, see
+#: :class:`adamkit.ScheduleFreeAdamW`)
+GROUP_STATE = {"k": 0, "weight_sum": 0.0, "lr_max": -1.0, "scheduled_lr": 0.0, "train_mode": True}
+
+
+def _average_weight(step: int, lr_max: float, r: float, weight_lr_power: float) -> float:
+    r""":math:`w_t = t^r \gamma_{max}^p`."""
+    return (step**r) * (lr_max**weight_lr_power)
+
+
+def advance_schedule(group: dict) -> None:
+    r"""One step of the group's running values: the warmed-up rate :math:`\gamma_t`
+    (``scheduled_lr``), its maximum, the running sum of :math:`w_t`, the step count."""
+    k, warmup = group["k"], group["warmup_steps"]
+    lr = as_number(group["lr"]) * ((k + 1) / warmup if k < warmup else 1.0)
+    group["scheduled_lr"] = lr
+    group["lr_max"] = lr_max = max(lr, group["lr_max"])
+    group["weight_sum"] = group["weight_sum"] + _average_weight(k + 1, lr_max, group["r"], group["weight_lr_power"])
+    group["k"] = k + 1
+
+
+def schedule_free_step_scalars(rule, step) -> StepScalars:
+    r"""The group's step (``step``, a param's own count, is not read: every scalar is the
+    group's): :math:`\gamma_t`, :math:`1 - \beta_2^t` and :math:`c_{t+1}` (0 while every
+    weight so far is 0)."""
+    t = rule.k
+    weight = _average_weight(t, rule.lr_max, rule.r, rule.weight_lr_power)
+    bias_correction2 = 1 - as_number(rule.beta2) ** t
+    return StepScalars(
+        step_size=rule.scheduled_lr,
+        bias_correction2_sqrt=math.sqrt(bias_correction2),
+        bias_correction2=bias_correction2,
+        average_weight=weight / rule.weight_sum if rule.weight_sum != 0 else 0.0,
+    )
+
+
+def check_warmup_steps(warmup_steps, where: str = "") -> None:
+    """``warmup_steps``: a whole number of steps >= 0."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(
+            f"Invalid warmup_steps value: {warmup_steps!r} (warmup_steps must be an int >= 0 of steps{where})"
+        )
+
+
+def check_finite_at_least_zero(name: str):
+    """The check of ``name``: a finite float >= 0."""
+
+    def check(value, where: str = "") -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+            raise ValueError(f"Invalid {name} value: {value!r} ({name} must be a finite float >= 0{where})")
+
+    return check
+
+
+SCHEDULE_FREE_ADAMW = register(
+    AlgorithmSpec(
+        name="schedule_free_adamw",
+        class_name="ScheduleFreeAdamW",
+        step_scalars=schedule_free_step_scalars,
+        weight_copy="z",
+        group_state=GROUP_STATE,
+        advance=advance_schedule,
+        hyperparameters={"warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0},
+        checks={
+            "warmup_steps": check_warmup_steps,
+            "r": check_finite_at_least_zero("r"),
+            "weight_lr_power": check_finite_at_least_zero("weight_lr_power"),
+        },
+    )
+)
+
+__all__ = ["GROUP_STATE", "SCHEDULE_FREE_ADAMW", "advance_schedule", "schedule_free_step_scalars"]

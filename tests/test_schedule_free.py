@@ -1,0 +1,299 @@
+"""ScheduleFreeAdamW (Defazio et al., 2024): bit for bit the ``schedulefree`` package's
+``AdamWScheduleFree`` on its two paths, the NumPy reference's three sequences in float64,
+checkpoints both ways, lean storage of v (z is a weight: never quantized), train/eval
+modes, and what it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import adamkit
+from adamkit import reference
+from adamkit.algorithms import SCHEDULE_FREE_ADAMW, lookup
+
+schedulefree = pytest.importorskip("schedulefree")
+
+BACKENDS = ("single_tensor", "foreach")
+SETTINGS = {
+    "defaults": {},
+    "decay-warmup-r": {"weight_decay": 0.1, "warmup_steps": 5, "r": 0.5},
+    "no-lr-weighting": {"weight_lr_power": 0.0, "betas": (0.95, 0.99)},
+}
+
+
+def _params(seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5), (7,), (), (0, 3)]
+    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for shape in shapes]
+
+
+def _groups(params: list[torch.Tensor]) -> list[dict]:
+    """Two groups of different learning rates, fresh leaves of ``params``' values."""
+    leaves = [p.clone().requires_grad_() for p in params]
+    return [{"params": leaves[:2], "lr": 1e-2}, {"params": leaves[2:], "lr": 3e-3}]
+
+
+def _gradients(params: list[torch.Tensor], steps: int, seed: int = 1, skip_first_every: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        yield [
+            None
+            if (i == 0 and skip_first_every and step % skip_first_every == skip_first_every - 1)
+            else torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            for i, p in enumerate(params)
+        ]
+
+
+def _train(optimizer, groups: list[dict], gradients) -> None:
+    params = [p for g in groups for p in g["params"]]
+    for grads in gradients:
+        for p, grad in zip(params, grads):
+            p.grad = None if grad is None else grad.clone()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_the_schedulefree_package_bit_for_bit(backend, setting):
+    """Its arithmetic in its order, on the path of the same kind (``foreach`` against its
+    foreach path): params (train and eval points), z, v and the group's running values
+    equal, through eval/train switches and a param that misses every third gradient."""
+    options, start = SETTINGS[setting], _params()
+    ours_groups, theirs_groups = _groups(start), _groups(start)
+    ours = adamkit.ScheduleFreeAdamW(ours_groups, backend=backend, **options)
+    theirs = schedulefree.AdamWScheduleFree(theirs_groups, foreach=backend == "foreach", **options)
+    ours.train(), theirs.train()
+    for phase in range(3):
+        grads = list(_gradients(start, 15, seed=phase + 1, skip_first_every=3))
+        _train(ours, ours_groups, grads)
+        _train(theirs, theirs_groups, grads)
+        ours.eval(), theirs.eval()
+        for a, b in zip(ours.param_groups, theirs.param_groups):
+            for p, q in zip(a["params"], b["params"]):
+                assert torch.equal(p, q)
+                assert torch.equal(ours.state[p]["z"], theirs.state[q]["z"])
+                assert torch.equal(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"])
+            assert {k: a[k] for k in ("k", "weight_sum", "lr_max", "scheduled_lr", "train_mode")} == {
+                k: b[k] for k in ("k", "weight_sum", "lr_max", "scheduled_lr", "train_mode")
+            }
+        ours.train(), theirs.train()
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_follows_the_reference_sequences(backend, setting, maximize):
+    """The reference keeps z and the average x explicitly (the paper's form; the kernels
+    move y directly): in float64, y while training, x after ``eval()``, z and v agree to
+    1e-12 of their size, with complex params viewed as pairs of reals."""
+    options = dict(SETTINGS[setting])
+    start = _params(dtype=torch.float64) + [torch.randn(3, 2, dtype=torch.complex128)]
+    groups = _groups(start)
+    optimizer = adamkit.ScheduleFreeAdamW(groups, backend=backend, maximize=maximize, **options)
+    beta1, beta2 = options.pop("betas", (0.9, 0.999))
+    references = []
+    for group in groups:
+        hp = reference.Hyperparameters(
+            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay_mode="decoupled", maximize=maximize, **options
+        )
+        references += [(hp, p.detach().numpy().copy(), reference.ReferenceState()) for p in group["params"]]
+    grads = list(_gradients(start, 40))
+    for step_grads in grads:
+        for (hp, theta, state), grad in zip(references, step_grads):
+            theta[...] = reference.schedule_free_adamw_step(theta, grad.numpy(), state, hp)
+    _train(optimizer, groups, grads)
+
+    def close(actual: torch.Tensor, expected: np.ndarray) -> None:
+        actual = actual.detach().numpy()
+        scale = max(np.max(np.abs(expected), initial=0.0), 1e-300)
+        assert np.max(np.abs(actual - expected), initial=0.0) / scale <= 1e-12
+
+    params = [p for g in groups for p in g["params"]]
+    for p, (_, theta, state) in zip(params, references):
+        close(p, theta)
+        close(optimizer.state[p]["z"], reference.moments_as(state, theta)["z"])
+        close(optimizer.state[p]["exp_avg_sq"], reference.moments_as(state, theta)["exp_avg_sq"])
+    optimizer.eval()
+    for p, (_, theta, state) in zip(params, references):
+        close(p, reference.schedule_free_average(state, theta))
+
+
+def test_checkpoints_load_both_ways_and_training_goes_on_bit_for_bit():
+    """A state dict saved here loads into the package's optimizer and one saved there
+    (in eval mode, as it advises; no ``step`` in its param states) loads here."""
+    start = _params()
+    first = list(_gradients(start, 10, seed=1))
+    then = list(_gradients(start, 10, seed=2))
+    runs = {}
+    for saver in ("adamkit", "schedulefree"):
+        groups = _groups(start)
+        make = {
+            "adamkit": lambda g: adamkit.ScheduleFreeAdamW(g, weight_decay=0.1, warmup_steps=3),
+            "schedulefree": lambda g: schedulefree.AdamWScheduleFree(g, weight_decay=0.1, warmup_steps=3),
+        }
+        optimizer = make[saver](groups)
+        optimizer.train()
+        _train(optimizer, groups, first)
+        optimizer.eval()
+        saved = optimizer.state_dict()
+        loader = "schedulefree" if saver == "adamkit" else "adamkit"
+        resumed_groups = [{**g, "params": [p.detach().clone().requires_grad_() for p in g["params"]]} for g in groups]
+        resumed = make[loader](resumed_groups)
+        resumed.load_state_dict(saved)
+        resumed.train()
+        _train(resumed, resumed_groups, then)
+        resumed.eval()
+        runs[saver] = [p.detach().clone() for g in resumed_groups for p in g["params"]]
+    reference_groups = _groups(start)
+    straight = adamkit.ScheduleFreeAdamW(reference_groups, weight_decay=0.1, warmup_steps=3)
+    _train(straight, reference_groups, first + then)
+    straight.eval()
+    for name, params in runs.items():
+        for p, q in zip(params, [p for g in reference_groups for p in g["params"]]):
+            assert torch.equal(p, q), name
+
+
+def _decaying(numel: int, steps: int, seed: int = 3):
+    """Gradients whose size shrinks 100-fold over the run, as late in training."""
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        yield [torch.randn(numel, generator=g) * (1.0 - 0.99 * step / steps)]
+
+
+LEAN_STEPS, LEAN_NUMEL = 1500, 2048
+
+
+def _final_weights(cls, precision: str | None, grads) -> torch.Tensor:
+    """The final weights (schedule-free: in eval mode) of a run with ``precision`` states."""
+    groups = [{"params": [torch.zeros(LEAN_NUMEL).requires_grad_()]}]
+    optimizer = cls(groups, lr=1e-3, seed=5, state_precision=precision)
+    _train(optimizer, groups, grads)
+    if cls is adamkit.ScheduleFreeAdamW:
+        assert optimizer.state[groups[0]["params"][0]]["z"].dtype == torch.float32  # a weight: never quantized
+        optimizer.eval()
+    return groups[0]["params"][0].detach().clone()
+
+
+@pytest.fixture(scope="module")
+def decaying_run():
+    """Gradients shrinking 100-fold over the run, and each class's fp32 result on them."""
+    grads = list(_decaying(LEAN_NUMEL, LEAN_STEPS))
+    return grads, {cls: _final_weights(cls, None, grads) for cls in (adamkit.ScheduleFreeAdamW, adamkit.AdamW)}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
+def test_lean_second_moments_cost_no_more_than_they_cost_adamw(precision, decaying_run):
+    """``state_precision`` holds v only.  Over 1,500 steps of gradients shrinking 100-fold
+    (no signal: the deviation is the per-step rounding noise summed), the final weights'
+    deviation from the fp32 run, relative to the distance that run moved, is at most
+    AdamW's with the same storage on the same gradients."""
+    grads, fp32 = decaying_run
+    deviation = {}
+    for cls in fp32:
+        deviation[cls] = float((_final_weights(cls, precision, grads) - fp32[cls]).norm() / fp32[cls].norm())
+    assert deviation[adamkit.ScheduleFreeAdamW] <= deviation[adamkit.AdamW], deviation
+
+
+def test_a_bf16_z_is_stored_stochastically_and_keeps_moving():
+    """bf16 params: z is a bf16 weight.  Its steps (lr 1e-4 times a normalized gradient)
+    are far below half a bf16 ulp of weights near 1, so rounding to nearest would freeze
+    it; stored stochastically, its mean follows the fp32 run."""
+    start = torch.ones(8192)
+    grads = [
+        [torch.full((8192,), 1.0) * (1 + 0.1 * torch.randn(8192, generator=torch.Generator().manual_seed(s)))]
+        for s in range(300)
+    ]
+    finals = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        groups = [{"params": [start.to(dtype).detach().clone().requires_grad_()]}]
+        optimizer = adamkit.ScheduleFreeAdamW(groups, lr=1e-4, seed=9, rounding="stochastic")
+        _train(optimizer, groups, [[g[0].to(dtype)] for g in grads])
+        assert optimizer.state[groups[0]["params"][0]]["z"].dtype == dtype
+        finals[dtype] = optimizer.state[groups[0]["params"][0]]["z"].double()
+    moved = (1.0 - finals[torch.float32]).mean()
+    assert moved > 0.02  # z moved by 300 steps of about lr
+    assert abs((1.0 - finals[torch.bfloat16]).mean() - moved) / moved < 0.02
+
+
+def test_train_and_eval_move_the_params_between_y_and_x_and_step_refuses_eval_mode():
+    p = torch.nn.Parameter(torch.randn(5))
+    optimizer = adamkit.ScheduleFreeAdamW([p], lr=0.1)
+    assert optimizer.param_groups[0]["train_mode"]  # starts in train mode (the package: eval)
+    before = p.detach().clone()
+    optimizer.eval(), optimizer.train()  # no state yet: nothing moves
+    assert torch.equal(p, before)
+    for _ in range(3):
+        p.grad = torch.randn(5)
+        optimizer.step()
+    y = p.detach().clone()
+    optimizer.eval()
+    x = p.detach().clone()
+    optimizer.eval()  # twice: nothing more
+    assert torch.equal(p, x) and not torch.equal(x, y)
+    z = optimizer.state[p]["z"]
+    torch.testing.assert_close(y, 0.1 * z + 0.9 * x, rtol=0, atol=1e-6)  # y = (1 - beta1) z + beta1 x
+    p.grad = torch.randn(5)
+    state = {k: v.clone() for k, v in optimizer.state[p].items()}
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\] in eval mode: call optimizer.train\(\)"):
+        optimizer.step()
+    assert torch.equal(p, x)
+    assert all(torch.equal(v, optimizer.state[p][k]) for k, v in state.items())
+    optimizer.train()
+    torch.testing.assert_close(p.detach(), y, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rounding": "kahan"}, "rounding='kahan': ScheduleFreeAdamW would need a compensation for z"),
+        ({"master_weights": "fp32"}, "master_weights='fp32': ScheduleFreeAdamW does not run this option yet"),
+        ({"cautious": True}, "cautious=True: ScheduleFreeAdamW does not run this option yet"),
+        ({"accumulation_steps": 2}, "accumulation_steps=2: ScheduleFreeAdamW does not run this option yet"),
+        ({"capturable": True}, "capturable=True: ScheduleFreeAdamW does not run it; leave it False"),
+        ({"differentiable": True}, "differentiable=True: ScheduleFreeAdamW does not run it; leave it False"),
+        ({"warmup_steps": -1}, r"Invalid warmup_steps value: -1 \(warmup_steps must be an int >= 0"),
+        ({"warmup_steps": 2.5}, r"Invalid warmup_steps value: 2.5"),
+        ({"r": float("nan")}, r"Invalid r value: nan \(r must be a finite float >= 0"),
+        ({"weight_lr_power": -1.0}, r"Invalid weight_lr_power value: -1.0"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        adamkit.ScheduleFreeAdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_a_bad_group_value_at_step_time_changes_nothing():
+    p = torch.nn.Parameter(torch.randn(4))
+    optimizer = adamkit.ScheduleFreeAdamW([p])
+    p.grad = torch.randn(4)
+    optimizer.step()
+    optimizer.param_groups[0]["warmup_steps"] = -3
+    before, state = p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()}
+    k = optimizer.param_groups[0]["k"]
+    with pytest.raises(ValueError, match=r"Invalid warmup_steps value: -3 .* in param_groups\[0\]"):
+        optimizer.step()
+    assert torch.equal(p, before) and optimizer.param_groups[0]["k"] == k
+    assert all(torch.equal(v, optimizer.state[p][key]) for key, v in state.items())
+
+
+def test_gradient_release_and_fused_kernels_are_refused():
+    model = torch.nn.Linear(3, 2)
+    optimizer = adamkit.ScheduleFreeAdamW(model.parameters())
+    with pytest.raises(TypeError, match="keeps running values per param group .*gradient release"):
+        adamkit.gradient_release(model, optimizer)
+    assert not SCHEDULE_FREE_ADAMW.fused and lookup("schedule_free_adamw") is SCHEDULE_FREE_ADAMW
+    with pytest.raises(ValueError, match="cpu"):
+        opt = adamkit.ScheduleFreeAdamW(model.parameters(), backend="cpu")
+        model(torch.randn(1, 3)).sum().backward()
+        opt.step()
+
+
+def test_eval_with_beta1_zero_is_refused():
+    p = torch.nn.Parameter(torch.randn(3))
+    optimizer = adamkit.ScheduleFreeAdamW([p], betas=(0.0, 0.999))
+    p.grad = torch.randn(3)
+    optimizer.step()
+    with pytest.raises(ValueError, match=r"eval\(\) with betas\[0\] = 0 in param_groups\[0\]"):
+        optimizer.eval()
