@@ -125,3 +125,57 @@ def test_names_derived_from_the_registry_keep_their_values():
     assert READ_BACK == {"adam", "adamax", "radam", "adopt"}
     assert STEP_WITH_MEAN == {"nadam", "adopt", "stable_adamw", "ademamix"}
     assert SECOND_MOMENT_KEY["adamax"] == "exp_inf" and SECOND_MOMENT_KEY["nadam"] == "exp_avg_sq"
+
+
+# ------------------------------------------------------------ error inputs, from the table
+
+#: (algorithm, hyperparameter) for every hyperparameter the registry declares
+DECLARED = [(name, key) for name, spec in REGISTRY.items() for key in spec.hyperparameters]
+#: (class, option) for every option a class refuses
+REFUSED = [
+    (spec.class_name, option)
+    for spec in REGISTRY.values()
+    for option in getattr(adamkit, spec.class_name).unavailable_options
+]
+
+
+def _stepped(cls, **kwargs):
+    p = torch.nn.Parameter(torch.randn(5))
+    optimizer = cls([p], **kwargs)
+    p.grad = torch.randn(5)
+    optimizer.step()
+    p.grad = torch.randn(5)
+    return p, optimizer
+
+
+@pytest.mark.parametrize(("name", "key"), DECLARED)
+def test_every_declared_hyperparameter_refuses_a_bad_value_by_name(name, key):
+    """Generated from the registry: a string for any declared hyperparameter is refused
+    when the optimizer is made, and when written into a group between steps, the error
+    naming the argument and its value; the failed step changes nothing."""
+    cls = getattr(adamkit, REGISTRY[name].class_name)
+    with pytest.raises((TypeError, ValueError), match=rf"{key}.*'bad'|'bad'.*{key}"):
+        cls([torch.nn.Parameter(torch.zeros(2))], **{key: "bad"})
+    p, optimizer = _stepped(cls)
+    before = p.detach().clone()
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+    optimizer.param_groups[0][key] = "bad"
+    with pytest.raises((TypeError, ValueError), match=rf"{key}.*param_groups\[0\]|param_groups\[0\].*{key}"):
+        optimizer.step()
+    assert torch.equal(p, before)
+    for k, v in state.items():
+        assert torch.equal(optimizer.state[p][k], v) if torch.is_tensor(v) else optimizer.state[p][k] == v
+
+
+@pytest.mark.parametrize(("class_name", "option"), REFUSED)
+def test_every_refused_option_is_refused_by_name(class_name, option):
+    """Generated from each class's ``unavailable_options``: setting one names it, the
+    class, and the value to leave it at."""
+    from adamkit.options import DEFAULTS
+
+    samples = {"decouple_lr": True, "master_weights": "fp32", "cautious": True, "accumulation_steps": 2}
+    samples |= {"diagnostics": True, "offload": "cpu"}
+    value = samples[option]
+    with pytest.raises(ValueError, match=rf"{option}={value!r}: {class_name} does not run this option yet; "):
+        getattr(adamkit, class_name)([torch.nn.Parameter(torch.zeros(2))], **{option: value})
+    assert DEFAULTS[option] != value
