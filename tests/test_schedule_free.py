@@ -196,10 +196,13 @@ def test_lean_second_moments_cost_no_more_than_they_cost_adamw(precision, decayi
     assert deviation[adamkit.ScheduleFreeAdamW] <= deviation[adamkit.AdamW], deviation
 
 
-def test_a_bf16_z_is_stored_stochastically_and_keeps_moving():
-    """bf16 params: z is a bf16 weight.  Its steps (lr 1e-4 times a normalized gradient)
-    are far below half a bf16 ulp of weights near 1, so rounding to nearest would freeze
-    it; stored stochastically, its mean follows the fp32 run."""
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_a_bf16_z_is_stored_stochastically_and_keeps_moving(rounding):
+    """bf16 params: z is a bf16 weight.  Its steps (lr 1e-4 times a normalized gradient,
+    about 1e-4) are far below half a bf16 ulp of weights near 1 (2^-8), so rounding to
+    nearest would freeze it; stored stochastically (whatever the param's ``rounding``),
+    its mean follows the fp32 run's z."""
+    assert torch.ones(1, dtype=torch.bfloat16).sub(1e-4).item() == 1.0  # to nearest: frozen
     start = torch.ones(8192)
     grads = [
         [torch.full((8192,), 1.0) * (1 + 0.1 * torch.randn(8192, generator=torch.Generator().manual_seed(s)))]
@@ -208,7 +211,7 @@ def test_a_bf16_z_is_stored_stochastically_and_keeps_moving():
     finals = {}
     for dtype in (torch.float32, torch.bfloat16):
         groups = [{"params": [start.to(dtype).detach().clone().requires_grad_()]}]
-        optimizer = adamkit.ScheduleFreeAdamW(groups, lr=1e-4, seed=9, rounding="stochastic")
+        optimizer = adamkit.ScheduleFreeAdamW(groups, lr=1e-4, seed=9, rounding=rounding)
         _train(optimizer, groups, [[g[0].to(dtype)] for g in grads])
         assert optimizer.state[groups[0]["params"][0]]["z"].dtype == dtype
         finals[dtype] = optimizer.state[groups[0]["params"][0]]["z"].double()
