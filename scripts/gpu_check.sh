@@ -59,11 +59,12 @@ if [[ ${1:-} == --logs ]]; then LOGS=$2; shift 2; fi
 PARTS=("$@")
 [[ ${#PARTS[@]} -eq 0 ]] && PARTS=(parity ptx cuda fuzz bench sweep quant cli)
 
-if [[ ${PARTS[0]} == prepare ]]; then  # bitsandbytes (its CUDA 13 library only), torchao and hypothesis (the fuzzer), unpacked
+if [[ ${PARTS[0]} == prepare ]]; then  # bitsandbytes (its CUDA 13 library only), torchao, hypothesis (the fuzzer) and schedulefree (an oracle), unpacked
     rm -rf .gpu-site /tmp/adamkit-wheels && mkdir -p .gpu-site /tmp/adamkit-wheels
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d /tmp/adamkit-wheels \
-        bitsandbytes==0.50.2 torchao==0.18.0 hypothesis==6.170.27 sortedcontainers==2.4.0 attrs==26.1.0 || exit 1
+        bitsandbytes==0.50.2 torchao==0.18.0 hypothesis==6.170.27 sortedcontainers==2.4.0 attrs==26.1.0 \
+        schedulefree==1.4.1 || exit 1
     for wheel in /tmp/adamkit-wheels/*.whl; do "$PYTHON" -m zipfile -e "$wheel" .gpu-site; done
     rm -rf .gpu-site/test  # torchao's wheel carries its tests as a top-level package
     find .gpu-site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda130*' ! -name '*cpu*' -delete

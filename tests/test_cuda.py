@@ -165,3 +165,29 @@ def test_triton_follows_torch_fused_adamw():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.state[a]["exp_avg"], theirs.state[b]["exp_avg"], rtol=1e-5, atol=m_atol)
         torch.testing.assert_close(ours.state[a]["exp_avg_sq"], theirs.state[b]["exp_avg_sq"], rtol=v_rtol, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach"])
+def test_schedule_free_adamw_equals_the_schedulefree_package_on_cuda(backend):
+    """ScheduleFreeAdamW on CUDA params (the per-tensor paths: the fused kernels do not run
+    it) issues the ``schedulefree`` package's ops in its order, so on the same device the
+    bits are the same, through an eval/train switch."""
+    schedulefree = pytest.importorskip("schedulefree")
+    ours_params, theirs_params = params_like(SHAPES), params_like(SHAPES)
+    ours = adamkit.ScheduleFreeAdamW(ours_params, lr=1e-2, weight_decay=0.1, warmup_steps=3, backend=backend)
+    theirs = schedulefree.AdamWScheduleFree(
+        theirs_params, lr=1e-2, weight_decay=0.1, warmup_steps=3, foreach=backend == "foreach"
+    )
+    theirs.train()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for step in range(10):
+        for a, b in zip(ours_params, theirs_params):
+            a.grad = torch.randn(a.shape, device="cuda", generator=g)
+            b.grad = a.grad.clone()
+        ours.step(), theirs.step()
+        if step == 4:
+            ours.eval(), theirs.eval()
+            ours.train(), theirs.train()
+    ours.eval(), theirs.eval()
+    for a, b in zip(ours_params, theirs_params):
+        assert torch.equal(a, b)
