@@ -341,7 +341,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
                 f"--time would allocate up to {needed / memory.GB:.1f} GB for {args.model}, more than half the "
                 f"{available / memory.GB:.1f} GB this machine has free; plan without --time, or time a smaller config"
             )
-        print("\none adamkit.AdamW step on this machine (median of 3):")
+        print("\none step of each setting's adamkit optimizer on this machine (median of 3):")
         for setting in memory.settings():
             if setting.library == "adamkit":
                 print(f"  {setting.name:32s} {1e3 * memory.time_step(shapes, setting):9.1f} ms", flush=True)

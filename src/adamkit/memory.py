@@ -58,9 +58,17 @@ class Setting:
     library: str
     weight_dtype: torch.dtype
     state_bytes: Callable[[Tensor], int]
-    #: the options of an ``adamkit.AdamW`` that trains this way (adamkit settings only)
+    #: the options of the adamkit optimizer that trains this way (adamkit settings only)
     options: dict = field(default_factory=dict)
     note: str = ""
+    #: that optimizer's class in :mod:`adamkit` (adamkit settings only)
+    optimizer: str = "AdamW"
+
+    @property
+    def optimizer_class(self) -> type:
+        import adamkit
+
+        return getattr(adamkit, self.optimizer)
 
     @property
     def offloaded(self) -> bool:
@@ -81,16 +89,19 @@ def state_bytes(state: dict) -> int:
     return sum(tensor_bytes(value) for value in state.values() if isinstance(value, Tensor))
 
 
-def _adamkit_state_bytes(options: dict) -> Callable[[Tensor], int]:
-    """The bytes :func:`adamkit.state.init_state` allocates for a param, on ``meta``."""
-    from . import AdamW
+def _adamkit_state_bytes(options: dict, optimizer: str = "AdamW") -> Callable[[Tensor], int]:
+    """The bytes :func:`adamkit.state.init_state` allocates for a param of adamkit's
+    ``optimizer`` class (its algorithm's state, from the registry), on ``meta``."""
+    import adamkit
+
     from .state import init_state
 
-    group = AdamW([torch.nn.Parameter(torch.empty(0, device="meta"))], **options).param_groups[0]
+    cls = getattr(adamkit, optimizer)
+    group = cls([torch.nn.Parameter(torch.empty(0, device="meta"))], **options).param_groups[0]
 
     def held(param: Tensor) -> int:
         state: dict = {}
-        init_state(state, torch.empty(param.shape, dtype=param.dtype, device="meta"), group, "adam")
+        init_state(state, torch.empty(param.shape, dtype=param.dtype, device="meta"), group, cls.algorithm)
         return state_bytes(state)
 
     return held
@@ -125,8 +136,8 @@ def _flashoptim_24bit_int8(param: Tensor) -> int:
     return 3 * param.numel()  # the paper: an 8-bit weight correction and two 1-byte states
 
 
-def _adamkit(name: str, dtype: torch.dtype, note: str = "", **options) -> Setting:
-    return Setting(name, "adamkit", dtype, _adamkit_state_bytes(options), options, note)
+def _adamkit(name: str, dtype: torch.dtype, note: str = "", optimizer: str = "AdamW", **options) -> Setting:
+    return Setting(name, "adamkit", dtype, _adamkit_state_bytes(options, optimizer), options, note, optimizer)
 
 
 def settings() -> list[Setting]:
@@ -160,6 +171,16 @@ def settings() -> list[Setting]:
             master_weights="fp32",
             state_precision="int8",
             offload="cpu",
+        ),
+        _adamkit("AdEMAMix, int8 states", fp32, "three moments", optimizer="AdEMAMix", state_precision="int8"),
+        _adamkit("ScheduleFreeAdamW fp32", fp32, "z and v", optimizer="ScheduleFreeAdamW"),
+        _adamkit(
+            "ScheduleFreeAdamW bf16, int8 v",
+            bf16,
+            "z in bf16",
+            optimizer="ScheduleFreeAdamW",
+            rounding="stochastic",
+            state_precision="int8",
         ),
         Setting("AdamW fp32", "torch.optim", fp32, _torch_adamw),
         Setting("AdamW bf16", "torch.optim", bf16, _torch_adamw, note="loses small updates"),
@@ -362,11 +383,9 @@ def available_bytes() -> int | None:
 
 
 def time_step(model_shapes: list[tuple[int, ...]], setting: Setting, rounds: int = 3) -> float:
-    """Median seconds of one ``adamkit.AdamW`` step under an adamkit ``setting``, on
-    real params of the model's shapes (random gradients; the first step not timed)."""
+    """Median seconds of one step of an adamkit ``setting``'s optimizer, on real params
+    of the model's shapes (random gradients; the first step not timed)."""
     import time
-
-    from . import AdamW
 
     generator = torch.Generator().manual_seed(0)
     params = [
@@ -374,7 +393,7 @@ def time_step(model_shapes: list[tuple[int, ...]], setting: Setting, rounds: int
     ]
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
-    optimizer = AdamW(params, lr=1e-4, **setting.options)
+    optimizer = setting.optimizer_class(params, lr=1e-4, **setting.options)
     optimizer.step()
     times = []
     for _ in range(rounds):
