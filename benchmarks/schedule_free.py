@@ -1,0 +1,125 @@
+"""Schedule-free AdamW's lean storage on a task trained close to convergence.
+
+The fidelity panel's ``regression`` task (an MLP fitting a random teacher of its own
+shape, full batch, noise-free: the loss falls by orders of magnitude and the gradients
+shrink with it), trained by ``adamkit.ScheduleFreeAdamW`` under each storage setting.
+Every run has a *shadow*, the ``schedulefree`` package's ``AdamWScheduleFree`` in fp32,
+fed the same gradients: for the settings with fp32 weights, the update-direction error
+sqrt(sum ||d - d_shadow||^2 / sum ||d_shadow||^2) of the training point y over the last
+tenth of the steps and over every step after the 10th, and the median stored v /
+shadow v at the end.  Each run's training and held-out loss are taken at the average x
+(``optimizer.eval()``), the point schedule-free keeps; torch's AdamW with warm-up and
+cosine decay is shown for scale.
+
+    python benchmarks/schedule_free.py             # 3,000 steps (about a minute, 2 cores)
+    python benchmarks/schedule_free.py --quick     # 300 steps (CI runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import adamkit
+from adamkit.precision import cast_module
+from adamkit.state import moment_value
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import DirectionError, Regression  # noqa: E402
+
+#: name -> (weights' dtype, ScheduleFreeAdamW options)
+SETTINGS = {
+    "fp32": (torch.float32, {}),
+    "bf16 v": (torch.float32, {"state_precision": "bf16"}),
+    "int8 v": (torch.float32, {"state_precision": "int8"}),
+    "int4 v": (torch.float32, {"state_precision": "int4"}),
+    "bf16 weights (stochastic) + int8 v": (torch.bfloat16, {"rounding": "stochastic", "state_precision": "int8"}),
+}
+LR = 1e-2  # schedule-free's rate (its default is 2.5e-3; the task wants more)
+WARMUP = 50
+
+
+def train(task: Regression, dtype: torch.dtype, options: dict) -> dict:
+    import schedulefree
+
+    model = cast_module(task.model(), dtype)
+    params = list(model.parameters())
+    optimizer = adamkit.ScheduleFreeAdamW(params, lr=LR, warmup_steps=WARMUP, seed=0, **options)
+    shadow_params = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    shadow = schedulefree.AdamWScheduleFree(shadow_params, lr=LR, warmup_steps=WARMUP)
+    shadow.train()
+    directions = DirectionError(task.steps) if dtype == torch.float32 else None
+    for step in range(task.steps):
+        task.loss(model, step).backward()
+        for p, q in zip(params, shadow_params):
+            q.grad = p.grad.float()
+        before = [p.detach().clone() for p in params] if directions else None
+        shadow_before = [q.detach().clone() for q in shadow_params] if directions else None
+        optimizer.step()
+        shadow.step()
+        if directions:
+            directions.add(step, before, params, shadow_before, shadow_params)
+        optimizer.zero_grad(set_to_none=True)
+    ratios = torch.cat(
+        [
+            (moment_value(optimizer.state[p], "exp_avg_sq", p).double() / shadow.state[q]["exp_avg_sq"].double())
+            .reshape(-1)
+            .nan_to_num(nan=1.0)
+            for p, q in zip(params, shadow_params)
+        ]
+    )
+    optimizer.eval()
+    result = task.evaluate(model)
+    result["direction"], result["direction_all"] = directions.errors() if directions else (math.nan,) * 2
+    result["v_ratio"] = ratios.median().item()
+    return result
+
+
+def adamw_cosine(task: Regression) -> dict:
+    model = task.model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr)
+    warmup_cosine = lambda t: min(1.0, (t + 1) / WARMUP) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / task.steps)))  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+    for step in range(task.steps):
+        task.loss(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+    return task.evaluate(model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="300 steps instead of 3,000")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    args = parser.parse_args(argv)
+    names = args.settings.split(",")
+    unknown = [name for name in names if name not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    task = Regression(args.quick)
+    threads = torch.get_num_threads()
+    print(f"regression task, {task.steps} steps, ScheduleFreeAdamW lr {LR}, warm-up {WARMUP}; torch threads {threads}")
+    print(
+        f"  {'setting':34s} {'train mse':>10s} {'/ fp32':>7s} {'test mse':>10s} {'direction':>10s} {'dir. all':>9s} {'v/fp32':>7s}"
+    )
+    rows = {name: train(task, *SETTINGS[name]) for name in names}
+    anchor = rows.get("fp32", next(iter(rows.values())))["train_mse"]
+    for name, r in rows.items():
+        print(
+            f"  {name:34s} {r['train_mse']:10.3e} {r['train_mse'] / anchor:7.3f} {r['test_mse']:10.3e} "
+            f"{r['direction']:10.4f} {r['direction_all']:9.4f} {r['v_ratio']:7.3f}"
+        )
+    scale = adamw_cosine(task)
+    print(
+        f"  {'torch AdamW, warm-up + cosine':34s} {scale['train_mse']:10.3e} {scale['train_mse'] / anchor:7.3f} {scale['test_mse']:10.3e}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
