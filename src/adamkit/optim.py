@@ -34,7 +34,8 @@ from .diagnostics import Recorder, group_stats
 from .kernels.cpu import fork_safe_threads
 from .offload import HostStep
 from .rule import Algorithm, as_number
-from .state import upgrade_step
+from .specs.master import MASTER_KEY, join_tensors, split_into
+from .state import COMPENSATION_KEY, upgrade_step
 from .statekeeping import StateEpoch, tracked
 from .stepping import Stepper, draw_seed_if_needed
 
@@ -748,22 +749,21 @@ class ScheduleFreeAdamW(_AdamFamily):
     ``train()`` first is allowed and changes nothing); :meth:`step` in eval mode raises.
 
     Storage: ``state_precision`` holds the second moment (``"bf16"``, ``"int8"``,
-    ``"int4"``); ``z`` is a weight, not a moment, so it stays in the param's dtype (a
-    16-bit ``z`` is stored back stochastically, as a 16-bit moment is, so that its small
-    steps are not rounded away).  ``rounding`` is the param's (``"nearest"`` or
-    ``"stochastic"``); ``"kahan"`` and ``master_weights`` would need a second
-    compensation or master for ``z`` and are refused, as are ``decouple_lr``,
-    ``cautious``, ``accumulation_steps``, ``diagnostics``, ``offload``, ``capturable``,
-    ``differentiable`` and gradient release (the group's running values move once per
-    step of the whole group).  The per-tensor paths run it (``backend=None`` picks
-    ``foreach``).
+    ``"int4"``); ``z`` is a weight, not a moment: it is held at the precision of the
+    param's own value, fp32 beside a split master (``master_weights``) or a Kahan
+    compensation (``rounding="kahan"``), else the param's dtype (a 16-bit ``z`` is
+    stored back stochastically, as a 16-bit moment is, so that its small steps are not
+    rounded away); :meth:`train` and :meth:`eval` move the param's exact value.
+    Refused, each by name: ``decouple_lr``, ``cautious``, ``accumulation_steps``,
+    ``diagnostics``, ``offload``, ``capturable``, ``differentiable`` and gradient release
+    (the group's running values move once per step of the whole group).  The
+    per-tensor paths run it (``backend=None`` picks ``foreach``).
     """
 
     algorithm = SCHEDULE_FREE_ADAMW.name
     sparse_gradient_message = "ScheduleFreeAdamW does not support sparse gradients"
     unavailable_options = (
         "decouple_lr",
-        "master_weights",
         "cautious",
         "accumulation_steps",
         "diagnostics",
@@ -800,11 +800,6 @@ class ScheduleFreeAdamW(_AdamFamily):
         accumulation_steps: int = 1,
         offload: str | None = None,
     ) -> None:
-        if rounding == "kahan":
-            raise ValueError(
-                "rounding='kahan': ScheduleFreeAdamW would need a compensation for z as well as for the param; "
-                "use 'nearest' or 'stochastic'"
-            )
         self._construct(params, {**locals(), **SCHEDULE_FREE_ADAMW.group_state, "decoupled_weight_decay": True})
 
     def __setstate__(self, state: dict) -> None:
@@ -847,9 +842,10 @@ class ScheduleFreeAdamW(_AdamFamily):
                 )
             weight = 1 - beta1 if train else 1 - 1 / beta1
             for p in group["params"]:
-                z = self.state[p].get(SCHEDULE_FREE_ADAMW.weight_copy) if p in self.state else None
+                state = self.state[p] if p in self.state else {}
+                z = state.get(SCHEDULE_FREE_ADAMW.weight_copy)
                 if z is not None:
-                    p.lerp_(z.to(p.device), weight)
+                    _move_towards(p, state, z.to(p.device), weight)
             group["train_mode"] = train
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -866,6 +862,20 @@ class ScheduleFreeAdamW(_AdamFamily):
                         states[i] = {**states[i], "step": torch.tensor(float(group.get("k", 0)))}
             state_dict = {**state_dict, "state": states}
         super().load_state_dict(state_dict)
+
+
+def _move_towards(param: Tensor, state: dict, target: Tensor, weight: float) -> None:
+    """``param <- lerp(param, target, weight)`` on the param's exact value: its split master
+    (stored back to nearest) or its value plus its Kahan compensation where it keeps one."""
+    low, compensation = state.get(MASTER_KEY), state.get(COMPENSATION_KEY)
+    if low is not None:
+        split_into(join_tensors(param, low).lerp_(target, weight), param, low)
+    elif compensation is not None:
+        exact = (param.float() + compensation.float()).lerp_(target, weight)
+        param.copy_(exact)
+        compensation.copy_(exact - param.float())
+    else:
+        param.lerp_(target, weight)
 
 
 __all__ = [

@@ -169,15 +169,19 @@ def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str |
     return True
 
 
-def _conform_weight_copy(state: dict, key: str, param: Tensor) -> bool:
+def _conform_weight_copy(state: dict, key: str, param: Tensor, group: dict) -> bool:
     """Hold a second weight sequence (:attr:`~adamkit.algorithms.AlgorithmSpec.weight_copy`)
-    in the param's dtype: a copy of the param at first, cast where the param's dtype
-    changed since (``model.half()``).  Returns whether it allocated or converted."""
+    at the precision the param's own value is kept at: fp32 where a 16-bit param keeps a
+    split master or a Kahan compensation, else the param's dtype.  A copy of the param
+    at first (its master's low bits are zero then), cast where that precision changed
+    since (``model.half()``, an option switched).  Returns whether it allocated or converted."""
+    exact = has_master_bits(param, group) or has_compensation(param, group)
+    dtype = torch.float32 if exact else param.dtype
     held = state.get(key)
-    if held is not None and held.dtype == param.dtype:
+    if held is not None and held.dtype == dtype:
         return False
     source = param.detach() if held is None else held
-    state[key] = _new(state, torch.empty_like(param, memory_format=torch.preserve_format).copy_(source))
+    state[key] = _new(state, torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format).copy_(source))
     return True
 
 
@@ -200,7 +204,7 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
             changed = True
     for key in spec.moment_keys(spec.amsgrad and bool(group.get("amsgrad"))):
         if key == spec.weight_copy:
-            changed |= _conform_weight_copy(state, key, param)
+            changed |= _conform_weight_copy(state, key, param, group)
         else:
             changed |= _conform_moment(state, key, param, group.get("state_precision"))
     if has_compensation(param, group):

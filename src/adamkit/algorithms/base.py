@@ -184,9 +184,11 @@ class AlgorithmSpec:
     #: order, where AMSGrad's maximum would be: the two never meet)
     slow_first_moment: bool = False
     #: the state key of a second weight sequence kept in the first moment's place
-    #: (schedule-free's ``z``), or ``None``: it starts as a copy of the param, is held in
-    #: the param's dtype whatever ``state_precision`` says (a weight is never quantized),
-    #: and a 16-bit one is stored back stochastically, as 16-bit moments are
+    #: (schedule-free's ``z``), or ``None``: it starts as a copy of the param, is held at
+    #: the precision of the param's own value whatever ``state_precision`` says (the
+    #: param's dtype, fp32 beside a split master or a Kahan compensation: a weight is
+    #: never quantized), and a 16-bit one is stored back stochastically, as 16-bit
+    #: moments are
     weight_copy: str | None = None
     #: values the algorithm keeps per param group, with their initial values (schedule-free's
     #: step count and running weight sum): held in ``param_groups`` (so they are saved and
