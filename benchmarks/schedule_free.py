@@ -38,6 +38,8 @@ SETTINGS = {
     "int8 v": (torch.float32, {"state_precision": "int8"}),
     "int4 v": (torch.float32, {"state_precision": "int4"}),
     "bf16 weights (stochastic) + int8 v": (torch.bfloat16, {"rounding": "stochastic", "state_precision": "int8"}),
+    "bf16 + 24-bit master + int8 v": (torch.bfloat16, {"master_weights": "24bit", "state_precision": "int8"}),
+    "bf16 + fp32 master + fp32 v": (torch.bfloat16, {"master_weights": "fp32", "state_precision": "fp32"}),
 }
 LR = 1e-2  # schedule-free's rate (its default is 2.5e-3; the task wants more)
 WARMUP = 50
