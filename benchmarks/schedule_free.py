@@ -13,6 +13,7 @@ cosine decay is shown for scale.
 
     python benchmarks/schedule_free.py             # 3,000 steps (about a minute, 2 cores)
     python benchmarks/schedule_free.py --quick     # 300 steps (CI runs it)
+    python benchmarks/schedule_free.py --settings fp32 --isolate   # whose bf16 rounding costs the loss
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 import adamkit
+from adamkit.kernels.storage import round_stochastic
 from adamkit.precision import cast_module
 from adamkit.state import moment_value
 
@@ -43,6 +45,7 @@ SETTINGS = {
 }
 LR = 1e-2  # schedule-free's rate (its default is 2.5e-3; the task wants more)
 WARMUP = 50
+ISOLATION_SEEDS = 4
 
 
 def train(task: Regression, dtype: torch.dtype, options: dict) -> dict:
@@ -94,10 +97,52 @@ def adamw_cosine(task: Regression) -> dict:
     return task.evaluate(model)
 
 
+def _rounded_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``x`` rounded stochastically to bf16 (adamkit's rounding), back in fp32."""
+    bits = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=generator)
+    return round_stochastic(x, torch.bfloat16, bits).float()
+
+
+def rounding_isolated(task: Regression, round_y: bool, round_z: bool, seed: int = 0) -> float:
+    """Training MSE at x of schedule-free AdamW written out here in fp32 (the package's
+    update order), with y and/or z rounded stochastically to bf16 after every step
+    (``seed``: the rounding's random bits)."""
+    model = task.model()
+    params = list(model.parameters())
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.to(torch.bfloat16).float())
+    zs, vs = [p.detach().clone() for p in params], [torch.zeros_like(p) for p in params]
+    generator, weight_sum, lr_max, (beta1, beta2) = torch.Generator().manual_seed(seed), 0.0, -1.0, (0.9, 0.999)
+    for k in range(task.steps):
+        task.loss(model, k).backward()
+        lr = LR * ((k + 1) / WARMUP if k < WARMUP else 1.0)
+        lr_max = max(lr, lr_max)
+        weight_sum += lr_max**2
+        c = lr_max**2 / weight_sum
+        with torch.no_grad():
+            for p, z, v in zip(params, zs, vs):
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                d = p.grad / (v.div(1 - beta2 ** (k + 1)).sqrt() + 1e-8)
+                y = p.lerp(z, c).add_(d, alpha=lr * (beta1 * (1 - c) - 1))
+                z.sub_(d, alpha=lr)
+                p.copy_(_rounded_to_bf16(y, generator) if round_y else y)
+                if round_z:
+                    z.copy_(_rounded_to_bf16(z, generator))
+                p.grad = None
+    with torch.no_grad():
+        for p, z in zip(params, zs):
+            p.lerp_(z, 1 - 1 / beta1)
+    return task.evaluate(model)["train_mse"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="300 steps instead of 3,000")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS")
+    parser.add_argument(
+        "--isolate", action="store_true", help="also: which sequence's bf16 rounding costs the loss (y, z or both)"
+    )
     args = parser.parse_args(argv)
     names = args.settings.split(",")
     unknown = [name for name in names if name not in SETTINGS]
@@ -120,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  {'torch AdamW, warm-up + cosine':34s} {scale['train_mse']:10.3e} {scale['train_mse'] / anchor:7.3f} {scale['test_mse']:10.3e}"
     )
+    if args.isolate:
+        exact = rounding_isolated(task, False, False)
+        print(
+            "\nbf16 stochastic rounding of one sequence after every step (a plain fp32 loop here): train mse / unrounded"
+        )
+        print(f"  {'unrounded / adamkit fp32':24s} {exact / anchor:7.3f}")
+        for label, flags in (("y only", (True, False)), ("z only", (False, True)), ("y and z", (True, True))):
+            ratios = [rounding_isolated(task, *flags, seed=seed) / exact for seed in range(ISOLATION_SEEDS)]
+            print(f"  {label:24s} " + " ".join(f"{ratio:7.3f}" for ratio in ratios))
     return 0
 
 
