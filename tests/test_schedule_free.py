@@ -81,6 +81,40 @@ def test_matches_the_schedulefree_package_bit_for_bit(backend, setting):
         ours.train(), theirs.train()
 
 
+def test_a_group_without_gradients_moves_its_clock_as_the_package_does():
+    """In the package every group's step count and weight sum move at every ``step()``,
+    whether or not its params have gradients; so here, and the params stay equal when
+    gradients return to a group that had none."""
+    start = _params()
+    ours_groups, theirs_groups = _groups(start), _groups(start)
+    ours = adamkit.ScheduleFreeAdamW(ours_groups, warmup_steps=4)
+    theirs = schedulefree.AdamWScheduleFree(theirs_groups, warmup_steps=4)
+    theirs.train()
+    for step, grads in enumerate(_gradients(start, 12)):
+        if step % 4 in (1, 2):  # group 1 (params 2, 3) without gradients
+            grads = grads[:2] + [None, None]
+        _train(ours, ours_groups, [grads])
+        _train(theirs, theirs_groups, [grads])
+    assert [g["k"] for g in ours.param_groups] == [g["k"] for g in theirs.param_groups] == [12, 12]
+    for a, b in zip(ours.param_groups, theirs.param_groups):
+        assert a["weight_sum"] == b["weight_sum"]
+        for p, q in zip(a["params"], b["params"]):
+            assert torch.equal(p, q)
+
+
+def test_a_step_skip_nonfinite_skips_does_not_move_the_clock():
+    p = torch.nn.Parameter(torch.randn(4))
+    optimizer = adamkit.ScheduleFreeAdamW([p], skip_nonfinite=True)
+    p.grad = torch.randn(4)
+    optimizer.step()
+    group = optimizer.param_groups[0]
+    clock = {k: group[k] for k in ("k", "weight_sum", "lr_max", "scheduled_lr")}
+    before = p.detach().clone()
+    p.grad = torch.tensor([1.0, float("inf"), 0.0, 1.0])
+    optimizer.step()
+    assert {k: group[k] for k in clock} == clock and torch.equal(p, before) and optimizer.skipped_steps == 1
+
+
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -213,14 +213,19 @@ class _AdamFamily(Optimizer):
         amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         if amp[1] is not None and not all(plan.kernel.amp for _, plan in plans) and amp[1].item():
             return  # a kernel that cannot skip in-kernel: skip the whole step, touching nothing
+        advance = lookup(self.algorithm).advance
+        planned = {id(plan.group) for _, plan in plans}
+        idle = [(i, g) for i, g in enumerate(self.param_groups) if id(g) not in planned] if advance else []
+        for i, group in idle:  # groups without gradients move their running values too: valid first
+            options.check_group(group, f" in param_groups[{i}]")
         for _, plan in plans:  # every group is valid: only now draw what a group lacks
             draw_seed_if_needed(plan.group, stepper.cache(plan.group)["dtypes"])
         admitted = [plan for index, plan in plans if stepper.admit(index, plan, amp[0])]
         stepper.initialize(admitted)
-        advance = lookup(self.algorithm).advance
+        if advance is not None:  # the groups' own running values (schedule-free's), once per step
+            for group in [g for _, g in idle] + [plan.group for plan in admitted]:
+                advance(group)
         for plan in admitted:
-            if advance is not None:  # the group's own running values (schedule-free's), once per step
-                advance(plan.group)
             stepper.run(plan, amp)
 
     def step_param(self, index: int, group: dict, view: dict, amp: tuple = (None, None)) -> HostStep | None:

@@ -194,8 +194,10 @@ class AlgorithmSpec:
     #: step count and running weight sum): held in ``param_groups`` (so they are saved and
     #: loaded with it), read on the rule as its hyperparameters are
     group_state: Mapping[str, Any] = field(default_factory=dict)
-    #: ``advance(group)``: move :attr:`group_state` on by one step, once per step the group
-    #: takes, before its kernel runs (``None``: nothing to move)
+    #: ``advance(group)``: move :attr:`group_state` on by one step, once per ``step()`` for
+    #: every group that is not skipped (one without gradients too; not one that
+    #: ``skip_nonfinite`` or a GradScaler skips), before any kernel runs (``None``: nothing
+    #: to move)
     advance: Callable[[dict], None] | None = None
     #: has an AMSGrad variant (a running maximum of the second moment)
     amsgrad: bool = False
@@ -238,7 +240,8 @@ class AlgorithmSpec:
     @property
     def fused(self) -> bool:
         """Whether the fused kernels run it: its forms are among :data:`KERNEL_FORMS`
-        and its state is that of Adam's element loop (no slow first moment yet)."""
+        and its state is that of Adam's element loop (no slow first moment, second weight
+        sequence or group state yet)."""
         forms = (self.first_moment, self.second_moment, self.denominator)
         return forms in KERNEL_FORMS and not (self.slow_first_moment or self.weight_copy or self.group_state)
 
