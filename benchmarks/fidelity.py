@@ -347,6 +347,17 @@ class DirectionError:
         return tuple(math.sqrt(e / r) if r else float("nan") for e, r in self.sums.values())
 
 
+def v_ratio(optimizer, params, shadow, shadow_params) -> float:
+    """The median over elements of an adamkit optimizer's stored v / its shadow's v."""
+    ratios = [
+        (moment_value(optimizer.state[p], "exp_avg_sq", p).double() / shadow.state[q]["exp_avg_sq"].double())
+        .reshape(-1)
+        .nan_to_num(nan=1.0)
+        for p, q in zip(params, shadow_params)
+    ]
+    return torch.cat(ratios).median().item()
+
+
 def run(task: Task, setting: Setting) -> dict:
     model = cast_module(task.model(), setting.dtype)
     params = list(model.parameters())
@@ -379,15 +390,7 @@ def run(task: Task, setting: Setting) -> dict:
     result = {"curve": curve, **task.evaluate(model), "unchanged_codes": unchanged}
     result["direction"], result["direction_all"] = directions.errors() if directions else (float("nan"),) * 2
     if setting.library == "adamkit":
-        ratios = torch.cat(
-            [
-                (moment_value(optimizer.state[p], "exp_avg_sq", p).double() / shadow.state[q]["exp_avg_sq"].double())
-                .reshape(-1)
-                .nan_to_num(nan=1.0)
-                for p, q in zip(params, shadow_params)
-            ]
-        )
-        result["v_ratio"] = ratios.median().item()
+        result["v_ratio"] = v_ratio(optimizer, params, shadow, shadow_params)
     else:
         result["v_ratio"] = float("nan")
     if setting.library not in ("adamkit", "torch"):

@@ -28,10 +28,9 @@ import torch
 import adamkit
 from adamkit.kernels.storage import round_stochastic
 from adamkit.precision import cast_module
-from adamkit.state import moment_value
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import DirectionError, Regression  # noqa: E402
+from fidelity import DirectionError, Regression, v_ratio  # noqa: E402
 
 #: name -> (weights' dtype, ScheduleFreeAdamW options)
 SETTINGS = {
@@ -69,18 +68,11 @@ def train(task: Regression, dtype: torch.dtype, options: dict) -> dict:
         if directions:
             directions.add(step, before, params, shadow_before, shadow_params)
         optimizer.zero_grad(set_to_none=True)
-    ratios = torch.cat(
-        [
-            (moment_value(optimizer.state[p], "exp_avg_sq", p).double() / shadow.state[q]["exp_avg_sq"].double())
-            .reshape(-1)
-            .nan_to_num(nan=1.0)
-            for p, q in zip(params, shadow_params)
-        ]
-    )
+    ratio = v_ratio(optimizer, params, shadow, shadow_params)
     optimizer.eval()
     result = task.evaluate(model)
     result["direction"], result["direction_all"] = directions.errors() if directions else (math.nan,) * 2
-    result["v_ratio"] = ratios.median().item()
+    result["v_ratio"] = ratio
     return result
 
 
