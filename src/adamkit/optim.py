@@ -213,10 +213,11 @@ class _AdamFamily(Optimizer):
         amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         if amp[1] is not None and not all(plan.kernel.amp for _, plan in plans) and amp[1].item():
             return  # a kernel that cannot skip in-kernel: skip the whole step, touching nothing
-        advance = lookup(self.algorithm).advance
-        planned = {id(plan.group) for _, plan in plans}
-        idle = [(i, g) for i, g in enumerate(self.param_groups) if id(g) not in planned] if advance else []
-        for i, group in idle:  # groups without gradients move their running values too: valid first
+        advance, idle = lookup(self.algorithm).advance, []
+        if advance is not None:  # groups without gradients move their running values too
+            planned = {id(plan.group) for _, plan in plans}
+            idle = [(i, g) for i, g in enumerate(self.param_groups) if id(g) not in planned]
+        for i, group in idle:  # (valid first)
             options.check_group(group, f" in param_groups[{i}]")
         for _, plan in plans:  # every group is valid: only now draw what a group lacks
             draw_seed_if_needed(plan.group, stepper.cache(plan.group)["dtypes"])

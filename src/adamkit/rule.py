@@ -136,9 +136,8 @@ class UpdateRule:
                 if key == name:
                     return value
             spec = REGISTRY.get(self.__dict__.get("algorithm"))
-            for declared in () if spec is None else (spec.hyperparameters, spec.group_state):
-                if name in declared:
-                    return declared[name]
+            if spec is not None and name in spec.rule_values:
+                return spec.rule_values[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
@@ -170,9 +169,7 @@ class UpdateRule:
             seed=group["seed"],
             accumulation_steps=group["accumulation_steps"],
             cautious=bool(group.get("cautious", False)),
-            hyperparameters=tuple(
-                (key, group.get(key, default)) for key, default in {**spec.hyperparameters, **spec.group_state}.items()
-            ),
+            hyperparameters=tuple((key, group.get(key, default)) for key, default in spec.rule_values.items()),
         )
 
     @property

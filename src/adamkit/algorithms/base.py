@@ -223,11 +223,15 @@ class AlgorithmSpec:
     #: torch.optim.Adam's checks of tensor hyperparameters (refused with foreach,
     #: both betas alike, 1-element betas made 0-d)
     tensor_hyperparameter_checks: bool = False
+    #: what the rule reads by name, with its default: the hyperparameters, then the group
+    #: state (derived from both)
+    rule_values: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hyperparameters", MappingProxyType(dict(self.hyperparameters)))
         object.__setattr__(self, "checks", MappingProxyType(dict(self.checks)))
         object.__setattr__(self, "group_state", MappingProxyType(dict(self.group_state)))
+        object.__setattr__(self, "rule_values", MappingProxyType({**self.hyperparameters, **self.group_state}))
         if (self.advance is None) != (not self.group_state):
             raise ValueError(f"{self.name}: group state and its advance come together")
         if not set(self.checks) <= set(self.hyperparameters):
