@@ -347,6 +347,27 @@ class DirectionError:
         return tuple(math.sqrt(e / r) if r else float("nan") for e, r in self.sums.values())
 
 
+def train_beside_shadow(task: Task, model: nn.Module, optimizer, shadow_params: list, shadow):
+    """Train ``model`` on ``task`` with ``optimizer`` for the task's steps, the fp32
+    ``shadow`` (over ``shadow_params``) fed the same gradients; returns the
+    update-direction errors (``None`` where the weights are not fp32: their step is not
+    the update itself)."""
+    params = list(model.parameters())
+    directions = DirectionError(task.steps) if all(p.dtype == torch.float32 for p in params) else None
+    for step in range(task.steps):
+        task.loss(model, step).backward()
+        for p, q in zip(params, shadow_params):
+            q.grad = p.grad.float()
+        before = [p.detach().clone() for p in params] if directions else None
+        shadow_before = [q.detach().clone() for q in shadow_params] if directions else None
+        optimizer.step()
+        shadow.step()
+        if directions:
+            directions.add(step, before, params, shadow_before, shadow_params)
+        optimizer.zero_grad(set_to_none=True)
+    return directions
+
+
 def v_ratio(optimizer, params, shadow, shadow_params) -> float:
     """The median over elements of an adamkit optimizer's stored v / its shadow's v."""
     ratios = [

@@ -30,7 +30,7 @@ from adamkit.kernels.storage import round_stochastic
 from adamkit.precision import cast_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import DirectionError, Regression, v_ratio  # noqa: E402
+from fidelity import Regression, train_beside_shadow, v_ratio  # noqa: E402
 
 #: name -> (weights' dtype, ScheduleFreeAdamW options)
 SETTINGS = {
@@ -56,18 +56,7 @@ def train(task: Regression, dtype: torch.dtype, options: dict) -> dict:
     shadow_params = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
     shadow = schedulefree.AdamWScheduleFree(shadow_params, lr=LR, warmup_steps=WARMUP)
     shadow.train()
-    directions = DirectionError(task.steps) if dtype == torch.float32 else None
-    for step in range(task.steps):
-        task.loss(model, step).backward()
-        for p, q in zip(params, shadow_params):
-            q.grad = p.grad.float()
-        before = [p.detach().clone() for p in params] if directions else None
-        shadow_before = [q.detach().clone() for q in shadow_params] if directions else None
-        optimizer.step()
-        shadow.step()
-        if directions:
-            directions.add(step, before, params, shadow_before, shadow_params)
-        optimizer.zero_grad(set_to_none=True)
+    directions = train_beside_shadow(task, model, optimizer, shadow_params, shadow)
     ratio = v_ratio(optimizer, params, shadow, shadow_params)
     optimizer.eval()
     result = task.evaluate(model)
