@@ -364,3 +364,21 @@ def test_a_distributed_checkpoint_round_trip_resumes_bit_for_bit(storage, tmp_pa
     schedule.load_state_dict(net.schedule.state_dict())
     resumed = train("AdamW", storage, "cpu", steps=STEPS - STEPS // 2, start=(fresh, fresh_opt, schedule, STEPS // 2))
     assert_same_run(resumed, resident)
+
+
+def test_tied_params_are_refused_by_name_and_nothing_changes():
+    """Two params sharing memory (``b.data = a.data``): offload steps each from its own host
+    copy and copies both back, so the last copy would win (the hostile-use fuzzer found
+    the difference from the in-place steps); it is refused naming both, before anything moves."""
+    a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Parameter(torch.randn(4))
+    b.data = a.data
+    optimizer = adamkit.AdamW([a, b], offload="cpu", backend="single_tensor")  # (fused kernels refuse ties anyway)
+    a.grad, b.grad = torch.randn(4), torch.randn(4)
+    before = a.detach().clone()
+    with pytest.raises(
+        ValueError,
+        match=r"params\[0\] and params\[1\] in param_groups\[0\] share memory \(tied weights\), but offload='cpu'",
+    ):
+        optimizer.step()
+    assert torch.equal(a, before) and not optimizer.state

@@ -175,6 +175,13 @@ class Stepper:
         if group["accumulation_steps"] > 1:
             kernel = accumulation.KERNEL
         checked = self._guard(group, params, grads, where, kernel)
+        if hosts is not None and cache["guard"].layout.overlapping:
+            first, second = cache["guard"].layout.overlapping[0]
+            raise ValueError(
+                f"params[{first}] and params[{second}]{where} share memory (tied weights), but offload="
+                f"{group['offload']!r} steps each param from its own host copy and copies both back: the last copy "
+                "would win. Tie them as one Parameter, or leave offload=None for this group"
+            )
         if hosts is not None:  # the kernel addresses the host buffers: what it is handed is checked
             host_params, host_grads = [h.param for h in hosts], [h.grad for h in hosts]
             checked = self._guard(group, host_params, host_grads, where, kernel, "host_guard")
