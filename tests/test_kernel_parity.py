@@ -99,11 +99,22 @@ STEPS = 3  # (ADOPT's first step only sets v: its second and third move)
 RADAM_STEPS = 7
 
 
+#: the first param's values and gradients spread over eight decades, so that its
+#: quantized second moments span more than a finer map holds (int8's blocks take e5m3,
+#: the others' e4m4; int4's e4m0 holds some at its floor)
+SPREAD = 10.0 ** (-8 * torch.rand(SHAPES[0], generator=torch.Generator().manual_seed(10), dtype=torch.float64))
+
+
+def _spread(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensors[0] * SPREAD, *tensors[1:]]
+
+
 def _optimizer(case: str, backend: str, device: torch.device):
     """The case's optimizer on ``device`` and its params, from the same start."""
     cls, dtype, options = CASES[case]
     g = torch.Generator().manual_seed(11)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype)) for s in SHAPES]
+    start = _spread([torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES])
+    params = [torch.nn.Parameter(p.to(device, dtype)) for p in start]
     return cls(params, lr=1e-2, weight_decay=0.1, seed=5, backend=backend, **options), params
 
 
@@ -116,9 +127,9 @@ def _stored(opt, params) -> dict[str, torch.Tensor]:
     """Every param and state tensor, on the CPU, by a readable name."""
     stored = {}
     for i, p in enumerate(params):
-        stored[f"param {i}"] = p.detach().cpu()
+        stored[f"param {i}"] = p.detach().cpu().clone()  # (a copy: the history keeps every step's)
         for key, value in opt.state[p].items():
-            stored[f"param {i} {key}"] = value.detach().cpu().reshape(-1)
+            stored[f"param {i} {key}"] = value.detach().cpu().reshape(-1).clone()
     return stored
 
 
@@ -146,7 +157,8 @@ def test_triton_stores_the_cpu_kernels_bits(case):
     g = torch.Generator().manual_seed(12)
     history = []
     for step in range(1, (RADAM_STEPS if case.startswith("radam") else STEPS) + 1):
-        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for p in their_params]
+        drawn = _spread([torch.randn(p.shape, generator=g, dtype=torch.float64) for p in their_params])
+        grads = [grad.to(p.dtype) for grad, p in zip(drawn, their_params)]
         for p, q, grad in zip(our_params, their_params, grads):
             p.grad, q.grad = grad.to(DEVICE), grad.clone()
         ours.step()
@@ -159,3 +171,7 @@ def test_triton_stores_the_cpu_kernels_bits(case):
                 os.makedirs(dump, exist_ok=True)
                 torch.save(history, os.path.join(dump, f"{case}.pt"))
             pytest.fail(f"step {step}: {difference}")
+    for name in history[-1][2]:  # int8's two second-moment maps were stepped (e5m3 at least once)
+        if name.endswith("_e5m3_e4m4_scales"):
+            held = [stored[name] for _, _, stored in history]
+            assert any(bool((v > 0).any() if name.startswith("param 0") else (v < 0).any()) for v in held), name

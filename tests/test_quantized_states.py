@@ -35,14 +35,20 @@ def error_bounds(fmt: quantization.QuantFormat, signed: bool, x, s, *, stochasti
 
     Signed power map: a level step in c = sqrt(|x|/s) moves the value by at most
     (c + d)^2 - c^2 <= 2d + d^2 at c = 1, with d = 1/(2K) (half a step, nearest) or
-    1/K (a whole step, stochastic).  Unsigned float map: the spacing at x is at most
-    2^-M |x|, half of it to nearest; below the smallest level, 2^(1 - 2^E) s (the value
-    stored is that level; 2^-31 s for e5m3)."""
+    1/K (a whole step, stochastic).  Unsigned float map (int8's finer e4m4 where the
+    stored scale is negative): the spacing at x is at most 2^-M |x|, half of it to
+    nearest; below the smallest level, 2^(1 - 2^E) |s| (the value stored is that level;
+    2^-31 |s| for e5m3)."""
     if signed:
         d = (1.0 if stochastic else 0.5) / fmt.signed_levels
         return (2 * d + d * d) * s
-    relative = 2.0 ** -(fmt.mantissa_bits + (0 if stochastic else 1))
-    return relative * abs(x) + 2.0**fmt.min_exponent * s
+    where = torch.where if isinstance(s, torch.Tensor) else np.where
+    bounds = []
+    for fine in (False, True):
+        mantissa, lowest = fmt.float_map(fine and fmt.fine_exponent_bits is not None)
+        relative = 2.0 ** -(mantissa + (0 if stochastic else 1))
+        bounds.append(relative * abs(x) + 2.0**lowest * abs(s))
+    return where(s < 0, bounds[1], bounds[0])
 
 
 def hostile_values(rng: np.random.Generator, n: int, signed: bool) -> np.ndarray:
@@ -159,8 +165,15 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
     fmt = FORMATS[precision]
     g = torch.Generator().manual_seed(0)
     shapes = [(3000,), (40, 50), ()]
-    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
-    opt = warmed_up(cls, params, g, dtype, backend=backend, rounding=mode, state_precision=precision, **kwargs)
+    # the first param's values and gradients spread over eight decades (AdaMax's norm too,
+    # and L2 decay's term): its second moments span more than the finer map holds (int8's
+    # e4m4: the blocks take e5m3; int4's e4m0: some sit at its floor), the others' do not
+    scales = [10.0 ** (-8 * torch.rand(3000, generator=g)), None, None]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    params = [torch.nn.Parameter((p * scales[0] if p.numel() == 3000 else p).to(dtype)) for p in params]
+    opt = warmed_up(
+        cls, params, g, dtype, grad_scales=scales, backend=backend, rounding=mode, state_precision=precision, **kwargs
+    )
     group = opt.param_groups[0]
     algorithm, hp = reference_setup(config, group["lr"], group["max_lr"])
     moment_names = oracle_names(lookup(algorithm).second_moment_key)
@@ -170,7 +183,10 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
         held = {k: name for k, name in moment_names.items() if blockwise.stored_format(state, k, p.numel()) is fmt}
         return {name: blockwise.load_moment(state, k, p.shape, fmt).double().numpy() for k, name in held.items()}
 
-    before, grads = snapshot_then_step(opt, params, g, dtype, dequantized)
+    before, grads = snapshot_then_step(opt, params, g, dtype, dequantized, grad_scales=scales)
+    if fmt.fine_exponent_bits is not None:  # both maps were stepped
+        second = [opt.state[p][blockwise.stored_keys(lookup(algorithm).second_moment_key, fmt)[1]] for p in params]
+        assert bool((second[0] > 0).any()) and bool((second[1] < 0).any())
 
     for index, (p, stored, grad) in enumerate(zip(params, before, grads)):
         expected = stored_reference_step(

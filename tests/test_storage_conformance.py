@@ -50,14 +50,20 @@ def cases():
         yield pytest.param(backend, dtype, mode, precision, config, id=f"{backend}-{dtype}-{mode}-{precision}-{config}")
 
 
-def warmed_up(cls, params, generator, dtype, **options):
-    """An optimizer over ``params`` after three steps (non-trivial state), seed 99."""
+def warmed_up(cls, params, generator, dtype, grad_scales=None, **options):
+    """An optimizer over ``params`` after three steps (non-trivial state), seed 99;
+    ``grad_scales``: per param, None or per-element scales of its gradients."""
     opt = cls(params, lr=1e-2, seed=99, **options)
     for _ in range(3):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+        for p, scale in zip(params, grad_scales or [None] * len(params)):
+            p.grad = _gradient(p, generator, dtype, scale)
         opt.step()
     return opt
+
+
+def _gradient(p, generator, dtype, scale=None) -> torch.Tensor:
+    g = torch.randn(p.shape, generator=generator)
+    return (g if scale is None else g * scale).to(dtype)
 
 
 def oracle_names(second: str) -> dict[str, str]:
@@ -65,18 +71,21 @@ def oracle_names(second: str) -> dict[str, str]:
     return {"exp_avg": "exp_avg", second: "second", "max_exp_avg_sq": "max_second"}
 
 
-def snapshot_then_step(opt, params, generator, dtype, moments_of) -> tuple[list[dict], list[np.ndarray]]:
+def snapshot_then_step(
+    opt, params, generator, dtype, moments_of, grad_scales=None
+) -> tuple[list[dict], list[np.ndarray]]:
     """Each param's stored values as float64 (param, step count, ``moments_of(state,
     param)`` under the oracle's names, Kahan compensation), then one more step with
-    fresh gradients; returns the snapshots and those gradients."""
+    fresh gradients (scaled as in :func:`warmed_up`); returns the snapshots and those
+    gradients."""
     before, grads = [], []
-    for p in params:
+    for p, scale in zip(params, grad_scales or [None] * len(params)):
         state = opt.state[p]
         stored = {"param": as_f64(p), "step": int(state["step"].item()), **moments_of(state, p)}
         if "kahan_compensation" in state:
             stored["compensation"] = as_f64(state["kahan_compensation"])
         before.append(stored)
-        p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+        p.grad = _gradient(p, generator, dtype, scale)
         grads.append(as_f64(p.grad))
     opt.step()
     return before, grads

@@ -43,7 +43,10 @@ States*).
 :math:`2^{-15}` of its scale, 16 a binade) when fp32(smallest :math:`|x|` / scale)
 is at least :math:`2^{-15}`, and ``e5m3`` (from :math:`2^{-31}`, 8 a binade)
 otherwise; the stored scale is negated for an ``e4m4`` block (its sign bit names the
-map; a scale is otherwise never negative).  Most blocks of a model span fewer than 4.5
+map; a scale is otherwise never negative).  (int4 keeps e4m0 alone: its floor bounds
+the step of a quiet element, whose first moment int4 stores as 0 or as 1/49 of its
+block's largest; a second map reaching :math:`2^{-30}` let such steps reach 560 lr,
+see ``docs/lean-memory.md``.)  Most blocks of a model span fewer than 4.5
 decades of :math:`v` and get e4m4's finer spacing, which halves the variance of
 stochastic rounding's noise; the others keep every element above the floor.  Both maps' levels are fp32
 numbers, and e5m3's in :math:`[2^{-15}, 1]` are among e4m4's, so a block moving between
