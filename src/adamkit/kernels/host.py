@@ -261,7 +261,10 @@ def state_row(addresses: list[int], moment_count: int, extra: bool, quantized: b
 try:  # numba is a dependency, but the rest of adamkit works without it
     from numba import njit
 
+    from . import compile_cache
     from .intrinsics import typed_pointer
+
+    compile_cache.install()  # (the cached functions below: stamped with the whole package's source)
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     njit = None
 

@@ -11,6 +11,7 @@ from numba import njit, prange, types
 from numba.core.extending import overload
 
 from ...algorithms import REGISTRY, AlgorithmSpec, Denominator, FirstMoment, SecondMoment, lookup
+from .. import compile_cache
 from ...rule import DECOUPLED_DECAY, L2_DECAY
 from ..host import (
     CAUTIOUS_SCALE_COLUMN,
@@ -22,6 +23,8 @@ from ..intrinsics import (
 )
 from .layout import _ALGORITHM_WITNESS, _ROUNDING_WITNESS
 from .storage import _FLOAT32_WITNESS, _FLOAT64_WITNESS, _STORAGE_POLICIES, _compute, _dequantize, _load, _requantize
+
+compile_cache.install()  # (before the first cached function: stamped with the whole package's source)
 
 
 def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautious: bool, counting: bool = False):
