@@ -322,6 +322,47 @@ ADAMKIT_ERROR_INPUTS = [
     ({"offload": "cpu", "differentiable": True}, ValueError, ["offload='cpu'", "differentiable"]),
 ]
 
+#: each adamkit option of :data:`adamkit.options.OPTIONS` set to other values than its
+#: default: option -> ((settings, param dtype), ...), the settings holding what the value
+#: needs beside it (a seed, a weight decay to decouple).  :func:`option_cases` crosses
+#: them with the family; a new option without samples fails
+#: ``tests/test_state_dict.py``.
+OPTION_SAMPLES: dict[str, tuple[tuple[dict, torch.dtype], ...]] = {
+    "decouple_lr": (({"decouple_lr": True, "weight_decay": 0.1}, torch.float32),),
+    "max_lr": (({"decouple_lr": True, "max_lr": 0.05, "weight_decay": 0.1}, torch.float32),),
+    "backend": tuple(({"backend": name}, torch.float32) for name in CPU_BACKENDS),
+    "rounding": (({"rounding": "kahan"}, torch.bfloat16), ({"rounding": "stochastic"}, torch.bfloat16)),
+    "master_weights": (({"master_weights": "fp32"}, torch.bfloat16), ({"master_weights": "24bit"}, torch.bfloat16)),
+    "state_precision": tuple(({"state_precision": p}, torch.float32) for p in ("fp32", "bf16", "int8", "int4")),
+    "seed": (({"seed": 7, "rounding": "stochastic", "state_precision": "int8"}, torch.bfloat16),),
+    "skip_nonfinite": (({"skip_nonfinite": True}, torch.float32),),
+    "cautious": (({"cautious": True}, torch.float32),),
+    "diagnostics": (({"diagnostics": True}, torch.float32),),
+    "accumulation_steps": (({"accumulation_steps": 2}, torch.float32),),
+    "offload": (({"offload": "cpu"}, torch.float32),),
+}
+
+
+def option_cases() -> list:
+    """``pytest.param(row, settings, dtype)`` for every row of :data:`FAMILY` and every
+    sample of :data:`OPTION_SAMPLES` that the row's class takes (not refused, and its
+    backend runs the algorithm)."""
+    import pytest
+
+    cases = []
+    for name, (_, _, algorithm) in FAMILY.items():
+        for option, samples in OPTION_SAMPLES.items():
+            for index, (settings, dtype) in enumerate(samples):
+                if set(settings) & refused(name):
+                    continue
+                backend = settings.get("backend")
+                if backend is not None and algorithm not in KERNELS[backend].algorithms:
+                    continue
+                ident = f"{name}-{option}-{index}"
+                cases.append(pytest.param(name, settings, dtype, id=ident))
+    return cases
+
+
 GROUP_LRS = (1e-2, 3e-3)
 
 

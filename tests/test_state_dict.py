@@ -8,10 +8,11 @@ import io
 
 import pytest
 import torch
-from matrix import OPTIMIZERS, Case, clone_groups, make_params, run
+from matrix import FAMILY, OPTIMIZERS, OPTION_SAMPLES, Case, clone_groups, make_params, option_cases, run
 from test_torch_parity import assert_same_state
 
 import adamkit
+from adamkit.options import OPTIONS
 
 CASES = [
     Case(optimizer="Adam", amsgrad=True, weight_decay="l2"),
@@ -132,3 +133,64 @@ def test_legacy_float_step_becomes_tensor():
     fresh.load_state_dict(state_dict)
     step = fresh.state[p]["step"]
     assert torch.is_tensor(step) and step.item() == 1.0 and step.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- every option
+
+
+def test_every_option_has_samples():
+    assert set(OPTION_SAMPLES) == {option.name for option in OPTIONS}
+
+
+def _option_run(row: str, settings: dict, dtype: torch.dtype, steps: range, params=None, saved=None):
+    """``steps`` of the row's class with ``settings`` on three params (from ``params``
+    and ``saved`` where given); a NaN gradient on step 4.  Returns (params, optimizer)."""
+    cls = FAMILY[row][0]
+    if params is None:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in ((40,), (6, 9), ())]
+    optimizer = cls(params, lr=1e-2, **{"seed": 3, **settings})  # (the same random bits in every run)
+    if saved is not None:
+        optimizer.load_state_dict(saved)
+    for step in steps:
+        g = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        if step == 4 and settings.get("skip_nonfinite"):
+            params[0].grad[3] = torch.nan
+        optimizer.step()
+    return params, optimizer
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The stored bytes (so that -0.0 and 0.0, or two NaNs, are told apart)."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("row, settings, dtype", option_cases())
+def test_every_option_resumes_from_a_checkpoint_bit_for_bit(row, settings, dtype):
+    """Every class with every option's sample values: stopped after three steps, saved
+    through torch.save, loaded into a fresh optimizer over copies of the params, and
+    stepped on, it ends where the uninterrupted run does, bit for bit (params and every
+    state tensor)."""
+    whole, uninterrupted = _option_run(row, settings, dtype, range(7))
+    first, stopped = _option_run(row, settings, dtype, range(3))
+    buffer = io.BytesIO()
+    torch.save(stopped.state_dict(), buffer)
+    buffer.seek(0)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    resumed_params, resumed = _option_run(
+        row, settings, dtype, range(3, 7), copies, torch.load(buffer, weights_only=True)
+    )
+    for p, q in zip(whole, resumed_params):
+        assert torch.equal(_bits(p.detach()), _bits(q.detach()))
+    ours, theirs = uninterrupted.state_dict()["state"], resumed.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for index in ours:
+        assert ours[index].keys() == theirs[index].keys()
+        for key, value in ours[index].items():
+            other = theirs[index][key]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other.dtype and torch.equal(_bits(value), _bits(other)), key
+            else:
+                assert value == other, key

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import blockwise, offload, sharding
+from .algorithms import lookup
 from .specs.quantization import FORMATS
 from .state import moment_keys
 
@@ -160,11 +161,13 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
     defaults; :data:`PLACEMENT_KEYS` keep theirs whatever the state dict says.  torch
     casts every loaded state tensor to its param's dtype: tensors
     adamkit keeps in their own dtype (quantized codes and scales; moments under a
-    ``state_precision``) are copied again from the saved tensors, so nothing is
-    rounded on the way in (the step converts any remaining mismatch).  For sharded
+    ``state_precision``; a second weight sequence, held in fp32 beside a 16-bit param's
+    split master or Kahan compensation) are copied again from the saved tensors, so
+    nothing is rounded on the way in (the step converts any remaining mismatch).  For sharded
     params, full tensors (a single-process checkpoint) are cut to this rank's shard.
     """
     moments = moment_keys(optimizer.algorithm, True)
+    weight_copy = lookup(optimizer.algorithm).weight_copy  # a weight, not a moment: never cast
     for group, saved, before in zip(optimizer.param_groups, state_dict["param_groups"], options_before):
         group.update((key, value) for key, value in before.items() if key not in saved or key in PLACEMENT_KEYS)
     saved_ids = _param_ids(state_dict)
@@ -176,7 +179,7 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
         for key, value in saved.items():
             if key == "step" or not torch.is_tensor(value) or key not in state:
                 continue
-            if key in moments and group["state_precision"] is None:
+            if key in moments and key != weight_copy and group["state_precision"] is None:
                 continue  # torch's behaviour: moments follow the param's dtype
             if state[key].dtype != value.dtype:
                 state[key] = value.to(device=offload.host_device_of(group, param.device), copy=True)
