@@ -11,8 +11,8 @@ from numba import njit, prange, types
 from numba.core.extending import overload
 
 from ...algorithms import REGISTRY, AlgorithmSpec, Denominator, FirstMoment, SecondMoment, lookup
-from .. import compile_cache
 from ...rule import DECOUPLED_DECAY, L2_DECAY
+from .. import compile_cache
 from ..host import (
     CAUTIOUS_SCALE_COLUMN,
     DECAY_FACTOR_COLUMN,
