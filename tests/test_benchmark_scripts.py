@@ -128,3 +128,13 @@ def test_the_wide_range_benchmark_runs_and_prints_a_row_per_stream_and_contender
     assert {(row[0], " ".join(row[1:3])) for row in rows} >= {
         (stream, name) for stream in ("D=3", "mixture") for name in ("adamkit int8", "adamkit int4")
     }
+
+
+def test_the_int4_designs_emulation_runs_both_measurements():
+    command = [sys.executable, "int4_designs.py", "--steps", "40", "--elements", "2048", "--quick", "--tasks", "charlm"]
+    result = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sum(line.strip().startswith(("D=2", "D=3", "D=4", "mixture")) for line in lines) == 4
+    for design in ("int4 now", "two v maps", "normalized m", "normalized m, two v maps"):
+        assert any(line.strip().startswith(design) for line in lines), design  # a panel row
