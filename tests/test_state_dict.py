@@ -144,7 +144,8 @@ def test_every_option_has_samples():
 
 def _option_run(row: str, settings: dict, dtype: torch.dtype, steps: range, params=None, saved=None):
     """``steps`` of the row's class with ``settings`` on three params (from ``params``
-    and ``saved`` where given); a NaN gradient on step 4.  Returns (params, optimizer)."""
+    and ``saved`` where given; under ``skip_nonfinite`` a NaN gradient on step 4).
+    Returns (params, optimizer)."""
     cls = FAMILY[row][0]
     if params is None:
         g = torch.Generator().manual_seed(0)
