@@ -379,14 +379,18 @@ def v_ratio(optimizer, params, shadow, shadow_params) -> float:
     return torch.cat(ratios).median().item()
 
 
+def warmup_cosine(steps: int):
+    """The panel's lr factor at step t: a 50-step linear warm-up, then a cosine from 1 to 0.1."""
+    return lambda t: min(1.0, (t + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / steps)))
+
+
 def run(task: Task, setting: Setting) -> dict:
     model = cast_module(task.model(), setting.dtype)
     params = list(model.parameters())
     optimizer = make_optimizer(setting, params, task.lr, task.weight_decay)
     shadow_params = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
     shadow = torch.optim.AdamW(shadow_params, lr=task.lr, weight_decay=task.weight_decay)
-    warmup_cosine = lambda t: min(1.0, (t + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / task.steps)))  # noqa: E731
-    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine) for opt in (optimizer, shadow)]
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(task.steps)) for opt in (optimizer, shadow)]
     curve, unchanged = [], float("nan")
     directions = DirectionError(task.steps) if setting.dtype == torch.float32 else None
     for step in range(task.steps):

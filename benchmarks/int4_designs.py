@@ -33,7 +33,6 @@ Two measurements:
 from __future__ import annotations
 
 import argparse
-import math
 
 import fidelity
 import torch
@@ -158,8 +157,7 @@ def _trained(task, design: str | None) -> tuple[float, float]:
         optimizer = EmulatedAdamW(params, design, task.lr, task.weight_decay)
     shadow_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     shadow = torch.optim.AdamW(shadow_params, lr=task.lr, weight_decay=task.weight_decay)
-    schedule = lambda t: min(1.0, (t + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / task.steps)))  # noqa: E731
-    schedules = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (optimizer, shadow)]
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, fidelity.warmup_cosine(task.steps)) for o in (optimizer, shadow)]
     directions = fidelity.DirectionError(task.steps)
     for step in range(task.steps):
         task.loss(model, step).backward()
