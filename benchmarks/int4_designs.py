@@ -26,7 +26,7 @@ Two measurements:
   the update-direction error against an fp32 shadow fed the same gradients (last tenth
   of the steps) and the task's final metric over the shadow's.
 
-    python benchmarks/int4_designs.py                       # both (about 6 minutes, 2 cores)
+    python benchmarks/int4_designs.py                       # both (about 3 minutes, 2 cores)
     python benchmarks/int4_designs.py streams --steps 300   # seconds
 """
 
