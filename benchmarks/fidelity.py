@@ -347,11 +347,11 @@ class DirectionError:
         return tuple(math.sqrt(e / r) if r else float("nan") for e, r in self.sums.values())
 
 
-def train_beside_shadow(task: Task, model: nn.Module, optimizer, shadow_params: list, shadow):
+def train_beside_shadow(task: Task, model: nn.Module, optimizer, shadow_params: list, shadow, schedules=()):
     """Train ``model`` on ``task`` with ``optimizer`` for the task's steps, the fp32
-    ``shadow`` (over ``shadow_params``) fed the same gradients; returns the
-    update-direction errors (``None`` where the weights are not fp32: their step is not
-    the update itself)."""
+    ``shadow`` (over ``shadow_params``) fed the same gradients, each of ``schedules``
+    stepped after every step; returns the update-direction errors (``None`` where the
+    weights are not fp32: their step is not the update itself)."""
     params = list(model.parameters())
     directions = DirectionError(task.steps) if all(p.dtype == torch.float32 for p in params) else None
     for step in range(task.steps):
@@ -365,6 +365,8 @@ def train_beside_shadow(task: Task, model: nn.Module, optimizer, shadow_params: 
         if directions:
             directions.add(step, before, params, shadow_before, shadow_params)
         optimizer.zero_grad(set_to_none=True)
+        for schedule in schedules:
+            schedule.step()
     return directions
 
 

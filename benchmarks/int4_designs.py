@@ -158,18 +158,7 @@ def _trained(task, design: str | None) -> tuple[float, float]:
     shadow_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     shadow = torch.optim.AdamW(shadow_params, lr=task.lr, weight_decay=task.weight_decay)
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, fidelity.warmup_cosine(task.steps)) for o in (optimizer, shadow)]
-    directions = fidelity.DirectionError(task.steps)
-    for step in range(task.steps):
-        task.loss(model, step).backward()
-        for p, q in zip(params, shadow_params):
-            q.grad = p.grad.clone()
-        before, shadow_before = [p.detach().clone() for p in params], [q.detach().clone() for q in shadow_params]
-        optimizer.step()
-        shadow.step()
-        directions.add(step, before, params, shadow_before, shadow_params)
-        optimizer.zero_grad(set_to_none=True)
-        for s in schedules:
-            s.step()
+    directions = fidelity.train_beside_shadow(task, model, optimizer, shadow_params, shadow, schedules)
     return directions.errors()[0], task.evaluate(model)[task.metric]
 
 
