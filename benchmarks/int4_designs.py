@@ -6,7 +6,8 @@ layout of ``state_precision="int4"`` (first moment: a signed power map, levels
 under an exact scale).  The emulation draws its own random bits, so it follows the
 spec's formats, not its bits:
 
-- ``int4 now``: adamkit's int4 (``v`` in e4m0: levels 2^-15 .. 1 of the block scale);
+- ``plain m``: adamkit's int4 before 2026-12-06 (``v`` in e4m0: levels 2^-15 .. 1 of the
+  block scale; the first moment stored as it is);
 - ``two v maps``: ``v`` in e4m0, or, where more than 32 of a block's 128 elements
   (zeros included) lie below 2^-15 of its largest, in ``e4m0sqrt``: the e4m0 code of
   sqrt(v/s), levels 4x apart down to 2^-30 (built in every kernel and not adopted, see
@@ -14,7 +15,8 @@ spec's formats, not its bits:
 - ``normalized m``: the first moment stored as ``u = m / (sqrt(v_hat) + eps)``, with
   ``v_hat`` the second moment as stored after the same step, and read back as
   ``m = u (sqrt(v_hat) + eps)``: ``u`` is of the order of an update for every element,
-  so a block's quiet elements are not crushed by its busy ones;
+  so a block's quiet elements are not crushed by its busy ones (adamkit's int4 since
+  2026-12-06 divides by a power of two near sqrt(v_hat) instead);
 - ``normalized m, two v maps``.
 
 Two measurements:
@@ -83,7 +85,7 @@ def second_moment(v: torch.Tensor, generator: torch.Generator, two_maps: bool) -
 
 
 DESIGNS = {
-    "int4 now": (False, False),
+    "plain m": (False, False),
     "two v maps": (False, True),
     "normalized m": (True, False),
     "normalized m, two v maps": (True, True),

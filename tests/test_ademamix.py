@@ -155,7 +155,7 @@ def test_state_holds_three_moments_in_each_precision():
         (None, {"exp_avg", "exp_avg_sq", "exp_avg_slow"}),
         ("bf16", {"exp_avg", "exp_avg_sq", "exp_avg_slow"}),
         ("int8", {"exp_avg_int8", "exp_avg_slow_int8"}),
-        ("int4", {"exp_avg_int4", "exp_avg_slow_int4"}),
+        ("int4", {"exp_avg_int4_normalized", "exp_avg_slow_int4_normalized"}),
     ]:
         opt = adamkit.AdEMAMix([param], state_precision=precision)
         param.grad = torch.randn(1000)

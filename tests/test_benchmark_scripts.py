@@ -136,5 +136,5 @@ def test_the_int4_designs_emulation_runs_both_measurements():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert sum(line.strip().startswith(("D=2", "D=3", "D=4", "mixture")) for line in lines) == 4
-    for design in ("int4 now", "two v maps", "normalized m", "normalized m, two v maps"):
+    for design in ("plain m", "two v maps", "normalized m", "normalized m, two v maps"):
         assert any(line.strip().startswith(design) for line in lines), design  # a panel row

@@ -21,7 +21,7 @@ from test_storage_conformance import check_stored, oracle_names, snapshot_then_s
 
 import adamkit
 from adamkit import blockwise, quantization
-from adamkit.algorithms import lookup
+from adamkit.algorithms import FirstMomentScale, lookup
 from adamkit.convert import to_full_precision, to_quantized
 from adamkit.specs.quantization import FORMATS
 from adamkit.state import moment_value
@@ -155,6 +155,15 @@ def moment_bits(seed: int, param_index: int, slot: int, step: int, numel: int) -
     return rounding.random_bits(key, numel)
 
 
+def storing_factor(state: dict, p: torch.Tensor, algorithm: str) -> np.ndarray:
+    """The factor r a normalized first moment is stored with (u = fl(m r)): the spec's,
+    from the second moment as stored."""
+    key = lookup(algorithm).second_moment_key
+    second = blockwise.load_moment(state, key, p.shape, blockwise.stored_format(state, key, p.numel()))
+    root = lookup(algorithm).first_moment_scale == FirstMomentScale.ROOT
+    return quantization.first_moment_divisor(second.numpy(), root, reciprocal=True)
+
+
 @pytest.mark.parametrize("backend, precision, dtype, mode, config", list(conformance_cases()))
 def test_one_step_matches_the_reference_then_the_format(backend, precision, dtype, mode, config):
     """The update uses the new moments before quantization: params match the float64
@@ -162,7 +171,6 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
     the new moments are the format's quantization of the exact ones, except where an
     exact value lies within fp32 error of a code boundary."""
     cls, kwargs = CONFIGS[config]
-    fmt = FORMATS[precision]
     g = torch.Generator().manual_seed(0)
     shapes = [(3000,), (40, 50), ()]
     # the first param's values and gradients spread over eight decades (AdaMax's norm too,
@@ -177,10 +185,16 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
     group = opt.param_groups[0]
     algorithm, hp = reference_setup(config, group["lr"], group["max_lr"])
     moment_names = oracle_names(lookup(algorithm).second_moment_key)
+    fmt = quantization.format_for(precision, lookup(algorithm).first_moment_scale != FirstMomentScale.NONE)
 
     def dequantized(state: dict, p: torch.Tensor) -> dict:
         assert "exp_avg" not in state  # no silent full-precision fallback, whatever the size
-        held = {k: name for k, name in moment_names.items() if blockwise.stored_format(state, k, p.numel()) is fmt}
+        held = {
+            k: name
+            for k, name in moment_names.items()
+            if (held_as := blockwise.stored_format(state, k, p.numel())) is not None
+            and held_as.holds_like(fmt, k in quantization.SIGNED_KEYS)
+        }
         return {name: blockwise.load_moment(state, k, p.shape, fmt).double().numpy() for k, name in held.items()}
 
     before, grads = snapshot_then_step(opt, params, g, dtype, dequantized, grad_scales=scales)
@@ -211,6 +225,8 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
             signed = key in quantization.SIGNED_KEYS
             codes_key, scales_key = blockwise.stored_keys(key, fmt)
             exact = expected["exact"][name].astype(np.float32)
+            if blockwise.normalizes(key, fmt):  # stored as fl(m r), r from the new second moment as stored
+                exact = exact * storing_factor(state, p, algorithm)
             bits16 = moment_bits(99, index, slot, expected["step"], p.numel())
             want_codes, want_scales = quantization.quantize(exact, fmt, signed, bits16)
             got_scales = state[scales_key].float().numpy()
@@ -225,10 +241,10 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
             differs = (got != want) & in_good_block
             assert np.all(near_a_rounding_threshold(exact, want_scales, fmt, signed, bits16, 1e-4)[differs]), name
             assert np.all(np.abs(got - want)[in_good_block] <= 1), name
-            back = blockwise.load_moment(state, key, p.shape, fmt).double().numpy()
+            back = blockwise.dequantize(state[codes_key], state[scales_key], fmt, signed, p.shape).double().numpy()
             s_each = np.repeat(got_scales, fmt.block_of(signed))[: p.numel()].reshape(p.shape)
-            bound = error_bounds(fmt, signed, expected["exact"][name], s_each, stochastic=True)
-            assert np.all(np.abs(back - expected["exact"][name]) <= bound * 1.001 + 1e-30), name
+            bound = error_bounds(fmt, signed, exact.astype(np.float64), s_each, stochastic=True)
+            assert np.all(np.abs(back - exact) <= bound * 1.001 + 1e-30), name
         assert int(state["step"].item()) == expected["step"]
 
 
@@ -308,7 +324,7 @@ def test_small_and_ragged_tensors_are_quantized_too(precision):
         assert sorted(state) == sorted(
             ["step", *blockwise.stored_keys("exp_avg", fmt), *blockwise.stored_keys("exp_avg_sq", fmt)]
         )
-        assert state[f"exp_avg_{precision}"].numel() == fmt.code_bytes(p.numel())
+        assert state[blockwise.stored_keys("exp_avg", fmt)[0]].numel() == fmt.code_bytes(p.numel())
 
 
 def test_a_param_group_can_opt_out():
@@ -405,8 +421,9 @@ def test_a_torch_checkpoint_loads_into_a_quantized_optimizer_and_is_quantized_at
     params[0].grad = torch.zeros(500)
     before = {k: v.clone() for k, v in expected.items()}
     opt.step()  # the loaded fp32 moments are quantized first, then stepped
-    assert "exp_avg" not in opt.state[params[0]] and "exp_avg_int4" in opt.state[params[0]]
-    assert before["exp_avg_int4"].shape == opt.state[params[0]]["exp_avg_int4"].shape
+    codes = blockwise.stored_keys("exp_avg", FORMATS["int4"])[0]
+    assert "exp_avg" not in opt.state[params[0]] and codes in opt.state[params[0]]
+    assert before[codes].shape == opt.state[params[0]][codes].shape
 
 
 #: checkpoints of earlier adamkit formats: (precision, moment, its format, scale dtype)
@@ -423,27 +440,37 @@ OLDER_FORMATS = {
     "int4 power map": ("int4", "exp_avg_sq", quantization.LEGACY_FORMATS["int4"][0], torch.bfloat16),
     "int4 bf16 scales": ("int4", "exp_avg_sq", FORMATS["int4"], torch.bfloat16),
     "int4 first moment in blocks of 128": ("int4", "exp_avg", quantization.LEGACY_FORMATS["int4"][1], torch.bfloat16),
+    "int4 first moment not normalized": ("int4", "exp_avg", quantization.PLAIN_FORMATS["int4"], torch.bfloat16),
 }
+
+
+def _write_as(state: dict, key: str, x: np.ndarray, fmt, dtype: torch.dtype) -> np.ndarray:
+    """Hold moment ``key``'s values ``x`` in ``state`` as format ``fmt`` keeps them (to
+    nearest, scales of ``dtype``) in place of the current format's; the values it holds."""
+    signed = key in quantization.SIGNED_KEYS
+    for stored in blockwise.stored_keys(key, FORMATS[fmt.name]):
+        del state[stored]
+    scales = quantization.block_scales(x, fmt.block_of(signed), exact=dtype == torch.float32)
+    codes = quantization.level_codes(x, scales, fmt, signed)
+    state[quantization.codes_key(key, fmt)] = torch.from_numpy(quantization.pack(codes, fmt))
+    state[quantization.scales_key(key, fmt)] = torch.from_numpy(scales).to(dtype)
+    return quantization.level_values(codes, scales, fmt, signed)
 
 
 def _older_checkpoint(backend: str, older: str):
     """A quantized optimizer's state dict as an older adamkit wrote it, with the
-    moment's values as the spec dequantizes them."""
+    moment's values as the spec dequantizes them (int4's first moment, which every
+    older int4 format kept plain, plain)."""
     precision, key, fmt, dtype = OLDER_FORMATS[older]
-    signed = key in quantization.SIGNED_KEYS
     p = torch.nn.Parameter(torch.randn(1000, generator=torch.Generator().manual_seed(4)))
     opt = adamkit.AdamW([p], lr=1e-2, backend=backend, state_precision=precision, seed=0)
     p.grad = torch.randn(1000, generator=torch.Generator().manual_seed(5))
     opt.step()
-    x = blockwise.load_moment(opt.state[p], key, p.shape, FORMATS[precision]).numpy()
+    values = {k: moment_value(opt.state[p], k, p).numpy() for k in ("exp_avg", "exp_avg_sq")}
     old = copy.deepcopy(opt.state_dict())
-    for stored in blockwise.stored_keys(key, FORMATS[precision]):
-        del old["state"][0][stored]
-    scales = quantization.block_scales(x, fmt.block_of(signed), exact=dtype == torch.float32)
-    codes = quantization.level_codes(x, scales, fmt, signed)
-    old["state"][0][quantization.codes_key(key, fmt)] = torch.from_numpy(quantization.pack(codes, fmt))
-    old["state"][0][quantization.scales_key(key, fmt)] = torch.from_numpy(scales).to(dtype)
-    return p, old, precision, key, quantization.level_values(codes, scales, fmt, signed)
+    if FORMATS[precision].normalized_first_moment and key != "exp_avg":
+        _write_as(old["state"][0], "exp_avg", values["exp_avg"], quantization.PLAIN_FORMATS[precision], torch.bfloat16)
+    return p, old, precision, key, _write_as(old["state"][0], key, values[key], fmt, dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -480,7 +507,7 @@ def test_switching_state_precision_mid_run_converts_the_state(backend):
         for p in params:
             p.grad = torch.zeros_like(p)
         opt.step()
-        assert f"exp_avg_{precision}" in opt.state[params[0]]
+        assert blockwise.stored_keys("exp_avg", FORMATS[precision])[0] in opt.state[params[0]]
         opt.param_groups[0]["state_precision"] = next_precision
     opt.step()
     back = opt.state[params[0]]["exp_avg"]
@@ -644,3 +671,57 @@ def test_nadam_and_radam_step_from_their_dequantized_moments(name, precision, ba
     theirs.step()
     for p, q in zip(params, twins):
         assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------- int4's normalized first moment
+
+
+def test_the_first_moment_divisor_follows_the_second_moment_s_root_block_by_block():
+    """d <= sqrt(v) < sqrt(2) d (a norm: d <= v < 2 d) wherever v and d are normal, r d
+    is 1 within fp32 rounding; and over a block of int4's v (its scale times powers of
+    two) sqrt(v) / d is one number, so the first moment is scaled as by sqrt(v)."""
+    g = np.random.default_rng(0)
+    v = (10.0 ** g.uniform(-30, 30, 100_000)).astype(np.float32)
+    for root, reference, spread in ((True, np.sqrt(v.astype(np.float64)), np.sqrt(2)), (False, v, 2.0)):
+        d = quantization.first_moment_divisor(v, root).astype(np.float64)
+        r = quantization.first_moment_divisor(v, root, reciprocal=True).astype(np.float64)
+        assert np.all((d <= reference) & (reference < spread * d))
+        assert np.all(np.abs(d * r - 1) < 2.0**-23)
+    fmt = FORMATS["int4"]
+    second = (10.0 ** g.uniform(-12, 0, 128 * 64)).astype(np.float32)
+    codes, scales = quantization.quantize(second, fmt, False, g.integers(0, 65536, second.size))
+    stored = quantization.dequantize(codes, scales, fmt, False, second.shape).astype(np.float64)
+    ratio = (np.sqrt(stored) / quantization.first_moment_divisor(stored.astype(np.float32), True)).reshape(-1, 128)
+    assert np.all(np.abs(ratio / ratio[:, :1] - 1) < 2.0**-22)  # per block: one number (fl(sqrt 2) aside)
+    extremes = np.array([0, 1e-45, np.inf, np.nan, np.finfo(np.float32).max], dtype=np.float32)
+    for root in (True, False):
+        for reciprocal in (False, True):
+            x = quantization.first_moment_divisor(extremes, root, reciprocal)
+            assert np.all(np.isfinite(x) & (x >= np.finfo(np.float32).tiny))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int4_stores_the_first_moment_over_the_divisor_of_the_stored_second_moment(backend):
+    """The first moment reads back as fl(u d), d from v as stored, u of an update's
+    size, and ADOPT's first moment, normalized already, is stored as it is."""
+    g = torch.Generator().manual_seed(1)
+    for cls, normalized in ((adamkit.AdamW, True), (adamkit.Adamax, True), (adamkit.ADOPT, False)):
+        p = torch.nn.Parameter(torch.randn(3000, generator=g) * 10.0 ** (-6 * torch.rand(3000, generator=g)))
+        opt = cls([p], lr=1e-3, backend=backend, state_precision="int4")
+        for _ in range(3):
+            p.grad = torch.randn(3000, generator=g) * 10.0 ** (-6 * torch.rand(3000, generator=g))
+            opt.step()
+        state, spec = opt.state[p], lookup(opt.algorithm)
+        fmt = quantization.format_for("int4", normalized)
+        assert blockwise.stored_format(state, "exp_avg", p.numel()) == fmt
+        u = blockwise.dequantize(*(state[k] for k in blockwise.stored_keys("exp_avg", fmt)), fmt, True, p.shape)
+        m = moment_value(state, "exp_avg", p)
+        if normalized:
+            second = moment_value(state, spec.second_moment_key, p).numpy()
+            divisor = quantization.first_moment_divisor(second, spec.first_moment_scale == FirstMomentScale.ROOT)
+            assert np.array_equal(m.numpy(), u.numpy() * divisor)  # m = fl(u d)
+            # of an update's size (m spans decades): |m| / sqrt(v) <= (1 - beta1) / sqrt(1 - beta2)
+            # / sqrt(1 - beta1^2 / beta2) = 7.27 (Cauchy-Schwarz), and sqrt(v) < 2 d (norm; root: sqrt 2)
+            assert float(u.abs().max()) < 2 * 7.27 and float(m.abs().max() / m.abs()[m != 0].min()) > 1e3
+        else:
+            assert torch.equal(m, u)

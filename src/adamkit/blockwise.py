@@ -10,10 +10,15 @@ import functools
 import torch
 from torch import Tensor
 
+from .algorithms import REGISTRY, FirstMomentScale
 from .specs import quantization
 from .specs.quantization import (
+    DIVISOR_EXPONENT_LIMIT,
     FORMATS,
     LEGACY_FORMATS,
+    PLAIN_FORMATS,
+    ROOT_HALF,
+    ROOT_TWO,
     SIGNED_KEYS,
     SNAP_TO_TOP,
     QuantFormat,
@@ -22,13 +27,23 @@ from .specs.quantization import (
     second_moment_ceiling,
 )
 
+#: the second moment a normalized first moment is divided by, by its state key, and how
+#: (:attr:`adamkit.algorithms.AlgorithmSpec.first_moment_scale`; an algorithm whose first
+#: moment is normalized already stores it plain, so one key names one way)
+DIVISOR_MOMENTS = {
+    spec.second_moment_key: spec.first_moment_scale
+    for spec in REGISTRY.values()
+    if spec.first_moment_scale != FirstMomentScale.NONE
+}
+
 
 def stored_format(state: dict, key: str, numel: int) -> QuantFormat | None:
     """The format moment ``key`` is quantized in, if ``state`` holds it quantized
     (codes and scales of the right sizes for ``numel`` elements); a second moment of
     an older checkpoint comes back as its :data:`~adamkit.specs.quantization.LEGACY_FORMATS` entry."""
     signed = key in SIGNED_KEYS
-    for fmt in (*FORMATS.values(), *(old for formats in LEGACY_FORMATS.values() for old in formats)):
+    current = (*FORMATS.values(), *PLAIN_FORMATS.values())  # before the older ones: a small tensor's sizes agree
+    for fmt in (*current, *(old for formats in LEGACY_FORMATS.values() for old in formats)):
         codes, scales = stored_keys(key, fmt)
         if codes in state and scales in state:
             if state[codes].numel() == fmt.code_bytes(numel) and state[scales].numel() == fmt.blocks(numel, signed):
@@ -227,9 +242,13 @@ def _check_scales(scales: Tensor, fmt: QuantFormat, signed: bool) -> None:
         raise TypeError(f"scales must be {scale_dtype(fmt, signed)} for this moment, got {scales.dtype}")
 
 
-def _reproduced(code: Tensor, scales: Tensor, flat: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
-    """Per block: whether the codes and scales dequantize to ``flat`` exactly (or the block is non-finite)."""
-    same = _values(code, scales, fmt, signed) == flat
+def _reproduced(
+    code: Tensor, scales: Tensor, flat: Tensor, fmt: QuantFormat, signed: bool, divisor: Tensor | None = None
+) -> Tensor:
+    """Per block: whether the codes and scales dequantize to ``flat`` exactly (times
+    ``divisor``, a normalized first moment's; or the block is non-finite)."""
+    values = _values(code, scales, fmt, signed)
+    same = (values if divisor is None else values * divisor) == flat
     block = fmt.block_of(signed)
     padded = torch.ones(fmt.blocks(flat.numel(), signed) * block, dtype=torch.bool, device=flat.device)
     padded[: flat.numel()] = same
@@ -253,7 +272,14 @@ def _second_level(fmt: QuantFormat, signed: bool) -> float:
     return 1.0 - 2.0 ** -(fmt.mantissa_bits + 1)
 
 
-def restore_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> None:
+def restore_into(
+    x: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    fmt: QuantFormat,
+    signed: bool,
+    factors: tuple[Tensor, Tensor] | None = None,
+) -> None:
     """Like :func:`quantize_into`, but if ``x`` holds dequantized values (a quantized
     moment exported at full precision, see :mod:`adamkit.sharding`), store codes and
     scales that dequantize to them exactly, so the values are kept bit for bit.
@@ -261,25 +287,31 @@ def restore_into(x: Tensor, codes: Tensor, scales: Tensor, fmt: QuantFormat, sig
     A block's scale is its absmax (exact, or rounded *up* to bf16), and a step rounds
     its largest element to the top level or to the one below it, so the absmax of
     dequantized values is the scale or that much less: a block that the usual scale
-    does not reproduce exactly tries the next two values up, then its absmax over the
-    second level (and that value's neighbours).  For any other ``x``, this is
-    :func:`quantize_into` rounding to nearest.
+    does not reproduce exactly tries the next two values up and the one below, then
+    its absmax over the second level (and that value's neighbours).  For any other
+    ``x``, this is :func:`quantize_into` rounding to nearest.
+
+    A normalized first moment (``factors``: its divisor d and the factor r that stores
+    it) is restored from its values m as the codes of fl(m r) (within a few units in the
+    last place of the u it was read from), chosen where they give back fl(u d) = m.
     """
     _check_scales(scales, fmt, signed)
-    flat = x.reshape(-1).float()
+    target = x.reshape(-1).float()
+    per_element = None if factors is None else factors[0].reshape(-1)
+    flat = target if factors is None else target * factors[1].reshape(-1)
     absmax = scales_of(flat, fmt, signed)
     best_scales = marked(flat, absmax, fmt, signed)
     best_code = _level_codes(flat, best_scales, fmt, signed, None)
     below = (absmax.float() / _second_level(fmt, signed)).to(absmax.dtype)
-    trials = [_neighbour_scales(absmax, 1), _neighbour_scales(absmax, 2)]
+    trials = [_neighbour_scales(absmax, steps) for steps in (1, 2, -1)]
     trials += [_neighbour_scales(below, steps) for steps in (0, -1, 1, 2)]
     trials = [marked(flat, trial, fmt, signed) for trial in trials]
-    exact = _reproduced(best_code, best_scales, flat, fmt, signed)
+    exact = _reproduced(best_code, best_scales, target, fmt, signed, per_element)
     for trial in trials:
         if bool(exact.all()):
             break
         code = _level_codes(flat, trial, fmt, signed, None)
-        better = ~exact & _reproduced(code, trial, flat, fmt, signed)
+        better = ~exact & _reproduced(code, trial, target, fmt, signed, per_element)
         best_scales = torch.where(better, trial, best_scales)
         best_code = torch.where(_per_element(better.float(), fmt, signed, flat.numel()) > 0, code, best_code)
         exact = exact | better
@@ -292,9 +324,48 @@ def dequantize(codes: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, sh
     return _values(_unpacked(codes, fmt, shape.numel()), scales, fmt, signed).view(shape)
 
 
+def first_moment_divisor(second: Tensor, scale: FirstMomentScale, reciprocal: bool = False) -> Tensor:
+    """:func:`adamkit.specs.quantization.first_moment_divisor` in torch: d (or the
+    factor r that stores a first moment, ``reciprocal``), 2^k times fl(sqrt 2) (fl(1 /
+    sqrt 2)) for a root's odd exponents."""
+    bits = second.float().contiguous().view(torch.int32) & 0x7FFFFFFF
+    e = (bits >> 23) - 127
+    root = scale == FirstMomentScale.ROOT
+    k = (e >> 1 if root else e).clamp(-DIVISOR_EXPONENT_LIMIT, DIVISOR_EXPONENT_LIMIT)
+    power = (((127 - k) if reciprocal else (127 + k)) << 23).view(torch.float32)
+    if not root:
+        return power
+    return torch.where((e & 1) == 1, power * float(ROOT_HALF if reciprocal else ROOT_TWO), power)
+
+
+def normalizes(key: str, fmt: QuantFormat) -> bool:
+    """Whether moment ``key`` is stored divided by its second moment's divisor in ``fmt``."""
+    return fmt.normalized_first_moment and key in SIGNED_KEYS
+
+
+def _divisor(state: dict, shape: torch.Size, reciprocal: bool = False) -> Tensor:
+    """The divisor of a normalized first moment (fp32, ``shape``; or the factor that
+    stores one, ``reciprocal``), from the second moment as the state holds it now:
+    quantized, or already dequantized (a conversion that dequantized it first keeps its
+    values exactly)."""
+    for key, scale in DIVISOR_MOMENTS.items():
+        if key in state:
+            return first_moment_divisor(state[key].reshape(shape), scale, reciprocal)
+        fmt = stored_format(state, key, shape.numel())
+        if fmt is not None:
+            return first_moment_divisor(load_moment(state, key, shape, fmt), scale, reciprocal)
+    raise ValueError(
+        f"a normalized first moment is held without a quantized second moment to read it by "
+        f"(one of {sorted(DIVISOR_MOMENTS)}); the state has {sorted(state)}"
+    )
+
+
 def load_moment(state: dict, key: str, shape: torch.Size, fmt: QuantFormat) -> Tensor:
+    """Moment ``key``'s fp32 values (a normalized first moment multiplied back:
+    fl(u d), d from the second moment the state holds)."""
     codes, scales = stored_keys(key, fmt)
-    return dequantize(state[codes], state[scales], fmt, key in SIGNED_KEYS, shape)
+    value = dequantize(state[codes], state[scales], fmt, key in SIGNED_KEYS, shape)
+    return value * _divisor(state, shape) if normalizes(key, fmt) else value
 
 
 def store_moment(
@@ -302,18 +373,54 @@ def store_moment(
 ) -> None:
     """Quantize ``value`` into the state's codes and scales: a step's new moment
     stochastically with ``bits16``; a conversion to nearest (``restore``: keep
-    dequantized values bit for bit, see :func:`restore_into`)."""
+    dequantized values bit for bit, see :func:`restore_into`).  A first moment that
+    ``fmt`` normalizes is stored as fl(m / d), d from the second moment the state holds
+    (store that first)."""
     codes, scales = stored_keys(key, fmt)
+    normalized = normalizes(key, fmt)
     if restore:
-        restore_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS)
+        factors = (_divisor(state, value.shape), _divisor(state, value.shape, True)) if normalized else None
+        restore_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS, factors)
     else:
+        value = value.float() * _divisor(state, value.shape, True) if normalized else value
         quantize_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS, bits16)
+
+
+def second_moments_first(keys):
+    """Moment keys in the order to store them: a first moment may be normalized by a
+    second moment (:func:`store_moment`), which is stored before it."""
+    return sorted(keys, key=lambda key: key in SIGNED_KEYS)
+
+
+def conversion_order(state: dict, keys, numel: int) -> list[str]:
+    """Moment keys in the order to convert them: a first moment held normalized is read
+    by the second moment it was stored against, so it goes first; otherwise the second
+    moments go first, as a normalized first moment is stored against the new ones (a
+    state holding no moment yet allocates them in ``keys``' order)."""
+    held = {key: key in state or stored_format(state, key, numel) is not None for key in keys}
+    if not any(held.values()):
+        return list(keys)
+    reads_by_second = any(
+        (fmt := stored_format(state, key, numel)) is not None and normalizes(key, fmt)
+        for key in keys
+        if key not in state
+    )
+    ordered = second_moments_first(keys)
+    return (
+        [*(key for key in ordered if key in SIGNED_KEYS), *(key for key in ordered if key not in SIGNED_KEYS)]
+        if reads_by_second
+        else ordered
+    )
 
 
 __all__ = [
     "allocate",
+    "conversion_order",
     "dequantize",
+    "first_moment_divisor",
     "load_moment",
+    "normalizes",
+    "second_moments_first",
     "drop",
     "quantize_into",
     "restore_into",

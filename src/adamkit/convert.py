@@ -92,7 +92,7 @@ def to_quantized(state_dict: dict, params: Sequence, state_precision: str) -> di
     fmt = FORMATS[state_precision]
     result, states = _states_and_shapes(state_dict, params)
     for param_id, state, shape in states:
-        for key in MOMENT_KEYS:
+        for key in blockwise.second_moments_first(MOMENT_KEYS):  # (a first moment may be normalized by them)
             if key in state:
                 value = state.pop(key)
                 if tuple(value.shape) != tuple(shape):

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from . import blockwise
-from .algorithms import REGISTRY, lookup
+from .algorithms import REGISTRY, FirstMomentScale, lookup
 from .rule import Algorithm
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
-from .specs.quantization import FORMATS, is_quantized
+from .specs.quantization import FORMATS, format_for, is_quantized
 from .specs.rounding import is_low_precision, needs_random_bits
 from .statekeeping import ISSUABLE_DEVICES, issue
 
@@ -140,13 +140,17 @@ def _new(state, tensor: Tensor) -> Tensor:
     return issue(tensor, epoch, fresh=True)
 
 
-def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str | None) -> bool:
+def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str | None, normalizes: bool) -> bool:
     """Hold moment ``key`` as ``state_precision`` asks: allocate zeros, or convert
-    what is there (a dtype cast, a quantization or a dequantization).  Returns whether
-    it allocated or converted."""
-    target = FORMATS.get(state_precision)
+    what is there (a dtype cast, a quantization or a dequantization; ``normalizes``:
+    whether a quantized format may normalize the algorithm's first moment, see
+    :func:`adamkit.specs.quantization.format_for`).  Returns whether it allocated or
+    converted.  A first moment is converted after the second moments it may be
+    normalized by (:func:`adamkit.blockwise.second_moments_first`)."""
+    target = format_for(state_precision, normalizes) if is_quantized(state_precision) else None
     held = blockwise.stored_format(state, key, param.numel())
-    if target is not None and held is target and key not in state:
+    signed = key in blockwise.SIGNED_KEYS
+    if target is not None and held is not None and held.holds_like(target, signed) and key not in state:
         scales = blockwise.stored_keys(key, target)[1]
         before = state[scales].dtype
         if blockwise.scales_held_as(state, key, target):  # else quantized again, below
@@ -202,11 +206,13 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
         if key in state and not _is_counter(state[key], _counter_dtype(key, param, group)):
             state[key] = _new(state, step_tensor(float(state[key]), param, group))
             changed = True
-    for key in spec.moment_keys(spec.amsgrad and bool(group.get("amsgrad"))):
+    normalizes = spec.first_moment_scale != FirstMomentScale.NONE
+    keys = spec.moment_keys(spec.amsgrad and bool(group.get("amsgrad")))
+    for key in blockwise.conversion_order(state, keys, param.numel()):
         if key == spec.weight_copy:
             changed |= _conform_weight_copy(state, key, param, group)
         else:
-            changed |= _conform_moment(state, key, param, group.get("state_precision"))
+            changed |= _conform_moment(state, key, param, group.get("state_precision"), normalizes)
     if has_compensation(param, group):
         held = state.get(COMPENSATION_KEY)
         if held is None or held.dtype != param.dtype:

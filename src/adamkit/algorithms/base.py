@@ -71,6 +71,15 @@ class SecondMoment(IntEnum):
     AVERAGE_AFTER = 2  #: an average of g^2 with a per-tensor weight, read before it is updated (ADOPT)
 
 
+class FirstMomentScale(IntEnum):
+    """What a quantized format that normalizes first moments divides them by
+    (:func:`adamkit.specs.quantization.first_moment_divisor`)."""
+
+    NONE = 0  #: nothing: the first moment is normalized already (ADOPT's), and stored plain
+    ROOT = 1  #: the root of the second moment, an average of g^2
+    NORM = 2  #: the second moment itself, an infinity norm (AdaMax's)
+
+
 class Denominator(IntEnum):
     """What the direction divides by."""
 
@@ -248,6 +257,16 @@ class AlgorithmSpec:
         sequence or group state yet)."""
         forms = (self.first_moment, self.second_moment, self.denominator)
         return forms in KERNEL_FORMS and not (self.slow_first_moment or self.weight_copy or self.group_state)
+
+    @property
+    def first_moment_scale(self) -> FirstMomentScale:
+        """What a quantized format that normalizes first moments divides them by
+        (:func:`adamkit.specs.quantization.first_moment_divisor`): nothing where the
+        first moment is normalized already (ADOPT), the second moment itself where it
+        is a norm (AdaMax), else its root."""
+        if self.first_moment == FirstMoment.NORMALIZED_CLIPPED:
+            return FirstMomentScale.NONE
+        return FirstMomentScale.NORM if self.second_moment == SecondMoment.INFINITY_NORM else FirstMomentScale.ROOT
 
     @property
     def forms(self) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, types
 from numba.core.extending import intrinsic
 
+from ..specs.quantization import DIVISOR_EXPONENT_LIMIT, ROOT_HALF, ROOT_TWO
 from ..specs.rounding import MIX_MULTIPLIERS
 
 
@@ -124,6 +125,38 @@ def magnitude_bits(typingctx, value):
         return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7FFFFFFF))
 
     return types.int32(types.float32), codegen
+
+
+def first_moment_divisor(root: bool, reciprocal: bool):
+    """An intrinsic: the divisor d of a normalized first moment from the second moment v
+    as stored (or the factor r that stores one, ``reciprocal``): 2^k (2^-k), k = floor(e
+    / 2) (``root``; times fl(sqrt 2), or fl(1 / sqrt 2), for odd e) or e, e the exponent
+    of v, held to [-126, 126]; see :func:`adamkit.specs.quantization.first_moment_divisor`.
+    Integer work on v's bits, a select and a multiply."""
+    limit = DIVISOR_EXPONENT_LIMIT
+    odd_factor = float(ROOT_HALF if reciprocal else ROOT_TWO)
+
+    @intrinsic
+    def divisor(typingctx, value):
+        def codegen(context, builder, signature, args):
+            i32, f32 = ir.IntType(32), ir.FloatType()
+            bits = builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7FFFFFFF))
+            e = builder.sub(builder.lshr(bits, ir.Constant(i32, 23)), ir.Constant(i32, 127))
+            k = builder.ashr(e, ir.Constant(i32, 1)) if root else e
+            low, high = ir.Constant(i32, -limit), ir.Constant(i32, limit)
+            k = builder.select(builder.icmp_signed("<", k, low), low, k)
+            k = builder.select(builder.icmp_signed(">", k, high), high, k)
+            exponent = builder.sub(ir.Constant(i32, 127), k) if reciprocal else builder.add(ir.Constant(i32, 127), k)
+            power = builder.bitcast(builder.shl(exponent, ir.Constant(i32, 23)), f32)
+            if not root:
+                return power
+            odd = builder.icmp_signed("!=", builder.and_(e, ir.Constant(i32, 1)), ir.Constant(i32, 0))
+            factor = builder.select(odd, ir.Constant(f32, odd_factor), ir.Constant(f32, 1.0))
+            return builder.fmul(power, factor)
+
+        return types.float32(types.float32), codegen
+
+    return divisor
 
 
 @intrinsic

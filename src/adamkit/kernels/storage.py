@@ -24,7 +24,7 @@ from .. import blockwise
 from ..rule import UpdateRule
 from ..specs import rounding
 from ..specs.master import MASTER_KEY, join_tensors, split_into
-from ..specs.quantization import QuantFormat
+from ..specs.quantization import SIGNED_KEYS, QuantFormat
 from ..specs.rounding import MASK32, MIX_MULTIPLIERS
 from ..state import MU_PRODUCT_KEY, moment_keys
 from .types import GroupTensors
@@ -165,8 +165,8 @@ def widened(
         return random_bits(key, item.work.shape, item.work.device, offset)
 
     def store(written: Sequence[bool] | None = None) -> None:
-        for i, stored in pending:
-            for item in stored:
+        for i, stored in pending:  # second moments first: a normalized first moment is stored against them
+            for item in sorted(stored, key=lambda item: item.key in SIGNED_KEYS):
                 if written is not None and not written[i] and item.slot == rounding.PARAM_SLOT:
                     continue
                 if item.fmt is not None:

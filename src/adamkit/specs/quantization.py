@@ -43,10 +43,10 @@ States*).
 :math:`2^{-15}` of its scale, 16 a binade) when fp32(smallest :math:`|x|` / scale)
 is at least :math:`2^{-15}`, and ``e5m3`` (from :math:`2^{-31}`, 8 a binade)
 otherwise; the stored scale is negated for an ``e4m4`` block (its sign bit names the
-map; a scale is otherwise never negative).  (int4 keeps e4m0 alone: its floor bounds
-the step of a quiet element, whose first moment int4 stores as 0 or as 1/49 of its
-block's largest; a second map reaching :math:`2^{-30}` let such steps reach 560 lr,
-see ``docs/lean-memory.md``.)  Most blocks of a model span fewer than 4.5
+map; a scale is otherwise never negative).  (int4 keeps e4m0 alone: a second map reaching
+:math:`2^{-30}`, built when int4 stored its first moment plain, let quiet elements'
+steps reach 560 lr, and its count per block cost 9.3 % of the step; see
+``docs/lean-memory.md``.)  Most blocks of a model span fewer than 4.5
 decades of :math:`v` and get e4m4's finer spacing, which halves the variance of
 stochastic rounding's noise; the others keep every element above the floor.  Both maps' levels are fp32
 numbers, and e5m3's in :math:`[2^{-15}, 1]` are among e4m4's, so a block moving between
@@ -61,6 +61,28 @@ spacing everywhere: its noise made the steps a little longer on average (the mea
 :math:`1 / \sqrt{\hat v}` grows with the noise), and the panel's regression ended 1.5 %
 below fp32's loss.  Measured in ``benchmarks/wide_range.py`` and ``benchmarks/fidelity.py``
 (see ``docs/lean-memory.md``).
+
+**Normalized first moment (int4).** int4 stores its first moment divided by a
+divisor :math:`d` near the root of the second moment the same step stores,
+:math:`u = \operatorname{fl}(m r)` with :math:`r \approx 1/d`, and reads it back as
+:math:`m = \operatorname{fl}(\hat u\, d)` with the :math:`\hat v` it reads (the same
+one).  :math:`d = 2^{\lfloor e/2 \rfloor}`, times :math:`\operatorname{fl}(\sqrt 2)`
+for odd :math:`e`, the exponent of :math:`\hat v` (AdaMax, whose :math:`\hat v` is a
+norm: :math:`d = 2^e`; :func:`first_moment_divisor`): :math:`\sqrt{\hat v} / d` is in
+:math:`[1, \sqrt 2)`, and the same for every element of a block of :math:`\hat v`
+(its values are its scale times powers of two), so the first moment is scaled as by
+:math:`\sqrt{\hat v}` itself, for integer operations on :math:`\hat v`'s bits and a
+multiply (a square root and a division cost int4's step 16 %; a power of two alone,
+without the odd exponents' factor, left a factor :math:`\sqrt 2` between elements of a
+block and 14 % more error on :math:`m` than the plain format on uniform gradients,
+against 9 % with :math:`\sqrt{\hat v}`).  :math:`u` is of the order of an update for
+every element, so a block's quiet elements are no longer rounded against its busy ones:
+with :math:`m` itself under 15 levels, a quiet element's :math:`m` was stored as 0 or
+as 1/49 of its block's largest, and only :math:`v`'s floor at :math:`2^{-15}` of its
+block bounded the step that kick gave.  ADOPT's first moment averages
+:math:`g / \sqrt v` and is normalized already: it is stored as it is
+(:data:`PLAIN_FORMATS`).  A kernel stores the second moment first, reads its stored
+values back, then multiplies; the key is ``exp_avg_int4_normalized``.
 
 **Rounding.** A moment written by an optimizer step is rounded *stochastically*
 between its two neighbouring levels :math:`lo \le r \le hi`, away from :math:`lo`
@@ -138,7 +160,8 @@ Packing: int8 codes are one byte each; int4 codes two to a byte, element
 :math:`2j` in the low nibble and :math:`2j + 1` in the high one.  A state holds, per
 moment, its codes (uint8, flat) and its scales (one per block; bf16 for the first
 moment, fp32 for the second ones): ``exp_avg_int8`` and ``exp_avg_int8_scales``,
-``exp_avg_sq_e5m3_e4m4`` and ``exp_avg_sq_e5m3_e4m4_scales`` (int4: ``_int4`` and ``_e4m0``).
+``exp_avg_sq_e5m3_e4m4`` and ``exp_avg_sq_e5m3_e4m4_scales`` (int4: ``_int4_normalized``
+and ``_e4m0``).
 
 Older checkpoints load (:data:`LEGACY_FORMATS` reads them) and the optimizer
 converts them at its next step: adamkit's first format kept the second moments in a
@@ -146,7 +169,8 @@ power map too (``exp_avg_sq_int8``: :math:`\hat x = s ((\text{code} + 1) / 2^b)^
 every code rounded to nearest); later ones kept int8's second moments in e4m4
 (``exp_avg_sq_e4m4``) in blocks of 256 (bf16 or fp32 scales), then in blocks of 128
 under bf16 scales snapped to the top, int4's second moments with bf16 scales (widened
-to fp32 exactly), and int4's first moment in blocks of 128.
+to fp32 exactly), int4's first moment in blocks of 128, and not normalized (until
+2026-12-06).
 
 The block sizes were chosen by measured error on the moments of a real model
 (``benchmarks/quantization_error.py``); the second moment's map and the rounding by
@@ -156,7 +180,7 @@ tracking fp32 Adam over thousands of steps of shrinking gradients
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -188,6 +212,9 @@ class QuantFormat:
     fine_exponent_bits: int | None = None
     power: int = 2
     legacy: bool = False
+    #: the first moments are stored divided by the second moment's scale
+    #: (:func:`first_moment_divisor`; see *Normalized first moment*)
+    normalized_first_moment: bool = False
 
     @property
     def signed_levels(self) -> int:
@@ -224,8 +251,21 @@ class QuantFormat:
         names = [f"e{e}m{self.bits - e}" for e in (self.exponent_bits, self.fine_exponent_bits) if e is not None]
         return "_".join(names)
 
+    @property
+    def signed_name(self) -> str:
+        """The first moments' key suffix: the format's name, ``_normalized`` added where
+        they are stored normalized (``int4_normalized``)."""
+        return f"{self.name}_normalized" if self.normalized_first_moment else self.name
+
     def key_suffix(self, signed: bool) -> str:
-        return self.name if signed else self.unsigned_name
+        return self.signed_name if signed else self.unsigned_name
+
+    def holds_like(self, other: QuantFormat, signed: bool) -> bool:
+        """Whether a moment stored in ``other`` is stored as this format stores it (a
+        second moment does not depend on how the first moment is normalized)."""
+        if signed:
+            return self == other
+        return replace(self, normalized_first_moment=False) == replace(other, normalized_first_moment=False)
 
     def code_bytes(self, numel: int) -> int:
         return numel if self.bits == 8 else (numel + 1) // 2
@@ -257,20 +297,66 @@ class QuantFormat:
 
 FORMATS = {
     "int8": QuantFormat("int8", bits=8, block=256, second_block=128, exponent_bits=5, fine_exponent_bits=4),
-    "int4": QuantFormat("int4", bits=4, block=32, second_block=128),
+    "int4": QuantFormat("int4", bits=4, block=32, second_block=128, normalized_first_moment=True),
 }
+
+#: the formats for an algorithm whose first moment is normalized already (ADOPT's
+#: averages g / sqrt(v)): int4's first moment stored as it is (int4's format before
+#: 2026-12-06, for every algorithm)
+PLAIN_FORMATS = {name: replace(fmt, normalized_first_moment=False) for name, fmt in FORMATS.items()}
+
+
+#: the divisor's exponents are held to [-126, 126], where it and its reciprocal are
+#: normal fp32 numbers (a root's exponent is within [-64, 64] anyway)
+DIVISOR_EXPONENT_LIMIT = 126
+
+
+def format_for(state_precision: str, normalizes_first_moment: bool = True) -> QuantFormat:
+    """The format ``state_precision`` stores an algorithm's moments in: its first moment
+    plain where it is normalized already (``normalizes_first_moment`` False: ADOPT's)."""
+    return FORMATS[state_precision] if normalizes_first_moment else PLAIN_FORMATS[state_precision]
+
+
+#: fl(sqrt(2)) and fl(1 / sqrt(2)): the odd-exponent factors of a root's divisor
+ROOT_TWO, ROOT_HALF = np.float32(np.sqrt(2.0)), np.float32(np.sqrt(0.5))
+
+
+def first_moment_divisor(second: np.ndarray, root: bool, reciprocal: bool = False) -> np.ndarray:
+    """The divisor d of a normalized first moment, per element, from the second moment v
+    as stored (fp32), or (``reciprocal``) the factor r a first moment is multiplied by
+    to store it: u = fl(m r), m = fl(u d).  With e the exponent of v (its exponent field
+    less 127: -127 for zero and subnormals, 128 for infinity and NaN):
+
+    * ``root`` (v an average of g^2): k = floor(e / 2), d = 2^k and r = 2^-k for even e,
+      d = fl(sqrt 2) 2^k and r = fl(1 / sqrt 2) 2^-k for odd e;
+    * a norm (AdaMax's v): k = e, d = 2^k, r = 2^-k;
+
+    k held to [-126, 126].  d and r are exact products.  sqrt(v) / d (v / d for a norm)
+    is within [1, sqrt 2) ([1, 2)), and it is *the same* for every element of a block
+    of int4's v, whose values are its scale times powers of two: d is sqrt(v) over a
+    factor common to the block, so the first moment's blocks (inside v's) are scaled
+    as by sqrt(v) itself, for a few integer operations and a multiply."""
+    bits = np.asarray(second, dtype=np.float32).view(np.uint32).astype(np.int64) & 0x7FFFFFFF
+    e = (bits >> 23) - 127
+    k = np.clip(e >> 1 if root else e, -DIVISOR_EXPONENT_LIMIT, DIVISOR_EXPONENT_LIMIT)
+    power = (((127 - k) if reciprocal else (127 + k)) << 23).astype(np.uint32).view(np.float32)
+    if not root:
+        return power
+    odd = (e & 1) == 1
+    return np.where(odd, power * (ROOT_HALF if reciprocal else ROOT_TWO), power).astype(np.float32)
+
 
 #: how older checkpoints hold their moments (read, then converted at the next step):
 #: the power map of the first format; int8's e4m4 in blocks of 256 (bf16 or fp32
 #: scales) and in blocks of 128 under bf16 scales snapped to the top; int4's first
-#: moment in blocks of 128
+#: moment in blocks of 128, and in blocks of 32 not normalized
 LEGACY_FORMATS = {
     "int8": (
         QuantFormat("int8", 8, 256, legacy=True),
         QuantFormat("int8", 8, 256, second_block=128, exact_second_scales=False, exponent_bits=4),
         QuantFormat("int8", 8, 256, exponent_bits=4),
     ),
-    "int4": (QuantFormat("int4", 4, 128, legacy=True), QuantFormat("int4", 4, 128)),
+    "int4": (QuantFormat("int4", 4, 128, legacy=True), QuantFormat("int4", 4, 128), PLAIN_FORMATS["int4"]),
 }
 
 #: a second moment's ratio at or above this is stored as the top level under a bf16 scale
@@ -497,14 +583,20 @@ def dequantize(stored: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed:
 
 
 __all__ = [
+    "DIVISOR_EXPONENT_LIMIT",
+    "ROOT_HALF",
+    "ROOT_TWO",
     "FORMATS",
     "LEGACY_FORMATS",
+    "PLAIN_FORMATS",
     "SIGNED_KEYS",
     "QuantFormat",
     "block_scales",
     "codes_key",
     "dequantize",
     "fine_blocks",
+    "first_moment_divisor",
+    "format_for",
     "is_quantized",
     "level_codes",
     "level_values",

@@ -10,8 +10,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.core.extending import overload
 
-from ...algorithms import REGISTRY, AlgorithmSpec, Denominator, FirstMoment, SecondMoment, lookup
+from ...algorithms import REGISTRY, AlgorithmSpec, Denominator, FirstMoment, FirstMomentScale, SecondMoment, lookup
 from ...rule import DECOUPLED_DECAY, L2_DECAY
+from ...specs.quantization import FORMATS
 from .. import compile_cache
 from ..host import (
     CAUTIOUS_SCALE_COLUMN,
@@ -19,9 +20,10 @@ from ..host import (
     STEP_SIZE_COLUMN,
 )
 from ..intrinsics import (
+    first_moment_divisor,
     typed_pointer,
 )
-from .layout import _ALGORITHM_WITNESS, _ROUNDING_WITNESS
+from .layout import _ALGORITHM_WITNESS, _QUANTIZED_STORAGE, _ROUNDING_WITNESS
 from .storage import _FLOAT32_WITNESS, _FLOAT64_WITNESS, _STORAGE_POLICIES, _compute, _dequantize, _load, _requantize
 
 compile_cache.install()  # (before the first cached function: stamped with the whole package's source)
@@ -162,6 +164,22 @@ _MODE_OF_WITNESS = {
     types.uint32: "master24",
 }
 _ALGORITHM_OF_WITNESS = {getattr(types, np.dtype(witness).name): name for name, witness in _ALGORITHM_WITNESS.items()}
+_FORMAT_OF_WITNESS = {
+    getattr(types, np.dtype(witness).name): FORMATS[name] for name, witness in _QUANTIZED_STORAGE.items()
+}
+
+
+def _normalizes(sw, aw):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_normalizes, inline="always")
+def _normalizes_impl(sw, aw):
+    """Whether the format (``sw``) normalizes the algorithm's (``aw``) first moment: a constant."""
+    fmt = _FORMAT_OF_WITNESS[sw.dtype]
+    scale = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].first_moment_scale
+    answer = fmt.normalized_first_moment and scale != FirstMomentScale.NONE
+    return lambda sw, aw: answer
 
 
 def _update_chunk(
@@ -320,14 +338,46 @@ def _chunk_keys(keys, t):
 QUANTIZED_SPAN = 4096
 
 
+def _scale_first_moment(scratch, count, sw, aw, divide):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_scale_first_moment, inline="always")
+def _scale_first_moment_impl(scratch, count, sw, aw, divide):
+    """Where the format normalizes the algorithm's first moment: the first ``count``
+    values of scratch row 0 (m) multiplied by the factor r that stores them (``divide``)
+    or by the divisor d that reads them back, d near sqrt(v) (AdaMax: near v) of
+    scratch row 1 (v as stored, see
+    :func:`adamkit.specs.quantization.first_moment_divisor`); else nothing."""
+    fmt = _FORMAT_OF_WITNESS[sw.dtype]
+    scale = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].first_moment_scale
+    if not fmt.normalized_first_moment or scale == FirstMomentScale.NONE:
+        return lambda scratch, count, sw, aw, divide: None
+    root = scale == FirstMomentScale.ROOT
+    divisor, reciprocal = first_moment_divisor(root, False), first_moment_divisor(root, True)
+
+    def apply(scratch, count, sw, aw, divide):
+        first, second = scratch[0], scratch[1]
+        if divide:  # stored as fl(m r)
+            for j in range(count):
+                first[j] = first[j] * reciprocal(second[j])
+        else:
+            for j in range(count):
+                first[j] = first[j] * divisor(second[j])
+
+    return apply
+
+
 @njit(inline="always", nogil=True)
-def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw):
+def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw):
     """Decode elements [low, high) of a row's quantized moments into the fp32
-    ``scratch`` rows (m, v, and v's maximum under AMSGrad); the element loop's
-    pointers, with the moments' addressed in the scratch by element index."""
+    ``scratch`` rows (m, v, and v's maximum under AMSGrad; a normalized first moment
+    multiplied back by v's divisor); the element loop's pointers, with the moments'
+    addressed in the scratch by element index."""
     signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
     _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
     _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
+    _scale_first_moment(scratch, high - low, sw, aw, False)
     if amsgrad:
         _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
     base = np.int64(scratch.ctypes.data) - 4 * low
@@ -346,16 +396,22 @@ def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw):
 def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, pw, sw, rw, aw, cw):
     """One chunk (it starts on a block boundary) with quantized moments, span by
     span: dequantize into fp32 scratch rows, run the plain element loop on those,
-    quantize the new values (the update itself used them unrounded)."""
+    quantize the new values (the update itself used them unrounded): the second
+    moment first, so that a normalized first moment is divided by the divisor of v as
+    stored (decoded again into its row)."""
     scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
     spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)  # int4 codes, one a byte
     signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
+    normalizes = _normalizes(sw, aw)
     for low in range(first, end, QUANTIZED_SPAN):
         high = min(low + QUANTIZED_SPAN, end)
-        pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw)
+        pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw)
         _update_chunk(pointers, low, high, scalars, maximize, decay, keys, amsgrad, aw, rw, cw)
-        _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
         _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4], spread)
+        if normalizes:
+            _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
+            _scale_first_moment(scratch, high - low, sw, aw, True)
+        _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
         if amsgrad:
             _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4], spread)
 
@@ -468,7 +524,7 @@ def _chunk_agreement_impl(row, first, end, scalars, maximize, decay, amsgrad, pw
             agree = 0
             for low in range(first, end, QUANTIZED_SPAN):
                 high = min(low + QUANTIZED_SPAN, end)
-                pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw)
+                pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw)
                 agree += count(pointers, low, high, scalars, maximize, decay, amsgrad)
             return agree
 

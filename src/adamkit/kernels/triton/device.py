@@ -10,13 +10,15 @@ import triton.language as tl
 
 from ...algorithms import Denominator, FirstMoment, SecondMoment
 from ...rule import DECOUPLED_DECAY, L2_DECAY
-from ...specs import rounding
+from ...specs import quantization, rounding
 from ..host import (
     COLUMNS,
     TENSOR_SCALARS,
 )
 
 _MIX_FIRST, _MIX_SECOND = (tl.constexpr(m) for m in rounding.MIX_MULTIPLIERS)
+_DIVISOR_LIMIT = tl.constexpr(quantization.DIVISOR_EXPONENT_LIMIT)
+_ROOT_TWO, _ROOT_HALF = tl.constexpr(float(quantization.ROOT_TWO)), tl.constexpr(float(quantization.ROOT_HALF))
 _L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
 _ROW_LENGTH = tl.constexpr(len(COLUMNS))
 _TENSOR_SCALAR_COUNT = tl.constexpr(len(TENSOR_SCALARS))
@@ -238,6 +240,16 @@ def _requantize(
         even, odd = tl.split(tl.reshape(code, [BLOCK // 2, 2]))
         byte_index = first // 2 + tl.arange(0, BLOCK // 2)
         tl.store(codes + byte_index, (even | (odd << 4)).to(tl.uint8), mask=byte_index * 2 < end)
+    if SIGNED:  # (nothing reads a first moment back)
+        stored = x
+    else:  # the values as stored, as _dequantize reads them (NaN in a non-finite block)
+        WIDE: tl.constexpr = FLOAT_MAPS % 16
+        FINE_MAP: tl.constexpr = FLOAT_MAPS // 16
+        level = _float_level(code, BITS, WIDE)
+        if FINE_MAP != 0:
+            level = tl.where(fine, _float_level(code, BITS, FINE_MAP), level)
+        stored = tl.where(ok == 1, scale * level, float("nan"))
+    return stored
 
 
 @triton.jit
@@ -279,11 +291,13 @@ def _put_moment(
     BLOCK: tl.constexpr,
 ):
     """Store a new moment: in its dtype (stochastically in 16 bits), or quantized
-    (from the unrounded value)."""
+    (from the unrounded value); a quantized second moment's values as stored are
+    returned (fp32; otherwise ``value``)."""
     if BITS == 0:
         _put(pointer, offsets, mask, value, key, shift, STORAGE, True)
+        stored = value
     else:
-        _requantize(
+        stored = _requantize(
             value,
             pointer,
             scales,
@@ -300,6 +314,31 @@ def _put_moment(
             FLOAT_MAPS,
             BLOCK,
         )
+    return stored
+
+
+@triton.jit
+def _first_moment_divisor(second, NORMALIZE: tl.constexpr, RECIPROCAL: tl.constexpr):
+    """d (or the factor r that stores a first moment, ``RECIPROCAL``): 2^k (2^-k), k =
+    floor(e / 2) (``NORMALIZE`` 1; times fl(sqrt 2), or fl(1 / sqrt 2), for odd e) or e
+    (2), e the exponent of v, held to [-126, 126] (see
+    adamkit.quantization.first_moment_divisor)."""
+    bits = second.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    e = (bits >> 23) - 127
+    if NORMALIZE == 1:
+        k = e >> 1
+    else:
+        k = e
+    k = tl.minimum(tl.maximum(k, -_DIVISOR_LIMIT), _DIVISOR_LIMIT)
+    if RECIPROCAL:
+        power = ((127 - k) << 23).to(tl.float32, bitcast=True)
+        odd_factor = _ROOT_HALF
+    else:
+        power = ((127 + k) << 23).to(tl.float32, bitcast=True)
+        odd_factor = _ROOT_TWO
+    if NORMALIZE == 1:
+        power = tl.where((e & 1) != 0, power * odd_factor, power)
+    return power
 
 
 @triton.jit

@@ -20,6 +20,7 @@ from .device import (
     _TENSOR_SCALAR_COUNT,
     _exact_div,
     _exact_sqrt,
+    _first_moment_divisor,
     _load_moment,
     _load_param,
     _put,
@@ -47,6 +48,7 @@ def _update_chunk(
     QBLOCK_SECOND: tl.constexpr,
     EXACT_SECOND: tl.constexpr,
     FLOAT_MAPS_SECOND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     CAUTIOUS: tl.constexpr,
     COUNTING: tl.constexpr,
 ):
@@ -105,6 +107,8 @@ def _update_chunk(
         second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
     )
     m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
+    if NORMALIZE != 0:  # stored over the divisor of v as stored: multiplied back (fp32)
+        m = m * _first_moment_divisor(second_value, NORMALIZE, False)
     m = m.to(COMPUTE)
     if FIRST_MOMENT == _NORMALIZED_CLIPPED:  # m follows g over the previous v's root, clipped to [-c, c]
         root = _exact_sqrt(second_value.to(COMPUTE))
@@ -113,25 +117,6 @@ def _update_chunk(
         m = m + one_minus_beta1 * (target - m)
     else:
         m = m + one_minus_beta1 * (g - m)
-    if not COUNTING:  # (the agreement pass stores nothing)
-        _put_moment(
-            exp_avg,
-            exp_avg_scales,
-            offsets,
-            mask,
-            m,
-            key_exp_avg,
-            shift,
-            first,
-            end,
-            STATE_STORAGE,
-            QUANT_BITS,
-            QBLOCK,
-            True,
-            False,
-            0,
-            BLOCK,
-        )
     if SECOND_MOMENT == _INFINITY_NORM:
         new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
     elif SECOND_MOMENT == _AVERAGE_AFTER:
@@ -139,7 +124,7 @@ def _update_chunk(
     else:
         new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
     if not COUNTING:  # (the agreement pass stores nothing)
-        _put_moment(
+        stored_second = _put_moment(
             second,
             second_scales,
             offsets,
@@ -155,6 +140,27 @@ def _update_chunk(
             False,
             EXACT_SECOND,
             FLOAT_MAPS_SECOND,
+            BLOCK,
+        )
+        stored_first = m
+        if NORMALIZE != 0:  # over the divisor of v as just stored (fp32)
+            stored_first = m.to(tl.float32) * _first_moment_divisor(stored_second, NORMALIZE, True)
+        _put_moment(
+            exp_avg,
+            exp_avg_scales,
+            offsets,
+            mask,
+            stored_first,
+            key_exp_avg,
+            shift,
+            first,
+            end,
+            STATE_STORAGE,
+            QUANT_BITS,
+            QBLOCK,
+            True,
+            False,
+            0,
             BLOCK,
         )
     if DENOMINATOR == _NORM:
@@ -261,6 +267,7 @@ def _fused_step(
     QBLOCK_SECOND: tl.constexpr,
     EXACT_SECOND: tl.constexpr,
     FLOAT_MAPS_SECOND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     ALIGNED: tl.constexpr,
     CAUTIOUS: tl.constexpr,
     COUNTING: tl.constexpr,
@@ -355,6 +362,7 @@ def _fused_step(
                 QBLOCK_SECOND,
                 EXACT_SECOND,
                 FLOAT_MAPS_SECOND,
+                NORMALIZE,
                 CAUTIOUS,
                 COUNTING,
             )
@@ -377,6 +385,7 @@ def _fused_step(
                 QBLOCK_SECOND,
                 EXACT_SECOND,
                 FLOAT_MAPS_SECOND,
+                NORMALIZE,
                 CAUTIOUS,
                 COUNTING,
             )

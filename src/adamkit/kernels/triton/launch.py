@@ -230,6 +230,13 @@ def _group_constants(bucket: _Bucket, group_scalars: GroupScalars) -> torch.Tens
 _MASTER_BITS = {"master": 16, "master24": 8}
 
 
+def normalization(fmt: QuantFormat | None, spec) -> int:
+    """How the first moment is stored, as a compile-time number: 0 as it is, else
+    divided by the second moment's divisor (:class:`adamkit.algorithms.FirstMomentScale`:
+    1 its root, 2 the norm itself)."""
+    return int(spec.first_moment_scale) if fmt is not None and fmt.normalized_first_moment else 0
+
+
 def float_maps(fmt: QuantFormat) -> int:
     """The second moments' float maps as one compile-time number: E + 16 F, E the
     exponent bits of the map and F those of the finer map (0: none)."""
@@ -318,6 +325,7 @@ def _launch_update(
         STOCHASTIC=bucket.mode == "stochastic",
         RANDOM=bucket.random,
         QBLOCK=bucket.quantized.block if bucket.quantized else 1,
+        NORMALIZE=normalization(bucket.quantized, rule.spec),
         CAUTIOUS=rule.cautious and counts is None,
         COUNTING=counts is not None,
         **_bucket_options(bucket),
