@@ -366,17 +366,23 @@ def test_a_process_forked_after_a_step_can_step_or_is_told_why(backend):
         assert lines[-1].startswith("exit 3")
 
 
-def test_quantized_codes_of_another_size_are_reported_as_such():
+@pytest.mark.parametrize(
+    "cls, precision, codes, needed",
+    [
+        (adamkit.Adam, "int8", "exp_avg_int8", "1000 code bytes and 4 block scales"),
+        (adamkit.Adam, "int4", "exp_avg_int4_normalized", "500 code bytes and 32 block scales"),
+        (adamkit.ADOPT, "int4", "exp_avg_int4", "500 code bytes and 32 block scales"),  # stored plain
+    ],
+)
+def test_quantized_codes_of_another_size_are_reported_as_such(cls, precision, codes, needed):
     p = torch.nn.Parameter(torch.randn(1000))
-    opt = adamkit.Adam([p], lr=1e-3, state_precision="int8")
+    opt = cls([p], lr=1e-3, state_precision=precision)
     p.grad = torch.randn(1000)
     opt.step()
     saved = opt.state_dict()
-    saved["state"][0]["exp_avg_int8"] = saved["state"][0]["exp_avg_int8"][:100].clone()
+    saved["state"][0][codes] = saved["state"][0][codes][:100].clone()
     opt.load_state_dict(saved)
-    with pytest.raises(
-        ValueError, match=r"exp_avg is held in int8.*holds 100.*needs 1000 code bytes and 4 block scales"
-    ):
+    with pytest.raises(ValueError, match=rf"exp_avg is held in {precision}.*holds 100.*needs {needed}"):
         opt.step()
 
 

@@ -24,7 +24,7 @@ from . import blockwise
 from .algorithms import REGISTRY, FirstMomentScale, lookup
 from .rule import Algorithm
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
-from .specs.quantization import FORMATS, format_for, is_quantized
+from .specs.quantization import FORMATS, PLAIN_FORMATS, format_for, is_quantized
 from .specs.rounding import is_low_precision, needs_random_bits
 from .statekeeping import ISSUABLE_DEVICES, issue
 
@@ -145,8 +145,8 @@ def _conform_moment(state: dict, key: str, param: Tensor, state_precision: str |
     what is there (a dtype cast, a quantization or a dequantization; ``normalizes``:
     whether a quantized format may normalize the algorithm's first moment, see
     :func:`adamkit.specs.quantization.format_for`).  Returns whether it allocated or
-    converted.  A first moment is converted after the second moments it may be
-    normalized by (:func:`adamkit.blockwise.second_moments_first`)."""
+    converted.  Moments are converted in :func:`adamkit.blockwise.conversion_order`
+    (a normalized first moment is read and stored by its second moment)."""
     target = format_for(state_precision, normalizes) if is_quantized(state_precision) else None
     held = blockwise.stored_format(state, key, param.numel())
     signed = key in blockwise.SIGNED_KEYS
@@ -304,7 +304,7 @@ def _check_quantized_sizes(state: dict, key: str, param: Tensor, where: str) -> 
     """A moment held quantized, but in codes or scales of another size than the param's
     (a checkpoint of another model, or one edited by hand): say so."""
     numel, signed = param.numel(), key in blockwise.SIGNED_KEYS
-    for fmt in FORMATS.values():
+    for fmt in (*FORMATS.values(), *PLAIN_FORMATS.values()):
         codes, scales = blockwise.stored_keys(key, fmt)
         if codes in state or scales in state:
             held = ", ".join(
