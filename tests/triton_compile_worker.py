@@ -39,6 +39,9 @@ VARIANTS = {
     "adam-fp32-unaligned": {"ALIGNED": False},
     "adam-int8-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int8", "AMSGRAD": True, "RANDOM": True},
     "adam-int4-amsgrad": {"STATE_STORAGE": "uint8", "QUANT": "int4", "AMSGRAD": True, "RANDOM": True},
+    # int4's first moment divided by a norm's divisor (AdaMax), and stored plain (ADOPT)
+    "adamax-int4": {"ALGORITHM": "adamax", "STATE_STORAGE": "uint8", "QUANT": "int4", "RANDOM": True},
+    "adopt-int4": {"ALGORITHM": "adopt", "STATE_STORAGE": "uint8", "QUANT": "int4", "RANDOM": True},
     "adam-fp32-cautious": {"CAUTIOUS": True},
     # the passes before the update: StableAdamW's clipping sums, cautious updates' agreement
     # counts (the update kernel, counting instead of storing)
@@ -81,6 +84,7 @@ BASE = {
     "QBLOCK_SECOND": 1,
     "EXACT_SECOND": False,
     "FLOAT_MAPS_SECOND": 0,
+    "NORMALIZE": 0,
     "ALIGNED": True,
     "CAUTIOUS": False,
     "COUNTING": False,
@@ -115,13 +119,14 @@ def compile_variant(overrides: dict, capability: int) -> str:
     constexprs = BASE | overrides | {"BLOCK": kernel.BLOCK}
     for name in DTYPES:
         constexprs[name] = getattr(tl, constexprs[name])
-    constexprs["FORMS"] = lookup(constexprs.pop("ALGORITHM")).forms
+    spec = lookup(constexprs.pop("ALGORITHM"))
+    constexprs["FORMS"] = spec.forms
     fmt = FORMATS.get(constexprs.pop("QUANT", None))
     warps = kernel.NUM_WARPS
     if fmt is not None:  # the quantized buckets' launch shape
         constexprs |= {"QUANT_BITS": fmt.bits, "QBLOCK": fmt.block, "BLOCK": kernel.QUANTIZED_BLOCK}
         constexprs |= {"QBLOCK_SECOND": fmt.block_of(False), "EXACT_SECOND": fmt.exact_scales(False)}
-        constexprs |= {"FLOAT_MAPS_SECOND": kernel.float_maps(fmt)}
+        constexprs |= {"FLOAT_MAPS_SECOND": kernel.float_maps(fmt), "NORMALIZE": kernel.normalization(fmt, spec)}
         warps = kernel.QUANTIZED_NUM_WARPS
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {name: POINTERS.get(name, "constexpr") for name in fn.arg_names}

@@ -58,7 +58,7 @@ from .config import (
 if triton is not None:
     from . import config, device, elements, launch  # noqa: F401
     from .elements import _clipping_sums, _fused_step  # noqa: F401
-    from .launch import float_maps, step  # noqa: F401
+    from .launch import float_maps, normalization, step  # noqa: F401
 else:  # pragma: no cover - exercised where triton is missing
 
     def step(batch, rule) -> None:
