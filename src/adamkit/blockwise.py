@@ -345,15 +345,21 @@ def normalizes(key: str, fmt: QuantFormat) -> bool:
 
 def _divisor(state: dict, shape: torch.Size, reciprocal: bool = False) -> Tensor:
     """The divisor of a normalized first moment (fp32, ``shape``; or the factor that
-    stores one, ``reciprocal``), from the second moment as the state holds it now:
+    stores one, ``reciprocal``), from the second moment as the state holds it now."""
+    second, scale = _divisor_moment(state, shape)
+    return first_moment_divisor(second, scale, reciprocal)
+
+
+def _divisor_moment(state: dict, shape: torch.Size) -> tuple[Tensor, FirstMomentScale]:
+    """The second moment a normalized first moment is read and stored by, and how:
     quantized, or already dequantized (a conversion that dequantized it first keeps its
     values exactly)."""
     for key, scale in DIVISOR_MOMENTS.items():
         if key in state:
-            return first_moment_divisor(state[key].reshape(shape), scale, reciprocal)
+            return state[key].reshape(shape), scale
         fmt = stored_format(state, key, shape.numel())
         if fmt is not None:
-            return first_moment_divisor(load_moment(state, key, shape, fmt), scale, reciprocal)
+            return load_moment(state, key, shape, fmt), scale
     raise ValueError(
         f"a normalized first moment is held without a quantized second moment to read it by "
         f"(one of {sorted(DIVISOR_MOMENTS)}); the state has {sorted(state)}"
@@ -374,12 +380,15 @@ def store_moment(
     """Quantize ``value`` into the state's codes and scales: a step's new moment
     stochastically with ``bits16``; a conversion to nearest (``restore``: keep
     dequantized values bit for bit, see :func:`restore_into`).  A first moment that
-    ``fmt`` normalizes is stored as fl(m / d), d from the second moment the state holds
-    (store that first)."""
+    ``fmt`` normalizes is stored as fl(m r), r from the second moment the state holds
+    (store that first; see :func:`adamkit.specs.quantization.first_moment_divisor`)."""
     codes, scales = stored_keys(key, fmt)
     normalized = normalizes(key, fmt)
     if restore:
-        factors = (_divisor(state, value.shape), _divisor(state, value.shape, True)) if normalized else None
+        factors = None
+        if normalized:  # (the second moment read once for both)
+            second, scale = _divisor_moment(state, value.shape)
+            factors = (first_moment_divisor(second, scale), first_moment_divisor(second, scale, True))
         restore_into(value, state[codes], state[scales], fmt, key in SIGNED_KEYS, factors)
     else:
         value = value.float() * _divisor(state, value.shape, True) if normalized else value
