@@ -18,6 +18,8 @@ from adamkit.algorithms import lookup
 from adamkit.algorithms.ademamix import slow_decay
 
 SIZE = 1024
+#: the backends the oracles are run on: both per-tensor paths and the fused CPU kernel
+CPU_BACKENDS = ("single_tensor", "foreach") + (("cpu",) if kernels.KERNELS["cpu"].available() else ())
 LR, WEIGHT_DECAY, ALPHA, BETA3, WARMUP = 1e-2, 0.1, 5.0, 0.999, 50
 
 
@@ -59,8 +61,8 @@ def _optax_run(start, grads, warmup):
 @pytest.mark.parametrize("warmup", [None, WARMUP])
 def test_matches_optax_and_the_reference(warmup):
     """300 steps of drifting gradients, the warm-ups running through step 50: the NumPy
-    reference and adamkit.AdEMAMix on both per-tensor paths agree with optax to a few
-    ulps of the distance moved."""
+    reference and adamkit.AdEMAMix on both per-tensor paths and the fused CPU kernel agree
+    with optax to a few ulps of the distance moved."""
     start, grads = _gradients(300, 400)
     theirs = _optax_run(start, grads, warmup)
     assert theirs.dtype == np.float64
@@ -79,7 +81,7 @@ def test_matches_optax_and_the_reference(warmup):
         spec = reference.ademamix_step(spec, g, spec_state, hp)
     scale = np.abs(theirs - start).max()  # how far the run moved
     np.testing.assert_allclose(spec, theirs, rtol=0, atol=1e-12 * scale)
-    for backend in ("single_tensor", "foreach"):
+    for backend in CPU_BACKENDS:
         param = torch.nn.Parameter(torch.tensor(start))
         ours = adamkit.AdEMAMix(
             [param],
@@ -103,7 +105,7 @@ _BITSANDBYTES_RUN = """
 import sys, torch, adamkit, bitsandbytes as bnb
 torch.manual_seed(0)
 ours_kw = dict(alpha_warmup=30, beta3_warmup=40)
-for backend in ("single_tensor", "foreach"):
+for backend in sys.argv[1:]:
     for decay in (0.0, 0.1):
         start = torch.randn(1000)
         a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
@@ -125,10 +127,12 @@ def test_matches_bitsandbytes_ademamix():
     the distance moved; measured 3e-7 to 5e-7).  Its default decay is 0.01 (ours and
     optax's: 0), so decay is given to both."""
     pytest.importorskip("bitsandbytes")
-    run = subprocess.run([sys.executable, "-c", _BITSANDBYTES_RUN], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", _BITSANDBYTES_RUN, *CPU_BACKENDS], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line.split() for line in run.stdout.splitlines()]
-    assert len(rows) == 4
+    assert len(rows) == 2 * len(CPU_BACKENDS)
     for backend, decay, deviation in rows:
         assert float(deviation) <= 1e-6, (backend, decay, deviation)
 
@@ -242,8 +246,6 @@ def test_int8_slow_moment_within_ten_percent(shadowed):
         ({"alpha_warmup": 2.5}, r"Invalid alpha_warmup value: 2.5"),
         ({"alpha_warmup": True}, r"Invalid alpha_warmup value: True"),
         ({"diagnostics": True}, r"diagnostics=True: AdEMAMix does not run this option yet"),
-        ({"offload": "cpu"}, r"offload='cpu': AdEMAMix does not run this option yet"),
-        ({"backend": "cpu"}, r"backend='cpu' does not run ademamix \(backends that do: 'single_tensor', 'foreach'"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, message):
@@ -267,20 +269,22 @@ def test_a_bad_group_value_leaves_params_and_state_untouched():
     assert all(torch.equal(opt.state[param][k], v) for k, v in before[1].items())
 
 
-def test_default_backend_is_foreach_and_fused_true_is_not_offered():
-    """The fused kernels do not run AdEMAMix yet: no ``fused`` argument, and the default
-    path is foreach (bits equal to the single-tensor path's, as for the other algorithms)."""
+def test_every_kernel_runs_it_and_foreach_keeps_the_single_tensor_bits():
+    """The registry declares AdEMAMix fused: both fused kernels run it (the slow average
+    in the maximum's place), ``fused=True`` is offered as for the other classes, and the
+    CPU default is the fused kernel; foreach keeps the single-tensor path's bits."""
     import inspect
 
-    assert "fused" not in inspect.signature(adamkit.AdEMAMix).parameters
-    assert not lookup("ademamix").fused
-    assert not any(kernels.KERNELS[name].runs("ademamix") for name in ("cpu", "triton"))
-    assert kernels.fused_backend({torch.device("cpu")}, "ademamix") == "foreach"
+    assert "fused" in inspect.signature(adamkit.AdEMAMix).parameters
+    assert lookup("ademamix").fused
+    assert all(kernels.KERNELS[name].runs("ademamix") for name in kernels.KERNELS)
+    if kernels.KERNELS["cpu"].available():
+        assert kernels.fused_backend({torch.device("cpu")}, "ademamix") == "cpu"
     torch.manual_seed(0)
     a, b = (torch.nn.Parameter(torch.randn(64)) for _ in range(2))
     b.data.copy_(a.data)
     default, single = (
-        adamkit.AdEMAMix([a], weight_decay=0.1),
+        adamkit.AdEMAMix([a], weight_decay=0.1, backend="foreach"),
         adamkit.AdEMAMix([b], weight_decay=0.1, backend="single_tensor"),
     )
     for _ in range(20):

@@ -89,6 +89,23 @@ CASES = {
         torch.bfloat16,
         {"master_weights": "24bit", "state_precision": "int4", "decouple_lr": True},
     ),
+    # a slow first moment in the maximum's place, warming up over the steps
+    "ademamix-fp32-warmup": (adamkit.AdEMAMix, torch.float32, {"alpha_warmup": 2, "beta3_warmup": 3}),
+    "ademamix-bf16-stochastic-int4": (
+        adamkit.AdEMAMix,
+        torch.bfloat16,
+        {"rounding": "stochastic", "state_precision": "int4", "beta3_warmup": 2},
+    ),
+    "ademamix-bf16-master-int8-cautious": (
+        adamkit.AdEMAMix,
+        torch.bfloat16,
+        {"master_weights": "fp32", "state_precision": "int8", "cautious": True},
+    ),
+    "ademamix-fp16-kahan-bf16-states": (
+        adamkit.AdEMAMix,
+        torch.float16,
+        {"rounding": "kahan", "state_precision": "bf16", "alpha_warmup": 3},
+    ),
 }
 
 #: a chunk and a ragged tail (several quantization blocks), a matrix, a 0-d param (small:

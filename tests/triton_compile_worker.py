@@ -43,6 +43,16 @@ VARIANTS = {
     "adamax-int4": {"ALGORITHM": "adamax", "STATE_STORAGE": "uint8", "QUANT": "int4", "RANDOM": True},
     "adopt-int4": {"ALGORITHM": "adopt", "STATE_STORAGE": "uint8", "QUANT": "int4", "RANDOM": True},
     "adam-fp32-cautious": {"CAUTIOUS": True},
+    # a slow first moment in the maximum's place (AdEMAMix): plain, and int4 normalized
+    "ademamix-fp32": {"ALGORITHM": "ademamix"},
+    "ademamix-bf16-stochastic-int4": {
+        "ALGORITHM": "ademamix",
+        "PARAM_STORAGE": "bfloat16",
+        "STOCHASTIC": True,
+        "STATE_STORAGE": "uint8",
+        "QUANT": "int4",
+        "RANDOM": True,
+    },
     # the passes before the update: StableAdamW's clipping sums, cautious updates' agreement
     # counts (the update kernel, counting instead of storing)
     "clipping-fp32-amp": {"KERNEL": "_clipping_sums", "AMP": True},

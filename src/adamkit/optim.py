@@ -688,14 +688,14 @@ class AdEMAMix(_AdamFamily):
     ``beta3=0.9999``, ``weight_decay=0``); weight decay is always decoupled (``decouple_lr``
     for the fully decoupled form).  The state holds ``exp_avg``, ``exp_avg_sq`` and
     ``exp_avg_slow``, each in any ``state_precision`` (int8/int4: the slow average in the
-    first moment's signed format).  The per-tensor paths run it (the fused kernels do not yet:
-    ``backend=None`` picks ``foreach``); with ``accumulation_steps`` it steps with the
-    micro-batches' mean gradient; ``diagnostics`` and ``offload`` it does not run yet.
+    first moment's signed format).  Every backend runs it (the fused kernels hold the slow
+    average where AMSGrad's maximum would be), ``offload`` too; with ``accumulation_steps``
+    it steps with the micro-batches' mean gradient; ``diagnostics`` it does not run yet.
     """
 
     algorithm = ADEMAMIX.name
     sparse_gradient_message = "AdEMAMix does not support sparse gradients"
-    unavailable_options = ("diagnostics", "offload")
+    unavailable_options = ("diagnostics",)
 
     def __init__(
         self,
@@ -713,6 +713,7 @@ class AdEMAMix(_AdamFamily):
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
         decouple_lr: bool = False,
         max_lr: float | None = None,
         backend: str | None = None,

@@ -66,6 +66,15 @@ def ademamix_step_scalars(rule, step) -> StepScalars:
     )
 
 
+def ademamix_tensor_columns(columns: dict, lr, s: StepScalars, mu_products, where) -> None:
+    r"""The fused kernels' step sizes of :math:`m_1` (:math:`\eta / (1 - \beta_1^t)`) and
+    of :math:`m_2` (:math:`\eta\, \alpha(t)`), and the slow average's weight
+    :math:`1 - \beta_3(t)` of g."""
+    columns["step_size"] = lr / s.bias_correction1
+    columns["slow_step_size"] = lr * s.slow_weight
+    columns["one_minus_beta3"] = 1.0 - s.slow_decay
+
+
 def check_alpha(alpha, where: str = "") -> None:
     """``alpha``, the slow average's weight: a finite number >= 0."""
     number = number_of("alpha", alpha, where)
@@ -99,6 +108,7 @@ ADEMAMIX = register(
         step_scalars=ademamix_step_scalars,
         slow_first_moment=True,
         steps_with_mean_gradient=True,
+        tensor_columns=ademamix_tensor_columns,
         hyperparameters={"beta3": 0.9999, "alpha": 5.0, "alpha_warmup": None, "beta3_warmup": None},
         checks={
             "beta3": check_beta3,
@@ -109,4 +119,4 @@ ADEMAMIX = register(
     )
 )
 
-__all__ = ["ADEMAMIX", "ademamix_step_scalars", "slow_decay"]
+__all__ = ["ADEMAMIX", "ademamix_step_scalars", "ademamix_tensor_columns", "slow_decay"]

@@ -35,7 +35,8 @@ host-side functions (:attr:`AlgorithmSpec.step_scalars`,
 :attr:`AlgorithmSpec.tensor_columns`).  A slow first moment
 (:attr:`AlgorithmSpec.slow_first_moment`, AdEMAMix's
 :math:`m_2 \leftarrow m_2 + (1 - \beta_3(t))(g - m_2)`, added to the direction with weight
-:math:`\alpha(t)`) is run by the per-tensor paths only, so far (:attr:`AlgorithmSpec.fused`).
+:math:`\alpha(t)`) is a fourth choice: the direction is then
+:math:`(\alpha m + \alpha_2 m_2) / d`, with :math:`\alpha_2 = \eta\,\alpha(t)`.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Denominator(IntEnum):
 SLOW_MOMENT_KEY = "exp_avg_slow"
 
 #: the (first moment, second moment, denominator) forms both fused kernels implement
-#: (:mod:`adamkit.kernels.cpu`, :mod:`adamkit.kernels.triton`), Nesterov or not with each
+#: (:mod:`adamkit.kernels.cpu`, :mod:`adamkit.kernels.triton`), Nesterov or not with each,
+#: with a slow first moment or without
 KERNEL_FORMS = frozenset(
     {
         (FirstMoment.AVERAGE, SecondMoment.AVERAGE, Denominator.BIAS_CORRECTED_ROOT),
@@ -253,10 +255,10 @@ class AlgorithmSpec:
     @property
     def fused(self) -> bool:
         """Whether the fused kernels run it: its forms are among :data:`KERNEL_FORMS`
-        and its state is that of Adam's element loop (no slow first moment, second weight
-        sequence or group state yet)."""
+        and its state is that of Adam's element loop (its moments, a slow first moment
+        in the third place; no second weight sequence or group state yet)."""
         forms = (self.first_moment, self.second_moment, self.denominator)
-        return forms in KERNEL_FORMS and not (self.slow_first_moment or self.weight_copy or self.group_state)
+        return forms in KERNEL_FORMS and not (self.weight_copy or self.group_state)
 
     @property
     def first_moment_scale(self) -> FirstMomentScale:
@@ -271,7 +273,8 @@ class AlgorithmSpec:
     @property
     def forms(self) -> int:
         """The element math's choices packed in one int (the fused kernels' compile-time key)."""
-        return int(self.first_moment) + 4 * int(self.second_moment) + 16 * int(self.denominator) + 64 * self.nesterov
+        forms = int(self.first_moment) + 4 * int(self.second_moment) + 16 * int(self.denominator)
+        return forms + 64 * self.nesterov + 128 * self.slow_first_moment
 
     @property
     def code(self) -> int:

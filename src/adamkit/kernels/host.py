@@ -30,7 +30,10 @@ ADOPT: past its first step), and ADOPT's clipping value :math:`c` and weight :ma
         \ \text{once } \rho_t > 5; \quad d = 1, \ \alpha = \frac{\eta}{1 - \beta_1^t} \text{ before} \\
     \text{ADOPT:}\quad & m \leftarrow m + (1 - \beta_1)
         \bigl(\operatorname{clip}(g / \max(\sqrt{v}, \epsilon), c) - m\bigr), \quad
-        \theta \leftarrow \theta - \eta\, m, \quad v \leftarrow \beta_2 v + w g^2
+        \theta \leftarrow \theta - \eta\, m, \quad v \leftarrow \beta_2 v + w g^2 \\
+    \text{AdEMAMix:}\quad & m_2 \leftarrow m_2 + (1 - \beta_3(t))(g - m_2), \quad
+        \theta \leftarrow \theta - (\alpha\, m + \alpha_2\, m_2) / d, \qquad
+        \alpha = \frac{\eta}{1 - \beta_1^t}, \ \alpha_2 = \eta\, \alpha(t)
 
 ADOPT's first step has :math:`c = 0` and :math:`w = 1` (so :math:`m` stays 0 and
 :math:`v = g^2`) and is not adaptive: its decoupled decay factor is 1.  The decay factor
@@ -87,8 +90,9 @@ GROUP_CONSTANTS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_wei
 #: docstring): the step size of m / d, sqrt(1 - beta2^t), NAdam's step size of g / d,
 #: 1 where the step is adaptive (RAdam: rectified; ADOPT: not the first), ADOPT's
 #: clipping value and weight of g^2, the decoupled decay factor (1 without decoupled
-#: decay), 1 - beta2^t (read by StableAdamW's clipping pass; 1 for the others), and a
-#: cautious update's n / (kept + 1) (1 until :func:`set_cautious_scales`)
+#: decay), 1 - beta2^t (read by StableAdamW's clipping pass; 1 for the others), a
+#: cautious update's n / (kept + 1) (1 until :func:`set_cautious_scales`), and a slow
+#: first moment's step size and weight 1 - beta3(t) of g (AdEMAMix; 0 for the others)
 TENSOR_SCALARS = (
     "step_size",
     "bias_correction2_sqrt",
@@ -99,6 +103,8 @@ TENSOR_SCALARS = (
     "decay_factor",
     "bias_correction2",
     "cautious_scale",
+    "slow_step_size",
+    "one_minus_beta3",
 )
 STEP_SIZE_COLUMN = TENSOR_SCALARS.index("step_size")
 DECAY_FACTOR_COLUMN = TENSOR_SCALARS.index("decay_factor")
@@ -136,6 +142,8 @@ def tensor_scalar_columns(algorithm: Algorithm, lr, scalars: StepScalars, mu_pro
         "decay_factor": 1.0 if decay_factor is None else decay_factor,
         "bias_correction2": 1.0,
         "cautious_scale": 1.0,
+        "slow_step_size": 0.0,
+        "one_minus_beta3": 0.0,
     }
     lookup(algorithm).tensor_columns(columns, lr, s, mu_products, where)
     return tuple(columns[name] for name in TENSOR_SCALARS)

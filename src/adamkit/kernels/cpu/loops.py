@@ -38,7 +38,9 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
     bodies (and code that is never run is then never compiled either).  Decay and
     maximize only select values and stay runtime flags, as does whether the step is
     adaptive (RAdam: rectified; ADOPT: past its first step; one per tensor).
-    StableAdamW's loop is Adam's: its clipping is in the per-tensor scalars.  The
+    StableAdamW's loop is Adam's: its clipping is in the per-tensor scalars.  A slow
+    first moment (AdEMAMix) is held in the maximum's place and adds its own term to the
+    direction's numerator.  The
     forms are taken in the order of :class:`~adamkit.kernels.triton`'s twin.  A
     ``cautious`` loop keeps an element's update u only where u g > 0, as the
     reference does (u [u g > 0] n / (kept + 1): a NaN update stays NaN), and a
@@ -50,6 +52,7 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
     rectified = spec.denominator == Denominator.RECTIFIED_ROOT
     reads_previous_second = spec.first_moment == FirstMoment.NORMALIZED_CLIPPED
     nesterov = spec.nesterov
+    slow = spec.slow_first_moment
     first_moment = _adopt_first_moment if reads_previous_second else _adam_first_moment
     if counting:  # nothing is stored
         put_param, put = _put_nothing, _put_nothing_stochastic
@@ -59,7 +62,7 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
         param, grad, exp_avg, second, max_second, compensation = pointers
         one_minus_beta1, beta2, one_minus_beta2, eps, l2, inverse_scale = scalars[0:6]
         step_size, bias_correction2_sqrt, gradient_step_size, adaptive, clip, second_weight = scalars[6:12]
-        decay_factor, cautious_scale = scalars[12], scalars[13]
+        decay_factor, cautious_scale, slow_step_size, one_minus_beta3 = scalars[12:16]
         one = _compute(param, 1.0)
         zero = _compute(param, 0.0)
         agree = 0
@@ -76,6 +79,11 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
             v = _load(second, i) if reads_previous_second else zero  # (ADOPT: g over the previous v)
             m = first_moment(m, g, v, one_minus_beta1, eps, clip)
             put(exp_avg, i, m, keys[1], keys[4])
+            slow_m = zero
+            if slow:  # AdEMAMix's slow average, in the maximum's place
+                slow_m = _compute(param, _load(max_second, i))
+                slow_m = slow_m + one_minus_beta3 * (g - slow_m)
+                put(max_second, i, slow_m, keys[3], keys[4])
             if infinity_norm:
                 u = max(beta2 * _load(second, i), abs(g) + eps)
                 put(second, i, u, keys[2], keys[4])
@@ -95,6 +103,8 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
                     denom = np.sqrt(v) / bias_correction2_sqrt + eps
             if nesterov:
                 update = (step_size * m + gradient_step_size * g) / denom
+            elif slow:
+                update = (step_size * m + slow_step_size * slow_m) / denom
             else:
                 update = step_size * (m / denom)
             if counting:
@@ -180,6 +190,17 @@ def _normalizes_impl(sw, aw):
     scale = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].first_moment_scale
     answer = fmt.normalized_first_moment and scale != FirstMomentScale.NONE
     return lambda sw, aw: answer
+
+
+def _holds_slow(aw):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_holds_slow, inline="always")
+def _holds_slow_impl(aw):
+    """Whether the algorithm (``aw``) keeps a slow first moment in the maximum's place: a constant."""
+    answer = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].slow_first_moment
+    return lambda aw: answer
 
 
 def _update_chunk(
@@ -306,7 +327,8 @@ def _fused_quantized_step(
 def _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness):
     """Tensor ``t``'s scalars in its compute type: the group's constants, the
     gradients' multiplier, then the tensor's own (``adaptive`` a bool; 1 - beta2^t,
-    read by the clipping pass only, is left out)."""
+    read by the clipping pass only, is left out; then the slow first moment's step size
+    and weight)."""
     param = typed_pointer(addresses[t, 0], param_witness)
     return (
         _compute(param, constants[0]),
@@ -323,6 +345,8 @@ def _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness):
         _compute(param, tensor_scalars[t, 5]),
         _compute(param, tensor_scalars[t, 6]),
         _compute(param, tensor_scalars[t, 8]),
+        _compute(param, tensor_scalars[t, 9]),
+        _compute(param, tensor_scalars[t, 10]),
     )
 
 
@@ -344,8 +368,9 @@ def _scale_first_moment(scratch, count, sw, aw, divide):
 
 @overload(_scale_first_moment, inline="always")
 def _scale_first_moment_impl(scratch, count, sw, aw, divide):
-    """Where the format normalizes the algorithm's first moment: the first ``count``
-    values of scratch row 0 (m) multiplied by the factor r that stores them (``divide``)
+    """Where the format normalizes the algorithm's first moments: the first ``count``
+    values of scratch row 0 (m, and row 2: a slow first moment's) multiplied by the
+    factor r that stores them (``divide``)
     or by the divisor d that reads them back, d near sqrt(v) (AdaMax: near v) of
     scratch row 1 (v as stored, see
     :func:`adamkit.specs.quantization.first_moment_divisor`); else nothing."""
@@ -355,15 +380,22 @@ def _scale_first_moment_impl(scratch, count, sw, aw, divide):
         return lambda scratch, count, sw, aw, divide: None
     root = scale == FirstMomentScale.ROOT
     divisor, reciprocal = first_moment_divisor(root, False), first_moment_divisor(root, True)
+    slow = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].slow_first_moment
 
     def apply(scratch, count, sw, aw, divide):
-        first, second = scratch[0], scratch[1]
+        first, second, third = scratch[0], scratch[1], scratch[2]
         if divide:  # stored as fl(m r)
             for j in range(count):
                 first[j] = first[j] * reciprocal(second[j])
+            if slow:
+                for j in range(count):
+                    third[j] = third[j] * reciprocal(second[j])
         else:
             for j in range(count):
                 first[j] = first[j] * divisor(second[j])
+            if slow:
+                for j in range(count):
+                    third[j] = third[j] * divisor(second[j])
 
     return apply
 
@@ -371,15 +403,18 @@ def _scale_first_moment_impl(scratch, count, sw, aw, divide):
 @njit(inline="always", nogil=True)
 def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw):
     """Decode elements [low, high) of a row's quantized moments into the fp32
-    ``scratch`` rows (m, v, and v's maximum under AMSGrad; a normalized first moment
-    multiplied back by v's divisor); the element loop's pointers, with the moments'
-    addressed in the scratch by element index."""
+    ``scratch`` rows (m, v, and v's maximum under AMSGrad or a slow first moment;
+    normalized first moments multiplied back by v's divisor); the element loop's
+    pointers, with the moments addressed in the scratch by element index."""
     signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
+    slow = _holds_slow(aw)
     _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
     _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
-    _scale_first_moment(scratch, high - low, sw, aw, False)
     if amsgrad:
         _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
+    elif slow:
+        _dequantize(row[4], row[8], sw, signed, scratch[2], low, high, spread)
+    _scale_first_moment(scratch, high - low, sw, aw, False)
     base = np.int64(scratch.ctypes.data) - 4 * low
     stride = 4 * QUANTIZED_SPAN
     return (
@@ -387,7 +422,7 @@ def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw):
         typed_pointer(row[1], pw),
         typed_pointer(base, _FLOAT32_WITNESS),
         typed_pointer(base + stride, _FLOAT32_WITNESS),
-        typed_pointer(base + (2 * stride if amsgrad else stride), _FLOAT32_WITNESS),
+        typed_pointer(base + (2 * stride if amsgrad or slow else stride), _FLOAT32_WITNESS),
         typed_pointer(row[5], pw),
     )
 
@@ -397,12 +432,12 @@ def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, p
     """One chunk (it starts on a block boundary) with quantized moments, span by
     span: dequantize into fp32 scratch rows, run the plain element loop on those,
     quantize the new values (the update itself used them unrounded): the second
-    moment first, so that a normalized first moment is divided by the divisor of v as
+    moment first, so that normalized first moments are divided by the divisor of v as
     stored (decoded again into its row)."""
     scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
     spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)  # int4 codes, one a byte
     signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
-    normalizes = _normalizes(sw, aw)
+    normalizes, slow = _normalizes(sw, aw), _holds_slow(aw)
     for low in range(first, end, QUANTIZED_SPAN):
         high = min(low + QUANTIZED_SPAN, end)
         pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw)
@@ -414,6 +449,8 @@ def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, p
         _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
         if amsgrad:
             _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4], spread)
+        elif slow:
+            _requantize(row[4], row[8], sw, signed, scratch[2], low, high, keys[3], keys[4], spread)
 
 
 #: elements per step of the clipping pass: their terms (float64) stay in L1

@@ -77,6 +77,8 @@ def _update_chunk(
         second_weight,
         decay_factor,
         cautious_scale,
+        slow_step_size,
+        one_minus_beta3,
         gradient_factor,
         one_minus_beta1,
         beta2,
@@ -96,7 +98,8 @@ def _update_chunk(
     FIRST_MOMENT: tl.constexpr = FORMS % 4
     SECOND_MOMENT: tl.constexpr = FORMS // 4 % 4
     DENOMINATOR: tl.constexpr = FORMS // 16 % 4
-    NESTEROV: tl.constexpr = FORMS // 64
+    NESTEROV: tl.constexpr = FORMS // 64 % 2
+    SLOW: tl.constexpr = FORMS // 128  # a slow first moment (AdEMAMix), in the maximum's place
     p = _load_param(param, compensation, offsets, mask, COMPUTE, KAHAN, MASTER)
     g = tl.load(grad + offsets, mask=mask).to(COMPUTE) * gradient_factor  # exact: +-1 or +-1/grad_scale
     if DECAY == _L2_DECAY:
@@ -163,6 +166,35 @@ def _update_chunk(
             0,
             BLOCK,
         )
+    slow_m = 0.0
+    if SLOW:  # AdEMAMix's slow average: a first moment, stored as the first is
+        slow_m = _load_moment(max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
+        if NORMALIZE != 0:
+            slow_m = slow_m * _first_moment_divisor(second_value, NORMALIZE, False)
+        slow_m = slow_m.to(COMPUTE)
+        slow_m = slow_m + one_minus_beta3 * (g - slow_m)
+        if not COUNTING:
+            stored_slow = slow_m
+            if NORMALIZE != 0:
+                stored_slow = slow_m.to(tl.float32) * _first_moment_divisor(stored_second, NORMALIZE, True)
+            _put_moment(
+                max_second,
+                max_second_scales,
+                offsets,
+                mask,
+                stored_slow,
+                key_max,
+                shift,
+                first,
+                end,
+                STATE_STORAGE,
+                QUANT_BITS,
+                QBLOCK,
+                True,
+                False,
+                0,
+                BLOCK,
+            )
     if DENOMINATOR == _NORM:
         denom = new_second
     elif DENOMINATOR == _NO_DENOMINATOR:
@@ -207,6 +239,8 @@ def _update_chunk(
             denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
     if NESTEROV:
         update = _exact_div(step_size * m + gradient_step_size * g, denom)
+    elif SLOW:
+        update = _exact_div(step_size * m + slow_step_size * slow_m, denom)
     elif DENOMINATOR == _NO_DENOMINATOR:
         update = step_size * m
     else:
@@ -311,7 +345,10 @@ def _fused_step(
             max_second = tl.multiple_of(max_second, 16)
             compensation = tl.multiple_of(compensation, 16)
         scales = (tl.load(row + 6).to(first_scales_pointer), tl.load(row + 7).to(scales_pointer))
-        scales += (tl.load(row + 8).to(scales_pointer),)  # the three moments' block scales
+        if FORMS // 128:  # the three moments' block scales (a slow first moment's: the first's kind)
+            scales += (tl.load(row + 8).to(first_scales_pointer),)
+        else:
+            scales += (tl.load(row + 8).to(scales_pointer),)
         tensors = (param, grad, exp_avg, second, max_second, compensation) + scales
         keys = (0, 0, 0, 0, 0)
         if RANDOM:  # stochastic rounding's step keys (param, exp_avg, second moment, max)
@@ -332,6 +369,8 @@ def _fused_step(
             tl.load(tensor_row + 5).to(COMPUTE),  # ADOPT's weight of g^2
             tl.load(tensor_row + 6).to(COMPUTE),  # decoupled decay factor
             tl.load(tensor_row + 8).to(COMPUTE),  # a cautious update's n / (kept + 1)
+            tl.load(tensor_row + 9).to(COMPUTE),  # a slow first moment's step size
+            tl.load(tensor_row + 10).to(COMPUTE),  # its weight 1 - beta3(t) of g
             gradient_factor.to(COMPUTE),
             tl.load(constants_ptr).to(COMPUTE),  # 1 - beta1
             tl.load(constants_ptr + 1).to(COMPUTE),  # beta2
