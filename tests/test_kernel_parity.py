@@ -18,10 +18,10 @@ import os
 
 import pytest
 import torch
-from matrix import DEVICE
+from matrix import DEVICE, FAMILY, OPTION_SAMPLES, refused
 
 import adamkit
-from adamkit.kernels import KERNELS
+from adamkit.kernels import FUSED_ALGORITHMS, KERNELS
 
 pytestmark = pytest.mark.skipif(
     not (KERNELS["triton"].available() and KERNELS["triton"].supports(DEVICE) and KERNELS["cpu"].available()),
@@ -108,6 +108,33 @@ CASES = {
     ),
 }
 
+#: the options whose samples (``tests/matrix.py`` :data:`OPTION_SAMPLES`) are not kernel
+#: paths: the backend is the test's choice, and offload steps on the host (never Triton)
+NOT_KERNEL_OPTIONS = ("backend", "offload")
+
+
+def generated_cases() -> dict:
+    """One case per sample of every other option, each with a fused class drawn in
+    rotation (the next one that takes it), so that a new option's samples, or an
+    algorithm the fused kernels newly run, is stepped on both kernels without an edit
+    here; named ``class-option-index``."""
+    fused = [name for name, (_, _, algorithm) in FAMILY.items() if algorithm in FUSED_ALGORITHMS]
+    samples = [
+        (option, index, settings, dtype)
+        for option, rows in OPTION_SAMPLES.items()
+        if option not in NOT_KERNEL_OPTIONS
+        for index, (settings, dtype) in enumerate(rows)
+    ]
+    cases = {}
+    for k, (option, index, settings, dtype) in enumerate(samples):
+        takers = [fused[(k + shift) % len(fused)] for shift in range(len(fused))]
+        name = next(name for name in takers if not set(settings) & refused(name))
+        cases[f"{name.lower()}-{option}-{index}"] = (FAMILY[name][0], dtype, dict(settings))
+    return cases
+
+
+CASES |= generated_cases()
+
 #: a chunk and a ragged tail (several quantization blocks), a matrix, a 0-d param (small:
 #: under the interpreter every chunk costs a fraction of a second)
 SHAPES = [(1500,), (24, 70), ()]
@@ -132,7 +159,7 @@ def _optimizer(case: str, backend: str, device: torch.device):
     g = torch.Generator().manual_seed(11)
     start = _spread([torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES])
     params = [torch.nn.Parameter(p.to(device, dtype)) for p in start]
-    return cls(params, lr=1e-2, weight_decay=0.1, seed=5, backend=backend, **options), params
+    return cls(params, **{"lr": 1e-2, "weight_decay": 0.1, "seed": 5, **options, "backend": backend}), params
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -146,6 +173,7 @@ def _stored(opt, params) -> dict[str, torch.Tensor]:
     for i, p in enumerate(params):
         stored[f"param {i}"] = p.detach().cpu().clone()  # (a copy: the history keeps every step's)
         for key, value in opt.state[p].items():
+            value = value if isinstance(value, torch.Tensor) else torch.tensor(value)  # (accumulation's count)
             stored[f"param {i} {key}"] = value.detach().cpu().reshape(-1).clone()
     return stored
 
