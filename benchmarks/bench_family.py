@@ -42,6 +42,7 @@ CONTENDERS = {
     "adamkit ADOPT": lambda ps: adamkit.ADOPT(ps, backend="cpu"),
     "adamkit StableAdamW": lambda ps: adamkit.StableAdamW(ps, backend="cpu"),
     "adamkit AdEMAMix": lambda ps: adamkit.AdEMAMix(ps, backend="cpu"),
+    "adamkit ScheduleFreeAdamW": lambda ps: adamkit.ScheduleFreeAdamW(ps, backend="cpu"),
     "adamkit AdamW cautious": lambda ps: adamkit.AdamW(ps, backend="cpu", cautious=True),
     "adamkit StableAdamW, one window": lambda ps: one_window(adamkit.StableAdamW(ps, backend="cpu")),
     "adamkit AdamW cautious, one window": lambda ps: one_window(adamkit.AdamW(ps, backend="cpu", cautious=True)),
@@ -52,6 +53,7 @@ CONTENDERS = {
     "adamkit ADOPT foreach": lambda ps: adamkit.ADOPT(ps, backend="foreach"),
     # AdEMAMix is not in torch.optim either; foreach was its default path before the fused kernels ran it
     "adamkit AdEMAMix foreach": lambda ps: adamkit.AdEMAMix(ps, backend="foreach"),
+    "adamkit ScheduleFreeAdamW foreach": lambda ps: adamkit.ScheduleFreeAdamW(ps, backend="foreach"),
     # cautious updates elsewhere run per tensor (heavyball, optimi): adamkit's foreach path does too
     "adamkit AdamW cautious foreach": lambda ps: adamkit.AdamW(ps, backend="foreach", cautious=True),
 }
@@ -59,6 +61,18 @@ try:  # optimi's StableAdamW (foreach), where it is installed
     import optimi
 
     CONTENDERS["optimi StableAdamW"] = lambda ps: optimi.StableAdamW(ps, lr=1e-3, foreach=True)
+except ImportError:
+    pass
+try:  # the schedulefree package's AdamWScheduleFree (foreach), in train mode, where it is installed
+    import schedulefree
+
+    def _training(optimizer):
+        optimizer.train()
+        return optimizer
+
+    CONTENDERS["schedulefree AdamWScheduleFree"] = lambda ps: _training(
+        schedulefree.AdamWScheduleFree(ps, lr=1e-3, foreach=True)
+    )
 except ImportError:
     pass
 

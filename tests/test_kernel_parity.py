@@ -106,6 +106,21 @@ CASES = {
         torch.float16,
         {"rounding": "kahan", "state_precision": "bf16", "alpha_warmup": 3},
     ),
+    # a second weight sequence z in the first moment's place: in the param's dtype (bf16:
+    # stored stochastically), or fp32 beside a split master or a Kahan compensation
+    "schedule_free-fp32-warmup-r": (adamkit.ScheduleFreeAdamW, torch.float32, {"warmup_steps": 2, "r": 0.5}),
+    "schedule_free-fp64": (adamkit.ScheduleFreeAdamW, torch.float64, {}),
+    "schedule_free-bf16-nearest-int4": (adamkit.ScheduleFreeAdamW, torch.bfloat16, {"state_precision": "int4"}),
+    "schedule_free-bf16-master24-int8": (
+        adamkit.ScheduleFreeAdamW,
+        torch.bfloat16,
+        {"master_weights": "24bit", "state_precision": "int8", "warmup_steps": 2},
+    ),
+    "schedule_free-fp16-kahan-maximize": (
+        adamkit.ScheduleFreeAdamW,
+        torch.float16,
+        {"rounding": "kahan", "maximize": True, "weight_lr_power": 0.0},
+    ),
 }
 
 #: the options whose samples (``tests/matrix.py`` :data:`OPTION_SAMPLES`) are not kernel

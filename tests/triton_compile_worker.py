@@ -45,6 +45,22 @@ VARIANTS = {
     "adam-fp32-cautious": {"CAUTIOUS": True},
     # a slow first moment in the maximum's place (AdEMAMix): plain, and int4 normalized
     "ademamix-fp32": {"ALGORITHM": "ademamix"},
+    # a second weight sequence z in the first moment's place (schedule-free): in the param's
+    # dtype (bf16, stored stochastically, beside int4 v), and in fp32 beside a split master
+    "schedule_free-bf16-int4": {
+        "ALGORITHM": "schedule_free_adamw",
+        "PARAM_STORAGE": "bfloat16",
+        "STATE_STORAGE": "uint8",
+        "QUANT": "int4",
+        "RANDOM": True,
+    },
+    "schedule_free-bf16-master-bf16-states": {
+        "ALGORITHM": "schedule_free_adamw",
+        "PARAM_STORAGE": "bfloat16",
+        "STATE_STORAGE": "bfloat16",
+        "MASTER": 16,
+        "RANDOM": True,
+    },
     "ademamix-bf16-stochastic-int4": {
         "ALGORITHM": "ademamix",
         "PARAM_STORAGE": "bfloat16",

@@ -763,8 +763,10 @@ class ScheduleFreeAdamW(_AdamFamily):
     rounded away); :meth:`train` and :meth:`eval` move the param's exact value.
     Refused, each by name: ``decouple_lr``, ``cautious``, ``accumulation_steps``,
     ``diagnostics``, ``offload``, ``capturable``, ``differentiable`` and gradient release
-    (the group's running values move once per step of the whole group).  The
-    per-tensor paths run it (``backend=None`` picks ``foreach``).
+    (the group's running values move once per step of the whole group).  Every
+    backend runs it: the per-tensor paths with the package's arithmetic op by op (its
+    bits), the fused kernels in one pass per element (z in the first moment's place;
+    within fp32 rounding of the package; ``backend=None`` picks them).
     """
 
     algorithm = SCHEDULE_FREE_ADAMW.name

@@ -122,13 +122,16 @@ def moment_value(state: dict, key: str, param: Tensor) -> Tensor | None:
     return None if fmt is None else blockwise.load_moment(state, key, param.shape, fmt)
 
 
-def moment_storage(state: dict, param: Tensor):
-    """How an initialised state holds its moments: the (real) dtype of ``exp_avg``, or
-    the :class:`~adamkit.specs.quantization.QuantFormat` it is quantized in."""
-    if "exp_avg" in state:
-        value = state["exp_avg"]
+def moment_storage(state: dict, param: Tensor, algorithm: Algorithm):
+    """How an initialised state holds its moments: the (real) dtype of its first moment
+    (of its second, beside a second weight sequence: that is a weight), or the
+    :class:`~adamkit.specs.quantization.QuantFormat` it is quantized in."""
+    spec = lookup(algorithm)
+    key = spec.second_moment_key if spec.weight_copy else "exp_avg"
+    if key in state:
+        value = state[key]
         return torch.view_as_real(value).dtype if value.is_complex() else value.dtype
-    return blockwise.stored_format(state, "exp_avg", param.numel())
+    return blockwise.stored_format(state, key, param.numel())
 
 
 def _new(state, tensor: Tensor) -> Tensor:

@@ -8,7 +8,8 @@ what it needs beyond one pass (StableAdamW's update clipping; whether accumulati
 steps with the mean gradient), how diagnostics read its last step back, and its own
 hyperparameters with their defaults.  Every consumer reads it from :data:`REGISTRY`:
 the option checks, state creation and checkpoint conversion, the per-tensor and
-foreach paths, both fused kernels (compiled per :attr:`AlgorithmSpec.forms`),
+foreach paths, both fused kernels (compiled per :attr:`AlgorithmSpec.forms`: every
+algorithm registered here runs in them),
 accumulation, diagnostics and the stall guard.
 
 Adding an algorithm (see docs/architecture.md):

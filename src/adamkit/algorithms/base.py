@@ -37,6 +37,11 @@ host-side functions (:attr:`AlgorithmSpec.step_scalars`,
 :math:`m_2 \leftarrow m_2 + (1 - \beta_3(t))(g - m_2)`, added to the direction with weight
 :math:`\alpha(t)`) is a fourth choice: the direction is then
 :math:`(\alpha m + \alpha_2 m_2) / d`, with :math:`\alpha_2 = \eta\,\alpha(t)`.
+A second weight sequence in the first moment's place (:attr:`AlgorithmSpec.weight_copy`,
+:attr:`FirstMoment.WEIGHT_SEQUENCE`: schedule-free's :math:`z`) replaces the update
+itself: :math:`d = g / (\sqrt{v / (1 - \beta_2^t)} + \epsilon) + \lambda\theta`,
+:math:`\theta \leftarrow \operatorname{lerp}(\theta, z, c) + a d`,
+:math:`z \leftarrow z - \gamma d` (:mod:`adamkit.algorithms.schedule_free`).
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class FirstMoment(IntEnum):
 
     AVERAGE = 0  #: the gradient
     NORMALIZED_CLIPPED = 1  #: the gradient over the previous second moment's root, clipped (ADOPT)
+    #: none: its place holds a second weight sequence z, and the step is schedule-free's
+    #: (:attr:`AlgorithmSpec.weight_copy`; see :mod:`adamkit.algorithms.schedule_free`)
+    WEIGHT_SEQUENCE = 2
 
 
 class SecondMoment(IntEnum):
@@ -102,6 +110,7 @@ KERNEL_FORMS = frozenset(
         (FirstMoment.AVERAGE, SecondMoment.AVERAGE, Denominator.RECTIFIED_ROOT),
         (FirstMoment.AVERAGE, SecondMoment.INFINITY_NORM, Denominator.NORM),
         (FirstMoment.NORMALIZED_CLIPPED, SecondMoment.AVERAGE_AFTER, Denominator.NONE),
+        (FirstMoment.WEIGHT_SEQUENCE, SecondMoment.AVERAGE, Denominator.BIAS_CORRECTED_ROOT),
     }
 )
 
@@ -138,6 +147,10 @@ class StepScalars:
     #: the weight of the new point in an iterate average (schedule-free's
     #: :math:`c_{t+1}`, the param's pull towards its second weight sequence)
     average_weight: Scalar | None = None
+    #: schedule-free's step of the param along the direction, :math:`\gamma_t(\beta_1(1 -
+    #: c_{t+1}) - 1)`, and its weight decay :math:`\lambda`, added to the direction at the param
+    point_step_size: Scalar | None = None
+    point_decay: Scalar | None = None
 
 
 #: ``step_scalars(rule, step)``: the :class:`StepScalars` of step count ``step`` (a float,
@@ -251,22 +264,24 @@ class AlgorithmSpec:
             )
         if self.slow_first_moment and self.amsgrad:
             raise ValueError(f"{self.name}: a slow first moment takes AMSGrad's place in the kernels' order")
+        if (self.weight_copy is not None) != (self.first_moment == FirstMoment.WEIGHT_SEQUENCE):
+            raise ValueError(f"{self.name}: a second weight sequence is held where the first moment's form says so")
 
     @property
     def fused(self) -> bool:
         """Whether the fused kernels run it: its forms are among :data:`KERNEL_FORMS`
-        and its state is that of Adam's element loop (its moments, a slow first moment
-        in the third place; no second weight sequence or group state yet)."""
-        forms = (self.first_moment, self.second_moment, self.denominator)
-        return forms in KERNEL_FORMS and not (self.weight_copy or self.group_state)
+        (the state they hold: Adam's moments, a slow first moment in the third place, or
+        a second weight sequence in the first)."""
+        return (self.first_moment, self.second_moment, self.denominator) in KERNEL_FORMS
 
     @property
     def first_moment_scale(self) -> FirstMomentScale:
         """What a quantized format that normalizes first moments divides them by
         (:func:`adamkit.specs.quantization.first_moment_divisor`): nothing where the
-        first moment is normalized already (ADOPT), the second moment itself where it
-        is a norm (AdaMax), else its root."""
-        if self.first_moment == FirstMoment.NORMALIZED_CLIPPED:
+        first moment is normalized already (ADOPT) or there is none (a second weight
+        sequence, never quantized, in its place), the second moment itself where it is
+        a norm (AdaMax), else its root."""
+        if self.first_moment in (FirstMoment.NORMALIZED_CLIPPED, FirstMoment.WEIGHT_SEQUENCE):
             return FirstMomentScale.NONE
         return FirstMomentScale.NORM if self.second_moment == SecondMoment.INFINITY_NORM else FirstMomentScale.ROOT
 

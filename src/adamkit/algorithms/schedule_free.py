@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 
-from .base import AlgorithmSpec, StepScalars, as_number, register
+from .base import AlgorithmSpec, FirstMoment, StepScalars, as_number, register
 
 #: the values the group keeps, with their initial values (the schedulefree package's, but
 #: for ``train_mode``: a new optimizer here starts in train mode, see
@@ -58,17 +58,30 @@ def advance_schedule(group: dict) -> None:
 
 def schedule_free_step_scalars(rule, step) -> StepScalars:
     r"""The group's step (``step``, a param's own count, is not read: every scalar is the
-    group's): :math:`\gamma_t`, :math:`1 - \beta_2^t` and :math:`c_{t+1}` (0 while every
-    weight so far is 0)."""
+    group's): :math:`\gamma_t`, :math:`1 - \beta_2^t`, :math:`c_{t+1}` (0 while every
+    weight so far is 0), the param's step along the direction
+    :math:`\gamma_t(\beta_1(1 - c_{t+1}) - 1)` and the weight decay :math:`\lambda`."""
     t = rule.k
     weight = _average_weight(t, rule.lr_max, rule.r, rule.weight_lr_power)
     bias_correction2 = 1 - as_number(rule.beta2) ** t
+    average_weight = weight / rule.weight_sum if rule.weight_sum != 0 else 0.0
     return StepScalars(
         step_size=rule.scheduled_lr,
         bias_correction2_sqrt=math.sqrt(bias_correction2),
         bias_correction2=bias_correction2,
-        average_weight=weight / rule.weight_sum if rule.weight_sum != 0 else 0.0,
+        average_weight=average_weight,
+        point_step_size=rule.scheduled_lr * (as_number(rule.beta1) * (1 - average_weight) - 1),
+        point_decay=rule.weight_decay,
     )
+
+
+def schedule_free_tensor_columns(columns: dict, lr, s: StepScalars, mu_products, where) -> None:
+    """The fused kernels' :math:`1 - \beta_2^t` (under the root, as the package divides),
+    :math:`c_{t+1}`, the param's step along the direction and the weight decay at it."""
+    columns["bias_correction2"] = s.bias_correction2
+    columns["average_weight"] = s.average_weight
+    columns["point_step_size"] = s.point_step_size
+    columns["point_decay"] = s.point_decay
 
 
 def check_warmup_steps(warmup_steps, where: str = "") -> None:
@@ -94,7 +107,9 @@ SCHEDULE_FREE_ADAMW = register(
         name="schedule_free_adamw",
         class_name="ScheduleFreeAdamW",
         step_scalars=schedule_free_step_scalars,
+        first_moment=FirstMoment.WEIGHT_SEQUENCE,
         weight_copy="z",
+        tensor_columns=schedule_free_tensor_columns,
         group_state=GROUP_STATE,
         advance=advance_schedule,
         hyperparameters={"warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0},
@@ -106,4 +121,10 @@ SCHEDULE_FREE_ADAMW = register(
     )
 )
 
-__all__ = ["GROUP_STATE", "SCHEDULE_FREE_ADAMW", "advance_schedule", "schedule_free_step_scalars"]
+__all__ = [
+    "GROUP_STATE",
+    "SCHEDULE_FREE_ADAMW",
+    "advance_schedule",
+    "schedule_free_step_scalars",
+    "schedule_free_tensor_columns",
+]

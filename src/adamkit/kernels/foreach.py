@@ -251,7 +251,6 @@ def schedule_free_adamw(
     """Schedule-free AdamW (see :func:`adamkit.kernels.single_tensor.schedule_free_adamw`)
     with foreach ops, as the ``schedulefree`` package's foreach path issues them (every
     scalar is the group's: one per bucket)."""
-    beta1 = _number(group_scalars.beta1)
     for t, bucket_steps in _buckets(tensors, steps):
         step = bucket_steps[0]
         ys, zs, exp_avg_sqs = _real(t.params), _real(t.exp_avgs), _real(t.exp_avg_sqs)
@@ -262,10 +261,10 @@ def schedule_free_adamw(
         torch._foreach_sqrt_(denoms)
         torch._foreach_add_(denoms, group_scalars.eps)
         directions = torch._foreach_div(grads, denoms)
-        if rule.weight_decay != 0:
-            torch._foreach_add_(directions, ys, alpha=rule.weight_decay)
+        if step.point_decay != 0:
+            torch._foreach_add_(directions, ys, alpha=step.point_decay)
         torch._foreach_lerp_(ys, zs, weight=step.average_weight)
-        torch._foreach_add_(ys, directions, alpha=step.step_size * (beta1 * (1 - step.average_weight) - 1))
+        torch._foreach_add_(ys, directions, alpha=step.point_step_size)
         torch._foreach_sub_(zs, directions, alpha=step.step_size)
 
 

@@ -33,7 +33,10 @@ ADOPT: past its first step), and ADOPT's clipping value :math:`c` and weight :ma
         \theta \leftarrow \theta - \eta\, m, \quad v \leftarrow \beta_2 v + w g^2 \\
     \text{AdEMAMix:}\quad & m_2 \leftarrow m_2 + (1 - \beta_3(t))(g - m_2), \quad
         \theta \leftarrow \theta - (\alpha\, m + \alpha_2\, m_2) / d, \qquad
-        \alpha = \frac{\eta}{1 - \beta_1^t}, \ \alpha_2 = \eta\, \alpha(t)
+        \alpha = \frac{\eta}{1 - \beta_1^t}, \ \alpha_2 = \eta\, \alpha(t) \\
+    \text{schedule-free:}\quad & d = g / (\sqrt{v / (1 - \beta_2^t)} + \epsilon) + \lambda \theta,
+        \quad \theta \leftarrow \operatorname{lerp}(\theta, z, c) + a\, d, \quad
+        z \leftarrow z - \gamma d, \qquad a = \gamma(\beta_1(1 - c) - 1)
 
 ADOPT's first step has :math:`c = 0` and :math:`w = 1` (so :math:`m` stays 0 and
 :math:`v = g^2`) and is not adaptive: its decoupled decay factor is 1.  The decay factor
@@ -61,6 +64,7 @@ from .. import blockwise
 from ..algorithms import lookup
 from ..rule import Algorithm, GroupScalars, StepScalars, UpdateRule, as_number
 from ..sharding import PARAM_SHAPED_KEYS
+from ..specs import rounding
 from ..specs.master import LOW_BITS_DTYPE
 from ..specs.quantization import SIGNED_KEYS, QuantFormat
 from ..state import MU_PRODUCT_KEY, PARAM_EXTRA_KEY, moment_keys
@@ -91,8 +95,10 @@ GROUP_CONSTANTS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "l2_wei
 #: 1 where the step is adaptive (RAdam: rectified; ADOPT: not the first), ADOPT's
 #: clipping value and weight of g^2, the decoupled decay factor (1 without decoupled
 #: decay), 1 - beta2^t (read by StableAdamW's clipping pass; 1 for the others), a
-#: cautious update's n / (kept + 1) (1 until :func:`set_cautious_scales`), and a slow
-#: first moment's step size and weight 1 - beta3(t) of g (AdEMAMix; 0 for the others)
+#: cautious update's n / (kept + 1) (1 until :func:`set_cautious_scales`), a slow
+#: first moment's step size and weight 1 - beta3(t) of g (AdEMAMix; 0 for the others),
+#: and schedule-free's c_{t+1}, step of the param along the direction and weight decay
+#: at the param (0 for the others)
 TENSOR_SCALARS = (
     "step_size",
     "bias_correction2_sqrt",
@@ -105,6 +111,9 @@ TENSOR_SCALARS = (
     "cautious_scale",
     "slow_step_size",
     "one_minus_beta3",
+    "average_weight",
+    "point_step_size",
+    "point_decay",
 )
 STEP_SIZE_COLUMN = TENSOR_SCALARS.index("step_size")
 DECAY_FACTOR_COLUMN = TENSOR_SCALARS.index("decay_factor")
@@ -144,6 +153,9 @@ def tensor_scalar_columns(algorithm: Algorithm, lr, scalars: StepScalars, mu_pro
         "cautious_scale": 1.0,
         "slow_step_size": 0.0,
         "one_minus_beta3": 0.0,
+        "average_weight": 0.0,
+        "point_step_size": 0.0,
+        "point_decay": 0.0,
     }
     lookup(algorithm).tensor_columns(columns, lr, s, mu_products, where)
     return tuple(columns[name] for name in TENSOR_SCALARS)
@@ -198,14 +210,42 @@ def host_step_scalars(rule: UpdateRule, counts: np.ndarray) -> StepScalars:
 _STEP_FIELDS = [f.name for f in fields(StepScalars) if f.name != "rectified"]
 
 
+#: the rounding modes whose params keep an exact value beside them (a Kahan compensation,
+#: a split master's low bits): a second weight sequence is then held in fp32
+EXACT_MODES = ("kahan", "master", "master24")
+
+
+def weight_copy_dtype(param_dtype: torch.dtype, mode: str) -> torch.dtype:
+    """The dtype of a second weight sequence (schedule-free's z) beside a param of
+    ``param_dtype`` under rounding ``mode``: the precision the param's value is kept at
+    (:func:`adamkit.state.init_state` allocates it so)."""
+    return torch.float32 if mode in EXACT_MODES else param_dtype
+
+
+def draws_random_bits(algorithm: Algorithm, rounding_option: str, param_dtype: torch.dtype, storage) -> bool:
+    """Whether a fused step of such a param draws random bits: for its param or its
+    moments (:func:`adamkit.specs.rounding.needs_random_bits`), or for a 16-bit second
+    weight sequence (stored stochastically, as 16-bit moments are)."""
+    mode = rounding.effective_rounding(rounding_option, param_dtype)
+    copy = lookup(algorithm).weight_copy and rounding.is_low_precision(weight_copy_dtype(param_dtype, mode))
+    return bool(copy) or rounding.needs_random_bits(rounding_option, param_dtype, storage)
+
+
+def _quantized_moments(algorithm: Algorithm, amsgrad: bool) -> list[str]:
+    """The moments a quantized state holds as codes and scales (a weight copy is never quantized)."""
+    return [key for key in moment_keys(algorithm, amsgrad) if key != lookup(algorithm).weight_copy]
+
+
 def state_keys(algorithm: Algorithm, amsgrad: bool, fmt: QuantFormat | None, mode: str) -> tuple[list[str], int]:
     """The state keys a bucket's rows address, in order: the moments (quantized: their
-    codes, then their scales), then the param's extra buffer under rounding ``mode``;
-    and the number of moments."""
+    codes, a second weight sequence as it is; then the quantized ones' scales), then the
+    param's extra buffer under rounding ``mode``; and the number of moments."""
     moments = moment_keys(algorithm, amsgrad)
     keys = list(moments)
     if fmt is not None:
-        keys = [blockwise.stored_keys(k, fmt)[0] for k in moments] + [blockwise.stored_keys(k, fmt)[1] for k in moments]
+        quantized = _quantized_moments(algorithm, amsgrad)
+        keys = [blockwise.stored_keys(k, fmt)[0] if k in quantized else k for k in moments]
+        keys += [blockwise.stored_keys(k, fmt)[1] for k in quantized]
     if mode in PARAM_EXTRA_KEY:
         keys.append(PARAM_EXTRA_KEY[mode])
     return keys, len(moments)
@@ -243,11 +283,16 @@ def addressed_forms(algorithm: Algorithm, amsgrad: bool, fmt: QuantFormat | None
     tensors, in :func:`state_keys` order (complex tensors as their real views)."""
     real = as_real(param)
     numel, moments = real.numel(), moment_keys(algorithm, amsgrad)
+    copy = lookup(algorithm).weight_copy
+    copy_form = (weight_copy_dtype(real.dtype, mode), numel)
     if fmt is None:
-        forms = [(moment_dtype, numel)] * len(moments)
+        forms = [copy_form if k == copy else (moment_dtype, numel) for k in moments]
     else:
-        forms = [(torch.uint8, fmt.code_bytes(numel))] * len(moments)
-        forms += [(blockwise.scale_dtype(fmt, k in SIGNED_KEYS), fmt.blocks(numel, k in SIGNED_KEYS)) for k in moments]
+        forms = [copy_form if k == copy else (torch.uint8, fmt.code_bytes(numel)) for k in moments]
+        forms += [
+            (blockwise.scale_dtype(fmt, k in SIGNED_KEYS), fmt.blocks(numel, k in SIGNED_KEYS))
+            for k in _quantized_moments(algorithm, amsgrad)
+        ]
     if mode in PARAM_EXTRA_KEY:
         forms.append((LOW_BITS_DTYPE[_MASTER_MODE[mode]] if mode in _MASTER_MODE else real.dtype, numel))
     return forms
@@ -257,12 +302,16 @@ def addressed_forms(algorithm: Algorithm, amsgrad: bool, fmt: QuantFormat | None
 _MASTER_MODE = {"master": "fp32", "master24": "24bit"}
 
 
-def state_row(addresses: list[int], moment_count: int, extra: bool, quantized: bool) -> list[int]:
+def state_row(addresses: list[int], moment_count: int, extra: bool, quantized: bool, copied: bool = False) -> list[int]:
     """A row's :data:`STATE_COLUMNS` from the addresses of the tensors under
-    :func:`state_keys` (in that order)."""
+    :func:`state_keys` (in that order); ``copied``: the first moment's place holds a
+    second weight sequence (no scales: 0)."""
     n = moment_count
     moments = addresses[:n] + addresses[1:2] * (3 - n)
-    scales = (addresses[n : 2 * n] + addresses[n + 1 : n + 2] * (3 - n)) if quantized else [0, 0, 0]
+    scales = [0, 0, 0]
+    if quantized:
+        held = [0] * copied + addresses[n : 2 * n - copied]  # (a weight copy, first, has none)
+        scales = held + held[1:2] * (3 - n)
     return moments + [addresses[-1] if extra else 0] + scales
 
 

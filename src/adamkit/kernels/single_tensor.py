@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..rule import GroupScalars, StepScalars, UpdateRule, as_number
+from ..rule import GroupScalars, StepScalars, UpdateRule
 from ..sharding import per_tensor_totals
 from .lists import named_after_algorithms
 from .types import GroupTensors, as_real
@@ -303,17 +303,16 @@ def schedule_free_adamw(
     + \epsilon) + \lambda y`, :math:`y \leftarrow \operatorname{lerp}(y, z, c) +
     \gamma(\beta_1(1 - c) - 1)\, d`, :math:`z \leftarrow z - \gamma d`.  The second weight
     sequence :math:`z` is held in the first moment's place; ``.grad`` is not written."""
-    beta1 = as_number(group_scalars.beta1)
     for i, param in enumerate(tensors.params):
         y, grad = as_real(param), as_real(tensors.grads[i])
         grad = -grad if rule.maximize else grad
         z, exp_avg_sq, step = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i]), steps[i]
         _second_moment_update(exp_avg_sq, grad, group_scalars)
         direction = grad.div(exp_avg_sq.div(step.bias_correction2).sqrt_().add_(group_scalars.eps))
-        if rule.weight_decay != 0:
-            direction.add_(y, alpha=rule.weight_decay)
+        if step.point_decay != 0:
+            direction.add_(y, alpha=step.point_decay)
         y.lerp_(z, step.average_weight)
-        y.add_(direction, alpha=step.step_size * (beta1 * (1 - step.average_weight) - 1))
+        y.add_(direction, alpha=step.point_step_size)
         z.sub_(direction, alpha=step.step_size)
 
 

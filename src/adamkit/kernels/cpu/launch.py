@@ -27,6 +27,7 @@ from ..host import (
     check_addressed,
     chunk_table,
     clip_update_sizes,
+    draws_random_bits,
     group_constants,
     set_cautious_scales,
     state_keys,
@@ -61,7 +62,8 @@ class _Bucket:
         self.members = members
         self.amsgrad = rule.amsgrad
         self.mode = rounding.effective_rounding(rule.rounding, param_dtype)
-        self.random = rounding.needs_random_bits(rule.rounding, param_dtype, moment_storage)
+        self.random = draws_random_bits(rule.algorithm, rule.rounding, param_dtype, moment_storage)
+        self.copied = rule.spec.weight_copy is not None
         self.param_witness = np.empty(0, dtype=_STORAGE[param_dtype])
         self.state_witness = np.empty(
             0, dtype=_QUANTIZED_STORAGE[moment_storage.name] if quantized else _STORAGE[moment_dtype]
@@ -107,7 +109,7 @@ class _Bucket:
 
     def _state_row(self, tensors: list[Tensor]) -> list[int]:
         addresses = [t.data_ptr() for t in tensors]
-        return state_row(addresses, self.moment_count, self.mode in PARAM_EXTRA_KEY, self.quantized)
+        return state_row(addresses, self.moment_count, self.mode in PARAM_EXTRA_KEY, self.quantized, self.copied)
 
     def step_keys(self, rule: UpdateRule, batch: GroupBatch, counts: np.ndarray) -> np.ndarray:
         """Stochastic rounding's keys k_{s,t} and each tensor's element offset,
@@ -180,7 +182,7 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
         return cached[1]
     by_storage: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        by_storage.setdefault((as_real(p).dtype, moment_storage(batch.states[i], p)), []).append(i)
+        by_storage.setdefault((as_real(p).dtype, moment_storage(batch.states[i], p, rule.algorithm)), []).append(i)
     buckets = [_Bucket(members, batch, rule, dtypes) for dtypes, members in by_storage.items()]
     batch.cache["cpu"] = (key, buckets)
     return buckets

@@ -17,6 +17,7 @@ from .. import compile_cache
 from ..host import (
     CAUTIOUS_SCALE_COLUMN,
     DECAY_FACTOR_COLUMN,
+    EXACT_MODES,
     STEP_SIZE_COLUMN,
 )
 from ..intrinsics import (
@@ -40,7 +41,10 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
     adaptive (RAdam: rectified; ADOPT: past its first step; one per tensor).
     StableAdamW's loop is Adam's: its clipping is in the per-tensor scalars.  A slow
     first moment (AdEMAMix) is held in the maximum's place and adds its own term to the
-    direction's numerator.  The
+    direction's numerator.  Schedule-free's loop holds its second weight sequence z in
+    the first moment's place (``exp_avg`` then points at z, in its own dtype), takes its
+    weight decay at the param instead of the rounding rule's decay, and moves the param
+    to lerp(y, z, c) + a d (the lerp as torch forms it for one element).  The
     forms are taken in the order of :class:`~adamkit.kernels.triton`'s twin.  A
     ``cautious`` loop keeps an element's update u only where u g > 0, as the
     reference does (u [u g > 0] n / (kept + 1): a NaN update stays NaN), and a
@@ -53,6 +57,7 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
     reads_previous_second = spec.first_moment == FirstMoment.NORMALIZED_CLIPPED
     nesterov = spec.nesterov
     slow = spec.slow_first_moment
+    schedule_free = spec.first_moment == FirstMoment.WEIGHT_SEQUENCE
     first_moment = _adopt_first_moment if reads_previous_second else _adam_first_moment
     if counting:  # nothing is stored
         put_param, put = _put_nothing, _put_nothing_stochastic
@@ -63,14 +68,26 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
         one_minus_beta1, beta2, one_minus_beta2, eps, l2, inverse_scale = scalars[0:6]
         step_size, bias_correction2_sqrt, gradient_step_size, adaptive, clip, second_weight = scalars[6:12]
         decay_factor, cautious_scale, slow_step_size, one_minus_beta3 = scalars[12:16]
+        average_weight, point_step_size, point_decay, bias_correction2 = scalars[16:20]
         one = _compute(param, 1.0)
         zero = _compute(param, 0.0)
+        half = _compute(param, 0.5)
         agree = 0
         for i in range(first, end):
             p = load_param(param, compensation, i)
             g = _load(grad, i) * inverse_scale
             if maximize:
                 g = -g
+            if schedule_free:  # (its weight decay is at the param: no decay of the rule's)
+                z = _compute(param, _load(exp_avg, i))
+                v = beta2 * _load(second, i) + one_minus_beta2 * g * g
+                put(second, i, v, keys[2], keys[4])
+                d = g / (np.sqrt(v / bias_correction2) + eps)
+                d = d + point_decay * p if point_decay != zero else d
+                y = p + average_weight * (z - p) if average_weight < half else z - (z - p) * (one - average_weight)
+                put(exp_avg, i, z - step_size * d, keys[1], keys[4])
+                put_param(param, compensation, i, y + point_step_size * d, keys[0], keys[4])
+                continue
             if decay == L2_DECAY:
                 g = g + l2 * p
             elif decay == DECOUPLED_DECAY:
@@ -192,6 +209,46 @@ def _normalizes_impl(sw, aw):
     return lambda sw, aw: answer
 
 
+def _first_pointer(address, pw, sw, rw, aw):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_first_pointer, inline="always")
+def _first_pointer_impl(address, pw, sw, rw, aw):
+    """The first moment's place as a typed pointer: the moments' storage (``sw``), or
+    a second weight sequence's dtype (:func:`adamkit.kernels.host.weight_copy_dtype`:
+    fp32 beside a Kahan compensation or a split master, else the param's, ``pw``)."""
+    if REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].weight_copy is None:
+        return lambda address, pw, sw, rw, aw: typed_pointer(address, sw)
+    if _MODE_OF_WITNESS[rw.dtype] in EXACT_MODES:
+        return lambda address, pw, sw, rw, aw: typed_pointer(address, _FLOAT32_WITNESS)
+    return lambda address, pw, sw, rw, aw: typed_pointer(address, pw)
+
+
+def _span_first_pointer(address, base, pw, sw, rw, aw):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_span_first_pointer, inline="always")
+def _span_first_pointer_impl(address, base, pw, sw, rw, aw):
+    """A quantized span's first place: the decoded first moment in the scratch at
+    ``base``, or a second weight sequence where it is (never quantized)."""
+    if REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].weight_copy is None:
+        return lambda address, base, pw, sw, rw, aw: typed_pointer(base, _FLOAT32_WITNESS)
+    return lambda address, base, pw, sw, rw, aw: _first_pointer(address, pw, sw, rw, aw)
+
+
+def _holds_copy(aw):
+    raise NotImplementedError  # pragma: no cover - replaced by the overload
+
+
+@overload(_holds_copy, inline="always")
+def _holds_copy_impl(aw):
+    """Whether the algorithm (``aw``) holds a second weight sequence in the first moment's place: a constant."""
+    answer = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].weight_copy is not None
+    return lambda aw: answer
+
+
 def _holds_slow(aw):
     raise NotImplementedError  # pragma: no cover - replaced by the overload
 
@@ -266,7 +323,7 @@ def _fused_step(
         pointers = (
             typed_pointer(addresses[t, 0], param_witness),
             typed_pointer(addresses[t, 1], param_witness),
-            typed_pointer(addresses[t, 2], state_witness),
+            _first_pointer(addresses[t, 2], param_witness, state_witness, rounding_witness, algorithm_witness),
             typed_pointer(addresses[t, 3], state_witness),
             typed_pointer(addresses[t, 4], state_witness),
             typed_pointer(addresses[t, 5], param_witness),
@@ -326,9 +383,9 @@ def _fused_quantized_step(
 @njit(inline="always", nogil=True)
 def _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness):
     """Tensor ``t``'s scalars in its compute type: the group's constants, the
-    gradients' multiplier, then the tensor's own (``adaptive`` a bool; 1 - beta2^t,
-    read by the clipping pass only, is left out; then the slow first moment's step size
-    and weight)."""
+    gradients' multiplier, then the tensor's own (``adaptive`` a bool), in
+    :data:`~adamkit.kernels.host.TENSOR_SCALARS` order but for 1 - beta2^t, last (read
+    by schedule-free's loop; StableAdamW's clipping pass reads its column)."""
     param = typed_pointer(addresses[t, 0], param_witness)
     return (
         _compute(param, constants[0]),
@@ -347,6 +404,10 @@ def _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness):
         _compute(param, tensor_scalars[t, 8]),
         _compute(param, tensor_scalars[t, 9]),
         _compute(param, tensor_scalars[t, 10]),
+        _compute(param, tensor_scalars[t, 11]),
+        _compute(param, tensor_scalars[t, 12]),
+        _compute(param, tensor_scalars[t, 13]),
+        _compute(param, tensor_scalars[t, 7]),
     )
 
 
@@ -401,14 +462,15 @@ def _scale_first_moment_impl(scratch, count, sw, aw, divide):
 
 
 @njit(inline="always", nogil=True)
-def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw):
+def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, rw, aw):
     """Decode elements [low, high) of a row's quantized moments into the fp32
     ``scratch`` rows (m, v, and v's maximum under AMSGrad or a slow first moment;
     normalized first moments multiplied back by v's divisor); the element loop's
     pointers, with the moments addressed in the scratch by element index."""
     signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
-    slow = _holds_slow(aw)
-    _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
+    slow, copy = _holds_slow(aw), _holds_copy(aw)
+    if not copy:  # (a second weight sequence is addressed where it is)
+        _dequantize(row[2], row[6], sw, signed, scratch[0], low, high, spread)
     _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
     if amsgrad:
         _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
@@ -420,7 +482,7 @@ def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw):
     return (
         typed_pointer(row[0], pw),
         typed_pointer(row[1], pw),
-        typed_pointer(base, _FLOAT32_WITNESS),
+        _span_first_pointer(row[2], base, pw, sw, rw, aw),
         typed_pointer(base + stride, _FLOAT32_WITNESS),
         typed_pointer(base + (2 * stride if amsgrad or slow else stride), _FLOAT32_WITNESS),
         typed_pointer(row[5], pw),
@@ -437,16 +499,17 @@ def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, p
     scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
     spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)  # int4 codes, one a byte
     signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
-    normalizes, slow = _normalizes(sw, aw), _holds_slow(aw)
+    normalizes, slow, copy = _normalizes(sw, aw), _holds_slow(aw), _holds_copy(aw)
     for low in range(first, end, QUANTIZED_SPAN):
         high = min(low + QUANTIZED_SPAN, end)
-        pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw)
+        pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, rw, aw)
         _update_chunk(pointers, low, high, scalars, maximize, decay, keys, amsgrad, aw, rw, cw)
         _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4], spread)
         if normalizes:
             _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
             _scale_first_moment(scratch, high - low, sw, aw, True)
-        _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
+        if not copy:  # (a second weight sequence was stored by the loop itself)
+            _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
         if amsgrad:
             _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4], spread)
         elif slow:
@@ -561,7 +624,7 @@ def _chunk_agreement_impl(row, first, end, scalars, maximize, decay, amsgrad, pw
             agree = 0
             for low in range(first, end, QUANTIZED_SPAN):
                 high = min(low + QUANTIZED_SPAN, end)
-                pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, aw)
+                pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, rw, aw)
                 agree += count(pointers, low, high, scalars, maximize, decay, amsgrad)
             return agree
 

@@ -24,6 +24,7 @@ _ROW_LENGTH = tl.constexpr(len(COLUMNS))
 _TENSOR_SCALAR_COUNT = tl.constexpr(len(TENSOR_SCALARS))
 # the element math's forms (adamkit.algorithms), as FORMS packs them
 _NORMALIZED_CLIPPED = tl.constexpr(int(FirstMoment.NORMALIZED_CLIPPED))
+_WEIGHT_SEQUENCE = tl.constexpr(int(FirstMoment.WEIGHT_SEQUENCE))
 _INFINITY_NORM, _AVERAGE_AFTER = (
     tl.constexpr(int(f)) for f in (SecondMoment.INFINITY_NORM, SecondMoment.AVERAGE_AFTER)
 )
@@ -378,3 +379,42 @@ def _load_param(param, compensation, offsets, mask, COMPUTE: tl.constexpr, KAHAN
     if KAHAN:
         p = p + tl.load(compensation + offsets, mask=mask).to(COMPUTE)
     return p
+
+
+@triton.jit
+def _store_param(
+    param,
+    compensation,
+    offsets,
+    mask,
+    p,
+    key,
+    shift,
+    PARAM_STORAGE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    KAHAN: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+):
+    """Store the new weight theta as :func:`_load_param` reads it: split into the bf16
+    param and its low bits (rounded stochastically to 24 bits first), as a Kahan pair,
+    or rounded to the param's dtype (stochastically under stochastic rounding)."""
+    if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
+        low_bits = compensation.to(tl.pointer_type(tl.int16))
+        bits = p.to(tl.int32, bitcast=True)
+        high = (bits + 0x8000) >> 16
+        tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(low_bits + offsets, (bits - (high << 16)).to(tl.int16), mask=mask)
+    elif MASTER == 8:  # round to 16 significant bits stochastically, then split
+        low_bytes = compensation.to(tl.pointer_type(tl.int8))
+        carry = (_random16(key, offsets + shift) >> 8).to(tl.int32)
+        bits = tl.where(p != p, 0x7FC00000, (p.to(tl.int32, bitcast=True) + carry) & -256)
+        high = (bits + 0x8000) >> 16
+        tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(low_bytes + offsets, ((bits - (high << 16)) >> 8).to(tl.int8), mask=mask)
+    elif KAHAN:  # p = rn(theta), c = rn(theta - p)
+        stored = _to_storage(p, PARAM_STORAGE)
+        tl.store(param + offsets, stored, mask=mask)
+        tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
+    else:
+        _put(param, offsets, mask, p, key, shift, PARAM_STORAGE, STOCHASTIC)

@@ -18,6 +18,7 @@ from .device import (
     _RECTIFIED_ROOT,
     _ROW_LENGTH,
     _TENSOR_SCALAR_COUNT,
+    _WEIGHT_SEQUENCE,
     _exact_div,
     _exact_sqrt,
     _first_moment_divisor,
@@ -25,8 +26,7 @@ from .device import (
     _load_param,
     _put,
     _put_moment,
-    _random16,
-    _to_storage,
+    _store_param,
 )
 
 
@@ -79,6 +79,10 @@ def _update_chunk(
         cautious_scale,
         slow_step_size,
         one_minus_beta3,
+        average_weight,
+        point_step_size,
+        point_decay,
+        bias_correction2,
         gradient_factor,
         one_minus_beta1,
         beta2,
@@ -92,7 +96,7 @@ def _update_chunk(
         shift,
     ) = scalars
     PARAM_STORAGE: tl.constexpr = param.dtype.element_ty
-    STATE_STORAGE: tl.constexpr = exp_avg.dtype.element_ty  # uint8 codes when quantized
+    STATE_STORAGE: tl.constexpr = second.dtype.element_ty  # the moments' (uint8 codes when quantized)
     COMPUTE: tl.constexpr = step_size.dtype
     BLOCK: tl.constexpr = offsets.shape[0]
     FIRST_MOMENT: tl.constexpr = FORMS % 4
@@ -102,88 +106,81 @@ def _update_chunk(
     SLOW: tl.constexpr = FORMS // 128  # a slow first moment (AdEMAMix), in the maximum's place
     p = _load_param(param, compensation, offsets, mask, COMPUTE, KAHAN, MASTER)
     g = tl.load(grad + offsets, mask=mask).to(COMPUTE) * gradient_factor  # exact: +-1 or +-1/grad_scale
-    if DECAY == _L2_DECAY:
-        g = g + l2_weight_decay * p
-    if DECAY == _DECOUPLED_DECAY:  # a per-tensor factor (ADOPT's first step: 1; StableAdamW: clipped)
-        p = p * decay_factor
-    second_value = _load_moment(
-        second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
-    )
-    m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
-    if NORMALIZE != 0:  # stored over the divisor of v as stored: multiplied back (fp32)
-        m = m * _first_moment_divisor(second_value, NORMALIZE, False)
-    m = m.to(COMPUTE)
-    if FIRST_MOMENT == _NORMALIZED_CLIPPED:  # m follows g over the previous v's root, clipped to [-c, c]
-        root = _exact_sqrt(second_value.to(COMPUTE))
-        target = _exact_div(g, tl.where(root < eps, eps, root))
-        target = tl.where(target > clip, clip, tl.where(target < -clip, -clip, target))
-        m = m + one_minus_beta1 * (target - m)
-    else:
-        m = m + one_minus_beta1 * (g - m)
-    if SECOND_MOMENT == _INFINITY_NORM:
-        new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
-    elif SECOND_MOMENT == _AVERAGE_AFTER:
-        new_second = beta2 * second_value.to(COMPUTE) + second_weight * g * g
-    else:
-        new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
-    if not COUNTING:  # (the agreement pass stores nothing)
-        stored_second = _put_moment(
-            second,
-            second_scales,
+    if FIRST_MOMENT == _WEIGHT_SEQUENCE:  # schedule-free: z in the first moment's place; its decay at the param
+        p = _schedule_free_point(
+            p,
+            g,
             offsets,
             mask,
-            new_second,
-            key_second,
-            shift,
-            first,
-            end,
+            bounds,
+            exp_avg,
+            second,
+            second_scales,
+            (step_size, average_weight, point_step_size, point_decay, bias_correction2, beta2, one_minus_beta2, eps),
+            (key_exp_avg, key_second, shift),
+            COMPUTE,
             STATE_STORAGE,
             QUANT_BITS,
             QBLOCK_SECOND,
-            False,
             EXACT_SECOND,
             FLOAT_MAPS_SECOND,
             BLOCK,
         )
-        stored_first = m
-        if NORMALIZE != 0:  # over the divisor of v as just stored (fp32)
-            stored_first = m.to(tl.float32) * _first_moment_divisor(stored_second, NORMALIZE, True)
-        _put_moment(
-            exp_avg,
-            exp_avg_scales,
-            offsets,
-            mask,
-            stored_first,
-            key_exp_avg,
-            shift,
-            first,
-            end,
-            STATE_STORAGE,
-            QUANT_BITS,
-            QBLOCK,
-            True,
-            False,
-            0,
-            BLOCK,
+        total = 0.0
+    else:
+        if DECAY == _L2_DECAY:
+            g = g + l2_weight_decay * p
+        if DECAY == _DECOUPLED_DECAY:  # a per-tensor factor (ADOPT's first step: 1; StableAdamW: clipped)
+            p = p * decay_factor
+        second_value = _load_moment(
+            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
         )
-    slow_m = 0.0
-    if SLOW:  # AdEMAMix's slow average: a first moment, stored as the first is
-        slow_m = _load_moment(max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
-        if NORMALIZE != 0:
-            slow_m = slow_m * _first_moment_divisor(second_value, NORMALIZE, False)
-        slow_m = slow_m.to(COMPUTE)
-        slow_m = slow_m + one_minus_beta3 * (g - slow_m)
-        if not COUNTING:
-            stored_slow = slow_m
-            if NORMALIZE != 0:
-                stored_slow = slow_m.to(tl.float32) * _first_moment_divisor(stored_second, NORMALIZE, True)
-            _put_moment(
-                max_second,
-                max_second_scales,
+        m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
+        if NORMALIZE != 0:  # stored over the divisor of v as stored: multiplied back (fp32)
+            m = m * _first_moment_divisor(second_value, NORMALIZE, False)
+        m = m.to(COMPUTE)
+        if FIRST_MOMENT == _NORMALIZED_CLIPPED:  # m follows g over the previous v's root, clipped to [-c, c]
+            root = _exact_sqrt(second_value.to(COMPUTE))
+            target = _exact_div(g, tl.where(root < eps, eps, root))
+            target = tl.where(target > clip, clip, tl.where(target < -clip, -clip, target))
+            m = m + one_minus_beta1 * (target - m)
+        else:
+            m = m + one_minus_beta1 * (g - m)
+        if SECOND_MOMENT == _INFINITY_NORM:
+            new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
+        elif SECOND_MOMENT == _AVERAGE_AFTER:
+            new_second = beta2 * second_value.to(COMPUTE) + second_weight * g * g
+        else:
+            new_second = beta2 * second_value.to(COMPUTE) + one_minus_beta2 * g * g
+        if not COUNTING:  # (the agreement pass stores nothing)
+            stored_second = _put_moment(
+                second,
+                second_scales,
                 offsets,
                 mask,
-                stored_slow,
-                key_max,
+                new_second,
+                key_second,
+                shift,
+                first,
+                end,
+                STATE_STORAGE,
+                QUANT_BITS,
+                QBLOCK_SECOND,
+                False,
+                EXACT_SECOND,
+                FLOAT_MAPS_SECOND,
+                BLOCK,
+            )
+            stored_first = m
+            if NORMALIZE != 0:  # over the divisor of v as just stored (fp32)
+                stored_first = m.to(tl.float32) * _first_moment_divisor(stored_second, NORMALIZE, True)
+            _put_moment(
+                exp_avg,
+                exp_avg_scales,
+                offsets,
+                mask,
+                stored_first,
+                key_exp_avg,
                 shift,
                 first,
                 end,
@@ -195,83 +192,159 @@ def _update_chunk(
                 0,
                 BLOCK,
             )
-    if DENOMINATOR == _NORM:
-        denom = new_second
-    elif DENOMINATOR == _NO_DENOMINATOR:
-        denom = 1.0
-    else:
-        v = new_second
-        if AMSGRAD:
-            v_max = _load_moment(
-                max_second,
-                max_second_scales,
-                offsets,
-                mask,
-                STATE_STORAGE,
-                QUANT_BITS,
-                QBLOCK_SECOND,
-                False,
-                FLOAT_MAPS_SECOND,
+        slow_m = 0.0
+        if SLOW:  # AdEMAMix's slow average: a first moment, stored as the first is
+            slow_m = _load_moment(
+                max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0
             )
-            v = tl.maximum(v_max.to(COMPUTE), v)
-            if not COUNTING:  # (the agreement pass stores nothing)
+            if NORMALIZE != 0:
+                slow_m = slow_m * _first_moment_divisor(second_value, NORMALIZE, False)
+            slow_m = slow_m.to(COMPUTE)
+            slow_m = slow_m + one_minus_beta3 * (g - slow_m)
+            if not COUNTING:
+                stored_slow = slow_m
+                if NORMALIZE != 0:
+                    stored_slow = slow_m.to(tl.float32) * _first_moment_divisor(stored_second, NORMALIZE, True)
                 _put_moment(
                     max_second,
                     max_second_scales,
                     offsets,
                     mask,
-                    v,
+                    stored_slow,
                     key_max,
                     shift,
                     first,
                     end,
                     STATE_STORAGE,
                     QUANT_BITS,
-                    QBLOCK_SECOND,
+                    QBLOCK,
+                    True,
                     False,
-                    EXACT_SECOND,
-                    FLOAT_MAPS_SECOND,
+                    0,
                     BLOCK,
                 )
-        if DENOMINATOR == _RECTIFIED_ROOT:  # before rectification: momentum SGD, no denominator
-            denom = tl.where(adaptive != 0, _exact_sqrt(v) + eps, 1.0)
+        if DENOMINATOR == _NORM:
+            denom = new_second
+        elif DENOMINATOR == _NO_DENOMINATOR:
+            denom = 1.0
         else:
-            denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
-    if NESTEROV:
-        update = _exact_div(step_size * m + gradient_step_size * g, denom)
-    elif SLOW:
-        update = _exact_div(step_size * m + slow_step_size * slow_m, denom)
-    elif DENOMINATOR == _NO_DENOMINATOR:
-        update = step_size * m
-    else:
-        update = step_size * _exact_div(m, denom)
-    if COUNTING:
-        total = tl.sum(((update * g > 0.0) & mask).to(tl.int32), axis=0).to(tl.float64)
-    else:
-        if CAUTIOUS:
-            update = update * tl.where(update * g > 0.0, 1.0, 0.0) * cautious_scale
-        p = p - update
-        if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
-            low_bits = compensation.to(tl.pointer_type(tl.int16))
-            bits = p.to(tl.int32, bitcast=True)
-            high = (bits + 0x8000) >> 16
-            tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
-            tl.store(low_bits + offsets, (bits - (high << 16)).to(tl.int16), mask=mask)
-        elif MASTER == 8:  # round to 16 significant bits stochastically, then split
-            low_bytes = compensation.to(tl.pointer_type(tl.int8))
-            carry = (_random16(key_param, offsets + shift) >> 8).to(tl.int32)
-            bits = tl.where(p != p, 0x7FC00000, (p.to(tl.int32, bitcast=True) + carry) & -256)
-            high = (bits + 0x8000) >> 16
-            tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
-            tl.store(low_bytes + offsets, ((bits - (high << 16)) >> 8).to(tl.int8), mask=mask)
-        elif KAHAN:  # p = rn(theta), c = rn(theta - p)
-            stored = _to_storage(p, PARAM_STORAGE)
-            tl.store(param + offsets, stored, mask=mask)
-            tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
+            v = new_second
+            if AMSGRAD:
+                v_max = _load_moment(
+                    max_second,
+                    max_second_scales,
+                    offsets,
+                    mask,
+                    STATE_STORAGE,
+                    QUANT_BITS,
+                    QBLOCK_SECOND,
+                    False,
+                    FLOAT_MAPS_SECOND,
+                )
+                v = tl.maximum(v_max.to(COMPUTE), v)
+                if not COUNTING:  # (the agreement pass stores nothing)
+                    _put_moment(
+                        max_second,
+                        max_second_scales,
+                        offsets,
+                        mask,
+                        v,
+                        key_max,
+                        shift,
+                        first,
+                        end,
+                        STATE_STORAGE,
+                        QUANT_BITS,
+                        QBLOCK_SECOND,
+                        False,
+                        EXACT_SECOND,
+                        FLOAT_MAPS_SECOND,
+                        BLOCK,
+                    )
+            if DENOMINATOR == _RECTIFIED_ROOT:  # before rectification: momentum SGD, no denominator
+                denom = tl.where(adaptive != 0, _exact_sqrt(v) + eps, 1.0)
+            else:
+                denom = _exact_div(_exact_sqrt(v), bias_correction2_sqrt) + eps
+        if NESTEROV:
+            update = _exact_div(step_size * m + gradient_step_size * g, denom)
+        elif SLOW:
+            update = _exact_div(step_size * m + slow_step_size * slow_m, denom)
+        elif DENOMINATOR == _NO_DENOMINATOR:
+            update = step_size * m
         else:
-            _put(param, offsets, mask, p, key_param, shift, PARAM_STORAGE, STOCHASTIC)
-        total = 0.0
+            update = step_size * _exact_div(m, denom)
+        if COUNTING:
+            total = tl.sum(((update * g > 0.0) & mask).to(tl.int32), axis=0).to(tl.float64)
+        else:
+            if CAUTIOUS:
+                update = update * tl.where(update * g > 0.0, 1.0, 0.0) * cautious_scale
+            p = p - update
+            total = 0.0
+    if not COUNTING:
+        _store_param(
+            param, compensation, offsets, mask, p, key_param, shift, PARAM_STORAGE, COMPUTE, KAHAN, MASTER, STOCHASTIC
+        )
     return total
+
+
+@triton.jit
+def _schedule_free_point(
+    p,
+    g,
+    offsets,
+    mask,
+    bounds,
+    z_pointer,
+    second,
+    second_scales,
+    scalars,
+    keys,
+    COMPUTE: tl.constexpr,
+    STATE_STORAGE: tl.constexpr,
+    QUANT_BITS: tl.constexpr,
+    QBLOCK_SECOND: tl.constexpr,
+    EXACT_SECOND: tl.constexpr,
+    FLOAT_MAPS_SECOND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    r"""Schedule-free's step at the param :math:`y` (``p``), as the CPU kernel's loop takes it:
+    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g^2`,
+    :math:`d = g / (\sqrt{v / (1 - \beta_2^t)} + \epsilon) + \lambda y`,
+    :math:`z \leftarrow z - \gamma d` (stored here, stochastically in 16 bits); returns
+    :math:`\operatorname{lerp}(y, z, c) + a d` with the old :math:`z` (the lerp as torch
+    forms it for one element)."""
+    first, end = bounds
+    step_size, average_weight, point_step_size, point_decay, bias_correction2, beta2, one_minus_beta2, eps = scalars
+    key_z, key_second, shift = keys
+    z = tl.load(z_pointer + offsets, mask=mask).to(COMPUTE)
+    v = _load_moment(
+        second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
+    )
+    v = beta2 * v.to(COMPUTE) + one_minus_beta2 * g * g
+    _put_moment(
+        second,
+        second_scales,
+        offsets,
+        mask,
+        v,
+        key_second,
+        shift,
+        first,
+        end,
+        STATE_STORAGE,
+        QUANT_BITS,
+        QBLOCK_SECOND,
+        False,
+        EXACT_SECOND,
+        FLOAT_MAPS_SECOND,
+        BLOCK,
+    )
+    d = _exact_div(g, _exact_sqrt(_exact_div(v, bias_correction2)) + eps)
+    if point_decay != 0.0:
+        d = d + point_decay * p
+    y = tl.where(average_weight < 0.5, p + average_weight * (z - p), z - (z - p) * (1.0 - average_weight))
+    _put(z_pointer, offsets, mask, z - step_size * d, key_z, shift, z_pointer.dtype.element_ty, True)
+    return y + point_step_size * d
 
 
 @triton.jit
@@ -333,7 +406,13 @@ def _fused_step(
             scales_pointer = tl.pointer_type(tl.bfloat16)
         param = tl.load(row).to(param_pointer)
         grad = tl.load(row + 1).to(param_pointer)
-        exp_avg = tl.load(row + 2).to(state_pointer)
+        if FORMS % 4 == _WEIGHT_SEQUENCE:  # a second weight sequence: fp32 beside an exact value, else the param's
+            if KAHAN or MASTER != 0:
+                exp_avg = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+            else:
+                exp_avg = tl.load(row + 2).to(param_pointer)
+        else:
+            exp_avg = tl.load(row + 2).to(state_pointer)
         second = tl.load(row + 3).to(state_pointer)
         max_second = tl.load(row + 4).to(state_pointer)
         compensation = tl.load(row + 5).to(param_pointer)
@@ -371,6 +450,10 @@ def _fused_step(
             tl.load(tensor_row + 8).to(COMPUTE),  # a cautious update's n / (kept + 1)
             tl.load(tensor_row + 9).to(COMPUTE),  # a slow first moment's step size
             tl.load(tensor_row + 10).to(COMPUTE),  # its weight 1 - beta3(t) of g
+            tl.load(tensor_row + 11).to(COMPUTE),  # schedule-free's c_{t+1}
+            tl.load(tensor_row + 12).to(COMPUTE),  # its step of the param along the direction
+            tl.load(tensor_row + 13).to(COMPUTE),  # its weight decay at the param
+            tl.load(tensor_row + 7).to(COMPUTE),  # 1 - beta2^t
             gradient_factor.to(COMPUTE),
             tl.load(constants_ptr).to(COMPUTE),  # 1 - beta1
             tl.load(constants_ptr + 1).to(COMPUTE),  # beta2

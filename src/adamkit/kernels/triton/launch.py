@@ -24,6 +24,7 @@ from ..host import (
     check_addressed,
     chunk_table,
     clip_update_sizes,
+    draws_random_bits,
     group_constants,
     set_cautious_scales,
     state_keys,
@@ -60,7 +61,7 @@ class _Bucket:
         self.quantized = state_storage if isinstance(state_storage, QuantFormat) else None
         self.state_storage = torch.uint8 if self.quantized else state_storage
         self.mode = rounding.effective_rounding(rule.rounding, self.param_dtype)
-        self.random = rounding.needs_random_bits(rule.rounding, self.param_dtype, state_storage)
+        self.random = draws_random_bits(rule.algorithm, rule.rounding, self.param_dtype, state_storage)
         keys, moment_count = state_keys(rule.algorithm, rule.amsgrad, self.quantized, self.mode)
         self.state_tensors = [[as_real(s[key]) for key in keys] for s in states]
         moment_dtype = torch.float32 if self.quantized else state_storage
@@ -72,9 +73,10 @@ class _Bucket:
         for p, tensors in zip(params, self.state_tensors):
             if not (p.is_contiguous() and all(t.is_contiguous() for t in tensors)):
                 raise _NeedsStaging
-        extra, quantized = self.mode in PARAM_EXTRA_KEY, self.quantized is not None
+        extra, quantized, copied = self.mode in PARAM_EXTRA_KEY, self.quantized is not None, bool(rule.spec.weight_copy)
         rows = [
-            state_row([t.data_ptr() for t in tensors], moment_count, extra, quantized) for tensors in self.state_tensors
+            state_row([t.data_ptr() for t in tensors], moment_count, extra, quantized, copied)
+            for tensors in self.state_tensors
         ]
         self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), STATE_COLUMNS)
         quantized_shape, shape = (config.QUANTIZED_BLOCK, config.QUANTIZED_NUM_WARPS), (config.BLOCK, config.NUM_WARPS)
@@ -176,7 +178,9 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
         return cached[1]
     by_kind: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        by_kind.setdefault((p.device, as_real(p).dtype, moment_storage(batch.states[i], p)), []).append(i)
+        by_kind.setdefault((p.device, as_real(p).dtype, moment_storage(batch.states[i], p, rule.algorithm)), []).append(
+            i
+        )
     buckets = [_Bucket(members, batch, rule, kind[2]) for kind, members in by_kind.items()]
     batch.cache["triton"] = (key, buckets)
     return buckets
