@@ -178,9 +178,8 @@ def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
         return cached[1]
     by_kind: dict[tuple, list[int]] = {}
     for i, p in enumerate(batch.params):
-        by_kind.setdefault((p.device, as_real(p).dtype, moment_storage(batch.states[i], p, rule.algorithm)), []).append(
-            i
-        )
+        storage = moment_storage(batch.states[i], p, rule.algorithm)
+        by_kind.setdefault((p.device, as_real(p).dtype, storage), []).append(i)
     buckets = [_Bucket(members, batch, rule, kind[2]) for kind, members in by_kind.items()]
     batch.cache["triton"] = (key, buckets)
     return buckets
