@@ -277,6 +277,8 @@ class Run:
                 return
             tensors = [k for k, v in state.items() if torch.is_tensor(v) and v.numel() > 1 and k != "step"]
             key = tensors[0] if tensors else "step"
+            if key not in state:  # (an earlier mutation popped it)
+                return
             value = state[key]
             if how == "replace":
                 state[key] = guarded_copy(value).fill_(1)

@@ -35,7 +35,7 @@ from ..host import (
 )
 from ..types import GroupBatch, as_real
 from . import layout
-from .layout import _ALGORITHM_WITNESS, _CAUTIOUS_WITNESS, _QUANTIZED_STORAGE, _ROUNDING_WITNESS, _STORAGE, CHUNK
+from .layout import _ALGORITHM_WITNESS, _QUANTIZED_STORAGE, _ROUNDING_WITNESS, _STORAGE, _VARIANT_WITNESS, CHUNK
 from .loops import (
     _agreement_counts,
     _clipping_sums,
@@ -98,7 +98,8 @@ class _Bucket:
         self.windows = np.array(window_table(self.chunks, layout.PRE_PASS_WINDOW), dtype=np.int64).reshape(-1, 4)
         self.clipped = rule.spec.clips_update
         self.cautious = rule.cautious
-        self.cautious_witness = np.empty(0, dtype=_CAUTIOUS_WITNESS[rule.cautious])
+        keeps_maximum = bool(rule.amsgrad and rule.spec.amsgrad)
+        self.variant_witness = np.empty(0, dtype=_VARIANT_WITNESS[rule.cautious, keeps_maximum])
         self.whole_group = members == list(range(len(batch.params)))
         #: the rows always staged (their param or state is not laid out for the kernel)
         self.staged_rows = [row for row, direct in enumerate(self.direct) if not direct]
@@ -281,12 +282,12 @@ def _launch(batch: GroupBatch, rule: UpdateRule) -> None:
         launch = _fused_quantized_step if bucket.quantized else _fused_step
         if (bucket.clipped or bucket.cautious) and batch.shards is None:
             decay = np.nan if decay_rate is None else decay_rate
-            arguments = (keys, bucket.real_sizes, decay, *witnesses, bucket.cautious_witness)
+            arguments = (keys, bucket.real_sizes, decay, *witnesses, bucket.variant_witness)
             _windowed_step(table, bucket.chunks, bucket.windows, tensor_scalars, constants, flags, *arguments)
         else:
             if bucket.clipped or bucket.cautious:
                 _sharded_pre_pass(batch, bucket, table, tensor_scalars, constants, flags, witnesses, decay_rate)
-            launch(table, bucket.chunks, tensor_scalars, constants, flags, keys, *witnesses, bucket.cautious_witness)
+            launch(table, bucket.chunks, tensor_scalars, constants, flags, keys, *witnesses, bucket.variant_witness)
         for param, param_buffer, _grad_buffer, state_tensors, state_buffers in staged:
             param.copy_(param_buffer)
             for state, buffer in zip(state_tensors, state_buffers):

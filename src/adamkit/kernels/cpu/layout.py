@@ -39,8 +39,9 @@ _ALGORITHM_WITNESS = {
     for name, spec in REGISTRY.items()
 }
 
-#: whether the update is cautious, as a witness type
-_CAUTIOUS_WITNESS = {False: np.int8, True: np.uint8}
+#: whether the update is cautious and whether it keeps AMSGrad's maximum, as one witness
+#: type per combination: each its own specialization, compiling only the loop it runs
+_VARIANT_WITNESS = {(False, False): np.int8, (True, False): np.uint8, (False, True): np.int16, (True, True): np.uint16}
 
 #: the rounding mode travels as a witness type, so each mode is its own specialization
 _ROUNDING_WITNESS = {

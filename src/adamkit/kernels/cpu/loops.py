@@ -24,7 +24,7 @@ from ..intrinsics import (
     first_moment_divisor,
     typed_pointer,
 )
-from .layout import _ALGORITHM_WITNESS, _QUANTIZED_STORAGE, _ROUNDING_WITNESS
+from .layout import _ALGORITHM_WITNESS, _QUANTIZED_STORAGE, _ROUNDING_WITNESS, _VARIANT_WITNESS
 from .storage import _FLOAT32_WITNESS, _FLOAT64_WITNESS, _STORAGE_POLICIES, _compute, _dequantize, _load, _requantize
 
 compile_cache.install()  # (before the first cached function: stamped with the whole package's source)
@@ -162,11 +162,12 @@ def _adopt_first_moment(m, g, v, one_minus_beta1, eps, clip):
     return m + one_minus_beta1 * (target - m)
 
 
-#: (plain, amsgrad) loops per (algorithm, rounding mode, cautious); AMSGrad where the algorithm has it
+#: (plain, amsgrad) loops per (algorithm, rounding mode, cautious); the AMSGrad loop only
+#: where the algorithm has an AMSGrad variant (else ``None``: one loop is compiled, not two)
 _LOOPS = {
     (spec.name, mode, cautious): (
         _element_loop(spec, amsgrad=False, rounding_mode=mode, cautious=cautious),
-        _element_loop(spec, amsgrad=spec.amsgrad, rounding_mode=mode, cautious=cautious),
+        _element_loop(spec, amsgrad=True, rounding_mode=mode, cautious=cautious) if spec.amsgrad else None,
     )
     for spec in REGISTRY.values()
     if spec.fused
@@ -177,7 +178,7 @@ _LOOPS = {
 _COUNTING_LOOPS = {
     (spec.name, mode): (
         _element_loop(spec, amsgrad=False, rounding_mode=mode, cautious=False, counting=True),
-        _element_loop(spec, amsgrad=spec.amsgrad, rounding_mode=mode, cautious=False, counting=True),
+        _element_loop(spec, amsgrad=True, rounding_mode=mode, cautious=False, counting=True) if spec.amsgrad else None,
     )
     for spec in REGISTRY.values()
     if spec.fused
@@ -191,6 +192,8 @@ _MODE_OF_WITNESS = {
     types.uint32: "master24",
 }
 _ALGORITHM_OF_WITNESS = {getattr(types, np.dtype(witness).name): name for name, witness in _ALGORITHM_WITNESS.items()}
+#: (cautious, keeps AMSGrad's maximum) per variant witness type
+_VARIANT_OF_WITNESS = {getattr(types, np.dtype(witness).name): variant for variant, witness in _VARIANT_WITNESS.items()}
 _FORMAT_OF_WITNESS = {
     getattr(types, np.dtype(witness).name): FORMATS[name] for name, witness in _QUANTIZED_STORAGE.items()
 }
@@ -270,17 +273,16 @@ def _update_chunk(
 def _update_chunk_impl(
     pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw
 ):
-    """Only the algorithm's, rounding mode's and cautious-or-not loops are compiled
-    for a specialization (``cw``: the cautious witness, uint8 when cautious)."""
+    """The one loop a specialization runs, compiled alone: the algorithm's, the
+    rounding mode's, and cautious or not and keeping AMSGrad's maximum or not, as the
+    variant witness (``cw``) says."""
     algorithm = _ALGORITHM_OF_WITNESS[algorithm_witness.dtype]
-    cautious = cw.dtype == types.uint8
+    cautious, keeps_maximum = _VARIANT_OF_WITNESS[cw.dtype]
     plain_loop, amsgrad_loop = _LOOPS[algorithm, _MODE_OF_WITNESS[rounding_witness.dtype], cautious]
+    loop = amsgrad_loop if keeps_maximum else plain_loop
 
     def update(pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw):
-        if amsgrad:
-            amsgrad_loop(pointers, first, end, scalars, maximize, decay, keys)
-        else:
-            plain_loop(pointers, first, end, scalars, maximize, decay, keys)
+        loop(pointers, first, end, scalars, maximize, decay, keys)
 
     return update
 
@@ -297,7 +299,7 @@ def _fused_step(
     state_witness,
     rounding_witness,
     algorithm_witness,
-    cautious_witness,
+    variant_witness,
 ):
     """The update for every chunk of every tensor of one (param dtype, state dtype) bucket.
 
@@ -312,8 +314,8 @@ def _fused_step(
     keys: int64[T, 5] stochastic rounding's step keys (param, exp_avg, second, max)
         and the tensor's element offset (a shard's first index in its whole param)
     witnesses: the param and state storage types (a quantized format: int8 for
-        "int8", uint8 for "int4"); the rounding mode, the algorithm and whether the
-        update is cautious (their dtypes)
+        "int8", uint8 for "int4"); the rounding mode, the algorithm, and whether the
+        update is cautious and keeps AMSGrad's maximum (their dtypes)
     """
     maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
     for c in prange(chunks.shape[0]):
@@ -339,7 +341,7 @@ def _fused_step(
             amsgrad,
             algorithm_witness,
             rounding_witness,
-            cautious_witness,
+            variant_witness,
         )
 
 
@@ -355,7 +357,7 @@ def _fused_quantized_step(
     state_witness,
     rounding_witness,
     algorithm_witness,
-    cautious_witness,
+    variant_witness,
 ):
     """:func:`_fused_step` for quantized states (``state_witness`` names the format)."""
     maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
@@ -376,7 +378,7 @@ def _fused_quantized_step(
             state_witness,
             rounding_witness,
             algorithm_witness,
-            cautious_witness,
+            variant_witness,
         )
 
 
@@ -611,7 +613,7 @@ def _chunk_agreement_impl(row, first, end, scalars, maximize, decay, amsgrad, pw
     plain_loop, amsgrad_loop = _COUNTING_LOOPS[_ALGORITHM_OF_WITNESS[aw.dtype], _MODE_OF_WITNESS[rw.dtype]]
 
     def count(pointers, first, end, scalars, maximize, decay, amsgrad):
-        if amsgrad:
+        if amsgrad_loop is not None and amsgrad:
             return amsgrad_loop(pointers, first, end, scalars, maximize, decay, _NO_STREAM)
         return plain_loop(pointers, first, end, scalars, maximize, decay, _NO_STREAM)
 
@@ -691,7 +693,7 @@ def _caution_window_impl(addresses, window, first, end, tensor_scalars, constant
     """A cautious update's scale n / (kept + 1) for tensors [first, end), as
     :func:`~adamkit.kernels.host.set_cautious_scales` computes it (nothing when the
     update is not cautious)."""
-    if cw.dtype != types.uint8:
+    if not _VARIANT_OF_WITNESS[cw.dtype][0]:
         return lambda addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw: None
 
     def caution(addresses, window, first, end, tensor_scalars, constants, flags, numels, pw, sw, rw, aw, cw):
