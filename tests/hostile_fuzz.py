@@ -108,8 +108,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 #: few, so that the compiled kernels they need are built once: each costs seconds cold)
 OPTIMIZERS = [
     ("Adam", "fp32", {}),
-    # per-tensor paths only (no raw addresses; a failed step must still change nothing), early in
-    # the list: hypothesis draws the first entries most
+    # a slow first moment in the third place and a weight sequence z beside int8 v (new kernel
+    # addressing), early in the list: hypothesis draws the first entries most
     ("AdEMAMix", "bf16", {"state_precision": "int8", "alpha_warmup": 3}),
     ("ScheduleFreeAdamW", "bf16", {"master_weights": "24bit", "state_precision": "int8", "warmup_steps": 2}),
     ("AdamW", "fp32", {"amsgrad": True, "weight_decay": 0.1}),

@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.core.extending import overload
 
-from ...algorithms import REGISTRY, AlgorithmSpec, Denominator, FirstMoment, FirstMomentScale, SecondMoment, lookup
+from ...algorithms import REGISTRY, AlgorithmSpec, Denominator, FirstMoment, FirstMomentScale, SecondMoment
 from ...rule import DECOUPLED_DECAY, L2_DECAY
 from ...specs.quantization import FORMATS
 from .. import compile_cache
@@ -192,6 +192,13 @@ _MODE_OF_WITNESS = {
     types.uint32: "master24",
 }
 _ALGORITHM_OF_WITNESS = {getattr(types, np.dtype(witness).name): name for name, witness in _ALGORITHM_WITNESS.items()}
+
+
+def _spec_of(algorithm_witness) -> AlgorithmSpec:
+    """The declaration of the algorithm a witness type names (a compile-time lookup)."""
+    return REGISTRY[_ALGORITHM_OF_WITNESS[algorithm_witness.dtype]]
+
+
 #: (cautious, keeps AMSGrad's maximum) per variant witness type
 _VARIANT_OF_WITNESS = {getattr(types, np.dtype(witness).name): variant for variant, witness in _VARIANT_WITNESS.items()}
 _FORMAT_OF_WITNESS = {
@@ -207,7 +214,7 @@ def _normalizes(sw, aw):
 def _normalizes_impl(sw, aw):
     """Whether the format (``sw``) normalizes the algorithm's (``aw``) first moment: a constant."""
     fmt = _FORMAT_OF_WITNESS[sw.dtype]
-    scale = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].first_moment_scale
+    scale = _spec_of(aw).first_moment_scale
     answer = fmt.normalized_first_moment and scale != FirstMomentScale.NONE
     return lambda sw, aw: answer
 
@@ -221,7 +228,7 @@ def _first_pointer_impl(address, pw, sw, rw, aw):
     """The first moment's place as a typed pointer: the moments' storage (``sw``), or
     a second weight sequence's dtype (:func:`adamkit.kernels.host.weight_copy_dtype`:
     fp32 beside a Kahan compensation or a split master, else the param's, ``pw``)."""
-    if REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].weight_copy is None:
+    if _spec_of(aw).weight_copy is None:
         return lambda address, pw, sw, rw, aw: typed_pointer(address, sw)
     if _MODE_OF_WITNESS[rw.dtype] in EXACT_MODES:
         return lambda address, pw, sw, rw, aw: typed_pointer(address, _FLOAT32_WITNESS)
@@ -236,7 +243,7 @@ def _span_first_pointer(address, base, pw, sw, rw, aw):
 def _span_first_pointer_impl(address, base, pw, sw, rw, aw):
     """A quantized span's first place: the decoded first moment in the scratch at
     ``base``, or a second weight sequence where it is (never quantized)."""
-    if REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].weight_copy is None:
+    if _spec_of(aw).weight_copy is None:
         return lambda address, base, pw, sw, rw, aw: typed_pointer(base, _FLOAT32_WITNESS)
     return lambda address, base, pw, sw, rw, aw: _first_pointer(address, pw, sw, rw, aw)
 
@@ -248,7 +255,7 @@ def _holds_copy(aw):
 @overload(_holds_copy, inline="always")
 def _holds_copy_impl(aw):
     """Whether the algorithm (``aw``) holds a second weight sequence in the first moment's place: a constant."""
-    answer = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].weight_copy is not None
+    answer = _spec_of(aw).weight_copy is not None
     return lambda aw: answer
 
 
@@ -259,7 +266,7 @@ def _holds_slow(aw):
 @overload(_holds_slow, inline="always")
 def _holds_slow_impl(aw):
     """Whether the algorithm (``aw``) keeps a slow first moment in the maximum's place: a constant."""
-    answer = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].slow_first_moment
+    answer = _spec_of(aw).slow_first_moment
     return lambda aw: answer
 
 
@@ -438,12 +445,12 @@ def _scale_first_moment_impl(scratch, count, sw, aw, divide):
     scratch row 1 (v as stored, see
     :func:`adamkit.specs.quantization.first_moment_divisor`); else nothing."""
     fmt = _FORMAT_OF_WITNESS[sw.dtype]
-    scale = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].first_moment_scale
+    scale = _spec_of(aw).first_moment_scale
     if not fmt.normalized_first_moment or scale == FirstMomentScale.NONE:
         return lambda scratch, count, sw, aw, divide: None
     root = scale == FirstMomentScale.ROOT
     divisor, reciprocal = first_moment_divisor(root, False), first_moment_divisor(root, True)
-    slow = REGISTRY[_ALGORITHM_OF_WITNESS[aw.dtype]].slow_first_moment
+    slow = _spec_of(aw).slow_first_moment
 
     def apply(scratch, count, sw, aw, divide):
         first, second, third = scratch[0], scratch[1], scratch[2]
@@ -668,7 +675,7 @@ def _clip_window_impl(addresses, window, first, end, tensor_scalars, constants, 
     """StableAdamW's clipping of tensors [first, end), as
     :func:`~adamkit.kernels.host.clip_update_sizes` computes it (nothing for the
     other algorithms: the choice is made when compiling)."""
-    if not lookup(_ALGORITHM_OF_WITNESS[aw.dtype]).clips_update:
+    if not _spec_of(aw).clips_update:
         return lambda addresses, window, first, end, tensor_scalars, constants, numels, decay_rate, pw, sw, aw: None
     clipping_sums = _quantized_clipping_sums if sw.dtype in (types.int8, types.uint8) else _clipping_sums
 
