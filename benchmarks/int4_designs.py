@@ -10,14 +10,18 @@ spec's formats, not its bits:
   block scale; the first moment stored as it is);
 - ``two v maps``: ``v`` in e4m0, or, where more than 32 of a block's 128 elements
   (zeros included) lie below 2^-15 of its largest, in ``e4m0sqrt``: the e4m0 code of
-  sqrt(v/s), levels 4x apart down to 2^-30 (built in every kernel and not adopted, see
-  ``docs/lean-memory.md``);
+  sqrt(v/s), levels 4x apart down to 2^-30 (first built in every kernel and not
+  adopted; adamkit's int4 since it normalizes its first moment, with the share taken
+  over a block's nonzero elements, see ``docs/lean-memory.md``);
 - ``normalized m``: the first moment stored as ``u = m / (sqrt(v_hat) + eps)``, with
   ``v_hat`` the second moment as stored after the same step, and read back as
   ``m = u (sqrt(v_hat) + eps)``: ``u`` is of the order of an update for every element,
   so a block's quiet elements are not crushed by its busy ones (adamkit's int4 since
   2026-12-06 divides by a power of two near sqrt(v_hat) instead);
-- ``normalized m, two v maps``.
+- ``normalized m, two v maps``;
+- ``normalized m, two v maps, any below``: the wide map for every block with *any*
+  element below 2^-15 of its largest, int8's rule for its finer map turned round (the
+  rule adamkit's int4 did not take: on the panel it raised the direction error).
 
 Two measurements:
 
@@ -73,22 +77,27 @@ def _e4m0(r: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return ((code + 112) << 23).int().view(torch.float32)
 
 
-def second_moment(v: torch.Tensor, generator: torch.Generator, two_maps: bool) -> torch.Tensor:
+def second_moment(v: torch.Tensor, generator: torch.Generator, wide_rule: str | None) -> torch.Tensor:
+    """v in int4's layout: e4m0, or with a ``wide_rule`` ("quarter": more than 32 of the
+    block's 128 below e4m0's floor; "any": one is enough) the root map for such blocks."""
     rows = _blocks(v, 128)
     scale = rows.amax(1, keepdim=True).clamp_min(1e-38)
     r = rows / scale
     stored = _e4m0(r, generator)
-    if two_maps:
-        wide = (r < 2.0**-15).sum(1, keepdim=True) > 32
+    if wide_rule is not None:
+        below = r < 2.0**-15
+        wide = below.sum(1, keepdim=True) > 32 if wide_rule == "quarter" else below.any(1, keepdim=True)
         stored = torch.where(wide, _e4m0(r.sqrt(), generator) ** 2, stored)
     return (stored * scale).reshape(-1)[: v.numel()].view_as(v)
 
 
+#: per design: (first moment normalized, the rule for the wide v map or None)
 DESIGNS = {
-    "plain m": (False, False),
-    "two v maps": (False, True),
-    "normalized m": (True, False),
-    "normalized m, two v maps": (True, True),
+    "plain m": (False, None),
+    "two v maps": (False, "quarter"),
+    "normalized m": (True, None),
+    "normalized m, two v maps": (True, "quarter"),
+    "normalized m, two v maps, any below": (True, "any"),
 }
 
 
@@ -97,7 +106,7 @@ class EmulatedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, design: str, lr: float, weight_decay: float = 0.0, seed: int = 0):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
-        self.normalized, self.two_maps = DESIGNS[design]
+        self.normalized, self.wide_rule = DESIGNS[design]
         self.generator = torch.Generator().manual_seed(seed)
         self.largest_step = 0.0  # in lr, over every step
 
@@ -117,15 +126,16 @@ class EmulatedAdamW(torch.optim.Optimizer):
                 update = (m / (1 - BETAS[0] ** t)) / ((v / (1 - BETAS[1] ** t)).sqrt() + EPS)
                 p.mul_(1 - lr * group["weight_decay"]).sub_(lr * update)
                 self.largest_step = max(self.largest_step, float(update.abs().max()))
-                state["v"] = second_moment(v, self.generator, self.two_maps)
+                state["v"] = second_moment(v, self.generator, self.wide_rule)
                 stored = m / (state["v"].sqrt() + EPS) if self.normalized else m
                 state["m"] = power_map(stored, self.generator)
 
 
 def streams(steps: int, elements: int) -> None:
     print(f"\nstreams: {elements:,} elements, {steps:,} steps, Adam lr {wide_range.LR:g}")
-    print(f"  {'stream':8s} " + "  ".join(f"{d:>26s}" for d in DESIGNS))
-    print(f"  {'':8s} " + "  ".join(f"{'deviation, largest step':>26s}" for _ in DESIGNS))
+    width = max(len(d) for d in DESIGNS)
+    print(f"  {'stream':8s} " + "  ".join(f"{d:>{width}s}" for d in DESIGNS))
+    print(f"  {'':8s} " + "  ".join(f"{'deviation, largest step':>{width}s}" for _ in DESIGNS))
     for stream in ("D=2", "D=3", "D=4", "mixture"):
         start = torch.randn(elements, generator=torch.Generator().manual_seed(1))
         exact = torch.nn.Parameter(start.clone())
@@ -143,7 +153,7 @@ def streams(steps: int, elements: int) -> None:
         for d, p in params.items():
             deviation = ((p.detach() - exact.detach()).double().square().mean().sqrt() / moved).item()
             cells.append(f"{deviation:>15.3f}, {optimizers[d].largest_step:>5.1f} lr")
-        print(f"  {stream:8s} " + "  ".join(f"{c:>26s}" for c in cells), flush=True)
+        print(f"  {stream:8s} " + "  ".join(f"{c:>{width}s}" for c in cells), flush=True)
 
 
 def _trained(task, design: str | None) -> tuple[float, float]:
@@ -168,11 +178,11 @@ def panel(tasks: list[str], quick: bool) -> None:
     for name in tasks:
         task = fidelity.TASKS[name](quick)
         print(f"\n{task.name}: {task.steps} steps, AdamW lr {task.lr:g} (warm-up and cosine, as the panel)")
-        print(f"  {'design':26s} {'direction':>9s} {task.metric + ' / fp32':>16s}")
+        print(f"  {'design':36s} {'direction':>9s} {task.metric + ' / fp32':>16s}")
         anchor = _trained(task, None)[1]
         for design in DESIGNS:
             direction, metric = _trained(task, design)
-            print(f"  {design:26s} {direction:9.3f} {metric / anchor:16.3f}", flush=True)
+            print(f"  {design:36s} {direction:9.3f} {metric / anchor:16.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

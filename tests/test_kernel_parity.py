@@ -160,7 +160,7 @@ RADAM_STEPS = 7
 
 #: the first param's values and gradients spread over eight decades, so that its
 #: quantized second moments span more than a finer map holds (int8's blocks take e5m3,
-#: the others' e4m4; int4's e4m0 holds some at its floor)
+#: the others' e4m4; int4's take the root map, the others' e4m0)
 SPREAD = 10.0 ** (-8 * torch.rand(SHAPES[0], generator=torch.Generator().manual_seed(10), dtype=torch.float64))
 
 

@@ -38,16 +38,20 @@ def error_bounds(fmt: quantization.QuantFormat, signed: bool, x, s, *, stochasti
     1/K (a whole step, stochastic).  Unsigned float map (int8's finer e4m4 where the
     stored scale is negative): the spacing at x is at most 2^-M |x|, half of it to
     nearest; below the smallest level, 2^(1 - 2^E) |s| (the value stored is that level;
-    2^-31 |s| for e5m3)."""
+    2^-31 |s| for e5m3).  A root map (int4's, where the scale is negative): levels 4x
+    apart, so 3 |x| stochastically and 7/9 |x| to nearest, down to 2^-30 |s|."""
     if signed:
         d = (1.0 if stochastic else 0.5) / fmt.signed_levels
         return (2 * d + d * d) * s
     where = torch.where if isinstance(s, torch.Tensor) else np.where
     bounds = []
-    for fine in (False, True):
-        mantissa, lowest = fmt.float_map(fine and fmt.fine_exponent_bits is not None)
-        relative = 2.0 ** -(mantissa + (0 if stochastic else 1))
-        bounds.append(relative * abs(x) + 2.0**lowest * abs(s))
+    for marked in (False, True):
+        mantissa, lowest = fmt.float_map(marked)
+        if marked and fmt.root_map:  # levels 4x apart, rounded in sqrt(r): nearest splits them at 2.25x the lower
+            relative, floor = (3.0 if stochastic else 7 / 9), 2.0 ** (2 * lowest)
+        else:
+            relative, floor = 2.0 ** -(mantissa + (0 if stochastic else 1)), 2.0**lowest
+        bounds.append(relative * abs(x) + floor * abs(s))
     return where(s < 0, bounds[1], bounds[0])
 
 
@@ -90,7 +94,8 @@ def test_dequantized_values_are_within_the_closed_form_bound(precision, signed):
     back = quantization.dequantize(codes, scales, fmt, signed, x.shape)
     block = fmt.block_of(signed)
     s = np.repeat(scales, block)[: x.size].astype(np.float64)
-    assert np.all(scales >= np.abs(quantization._blocked(x, block)).max(axis=1))  # rounded up: no overflow
+    # rounded up (the sign names a second moment's map): no overflow
+    assert np.all(np.abs(scales) >= np.abs(quantization._blocked(x, block)).max(axis=1))
     error = np.abs(back.astype(np.float64) - x)
     bound = error_bounds(fmt, signed, x.astype(np.float64), s, stochastic=False) * (1 + 2.0**-20)
     assert np.all(error <= bound)
@@ -175,7 +180,7 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
     shapes = [(3000,), (40, 50), ()]
     # the first param's values and gradients spread over eight decades (AdaMax's norm too,
     # and L2 decay's term): its second moments span more than the finer map holds (int8's
-    # e4m4: the blocks take e5m3; int4's e4m0: some sit at its floor), the others' do not
+    # e4m4: the blocks take e5m3; int4's e4m0: they take the root map), the others' do not
     scales = [10.0 ** (-8 * torch.rand(3000, generator=g)), None, None]
     params = [torch.randn(s, generator=g) for s in shapes]
     params = [torch.nn.Parameter((p * scales[0] if p.numel() == 3000 else p).to(dtype)) for p in params]
@@ -198,9 +203,10 @@ def test_one_step_matches_the_reference_then_the_format(backend, precision, dtyp
         return {name: blockwise.load_moment(state, k, p.shape, fmt).double().numpy() for k, name in held.items()}
 
     before, grads = snapshot_then_step(opt, params, g, dtype, dequantized, grad_scales=scales)
-    if fmt.fine_exponent_bits is not None:  # both maps were stepped
+    if fmt.marks_map:  # both maps were stepped
         second = [opt.state[p][blockwise.stored_keys(lookup(algorithm).second_moment_key, fmt)[1]] for p in params]
-        assert bool((second[0] > 0).any()) and bool((second[1] < 0).any())
+        signs = torch.cat([s.reshape(-1) for s in second])
+        assert bool((signs > 0).any()) and bool((signs < 0).any())
 
     for index, (p, stored, grad) in enumerate(zip(params, before, grads)):
         expected = stored_reference_step(
@@ -265,6 +271,42 @@ def test_fused_kernels_and_torch_ops_store_the_same_codes_for_the_same_values(pr
         results.append({k: v.clone() for k, v in opt.state[p].items() if k != "step"})
     for other in results[1:]:
         assert all(torch.equal(results[0][k], other[k]) for k in results[0])
+
+
+def _root_map_gradient() -> torch.Tensor:
+    """Integer gradients (Adam with betas (0.5, 0.5) keeps v = g^2 / 2 exact) whose
+    first blocks of 128 decide int4's map at the rule's edges: a g of 1 gives a v ratio
+    of 2^-18 to a g of 512, below e4m0's lowest level 2^-15."""
+    g = torch.randint(1, 512, (1000,), generator=torch.Generator().manual_seed(7)).float()
+    blocks = g[:640].view(5, 128)
+    blocks[0, :100], blocks[0, 100:118], blocks[0, 118:] = 0, 512, 1  # 10 of 28 nonzero below: root
+    blocks[1, :96], blocks[1, 96:] = 512, 1  # exactly a quarter below: e4m0
+    blocks[2, :95], blocks[2, 95:] = 512, 1  # 33 below: root
+    blocks[3] = 0  # all zero: a zero scale, e4m0
+    blocks[4, :127], blocks[4, 127] = 0, 512  # one nonzero, none below: e4m0
+    return g
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int4_second_moment_takes_its_root_map_where_a_quarter_of_its_nonzero_ratios_sit_below_e4m0(backend):
+    """The rule at its edges, the same on every backend as in the spec: more than a
+    quarter of a block's nonzero ratios below 2^-15 (zeros, params with no gradient,
+    need no range) and the scale is negated; the codes are the spec's."""
+    g = _root_map_gradient()
+    p = torch.nn.Parameter(torch.zeros(1000))
+    opt = adamkit.Adam([p], lr=1e-3, betas=(0.5, 0.5), backend=backend, state_precision="int4", seed=0)
+    p.grad = g.clone()
+    opt.step()
+    fmt = FORMATS["int4"]
+    codes, scales = (opt.state[p][k] for k in blockwise.stored_keys("exp_avg_sq", fmt))
+    v = (g * g * 0.5).numpy()
+    assert np.array_equal(
+        quantization.root_blocks(v, np.abs(scales.numpy()), fmt)[:5], [True, False, True, False, False]
+    )
+    assert np.array_equal(scales.numpy() < 0, quantization.marked_blocks(v, np.abs(scales.numpy()), fmt))
+    bits16 = moment_bits(0, 0, 2, 1, 1000)
+    want_codes, want_scales = quantization.quantize(v, fmt, False, bits16)
+    assert np.array_equal(scales.numpy(), want_scales) and np.array_equal(codes.numpy(), want_codes)
 
 
 # ---------------------------------------------------------------------------- the issue's criteria
@@ -441,6 +483,7 @@ OLDER_FORMATS = {
     "int4 bf16 scales": ("int4", "exp_avg_sq", FORMATS["int4"], torch.bfloat16),
     "int4 first moment in blocks of 128": ("int4", "exp_avg", quantization.LEGACY_FORMATS["int4"][1], torch.bfloat16),
     "int4 first moment not normalized": ("int4", "exp_avg", quantization.PLAIN_FORMATS["int4"], torch.bfloat16),
+    "int4 second moment in e4m0 alone": ("int4", "exp_avg_sq", quantization.LEGACY_FORMATS["int4"][3], torch.float32),
 }
 
 
@@ -459,18 +502,27 @@ def _write_as(state: dict, key: str, x: np.ndarray, fmt, dtype: torch.dtype) -> 
 
 def _older_checkpoint(backend: str, older: str):
     """A quantized optimizer's state dict as an older adamkit wrote it, with the
-    moment's values as the spec dequantizes them (int4's first moment, which every
-    older int4 format kept plain, plain)."""
+    moment's values as the spec dequantizes them (int4's first moment plain, as every
+    older int4 format kept it, or normalized by the older second moment where the older
+    format normalizes it).  The gradients spread over eight decades, so that int4's
+    current second moment takes its root map in some blocks."""
     precision, key, fmt, dtype = OLDER_FORMATS[older]
+    spread = 10.0 ** (-8 * torch.rand(1000, generator=torch.Generator().manual_seed(3)))
     p = torch.nn.Parameter(torch.randn(1000, generator=torch.Generator().manual_seed(4)))
     opt = adamkit.AdamW([p], lr=1e-2, backend=backend, state_precision=precision, seed=0)
-    p.grad = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    p.grad = torch.randn(1000, generator=torch.Generator().manual_seed(5)) * spread
     opt.step()
     values = {k: moment_value(opt.state[p], k, p).numpy() for k in ("exp_avg", "exp_avg_sq")}
     old = copy.deepcopy(opt.state_dict())
+    held = _write_as(old["state"][0], key, values[key], fmt, dtype)
     if FORMATS[precision].normalized_first_moment and key != "exp_avg":
-        _write_as(old["state"][0], "exp_avg", values["exp_avg"], quantization.PLAIN_FORMATS[precision], torch.bfloat16)
-    return p, old, precision, key, _write_as(old["state"][0], key, values[key], fmt, dtype)
+        if fmt.normalized_first_moment:  # stored over the older second moment's divisor, as the older format did
+            factor = quantization.first_moment_divisor(held, root=True, reciprocal=True)
+            _write_as(old["state"][0], "exp_avg", values["exp_avg"] * factor, fmt, torch.bfloat16)
+        else:
+            plain = quantization.PLAIN_FORMATS[precision]
+            _write_as(old["state"][0], "exp_avg", values["exp_avg"], plain, torch.bfloat16)
+    return p, old, precision, key, held
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -721,7 +773,8 @@ def test_int4_stores_the_first_moment_over_the_divisor_of_the_stored_second_mome
             divisor = quantization.first_moment_divisor(second, spec.first_moment_scale == FirstMomentScale.ROOT)
             assert np.array_equal(m.numpy(), u.numpy() * divisor)  # m = fl(u d)
             # of an update's size (m spans decades): |m| / sqrt(v) <= (1 - beta1) / sqrt(1 - beta2)
-            # / sqrt(1 - beta1^2 / beta2) = 7.27 (Cauchy-Schwarz), and sqrt(v) < 2 d (norm; root: sqrt 2)
-            assert float(u.abs().max()) < 2 * 7.27 and float(m.abs().max() / m.abs()[m != 0].min()) > 1e3
+            # / sqrt(1 - beta1^2 / beta2) = 7.27 (Cauchy-Schwarz), sqrt(v_hat) < sqrt(2) d (a norm:
+            # v_hat < 2 d), and v as stored is at least a quarter of v (the root map's levels are 4x apart)
+            assert float(u.abs().max()) < 2 * np.sqrt(2) * 7.27 and float(m.abs().max() / m.abs()[m != 0].min()) > 1e3
         else:
             assert torch.equal(m, u)

@@ -18,6 +18,7 @@ from .specs.quantization import (
     LEGACY_FORMATS,
     PLAIN_FORMATS,
     ROOT_HALF,
+    ROOT_MAP_SHARE,
     ROOT_TWO,
     SIGNED_KEYS,
     SNAP_TO_TOP,
@@ -117,25 +118,32 @@ def scales_of(x: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
 
 def marked(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
     """Scales as stored: a second moment's negative where its block takes the format's
-    finer map (see :func:`adamkit.specs.quantization.fine_blocks`)."""
-    if signed or fmt.fine_exponent_bits is None:
+    second map (see :func:`adamkit.specs.quantization.marked_blocks`)."""
+    if signed or not fmt.marks_map:
         return scales
     block = fmt.block_of(False)
-    padded = torch.full((scales.numel() * block,), torch.inf, dtype=torch.float32, device=flat.device)
-    padded[: flat.numel()] = flat.abs()
-    smallest = padded.view(-1, block).amin(dim=1)
     usable = scales.isfinite() & (scales > 0)
-    ratio = smallest / torch.where(usable, scales, 1.0)
-    fine = usable & (ratio >= 2.0 ** fmt.float_map(fine=True)[1])
-    return torch.where(fine, -scales, scales)
+    if fmt.root_map:  # more than a quarter of the block's nonzero ratios below the float map's lowest level
+        padded = torch.zeros(scales.numel() * block, dtype=torch.float32, device=flat.device)
+        padded[: flat.numel()] = flat.abs() / _per_element(torch.where(usable, scales, 1.0), fmt, False, flat.numel())
+        rows = padded.view(-1, block)
+        below = ((rows > 0) & (rows < 2.0**fmt.min_exponent)).sum(dim=1)
+        chosen = usable & (ROOT_MAP_SHARE * below > (rows > 0).sum(dim=1))
+    else:  # the block's smallest ratio at least the finer map's lowest level
+        padded = torch.full((scales.numel() * block,), torch.inf, dtype=torch.float32, device=flat.device)
+        padded[: flat.numel()] = flat.abs()
+        smallest = padded.view(-1, block).amin(dim=1)
+        ratio = smallest / torch.where(usable, scales, 1.0)
+        chosen = usable & (ratio >= 2.0 ** fmt.float_map(marked=True)[1])
+    return torch.where(chosen, -scales, scales)
 
 
 def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, bits16: Tensor | None) -> Tensor:
     """Each element's code (int64, unpacked) given its block's scale as stored (a
-    negative second-moment scale: the finer map): stochastically rounded with
+    negative second-moment scale: the second map): stochastically rounded with
     ``bits16`` (int64, one per element), or to nearest without."""
     s = _per_element(scales, fmt, signed, flat.numel())
-    fine = s < 0
+    marked_map = s < 0
     s = s.abs()
     usable = s.isfinite() & (s > 0)
     r = torch.where(usable, flat.abs() / torch.where(usable, s, 1.0), 0.0)
@@ -146,7 +154,7 @@ def _level_codes(flat: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool, b
     elif fmt.legacy:
         code = (torch.floor(fmt.unsigned_levels * r.sqrt() + 0.5).to(torch.int64) - 1).clamp(min=0)
     else:
-        code = _float_codes(r, fmt, bits16, fine)
+        code = _float_codes(r, fmt, bits16, marked_map)
     return torch.where(s.isnan(), 0, code)
 
 
@@ -171,18 +179,19 @@ def _signed_codes(flat: Tensor, r: Tensor, fmt: QuantFormat, bits16: Tensor | No
     return torch.where(flat < 0, -k, k) + K
 
 
-def _float_codes(r: Tensor, fmt: QuantFormat, bits16: Tensor | None, fine: Tensor) -> Tensor:
-    """The float map's code of r (the finer map's where ``fine``): its fp32 bits, the
-    dropped fraction bits rounded (stochastically: ``bits16`` added at their top; else
-    half of them added)."""
+def _float_codes(r: Tensor, fmt: QuantFormat, bits16: Tensor | None, marked_map: Tensor) -> Tensor:
+    """The float map's code of r (the second map's where ``marked_map``; a root map's:
+    of sqrt(r)): its fp32 bits, the dropped fraction bits rounded (stochastically:
+    ``bits16`` added at their top; else half of them added)."""
     code = torch.zeros_like(r, dtype=torch.int64)
-    for which in (False, True) if fmt.fine_exponent_bits else (False,):
+    for which in (False, True) if fmt.marks_map else (False,):
         mantissa, lowest = fmt.float_map(which)
         dropped = 23 - mantissa
-        bits = r.view(torch.int32).to(torch.int64)
+        rooted = r.sqrt() if which and fmt.root_map else r
+        bits = rooted.view(torch.int32).to(torch.int64)
         bits = bits + ((1 << (dropped - 1)) if bits16 is None else (bits16 << (dropped - 16)))
         first = (127 + lowest) << mantissa
-        code = torch.where(fine == which, ((bits >> dropped) - first).clamp(0, (1 << fmt.bits) - 1), code)
+        code = torch.where(marked_map == which, ((bits >> dropped) - first).clamp(0, (1 << fmt.bits) - 1), code)
     return code
 
 
@@ -213,11 +222,13 @@ def _values(code: Tensor, scales: Tensor, fmt: QuantFormat, signed: bool) -> Ten
         t = (code + 1).float() / fmt.unsigned_levels
         return s * (t * t)
     level = torch.zeros_like(s)
-    for which in (False, True) if fmt.fine_exponent_bits else (False,):
+    for which in (False, True) if fmt.marks_map else (False,):
         mantissa, lowest = fmt.float_map(which)
-        first = (127 + lowest) << mantissa
-        which_level = ((code + first) << (23 - mantissa)).to(torch.int32).view(torch.float32)
-        level = torch.where((s < 0) == which, which_level, level)
+        if which and fmt.root_map:  # the square of the float map's level
+            pattern = (2 * code + 127 + 2 * lowest) << 23
+        else:
+            pattern = (code + ((127 + lowest) << mantissa)) << (23 - mantissa)
+        level = torch.where((s < 0) == which, pattern.to(torch.int32).view(torch.float32), level)
     return s.abs() * level
 
 
@@ -288,8 +299,10 @@ def restore_into(
     its largest element to the top level or to the one below it, so the absmax of
     dequantized values is the scale or that much less: a block that the usual scale
     does not reproduce exactly tries the next two values up and the one below, then
-    its absmax over the second level (and that value's neighbours).  For any other
-    ``x``, this is :func:`quantize_into` rounding to nearest.
+    its absmax over the second level (and that value's neighbours), each in the map
+    the values choose and, for a root map, in the other map too (a block that took its
+    root map may have had the elements below the float map rounded up out of it).  For
+    any other ``x``, this is :func:`quantize_into` rounding to nearest.
 
     A normalized first moment (``factors``: its divisor d and the factor r that stores
     it) is restored from its values m as the codes of fl(m r) (within a few units in the
@@ -306,6 +319,8 @@ def restore_into(
     trials = [_neighbour_scales(absmax, steps) for steps in (1, 2, -1)]
     trials += [_neighbour_scales(below, steps) for steps in (0, -1, 1, 2)]
     trials = [marked(flat, trial, fmt, signed) for trial in trials]
+    if fmt.root_map and not signed:  # stochastic rounding may have lifted the elements that chose the map
+        trials += [-trial for trial in trials]
     exact = _reproduced(best_code, best_scales, target, fmt, signed, per_element)
     for trial in trials:
         if bool(exact.all()):

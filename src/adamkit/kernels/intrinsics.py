@@ -171,6 +171,18 @@ def float_of_bits(typingctx, bits):
 
 
 @intrinsic
+def count_if(typingctx, total, flag):
+    """``total`` (int32) plus 1 where ``flag``: a count kept in 32-bit integer IR, so that
+    a loop counting beside fp32 arithmetic vectorizes eight lanes wide (numba would
+    widen it to int64)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], builder.zext(args[1], ir.IntType(32)))
+
+    return types.int32(types.int32, types.boolean), codegen
+
+
+@intrinsic
 def float_map_code(typingctx, ratio, bits16, dropped, first, top):
     """The float map's code of ``ratio`` in [0, 1], rounded stochastically: the 16
     random bits added at the top of the ``dropped`` fraction bits of its fp32

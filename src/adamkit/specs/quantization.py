@@ -20,8 +20,9 @@ each side of zero, evenly spaced in :math:`\sqrt r`, finest near zero:
 
 Second moments (``exp_avg_sq``, ``exp_inf``, ``max_exp_avg_sq``): a small unsigned
 *float* with :math:`E` exponent bits and :math:`M = b - E` mantissa bits (``e4m0``
-for int4; for int8 ``e5m3``, or the finer ``e4m4`` for a block whose range it holds,
-see *Two maps* below), relative to the block scale and without zero:
+for int4, or its root map for a block spreading below it; for int8 ``e5m3``, or the
+finer ``e4m4`` for a block whose range it holds; see *Two maps* below), relative to the
+block scale and without zero:
 
 .. math::
 
@@ -43,14 +44,37 @@ States*).
 :math:`2^{-15}` of its scale, 16 a binade) when fp32(smallest :math:`|x|` / scale)
 is at least :math:`2^{-15}`, and ``e5m3`` (from :math:`2^{-31}`, 8 a binade)
 otherwise; the stored scale is negated for an ``e4m4`` block (its sign bit names the
-map; a scale is otherwise never negative).  (int4 keeps e4m0 alone: a second map reaching
-:math:`2^{-30}`, built when int4 stored its first moment plain, let quiet elements'
-steps reach 560 lr, and its count per block cost 9.3 % of the step; see
-``docs/lean-memory.md``.)  Most blocks of a model span fewer than 4.5
+map; a scale is otherwise never negative).  Most blocks of a model span fewer than 4.5
 decades of :math:`v` and get e4m4's finer spacing, which halves the variance of
 stochastic rounding's noise; the others keep every element above the floor.  Both maps' levels are fp32
 numbers, and e5m3's in :math:`[2^{-15}, 1]` are among e4m4's, so a block moving between
 them is rounded between levels of the map it is stored in, exact in expectation.
+
+**Two maps for int4.** Sixteen levels cannot hold both e4m0's spacing and a wider
+range, so int4 keeps e4m0 for a block unless more than a quarter of its nonzero
+elements (:data:`ROOT_MAP_SHARE`) have a ratio fp32(:math:`|x|` / scale) below
+:math:`2^{-15}`, e4m0's lowest level (a zero :math:`v`, a param that has had no
+gradient, needs no range: its update is 0 at any level); such a block
+takes the *root map* ``e4m0sqrt``, the e4m0 code of :math:`\rho = \sqrt r` (fp32,
+correctly rounded):
+
+.. math::
+
+    \hat x = s \cdot \left(2^{\text{code} - 15}\right)^2 = s \cdot 2^{2\,\text{code} - 30}
+
+levels 4x apart down to :math:`2^{-30} s` (9 decades), rounded stochastically on
+:math:`\rho`'s fp32 bits as e4m0 rounds :math:`r` (exact in expectation for
+:math:`\sqrt v`, which the update divides by).  Its scale is negated, as int8's finer
+map's is.  A block's quiet elements then keep their own :math:`v` instead of e4m0's
+floor (with gradient scales spread over four decades, the median stored :math:`v` went
+from 1.68x fp32's to 0.96x; with quiet elements six decades of :math:`v` below the
+busy ones of their block, from 34x to 1.06x).  The share decides rather than the smallest
+element: a block with a few elements below the floor keeps e4m0's finer spacing, whose
+lower noise the update direction needs on real tasks (``benchmarks/int4_designs.py``).
+The levels are powers of two times the scale in both maps, so the divisor of a
+normalized first moment (below) is one number per block in either.  Kernels count the
+elements below while they make e4m0's codes, from the ratio they compute anyway, and
+make the root map's codes in a second pass for a block that takes it.
 
 **Why the range.** A block's second moments spread over twice as many decades as
 its gradients do.  Where the gradients' scales inside a block spread over three decades
@@ -161,7 +185,7 @@ Packing: int8 codes are one byte each; int4 codes two to a byte, element
 moment, its codes (uint8, flat) and its scales (one per block; bf16 for the first
 moment, fp32 for the second ones): ``exp_avg_int8`` and ``exp_avg_int8_scales``,
 ``exp_avg_sq_e5m3_e4m4`` and ``exp_avg_sq_e5m3_e4m4_scales`` (int4: ``_int4_normalized``
-and ``_e4m0``).
+and ``_e4m0_e4m0sqrt``).
 
 Older checkpoints load (:data:`LEGACY_FORMATS` reads them) and the optimizer
 converts them at its next step: adamkit's first format kept the second moments in a
@@ -169,8 +193,8 @@ power map too (``exp_avg_sq_int8``: :math:`\hat x = s ((\text{code} + 1) / 2^b)^
 every code rounded to nearest); later ones kept int8's second moments in e4m4
 (``exp_avg_sq_e4m4``) in blocks of 256 (bf16 or fp32 scales), then in blocks of 128
 under bf16 scales snapped to the top, int4's second moments with bf16 scales (widened
-to fp32 exactly), int4's first moment in blocks of 128, and not normalized (until
-2026-12-06).
+to fp32 exactly), int4's first moment in blocks of 128, and not normalized, and int4's
+second moments in e4m0 alone (both until 2026-12-06).
 
 The block sizes were chosen by measured error on the moments of a real model
 (``benchmarks/quantization_error.py``); the second moment's map and the rounding by
@@ -210,6 +234,10 @@ class QuantFormat:
     exponent_bits: int = EXPONENT_BITS
     #: a finer float map (fewer exponent bits) for the blocks whose range it holds, or None
     fine_exponent_bits: int | None = None
+    #: a wider map for the blocks that spread below the float map's lowest level: the
+    #: float map's code of sqrt(r) (int4's ``e4m0sqrt``: levels 4x apart, from 2^-30;
+    #: see *Two maps*); for a map without fraction bits
+    root_map: bool = False
     power: int = 2
     legacy: bool = False
     #: the first moments are stored divided by the second moment's scale
@@ -236,19 +264,32 @@ class QuantFormat:
         """The exponent of the float map's lowest level: 1 - 2^E (-31 for e5m3, -15 for e4m0)."""
         return 1 - (1 << self.exponent_bits)
 
-    def float_map(self, fine: bool = False) -> tuple[int, int]:
+    def __post_init__(self):
+        assert not (self.root_map and self.fine_exponent_bits is not None), "one second map at most"
+        assert not self.root_map or self.mantissa_bits == 0, "a root map squares levels without fraction bits"
+
+    @property
+    def marks_map(self) -> bool:
+        """Whether the second moments have a second map, named by a negative block
+        scale: a finer one (int8's e4m4) or a wider one (int4's root map)."""
+        return self.fine_exponent_bits is not None or self.root_map
+
+    def float_map(self, marked: bool = False) -> tuple[int, int]:
         """(M, the exponent of the lowest level) of the second moments' float map, or of
-        its finer map (``fine``): (3, -31) for e5m3, (4, -15) for e4m4, (0, -15) for e4m0."""
-        exponent_bits = self.fine_exponent_bits if fine else self.exponent_bits
+        the map a negative scale names (``marked``): (3, -31) for e5m3, (4, -15) for e4m4,
+        (0, -15) for e4m0 (a root map is the float map, applied to sqrt r)."""
+        exponent_bits = self.fine_exponent_bits if marked and self.fine_exponent_bits else self.exponent_bits
         return self.bits - exponent_bits, 1 - (1 << exponent_bits)
 
     @property
     def unsigned_name(self) -> str:
         """The second moments' key suffix: the float map's name, e.g. ``e4m0``, and the
-        finer map's where the format has one (``e5m3_e4m4``)."""
+        second map's where the format has one (``e5m3_e4m4``, ``e4m0_e4m0sqrt``)."""
         if self.legacy:
             return self.name
         names = [f"e{e}m{self.bits - e}" for e in (self.exponent_bits, self.fine_exponent_bits) if e is not None]
+        if self.root_map:
+            names.append(f"{names[0]}sqrt")
         return "_".join(names)
 
     @property
@@ -297,13 +338,17 @@ class QuantFormat:
 
 FORMATS = {
     "int8": QuantFormat("int8", bits=8, block=256, second_block=128, exponent_bits=5, fine_exponent_bits=4),
-    "int4": QuantFormat("int4", bits=4, block=32, second_block=128, normalized_first_moment=True),
+    "int4": QuantFormat("int4", bits=4, block=32, second_block=128, root_map=True, normalized_first_moment=True),
 }
 
 #: the formats for an algorithm whose first moment is normalized already (ADOPT's
 #: averages g / sqrt(v)): int4's first moment stored as it is (int4's format before
 #: 2026-12-06, for every algorithm)
 PLAIN_FORMATS = {name: replace(fmt, normalized_first_moment=False) for name, fmt in FORMATS.items()}
+
+#: the share of a block's nonzero second moments below its float map's lowest level
+#: beyond which the block takes a root map: more than a quarter (see *Two maps*)
+ROOT_MAP_SHARE = 4
 
 
 #: the divisor's exponents are held to [-126, 126], where it and its reciprocal are
@@ -349,14 +394,20 @@ def first_moment_divisor(second: np.ndarray, root: bool, reciprocal: bool = Fals
 #: how older checkpoints hold their moments (read, then converted at the next step):
 #: the power map of the first format; int8's e4m4 in blocks of 256 (bf16 or fp32
 #: scales) and in blocks of 128 under bf16 scales snapped to the top; int4's first
-#: moment in blocks of 128, and in blocks of 32 not normalized
+#: moment in blocks of 128, and in blocks of 32 not normalized; int4's second moments
+#: in e4m0 alone (until 2026-12-06)
 LEGACY_FORMATS = {
     "int8": (
         QuantFormat("int8", 8, 256, legacy=True),
         QuantFormat("int8", 8, 256, second_block=128, exact_second_scales=False, exponent_bits=4),
         QuantFormat("int8", 8, 256, exponent_bits=4),
     ),
-    "int4": (QuantFormat("int4", 4, 128, legacy=True), QuantFormat("int4", 4, 128), PLAIN_FORMATS["int4"]),
+    "int4": (
+        QuantFormat("int4", 4, 128, legacy=True),
+        QuantFormat("int4", 4, 128),
+        replace(PLAIN_FORMATS["int4"], root_map=False),
+        replace(FORMATS["int4"], root_map=False),
+    ),
 }
 
 #: a second moment's ratio at or above this is stored as the top level under a bf16 scale
@@ -368,7 +419,7 @@ def is_quantized(state_precision: str | None) -> bool:
 
 
 def codes_key(key: str, fmt: QuantFormat) -> str:
-    """The state key of moment ``key``'s codes, e.g. ``exp_avg_int8`` or ``exp_avg_sq_e4m0``."""
+    """The state key of moment ``key``'s codes, e.g. ``exp_avg_int8`` or ``exp_avg_sq_e4m0_e4m0sqrt``."""
     return f"{key}_{fmt.key_suffix(key in SIGNED_KEYS)}"
 
 
@@ -420,13 +471,38 @@ def fine_blocks(x: np.ndarray, scales: np.ndarray, fmt: QuantFormat) -> np.ndarr
     smallest = padded.reshape(-1, block).min(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = (smallest / np.where(usable, scales, np.float32(1))).astype(np.float32)
-    return usable & (ratio >= np.float32(2.0 ** fmt.float_map(fine=True)[1]))
+    return usable & (ratio >= np.float32(2.0 ** fmt.float_map(marked=True)[1]))
 
 
-def marked_scales(scales: np.ndarray, fine: np.ndarray) -> np.ndarray:
+def root_blocks(x: np.ndarray, scales: np.ndarray, fmt: QuantFormat) -> np.ndarray:
+    """Per block of second moments: whether it takes the format's root map, i.e. its
+    scale is positive and finite and more than a quarter of its nonzero ratios
+    fp32(``abs(x)`` / scale) lie below the float map's lowest level (always False for a
+    format without a root map)."""
+    usable = np.isfinite(scales) & (scales > 0)
+    if not fmt.root_map:
+        return np.zeros(scales.shape, dtype=bool)
+    block = fmt.block_of(False)
+    flat = np.asarray(x, dtype=np.float32).ravel()
+    r = _ratios(flat, np.where(usable, scales, np.float32(0)), block)
+    padded = np.zeros(scales.size * block, dtype=np.float32)
+    padded[: flat.size] = r
+    rows = padded.reshape(-1, block)
+    below = ((rows > 0) & (rows < np.float32(2.0**fmt.min_exponent))).sum(axis=1)
+    return usable & (ROOT_MAP_SHARE * below > (rows > 0).sum(axis=1))
+
+
+def marked_blocks(x: np.ndarray, scales: np.ndarray, fmt: QuantFormat) -> np.ndarray:
+    """Per block of second moments: whether it takes the format's second map (its
+    finer map where the block's range fits it, its root map where the block spreads
+    below the float map)."""
+    return root_blocks(x, scales, fmt) if fmt.root_map else fine_blocks(x, scales, fmt)
+
+
+def marked_scales(scales: np.ndarray, marked: np.ndarray) -> np.ndarray:
     """Second-moment scales as stored: negative (the sign bit set) where the block takes
-    the finer map."""
-    return np.where(fine, -scales, scales).astype(np.float32)
+    the second map."""
+    return np.where(marked, -scales, scales).astype(np.float32)
 
 
 def _ratios(x: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
@@ -467,19 +543,21 @@ def _signed_codes(x: np.ndarray, r: np.ndarray, fmt: QuantFormat, bits16: np.nda
     return np.where(x < 0, -k, k) + K
 
 
-def _float_codes(r: np.ndarray, fmt: QuantFormat, bits16: np.ndarray | None, fine: np.ndarray) -> np.ndarray:
-    """The float map's codes of r (the finer map's where ``fine``, per element)."""
+def _float_codes(r: np.ndarray, fmt: QuantFormat, bits16: np.ndarray | None, marked: np.ndarray) -> np.ndarray:
+    """The float map's codes of r (the second map's where ``marked``, per element: a
+    root map's are the float map's codes of fp32 sqrt(r), correctly rounded)."""
     codes = np.zeros(r.shape, dtype=np.int64)
-    for which in (False, True) if fmt.fine_exponent_bits else (False,):
+    for which in (False, True) if fmt.marks_map else (False,):
         mantissa, lowest = fmt.float_map(which)
         dropped = 23 - mantissa
-        bits = r.view(np.uint32).astype(np.int64)
+        rooted = np.sqrt(r).astype(np.float32) if which and fmt.root_map else r
+        bits = rooted.view(np.uint32).astype(np.int64)
         if bits16 is None:
             bits = bits + (1 << (dropped - 1))
         else:
             bits = bits + (np.asarray(bits16, dtype=np.int64).reshape(r.shape) << (dropped - 16))
         first = (127 + lowest) << mantissa
-        codes = np.where(fine == which, np.clip((bits >> dropped) - first, 0, (1 << fmt.bits) - 1), codes)
+        codes = np.where(marked == which, np.clip((bits >> dropped) - first, 0, (1 << fmt.bits) - 1), codes)
     return codes
 
 
@@ -492,7 +570,7 @@ def level_codes(
     x: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed: bool, bits16: np.ndarray | None = None
 ) -> np.ndarray:
     """Each element's code (int64, unpacked), given its block's scale (as stored: a
-    negative second-moment scale selects the finer map): rounded stochastically with
+    negative second-moment scale selects the second map): rounded stochastically with
     the 16 random bits ``bits16`` of each element, or to nearest when ``bits16`` is None."""
     x = np.asarray(x, dtype=np.float32).ravel()
     r = _ratios(x, scales, fmt.block_of(signed))
@@ -505,19 +583,23 @@ def level_codes(
     return _float_codes(r, fmt, bits16, np.repeat(scales < 0, fmt.block_of(False))[: x.size])
 
 
-def unsigned_levels(codes: np.ndarray, fmt: QuantFormat, fine: np.ndarray | bool = False) -> np.ndarray:
-    """fp32 levels (fractions of the block scale) of second-moment codes, in the finer
-    map where ``fine`` (per element)."""
+def unsigned_levels(codes: np.ndarray, fmt: QuantFormat, marked: np.ndarray | bool = False) -> np.ndarray:
+    """fp32 levels (fractions of the block scale) of second-moment codes, in the second
+    map where ``marked`` (per element; a root map's level is the square of the float
+    map's, 2^(2 (code + L)): the pattern (2 code + 127 + 2 L) << 23)."""
     codes = np.asarray(codes, dtype=np.int64)
     if fmt.legacy:
         t = (codes + 1).astype(np.float32) / np.float32(fmt.unsigned_levels)
         return (t * t).astype(np.float32)
     levels = np.zeros(codes.shape, dtype=np.float32)
-    for which in (False, True) if fmt.fine_exponent_bits else (False,):
+    for which in (False, True) if fmt.marks_map else (False,):
         mantissa, lowest = fmt.float_map(which)
-        first = (127 + lowest) << mantissa
-        level = ((codes + first) << (23 - mantissa)).astype(np.uint32).view(np.float32)
-        levels = np.where(np.asarray(fine) == which, level, levels)
+        if which and fmt.root_map:
+            level = ((2 * codes + 127 + 2 * lowest) << 23).astype(np.uint32).view(np.float32)
+        else:
+            first = (127 + lowest) << mantissa
+            level = ((codes + first) << (23 - mantissa)).astype(np.uint32).view(np.float32)
+        levels = np.where(np.asarray(marked) == which, level, levels)
     return levels
 
 
@@ -528,7 +610,7 @@ def level_values(codes: np.ndarray, scales: np.ndarray, fmt: QuantFormat, signed
         k = codes - fmt.signed_levels
         level = np.sign(k).astype(np.float32) * signed_magnitudes(fmt)[np.abs(k)]
     s = np.repeat(scales, fmt.block_of(signed))[: codes.size]
-    if not signed:  # a negative scale: the block's finer map
+    if not signed:  # a negative scale: the block's second map
         level, s = unsigned_levels(codes, fmt, s < 0), np.abs(s)
     return (s * level.astype(np.float32)).astype(np.float32)
 
@@ -570,7 +652,7 @@ def quantize(
     block = fmt.block_of(signed)
     scales = block_scales(x, block, exact=fmt.exact_scales(signed))
     if not signed:
-        scales = marked_scales(scales, fine_blocks(x, scales, fmt))
+        scales = marked_scales(scales, marked_blocks(x, scales, fmt))
     codes = level_codes(x, scales, fmt, signed, bits16)
     codes[np.repeat(~np.isfinite(scales), block)[: codes.size]] = 0
     return pack(codes, fmt), scales
@@ -589,6 +671,7 @@ __all__ = [
     "FORMATS",
     "LEGACY_FORMATS",
     "PLAIN_FORMATS",
+    "ROOT_MAP_SHARE",
     "SIGNED_KEYS",
     "QuantFormat",
     "block_scales",
@@ -600,9 +683,11 @@ __all__ = [
     "is_quantized",
     "level_codes",
     "level_values",
+    "marked_blocks",
     "marked_scales",
     "pack",
     "quantize",
+    "root_blocks",
     "scales_key",
     "second_moment_ceiling",
     "signed_gaps",

@@ -432,28 +432,28 @@ def _chunk_keys(keys, t):
 QUANTIZED_SPAN = 4096
 
 
-def _scale_first_moment(scratch, count, sw, aw, divide):
+def _scale_first_moment(scratch, second, count, sw, aw, divide):
     raise NotImplementedError  # pragma: no cover - replaced by the overload
 
 
 @overload(_scale_first_moment, inline="always")
-def _scale_first_moment_impl(scratch, count, sw, aw, divide):
+def _scale_first_moment_impl(scratch, second, count, sw, aw, divide):
     """Where the format normalizes the algorithm's first moments: the first ``count``
     values of scratch row 0 (m, and row 2: a slow first moment's) multiplied by the
     factor r that stores them (``divide``)
     or by the divisor d that reads them back, d near sqrt(v) (AdaMax: near v) of
-    scratch row 1 (v as stored, see
+    ``second`` (v as stored, see
     :func:`adamkit.specs.quantization.first_moment_divisor`); else nothing."""
     fmt = _FORMAT_OF_WITNESS[sw.dtype]
     scale = _spec_of(aw).first_moment_scale
     if not fmt.normalized_first_moment or scale == FirstMomentScale.NONE:
-        return lambda scratch, count, sw, aw, divide: None
+        return lambda scratch, second, count, sw, aw, divide: None
     root = scale == FirstMomentScale.ROOT
     divisor, reciprocal = first_moment_divisor(root, False), first_moment_divisor(root, True)
     slow = _spec_of(aw).slow_first_moment
 
-    def apply(scratch, count, sw, aw, divide):
-        first, second, third = scratch[0], scratch[1], scratch[2]
+    def apply(scratch, second, count, sw, aw, divide):
+        first, third = scratch[0], scratch[2]
         if divide:  # stored as fl(m r)
             for j in range(count):
                 first[j] = first[j] * reciprocal(second[j])
@@ -485,7 +485,7 @@ def _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, rw, aw):
         _dequantize(row[4], row[8], sw, unsigned, scratch[2], low, high, spread)
     elif slow:
         _dequantize(row[4], row[8], sw, signed, scratch[2], low, high, spread)
-    _scale_first_moment(scratch, high - low, sw, aw, False)
+    _scale_first_moment(scratch, scratch[1], high - low, sw, aw, False)
     base = np.int64(scratch.ctypes.data) - 4 * low
     stride = 4 * QUANTIZED_SPAN
     return (
@@ -504,25 +504,25 @@ def _quantized_chunk(row, first, end, scalars, maximize, decay, keys, amsgrad, p
     span: dequantize into fp32 scratch rows, run the plain element loop on those,
     quantize the new values (the update itself used them unrounded): the second
     moment first, so that normalized first moments are divided by the divisor of v as
-    stored (decoded again into its row)."""
+    stored (which quantizing writes to a row of its own)."""
     scratch = np.empty((3, QUANTIZED_SPAN), dtype=np.float32)
     spread = np.empty(QUANTIZED_SPAN + 2, dtype=np.uint8)  # int4 codes, one a byte
     signed, unsigned = np.empty(0, dtype=np.int8), np.empty(0, dtype=np.uint8)
     normalizes, slow, copy = _normalizes(sw, aw), _holds_slow(aw), _holds_copy(aw)
+    as_stored = np.empty(QUANTIZED_SPAN if normalizes else 0, dtype=np.float32)  # v as stored: m's divisor
+    nothing = np.empty(0, dtype=np.float32)
     for low in range(first, end, QUANTIZED_SPAN):
         high = min(low + QUANTIZED_SPAN, end)
         pointers = _decoded_span(row, low, high, amsgrad, scratch, spread, pw, sw, rw, aw)
         _update_chunk(pointers, low, high, scalars, maximize, decay, keys, amsgrad, aw, rw, cw)
-        _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4], spread)
-        if normalizes:
-            _dequantize(row[3], row[7], sw, unsigned, scratch[1], low, high, spread)
-            _scale_first_moment(scratch, high - low, sw, aw, True)
+        _requantize(row[3], row[7], sw, unsigned, scratch[1], low, high, keys[2], keys[4], spread, as_stored)
+        _scale_first_moment(scratch, as_stored, high - low, sw, aw, True)
         if not copy:  # (a second weight sequence was stored by the loop itself)
-            _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread)
+            _requantize(row[2], row[6], sw, signed, scratch[0], low, high, keys[1], keys[4], spread, nothing)
         if amsgrad:
-            _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4], spread)
+            _requantize(row[4], row[8], sw, unsigned, scratch[2], low, high, keys[3], keys[4], spread, nothing)
         elif slow:
-            _requantize(row[4], row[8], sw, signed, scratch[2], low, high, keys[3], keys[4], spread)
+            _requantize(row[4], row[8], sw, signed, scratch[2], low, high, keys[3], keys[4], spread, nothing)
 
 
 #: elements per step of the clipping pass: their terms (float64) stay in L1

@@ -14,6 +14,7 @@ from ...specs.quantization import QuantFormat
 from ..intrinsics import (
     as_bytes,
     bfloat16_to_float,
+    count_if,
     float_map_code,
     float_map_level,
     float_of_bits,
@@ -147,7 +148,9 @@ def _dequantize(codes_address, scales_address, state_witness, sign_witness, out,
     raise NotImplementedError  # pragma: no cover - replaced by the overload
 
 
-def _requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread):
+def _requantize(
+    codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread, as_stored
+):
     raise NotImplementedError  # pragma: no cover - replaced by the overload
 
 
@@ -174,13 +177,16 @@ def _signed_code(x, r, top, step, bits16):
     return np.int32(top - k if x < 0 else top + k)
 
 
-def _moment_map(fmt: QuantFormat, signed: bool, fine: bool = False):
-    """(level of a code, stochastically rounded code of x given its block's
-    divisor and 16 random bits) of one moment's map (a second moment's finer map
-    where ``fine``), as inlined compiled functions whose format constants are
-    compile-time."""
+def _moment_map(fmt: QuantFormat, signed: bool, marked: bool = False):
+    """(level of a code, stochastically rounded code of x given its ratio r = |x| / s
+    to its block's scale and 16 random bits) of one moment's map (a second moment's second map
+    where ``marked``: a finer float map, or a root map, the float map applied to
+    sqrt r with its levels squared), as inlined compiled functions whose format
+    constants are compile-time."""
     top, step = np.float32(fmt.signed_levels), np.float32(1) / np.float32(fmt.signed_levels)
-    mantissa, lowest = fmt.float_map(fine and not signed and fmt.fine_exponent_bits is not None)
+    marked = marked and not signed and fmt.marks_map
+    rooted = marked and fmt.root_map
+    mantissa, lowest = fmt.float_map(marked)
     dropped, first = 23 - mantissa, (127 + lowest) << mantissa
     last = (1 << fmt.bits) - 1
     assert not fmt.snaps_to_top(signed), "the kernels step the current formats, none of which snaps"
@@ -191,13 +197,17 @@ def _moment_map(fmt: QuantFormat, signed: bool, fine: bool = False):
             k = np.float32(code) - top
             magnitude = _power_level(abs(k), step)
             return -magnitude if k < 0 else magnitude
+        if rooted:  # a power of two squared: exact
+            root = float_map_level(code, dropped, first)
+            return root * root
         return float_map_level(code, dropped, first)
 
     @njit(inline="always", nogil=True)
-    def code(x, divisor, bits16):
-        r = abs(x) / divisor
+    def code(x, r, bits16):
         if signed:
             return _signed_code(x, r, top, step, bits16)
+        if rooted:
+            return float_map_code(np.sqrt(r), bits16, dropped, first, last)
         return float_map_code(r, bits16, dropped, first, last)
 
     return level, code
@@ -210,7 +220,7 @@ def _dequantize_impl(codes_address, scales_address, state_witness, sign_witness,
     spread one to a byte (``spread``, a byte scratch row), so that both loops
     vectorize."""
     fmt, signed = _format_of(state_witness, sign_witness)
-    (level, _), (fine_level, _) = _moment_map(fmt, signed), _moment_map(fmt, signed, fine=True)
+    (level, _), (marked_level, _) = _moment_map(fmt, signed), _moment_map(fmt, signed, marked=True)
     block, packed = fmt.block_of(signed), fmt.bits == 4
     log2_block = block.bit_length() - 1
     read_scale = _exact_scale if fmt.exact_scales(signed) else _bfloat16_scale
@@ -226,9 +236,9 @@ def _dequantize_impl(codes_address, scales_address, state_witness, sign_witness,
                 codes[2 * j + 1] = nibble(packs[j], True)
         for b in range(first >> log2_block, (end + block - 1) >> log2_block):
             scale = read_scale(scales_address, b)
-            if not signed and scale < 0:  # a second moment's finer map: one loop per map, both vectorize
+            if not signed and scale < 0:  # a second moment's second map: one loop per map, both vectorize
                 for i in range(b * block, min(b * block + block, end)):
-                    values[i] = -scale * fine_level(codes[i])
+                    values[i] = -scale * marked_level(codes[i])
             else:
                 for i in range(b * block, min(b * block + block, end)):
                     values[i] = scale * level(codes[i])
@@ -268,41 +278,50 @@ def _put_exact_scale(scales_address, b, largest):
 
 @overload(_requantize)
 def _requantize_impl(
-    codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread
+    codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread, as_stored
 ):
     """Quantize values[i - first] for elements [first, end) (``first`` on a block
     boundary): per block, a second moment held at its ceiling (an overflowed square,
     see :func:`~adamkit.specs.quantization.second_moment_ceiling`), the absmax over
-    bit patterns (NaN and infinity sort above every finite value), exact or rounded up to bf16 as the moment's
-    format keeps it (a second moment's negated where its block takes the finer
-    float map: its smallest magnitude, an integer min over bit patterns, over the
-    scale at least that map's lowest level), then each element's code, rounded
+    bit patterns (NaN and infinity sort above every finite value), exact or rounded up
+    to bf16 as the moment's format keeps it, then each element's code, rounded
     stochastically with the bits of step key ``key`` (element indices counted from
-    ``shift``).  Packed codes are made one to a byte in ``spread`` and paired
-    afterwards."""
+    ``shift``).  A second moment's scale is negated where its block takes the second
+    map: a finer map where its smallest magnitude (an integer min over bit patterns)
+    over the scale is at least that map's lowest level, decided before the codes; a
+    root map where more than a quarter of its nonzero ratios lie below the float map's
+    lowest level, counted while the float map's codes are made, which the root map's
+    then replace.  A second moment of a format that normalizes first moments is also
+    written to ``as_stored[i - first]`` as stored (what :func:`_dequantize` reads
+    back: the divisor's source), unless ``as_stored`` is empty.  Packed codes are made
+    one to a byte in ``spread`` and paired afterwards."""
     fmt, signed = _format_of(state_witness, sign_witness)
-    (_, code), (_, fine_code) = _moment_map(fmt, signed), _moment_map(fmt, signed, fine=True)
+    (level, code), (marked_level, marked_code) = _moment_map(fmt, signed), _moment_map(fmt, signed, marked=True)
     block, packed = fmt.block_of(signed), int(fmt.bits == 4)
     log2_block = block.bit_length() - 1
     put_scale = _put_exact_scale if fmt.exact_scales(signed) else _put_bfloat16_scale
     saturates = not (signed or fmt.legacy)  # a second moment: an overflowed square is held at the ceiling
     ceiling = quantization.second_moment_ceiling(fmt)
-    has_fine = not signed and fmt.fine_exponent_bits is not None
-    fine_lowest = np.float32(2.0 ** fmt.float_map(fine=True)[1]) if has_fine else np.float32(0)
+    has_fine, has_root = not signed and fmt.fine_exponent_bits is not None, not signed and fmt.root_map
+    fine_lowest = np.float32(2.0 ** fmt.float_map(marked=True)[1]) if has_fine else np.float32(0)
+    lowest_bits, share = np.int32((127 + fmt.min_exponent) << 23), np.int32(quantization.ROOT_MAP_SHARE)
+    keeps = not signed and fmt.normalized_first_moment
 
-    def requantize(codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread):
+    def requantize(
+        codes_address, scales_address, state_witness, sign_witness, values, first, end, key, shift, spread, as_stored
+    ):
         packs = typed_pointer(codes_address, _BYTE_WITNESS)
         codes = typed_pointer(np.int64(spread.ctypes.data) - first, _BYTE_WITNESS) if packed else packs
         # raw pointers, addressed by element index: array indexing keeps LLVM from vectorizing
         fresh = typed_pointer(np.int64(values.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
+        out = typed_pointer(np.int64(as_stored.ctypes.data) - 4 * first, _FLOAT32_WITNESS)
+        writes = keeps and as_stored.size > 0
         for b in range(first >> log2_block, (end + block - 1) >> log2_block):
             low, high = b * block, min(b * block + block, end)
-            if saturates:
-                for i in range(low, high):
-                    if fresh[i] > ceiling:  # (NaN stays NaN)
-                        fresh[i] = ceiling
             largest, smallest = np.int32(0), np.int32(0x7F800000)
             for i in range(low, high):
+                if saturates and fresh[i] > ceiling:  # (compile-time; NaN stays NaN)
+                    fresh[i] = ceiling
                 largest = max(largest, magnitude_bits(fresh[i]))
                 if has_fine:  # (compile-time: the other formats skip it)
                     smallest = min(smallest, magnitude_bits(fresh[i]))
@@ -310,16 +329,37 @@ def _requantize_impl(
             if np.isnan(scale):  # a non-finite block: codes 0
                 for i in range(low, high):
                     codes[i] = np.uint8(0)
+                    if writes:
+                        out[i] = scale
                 continue
             divisor = scale + np.float32(scale == 0)  # a zero scale: the block is all zeros
             if has_fine and scale > 0 and float_of_bits(smallest) / scale >= fine_lowest:
                 # the finer map holds the block: its scale's sign bit says so
                 typed_pointer(scales_address, _FLOAT32_WITNESS)[b] = -scale
                 for i in range(low, high):
-                    codes[i] = np.uint8(fine_code(fresh[i], divisor, random16(key, i + shift)))
+                    stored = np.uint8(marked_code(fresh[i], abs(fresh[i]) / divisor, random16(key, i + shift)))
+                    codes[i] = stored
+                    if writes:  # (compile-time False for int8, which normalizes nothing)
+                        out[i] = scale * marked_level(stored)
                 continue
+            below, zeros = np.int32(0), np.int32(0)  # (zeros among those below)
             for i in range(low, high):
-                codes[i] = np.uint8(code(fresh[i], divisor, random16(key, i + shift)))
+                r = abs(fresh[i]) / divisor
+                stored = np.uint8(code(fresh[i], r, random16(key, i + shift)))
+                codes[i] = stored
+                if has_root:  # (compile-time; r >= 0: its bits order as its values)
+                    below = count_if(below, magnitude_bits(r) < lowest_bits)
+                    zeros = count_if(zeros, magnitude_bits(r) == 0)
+                if writes:
+                    out[i] = scale * level(stored)
+            if has_root and scale > 0 and share * (below - zeros) > high - low - zeros:
+                # the block spreads below the float map: the root map's codes, the sign bit says so
+                typed_pointer(scales_address, _FLOAT32_WITNESS)[b] = -scale
+                for i in range(low, high):
+                    stored = np.uint8(marked_code(fresh[i], abs(fresh[i]) / divisor, random16(key, i + shift)))
+                    codes[i] = stored
+                    if writes:
+                        out[i] = scale * marked_level(stored)
         if packed:
             codes[end] = np.uint8(0)  # a ragged end's partner
             for j in range(first >> 1, (end + 1) >> 1):

@@ -19,6 +19,7 @@ from ..host import (
 _MIX_FIRST, _MIX_SECOND = (tl.constexpr(m) for m in rounding.MIX_MULTIPLIERS)
 _DIVISOR_LIMIT = tl.constexpr(quantization.DIVISOR_EXPONENT_LIMIT)
 _ROOT_TWO, _ROOT_HALF = tl.constexpr(float(quantization.ROOT_TWO)), tl.constexpr(float(quantization.ROOT_HALF))
+_ROOT_MAP_SHARE = tl.constexpr(quantization.ROOT_MAP_SHARE)
 _L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
 _ROW_LENGTH = tl.constexpr(len(COLUMNS))
 _TENSOR_SCALAR_COUNT = tl.constexpr(len(TENSOR_SCALARS))
@@ -112,7 +113,7 @@ def _dequantize(
     FLOAT_MAPS: tl.constexpr,
 ):
     """The spec's fp32 values of elements ``offsets`` (see adamkit.quantization); a
-    second moment's float maps are ``FLOAT_MAPS`` (see :func:`float_maps`), the finer
+    second moment's float maps are ``FLOAT_MAPS`` (see :func:`float_maps`), the second
     one where its block's scale is negative."""
     if BITS == 8:
         code = tl.load(codes + offsets, mask=mask, other=0).to(tl.int32)
@@ -124,12 +125,22 @@ def _dequantize(
         value = scale * _signed_level(tl.abs(k), (1 << (BITS - 1)) - 1)
         return tl.where(k < 0, -value, value)
     else:
-        WIDE: tl.constexpr = FLOAT_MAPS % 16
-        FINE: tl.constexpr = FLOAT_MAPS // 16
-        level = _float_level(code, BITS, WIDE)
-        if FINE != 0:
-            level = tl.where(scale < 0, _float_level(code, BITS, FINE), level)
-        return tl.abs(scale) * level
+        return tl.abs(scale) * _unsigned_level(code, scale < 0, BITS, FLOAT_MAPS)
+
+
+@triton.jit
+def _unsigned_level(code, marked, BITS: tl.constexpr, FLOAT_MAPS: tl.constexpr):
+    """A second moment's level: the float map's, or where ``marked`` the second map's
+    (a finer float map's, or the root map's: the float map's level squared, exact)."""
+    WIDE: tl.constexpr = FLOAT_MAPS % 16
+    FINE: tl.constexpr = (FLOAT_MAPS // 16) % 16
+    ROOT: tl.constexpr = FLOAT_MAPS // 256
+    level = _float_level(code, BITS, WIDE)
+    if FINE != 0:
+        level = tl.where(marked, _float_level(code, BITS, FINE), level)
+    if ROOT != 0:
+        level = tl.where(marked, level * level, level)
+    return level
 
 
 @triton.jit
@@ -152,10 +163,10 @@ def _float_code(ratio, bits16, BITS: tl.constexpr, E: tl.constexpr):
 
 
 @triton.jit
-def _code(x, scale, bits16, fine, BITS: tl.constexpr, SIGNED: tl.constexpr, FLOAT_MAPS: tl.constexpr):
+def _code(x, scale, bits16, marked, BITS: tl.constexpr, SIGNED: tl.constexpr, FLOAT_MAPS: tl.constexpr):
     """The spec's stochastically rounded code of ``x`` in a block of ``scale`` (> 0),
     with one division (r = |x| / s); a second moment's float maps are ``FLOAT_MAPS``,
-    the finer one where ``fine``."""
+    the second one where ``marked`` (a root map's: the float map's code of sqrt r)."""
     ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
     if SIGNED:  # L_k <= r < L_{k+1} from floor(K sqrt r), corrected either side
         LEVELS: tl.constexpr = (1 << (BITS - 1)) - 1
@@ -168,10 +179,13 @@ def _code(x, scale, bits16, fine, BITS: tl.constexpr, SIGNED: tl.constexpr, FLOA
         return tl.where(x < 0, -k, k) + LEVELS
     else:
         WIDE: tl.constexpr = FLOAT_MAPS % 16
-        FINE: tl.constexpr = FLOAT_MAPS // 16
+        FINE: tl.constexpr = (FLOAT_MAPS // 16) % 16
+        ROOT: tl.constexpr = FLOAT_MAPS // 256
         code = _float_code(ratio, bits16, BITS, WIDE)
         if FINE != 0:
-            code = tl.where(fine, _float_code(ratio, bits16, BITS, FINE), code)
+            code = tl.where(marked, _float_code(ratio, bits16, BITS, FINE), code)
+        if ROOT != 0:
+            code = tl.where(marked, _float_code(tl.math.sqrt_rn(ratio), bits16, BITS, WIDE), code)
         return code
 
 
@@ -196,8 +210,11 @@ def _requantize(
     """Quantize a program's new values (``first`` on a block boundary): per block, a
     second moment held at its ceiling (an overflowed square), the absmax over bit patterns (NaN and infinity sort above every finite value),
     exact (fp32) where ``EXACT`` and else rounded up to bf16 (a second moment's exact
-    scale negated where its block takes the finer float map), then each element's
-    code, rounded stochastically with the bits of step key ``key``; int4 codes two to a byte."""
+    scale negated where its block takes the second map: a finer float map where its
+    smallest ratio reaches that map's lowest level, the root map where more than a
+    quarter of its nonzero ratios lie below the float map's lowest level),
+    then each element's code, rounded stochastically with the bits of step key
+    ``key``; int4 codes two to a byte."""
     x = tl.where(mask, value.to(tl.float32), 0.0)
     if not SIGNED:  # an overflowed square is held at the ceiling (NaN stays NaN)
         if EXACT:  # fp32's largest number
@@ -207,7 +224,7 @@ def _requantize(
     patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     largest = tl.max(tl.reshape(patterns, [BLOCK // QBLOCK, QBLOCK]), axis=1)
     largest = tl.minimum(largest, 0x7F800000)
-    fine_block = largest < 0  # (all False: the finer map, where there is one, is decided below)
+    marked_block = largest < 0  # (all False: the second map, where there is one, is decided below)
     block_index = first // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
     in_tensor = block_index * QBLOCK < end
     if not EXACT:  # the absmax rounded up to bf16
@@ -220,20 +237,36 @@ def _requantize(
         finite = largest < 0x7F800000
         block_scale = tl.where(finite, largest, 0).to(tl.float32, bitcast=True)
         stored = tl.where(finite, largest, 0x7FC00000).to(tl.float32, bitcast=True)
-        FINE: tl.constexpr = FLOAT_MAPS // 16
+        FINE: tl.constexpr = (FLOAT_MAPS // 16) % 16
+        ROOT: tl.constexpr = FLOAT_MAPS // 256
         if not SIGNED and FINE != 0:  # the finer map holds the block: its smallest ratio is at its lowest level
             smallest = tl.min(tl.reshape(tl.where(mask, patterns, 0x7F800000), [BLOCK // QBLOCK, QBLOCK]), axis=1)
             divisor = block_scale + (block_scale == 0).to(tl.float32)
             lowest = tl.math.div_rn(smallest.to(tl.float32, bitcast=True), divisor)  # >= 0: bits order as values
-            fine_block = finite & (block_scale > 0) & (lowest.to(tl.int32, bitcast=True) >= ((128 - (1 << FINE)) << 23))
-            stored = tl.where(fine_block, -stored, stored)
+            marked_block = (
+                finite & (block_scale > 0) & (lowest.to(tl.int32, bitcast=True) >= ((128 - (1 << FINE)) << 23))
+            )
+        # the root map: more than a quarter of the block's nonzero ratios below the float map's lowest level
+        if not SIGNED and ROOT != 0:
+            WIDE: tl.constexpr = FLOAT_MAPS % 16
+            divisor = block_scale + (block_scale == 0).to(tl.float32)
+            rows = tl.reshape(tl.abs(x), [BLOCK // QBLOCK, QBLOCK])
+            ratio = tl.math.div_rn(rows, tl.broadcast_to(divisor[:, None], [BLOCK // QBLOCK, QBLOCK]))
+            in_block = tl.reshape(mask, [BLOCK // QBLOCK, QBLOCK])
+            pattern = ratio.to(tl.int32, bitcast=True)  # r >= 0: bits order as values
+            nonzero = in_block & (pattern > 0)
+            below = nonzero & (pattern < ((128 - (1 << WIDE)) << 23))
+            count = tl.sum(below.to(tl.int32), axis=1)
+            marked_block = finite & (block_scale > 0) & (_ROOT_MAP_SHARE * count > tl.sum(nonzero.to(tl.int32), axis=1))
+        if not SIGNED:
+            stored = tl.where(marked_block, -stored, stored)
         tl.store(scales + block_index, stored, mask=in_tensor)
     usable = tl.where(finite, 1, 0)
     scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
     ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
     x = tl.where(ok == 1, x, 0.0)  # a non-finite block stores codes 0: no NaN reaches a cast
-    fine = tl.reshape(tl.broadcast_to(fine_block[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
-    code = _code(x, scale, _random16(key, offsets + shift), fine, BITS, SIGNED, FLOAT_MAPS)
+    marked = tl.reshape(tl.broadcast_to(marked_block[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+    code = _code(x, scale, _random16(key, offsets + shift), marked, BITS, SIGNED, FLOAT_MAPS)
     code = tl.where(mask, code * ok, 0)
     if BITS == 8:
         tl.store(codes + offsets, code.to(tl.uint8), mask=mask)
@@ -244,12 +277,7 @@ def _requantize(
     if SIGNED:  # (nothing reads a first moment back)
         stored = x
     else:  # the values as stored, as _dequantize reads them (NaN in a non-finite block)
-        WIDE: tl.constexpr = FLOAT_MAPS % 16
-        FINE_MAP: tl.constexpr = FLOAT_MAPS // 16
-        level = _float_level(code, BITS, WIDE)
-        if FINE_MAP != 0:
-            level = tl.where(fine, _float_level(code, BITS, FINE_MAP), level)
-        stored = tl.where(ok == 1, scale * level, float("nan"))
+        stored = tl.where(ok == 1, scale * _unsigned_level(code, marked, BITS, FLOAT_MAPS), float("nan"))
     return stored
 
 

@@ -241,9 +241,10 @@ def normalization(fmt: QuantFormat | None, spec) -> int:
 
 
 def float_maps(fmt: QuantFormat) -> int:
-    """The second moments' float maps as one compile-time number: E + 16 F, E the
-    exponent bits of the map and F those of the finer map (0: none)."""
-    return fmt.exponent_bits + 16 * (fmt.fine_exponent_bits or 0)
+    """The second moments' float maps as one compile-time number: E + 16 F + 256 R, E
+    the exponent bits of the map, F those of the finer map (0: none), R 1 where the
+    second map is the root map."""
+    return fmt.exponent_bits + 16 * (fmt.fine_exponent_bits or 0) + 256 * int(fmt.root_map)
 
 
 def _bucket_options(bucket: _Bucket) -> dict:
