@@ -381,12 +381,15 @@ def _divisor_moment(state: dict, shape: torch.Size) -> tuple[Tensor, FirstMoment
     )
 
 
-def load_moment(state: dict, key: str, shape: torch.Size, fmt: QuantFormat) -> Tensor:
+def load_moment(state: dict, key: str, shape: torch.Size, fmt: QuantFormat, divisor: Tensor | None = None) -> Tensor:
     """Moment ``key``'s fp32 values (a normalized first moment multiplied back:
-    fl(u d), d from the second moment the state holds)."""
+    fl(u d), d from the second moment the state holds, or ``divisor`` where the caller
+    has read that second moment already)."""
     codes, scales = stored_keys(key, fmt)
     value = dequantize(state[codes], state[scales], fmt, key in SIGNED_KEYS, shape)
-    return value * _divisor(state, shape) if normalizes(key, fmt) else value
+    if not normalizes(key, fmt):
+        return value
+    return value * (_divisor(state, shape) if divisor is None else divisor)
 
 
 def store_moment(

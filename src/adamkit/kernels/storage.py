@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import blockwise
+from ..algorithms import FirstMomentScale
 from ..rule import UpdateRule
 from ..specs import rounding
 from ..specs.master import MASTER_KEY, join_tensors, split_into
@@ -104,11 +105,30 @@ def _widen(t: Tensor, dtype: torch.dtype, slot: int) -> _Stored:
     return _Stored(t, t.to(dtype), slot)
 
 
-def _moment(state: dict, key: str, param: Tensor, dtype: torch.dtype, slot: int) -> _Stored:
+def _moment(
+    state: dict, key: str, param: Tensor, dtype: torch.dtype, slot: int, divisor: Tensor | None = None
+) -> _Stored:
     fmt = blockwise.stored_format(state, key, param.numel()) if key not in state else None
     if fmt is None:
         return _widen(state[key], dtype, slot)
-    return _Stored(None, blockwise.load_moment(state, key, param.shape, fmt).to(dtype), slot, key, fmt)
+    return _Stored(None, blockwise.load_moment(state, key, param.shape, fmt, divisor).to(dtype), slot, key, fmt)
+
+
+def _moments(state: dict, keys: Sequence[str], param: Tensor, dtype: torch.dtype, rule: UpdateRule) -> list[_Stored]:
+    """A param's moments in ``keys``' order (slots 1, 2, ...), the second moment read
+    first: a quantized one gives the divisor of the normalized first moments (m, and
+    AdEMAMix's slow m) once, rather than being dequantized again for each of them."""
+    scale, second_key = rule.spec.first_moment_scale, rule.spec.second_moment_key
+    loaded: dict[str, _Stored] = {}
+    divisor = None
+    if second_key in keys:
+        loaded[second_key] = _moment(state, second_key, param, dtype, keys.index(second_key) + 1)
+        if loaded[second_key].fmt is not None and scale != FirstMomentScale.NONE:
+            divisor = blockwise.first_moment_divisor(loaded[second_key].work.float(), scale)
+    for slot, key in enumerate(keys, start=1):
+        if key not in loaded:
+            loaded[key] = _moment(state, key, param, dtype, slot, divisor if key in SIGNED_KEYS else None)
+    return [loaded[key] for key in keys]
 
 
 def widened(
@@ -150,7 +170,7 @@ def widened(
             stored[0].work.add_(state["kahan_compensation"])
         elif mode in ("master", "master24"):  # the master weight, exactly
             stored[0].work = join_tensors(param, state[MASTER_KEY])
-        stored += [_moment(state, key, param, dtype, slot) for slot, key in enumerate(keys, start=1)]
+        stored += _moments(state, keys, param, dtype, rule)
         work.params[i] = stored[0].work
         for item, moments in zip(stored[1:], work_moments):
             moments.append(item.work)
