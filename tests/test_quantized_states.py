@@ -759,7 +759,7 @@ def test_int4_stores_the_first_moment_over_the_divisor_of_the_stored_second_mome
     g = torch.Generator().manual_seed(1)
     for cls, normalized in ((adamkit.AdamW, True), (adamkit.Adamax, True), (adamkit.ADOPT, False)):
         p = torch.nn.Parameter(torch.randn(3000, generator=g) * 10.0 ** (-6 * torch.rand(3000, generator=g)))
-        opt = cls([p], lr=1e-3, backend=backend, state_precision="int4")
+        opt = cls([p], lr=1e-3, backend=backend, state_precision="int4", seed=0)
         for _ in range(3):
             p.grad = torch.randn(3000, generator=g) * 10.0 ** (-6 * torch.rand(3000, generator=g))
             opt.step()
@@ -772,9 +772,12 @@ def test_int4_stores_the_first_moment_over_the_divisor_of_the_stored_second_mome
             second = moment_value(state, spec.second_moment_key, p).numpy()
             divisor = quantization.first_moment_divisor(second, spec.first_moment_scale == FirstMomentScale.ROOT)
             assert np.array_equal(m.numpy(), u.numpy() * divisor)  # m = fl(u d)
-            # of an update's size (m spans decades): |m| / sqrt(v) <= (1 - beta1) / sqrt(1 - beta2)
-            # / sqrt(1 - beta1^2 / beta2) = 7.27 (Cauchy-Schwarz), sqrt(v_hat) < sqrt(2) d (a norm:
-            # v_hat < 2 d), and v as stored is at least a quarter of v (the root map's levels are 4x apart)
-            assert float(u.abs().max()) < 2 * np.sqrt(2) * 7.27 and float(m.abs().max() / m.abs()[m != 0].min()) > 1e3
+            # of an update's size: m spans decades, u = m / d (d within sqrt(2) of sqrt(v as stored);
+            # a norm's: of v) does not.  Largest over median, AdamW and AdaMax on the single-tensor
+            # path, 30 rounding seeds: m 80 or more, u at most 11.3.  (A bound on |u| itself from
+            # |m| / sqrt(v) <= 7.27 would hold for fp32's v, not for one rebuilt each step from v
+            # as stored, which stochastic rounding may lower: |u| reached 23.1 in those seeds.)
+            spread = {name: float(x.abs().max() / x.abs()[x != 0].median()) for name, x in (("u", u), ("m", m))}
+            assert spread["u"] < 16 and spread["m"] > 50, spread
         else:
             assert torch.equal(m, u)
