@@ -23,3 +23,11 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_generator():
+    """Every test starts from the same state of torch's global generator, so what a test
+    draws from it (an optimizer's default stochastic-rounding seed among other things)
+    does not depend on which tests ran before it in its worker."""
+    torch.manual_seed(0)
