@@ -500,17 +500,21 @@ def _write_as(state: dict, key: str, x: np.ndarray, fmt, dtype: torch.dtype) -> 
     return quantization.level_values(codes, scales, fmt, signed)
 
 
+#: gradient scales: the first half spread over eight decades, the rest 1
+HALF_SPREAD = torch.cat([10.0 ** (-8 * torch.rand(500, generator=torch.Generator().manual_seed(3))), torch.ones(500)])
+
+
 def _older_checkpoint(backend: str, older: str):
     """A quantized optimizer's state dict as an older adamkit wrote it, with the
     moment's values as the spec dequantizes them (int4's first moment plain, as every
     older int4 format kept it, or normalized by the older second moment where the older
-    format normalizes it).  The gradients spread over eight decades, so that int4's
-    current second moment takes its root map in some blocks."""
+    format normalizes it).  The gradients are scaled by :data:`HALF_SPREAD`, so that the
+    current second moments take both maps: int4's root map and e4m0, int8's e5m3 and
+    e4m4."""
     precision, key, fmt, dtype = OLDER_FORMATS[older]
-    spread = 10.0 ** (-8 * torch.rand(1000, generator=torch.Generator().manual_seed(3)))
     p = torch.nn.Parameter(torch.randn(1000, generator=torch.Generator().manual_seed(4)))
     opt = adamkit.AdamW([p], lr=1e-2, backend=backend, state_precision=precision, seed=0)
-    p.grad = torch.randn(1000, generator=torch.Generator().manual_seed(5)) * spread
+    p.grad = torch.randn(1000, generator=torch.Generator().manual_seed(5)) * HALF_SPREAD
     opt.step()
     values = {k: moment_value(opt.state[p], k, p).numpy() for k in ("exp_avg", "exp_avg_sq")}
     old = copy.deepcopy(opt.state_dict())
@@ -541,11 +545,13 @@ def test_older_checkpoints_load_keep_their_values_and_step_in_the_current_format
         opt.load_state_dict(copy.deepcopy(checkpoint))
         if checkpoint is old:
             assert np.array_equal(moment_value(opt.state[q], key, q).numpy(), values)
-        q.grad = torch.randn(1000, generator=torch.Generator().manual_seed(6))
+        q.grad = torch.randn(1000, generator=torch.Generator().manual_seed(6)) * HALF_SPREAD
         opt.step()
         fmt = FORMATS[precision]
         scales = opt.state[q][quantization.scales_key(key, fmt)]
         assert scales.dtype == blockwise.scale_dtype(fmt, signed) and scales.numel() == fmt.blocks(1000, signed)
+        if not (signed or OLDER_FORMATS[older][2].legacy):  # both maps (a power map's floor, 2^-8, holds v up)
+            assert bool((scales < 0).any()) and bool((scales > 0).any())
         steps.append((q.detach().clone(), moment_value(opt.state[q], key, q)))
     assert torch.equal(steps[0][0], steps[1][0]) and torch.equal(steps[0][1], steps[1][1])
 
