@@ -163,11 +163,11 @@ def _float_code(ratio, bits16, BITS: tl.constexpr, E: tl.constexpr):
 
 
 @triton.jit
-def _code(x, scale, bits16, marked, BITS: tl.constexpr, SIGNED: tl.constexpr, FLOAT_MAPS: tl.constexpr):
-    """The spec's stochastically rounded code of ``x`` in a block of ``scale`` (> 0),
-    with one division (r = |x| / s); a second moment's float maps are ``FLOAT_MAPS``,
-    the second one where ``marked`` (a root map's: the float map's code of sqrt r)."""
-    ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))
+def _code(ratio, negative, bits16, marked, BITS: tl.constexpr, SIGNED: tl.constexpr, FLOAT_MAPS: tl.constexpr):
+    """The spec's stochastically rounded code of a value whose ratio to its block's
+    scale is ``ratio`` (r = |x| / s, the one division, made by the caller) and whose
+    sign is ``negative``; a second moment's float maps are ``FLOAT_MAPS``, the second
+    one where ``marked`` (a root map's: the float map's code of sqrt r)."""
     if SIGNED:  # L_k <= r < L_{k+1} from floor(K sqrt r), corrected either side
         LEVELS: tl.constexpr = (1 << (BITS - 1)) - 1
         k = tl.minimum(tl.floor(float(LEVELS) * tl.math.sqrt_rn(ratio)).to(tl.int32), LEVELS)
@@ -176,7 +176,7 @@ def _code(x, scale, bits16, marked, BITS: tl.constexpr, SIGNED: tl.constexpr, FL
         lo = _signed_level(k, LEVELS)
         gap = _signed_level(k + 1, LEVELS) - lo
         k = k + (((ratio - lo) * 65536.0 >= gap * (65536.0 - bits16.to(tl.float32))) & (k < LEVELS)).to(tl.int32)
-        return tl.where(x < 0, -k, k) + LEVELS
+        return tl.where(negative, -k, k) + LEVELS
     else:
         WIDE: tl.constexpr = FLOAT_MAPS % 16
         FINE: tl.constexpr = (FLOAT_MAPS // 16) % 16
@@ -236,37 +236,35 @@ def _requantize(
     else:  # the absmax itself
         finite = largest < 0x7F800000
         block_scale = tl.where(finite, largest, 0).to(tl.float32, bitcast=True)
+    usable = tl.where(finite, 1, 0)
+    scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+    ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+    x = tl.where(ok == 1, x, 0.0)  # a non-finite block stores codes 0: no NaN reaches a cast
+    ratio = tl.math.div_rn(tl.abs(x), scale + (scale == 0).to(tl.float32))  # the one division
+    if EXACT:
         stored = tl.where(finite, largest, 0x7FC00000).to(tl.float32, bitcast=True)
         FINE: tl.constexpr = (FLOAT_MAPS // 16) % 16
         ROOT: tl.constexpr = FLOAT_MAPS // 256
         if not SIGNED and FINE != 0:  # the finer map holds the block: its smallest ratio is at its lowest level
-            smallest = tl.min(tl.reshape(tl.where(mask, patterns, 0x7F800000), [BLOCK // QBLOCK, QBLOCK]), axis=1)
-            divisor = block_scale + (block_scale == 0).to(tl.float32)
-            lowest = tl.math.div_rn(smallest.to(tl.float32, bitcast=True), divisor)  # >= 0: bits order as values
+            lowest = tl.min(tl.reshape(tl.where(mask, ratio, float("inf")), [BLOCK // QBLOCK, QBLOCK]), axis=1)
             marked_block = (
                 finite & (block_scale > 0) & (lowest.to(tl.int32, bitcast=True) >= ((128 - (1 << FINE)) << 23))
-            )
+            )  # (r >= 0: its bits order as its values)
         # the root map: more than a quarter of the block's nonzero ratios below the float map's lowest level
         if not SIGNED and ROOT != 0:
             WIDE: tl.constexpr = FLOAT_MAPS % 16
-            divisor = block_scale + (block_scale == 0).to(tl.float32)
-            rows = tl.reshape(tl.abs(x), [BLOCK // QBLOCK, QBLOCK])
-            ratio = tl.math.div_rn(rows, tl.broadcast_to(divisor[:, None], [BLOCK // QBLOCK, QBLOCK]))
-            in_block = tl.reshape(mask, [BLOCK // QBLOCK, QBLOCK])
-            pattern = ratio.to(tl.int32, bitcast=True)  # r >= 0: bits order as values
-            nonzero = in_block & (pattern > 0)
+            pattern = tl.reshape(ratio, [BLOCK // QBLOCK, QBLOCK]).to(
+                tl.int32, bitcast=True
+            )  # r >= 0: bits order as values
+            nonzero = tl.reshape(mask, [BLOCK // QBLOCK, QBLOCK]) & (pattern > 0)
             below = nonzero & (pattern < ((128 - (1 << WIDE)) << 23))
             count = tl.sum(below.to(tl.int32), axis=1)
             marked_block = finite & (block_scale > 0) & (_ROOT_MAP_SHARE * count > tl.sum(nonzero.to(tl.int32), axis=1))
         if not SIGNED:
             stored = tl.where(marked_block, -stored, stored)
         tl.store(scales + block_index, stored, mask=in_tensor)
-    usable = tl.where(finite, 1, 0)
-    scale = tl.reshape(tl.broadcast_to(block_scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
-    ok = tl.reshape(tl.broadcast_to(usable[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
-    x = tl.where(ok == 1, x, 0.0)  # a non-finite block stores codes 0: no NaN reaches a cast
     marked = tl.reshape(tl.broadcast_to(marked_block[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
-    code = _code(x, scale, _random16(key, offsets + shift), marked, BITS, SIGNED, FLOAT_MAPS)
+    code = _code(ratio, x < 0, _random16(key, offsets + shift), marked, BITS, SIGNED, FLOAT_MAPS)
     code = tl.where(mask, code * ok, 0)
     if BITS == 8:
         tl.store(codes + offsets, code.to(tl.uint8), mask=mask)
