@@ -285,13 +285,12 @@ def _load_moment(
     scales,
     offsets,
     mask,
-    STORAGE: tl.constexpr,
     BITS: tl.constexpr,
     QBLOCK: tl.constexpr,
     SIGNED: tl.constexpr,
     FLOAT_MAPS: tl.constexpr,
 ):
-    """A moment's values: loaded in its dtype, or dequantized to fp32."""
+    """A moment's values: loaded in its dtype, or dequantized to fp32 (``BITS`` 0: not quantized)."""
     if BITS == 0:
         return tl.load(pointer + offsets, mask=mask)
     else:
@@ -302,28 +301,25 @@ def _load_moment(
 def _put_moment(
     pointer,
     scales,
-    offsets,
-    mask,
     value,
     key,
-    shift,
-    first,
-    end,
-    STORAGE: tl.constexpr,
+    place,
     BITS: tl.constexpr,
     QBLOCK: tl.constexpr,
     SIGNED: tl.constexpr,
     EXACT: tl.constexpr,
     FLOAT_MAPS: tl.constexpr,
-    BLOCK: tl.constexpr,
 ):
-    """Store a new moment: in its dtype (stochastically in 16 bits), or quantized
-    (from the unrounded value); a quantized second moment's values as stored are
-    returned (fp32; otherwise ``value``)."""
+    """Store a new moment at ``place`` (the chunk's offsets, mask, rounding shift, first
+    and end): in its dtype (stochastically in 16 bits), or quantized (``BITS`` > 0, from
+    the unrounded value); a quantized second moment's values as stored are returned
+    (fp32; otherwise ``value``)."""
+    offsets, mask, shift, first, end = place
     if BITS == 0:
-        _put(pointer, offsets, mask, value, key, shift, STORAGE, True)
+        _put(pointer, offsets, mask, value, key, shift, pointer.dtype.element_ty, True)
         stored = value
     else:
+        BLOCK: tl.constexpr = offsets.shape[0]
         stored = _requantize(
             value,
             pointer,

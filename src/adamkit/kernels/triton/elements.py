@@ -96,35 +96,29 @@ def _update_chunk(
         shift,
     ) = scalars
     PARAM_STORAGE: tl.constexpr = param.dtype.element_ty
-    STATE_STORAGE: tl.constexpr = second.dtype.element_ty  # the moments' (uint8 codes when quantized)
     COMPUTE: tl.constexpr = step_size.dtype
-    BLOCK: tl.constexpr = offsets.shape[0]
     FIRST_MOMENT: tl.constexpr = FORMS % 4
     SECOND_MOMENT: tl.constexpr = FORMS // 4 % 4
     DENOMINATOR: tl.constexpr = FORMS // 16 % 4
     NESTEROV: tl.constexpr = FORMS // 64 % 2
     SLOW: tl.constexpr = FORMS // 128  # a slow first moment (AdEMAMix), in the maximum's place
+    place = (offsets, mask, shift, first, end)  # where a moment is stored, and its rounding bits
     p = _load_param(param, compensation, offsets, mask, COMPUTE, KAHAN, MASTER)
     g = tl.load(grad + offsets, mask=mask).to(COMPUTE) * gradient_factor  # exact: +-1 or +-1/grad_scale
     if FIRST_MOMENT == _WEIGHT_SEQUENCE:  # schedule-free: z in the first moment's place; its decay at the param
         p = _schedule_free_point(
             p,
             g,
-            offsets,
-            mask,
-            bounds,
+            place,
             exp_avg,
             second,
             second_scales,
             (step_size, average_weight, point_step_size, point_decay, bias_correction2, beta2, one_minus_beta2, eps),
-            (key_exp_avg, key_second, shift),
-            COMPUTE,
-            STATE_STORAGE,
+            (key_exp_avg, key_second),
             QUANT_BITS,
             QBLOCK_SECOND,
             EXACT_SECOND,
             FLOAT_MAPS_SECOND,
-            BLOCK,
         )
         total = 0.0
     else:
@@ -133,9 +127,9 @@ def _update_chunk(
         if DECAY == _DECOUPLED_DECAY:  # a per-tensor factor (ADOPT's first step: 1; StableAdamW: clipped)
             p = p * decay_factor
         second_value = _load_moment(
-            second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
+            second, second_scales, offsets, mask, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
         )
-        m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0)
+        m = _load_moment(exp_avg, exp_avg_scales, offsets, mask, QUANT_BITS, QBLOCK, True, 0)
         if NORMALIZE != 0:  # stored over the divisor of v as stored: multiplied back (fp32)
             m = m * _first_moment_divisor(second_value, NORMALIZE, False)
         m = m.to(COMPUTE)
@@ -156,47 +150,22 @@ def _update_chunk(
             stored_second = _put_moment(
                 second,
                 second_scales,
-                offsets,
-                mask,
                 new_second,
                 key_second,
-                shift,
-                first,
-                end,
-                STATE_STORAGE,
+                place,
                 QUANT_BITS,
                 QBLOCK_SECOND,
                 False,
                 EXACT_SECOND,
                 FLOAT_MAPS_SECOND,
-                BLOCK,
             )
             stored_first = m
             if NORMALIZE != 0:  # over the divisor of v as just stored (fp32)
                 stored_first = m.to(tl.float32) * _first_moment_divisor(stored_second, NORMALIZE, True)
-            _put_moment(
-                exp_avg,
-                exp_avg_scales,
-                offsets,
-                mask,
-                stored_first,
-                key_exp_avg,
-                shift,
-                first,
-                end,
-                STATE_STORAGE,
-                QUANT_BITS,
-                QBLOCK,
-                True,
-                False,
-                0,
-                BLOCK,
-            )
+            _put_moment(exp_avg, exp_avg_scales, stored_first, key_exp_avg, place, QUANT_BITS, QBLOCK, True, False, 0)
         slow_m = 0.0
         if SLOW:  # AdEMAMix's slow average: a first moment, stored as the first is
-            slow_m = _load_moment(
-                max_second, max_second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK, True, 0
-            )
+            slow_m = _load_moment(max_second, max_second_scales, offsets, mask, QUANT_BITS, QBLOCK, True, 0)
             if NORMALIZE != 0:
                 slow_m = slow_m * _first_moment_divisor(second_value, NORMALIZE, False)
             slow_m = slow_m.to(COMPUTE)
@@ -206,22 +175,7 @@ def _update_chunk(
                 if NORMALIZE != 0:
                     stored_slow = slow_m.to(tl.float32) * _first_moment_divisor(stored_second, NORMALIZE, True)
                 _put_moment(
-                    max_second,
-                    max_second_scales,
-                    offsets,
-                    mask,
-                    stored_slow,
-                    key_max,
-                    shift,
-                    first,
-                    end,
-                    STATE_STORAGE,
-                    QUANT_BITS,
-                    QBLOCK,
-                    True,
-                    False,
-                    0,
-                    BLOCK,
+                    max_second, max_second_scales, stored_slow, key_max, place, QUANT_BITS, QBLOCK, True, False, 0
                 )
         if DENOMINATOR == _NORM:
             denom = new_second
@@ -231,35 +185,21 @@ def _update_chunk(
             v = new_second
             if AMSGRAD:
                 v_max = _load_moment(
-                    max_second,
-                    max_second_scales,
-                    offsets,
-                    mask,
-                    STATE_STORAGE,
-                    QUANT_BITS,
-                    QBLOCK_SECOND,
-                    False,
-                    FLOAT_MAPS_SECOND,
+                    max_second, max_second_scales, offsets, mask, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
                 )
                 v = tl.maximum(v_max.to(COMPUTE), v)
                 if not COUNTING:  # (the agreement pass stores nothing)
                     _put_moment(
                         max_second,
                         max_second_scales,
-                        offsets,
-                        mask,
                         v,
                         key_max,
-                        shift,
-                        first,
-                        end,
-                        STATE_STORAGE,
+                        place,
                         QUANT_BITS,
                         QBLOCK_SECOND,
                         False,
                         EXACT_SECOND,
                         FLOAT_MAPS_SECOND,
-                        BLOCK,
                     )
             if DENOMINATOR == _RECTIFIED_ROOT:  # before rectification: momentum SGD, no denominator
                 denom = tl.where(adaptive != 0, _exact_sqrt(v) + eps, 1.0)
@@ -291,53 +231,32 @@ def _update_chunk(
 def _schedule_free_point(
     p,
     g,
-    offsets,
-    mask,
-    bounds,
+    place,
     z_pointer,
     second,
     second_scales,
     scalars,
     keys,
-    COMPUTE: tl.constexpr,
-    STATE_STORAGE: tl.constexpr,
     QUANT_BITS: tl.constexpr,
     QBLOCK_SECOND: tl.constexpr,
     EXACT_SECOND: tl.constexpr,
     FLOAT_MAPS_SECOND: tl.constexpr,
-    BLOCK: tl.constexpr,
 ):
     r"""Schedule-free's step at the param :math:`y` (``p``), as the CPU kernel's loop takes it:
     :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g^2`,
     :math:`d = g / (\sqrt{v / (1 - \beta_2^t)} + \epsilon) + \lambda y`,
     :math:`z \leftarrow z - \gamma d` (stored here, stochastically in 16 bits); returns
     :math:`\operatorname{lerp}(y, z, c) + a d` with the old :math:`z` (the lerp as torch
-    forms it for one element)."""
-    first, end = bounds
+    forms it for one element); ``place`` as :func:`_update_chunk` forms it."""
+    offsets, mask, shift, _, _ = place
     step_size, average_weight, point_step_size, point_decay, bias_correction2, beta2, one_minus_beta2, eps = scalars
-    key_z, key_second, shift = keys
+    key_z, key_second = keys
+    COMPUTE: tl.constexpr = step_size.dtype
     z = tl.load(z_pointer + offsets, mask=mask).to(COMPUTE)
-    v = _load_moment(
-        second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
-    )
+    v = _load_moment(second, second_scales, offsets, mask, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND)
     v = beta2 * v.to(COMPUTE) + one_minus_beta2 * g * g
     _put_moment(
-        second,
-        second_scales,
-        offsets,
-        mask,
-        v,
-        key_second,
-        shift,
-        first,
-        end,
-        STATE_STORAGE,
-        QUANT_BITS,
-        QBLOCK_SECOND,
-        False,
-        EXACT_SECOND,
-        FLOAT_MAPS_SECOND,
-        BLOCK,
+        second, second_scales, v, key_second, place, QUANT_BITS, QBLOCK_SECOND, False, EXACT_SECOND, FLOAT_MAPS_SECOND
     )
     d = _exact_div(g, _exact_sqrt(_exact_div(v, bias_correction2)) + eps)
     if point_decay != 0.0:
@@ -523,7 +442,6 @@ def _clipping_sum(
     offsets,
     mask,
     constants,
-    STATE_STORAGE: tl.constexpr,
     QUANT_BITS: tl.constexpr,
     QBLOCK_SECOND: tl.constexpr,
     FLOAT_MAPS_SECOND: tl.constexpr,
@@ -534,9 +452,7 @@ def _clipping_sum(
     gradient_factor, beta2, one_minus_beta2, eps_squared, bias_correction2 = constants
     COMPUTE: tl.constexpr = beta2.dtype
     g = tl.load(grad + offsets, mask=mask, other=0.0).to(COMPUTE) * gradient_factor
-    v = _load_moment(
-        second, second_scales, offsets, mask, STATE_STORAGE, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
-    )
+    v = _load_moment(second, second_scales, offsets, mask, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND)
     v_hat = _exact_div(beta2 * v.to(COMPUTE) + one_minus_beta2 * g * g, bias_correction2)
     term = _exact_div(g * g, tl.where(v_hat < eps_squared, eps_squared, v_hat))  # NaN stays NaN
     return tl.sum(tl.where(mask, term, 0.0).to(tl.float64), axis=0)
@@ -592,29 +508,11 @@ def _clipping_sums(
     if end - first == BLOCK:
         whole = tl.full([BLOCK], True, tl.int1)
         total = _clipping_sum(
-            grad,
-            second,
-            second_scales,
-            offsets,
-            whole,
-            constants,
-            STATE_STORAGE,
-            QUANT_BITS,
-            QBLOCK_SECOND,
-            FLOAT_MAPS_SECOND,
+            grad, second, second_scales, offsets, whole, constants, QUANT_BITS, QBLOCK_SECOND, FLOAT_MAPS_SECOND
         )
     else:
         tail = offsets < end
         total = _clipping_sum(
-            grad,
-            second,
-            second_scales,
-            offsets,
-            tail,
-            constants,
-            STATE_STORAGE,
-            QUANT_BITS,
-            QBLOCK_SECOND,
-            FLOAT_MAPS_SECOND,
+            grad, second, second_scales, offsets, tail, constants, QUANT_BITS, QBLOCK_SECOND, FLOAT_MAPS_SECOND
         )
     tl.store(sums_ptr + chunk, total)
