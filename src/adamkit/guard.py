@@ -194,12 +194,7 @@ def _kind(layout: Layout) -> tuple:
 def _overlapping(params: list[Tensor], ptrs: list[int], numels: list[int]) -> list[tuple[int, int]]:
     """Pairs of rows whose memory intersects (each param's extent from its first to its last
     element, by address: a conservative test for strided views of one buffer)."""
-    extents = []
-    for j, (p, ptr, n) in enumerate(zip(params, ptrs, numels)):
-        if n:
-            last = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
-            extents.append((ptr, ptr + (last + 1) * p.element_size(), j))
-    extents.sort()
+    extents = sorted((ptr, _end(p, ptr), j) for j, (p, ptr, n) in enumerate(zip(params, ptrs, numels)) if n)
     pairs, reach, owner = [], 0, -1
     for start, end, j in extents:
         if start < reach:
@@ -207,6 +202,18 @@ def _overlapping(params: list[Tensor], ptrs: list[int], numels: list[int]) -> li
         if end > reach:
             reach, owner = end, j
     return pairs
+
+
+def extent(t: Tensor) -> tuple[int, int]:
+    """The addresses from ``t``'s first element to just past its last (equal when ``t``
+    is empty): the memory any strided view of it may touch."""
+    ptr = _data_ptr(t)
+    return (ptr, _end(t, ptr)) if t.numel() else (ptr, ptr)
+
+
+def _end(t: Tensor, ptr: int) -> int:
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return ptr + (last + 1) * t.element_size()
 
 
 def _shown(value) -> str:
@@ -234,4 +241,4 @@ def _check_gradient(p: Tensor, g: Tensor, name: str, sparse_message: str) -> Non
         )
 
 
-__all__ = ["CheckedTensors", "Layout", "StepGuard", "is_dense"]
+__all__ = ["CheckedTensors", "Layout", "StepGuard", "extent", "is_dense"]

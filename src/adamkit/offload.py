@@ -31,7 +31,7 @@ bits are their own), so the result does not depend on how the threads interleave
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -68,34 +68,52 @@ class HostBuffers:
 
 
 class HostWorker:
-    """One thread that runs submitted jobs in order (see the module docstring).  The
-    first error a job raises is raised again by :meth:`join`; jobs submitted after it
-    are dropped, as a failed ``step()`` would have stopped there."""
+    """Runs submitted jobs in order on one thread (see the module docstring).  The first
+    error a job raises is raised again by :meth:`join`; jobs submitted after it are
+    dropped, as a failed ``step()`` would have stopped there.
+
+    The thread lives only while there is work: it ends once the queue is empty, holding
+    no job (a finished job's closure holds the optimizer and its host buffers), and
+    :meth:`submit` starts another when it is needed, so an optimizer that is dropped
+    takes no thread with it."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._pending = 0
+        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._draining = False  # a thread is running the queue
+        self._pending = 0  # jobs submitted and not yet finished
         self._idle = threading.Condition()
         self._error: BaseException | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._idle:
+            self._jobs.append(job)
             self._pending += 1
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="adamkit-offload", daemon=True)
-            self._thread.start()
-        self._jobs.put(job)
+            if self._draining:
+                return
+            self._draining = True
+        try:
+            threading.Thread(target=self._drain, name="adamkit-offload", daemon=True).start()
+        except BaseException:  # no thread: the job was never taken, so nothing waits for it
+            with self._idle:
+                self._jobs.remove(job)
+                self._pending -= 1
+                self._draining = False
+            raise
 
-    def _run(self) -> None:
+    def _drain(self) -> None:
         while True:
-            job = self._jobs.get()
+            with self._idle:
+                if not self._jobs:
+                    self._draining = False
+                    return
+                job = self._jobs.popleft()
             try:
                 if self._error is None:
                     job()
             except BaseException as error:  # handed to join(), in the caller's thread
                 self._error = error
             finally:
+                job = None  # (not held while the thread waits for the lock)
                 with self._idle:
                     self._pending -= 1
                     if not self._pending:

@@ -139,6 +139,7 @@ class _AdamFamily(Optimizer):
         return [group_stats(self, i, self._recorder) for i in range(len(self.param_groups))]
 
     def __getstate__(self) -> dict:
+        self.wait_for_host_steps()  # (a copy or a pickle of a state still being stepped would be torn)
         return {**super().__getstate__(), "skipped_steps_by_group": dict(self._recorder.skips)}
 
     def __setstate__(self, state: dict) -> None:
@@ -198,9 +199,19 @@ class _AdamFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._gradient_release is not None:  # params were stepped in backward (adamkit.gradient_release)
-            self._gradient_release.finish()  # offloaded params: their host steps are done and copied back
-            return loss
+        release = self._gradient_release
+        if release is not None:  # params were stepped in backward (adamkit.gradient_release)
+            unreleased = release.unreleased()
+            if unreleased and (release.scaler is not None or release.max_grad_norm is not None):
+                raise RuntimeError(
+                    f"params {unreleased} (group, index) have gradients that gradient_release did not release "
+                    "(they were frozen when it was attached, or not passed to it), and with its "
+                    f"{'scaler' if release.scaler is not None else 'max_grad_norm'} they cannot be stepped with the "
+                    "others: attach it again (handle.remove(), then gradient_release(...)) after unfreezing them"
+                )
+            release.finish()  # offloaded params: their host steps are done and copied back
+            if not unreleased:
+                return loss
         with fork_safe_threads():
             self._step_groups()
         return loss
@@ -290,11 +301,27 @@ class _AdamFamily(Optimizer):
                 "once for the whole group: gradient release, which steps each param on its own, cannot run it"
             )
         self._gradient_release = release
+        if release.scaler is not None:  # scaler.step() then calls step() even when it finds an inf
+            self._amp_declaration = self.__dict__.get("_step_supports_amp_scaling")
+            self._step_supports_amp_scaling = True
 
     def detach_gradient_release(self, release) -> None:
         """Undo :meth:`attach_gradient_release` (nothing if ``release`` is not attached)."""
         if self._gradient_release is release:
             self._gradient_release = None
+            if release.scaler is not None:
+                declared = self.__dict__.pop("_amp_declaration")
+                if declared is None:
+                    del self._step_supports_amp_scaling
+                else:
+                    self._step_supports_amp_scaling = declared
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; under gradient release with ``max_grad_norm``, the host
+        steps held for clipping are dropped too (their gradients are)."""
+        if self._gradient_release is not None:
+            self._gradient_release.discard_held()
+        super().zero_grad(set_to_none)
 
     @contextmanager
     def full_precision_state_dict(self) -> Iterator[None]:

@@ -3,7 +3,7 @@ backward, and free the gradient, so a full set of gradients never exists at once
 
     >>> handle = adamkit.gradient_release(model, optimizer)
     >>> loss.backward()      # every param is stepped here, its .grad freed
-    >>> optimizer.step()     # a no-op while the handle is attached
+    >>> optimizer.step()     # steps only what no hook released (see below)
     >>> scheduler.step()     # takes effect at the next backward
     >>> handle.remove()      # back to normal stepping
 
@@ -13,6 +13,11 @@ and ``optimizer.load_state_dict`` (which replaces the group dicts) keep taking
 effect.  State lives in ``optimizer.state`` as usual, so state dicts are unchanged.
 The update is the one ``optimizer.step()`` would make: the kernels treat every
 tensor on its own, so stepping params one at a time gives the same bits.
+
+``optimizer.step()`` steps, as usual, any param that has a gradient no hook released:
+one frozen (``requires_grad=False``) when the handle was attached and trained since,
+or one of the optimizer's params not passed to :func:`gradient_release` (refused, by
+name, with a GradScaler or ``max_grad_norm``, which cannot treat it with the others).
 
 Mixed precision: pass the ``torch.amp.GradScaler`` (``gradient_release(model,
 optimizer, scaler=scaler)``) and keep the usual loop, ``scaler.scale(loss).backward();
@@ -33,23 +38,49 @@ max_grad_norm=1.0)`` keeps the host gradients until ``step()``, which computes t
 total norm as ``torch.nn.utils.clip_grad_norm_`` does (the same reductions, on the host
 copies), scales them by ``min(1, max_grad_norm / (norm + 1e-6))`` and only then runs the
 host steps (so they no longer overlap backward); ``handle.last_grad_norm`` is the norm.
+
+Nothing depends on how the host thread keeps pace:
+
+- a forward reads only weights that are back: ``step()`` waits for them, and so does
+  the module's forward when a module was given (its forward pre-hook), also where no
+  ``step()`` came between two backwards;
+- with a GradScaler, ``scaler.step()`` calls ``optimizer.step()`` even when it finds an
+  inf (the optimizer declares ``_step_supports_amp_scaling`` while the handle is
+  attached), so no host step is still running when ``scaler.update()`` changes the
+  scale;
+- a param whose host step is still to be waited for (given as params, a second
+  backward without ``step()``) gets a second gradient: refused by name (its forward
+  may have read the weight before it came back), as is a param that shares memory
+  with another (tied weights: a host copy of each would be stepped and copied back);
+- with ``max_grad_norm``, a hook that raises drops the held host steps of its
+  backward (nothing of that step is applied), and ``optimizer.zero_grad()`` drops
+  them too.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
+from .guard import extent
 from .offload import HostStep
 
 
 class GradientRelease:
     """The handle :func:`gradient_release` returns; ``remove()`` detaches it."""
 
-    def __init__(self, params: list[Tensor], optimizer, scaler=None, max_grad_norm: float | None = None) -> None:
+    def __init__(
+        self,
+        params: list[Tensor],
+        optimizer,
+        scaler=None,
+        max_grad_norm: float | None = None,
+        module: torch.nn.Module | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.scaler = scaler
         self.max_grad_norm = max_grad_norm
@@ -57,10 +88,14 @@ class GradientRelease:
         self.last_grad_norm: Tensor | None = None
         self._order = {id(p): i for i, p in enumerate(params)}
         self._held: list[tuple[int, HostStep]] = []  # host steps waiting for the norm
+        self._pending = PendingMemory()  # the params with a host step not yet waited for
+        self._scale: Tensor | None = None  # the GradScaler's scale when this step's backward began
         self._views: dict[int, dict] = {}  # per param: a one-param group kept in step with its group
         self._groups: tuple = ((), {})  # (ids of the param-group dicts, param id -> group index)
         optimizer.attach_gradient_release(self)
         self._hooks = [p.register_post_accumulate_grad_hook(self._step_param) for p in params]
+        if module is not None:
+            self._hooks.append(module.register_forward_pre_hook(self._before_forward))
 
     def _group_of(self, param: Tensor) -> tuple[int, dict]:
         groups = self.optimizer.param_groups
@@ -79,18 +114,61 @@ class GradientRelease:
                 f"gradient_release(max_grad_norm={self.max_grad_norm}) clips offloaded params only, but "
                 f"param_groups[{index}] is not offloaded now (set offload='cpu' on it)"
             )
-        amp = self._amp(param.grad) if self.scaler is not None and self.scaler.is_enabled() else (None, None)
-        host_step = self.optimizer.step_param(index, group, view, amp)
-        if host_step is not None and self.max_grad_norm is not None:
-            self._held.append((self._order[id(param)], host_step))
-        elif host_step is not None:
-            self.optimizer.submit_host_step(host_step)
+        try:
+            self._check_not_pending(param, index, group)
+            amp = self._amp(param.grad) if self.scaler is not None and self.scaler.is_enabled() else (None, None)
+            host_step = self.optimizer.step_param(index, group, view, amp)
+        except BaseException:
+            self.discard_held()  # (clipping: nothing of a step whose backward failed is applied)
+            raise
+        if host_step is not None:
+            self._pending.add(param)
+            if self.max_grad_norm is None:
+                self.optimizer.submit_host_step(host_step)
+            else:
+                self._held.append((self._order[id(param)], host_step))
         param.grad = None
+
+    def _check_not_pending(self, param: Tensor, index: int, group: dict) -> None:
+        """Refuse a param whose memory a host step not yet waited for reads or writes: its
+        own from an earlier backward, or another param's (they share memory)."""
+        other = self._pending.find(param)
+        if other is None:
+            return
+        where = f"params[{_position(param, group)}] of param_groups[{index}]"
+        if other == id(param):
+            raise RuntimeError(
+                f"{where} got a second gradient while its host step from an earlier backward was still to be waited "
+                "for (offload under gradient release): its forward may have read the weight before the step came "
+                "back. Call optimizer.step() after each backward (or pass the module to gradient_release, whose "
+                "forward then waits)" + (", or optimizer.zero_grad() to drop the held steps" if self._held else "")
+            )
+        raise ValueError(
+            f"{where} shares memory with a param stepped on the host in this backward (tied weights): an offloaded "
+            "param is stepped from its own host copy and copied back, so one of the two updates would be lost. "
+            "Tie them as one Parameter, or leave offload=None for their groups"
+        )
+
+    def _before_forward(self, module, args) -> None:
+        """The module's forward pre-hook: wait for the host steps submitted so far, so
+        that the forward reads updated weights (held steps, with ``max_grad_norm``,
+        have changed nothing yet and stay held for ``step()``)."""
+        if self.max_grad_norm is None and self._pending:
+            self.optimizer.wait_for_host_steps()
+            self._pending.clear()
+
+    def discard_held(self) -> None:
+        """Drop the host steps held for clipping (``max_grad_norm``): their params are
+        not stepped (``optimizer.zero_grad()`` under release calls it)."""
+        if self._held:
+            self._held = []
+            self._pending.clear()
 
     def finish(self) -> None:
         """``optimizer.step()`` under release: clip the held host gradients (if
         ``max_grad_norm``), run the host steps, and wait until every param is back."""
         held, self._held = sorted(self._held, key=lambda pair: pair[0]), []
+        self._pending.clear()
         if held:
             grads = [g for _, host_step in held for g in host_step.grads]
             self.last_grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -103,8 +181,11 @@ class GradientRelease:
     def _amp(self, grad: Tensor) -> tuple[Tensor, Tensor]:
         """The scale and this gradient's inf flag, recorded in the scaler's per-optimizer
         state (opened at the first hook after ``update()``) for ``step``/``update``."""
-        scale = self.scaler._scale
         record = self.scaler._per_optimizer_states[id(self.optimizer)]
+        if record["stage"] is OptState.READY or self._scale is None:
+            # a copy: host steps may still run after the scaler's update() has changed the scale
+            self._scale = self.scaler._scale.detach().clone()
+        scale = self._scale
         if record["stage"] is OptState.READY:
             record["found_inf_per_device"] = {scale.device: torch.zeros((), device=scale.device)}
             record["stage"] = OptState.UNSCALED
@@ -114,12 +195,25 @@ class GradientRelease:
         return scale, found_inf
 
     def remove(self) -> None:
-        """Detach: host steps still waiting run first."""
-        self.finish()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        self.optimizer.detach_gradient_release(self)
+        """Detach: host steps still waiting run first (the hooks are removed, and the
+        optimizer's GradScaler declaration put back, even if one of them raises)."""
+        try:
+            self.finish()
+        finally:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+            self.optimizer.detach_gradient_release(self)
+
+    def unreleased(self) -> list[tuple[int, int]]:
+        """(group, index) of each param of the optimizer that has a gradient no hook
+        released: frozen when the handle was attached, or not passed to it."""
+        return [
+            (i, j)
+            for i, group in enumerate(self.optimizer.param_groups)
+            for j, p in enumerate(group["params"])
+            if p.grad is not None and id(p) not in self._order
+        ]
 
 
 def gradient_release(
@@ -138,7 +232,8 @@ def gradient_release(
     """
     if not hasattr(optimizer, "attach_gradient_release"):
         raise TypeError(f"gradient_release needs an adamkit optimizer, got {type(optimizer).__name__}")
-    params = list(model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params)
+    given = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
+    params = list({id(p): p for p in given}.values())  # one hook per param, however often it is listed
     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
     strangers = [i for i, p in enumerate(params) if id(p) not in owned]
     if strangers:
@@ -147,7 +242,48 @@ def gradient_release(
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     if max_grad_norm is not None:
         _check_max_grad_norm(max_grad_norm, optimizer, scaler)
-    return GradientRelease([p for p in params if p.requires_grad], optimizer, scaler, max_grad_norm)
+    module = model_or_params if isinstance(model_or_params, torch.nn.Module) else None
+    return GradientRelease([p for p in params if p.requires_grad], optimizer, scaler, max_grad_norm, module)
+
+
+class PendingMemory:
+    """The memory of the params whose host steps are not yet waited for: per device, their
+    extents (:func:`adamkit.guard.extent`), disjoint and sorted, so that a param's
+    overlap with any of them is found by bisection."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, tuple[list[int], list[int], list[int]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_device)
+
+    def find(self, param: Tensor) -> int | None:
+        """The id of a pending param whose memory overlaps ``param``'s, if any."""
+        start, end = extent(param)
+        starts, ends, ids = self._by_device.get(param.device, ((), (), ()))
+        k = bisect.bisect_right(starts, start)
+        if k and ends[k - 1] > start:
+            return ids[k - 1]
+        if k < len(starts) and starts[k] < end:
+            return ids[k]
+        return None
+
+    def add(self, param: Tensor) -> None:
+        """Note ``param`` (one :meth:`find` found nothing for: the extents stay disjoint)."""
+        start, end = extent(param)
+        if start != end:
+            starts, ends, ids = self._by_device.setdefault(param.device, ([], [], []))
+            k = bisect.bisect_right(starts, start)
+            starts.insert(k, start)
+            ends.insert(k, end)
+            ids.insert(k, id(param))
+
+    def clear(self) -> None:
+        self._by_device.clear()
+
+
+def _position(param: Tensor, group: dict) -> int:
+    return next(j for j, p in enumerate(group["params"]) if p is param)
 
 
 def _check_max_grad_norm(max_grad_norm, optimizer, scaler) -> None:

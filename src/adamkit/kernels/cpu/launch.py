@@ -4,6 +4,7 @@ launch of the compiled loops.  Imported only where numba is."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -196,6 +197,12 @@ def _flags_and_constants(rule: UpdateRule, group_scalars: GroupScalars, grad_sca
     return flags, constants
 
 
+#: the kernel runs in one thread at a time (an offloaded step on the host worker, another
+#: optimizer's in the caller's): numba's workqueue threading layer aborts the process on
+#: concurrent parallel regions, and the thread settings below are the process's
+_ONE_LAUNCH_AT_A_TIME = threading.Lock()
+
+
 def step(batch: GroupBatch, rule: UpdateRule) -> None:
     """Advance the steps and update every tensor of the group_scalars, one compiled call per bucket.
 
@@ -203,7 +210,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     costs nothing on the CPU); its ``grad_scale`` is divided out in the kernel."""
     if batch.found_inf is not None and batch.found_inf.item():
         return
-    with _following_torch_threads():
+    with _ONE_LAUNCH_AT_A_TIME, _following_torch_threads():
         _launch(batch, rule)
 
 
