@@ -27,7 +27,7 @@
 #   host      benchmarks/bench_cpu.py and bench_quantized.py on the machine's host cores: the
 #             CPU kernel (fp32, int8, int4) against torch's fused CPU AdamW, the host step
 #             offload runs on (runs on CPU alike: no GPU needed)
-#   offload   offload="cpu" (issue 36): tests/test_offload.py with CUDA params (offloaded runs
+#   offload   offload="cpu" (issue 36): tests/test_offload.py and test_offload_timing.py with CUDA params (offloaded runs
 #             equal Triton-resident runs bit for bit), then benchmarks/bench_offload.py: a ~1B
 #             GPT-like model, resident vs offloaded (fp32 and int8 host states) vs torchao's
 #             CPUOffloadOptimizer, peak memory and step time against their parts
@@ -163,9 +163,9 @@ fi
 wanted host && run_part host 240 0 bash -c "$PYTHON benchmarks/bench_cpu.py --rounds 10 && $PYTHON benchmarks/bench_quantized.py --rounds 10"
 if wanted offload; then  # CUDA params against host states; the dry run: CPU params and a tiny model
     if [[ $GPU == 1 ]]; then
-        run_part offload 480 1 bash -c "${PYTEST[*]} ${XDIST[*]} tests/test_offload.py && $PYTHON benchmarks/bench_offload.py"
+        run_part offload 480 1 bash -c "${PYTEST[*]} ${XDIST[*]} tests/test_offload.py tests/test_offload_timing.py && $PYTHON benchmarks/bench_offload.py"
     else  # (a cold numba cache compiles ~35 CPU-kernel specializations first: about a minute here)
-        run_part offload 300 0 bash -c "${PYTEST[*]} ${XDIST[*]} tests/test_offload.py && $PYTHON benchmarks/bench_offload.py"
+        run_part offload 300 0 bash -c "${PYTEST[*]} ${XDIST[*]} tests/test_offload.py tests/test_offload_timing.py && $PYTHON benchmarks/bench_offload.py"
     fi
 fi
 

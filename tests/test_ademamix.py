@@ -16,6 +16,8 @@ import adamkit
 from adamkit import kernels, reference
 from adamkit.algorithms import lookup
 from adamkit.algorithms.ademamix import slow_decay
+from adamkit.convert import to_full_precision, to_quantized
+from adamkit.state import moment_value
 
 SIZE = 1024
 #: the backends the oracles are run on: both per-tensor paths and the fused CPU kernel
@@ -168,6 +170,35 @@ def test_state_holds_three_moments_in_each_precision():
         assert keys <= held, (precision, held)
         if precision in ("int8", "int4"):
             assert {"exp_avg_sq", "exp_avg", "exp_avg_slow"}.isdisjoint(held)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_conversion_to_full_precision_and_back_keeps_the_slow_moment(precision):
+    """``to_full_precision`` dequantizes all three moments (the slow one was once left
+    quantized), ``to_quantized`` stores them again, and a run loaded from the round trip
+    goes on as the original."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300, generator=g)) for _ in range(2)]
+    opt = adamkit.AdEMAMix(params, lr=1e-2, state_precision=precision, seed=3)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(300, generator=g)
+        opt.step()
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    full = to_full_precision(opt.state_dict(), params)
+    for i, p in enumerate(params):
+        assert {"exp_avg", "exp_avg_sq", "exp_avg_slow"} <= full["state"][i].keys()
+        assert torch.equal(full["state"][i]["exp_avg_slow"], moment_value(opt.state[p], "exp_avg_slow", p))
+        assert not any(key.startswith("exp_avg_slow_") for key in full["state"][i])
+    twin = adamkit.AdEMAMix(twins, lr=1e-2, state_precision=precision, seed=3)
+    twin.load_state_dict(to_quantized(full, params, precision))
+    for _ in range(2):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(300, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
 
 
 def _shadowed_run(precision: str, steps: int, seed: int = 0) -> tuple[float, float, float, float]:

@@ -9,11 +9,17 @@ import math
 
 import pytest
 import torch
+from matrix import CPU_BACKENDS
 
 import adamkit
 
 PAIRS = [(adamkit.Adam, torch.optim.Adam), (adamkit.AdamW, torch.optim.AdamW), (adamkit.AdaMax, torch.optim.Adamax)]
 BACKENDS = ["single_tensor", "foreach"]
+#: the running maxima a NaN must stay in: (pair, options, state key)
+RUNNING_MAXIMA = [
+    ((adamkit.Adam, torch.optim.Adam), {"amsgrad": True}, "max_exp_avg_sq"),
+    ((adamkit.AdaMax, torch.optim.Adamax), {}, "exp_inf"),
+]
 
 
 def twin_params(*tensors):
@@ -105,3 +111,21 @@ def test_optimizer_with_no_params_is_rejected_like_torch():
     with pytest.raises(ValueError) as ours:
         adamkit.Adam([])
     assert str(theirs.value) in str(ours.value)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("pair,options,key", RUNNING_MAXIMA, ids=["amsgrad", "adamax"])
+def test_a_nan_gradient_poisons_a_running_maximum_on_every_backend(pair, options, key, backend):
+    """AMSGrad's maximum and AdaMax's infinity norm keep a NaN, as torch's maximum does
+    (a fused kernel's ``max`` once kept the other operand, so the NaN was forgotten)."""
+    ours, theirs = twin_params(torch.linspace(-1, 1, 6))
+    opt_ours, opt_torch = pair[0](ours, backend=backend, **options), pair[1](theirs, **options)
+    for step in range(4):
+        grads = [torch.linspace(0.1, 0.6, 6)]
+        if step == 1:
+            grads[0][3] = math.nan
+        step_both(ours, theirs, opt_ours, opt_torch, grads)
+    expected = opt_torch.state[theirs[0]][key].isnan()
+    assert expected.tolist() == [False, False, False, True, False, False]
+    assert torch.equal(opt_ours.state[ours[0]][key].isnan(), expected)
+    assert torch.equal(ours[0].isnan(), theirs[0].isnan())

@@ -23,6 +23,7 @@ import torch
 from matrix import CPU_BACKENDS, CPU_FUSED_BACKENDS
 
 import adamkit
+from adamkit.specs import quantization
 from adamkit.specs.quantization import FORMATS, codes_key
 from adamkit.statekeeping import is_issued
 
@@ -284,6 +285,25 @@ def test_an_overflowing_square_keeps_the_weights_finite_as_in_fp32_adam(backend,
                 assert torch.isinf(fp32.state[q]["exp_avg_sq"][5])
         runs.append(p.detach())
     assert torch.equal(runs[0][256:], runs[1][256:])  # past the element's blocks (256 for int8's m)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_first_moment_beyond_bf16_s_largest_number_keeps_the_weights_finite(backend):
+    """A finite gradient of 3.4e38 (within 0.4 % of fp32's largest number): m passes
+    bf16's largest number, where int8's first-moment scale, rounded up, would be
+    infinite and its block NaN; m is held at that ceiling with its sign, and the weights
+    stay finite, as in fp32 Adam.  An infinite gradient still poisons."""
+    for bad, finite in ((3.4e38, True), (float("inf"), False)):
+        p = torch.nn.Parameter(torch.zeros(2 * SIZE))
+        opt = adamkit.Adam([p], lr=1e-3, state_precision="int8", backend=backend, seed=1)
+        for _ in range(80):  # (m passes the ceiling at about step 55)
+            p.grad = torch.linspace(-1, 1, 2 * SIZE)
+            p.grad[3] = bad
+            opt.step()
+        assert bool(torch.isfinite(p).all()) == finite
+        if finite:
+            scales = opt.state[p]["exp_avg_int8_scales"]
+            assert scales[0].float() == float(quantization.moment_ceiling(FORMATS["int8"], True))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

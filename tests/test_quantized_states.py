@@ -665,6 +665,30 @@ def test_dequantized_values_are_restored_to_the_same_codes_and_scales(precision,
     assert same == fmt.exact_scales(signed)  # why restore_into exists
 
 
+def test_a_root_map_block_whose_low_elements_were_rounded_up_is_restored_exactly():
+    """An int4 block that took its root map (40 of 127 nonzero ratios below 2^-15), whose
+    stochastic rounding lifted enough of them out of that range that its values alone
+    would choose e4m0 at the same scale: only the scale negated gives them back (the
+    NumPy reference quantizes, 20 draws of the rounding bits)."""
+    fmt = FORMATS["int4"]
+    block = fmt.block_of(False)
+    x = np.full(block, 0.5, np.float32)
+    x[0] = 1.0
+    x[1:41] = np.float32(2.0**-15.1)
+    assert quantization.root_blocks(x, quantization.block_scales(x, block, exact=True), fmt)[0]
+    lifted = 0
+    for key in range(20):
+        bits = np.random.default_rng(key).integers(0, 65536, block)
+        stored, scales = quantization.quantize(x, fmt, False, bits)
+        values = torch.from_numpy(quantization.dequantize(stored, scales, fmt, False, x.shape))
+        lifted += int((values < 2.0**-15).sum()) * 4 <= 127
+        codes, restored = torch.empty(block // 2, dtype=torch.uint8), torch.empty(1)
+        blockwise.restore_into(values, codes, restored, fmt, False)
+        assert restored.item() == scales[0] < 0
+        assert torch.equal(blockwise.dequantize(codes, restored, fmt, False, torch.Size([block])), values)
+    assert lifted > 0  # (the case this is about was drawn)
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_restore_quantizes_values_that_were_never_quantized_as_usual(precision):
     fmt = FORMATS[precision]

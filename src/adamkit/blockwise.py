@@ -24,8 +24,8 @@ from .specs.quantization import (
     SNAP_TO_TOP,
     QuantFormat,
     codes_key,
+    moment_ceiling,
     scales_key,
-    second_moment_ceiling,
 )
 
 #: the second moment a normalized first moment is divided by, by its state key, and how
@@ -240,8 +240,7 @@ def quantize_into(
     draws them), or to nearest."""
     _check_scales(scales, fmt, signed)
     flat = x.reshape(-1).float()
-    if not (signed or fmt.legacy):  # an overflowed square: the ceiling (NaN stays NaN)
-        flat = flat.clamp(max=float(second_moment_ceiling(fmt)))
+    flat = held_at_ceiling(flat, fmt, signed)
     new_scales = marked(flat, scales_of(flat, fmt, signed), fmt, signed)
     bits = None if bits16 is None else bits16.reshape(-1)
     codes.copy_(_packed(_level_codes(flat, new_scales, fmt, signed, bits), fmt))
@@ -283,6 +282,17 @@ def _second_level(fmt: QuantFormat, signed: bool) -> float:
     return 1.0 - 2.0 ** -(fmt.mantissa_bits + 1)
 
 
+def held_at_ceiling(flat: Tensor, fmt: QuantFormat, signed: bool) -> Tensor:
+    """:func:`adamkit.specs.quantization.held_at_ceiling` in torch."""
+    if fmt.legacy:
+        return flat
+    ceiling = float(moment_ceiling(fmt, signed))
+    if not signed:  # an overflowed square: the ceiling (NaN stays NaN)
+        return flat.clamp(max=ceiling)
+    beyond = flat.isfinite() & (flat.abs() > ceiling)  # (an infinity poisons its block)
+    return torch.where(beyond, torch.full_like(flat, ceiling).copysign(flat), flat)
+
+
 def restore_into(
     x: Tensor,
     codes: Tensor,
@@ -320,7 +330,7 @@ def restore_into(
     trials += [_neighbour_scales(below, steps) for steps in (0, -1, 1, 2)]
     trials = [marked(flat, trial, fmt, signed) for trial in trials]
     if fmt.root_map and not signed:  # stochastic rounding may have lifted the elements that chose the map
-        trials += [-trial for trial in trials]
+        trials += [-trial for trial in [best_scales, *trials]]
     exact = _reproduced(best_code, best_scales, target, fmt, signed, per_element)
     for trial in trials:
         if bool(exact.all()):

@@ -31,12 +31,18 @@ import torch
 from torch import Tensor
 
 from . import blockwise, offload, sharding
-from .algorithms import lookup
+from .algorithms import REGISTRY, lookup
 from .specs.quantization import FORMATS
 from .state import moment_keys
 
-#: every moment key a state may hold (Adam, AMSGrad, AdaMax)
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf")
+#: every moment key a quantized state may hold quantized: each registered algorithm's,
+#: AMSGrad's maximum included (a weight copy in a moment's place, schedule-free's z, is
+#: never quantized)
+MOMENT_KEYS = tuple(
+    dict.fromkeys(
+        key for spec in REGISTRY.values() for key in spec.moment_keys(amsgrad=spec.amsgrad) if key != spec.weight_copy
+    )
+)
 
 
 #: options that say where this run keeps its state, not how it trains: a loaded state

@@ -175,6 +175,11 @@ every weight stays finite.  The step that overflows moves the element by 0, as f
 Adam (the update reads the fresh fp32 :math:`v`); later steps read the stored ceiling
 and move it by :math:`\eta\, \hat m / \sqrt{\hat v} \approx \eta\, m / (1.8 \cdot 10^{19})`,
 small unless :math:`|g|` was far beyond the overflow, where fp32 Adam moves it by 0.
+A first moment under a bf16 scale has a ceiling too (bf16's largest number,
+:math:`\approx 3.39 \cdot 10^{38}`, just below fp32's): a finite :math:`m` beyond it
+(:math:`|g|` within 0.4 % of fp32's largest number) is stored at the ceiling with its
+sign (:func:`held_at_ceiling`), where its scale would otherwise round up to infinity and
+its block become NaN.
 The other elements of its block fall below the map's lowest level (:math:`2^{1 - 2^E}`
 of that scale) and are held there, so their updates all but stop until the block's
 :math:`v` has decayed (fp32 Adam does not touch them).  A NaN, or an infinite gradient,
@@ -633,22 +638,39 @@ def unpack(stored: np.ndarray, fmt: QuantFormat, numel: int) -> np.ndarray:
     return both[:numel].astype(np.int64)
 
 
-def second_moment_ceiling(fmt: QuantFormat) -> np.float32:
-    """The largest second moment ``fmt`` stores (see *Overflow*): the largest finite
-    scale, bf16's largest number under a bf16 scale, fp32's under an exact one."""
-    if fmt.exact_scales(False):
+def moment_ceiling(fmt: QuantFormat, signed: bool) -> np.float32:
+    """The largest magnitude ``fmt`` stores a moment at (see *Overflow*): its largest
+    finite block scale, bf16's largest number under a bf16 scale, fp32's under an exact one."""
+    if fmt.exact_scales(signed):
         return np.float32(np.finfo(np.float32).max)
     return np.uint32(0x7F7F0000).view(np.float32)
+
+
+def second_moment_ceiling(fmt: QuantFormat) -> np.float32:
+    """The largest second moment ``fmt`` stores: :func:`moment_ceiling` of a second moment."""
+    return moment_ceiling(fmt, False)
+
+
+def held_at_ceiling(x: np.ndarray, fmt: QuantFormat, signed: bool) -> np.ndarray:
+    """``x`` as a step stores it (see *Overflow*): a second moment above its ceiling at
+    the ceiling (an infinite one too), a finite first moment beyond it at the ceiling with
+    its sign (an infinite one stays infinite: it poisons its block); NaN stays NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    if fmt.legacy:
+        return x
+    ceiling = moment_ceiling(fmt, signed)
+    if not signed:
+        return np.minimum(x, ceiling)
+    return np.where(np.isfinite(x) & (np.abs(x) > ceiling), np.copysign(ceiling, x), x).astype(np.float32)
 
 
 def quantize(
     x: np.ndarray, fmt: QuantFormat, signed: bool, bits16: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(stored codes, scales) of ``x`` (any shape; read in row-major order), rounded
-    stochastically with ``bits16`` (one per element) or, without, to nearest; a second
-    moment above :func:`second_moment_ceiling` is stored as the ceiling."""
-    if not (signed or fmt.legacy):
-        x = np.minimum(np.asarray(x, dtype=np.float32), second_moment_ceiling(fmt))  # (NaN stays NaN)
+    stochastically with ``bits16`` (one per element) or, without, to nearest; a moment
+    beyond :func:`moment_ceiling` is stored as :func:`held_at_ceiling` holds it."""
+    x = held_at_ceiling(x, fmt, signed)
     block = fmt.block_of(signed)
     scales = block_scales(x, block, exact=fmt.exact_scales(signed))
     if not signed:
@@ -689,6 +711,8 @@ __all__ = [
     "quantize",
     "root_blocks",
     "scales_key",
+    "held_at_ceiling",
+    "moment_ceiling",
     "second_moment_ceiling",
     "signed_gaps",
     "signed_magnitudes",

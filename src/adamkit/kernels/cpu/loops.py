@@ -30,6 +30,13 @@ from .storage import _FLOAT32_WITNESS, _FLOAT64_WITNESS, _STORAGE_POLICIES, _com
 compile_cache.install()  # (before the first cached function: stamped with the whole package's source)
 
 
+@njit(inline="always", nogil=True)
+def _maximum(a, b):
+    """The larger of a and b as ``torch.maximum`` takes it: a NaN in either is the
+    result (Python's ``max`` would keep the other operand)."""
+    return a if a > b or a != a else b
+
+
 def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautious: bool, counting: bool = False):
     """The element loop of one algorithm and rounding variant.  The algorithm's
     forms (:mod:`adamkit.algorithms`), ``amsgrad`` and the storage functions are
@@ -102,7 +109,7 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
                 slow_m = slow_m + one_minus_beta3 * (g - slow_m)
                 put(max_second, i, slow_m, keys[3], keys[4])
             if infinity_norm:
-                u = max(beta2 * _load(second, i), abs(g) + eps)
+                u = _maximum(beta2 * _load(second, i), abs(g) + eps)
                 put(second, i, u, keys[2], keys[4])
                 denom = u
             elif average_after:
@@ -112,7 +119,7 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
                 v = beta2 * _load(second, i) + one_minus_beta2 * g * g
                 put(second, i, v, keys[2], keys[4])
                 if amsgrad:
-                    v = max(_load(max_second, i), v)
+                    v = _maximum(_load(max_second, i), v)
                     put(max_second, i, v, keys[3], keys[4])
                 if rectified:  # before rectification: momentum SGD, no denominator
                     denom = np.sqrt(v) + eps if adaptive else one

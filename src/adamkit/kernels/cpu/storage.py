@@ -300,8 +300,10 @@ def _requantize_impl(
     block, packed = fmt.block_of(signed), int(fmt.bits == 4)
     log2_block = block.bit_length() - 1
     put_scale = _put_exact_scale if fmt.exact_scales(signed) else _put_bfloat16_scale
-    saturates = not (signed or fmt.legacy)  # a second moment: an overflowed square is held at the ceiling
-    ceiling = quantization.second_moment_ceiling(fmt)
+    # a moment beyond its ceiling is held there (quantization.held_at_ceiling): a second
+    # moment's overflowed square, a first moment's finite value (an infinity poisons)
+    saturates, bounded = not (signed or fmt.legacy), signed and not fmt.legacy
+    ceiling = quantization.moment_ceiling(fmt, signed)
     has_fine, has_root = not signed and fmt.fine_exponent_bits is not None, not signed and fmt.root_map
     fine_lowest = np.float32(2.0 ** fmt.float_map(marked=True)[1]) if has_fine else np.float32(0)
     lowest_bits, share = np.int32((127 + fmt.min_exponent) << 23), np.int32(quantization.ROOT_MAP_SHARE)
@@ -322,6 +324,8 @@ def _requantize_impl(
             for i in range(low, high):
                 if saturates and fresh[i] > ceiling:  # (compile-time; NaN stays NaN)
                     fresh[i] = ceiling
+                if bounded and abs(fresh[i]) > ceiling and abs(fresh[i]) < np.inf:  # (compile-time)
+                    fresh[i] = ceiling if fresh[i] > 0 else -ceiling
                 largest = max(largest, magnitude_bits(fresh[i]))
                 if has_fine:  # (compile-time: the other formats skip it)
                     smallest = min(smallest, magnitude_bits(fresh[i]))

@@ -216,11 +216,18 @@ def _requantize(
     then each element's code, rounded stochastically with the bits of step key
     ``key``; int4 codes two to a byte."""
     x = tl.where(mask, value.to(tl.float32), 0.0)
-    if not SIGNED:  # an overflowed square is held at the ceiling (NaN stays NaN)
-        if EXACT:  # fp32's largest number
-            x = tl.where(x > 3.4028234663852886e38, 3.4028234663852886e38, x)
-        else:  # bf16's
-            x = tl.where(x > 3.3895313892515355e38, 3.3895313892515355e38, x)
+    # held at the ceiling, fp32's largest number under an exact scale and bf16's under a bf16
+    # one: a second moment's overflowed square, a first moment's finite value (an infinity
+    # poisons its block; NaN stays NaN)
+    if EXACT:
+        CEILING: tl.constexpr = 3.4028234663852886e38
+    else:
+        CEILING: tl.constexpr = 3.3895313892515355e38
+    if not SIGNED:
+        x = tl.where(x > CEILING, CEILING, x)
+    else:
+        beyond = (tl.abs(x) > CEILING) & (tl.abs(x) < float("inf"))
+        x = tl.where(beyond, tl.where(x > 0, CEILING, -CEILING), x)
     patterns = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     largest = tl.max(tl.reshape(patterns, [BLOCK // QBLOCK, QBLOCK]), axis=1)
     largest = tl.minimum(largest, 0x7F800000)

@@ -141,7 +141,9 @@ def _update_chunk(
         else:
             m = m + one_minus_beta1 * (g - m)
         if SECOND_MOMENT == _INFINITY_NORM:
-            new_second = tl.maximum(beta2 * second_value.to(COMPUTE), tl.abs(g) + eps)
+            new_second = tl.maximum(
+                beta2 * second_value.to(COMPUTE), tl.abs(g) + eps, propagate_nan=tl.PropagateNan.ALL
+            )
         elif SECOND_MOMENT == _AVERAGE_AFTER:
             new_second = beta2 * second_value.to(COMPUTE) + second_weight * g * g
         else:
@@ -187,7 +189,7 @@ def _update_chunk(
                 v_max = _load_moment(
                     max_second, max_second_scales, offsets, mask, QUANT_BITS, QBLOCK_SECOND, False, FLOAT_MAPS_SECOND
                 )
-                v = tl.maximum(v_max.to(COMPUTE), v)
+                v = tl.maximum(v_max.to(COMPUTE), v, propagate_nan=tl.PropagateNan.ALL)  # (a NaN is kept, as torch's)
                 if not COUNTING:  # (the agreement pass stores nothing)
                     _put_moment(
                         max_second,
