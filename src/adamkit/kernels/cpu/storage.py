@@ -304,6 +304,7 @@ def _requantize_impl(
     # moment's overflowed square, a first moment's finite value (an infinity poisons)
     saturates, bounded = not (signed or fmt.legacy), signed and not fmt.legacy
     ceiling = quantization.moment_ceiling(fmt, signed)
+    ceiling_bits = np.float32(ceiling).view(np.int32)
     has_fine, has_root = not signed and fmt.fine_exponent_bits is not None, not signed and fmt.root_map
     fine_lowest = np.float32(2.0 ** fmt.float_map(marked=True)[1]) if has_fine else np.float32(0)
     lowest_bits, share = np.int32((127 + fmt.min_exponent) << 23), np.int32(quantization.ROOT_MAP_SHARE)
@@ -324,11 +325,14 @@ def _requantize_impl(
             for i in range(low, high):
                 if saturates and fresh[i] > ceiling:  # (compile-time; NaN stays NaN)
                     fresh[i] = ceiling
-                if bounded and abs(fresh[i]) > ceiling and abs(fresh[i]) < np.inf:  # (compile-time)
-                    fresh[i] = ceiling if fresh[i] > 0 else -ceiling
                 largest = max(largest, magnitude_bits(fresh[i]))
                 if has_fine:  # (compile-time: the other formats skip it)
                     smallest = min(smallest, magnitude_bits(fresh[i]))
+            if bounded and ceiling_bits < largest < np.int32(0x7F800000):  # (rare) a finite first moment past it
+                for i in range(low, high):
+                    if abs(fresh[i]) > ceiling:
+                        fresh[i] = ceiling if fresh[i] > 0 else -ceiling
+                largest = ceiling_bits
             scale = put_scale(scales_address, b, largest)
             if np.isnan(scale):  # a non-finite block: codes 0
                 for i in range(low, high):
