@@ -165,7 +165,7 @@ if wanted offload; then  # CUDA params against host states; the dry run: CPU par
     if [[ $GPU == 1 ]]; then
         run_part offload 480 1 bash -c "${PYTEST[*]} ${XDIST[*]} tests/test_offload.py tests/test_offload_timing.py && $PYTHON benchmarks/bench_offload.py"
     else  # (a cold numba cache compiles ~35 CPU-kernel specializations first: about a minute here)
-        run_part offload 300 0 bash -c "${PYTEST[*]} ${XDIST[*]} tests/test_offload.py tests/test_offload_timing.py && $PYTHON benchmarks/bench_offload.py"
+        run_part offload 420 0 bash -c "${PYTEST[*]} ${XDIST[*]} tests/test_offload.py tests/test_offload_timing.py && $PYTHON benchmarks/bench_offload.py"
     fi
 fi
 
