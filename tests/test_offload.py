@@ -244,7 +244,8 @@ def test_grad_scaler_and_skipped_steps():
     assert_same_run(ours, theirs)
 
 
-def test_an_error_in_a_host_step_surfaces_at_step(monkeypatch):
+@pytest.mark.parametrize("surfaces_at", ["step", "remove"])
+def test_an_error_in_a_host_step_surfaces_at_step_or_remove(monkeypatch, surfaces_at):
     net = model(torch.float32)
     opt = adamkit.AdamW(net.parameters(), offload="cpu")
     handle = adamkit.gradient_release(net, opt)
@@ -256,10 +257,15 @@ def test_an_error_in_a_host_step_surfaces_at_step(monkeypatch):
     x, y = next(batches(torch.float32, 1))
     (net(x) - y).square().mean().backward()
     with pytest.raises(RuntimeError, match="host step failed"):
-        opt.step()
+        opt.step() if surfaces_at == "step" else handle.remove()
     monkeypatch.undo()
-    opt.step()  # the error was raised once; nothing is pending
-    handle.remove()
+    if surfaces_at == "step":
+        opt.step()  # the error was raised once; nothing is pending
+        handle.remove()
+    else:  # remove() detached even so: no hook is left, and stepping is normal again
+        (net(x) - y).square().mean().backward()
+        assert all(p.grad is not None for p in net.parameters())
+        opt.step()
 
 
 @pytest.mark.parametrize(
