@@ -15,6 +15,7 @@ from matrix import DEVICE, DEVICE_BACKENDS
 import adamkit
 from adamkit import master, rounding
 from adamkit.kernels import KERNELS
+from adamkit.specs import master as spec_master
 from adamkit.specs.master import MASTER_KEY, join_tensors
 
 #: the interpreter runs the Triton kernel in NumPy: fewer steps there
@@ -316,3 +317,44 @@ def test_switching_between_fp32_and_24bit_keeps_the_master_to_nearest():
         after = join_tensors(p, ours.state[p][MASTER_KEY])
         assert ours.state[p][MASTER_KEY].dtype == torch.int8
         assert float(((after.double() - b.double()) / b.double().abs()).abs().max()) <= 2.0**-16
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("mode", ["fp32", "24bit"])
+def test_a_weight_zeroed_in_place_stays_zero_under_stale_low_bits(backend, mode):
+    """``p.data.mul_(mask)`` (pruning) leaves the master's low bits from before; joined to
+    a zeroed weight, a negative low half once crossed the sign bit and made the master a
+    NaN.  The join keeps the param's sign, so a zeroed weight's master is a denormal at
+    most, and an lr=0 step leaves every weight as the user left it."""
+    p = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16))
+    opt = adamkit.AdamW([p], lr=1e-2, master_weights=mode, backend=backend, seed=1)
+    for _ in range(3):
+        p.grad = torch.randn(64, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+        opt.step()
+    mask = torch.arange(64, device=DEVICE) % 3 != 0
+    with torch.no_grad():
+        p.data.mul_(mask)
+    pruned = p.detach().clone()
+    weights = adamkit.precision.master_weights(opt)[0]
+    assert torch.isfinite(weights).all() and weights[~mask].abs().max() < 1e-37
+    opt.param_groups[0]["lr"] = 0.0
+    p.grad = torch.randn(64, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
+    opt.step()
+    assert torch.equal(p.detach(), pruned)
+
+
+def test_no_split_of_a_finite_master_crosses_the_sign_when_joined():
+    """The sign guard never changes a stepped run's bits: every finite fp32 pattern near
+    zero, the denormals and a random sample round-trip through split and join."""
+    g = np.random.default_rng(0)
+    patterns = np.concatenate(
+        [np.arange(0, 1 << 17), np.arange(0, 1 << 17) | 0x80000000, g.integers(0, 0x7F800000, 100_000)]
+    ).astype(np.uint32)
+    theta = patterns.view(np.float32)
+    theta = theta[np.isfinite(theta)]
+    high, low = spec_master.split(theta)
+    assert np.array_equal(spec_master.join(high, low).view(np.uint32), theta.view(np.uint32))
+    bits = (g.integers(0, 65536, theta.size)).astype(np.int64)
+    high24, low24 = spec_master.split24(theta, bits)
+    joined = spec_master.join(high24, low24)
+    assert np.all(np.abs(joined.astype(np.float64) - theta) <= np.abs(theta) * 2.0**-15 + 2.0**-133)

@@ -250,15 +250,22 @@ def stochastic_half(value, bits16):
     return np.int16((toward_zero + away) * (1 - is_nan) + (np.int64(nearest) & 0xFFFF) * is_nan)
 
 
+def _same_sign(builder, wide, joined):
+    """``joined``, or ``wide`` where the two differ in their sign bit (IR: xor, compare, select)."""
+    crossed = builder.icmp_signed("<", builder.xor(joined, wide), ir.Constant(ir.IntType(32), 0))
+    return builder.select(crossed, wide, joined)
+
+
 @intrinsic
 def join_master(typingctx, high, low):
     """The fp32 master weight of bf16 bits ``high`` and int16 bits ``low`` (both held
-    as uint16): (high << 16) + low, sign-extending low (see adamkit.master)."""
+    as uint16): (high << 16) + low, sign-extending low, or high << 16 where that sum
+    would change the sign (see adamkit.specs.master.join)."""
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
         wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
-        return builder.bitcast(builder.add(wide, builder.sext(args[1], i32)), ir.FloatType())
+        return builder.bitcast(_same_sign(builder, wide, builder.add(wide, builder.sext(args[1], i32))), ir.FloatType())
 
     return types.float32(types.uint16, types.uint16), codegen
 
@@ -291,13 +298,14 @@ def as_bytes(typingctx, pointer):
 
 @intrinsic
 def join_master24(typingctx, high, low):
-    """The 24-bit master weight: (high << 16) + (low << 8), low an int8."""
+    """The 24-bit master weight: (high << 16) + (low << 8), low an int8, or high << 16
+    where that sum would change the sign (see adamkit.specs.master.join)."""
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
         wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
         rest = builder.shl(builder.sext(args[1], i32), ir.Constant(i32, 8))
-        return builder.bitcast(builder.add(wide, rest), ir.FloatType())
+        return builder.bitcast(_same_sign(builder, wide, builder.add(wide, rest)), ir.FloatType())
 
     return types.float32(types.uint16, types.int8), codegen
 

@@ -66,11 +66,21 @@ def split(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def join(high: np.ndarray, low: np.ndarray) -> np.ndarray:
     """fp32 values from bf16 bit patterns ``high`` and ``low`` bits (int16; int8 for
-    the 24-bit master, which stands for ``low * 2^8``)."""
+    the 24-bit master, which stands for ``low * 2^8``): (high << 16) + low, or high << 16
+    where that sum would cross the sign bit.
+
+    No split of a finite master gives such a pair (the sums that cross are NaN patterns),
+    so a stepped run never takes that branch; it is for low bits gone stale under a param
+    the user edited in place (``p.data.zero_()``, a pruning mask, ``load_state_dict`` of
+    the model), where a negative low half under a zeroed weight would make its master a
+    NaN.  Elsewhere a stale low half moves the master by less than half a bf16 step of the
+    edited param."""
     low = np.asarray(low)
     shift = 8 if low.dtype == np.int8 else 0
-    bits = (np.asarray(high, dtype=np.int64) << 16) + (low.astype(np.int64) << shift)
-    return (bits & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+    wide = np.asarray(high, dtype=np.int64) << 16
+    bits = (wide + (low.astype(np.int64) << shift)) & 0xFFFFFFFF
+    bits = np.where((bits ^ wide) & 0x80000000, wide, bits)  # (the param's sign kept)
+    return bits.astype(np.uint32).view(np.float32)
 
 
 def split24(theta: np.ndarray, bits16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,11 +96,14 @@ def split24(theta: np.ndarray, bits16: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def join_tensors(param: Tensor, low: Tensor) -> Tensor:
     """The fp32 master weight of a bf16 ``param`` and its ``low`` bits as the state
-    keeps them (int16 patterns in a bf16 tensor; int8 for the 24-bit master)."""
-    high = param.detach().view(torch.int16).to(torch.int32) & 0xFFFF
+    keeps them (int16 patterns in a bf16 tensor; int8 for the 24-bit master); the
+    param's bits alone where the sum would change its sign (see :func:`join`)."""
+    wide = (param.detach().view(torch.int16).to(torch.int32) & 0xFFFF) << 16
     if low.dtype == torch.int8:
-        return ((high << 16) + (low.to(torch.int32) << 8)).view(torch.float32)
-    return ((high << 16) + low.view(torch.int16).to(torch.int32)).view(torch.float32)
+        joined = wide + (low.to(torch.int32) << 8)
+    else:
+        joined = wide + low.view(torch.int16).to(torch.int32)
+    return torch.where((joined ^ wide) < 0, wide, joined).view(torch.float32)
 
 
 def split_into(theta: Tensor, param: Tensor, low: Tensor, bits16: Tensor | None = None) -> None:

@@ -394,15 +394,14 @@ def _exact_div(x, y):
 def _load_param(param, compensation, offsets, mask, COMPUTE: tl.constexpr, KAHAN: tl.constexpr, MASTER: tl.constexpr):
     """The weight theta: the param, or with its Kahan compensation, or the split
     master weight (the bf16 param's bits over its 16 or 8 low bits)."""
-    if MASTER == 16:  # the fp32 master weight: the bf16 param's bits over the int16 low bits
-        low_bits = compensation.to(tl.pointer_type(tl.int16))
-        high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
-        p = ((high << 16) + tl.load(low_bits + offsets, mask=mask).to(tl.int32)).to(tl.float32, bitcast=True)
-    elif MASTER == 8:  # the 24-bit master: int8 low bits, shifted by 8
-        low_bytes = compensation.to(tl.pointer_type(tl.int8))
-        high = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32)
-        rest = tl.load(low_bytes + offsets, mask=mask).to(tl.int32) << 8
-        p = ((high << 16) + rest).to(tl.float32, bitcast=True)
+    if MASTER != 0:  # the bf16 param's bits over the int16 low bits (fp32), or int8 ones shifted by 8 (24-bit)
+        wide = tl.load(param + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.int32) << 16
+        if MASTER == 16:
+            rest = tl.load(compensation.to(tl.pointer_type(tl.int16)) + offsets, mask=mask).to(tl.int32)
+        else:
+            rest = tl.load(compensation.to(tl.pointer_type(tl.int8)) + offsets, mask=mask).to(tl.int32) << 8
+        joined = wide + rest
+        p = tl.where((joined ^ wide) < 0, wide, joined).to(tl.float32, bitcast=True)  # (the param's sign kept)
     else:
         p = tl.load(param + offsets, mask=mask).to(COMPUTE)
     if KAHAN:
