@@ -8,6 +8,7 @@ machine's drift hits all three alike.  Prints the median ms per step and the rat
     python benchmarks/ab_revision.py HEAD~1                # cases a and b
     python benchmarks/ab_revision.py 1567344 --cases b --rounds 60
     python benchmarks/ab_revision.py HEAD~1 --state-precision int8   # adamkit's quantized states
+    python benchmarks/ab_revision.py HEAD~1 --master-weights 24bit   # bf16 params over split masters
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def load_revision(revision: str, folder: Path):
 
 
 def optimizer(library, count: int, size: int, **options):
-    """Adam over ``count`` fp32 tensors of ``size``: torch's fused one, or ``library``'s with ``options``."""
+    """Adam over ``count`` tensors of ``size``: torch's fused one (fp32), or ``library``'s
+    with ``options`` (bf16 params under ``master_weights``)."""
     torch.manual_seed(0)
-    params = [torch.zeros(size, requires_grad=True) for _ in range(count)]
+    dtype = torch.bfloat16 if options.get("master_weights") and library is not torch else torch.float32
+    params = [torch.zeros(size, dtype=dtype, requires_grad=True) for _ in range(count)]
     for p in params:
-        p.grad = torch.randn(size)
+        p.grad = torch.randn(size).to(dtype)
     opt = (
         torch.optim.Adam(params, lr=1e-3, fused=True) if library is torch else library.Adam(params, lr=1e-3, **options)
     )
@@ -67,8 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default="a,b", help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--rounds", type=int, default=30, help="timed steps per contender")
     parser.add_argument("--state-precision", help="adamkit's state_precision for both revisions (e.g. int8)")
+    parser.add_argument("--master-weights", help="bf16 params with adamkit's master_weights (fp32 or 24bit)")
     args = parser.parse_args(argv)
     options = {"state_precision": args.state_precision} if args.state_precision else {}
+    if args.master_weights:
+        options["master_weights"] = args.master_weights
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "tree"
