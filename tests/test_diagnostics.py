@@ -201,3 +201,26 @@ def test_grad_norm_is_unscaled_when_a_grad_scaler_hands_its_scale_over():
 def test_diagnostics_must_be_a_bool():
     with pytest.raises(TypeError, match="diagnostics must be True or False, got 1"):
         adamkit.Adam([torch.nn.Parameter(torch.ones(2))], diagnostics=1)
+
+
+def test_a_step_skip_nonfinite_skipped_leaves_the_last_step_s_figures():
+    """The skipped step's gradient norm and lr were once recorded before the skip, so the
+    figures described a step that never happened."""
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = adamkit.Adam([p], lr=0.1, diagnostics=True, skip_nonfinite=True)
+    p.grad = torch.linspace(0.1, 0.8, 8)
+    opt.step()
+    before = opt.stats()[0]
+    opt.param_groups[0]["lr"] = 1.0
+    p.grad = torch.full((8,), math.nan)
+    opt.step()
+    after = opt.stats()[0]
+    assert after.pop("skipped_steps") == before.pop("skipped_steps") + 1
+    assert after == before
+
+
+def test_cautious_updates_have_no_diagnostics():
+    """A cautious update's mask came from that step's gradient, which the state does not
+    keep: the figures read back would be off (0.83 of the real update's RMS)."""
+    with pytest.raises(ValueError, match="diagnostics=True with cautious=True.*a cautious update"):
+        adamkit.Adam([torch.nn.Parameter(torch.ones(3))], cautious=True, diagnostics=True)

@@ -158,6 +158,8 @@ def test_timing_refuses_a_model_that_would_not_fit(capsys, monkeypatch):
         (["memory", "gpt2", "--set", "n_layer=-1"], "n_layer=-1: n_layer is a size (default 12); expected a positive"),
         (["memory", "gpt2", "--set", "n_embd=0"], "n_embd=0: n_embd is a size (default 768); expected a positive"),
         (["memory", "gpt2", "--layers", "99999999999"], "99,999,999,999 layers: adamkit memory builds models of up to"),
+        (["memory", ":"], "model ':': Empty module name"),
+        (["memory", "torch.nn:Identity"], "'torch.nn:Identity' has no trainable params"),
     ],
 )
 def test_bad_models_are_named_with_exit_status_2(capsys, argv, message):

@@ -5,6 +5,8 @@ modes, and what it refuses."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,27 @@ def test_a_step_skip_nonfinite_skips_does_not_move_the_clock():
     p.grad = torch.tensor([1.0, float("inf"), 0.0, 1.0])
     optimizer.step()
     assert {k: group[k] for k in clock} == clock and torch.equal(p, before) and optimizer.skipped_steps == 1
+
+
+def test_a_grad_scaler_s_skipped_step_does_not_move_the_clock():
+    """A fused kernel skips a GradScaler's inf step in the kernel; the group's running
+    values once moved all the same, so the next step differed from foreach's (whose
+    step the scaler never calls)."""
+    runs = []
+    for backend in ("cpu", "foreach"):
+        p = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))
+        optimizer = adamkit.ScheduleFreeAdamW([p], lr=0.01, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        for bad in (False, True, False):
+            scaler.scale((p * (math.inf if bad else 1.0)).sum() + (p * p).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        group = optimizer.param_groups[0]
+        runs.append((group["k"], group["weight_sum"], optimizer.state[p]["step"].item(), p.detach()))
+    (k, weight_sum, step, p), (k_foreach, weight_sum_foreach, step_foreach, q) = runs
+    assert k == k_foreach == step == step_foreach == 2 and weight_sum == weight_sum_foreach
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("maximize", [False, True])

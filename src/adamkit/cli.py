@@ -322,6 +322,8 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         return _error(str(error))
     shapes, frozen = memory.param_shapes(model), memory.param_shapes(model, trainable=False)
     count = sum(math.prod(shape) for shape in shapes)
+    if not count:
+        return _error(f"model {args.model!r} has no trainable params: there is no optimizer state to plan")
     print(f"{args.model}: {memory.parameter_count_text(count)} trainable params in {len(shapes)} tensors ({count:,})")
     if frozen:
         print(

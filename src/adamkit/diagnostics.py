@@ -17,8 +17,10 @@ RAdam: :math:`\eta^{eff}_i = \eta\, r_t \sqrt{1 - \beta_2^t} / ((1 - \beta_1^t)(
 once rectified, :math:`\eta / (1 - \beta_1^t)` before (no denominator, so no element is
 eps-dominated); ADOPT: :math:`\eta^{eff}_i = \eta` (its m is already normalized), and an
 element is eps-dominated where :math:`\epsilon > \sqrt{v_i}` (the normalization's floor).
-NAdam and StableAdamW have no ``diagnostics``: their last update depended on that
-step's gradient (NAdam's g term, StableAdamW's clipping), which the state does not keep.
+NAdam and StableAdamW have no ``diagnostics``, nor have cautious updates: their last
+update depended on that step's gradient (NAdam's g term, StableAdamW's clipping, the
+cautious mask), which the state does not keep.  A step that ``skip_nonfinite`` skipped
+is not recorded: the figures stay those of the last step taken.
 
 ``update_rms``
     :math:`\sqrt{\operatorname{mean}_i \Delta_i^2}` over the group's elements: the

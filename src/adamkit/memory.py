@@ -266,7 +266,7 @@ def build_model(spec: str, overrides: dict | None = None) -> torch.nn.Module:
             module_name, _, attribute = spec.partition(":")
             try:
                 factory = getattr(importlib.import_module(module_name), attribute)
-            except (ImportError, AttributeError) as error:
+            except (ImportError, AttributeError, ValueError) as error:  # (ValueError: an empty module name)
                 raise ModelSpecError(f"model {spec!r}: {error}") from None
             if not callable(factory):
                 raise ModelSpecError(f"model {spec!r} is a {type(factory).__name__}, not a callable")

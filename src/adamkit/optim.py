@@ -234,6 +234,8 @@ class _AdamFamily(Optimizer):
             draw_seed_if_needed(plan.group, stepper.cache(plan.group)["dtypes"])
         admitted = [plan for index, plan in plans if stepper.admit(index, plan, amp[0])]
         stepper.initialize(admitted)
+        if advance is not None and amp[1] is not None and amp[1].item():
+            advance = None  # a GradScaler's inf, skipped in the kernel: the running values stay too
         if advance is not None:  # the groups' own running values (schedule-free's), once per step
             for group in [g for _, g in idle] + [plan.group for plan in admitted]:
                 advance(group)

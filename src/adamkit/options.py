@@ -408,6 +408,11 @@ def check_group(group: dict, where: str) -> None:
                     f"master_weights={master!r} splits bf16 params, but params[{j}]{where} is float16 (its "
                     "exponent is not an fp32's): use bf16, or rounding='kahan' or 'stochastic'"
                 )
+    if group.get("cautious") and group.get("diagnostics"):
+        raise ValueError(
+            f"diagnostics=True with cautious=True{where}: a cautious update kept only the elements where it "
+            "agreed with that step's gradient, which the state does not keep, so its figures cannot be read back"
+        )
     max_lr = group["max_lr"]  # checked by check_options where decouple_lr is set
     if group.get("decouple_lr") and not isinstance(lr, Tensor) and (lr / max_lr) * weight_decay > 1:
         raise ValueError(

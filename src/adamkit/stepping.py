@@ -274,14 +274,15 @@ class Stepper:
         )
 
     def admit(self, index: int, plan: GroupPlan, grad_scale: Tensor | None) -> bool:
-        """Record diagnostics, then whether the group may step (``skip_nonfinite``)."""
+        """Whether the group may step (``skip_nonfinite``); if it does, record its
+        diagnostics (a skipped step leaves the last step's figures as they were)."""
         group, params, grads = plan.group, plan.params, plan.grads
-        if group["diagnostics"]:
-            self.recorder.record(group, params, grads, grad_scale)
         sharded = self.cache(group).get("sharded", False)
         if group["skip_nonfinite"] and not _all_finite(params, grads, sharded):
             self.recorder.skips[index] += 1
             return False
+        if group["diagnostics"]:
+            self.recorder.record(group, params, grads, grad_scale)
         return True
 
     def initialize(self, plans: list[GroupPlan]) -> None:
