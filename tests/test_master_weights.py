@@ -358,3 +358,32 @@ def test_no_split_of_a_finite_master_crosses_the_sign_when_joined():
     high24, low24 = spec_master.split24(theta, bits)
     joined = spec_master.join(high24, low24)
     assert np.all(np.abs(joined.astype(np.float64) - theta) <= np.abs(theta) * 2.0**-15 + 2.0**-133)
+
+
+def test_low_bits_cast_by_torch_optim_are_refused_by_name_and_load_master_weights_mends_them():
+    """A bf16 run's state loaded into torch.optim on its fp32 weights, stepped there and
+    loaded back: torch cast the low bits to float32.  step() says so and changes nothing
+    (a view of them as int16 had crashed on the doubled length, after zeroing them);
+    load_master_weights sets the weights exactly."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.nn.Parameter(torch.randn(6, generator=g).to(torch.bfloat16))
+    ours = adamkit.AdamW([b], lr=1e-2, master_weights="fp32", state_precision="fp32")
+    for _ in range(2):
+        b.grad = torch.randn(6, generator=g).to(torch.bfloat16)
+        ours.step()
+    f = torch.nn.Parameter(adamkit.precision.master_weights(ours)[0])
+    theirs = torch.optim.AdamW([f], lr=1e-2)
+    theirs.load_state_dict(ours.state_dict())
+    f.grad = torch.randn(6, generator=g)
+    theirs.step()
+    back = torch.nn.Parameter(f.detach().to(torch.bfloat16))
+    again = adamkit.AdamW([back], lr=1e-2, master_weights="fp32", state_precision="fp32")
+    again.load_state_dict(theirs.state_dict())
+    held, step = again.state[back][MASTER_KEY].clone(), again.state[back]["step"].clone()
+    back.grad = torch.zeros(6, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"state\['master_low_bits'\] of params\[0\].* holds torch.float32"):
+        again.step()
+    assert torch.equal(again.state[back][MASTER_KEY], held) and torch.equal(again.state[back]["step"], step)
+    adamkit.precision.load_master_weights(again, [f.detach()])
+    assert torch.equal(adamkit.precision.master_weights(again)[0], f.detach())
+    again.step()

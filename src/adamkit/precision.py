@@ -9,8 +9,14 @@ Example::
     >>> model = adamkit.precision.cast_module(model, torch.bfloat16, keep=(torch.nn.LayerNorm,))
     >>> opt = adamkit.AdamW(model.parameters(), master_weights="fp32")
     >>> opt.load_state_dict(fp32_optimizer_state)                 # moments from the fp32 run
+    >>> for group in opt.param_groups:                            # (an adamkit state dict brings its
+    ...     group["master_weights"] = "fp32"                      #  run's options: set this one's again)
     >>> adamkit.precision.load_master_weights(opt, fp32_weights)  # the fp32 weights, exactly
     >>> fp32_weights = adamkit.precision.master_weights(opt)      # and back, at any time
+
+``load_state_dict`` restores a state dict's hyperparameters, as torch.optim does, and an
+adamkit state dict carries its storage options (``master_weights``, ``state_precision``,
+...) with them; a torch.optim one does not, so this optimizer's options stand.
 """
 
 from __future__ import annotations

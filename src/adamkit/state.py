@@ -229,7 +229,7 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
         held = state.get(MASTER_KEY)
         if held is None or held.dtype != dtype:  # zero: the master weight is the param as it stands
             state[MASTER_KEY] = _new(state, torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format))
-            if held is not None:  # switched between fp32 and 24-bit: keep the master, to nearest
+            if held is not None and held.dtype in LOW_BITS_DTYPE.values():  # fp32 <-> 24-bit: the master, to nearest
                 with torch.no_grad():
                     split_into(join_tensors(param, held), param, state[MASTER_KEY])
             changed = True
@@ -263,7 +263,8 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
     is missing (a checkpoint from another optimizer, or AMSGrad switched on after the
     first step), a tensor's shape or device differs from the param's, a quantized
     moment's codes or scales are not those of the param's size, or a step counter is not
-    one number >= 0.  (What :func:`init_state` converts, dtypes and layouts, is not checked.)"""
+    one number >= 0, or a split master's low bits are in neither of their dtypes.  (What
+    :func:`init_state` converts, other dtypes and layouts, is not checked.)"""
     moments = moment_keys(algorithm, amsgrad)
     held_quantized = {key: blockwise.stored_format(state, key, param.numel()) for key in moments if key not in state}
     scalars = ["step", MU_PRODUCT_KEY] if lookup(algorithm).keeps_mu_product else ["step"]
@@ -291,6 +292,15 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
             raise ValueError(
                 f"state[{key!r}]{where} is {shown}, but the param has shape {tuple(param.shape)} on {param.device}"
             )
+    low_bits = state.get(MASTER_KEY)
+    if low_bits is not None and low_bits.dtype not in LOW_BITS_DTYPE.values():
+        raise ValueError(
+            f"state[{MASTER_KEY!r}]{where} holds {low_bits.dtype}, but a split master's low bits are int16 patterns "
+            "in a bfloat16 tensor (master_weights='fp32') or int8 (master_weights='24bit'): a state loaded into "
+            f"another optimizer was cast (torch.optim casts its state to the params' dtype). Pop {MASTER_KEY!r} "
+            "from the state (the master is then the param as it stands), or set the weights with "
+            "adamkit.precision.load_master_weights"
+        )
     for key, fmt in held_quantized.items():
         for stored in blockwise.stored_keys(key, fmt):
             value = state[stored]
