@@ -125,7 +125,8 @@ OPTIONS: tuple[Option, ...] = (
         _one_of(MASTER_WEIGHTS),
         '``"fp32"``: each bf16 param is the high half of an fp32 master weight whose low 16 bits the '
         'optimizer keeps (``state["master_low_bits"]``, +2 bytes per param), so the step runs on the '
-        'fp32 master and its bits are those of the same run on fp32 params.  ``"24bit"``: 8 more bits '
+        'fp32 master and, with ``state_precision="fp32"`` (the moments of a bf16 param are bf16 by '
+        'default), its bits are those of the same run on fp32 params.  ``"24bit"``: 8 more bits '
         "(+1 byte), the master rounded stochastically to 16 significant bits after each update.  "
         "``None``: the param is the weight.  See :mod:`adamkit.specs.master`; needs "
         '``rounding="nearest"``; fp16 params cannot split.',
