@@ -157,6 +157,27 @@ def test_a_failed_backward_applies_nothing_of_its_clipped_step():
     assert torch.equal(a1, a2) and torch.equal(b1, b2) and step1 == step2 == 1 and torch.equal(norm1, norm2)
 
 
+def test_a_second_clipped_backward_before_step_is_refused_and_the_first_stays_held():
+    """The refusal is not the new backward's failure: the earlier backward's held steps
+    stay, and step() applies them (as without the second backward)."""
+
+    def run(second_backward: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        a = torch.nn.Parameter(torch.randn(3))
+        opt = adamkit.AdamW([a], lr=0.1, offload="cpu")
+        handle = adamkit.gradient_release([a], opt, max_grad_norm=1.0)
+        (a * 2).sum().backward()
+        if second_backward:
+            with pytest.raises(RuntimeError, match=r"params\[0\] of param_groups\[0\] got a second gradient"):
+                (a * 5).sum().backward()
+            a.grad = None
+        opt.step()
+        handle.remove()
+        return a.detach().clone()
+
+    assert torch.equal(run(True), run(False))
+
+
 def test_zero_grad_drops_the_held_clipped_steps():
     a = torch.nn.Parameter(torch.randn(3))
     opt = adamkit.AdamW([a], lr=0.1, offload="cpu")

@@ -114,8 +114,8 @@ class GradientRelease:
                 f"gradient_release(max_grad_norm={self.max_grad_norm}) clips offloaded params only, but "
                 f"param_groups[{index}] is not offloaded now (set offload='cpu' on it)"
             )
+        self._check_not_pending(param, index, group)  # (before: what is held belongs to an earlier backward)
         try:
-            self._check_not_pending(param, index, group)
             amp = self._amp(param.grad) if self.scaler is not None and self.scaler.is_enabled() else (None, None)
             host_step = self.optimizer.step_param(index, group, view, amp)
         except BaseException:
