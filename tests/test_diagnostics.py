@@ -219,6 +219,63 @@ def test_a_step_skip_nonfinite_skipped_leaves_the_last_step_s_figures():
     assert after == before
 
 
+@pytest.mark.parametrize("release", [False, True], ids=["step", "gradient-release"])
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach", "cpu"])
+def test_a_step_a_grad_scaler_skips_leaves_the_last_step_s_figures(backend, release):
+    """The fused kernel skips a GradScaler's inf itself (no host sync); its gradient norm
+    and lr were once recorded all the same, and under gradient release a per-tensor
+    backend recorded before it skipped."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    opt = adamkit.Adam(model.parameters(), lr=0.1, backend=backend, diagnostics=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    handle = adamkit.gradient_release(model, opt, scaler=scaler) if release else None
+    x = torch.randn(8, 4)
+    for poison in (1.0, math.inf):
+        scaler.scale(model(x).square().mean() * poison).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if poison == 1.0:
+            before = opt.stats()[0]
+            opt.param_groups[0]["lr"] = 1.0
+    assert scaler.get_scale() == 128.0  # the second step was skipped
+    assert opt.stats()[0] == before
+    if handle is not None:
+        handle.remove()
+
+
+@pytest.mark.parametrize("cls", [adamkit.Adam, adamkit.AdaMax, adamkit.RAdam, adamkit.ADOPT])
+def test_between_micro_batches_the_figures_read_from_folded_moments_are_nan(cls):
+    """With ``accumulation_steps`` the moments fold each micro-batch at once: between an
+    update's micro-batches they describe no update, and once it is done the figures are
+    those of plain stepping with the mean gradient (here every micro-batch of an update
+    has the same gradient, so the two runs are the same run).  ADOPT steps with the mean
+    gradient: its moments stand between micro-batches."""
+    torch.manual_seed(0)
+    accumulated, plain = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+    plain.data.copy_(accumulated)
+    opt = cls([accumulated], lr=0.01, diagnostics=True, accumulation_steps=2)
+    twin = cls([plain], lr=0.01, diagnostics=True)
+    read = ("update_rms", "update_to_weight_rms", "effective_step_size", "eps_dominated_fraction")
+    for step in range(1, 9):
+        gradient = torch.randn(16)
+        accumulated.grad = gradient.clone()
+        opt.step()
+        mid = opt.stats()[0]
+        assert mid["grad_norm"] == pytest.approx(gradient.norm().item(), rel=1e-6)
+        if step > 1 and cls is not adamkit.ADOPT:
+            assert mid["step"] == step - 1 and all(math.isnan(mid[key]) for key in read)
+        accumulated.grad = gradient.clone()
+        opt.step()
+        plain.grad = gradient.clone()
+        twin.step()
+        done, want = opt.stats()[0], twin.stats()[0]
+        assert done["step"] == want["step"] == step
+        for key in read:
+            assert done[key] == pytest.approx(want[key], rel=1e-5, abs=1e-12), key
+
+
 def test_cautious_updates_have_no_diagnostics():
     """A cautious update's mask came from that step's gradient, which the state does not
     keep: the figures read back would be off (0.83 of the real update's RMS)."""

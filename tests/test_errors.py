@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -255,3 +256,30 @@ def test_a_backend_asked_for_an_algorithm_it_lacks_fails_before_touching_anythin
     with pytest.raises(ValueError, match=r"backend='cpu' does not run nadam .*'single_tensor', 'foreach'"):
         opt.step()
     assert_untouched(opt, before)
+
+
+@pytest.mark.parametrize("cls,key", [(adamkit.AdamW, "step"), (adamkit.NAdam, "mu_product")])
+@pytest.mark.parametrize("value", [None, [7]])
+def test_a_state_dict_with_a_bad_counter_is_refused_and_loads_nothing(cls, key, value):
+    """torch swaps in the loaded groups and state before adamkit can read the counters:
+    a refused load must put the optimizer back as it was, groups included."""
+    opt, a, b = two_group_optimizer(cls, state_precision="int8")
+    twin = copy.deepcopy(opt)
+    state_dict = copy.deepcopy(opt.state_dict())
+    state_dict["param_groups"][0]["lr"] = 0.5
+    state_dict["state"][1][key] = value
+    before = snapshot(opt)
+    with pytest.raises(
+        ValueError, match=rf"state\['{key}'\] = {re.escape(repr(value))} of params\[0\] in param_groups\[1\]"
+    ):
+        opt.load_state_dict(state_dict)
+    assert_untouched(opt, before)
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in twin.param_groups]
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for _ in range(2):
+        for p, q in zip((a, b), twin_params):
+            p.grad = q.grad = torch.randn(p.shape)
+        opt.step()
+        twin.step()
+    for p, q in zip((p for g in opt.param_groups for p in g["params"]), twin_params):
+        assert torch.equal(p, q)

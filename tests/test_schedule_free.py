@@ -414,3 +414,19 @@ def test_eval_with_beta1_zero_is_refused():
     optimizer.step()
     with pytest.raises(ValueError, match=r"eval\(\) with betas\[0\] = 0 in param_groups\[0\]"):
         optimizer.eval()
+
+
+@pytest.mark.parametrize("bad_beta1", [0.0, "high"])
+def test_eval_refused_by_a_later_group_moves_no_group(bad_beta1):
+    """Every group that would move is checked before any moves: a refusal leaves each
+    param at its training point and each group in train mode."""
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    optimizer = adamkit.ScheduleFreeAdamW([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.randn(3), torch.randn(3)
+    optimizer.step()
+    optimizer.param_groups[1]["betas"] = (bad_beta1, 0.999)
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(ValueError, match=r"betas\[0\] = \S+ in param_groups\[1\]"):
+        optimizer.eval()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert all(group["train_mode"] for group in optimizer.param_groups)

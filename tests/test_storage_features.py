@@ -96,6 +96,30 @@ def test_seed_none_draws_from_torch_generator_only_when_needed():
     assert isinstance(first, int) and first == second
 
 
+@pytest.mark.parametrize(
+    "groups,kwargs",
+    [
+        ([{}, {"lr": -1.0}], {}),  # the second group is refused after the first is in
+        ([{}], {"fused": True, "foreach": True}),  # refused after every group is in
+    ],
+    ids=["bad-later-group", "fused-and-foreach"],
+)
+def test_a_refused_constructor_draws_no_seed(groups, kwargs):
+    """A constructor that raises leaves torch's random stream where it was, even for
+    groups that passed their checks and would draw a seed."""
+    params = [{"params": [torch.nn.Parameter(torch.zeros(3))], **group} for group in groups]
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    with pytest.raises((ValueError, RuntimeError)):
+        adamkit.AdamW(params, state_precision="int8", **kwargs)
+    assert torch.equal(torch.rand(1), expected)
+    torch.manual_seed(0)  # an accepted constructor draws each group's seed, in order
+    seeds = [g["seed"] for g in adamkit.AdamW(params[:1], state_precision="int8").param_groups]
+    torch.manual_seed(0)
+    assert seeds == [int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("rounding", MODES)
 @pytest.mark.parametrize("state_precision", [None, "fp32", "bf16"])

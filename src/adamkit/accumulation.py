@@ -70,6 +70,12 @@ statekeeping.untracked(COUNT_KEY, GRADIENT_KEY)  # written at every micro-batch;
 STEP_WITH_MEAN = frozenset(name for name, spec in REGISTRY.items() if spec.steps_with_mean_gradient)
 
 
+def mid_update(state: dict, algorithm: str) -> bool:
+    """Whether ``state``'s moments hold some of an update's micro-batches and not yet all
+    (folded since the last update: they describe neither that update nor the next)."""
+    return algorithm not in STEP_WITH_MEAN and bool(state.get(COUNT_KEY, 0))
+
+
 def _add_scaled(target: Tensor, value: Tensor, weight) -> None:
     """target += weight * value (weight a number, or a tensor on the capturable path)."""
     if isinstance(weight, Tensor):
@@ -197,4 +203,4 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
 #: how the front runs a group with ``accumulation_steps > 1``
 KERNEL = Kernel("accumulation", step)
 
-__all__ = ["COUNT_KEY", "GRADIENT_KEY", "KERNEL", "STEP_WITH_MEAN", "step", "steps_with_mean"]
+__all__ = ["COUNT_KEY", "GRADIENT_KEY", "KERNEL", "STEP_WITH_MEAN", "mid_update", "step", "steps_with_mean"]

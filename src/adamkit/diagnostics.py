@@ -19,8 +19,10 @@ eps-dominated); ADOPT: :math:`\eta^{eff}_i = \eta` (its m is already normalized)
 element is eps-dominated where :math:`\epsilon > \sqrt{v_i}` (the normalization's floor).
 NAdam and StableAdamW have no ``diagnostics``, nor have cautious updates: their last
 update depended on that step's gradient (NAdam's g term, StableAdamW's clipping, the
-cautious mask), which the state does not keep.  A step that ``skip_nonfinite`` skipped
-is not recorded: the figures stay those of the last step taken.
+cautious mask), which the state does not keep.  A step that ``skip_nonfinite`` or a
+GradScaler skipped is not recorded: the figures stay those of the last step taken.
+Between the micro-batches of an update (``accumulation_steps``), moments that fold
+each micro-batch at once describe no update: the figures read from them are NaN.
 
 ``update_rms``
     :math:`\sqrt{\operatorname{mean}_i \Delta_i^2}` over the group's elements: the
@@ -55,6 +57,7 @@ import torch
 from torch import Tensor
 
 from . import sharding
+from .accumulation import mid_update
 from .algorithms import REGISTRY
 from .kernels.amp import inverse_scale
 from .kernels.types import as_real
@@ -70,14 +73,35 @@ class Recorder:
         self.lrs: dict[Tensor, object] = {}  # param -> the learning rate of its last step
         self.skips: Counter[int] = Counter()  # group index -> skipped steps
 
-    def record(self, group: dict, params: list[Tensor], grads: list[Tensor], grad_scale: Tensor | None) -> None:
+    def record(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], grad_scale: Tensor | None, found_inf=None
+    ) -> None:
+        """Record a step of ``params`` in ``group``.  ``found_inf``: a GradScaler's inf
+        flag where the kernel skips the step itself; a step it skips keeps the last
+        step's figures, chosen on the device (no host sync)."""
         norms = torch._foreach_norm([sharding.local(g).detach() for g in grads])  # a shard's norm, for DTensors
         if grad_scale is not None:
             norms = torch._foreach_mul(norms, inverse_scale(grad_scale))
         lr = group["lr"]
         lr = lr.detach().clone() if isinstance(lr, Tensor) else lr  # schedulers fill tensors in place
+        lrs = [lr] * len(params)
+        if found_inf is not None:
+            skipped = found_inf.reshape(()) != 0
+            norms = [
+                torch.where(skipped, self.grad_norms.get(p, torch.full_like(norm, math.nan)), norm)
+                for p, norm in zip(params, norms)
+            ]
+            lrs = [
+                lr if p not in self.lrs else torch.where(skipped, _on(self.lrs[p], skipped), _on(lr, skipped))
+                for p in params
+            ]
         self.grad_norms.update(zip(params, norms))
-        self.lrs.update(zip(params, [lr] * len(params)))
+        self.lrs.update(zip(params, lrs))
+
+
+def _on(number, like: Tensor) -> Tensor:
+    """``number`` (a float or a tensor) as a float64 tensor on ``like``'s device."""
+    return torch.as_tensor(number, dtype=torch.float64, device=like.device)
 
 
 #: the algorithms whose last update can be read back from the state (those whose
@@ -133,24 +157,34 @@ def _over_shards(sums, param: Tensor) -> list[float]:
 
 
 def group_stats(optimizer, index: int, recorder: Recorder) -> dict[str, float]:
+    """The figures of ``param_groups[index]`` (see the module docstring).  A group some
+    of whose params have folded part of an update's micro-batches into their moments
+    (``accumulation_steps``) reads NaN for the figures taken from the state, which then
+    describes no update, until the update's last micro-batch."""
     group = optimizer.param_groups[index]
     stepped = [p for p in group["params"] if optimizer.state.get(p) and as_number(optimizer.state[p]["step"]) > 0]
+    norms = [
+        _over_shards([float(recorder.grad_norms[p].double().square())], p)[0]
+        for p in group["params"]
+        if p in recorder.grad_norms
+    ]
+    figures = {
+        "step": max((as_number(optimizer.state[p]["step"]) for p in stepped), default=0.0),
+        "grad_norm": math.sqrt(sum(norms)) if norms else math.nan,
+    }
+    read = ("update_rms", "update_to_weight_rms", "effective_step_size", "eps_dominated_fraction")
+    if any(mid_update(optimizer.state[p], optimizer.algorithm) for p in stepped):
+        return {**figures, **dict.fromkeys(read, math.nan), "skipped_steps": float(recorder.skips[index])}
     totals = [0.0] * 5
     for p in stepped:
         lr = as_number(recorder.lrs.get(p, group["lr"]))
         sums = _param_sums(sharding.local(p), _local_state(optimizer.state[p], p), lr, group, optimizer.algorithm)
         totals = [a + b for a, b in zip(totals, _over_shards(sums, p))]
     count, update_sq, weight_sq, log_effective, eps_dominated = totals
-    norms = [
-        _over_shards([float(recorder.grad_norms[p].double().square())], p)[0]
-        for p in group["params"]
-        if p in recorder.grad_norms
-    ]
     update_rms = math.sqrt(update_sq / count) if count else 0.0
     weight_rms = math.sqrt(weight_sq / count) if count else 0.0
     return {
-        "step": max((as_number(optimizer.state[p]["step"]) for p in stepped), default=0.0),
-        "grad_norm": math.sqrt(sum(norms)) if norms else math.nan,
+        **figures,
         "update_rms": update_rms,
         "update_to_weight_rms": update_rms / weight_rms if weight_rms else math.nan,
         "effective_step_size": math.exp(log_effective / count) if count else 0.0,

@@ -19,6 +19,7 @@ option table of :mod:`adamkit.options`.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -57,6 +58,8 @@ class _AdamFamily(Optimizer):
     _gradient_release = None
     #: whether :meth:`state_dict` exports every param's moments at full precision
     _export_full_precision: bool = False
+    #: whether an added group draws its seed at once (not while the constructor checks)
+    _drawing_seeds: bool = True
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -83,6 +86,7 @@ class _AdamFamily(Optimizer):
                 )
         self._recorder = Recorder()
         self._stepper = Stepper(self, self._recorder)
+        self._drawing_seeds = False  # until every check has passed: a refused constructor draws nothing
         super().__init__(params, {**torch_arguments, "betas": betas, **values})
         #: advances whenever the state changes (see :mod:`adamkit.statekeeping`)
         self.state_epoch = StateEpoch()
@@ -97,6 +101,9 @@ class _AdamFamily(Optimizer):
             # like torch's fused optimizers: a GradScaler hands over grad_scale and
             # found_inf instead of unscaling the gradients in place
             self._step_supports_amp_scaling = True
+        del self._drawing_seeds
+        for group in self.param_groups:
+            draw_seed_if_needed(group)
 
     @classmethod
     def _group_defaults(cls) -> dict[str, Any]:
@@ -124,7 +131,8 @@ class _AdamFamily(Optimizer):
                 group["max_lr"] = as_number(group["lr"])
             options.check_group(group, where)
             options.check_available(group, self.unavailable_options, type(self).__name__, where)
-            draw_seed_if_needed(group)
+            if self._drawing_seeds:
+                draw_seed_if_needed(group)
         except Exception:
             self.param_groups.pop()
             raise
@@ -151,12 +159,12 @@ class _AdamFamily(Optimizer):
         self._recorder.skips.update(skips)
         self._stepper = Stepper(self, self._recorder)  # the state may be new: validate again
         defaults = self._group_defaults()
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             for key, default in defaults.items():
                 group.setdefault(key, default)
             group.setdefault("max_lr", as_number(group["lr"]))
-            for p in group["params"]:
-                upgrade_step(self.state.get(p, {}), p, group)
+            for j, p in enumerate(group["params"]):
+                upgrade_step(self.state.get(p, {}), p, group, f" of params[{j}] in param_groups[{i}]")
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict, finished by :func:`adamkit.convert.export_state`:
@@ -173,10 +181,18 @@ class _AdamFamily(Optimizer):
         An offloaded group's state is loaded into host memory (never through the device)."""
         self.wait_for_host_steps()
         before = [{k: g[k] for k in self.extra_group_keys if k in g} for g in self.param_groups]
-        torch_part, host_states = convert.split_offloaded(self, state_dict, before)
-        super().load_state_dict(torch_part)
-        convert.load_offloaded(self, host_states)
-        convert.import_state(self, state_dict, before)
+        # torch replaces the optimizer's groups and state with new objects, so keeping the
+        # old ones puts everything back where a malformed state dict fails half-way
+        attributes = dict(self.__dict__)
+        try:
+            torch_part, host_states = convert.split_offloaded(self, state_dict, before)
+            super().load_state_dict(torch_part)
+            convert.load_offloaded(self, host_states)
+            convert.import_state(self, state_dict, before)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(attributes)
+            raise
 
     @torch.compiler.disable
     @_use_grad_for_differentiable
@@ -232,7 +248,7 @@ class _AdamFamily(Optimizer):
             options.check_group(group, f" in param_groups[{i}]")
         for _, plan in plans:  # every group is valid: only now draw what a group lacks
             draw_seed_if_needed(plan.group, stepper.cache(plan.group)["dtypes"])
-        admitted = [plan for index, plan in plans if stepper.admit(index, plan, amp[0])]
+        admitted = [plan for index, plan in plans if stepper.admit(index, plan, amp)]
         stepper.initialize(admitted)
         if advance is not None and amp[1] is not None and amp[1].item():
             advance = None  # a GradScaler's inf, skipped in the kernel: the running values stay too
@@ -273,10 +289,10 @@ class _AdamFamily(Optimizer):
             return
         draw_seed_if_needed(group, {p.dtype for p in view["params"]})  # the group's seed, not one per view
         view["seed"] = group["seed"]
-        if not stepper.admit(index, plan, amp[0]):
-            return
         if amp[1] is not None and not plan.kernel.amp and amp[1].item():
-            return None  # a kernel that cannot skip in-kernel: skip here
+            return None  # a kernel that cannot skip in-kernel: skip here (recording nothing)
+        if not stepper.admit(index, plan, amp):
+            return
         stepper.initialize([plan])
         if plan.hosts is None:
             stepper.run(plan, amp)
@@ -869,15 +885,15 @@ class ScheduleFreeAdamW(_AdamFamily):
         self._move_params(train=False)
 
     def _move_params(self, train: bool) -> None:
-        for index, group in enumerate(self.param_groups):
-            if group["train_mode"] == train:
-                continue
-            beta1 = as_number(group["betas"][0])
+        # every group that moves is checked before any moves
+        moving = [(i, g, _beta1(g, i)) for i, g in enumerate(self.param_groups) if g["train_mode"] != train]
+        for index, _, beta1 in moving:
             if not train and beta1 == 0:
                 raise ValueError(
                     f"eval() with betas[0] = 0 in param_groups[{index}]: the training point is z itself and the "
                     "average x cannot be recovered from it (use betas[0] > 0)"
                 )
+        for _, group, beta1 in moving:
             weight = 1 - beta1 if train else 1 - 1 / beta1
             for p in group["params"]:
                 state = self.state[p] if p in self.state else {}
@@ -900,6 +916,18 @@ class ScheduleFreeAdamW(_AdamFamily):
                         states[i] = {**states[i], "step": torch.tensor(float(group.get("k", 0)))}
             state_dict = {**state_dict, "state": states}
         super().load_state_dict(state_dict)
+
+
+def _beta1(group: dict, index: int) -> float:
+    """A group's ``betas[0]`` as a number in [0, 1), or ``ValueError`` naming it."""
+    value = group["betas"][0]
+    try:
+        beta1 = as_number(value)
+    except (TypeError, ValueError, RuntimeError):
+        beta1 = math.nan
+    if not 0 <= beta1 < 1:
+        raise ValueError(f"betas[0] = {value!r} in param_groups[{index}]: it must be a number in [0, 1)")
+    return beta1
 
 
 def _move_towards(param: Tensor, state: dict, target: Tensor, weight: float) -> None:

@@ -250,12 +250,17 @@ def _is_counter(value, dtypes: tuple[torch.dtype, ...]) -> bool:
     return torch.is_tensor(value) and value.dtype in dtypes and value.numel() == 1
 
 
-def upgrade_step(state: dict, param: Tensor, group: dict) -> None:
+def upgrade_step(state: dict, param: Tensor, group: dict, where: str = "") -> None:
     """Old checkpoints stored ``step`` (and NAdam's ``mu_product``) as a number; make
-    it a tensor as torch does."""
+    it a tensor as torch does.  Anything else that is not a tensor (``None``, a string)
+    is refused by name: ``ValueError``."""
     for key in ("step", MU_PRODUCT_KEY):
-        if key in state and not torch.is_tensor(state[key]):
-            state[key] = step_tensor(float(state[key]), param, group)
+        value = state.get(key)
+        if key not in state or torch.is_tensor(value):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"state[{key!r}] = {value!r}{where}: a counter must be a number or a one-element tensor")
+        state[key] = step_tensor(float(value), param, group)
 
 
 def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bool, where: str) -> None:

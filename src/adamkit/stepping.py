@@ -273,16 +273,19 @@ class Stepper:
             optimizer.state_epoch.value,
         )
 
-    def admit(self, index: int, plan: GroupPlan, grad_scale: Tensor | None) -> bool:
+    def admit(self, index: int, plan: GroupPlan, amp: tuple) -> bool:
         """Whether the group may step (``skip_nonfinite``); if it does, record its
-        diagnostics (a skipped step leaves the last step's figures as they were)."""
+        diagnostics (a skipped step leaves the last step's figures as they were, a
+        GradScaler's inf that the kernel skips included).  ``amp``: a GradScaler's scale
+        and inf flag."""
+        grad_scale, found_inf = amp
         group, params, grads = plan.group, plan.params, plan.grads
         sharded = self.cache(group).get("sharded", False)
         if group["skip_nonfinite"] and not _all_finite(params, grads, sharded):
             self.recorder.skips[index] += 1
             return False
         if group["diagnostics"]:
-            self.recorder.record(group, params, grads, grad_scale)
+            self.recorder.record(group, params, grads, grad_scale, found_inf if plan.kernel.amp else None)
         return True
 
     def initialize(self, plans: list[GroupPlan]) -> None:
