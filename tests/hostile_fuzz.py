@@ -148,9 +148,11 @@ MUTATIONS = st.one_of(
     st.just(("step",)),
     st.just(("step",)),
     st.tuples(st.just("grad_none"), st.integers(0, 3)),
-    st.tuples(st.just("grad_data"), st.integers(0, 3), st.sampled_from(["shape", "dtype", "strided", "expanded"])),
+    st.tuples(
+        st.just("grad_data"), st.integers(0, 3), st.sampled_from(["shape", "dtype", "strided", "expanded", "reshaped"])
+    ),
     st.tuples(st.just("cast"), st.sampled_from(["half", "bfloat16", "double", "float"])),
-    st.tuples(st.just("param_data"), st.integers(0, 3), st.sampled_from(["same", "shape", "dtype"])),
+    st.tuples(st.just("param_data"), st.integers(0, 3), st.sampled_from(["same", "shape", "dtype", "expanded"])),
     st.tuples(st.just("tie"), st.integers(0, 3), st.integers(0, 3)),
     st.tuples(
         st.just("state"),
@@ -236,6 +238,12 @@ class Run:
                 p.grad.data = guarded_empty(shape, p.dtype).transpose(0, 1).copy_(p.grad)
             elif how == "expanded":
                 p.grad.data = guarded_empty((1,), p.dtype).fill_(0.25).expand(p.shape)
+            elif how == "reshaped" and p.dim() >= 2 and p.shape[0] != p.shape[1]:
+                # the param's size and strides, another shape: a kernel that took the strides
+                # for the shape would read past the end (its memory is only as long as the view)
+                shape = (p.shape[1], p.shape[0], *p.shape[2:])
+                held = guarded_empty(shape, p.dtype, p.stride()).fill_(0.5)
+                p.grad.set_(held.untyped_storage(), held.storage_offset(), shape, p.stride())
 
         self.both(change)
 
@@ -257,6 +265,8 @@ class Run:
                 p.data = guarded_copy(p.data)
             elif how == "shape":
                 p.data = guarded_empty((p.numel() + 1,), p.dtype).fill_(0.5)
+            elif how == "expanded":  # every element at one address: no step may write it
+                p.data = guarded_empty((1,), p.dtype).fill_(0.5).expand(p.shape)
             else:
                 p.data = guarded_copy(p.data.to(torch.float64 if p.dtype != torch.float64 else torch.float32))
 

@@ -244,6 +244,36 @@ def test_params_that_share_memory_are_refused_by_a_fused_kernel(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        # the storage shrunk in place (torch.optim's own ops would run past it: a crash)
+        (lambda p: p.untyped_storage().resize_(16), r"params\[0\] in param_groups\[0\] reaches past the end"),
+        # every element at one address (its old memory freed: malloc may hand the same
+        # address to the smaller tensor, which once passed the per-step check)
+        (lambda p: setattr(p, "data", torch.ones(1).expand(p.shape)), r"params\[0\] .* share memory .*expanded"),
+        # the gradient's size and strides kept, its shape not: its memory is shorter than
+        # a param-shaped read (the per-step check once compared sizes and strides only)
+        (
+            lambda p: p.grad.set_(torch.ones(SIZE).untyped_storage(), 0, (p.shape[1], p.shape[0]), p.stride()),
+            r"the gradient of params\[0\] .* has shape \(30, 10\), but the param's is \(10, 30\)",
+        ),
+    ],
+    ids=["storage-shrunk", "param-expanded", "grad-reshaped"],
+)
+def test_a_param_or_gradient_whose_memory_no_longer_holds_it_is_refused(backend, change, words):
+    model, opt = stepped(backend)
+    backward(model)
+    weight = model[0].weight
+    params = list(model.parameters())
+    before = snapshot(opt, params)
+    change(weight)
+    with pytest.raises(RuntimeError, match=words):
+        opt.step()
+    assert_unchanged(opt, params[1:], (before[0], before[1][1:], before[2]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_views_of_one_buffer_that_do_not_overlap_step_as_separate_tensors(backend):
     buffer = torch.randn(2 * SIZE)
     ours = [torch.nn.Parameter(buffer[:SIZE]), torch.nn.Parameter(buffer[SIZE:])]

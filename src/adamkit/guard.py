@@ -4,23 +4,26 @@ A param group's params are validated in depth when they change (:mod:`adamkit.st
 between those moments a user may still have changed any of them in place:
 ``model.half()`` or ``.to()`` (new data under the same ``Parameter``), ``p.data = ...``,
 ``p.grad.data = ...``, a resize.  The fused kernels address raw memory, so at every step
-:class:`StepGuard` reads each param's address, size in bytes and contiguity, and each
-gradient's address, size, dtype, device and strides, and compares them, as one list,
-with what it last validated: a few C-level passes over the group, no Python loop, when
-nothing changed (the common case).  A gradient must have its param's size and strides
-(so its shape and layout), dtype and device.  Anything else goes through
-:meth:`StepGuard.validate`, row by row, which either accepts the change (a param whose
-data was replaced by a tensor of the same kind; a gradient laid out unlike its param,
-which the kernels then stage) or raises a ``RuntimeError`` that names the param, what
-changed and what to do, with nothing touched.
+:class:`StepGuard` reads each param's address, size in bytes, shape and strides, and each
+gradient's address, shape, dtype, device and strides, and compares them, as one
+list, with what it last validated: a few C-level passes over the group, no Python loop,
+when nothing changed (the common case).  A gradient must have its param's shape and
+strides, dtype and device.  Anything else goes through :meth:`StepGuard.validate`, row by
+row, which either accepts the change (a param whose data was replaced by a tensor of the
+same kind; a gradient laid out unlike its param, which the kernels then stage) or raises
+a ``RuntimeError`` that names the param, what changed and what to do, with nothing
+touched.  It also refuses a param or gradient that reaches past the end of its storage
+(one shrunk in place by ``untyped_storage().resize_()``, which moves the memory) and a
+param whose elements share memory (an expanded view).
 
-A param keeps its address from step to step (the kernels update it in place), so an
-unchanged address with an unchanged size and contiguity is the same extent of memory; a
-param that moved (``model.half()``, ``.to()``, ``.data = ...``) is checked in full, its
-dtype and device included, and a param whose layout changed in place is found through its
-next gradient, which no longer has the strides it had.  (A param re-viewed in place, as
-another dtype of the same size or another layout of its memory, after its gradient was
-computed, keeps its address and is not seen: memory stays safe, as the extent is the same.)
+A param keeps its address from step to step (the kernels update it in place), and torch
+keeps every view inside its storage, so an unchanged address with an unchanged shape and
+strides is the same extent of memory, whatever was freed and allocated there in between
+(memory freed under a param and handed to a smaller tensor at the same address gives
+that tensor's shape or strides, which the check sees).  A param that moved
+(``model.half()``, ``.to()``, ``.data = ...``) is checked in full, its dtype and device
+included.  (A param re-viewed in place as another dtype of the same size keeps its
+address, shape and strides and is not seen: memory stays safe, as the extent is the same.)
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from torch import Tensor
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
 _stride = Tensor.stride
-_is_contiguous = Tensor.is_contiguous
 _get_device = Tensor.get_device
 _dtype_of = attrgetter("dtype")
+_size = Tensor.size
 _nbytes_of = attrgetter("nbytes")
 
 
@@ -52,7 +55,7 @@ class Layout:
     nbytes: list[int]
     dtypes: list[torch.dtype]
     devices: list[int]
-    contiguous: list[bool]
+    shapes: list[torch.Size]
     strides: list[tuple]
     #: pairs of rows whose params share memory (their updates would race in a fused kernel)
     overlapping: list[tuple[int, int]]
@@ -60,9 +63,10 @@ class Layout:
     @cached_property
     def expected(self) -> list:
         """What :meth:`StepGuard.check` reads at every step, as it must read it: the
-        params' sizes in bytes and contiguity, then their gradients' sizes, dtypes, devices
-        and strides (those of the params: with the sizes, the same shape and layout)."""
-        return [*self.nbytes, *self.contiguous, *self.nbytes, *self.dtypes, *self.devices, *self.strides]
+        params' sizes in bytes, shapes and strides, then their gradients' shapes, dtypes,
+        devices and strides (those of the params)."""
+        shapes, strides = self.shapes, self.strides
+        return [*self.nbytes, *shapes, *strides, *shapes, *self.dtypes, *self.devices, *strides]
 
 
 @dataclass
@@ -99,8 +103,9 @@ class StepGuard:
                 and param_ptrs == layout.param_ptrs
                 and [  # one list, compared at once: what each param and gradient must still be
                     *map(_nbytes_of, params),
-                    *map(_is_contiguous, params),
-                    *map(_nbytes_of, grads),
+                    *map(_size, params),
+                    *map(_stride, params),
+                    *map(_size, grads),
                     *map(_dtype_of, grads),
                     *map(_get_device, grads),
                     *map(_stride, grads),
@@ -121,6 +126,13 @@ class StepGuard:
             name = f"params[{j}]{where}"
             self._check_unchanged_param(p, j, name, state_of)
             _check_gradient(p, g, name, sparse_message)
+            _check_within_storage(p, name)
+            if _overlaps_itself(p):
+                raise RuntimeError(
+                    f"{name} has elements that share memory (shape {_shown(p.shape)}, strides {p.stride()}: an "
+                    "expanded view?); torch.optim cannot step it either: give each element memory of its own (clone())"
+                )
+            _check_within_storage(g, f"the gradient of {name}")
             if g.stride() != p.stride() or not is_dense(g):  # the kernels stage it
                 mismatched.append(j)
         layout = _layout_of(params)
@@ -168,6 +180,12 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether elements of ``t`` certainly share memory (a stride 0 over more than one
+    element: an expanded view), as torch's in-place ops refuse them."""
+    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
+
+
 def _layout_of(params: list[Tensor]) -> Layout:
     ptrs, numels = list(map(_data_ptr, params)), list(map(_numel, params))
     return Layout(
@@ -176,7 +194,7 @@ def _layout_of(params: list[Tensor]) -> Layout:
         nbytes=list(map(_nbytes_of, params)),
         dtypes=list(map(_dtype_of, params)),
         devices=list(map(_get_device, params)),
-        contiguous=list(map(_is_contiguous, params)),
+        shapes=list(map(_size, params)),
         strides=list(map(_stride, params)),
         overlapping=_overlapping(params, ptrs, numels),
     )
@@ -214,6 +232,21 @@ def extent(t: Tensor) -> tuple[int, int]:
 def _end(t: Tensor, ptr: int) -> int:
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return ptr + (last + 1) * t.element_size()
+
+
+def _check_within_storage(t: Tensor, name: str) -> None:
+    """Raise if ``t`` reaches past the end of its storage (a storage shrunk in place by
+    ``untyped_storage().resize_()``: torch's own ops would run past it too)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return
+    storage, ptr = t.untyped_storage(), _data_ptr(t)
+    start, span = ptr - storage.data_ptr(), _end(t, ptr) - ptr
+    if storage.data_ptr() == 0 or start + span > storage.nbytes():
+        raise RuntimeError(
+            f"{name} reaches past the end of its memory: it spans {span} bytes from byte {start} of a storage "
+            f"of {storage.nbytes()} bytes (was its storage resized with untyped_storage().resize_()?); "
+            "it cannot be stepped"
+        )
 
 
 def _shown(value) -> str:
