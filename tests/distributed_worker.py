@@ -51,6 +51,8 @@ SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
     # one row per param: rank 1 holds empty shards
     "int8-empty-shards": ("AdamW", {"backend": "cpu", "state_precision": "int8"}, torch.float32),
     "accumulation-foreach": ("Adam", {"backend": "foreach", "accumulation_steps": 2}, torch.float32),
+    # NAdam accumulates the gradient itself: a param-shaped sum, saved mid-update (3 micro-batches)
+    "accumulation-nadam-single_tensor": ("NAdam", {"backend": "single_tensor", "accumulation_steps": 2}, torch.float32),
     # stochastic rounding draws each shard's bits by its elements' index in the whole param
     "bf16-stochastic-cpu": ("AdamW", {"backend": "cpu", "rounding": "stochastic", "seed": 7}, torch.bfloat16),
     "int8-unaligned": ("AdamW", {"backend": "cpu", "state_precision": "int8"}, torch.float32),
@@ -67,7 +69,7 @@ WIDTHS = {"int8-empty-shards": 1, "int8-unaligned": 6, "fp32-triton": 64, "int4-
 #: settings that do not equal single-process training
 NOT_EQUAL = ("int8-unaligned",)
 #: the settings checkpointed with DCP (and loaded 2 -> 1 -> 2 processes)
-CHECKPOINTED = ("fp32-cpu", "bf16-kahan-cpu", "int8-cpu", "bf16-master-cpu")
+CHECKPOINTED = ("fp32-cpu", "bf16-kahan-cpu", "int8-cpu", "bf16-master-cpu", "accumulation-nadam-single_tensor")
 
 
 #: each rank on its share of the batch: adamkit's torch-exact path against torch.optim itself

@@ -90,7 +90,15 @@ def single(out) -> dict:
 def _state(model, optimizer) -> dict:
     """Each param's state by name, moments as values (dequantized if quantized)."""
     names = {p: name for name, p in model.named_parameters()}
-    keys = ("exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq", "kahan_compensation", "master_low_bits")
+    keys = (
+        "exp_avg",
+        "exp_avg_sq",
+        "exp_inf",
+        "max_exp_avg_sq",
+        "kahan_compensation",
+        "master_low_bits",
+        "accumulated_grad",
+    )
     scalars = ("mu_product",)  # NAdam's 0-d state tensor
     result = {}
     for p, state in optimizer.state.items():

@@ -57,12 +57,13 @@ from .kernels import KERNELS, Kernel, single_tensor
 from .kernels.storage import widened
 from .kernels.types import GroupBatch, as_real
 from .rule import GroupScalars, UpdateRule
+from .state import ACCUMULATED_GRAD_KEY
 
 #: the state key counting the micro-batches folded since the last update
 COUNT_KEY = "accumulated"
 
 #: the state key of the gradient sum of the algorithms that step with the mean gradient
-GRADIENT_KEY = "accumulated_grad"
+GRADIENT_KEY = ACCUMULATED_GRAD_KEY
 
 statekeeping.untracked(COUNT_KEY, GRADIENT_KEY)  # written at every micro-batch; no kernel caches them
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from . import blockwise
 from .algorithms import REGISTRY
 from .specs.master import MASTER_KEY
-from .state import COMPENSATION_KEY
+from .state import ACCUMULATED_GRAD_KEY, COMPENSATION_KEY
 
 #: state keys whose tensors are shaped (and, for a sharded param, sharded) like the param
 PARAM_SHAPED_KEYS = frozenset(
@@ -46,6 +46,7 @@ PARAM_SHAPED_KEYS = frozenset(
         "max_exp_avg_sq",
         COMPENSATION_KEY,
         MASTER_KEY,
+        ACCUMULATED_GRAD_KEY,
         *(key for spec in REGISTRY.values() for key in spec.moment_keys(True)),
     }
 )

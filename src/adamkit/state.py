@@ -77,6 +77,9 @@ _STATE_DTYPES = {
 }
 
 COMPENSATION_KEY = "kahan_compensation"
+#: the state key of the gradient sum an update's micro-batches build up where the
+#: algorithm steps with their mean gradient (see :mod:`adamkit.accumulation`): param-shaped
+ACCUMULATED_GRAD_KEY = "accumulated_grad"
 
 
 def state_dtype(param: Tensor, state_precision: str | None) -> torch.dtype:
