@@ -68,3 +68,29 @@ def test_seed_compensation_errors_name_the_param_and_change_nothing():
     with pytest.raises(ValueError, match="weights has 1 tensors, but the optimizer has 7 params"):
         seed_compensation(adamkit.AdamW(bf16.parameters(), rounding="kahan"), weights[:1])
     assert all(torch.equal(p, b) for p, b in zip(bf16.parameters(), before))
+
+
+def test_the_documented_move_from_fp32_to_bf16_continues_the_fp32_run_bit_for_bit():
+    """The module docstring's recipe: bf16 params with fp32 masters and fp32 moments, the
+    fp32 run's state dict given this run's options before loading.  Oracle: the fp32 run
+    itself (its gradients are bf16 values, so both runs see the same numbers)."""
+    torch.manual_seed(0)
+    fp32 = [nn.Parameter(torch.randn(300, 7))]
+    fp32_optimizer = adamkit.AdamW(fp32, lr=1e-2, weight_decay=0.1)
+    gradients = [torch.randn(300, 7).bfloat16() for _ in range(6)]
+    for gradient in gradients[:3]:
+        fp32[0].grad = gradient.float()
+        fp32_optimizer.step()
+    fp32_optimizer_state = fp32_optimizer.state_dict()
+    bf16 = [nn.Parameter(fp32[0].detach().bfloat16())]
+    opt = adamkit.AdamW(bf16, lr=1e-2, weight_decay=0.1, master_weights="fp32", state_precision="fp32")
+    for group in fp32_optimizer_state["param_groups"]:
+        group.update(master_weights="fp32", state_precision="fp32")
+    opt.load_state_dict(fp32_optimizer_state)
+    adamkit.precision.load_master_weights(opt, [fp32[0].detach()])
+    for gradient in gradients[3:]:
+        fp32[0].grad, bf16[0].grad = gradient.float(), gradient
+        fp32_optimizer.step()
+        opt.step()
+    assert torch.equal(adamkit.precision.master_weights(opt)[0], fp32[0].detach())
+    assert torch.equal(opt.state[bf16[0]]["exp_avg_sq"], fp32_optimizer.state[fp32[0]]["exp_avg_sq"])

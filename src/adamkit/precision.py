@@ -7,16 +7,19 @@ weights' precision.
 Example::
 
     >>> model = adamkit.precision.cast_module(model, torch.bfloat16, keep=(torch.nn.LayerNorm,))
-    >>> opt = adamkit.AdamW(model.parameters(), master_weights="fp32")
-    >>> opt.load_state_dict(fp32_optimizer_state)                 # moments from the fp32 run
-    >>> for group in opt.param_groups:                            # (an adamkit state dict brings its
-    ...     group["master_weights"] = "fp32"                      #  run's options: set this one's again)
+    >>> opt = adamkit.AdamW(model.parameters(), master_weights="fp32", state_precision="fp32")
+    >>> for group in fp32_optimizer_state["param_groups"]:       # an adamkit state dict brings its run's
+    ...     group.update(master_weights="fp32", state_precision="fp32")  # options: this run's, before loading
+    >>> opt.load_state_dict(fp32_optimizer_state)                 # moments from the fp32 run, kept in fp32
     >>> adamkit.precision.load_master_weights(opt, fp32_weights)  # the fp32 weights, exactly
     >>> fp32_weights = adamkit.precision.master_weights(opt)      # and back, at any time
 
-``load_state_dict`` restores a state dict's hyperparameters, as torch.optim does, and an
-adamkit state dict carries its storage options (``master_weights``, ``state_precision``,
-...) with them; a torch.optim one does not, so this optimizer's options stand.
+From there the run is the fp32 run's, bit for bit.  ``load_state_dict`` restores a state
+dict's hyperparameters, as torch.optim does, and an adamkit state dict carries its
+storage options (``master_weights``, ``state_precision``, ...) with them; a torch.optim
+one does not, so this optimizer's options stand.  Set them in the state dict before
+loading: loading casts each moment to its param's dtype where ``state_precision`` is
+``None`` (the fp32 run's), and setting it afterwards cannot bring the bits back.
 """
 
 from __future__ import annotations
