@@ -198,6 +198,19 @@ def test_grad_norm_is_unscaled_when_a_grad_scaler_hands_its_scale_over():
     assert opt.stats()[0]["grad_norm"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_grad_norm_of_16_bit_gradients_is_summed_in_fp32():
+    """A norm summed in bf16 was 3.8e-4 off (and a sharded run's differed from one
+    process's). Oracle: the fp64 norm of the same bf16 gradients."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(256, 256).bfloat16()) for _ in range(2)]
+    opt = adamkit.AdamW(params, lr=1e-3, rounding="kahan", diagnostics=True)
+    for p in params:
+        p.grad = (torch.randn(256, 256) * 1e-3).bfloat16()
+    exact = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+    opt.step()
+    assert opt.stats()[0]["grad_norm"] == pytest.approx(exact, rel=1e-5)
+
+
 def test_diagnostics_must_be_a_bool():
     with pytest.raises(TypeError, match="diagnostics must be True or False, got 1"):
         adamkit.Adam([torch.nn.Parameter(torch.ones(2))], diagnostics=1)

@@ -10,6 +10,10 @@ step uses, and the peers' layouts are written down; the issue's bar is 1 %).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,11 +164,28 @@ def test_timing_refuses_a_model_that_would_not_fit(capsys, monkeypatch):
         (["memory", "gpt2", "--layers", "99999999999"], "99,999,999,999 layers: adamkit memory builds models of up to"),
         (["memory", ":"], "model ':': Empty module name"),
         (["memory", "torch.nn:Identity"], "'torch.nn:Identity' has no trainable params"),
+        # a misspelt attribute was kept by the config and changed nothing (the 12-layer model, exit 0)
+        (
+            ["memory", "gpt2", "--set", "n_layers=2"],
+            "'n_layers' is not an attribute of GPT2Config (gpt2) (did you mean",
+        ),
+        # a config transformers refuses to build was a failed run (exit 1)
+        (["memory", "gpt2", "--set", "n_head=7"], "model 'gpt2' with {'n_head': 7}: `embed_dim` must be divisible"),
     ],
 )
 def test_bad_models_are_named_with_exit_status_2(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """``adamkit memory gpt2 | head -1`` once printed "failed: BrokenPipeError" (exit 1)."""
+    script = "import sys; from adamkit.cli import main; sys.exit(main(['memory', 'memory_models:small_convnet']))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    run.stdout.close()  # the reader goes away (before the command, still importing torch, writes)
+    assert run.wait(timeout=120) == 141
+    assert run.stderr.read() == b""
 
 
 def test_a_model_too_big_to_build_in_seconds_is_refused_while_it_is_built(capsys, monkeypatch):

@@ -37,6 +37,7 @@ the ``host`` column.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -292,13 +293,16 @@ def _hugging_face_model(model_type: str, overrides: dict) -> torch.nn.Module:
         raise ModelSpecError(
             f"model {model_type!r} is neither package.module:function nor a Hugging Face model type{hint}"
         )
-    _check_sizes(transformers.AutoConfig.for_model(model_type), overrides)
-    config = transformers.AutoConfig.for_model(model_type, **overrides)
+    defaults = transformers.AutoConfig.for_model(model_type)
+    _check_names(defaults, overrides, model_type)
+    _check_sizes(defaults, overrides)
+    causal = type(defaults) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING  # else the base model
     with _at_most(MAX_TENSORS, model_type):
         try:
-            return transformers.AutoModelForCausalLM.from_config(config)
-        except ValueError:  # no causal-LM head for this type
-            return transformers.AutoModel.from_config(config)
+            config = transformers.AutoConfig.for_model(model_type, **overrides)
+            return (transformers.AutoModelForCausalLM if causal else transformers.AutoModel).from_config(config)
+        except (ValueError, TypeError, AssertionError) as error:  # a config transformers cannot build
+            raise ModelSpecError(f"model {model_type!r} with {overrides}: {error}") from None
 
 
 #: the most param tensors a model may have for ``adamkit memory`` to build it (building
@@ -307,6 +311,16 @@ MAX_TENSORS = 80_000
 
 #: the most layers a config may ask for (the largest published models have a few hundred)
 MAX_LAYERS = 2_000
+
+
+def _check_names(defaults, overrides: dict, model_type: str) -> None:
+    """Refuse a config attribute the model type does not have (a misspelt one would be
+    kept by the config and change nothing)."""
+    for key in overrides:
+        if not hasattr(defaults, key):
+            close = difflib.get_close_matches(key, [n for n in dir(defaults) if not n.startswith("_")], n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ModelSpecError(f"{key!r} is not an attribute of {type(defaults).__name__} ({model_type}){hint}")
 
 
 def _check_sizes(defaults, overrides: dict) -> None:
