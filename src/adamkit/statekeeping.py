@@ -20,6 +20,14 @@ So a table built at epoch :math:`e` addresses live memory of the size it was bui
 for as long as the epoch is still :math:`e`: the kernels compare one integer per step
 instead of reading every state tensor (each read of a tensor the last step's sweep has
 evicted from cache costs about a microsecond: milliseconds for thousands of tensors).
+
+What this does not see (a review's findings; memory stays safe in both, as the kernels
+write only memory the optimizer allocated and still holds): an alias re-pointed while
+the user holds a view of it (the view keeps the old memory, so nothing is released and
+the kernels go on stepping the memory the view shows, not the new tensor), and an alias
+shrunk in place by ``resize_`` (its storage keeps its size; the kernels step every
+element, the tensor shows fewer).  Replace a state tensor through the dict
+(``state[key] = tensor``) or through ``load_state_dict``, which both advance the epoch.
 """
 
 from __future__ import annotations
