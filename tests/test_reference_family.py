@@ -141,3 +141,21 @@ def test_adopt_matches_optax(clip_exponent):
     assert scale > 0.5
     assert np.abs(spec - theirs).max() <= 1e-13 * np.abs(theirs).max()
     assert np.abs(param.detach().numpy() - theirs).max() <= 1e-13 * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize(
+    "theta,grad,state_shape,amsgrad,words",
+    [
+        ((2,), (3, 2), None, False, r"grad has shape \(3, 2\), but theta has \(2,\)"),
+        ((2, 2), (2,), None, False, r"grad has shape \(2,\), but theta has \(2, 2\)"),
+        ((3,), (3,), (2,), False, r"the state's moments have shape \(2,\), but theta has \(3,\)"),
+        ((2,), (2,), (2,), True, r"amsgrad=True after steps without it"),
+    ],
+)
+def test_the_reference_refuses_mismatched_shapes_and_states(theta, grad, state_shape, amsgrad, words):
+    """(It once broadcast a (3, 2) gradient against a (2,) theta and returned a (3, 2) theta.)"""
+    state = reference.ReferenceState()
+    if state_shape is not None:
+        reference.adam_step(np.zeros(state_shape), np.ones(state_shape), state, reference.Hyperparameters(lr=0.1))
+    with pytest.raises(ValueError, match=words):
+        reference.adam_step(np.zeros(theta), np.ones(grad), state, reference.Hyperparameters(lr=0.1, amsgrad=amsgrad))

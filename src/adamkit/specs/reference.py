@@ -198,6 +198,8 @@ def _from_real(x: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 def _effective_gradient(theta: np.ndarray, grad: np.ndarray, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray]:
     """Apply ``maximize`` and weight decay; return (theta, g)."""
+    if np.shape(grad) != np.shape(theta):
+        raise ValueError(f"grad has shape {np.shape(grad)}, but theta has {np.shape(theta)}: they must be equal")
     g = -grad if hp.maximize else grad
     if hp.weight_decay != 0:
         if hp.weight_decay_mode == "l2":
@@ -213,6 +215,13 @@ def _effective_gradient(theta: np.ndarray, grad: np.ndarray, hp: Hyperparameters
 
 def _begin_step(state: ReferenceState, theta: np.ndarray, *, amsgrad: bool) -> int:
     """Zero moments on the first step; count the step and return its number ``t`` (from 1)."""
+    if state.step and np.shape(state.exp_avg) != np.shape(theta):
+        raise ValueError(
+            f"the state's moments have shape {np.shape(state.exp_avg)}, but theta has {np.shape(theta)}: "
+            "a state belongs to one parameter (use a new ReferenceState)"
+        )
+    if state.step and amsgrad and state.max_exp_avg_sq is None:
+        raise ValueError("amsgrad=True after steps without it: the state has no running maximum (start a new state)")
     if state.step == 0:
         state.exp_avg = np.zeros_like(theta)
         state.exp_avg_sq = np.zeros_like(theta)
