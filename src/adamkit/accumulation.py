@@ -74,7 +74,7 @@ STEP_WITH_MEAN = frozenset(name for name, spec in REGISTRY.items() if spec.steps
 def mid_update(state: dict, algorithm: str) -> bool:
     """Whether ``state``'s moments hold some of an update's micro-batches and not yet all
     (folded since the last update: they describe neither that update nor the next)."""
-    return algorithm not in STEP_WITH_MEAN and bool(state.get(COUNT_KEY, 0))
+    return not REGISTRY[algorithm].steps_with_mean_gradient and bool(state.get(COUNT_KEY, 0))
 
 
 def _add_scaled(target: Tensor, value: Tensor, weight) -> None:

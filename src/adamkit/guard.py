@@ -183,7 +183,7 @@ def is_dense(t: Tensor) -> bool:
 def _overlaps_itself(t: Tensor) -> bool:
     """Whether elements of ``t`` certainly share memory (a stride 0 over more than one
     element: an expanded view), as torch's in-place ops refuse them."""
-    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
+    return t.numel() > 1 and any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
 
 
 def _layout_of(params: list[Tensor]) -> Layout:
