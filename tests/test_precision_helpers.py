@@ -3,6 +3,8 @@ fp32 weights when a run moves to bf16."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -81,7 +83,7 @@ def test_the_documented_move_from_fp32_to_bf16_continues_the_fp32_run_bit_for_bi
     for gradient in gradients[:3]:
         fp32[0].grad = gradient.float()
         fp32_optimizer.step()
-    fp32_optimizer_state = fp32_optimizer.state_dict()
+    fp32_optimizer_state = copy.deepcopy(fp32_optimizer.state_dict())  # (the fp32 run goes on stepping)
     bf16 = [nn.Parameter(fp32[0].detach().bfloat16())]
     opt = adamkit.AdamW(bf16, lr=1e-2, weight_decay=0.1, master_weights="fp32", state_precision="fp32")
     for group in fp32_optimizer_state["param_groups"]:

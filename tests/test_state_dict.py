@@ -195,32 +195,3 @@ def test_every_option_resumes_from_a_checkpoint_bit_for_bit(row, settings, dtype
                 assert value.dtype == other.dtype and torch.equal(_bits(value), _bits(other)), key
             else:
                 assert value == other, key
-
-
-@pytest.mark.parametrize("cls", [adamkit.AdamW, adamkit.NAdam])
-@pytest.mark.parametrize("offload", [None, "cpu"])
-def test_a_state_dict_loaded_from_a_live_optimizer_shares_no_counter_with_it(cls, offload):
-    """torch.optim keeps a loaded ``step`` (NAdam: ``mu_product``) as the very tensor
-    saved, so a twin loaded from a live optimizer's ``state_dict()`` counted both runs'
-    steps.  Oracle: the twin loaded from a deep copy."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(40))]
-    first = cls(params, lr=1e-2)
-    params[0].grad = torch.randn(40)
-    first.step()
-    twins = []
-    for state_dict in (first.state_dict(), copy.deepcopy(first.state_dict())):
-        twin_params = [torch.nn.Parameter(params[0].detach().clone())]
-        twin = cls(twin_params, lr=1e-2, offload=offload)
-        twin.load_state_dict(state_dict)
-        twins.append((twin_params, twin))
-    for _ in range(3):
-        gradient = torch.randn(40)
-        params[0].grad = gradient.clone()
-        first.step()
-        for twin_params, twin in twins:
-            twin_params[0].grad = gradient.clone()
-            twin.step()
-    (live, live_opt), (copied, copied_opt) = twins
-    assert torch.equal(live[0], copied[0]) and torch.equal(live[0], params[0])
-    assert live_opt.state[live[0]]["step"].item() == 4

@@ -183,8 +183,6 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
         if not saved or not state:
             continue
         for key, value in saved.items():
-            if torch.is_tensor(value) and state.get(key) is value:  # (torch keeps a counter as saved)
-                state[key] = value.clone()  # an optimizer still stepping the saved one would count for both
             if key == "step" or not torch.is_tensor(value) or key not in state:
                 continue
             if key in moments and key != weight_copy and group["state_precision"] is None:

@@ -178,7 +178,10 @@ class _AdamFamily(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from adamkit or torch.optim (see :func:`adamkit.convert.import_state`):
         adamkit's options missing from a torch.optim state dict keep this optimizer's values.
-        An offloaded group's state is loaded into host memory (never through the device)."""
+        An offloaded group's state is loaded into host memory (never through the device).
+        As with torch.optim, a tensor already of its param's dtype and device is kept, not
+        copied (no second copy of the state in memory): to load another optimizer's
+        ``state_dict()`` while that one goes on stepping, load ``copy.deepcopy`` of it."""
         self.wait_for_host_steps()
         before = [{k: g[k] for k in self.extra_group_keys if k in g} for g in self.param_groups]
         # torch replaces the optimizer's groups and state with new objects, so keeping the
