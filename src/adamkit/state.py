@@ -16,6 +16,7 @@ ignores the extra keys.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -261,7 +262,7 @@ def upgrade_step(state: dict, param: Tensor, group: dict, where: str = "") -> No
         value = state.get(key)
         if key not in state or torch.is_tensor(value):
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's scalars are Real)
             raise ValueError(f"state[{key!r}] = {value!r}{where}: a counter must be a number or a one-element tensor")
         state[key] = step_tensor(float(value), param, group)
 
