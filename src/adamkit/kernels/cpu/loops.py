@@ -2,7 +2,14 @@
 its forms, :mod:`adamkit.algorithms`), rounding mode and cautious-or-not, the fused
 steps over a bucket's chunks (plain and quantized), the pre-passes (StableAdamW's
 clipping sums, a cautious update's agreement counts) and the window-by-window step.
-Imported only where numba is."""
+Imported only where numba is.
+
+Each parallel loop's body is one call of a chunk function compiled on its own
+(:data:`_chunk_function`).  numba compiles a ``prange`` body twice: in the function's
+type inference, then again as the gufunc its parfor lowering outlines, where the
+functions the body calls are specialized anew.  A body of one call keeps that second
+compile to the call; with the element loop inlined into the body, a kernel took 1.3 to
+1.5x as long to compile (docs/performance.md, first-step latency)."""
 
 from __future__ import annotations
 
@@ -28,6 +35,12 @@ from .layout import _ALGORITHM_WITNESS, _QUANTIZED_STORAGE, _ROUNDING_WITNESS, _
 from .storage import _FLOAT32_WITNESS, _FLOAT64_WITNESS, _STORAGE_POLICIES, _compute, _dequantize, _load, _requantize
 
 compile_cache.install()  # (before the first cached function: stamped with the whole package's source)
+
+#: how a chunk function (and the element loop it calls) is compiled: numpy's error
+#: model, as numba's gufuncs have it (IEEE division: no ZeroDivisionError branch in the
+#: loop, which LLVM would not vectorize past), the GIL released
+_CHUNK_OPTIONS = {"nogil": True, "error_model": "numpy"}
+_chunk_function = njit(**_CHUNK_OPTIONS)
 
 
 @njit(inline="always", nogil=True)
@@ -283,13 +296,14 @@ def _update_chunk(
     raise NotImplementedError  # pragma: no cover - replaced by the overload
 
 
-@overload(_update_chunk, inline="always")
+@overload(_update_chunk, jit_options=_CHUNK_OPTIONS)
 def _update_chunk_impl(
     pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw
 ):
-    """The one loop a specialization runs, compiled alone: the algorithm's, the
-    rounding mode's, and cautious or not and keeping AMSGrad's maximum or not, as the
-    variant witness (``cw``) says."""
+    """The one loop a specialization runs, compiled alone (called, not inlined: the
+    chunk functions of the plain and the quantized step share it): the algorithm's,
+    the rounding mode's, and cautious or not and keeping AMSGrad's maximum or not, as
+    the variant witness (``cw``) says."""
     algorithm = _ALGORITHM_OF_WITNESS[algorithm_witness.dtype]
     cautious, keeps_maximum = _VARIANT_OF_WITNESS[cw.dtype]
     plain_loop, amsgrad_loop = _LOOPS[algorithm, _MODE_OF_WITNESS[rounding_witness.dtype], cautious]
@@ -332,31 +346,27 @@ def _fused_step(
         update is cautious and keeps AMSGrad's maximum (their dtypes)
     """
     maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
+    witnesses = (param_witness, state_witness, rounding_witness, algorithm_witness, variant_witness)
     for c in prange(chunks.shape[0]):
         t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness)
-        tensor_keys = _chunk_keys(keys, t)
-        pointers = (
-            typed_pointer(addresses[t, 0], param_witness),
-            typed_pointer(addresses[t, 1], param_witness),
-            _first_pointer(addresses[t, 2], param_witness, state_witness, rounding_witness, algorithm_witness),
-            typed_pointer(addresses[t, 3], state_witness),
-            typed_pointer(addresses[t, 4], state_witness),
-            typed_pointer(addresses[t, 5], param_witness),
-        )
-        _update_chunk(
-            pointers,
-            first,
-            end,
-            scalars,
-            maximize,
-            decay,
-            tensor_keys,
-            amsgrad,
-            algorithm_witness,
-            rounding_witness,
-            variant_witness,
-        )
+        _fused_chunk(addresses, t, first, end, tensor_scalars, constants, maximize, amsgrad, decay, keys, *witnesses)
+
+
+@_chunk_function
+def _fused_chunk(
+    addresses, t, first, end, tensor_scalars, constants, maximize, amsgrad, decay, keys, pw, sw, rw, aw, cw
+):
+    """Elements [first, end) of tensor ``t``: a chunk of :func:`_fused_step`."""
+    scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, pw)
+    pointers = (
+        typed_pointer(addresses[t, 0], pw),
+        typed_pointer(addresses[t, 1], pw),
+        _first_pointer(addresses[t, 2], pw, sw, rw, aw),
+        typed_pointer(addresses[t, 3], sw),
+        typed_pointer(addresses[t, 4], sw),
+        typed_pointer(addresses[t, 5], pw),
+    )
+    _update_chunk(pointers, first, end, scalars, maximize, decay, _chunk_keys(keys, t), amsgrad, aw, rw, cw)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -375,25 +385,23 @@ def _fused_quantized_step(
 ):
     """:func:`_fused_step` for quantized states (``state_witness`` names the format)."""
     maximize, amsgrad, decay = flags[0] != 0, flags[1] != 0, flags[2]
+    witnesses = (param_witness, state_witness, rounding_witness, algorithm_witness, variant_witness)
     for c in prange(chunks.shape[0]):
         t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, param_witness)
-        tensor_keys = _chunk_keys(keys, t)
-        _quantized_chunk(
-            addresses[t],
-            first,
-            end,
-            scalars,
-            maximize,
-            decay,
-            tensor_keys,
-            amsgrad,
-            param_witness,
-            state_witness,
-            rounding_witness,
-            algorithm_witness,
-            variant_witness,
+        _fused_quantized_chunk(
+            addresses, t, first, end, tensor_scalars, constants, maximize, amsgrad, decay, keys, *witnesses
         )
+
+
+@_chunk_function
+def _fused_quantized_chunk(
+    addresses, t, first, end, tensor_scalars, constants, maximize, amsgrad, decay, keys, pw, sw, rw, aw, cw
+):
+    """Elements [first, end) of tensor ``t``: a chunk of :func:`_fused_quantized_step`."""
+    scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, pw)
+    _quantized_chunk(
+        addresses[t], first, end, scalars, maximize, decay, _chunk_keys(keys, t), amsgrad, pw, sw, rw, aw, cw
+    )
 
 
 @njit(inline="always", nogil=True)
@@ -612,10 +620,17 @@ def _agreement_counts(addresses, chunks, tensor_scalars, constants, flags, pw, s
     counts = np.empty(chunks.shape[0], dtype=np.float64)
     for c in prange(chunks.shape[0]):
         t, first, end = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, pw)
-        row = addresses[t]
-        counts[c] = _chunk_agreement(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw)
+        counts[c] = _agreement_count(
+            addresses, t, first, end, tensor_scalars, constants, maximize, amsgrad, decay, pw, sw, rw, aw
+        )
     return counts
+
+
+@_chunk_function
+def _agreement_count(addresses, t, first, end, tensor_scalars, constants, maximize, amsgrad, decay, pw, sw, rw, aw):
+    """Elements [first, end) of tensor ``t``: a chunk of :func:`_agreement_counts`."""
+    scalars = _chunk_scalars(addresses, t, tensor_scalars, constants, pw)
+    return np.float64(_chunk_agreement(addresses[t], first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw))
 
 
 def _chunk_agreement(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
