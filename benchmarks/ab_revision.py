@@ -9,6 +9,7 @@ machine's drift hits all three alike.  Prints the median ms per step and the rat
     python benchmarks/ab_revision.py 1567344 --cases b --rounds 60
     python benchmarks/ab_revision.py HEAD~1 --state-precision int8   # adamkit's quantized states
     python benchmarks/ab_revision.py HEAD~1 --master-weights 24bit   # bf16 params over split masters
+    python benchmarks/ab_revision.py HEAD~1 --cautious               # the cautious update's two passes
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=30, help="timed steps per contender")
     parser.add_argument("--state-precision", help="adamkit's state_precision for both revisions (e.g. int8)")
     parser.add_argument("--master-weights", help="bf16 params with adamkit's master_weights (fp32 or 24bit)")
+    parser.add_argument("--cautious", action="store_true", help="adamkit's cautious update for both revisions")
     args = parser.parse_args(argv)
     options = {"state_precision": args.state_precision} if args.state_precision else {}
     if args.master_weights:
         options["master_weights"] = args.master_weights
+    if args.cautious:
+        options["cautious"] = True
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "tree"

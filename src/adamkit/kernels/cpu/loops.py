@@ -637,7 +637,7 @@ def _chunk_agreement(row, first, end, scalars, maximize, decay, amsgrad, pw, sw,
     raise NotImplementedError  # pragma: no cover - replaced by the overload
 
 
-@overload(_chunk_agreement, inline="always")
+@overload(_chunk_agreement, jit_options=_CHUNK_OPTIONS)
 def _chunk_agreement_impl(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
     plain_loop, amsgrad_loop = _COUNTING_LOOPS[_ALGORITHM_OF_WITNESS[aw.dtype], _MODE_OF_WITNESS[rw.dtype]]
 
