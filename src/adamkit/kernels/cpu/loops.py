@@ -300,10 +300,10 @@ def _update_chunk(
 def _update_chunk_impl(
     pointers, first, end, scalars, maximize, decay, keys, amsgrad, algorithm_witness, rounding_witness, cw
 ):
-    """The one loop a specialization runs, compiled alone (called, not inlined: the
-    chunk functions of the plain and the quantized step share it): the algorithm's,
-    the rounding mode's, and cautious or not and keeping AMSGrad's maximum or not, as
-    the variant witness (``cw``) says."""
+    """The one loop a specialization runs, compiled alone (called, not inlined: numba
+    compiles an overload's implementation once to type it, and inlining compiled it a
+    second time): the algorithm's, the rounding mode's, and cautious or not and keeping
+    AMSGrad's maximum or not, as the variant witness (``cw``) says."""
     algorithm = _ALGORITHM_OF_WITNESS[algorithm_witness.dtype]
     cautious, keeps_maximum = _VARIANT_OF_WITNESS[cw.dtype]
     plain_loop, amsgrad_loop = _LOOPS[algorithm, _MODE_OF_WITNESS[rounding_witness.dtype], cautious]
