@@ -8,6 +8,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from matrix import OPTIMIZERS, Case, clone_groups, make_params, run
@@ -42,6 +43,58 @@ def test_lr_schedulers_bit_identical(optimizer, scheduler, tensor_lr):
             s.step()
     assert_same_state(ours, our_groups, theirs, torch_groups)
     assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in theirs.param_groups]
+
+
+#: NumPy values of float hyperparameters, as torch.optim takes them
+NUMPY_HYPERPARAMETERS = {
+    "lr float32": {"lr": np.float32(3e-3)},
+    "lr 0-d array": {"lr": np.array(3e-3)},
+    "eps float32": {"eps": np.float32(1e-6)},
+    "weight_decay float32": {"weight_decay": np.float32(0.05)},
+    "betas array": {"betas": np.array([0.8, 0.99])},
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("given", list(NUMPY_HYPERPARAMETERS))
+def test_numpy_hyperparameters_are_the_numbers_they_hold(optimizer, given):
+    """NumPy numbers (a float32 lr, a 0-d array, an array of betas), given to the
+    constructor and written into the group by a schedule between steps, step as the
+    Python floats of their values do in torch.optim: the host's step scalars stay
+    float64 (torch's own arithmetic with an ``np.float32`` lr is float32's)."""
+    ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
+    values = NUMPY_HYPERPARAMETERS[given]
+    as_floats = {k: tuple(map(float, v)) if k == "betas" else float(v) for k, v in values.items()}
+    case = Case(optimizer=optimizer)
+    torch_groups = make_params(case)
+    our_groups = clone_groups(torch_groups)
+    theirs = torch_cls(torch_groups, foreach=False, **as_floats)
+    ours = ours_cls(our_groups, backend="single_tensor", **values)
+    for step in range(6):
+        run(theirs, torch_groups, 1, seed=step)
+        run(ours, our_groups, 1, seed=step)
+        for group in theirs.param_groups:
+            group["lr"] = float(np.float32(group["lr"]) * np.float32(0.8))
+        for group in ours.param_groups:
+            group["lr"] = np.float32(group["lr"]) * np.float32(0.8)
+    assert_same_state(ours, our_groups, theirs, torch_groups)
+
+
+@pytest.mark.parametrize(
+    "given,error,named",
+    [
+        ({"lr": np.bool_(True)}, TypeError, "lr"),
+        ({"lr": np.array([1e-3, 1e-3])}, TypeError, "lr"),
+        ({"eps": np.array(["1e-8"])}, TypeError, "eps"),
+        ({"weight_decay": np.float32(-1.0)}, ValueError, "weight_decay"),
+        ({"betas": np.array(0.9)}, TypeError, "betas"),
+        ({"betas": np.array([0.9, 0.99, 0.5])}, ValueError, "betas"),
+        ({"betas": torch.tensor([0.9, 1.5])}, ValueError, "betas"),
+    ],
+)
+def test_numpy_values_that_are_not_numbers_are_refused_by_name(given, error, named):
+    with pytest.raises(error, match=named):
+        adamkit.Adam([torch.nn.Parameter(torch.zeros(3))], **given)
 
 
 def one_param_optimizer(**kwargs):

@@ -22,11 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .algorithms import REGISTRY
+from .algorithms import REGISTRY, is_real_number
 from .algorithms.adopt import check_clip_exponent
+from .algorithms.base import number_of
 from .algorithms.nadam import check_momentum_decay
 from .kernels import KERNELS
 from .offload import OFFLOADS
@@ -59,7 +61,7 @@ def _boolean(name: str, value: Any, where: str) -> None:
 
 
 def _number_or_none(name: str, value: Any, where: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, Tensor))):
+    if value is not None and not (isinstance(value, Tensor) or is_real_number(value)):
         raise TypeError(f"{name} must be a float > 0 or None{where}, got {value!r}")
 
 
@@ -273,18 +275,6 @@ def check_available(values: Mapping[str, Any], unavailable: tuple[str, ...], opt
             )
 
 
-def _number_of(name: str, value: Any, where: str, read_tensors: bool) -> float | None:
-    """The value of a hyperparameter, or ``None`` for a tensor that must not be read
-    (a capturable group's step: reading an accelerator tensor would sync)."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
-        return as_number(value) if read_tensors else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a 1-element tensor{where}, got {value!r}")
-    return float(value)
-
-
 def check_hyperparameters(
     *,
     lr: Scalar,
@@ -307,17 +297,17 @@ def check_hyperparameters(
         ("epsilon value", "eps", eps, "a finite number >= 0"),
     )
     for label, name, value, allowed in checks:
-        number = _number_of(name, value, where, read_tensors)
+        number = number_of(name, value, where, read_tensors=read_tensors)
         if number is not None and (not 0.0 <= number or math.isinf(number)):
             raise ValueError(f"Invalid {label}: {value} ({name} must be {allowed}{where})")
     check_betas_pair(betas, where)
     for index, beta in enumerate(betas):
-        number = _number_of(f"betas[{index}]", beta, where, read_tensors)
+        number = number_of(f"betas[{index}]", beta, where, read_tensors=read_tensors)
         if number is not None and not 0.0 <= number < 1.0:
             raise ValueError(
                 f"Invalid beta parameter at index {index}: {beta} (betas[{index}] must be in [0, 1){where})"
             )
-    number = _number_of("weight_decay", weight_decay, where, read_tensors)
+    number = number_of("weight_decay", weight_decay, where, read_tensors=read_tensors)
     if number is not None and (not 0.0 <= number or math.isinf(number)):
         raise ValueError(
             f"Invalid weight_decay value: {weight_decay} (weight_decay must be a finite number >= 0{where})"
@@ -325,9 +315,11 @@ def check_hyperparameters(
 
 
 def check_betas_pair(betas: Any, where: str = "") -> None:
-    """``betas`` is a pair (beta1, beta2): torch.optim fails on anything else only later,
+    """``betas`` is a pair (beta1, beta2): a sequence, or an array or tensor of two
+    numbers, as torch.optim indexes it.  torch.optim fails on anything else only later,
     or with an IndexError that does not say which argument."""
-    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence):
+    pair = isinstance(betas, (Sequence, np.ndarray, Tensor)) and getattr(betas, "ndim", 1) > 0
+    if isinstance(betas, (str, bytes)) or not pair:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")

@@ -66,6 +66,7 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
+from .algorithms import is_real_number
 from .guard import extent
 from .offload import HostStep
 
@@ -287,7 +288,7 @@ def _position(param: Tensor, group: dict) -> int:
 
 
 def _check_max_grad_norm(max_grad_norm, optimizer, scaler) -> None:
-    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
+    if not is_real_number(max_grad_norm) or not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
     if max_grad_norm == float("inf"):
         raise ValueError("max_grad_norm must be finite (None: no clipping)")

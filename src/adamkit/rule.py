@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -149,17 +150,17 @@ class UpdateRule:
             mode = "decoupled"
         else:
             mode = "l2"
-        beta1, beta2 = (to_scalar(b) for b in group["betas"])
+        beta1, beta2 = (host_scalar(b) for b in group["betas"])
         spec = lookup(algorithm)
         return cls(
             algorithm=algorithm,
-            lr=to_scalar(group["lr"]),
+            lr=host_scalar(group["lr"]),
             beta1=beta1,
             beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
+            eps=host_scalar(group["eps"]),
+            weight_decay=host_scalar(group["weight_decay"]),
             weight_decay_mode=mode,
-            max_lr=group["max_lr"],
+            max_lr=host_scalar(group["max_lr"]),
             amsgrad=bool(group.get("amsgrad", False)),
             maximize=bool(group["maximize"]),
             differentiable=bool(group["differentiable"]),
@@ -169,7 +170,9 @@ class UpdateRule:
             seed=group["seed"],
             accumulation_steps=group["accumulation_steps"],
             cautious=bool(group.get("cautious", False)),
-            hyperparameters=tuple((key, group.get(key, default)) for key, default in spec.rule_values.items()),
+            hyperparameters=tuple(
+                (key, host_scalar(group.get(key, default))) for key, default in spec.rule_values.items()
+            ),
         )
 
     @property
@@ -241,6 +244,16 @@ def to_scalar(x: Scalar) -> Scalar:
     if isinstance(x, Tensor) and x.dim() != 0:
         return x.squeeze()
     return x
+
+
+def host_scalar(x: Any) -> Any:
+    """A param group's value as a rule holds it: a 1-element tensor 0-d
+    (:func:`to_scalar`), a NumPy number a Python float, so that the host computes step
+    scalars in float64 (NumPy would keep an ``np.float32`` lr's arithmetic in float32).
+    Anything else as it is."""
+    if isinstance(x, (np.generic, np.ndarray)):
+        return float(x)
+    return to_scalar(x)
 
 
 __all__ = [

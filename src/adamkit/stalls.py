@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from . import sharding
-from .algorithms import lookup
+from .algorithms import is_real_number, lookup
 from .diagnostics import effective_step_sizes
 from .kernels.types import as_real
 from .rule import UpdateRule, as_number
@@ -209,7 +209,7 @@ def stall_guard(optimizer, *, every: int = 100, threshold: float = 0.5, names=No
     ``named_parameters()``) or a mapping from param to name, to name params in warnings."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"stall_guard: every must be a positive int, got {every!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+    if not is_real_number(threshold) or not 0 < threshold <= 1:
         raise ValueError(f"stall_guard: threshold must be a number in (0, 1], got {threshold!r}")
     if not hasattr(optimizer, "algorithm"):
         raise TypeError(f"stall_guard: optimizer must be an adamkit optimizer, got {type(optimizer).__name__}")

@@ -16,13 +16,12 @@ ignores the extra keys.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
 from . import blockwise
-from .algorithms import REGISTRY, FirstMomentScale, lookup
+from .algorithms import REGISTRY, FirstMomentScale, is_real_number, lookup
 from .rule import Algorithm
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
 from .specs.quantization import FORMATS, PLAIN_FORMATS, format_for, is_quantized
@@ -262,7 +261,7 @@ def upgrade_step(state: dict, param: Tensor, group: dict, where: str = "") -> No
         value = state.get(key)
         if key not in state or torch.is_tensor(value):
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's scalars are Real)
+        if not is_real_number(value):
             raise ValueError(f"state[{key!r}] = {value!r}{where}: a counter must be a number or a one-element tensor")
         state[key] = step_tensor(float(value), param, group)
 
@@ -346,7 +345,7 @@ def _check_counter(value, key: str, where: str) -> None:
     number = None
     if torch.is_tensor(value) and value.numel() == 1 and (value.is_floating_point() or not value.is_complex()):
         number = float(value.detach().reshape(()).item()) if value.device.type != "meta" else 0.0
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif is_real_number(value):
         number = float(value)
     if number is None or not math.isfinite(number) or (key == "step" and number < 0):
         shown = (

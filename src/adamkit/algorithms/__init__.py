@@ -37,6 +37,7 @@ from .base import (
     SecondMoment,
     StepScalars,
     as_number,
+    is_real_number,
     lookup,
     register,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "SecondMoment",
     "StepScalars",
     "as_number",
+    "is_real_number",
     "lookup",
     "register",
 ]

@@ -46,12 +46,14 @@ itself: :math:`d = g / (\sqrt{v / (1 - \beta_2^t)} + \epsilon) + \lambda\theta`,
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from types import MappingProxyType
 from typing import Any, Literal
 
+import numpy as np
 from torch import Tensor
 
 Scalar = float | Tensor
@@ -168,14 +170,24 @@ TensorColumnsFn = Callable[[dict, Any, StepScalars, Any, Callable], None]
 ReadBackFn = Callable[[Tensor, Any, StepScalars], tuple[Tensor, Tensor]]
 
 
-def number_of(name: str, value: Any, where: str = "") -> float:
-    """A hyperparameter's value as a float (a 1-element tensor is read); ``TypeError``
-    naming it for anything else."""
+def is_real_number(value: Any) -> bool:
+    """Whether ``value`` is a number as torch.optim takes one for a float
+    hyperparameter: a Python or NumPy int or float (``np.float32`` included), or a 0-d
+    NumPy array of one; not a bool."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "iuf"
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def number_of(name: str, value: Any, where: str = "", *, read_tensors: bool = True) -> float | None:
+    """A hyperparameter's value as a float (a 1-element tensor is read; with
+    ``read_tensors=False`` it is checked for shape only and ``None`` returned: reading
+    an accelerator tensor would sync); ``TypeError`` naming it for anything else."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
-        return as_number(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return as_number(value) if read_tensors else None
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a float or a 1-element tensor{where}, got {value!r}")
     return float(value)
 

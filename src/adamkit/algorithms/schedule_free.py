@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 
-from .base import AlgorithmSpec, FirstMoment, StepScalars, as_number, register
+from .base import AlgorithmSpec, FirstMoment, StepScalars, as_number, is_real_number, register
 
 #: the values the group keeps, with their initial values (the schedulefree package's, but
 #: for ``train_mode``: a new optimizer here starts in train mode, see
@@ -96,7 +96,7 @@ def check_finite_at_least_zero(name: str):
     """The check of ``name``: a finite float >= 0."""
 
     def check(value, where: str = "") -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+        if not is_real_number(value) or not 0.0 <= value < math.inf:
             raise ValueError(f"Invalid {name} value: {value!r} ({name} must be a finite float >= 0{where})")
 
     return check
