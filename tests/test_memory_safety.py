@@ -23,6 +23,7 @@ import torch
 from matrix import CPU_BACKENDS, CPU_FUSED_BACKENDS
 
 import adamkit
+from adamkit import guard
 from adamkit.specs import quantization
 from adamkit.specs.quantization import FORMATS, codes_key
 from adamkit.statekeeping import is_issued
@@ -241,6 +242,57 @@ def test_params_that_share_memory_are_refused_by_a_fused_kernel(backend):
     with pytest.raises(RuntimeError, match=r"params\[0\] and params\[1\] in param_groups\[0\] share memory"):
         opt.step()
     assert_unchanged(opt, [a, b], before)
+
+
+#: views of one (6, 8) matrix as two params: disjoint (their extents interleave) or sharing elements
+INTERLEAVED_VIEWS = {
+    "column blocks": (lambda w: (w[:, :4], w[:, 4:]), False),
+    "even and odd rows": (lambda w: (w[0::2], w[1::2]), False),
+    "even and odd columns": (lambda w: (w[:, 0::2], w[:, 1::2]), False),
+    "a column block and the transpose's rows": (lambda w: (w[:, :3], w.t()[3:]), False),
+    "column blocks sharing a column": (lambda w: (w[:, :5], w[:, 4:]), True),
+    "rows and columns": (lambda w: (w[0::2], w[:, 1::2]), True),
+    "a contiguous row block and a column block": (lambda w: (w[2:3], w[:, 6:]), True),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+@pytest.mark.parametrize("views", list(INTERLEAVED_VIEWS))
+def test_interleaved_views_step_when_disjoint_and_are_refused_when_they_share(backend, views):
+    """Strided views of one matrix whose extents interleave are compared element by
+    element: disjoint ones step as the same kernel steps the same views of matrices of
+    their own; ones that share an element are refused, with nothing changed."""
+    make, share = INTERLEAVED_VIEWS[views]
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    ours = [torch.nn.Parameter(v) for v in make(w)]
+    apart = [torch.nn.Parameter(make(w.clone())[i]) for i in range(len(ours))]
+    opt, reference = (adamkit.Adam(params, lr=1e-2, backend=backend) for params in (ours, apart))
+    for step in range(3):
+        for p, q in zip(ours, apart):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+            q.grad = p.grad.clone()
+        if share:
+            before = snapshot(opt, ours)
+            with pytest.raises(RuntimeError, match=r"params\[0\] and params\[1\] in param_groups\[0\] share memory"):
+                opt.step()
+            assert_unchanged(opt, ours, before)
+            return
+        opt.step()
+        reference.step()
+    for p, q in zip(ours, apart):
+        assert torch.equal(p.detach(), q.detach())
+
+
+def test_interleaved_views_beyond_the_compared_span_are_taken_to_share(monkeypatch):
+    """Extents that interleave over more than COMPARED_SPAN_LIMIT bytes are not compared
+    byte by byte: such views are refused as sharing memory (the conservative answer)."""
+    monkeypatch.setattr(guard, "COMPARED_SPAN_LIMIT", 64)
+    w = torch.randn(6, 8)
+    opt = adamkit.Adam([torch.nn.Parameter(w[:, :4]), torch.nn.Parameter(w[:, 4:])], lr=1e-2, backend="cpu")
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones(p.shape)
+    with pytest.raises(RuntimeError, match="share memory"):
+        opt.step()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from operator import attrgetter
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -209,17 +210,60 @@ def _kind(layout: Layout) -> tuple:
     return (layout.nbytes, layout.dtypes, layout.devices, layout.strides, layout.overlapping)
 
 
+#: the most bytes of interleaved strided views compared byte by byte (beyond it, views
+#: whose extents interleave are taken to share memory)
+COMPARED_SPAN_LIMIT = 1 << 28
+
+
 def _overlapping(params: list[Tensor], ptrs: list[int], numels: list[int]) -> list[tuple[int, int]]:
-    """Pairs of rows whose memory intersects (each param's extent from its first to its last
-    element, by address: a conservative test for strided views of one buffer)."""
+    """Pairs of rows (in order) whose memory intersects.  Each param's extent (from its first to its
+    last element, by address) finds the candidates: dense params whose extents meet share
+    memory.  A cluster of extents that holds a strided view (column blocks of one matrix
+    interleave without sharing an element) is compared byte by byte, up to
+    :data:`COMPARED_SPAN_LIMIT` bytes; a larger one is taken to share memory."""
     extents = sorted((ptr, _end(p, ptr), j) for j, (p, ptr, n) in enumerate(zip(params, ptrs, numels)) if n)
-    pairs, reach, owner = [], 0, -1
+    pairs, cluster, reach, owner = [], [], 0, -1
     for start, end, j in extents:
-        if start < reach:
-            pairs.append((owner, j))
+        if start >= reach:
+            pairs += _shared_in(cluster, params, ptrs)
+            cluster = []
+        cluster.append((start, end, j, owner if start < reach else -1))
         if end > reach:
             reach, owner = end, j
+    return sorted((min(pair), max(pair)) for pair in pairs + _shared_in(cluster, params, ptrs))
+
+
+def _shared_in(cluster: list[tuple[int, int, int, int]], params: list[Tensor], ptrs: list[int]):
+    """The pairs of a cluster of chained extents (start, end, row, the row reaching
+    farthest before it or -1) that share memory."""
+    if len(cluster) < 2:
+        return []
+    base, span = cluster[0][0], max(end for _, end, _, _ in cluster) - cluster[0][0]
+    if all(is_dense(params[j]) for _, _, j, _ in cluster) or span > COMPARED_SPAN_LIMIT:
+        return [(before, j) for _, _, j, before in cluster if before >= 0]
+    marked = np.zeros(span, dtype=np.uint8)
+    pairs = []
+    for position, (_, _, j, _) in enumerate(cluster):
+        if _bytes_of(params[j], ptrs[j] - base, marked).any():
+            earlier = (k for _, _, k, _ in cluster[:position])
+            pairs.append((next(k for k in earlier if _share_bytes(params, ptrs, k, j, base, span)), j))
+        _bytes_of(params[j], ptrs[j] - base, marked)[...] = 1
     return pairs
+
+
+def _bytes_of(t: Tensor, offset: int, marked: np.ndarray) -> np.ndarray:
+    """The bytes of ``marked`` that ``t``'s elements cover, ``t`` starting ``offset``
+    bytes in (a view, one row of bytes per element)."""
+    size = t.element_size()
+    return np.lib.stride_tricks.as_strided(
+        marked[offset:], shape=(*t.shape, size), strides=(*(stride * size for stride in t.stride()), 1)
+    )
+
+
+def _share_bytes(params: list[Tensor], ptrs: list[int], k: int, j: int, base: int, span: int) -> bool:
+    marked = np.zeros(span, dtype=np.uint8)
+    _bytes_of(params[k], ptrs[k] - base, marked)[...] = 1
+    return bool(_bytes_of(params[j], ptrs[j] - base, marked).any())
 
 
 def extent(t: Tensor) -> tuple[int, int]:
