@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import blockwise, offload, sharding
 from .algorithms import REGISTRY, lookup
+from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, uncast_low_bits
 from .specs.quantization import FORMATS
 from .state import moment_keys
 
@@ -189,8 +190,26 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
                 continue  # torch's behaviour: moments follow the param's dtype
             if state[key].dtype != value.dtype:
                 state[key] = value.to(device=offload.host_device_of(group, param.device), copy=True)
+        _uncast_master_bits(state, group, saved_id)
         if sharding.is_sharded(param):
             sharding.shard_loaded_state(state, param, moments)
+
+
+def _uncast_master_bits(state: dict, group: dict, saved_id) -> None:
+    """A split master's low bits that passed through another optimizer (torch.optim
+    casts them to its params' dtype) back in the dtype of the group's ``master_weights``
+    (the saved group's: its options win), or a ``ValueError`` where they cannot be."""
+    low, mode = state.get(MASTER_KEY), group.get("master_weights")
+    if low is None or mode is None or low.dtype == LOW_BITS_DTYPE[mode]:
+        return
+    restored = uncast_low_bits(low, mode)
+    if restored is None:
+        raise ValueError(
+            f"state[{saved_id}][{MASTER_KEY!r}] holds {low.dtype} values that no cast of master_weights={mode!r} "
+            f"low bits ({LOW_BITS_DTYPE[mode]}) can make: pop {MASTER_KEY!r} from the state (the master is then the "
+            "param as it stands), or set the weights with adamkit.precision.load_master_weights"
+        )
+    state[MASTER_KEY] = restored
 
 
 @contextmanager

@@ -236,9 +236,24 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
                 with torch.no_grad():
                     split_into(join_tensors(param, held), param, state[MASTER_KEY])
             changed = True
-    elif state.pop(MASTER_KEY, None) is not None:
+    elif MASTER_KEY in state:
+        _fold_master(param, state.pop(MASTER_KEY))
         changed = True
     return changed
+
+
+def _fold_master(param: Tensor, low_bits: Tensor) -> None:
+    """A split master's low bits dropped because their param is no longer bf16: a param
+    cast to fp32 or fp64 (``model.float()``) takes its master's value, the low bits
+    joined to the bf16 value it still holds.  A param holding a value bf16 cannot (set
+    since: its low bits are stale), a 16-bit param, or a group that dropped
+    ``master_weights`` (its bf16 param is the weight) keeps its value."""
+    if param.dtype not in (torch.float32, torch.float64) or param.device.type == "meta":
+        return
+    with torch.no_grad():
+        as_bf16 = param.to(torch.bfloat16)
+        if torch.equal(as_bf16.to(param.dtype), param) and low_bits.dtype in LOW_BITS_DTYPE.values():
+            param.copy_(join_tensors(as_bf16, low_bits.to(param.device)))
 
 
 def _counter_dtype(key: str, param: Tensor, group: dict) -> tuple[torch.dtype, ...]:

@@ -123,4 +123,34 @@ def split_into(theta: Tensor, param: Tensor, low: Tensor, bits16: Tensor | None 
     param.copy_(high.to(torch.int16).view(torch.bfloat16))
 
 
-__all__ = ["LOW_BITS_DTYPE", "MASTER_KEY", "MASTER_WEIGHTS", "join", "join_tensors", "split", "split24", "split_into"]
+def uncast_low_bits(low: Tensor, mode: str) -> Tensor | None:
+    """Low bits of ``mode`` (``"fp32"`` or ``"24bit"``) that another optimizer cast to
+    its params' dtype, as the state keeps them; ``None`` where no such cast made
+    ``low``.  torch.optim casts every loaded state tensor by value: the 24-bit master's
+    int8 values become numbers (integers, exact in any float type), and the fp32
+    master's patterns held in bf16 become fp32 or fp64 values of those bf16 numbers,
+    whose bits are recovered by truncation (NaN patterns included)."""
+    if mode == "24bit":
+        held = low.to(torch.int8)
+        return held if torch.equal(held.to(low.dtype), low) else None
+    if low.dtype == torch.float64:
+        low = low.to(torch.float32)  # exact for a bf16 value (a NaN's payload fits too)
+    if low.dtype != torch.float32:
+        return None
+    bits = low.view(torch.int32)
+    if torch.any(bits & 0xFFFF):
+        return None
+    return (bits >> 16).to(torch.int16).view(torch.bfloat16)
+
+
+__all__ = [
+    "LOW_BITS_DTYPE",
+    "MASTER_KEY",
+    "MASTER_WEIGHTS",
+    "join",
+    "join_tensors",
+    "split",
+    "split24",
+    "split_into",
+    "uncast_low_bits",
+]
