@@ -170,3 +170,33 @@ def test_release_rejects_something_that_is_not_a_grad_scaler():
     opt, _ = make_optimizer(model, "single_tensor")
     with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler or None, got float"):
         adamkit.gradient_release(model, opt, scaler=1.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_skip_nonfinite_under_release_skips_the_param_whose_gradient_is_bad(backend):
+    """Under release each param is stepped as its gradient arrives, so skip_nonfinite
+    skips the param whose own gradient holds a NaN (its state untouched) and steps the
+    others, as a run without release steps a group holding only them (documented: the
+    whole group cannot wait for the last gradient)."""
+    model, data = model_and_data()
+    twin, _ = model_and_data()
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2, backend=backend, skip_nonfinite=True)
+    poisoned = model[0].weight
+    others = [p for p in twin.parameters() if p is not twin[0].weight]
+    plain = adamkit.AdamW(others, lr=1e-2, backend=backend)
+    handle = adamkit.gradient_release(model, opt)
+    poisoned.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    x, y = data[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    handle.remove()
+    torch.nn.functional.mse_loss(twin(x), y).backward()
+    plain.step()
+    assert torch.equal(poisoned, twin[0].weight) and not opt.state.get(poisoned)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        if p is not poisoned:
+            assert torch.equal(p, q) and not torch.equal(p, model_and_data()[0].state_dict()[_name(model, p)])
+
+
+def _name(model, param) -> str:
+    return next(name for name, p in model.named_parameters() if p is param)

@@ -153,7 +153,8 @@ OPTIONS: tuple[Option, ...] = (
         False,
         _boolean,
         "``True``: a group whose gradients hold a NaN or an infinity is not stepped (params, moments "
-        "and step counters stay as they were), counted in ``optimizer.skipped_steps``; reads one flag "
+        "and step counters stay as they were; under gradient release, each param whose own gradient "
+        "does), counted in ``optimizer.skipped_steps``; reads one flag "
         "per group on the host.  ``False`` follows torch.optim.",
     ),
     Option(

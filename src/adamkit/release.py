@@ -28,6 +28,8 @@ update: a step made inside backward cannot wait for the last gradient (torch's
 scaler would have skipped the whole step).  This fills in the scaler's
 per-optimizer record (as its ``unscale_`` would), so ``scaler.unscale_`` and
 gradient clipping are not available, as there are no gradients left to clip.
+``skip_nonfinite=True`` likewise skips each param whose own gradient holds an inf or
+a NaN, not its whole group.
 
 Offloaded groups (``offload="cpu"``, :mod:`adamkit.offload`): each hook copies the
 param and its gradient to the host and frees the device gradient; a host thread steps
