@@ -9,7 +9,7 @@ import torch
 
 import adamkit
 import adamkit.numpy as anp
-from adamkit import reference
+from adamkit import optimize, reference
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
@@ -157,18 +157,72 @@ def test_jac_true_and_finite_differences():
     combined = adamkit.minimize(lambda x: (parabola(x), parabola_grad(x)), np.zeros(3), jac=True, lr=0.1)
     assert combined.success and combined.nfev == combined.nit + 1
     numeric = adamkit.minimize(parabola, np.zeros(3), lr=0.1, gtol=1e-4)
-    assert numeric.success and numeric.nfev == (numeric.nit + 1) * 5  # f(x) and 4 calls in approx_fprime
+    assert numeric.success and numeric.nfev == (numeric.nit + 1) * 4  # f(x) and one call per coordinate
     np.testing.assert_allclose(numeric.x, 3.0, atol=1e-4)
 
 
-def test_bounds_are_kept_by_projection():
+def test_finite_differences_are_scipys_and_stay_inside_the_bounds():
+    """Unbounded, the differences are approx_fprime's (same step, same numbers); at an
+    upper bound they step backward, so a function undefined past it is never called
+    there (a forward step from x = 1 had evaluated sqrt(1 - x) at 1 + h: NaN)."""
+    x = np.array([0.3, -2.0, 5.0])
+    value = scipy_optimize.rosen(x)
+    counts = {"nfev": 0, "njev": 0}
+    _, ours = optimize._objective(scipy_optimize.rosen, None, (), counts, None)(x)
+    assert np.array_equal(ours, scipy_optimize.approx_fprime(x, scipy_optimize.rosen)) and counts["nfev"] == 4
+    assert value == scipy_optimize.rosen(x)
+
+    def edge(x):
+        assert x[0] <= 1.0, "evaluated outside the bounds"
+        return float(-x[0] + np.sqrt(1.0 - x[0]))
+
+    result = adamkit.minimize(edge, [0.5], bounds=[(0.0, 1.0)], lr=0.05, maxiter=2000)
+    assert result.success and result.x[0] == 1.0
+
+
+def test_a_minimum_on_a_bound_is_a_success():
+    """The projected gradient (L-BFGS-B's test) drops the components pushing against an
+    active bound: at x = (1, 2.5) only they are left, so the run stops there."""
     result = adamkit.minimize(
         parabola, np.zeros(2), jac=parabola_grad, bounds=[(-1, 1), (None, 2.5)], lr=0.1, maxiter=500
     )
-    assert result.status == 1  # the gradient at the bound never vanishes
+    assert result.success and result.status == 0 and result.nit < 500
     np.testing.assert_array_equal(result.x, [1.0, 2.5])
+    np.testing.assert_array_equal(result.jac, parabola_grad(result.x))  # the gradient itself, as SciPy's
     boxed = adamkit.minimize(parabola, np.zeros(2), jac=parabola_grad, bounds=scipy_optimize.Bounds(-1, 1), maxiter=50)
     assert np.all(np.abs(boxed.x) <= 1)
+    inside = adamkit.minimize(parabola, np.zeros(2), jac=parabola_grad, bounds=[(-5, 5)] * 2, lr=0.1)
+    assert inside.success and np.max(np.abs(inside.jac)) <= 1e-6  # an inactive bound changes nothing
+
+
+def test_scipys_conventions():
+    """tol (which SciPy passes to a custom method), NumPy ints, a lone args value, a
+    one-element array from fun, a callback with a defaulted intermediate_result: as
+    SciPy takes them; a 2-D x0 and a misspelt keyword are refused by name."""
+    through_scipy = scipy_optimize.minimize(
+        parabola, np.zeros(2), jac=parabola_grad, tol=1e-3, method=adamkit.minimize, options={"lr": 0.1}
+    )
+    assert through_scipy.success and np.max(np.abs(through_scipy.jac)) <= 1e-3
+    assert np.max(np.abs(through_scipy.jac)) > 1e-6  # stopped at tol, not at the default 1e-6
+    shifted = adamkit.minimize(
+        lambda x, c: np.array([np.sum((x - c) ** 2)]), np.zeros(2), args=2.0, lr=0.1, maxiter=np.int64(5000)
+    )
+    assert shifted.success and np.allclose(shifted.x, 2.0, atol=1e-3)
+    seen = []
+    adamkit.minimize(
+        parabola,
+        np.zeros(2),
+        jac=parabola_grad,
+        maxiter=3,
+        callback=lambda xk, intermediate_result=None: seen.append(xk),
+    )
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match=r"x0 must have one dimension, got shape \(2, 2\)"):
+        adamkit.minimize(parabola, np.zeros((2, 2)), jac=parabola_grad)
+    with pytest.raises(TypeError, match=r"minimize\(\) got an unexpected keyword argument 'maxiters'"):
+        adamkit.minimize(parabola, np.zeros(2), jac=parabola_grad, maxiters=3)
+    with pytest.raises(ValueError, match=r"fun must return a scalar value, got an array of shape \(2,\)"):
+        adamkit.minimize(lambda x: x, np.zeros(2), jac=parabola_grad)
 
 
 def test_callbacks_old_and_new_style_can_stop_the_run():

@@ -15,21 +15,27 @@ The same callable is a custom method for SciPy, with adamkit's options in
 ``"adamax"``; other keywords (``betas``, ``eps``, ``weight_decay``, ``decouple_lr``,
 ...) go to the optimizer.  ``x`` is float64 and the step is :mod:`adamkit.numpy`'s.
 
-Stopping: success when :math:`\max_i |\nabla f(x)_i| \le` ``gtol``; otherwise after
-``maxiter`` steps, at a non-finite value or gradient, or when ``callback`` returns
-True or raises ``StopIteration``.  ``bounds`` are kept by projecting (clipping) after
-every step.  ``jac=None`` takes two-point finite differences (``d`` extra calls per
-step).
+Stopping: success when the projected gradient's max-norm is at most ``gtol`` (``tol``,
+as SciPy passes it, stands for ``gtol``); otherwise after ``maxiter`` steps, at a
+non-finite value or gradient, or when ``callback`` returns True or raises
+``StopIteration``.  ``bounds`` are kept by projecting (clipping) after every step, and
+the projected gradient is the gradient without the components that push against an
+active bound (:math:`g_i > 0` at :math:`x_i = l_i`, :math:`g_i < 0` at :math:`x_i = u_i`),
+as L-BFGS-B's is: a minimum on a bound is a success.  ``jac=None`` takes forward
+differences with SciPy's absolute step :math:`\sqrt{\epsilon_{64}}` (``d`` extra calls
+per step), backward where the forward point would leave the bounds.
 """
 
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import Bounds, OptimizeResult, approx_fprime
+from scipy.optimize import Bounds, OptimizeResult
 
 from . import numpy as anp
 
@@ -42,38 +48,78 @@ METHODS = {
 }
 
 STATUS_MESSAGES = {
-    0: "Optimization terminated successfully: the gradient's max-norm is at most gtol.",
+    0: "Optimization terminated successfully: the projected gradient's max-norm is at most gtol.",
     1: "Maximum number of iterations has been exceeded.",
     2: "Stopped: the function value or gradient is not finite.",
     3: "Stopped by the callback.",
 }
 
 
-def _objective(fun: Callable, jac, args: tuple, counts: dict) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+#: the forward-difference step of ``jac=None`` (SciPy's ``approx_fprime`` default)
+DIFFERENCE_STEP = float(np.sqrt(np.finfo(np.float64).eps))
+
+
+@dataclass(frozen=True)
+class Box:
+    """``bounds`` as arrays (infinite where a side is open)."""
+
+    low: np.ndarray
+    high: np.ndarray
+
+    def project(self, x: np.ndarray) -> None:
+        np.clip(x, self.low, self.high, out=x)
+
+    def projected_gradient(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """``g`` without the components that push ``x`` out through an active bound."""
+        blocked = ((x <= self.low) & (g > 0)) | ((x >= self.high) & (g < 0))
+        return np.where(blocked, 0.0, g)
+
+
+def _scalar(value) -> float:
+    """``fun``'s value as a float: a number or a one-element array, as SciPy takes it."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.size != 1:
+        raise ValueError(f"fun must return a scalar value, got an array of shape {array.shape}")
+    return float(array.reshape(()))
+
+
+def _forward_differences(value: Callable, x: np.ndarray, f: float, box: Box | None) -> np.ndarray:
+    """Two-point differences of ``value`` at ``x`` (``f`` = value(x)), one call per
+    coordinate, each stepping backward where forward would leave ``box``."""
+    g = np.empty_like(x)
+    for i in range(x.size):
+        h = DIFFERENCE_STEP if box is None or x[i] + DIFFERENCE_STEP <= box.high[i] else -DIFFERENCE_STEP
+        moved = x.copy()
+        moved[i] += h
+        g[i] = (value(moved) - f) / (moved[i] - x[i])  # the step as it is represented
+    return g
+
+
+def _objective(fun: Callable, jac, args: tuple, counts: dict, box: Box | None):
     """x -> (f(x), grad f(x)) from SciPy's ``fun``/``jac`` conventions, counting calls."""
 
     def value(x: np.ndarray) -> float:
         counts["nfev"] += 1
-        return float(fun(x, *args))
+        return _scalar(fun(x, *args))
 
     def both(x: np.ndarray) -> tuple[float, np.ndarray]:
         if jac is True:  # fun returns (f, g)
             counts["nfev"] += 1
             counts["njev"] += 1
             f, g = fun(x, *args)
-            return float(f), np.asarray(g, dtype=np.float64)
+            return _scalar(f), np.asarray(g, dtype=np.float64)
         if callable(jac):
             counts["njev"] += 1
             return value(x), np.asarray(jac(x, *args), dtype=np.float64)
         f = value(x)
-        return f, approx_fprime(x, value, np.sqrt(np.finfo(np.float64).eps))
+        return f, _forward_differences(value, x, f, box)
 
     if jac is not None and jac is not True and not callable(jac):
         raise ValueError(f"jac must be a callable, True or None, got {jac!r}")
     return both
 
 
-def _projection(bounds, n: int) -> Callable[[np.ndarray], None] | None:
+def _box(bounds, n: int) -> Box | None:
     if bounds is None:
         return None
     if isinstance(bounds, Bounds):
@@ -86,19 +132,32 @@ def _projection(bounds, n: int) -> Callable[[np.ndarray], None] | None:
         high = np.array([np.inf if hi is None else hi for _, hi in pairs], dtype=np.float64)
     if np.any(low > high):
         raise ValueError("bounds: a lower bound is above its upper bound")
-    return lambda x: np.clip(x, low, high, out=x)
+    return Box(np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64))
 
 
 def _notify(callback, x: np.ndarray, f: float) -> bool:
-    """Call ``callback`` the way SciPy does; True means stop."""
+    """Call ``callback`` the way SciPy does (the keyword form when its only parameter is
+    ``intermediate_result``); True means stop."""
     if callback is None:
         return False
     try:
-        if "intermediate_result" in inspect.signature(callback).parameters:
+        if set(inspect.signature(callback).parameters) == {"intermediate_result"}:
             return bool(callback(intermediate_result=OptimizeResult(x=x.copy(), fun=f)))
         return bool(callback(x.copy()))
     except StopIteration:
         return True
+
+
+def _check_optimizer_options(cls, method: str, options: dict) -> None:
+    """Keywords for the optimizer must be its own: a typo is named here, not as an
+    argument of the optimizer's constructor the caller never called."""
+    accepted = [name for name in inspect.signature(cls.torch_class).parameters if name != "params"]
+    for name in options:
+        if name not in accepted:
+            raise TypeError(
+                f"minimize() got an unexpected keyword argument {name!r} (method {method!r} also takes: "
+                f"{', '.join(accepted)})"
+            )
 
 
 def minimize(
@@ -112,45 +171,51 @@ def minimize(
     *,
     lr: float = 1e-3,
     maxiter: int = 10_000,
-    gtol: float = 1e-6,
+    gtol: float | None = None,
+    tol: float | None = None,
     hess=None,
     hessp=None,
     constraints=(),
     **optimizer_options,
 ) -> OptimizeResult:
-    """Minimize ``fun`` from ``x0`` with an Adam-family method (see the module)."""
+    """Minimize ``fun`` from ``x0`` with an Adam-family method (see the module).
+    ``gtol`` defaults to ``tol``, else 1e-6."""
     if method not in METHODS:
         raise ValueError(f"Invalid method: {method!r} (allowed: {', '.join(map(repr, METHODS))})")
+    cls, fixed = METHODS[method]
+    _check_optimizer_options(cls, method, optimizer_options)
     if constraints:
         raise ValueError("constraints are not supported by adamkit.minimize (bounds are)")
     if hess is not None or hessp is not None:
         warnings.warn(f"method {method!r} does not use Hessian information (hess, hessp)", RuntimeWarning, stacklevel=2)
-    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
+    if not isinstance(maxiter, numbers.Integral) or isinstance(maxiter, bool) or maxiter < 0:
         raise ValueError(f"Invalid maxiter: {maxiter!r} (an int >= 0)")
+    gtol = (1e-6 if tol is None else tol) if gtol is None else gtol
     if not gtol >= 0:
         raise ValueError(f"Invalid gtol: {gtol!r} (a number >= 0)")
-    x = np.array(x0, dtype=np.float64).reshape(-1)
+    x = np.atleast_1d(np.array(x0, dtype=np.float64))
+    if x.ndim != 1:
+        raise ValueError(f"x0 must have one dimension, got shape {x.shape}")
     counts = {"nfev": 0, "njev": 0}
-    evaluate = _objective(fun, jac, tuple(args), counts)
-    project = _projection(bounds, x.size)
-    if project is not None:
-        project(x)
-    cls, fixed = METHODS[method]
+    box = _box(bounds, x.size)
+    evaluate = _objective(fun, jac, args if isinstance(args, tuple) else (args,), counts, box)
+    if box is not None:
+        box.project(x)
     optimizer = cls([x], lr=lr, backend="single_tensor" if x.size < 1 << 16 else None, **fixed, **optimizer_options)
     f, g = evaluate(x)
     status, nit = 1, 0
-    for nit in range(maxiter + 1):
+    for nit in range(int(maxiter) + 1):
         if not (np.isfinite(f) and np.all(np.isfinite(g))):
             status = 2
             break
-        if np.max(np.abs(g), initial=0.0) <= gtol:
+        if np.max(np.abs(g if box is None else box.projected_gradient(x, g)), initial=0.0) <= gtol:
             status = 0
             break
         if nit == maxiter:
             break
         optimizer.step([g])
-        if project is not None:
-            project(x)
+        if box is not None:
+            box.project(x)
         f, g = evaluate(x)
         if _notify(callback, x, f):
             status, nit = 3, nit + 1
