@@ -11,7 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from matrix import OPTIMIZERS, Case, clone_groups, make_params, run
+from matrix import CPU_BACKENDS, OPTIMIZERS, Case, clone_groups, make_params, run
 from test_torch_parity import assert_same_state
 from torch.optim import lr_scheduler
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -381,3 +381,20 @@ def test_one_cycle_peak_becomes_max_lr_for_fully_decoupled_decay():
         opt.step()
         sched.step()
     torch.testing.assert_close(p.detach(), torch.full((3,), expected, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_step_between_forward_and_backward_fails_the_backward(backend):
+    """The fused kernels write params through raw addresses; the step advances their
+    autograd version counters, so a backward through a graph that saved a param before
+    the step fails, as after torch.optim's for-loop step (it had run silently at the
+    new weights)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2, backend=backend)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    loss = model(torch.randn(3, 4)).square().sum()
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from . import accumulation, kernels, offload, sharding, statekeeping
 from .algorithms import lookup
@@ -41,6 +42,18 @@ from .state import check_state, init_state, state_dtype
 _grad_of = attrgetter("grad")
 _device_of = attrgetter("device")
 _dtype_of = attrgetter("dtype")
+
+
+def mark_written(tensors: list[Tensor]) -> None:
+    """Advance the autograd version counters of tensors a fused kernel wrote through raw
+    addresses, as torch's in-place ops advance them: a backward through a graph that
+    saved a param before the step then fails, as after torch.optim's for-loop step,
+    instead of differentiating silently at the new weights."""
+    try:
+        increment_version(tensors)
+    except TypeError:  # an older torch takes one tensor at a time
+        for t in tensors:
+            increment_version(t)
 
 
 class GroupPlan(NamedTuple):
@@ -362,6 +375,8 @@ class Stepper:
             if found_inf is not None and grad_scale is None:
                 batch.grad_scale = torch.ones((), device=found_inf.device)
         kernel.step(batch, UpdateRule.from_group(group, self.optimizer.algorithm))
+        if kernel.fused:
+            mark_written(params)
         if hosts is not None:
             self.offload.push(held, hosts)
 
