@@ -200,3 +200,78 @@ def test_skip_nonfinite_under_release_skips_the_param_whose_gradient_is_bad(back
 
 def _name(model, param) -> str:
     return next(name for name, p in model.named_parameters() if p is param)
+
+
+def test_a_frozen_backbone_left_out_of_the_optimizer_is_accepted():
+    """The usual fine-tuning set-up: only the trainable params in the optimizer, the
+    module passed whole (its frozen params get no hook, and need not be in it)."""
+    model, data = model_and_data()
+    twin, _ = model_and_data()
+    for m in (model, twin):
+        m[0].requires_grad_(False)
+    opt = adamkit.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    plain = adamkit.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2)
+    handle = adamkit.gradient_release(model, opt)
+    for x, y in data[:3]:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        plain.step()
+        plain.zero_grad()
+    handle.remove()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+class SharedUnderReentrantCheckpoints(torch.nn.Module):
+    """One layer applied three times, each under reentrant activation checkpointing:
+    autograd accumulates into its .grad once per checkpointed block."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.shared, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 1)
+
+    def forward(self, x):
+        x = self.first(x)  # (a reentrant checkpoint's input must require grad)
+        for _ in range(3):
+            x = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.shared(t)), x, use_reentrant=True)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("offload", [None, "cpu"])
+def test_a_second_gradient_before_step_is_refused(offload):
+    """Gradient release steps a param when its hook fires; a second firing before
+    step() means the first step used part of its gradient (a layer shared under
+    reentrant checkpoints) or a backward through stepped weights: refused by name (it
+    had stepped the shared layer three times per backward)."""
+    model, (x, y) = SharedUnderReentrantCheckpoints(), model_and_data()[1][0]
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2, offload=offload)
+    adamkit.gradient_release(model, opt)
+    with pytest.raises(RuntimeError, match=r"params\[\d\] of param_groups\[0\] got a second gradient"):
+        torch.nn.functional.mse_loss(model(x[:, :6]), y).backward()
+
+
+def test_a_second_backward_through_the_same_graph_is_refused():
+    model, data = model_and_data()
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2)
+    adamkit.gradient_release(model, opt)
+    x, y = data[0]
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="got a second gradient before optimizer.step()|modified by an inplace"):
+        loss.backward()
+    opt.step()
+    torch.nn.functional.mse_loss(model(x), y).backward()  # after step(), the next backward is a new one
+    opt.step()
+
+
+def test_data_parallel_params_are_refused(monkeypatch):
+    """Under DDP the hooks would step each rank with its own gradient, before the
+    all-reduce: refused (plain params in a process group of several ranks)."""
+    model, _ = model_and_data()
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
+    with pytest.raises(ValueError, match="before DistributedDataParallel averages the gradients"):
+        adamkit.gradient_release(model, opt)

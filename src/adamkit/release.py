@@ -68,6 +68,7 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
+from . import sharding
 from .algorithms import is_real_number
 from .guard import extent
 from .offload import HostStep
@@ -92,6 +93,7 @@ class GradientRelease:
         self._order = {id(p): i for i, p in enumerate(params)}
         self._held: list[tuple[int, HostStep]] = []  # host steps waiting for the norm
         self._pending = PendingMemory()  # the params with a host step not yet waited for
+        self._stepped: set[int] = set()  # the params stepped since the last step() or forward
         self._scale: Tensor | None = None  # the GradScaler's scale when this step's backward began
         self._views: dict[int, dict] = {}  # per param: a one-param group kept in step with its group
         self._groups: tuple = ((), {})  # (ids of the param-group dicts, param id -> group index)
@@ -109,7 +111,11 @@ class GradientRelease:
         i = self._groups[1][id(param)]
         return i, groups[i]
 
+    @torch.compiler.disable
     def _step_param(self, param: Tensor) -> None:
+        """The post-accumulate-grad hook: step ``param`` with its group.  Run eagerly
+        inside a compiled train step too (like ``step()``, a graph break: nothing in it
+        is traced or guarded on, so a scheduler's lr does not recompile)."""
         index, group = self._group_of(param)
         view = self._views.setdefault(id(param), {"params": [param]})
         if self.max_grad_norm is not None and group.get("offload") is None:
@@ -118,12 +124,14 @@ class GradientRelease:
                 f"param_groups[{index}] is not offloaded now (set offload='cpu' on it)"
             )
         self._check_not_pending(param, index, group)  # (before: what is held belongs to an earlier backward)
+        self._check_first_gradient(param, index, group)
         try:
             amp = self._amp(param.grad) if self.scaler is not None and self.scaler.is_enabled() else (None, None)
             host_step = self.optimizer.step_param(index, group, view, amp)
         except BaseException:
             self.discard_held()  # (clipping: nothing of a step whose backward failed is applied)
             raise
+        self._stepped.add(id(param))
         if host_step is not None:
             self._pending.add(param)
             if self.max_grad_norm is None:
@@ -152,10 +160,29 @@ class GradientRelease:
             "Tie them as one Parameter, or leave offload=None for their groups"
         )
 
+    def _check_first_gradient(self, param: Tensor, index: int, group: dict) -> None:
+        """Refuse a param's second gradient before ``step()`` (or, with a module, its next
+        forward): the hook fires each time autograd accumulates into ``.grad``, and a
+        second time means the first step used part of a gradient (reentrant activation
+        checkpointing of a shared layer) or a backward through weights already stepped
+        (``retain_graph`` and a second backward)."""
+        if id(param) in self._stepped:
+            raise RuntimeError(
+                f"params[{_position(param, group)}] of param_groups[{index}] got a second gradient before "
+                "optimizer.step(), and gradient release had stepped it with the first: a layer shared under "
+                "reentrant activation checkpointing (use torch.utils.checkpoint with use_reentrant=False, where "
+                "a param's gradient is whole when its hook fires), or a second backward through the same graph. "
+                "Call optimizer.step() after each backward, or step without gradient release"
+            )
+
+    @torch.compiler.disable
     def _before_forward(self, module, args) -> None:
-        """The module's forward pre-hook: wait for the host steps submitted so far, so
-        that the forward reads updated weights (held steps, with ``max_grad_norm``,
-        have changed nothing yet and stay held for ``step()``)."""
+        """The module's forward pre-hook: a new forward starts a new backward's record of
+        stepped params, and waits for the host steps submitted so far, so that the forward
+        reads updated weights (held steps, with ``max_grad_norm``, have changed nothing
+        yet and stay held for ``step()``)."""
+        if not self._held:
+            self._stepped.clear()
         if self.max_grad_norm is None and self._pending:
             self.optimizer.wait_for_host_steps()
             self._pending.clear()
@@ -166,12 +193,14 @@ class GradientRelease:
         if self._held:
             self._held = []
             self._pending.clear()
+            self._stepped.clear()
 
     def finish(self) -> None:
         """``optimizer.step()`` under release: clip the held host gradients (if
         ``max_grad_norm``), run the host steps, and wait until every param is back."""
         held, self._held = sorted(self._held, key=lambda pair: pair[0]), []
         self._pending.clear()
+        self._stepped.clear()
         if held:
             grads = [g for _, host_step in held for g in host_step.grads]
             self.last_grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -228,8 +257,11 @@ def gradient_release(
 ) -> GradientRelease:
     """Step ``optimizer``'s params in their post-accumulate-grad hooks (see the module).
 
-    ``model_or_params``: a module or an iterable of params, each of which must be in
-    one of ``optimizer``'s param groups (an adamkit optimizer).  ``scaler``: the
+    ``model_or_params``: a module or an iterable of params, each of which that requires
+    grad must be in one of ``optimizer``'s param groups (an adamkit optimizer; a frozen
+    backbone's params need not be).  Refused under DDP, which averages the gradients
+    after the hooks would have stepped each rank with its own (DTensor params, as FSDP2
+    makes them, are not refused).  ``scaler``: the
     ``torch.amp.GradScaler`` that scales the loss, if any.  ``max_grad_norm``: clip the
     gradients' global norm to it (groups with ``offload="cpu"`` only; not with a scaler).
     """
@@ -238,9 +270,10 @@ def gradient_release(
     given = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
     params = list({id(p): p for p in given}.values())  # one hook per param, however often it is listed
     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    strangers = [i for i, p in enumerate(params) if id(p) not in owned]
+    strangers = [i for i, p in enumerate(params) if p.requires_grad and id(p) not in owned]
     if strangers:
         raise ValueError(f"params {strangers} of model_or_params are not in the optimizer's param groups")
+    _check_not_data_parallel(model_or_params, params)
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     if max_grad_norm is not None:
@@ -283,6 +316,23 @@ class PendingMemory:
 
     def clear(self) -> None:
         self._by_device.clear()
+
+
+def _check_not_data_parallel(model_or_params, params: list[Tensor]) -> None:
+    """Refuse DDP (and any plain tensor params in a process group of several ranks): each
+    rank's hooks would step with its own gradient, before the all-reduce averages it,
+    and the ranks' weights would part silently."""
+    ddp = isinstance(model_or_params, torch.nn.parallel.DistributedDataParallel)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    plain = [p for p in params if p.requires_grad and not sharding.is_sharded(p)]
+    if ddp or (distributed and torch.distributed.get_world_size() > 1 and plain):
+        raise ValueError(
+            "gradient_release steps each param in backward as soon as its local gradient is ready, before "
+            "DistributedDataParallel averages the gradients across ranks: every rank would step with its own and "
+            f"the replicas would part ({'a DDP module' if ddp else f'{len(plain)} params that are not DTensors'} in "
+            f"a process group of {torch.distributed.get_world_size() if distributed else 'several'} ranks): step "
+            "after backward, with optimizer.step(), without gradient release"
+        )
 
 
 def _position(param: Tensor, group: dict) -> int:
