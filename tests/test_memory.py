@@ -170,7 +170,10 @@ def test_timing_refuses_a_model_that_would_not_fit(capsys, monkeypatch):
             "'n_layers' is not an attribute of GPT2Config (gpt2) (did you mean",
         ),
         # a config transformers refuses to build was a failed run (exit 1)
-        (["memory", "gpt2", "--set", "n_head=7"], "model 'gpt2' with {'n_head': 7}: `embed_dim` must be divisible"),
+        (["memory", "gpt2", "--set", "n_head=7"], "model 'gpt2' with {'n_head': 7}: ValueError: `embed_dim` must be"),
+        # values the config or the model cannot take were failed runs too (exit 1, a traceback's last line)
+        (["memory", "llama", "--set", "hidden_act=nosuch"], "model 'llama' with {'hidden_act': 'nosuch'}: KeyError"),
+        (["memory", "bert", "--set", "hidden_dropout_prob=abc"], "with {'hidden_dropout_prob': 'abc'}:"),
     ],
 )
 def test_bad_models_are_named_with_exit_status_2(capsys, argv, message):

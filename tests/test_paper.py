@@ -227,3 +227,11 @@ def test_sqrt_decay_schedule():
     assert len(seen) == 12  # ceil(1437 / 128) minibatches
     expected = [0.5 / math.sqrt(t) for t in range(1, len(seen) + 1)]
     np.testing.assert_allclose(seen, expected, rtol=1e-12)
+
+
+def test_a_quick_run_that_does_not_show_a_result_says_so_and_no_more():
+    from adamkit.experiments.paper.report import verdict
+
+    assert verdict(True, quick=True) == verdict(True, quick=False) == "yes"
+    assert verdict(False, quick=False) == "no"
+    assert verdict(False, quick=True) == "not shown by this quick run"

@@ -361,6 +361,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return _error(problem)
 
     from adamkit.experiments.paper import EXPERIMENTS, run_reproduce
+    from adamkit.experiments.paper.report import verdict
     from adamkit.experiments.progress import progress
 
     units = sum(EXPERIMENTS[name].units(args.quick) for name in names)
@@ -369,7 +370,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     width = max(len(o.title) for o in outcomes)
     print(f"{'experiment':{width}s}  paper's result holds here?")
     for o in outcomes:
-        print(f"{o.title:{width}s}  {'yes' if o.holds else 'no'}")
+        print(f"{o.title:{width}s}  {verdict(o.holds, args.quick)}")
     print()
     print(f"Report: {report[0]} (all numbers in {report[1]})")
     return 0

@@ -295,14 +295,18 @@ def _hugging_face_model(model_type: str, overrides: dict) -> torch.nn.Module:
         )
     defaults = transformers.AutoConfig.for_model(model_type)
     _check_names(defaults, overrides, model_type)
-    _check_sizes(defaults, overrides)
     causal = type(defaults) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING  # else the base model
-    with _at_most(MAX_TENSORS, model_type):
-        try:
+    try:
+        _check_sizes(defaults, overrides)
+        with _at_most(MAX_TENSORS, model_type):
             config = transformers.AutoConfig.for_model(model_type, **overrides)
             return (transformers.AutoModelForCausalLM if causal else transformers.AutoModel).from_config(config)
-        except (ValueError, TypeError, AssertionError) as error:  # a config transformers cannot build
-            raise ModelSpecError(f"model {model_type!r} with {overrides}: {error}") from None
+    except ModelSpecError:
+        raise
+    except Exception as error:  # a value the config or the model cannot take (an unknown activation, a text)
+        if not overrides:
+            raise
+        raise ModelSpecError(f"model {model_type!r} with {overrides}: {type(error).__name__}: {error}") from None
 
 
 #: the most param tensors a model may have for ``adamkit memory`` to build it (building

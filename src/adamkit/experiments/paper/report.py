@@ -26,6 +26,18 @@ def _json_number(value):
     return value
 
 
+#: what a quick run says where its result differs from the paper's
+NOT_SHOWN_QUICK = "not shown by this quick run"
+
+
+def verdict(holds: bool, quick: bool) -> str:
+    """Whether the paper's result holds here, as a short answer: a quick run's runs are
+    too short to show several results, so where one does not show it that is no finding."""
+    if holds:
+        return "yes"
+    return NOT_SHOWN_QUICK if quick else "no"
+
+
 def write_report(outcomes: Sequence[Outcome], out_dir: Path, *, quick: bool, seconds: float) -> list[Path]:
     """Write ``report.md`` and ``results.json`` into ``out_dir``; returns their paths."""
     mode = "quick mode (--quick: fewer epochs, a coarser rate grid)" if quick else "full mode"
@@ -41,10 +53,20 @@ def write_report(outcomes: Sequence[Outcome], out_dir: Path, *, quick: bool, sec
         "wins) holds on this substitute data, not whether its numbers do.",
         "",
         f"Run in {mode}, {seconds:.0f} s, {setting}.",
+        *(
+            [
+                "",
+                f"A quick run is too short for several of these results: where it does not show one, the "
+                f"verdict says '{NOT_SHOWN_QUICK}', which is no finding; `adamkit reproduce` without "
+                "--quick measures every verdict.",
+            ]
+            if quick
+            else []
+        ),
         "",
         "| experiment | paper's result holds here? |",
         "|---|---|",
-        *(f"| [{o.title}](#{o.name}) | {'yes' if o.holds else '**no**'} |" for o in outcomes),
+        *(f"| [{o.title}](#{o.name}) | {_bold_unless_yes(verdict(o.holds, quick))} |" for o in outcomes),
         "",
     ]
     for o in outcomes:
@@ -55,7 +77,7 @@ def write_report(outcomes: Sequence[Outcome], out_dir: Path, *, quick: bool, sec
             f"- **Data and model:** {o.substitute}.",
             f"- **The paper reports:** {o.paper}",
             f"- **We found:** {o.found}",
-            f"- **Verdict:** the paper's qualitative result {'holds' if o.holds else '**does not hold**'} on this data.",
+            f"- **Verdict:** the paper's qualitative result {_verdict_sentence(o.holds, quick)}.",
             "",
             *(f"![{o.title}]({p.name})" for p in o.files if p.suffix == ".png"),
             "",
@@ -87,4 +109,14 @@ def write_report(outcomes: Sequence[Outcome], out_dir: Path, *, quick: bool, sec
     return [report, results]
 
 
-__all__ = ["write_report"]
+def _bold_unless_yes(word: str) -> str:
+    return word if word == "yes" else f"**{word}**"
+
+
+def _verdict_sentence(holds: bool, quick: bool) -> str:
+    if holds:
+        return "holds on this data"
+    return "is not shown by this quick run (too short to judge)" if quick else "**does not hold** on this data"
+
+
+__all__ = ["NOT_SHOWN_QUICK", "verdict", "write_report"]
