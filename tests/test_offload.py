@@ -268,6 +268,43 @@ def test_an_error_in_a_host_step_surfaces_at_step_or_remove(monkeypatch, surface
         opt.step()
 
 
+class FailingBackward(torch.autograd.Function):
+    """Its backward raises, as an out-of-memory error or an anomaly check would."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward failed")
+
+
+@pytest.mark.parametrize("then", ["step", "forward"])
+def test_a_backward_that_raises_anywhere_drops_its_held_clipped_steps(then):
+    """Clipping under release holds each host step until step(); a backward that raised
+    in any node (not only in adamkit's hooks: its later layers had been held) applies
+    nothing of that step, whether step() or the next forward comes first, and the run
+    goes on as one that never saw the failed batch."""
+    net, twin = model(torch.float32), model(torch.float32)
+    opt = adamkit.AdamW(net.parameters(), lr=1e-2, offload="cpu")
+    plain = adamkit.AdamW(twin.parameters(), lr=1e-2, offload="cpu")
+    handle = adamkit.gradient_release(net, opt, max_grad_norm=0.05)
+    twin_handle = adamkit.gradient_release(twin, plain, max_grad_norm=0.05)
+    (x, y), (x2, y2) = list(batches(torch.float32, 2))
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match="backward failed"):
+        (net[4](FailingBackward.apply(net[:4](x))) - y).square().mean().backward()
+    if then == "step":
+        opt.step()
+        assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    for n, o in ((net, opt), (twin, plain)):
+        (n(x2) - y2).square().mean().backward()
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
+    assert torch.equal(handle.last_grad_norm, twin_handle.last_grad_norm)
+
+
 @pytest.mark.parametrize(
     "kwargs,words",
     [

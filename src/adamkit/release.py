@@ -94,6 +94,7 @@ class GradientRelease:
         self._held: list[tuple[int, HostStep]] = []  # host steps waiting for the norm
         self._pending = PendingMemory()  # the params with a host step not yet waited for
         self._stepped: set[int] = set()  # the params stepped since the last step() or forward
+        self._backward_open = False  # clipping: a backward whose steps are held has not ended yet
         self._scale: Tensor | None = None  # the GradScaler's scale when this step's backward began
         self._views: dict[int, dict] = {}  # per param: a one-param group kept in step with its group
         self._groups: tuple = ((), {})  # (ids of the param-group dicts, param id -> group index)
@@ -137,8 +138,27 @@ class GradientRelease:
             if self.max_grad_norm is None:
                 self.optimizer.submit_host_step(host_step)
             else:
-                self._held.append((self._order[id(param)], host_step))
+                self._hold(host_step, param)
         param.grad = None
+
+    def _hold(self, host_step: HostStep, param: Tensor) -> None:
+        """Keep a host step for ``step()``, which clips it with the others; the first of
+        a backward asks autograd to say when that backward has ended (a callback that
+        runs only if it ends without raising)."""
+        if not self._backward_open:
+            self._backward_open = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
+        self._held.append((self._order[id(param)], host_step))
+
+    def _backward_ended(self) -> None:
+        self._backward_open = False
+
+    def _drop_unfinished(self) -> None:
+        """Drop the held steps of a backward that raised before it ended (in any node,
+        not only in these hooks): nothing of that step is applied."""
+        if self._backward_open:
+            self._backward_open = False
+            self.discard_held()
 
     def _check_not_pending(self, param: Tensor, index: int, group: dict) -> None:
         """Refuse a param whose memory a host step not yet waited for reads or writes: its
@@ -181,6 +201,7 @@ class GradientRelease:
         stepped params, and waits for the host steps submitted so far, so that the forward
         reads updated weights (held steps, with ``max_grad_norm``, have changed nothing
         yet and stay held for ``step()``)."""
+        self._drop_unfinished()
         if not self._held:
             self._stepped.clear()
         if self.max_grad_norm is None and self._pending:
@@ -190,6 +211,7 @@ class GradientRelease:
     def discard_held(self) -> None:
         """Drop the host steps held for clipping (``max_grad_norm``): their params are
         not stepped (``optimizer.zero_grad()`` under release calls it)."""
+        self._backward_open = False
         if self._held:
             self._held = []
             self._pending.clear()
@@ -197,7 +219,9 @@ class GradientRelease:
 
     def finish(self) -> None:
         """``optimizer.step()`` under release: clip the held host gradients (if
-        ``max_grad_norm``), run the host steps, and wait until every param is back."""
+        ``max_grad_norm``), run the host steps, and wait until every param is back.  The
+        steps held from a backward that raised are dropped instead."""
+        self._drop_unfinished()
         held, self._held = sorted(self._held, key=lambda pair: pair[0]), []
         self._pending.clear()
         self._stepped.clear()
