@@ -80,6 +80,7 @@ def test_a_none_gradient_skips_its_array_and_state_dicts_round_trip():
         ([np.arange(3)], TypeError, r"params\[0\] has dtype int64; allowed: float16, float32"),
         ([[1.0, 2.0]], TypeError, r"params\[0\] must be a numpy.ndarray, got list"),
         ([np.ones(2).astype(">f8")], ValueError, r"params\[0\] has non-native byte order '>f8'"),
+        ([np.ones(4)[::-1]], ValueError, r"params\[0\] has a negative stride \(-8,\) .* pass the array it views"),
     ],
 )
 def test_bad_params_are_named(params, error, match):
@@ -98,6 +99,8 @@ def test_read_only_arrays_and_bad_gradients_are_rejected_without_touching_anythi
         opt.step([np.ones(2)])
     with pytest.raises(ValueError, match="got 2 gradients for 1 params"):
         opt.step([np.ones(3), np.ones(3)])
+    with pytest.raises(TypeError, match=r"grads\[0\] is complex \(complex128\), but params\[0\] is real"):
+        opt.step([np.ones(3) + 1j])
     assert np.array_equal(a, np.ones(3)) and opt.state[0] == {}
 
 

@@ -13,8 +13,9 @@ the torch optimizer's: :class:`adamkit.Adam` etc. with every keyword they take
 (``amsgrad``, ``weight_decay``, ``maximize``, ``decouple_lr``, ``state_precision``,
 ``skip_nonfinite``, ``backend``, ...).  So the element math is the tested one: fp32
 for float32 and float16 arrays, fp64 for float64 ones.  Arrays must be writable,
-native-endian and of a floating (or complex) dtype; gradients are converted to their
-param's dtype.
+native-endian, without negative strides (a tensor cannot share a reversed view) and
+of a floating (or complex) dtype; gradients are converted to their param's dtype (a
+complex gradient of a real param is refused).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def _as_tensor(array: np.ndarray, index: int) -> torch.Tensor:
         raise ValueError(f"params[{index}] is read-only; the optimizer updates arrays in place")
     if not array.dtype.isnative:
         raise ValueError(f"params[{index}] has non-native byte order {array.dtype.str!r}; use a native-endian array")
+    if any(stride < 0 for stride in array.strides):
+        raise ValueError(
+            f"params[{index}] has a negative stride {array.strides} (a reversed view, such as a[::-1]), which a "
+            "tensor cannot share; the optimizer updates arrays in place, so pass the array it views (a copy "
+            "would be stepped instead of it)"
+        )
     return torch.from_numpy(array)
 
 
@@ -61,6 +68,12 @@ class _ArrayOptimizer:
         grads = list(grads)
         if len(grads) != len(self.params):
             raise ValueError(f"got {len(grads)} gradients for {len(self.params)} params")
+        for i, (grad, param) in enumerate(zip(grads, self.params)):
+            if grad is not None and np.iscomplexobj(grad) and not np.iscomplexobj(param):
+                raise TypeError(
+                    f"grads[{i}] is complex ({np.asarray(grad).dtype}), but params[{i}] is real ({param.dtype}): "
+                    "its imaginary part would be dropped"
+                )
         arrays = [
             None if g is None else np.require(g, dtype=p.dtype, requirements="C") for g, p in zip(grads, self.params)
         ]
