@@ -425,16 +425,17 @@ def test_low_bits_no_cast_could_make_are_refused_by_name_and_load_master_weights
     assert torch.equal(adamkit.precision.master_weights(ours)[0], weights)
 
 
+@pytest.mark.parametrize("offload", [None, "cpu"])
 @pytest.mark.parametrize("mode", ["fp32", "24bit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_model_cast_up_from_bf16_takes_its_master(mode, dtype):
+def test_a_model_cast_up_from_bf16_takes_its_master(mode, dtype, offload):
     """model.float() after a bf16 run with split masters, then the state converted as the
     step's error says (load_state_dict of state_dict()): the next step starts from the
     master, not from the bf16 value the param holds; a param set since to a value bf16
     cannot hold keeps it."""
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(50, generator=g).to(torch.bfloat16)) for _ in range(2)]
-    opt = adamkit.AdamW(params, lr=1e-2, master_weights=mode, state_precision="fp32")
+    opt = adamkit.AdamW(params, lr=1e-2, master_weights=mode, state_precision="fp32", offload=offload)
     for _ in range(4):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
@@ -452,3 +453,26 @@ def test_a_model_cast_up_from_bf16_takes_its_master(mode, dtype):
     assert torch.equal(params[0].detach(), master.to(dtype))
     assert torch.equal(params[1].detach(), edited)
     assert MASTER_KEY not in opt.state[params[0]]
+
+
+@pytest.mark.parametrize("switch", [("fp32", "24bit"), ("24bit", "fp32")])
+def test_a_state_saved_between_a_switch_of_master_weights_and_the_next_step_loads(switch):
+    """The low bits are still the old mode's when the state is saved right after
+    master_weights was switched: they load as they are (not as a cast), and the next
+    step converts them to the new mode, the master to nearest."""
+    first, second = switch
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(300, generator=g).to(torch.bfloat16))
+    opt = adamkit.AdamW([p], lr=1e-2, master_weights=first, state_precision="fp32")
+    for _ in range(3):
+        p.grad = torch.randn(300, generator=g).to(torch.bfloat16)
+        opt.step()
+    master = adamkit.precision.master_weights(opt)[0].clone()
+    opt.param_groups[0]["master_weights"] = second
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.param_groups[0]["lr"] = 0.0
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.state[p][MASTER_KEY].dtype == spec_master.LOW_BITS_DTYPE[second]
+    moved = (adamkit.precision.master_weights(opt)[0] - master).abs()
+    assert torch.all(moved <= master.abs() * 2.0**-16)  # to nearest on the coarser grid, or exact

@@ -182,6 +182,13 @@ def test_finite_differences_are_scipys_and_stay_inside_the_bounds():
     result = adamkit.minimize(edge, [0.5], bounds=[(0.0, 1.0)], lr=0.05, maxiter=2000)
     assert result.success and result.x[0] == 1.0
 
+    def narrow(x):  # bounds closer than the step, and a fixed variable
+        assert 0.0 <= x[0] <= 1e-9 and x[1] == 2.0, "evaluated outside the bounds"
+        return float((x[0] - 1.0) ** 2 + x[1] ** 2)
+
+    boxed = adamkit.minimize(narrow, [0.0, 2.0], bounds=[(0.0, 1e-9), (2.0, 2.0)], lr=0.1, maxiter=50)
+    assert boxed.success and boxed.x[0] == 1e-9 and boxed.jac[1] == 0.0
+
 
 def test_a_minimum_on_a_bound_is_a_success():
     """The projected gradient (L-BFGS-B's test) drops the components pushing against an

@@ -305,6 +305,31 @@ def test_a_backward_that_raises_anywhere_drops_its_held_clipped_steps(then):
     assert torch.equal(handle.last_grad_norm, twin_handle.last_grad_norm)
 
 
+def test_clipping_under_compiled_autograd_applies_the_held_steps():
+    """Compiled autograd runs no end-of-backward callback: the held steps are not taken
+    for those of a backward that raised (they had all been dropped), and the run is the
+    eager one."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    runs = []
+    for compiled in (True, False):
+        net = model(torch.float32)
+        opt = adamkit.AdamW(net.parameters(), lr=1e-2, offload="cpu")
+        handle = adamkit.gradient_release(net, opt, max_grad_norm=0.05)
+        before = [p.detach().clone() for p in net.parameters()]
+        x, y = next(batches(torch.float32, 1))
+        loss = (net(x) - y).square().mean()
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        opt.step()
+        assert not any(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+        runs.append((list(net.parameters()), handle.last_grad_norm))
+    (ours, our_norm), (eager, eager_norm) = runs
+    assert all(torch.equal(p, q) for p, q in zip(ours, eager)) and torch.equal(our_norm, eager_norm)
+
+
 @pytest.mark.parametrize(
     "kwargs,words",
     [

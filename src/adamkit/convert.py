@@ -34,7 +34,7 @@ from . import blockwise, offload, sharding
 from .algorithms import REGISTRY, lookup
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, uncast_low_bits
 from .specs.quantization import FORMATS
-from .state import moment_keys
+from .state import fold_master, moment_keys
 
 #: every moment key a quantized state may hold quantized: each registered algorithm's,
 #: AMSGrad's maximum included (a weight copy in a moment's place, schedule-free's z, is
@@ -191,6 +191,8 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
             if state[key].dtype != value.dtype:
                 state[key] = value.to(device=offload.host_device_of(group, param.device), copy=True)
         _uncast_master_bits(state, group, saved_id)
+        if not sharding.is_sharded(param):
+            fold_master(state, param)
         if sharding.is_sharded(param):
             sharding.shard_loaded_state(state, param, moments)
 
@@ -200,7 +202,7 @@ def _uncast_master_bits(state: dict, group: dict, saved_id) -> None:
     casts them to its params' dtype) back in the dtype of the group's ``master_weights``
     (the saved group's: its options win), or a ``ValueError`` where they cannot be."""
     low, mode = state.get(MASTER_KEY), group.get("master_weights")
-    if low is None or mode is None or low.dtype == LOW_BITS_DTYPE[mode]:
+    if low is None or mode is None:
         return
     restored = uncast_low_bits(low, mode)
     if restored is None:
@@ -209,7 +211,8 @@ def _uncast_master_bits(state: dict, group: dict, saved_id) -> None:
             f"low bits ({LOW_BITS_DTYPE[mode]}) can make: pop {MASTER_KEY!r} from the state (the master is then the "
             "param as it stands), or set the weights with adamkit.precision.load_master_weights"
         )
-    state[MASTER_KEY] = restored
+    if restored is not low:
+        state[MASTER_KEY] = restored
 
 
 @contextmanager

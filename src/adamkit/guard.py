@@ -261,6 +261,8 @@ def _bytes_of(t: Tensor, offset: int, marked: np.ndarray) -> np.ndarray:
 
 
 def _share_bytes(params: list[Tensor], ptrs: list[int], k: int, j: int, base: int, span: int) -> bool:
+    """Whether rows ``k`` and ``j`` (of a cluster starting at address ``base`` and
+    ``span`` bytes long) cover a byte in common."""
     marked = np.zeros(span, dtype=np.uint8)
     _bytes_of(params[k], ptrs[k] - base, marked)[...] = 1
     return bool(_bytes_of(params[j], ptrs[j] - base, marked).any())

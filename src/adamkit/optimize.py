@@ -22,8 +22,9 @@ non-finite value or gradient, or when ``callback`` returns True or raises
 the projected gradient is the gradient without the components that push against an
 active bound (:math:`g_i > 0` at :math:`x_i = l_i`, :math:`g_i < 0` at :math:`x_i = u_i`),
 as L-BFGS-B's is: a minimum on a bound is a success.  ``jac=None`` takes forward
-differences with SciPy's absolute step :math:`\sqrt{\epsilon_{64}}` (``d`` extra calls
-per step), backward where the forward point would leave the bounds.
+differences with SciPy's absolute step :math:`\sqrt{\epsilon_{64}}` (at most ``d``
+extra calls per step), backward where the forward point would leave the bounds, shorter
+where the bounds are closer than the step (none for a fixed variable).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Box:
     high: np.ndarray
 
     def project(self, x: np.ndarray) -> None:
+        """Clip ``x`` into the box, in place."""
         np.clip(x, self.low, self.high, out=x)
 
     def projected_gradient(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -83,15 +85,27 @@ def _scalar(value) -> float:
     return float(array.reshape(()))
 
 
+def _difference_step(x: float, low: float, high: float) -> float:
+    """The step of one coordinate's difference: forward, backward where forward would
+    leave the bounds, and where neither side has room for it, as far as the roomier
+    side allows (0 for a fixed variable, whose derivative is then taken as 0)."""
+    if x + DIFFERENCE_STEP <= high:
+        return DIFFERENCE_STEP
+    if x - DIFFERENCE_STEP >= low:
+        return -DIFFERENCE_STEP
+    return high - x if high - x >= x - low else low - x
+
+
 def _forward_differences(value: Callable, x: np.ndarray, f: float, box: Box | None) -> np.ndarray:
     """Two-point differences of ``value`` at ``x`` (``f`` = value(x)), one call per
-    coordinate, each stepping backward where forward would leave ``box``."""
-    g = np.empty_like(x)
+    coordinate, never leaving ``box`` (:func:`_difference_step`)."""
+    g = np.zeros_like(x)
     for i in range(x.size):
-        h = DIFFERENCE_STEP if box is None or x[i] + DIFFERENCE_STEP <= box.high[i] else -DIFFERENCE_STEP
+        h = DIFFERENCE_STEP if box is None else _difference_step(x[i], box.low[i], box.high[i])
         moved = x.copy()
         moved[i] += h
-        g[i] = (value(moved) - f) / (moved[i] - x[i])  # the step as it is represented
+        if moved[i] != x[i]:
+            g[i] = (value(moved) - f) / (moved[i] - x[i])  # the step as it is represented
     return g
 
 

@@ -54,21 +54,26 @@ Nothing depends on how the host thread keeps pace:
   backward without ``step()``) gets a second gradient: refused by name (its forward
   may have read the weight before it came back), as is a param that shares memory
   with another (tied weights: a host copy of each would be stepped and copied back);
-- with ``max_grad_norm``, a hook that raises drops the held host steps of its
-  backward (nothing of that step is applied), and ``optimizer.zero_grad()`` drops
-  them too.
+- with ``max_grad_norm``, a backward that raises (in a hook or in any other node)
+  has its held host steps dropped at the next ``step()`` or forward (nothing of that
+  step is applied), and ``optimizer.zero_grad()`` drops them too: autograd runs the
+  callback that marks a backward ended only when it ends without raising (compiled
+  autograd runs none, and there the held steps are kept);
+- a param whose hook fires twice in one backward (a layer shared under reentrant
+  activation checkpointing: the first firing carried part of its gradient) is refused
+  by name.
 """
 
 from __future__ import annotations
 
 import bisect
+import sys
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
-from . import sharding
 from .algorithms import is_real_number
 from .guard import extent
 from .offload import HostStep
@@ -93,8 +98,8 @@ class GradientRelease:
         self._order = {id(p): i for i, p in enumerate(params)}
         self._held: list[tuple[int, HostStep]] = []  # host steps waiting for the norm
         self._pending = PendingMemory()  # the params with a host step not yet waited for
-        self._stepped: set[int] = set()  # the params stepped since the last step() or forward
-        self._backward_open = False  # clipping: a backward whose steps are held has not ended yet
+        self._stepped: set[int] = set()  # the params stepped in the backward under way
+        self._in_backward = False  # a backward has run a hook and not yet reported its end
         self._scale: Tensor | None = None  # the GradScaler's scale when this step's backward began
         self._views: dict[int, dict] = {}  # per param: a one-param group kept in step with its group
         self._groups: tuple = ((), {})  # (ids of the param-group dicts, param id -> group index)
@@ -124,40 +129,44 @@ class GradientRelease:
                 f"gradient_release(max_grad_norm={self.max_grad_norm}) clips offloaded params only, but "
                 f"param_groups[{index}] is not offloaded now (set offload='cpu' on it)"
             )
+        self._check_first_gradient(param, index, group)  # (first: this backward's own, named as such)
         self._check_not_pending(param, index, group)  # (before: what is held belongs to an earlier backward)
-        self._check_first_gradient(param, index, group)
+        self._enter_backward()
         try:
             amp = self._amp(param.grad) if self.scaler is not None and self.scaler.is_enabled() else (None, None)
             host_step = self.optimizer.step_param(index, group, view, amp)
         except BaseException:
             self.discard_held()  # (clipping: nothing of a step whose backward failed is applied)
             raise
-        self._stepped.add(id(param))
+        if self._in_backward:
+            self._stepped.add(id(param))
         if host_step is not None:
             self._pending.add(param)
             if self.max_grad_norm is None:
                 self.optimizer.submit_host_step(host_step)
             else:
-                self._hold(host_step, param)
+                self._held.append((self._order[id(param)], host_step))
         param.grad = None
 
-    def _hold(self, host_step: HostStep, param: Tensor) -> None:
-        """Keep a host step for ``step()``, which clips it with the others; the first of
-        a backward asks autograd to say when that backward has ended (a callback that
-        runs only if it ends without raising)."""
-        if not self._backward_open:
-            self._backward_open = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
-        self._held.append((self._order[id(param)], host_step))
+    def _enter_backward(self) -> None:
+        """At a backward's first hook, ask autograd to report its end: a callback it runs
+        only when the backward ends without raising, which closes the record of the
+        params stepped in it.  Compiled autograd runs no such callback: there nothing
+        is recorded (no second gradient is refused, no held step dropped)."""
+        if self._in_backward or _in_compiled_autograd():
+            return
+        self._in_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
 
     def _backward_ended(self) -> None:
-        self._backward_open = False
+        self._in_backward = False
+        self._stepped.clear()
 
     def _drop_unfinished(self) -> None:
-        """Drop the held steps of a backward that raised before it ended (in any node,
-        not only in these hooks): nothing of that step is applied."""
-        if self._backward_open:
-            self._backward_open = False
+        """After a backward that raised (in any node, not only in these hooks), whose end
+        never came: its held steps are dropped (with clipping, nothing of that step is
+        applied) and its record of stepped params closed."""
+        if self._in_backward:
             self.discard_held()
 
     def _check_not_pending(self, param: Tensor, index: int, group: dict) -> None:
@@ -181,41 +190,39 @@ class GradientRelease:
         )
 
     def _check_first_gradient(self, param: Tensor, index: int, group: dict) -> None:
-        """Refuse a param's second gradient before ``step()`` (or, with a module, its next
-        forward): the hook fires each time autograd accumulates into ``.grad``, and a
-        second time means the first step used part of a gradient (reentrant activation
-        checkpointing of a shared layer) or a backward through weights already stepped
-        (``retain_graph`` and a second backward)."""
+        """Refuse a param's second gradient in one backward: the hook fires each time
+        autograd accumulates into ``.grad``, and a second time means that the first step
+        used part of the gradient (a layer shared under reentrant activation
+        checkpointing, whose inner backwards each accumulate)."""
         if id(param) in self._stepped:
             raise RuntimeError(
-                f"params[{_position(param, group)}] of param_groups[{index}] got a second gradient before "
-                "optimizer.step(), and gradient release had stepped it with the first: a layer shared under "
-                "reentrant activation checkpointing (use torch.utils.checkpoint with use_reentrant=False, where "
-                "a param's gradient is whole when its hook fires), or a second backward through the same graph. "
-                "Call optimizer.step() after each backward, or step without gradient release"
+                f"params[{_position(param, group)}] of param_groups[{index}] got a second gradient in one backward, "
+                "and gradient release had stepped it with the first, part of its gradient: a layer shared under "
+                "reentrant activation checkpointing (use torch.utils.checkpoint with use_reentrant=False, where a "
+                "param's gradient is whole when its hook fires), or step without gradient release. (After a "
+                "backward that raised, call optimizer.zero_grad() first.)"
             )
 
     @torch.compiler.disable
     def _before_forward(self, module, args) -> None:
-        """The module's forward pre-hook: a new forward starts a new backward's record of
-        stepped params, and waits for the host steps submitted so far, so that the forward
-        reads updated weights (held steps, with ``max_grad_norm``, have changed nothing
-        yet and stay held for ``step()``)."""
+        """The module's forward pre-hook: wait for the host steps submitted so far, so
+        that the forward reads updated weights (held steps, with ``max_grad_norm``, have
+        changed nothing yet and stay held for ``step()``; those of a backward that raised
+        are dropped)."""
         self._drop_unfinished()
-        if not self._held:
-            self._stepped.clear()
         if self.max_grad_norm is None and self._pending:
             self.optimizer.wait_for_host_steps()
             self._pending.clear()
 
     def discard_held(self) -> None:
         """Drop the host steps held for clipping (``max_grad_norm``): their params are
-        not stepped (``optimizer.zero_grad()`` under release calls it)."""
-        self._backward_open = False
+        not stepped (``optimizer.zero_grad()`` under release calls it); and close the
+        record of the backward under way."""
+        self._in_backward = False
+        self._stepped.clear()
         if self._held:
             self._held = []
             self._pending.clear()
-            self._stepped.clear()
 
     def finish(self) -> None:
         """``optimizer.step()`` under release: clip the held host gradients (if
@@ -224,7 +231,6 @@ class GradientRelease:
         self._drop_unfinished()
         held, self._held = sorted(self._held, key=lambda pair: pair[0]), []
         self._pending.clear()
-        self._stepped.clear()
         if held:
             grads = [g for _, host_step in held for g in host_step.grads]
             self.last_grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -283,9 +289,8 @@ def gradient_release(
 
     ``model_or_params``: a module or an iterable of params, each of which that requires
     grad must be in one of ``optimizer``'s param groups (an adamkit optimizer; a frozen
-    backbone's params need not be).  Refused under DDP, which averages the gradients
-    after the hooks would have stepped each rank with its own (DTensor params, as FSDP2
-    makes them, are not refused).  ``scaler``: the
+    backbone's params need not be).  A DDP module is refused: DDP averages the gradients
+    after the hooks would have stepped each rank with its own.  ``scaler``: the
     ``torch.amp.GradScaler`` that scales the loss, if any.  ``max_grad_norm``: clip the
     gradients' global norm to it (groups with ``offload="cpu"`` only; not with a scaler).
     """
@@ -297,7 +302,7 @@ def gradient_release(
     strangers = [i for i, p in enumerate(params) if p.requires_grad and id(p) not in owned]
     if strangers:
         raise ValueError(f"params {strangers} of model_or_params are not in the optimizer's param groups")
-    _check_not_data_parallel(model_or_params, params)
+    _check_not_data_parallel(model_or_params)
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     if max_grad_norm is not None:
@@ -342,20 +347,21 @@ class PendingMemory:
         self._by_device.clear()
 
 
-def _check_not_data_parallel(model_or_params, params: list[Tensor]) -> None:
-    """Refuse DDP (and any plain tensor params in a process group of several ranks): each
-    rank's hooks would step with its own gradient, before the all-reduce averages it,
-    and the ranks' weights would part silently."""
-    ddp = isinstance(model_or_params, torch.nn.parallel.DistributedDataParallel)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    plain = [p for p in params if p.requires_grad and not sharding.is_sharded(p)]
-    if ddp or (distributed and torch.distributed.get_world_size() > 1 and plain):
+def _in_compiled_autograd() -> bool:
+    """Whether this hook runs inside compiled autograd (whose backward runs no callback)."""
+    compiled = sys.modules.get("torch._dynamo.compiled_autograd")
+    return compiled is not None and bool(getattr(compiled, "in_compiled_autograd_region", False))
+
+
+def _check_not_data_parallel(model_or_params) -> None:
+    """Refuse a DDP module: each rank's hooks would step with its own gradient, before
+    the all-reduce averages it, and the replicas would part silently.  (Its params
+    given without the wrapper cannot be told apart from a rank's own model.)"""
+    if isinstance(model_or_params, torch.nn.parallel.DistributedDataParallel):
         raise ValueError(
             "gradient_release steps each param in backward as soon as its local gradient is ready, before "
             "DistributedDataParallel averages the gradients across ranks: every rank would step with its own and "
-            f"the replicas would part ({'a DDP module' if ddp else f'{len(plain)} params that are not DTensors'} in "
-            f"a process group of {torch.distributed.get_world_size() if distributed else 'several'} ranks): step "
-            "after backward, with optimizer.step(), without gradient release"
+            "the replicas would part. Step after backward, with optimizer.step(), without gradient release"
         )
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .algorithms import REGISTRY, AlgorithmSpec, StepScalars, as_number, lookup
+from .algorithms import REGISTRY, AlgorithmSpec, StepScalars, as_number, is_real_number, lookup
 from .specs.reference import WeightDecayMode
 
 #: an algorithm's name, a key of :data:`adamkit.algorithms.REGISTRY`
@@ -248,10 +248,11 @@ def to_scalar(x: Scalar) -> Scalar:
 
 def host_scalar(x: Any) -> Any:
     """A param group's value as a rule holds it: a 1-element tensor 0-d
-    (:func:`to_scalar`), a NumPy number a Python float, so that the host computes step
-    scalars in float64 (NumPy would keep an ``np.float32`` lr's arithmetic in float32).
-    Anything else as it is."""
-    if isinstance(x, (np.generic, np.ndarray)):
+    (:func:`to_scalar`), a NumPy number (or any other real that is not an int or a
+    float, such as a ``Fraction``) a Python float, so that the host computes step
+    scalars in float64 (NumPy would keep an ``np.float32`` lr's arithmetic in float32,
+    and torch ops take no ``Fraction``).  Anything else as it is."""
+    if isinstance(x, (np.generic, np.ndarray)) or (not isinstance(x, (int, float, Tensor)) and is_real_number(x)):
         return float(x)
     return to_scalar(x)
 

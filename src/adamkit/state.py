@@ -236,24 +236,32 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
                 with torch.no_grad():
                     split_into(join_tensors(param, held), param, state[MASTER_KEY])
             changed = True
-    elif MASTER_KEY in state:
-        _fold_master(param, state.pop(MASTER_KEY))
+    elif state.pop(MASTER_KEY, None) is not None:
         changed = True
     return changed
 
 
-def _fold_master(param: Tensor, low_bits: Tensor) -> None:
-    """A split master's low bits dropped because their param is no longer bf16: a param
-    cast to fp32 or fp64 (``model.float()``) takes its master's value, the low bits
-    joined to the bf16 value it still holds.  A param holding a value bf16 cannot (set
-    since: its low bits are stale), a 16-bit param, or a group that dropped
-    ``master_weights`` (its bf16 param is the weight) keeps its value."""
-    if param.dtype not in (torch.float32, torch.float64) or param.device.type == "meta":
+def fold_master(state: dict, param: Tensor) -> None:
+    """When a state is loaded for a param no longer bf16 (``model.float()``, then
+    ``optimizer.load_state_dict(optimizer.state_dict())`` as the step's error says), the
+    param takes its split master's value: the low bits joined to the bf16 value it still
+    holds, and dropped from the state.  A param holding a value bf16 cannot (set since:
+    its low bits are stale) keeps its value; a 16-bit param, or low bits of no split's
+    dtype, are left to the step (which drops or refuses them).  ``param`` is the
+    param itself (not a shard or a host buffer: what it holds is what the model reads)."""
+    low_bits = state.get(MASTER_KEY)
+    if (
+        low_bits is None
+        or param.dtype not in (torch.float32, torch.float64)
+        or low_bits.dtype not in LOW_BITS_DTYPE.values()
+        or param.device.type == "meta"
+    ):
         return
     with torch.no_grad():
         as_bf16 = param.to(torch.bfloat16)
-        if torch.equal(as_bf16.to(param.dtype), param) and low_bits.dtype in LOW_BITS_DTYPE.values():
+        if torch.equal(as_bf16.to(param.dtype), param):
             param.copy_(join_tensors(as_bf16, low_bits.to(param.device)))
+    del state[MASTER_KEY]
 
 
 def _counter_dtype(key: str, param: Tensor, group: dict) -> tuple[torch.dtype, ...]:

@@ -124,17 +124,29 @@ def split_into(theta: Tensor, param: Tensor, low: Tensor, bits16: Tensor | None 
 
 
 def uncast_low_bits(low: Tensor, mode: str) -> Tensor | None:
-    """Low bits of ``mode`` (``"fp32"`` or ``"24bit"``) that another optimizer cast to
-    its params' dtype, as the state keeps them; ``None`` where no such cast made
-    ``low``.  torch.optim casts every loaded state tensor by value: the 24-bit master's
-    int8 values become numbers (integers, exact in any float type), and the fp32
-    master's patterns held in bf16 become fp32 or fp64 values of those bf16 numbers,
-    whose bits are recovered by truncation (NaN patterns included)."""
+    """The low bits ``low`` as the state of a group with ``master_weights=mode`` keeps
+    them: ``low`` itself where it is a split's own (int8, or bf16 patterns: the step
+    converts either to the group's mode), restored where another optimizer cast it to
+    its params' dtype, ``None`` where neither.
+
+    torch.optim casts every loaded state tensor by value: the 24-bit master's int8
+    values become numbers (integers, exact in any float type), and the fp32 master's
+    patterns held in bf16 become fp32 or fp64 values of those bf16 numbers, whose bits
+    come back by truncation (through fp64, a signalling-NaN pattern comes back quieted:
+    one bit, 64 fp32 units in the last place of the master).  A 24-bit group's bf16
+    tensor is such a cast where every value is an int8 value (a cast of int8 makes
+    nothing else; the fp32 master's patterns, under a group switched to 24-bit since,
+    make anything else, but for low bits all zero, which mean the same either way)."""
+    as_int8 = low.to(torch.int8) if low.is_floating_point() else low
+    int8_values = low.dtype == torch.int8 or torch.equal(as_int8.to(low.dtype), low)
+    if low.dtype == torch.int8 or (low.dtype == torch.bfloat16 and mode == "24bit" and int8_values):
+        return as_int8
+    if low.dtype == torch.bfloat16:
+        return low
     if mode == "24bit":
-        held = low.to(torch.int8)
-        return held if torch.equal(held.to(low.dtype), low) else None
+        return as_int8 if int8_values else None
     if low.dtype == torch.float64:
-        low = low.to(torch.float32)  # exact for a bf16 value (a NaN's payload fits too)
+        low = low.to(torch.float32)  # exact for a bf16 value
     if low.dtype != torch.float32:
         return None
     bits = low.view(torch.int32)

@@ -110,13 +110,20 @@ def write_report(outcomes: Sequence[Outcome], out_dir: Path, *, quick: bool, sec
 
 
 def _bold_unless_yes(word: str) -> str:
+    """A verdict for the table: bold where it is not a plain yes."""
     return word if word == "yes" else f"**{word}**"
 
 
+#: each :func:`verdict` as the report's sentence ends it
+_VERDICT_SENTENCES = {
+    "yes": "holds on this data",
+    "no": "**does not hold** on this data",
+    NOT_SHOWN_QUICK: "is not shown by this quick run (too short to judge)",
+}
+
+
 def _verdict_sentence(holds: bool, quick: bool) -> str:
-    if holds:
-        return "holds on this data"
-    return "is not shown by this quick run (too short to judge)" if quick else "**does not hold** on this data"
+    return _VERDICT_SENTENCES[verdict(holds, quick)]
 
 
 __all__ = ["NOT_SHOWN_QUICK", "verdict", "write_report"]
