@@ -240,11 +240,11 @@ class SharedUnderReentrantCheckpoints(torch.nn.Module):
 
 
 @pytest.mark.parametrize("offload", [None, "cpu"])
-def test_a_second_gradient_before_step_is_refused(offload):
-    """Gradient release steps a param when its hook fires; a second firing before
-    step() means the first step used part of its gradient (a layer shared under
-    reentrant checkpoints) or a backward through stepped weights: refused by name (it
-    had stepped the shared layer three times per backward)."""
+def test_a_second_gradient_in_one_backward_is_refused(offload):
+    """Gradient release steps a param when its hook fires; a second firing in the same
+    backward means the first step used part of its gradient (a layer shared under
+    reentrant checkpoints): refused by name (it had stepped the shared layer three
+    times per backward)."""
     model, (x, y) = SharedUnderReentrantCheckpoints(), model_and_data()[1][0]
     opt = adamkit.AdamW(model.parameters(), lr=1e-2, offload=offload)
     adamkit.gradient_release(model, opt)
