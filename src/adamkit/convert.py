@@ -172,6 +172,8 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
     split master or Kahan compensation) are copied again from the saved tensors, so
     nothing is rounded on the way in (the step converts any remaining mismatch).  For sharded
     params, full tensors (a single-process checkpoint) are cut to this rank's shard.
+    A split master's low bits another optimizer cast are restored, and a param no
+    longer bf16 takes its master (:func:`adamkit.state.fold_master`).
     """
     moments = moment_keys(optimizer.algorithm, True)
     weight_copy = lookup(optimizer.algorithm).weight_copy  # a weight, not a moment: never cast
@@ -179,6 +181,7 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
         group.update((key, value) for key, value in before.items() if key not in saved or key in PLACEMENT_KEYS)
     saved_ids = _param_ids(state_dict)
     params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    loaded = []
     for saved_id, (param, group) in zip(saved_ids, params):
         saved, state = state_dict["state"].get(saved_id), optimizer.state.get(param)
         if not saved or not state:
@@ -191,10 +194,12 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
             if state[key].dtype != value.dtype:
                 state[key] = value.to(device=offload.host_device_of(group, param.device), copy=True)
         _uncast_master_bits(state, group, saved_id)
-        if not sharding.is_sharded(param):
-            fold_master(state, param)
         if sharding.is_sharded(param):
             sharding.shard_loaded_state(state, param, moments)
+        else:
+            loaded.append((state, param))
+    for state, param in loaded:  # (last: a param takes its master only once nothing can fail the load)
+        fold_master(state, param)
 
 
 def _uncast_master_bits(state: dict, group: dict, saved_id) -> None:
