@@ -134,12 +134,17 @@ def uncast_low_bits(low: Tensor, mode: str) -> Tensor | None:
     patterns held in bf16 become fp32 or fp64 values of those bf16 numbers, whose bits
     come back by truncation (through fp64, a signalling-NaN pattern comes back quieted:
     one bit, 64 fp32 units in the last place of the master).  A 24-bit group's bf16
-    tensor is such a cast where every value is an int8 value (a cast of int8 makes
-    nothing else; the fp32 master's patterns, under a group switched to 24-bit since,
-    make anything else, but for low bits all zero, which mean the same either way)."""
-    as_int8 = low.to(torch.int8) if low.is_floating_point() else low
-    int8_values = low.dtype == torch.int8 or torch.equal(as_int8.to(low.dtype), low)
-    if low.dtype == torch.int8 or (low.dtype == torch.bfloat16 and mode == "24bit" and int8_values):
+    tensor is taken for such a cast where every value is an int8 value: a cast of int8
+    makes nothing else, and the fp32 master's patterns (under a group switched to
+    24-bit since) read as such values only when all zero, which mean the same either
+    way, or by a chance of 1 in 256 per element."""
+    if low.dtype == torch.int8:
+        return low
+    if not low.is_floating_point():
+        return None
+    as_int8 = low.to(torch.int8)
+    int8_values = torch.equal(as_int8.to(low.dtype), low)
+    if low.dtype == torch.bfloat16 and mode == "24bit" and int8_values:
         return as_int8
     if low.dtype == torch.bfloat16:
         return low
