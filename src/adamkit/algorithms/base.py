@@ -172,8 +172,8 @@ ReadBackFn = Callable[[Tensor, Any, StepScalars], tuple[Tensor, Tensor]]
 
 def is_real_number(value: Any) -> bool:
     """Whether ``value`` is a number as torch.optim takes one for a float
-    hyperparameter: a Python or NumPy int or float (``np.float32`` included), or a 0-d
-    NumPy array of one; not a bool."""
+    hyperparameter: any real (Python and NumPy ints and floats, ``np.float32``
+    included), or a 0-d NumPy array of one; not a bool."""
     if isinstance(value, np.ndarray):
         return value.ndim == 0 and value.dtype.kind in "iuf"
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
