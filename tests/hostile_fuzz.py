@@ -1,7 +1,9 @@
 """The hostile-use fuzzer (run by ``tests/test_fuzz.py`` in a subprocess of its own).
 
 Hypothesis draws an optimizer (class, param dtype, storage options, backend under test,
-state on the host or not: ``offload="cpu"``)
+state on the host or not: ``offload="cpu"``), its params' layout (each in memory of its
+own, side by side in one buffer, or interleaved element by element in one: strided
+views whose extents overlap without sharing an element)
 and a sequence of steps and of the mutations users really make between them: the model
 cast (``.half()``, ``.bfloat16()``, ``.double()``), a param's ``.data`` replaced by data
 of the same or another shape, params tied to one buffer, gradients dropped, replaced
@@ -138,7 +140,7 @@ def configs(draw, backend: str):
         "options": {"seed": 7, **options},
         "shapes": shapes,
         "transposed": transposed,
-        "one_buffer": draw(st.booleans()),
+        "layout": draw(st.sampled_from(["apart", "one_buffer", "interleaved"])),
         "offload": "offload" not in CLASSES[name].unavailable_options and draw(st.booleans()),
     }
 
@@ -185,7 +187,17 @@ class Run:
 
     def _params(self, values):
         config = self.config
-        if config["one_buffer"]:  # views of one guarded buffer, side by side
+        if config["layout"] == "interleaved":  # strided views of one guarded buffer, element by element
+            k = len(values)
+            buffer = guarded_empty((k * max(v.numel() for v in values),), values[0].dtype)
+            params = []
+            for i, v in enumerate(values):
+                strides = [k * s for s in torch.empty(v.shape).stride()]
+                view = torch.as_strided(buffer, v.shape, strides, storage_offset=i)
+                view.copy_(v)
+                params.append(torch.nn.Parameter(view))
+            return params
+        if config["layout"] == "one_buffer":  # views of one guarded buffer, side by side
             total = sum(v.numel() for v in values)
             buffer = guarded_empty((total,), values[0].dtype)
             params, start = [], 0

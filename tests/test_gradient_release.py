@@ -198,6 +198,11 @@ def test_skip_nonfinite_under_release_skips_the_param_whose_gradient_is_bad(back
             assert torch.equal(p, q) and not torch.equal(p, model_and_data()[0].state_dict()[_name(model, p)])
 
 
+def assert_same_weights(model, twin) -> None:
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
 def _name(model, param) -> str:
     return next(name for name, p in model.named_parameters() if p is param)
 
@@ -219,8 +224,7 @@ def test_a_frozen_backbone_left_out_of_the_optimizer_is_accepted():
         plain.step()
         plain.zero_grad()
     handle.remove()
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    assert_same_weights(model, twin)
 
 
 class SharedUnderReentrantCheckpoints(torch.nn.Module):
@@ -288,8 +292,7 @@ def test_loops_without_step_still_release():
         plain.step()
         plain.zero_grad()
     opt.step()
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    assert_same_weights(model, twin)
 
 
 def test_a_ddp_module_is_refused(tmp_path):
