@@ -77,6 +77,10 @@ CASES = {
         {"master_weights": "fp32", "state_precision": "int8", "clip_exponent": None},
     ),
     "stable_adamw-fp32": (adamkit.StableAdamW, torch.float32, {}),
+    # lerp weights of 1/2 and more (beta1 = 0; a beta3 below 1/2) take the lerp from its far end
+    "adam-fp32-beta1-zero": (adamkit.Adam, torch.float32, {"betas": (0.0, 0.99)}),
+    "adopt-bf16-master-beta1-zero": (adamkit.ADOPT, torch.bfloat16, {"betas": (0.0, 0.99), "master_weights": "fp32"}),
+    "ademamix-fp32-beta3-below-half": (adamkit.AdEMAMix, torch.float32, {"betas": (0.3, 0.99), "beta3": 0.4}),
     # cautious: the agreement pass (L2 decay reads the Kahan-compensated weight) and the masked update
     "nadam-bf16-kahan-int8-l2-cautious": (
         adamkit.NAdam,

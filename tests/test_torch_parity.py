@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from matrix import OPTIMIZERS, Case, clone_groups, make_params, run, torch_comparable_cases
+from matrix import DEVICE_BACKENDS, OPTIMIZERS, Case, clone_groups, make_params, run, torch_comparable_cases
+
+import adamkit
 
 STEPS = 100
 PAIRS = {name: OPTIMIZERS[name][:2] for name in ("Adam", "AdaMax")}
@@ -104,3 +106,62 @@ def test_tensor_betas_of_another_dtype_bit_identical(name, param_dtype, beta_dty
         opt_torch.step()
     assert torch.equal(ours, theirs)
     assert torch.equal(opt_ours.state[ours]["exp_avg"], opt_torch.state[theirs]["exp_avg"])
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_beta1_zero_keeps_the_gradient_as_the_first_moment(optimizer, backend, dtype):
+    """With beta1 = 0 (GAN recipes, betas=(0, 0.99)) torch's m = lerp(m, g, 1) is g
+    exactly; a kernel forming m + (g - m) lost a small gradient below a large m's
+    last place (m came out 6.1e-5 for g = 3.7e-5 after a step at 1e3, and the step
+    was 65 % too large).  Every backend keeps m = g bit for bit, so its updates
+    follow torch's to within rounding."""
+    ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(300, generator=g, dtype=torch.float64).to(dtype)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_ours = ours_cls([ours], lr=1e-2, betas=(0.0, 0.99), backend=backend)
+    opt_torch = torch_cls([theirs], lr=1e-2, betas=(0.0, 0.99), foreach=False)
+    for scale in (1e3, 3.7e-5, 1e-3, 1e4, 1e-6):
+        grad = (scale * torch.randn(300, generator=g, dtype=torch.float64)).to(dtype)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt_ours.step()
+        opt_torch.step()
+        assert torch.equal(opt_ours.state[ours]["exp_avg"], grad)
+        assert torch.equal(opt_torch.state[theirs]["exp_avg"], grad)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=8 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize(
+    "cls,options,key",
+    [
+        (adamkit.ADOPT, {"clip_exponent": None}, "exp_avg"),
+        (adamkit.ADOPT, {}, "exp_avg"),
+        (adamkit.AdEMAMix, {"beta3": 0.0}, "exp_avg_slow"),
+    ],
+    ids=["ADOPT", "ADOPT-clipped", "AdEMAMix"],
+)
+@pytest.mark.parametrize("backend", [name for name in DEVICE_BACKENDS if name != "single_tensor"])
+def test_beta_zero_moments_follow_their_targets_on_every_backend(cls, options, key, backend):
+    """The classes torch.optim lacks, at a lerp weight of 1 (beta1 = 0; AdEMAMix's
+    beta3 = 0): AdEMAMix's slow average is the gradient, bit for bit as the torch-op
+    path (``lerp``) stores it; ADOPT's m is its normalized, clipped gradient (which
+    the two paths form within an ulp of each other)."""
+    g = torch.Generator().manual_seed(4)
+    start = torch.randn(300, generator=g)
+    ours, oracle = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    settings = {"lr": 1e-2, "betas": (0.0, 0.99), **options}
+    opt_ours = cls([ours], backend=backend, **settings)
+    opt_oracle = cls([oracle], backend="single_tensor", **settings)
+    exact = key == "exp_avg_slow"
+    for scale in (1e3, 3.7e-5, 1e-3, 1e4, 1e-6):
+        grad = scale * torch.randn(300, generator=g)
+        ours.grad, oracle.grad = grad.clone(), grad.clone()
+        opt_ours.step()
+        opt_oracle.step()
+        ulp = 0 if exact else torch.finfo(torch.float32).eps
+        torch.testing.assert_close(opt_ours.state[ours][key], opt_oracle.state[oracle][key], rtol=2 * ulp, atol=0)
+        if exact:
+            assert torch.equal(opt_oracle.state[oracle][key], grad)
+    torch.testing.assert_close(ours, oracle, rtol=0, atol=8 * torch.finfo(torch.float32).eps)

@@ -10,7 +10,8 @@ stored back with round-to-nearest-even):
     g \leftarrow -g \text{ if maximize}; \quad
         g \leftarrow g + \lambda\theta \text{ (L2)} \ \text{or}\
         \theta \leftarrow \theta \cdot \text{decay\_factor} \\
-    m &\leftarrow m + (1 - \beta_1)(g - m) \\
+    m &\leftarrow \operatorname{lerp}(m, g, 1 - \beta_1)
+        \ \text{(from the nearer end, as torch's } \texttt{lerp} \text{)} \\
     v &\leftarrow \beta_2 v + (1 - \beta_2) g^2 \ \text{(Adam)}, \qquad
     u \leftarrow \max(\beta_2 u, |g| + \epsilon) \ \text{(AdaMax)} \\
     \theta &\leftarrow \theta - \text{step\_size} \cdot m /

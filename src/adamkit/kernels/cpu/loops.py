@@ -104,7 +104,7 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
                 put(second, i, v, keys[2], keys[4])
                 d = g / (np.sqrt(v / bias_correction2) + eps)
                 d = d + point_decay * p if point_decay != zero else d
-                y = p + average_weight * (z - p) if average_weight < half else z - (z - p) * (one - average_weight)
+                y = _lerp(p, z, average_weight, one, half)
                 put(exp_avg, i, z - step_size * d, keys[1], keys[4])
                 put_param(param, compensation, i, y + point_step_size * d, keys[0], keys[4])
                 continue
@@ -114,12 +114,12 @@ def _element_loop(spec: AlgorithmSpec, amsgrad: bool, rounding_mode: str, cautio
                 p = p * decay_factor
             m = _compute(param, _load(exp_avg, i))
             v = _load(second, i) if reads_previous_second else zero  # (ADOPT: g over the previous v)
-            m = first_moment(m, g, v, one_minus_beta1, eps, clip)
+            m = first_moment(m, g, v, one_minus_beta1, eps, clip, one, half)
             put(exp_avg, i, m, keys[1], keys[4])
             slow_m = zero
             if slow:  # AdEMAMix's slow average, in the maximum's place
                 slow_m = _compute(param, _load(max_second, i))
-                slow_m = slow_m + one_minus_beta3 * (g - slow_m)
+                slow_m = _lerp(slow_m, g, one_minus_beta3, one, half)
                 put(max_second, i, slow_m, keys[3], keys[4])
             if infinity_norm:
                 u = _maximum(beta2 * _load(second, i), abs(g) + eps)
@@ -165,13 +165,22 @@ def _put_nothing_stochastic(pointer, i, value, key, shift):
 
 
 @njit(inline="always", nogil=True)
-def _adam_first_moment(m, g, v, one_minus_beta1, eps, clip):
-    """m + (1 - beta1)(g - m)."""
-    return m + one_minus_beta1 * (g - m)
+def _lerp(start, end, weight, one, half):
+    """start + weight (end - start) as torch's ``lerp`` forms it for one element: from
+    the nearer end (end - (end - start)(1 - weight) for a weight of 1/2 or more), so that
+    a weight of 1 (beta1 = 0) gives ``end`` exactly; taken from ``start``, m + (g - m)
+    would lose every bit of a small g below a large m's last place."""
+    return start + weight * (end - start) if weight < half else end - (end - start) * (one - weight)
 
 
 @njit(inline="always", nogil=True)
-def _adopt_first_moment(m, g, v, one_minus_beta1, eps, clip):
+def _adam_first_moment(m, g, v, one_minus_beta1, eps, clip, one, half):
+    """lerp(m, g, 1 - beta1)."""
+    return _lerp(m, g, one_minus_beta1, one, half)
+
+
+@njit(inline="always", nogil=True)
+def _adopt_first_moment(m, g, v, one_minus_beta1, eps, clip, one, half):
     """ADOPT's: m follows g normalized by the previous v, clipped to [-c, c]."""
     root = np.sqrt(v)
     target = g / (eps if root < eps else root)
@@ -179,7 +188,7 @@ def _adopt_first_moment(m, g, v, one_minus_beta1, eps, clip):
         target = clip
     elif target < -clip:
         target = -clip
-    return m + one_minus_beta1 * (target - m)
+    return _lerp(m, target, one_minus_beta1, one, half)
 
 
 #: (plain, amsgrad) loops per (algorithm, rounding mode, cautious); the AMSGrad loop only

@@ -31,6 +31,13 @@ from .device import (
 
 
 @triton.jit
+def _lerp(start, end, weight):
+    """start + weight (end - start) as torch's ``lerp`` (and the CPU kernel) forms it:
+    from the nearer end, so that a weight of 1 gives ``end`` exactly."""
+    return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+
+
+@triton.jit
 def _update_chunk(
     offsets,
     mask,
@@ -55,7 +62,7 @@ def _update_chunk(
     r"""One chunk's update, elements ``offsets`` where ``mask``:
 
     .. math::
-        m \leftarrow m + (1-\beta_1)(g - m), \quad
+        m \leftarrow \operatorname{lerp}(m, g, 1-\beta_1), \quad
         v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
         \theta \leftarrow \theta - \alpha_t \, m / (\sqrt{\hat v} / \sqrt{1-\beta_2^t} + \epsilon)
 
@@ -137,9 +144,9 @@ def _update_chunk(
             root = _exact_sqrt(second_value.to(COMPUTE))
             target = _exact_div(g, tl.where(root < eps, eps, root))
             target = tl.where(target > clip, clip, tl.where(target < -clip, -clip, target))
-            m = m + one_minus_beta1 * (target - m)
+            m = _lerp(m, target, one_minus_beta1)
         else:
-            m = m + one_minus_beta1 * (g - m)
+            m = _lerp(m, g, one_minus_beta1)
         if SECOND_MOMENT == _INFINITY_NORM:
             new_second = tl.maximum(
                 beta2 * second_value.to(COMPUTE), tl.abs(g) + eps, propagate_nan=tl.PropagateNan.ALL
@@ -171,7 +178,7 @@ def _update_chunk(
             if NORMALIZE != 0:
                 slow_m = slow_m * _first_moment_divisor(second_value, NORMALIZE, False)
             slow_m = slow_m.to(COMPUTE)
-            slow_m = slow_m + one_minus_beta3 * (g - slow_m)
+            slow_m = _lerp(slow_m, g, one_minus_beta3)
             if not COUNTING:
                 stored_slow = slow_m
                 if NORMALIZE != 0:
@@ -263,7 +270,7 @@ def _schedule_free_point(
     d = _exact_div(g, _exact_sqrt(_exact_div(v, bias_correction2)) + eps)
     if point_decay != 0.0:
         d = d + point_decay * p
-    y = tl.where(average_weight < 0.5, p + average_weight * (z - p), z - (z - p) * (1.0 - average_weight))
+    y = _lerp(p, z, average_weight)
     _put(z_pointer, offsets, mask, z - step_size * d, key_z, shift, z_pointer.dtype.element_ty, True)
     return y + point_step_size * d
 
