@@ -159,3 +159,17 @@ def test_the_reference_refuses_mismatched_shapes_and_states(theta, grad, state_s
         reference.adam_step(np.zeros(state_shape), np.ones(state_shape), state, reference.Hyperparameters(lr=0.1))
     with pytest.raises(ValueError, match=words):
         reference.adam_step(np.zeros(theta), np.ones(grad), state, reference.Hyperparameters(lr=0.1, amsgrad=amsgrad))
+
+
+@pytest.mark.parametrize("step", [reference.adam_step, reference.stable_adamw_step])
+def test_fully_decoupled_decay_takes_the_lr_given_as_max_lr_when_none_is_set(step):
+    """As the torch classes take their initial lr (it once divided by None); a later lr
+    keeps the first as the peak, so the decay follows the schedule's shape."""
+    unset = reference.Hyperparameters(lr=0.1, weight_decay=0.5, weight_decay_mode="fully_decoupled")
+    assert unset.max_lr == 0.1
+    theta, grad = np.array([1.0, -2.0]), np.array([0.3, 0.2])
+    given = reference.Hyperparameters(lr=0.1, weight_decay=0.5, weight_decay_mode="fully_decoupled", max_lr=0.1)
+    first, second = reference.ReferenceState(), reference.ReferenceState()
+    np.testing.assert_array_equal(step(theta, grad, first, unset), step(theta, grad, second, given))
+    unset.lr = given.lr = 0.05  # a schedule's later rate: the peak stays 0.1
+    np.testing.assert_array_equal(step(theta, grad, first, unset), step(theta, grad, second, given))

@@ -181,6 +181,12 @@ class Hyperparameters:
     r: float = SCHEDULE_FREE_ADAMW.default("r")
     weight_lr_power: float = SCHEDULE_FREE_ADAMW.default("weight_lr_power")
 
+    def __post_init__(self) -> None:
+        """``max_lr`` left unset is the lr given here, the schedule's peak, as the torch
+        classes take their initial lr (later changes of ``lr`` leave it)."""
+        if self.max_lr is None:
+            self.max_lr = self.lr
+
 
 def _as_real(x: np.ndarray) -> np.ndarray:
     """float64 view of ``x``; complex numbers become (real, imag) pairs on a last axis."""

@@ -76,32 +76,35 @@ def train(
 
     The model's initial weights, the minibatch order and dropout noise depend on ``seed``
     only, so every optimizer starts from the same point and sees the same batches.  With
-    ``sqrt_decay`` the rate at iteration ``t`` (from 1) is ``lr / sqrt(t)``.
+    ``sqrt_decay`` the rate at iteration ``t`` (from 1) is ``lr / sqrt(t)``.  torch's
+    global random state (drawn from for the weights and dropout) is the caller's again
+    afterwards.
     """
-    torch.manual_seed(seed)
-    model = build_model()
-    optimizer = make_optimizer(list(model.parameters()), lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 / math.sqrt(t + 1)) if sqrt_decay else None
-    order = torch.Generator().manual_seed(seed)
-    n = len(data[0])
-    costs = np.full(epochs, np.nan)
-    model.train()
-    for epoch in range(epochs):
-        total = 0.0
-        batches = torch.randperm(n, generator=order).split(BATCH_SIZE)
-        for index in batches:
-            value = loss(model, *(tensor[index] for tensor in data))
-            if not math.isfinite(value.item()):
-                return Curve(name, lr, costs, model)
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            total += value.item()
-        costs[epoch] = total / len(batches)
-    model.eval()
-    return Curve(name, lr, costs, model)
+    with torch.random.fork_rng(devices=[]):  # (the CPU's: these runs train on it)
+        torch.random.default_generator.manual_seed(seed)
+        model = build_model()
+        optimizer = make_optimizer(list(model.parameters()), lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 / math.sqrt(t + 1)) if sqrt_decay else None
+        order = torch.Generator().manual_seed(seed)
+        n = len(data[0])
+        costs = np.full(epochs, np.nan)
+        model.train()
+        for epoch in range(epochs):
+            total = 0.0
+            batches = torch.randperm(n, generator=order).split(BATCH_SIZE)
+            for index in batches:
+                value = loss(model, *(tensor[index] for tensor in data))
+                if not math.isfinite(value.item()):
+                    return Curve(name, lr, costs, model)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                if schedule is not None:
+                    schedule.step()
+                total += value.item()
+            costs[epoch] = total / len(batches)
+        model.eval()
+        return Curve(name, lr, costs, model)
 
 
 def best_curve(
