@@ -244,8 +244,11 @@ def test_grad_scaler_and_skipped_steps():
     assert_same_run(ours, theirs)
 
 
-@pytest.mark.parametrize("surfaces_at", ["step", "remove"])
-def test_an_error_in_a_host_step_surfaces_at_step_or_remove(monkeypatch, surfaces_at):
+@pytest.mark.parametrize("surfaces_at", ["backward", "step", "remove"])
+def test_an_error_in_a_host_step_surfaces_at_the_end_of_backward_or_at_step_or_remove(monkeypatch, surfaces_at):
+    """A host step's error is raised where the loop waits for the host steps: at the end
+    of the backward that submitted them, or, where that backward raised before its end
+    (its later layers had been submitted), at the next step() or remove()."""
     net = model(torch.float32)
     opt = adamkit.AdamW(net.parameters(), offload="cpu")
     handle = adamkit.gradient_release(net, opt)
@@ -255,11 +258,16 @@ def test_an_error_in_a_host_step_surfaces_at_step_or_remove(monkeypatch, surface
 
     monkeypatch.setattr(adamkit.stepping.Stepper, "run_pulled", broken)
     x, y = next(batches(torch.float32, 1))
-    (net(x) - y).square().mean().backward()
-    with pytest.raises(RuntimeError, match="host step failed"):
-        opt.step() if surfaces_at == "step" else handle.remove()
+    if surfaces_at == "backward":
+        with pytest.raises(RuntimeError, match="host step failed"):
+            (net(x) - y).square().mean().backward()
+    else:
+        with pytest.raises(RuntimeError, match="backward failed"):
+            (net[4](FailingBackward.apply(net[:4](x))) - y).square().mean().backward()
+        with pytest.raises(RuntimeError, match="host step failed"):
+            opt.step() if surfaces_at == "step" else handle.remove()
     monkeypatch.undo()
-    if surfaces_at == "step":
+    if surfaces_at != "remove":
         opt.step()  # the error was raised once; nothing is pending
         handle.remove()
     else:  # remove() detached even so: no hook is left, and stepping is normal again

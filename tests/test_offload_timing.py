@@ -17,7 +17,7 @@ import weakref
 import pytest
 import torch
 from matrix import DEVICE
-from test_offload import batches, model
+from test_offload import FailingBackward, batches, model
 
 import adamkit
 
@@ -74,21 +74,45 @@ def _two_backwards(offload, params_or_module: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
-def test_the_module_s_forward_waits_for_the_host_steps(slowed_worker):
-    """Backwards without ``step()`` between them: with the module given, its forward waits
-    for the weights to come back, so the run is the resident one bit for bit."""
-    resident = _two_backwards(None, "module")
-    offloaded = _two_backwards("cpu", "module")
+@pytest.mark.parametrize("given", ["module", "params"])
+def test_backwards_without_step_between_them_read_stepped_weights(slowed_worker, given):
+    """Backwards without ``step()`` between them: each backward's end waits for its host
+    steps (and with the module given, so does its forward), so the run is the resident
+    one bit for bit, whichever was given."""
+    resident = _two_backwards(None, given)
+    offloaded = _two_backwards("cpu", given)
     assert all(torch.equal(a, b) for a, b in zip(resident, offloaded))
 
 
-def test_a_second_gradient_before_the_host_step_was_waited_for_is_refused_by_name(slowed_worker):
-    """Given as params, nothing can wait before the forward: the second gradient of a param
-    whose host step was not waited for is refused (however fast the worker was)."""
-    with pytest.raises(
-        RuntimeError, match=r"params\[\d+\] of param_groups\[0\] got a second gradient.*optimizer\.step"
-    ):
-        _two_backwards("cpu", "params")
+def _after_a_backward_that_raised(offload) -> list[torch.Tensor]:
+    """A backward that raises after its last layer's params were released (submitted to
+    the host, with offload); a second backward right away is refused by name; after
+    ``zero_grad()`` two normal steps."""
+    torch.manual_seed(0)
+    net = model(torch.float32)
+    opt = adamkit.AdamW(net.parameters(), lr=1e-2, offload=offload)
+    handle = adamkit.gradient_release(net.parameters(), opt)
+    (x, y), (x2, y2) = list(batches(torch.float32, 2))
+    with pytest.raises(RuntimeError, match="backward failed"):
+        (net[4](FailingBackward.apply(net[:4](x))) - y).square().mean().backward()
+    with pytest.raises(RuntimeError, match=r"params\[\d+\] of param_groups\[0\] got a second gradient.*zero_grad"):
+        (net(x) - y).square().mean().backward()
+    opt.zero_grad()
+    for xs, ys in ((x, y), (x2, y2)):
+        (net(xs) - ys).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    handle.remove()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_after_a_backward_that_raised_zero_grad_waits_and_the_run_goes_on(slowed_worker):
+    """Given as params, nothing waited at the end of a backward that raised: a second
+    gradient before ``zero_grad()`` is refused by name, and ``zero_grad()`` waits for the
+    host steps its later layers had submitted, so the run goes on as the resident one."""
+    resident = _after_a_backward_that_raised(None)
+    offloaded = _after_a_backward_that_raised("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(resident, offloaded))
 
 
 def test_tied_params_under_release_are_refused_by_name():
@@ -286,3 +310,149 @@ print(numba.threading_layer())
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["workqueue"]
+
+
+def _between_backward_and_step(release: str, edit) -> list[torch.Tensor]:
+    """Three steps of the test model with ``edit(net, opt)`` between each backward and its
+    step: ``release`` is "none" (plain offload; clipping by clip_grad_norm_ before step()),
+    "resident" (resident release), "offload" or "clipped" (offloaded release, the latter
+    with max_grad_norm)."""
+    net = model(torch.float32)
+    opt = adamkit.AdamW(net.parameters(), lr=1e-2, offload=None if release == "resident" else "cpu")
+    clip = release in ("none", "clipped") and edit is not _no_edit
+    handle = None
+    if release != "none":
+        handle = adamkit.gradient_release(net.parameters(), opt, max_grad_norm=0.05 if release == "clipped" else None)
+    for x, y in batches(torch.float32, 3):
+        (net(x) - y).square().mean().backward()
+        if release == "none" and clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        edit(net, opt)
+        opt.step()
+        opt.zero_grad()
+    if handle is not None:
+        handle.remove()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _no_edit(net, opt) -> None:
+    pass
+
+
+def _clamp(net, opt) -> None:
+    with torch.no_grad():
+        for p in net.parameters():
+            p.clamp_(-0.05, 0.05)
+
+
+def _clamp_data(net, opt) -> None:
+    for p in net.parameters():
+        p.data.clamp_(-0.05, 0.05)  # (no version counter sees it)
+
+
+def _evaluate(net, opt) -> None:
+    """A forward between backward and step(), whose output moves the weights (so that a
+    forward reading weights not yet back would show)."""
+    with torch.no_grad():
+        out = net(torch.ones(2, 12))
+        for p in net.parameters():
+            p.add_(out.mean() * 1e-3)
+
+
+@pytest.mark.parametrize("edit", [_clamp, _clamp_data, _evaluate], ids=["clamp", "data-clamp", "forward"])
+def test_weights_read_or_written_between_backward_and_step_are_the_stepped_ones(slowed_worker, edit):
+    """Under release the weights are back when ``backward()`` returns (its end waits for
+    the host steps), as without offload: an edit or a forward between backward and
+    step() meets the stepped weights, however slow the worker (the copy back once
+    overwrote the edit, or the forward read weights not yet back)."""
+    resident = _between_backward_and_step("resident", edit)
+    offloaded = _between_backward_and_step("offload", edit)
+    assert all(torch.equal(a, b) for a, b in zip(resident, offloaded))
+
+
+@pytest.mark.parametrize("edit", [_clamp, _clamp_data], ids=["clamp", "data-clamp"])
+def test_held_clipped_steps_read_the_params_at_step(edit):
+    """With max_grad_norm the host steps wait for step(), which reads each param as it is
+    then, as plain offload with clip_grad_norm_ before step() does (a param read in its
+    hook lost an edit made between backward and step())."""
+    plain = _between_backward_and_step("none", edit)
+    held = _between_backward_and_step("clipped", edit)
+    assert all(torch.equal(a, b) for a, b in zip(plain, held))
+
+
+def test_a_scheduler_s_lr_set_between_backward_and_step_reaches_the_held_steps():
+    def lowered(net, opt) -> None:
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+
+    plain = _between_backward_and_step("none", lowered)
+    held = _between_backward_and_step("clipped", lowered)
+    assert all(torch.equal(a, b) for a, b in zip(plain, held))
+
+
+def test_a_state_loaded_between_a_clipped_backward_and_step_is_refused_by_name():
+    """The held steps were planned for the state there was at the hooks: loading another
+    (or replacing a state tensor) before step() is refused, the held steps dropped, the
+    loaded state and the params untouched (they once stepped the replaced state)."""
+    net = model(torch.float32)
+    opt = adamkit.AdamW(net.parameters(), lr=1e-2, offload="cpu")
+    handle = adamkit.gradient_release(net, opt, max_grad_norm=0.05)
+    data = list(batches(torch.float32, 3))
+    for x, y in data[:2]:
+        (net(x) - y).square().mean().backward()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    (net(data[2][0]) - data[2][1]).square().mean().backward()
+    opt.load_state_dict(saved)
+    weights = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match=r"params\[\d\] of param_groups\[0\].*its state was replaced.*dropped"):
+        opt.step()
+    assert all(torch.equal(p, w) for p, w in zip(net.parameters(), weights))
+    assert all(s["step"].item() == 2 for s in opt.state.values())
+    (net(data[2][0]) - data[2][1]).square().mean().backward()  # (nothing is held: the loop goes on)
+    opt.step()
+    assert all(s["step"].item() == 3 for s in opt.state.values())
+    handle.remove()
+
+
+def test_column_blocks_of_one_matrix_are_not_taken_for_tied_weights():
+    """Two params that are column blocks of one matrix interleave without sharing an
+    element: released one by one, the hook's check compares their bytes (it compared
+    their extents and refused them as tied weights)."""
+
+    def run(release: bool) -> list[torch.Tensor]:
+        matrix = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+        left, right = torch.nn.Parameter(matrix[:, :4]), torch.nn.Parameter(matrix[:, 4:])
+        opt = adamkit.AdamW([left, right], lr=1e-2, offload="cpu")
+        handle = adamkit.gradient_release([left, right], opt) if release else None
+        x = torch.linspace(-1, 1, 4)
+        for _ in range(3):
+            ((left @ x).square().sum() + (right @ x).sin().sum()).backward()
+            opt.step()
+            opt.zero_grad()
+        if handle is not None:
+            handle.remove()
+        return [left.detach().clone(), right.detach().clone()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
+def test_params_and_groups_let_go_of_are_not_kept_alive():
+    """A param dropped from the optimizer takes its host buffers with it, and a group
+    popped from ``param_groups`` its params (the step's caches held both)."""
+    opt = adamkit.AdamW([torch.nn.Parameter(torch.randn(5))], offload="cpu")
+    gone = []
+    for _ in range(70):  # (past the caches' first sweep)
+        p = torch.nn.Parameter(torch.randn(1000))
+        opt.add_param_group({"params": [p]})
+        p.grad = torch.ones_like(p)
+        opt.step()
+        opt.state.pop(p)
+        opt.param_groups.pop()
+        gone.append(weakref.ref(p))
+        del p
+    gc.collect()
+    # the caches of dropped groups are let go of in sweeps, at most 2 x 2 live + 8 caches
+    assert sum(ref() is not None for ref in gone) <= 10
+    held = opt._stepper.offload._buffers.values()
+    assert all(param() is not None for param, _ in held)  # the host buffers went with their params

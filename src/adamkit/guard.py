@@ -268,6 +268,12 @@ def _share_bytes(params: list[Tensor], ptrs: list[int], k: int, j: int, base: in
     return bool(_bytes_of(params[j], ptrs[j] - base, marked).any())
 
 
+def share_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (on one device) cover a byte in common, compared as the
+    step's check compares params (strided views whose extents interleave, byte by byte)."""
+    return bool(_overlapping([a, b], [_data_ptr(a), _data_ptr(b)], [a.numel(), b.numel()]))
+
+
 def extent(t: Tensor) -> tuple[int, int]:
     """The addresses from ``t``'s first element to just past its last (equal when ``t``
     is empty): the memory any strided view of it may touch."""

@@ -24,14 +24,16 @@ bus (see ``docs/offload.md``).
 
 With :func:`adamkit.gradient_release`, each param is pulled in its gradient's hook
 (its device gradient is then freed) and stepped by :class:`HostWorker`, one thread
-stepping params in the order their gradients arrived, while backward goes on;
-``optimizer.step()`` waits for it.  Params are independent (their state and random
-bits are their own), so the result does not depend on how the threads interleave.
+stepping params in the order their gradients arrived, while backward goes on; the
+backward's end waits for it (a step held for clipping pulls its param at ``step()``).
+Params are independent (their state and random bits are their own), so the result does
+not depend on how the threads interleave.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -138,32 +140,42 @@ class Offload:
         self.worker = HostWorker()
 
     def buffers(self, params: Sequence[Tensor]) -> list[HostBuffers]:
-        """Each param's host buffers, allocated where missing or no longer fitting."""
+        """Each param's host buffers, allocated where missing or no longer fitting (and
+        let go of when the param itself is)."""
         found = []
         for p in params:
             entry = self._buffers.get(id(p))
             if entry is None or entry[0]() is not p or not entry[1].fits(p):
-                entry = self._buffers[id(p)] = (weakref.ref(p), HostBuffers.for_param(p))
+                held = weakref.ref(p, functools.partial(_forget, self._buffers, id(p)))
+                entry = self._buffers[id(p)] = (held, HostBuffers.for_param(p))
             found.append(entry[1])
         return found
 
     def pull(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], hosts: Sequence[HostBuffers], *, wait: bool = True
+        self,
+        params: Sequence[Tensor] | None,
+        grads: Sequence[Tensor] | None,
+        hosts: Sequence[HostBuffers],
+        *,
+        wait: bool = True,
     ) -> Callable[[], None]:
-        """Copy each param and gradient into its host buffers, after the work the current
-        stream has queued.  ``wait``: return once they are there; else return what
-        waits for them (a released gradient's memory is kept until its copy is done)."""
-        stream = self._copy_stream(params)
+        """Copy each param and gradient into its host buffers (``None``: not that one),
+        after the work the current stream has queued.  ``wait``: return once they are
+        there; else return what waits for them (a released gradient's memory is kept
+        until its copy is done)."""
+        copies = [(p, host.param) for p, host in zip(params, hosts)] if params is not None else []
+        released = list(grads) if grads is not None else []
+        copies += [(g, host.grad) for g, host in zip(released, hosts)]
+        stream = self._copy_stream([source for source, _ in copies])
         if stream is None:
-            for p, g, host in zip(params, grads, hosts):
-                host.param.copy_(p.detach())
-                host.grad.copy_(g.detach())
+            for source, host in copies:
+                host.copy_(source.detach())
             return _nothing
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
-            for p, g, host in zip(params, grads, hosts):
-                host.param.copy_(p.detach(), non_blocking=True)
-                host.grad.copy_(g.detach(), non_blocking=True)
+            for source, host in copies:
+                host.copy_(source.detach(), non_blocking=True)
+            for g in released:
                 g.record_stream(stream)
         copied = torch.cuda.Event()
         copied.record(stream)
@@ -189,6 +201,12 @@ class Offload:
         """Make the calling thread's current streams wait for every copy pushed so far."""
         for device, stream in self._streams.items():
             torch.cuda.current_stream(device).wait_stream(stream)
+
+    def wait_for_pushes(self) -> None:
+        """Return when every copy pushed so far is in its param (a host-side wait, right
+        from any thread)."""
+        for stream in self._streams.values():
+            stream.synchronize()
 
     def _copy_stream(self, params: Sequence[Tensor]) -> torch.cuda.Stream | None:
         """The side stream of the params' CUDA device; ``None`` for host params."""
@@ -224,14 +242,26 @@ def _nothing() -> None:
     pass
 
 
+def _forget(buffers: dict, key: int, gone: weakref.ref) -> None:
+    """A param's weakref callback: drop its host buffers (unless its id now names another's)."""
+    entry = buffers.get(key)
+    if entry is not None and entry[0] is gone:
+        del buffers[key]
+
+
 @dataclass
 class HostStep:
     """One param's host step under gradient release, pulled and waiting to run:
     ``run()`` steps the host copies and pushes the param back; ``grads`` are the host
-    gradients it will step with (clipping scales them first)."""
+    gradients it will step with (clipping scales them first).  A step held until
+    ``step()`` (clipping) has its gradient pulled only: ``changed_since(group)`` says
+    what changed since (``None``: nothing its plan depends on), and ``pull_params()``
+    then copies the param as it is now."""
 
     run: Callable[[], None]
     grads: list[Tensor]
+    changed_since: Callable[[dict], str | None] | None = None
+    pull_params: Callable[[], None] | None = None
 
 
 def host_view(hosts: Sequence[HostBuffers], params: Sequence[Tensor], state_table) -> tuple[list, list, dict]:

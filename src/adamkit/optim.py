@@ -261,30 +261,38 @@ class _AdamFamily(Optimizer):
         for plan in admitted:
             stepper.run(plan, amp)
 
-    def step_param(self, index: int, group: dict, view: dict, amp: tuple = (None, None)) -> HostStep | None:
+    def step_param(
+        self, index: int, group: dict, view: dict, amp: tuple = (None, None), hold: bool = False
+    ) -> HostStep | None:
         """Step one param as ``step()`` would step it in ``param_groups[index]``
         (``group``): ``view`` is that param's one-param group, brought up to date with
         ``group`` first.  ``amp``: a GradScaler's scale and this param's inf flag.
         Gradient release calls it from each param's post-accumulate-grad hook.
 
-        An offloaded param is validated and copied to the host here, and its
-        :class:`~adamkit.offload.HostStep` returned, to be run (:meth:`submit_host_step`)
-        once its gradient may be used as it is."""
+        An offloaded param is validated and its gradient copied to the host here, and
+        its :class:`~adamkit.offload.HostStep` returned, to be run
+        (:meth:`submit_host_step`) once its gradient may be used as it is; the param is
+        copied too, unless ``hold``: a step held until ``step()`` (clipping) reads the
+        param then, as ``step()`` without release would."""
         with fork_safe_threads():
-            return self._step_view(index, group, view, amp)
+            return self._step_view(index, group, view, amp, hold)
 
     def submit_host_step(self, host_step: HostStep) -> None:
         """Run ``host_step`` on the host worker thread (see :mod:`adamkit.offload`)."""
         self._stepper.offload.worker.submit(host_step.run)
 
-    def wait_for_host_steps(self) -> None:
+    def wait_for_host_steps(self, *, from_any_thread: bool = False) -> None:
         """Return when every submitted host step has run and its params are copied back
-        (the current CUDA streams wait for the copies); raise the first error one raised."""
+        (the current CUDA streams wait for the copies, or with ``from_any_thread`` the
+        host waits for them); raise the first error one raised."""
         offload = self._stepper.offload
         offload.worker.join()
-        offload.settle()
+        if from_any_thread:
+            offload.wait_for_pushes()
+        else:
+            offload.settle()
 
-    def _step_view(self, index: int, group: dict, view: dict, amp: tuple) -> HostStep | None:
+    def _step_view(self, index: int, group: dict, view: dict, amp: tuple, hold: bool) -> HostStep | None:
         view.update((key, value) for key, value in group.items() if key != "params")
         stepper = self._stepper
         plan = stepper.plan(index, view)
@@ -300,14 +308,26 @@ class _AdamFamily(Optimizer):
         if plan.hosts is None:
             stepper.run(plan, amp)
             return None
-        ready = stepper.offload.pull(plan.params, plan.grads, plan.hosts, wait=False)
+        arrived = [stepper.offload.pull(None if hold else plan.params, plan.grads, plan.hosts, wait=False)]
 
         def run() -> None:
-            ready()
+            for ready in arrived:
+                ready()
             with fork_safe_threads():
                 stepper.run_pulled(plan, amp)
 
-        return HostStep(run, [h.grad for h in plan.hosts])
+        if not hold:
+            return HostStep(run, [h.grad for h in plan.hosts])
+        made_for = stepper.made_for(view, plan.params)
+
+        def changed_since(now: dict) -> str | None:
+            view.update((key, value) for key, value in now.items() if key != "params")
+            return stepper.changed_since(view, plan.params, made_for)
+
+        def pull_params() -> None:
+            arrived.append(stepper.offload.pull(plan.params, None, plan.hosts, wait=False))
+
+        return HostStep(run, [h.grad for h in plan.hosts], changed_since, pull_params)
 
     def attach_gradient_release(self, release) -> None:
         """Hook for :func:`adamkit.gradient_release`: while ``release`` is attached, it
@@ -339,9 +359,11 @@ class _AdamFamily(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; under gradient release with ``max_grad_norm``, the host
-        steps held for clipping are dropped too (their gradients are)."""
+        steps held for clipping are dropped too (their gradients are), and the host steps
+        submitted are waited for (after a backward that raised, none had waited)."""
         if self._gradient_release is not None:
             self._gradient_release.discard_held()
+            self._gradient_release.wait_for_submitted()
         super().zero_grad(set_to_none)
 
     @contextmanager

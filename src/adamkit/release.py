@@ -33,27 +33,31 @@ a NaN, not its whole group.
 
 Offloaded groups (``offload="cpu"``, :mod:`adamkit.offload`): each hook copies the
 param and its gradient to the host and frees the device gradient; a host thread steps
-the param and copies it back while backward goes on, and ``optimizer.step()`` is
-where the loop waits for every param of the step to be back.  Gradient clipping by
+the param and copies it back while backward goes on, and the backward's end waits for
+every param of the step to be back (``optimizer.step()`` waits too, where the backward
+raised or compiled autograd ran it).  Gradient clipping by
 global norm is available there: ``gradient_release(model, optimizer,
 max_grad_norm=1.0)`` keeps the host gradients until ``step()``, which computes their
 total norm as ``torch.nn.utils.clip_grad_norm_`` does (the same reductions, on the host
-copies), scales them by ``min(1, max_grad_norm / (norm + 1e-6))`` and only then runs the
-host steps (so they no longer overlap backward); ``handle.last_grad_norm`` is the norm.
+copies), scales them by ``min(1, max_grad_norm / (norm + 1e-6))``, copies the params as
+they are then, and only then runs the host steps (so they no longer overlap backward);
+``handle.last_grad_norm`` is the norm.  A state loaded or replaced between the backward
+and ``step()`` is refused there (the held steps were planned for the old one).
 
 Nothing depends on how the host thread keeps pace:
 
-- a forward reads only weights that are back: ``step()`` waits for them, and so does
-  the module's forward when a module was given (its forward pre-hook), also where no
-  ``step()`` came between two backwards;
+- a forward, a read or an edit after ``backward()`` meets weights that are back: the
+  backward's end waits for them; where a backward raised before its end, ``step()``,
+  ``zero_grad()`` and the given module's forward (its pre-hook) wait;
 - with a GradScaler, ``scaler.step()`` calls ``optimizer.step()`` even when it finds an
   inf (the optimizer declares ``_step_supports_amp_scaling`` while the handle is
   attached), so no host step is still running when ``scaler.update()`` changes the
   scale;
-- a param whose host step is still to be waited for (given as params, a second
-  backward without ``step()``) gets a second gradient: refused by name (its forward
+- a param whose host step is still to be waited for (after a backward that raised,
+  or under compiled autograd) gets a second gradient: refused by name (its forward
   may have read the weight before it came back), as is a param that shares memory
-  with another (tied weights: a host copy of each would be stepped and copied back);
+  with another (tied weights: a host copy of each would be stepped and copied back;
+  views are compared byte by byte);
 - with ``max_grad_norm``, a backward that raises (in a hook or in any other node)
   has its held host steps dropped at the next ``step()`` or forward (nothing of that
   step is applied), and ``optimizer.zero_grad()`` drops them too: autograd runs the
@@ -75,7 +79,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from .algorithms import is_real_number
-from .guard import extent
+from .guard import extent, share_memory
 from .offload import HostStep
 
 
@@ -96,7 +100,7 @@ class GradientRelease:
         #: the total gradient norm of the last step, when clipping (``max_grad_norm``)
         self.last_grad_norm: Tensor | None = None
         self._order = {id(p): i for i, p in enumerate(params)}
-        self._held: list[tuple[int, HostStep]] = []  # host steps waiting for the norm
+        self._held: list[tuple[int, Tensor, HostStep]] = []  # host steps waiting for the norm
         self._pending = PendingMemory()  # the params with a host step not yet waited for
         self._stepped: set[int] = set()  # the params stepped in the backward under way
         self._in_backward = False  # a backward has run a hook and not yet reported its end
@@ -134,7 +138,7 @@ class GradientRelease:
         self._enter_backward()
         try:
             amp = self._amp(param.grad) if self.scaler is not None and self.scaler.is_enabled() else (None, None)
-            host_step = self.optimizer.step_param(index, group, view, amp)
+            host_step = self.optimizer.step_param(index, group, view, amp, hold=self.max_grad_norm is not None)
         except BaseException:
             self.discard_held()  # (clipping: nothing of a step whose backward failed is applied)
             raise
@@ -145,7 +149,7 @@ class GradientRelease:
             if self.max_grad_norm is None:
                 self.optimizer.submit_host_step(host_step)
             else:
-                self._held.append((self._order[id(param)], host_step))
+                self._held.append((self._order[id(param)], param, host_step))
         param.grad = None
 
     def _enter_backward(self) -> None:
@@ -159,8 +163,22 @@ class GradientRelease:
         torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
 
     def _backward_ended(self) -> None:
+        """The end of a backward: close its record, and wait for its host steps (not
+        held for clipping), so that the weights are back when ``backward()`` returns, as
+        they are without offload: a forward, a read or an in-place edit of a weight
+        between ``backward()`` and ``step()`` meets the stepped weight."""
         self._in_backward = False
         self._stepped.clear()
+        self.wait_for_submitted(from_any_thread=True)  # (autograd's thread may run this)
+
+    def wait_for_submitted(self, from_any_thread: bool = False) -> None:
+        """Wait for the host steps submitted so far (those held for clipping have changed
+        nothing yet); ``optimizer.zero_grad()`` calls it too."""
+        if self.max_grad_norm is None and self._pending:
+            try:
+                self.optimizer.wait_for_host_steps(from_any_thread=from_any_thread)
+            finally:
+                self._pending.clear()
 
     def _drop_unfinished(self) -> None:
         """After a backward that raised (in any node, not only in these hooks), whose end
@@ -210,9 +228,7 @@ class GradientRelease:
         changed nothing yet and stay held for ``step()``; those of a backward that raised
         are dropped)."""
         self._drop_unfinished()
-        if self.max_grad_norm is None and self._pending:
-            self.optimizer.wait_for_host_steps()
-            self._pending.clear()
+        self.wait_for_submitted()
 
     def discard_held(self) -> None:
         """Drop the host steps held for clipping (``max_grad_norm``): their params are
@@ -229,16 +245,39 @@ class GradientRelease:
         ``max_grad_norm``), run the host steps, and wait until every param is back.  The
         steps held from a backward that raised are dropped instead."""
         self._drop_unfinished()
-        held, self._held = sorted(self._held, key=lambda pair: pair[0]), []
+        held, self._held = sorted(self._held, key=lambda entry: entry[0]), []
         self._pending.clear()
         if held:
-            grads = [g for _, host_step in held for g in host_step.grads]
+            self._check_unchanged(held)
+            grads = [g for *_, host_step in held for g in host_step.grads]
             self.last_grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
             coefficient = torch.clamp(self.max_grad_norm / (self.last_grad_norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coefficient)
-            for _, host_step in held:
+            for *_, host_step in held:
+                host_step.pull_params()  # the params as they are now (edits since backward included)
                 self.optimizer.submit_host_step(host_step)
         self.optimizer.wait_for_host_steps()
+
+    def _check_unchanged(self, held: list[tuple[int, Tensor, HostStep]]) -> None:
+        """Refuse held steps whose plan no longer holds: a param's state replaced
+        (``optimizer.load_state_dict`` between ``backward()`` and ``step()``), an option
+        that shapes it changed, the param gone from the optimizer or recast.  They are
+        dropped, all of them, before anything is stepped."""
+        for _, param, host_step in held:
+            try:
+                index, group = self._group_of(param)
+            except KeyError:
+                index, group, why = None, None, "it is no longer in the optimizer's param groups"
+            else:
+                why = host_step.changed_since(group)
+            if why is not None:
+                where = f"params[{_position(param, group)}] of param_groups[{index}]" if group else "a param"
+                raise RuntimeError(
+                    f"gradient_release(max_grad_norm={self.max_grad_norm}) held {where}'s host step from the last "
+                    f"backward until step(), and since then {why}: the step was planned for what was there. The "
+                    "held steps are dropped (nothing of this step is applied); call step() before loading or "
+                    "changing the optimizer's state, or zero_grad() to drop the held steps yourself"
+                )
 
     def _amp(self, grad: Tensor) -> tuple[Tensor, Tensor]:
         """The scale and this gradient's inf flag, recorded in the scaler's per-optimizer
@@ -266,6 +305,10 @@ class GradientRelease:
                 hook.remove()
             self._hooks = []
             self.optimizer.detach_gradient_release(self)
+
+    def view_ids(self) -> list[int]:
+        """The ids of the one-param groups the hooks step their params in."""
+        return list(map(id, self._views.values()))
 
     def unreleased(self) -> list[tuple[int, int]]:
         """(group, index) of each param of the optimizer that has a gradient no hook
@@ -312,12 +355,14 @@ def gradient_release(
 
 
 class PendingMemory:
-    """The memory of the params whose host steps are not yet waited for: per device, their
-    extents (:func:`adamkit.guard.extent`), disjoint and sorted, so that a param's
-    overlap with any of them is found by bisection."""
+    """The memory of the params whose host steps are not yet waited for: per device,
+    clusters of their extents (:func:`adamkit.guard.extent`; params whose extents meet
+    share a cluster), disjoint and sorted, so that a param's candidates are found by
+    bisection and then compared byte by byte (:func:`adamkit.guard.share_memory`: column
+    blocks of one matrix interleave without sharing an element)."""
 
     def __init__(self) -> None:
-        self._by_device: dict[torch.device, tuple[list[int], list[int], list[int]]] = {}
+        self._by_device: dict[torch.device, tuple[list[int], list[int], list[list]]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._by_device)
@@ -325,23 +370,34 @@ class PendingMemory:
     def find(self, param: Tensor) -> int | None:
         """The id of a pending param whose memory overlaps ``param``'s, if any."""
         start, end = extent(param)
-        starts, ends, ids = self._by_device.get(param.device, ((), (), ()))
-        k = bisect.bisect_right(starts, start)
-        if k and ends[k - 1] > start:
-            return ids[k - 1]
-        if k < len(starts) and starts[k] < end:
-            return ids[k]
+        starts, ends, members = self._by_device.get(param.device, ((), (), ()))
+        k = self._first_meeting(starts, ends, start)
+        while start != end and k < len(starts) and starts[k] < end:
+            for pending_id, pending in members[k]:
+                if share_memory(param, pending):
+                    return pending_id
+            k += 1
         return None
 
     def add(self, param: Tensor) -> None:
-        """Note ``param`` (one :meth:`find` found nothing for: the extents stay disjoint)."""
+        """Note ``param`` (its memory as it is now), joining the clusters its extent meets."""
         start, end = extent(param)
-        if start != end:
-            starts, ends, ids = self._by_device.setdefault(param.device, ([], [], []))
-            k = bisect.bisect_right(starts, start)
-            starts.insert(k, start)
-            ends.insert(k, end)
-            ids.insert(k, id(param))
+        if start == end:
+            return
+        starts, ends, members = self._by_device.setdefault(param.device, ([], [], []))
+        first = last = self._first_meeting(starts, ends, start)
+        joined = [(id(param), param.detach())]
+        while last < len(starts) and starts[last] < end:
+            start, end = min(start, starts[last]), max(end, ends[last])
+            joined += members[last]
+            last += 1
+        starts[first:last], ends[first:last], members[first:last] = [start], [end], [joined]
+
+    @staticmethod
+    def _first_meeting(starts, ends, start: int) -> int:
+        """The first cluster that may meet an extent from ``start`` on."""
+        k = bisect.bisect_right(starts, start)
+        return k - 1 if k and ends[k - 1] > start else k
 
     def clear(self) -> None:
         self._by_device.clear()

@@ -130,6 +130,7 @@ class Stepper:
         self.optimizer = optimizer
         self.recorder = recorder
         self._caches: dict[int, tuple[dict, dict]] = {}
+        self._sweep_at = 16  # the number of caches at which those of dropped groups are let go of
         self._param_index_cache: tuple | None = None
         #: offloaded groups' host buffers, copy stream and worker thread
         self.offload = offload.Offload()
@@ -138,8 +139,22 @@ class Stepper:
         """A per-group scratch dict for validation keys and kernels' derived data."""
         entry = self._caches.get(id(group))
         if entry is None or entry[0] is not group:
+            if len(self._caches) >= self._sweep_at:
+                self._forget_dropped_groups()
             entry = self._caches[id(group)] = (group, {})
         return entry[1]
+
+    def _forget_dropped_groups(self) -> None:
+        """Let go of the caches of groups the optimizer no longer has (a cache holds its
+        group, and with it the params: ``param_groups.pop()`` would keep them alive), at
+        twice the number of live caches (plus 8), so that the sweeps cost O(1) per cache
+        made and at most that many dropped groups wait for one."""
+        live = {id(g) for g in self.optimizer.param_groups}
+        release = self.optimizer._gradient_release
+        if release is not None:  # its one-param groups
+            live.update(release.view_ids())
+        self._caches = {key: entry for key, entry in self._caches.items() if key in live}
+        self._sweep_at = 2 * len(self._caches) + 8
 
     def plan(self, index: int, group: dict) -> GroupPlan | None:
         """Validate one group, its params, their gradients and their state, and pick its
@@ -276,15 +291,33 @@ class Stepper:
             or optimizer.state.epoch is not optimizer.state_epoch
         ):
             optimizer.state = statekeeping.tracked(optimizer.state, optimizer.state_epoch)  # replaced by hand
-        return (
-            tuple(map(id, params)),
-            bool(group.get("amsgrad")),
-            group["rounding"],
-            group["master_weights"],
-            group["state_precision"],
-            group["offload"],
-            optimizer.state_epoch.value,
-        )
+        return (tuple(map(id, params)), *_state_options(group), optimizer.state_epoch.value)
+
+    def made_for(self, group: dict, params: list[Tensor]) -> tuple:
+        """What a plan of ``group`` made now depends on: the options that shape the
+        state, and each param's dtype, shape and device, state dict and state tensors
+        (by identity), for :meth:`changed_since`."""
+        table = self.optimizer.state
+        held = [(_kind(p), table.get(p), _tensors_of(table.get(p))) for p in params]
+        return _state_options(group), held
+
+    def changed_since(self, group: dict, params: list[Tensor], made_for: tuple) -> str | None:
+        """What changed since :meth:`made_for` gave ``made_for`` (``None``: nothing)."""
+        options, held = made_for
+        if _state_options(group) != options:
+            return (
+                "an option that shapes its state (amsgrad, rounding, master_weights, state_precision, offload) changed"
+            )
+        table = self.optimizer.state
+        for p, (kind, state, tensors) in zip(params, held):
+            if _kind(p) != kind:
+                return "its dtype, shape or device changed"
+            now = table.get(p)
+            if now is not state or _tensors_of(now).keys() != tensors.keys():
+                return "its state was replaced (optimizer.load_state_dict, or by hand)"
+            if any(now[key] is not tensor for key, tensor in tensors.items()):
+                return "a tensor of its state was replaced"
+        return None
 
     def admit(self, index: int, plan: GroupPlan, amp: tuple) -> bool:
         """Whether the group may step (``skip_nonfinite``); if it does, record its
@@ -389,6 +422,25 @@ class Stepper:
         if cached is None or cached[0] != identity:
             cached = self._param_index_cache = (identity, {id(p): i for i, p in enumerate(everything)})
         return [cached[1][id(p)] for p in params]
+
+
+def _state_options(group: dict) -> tuple:
+    """The options that shape or place a param's state."""
+    return (
+        bool(group.get("amsgrad")),
+        group["rounding"],
+        group["master_weights"],
+        group["state_precision"],
+        group["offload"],
+    )
+
+
+def _kind(p: Tensor) -> tuple:
+    return (p.dtype, p.shape, p.device)
+
+
+def _tensors_of(state: dict | None) -> dict:
+    return {key: value for key, value in (state or {}).items() if isinstance(value, Tensor)}
 
 
 def _part_of(plan: GroupPlan, span: slice) -> GroupPlan:
