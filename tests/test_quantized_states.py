@@ -15,7 +15,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from matrix import CONFIGS, CPU_BACKENDS, reference_setup
+from matrix import CONFIGS, CPU_BACKENDS, FAMILY, reference_setup, refused
 from oracle import stored_reference_step
 from test_storage_conformance import check_stored, oracle_names, snapshot_then_step, warmed_up
 
@@ -24,7 +24,7 @@ from adamkit import blockwise, quantization
 from adamkit.algorithms import FirstMomentScale, lookup
 from adamkit.convert import to_full_precision, to_quantized
 from adamkit.specs.quantization import FORMATS
-from adamkit.state import moment_value
+from adamkit.state import init_state, moment_value
 
 PRECISIONS = tuple(FORMATS)
 
@@ -451,6 +451,32 @@ def test_conversion_to_torch_and_back():
         to_quantized(full, params, "int2")
 
 
+@pytest.mark.parametrize("name", [name for name in FAMILY if "state_precision" not in refused(name)])
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_to_quantized_stores_what_the_class_itself_would(name, precision):
+    """``to_quantized`` of a class's fp32 state dict holds the very codes and scales that
+    class converts the same moments to (ADOPT's first moment, normalized already, is
+    stored plain: once it was normalized a second time, 4x the error)."""
+    cls = FAMILY[name][0]
+    g = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(300, generator=g)), torch.nn.Parameter(torch.randn(7, 9, generator=g))]
+    opt = cls(params, lr=1e-2)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * torch.logspace(-2, 2, p.numel()).view(p.shape)
+        opt.step()
+    converted = to_quantized(opt.state_dict(), params, precision)
+    twin = cls([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin.param_groups[0]["state_precision"] = precision
+    for p in twin.param_groups[0]["params"]:
+        init_state(twin.state[p], p, twin.param_groups[0], twin.algorithm)  # the class's own conversion
+    for i, p in enumerate(twin.param_groups[0]["params"]):
+        ours, theirs = converted["state"][i], twin.state[p]
+        assert sorted(ours) == sorted(theirs)
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), name
+
+
 def test_a_torch_checkpoint_loads_into_a_quantized_optimizer_and_is_quantized_at_the_next_step():
     g = torch.Generator().manual_seed(3)
     params = [torch.nn.Parameter(torch.randn(500, generator=g))]
@@ -466,6 +492,24 @@ def test_a_torch_checkpoint_loads_into_a_quantized_optimizer_and_is_quantized_at
     codes = blockwise.stored_keys("exp_avg", FORMATS["int4"])[0]
     assert "exp_avg" not in opt.state[params[0]] and codes in opt.state[params[0]]
     assert before[codes].shape == opt.state[params[0]][codes].shape
+
+
+def test_an_adamkit_checkpoint_brings_its_state_precision_and_setting_it_after_loading_converts():
+    """As torch.optim's load brings every option of the saved groups, an fp32 run's
+    checkpoint loaded into an int8 optimizer goes on in fp32 (the docs say so); setting
+    ``state_precision`` after loading quantizes the moments at the next step."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(500, generator=g))]
+    fp32 = adamkit.AdamW(params, lr=1e-2)
+    params[0].grad = torch.randn(500, generator=g)
+    fp32.step()
+    opt = adamkit.AdamW(params, lr=1e-2, state_precision="int8")
+    opt.load_state_dict(copy.deepcopy(fp32.state_dict()))
+    assert opt.param_groups[0]["state_precision"] is None
+    opt.param_groups[0]["state_precision"] = "int8"
+    params[0].grad = torch.zeros(500)
+    opt.step()
+    assert "exp_avg" not in opt.state[params[0]] and "exp_avg_int8" in opt.state[params[0]]
 
 
 #: checkpoints of earlier adamkit formats: (precision, moment, its format, scale dtype)

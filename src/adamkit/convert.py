@@ -17,8 +17,11 @@ Example::
     >>> torch_opt.load_state_dict(full)                      # torch.optim.AdamW
     >>> adamkit_opt.load_state_dict(adamkit.convert.to_quantized(torch_opt.state_dict(), params, "int8"))
 
-Loading a full-precision state dict into an optimizer with ``state_precision="int8"``
-also works directly: its moments are quantized at the next step.
+Loading torch.optim's state dict into an optimizer with ``state_precision="int8"`` also
+works directly: its moments are quantized at the next step.  An adamkit state dict
+brings its groups' ``state_precision`` with it (as torch.optim's ``load_state_dict``
+brings every option of its groups): to go on in int8 from an fp32 run, load
+:func:`to_quantized` of it, or set ``state_precision`` in the param groups after loading.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ import torch
 from torch import Tensor
 
 from . import blockwise, offload, sharding
-from .algorithms import REGISTRY, lookup
+from .algorithms import REGISTRY, FirstMomentScale, lookup
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, uncast_low_bits
-from .specs.quantization import FORMATS
+from .specs.quantization import FORMATS, format_for
 from .state import fold_master, moment_keys
 
 #: every moment key a quantized state may hold quantized: each registered algorithm's,
@@ -91,13 +94,23 @@ def to_full_precision(state_dict: dict, params: Sequence) -> dict:
     return result
 
 
-def to_quantized(state_dict: dict, params: Sequence, state_precision: str) -> dict:
+def to_quantized(state_dict: dict, params: Sequence, state_precision: str, *, algorithm: str | None = None) -> dict:
     """A copy of a full-precision ``state_dict`` (torch.optim's or adamkit's) with every
-    moment quantized in ``state_precision`` (``"int8"`` or ``"int4"``), and groups set to it."""
+    moment quantized in ``state_precision`` (``"int8"`` or ``"int4"``), and groups set to it,
+    in the format the optimizer keeps (ADOPT's first moment, normalized already, is
+    stored plain).  ``algorithm`` (a registry name, e.g. ``"adopt"``): whose state it is;
+    ``None`` tells it from each group's options (an ADOPT group holds ``clip_exponent``)."""
     if state_precision not in FORMATS:
         raise ValueError(f"Invalid state_precision: {state_precision!r} (allowed: {', '.join(map(repr, FORMATS))})")
-    fmt = FORMATS[state_precision]
+    if algorithm is not None and algorithm not in REGISTRY:
+        raise ValueError(f"Invalid algorithm: {algorithm!r} (allowed: {', '.join(map(repr, REGISTRY))})")
     result, states = _states_and_shapes(state_dict, params)
+    formats = {}
+    for group in result["param_groups"]:
+        spec = REGISTRY[algorithm] if algorithm is not None else _algorithm_of(group)
+        fmt = format_for(state_precision, spec.first_moment_scale != FirstMomentScale.NONE)
+        formats.update((param_id, fmt) for param_id in group["params"])
+        group["state_precision"] = state_precision
     for param_id, state, shape in states:
         for key in blockwise.second_moments_first(MOMENT_KEYS):  # (a first moment may be normalized by them)
             if key in state:
@@ -106,11 +119,16 @@ def to_quantized(state_dict: dict, params: Sequence, state_precision: str) -> di
                     raise ValueError(
                         f"state[{param_id}][{key!r}] has shape {tuple(value.shape)}, the param {tuple(shape)}"
                     )
-                blockwise.allocate(state, key, value, fmt)
-                blockwise.store_moment(state, key, value, fmt, restore=True)
-    for group in result["param_groups"]:
-        group["state_precision"] = state_precision
+                blockwise.allocate(state, key, value, formats[param_id])
+                blockwise.store_moment(state, key, value, formats[param_id], restore=True)
     return result
+
+
+def _algorithm_of(group: dict):
+    """The registered algorithm whose own hyperparameters ``group`` holds (Adam's, which
+    has none, where no other's are all there)."""
+    held = [spec for spec in REGISTRY.values() if spec.hyperparameters and set(spec.hyperparameters) <= set(group)]
+    return held[0] if len(held) == 1 else REGISTRY["adam"]
 
 
 def export_state(optimizer, state_dict: dict, *, full_precision: bool) -> dict:
