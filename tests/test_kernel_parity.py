@@ -239,3 +239,44 @@ def test_triton_stores_the_cpu_kernels_bits(case):
         if name.endswith("_e5m3_e4m4_scales"):
             held = [stored[name] for _, _, stored in history]
             assert any(bool((v > 0).any() if name.startswith("param 0") else (v < 0).any()) for v in held), name
+
+
+def _strided_params(dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:
+    """A transposed matrix, a channels_last weight (dense, not contiguous), every other
+    row of a matrix (not dense) and a contiguous vector."""
+    g = torch.Generator().manual_seed(13)
+    shapes = [(8, 6), (2, 3, 4, 5), (12, 7), (1500,)]
+    bases = [torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype) for shape in shapes]
+    views = [bases[0].t(), bases[1].to(memory_format=torch.channels_last), bases[2][::2], bases[3]]
+    return [torch.nn.Parameter(view) for view in views]
+
+
+@pytest.mark.parametrize(
+    "case", ["adamw-fp32", "adamw-bf16-stochastic", "adamw-bf16-kahan", "adamw-fp32-int8", "nadam-fp32-l2"]
+)
+def test_triton_stages_strided_params_as_the_cpu_kernel_does(case, monkeypatch):
+    """Params and gradients the kernel does not address in place (and a contiguous
+    param's strided gradient) are staged through contiguous copies, as the CPU kernel
+    stages them, so both store the same bits; the group no longer goes through foreach
+    ops for one strided param (it once did, silently: within rounding of the kernel,
+    and with foreach's temporaries, a whole fp32 moment per int8 one)."""
+    cls, dtype, options = CASES[case]
+
+    def no_fallback(batch, rule):
+        raise AssertionError("the group went through foreach ops")
+
+    monkeypatch.setattr(adamkit.kernels.triton.launch, "_foreach_fallback", no_fallback)
+    settings = {"lr": 1e-2, "weight_decay": 0.1, "seed": 5, **options}
+    ours, theirs = _strided_params(dtype, DEVICE), _strided_params(dtype, torch.device("cpu"))
+    opt_ours, opt_theirs = cls(ours, backend="triton", **settings), cls(theirs, backend="cpu", **settings)
+    g = torch.Generator().manual_seed(14)
+    for _ in range(STEPS):
+        for p, q in zip(ours, theirs):
+            grad = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
+            if q.dim() == 1:  # a gradient laid out otherwise than its param
+                grad = torch.stack([grad, grad], dim=1)[:, 0]
+            p.grad, q.grad = grad.to(DEVICE), grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+        difference = _first_difference(_stored(opt_ours, ours), _stored(opt_theirs, theirs))
+        assert difference is None, difference

@@ -1,6 +1,7 @@
-"""The Triton kernel's host side: a group's buckets (addresses, chunk tables, counters),
-the per-tensor scalars and keys, and the launches (with the foreach fallback for
-layouts the kernel does not take)."""
+"""The Triton kernel's host side: a group's buckets (addresses, chunk tables, counters,
+the staging of layouts the kernel does not address in place, as the CPU kernel stages
+them), the per-tensor scalars and keys, and the launches (with a foreach fallback for a
+group to stage while a CUDA graph is captured)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 import triton.language as tl
 
+from ...guard import is_dense
 from ...rule import GroupScalars, UpdateRule
 from ...sharding import per_tensor_totals
 from ...specs import rounding
@@ -70,13 +72,25 @@ class _Bucket:
         ]
         check_addressed(params, self.state_tensors, keys, forms, members)
         self.steps = [s["step"] for s in states]
-        for p, tensors in zip(params, self.state_tensors):
-            if not (p.is_contiguous() and all(t.is_contiguous() for t in tensors)):
-                raise _NeedsStaging
-        extra, quantized, copied = self.mode in PARAM_EXTRA_KEY, self.quantized is not None, bool(rule.spec.weight_copy)
+        in_order = not self.random and not self.quantized  # random bits and codes follow the row-major index
+        #: per row: updated in place (else staged, as the CPU kernel stages it: its param,
+        #: gradient and state copied into contiguous buffers, updated there, copied back)
+        self.direct = [
+            (p.is_contiguous() or (in_order and is_dense(p)))
+            and (self.quantized is not None or all(t.stride() == p.stride() for t in tensors))
+            for p, tensors in zip(params, self.state_tensors)
+        ]
+        self.staged_rows = [row for row, direct in enumerate(self.direct) if not direct]
+        self._state_row = functools.partial(
+            state_row,
+            moment_count=moment_count,
+            extra=self.mode in PARAM_EXTRA_KEY,
+            quantized=self.quantized is not None,
+            copied=bool(rule.spec.weight_copy),
+        )
         rows = [
-            state_row([t.data_ptr() for t in tensors], moment_count, extra, quantized, copied)
-            for tensors in self.state_tensors
+            self._state_row([t.data_ptr() for t in tensors]) if direct else [0] * STATE_COLUMNS
+            for tensors, direct in zip(self.state_tensors, self.direct)
         ]
         self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), STATE_COLUMNS)
         quantized_shape, shape = (config.QUANTIZED_BLOCK, config.QUANTIZED_NUM_WARPS), (config.BLOCK, config.NUM_WARPS)
@@ -96,28 +110,52 @@ class _Bucket:
         self.no_inf = torch.zeros((), device=self.device)  # found_inf when a scaler gives only grad_scale
         self.constants: tuple | None = None  # the group's constants as last uploaded
 
-    def table(self, batch: GroupBatch) -> torch.Tensor:
-        """The address table on the device, uploaded again only when a param or gradient
-        address changed (so a CUDA graph replays with no host-to-device copy).  The
-        addresses are those the step's guard read and checked
-        (:class:`adamkit.guard.StepGuard`)."""
+    def table(self, batch: GroupBatch) -> tuple[torch.Tensor, list]:
+        """The address table on the device, and the staged tensors to copy back after
+        the launches.  Without staging the table is uploaded again only when a param or
+        gradient address changed (so a CUDA graph replays with no host-to-device copy).
+        The addresses are those the step's guard read and checked
+        (:class:`adamkit.guard.StepGuard`); rows whose param or state is not laid out
+        for the kernel, or whose gradient is not laid out like its param, are staged."""
         checked = batch.checked
         if self.whole_group:  # (a complex tensor's address and layout are its real view's)
             param_ptrs, grad_ptrs = checked.param_ptrs, checked.grad_ptrs
-            mismatched = bool(checked.mismatched_rows)
         else:
             param_ptrs = [checked.param_ptrs[i] for i in self.members]
             grad_ptrs = [checked.grad_ptrs[i] for i in self.members]
-            mismatched = not self.member_set.isdisjoint(checked.mismatched_rows)
-        if mismatched:  # a gradient not laid out like its (contiguous) param
-            raise _NeedsStaging
         moving = np.array([param_ptrs, grad_ptrs], dtype=np.int64).T
+        staged_rows = self.staged_rows
+        if checked.mismatched_rows:
+            rows = {member: row for row, member in enumerate(self.members)}
+            staged_rows = sorted({*staged_rows, *(rows[i] for i in checked.mismatched_rows if i in rows)})
+        if staged_rows:
+            return self._staged(batch, moving, staged_rows)
         if self.moving is None or not np.array_equal(moving, self.moving):
             table = np.concatenate([moving, self.state_addresses], axis=1)
             self.aligned = bool((table % 16 == 0).all())  # unused slots hold 0
             self.device_table = torch.from_numpy(table).to(self.device, non_blocking=True)
             self.moving = moving
-        return self.device_table
+        return self.device_table, []
+
+    def _staged(self, batch: GroupBatch, moving: np.ndarray, rows: list[int]) -> tuple[torch.Tensor, list]:
+        """A table addressing contiguous copies of ``rows``' params, gradients and state
+        (kept in the list returned until they are copied back).  Not while a CUDA graph
+        is captured: the copies' addresses would be fixed in the graph's table."""
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise _NeedsStaging
+        table = np.concatenate([moving, self.state_addresses], axis=1)
+        staged = []
+        for row in rows:
+            member = self.members[row]
+            param, grad = as_real(batch.params[member]), as_real(batch.grads[member])
+            param_buffer, grad_buffer = param.contiguous(), grad.contiguous()
+            buffers = [t.contiguous() for t in self.state_tensors[row]]
+            table[row, 0], table[row, 1] = param_buffer.data_ptr(), grad_buffer.data_ptr()
+            table[row, 2:] = self._state_row([t.data_ptr() for t in buffers])
+            staged.append((param, param_buffer, grad_buffer, self.state_tensors[row], buffers))
+        self.moving = None  # (the next step without staging uploads its own table)
+        self.aligned = bool((table % 16 == 0).all())
+        return torch.from_numpy(table).to(self.device, non_blocking=True), staged
 
     def step_keys(self, rule: UpdateRule, batch: GroupBatch, counts) -> torch.Tensor | None:
         """Stochastic rounding's keys k_{s,t} and each tensor's element offset, as an
@@ -168,7 +206,7 @@ class _ChunkTotals:
 
 
 class _NeedsStaging(Exception):
-    """A non-contiguous param, gradient or state: this group goes through foreach ops."""
+    """Rows to stage while a CUDA graph is captured: this group goes through foreach ops."""
 
 
 def _buckets(batch: GroupBatch, rule: UpdateRule) -> list[_Bucket]:
@@ -350,9 +388,9 @@ _foreach_step = list_kernel(foreach.ALGORITHMS)
 
 
 def _foreach_fallback(batch: GroupBatch, rule: UpdateRule) -> None:
-    """Layouts the kernel does not take (non-contiguous params, gradients or state) go
-    through foreach ops, with the GradScaler's work done here instead of in-kernel and
-    the kernel's storage semantics (16-bit values rounded once per update)."""
+    """A group with rows to stage while a CUDA graph is captured goes through foreach
+    ops, with the GradScaler's work done here instead of in-kernel and the kernel's
+    storage semantics (16-bit values rounded once per update)."""
     if batch.found_inf is not None:
         if batch.found_inf.item():
             return
@@ -367,7 +405,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     on the host, it is read once on the host instead, before anything moves."""
     try:
         buckets = _buckets(batch, rule)
-        tables = [bucket.table(batch) for bucket in buckets]
+        laid_out = [bucket.table(batch) for bucket in buckets]
     except _NeedsStaging:
         _foreach_fallback(batch, rule)
         return
@@ -376,7 +414,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     amp = grad_scale is not None
     if amp and found_inf is not None and any(b.counters is not None for b in buckets) and found_inf.item():
         return
-    for bucket, table in zip(buckets, tables):
+    for bucket, (table, staged) in zip(buckets, laid_out):
         tensor_scalars, counts = _tensor_scalars(bucket, rule, group_scalars.decay_factor, found_inf if amp else None)
         keys = bucket.step_keys(rule, batch, counts)
         constants = _group_constants(bucket, group_scalars)
@@ -402,3 +440,6 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
         update()
         if amp and found_inf is not None and bucket.counters is None:  # a skipped step does not count
             torch._foreach_sub_(bucket.steps, [found_inf.to(bucket.steps[0].device)] * len(bucket.steps))
+        for param, param_buffer, _grad_buffer, state_tensors, buffers in staged:  # (the kernel's stream order)
+            param.copy_(param_buffer)
+            torch._foreach_copy_(state_tensors, buffers)
