@@ -144,7 +144,7 @@ def adamax(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars,
         exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
         norm = grad.abs().add_(group_scalars.eps)
         if rule.differentiable:
-            exp_inf.copy_(torch.maximum(exp_inf.mul(group_scalars.beta2), norm))
+            exp_inf.copy_(torch.maximum(exp_inf.clone().mul(group_scalars.beta2), norm))  # (mul keeps its input)
         else:
             torch.maximum(exp_inf.mul_(group_scalars.beta2), norm, out=exp_inf)
         denom = exp_inf.clone() if rule.differentiable else exp_inf
@@ -162,10 +162,12 @@ def nadam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
         mu_product, step = tensors.mu_products[i], steps[i]
         mu_product *= step.mu
+        if rule.differentiable:  # (autograd keeps what it reads; the state moves in place next step)
+            mu_product = mu_product.clone()
 
         exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
         _second_moment_update(exp_avg_sq, grad, group_scalars)
-        denom = exp_avg_sq.div(step.bias_correction2).sqrt()
+        denom = (exp_avg_sq.clone() if rule.differentiable else exp_avg_sq).div(step.bias_correction2).sqrt()
         lr, mu, mu_next = rule.lr, step.mu, step.mu_next
         if rule.cautious:  # the two terms as one update, masked
             product = mu_product if tensor_scalars else mu_product.item()
@@ -178,7 +180,9 @@ def nadam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         elif tensor_scalars:  # no host read; autograd sees the products
             denom = denom.add(group_scalars.eps)
             grad = grad * (-lr * (1.0 - mu) / (1.0 - mu_product))
-            momentum = exp_avg * (-lr * mu_next / (1.0 - mu_product * mu_next))
+            momentum = (exp_avg.clone() if rule.differentiable else exp_avg) * (
+                -lr * mu_next / (1.0 - mu_product * mu_next)
+            )
             param.addcdiv_(grad, denom)
             param.addcdiv_(momentum, denom)
         else:
@@ -209,7 +213,7 @@ def radam(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
 def radam_update(exp_avg: Tensor, exp_avg_sq: Tensor, step: StepScalars, rule: UpdateRule, eps: float) -> Tensor:
     """RAdam's update from the new moments: the bias-corrected m times lr, times the
     rectification and sqrt(1 - beta2^t) / (sqrt(v) + eps) once rho_t > 5."""
-    corrected = exp_avg / step.bias_correction1
+    corrected = (exp_avg.clone() if rule.differentiable else exp_avg) / step.bias_correction1  # (m moves in place)
     if step.rectified is not None:  # capturable: both branches, picked on the device
         adaptive = step.rectification * _radam_adaptive_lr(exp_avg_sq, step, eps, rule)
         return corrected * rule.lr * torch.where(step.rectified, adaptive, 1.0)
@@ -239,7 +243,10 @@ def adopt(tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, 
         if group_scalars.decay_factor is not None:
             param.mul_(_unless_first(step, group_scalars.decay_factor))
 
-        normalized = grad / exp_avg_sq.sqrt().clamp_(min=group_scalars.eps)
+        root = exp_avg_sq.sqrt()  # (autograd keeps the root: clamped out of place where it flows)
+        normalized = grad / (
+            root.clamp(min=group_scalars.eps) if rule.differentiable else root.clamp_(min=group_scalars.eps)
+        )
         normalized.clamp_(-step.clip, step.clip)
         exp_avg.lerp_(normalized, group_scalars.one_minus_beta1(param))
         update = (exp_avg.clone() if rule.differentiable else exp_avg) * step.step_size
@@ -268,7 +275,7 @@ def stable_adamw(
 
         exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
         _second_moment_update(exp_avg_sq, grad, group_scalars)
-        scale = update_clipping(grad, exp_avg_sq, step, group_scalars.eps, shard_of(tensors, i))
+        scale = update_clipping(grad, exp_avg_sq, step, group_scalars.eps, shard_of(tensors, i), rule.differentiable)
         if decay_rate is not None:
             param.mul_(1 - scale * decay_rate)
         denom = adam_denominator(exp_avg_sq, step, group_scalars.eps)
@@ -291,6 +298,8 @@ def ademamix(
         exp_avg_slow.lerp_(grad, _weight(1 - step.slow_decay, exp_avg_slow))
         _second_moment_update(exp_avg_sq, grad, group_scalars)
         denom = adam_denominator(exp_avg_sq, step, group_scalars.eps)
+        if rule.differentiable:  # (both move in place next step)
+            exp_avg, exp_avg_slow = exp_avg.clone(), exp_avg_slow.clone()
         direction = exp_avg / step.bias_correction1 + exp_avg_slow * step.slow_weight
         _descend(param, direction, denom, step.step_size, grad, rule, shard_of(tensors, i))
 
@@ -321,14 +330,15 @@ def _weight(value, like: Tensor):
     return value.to(like.dtype) if isinstance(value, Tensor) else value
 
 
-def update_clipping(grad: Tensor, exp_avg_sq: Tensor, step: StepScalars, eps: float, shard=None):
+def update_clipping(grad: Tensor, exp_avg_sq: Tensor, step: StepScalars, eps: float, shard=None, keep=False):
     r""":math:`1 / \max(1, \mathrm{RMS})` of one tensor (1 for an empty one): a float read
     from the device, or a 0-d tensor where the step scalars are tensors (no host read).
     ``shard``: the sharded param whose local shard this is (the mean is then over the
-    whole param: a collective), or ``None``."""
+    whole param: a collective), or ``None``.  ``keep``: read a copy of v (autograd keeps
+    what it reads, and v moves in place next step)."""
     if grad.numel() == 0 and shard is None:
         return 1.0
-    v_hat = (exp_avg_sq / step.bias_correction2).clamp_(min=eps * eps)
+    v_hat = ((exp_avg_sq.clone() if keep else exp_avg_sq) / step.bias_correction2).clamp_(min=eps * eps)
     total = (grad * grad / v_hat).sum(dtype=torch.float64)  # (float64, as the fused kernels add)
     if shard is None:
         rms = (total / grad.numel()).sqrt()
