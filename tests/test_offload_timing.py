@@ -456,3 +456,52 @@ def test_params_and_groups_let_go_of_are_not_kept_alive():
     assert sum(ref() is not None for ref in gone) <= 10
     held = opt._stepper.offload._buffers.values()
     assert all(param() is not None for param, _ in held)  # the host buffers went with their params
+
+
+def test_a_layer_shared_by_reentrant_checkpoints_is_not_stepped_twice():
+    """Its hook fires in each segment's inner backward with part of its gradient; the
+    first inner backward's end (inside the whole one) does not close its pending host
+    step, so the second partial gradient is refused by name (it was once stepped twice)."""
+    shared = torch.nn.Linear(8, 8)
+    opt = adamkit.AdamW(shared.parameters(), lr=1e-2, offload="cpu")
+    handle = adamkit.gradient_release(shared.parameters(), opt)
+    x = torch.randn(4, 8, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(shared, x, use_reentrant=True)
+    z = torch.utils.checkpoint.checkpoint(shared, torch.tanh(y), use_reentrant=True)
+    with pytest.raises(RuntimeError, match=r"params\[\d\] of param_groups\[0\] got a second gradient"):
+        z.square().sum().backward()
+    opt.zero_grad()
+    handle.remove()
+
+
+def test_the_clipping_norm_reads_host_gradients_only_once_their_copies_are_in(monkeypatch):
+    """The held steps' gradients are copied to the host on a side stream (on CUDA): the
+    norm waits for every copy first (it once read the buffers before any wait)."""
+    arrived, pull = set(), adamkit.offload.Offload.pull
+
+    def noted_pull(self, params, grads, hosts, *, wait=True):
+        waiter = pull(self, params, grads, hosts, wait=wait)
+        if grads is None:
+            return waiter
+
+        def wait_for_them() -> None:
+            waiter()
+            arrived.update(id(h.grad) for h in hosts)
+
+        return wait_for_them
+
+    def checked_norm(grads, *args, **kwargs):
+        assert all(id(g) in arrived for g in grads), "the norm read a gradient whose copy was not waited for"
+        return get_total_norm(grads, *args, **kwargs)
+
+    get_total_norm = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(adamkit.offload.Offload, "pull", noted_pull)
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", checked_norm)
+    net = model(torch.float32)
+    opt = adamkit.AdamW(net.parameters(), lr=1e-2, offload="cpu")
+    handle = adamkit.gradient_release(net, opt, max_grad_norm=0.05)
+    x, y = next(batches(torch.float32, 1))
+    (net(x) - y).square().mean().backward()
+    opt.step()
+    assert handle.last_grad_norm is not None
+    handle.remove()

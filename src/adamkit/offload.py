@@ -254,12 +254,14 @@ class HostStep:
     """One param's host step under gradient release, pulled and waiting to run:
     ``run()`` steps the host copies and pushes the param back; ``grads`` are the host
     gradients it will step with (clipping scales them first).  A step held until
-    ``step()`` (clipping) has its gradient pulled only: ``changed_since(group)`` says
-    what changed since (``None``: nothing its plan depends on), and ``pull_params()``
-    then copies the param as it is now."""
+    ``step()`` (clipping) has its gradient pulled only: ``gradients_in()`` waits for
+    that copy (before the norm reads it), ``changed_since(group)`` says what changed
+    since (``None``: nothing its plan depends on), and ``pull_params()`` then copies the
+    param as it is now."""
 
     run: Callable[[], None]
     grads: list[Tensor]
+    gradients_in: Callable[[], None] = _nothing
     changed_since: Callable[[dict], str | None] | None = None
     pull_params: Callable[[], None] | None = None
 

@@ -327,7 +327,7 @@ class _AdamFamily(Optimizer):
         def pull_params() -> None:
             arrived.append(stepper.offload.pull(plan.params, None, plan.hosts, wait=False))
 
-        return HostStep(run, [h.grad for h in plan.hosts], changed_since, pull_params)
+        return HostStep(run, [h.grad for h in plan.hosts], arrived[0], changed_since, pull_params)
 
     def attach_gradient_release(self, release) -> None:
         """Hook for :func:`adamkit.gradient_release`: while ``release`` is attached, it

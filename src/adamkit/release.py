@@ -169,6 +169,8 @@ class GradientRelease:
         between ``backward()`` and ``step()`` meets the stepped weight."""
         self._in_backward = False
         self._stepped.clear()
+        if _inside_another_backward():  # a reentrant checkpoint's inner backward ended, not the whole one
+            return  # (its host steps stay pending: a shared layer's second, partial gradient is refused)
         self.wait_for_submitted(from_any_thread=True)  # (autograd's thread may run this)
 
     def wait_for_submitted(self, from_any_thread: bool = False) -> None:
@@ -249,6 +251,8 @@ class GradientRelease:
         self._pending.clear()
         if held:
             self._check_unchanged(held)
+            for *_, host_step in held:
+                host_step.gradients_in()  # (copied from the device on a side stream)
             grads = [g for *_, host_step in held for g in host_step.grads]
             self.last_grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
             coefficient = torch.clamp(self.max_grad_norm / (self.last_grad_norm + 1e-6), max=1.0)
@@ -401,6 +405,13 @@ class PendingMemory:
 
     def clear(self) -> None:
         self._by_device.clear()
+
+
+def _inside_another_backward() -> bool:
+    """Whether a backward's end callback runs inside another backward (the inner
+    backward of a reentrant activation checkpoint: a node of the outer one is running)."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    return current is not None and current() is not None
 
 
 def _in_compiled_autograd() -> bool:

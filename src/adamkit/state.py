@@ -295,10 +295,11 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
     first step), a tensor's shape or device differs from the param's, a quantized
     moment's codes or scales are not those of the param's size, or a step counter is not
     one number >= 0, or a split master's low bits are in neither of their dtypes.  (What
-    :func:`init_state` converts, other dtypes and layouts, is not checked.  int4 packs two
-    codes a byte and keeps no element count, so a state made for a 1-D param one element
-    longer or shorter, 2n against 2n - 1 elements, has the same sizes: it loads, its
-    last element's codes read or dropped; no tensor is read or written past its end.)"""
+    :func:`init_state` converts, other dtypes and layouts, is not checked.  Quantized
+    moments are flat: a state made for a param of another shape with as many elements
+    loads, row-major element by element; and int4 packs two codes a byte with no element
+    count, so one made for 2n elements loads for 2n - 1 and back, its last element's
+    codes dropped or read from the padding; no tensor is read or written past its end.)"""
     moments = moment_keys(algorithm, amsgrad)
     held_quantized = {key: blockwise.stored_format(state, key, param.numel()) for key in moments if key not in state}
     scalars = ["step", MU_PRODUCT_KEY] if lookup(algorithm).keeps_mu_product else ["step"]
