@@ -11,9 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from matrix import FAMILY, refused
 
 import adamkit
 from adamkit import reference
+from adamkit.algorithms import lookup
 
 SHAPES = [(40, 5), (17,), ()]
 STEPS = 7  # past RAdam's rectification (from the sixth step with beta2 = 0.999)
@@ -294,3 +296,60 @@ def test_cautious_updates_have_no_diagnostics():
     keep: the figures read back would be off (0.83 of the real update's RMS)."""
     with pytest.raises(ValueError, match="diagnostics=True with cautious=True.*a cautious update"):
         adamkit.Adam([torch.nn.Parameter(torch.ones(3))], cautious=True, diagnostics=True)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_stats_of_every_class_after_a_step(name):
+    """Classes whose last update cannot be read back from the state (and cautious
+    groups) report NaN for those figures, with their step and skip counts, rather than
+    failing at the first step of a logging loop; the others report numbers."""
+    cls = FAMILY[name][0]
+    readable = lookup(FAMILY[name][2]).read_back is not None
+    for cautious in (False, True) if "cautious" not in refused(name) else (False,):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = cls([p], skip_nonfinite=True, cautious=cautious)
+        p.grad = torch.tensor([1.0, float("nan"), 1.0])
+        opt.step()
+        p.grad = torch.ones(3)
+        opt.step()
+        (stats,) = opt.stats()
+        assert stats["step"] == 1 and stats["skipped_steps"] == 1
+        read = [stats[key] for key in ("update_rms", "effective_step_size", "eps_dominated_fraction")]
+        assert all(math.isnan(x) for x in read) if cautious or not readable else all(x >= 0 for x in read)
+
+
+def test_stats_take_the_lr_of_the_last_step_with_or_without_diagnostics():
+    """A scheduler moves the lr after the step: the figures are the step's, equal to the
+    weights' real change (they once took the halved lr without diagnostics)."""
+    for diagnostics in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64))
+        opt = adamkit.Adam([p], lr=0.01, diagnostics=diagnostics)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for _ in range(3):
+            before = p.detach().clone()
+            p.grad = torch.randn(64)
+            opt.step()
+            scheduler.step()
+        moved = (p.detach() - before).double().square().mean().sqrt().item()
+        assert opt.stats()[0]["update_rms"] == pytest.approx(moved, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "foreach", "single_tensor", None])
+def test_a_grad_scaler_s_skipped_step_is_not_counted_by_skip_nonfinite_on_any_backend(backend):
+    """The inf was the scaler's to skip (where the fused kernels take its flag, and where
+    it skips step() itself): skipped_steps stays 0 on every backend (it was 1 on the
+    fused kernel alone)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = adamkit.AdamW(model.parameters(), backend=backend, skip_nonfinite=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(8, 4)
+    for blow_up in (False, True, False):
+        loss = model(x).square().mean() * (float("inf") if blow_up else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert opt.skipped_steps == 0 and scaler.get_scale() == 512.0
+    assert opt.state[model.weight]["step"].item() == 2

@@ -207,3 +207,32 @@ def test_split_master_weights_keep_fine_tuning_decay():
         for _ in range(30):
             opt.step()
     assert set(guard.check().values()) == {0.0}
+
+
+def test_between_micro_batches_nothing_is_read_or_warned():
+    """With accumulation_steps the weights are not written before an update's last
+    micro-batch: the guard reads no step there (it once read 94 % lost)."""
+    model = _model(torch.bfloat16)
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2)
+    guard = adamkit.stall_guard(opt, every=1)
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StallWarning)
+        for _ in range(3):  # two updates' micro-batches and one more
+            _step_with(opt, model, g)
+    assert all(share == 0.0 for share in guard.check().values())
+    guard.remove()
+
+
+def test_the_reading_is_the_step_s_own_after_a_scheduler_moved_the_lr():
+    """``check()`` after ``scheduler.step()`` (the usual loop order) reads the step with
+    the lr it used, not the scheduler's next one (a 100x cut once read 86 % lost)."""
+    model = _model(torch.bfloat16)
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.01)
+    guard = adamkit.stall_guard(opt, every=1000)
+    _step_with(opt, model, torch.Generator().manual_seed(2))
+    before = guard.check()
+    scheduler.step()
+    assert guard.check() == before
+    guard.remove()

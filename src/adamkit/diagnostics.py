@@ -17,9 +17,12 @@ RAdam: :math:`\eta^{eff}_i = \eta\, r_t \sqrt{1 - \beta_2^t} / ((1 - \beta_1^t)(
 once rectified, :math:`\eta / (1 - \beta_1^t)` before (no denominator, so no element is
 eps-dominated); ADOPT: :math:`\eta^{eff}_i = \eta` (its m is already normalized), and an
 element is eps-dominated where :math:`\epsilon > \sqrt{v_i}` (the normalization's floor).
-NAdam and StableAdamW have no ``diagnostics``, nor have cautious updates: their last
-update depended on that step's gradient (NAdam's g term, StableAdamW's clipping, the
-cautious mask), which the state does not keep.  A step that ``skip_nonfinite`` or a
+NAdam, StableAdamW, AdEMAMix and ScheduleFreeAdamW have no ``diagnostics``, nor have
+cautious updates: their last update depended on that step's gradient (NAdam's g term,
+StableAdamW's clipping, the cautious mask) or on more than the moments; ``stats()``
+gives NaN for the figures read from the state there (``step``, ``grad_norm`` and
+``skipped_steps`` stand).  The lr is the one the last step used (a scheduler moves it
+after the step), with or without ``diagnostics``.  A step that ``skip_nonfinite`` or a
 GradScaler skipped is not recorded: the figures stay those of the last step taken.
 Between the micro-batches of an update (``accumulation_steps``), moments that fold
 each micro-batch at once describe no update: the figures read from them are NaN.
@@ -71,7 +74,24 @@ class Recorder:
     def __init__(self) -> None:
         self.grad_norms: dict[Tensor, Tensor] = {}  # param -> its last gradient's L2 norm
         self.lrs: dict[Tensor, object] = {}  # param -> the learning rate of its last step
+        self.group_lrs: dict[int, object] = {}  # group index -> the learning rate of its last step
         self.skips: Counter[int] = Counter()  # group index -> skipped steps
+
+    def record_lr(self, index: int, group: dict, found_inf=None) -> None:
+        """Record the lr of a step of ``param_groups[index]`` (every step, diagnostics or
+        not: a scheduler moves the group's lr after the step); ``found_inf`` as in
+        :meth:`record` (a step the kernel skips keeps the last step's lr)."""
+        lr = _held(group["lr"])
+        if found_inf is not None and index in self.group_lrs:
+            skipped = found_inf.reshape(()) != 0
+            lr = torch.where(skipped, _on(self.group_lrs[index], skipped), _on(lr, skipped))
+        self.group_lrs[index] = lr
+
+    def lr_of(self, param: Tensor, index: int, group: dict):
+        """The learning rate of ``param``'s last step in ``param_groups[index]``."""
+        if param in self.lrs:
+            return self.lrs[param]
+        return self.group_lrs.get(index, group["lr"])
 
     def record(
         self, group: dict, params: list[Tensor], grads: list[Tensor], grad_scale: Tensor | None, found_inf=None
@@ -82,8 +102,7 @@ class Recorder:
         norms = _norms([sharding.local(g).detach() for g in grads])  # a shard's norm, for DTensors
         if grad_scale is not None:
             norms = torch._foreach_mul(norms, inverse_scale(grad_scale))
-        lr = group["lr"]
-        lr = lr.detach().clone() if isinstance(lr, Tensor) else lr  # schedulers fill tensors in place
+        lr = _held(group["lr"])
         lrs = [lr] * len(params)
         if found_inf is not None:
             skipped = found_inf.reshape(()) != 0
@@ -105,6 +124,11 @@ def _norms(grads: list[Tensor]) -> list[Tensor]:
     if not any(g.dtype in (torch.float16, torch.bfloat16) for g in grads):
         return list(torch._foreach_norm(grads))
     return [torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype.itemsize == 2 else None) for g in grads]
+
+
+def _held(lr):
+    """``lr`` as it is now (schedulers fill tensors in place)."""
+    return lr.detach().clone() if isinstance(lr, Tensor) else lr
 
 
 def _on(number, like: Tensor) -> Tensor:
@@ -181,11 +205,12 @@ def group_stats(optimizer, index: int, recorder: Recorder) -> dict[str, float]:
         "grad_norm": math.sqrt(sum(norms)) if norms else math.nan,
     }
     read = ("update_rms", "update_to_weight_rms", "effective_step_size", "eps_dominated_fraction")
-    if any(mid_update(optimizer.state[p], optimizer.algorithm) for p in stepped):
+    unreadable = optimizer.algorithm not in READ_BACK or group.get("cautious")  # (see the module docstring)
+    if unreadable or any(mid_update(optimizer.state[p], optimizer.algorithm) for p in stepped):
         return {**figures, **dict.fromkeys(read, math.nan), "skipped_steps": float(recorder.skips[index])}
     totals = [0.0] * 5
     for p in stepped:
-        lr = as_number(recorder.lrs.get(p, group["lr"]))
+        lr = as_number(recorder.lr_of(p, index, group))
         sums = _param_sums(sharding.local(p), _local_state(optimizer.state[p], p), lr, group, optimizer.algorithm)
         totals = [a + b for a, b in zip(totals, _over_shards(sums, p))]
     count, update_sq, weight_sq, log_effective, eps_dominated = totals

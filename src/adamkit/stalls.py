@@ -17,7 +17,7 @@ After a step, the change of every element can be read back from the optimizer's 
     \quad (\text{AdaMax: } \alpha_t / v_i)
 
 with :math:`d` the decoupled decay factor (1 without), :math:`\alpha_t` the bias-corrected
-step size at the group's current lr, and :math:`\theta` the weight; RAdam's and ADOPT's
+step size at the lr that step used (a scheduler moves the group's after it), and :math:`\theta` the weight; RAdam's and ADOPT's
 :math:`\eta^{eff}` are their own (:func:`adamkit.diagnostics.effective_step_sizes`).
 NAdam and StableAdamW are not guarded: their steps depended on that step's gradient.  The change is
 *lost* when rounding the new value gives back the old one:
@@ -56,12 +56,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from . import sharding
+from .accumulation import mid_update
 from .algorithms import is_real_number, lookup
 from .diagnostics import effective_step_sizes
 from .kernels.types import as_real
@@ -111,14 +112,18 @@ class Changes:
         return float(self.decay_lost.sum() / self.decaying.sum().clamp(min=1))
 
 
-def last_changes(param: Tensor, state: dict, group: dict, algorithm: str) -> Changes | None:
+def last_changes(param: Tensor, state: dict, group: dict, algorithm: str, lr=None) -> Changes | None:
     """What one param's last step did, read back from its state; ``None`` where the
-    param has not stepped or rounds stochastically (nothing is lost in expectation)."""
+    param has not stepped, rounds stochastically (nothing is lost in expectation) or is
+    between the micro-batches of an update (its moments describe no step).  ``lr``:
+    the learning rate of that step (default: the group's now)."""
     rule = UpdateRule.from_group(group, algorithm)
+    if lr is not None:
+        rule = replace(rule, lr=as_number(lr))
     rounding = rule.rounding if is_low_precision(param.dtype) else "nearest"
     steps = as_number(state.get("step", 0))
     m = moment_value(state, "exp_avg", param)
-    if rounding in ("stochastic", "master24") or steps < 1 or m is None:
+    if rounding in ("stochastic", "master24") or steps < 1 or m is None or mid_update(state, algorithm):
         return None
     m = as_real(m).double()
     second = as_real(moment_value(state, moment_keys(algorithm, rule.amsgrad)[-1], param)).double()
@@ -175,7 +180,8 @@ class StallGuard:
                 if not state:
                     continue
                 local = sharding.LocalState(state, param) if sharding.is_sharded(param) else state
-                changes = last_changes(sharding.local(param), local, group, self.optimizer.algorithm)
+                lr = self.optimizer._recorder.lr_of(param, group_index, group)  # (a scheduler moves it after)
+                changes = last_changes(sharding.local(param), local, group, self.optimizer.algorithm, lr)
                 name = self._name(param, group_index, index)
                 shares[name] = 0.0 if changes is None else changes.lost_share
                 if shares[name] >= self.threshold and id(param) not in self.warned:
@@ -190,14 +196,16 @@ class StallGuard:
 
 
 def _message(name: str, param: Tensor, group: dict, share: float, decay_share: float) -> str:
-    rounding = group.get("rounding", "nearest") if is_low_precision(param.dtype) else "nearest"
-    text = (
-        f"{name}: {share:.0%} of its elements' changes at the last step were below what its "
-        f"{str(param.dtype).removeprefix('torch.')} storage keeps (rounding={rounding!r}), so they were rounded away"
-    )
+    low = is_low_precision(param.dtype)
+    rounding = group.get("rounding", "nearest") if low else "nearest"
+    storage = f"{str(param.dtype).removeprefix('torch.')} storage (rounding={rounding!r})"
+    if low and group.get("master_weights") == "fp32":
+        storage = "fp32 master weight (master_weights='fp32')"
+    text = f"{name}: {share:.0%} of its elements' changes at the last step were below what its {storage} keeps"
+    text += ", so they were rounded away"
     if decay_share >= 0.5:
         text += f"; weight decay alone (lr x weight_decay) is lost for {decay_share:.0%} of them"
-    if is_low_precision(param.dtype):
+    if low and group.get("master_weights") != "fp32":
         text += ". rounding='stochastic' keeps small changes in expectation"
     return text + "."
 

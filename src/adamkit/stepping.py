@@ -327,11 +327,15 @@ class Stepper:
         grad_scale, found_inf = amp
         group, params, grads = plan.group, plan.params, plan.grads
         sharded = self.cache(group).get("sharded", False)
-        if group["skip_nonfinite"] and not _all_finite(params, grads, sharded):
+        # (under a GradScaler an inf is the scaler's to skip, in the kernel: not counted here,
+        # as where the scaler skips step() itself)
+        if group["skip_nonfinite"] and found_inf is None and not _all_finite(params, grads, sharded):
             self.recorder.skips[index] += 1
             return False
+        in_kernel = found_inf if plan.kernel.amp else None
+        self.recorder.record_lr(index, group, in_kernel)
         if group["diagnostics"]:
-            self.recorder.record(group, params, grads, grad_scale, found_inf if plan.kernel.amp else None)
+            self.recorder.record(group, params, grads, grad_scale, in_kernel)
         return True
 
     def initialize(self, plans: list[GroupPlan]) -> None:
