@@ -96,3 +96,41 @@ def test_the_documented_move_from_fp32_to_bf16_continues_the_fp32_run_bit_for_bi
         opt.step()
     assert torch.equal(adamkit.precision.master_weights(opt)[0], fp32[0].detach())
     assert torch.equal(opt.state[bf16[0]]["exp_avg_sq"], fp32_optimizer.state[fp32[0]]["exp_avg_sq"])
+
+
+def test_a_param_a_kept_module_shares_stays_as_it_is():
+    """A head tied to the embedding, the head kept: the one tensor they share stays fp32
+    (it was cast through the embedding)."""
+    m = nn.ModuleDict({"emb": nn.Embedding(10, 8), "head": nn.Linear(8, 10, bias=False), "mid": nn.Linear(8, 8)})
+    m["head"].weight = m["emb"].weight
+    cast_module(m, torch.bfloat16, keep=lambda name, module: name == "head")
+    assert m["head"].weight is m["emb"].weight and m["head"].weight.dtype == torch.float32
+    assert m["mid"].weight.dtype == torch.bfloat16
+
+
+def test_master_weights_of_complex_params_round_trip():
+    """A complex param's weight is itself, in its dtype (its imaginary part was dropped
+    on the way to fp32, and the documented round trip then wiped it)."""
+    z = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    w = nn.Parameter(torch.randn(4))
+    opt = adamkit.AdamW([z, w])
+    before = z.detach().clone()
+    weights = adamkit.precision.master_weights(opt)
+    assert [t.dtype for t in weights] == [torch.complex64, torch.float32]
+    adamkit.precision.load_master_weights(opt, weights)
+    assert torch.equal(z.detach(), before)
+
+
+def test_a_kahan_pair_cast_up_to_fp32_keeps_its_weight():
+    """``model.float()`` then ``load_state_dict(state_dict())`` (the step's own advice):
+    the param takes p + c, as the split master does (the compensation was dropped)."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(4096).to(torch.bfloat16))
+    opt = adamkit.AdamW([p], lr=1e-3, rounding="kahan")
+    for _ in range(5):
+        p.grad = torch.randn(4096).to(torch.bfloat16)
+        opt.step()
+    (held,) = adamkit.precision.master_weights(opt)
+    p.data = p.data.float()
+    opt.load_state_dict(opt.state_dict())
+    assert torch.equal(p.detach(), held) and "kahan_compensation" not in opt.state[p]

@@ -37,7 +37,7 @@ from . import blockwise, offload, sharding
 from .algorithms import REGISTRY, FirstMomentScale, lookup
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, uncast_low_bits
 from .specs.quantization import FORMATS, format_for
-from .state import fold_master, moment_keys
+from .state import fold_compensation, fold_master, moment_keys
 
 #: every moment key a quantized state may hold quantized: each registered algorithm's,
 #: AMSGrad's maximum included (a weight copy in a moment's place, schedule-free's z, is
@@ -191,7 +191,8 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
     nothing is rounded on the way in (the step converts any remaining mismatch).  For sharded
     params, full tensors (a single-process checkpoint) are cut to this rank's shard.
     A split master's low bits another optimizer cast are restored, and a param no
-    longer bf16 takes its master (:func:`adamkit.state.fold_master`).
+    longer bf16 takes its master (:func:`adamkit.state.fold_master`), or its Kahan
+    pair's p + c (:func:`adamkit.state.fold_compensation`).
     """
     moments = moment_keys(optimizer.algorithm, True)
     weight_copy = lookup(optimizer.algorithm).weight_copy  # a weight, not a moment: never cast
@@ -218,6 +219,7 @@ def import_state(optimizer, state_dict: dict, options_before: list[dict]) -> Non
             loaded.append((state, param))
     for state, param in loaded:  # (last: a param takes its master only once nothing can fail the load)
         fold_master(state, param)
+        fold_compensation(state, param)
 
 
 def _uncast_master_bits(state: dict, group: dict, saved_id) -> None:

@@ -2,7 +2,7 @@
 in fp32; read the weights an optimizer holds at full precision (:func:`master_weights`),
 and set them from fp32 weights (:func:`load_master_weights`), so a bf16 run checkpoints
 as fp32 weights and resumes from them, or an fp32 run moves to bf16 without losing its
-weights' precision.
+weights' precision (under ``master_weights="fp32"``; a Kahan pair keeps about 16 bits).
 
 Example::
 
@@ -47,7 +47,8 @@ Keep = tuple[type[nn.Module], ...] | Callable[[str, nn.Module], bool]
 def cast_module(module: nn.Module, dtype: torch.dtype = torch.bfloat16, *, keep: Keep = ()) -> nn.Module:
     """Cast ``module``'s floating-point params and buffers to ``dtype``, except those of
     submodules matched by ``keep`` (module types, or a predicate ``(name, module)``),
-    which stay as they are.  Returns ``module`` (cast in place, like ``Module.to``)."""
+    which stay as they are, with the params they share with others (a head tied to an
+    embedding).  Returns ``module`` (cast in place, like ``Module.to``)."""
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     matches = keep if callable(keep) else (lambda name, m: isinstance(m, keep))
@@ -56,21 +57,24 @@ def cast_module(module: nn.Module, dtype: torch.dtype = torch.bfloat16, *, keep:
     def is_kept(name: str) -> bool:  # the module, or one of its ancestors, is kept
         return any(k == "" or name == k or name.startswith(k + ".") for k in kept)
 
-    for name, sub in module.named_modules():
+    modules = list(module.named_modules(remove_duplicate=False))
+    # a param a kept module shares (a tied head) stays too: it is one tensor
+    held = {id(t) for name, sub in modules if is_kept(name) for t in (*sub.parameters(False), *sub.buffers(False))}
+    for name, sub in modules:
         if is_kept(name):
             continue
         for param in sub.parameters(recurse=False):
-            if param.is_floating_point():
+            if param.is_floating_point() and id(param) not in held and param.dtype != dtype:
                 param.data = param.data.to(dtype)
         for key, buffer in sub.named_buffers(recurse=False):
-            if buffer.is_floating_point():
+            if buffer.is_floating_point() and id(buffer) not in held:
                 setattr(sub, key, buffer.to(dtype))
     return module
 
 
 def master_weights(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """The weights the optimizer holds, as new fp32 tensors (fp64 for fp64 params), one
-    per param in ``state_dict`` order: under ``master_weights="fp32"`` the split master
+    """The weights the optimizer holds, as new fp32 tensors (fp64 and complex params in
+    their own dtype), one per param in ``state_dict`` order: under ``master_weights="fp32"`` the split master
     weight, exactly; under ``rounding="kahan"`` the sum p + c in fp32, as a step forms
     it; elsewhere the param itself, upcast.  An fp32 model state dict of a bf16 run::
 
@@ -81,7 +85,7 @@ def master_weights(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            wide = torch.float64 if p.dtype == torch.float64 else torch.float32
+            wide = p.dtype if p.dtype == torch.float64 or p.is_complex() else torch.float32  # (complex: as it is)
             if MASTER_KEY in state and has_master_bits(p, group):
                 weights.append(join_tensors(p, state[MASTER_KEY]).clone())
             elif COMPENSATION_KEY in state:
@@ -96,7 +100,8 @@ def load_master_weights(optimizer: torch.optim.Optimizer, weights: Iterable[Tens
     under ``master_weights="fp32"`` the weight exactly (p and its low bits, split);
     under ``rounding="kahan"`` the pair :math:`p = rn(w)`, :math:`c = rn(w - p)`;
     elsewhere :math:`p = rn(w)`.  Resumes a bf16 run from an fp32 checkpoint, or moves
-    an fp32 run to bf16 without losing its weights' precision.
+    an fp32 run to bf16: exactly under ``master_weights="fp32"``, to about 16 significant
+    bits as a Kahan pair (both halves bf16).
 
     ``weights``: one tensor per param in the optimizer's order (that of its
     ``state_dict``: group by group), or a mapping from param to weight.  Raises

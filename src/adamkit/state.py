@@ -264,6 +264,25 @@ def fold_master(state: dict, param: Tensor) -> None:
     del state[MASTER_KEY]
 
 
+def fold_compensation(state: dict, param: Tensor) -> None:
+    """:func:`fold_master` for a Kahan pair: a param no longer 16-bit takes the value
+    p + c of its pair (exact in fp32: c is below half p's spacing, in p's 16-bit dtype),
+    and the compensation is dropped.  A param holding a value the pair's dtype cannot
+    (set since) keeps its value."""
+    compensation = state.get(COMPENSATION_KEY)
+    if (
+        compensation is None
+        or param.dtype not in (torch.float32, torch.float64)
+        or not is_low_precision(compensation.dtype)
+        or param.device.type == "meta"
+    ):
+        return
+    with torch.no_grad():
+        if torch.equal(param.to(compensation.dtype).to(param.dtype), param):
+            param.add_(compensation.to(device=param.device, dtype=param.dtype))
+    del state[COMPENSATION_KEY]
+
+
 def _counter_dtype(key: str, param: Tensor, group: dict) -> tuple[torch.dtype, ...]:
     """The dtypes a counter may be held in: float64 where the step keys a random stream
     (:func:`step_tensor`), else torch's float32 or float64 (NAdam's ``mu_product``: either)."""
