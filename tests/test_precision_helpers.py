@@ -134,3 +134,16 @@ def test_a_kahan_pair_cast_up_to_fp32_keeps_its_weight():
     p.data = p.data.float()
     opt.load_state_dict(opt.state_dict())
     assert torch.equal(p.detach(), held) and "kahan_compensation" not in opt.state[p]
+
+
+def test_a_module_shared_under_two_names_is_kept_by_either():
+    norm = nn.LayerNorm(8)
+    for name in ("enc.norm", "dec.norm"):
+        m = nn.ModuleDict({"enc": nn.ModuleDict({"norm": norm}), "dec": nn.ModuleDict({"norm": norm})})
+        cast_module(m, torch.bfloat16, keep=lambda n, module, name=name: n == name)
+        assert norm.weight.dtype == torch.float32, name
+    shared = nn.BatchNorm1d(4)
+    m = nn.ModuleDict({"a": shared, "b": nn.ModuleDict({"again": shared})})
+    m["b"].register_buffer("scale", shared.running_mean)  # one tensor under two modules
+    cast_module(m, torch.bfloat16)
+    assert m["b"].scale is shared.running_mean and shared.running_mean.dtype == torch.bfloat16

@@ -53,7 +53,7 @@ host sync); ``stats()`` itself reads every param and moment once and syncs.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import replace
 
 import torch
@@ -74,24 +74,37 @@ class Recorder:
     def __init__(self) -> None:
         self.grad_norms: dict[Tensor, Tensor] = {}  # param -> its last gradient's L2 norm
         self.lrs: dict[Tensor, object] = {}  # param -> the learning rate of its last step
-        self.group_lrs: dict[int, object] = {}  # group index -> the learning rate of its last step
+        #: group index -> the learning rates of its last steps, each with the GradScaler's inf
+        #: flag of a step the kernel may have skipped (read only when asked for: no sync)
+        self.group_lrs: dict[int, deque] = {}
         self.skips: Counter[int] = Counter()  # group index -> skipped steps
 
     def record_lr(self, index: int, group: dict, found_inf=None) -> None:
         """Record the lr of a step of ``param_groups[index]`` (every step, diagnostics or
         not: a scheduler moves the group's lr after the step); ``found_inf`` as in
-        :meth:`record` (a step the kernel skips keeps the last step's lr)."""
-        lr = _held(group["lr"])
-        if found_inf is not None and index in self.group_lrs:
-            skipped = found_inf.reshape(()) != 0
-            lr = torch.where(skipped, _on(self.group_lrs[index], skipped), _on(lr, skipped))
-        self.group_lrs[index] = lr
+        :meth:`record`: a step the kernel skips keeps the last step's lr, which
+        :meth:`lr_of` finds.  No device work: a CPU tensor lr is read, a device one copied."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = lr.item() if lr.device.type == "cpu" and not lr.requires_grad else lr.detach().clone()
+        history = self.group_lrs.get(index)
+        if found_inf is None:  # a step taken: the history before it no longer matters
+            self.group_lrs[index] = deque(((lr, None),), maxlen=LR_HISTORY)
+            return
+        if history is None:
+            history = self.group_lrs[index] = deque(maxlen=LR_HISTORY)
+        history.append((lr, found_inf))
 
     def lr_of(self, param: Tensor, index: int, group: dict):
-        """The learning rate of ``param``'s last step in ``param_groups[index]``."""
+        """The learning rate of ``param``'s last step in ``param_groups[index]`` (past
+        the steps a GradScaler skipped, :data:`LR_HISTORY` of them at most)."""
         if param in self.lrs:
             return self.lrs[param]
-        return self.group_lrs.get(index, group["lr"])
+        history = self.group_lrs.get(index)
+        if not history:
+            return group["lr"]
+        taken = (lr for lr, found_inf in reversed(history) if found_inf is None or not bool(found_inf.any()))
+        return next(taken, history[0][0])
 
     def record(
         self, group: dict, params: list[Tensor], grads: list[Tensor], grad_scale: Tensor | None, found_inf=None
@@ -132,8 +145,16 @@ def _held(lr):
 
 
 def _on(number, like: Tensor) -> Tensor:
-    """``number`` (a float or a tensor) as a float64 tensor on ``like``'s device."""
-    return torch.as_tensor(number, dtype=torch.float64, device=like.device)
+    """``number`` (a float or a tensor) as a float64 tensor on ``like``'s device (a
+    float filled there: no host-to-device copy, which would sync)."""
+    if isinstance(number, Tensor):
+        return number.to(dtype=torch.float64, device=like.device)
+    return torch.full((), number, dtype=torch.float64, device=like.device)
+
+
+#: how many of a group's last learning rates are kept for steps a GradScaler may have
+#: skipped (a longer run of skipped steps reads the oldest)
+LR_HISTORY = 16
 
 
 #: the algorithms whose last update can be read back from the state (those whose

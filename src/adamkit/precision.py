@@ -52,14 +52,15 @@ def cast_module(module: nn.Module, dtype: torch.dtype = torch.bfloat16, *, keep:
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     matches = keep if callable(keep) else (lambda name, m: isinstance(m, keep))
-    kept = [name for name, m in module.named_modules() if matches(name, m)]
+    modules = list(module.named_modules(remove_duplicate=False))  # (a shared module under each of its names)
+    kept = [name for name, m in modules if matches(name, m)]
 
     def is_kept(name: str) -> bool:  # the module, or one of its ancestors, is kept
         return any(k == "" or name == k or name.startswith(k + ".") for k in kept)
 
-    modules = list(module.named_modules(remove_duplicate=False))
     # a param a kept module shares (a tied head) stays too: it is one tensor
     held = {id(t) for name, sub in modules if is_kept(name) for t in (*sub.parameters(False), *sub.buffers(False))}
+    cast: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (buffer, its cast), the buffer held so its id stays its
     for name, sub in modules:
         if is_kept(name):
             continue
@@ -68,7 +69,9 @@ def cast_module(module: nn.Module, dtype: torch.dtype = torch.bfloat16, *, keep:
                 param.data = param.data.to(dtype)
         for key, buffer in sub.named_buffers(recurse=False):
             if buffer.is_floating_point() and id(buffer) not in held:
-                setattr(sub, key, buffer.to(dtype))
+                if id(buffer) not in cast:  # (a buffer two modules share stays one tensor)
+                    cast[id(buffer)] = (buffer, buffer.to(dtype))
+                setattr(sub, key, cast[id(buffer)][1])
     return module
 
 

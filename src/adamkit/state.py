@@ -268,7 +268,9 @@ def fold_compensation(state: dict, param: Tensor) -> None:
     """:func:`fold_master` for a Kahan pair: a param no longer 16-bit takes the value
     p + c of its pair (exact in fp32: c is below half p's spacing, in p's 16-bit dtype),
     and the compensation is dropped.  A param holding a value the pair's dtype cannot
-    (set since) keeps its value."""
+    (set since) keeps its value; one set since to values that dtype holds (zeros, a bf16
+    checkpoint) cannot be told from the pair's own and takes the compensation too, as a
+    split master's low bits are taken (load the state before editing the weights)."""
     compensation = state.get(COMPENSATION_KEY)
     if (
         compensation is None
