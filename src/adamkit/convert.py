@@ -102,12 +102,13 @@ def to_quantized(state_dict: dict, params: Sequence, state_precision: str, *, al
     ``None`` tells it from each group's options (an ADOPT group holds ``clip_exponent``)."""
     if state_precision not in FORMATS:
         raise ValueError(f"Invalid state_precision: {state_precision!r} (allowed: {', '.join(map(repr, FORMATS))})")
-    if algorithm is not None and algorithm not in REGISTRY:
+    named = REGISTRY.get(algorithm) if algorithm is not None else None
+    if algorithm is not None and named is None:
         raise ValueError(f"Invalid algorithm: {algorithm!r} (allowed: {', '.join(map(repr, REGISTRY))})")
     result, states = _states_and_shapes(state_dict, params)
     formats = {}
     for group in result["param_groups"]:
-        spec = REGISTRY[algorithm] if algorithm is not None else _algorithm_of(group)
+        spec = named or _algorithm_of(group)
         fmt = format_for(state_precision, spec.first_moment_scale != FirstMomentScale.NONE)
         formats.update((param_id, fmt) for param_id in group["params"])
         group["state_precision"] = state_precision

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from . import sharding
 from .accumulation import mid_update
-from .algorithms import REGISTRY
+from .algorithms import REGISTRY, lookup
 from .kernels.amp import inverse_scale
 from .kernels.types import as_real
 from .rule import UpdateRule, as_number
@@ -83,10 +83,9 @@ class Recorder:
         """Record the lr of a step of ``param_groups[index]`` (every step, diagnostics or
         not: a scheduler moves the group's lr after the step); ``found_inf`` as in
         :meth:`record`: a step the kernel skips keeps the last step's lr, which
-        :meth:`lr_of` finds.  No device work: a CPU tensor lr is read, a device one copied."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            lr = lr.item() if lr.device.type == "cpu" and not lr.requires_grad else lr.detach().clone()
+        :meth:`lr_of` finds.  No host read and no host-to-device copy: a tensor lr is copied
+        where it is (a scheduler fills it in place)."""
+        lr = _held(group["lr"])
         history = self.group_lrs.get(index)
         if found_inf is None:  # a step taken: the history before it no longer matters
             self.group_lrs[index] = deque(((lr, None),), maxlen=LR_HISTORY)
@@ -226,7 +225,7 @@ def group_stats(optimizer, index: int, recorder: Recorder) -> dict[str, float]:
         "grad_norm": math.sqrt(sum(norms)) if norms else math.nan,
     }
     read = ("update_rms", "update_to_weight_rms", "effective_step_size", "eps_dominated_fraction")
-    unreadable = optimizer.algorithm not in READ_BACK or group.get("cautious")  # (see the module docstring)
+    unreadable = lookup(optimizer.algorithm).read_back is None or group.get("cautious")  # (the module docstring)
     if unreadable or any(mid_update(optimizer.state[p], optimizer.algorithm) for p in stepped):
         return {**figures, **dict.fromkeys(read, math.nan), "skipped_steps": float(recorder.skips[index])}
     totals = [0.0] * 5
