@@ -302,6 +302,30 @@ def addressed_forms(algorithm: Algorithm, amsgrad: bool, fmt: QuantFormat | None
 _MASTER_MODE = {"master": "fp32", "master24": "24bit"}
 
 
+def stage_rows(table: np.ndarray, rows: list[int], params, grads, state_tensors, state_row_of) -> list[tuple]:
+    """Contiguous copies of the params, gradients and state of ``rows`` (a fused
+    kernel's rows it does not address in place), put in ``table`` (columns 0 and 1, and
+    the state's from ``state_row_of(buffers)``); the list returned keeps them alive
+    until :func:`copy_back` (after the launch, in its stream order)."""
+    staged = []
+    for row in rows:
+        param_buffer, grad_buffer = params[row].contiguous(), grads[row].contiguous()
+        buffers = [t.contiguous() for t in state_tensors[row]]
+        table[row, 0], table[row, 1] = param_buffer.data_ptr(), grad_buffer.data_ptr()
+        table[row, 2:] = state_row_of(buffers)
+        staged.append((params[row], param_buffer, grad_buffer, state_tensors[row], buffers))
+    return staged
+
+
+def copy_back(staged: list[tuple]) -> None:
+    """Copy what a launch stored in staged buffers (:func:`stage_rows`) into the tensors."""
+    for param, param_buffer, _grad_buffer, state_tensors, state_buffers in staged:
+        param.copy_(param_buffer)
+        for state, buffer in zip(state_tensors, state_buffers):
+            if state.data_ptr() != buffer.data_ptr():  # (a contiguous one was its own buffer)
+                state.copy_(buffer)
+
+
 def state_row(addresses: list[int], moment_count: int, extra: bool, quantized: bool, copied: bool = False) -> list[int]:
     """A row's :data:`STATE_COLUMNS` from the addresses of the tensors under
     :func:`state_keys` (in that order); ``copied``: the first moment's place holds a

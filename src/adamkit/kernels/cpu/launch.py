@@ -28,9 +28,11 @@ from ..host import (
     check_addressed,
     chunk_table,
     clip_update_sizes,
+    copy_back,
     draws_random_bits,
     group_constants,
     set_cautious_scales,
+    stage_rows,
     state_keys,
     state_row,
 )
@@ -157,18 +159,9 @@ class _Bucket:
     def _stage(self, rows: list[int], batch: GroupBatch) -> list:
         """Contiguous copies of the params, gradients and state of ``rows``, addressed in
         the table (which is restored to the state's own addresses first)."""
-        table = self.table
-        table[:, 2:] = self.state_addresses
-        staged = []
-        for row in rows:
-            param, grad = batch.params[self.members[row]], batch.grads[self.members[row]]
-            # the buffers must outlive the kernel call: they are kept in ``staged``
-            param_buffer, grad_buffer = param.contiguous(), grad.contiguous()
-            state_buffers = [t.contiguous() for t in self.state_tensors[row]]
-            table[row, 0], table[row, 1] = param_buffer.data_ptr(), grad_buffer.data_ptr()
-            table[row, 2:] = self._state_row(state_buffers)
-            staged.append((param, param_buffer, grad_buffer, self.state_tensors[row], state_buffers))
-        return staged
+        self.table[:, 2:] = self.state_addresses
+        params, grads = [batch.params[i] for i in self.members], [batch.grads[i] for i in self.members]
+        return stage_rows(self.table, rows, params, grads, self.state_tensors, self._state_row)
 
 
 #: the keys argument of a launch without stochastic rounding (never read)
@@ -295,8 +288,4 @@ def _launch(batch: GroupBatch, rule: UpdateRule) -> None:
             if bucket.clipped or bucket.cautious:
                 _sharded_pre_pass(batch, bucket, table, tensor_scalars, constants, flags, witnesses, decay_rate)
             launch(table, bucket.chunks, tensor_scalars, constants, flags, keys, *witnesses, bucket.variant_witness)
-        for param, param_buffer, _grad_buffer, state_tensors, state_buffers in staged:
-            param.copy_(param_buffer)
-            for state, buffer in zip(state_tensors, state_buffers):
-                if state.data_ptr() != buffer.data_ptr():
-                    state.copy_(buffer)
+        copy_back(staged)

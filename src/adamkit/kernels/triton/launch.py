@@ -26,9 +26,11 @@ from ..host import (
     check_addressed,
     chunk_table,
     clip_update_sizes,
+    copy_back,
     draws_random_bits,
     group_constants,
     set_cautious_scales,
+    stage_rows,
     state_keys,
     state_row,
     tensor_scalar_columns,
@@ -81,7 +83,7 @@ class _Bucket:
             for p, tensors in zip(params, self.state_tensors)
         ]
         self.staged_rows = [row for row, direct in enumerate(self.direct) if not direct]
-        self._state_row = functools.partial(
+        self._state_row = functools.partial(  # (of the tensors' addresses)
             state_row,
             moment_count=moment_count,
             extra=self.mode in PARAM_EXTRA_KEY,
@@ -89,7 +91,7 @@ class _Bucket:
             copied=bool(rule.spec.weight_copy),
         )
         rows = [
-            self._state_row([t.data_ptr() for t in tensors]) if direct else [0] * STATE_COLUMNS
+            self._state_row_of(tensors) if direct else [0] * STATE_COLUMNS
             for tensors, direct in zip(self.state_tensors, self.direct)
         ]
         self.state_addresses = np.array(rows, dtype=np.int64).reshape(len(members), STATE_COLUMNS)
@@ -109,6 +111,9 @@ class _Bucket:
         self.aligned = False  # whether every address in that table is a multiple of 16 bytes
         self.no_inf = torch.zeros((), device=self.device)  # found_inf when a scaler gives only grad_scale
         self.constants: tuple | None = None  # the group's constants as last uploaded
+
+    def _state_row_of(self, tensors: list[torch.Tensor]) -> list[int]:
+        return self._state_row([t.data_ptr() for t in tensors])
 
     def table(self, batch: GroupBatch) -> tuple[torch.Tensor, list]:
         """The address table on the device, and the staged tensors to copy back after
@@ -144,15 +149,9 @@ class _Bucket:
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise _NeedsStaging
         table = np.concatenate([moving, self.state_addresses], axis=1)
-        staged = []
-        for row in rows:
-            member = self.members[row]
-            param, grad = as_real(batch.params[member]), as_real(batch.grads[member])
-            param_buffer, grad_buffer = param.contiguous(), grad.contiguous()
-            buffers = [t.contiguous() for t in self.state_tensors[row]]
-            table[row, 0], table[row, 1] = param_buffer.data_ptr(), grad_buffer.data_ptr()
-            table[row, 2:] = self._state_row([t.data_ptr() for t in buffers])
-            staged.append((param, param_buffer, grad_buffer, self.state_tensors[row], buffers))
+        params = [as_real(batch.params[i]) for i in self.members]
+        grads = [as_real(batch.grads[i]) for i in self.members]
+        staged = stage_rows(table, rows, params, grads, self.state_tensors, self._state_row_of)
         self.moving = None  # (the next step without staging uploads its own table)
         self.aligned = bool((table % 16 == 0).all())
         return torch.from_numpy(table).to(self.device, non_blocking=True), staged
@@ -440,6 +439,4 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
         update()
         if amp and found_inf is not None and bucket.counters is None:  # a skipped step does not count
             torch._foreach_sub_(bucket.steps, [found_inf.to(bucket.steps[0].device)] * len(bucket.steps))
-        for param, param_buffer, _grad_buffer, state_tensors, buffers in staged:  # (the kernel's stream order)
-            param.copy_(param_buffer)
-            torch._foreach_copy_(state_tensors, buffers)
+        copy_back(staged)  # (in the kernel's stream order)
