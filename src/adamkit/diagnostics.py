@@ -85,14 +85,12 @@ class Recorder:
         :meth:`record`: a step the kernel skips keeps the last step's lr, which
         :meth:`lr_of` finds.  No host read and no host-to-device copy: a tensor lr is copied
         where it is (a scheduler fills it in place)."""
-        lr = _held(group["lr"])
         history = self.group_lrs.get(index)
-        if found_inf is None:  # a step taken: the history before it no longer matters
-            self.group_lrs[index] = deque(((lr, None),), maxlen=LR_HISTORY)
-            return
         if history is None:
             history = self.group_lrs[index] = deque(maxlen=LR_HISTORY)
-        history.append((lr, found_inf))
+        if found_inf is None:  # a step taken: the history before it no longer matters
+            history.clear()
+        history.append((_held(group["lr"]), found_inf))
 
     def lr_of(self, param: Tensor, index: int, group: dict):
         """The learning rate of ``param``'s last step in ``param_groups[index]`` (past
