@@ -209,6 +209,22 @@ def test_bad_lr_in_added_group_leaves_no_group(lr):
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize(
+    "name,value,words",
+    [
+        ("lr", torch.tensor(1e-3, device="meta"), r"Tensor lr is on the meta device"),
+        ("lr", torch.tensor(1e-3 + 0j), r"Tensor lr must hold a real number, got a torch.complex64"),
+        ("betas", (torch.tensor(0.9, device="meta"), 0.99), r"Tensor betas\[0\] is on the meta device"),
+    ],
+    ids=["meta lr", "complex lr", "meta beta1"],
+)
+def test_a_tensor_hyperparameter_without_a_real_value_is_refused_by_name(name, value, words):
+    """These once surfaced as torch's own errors (``Tensor.item() cannot be called on meta
+    tensors``, ``float() argument must be ... not 'complex'``), naming no argument."""
+    with pytest.raises((TypeError, ValueError), match=words):
+        adamkit.Adam([torch.nn.Parameter(torch.randn(2))], **{name: value})
+
+
 def test_decay_factor_that_would_flip_sign_is_rejected():
     opt = adamkit.AdamW([torch.nn.Parameter(torch.randn(2))], lr=1e-3, weight_decay=0.5, decouple_lr=True)
     opt.param_groups[0]["lr"] = 1.0  # lr / max_lr * wd = 500

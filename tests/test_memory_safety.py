@@ -17,6 +17,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -244,6 +245,53 @@ def test_params_that_share_memory_are_refused_by_a_fused_kernel(backend):
     assert_unchanged(opt, [a, b], before)
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
+def test_a_param_listed_twice_is_refused_by_a_fused_kernel_as_such(backend):
+    p = torch.nn.Parameter(torch.randn(SIZE))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = adamkit.Adam([p, p], lr=1e-2, backend=backend)
+    p.grad = torch.randn(SIZE)
+    with pytest.raises(RuntimeError, match=r"params\[0\] and params\[1\] in param_groups\[0\] are the same param"):
+        opt.step()
+
+
+def _tied(tie: str, start: torch.Tensor) -> tuple:
+    a = torch.nn.Parameter(start.clone())
+    b = a if tie == "one param listed twice" else torch.nn.Parameter(torch.empty(0, dtype=start.dtype))
+    b.data = a.data
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tie", ["two params on one tensor", "one param listed twice"])
+def test_single_tensor_steps_params_that_share_memory_one_after_the_other_as_torch_does(tie, dtype):
+    """Three steps.  Oracles: torch.optim.Adam's for-loop (foreach=False) in fp32; in
+    bf16 (which torch rounds op by op), one optimizer per param stepped in turn (a param
+    listed twice: stepped twice a step).  A 16-bit param's update runs on an fp32 copy:
+    both copies were once made before either update, and the last write won; a param
+    listed twice once had its counter advanced twice before its first update."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(SIZE).to(dtype), [torch.randn(SIZE).to(dtype) for _ in range(3)]
+    options = {"lr": 1e-1, "backend": "single_tensor", "state_precision": "fp32"}
+    a, b = _tied(tie, start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's warning about duplicate params
+        opt = adamkit.Adam([a, b], **options)
+    x, y = _tied(tie, start)
+    if dtype == torch.float32:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            oracles = [torch.optim.Adam([x, y], lr=1e-1, foreach=False)]
+    else:
+        oracles = [adamkit.Adam([x], **options)] * 2 if x is y else [adamkit.Adam([x], **options), adamkit.Adam([y], **options)]
+    for grad in grads:
+        a.grad, b.grad, x.grad, y.grad = (grad.clone() for _ in range(4))
+        opt.step()
+        for oracle in oracles:
+            oracle.step()
+    assert torch.equal(a.detach(), x.detach())
+
+
 #: views of one (6, 8) matrix as two params: disjoint (their extents interleave) or sharing elements
 INTERLEAVED_VIEWS = {
     "column blocks": (lambda w: (w[:, :4], w[:, 4:]), False),
@@ -310,8 +358,17 @@ def test_interleaved_views_beyond_the_compared_span_are_taken_to_share(monkeypat
             lambda p: p.grad.set_(torch.ones(SIZE).untyped_storage(), 0, (p.shape[1], p.shape[0]), p.stride()),
             r"the gradient of params\[0\] .* has shape \(30, 10\), but the param's is \(10, 30\)",
         ),
+        # a stepped gradient's storage shrunk under it (the per-step check once read no
+        # gradient's storage: the kernel read 4 bytes' storage as a whole gradient)
+        (lambda p: p.grad.untyped_storage().resize_(16), r"the gradient of params\[0\] .* reaches past the end"),
+        # the storage freed and made again, smaller: the allocator may hand back the same
+        # address, and address, shape and strides once passed as the same extent
+        (
+            lambda p: [p.untyped_storage().resize_(n) for n in (0, p.nbytes - 8)],
+            r"params\[0\] in param_groups\[0\] (reaches past the end|changed since)",
+        ),
     ],
-    ids=["storage-shrunk", "param-expanded", "grad-reshaped"],
+    ids=["storage-shrunk", "param-expanded", "grad-reshaped", "grad-storage-shrunk", "storage-remade-smaller"],
 )
 def test_a_param_or_gradient_whose_memory_no_longer_holds_it_is_refused(backend, change, words):
     model, opt = stepped(backend)
@@ -323,6 +380,127 @@ def test_a_param_or_gradient_whose_memory_no_longer_holds_it_is_refused(backend,
     with pytest.raises(RuntimeError, match=words):
         opt.step()
     assert_unchanged(opt, params[1:], (before[0], before[1][1:], before[2]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_param_re_viewed_in_place_as_another_dtype_is_refused(backend):
+    """bf16 bits re-viewed as fp16 keep the address, size, shape and strides; the kernel
+    once stepped them as bf16 (a silently wrong value)."""
+    model, opt = stepped(backend)
+    model.bfloat16()
+    opt.load_state_dict(opt.state_dict())
+    backward(model)
+    opt.step()
+    backward(model)
+    params = list(model.parameters())
+    before = snapshot(opt, params[1:])
+    weight = model[0].weight
+    weight.data = weight.data.view(torch.float16)
+    with pytest.raises(RuntimeError, match=r"params\[0\] .* changed since .*dtype torch.bfloat16 -> torch.float16"):
+        opt.step()
+    assert_unchanged(opt, params[1:], (before[0], before[1], before[2]))
+
+
+def lazily_negated(values: torch.Tensor) -> torch.Tensor:
+    """``values`` as a contiguous tensor whose memory holds their negation
+    (``is_neg()``).  Public ops make one as the imaginary part of a conjugate (strided,
+    which the kernels stage by copying, resolving it; or of one element, addressed
+    directly): ``torch._neg_view`` makes the contiguous case of any size."""
+    lazy = torch._neg_view(-values)
+    assert lazy.is_neg() and lazy.is_contiguous() and torch.equal(lazy, values)
+    return lazy
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_lazily_negated_gradient_steps_with_its_values(backend):
+    """Oracle: torch.optim.AdamW's for-loop with the same gradients (a kernel reading
+    memory once stepped with the negated gradient)."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(SIZE), [torch.randn(SIZE) for _ in range(3)]
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = adamkit.AdamW([ours], lr=1e-2, backend=backend)
+    oracle = torch.optim.AdamW([theirs], lr=1e-2, foreach=False)
+    for grad in grads:
+        ours.grad, theirs.grad = lazily_negated(grad), grad.clone()
+        opt.step()
+        oracle.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_lazily_conjugated_gradient_of_a_conjugated_complex_param_steps_with_its_values(backend):
+    """Autograd leaves ``p.conj()``'s gradient as a lazy conjugate (``is_conj()``):
+    torch.optim's step refuses it, a kernel reading memory stepped with its conjugate.
+    Oracle: the same run with the gradient resolved."""
+    torch.manual_seed(0)
+    start, x = torch.randn(SIZE, dtype=torch.complex64), torch.randn(SIZE, dtype=torch.complex64)
+    runs = []
+    for resolve in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        opt = adamkit.Adam([p], lr=1e-2, backend=backend)
+        for _ in range(3):
+            p.grad = None
+            (p.conj() * x).real.sum().backward()
+            assert p.grad.is_conj()
+            if resolve:
+                p.grad = p.grad.resolve_conj()
+            opt.step()
+        runs.append(p.detach())
+    assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_lazily_conjugated_param_is_refused(backend):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(SIZE, dtype=torch.complex64))
+    opt = adamkit.Adam([p], lr=1e-2, backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = snapshot(opt, [])
+    p.data = p.data.conj()
+    p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match=r"params\[0\] in param_groups\[0\] is a lazily conjugated view"):
+        opt.step()
+    assert_unchanged(opt, [], before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_state_tensor_whose_elements_share_memory_is_refused_before_any_group_steps(backend):
+    """An expanded view as a moment (a broadcast "reset") holds one value for many
+    elements: the step once raised midway, after the first group had moved."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(SIZE)), torch.nn.Parameter(torch.randn(SIZE))
+    opt = adamkit.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2, backend=backend)
+    a.grad, b.grad = torch.randn(SIZE), torch.randn(SIZE)
+    opt.step()
+    opt.state[b]["exp_avg"] = torch.zeros(()).expand(SIZE)
+    before = snapshot(opt, [a, b])
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"state\['exp_avg'\] of params\[0\] in param_groups\[1\] .* share memory"):
+            opt.step()
+        assert_unchanged(opt, [a, b], before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_state_made_in_a_step_under_inference_mode_steps_outside_it(backend):
+    """The state a param gets in a step under ``torch.inference_mode()`` is an ordinary
+    tensor (it outlives the mode: torch.optim's own state then fails its next in-place
+    update, midway through the groups).  Oracle: the same steps without the mode."""
+    runs = []
+    for inference in (False, True):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(SIZE)), torch.nn.Parameter(torch.randn(SIZE))
+        opt = adamkit.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-2, backend=backend)
+        a.grad = torch.randn(SIZE)
+        opt.step()
+        a.grad, b.grad = None, torch.randn(SIZE)
+        with torch.inference_mode(inference):
+            opt.step()
+        assert not opt.state[b]["exp_avg"].is_inference()
+        a.grad, b.grad = torch.randn(SIZE), torch.randn(SIZE)
+        opt.step()
+        runs.append(torch.cat([a.detach(), b.detach()]))
+    assert torch.equal(*runs)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

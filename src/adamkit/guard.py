@@ -4,10 +4,11 @@ A param group's params are validated in depth when they change (:mod:`adamkit.st
 between those moments a user may still have changed any of them in place:
 ``model.half()`` or ``.to()`` (new data under the same ``Parameter``), ``p.data = ...``,
 ``p.grad.data = ...``, a resize.  The fused kernels address raw memory, so at every step
-:class:`StepGuard` reads each param's address, size in bytes, shape and strides, and each
-gradient's address, shape, dtype, device and strides, and compares them, as one
-list, with what it last validated: a few C-level passes over the group, no Python loop,
-when nothing changed (the common case).  A gradient must have its param's shape and
+:class:`StepGuard` reads each param's address, size in bytes, dtype, shape and strides,
+each gradient's address, shape, dtype, device and strides, and where each param's and
+gradient's storage ends, and compares them, as one list, with what it last validated
+(and each extent with the end of its storage): a few C-level passes over the group, no
+Python loop, when nothing changed (the common case).  A gradient must have its param's shape and
 strides, dtype and device.  Anything else goes through :meth:`StepGuard.validate`, row by
 row, which either accepts the change (a param whose data was replaced by a tensor of the
 same kind; a gradient laid out unlike its param, which the kernels then stage) or raises
@@ -16,14 +17,18 @@ touched.  It also refuses a param or gradient that reaches past the end of its s
 (one shrunk in place by ``untyped_storage().resize_()``, which moves the memory) and a
 param whose elements share memory (an expanded view).
 
-A param keeps its address from step to step (the kernels update it in place), and torch
-keeps every view inside its storage, so an unchanged address with an unchanged shape and
-strides is the same extent of memory, whatever was freed and allocated there in between
-(memory freed under a param and handed to a smaller tensor at the same address gives
-that tensor's shape or strides, which the check sees).  A param that moved
-(``model.half()``, ``.to()``, ``.data = ...``) is checked in full, its dtype and device
-included.  (A param re-viewed in place as another dtype of the same size keeps its
-address, shape and strides and is not seen: memory stays safe, as the extent is the same.)
+A param keeps its address from step to step (the kernels update it in place), but an
+unchanged address, shape and strides is not enough: ``untyped_storage().resize_()``
+shrinks or frees the memory under a view without changing the view (and an allocator may
+hand the same address back), so every step also compares each param's and gradient's
+extent with the end of its storage.  A param that moved (``model.half()``, ``.to()``,
+``.data = ...``) or was re-viewed in place as another dtype is checked in full.
+
+Lazily negated or conjugated tensors (``is_neg()``, ``is_conj()``: ``z.conj().imag``,
+or the gradient autograd leaves for a complex param used as ``p.conj()``) hold their
+values' negation in memory: the front resolves such gradients before the guard sees them
+(:func:`resolved`), and a param with the flag is refused (a kernel writing its memory
+would write the negation).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from functools import cached_property
-from operator import attrgetter
+from operator import add, attrgetter, le
 
 import numpy as np
 import torch
@@ -44,6 +49,10 @@ _get_device = Tensor.get_device
 _dtype_of = attrgetter("dtype")
 _size = Tensor.size
 _nbytes_of = attrgetter("nbytes")
+_storage_of = Tensor.untyped_storage
+_storage_ptr = torch.UntypedStorage.data_ptr
+_storage_nbytes = torch.UntypedStorage.nbytes
+_is_conj = Tensor.is_conj
 
 
 @dataclass
@@ -60,14 +69,20 @@ class Layout:
     strides: list[tuple]
     #: pairs of rows whose params share memory (their updates would race in a fused kernel)
     overlapping: list[tuple[int, int]]
+    #: the bytes from each param's first element to just past its last
+    spans: list[int]
 
     @cached_property
     def expected(self) -> list:
         """What :meth:`StepGuard.check` reads at every step, as it must read it: the
-        params' sizes in bytes, shapes and strides, then their gradients' shapes, dtypes,
-        devices and strides (those of the params)."""
-        shapes, strides = self.shapes, self.strides
-        return [*self.nbytes, *shapes, *strides, *shapes, *self.dtypes, *self.devices, *strides]
+        params' sizes in bytes, dtypes, shapes and strides, then their gradients' shapes,
+        dtypes, devices and strides (those of the params)."""
+        shapes, strides, dtypes = self.shapes, self.strides, self.dtypes
+        return [*self.nbytes, *dtypes, *shapes, *strides, *shapes, *dtypes, *self.devices, *strides]
+
+    @cached_property
+    def complex(self) -> bool:
+        return any(dtype.is_complex for dtype in self.dtypes)
 
 
 @dataclass
@@ -78,6 +93,8 @@ class CheckedTensors:
     grad_ptrs: list[int]
     #: rows whose gradient is not laid out like its param (kernels stage them)
     mismatched_rows: list[int]
+    #: pairs of rows whose params share memory (see :attr:`Layout.overlapping`)
+    overlapping: list[tuple[int, int]] = ()
 
 
 class StepGuard:
@@ -104,6 +121,7 @@ class StepGuard:
                 and param_ptrs == layout.param_ptrs
                 and [  # one list, compared at once: what each param and gradient must still be
                     *map(_nbytes_of, params),
+                    *map(_dtype_of, params),
                     *map(_size, params),
                     *map(_stride, params),
                     *map(_size, grads),
@@ -113,11 +131,14 @@ class StepGuard:
                 ]
                 == layout.expected
                 and (0 not in grad_ptrs or _empty_where_null(grad_ptrs, layout.nbytes))
+                and _within_storages(params, param_ptrs, layout.spans)
+                and _within_storages(grads, grad_ptrs, layout.spans)  # (laid out as their params)
+                and not (layout.complex and any(map(_is_conj, params)))
             )
         except (RuntimeError, TypeError):  # a sparse or storage-less tensor: row by row
             unchanged = False
         if unchanged:
-            return CheckedTensors(param_ptrs, grad_ptrs, [])
+            return CheckedTensors(param_ptrs, grad_ptrs, [], layout.overlapping)
         return self.validate(params, grads, where, state_of, sparse_message)
 
     def validate(self, params: list[Tensor], grads: list[Tensor], where: str, state_of, sparse_message: str):
@@ -128,7 +149,13 @@ class StepGuard:
             self._check_unchanged_param(p, j, name, state_of)
             _check_gradient(p, g, name, sparse_message)
             _check_within_storage(p, name)
-            if _overlaps_itself(p):
+            if p.is_neg() or p.is_conj():
+                raise RuntimeError(
+                    f"{name} is a lazily {'conjugated' if p.is_conj() else 'negated'} view (is_conj() or is_neg(): "
+                    "its memory holds other values than it shows), which a kernel cannot write in place; "
+                    "resolve it first: p.data = p.data.resolve_conj().resolve_neg()"
+                )
+            if overlaps_itself(p):
                 raise RuntimeError(
                     f"{name} has elements that share memory (shape {_shown(p.shape)}, strides {p.stride()}: an "
                     "expanded view?); torch.optim cannot step it either: give each element memory of its own (clone())"
@@ -142,7 +169,7 @@ class StepGuard:
         self.layout = layout
         for p in params:
             self.known[id(p)] = (weakref.ref(p), _kind_of(p))
-        return CheckedTensors(layout.param_ptrs, list(map(_data_ptr, grads)), mismatched)
+        return CheckedTensors(layout.param_ptrs, list(map(_data_ptr, grads)), mismatched, layout.overlapping)
 
     def _check_unchanged_param(self, p: Tensor, j: int, name: str, state_of) -> None:
         """A param with state may move (new data of the same kind), but not change dtype,
@@ -164,6 +191,21 @@ class StepGuard:
         )
 
 
+def _within_storages(tensors: list[Tensor], ptrs: list[int], spans: list[int]) -> bool:
+    """Whether each tensor's extent (from ``ptrs[i]``, ``spans[i]`` bytes) ends within its
+    storage (C-level passes: no Python loop)."""
+    storages = list(map(_storage_of, tensors))
+    needed = map(add, ptrs, spans)
+    ends = map(add, map(_storage_ptr, storages), map(_storage_nbytes, storages))
+    return all(map(le, needed, ends))
+
+
+def resolved(grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` with any lazy conjugation or negation applied (a copy of those that
+    have one; the others as they are): the kernels read memory, not the flags."""
+    return list(map(Tensor.resolve_neg, map(Tensor.resolve_conj, grads)))
+
+
 def _empty_where_null(ptrs: list[int], nbytes: list[int]) -> bool:
     """Whether every null address belongs to an empty tensor (which is never read)."""
     return all(nbytes[i] == 0 for i, ptr in enumerate(ptrs) if ptr == 0)
@@ -181,7 +223,7 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
-def _overlaps_itself(t: Tensor) -> bool:
+def overlaps_itself(t: Tensor) -> bool:
     """Whether elements of ``t`` certainly share memory (a stride 0 over more than one
     element: an expanded view), as torch's in-place ops refuse them."""
     return t.numel() > 1 and any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
@@ -198,6 +240,7 @@ def _layout_of(params: list[Tensor]) -> Layout:
         shapes=list(map(_size, params)),
         strides=list(map(_stride, params)),
         overlapping=_overlapping(params, ptrs, numels),
+        spans=[_end(p, ptr) - ptr if n else 0 for p, ptr, n in zip(params, ptrs, numels)],
     )
 
 
@@ -322,8 +365,8 @@ def _check_gradient(p: Tensor, g: Tensor, name: str, sparse_message: str) -> Non
     if mismatch:
         raise RuntimeError(
             f"the gradient of {name} has {'; '.join(mismatch)} (was `.grad.data` replaced or resized, or the "
-            f"param changed after backward?); torch.optim cannot step it either"
+            f"param changed after backward?); a gradient must have its param's shape, dtype and device"
         )
 
 
-__all__ = ["CheckedTensors", "Layout", "StepGuard", "extent", "is_dense"]
+__all__ = ["CheckedTensors", "Layout", "StepGuard", "extent", "is_dense", "overlaps_itself", "resolved"]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import blockwise
+from .guard import overlaps_itself
 from .algorithms import REGISTRY, FirstMomentScale, is_real_number, lookup
 from .rule import Algorithm
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
@@ -348,6 +349,7 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
             raise ValueError(
                 f"state[{key!r}]{where} is {shown}, but the param has shape {tuple(param.shape)} on {param.device}"
             )
+        _check_own_memory(value, key, where)
     low_bits = state.get(MASTER_KEY)
     if low_bits is not None and low_bits.dtype not in LOW_BITS_DTYPE.values():
         raise ValueError(
@@ -362,11 +364,23 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
             value = state[stored]
             if value.device != param.device:
                 raise ValueError(f"state[{stored!r}]{where} is on {value.device}, but the param is on {param.device}")
+            _check_own_memory(value, stored, where)
         codes = state[blockwise.stored_keys(key, fmt)[0]]
         if codes.dtype != torch.uint8:
             raise ValueError(
                 f"state[{blockwise.stored_keys(key, fmt)[0]!r}]{where} holds {codes.dtype} codes; they are uint8"
             )
+
+
+def _check_own_memory(value: Tensor, key: str, where: str) -> None:
+    """A state tensor whose elements share memory (an expanded view) cannot hold one
+    value per element: refused before anything steps (torch's in-place update fails on it
+    midway)."""
+    if overlaps_itself(value):
+        raise ValueError(
+            f"state[{key!r}]{where} has elements that share memory (shape {tuple(value.shape)}, strides "
+            f"{value.stride()}: an expanded view?); each element needs memory of its own (clone() it)"
+        )
 
 
 def _check_quantized_sizes(state: dict, key: str, param: Tensor, where: str) -> None:

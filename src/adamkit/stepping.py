@@ -30,7 +30,7 @@ from torch.autograd.graph import increment_version
 from . import accumulation, kernels, offload, sharding, statekeeping
 from .algorithms import lookup
 from .diagnostics import Recorder
-from .guard import CheckedTensors, StepGuard
+from .guard import CheckedTensors, StepGuard, resolved
 from .kernels import GroupBatch, Kernel
 from .kernels.amp import unscaled
 from .options import check_available, check_group
@@ -175,6 +175,7 @@ class Stepper:
             grads = [g for g in grads if g is not None]
         if not params:
             return None
+        grads = resolved(grads)  # (lazily negated or conjugated gradients: their values, in memory)
         differentiable = group["differentiable"]
         cache = self.cache(group)
         key = self._state_key(group, params)
@@ -242,6 +243,12 @@ class Stepper:
         checked = guard.check(params, grads, where, state_of, self.optimizer.sparse_gradient_message)
         if kernel.fused and guard.layout.overlapping:
             first, second = guard.layout.overlapping[0]
+            if params[first] is params[second]:
+                raise RuntimeError(
+                    f"params[{first}] and params[{second}]{where} are the same param, listed twice (torch.optim "
+                    f"warns, and steps it twice a step): list each param once, or step this group with "
+                    f"backend='single_tensor' (or 'foreach'), which step it twice as torch.optim does"
+                )
             raise RuntimeError(
                 f"params[{first}] and params[{second}]{where} share memory: the {kernel.name!r} kernel updates "
                 f"tensors in parallel, and their updates would race. Give each param its own memory, or step "
@@ -355,10 +362,11 @@ class Stepper:
                 params, _, state_table = sharding.local_view(params, grads, state_table)
             elif hosts is not None:  # offloaded: the state is made beside the host buffers
                 params, _, state_table = offload.host_view(hosts, params, state_table)
-            for p in params:
-                init_state(state_table[p], p, group, self.optimizer.algorithm)
-                if kernel.fused:
-                    statekeeping.issue_all(state_table[p], epoch)
+            with torch.inference_mode(False):  # state made in a step under inference_mode outlives it
+                for p in params:
+                    init_state(state_table[p], p, group, self.optimizer.algorithm)
+                    if kernel.fused:
+                        statekeeping.issue_all(state_table[p], epoch)
         for group, params, *_ in plans:
             cache = self.cache(group)
             if cache.get("initialized_key") != cache["validated_key"] or cache["validated_key"][-1] != epoch.value:
@@ -451,7 +459,8 @@ def _part_of(plan: GroupPlan, span: slice) -> GroupPlan:
     """The params ``span`` of an offloaded group's plan, as a plan of their own."""
     checked = plan.checked
     rows = [row - span.start for row in checked.mismatched_rows if span.start <= row < span.stop]
-    part = CheckedTensors(checked.param_ptrs[span], checked.grad_ptrs[span], rows)
+    pairs = [(a - span.start, b - span.start) for a, b in checked.overlapping if span.start <= a and b < span.stop]
+    part = CheckedTensors(checked.param_ptrs[span], checked.grad_ptrs[span], rows, pairs)
     return plan._replace(params=plan.params[span], grads=plan.grads[span], checked=part, hosts=plan.hosts[span])
 
 

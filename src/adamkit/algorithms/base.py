@@ -54,6 +54,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from torch import Tensor
 
 Scalar = float | Tensor
@@ -186,6 +187,10 @@ def number_of(name: str, value: Any, where: str = "", *, read_tensors: bool = Tr
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"Tensor {name} must hold a real number{where}, got a {value.dtype} tensor")
+        if value.device.type == "meta":
+            raise ValueError(f"Tensor {name} is on the meta device{where}, which holds no value; give a real tensor")
         return as_number(value) if read_tensors else None
     if not is_real_number(value):
         raise TypeError(f"{name} must be a float or a 1-element tensor{where}, got {value!r}")

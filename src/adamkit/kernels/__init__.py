@@ -63,11 +63,11 @@ FUSED_ALGORITHMS = frozenset(name for name, spec in REGISTRY.items() if spec.fus
 KERNELS: dict[str, Kernel] = {
     "single_tensor": Kernel(
         "single_tensor",
-        list_kernel(single_tensor.ALGORITHMS),
+        list_kernel(single_tensor.ALGORITHMS, one_by_one=True),
         differentiable=True,
         torch_exact=True,
     ),
-    "foreach": Kernel("foreach", list_kernel(foreach.ALGORITHMS), torch_exact=True),
+    "foreach": Kernel("foreach", list_kernel(foreach.ALGORITHMS, one_by_one=False), torch_exact=True),
     "cpu": Kernel(
         "cpu",
         cpu.step,

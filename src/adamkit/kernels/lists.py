@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from ..algorithms import REGISTRY
+from ..guard import share_memory
 from ..rule import GroupScalars, StepScalars, UpdateRule
+from ..state import moment_keys
 from . import storage
 from .types import GroupBatch, GroupTensors, StepFn
 
@@ -27,13 +29,21 @@ def named_after_algorithms(namespace: Mapping[str, object]) -> dict[str, ListKer
     return {name: namespace[name] for name in REGISTRY}
 
 
-def list_kernel(algorithms: Mapping[str, ListKernelFn]) -> StepFn:
+def list_kernel(algorithms: Mapping[str, ListKernelFn], *, one_by_one: bool) -> StepFn:
     """A kernel's ``step`` from per-list functions, one per algorithm: advance each ``step`` counter (as
     torch does, one per tensor), get the scalars from the rule, run the element math
     (on widened copies where the storage policy asks, see :mod:`.storage`: 16-bit
-    values are rounded once per update, as the fused kernels round them)."""
+    values are rounded once per update, as the fused kernels round them).
 
-    def step(batch: GroupBatch, rule: UpdateRule) -> None:
+    Params that share memory (tied weights held as two params, or one param listed twice)
+    are stepped one after the other, each from what the one before it wrote, as torch's
+    for-loop steps them: in rounds (:func:`rounds`), each round a batch of params of
+    their own.  ``one_by_one``: the per-list functions step tensor by tensor (the
+    for-loop), so every shared param needs a round of its own; else (foreach ops, which
+    torch's foreach path also runs over shared params op by op) only those stepped on
+    widened copies, which would otherwise each start from the same value."""
+
+    def step_part(batch: GroupBatch, rule: UpdateRule) -> None:
         states = batch.states
         steps = [s["step"] for s in states]
         for step_t in steps:
@@ -46,7 +56,60 @@ def list_kernel(algorithms: Mapping[str, ListKernelFn]) -> StepFn:
         run(work, rule, rule.group_scalars(), rule.step_scalars_for(steps))
         store()
 
+    def step(batch: GroupBatch, rule: UpdateRule) -> None:
+        parts = rounds(batch, rule, one_by_one)
+        if parts is None:
+            step_part(batch, rule)
+            return
+        for rows in parts:
+            step_part(_rows_of(batch, rows), rule)
+
     return step
 
 
-__all__ = ["ListKernelFn", "list_kernel", "named_after_algorithms"]
+def rounds(batch: GroupBatch, rule: UpdateRule, one_by_one: bool) -> list[list[int]] | None:
+    """The rows of ``batch`` in rounds, each row after every earlier row it shares memory
+    with (``None``: one round, the whole batch).  Row j's round is one past the last
+    round of the earlier rows it shares a byte with (compared byte by byte among the rows
+    the guard found sharing)."""
+    pairs = batch.checked.overlapping if batch.checked is not None else ()
+    if not pairs:
+        return None
+    shared = sorted({row for pair in pairs for row in pair})
+    if not one_by_one:
+        keys = moment_keys(rule.algorithm, rule.amsgrad)
+        states = batch.states
+        shared = [row for row in shared if storage.is_widened(batch.params[row], states[row], keys)]
+    params, round_of = batch.params, {}
+    for j in shared:
+        before = [round_of[k] for k in round_of if share_memory(params[k], params[j])]
+        round_of[j] = 1 + max(before, default=-1)
+    if not any(round_of.values()):
+        return None
+    parts = [[] for _ in range(1 + max(round_of.values()))]
+    for row in range(len(params)):
+        parts[round_of.get(row, 0)].append(row)
+    return parts
+
+
+def _rows_of(batch: GroupBatch, rows: list[int]) -> GroupBatch:
+    """The part of ``batch`` that is ``rows``."""
+
+    def pick(values):
+        return None if values is None else [values[i] for i in rows]
+
+    return GroupBatch(
+        params=pick(batch.params),
+        grads=pick(batch.grads),
+        state_table=batch.state_table,
+        cache=batch.cache,
+        key=batch.key,
+        grad_scale=batch.grad_scale,
+        found_inf=batch.found_inf,
+        param_indices=pick(batch.param_indices),
+        element_offsets=pick(batch.element_offsets),
+        shards=pick(batch.shards),
+    )
+
+
+__all__ = ["ListKernelFn", "list_kernel", "named_after_algorithms", "rounds"]

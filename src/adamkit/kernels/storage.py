@@ -131,6 +131,14 @@ def _moments(state: dict, keys: Sequence[str], param: Tensor, dtype: torch.dtype
     return [loaded[key] for key in keys]
 
 
+def is_widened(param: Tensor, state: dict, keys: Sequence[str]) -> bool:
+    """Whether :func:`widened` steps ``param`` on a copy (a 16-bit param, or moments not
+    in its dtype), stored back after the update: every other param is updated in place."""
+    return rounding.is_low_precision(param.dtype) or not all(
+        state.get(key) is not None and state[key].dtype == param.dtype for key in keys
+    )
+
+
 def widened(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -158,8 +166,7 @@ def widened(
     pending: list[tuple[int, list[_Stored]]] = []
     for i, param in enumerate(params):
         state = states[i]
-        low = rounding.is_low_precision(param.dtype)
-        if not low and all(state.get(key) is not None and state[key].dtype == param.dtype for key in keys):
+        if not is_widened(param, state, keys):
             for key, moments in zip(keys, work_moments):
                 moments.append(state[key])
             continue
@@ -212,4 +219,4 @@ def widened(
     return work, store
 
 
-__all__ = ["compute_dtype", "mix32", "random_bits", "round_stochastic", "step_key", "widened"]
+__all__ = ["compute_dtype", "is_widened", "mix32", "random_bits", "round_stochastic", "step_key", "widened"]

@@ -383,7 +383,7 @@ def _set_cautious_scales(bucket: _Bucket, tensor_scalars, launch, shards) -> Non
     set_cautious_scales(tensor_scalars, totals[:, 0], totals[:, 1])
 
 
-_foreach_step = list_kernel(foreach.ALGORITHMS)
+_foreach_step = list_kernel(foreach.ALGORITHMS, one_by_one=False)
 
 
 def _foreach_fallback(batch: GroupBatch, rule: UpdateRule) -> None:
