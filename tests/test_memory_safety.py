@@ -283,7 +283,11 @@ def test_single_tensor_steps_params_that_share_memory_one_after_the_other_as_tor
             warnings.simplefilter("ignore")
             oracles = [torch.optim.Adam([x, y], lr=1e-1, foreach=False)]
     else:
-        oracles = [adamkit.Adam([x], **options)] * 2 if x is y else [adamkit.Adam([x], **options), adamkit.Adam([y], **options)]
+        oracles = (
+            [adamkit.Adam([x], **options)] * 2
+            if x is y
+            else [adamkit.Adam([x], **options), adamkit.Adam([y], **options)]
+        )
     for grad in grads:
         a.grad, b.grad, x.grad, y.grad = (grad.clone() for _ in range(4))
         opt.step()

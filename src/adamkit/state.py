@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from . import blockwise
-from .guard import overlaps_itself
 from .algorithms import REGISTRY, FirstMomentScale, is_real_number, lookup
+from .guard import overlaps_itself
 from .rule import Algorithm
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, join_tensors, split_into
 from .specs.quantization import FORMATS, PLAIN_FORMATS, format_for, is_quantized
