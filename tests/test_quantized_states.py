@@ -451,6 +451,20 @@ def test_conversion_to_torch_and_back():
         to_quantized(full, params, "int2")
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_to_full_precision_given_params_in_another_order_names_the_mismatch(precision):
+    """Params of other sizes than the state's (a model's order instead of the state
+    dict's) once left those moments quantized while the groups were marked full
+    precision: torch.optim then failed with KeyError 'exp_avg'."""
+    params = [torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(4))]
+    opt = adamkit.AdamW(params, state_precision=precision)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with pytest.raises(ValueError, match=r"exp_avg is held in .* in state\[0\] \(given a param of shape \(4,\)\)"):
+        to_full_precision(opt.state_dict(), params[::-1])
+
+
 @pytest.mark.parametrize("name", [name for name in FAMILY if "state_precision" not in refused(name)])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_to_quantized_stores_what_the_class_itself_would(name, precision):

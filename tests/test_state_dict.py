@@ -122,6 +122,55 @@ def test_torch_save_and_weights_only_load_round_trip(case):
     assert_same_state(other, continued, ours, groups)
 
 
+def test_a_torch_optim_dcp_checkpoint_loads_with_a_partial_load_planner(tmp_path):
+    """docs/distributed.md's recipe, on one process: DCP's default planner refuses the
+    checkpoint (adamkit's groups hold options torch's lack); with ``allow_partial_load``
+    the options keep this optimizer's values.  Oracle: a plain ``load_state_dict`` of
+    torch's state dict, then three more steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def trained(make, steps, seed):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = make(model.parameters())
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(5, 4, generator=generator)).square().sum().backward()
+            opt.step()
+        return model, opt
+
+    model, theirs = trained(lambda p: torch.optim.AdamW(p, lr=1e-2), 3, 0)
+    model_state, optim_state = get_state_dict(model, theirs)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path))
+
+    def ours(params):
+        return adamkit.AdamW(params, lr=0.5, backend="single_tensor", decouple_lr=True, max_lr=2.0)
+
+    loaded_model, loaded = trained(ours, 0, 0)
+    model_state, optim_state = get_state_dict(loaded_model, loaded)
+    state = {"model": model_state, "optim": optim_state}
+    with pytest.raises(BaseException, match="Missing key in checkpoint state_dict"):  # (a CheckpointException)
+        dcp.load(copy.deepcopy(state), checkpoint_id=str(tmp_path))
+    dcp.load(state, checkpoint_id=str(tmp_path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(loaded_model, loaded, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    group = loaded.param_groups[0]
+    assert (group["lr"], group["decouple_lr"], group["max_lr"], group["backend"]) == (1e-2, True, 2.0, "single_tensor")
+
+    oracle_model, oracle = trained(ours, 0, 0)
+    oracle_model.load_state_dict(model.state_dict())
+    oracle.load_state_dict(theirs.state_dict())
+    for opt, net in ((loaded, loaded_model), (oracle, oracle_model)):
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(5, 4, generator=generator)).square().sum().backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(loaded_model.parameters(), oracle_model.parameters()))
+
+
 def test_legacy_float_step_becomes_tensor():
     p = torch.nn.Parameter(torch.randn(3))
     opt = adamkit.Adam([p])

@@ -130,6 +130,116 @@ def test_state_dict_hooks():
     assert seen == ["sd-pre", "load-pre", "load-post"]
 
 
+def _two_param_run(**options):
+    """An optimizer over two params of different scales after three steps, and its state dict."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(300))]
+    opt = adamkit.AdamW(params, lr=1e-2, **options)
+    for _ in range(3):
+        params[0].grad, params[1].grad = torch.randn(300) * 1e-2, torch.randn(300) * 10
+        opt.step()
+    return opt, params
+
+
+def _loaded_with_hooks(make) -> tuple:
+    """A one-param optimizer's own state dict loaded back under a pre-hook zeroing the
+    first moment and post-hooks reading and doubling the second: what the state holds."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(30))]
+    opt = make(params, lr=1e-2)
+    params[0].grad = torch.randn(30)
+    opt.step()
+    saved = opt.state_dict()
+
+    def zero_first_moment(optimizer, state_dict):
+        state_dict["state"][0] = {**state_dict["state"][0], "exp_avg": torch.zeros(30)}
+
+    seen = []
+    opt.register_load_state_dict_pre_hook(zero_first_moment)
+    opt.register_load_state_dict_post_hook(lambda o: seen.append(o.state[params[0]]["exp_avg_sq"].dtype))
+    opt.register_load_state_dict_post_hook(lambda o: o.state[params[0]]["exp_avg_sq"].mul_(2))
+    opt.load_state_dict(saved)
+    state = opt.state[params[0]]
+    return state["exp_avg"].abs().sum().item(), state["exp_avg_sq"].sum().item(), seen
+
+
+def test_what_load_hooks_change_stays_changed():
+    """Oracle: torch.optim.AdamW with the same hooks.  adamkit's own part of the load
+    once ran after torch's, on the dict as given: it undid a pre-hook's edit and a
+    post-hook's, and post-hooks saw moments not yet in their final dtype."""
+    ours = _loaded_with_hooks(adamkit.AdamW)
+    assert ours == _loaded_with_hooks(torch.optim.AdamW)
+    assert ours[0] == 0
+
+
+def test_load_hooks_see_and_keep_moments_held_in_their_own_dtype():
+    """bf16 moments beside fp32 params (torch casts them to fp32, adamkit restores them):
+    a pre-hook's zeros, a post-hook's doubling and its option edit stay, and the
+    post-hooks see bf16, the state as the load leaves it."""
+    opt, params = _two_param_run(state_precision="bf16")
+    saved = opt.state_dict()
+    seen = []
+
+    def zero_first_moment(optimizer, state_dict):
+        state_dict["state"][0] = {**state_dict["state"][0], "exp_avg": torch.zeros(300, dtype=torch.bfloat16)}
+
+    opt.register_load_state_dict_pre_hook(zero_first_moment)
+    opt.register_load_state_dict_post_hook(lambda o: seen.append(o.state[params[0]]["exp_avg_sq"].dtype))
+    opt.register_load_state_dict_post_hook(lambda o: o.state[params[0]]["exp_avg_sq"].mul_(2))
+    opt.register_load_state_dict_post_hook(lambda o: o.param_groups[0].update(decouple_lr=True))
+    opt.load_state_dict(saved)
+    state = opt.state[params[0]]
+    assert seen == [torch.bfloat16]
+    assert torch.equal(state["exp_avg"], torch.zeros(300, dtype=torch.bfloat16))
+    assert torch.equal(state["exp_avg_sq"], saved["state"][0]["exp_avg_sq"] * 2)
+    assert opt.param_groups[0]["decouple_lr"] is True
+
+
+@pytest.mark.parametrize("state_precision", [None, "int8", "bf16"])
+def test_a_pre_hook_that_remaps_params_by_name_gives_each_its_own_state(state_precision):
+    """torch's docs remap a checkpoint by ``param_names`` with a pre-hook returning a new
+    dict; adamkit once copied its quantized and 16-bit moments from the dict as given, by
+    position, so that each param got the other's codes with its own scales.  Oracle: the
+    state saved under each name."""
+    source, _ = _two_param_run(state_precision=state_precision)
+    saved = source.state_dict()
+    torch.manual_seed(1)
+    swapped = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(300))]
+    opt = adamkit.AdamW(swapped, lr=1e-2, state_precision=state_precision)
+
+    def remap(optimizer, state_dict):  # the checkpoint's params 0 and 1 are this model's 1 and 0
+        return {**state_dict, "state": {1 - index: state for index, state in state_dict["state"].items()}}
+
+    opt.register_load_state_dict_pre_hook(remap)
+    opt.load_state_dict(saved)
+    for index, param in enumerate(swapped):
+        for key, value in saved["state"][1 - index].items():
+            assert torch.equal(opt.state[param][key], value), (index, key)
+
+
+def test_a_loaded_group_without_its_hyperparameters_is_refused_and_nothing_changes():
+    """torch.optim fails at its step (KeyError: 'betas'); adamkit once filled in the class
+    defaults, and training went on with other hyperparameters than it was made with."""
+    opt, params = _two_param_run(betas=(0.5, 0.6), eps=1e-3, weight_decay=0.25)
+    saved = opt.state_dict()
+    for key in ("betas", "eps", "weight_decay"):
+        del saved["param_groups"][0][key]
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"\['betas', 'eps', 'weight_decay'\] are missing in param_groups\[0\]"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i in before["state"] for k, v in before["state"][i].items())
+
+
+def test_a_loaded_group_with_no_lr_is_refused_by_name():
+    opt, _ = _two_param_run()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lr"] = None
+    with pytest.raises(TypeError, match=r"lr must be a float or a 1-element tensor in param_groups\[0\], got None"):
+        opt.load_state_dict(saved)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad(set_to_none):
     opt, p = one_param_optimizer()

@@ -37,7 +37,7 @@ from . import blockwise, offload, sharding
 from .algorithms import REGISTRY, FirstMomentScale, lookup
 from .specs.master import LOW_BITS_DTYPE, MASTER_KEY, uncast_low_bits
 from .specs.quantization import FORMATS, format_for
-from .state import fold_compensation, fold_master, moment_keys
+from .state import check_quantized_sizes, fold_compensation, fold_master, moment_keys
 
 #: every moment key a quantized state may hold quantized: each registered algorithm's,
 #: AMSGrad's maximum included (a weight copy in a moment's place, schedule-free's z, is
@@ -82,12 +82,15 @@ def to_full_precision(state_dict: dict, params: Sequence) -> dict:
     tensor of its param's shape, under torch.optim's key; groups get
     ``state_precision=None``.  Loads into torch.optim (which casts to the params' dtype)."""
     result, states = _states_and_shapes(state_dict, params)
-    for _, state, shape in states:
+    for saved_id, state, shape in states:
         for key in MOMENT_KEYS:
             fmt = blockwise.stored_format(state, key, shape.numel())
             if fmt is not None:
                 state[key] = blockwise.load_moment(state, key, shape, fmt)
                 blockwise.drop(state, key, fmt)
+            elif key not in state:  # codes of another size than this param's: params in another order?
+                where = f" in state[{saved_id}] (given a param of shape {tuple(shape)})"
+                check_quantized_sizes(state, key, shape.numel(), where)
     for group in result["param_groups"]:
         if group.get("state_precision") in FORMATS:
             group["state_precision"] = None

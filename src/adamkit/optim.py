@@ -31,6 +31,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import convert, kernels, options
 from .algorithms import ADAM, ADAMAX, ADEMAMIX, ADOPT, NADAM, RADAM, SCHEDULE_FREE_ADAMW, STABLE_ADAMW, lookup
+from .algorithms.base import number_of
 from .diagnostics import Recorder, group_stats
 from .kernels.cpu import fork_safe_threads
 from .offload import HostStep
@@ -39,6 +40,17 @@ from .specs.master import MASTER_KEY, join_tensors, split_into
 from .state import COMPENSATION_KEY, upgrade_step
 from .statekeeping import StateEpoch, tracked
 from .stepping import Stepper, draw_seed_if_needed
+
+#: the group flags torch.optim's ``__setstate__`` fills where a loaded group lacks them
+TORCH_DEFAULTED_FLAGS = (
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+)
 
 
 class _AdamFamily(Optimizer):
@@ -114,6 +126,13 @@ class _AdamFamily(Optimizer):
         del defaults["max_lr"]
         return defaults
 
+    @classmethod
+    def _defaulted_group_keys(cls) -> frozenset[str]:
+        """The group keys a loaded or unpickled group may lack, filled with their defaults:
+        adamkit's options (an older adamkit, or torch.optim, saved none) and the flags
+        torch.optim's own ``__setstate__`` fills.  The hyperparameters are never filled."""
+        return frozenset((*options.DEFAULTS, *cls.extra_group_keys, *TORCH_DEFAULTED_FLAGS))
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group, index = self.param_groups[-1], len(self.param_groups) - 1
@@ -160,9 +179,17 @@ class _AdamFamily(Optimizer):
         self._stepper = Stepper(self, self._recorder)  # the state may be new: validate again
         defaults = self._group_defaults()
         for i, group in enumerate(self.param_groups):
+            where = f" in param_groups[{i}]"
+            missing = [key for key in defaults if key not in group and key not in self._defaulted_group_keys()]
+            if missing:
+                raise ValueError(
+                    f"the hyperparameters {missing} are missing{where}: a group loaded without them would step with "
+                    "the class defaults, not the values this optimizer was made with (torch.optim fails at its "
+                    "step); was the state dict edited, or saved by an optimizer without them?"
+                )
             for key, default in defaults.items():
                 group.setdefault(key, default)
-            group.setdefault("max_lr", as_number(group["lr"]))
+            group.setdefault("max_lr", number_of("lr", group["lr"], where))
             for j, p in enumerate(group["params"]):
                 upgrade_step(self.state.get(p, {}), p, group, f" of params[{j}] in param_groups[{i}]")
 
@@ -180,22 +207,44 @@ class _AdamFamily(Optimizer):
         adamkit's options missing from a torch.optim state dict keep this optimizer's values.
         An offloaded group's state is loaded into host memory (never through the device).
         As with torch.optim, a tensor already of its param's dtype and device is kept, not
-        copied (no second copy of the state in memory): to load another optimizer's
-        ``state_dict()`` while that one goes on stepping, load ``copy.deepcopy`` of it."""
+        copied: to load another optimizer's ``state_dict()`` while that one goes on
+        stepping, load ``copy.deepcopy`` of it.  A fused kernel addresses only memory the
+        optimizer alone holds (:mod:`adamkit.statekeeping`): at the first step it takes
+        over a loaded tensor nothing else holds, and copies one the caller still holds
+        (``ckpt = torch.load(...)`` kept in scope: drop it after loading to keep one copy
+        of the state in memory)."""
         self.wait_for_host_steps()
         before = [{k: g[k] for k in self.extra_group_keys if k in g} for g in self.param_groups]
+        loading = {}
+
+        def take_hooked(optimizer, hooked: dict) -> dict:
+            """The last pre-hook: adamkit's part of the load reads the state dict as the
+            user's pre-hooks left it (one remapped by param name, say)."""
+            torch_part, loading["host_states"] = convert.split_offloaded(self, hooked, before)
+            loading["state_dict"] = hooked
+            return torch_part
+
+        def finish(optimizer) -> None:
+            """The first post-hook: the user's post-hooks see (and may change) the loaded state."""
+            convert.load_offloaded(self, loading["host_states"])
+            convert.import_state(self, loading["state_dict"], before)
+
         # torch replaces the optimizer's groups and state with new objects, so keeping the
         # old ones puts everything back where a malformed state dict fails half-way
         attributes = dict(self.__dict__)
+        handles = (
+            self.register_load_state_dict_pre_hook(take_hooked),
+            self.register_load_state_dict_post_hook(finish, prepend=True),
+        )
         try:
-            torch_part, host_states = convert.split_offloaded(self, state_dict, before)
-            super().load_state_dict(torch_part)
-            convert.load_offloaded(self, host_states)
-            convert.import_state(self, state_dict, before)
+            super().load_state_dict(state_dict)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(attributes)
             raise
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.compiler.disable
     @_use_grad_for_differentiable

@@ -327,7 +327,7 @@ def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bo
     scalars = ["step", MU_PRODUCT_KEY] if lookup(algorithm).keeps_mu_product else ["step"]
     missing = [key for key in scalars + moments if key not in state and held_quantized.get(key) is None]
     for key in missing:
-        _check_quantized_sizes(state, key, param, where)
+        check_quantized_sizes(state, key, param.numel(), where)
     if missing:
         hint = (
             " (amsgrad was switched on after the first step)"
@@ -383,10 +383,10 @@ def _check_own_memory(value: Tensor, key: str, where: str) -> None:
         )
 
 
-def _check_quantized_sizes(state: dict, key: str, param: Tensor, where: str) -> None:
-    """A moment held quantized, but in codes or scales of another size than the param's
-    (a checkpoint of another model, or one edited by hand): say so."""
-    numel, signed = param.numel(), key in blockwise.SIGNED_KEYS
+def check_quantized_sizes(state: dict, key: str, numel: int, where: str) -> None:
+    """A moment held quantized, but in codes or scales of another size than its param's
+    ``numel`` elements (a checkpoint of another model, or one edited by hand): say so."""
+    signed = key in blockwise.SIGNED_KEYS
     for fmt in (*FORMATS.values(), *PLAIN_FORMATS.values()):
         codes, scales = blockwise.stored_keys(key, fmt)
         if codes in state or scales in state:
