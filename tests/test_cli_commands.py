@@ -69,13 +69,28 @@ def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys, tmp_pa
 
 
 def test_bench_quick_prints_a_table(capsys):
+    torch.manual_seed(0)
     assert main(["bench", "--quick", "--cases", "b,d", "--rounds", "1", "--device", "cpu"]) == 0
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3)), "bench drew from the caller's random generator"
     out = capsys.readouterr().out
     assert "device cpu" in out and "(b) 1M fp32 params in 200 tensors" in out and "(d) 5M bf16" in out
     rows = [line.split() for line in out.splitlines() if line.startswith(("  torch", "  adamkit"))]
     assert [" ".join(r[:2]) for r in rows[:4]] == ["torch for-loop", "torch foreach", "torch fused", "adamkit cpu"]
     fused = [r for r in rows if r[:2] == ["torch", "fused"]][0]
     assert float(fused[3]) == 1.0  # its own ratio
+
+
+@pytest.mark.parametrize("argv", [["memory", "gpt2"], ["memory", "--layers", "1", "gpt2", "--time"]], ids=" ".join)
+def test_memory_leaves_the_callers_random_generator_as_it_was(argv, capsys):
+    """Its settings build optimizers that round stochastically: they once drew their
+    seeds from torch's global generator."""
+    torch.manual_seed(0)
+    assert main(argv) == 0
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

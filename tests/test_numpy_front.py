@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -154,6 +156,17 @@ def test_the_same_callable_is_a_scipy_custom_method():
     )
     assert isinstance(through_scipy, scipy_optimize.OptimizeResult)
     assert through_scipy.success and np.array_equal(through_scipy.x, ours.x) and through_scipy.nit == ours.nit
+
+
+@pytest.mark.parametrize("through_scipy", [False, True])
+def test_the_hessian_warning_points_at_the_callers_line(through_scipy):
+    """Called through ``scipy.optimize.minimize``, it once pointed into SciPy."""
+    solve = scipy_optimize.minimize if through_scipy else adamkit.minimize
+    options = {"method": adamkit.minimize, "options": {"maxiter": 3}} if through_scipy else {"maxiter": 3}
+    with pytest.warns(RuntimeWarning, match="does not use Hessian information") as caught:
+        line = sys._getframe().f_lineno + 1
+        solve(parabola, np.ones(3), jac=parabola_grad, hess=lambda x: 2 * np.eye(3), **options)
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
 
 
 def test_jac_true_and_finite_differences():

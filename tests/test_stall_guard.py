@@ -4,6 +4,7 @@ elements whose stored value did not change (though their exact change was not ze
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -89,12 +90,27 @@ def test_bf16_weight_decay_at_fine_tuning_rates_is_lost_and_the_guard_names_the_
             opt.step()
     stalls = [w for w in caught if issubclass(w.category, StallWarning)]
     assert len(stalls) == 2  # once per param, not once per check
+    assert {w.filename for w in stalls} == {__file__}  # the user's step() (it once named torch's wrapper)
     assert {str(w.message).split(":")[0] for w in stalls} == {"weight", "bias"}
     assert all("weight decay alone" in str(w.message) and "100%" in str(w.message) for w in stalls)
     for p in model.parameters():  # the oracle: 30 decay steps left every bf16 weight as it was
         assert torch.equal(_bits(p), before[p])
     assert guard.check() == {"weight": 1.0, "bias": 1.0}
     guard.remove()
+
+
+def test_a_stall_found_by_calling_check_points_at_that_call():
+    model = _model(torch.bfloat16)
+    opt = adamkit.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    guard = adamkit.stall_guard(opt, every=10**6, names=model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        guard.check()
+    assert [(w.filename, w.lineno) for w in caught if issubclass(w.category, StallWarning)] == [(__file__, line)] * 2
 
 
 def test_kahan_loses_fine_tuning_decay_once_its_compensation_has_grown():

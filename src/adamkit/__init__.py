@@ -11,12 +11,20 @@ NumPy arrays, and :func:`adamkit.minimize` (needs SciPy) solves ``scipy.optimize
 problems.
 """
 
+import sys as _sys
+
 from . import convert, precision, stalls
 from ._version import __version__
 from .optim import ADOPT, Adam, AdaMax, Adamax, AdamW, AdEMAMix, NAdam, RAdam, ScheduleFreeAdamW, StableAdamW
 from .release import gradient_release
 from .specs import master, quantization, reference, rounding
 from .stalls import stall_guard
+
+# The spec modules keep their names from before they moved into adamkit.specs, as import
+# paths too (``import adamkit.reference``, ``from adamkit.rounding import ...``).
+for _module in (master, quantization, reference, rounding):
+    _sys.modules.setdefault(f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}", _module)
+del _module
 
 
 def __getattr__(name: str):

@@ -98,7 +98,8 @@ def _adamkit_state_bytes(options: dict, optimizer: str = "AdamW") -> Callable[[T
     from .state import init_state
 
     cls = getattr(adamkit, optimizer)
-    group = cls([torch.nn.Parameter(torch.empty(0, device="meta"))], **options).param_groups[0]
+    placeholder = [torch.nn.Parameter(torch.empty(0, device="meta"))]
+    group = cls(placeholder, **{"seed": 0, **options}).param_groups[0]  # (a seed given: none drawn)
 
     def held(param: Tensor) -> int:
         state: dict = {}
@@ -411,7 +412,7 @@ def time_step(model_shapes: list[tuple[int, ...]], setting: Setting, rounds: int
     ]
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
-    optimizer = setting.optimizer_class(params, lr=1e-4, **setting.options)
+    optimizer = setting.optimizer_class(params, lr=1e-4, **{"seed": 0, **setting.options})  # (none drawn)
     optimizer.step()
     times = []
     for _ in range(rounds):

@@ -85,6 +85,7 @@ class _AdamFamily(Optimizer):
         """Validate a constructor's ``arguments`` (torch's checks first, then adamkit's),
         then build the optimizer."""
         torch_arguments, values = options.split_arguments(arguments)
+        options.renew_values(values)
         betas = options.check_constructor_arguments(
             torch_arguments, adam_checks=lookup(self.algorithm).tensor_hyperparameter_checks
         )
@@ -189,6 +190,7 @@ class _AdamFamily(Optimizer):
                 )
             for key, default in defaults.items():
                 group.setdefault(key, default)
+            options.renew_values(group, where)
             group.setdefault("max_lr", number_of("lr", group["lr"], where))
             for j, p in enumerate(group["params"]):
                 upgrade_step(self.state.get(p, {}), p, group, f" of params[{j}] in param_groups[{i}]")

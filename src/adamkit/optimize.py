@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ import numpy as np
 from scipy.optimize import Bounds, OptimizeResult
 
 from . import numpy as anp
+from .user_warnings import warn_at_user
 
 #: method name -> (array optimizer, its fixed keywords)
 METHODS = {
@@ -201,7 +201,9 @@ def minimize(
     if constraints:
         raise ValueError("constraints are not supported by adamkit.minimize (bounds are)")
     if hess is not None or hessp is not None:
-        warnings.warn(f"method {method!r} does not use Hessian information (hess, hessp)", RuntimeWarning, stacklevel=2)
+        warn_at_user(
+            f"method {method!r} does not use Hessian information (hess, hessp)", RuntimeWarning, passing=("scipy",)
+        )
     if not isinstance(maxiter, numbers.Integral) or isinstance(maxiter, bool) or maxiter < 0:
         raise ValueError(f"Invalid maxiter: {maxiter!r} (an int >= 0)")
     gtol = (1e-6 if tol is None else tol) if gtol is None else gtol

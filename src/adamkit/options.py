@@ -36,6 +36,7 @@ from .rule import Scalar, as_number, to_scalar
 from .specs.master import MASTER_WEIGHTS
 from .specs.quantization import FORMATS
 from .specs.rounding import ROUNDINGS
+from .user_warnings import warn_at_user
 
 #: The execution paths a param group may ask for; ``None`` picks per device.
 BACKENDS = (None, *KERNELS)
@@ -225,6 +226,23 @@ def split_arguments(arguments: Mapping[str, Any]) -> tuple[dict, dict]:
     return {k: v for k, v in arguments.items() if k not in not_torch}, {name: arguments[name] for name in DEFAULTS}
 
 
+#: option values renamed since a release: (option, old value) -> its new value.  The old
+#: value keeps working (from a constructor, a group edit or a loaded checkpoint), with a
+#: ``FutureWarning`` naming the new one.
+RENAMED_VALUES: dict[tuple[str, Any], Any] = {("backend", "reference"): "single_tensor"}
+
+
+def renew_values(values: dict, where: str = "") -> None:
+    """Replace renamed option values in ``values`` (a constructor's options or a param
+    group) by their new names, in place, warning once for each."""
+    for (name, old), new in RENAMED_VALUES.items():
+        if isinstance(values.get(name), str) and values[name] == old:
+            warn_at_user(
+                f"{name}={old!r}{where} is deprecated and will be removed: it is now {name}={new!r}", FutureWarning
+            )
+            values[name] = new
+
+
 def check_options(values: Mapping[str, Any], *, differentiable: bool, where: str = "") -> None:
     """Each option's own check, then the combinations that cannot work together."""
     for option in OPTIONS:
@@ -383,6 +401,7 @@ def check_algorithm_hyperparameters(values: Mapping[str, Any], where: str = "") 
 def check_group(group: dict, where: str) -> None:
     """Every check of a param group's values, run when the group is made and at every
     step.  A capturable group's tensors are not read: on an accelerator that would sync."""
+    renew_values(group, where)
     lr, weight_decay = group["lr"], group["weight_decay"]
     check_hyperparameters(
         lr=lr,

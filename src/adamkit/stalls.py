@@ -54,7 +54,6 @@ happen inside backward, not in ``optimizer.step()``: call ``guard.check()`` your
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -70,6 +69,7 @@ from .rule import UpdateRule, as_number
 from .specs.master import MASTER_KEY, join_tensors
 from .specs.rounding import is_low_precision
 from .state import COMPENSATION_KEY, moment_keys, moment_value
+from .user_warnings import warn_at_user
 
 
 class StallWarning(UserWarning):
@@ -187,7 +187,7 @@ class StallGuard:
                 if shares[name] >= self.threshold and id(param) not in self.warned:
                     self.warned.add(id(param))
                     message = _message(name, param, group, shares[name], changes.decay_lost_share)
-                    warnings.warn(message, StallWarning, stacklevel=3)
+                    warn_at_user(message, StallWarning)
         return shares
 
     def remove(self) -> None:

@@ -100,8 +100,10 @@ def run_case(
     (``x.add_(y)`` on ``add_elements`` fp32 values: 12 bytes each), all measured in the
     same interleaved rounds; ``tick`` is called after each round.  On CUDA every timed
     call is bracketed by device synchronisations."""
-    optimizers = {name: make(make_params(case, seed=0, device=device)) for name, make in contenders.items()}
-    x, y = torch.randn(add_elements, device=device), torch.randn(add_elements, device=device)
+    with torch.random.fork_rng(devices=[]):  # (contenders that round stochastically draw their seeds)
+        optimizers = {name: make(make_params(case, seed=0, device=device)) for name, make in contenders.items()}
+    generator = torch.Generator(device=device).manual_seed(0)
+    x, y = (torch.randn(add_elements, device=device, generator=generator) for _ in range(2))
     steps = {name: opt.step for name, opt in optimizers.items()} | {"add_": lambda: x.add_(y)}
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for step in steps.values():  # warm-up: state allocation, first touch, compilation

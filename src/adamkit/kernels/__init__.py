@@ -12,13 +12,13 @@ against the NumPy reference, so a new kernel inherits all tests.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..algorithms import REGISTRY
+from ..user_warnings import warn_at_user
 from . import cpu, foreach, single_tensor
 from . import triton as triton_kernel
 from .lists import list_kernel
@@ -101,7 +101,7 @@ def _fallback(wanted: str, instead: str) -> str:
         _warned.add(wanted)
         reason = KERNELS[wanted].unavailable_reason()
         because = f" ({reason})" if reason else ""
-        warnings.warn(f"adamkit: the {wanted!r} kernel is not available here{because}; using {instead!r}", stacklevel=4)
+        warn_at_user(f"adamkit: the {wanted!r} kernel is not available here{because}; using {instead!r}")
     return instead
 
 
