@@ -170,8 +170,13 @@ def test_a_failing_group_leaves_every_group_as_it_was(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     "step,words",
-    [(-3.0, "a step count is one number >= 0"), (float("nan"), "a step count"), (torch.tensor([1.0, 2.0]), "shape")],
-    ids=["negative", "nan", "two-elements"],
+    [
+        (-3.0, "a step count is one number >= 0"),
+        (float("nan"), "a step count"),
+        (torch.tensor([1.0, 2.0]), "shape"),
+        (torch.tensor(True), "tensor\\(True\\): a step count"),  # (once counted as step 1; torch fails)
+    ],
+    ids=["negative", "nan", "two-elements", "bool"],
 )
 def test_a_loaded_step_that_cannot_count_is_refused_and_counts_nothing(backend, step, words):
     model, opt = stepped(backend)
@@ -185,6 +190,17 @@ def test_a_loaded_step_that_cannot_count_is_refused_and_counts_nothing(backend, 
         with pytest.raises(ValueError, match=r"state\['step'\] of params\[0\] in param_groups\[0\] is .*" + words):
             opt.step()
         assert_unchanged(opt, params, before)
+
+
+def test_a_loaded_step_that_is_no_number_is_refused_by_name_at_the_load():
+    """torch's load turns a string into a generator, which the error once showed."""
+    model, opt = stepped("single_tensor")
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = "5"
+    before = snapshot(opt, list(model.parameters()))
+    with pytest.raises(ValueError, match=r"state\[0\]\['step'\] = '5': a counter must be a number"):
+        opt.load_state_dict(saved)
+    assert_unchanged(opt, list(model.parameters()), before)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -451,6 +451,16 @@ def test_conversion_to_torch_and_back():
         to_quantized(full, params, "int2")
 
 
+def test_to_quantized_refuses_a_complex_param_s_state_by_name():
+    """It once dropped the imaginary part (with only torch's cast warning)."""
+    p = torch.nn.Parameter(torch.randn(300, dtype=torch.complex64))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg_sq'\] is torch.complex64: quantized states need real"):
+        to_quantized(opt.state_dict(), [p], "int8")
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_to_full_precision_given_params_in_another_order_names_the_mismatch(precision):
     """Params of other sizes than the state's (a model's order instead of the state

@@ -123,6 +123,11 @@ def to_quantized(state_dict: dict, params: Sequence, state_precision: str, *, al
                     raise ValueError(
                         f"state[{param_id}][{key!r}] has shape {tuple(value.shape)}, the param {tuple(shape)}"
                     )
+                if value.is_complex():  # (its imaginary part would be dropped)
+                    raise ValueError(
+                        f"state[{param_id}][{key!r}] is {value.dtype}: quantized states need real params, as "
+                        f"state_precision={state_precision!r} does"
+                    )
                 blockwise.allocate(state, key, value, formats[param_id])
                 blockwise.store_moment(state, key, value, formats[param_id], restore=True)
     return result

@@ -37,7 +37,7 @@ from .kernels.cpu import fork_safe_threads
 from .offload import HostStep
 from .rule import Algorithm, as_number
 from .specs.master import MASTER_KEY, join_tensors, split_into
-from .state import COMPENSATION_KEY, upgrade_step
+from .state import COMPENSATION_KEY, check_saved_counters, upgrade_step
 from .statekeeping import StateEpoch, tracked
 from .stepping import Stepper, draw_seed_if_needed
 
@@ -222,6 +222,7 @@ class _AdamFamily(Optimizer):
         def take_hooked(optimizer, hooked: dict) -> dict:
             """The last pre-hook: adamkit's part of the load reads the state dict as the
             user's pre-hooks left it (one remapped by param name, say)."""
+            check_saved_counters(hooked)
             torch_part, loading["host_states"] = convert.split_offloaded(self, hooked, before)
             loading["state_dict"] = hooked
             return torch_part

@@ -298,6 +298,18 @@ def _is_counter(value, dtypes: tuple[torch.dtype, ...]) -> bool:
     return torch.is_tensor(value) and value.dtype in dtypes and value.numel() == 1
 
 
+def check_saved_counters(state_dict: dict) -> None:
+    """Refuse, by name, a saved counter that is neither a number nor a tensor, before
+    torch's load turns it into something else (a string into a generator)."""
+    for index, state in state_dict.get("state", {}).items():
+        for key in ("step", MU_PRODUCT_KEY):
+            value = state.get(key) if isinstance(state, dict) else None
+            if key in state and not (torch.is_tensor(value) or is_real_number(value)):
+                raise ValueError(
+                    f"state[{index}][{key!r}] = {value!r}: a counter must be a number or a one-element tensor"
+                )
+
+
 def upgrade_step(state: dict, param: Tensor, group: dict, where: str = "") -> None:
     """Old checkpoints stored ``step`` (and NAdam's ``mu_product``) as a number; make
     it a tensor as torch does.  Anything else that is not a tensor (``None``, a string)
@@ -405,7 +417,12 @@ def check_quantized_sizes(state: dict, key: str, numel: int, where: str) -> None
 def _check_counter(value, key: str, where: str) -> None:
     """A step counter (or NAdam's ``mu_product``) is one finite number; a step count is >= 0."""
     number = None
-    if torch.is_tensor(value) and value.numel() == 1 and (value.is_floating_point() or not value.is_complex()):
+    if (
+        torch.is_tensor(value)
+        and value.numel() == 1
+        and (value.is_floating_point() or not value.is_complex())
+        and value.dtype != torch.bool
+    ):
         number = float(value.detach().reshape(()).item()) if value.device.type != "meta" else 0.0
     elif is_real_number(value):
         number = float(value)
