@@ -36,7 +36,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from functools import cached_property
-from operator import add, attrgetter, le
+from operator import add, attrgetter, eq, le, mul
 
 import numpy as np
 import torch
@@ -47,12 +47,13 @@ _numel = Tensor.numel
 _stride = Tensor.stride
 _get_device = Tensor.get_device
 _dtype_of = attrgetter("dtype")
-_size = Tensor.size
+_size = attrgetter("shape")  # (5x faster than Tensor.size, which goes through torch function dispatch)
 _nbytes_of = attrgetter("nbytes")
 _storage_of = Tensor.untyped_storage
-_storage_ptr = torch.UntypedStorage.data_ptr
+_storage_offset = Tensor.storage_offset
 _storage_nbytes = torch.UntypedStorage.nbytes
 _is_conj = Tensor.is_conj
+_is_neg = Tensor.is_neg
 
 
 @dataclass
@@ -71,14 +72,8 @@ class Layout:
     overlapping: list[tuple[int, int]]
     #: the bytes from each param's first element to just past its last
     spans: list[int]
-
-    @cached_property
-    def expected(self) -> list:
-        """What :meth:`StepGuard.check` reads at every step, as it must read it: the
-        params' sizes in bytes, dtypes, shapes and strides, then their gradients' shapes,
-        dtypes, devices and strides (those of the params)."""
-        shapes, strides, dtypes = self.shapes, self.strides, self.dtypes
-        return [*self.nbytes, *dtypes, *shapes, *strides, *shapes, *dtypes, *self.devices, *strides]
+    #: each param's element size in bytes
+    itemsizes: list[int]
 
     @cached_property
     def complex(self) -> bool:
@@ -119,20 +114,18 @@ class StepGuard:
             unchanged = (
                 layout is not None
                 and param_ptrs == layout.param_ptrs
-                and [  # one list, compared at once: what each param and gradient must still be
-                    *map(_nbytes_of, params),
-                    *map(_dtype_of, params),
-                    *map(_size, params),
-                    *map(_stride, params),
-                    *map(_size, grads),
-                    *map(_dtype_of, grads),
-                    *map(_get_device, grads),
-                    *map(_stride, grads),
-                ]
-                == layout.expected
+                # what each param and gradient must still be (a gradient: its param's layout)
+                and _all_equal(_nbytes_of, params, layout.nbytes)
+                and _all_equal(_dtype_of, params, layout.dtypes)
+                and _all_equal(_size, params, layout.shapes)
+                and _all_equal(_stride, params, layout.strides)
+                and _all_equal(_size, grads, layout.shapes)
+                and _all_equal(_dtype_of, grads, layout.dtypes)
+                and _all_equal(_get_device, grads, layout.devices)
+                and _all_equal(_stride, grads, layout.strides)
                 and (0 not in grad_ptrs or _empty_where_null(grad_ptrs, layout.nbytes))
-                and _within_storages(params, param_ptrs, layout.spans)
-                and _within_storages(grads, grad_ptrs, layout.spans)  # (laid out as their params)
+                and _within_storages(params, layout)
+                and _within_storages(grads, layout)
                 and not (layout.complex and any(map(_is_conj, params)))
             )
         except (RuntimeError, TypeError):  # a sparse or storage-less tensor: row by row
@@ -191,19 +184,29 @@ class StepGuard:
         )
 
 
-def _within_storages(tensors: list[Tensor], ptrs: list[int], spans: list[int]) -> bool:
-    """Whether each tensor's extent (from ``ptrs[i]``, ``spans[i]`` bytes) ends within its
-    storage (C-level passes: no Python loop)."""
-    storages = list(map(_storage_of, tensors))
-    needed = map(add, ptrs, spans)
-    ends = map(add, map(_storage_ptr, storages), map(_storage_nbytes, storages))
-    return all(map(le, needed, ends))
+def _all_equal(read, tensors: list[Tensor], expected: list) -> bool:
+    """Whether ``read(tensors[i]) == expected[i]`` for every i: C-level passes, each value
+    compared and dropped as it is made (a list of thousands of shapes or strides, held at
+    once, sets off the garbage collector's passes, which doubled the check's time)."""
+    return all(map(eq, map(read, tensors), expected))
 
 
-def resolved(grads: list[Tensor]) -> list[Tensor]:
+def _within_storages(tensors: list[Tensor], layout: Layout) -> bool:
+    """Whether each tensor's extent (its storage offset, then the span of its row of
+    ``layout``: a gradient is laid out as its param) ends within its storage (C-level
+    passes, as :func:`_all_equal`)."""
+    needed = map(add, map(mul, map(_storage_offset, tensors), layout.itemsizes), layout.spans)
+    return all(map(le, needed, map(_storage_nbytes, map(_storage_of, tensors))))
+
+
+def resolved(grads: list[Tensor], complex_params: bool = True) -> list[Tensor]:
     """``grads`` with any lazy conjugation or negation applied (a copy of those that
-    have one; the others as they are): the kernels read memory, not the flags."""
-    return list(map(Tensor.resolve_neg, map(Tensor.resolve_conj, grads)))
+    have one; the others as they are): the kernels read memory, not the flags.  (Reading
+    the flags costs a quarter of resolving every gradient; only a complex tensor is ever
+    conjugated, so ``complex_params=False`` skips that flag.)"""
+    if any(map(_is_neg, grads)) or (complex_params and any(map(_is_conj, grads))):
+        return list(map(Tensor.resolve_neg, map(Tensor.resolve_conj, grads)))
+    return grads
 
 
 def _empty_where_null(ptrs: list[int], nbytes: list[int]) -> bool:
@@ -241,6 +244,7 @@ def _layout_of(params: list[Tensor]) -> Layout:
         strides=list(map(_stride, params)),
         overlapping=_overlapping(params, ptrs, numels),
         spans=[_end(p, ptr) - ptr if n else 0 for p, ptr, n in zip(params, ptrs, numels)],
+        itemsizes=list(map(Tensor.element_size, params)),
     )
 
 

@@ -211,10 +211,10 @@ class _AdamFamily(Optimizer):
         As with torch.optim, a tensor already of its param's dtype and device is kept, not
         copied: to load another optimizer's ``state_dict()`` while that one goes on
         stepping, load ``copy.deepcopy`` of it.  A fused kernel addresses only memory the
-        optimizer alone holds (:mod:`adamkit.statekeeping`): at the first step it takes
-        over a loaded tensor nothing else holds, and copies one the caller still holds
-        (``ckpt = torch.load(...)`` kept in scope: drop it after loading to keep one copy
-        of the state in memory)."""
+        optimizer alone holds (:mod:`adamkit.statekeeping`): its first step copies each
+        loaded tensor into such memory, one at a time, so a checkpoint the caller keeps
+        (``ckpt = torch.load(...)`` left in scope) holds a second copy of the state: drop
+        it after loading."""
         self.wait_for_host_steps()
         before = [{k: g[k] for k in self.extra_group_keys if k in g} for g in self.param_groups]
         loading = {}

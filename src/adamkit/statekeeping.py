@@ -32,11 +32,10 @@ element, the tensor shows fewer).  Replace a state tensor through the dict
 
 from __future__ import annotations
 
-import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
-from functools import cache, partial
+from functools import partial
 from itertools import count
 
 import torch
@@ -202,39 +201,13 @@ def issue(tensor: Tensor, epoch: StateEpoch, *, fresh: bool = False) -> Tensor:
 
 def issue_all(state, epoch: StateEpoch) -> None:
     """Issue every tensor of one param's ``state`` (a mapping: a :class:`ParamState`, or a
-    sharded param's local view of one) that is not issued yet: by copying it, unless
-    nothing but ``state`` holds it (a loaded checkpoint the caller let go of), whose
-    memory is taken over (no second copy of a loaded state)."""
-    for key in list(state):
-        value = state[key]
+    sharded param's local view of one) that is not issued yet, by copying it.  (Never by
+    taking its memory over: a loaded tensor's memory may be reachable in ways no count
+    shows, a storage object the caller kept or a DLPack or NumPy alias, and freeing it
+    from there would leave a kernel writing freed memory.)"""
+    for key, value in list(state.items()):
         if isinstance(value, Tensor) and value.device.type in ISSUABLE_DEVICES and not is_issued(value, epoch):
-            alone = _references(value) == _lone_references() and _owns_its_storage_alone(value)
-            state[key] = issue(value, epoch, fresh=alone)
-
-
-def _references(value) -> int:
-    return sys.getrefcount(value)
-
-
-@cache
-def _lone_references() -> int:
-    """What :func:`_references` counts, called as :func:`issue_all` calls it, for a tensor
-    one dict alone holds (the count depends on the interpreter's calling convention)."""
-    state = {"probe": torch.empty(0)}
-    for key in list(state):
-        value = state[key]
-        return _references(value)
-
-
-def _owns_its_storage_alone(value: Tensor) -> bool:
-    """Whether ``value`` covers its whole storage and no other tensor (a view) or
-    storage object holds that storage (its use count: ``value``'s and the one
-    ``untyped_storage()`` makes here)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None or value.requires_grad or value.storage_offset() != 0 or not value.is_contiguous():
-        return False
-    storage = value.untyped_storage()
-    return storage.nbytes() == value.nbytes and use_count(storage._cdata) == 2
+            state[key] = issue(value, epoch)
 
 
 def is_issued(tensor: Tensor, epoch: StateEpoch) -> bool:

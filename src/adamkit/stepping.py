@@ -19,6 +19,7 @@ copied or loads a state dict.  They are keyed on the optimizer's
 from __future__ import annotations
 
 import operator
+from contextlib import contextmanager
 from itertools import repeat
 from operator import attrgetter
 from typing import NamedTuple
@@ -175,7 +176,6 @@ class Stepper:
             grads = [g for g in grads if g is not None]
         if not params:
             return None
-        grads = resolved(grads)  # (lazily negated or conjugated gradients: their values, in memory)
         differentiable = group["differentiable"]
         cache = self.cache(group)
         key = self._state_key(group, params)
@@ -188,8 +188,10 @@ class Stepper:
             self._check_params_and_state(group, params, where, hosts)
             cache["validated_key"], cache["devices"] = key, set(map(_device_of, params))
             cache["dtypes"] = set(map(_dtype_of, params))
+            cache["complex"] = any(dtype.is_complex for dtype in cache["dtypes"])
             cache["sharded"] = any(map(sharding.is_sharded, params))
             cache["offsets"] = {id(p): sharding.element_offset(p) for p in params} if cache["sharded"] else None
+        grads = resolved(grads, cache["complex"])  # (lazily negated or conjugated ones: their values in memory)
         if (
             lookup(self.optimizer.algorithm).tensor_hyperparameter_checks
             and group.get("foreach")
@@ -362,7 +364,7 @@ class Stepper:
                 params, _, state_table = sharding.local_view(params, grads, state_table)
             elif hosts is not None:  # offloaded: the state is made beside the host buffers
                 params, _, state_table = offload.host_view(hosts, params, state_table)
-            with torch.inference_mode(False):  # state made in a step under inference_mode outlives it
+            with _outside_inference_mode():  # state made in a step under inference_mode outlives it
                 for p in params:
                     init_state(state_table[p], p, group, self.optimizer.algorithm)
                     if kernel.fused:
@@ -434,6 +436,17 @@ class Stepper:
         if cached is None or cached[0] != identity:
             cached = self._param_index_cache = (identity, {id(p): i for i, p in enumerate(everything)})
         return [cached[1][id(p)] for p in params]
+
+
+@contextmanager
+def _outside_inference_mode():
+    """Out of ``torch.inference_mode()`` where it is on (its tensors cannot be updated in
+    place outside it), grad mode as it was; nothing otherwise."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.set_grad_enabled(torch.is_grad_enabled()):
+        yield
 
 
 def _state_options(group: dict) -> tuple:
