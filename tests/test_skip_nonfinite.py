@@ -92,6 +92,38 @@ def test_half_precision_gradients_with_large_finite_values_are_not_skipped():
     assert opt.skipped_steps == 0 and torch.all(p < 1)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+def test_float64_gradients_beyond_fp32_s_largest_number_are_finite_and_step(backend, dtype):
+    """Their norms were once judged in fp32, where 1e39 is infinite: the step was
+    skipped.  Oracle: torch.optim.Adam, which steps them."""
+    grad = torch.tensor([1e39, 1.0, -1.0], dtype=torch.float64).to(dtype)
+    ours, theirs = torch.nn.Parameter(torch.ones(3, dtype=dtype)), torch.nn.Parameter(torch.ones(3, dtype=dtype))
+    opt = adamkit.Adam([ours], lr=0.1, skip_nonfinite=True, backend=backend)
+    oracle = torch.optim.Adam([theirs], lr=0.1, foreach=False)
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    opt.step()
+    oracle.step()
+    assert opt.skipped_steps == 0
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_empty_param_steps_beside_the_others(backend):
+    """An empty gradient's max-abs norm has no value: torch's norm raised on it, naming
+    nothing, at every step.  Oracle: the same step without the empty param."""
+    runs = []
+    for with_empty in (True, False):
+        p = torch.nn.Parameter(torch.ones(3))
+        params = [p, torch.nn.Parameter(torch.zeros(0))] if with_empty else [p]
+        opt = adamkit.Adam(params, lr=0.1, skip_nonfinite=True, backend=backend)
+        for q in params:
+            q.grad = torch.ones_like(q)
+        opt.step()
+        runs.append(p.detach())
+    assert torch.equal(*runs)
+
+
 def test_the_count_survives_copies_and_the_option_is_checked():
     p = torch.nn.Parameter(torch.ones(2))
     opt = adamkit.Adam([p], skip_nonfinite=True)

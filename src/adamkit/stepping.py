@@ -98,13 +98,16 @@ def _fused_devices() -> list[str]:
 
 
 def _all_finite(params: list[Tensor], grads: list[Tensor], sharded: bool) -> bool:
-    """Whether no gradient holds a NaN or an infinity (max-abs norms: exact, no
-    overflow).  Sharded gradients are checked shard by shard and the ranks agree (a
-    collective), so that every rank skips the same steps."""
+    """Whether no gradient holds a NaN or an infinity (max-abs norms, each judged in its
+    own dtype: exact, and no overflow where an fp64 one would pass fp32's largest number).
+    Empty gradients hold nothing (and their max-abs norm has no value).  Sharded gradients
+    are checked shard by shard and the ranks agree (a collective), so that every rank
+    skips the same steps."""
     if sharded:
         grads = list(map(sharding.local, grads))
-    norms = torch._foreach_norm([g.detach() for g in grads], float("inf"))
-    nonfinite = (~torch.stack([n.to(torch.float32) for n in norms]).isfinite()).sum(dtype=torch.float64)
+    held = [g.detach() for g in grads if g.numel()]
+    finite = [n.isfinite() for n in torch._foreach_norm(held, float("inf"))] if held else []
+    nonfinite = (~torch.stack(finite)).sum(dtype=torch.float64) if finite else torch.zeros((), dtype=torch.float64)
     if sharded:
         nonfinite = sharding.sum_over_shards(nonfinite.reshape(1).cpu(), next(filter(sharding.is_sharded, params)))
     return not bool(nonfinite.item())
