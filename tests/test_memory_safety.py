@@ -198,7 +198,9 @@ def test_a_loaded_step_that_is_no_number_is_refused_by_name_at_the_load():
     saved = opt.state_dict()
     saved["state"][0]["step"] = "5"
     before = snapshot(opt, list(model.parameters()))
-    with pytest.raises(ValueError, match=r"state\[0\]\['step'\] = '5': a counter must be a number"):
+    with pytest.raises(
+        ValueError, match=r"state\['step'\] = '5' of params\[0\] in param_groups\[0\]: a counter must be a number"
+    ):
         opt.load_state_dict(saved)
     assert_unchanged(opt, list(model.parameters()), before)
 

@@ -301,12 +301,18 @@ def _is_counter(value, dtypes: tuple[torch.dtype, ...]) -> bool:
 def check_saved_counters(state_dict: dict) -> None:
     """Refuse, by name, a saved counter that is neither a number nor a tensor, before
     torch's load turns it into something else (a string into a generator)."""
+    places = {
+        saved_id: f" of params[{j}] in param_groups[{i}]"
+        for i, group in enumerate(state_dict.get("param_groups", []))
+        for j, saved_id in enumerate(group.get("params", []))
+    }
     for index, state in state_dict.get("state", {}).items():
         for key in ("step", MU_PRODUCT_KEY):
             value = state.get(key) if isinstance(state, dict) else None
-            if key in state and not (torch.is_tensor(value) or is_real_number(value)):
+            if isinstance(state, dict) and key in state and not (torch.is_tensor(value) or is_real_number(value)):
                 raise ValueError(
-                    f"state[{index}][{key!r}] = {value!r}: a counter must be a number or a one-element tensor"
+                    f"state[{key!r}] = {value!r}{places.get(index, '')}: a counter must be a number or a one-element "
+                    "tensor"
                 )
 
 
