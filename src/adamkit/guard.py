@@ -5,11 +5,10 @@ between those moments a user may still have changed any of them in place:
 ``model.half()`` or ``.to()`` (new data under the same ``Parameter``), ``p.data = ...``,
 ``p.grad.data = ...``, a resize.  The fused kernels address raw memory, so at every step
 :class:`StepGuard` reads each param's address, size in bytes, dtype, shape and strides,
-each gradient's address, shape, dtype, device and strides, and where each param's and
-gradient's storage ends, and compares them, as one list, with what it last validated
-(and each extent with the end of its storage): a few C-level passes over the group, no
-Python loop, when nothing changed (the common case).  A gradient must have its param's shape and
-strides, dtype and device.  Anything else goes through :meth:`StepGuard.validate`, row by
+and each gradient's address, shape, dtype, device and strides, compares them value by
+value with what it last validated, and each one's extent with the end of its storage: a
+few C-level passes over the group, no Python loop, when nothing changed (the common
+case).  A gradient must have its param's shape and strides, dtype and device.  Anything else goes through :meth:`StepGuard.validate`, row by
 row, which either accepts the change (a param whose data was replaced by a tensor of the
 same kind; a gradient laid out unlike its param, which the kernels then stage) or raises
 a ``RuntimeError`` that names the param, what changed and what to do, with nothing

@@ -448,8 +448,10 @@ def _outside_inference_mode():
     if not torch.is_inference_mode_enabled():
         yield
         return
-    with torch.inference_mode(False), torch.set_grad_enabled(torch.is_grad_enabled()):
-        yield
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False):
+        with torch.set_grad_enabled(grad):  # (made once out: it sets the mode when made, not entered)
+            yield
 
 
 def _state_options(group: dict) -> tuple:
