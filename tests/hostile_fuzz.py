@@ -6,10 +6,11 @@ own, side by side in one buffer, or interleaved element by element in one: strid
 views whose extents overlap without sharing an element)
 and a sequence of steps and of the mutations users really make between them: the model
 cast (``.half()``, ``.bfloat16()``, ``.double()``), a param's ``.data`` replaced by data
-of the same or another shape, params tied to one buffer, gradients dropped, replaced
-through ``.data`` by another shape, dtype or layout, ``optimizer.state`` edited in place
-(entries replaced, re-pointed, moved to shared memory, popped; a step count that cannot
-count), hand-edited state dicts loaded, and param groups edited.  Every tensor a kernel
+of the same or another shape (or its 16 bits re-viewed as the other 16-bit float), params
+tied to one buffer, gradients dropped, replaced through ``.data`` by another shape, dtype
+or layout, their storage cut under them, or lazily negated, ``optimizer.state`` edited in
+place (entries replaced, re-pointed, moved to shared memory, popped, expanded; a step
+count that cannot count), hand-edited state dicts loaded, and param groups edited.  Every tensor a kernel
 may address — params, gradients and the state adamkit issues — ends where a page ends,
 followed by a page that cannot be read or written, so a read or write one byte past any
 of them kills the process (the test sees the signal).
@@ -151,15 +152,21 @@ MUTATIONS = st.one_of(
     st.just(("step",)),
     st.tuples(st.just("grad_none"), st.integers(0, 3)),
     st.tuples(
-        st.just("grad_data"), st.integers(0, 3), st.sampled_from(["shape", "dtype", "strided", "expanded", "reshaped"])
+        st.just("grad_data"),
+        st.integers(0, 3),
+        st.sampled_from(["shape", "dtype", "strided", "expanded", "reshaped", "storage_shrunk", "negated"]),
     ),
     st.tuples(st.just("cast"), st.sampled_from(["half", "bfloat16", "double", "float"])),
-    st.tuples(st.just("param_data"), st.integers(0, 3), st.sampled_from(["same", "shape", "dtype", "expanded"])),
+    st.tuples(
+        st.just("param_data"), st.integers(0, 3), st.sampled_from(["same", "shape", "dtype", "expanded", "re_viewed"])
+    ),
     st.tuples(st.just("tie"), st.integers(0, 3), st.integers(0, 3)),
     st.tuples(
         st.just("state"),
         st.integers(0, 3),
-        st.sampled_from(["replace", "data", "set_", "share_memory_", "pop", "wrong_shape", "negative_step"]),
+        st.sampled_from(
+            ["replace", "data", "set_", "share_memory_", "pop", "wrong_shape", "expanded", "negative_step"]
+        ),
     ),
     st.tuples(st.just("state_dict"), st.sampled_from(["round_trip", "truncate", "drop_key", "step_pair"])),
     st.tuples(st.just("group"), st.sampled_from(["lr", "weight_decay", "precision", "rounding", "amsgrad", "bad_lr"])),
@@ -256,6 +263,12 @@ class Run:
                 shape = (p.shape[1], p.shape[0], *p.shape[2:])
                 held = guarded_empty(shape, p.dtype, p.stride()).fill_(0.5)
                 p.grad.set_(held.untyped_storage(), held.storage_offset(), shape, p.stride())
+            elif how == "storage_shrunk":  # the view kept, the memory under it cut to 4 bytes
+                grad = p.grad.detach().clone()
+                grad.untyped_storage().resize_(4)
+                p.grad = grad
+            elif how == "negated":  # the same values, their negation in memory (is_neg())
+                p.grad = torch._neg_view(guarded_copy(-p.grad.detach()))
 
         self.both(change)
 
@@ -279,6 +292,9 @@ class Run:
                 p.data = guarded_empty((p.numel() + 1,), p.dtype).fill_(0.5)
             elif how == "expanded":  # every element at one address: no step may write it
                 p.data = guarded_empty((1,), p.dtype).fill_(0.5).expand(p.shape)
+            elif how == "re_viewed":  # 16-bit bits re-viewed in place as the other 16-bit float
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.view(torch.bfloat16 if p.dtype == torch.float16 else torch.float16)
             else:
                 p.data = guarded_copy(p.data.to(torch.float64 if p.dtype != torch.float64 else torch.float32))
 
@@ -314,6 +330,8 @@ class Run:
                 state.pop(key)
             elif how == "wrong_shape":
                 state[key] = guarded_empty((value.numel() + 5,), value.dtype).fill_(1)
+            elif how == "expanded":  # one element under every index
+                state[key] = guarded_empty((1,), value.dtype).fill_(1).expand(value.shape)
             else:
                 state["step"] = torch.tensor(-3.0)
 
@@ -379,7 +397,8 @@ class Run:
             tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(p.dtype, 2e-2)
             torch.testing.assert_close(p.detach(), q.detach(), rtol=tolerance, atol=tolerance, equal_nan=True)
         for p, q in zip(self.ours, self.theirs):  # the next step starts from the same place
-            q.data.copy_(p.data)
+            if 0 not in q.stride() or q.numel() <= 1:  # (an expanded param without a gradient: never written)
+                q.data.copy_(p.data)
         self.twin.load_state_dict(copy.deepcopy(self.opt.state_dict()))
 
 
