@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from adamkit import rounding
-from adamkit.kernels import storage
+from adamkit.kernels import KERNELS, storage
+
+try:  # the Triton kernel's device function (run by Triton's CPU interpreter here)
+    import triton
+    import triton.language as tl
+
+    from adamkit.kernels.triton.device import _to_storage_stochastic
+except ImportError:
+    triton = None
 
 FORMATS = [torch.bfloat16, torch.float16]
 
@@ -103,3 +111,95 @@ def test_kahan_split_keeps_what_rounding_loses(dtype):
     # smallest subnormal (fp16's narrow exponent range)
     smallest = rounding.spacing(np.zeros(1, dtype=np.uint16), dtype)[0]
     assert np.all(np.abs(p + c - theta) <= 2.0 ** (-2 * mantissa) * np.abs(theta) + smallest / 2)
+
+
+def near_the_top(dtype: torch.dtype) -> np.ndarray:
+    """fp32 values from two spacings below the format's largest finite number to two
+    above (every fp32 pattern for fp16, every 64th for bf16), fp32's largest, the
+    infinities and NaN, with their negatives."""
+    top = np.float32(torch.finfo(dtype).max).view(np.int32)
+    spacing = 1 << (13 if dtype == torch.float16 else 16)  # in fp32 patterns
+    patterns = np.arange(top - 2 * spacing, min(top + 2 * spacing, 0x7F7FFFFF), 1 if dtype == torch.float16 else 64)
+    x = np.concatenate([patterns.astype(np.int32).view(np.float32), [np.finfo(np.float32).max, np.inf, np.nan]])
+    return np.concatenate([x, -x]).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_stochastic_rounding_overflows_exactly_where_nearest_rounding_does(dtype):
+    """A value that nearest rounding keeps finite is never carried to infinity (an fp16
+    weight at 65505 once was, one time in 32); one it overflows is always infinite,
+    whatever the random bits."""
+    x = near_the_top(dtype).astype(np.float64)
+    nearest = rounding.round_nearest(x, dtype)
+    top = float(torch.finfo(dtype).max)
+    for r in (0, 1, 32767, 32768, 65535):
+        rounded = rounding.round_stochastic(x, dtype, np.full(x.size, r))
+        assert np.array_equal(np.isinf(rounded), np.isinf(nearest))
+        assert np.array_equal(np.isnan(rounded), np.isnan(x))
+        finite = np.isfinite(rounded)
+        assert np.all(np.abs(rounded[finite]) <= top) and np.all(np.signbit(rounded) == np.signbit(nearest))
+    below = x[np.isfinite(nearest) & (np.abs(x) < top)]  # unbiased up to the largest finite number
+    every_r = np.arange(65536)
+    for value in below[:: max(1, below.size // 20)]:
+        assert np.mean(rounding.round_stochastic(np.full(65536, value), dtype, every_r)) == pytest.approx(
+            value, rel=1e-9
+        )
+
+
+def _numba_rounding(x: np.ndarray, dtype: torch.dtype, bits: np.ndarray) -> np.ndarray:
+    numba = pytest.importorskip("numba")
+    from adamkit.kernels.intrinsics import stochastic_bfloat16, stochastic_half
+
+    convert = stochastic_bfloat16 if dtype == torch.bfloat16 else stochastic_half
+
+    @numba.njit
+    def round_all(x, bits, out):
+        for i in range(x.size):
+            out[i] = convert(x[i], np.int32(bits[i]))
+
+    out = np.empty(x.size, dtype=np.uint16 if dtype == torch.bfloat16 else np.int16)
+    round_all(x, bits.astype(np.int32), out)
+    return torch.from_numpy(out.view(np.int16)).view(dtype).double().numpy()
+
+
+def _triton_rounding(x: np.ndarray, dtype: torch.dtype, bits: np.ndarray) -> np.ndarray:
+    if triton is None or not KERNELS["triton"].supports(torch.device("cpu")):
+        pytest.skip("Triton's CPU interpreter is not available")
+    source, out = torch.from_numpy(x), torch.empty(x.size, dtype=dtype)
+    storage_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    grid = (triton.cdiv(x.size, 1024),)
+    _round_all[grid](source, torch.from_numpy(bits.astype(np.uint32)), out, x.size, storage_dtype, 1024)
+    return out.double().numpy()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_all(x_ptr, bits_ptr, out_ptr, n, STORAGE: tl.constexpr, BLOCK: tl.constexpr):
+        """Every element rounded by the Triton kernel's device function."""
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        bits16 = tl.load(bits_ptr + offsets, mask=mask)
+        tl.store(
+            out_ptr + offsets, _to_storage_stochastic(tl.load(x_ptr + offsets, mask=mask), bits16, STORAGE), mask=mask
+        )
+
+
+def _torch_rounding(x: np.ndarray, dtype: torch.dtype, bits: np.ndarray) -> np.ndarray:
+    return (
+        storage.round_stochastic(torch.from_numpy(x), dtype, torch.from_numpy(bits.astype(np.int64))).double().numpy()
+    )
+
+
+@pytest.mark.parametrize(
+    "implementation", [_torch_rounding, _numba_rounding, _triton_rounding], ids=["torch", "numba", "triton"]
+)
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_every_implementation_rounds_the_top_of_the_range_as_the_spec_does(implementation, dtype):
+    """The list kernels' torch arithmetic, the CPU kernel's intrinsics and the Triton
+    kernel's device function, element by element, where a carry reaches infinity."""
+    x = np.concatenate([near_the_top(dtype), awkward_float32(20_000, seed=4)])
+    bits = np.random.default_rng(5).integers(0, 65536, x.size)
+    bits[:5] = [0, 1, 32768, 65534, 65535]
+    expected = rounding.round_stochastic(x.astype(np.float64), dtype, bits)
+    assert np.array_equal(implementation(x, dtype, bits), expected, equal_nan=True)

@@ -4,6 +4,7 @@ bf16 weights, reproducibility, state_dicts, untouched gradients and clear errors
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -78,6 +79,23 @@ def test_stochastic_rounding_is_the_same_on_every_backend():
     results = {backend: small_model_run(backend, "stochastic", "bf16")[0] for backend in CPU_BACKENDS}
     for backend, params in results.items():
         assert all(torch.equal(x, y) for x, y in zip(params, results["cpu"])), backend
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_does_not_carry_the_largest_weight_to_infinity(backend, dtype):
+    """A weight at the format's largest number pushed up by less than half a spacing
+    stays there, as nearest rounding keeps it (fp16 weights at 65504 once became inf,
+    383 of 4096 in three steps); pushed up by a spacing it overflows, as under nearest."""
+    top = torch.finfo(dtype).max
+    for push, overflows in ((0.25, False), (2.0, True)):
+        spacing = 2.0 ** math.floor(math.log2(top)) * torch.finfo(dtype).eps  # the largest number's spacing
+        p = torch.nn.Parameter(torch.full((4096,), top, dtype=dtype))
+        opt = adamkit.Adam([p], lr=push * spacing, backend=backend, rounding="stochastic", seed=1)
+        for _ in range(3):
+            p.grad = torch.full_like(p, -1.0)  # each step moves the weights up by lr
+            opt.step()
+        assert bool(p.isinf().all()) if overflows else not bool(p.isinf().any()), (push, int(p.isinf().sum()))
 
 
 def test_seed_none_draws_from_torch_generator_only_when_needed():

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 import numpy as np
+import torch
 from numba import njit, types
 from numba.core.extending import intrinsic
 
 from ..specs.quantization import DIVISOR_EXPONENT_LIMIT, ROOT_HALF, ROOT_TWO
-from ..specs.rounding import MIX_MULTIPLIERS
+from ..specs.rounding import BFLOAT16_OVERFLOW_BITS, INFINITY, LARGEST_FINITE, MIX_MULTIPLIERS
+
+_HALF_LARGEST, _HALF_INFINITY = LARGEST_FINITE[torch.float16], INFINITY[torch.float16]
 
 
 @intrinsic
@@ -102,14 +105,22 @@ def random16(typingctx, key, index):
 
 @intrinsic
 def stochastic_bfloat16(typingctx, value, bits16):
-    """float32 to bfloat16 bits, stochastically: add r to the low half, truncate."""
+    """float32 to bfloat16 bits, stochastically: add r to the low half of |x|'s
+    pattern, truncate, and stop at the largest finite number; infinity from where
+    nearest rounding overflows; the sign put back."""
 
     def codegen(context, builder, signature, args):
         i32, i16 = ir.IntType(32), ir.IntType(16)
-        bits = builder.add(builder.bitcast(args[0], i32), args[1])
-        rounded = builder.trunc(builder.lshr(bits, ir.Constant(i32, 16)), i16)
+        bits = builder.bitcast(args[0], i32)
+        magnitude = builder.and_(bits, ir.Constant(i32, 0x7FFFFFFF))
+        rounded = builder.lshr(builder.add(magnitude, args[1]), ir.Constant(i32, 16))
+        largest = ir.Constant(i32, LARGEST_FINITE[torch.bfloat16])
+        rounded = builder.select(builder.icmp_unsigned("<", rounded, largest), rounded, largest)
+        overflows = builder.icmp_unsigned(">=", magnitude, ir.Constant(i32, BFLOAT16_OVERFLOW_BITS))
+        rounded = builder.select(overflows, ir.Constant(i32, INFINITY[torch.bfloat16]), rounded)
+        signed = builder.or_(rounded, builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 0x8000)))
         is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.select(is_nan, ir.Constant(i16, 0x7FC0), rounded)
+        return builder.select(is_nan, ir.Constant(i16, 0x7FC0), builder.trunc(signed, i16))
 
     return types.uint16(types.float32, types.int32), codegen
 
@@ -246,8 +257,10 @@ def stochastic_half(value, bits16):
     spacing = np.float32(2.0 ** (max((toward_zero >> 10) & 0x1F, 1) - 25))
     fraction = (abs(value) - abs(half_to_float(np.int16(toward_zero)))) / spacing
     away = np.int64(fraction * np.float32(65536.0) >= np.float32(65536 - np.int64(bits16)))
-    is_nan = np.int64(value != value)  # NaN keeps the converted NaN
-    return np.int16((toward_zero + away) * (1 - is_nan) + (np.int64(nearest) & 0xFFFF) * is_nan)
+    away *= np.int64((toward_zero & 0x7FFF) != _HALF_LARGEST)  # never past the largest finite
+    # inf (where nearest rounding overflows, or x is infinite) and NaN keep the conversion
+    keep = np.int64((np.int64(nearest) & _HALF_INFINITY) == _HALF_INFINITY)
+    return np.int16((toward_zero + away) * (1 - keep) + (np.int64(nearest) & 0xFFFF) * keep)
 
 
 def _same_sign(builder, wide, joined):

@@ -67,10 +67,12 @@ def _as_int16(bits: Tensor) -> Tensor:
 def round_stochastic(value: Tensor, dtype: torch.dtype, bits16: Tensor) -> Tensor:
     """``value`` (fp32; fp64 is rounded to fp32 first) stochastically rounded to ``dtype``."""
     value = value.float()
-    if dtype == torch.bfloat16:  # add r to the low 16 bits, then truncate
+    if dtype == torch.bfloat16:  # add r to the low 16 bits of |x|, truncate, stop at the largest finite
         pattern = value.view(torch.int32).to(torch.int64) & MASK32
-        rounded = ((pattern + bits16) >> 16) & 0xFFFF
-        rounded = torch.where(value.isnan(), 0x7FC0, rounded)
+        magnitude = pattern & 0x7FFFFFFF
+        rounded = torch.clamp((magnitude + bits16) >> 16, max=rounding.LARGEST_FINITE[dtype])
+        rounded = torch.where(magnitude >= rounding.BFLOAT16_OVERFLOW_BITS, rounding.INFINITY[dtype], rounded)
+        rounded = torch.where(value.isnan(), 0x7FC0, rounded | ((pattern >> 16) & 0x8000))
         return _as_int16(rounded).view(torch.bfloat16)
     nearest = value.to(dtype)
     pattern = nearest.view(torch.int16).to(torch.int64) & 0xFFFF
@@ -78,8 +80,11 @@ def round_stochastic(value: Tensor, dtype: torch.dtype, bits16: Tensor) -> Tenso
     exponent = torch.clamp((toward_zero >> 10) & 0x1F, min=1)
     spacing = torch.exp2((exponent - 25).to(torch.float32))
     fraction = (value.abs() - _as_int16(toward_zero).view(dtype).float().abs()) / spacing
-    rounded = toward_zero + (fraction * 65536.0 >= 65536.0 - bits16).to(torch.int64)
-    return torch.where(value.isnan(), nearest, _as_int16(rounded).view(dtype))
+    away = (fraction * 65536.0 >= 65536.0 - bits16) & ((toward_zero & 0x7FFF) != rounding.LARGEST_FINITE[dtype])
+    rounded = _as_int16(toward_zero + away.to(torch.int64)).view(dtype)
+    # inf (where nearest rounding overflows, or x is infinite) and NaN keep the conversion
+    infinity = rounding.INFINITY[dtype]
+    return torch.where(pattern & infinity == infinity, nearest, rounded)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

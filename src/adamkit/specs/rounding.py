@@ -48,8 +48,12 @@ The hash is Wellons' *lowbias32* integer mixer :func:`mix32`:
 
 and the element rounds away from zero iff :math:`2^{16}(|x| - lo)/(hi - lo) \ge 2^{16} - r_i`
 (for bf16 that is "add :math:`r_i` to the low 16 bits of the fp32 pattern, then
-truncate").  :math:`hi - lo` is the spacing at :math:`lo` (so the number past the
-largest finite one is infinity).  NaN stays NaN.  A value computed in fp64 (fp64
+truncate").  :math:`hi - lo` is the spacing at :math:`lo`.  Overflow is exactly
+nearest rounding's: a value that rounds to infinity to nearest (:math:`|x| \ge`
+the largest finite number plus half its spacing, 65520 for fp16) is stored as
+infinity, and below that stochastic rounding never steps past the largest finite
+number (it would reach infinity one time in 32 for an fp16 weight at 65505 that
+nearest rounding keeps at 65504).  NaN stays NaN.  A value computed in fp64 (fp64
 params with 16-bit states) is rounded to fp32 first.
 
 Everything here takes float64 values, so the reference can round its float64
@@ -76,6 +80,13 @@ MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
 #: (mantissa bits, exponent bias) of each 16-bit format
 _FORMATS = {torch.bfloat16: (7, 127), torch.float16: (10, 15)}
+
+#: the magnitude pattern of each 16-bit format's largest finite number (and its infinity's)
+LARGEST_FINITE = {torch.bfloat16: 0x7F7F, torch.float16: 0x7BFF}
+INFINITY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+#: the fp32 magnitude pattern from which rounding to nearest bf16 overflows: the largest
+#: finite bf16 number plus half its spacing (a tie, which goes to the even infinity)
+BFLOAT16_OVERFLOW_BITS = 0x7F7F8000
 
 
 def mix32(x):
@@ -161,11 +172,14 @@ def round_nearest(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 
 def round_stochastic(x: np.ndarray, dtype: torch.dtype, bits16: np.ndarray) -> np.ndarray:
-    """``x`` rounded away from zero iff 2^16 * fraction >= 2^16 - r (float64 values)."""
+    """``x`` rounded away from zero iff 2^16 * fraction >= 2^16 - r and the number away
+    from zero is finite; infinity where nearest rounding overflows (float64 values)."""
     x = np.asarray(x, dtype=np.float64)
     lo, fraction = _neighbours(x, dtype)
     up = fraction * 65536.0 >= 65536.0 - np.asarray(bits16, dtype=np.float64).reshape(x.shape)
-    return np.where(np.isnan(x), np.nan, to_float(lo + up, dtype))
+    up &= (lo & 0x7FFF) < LARGEST_FINITE[dtype]  # never past the largest finite number
+    nearest = round_nearest(x, dtype)
+    return np.where(np.isfinite(nearest), to_float(lo + up, dtype), nearest)
 
 
 def kahan_split(theta: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:

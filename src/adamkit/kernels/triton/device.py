@@ -21,6 +21,9 @@ _DIVISOR_LIMIT = tl.constexpr(quantization.DIVISOR_EXPONENT_LIMIT)
 _ROOT_TWO, _ROOT_HALF = tl.constexpr(float(quantization.ROOT_TWO)), tl.constexpr(float(quantization.ROOT_HALF))
 _ROOT_MAP_SHARE = tl.constexpr(quantization.ROOT_MAP_SHARE)
 _L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
+_BFLOAT16_LARGEST, _HALF_LARGEST = (tl.constexpr(rounding.LARGEST_FINITE[d]) for d in rounding.LOW_PRECISION)
+_BFLOAT16_INFINITY, _HALF_INFINITY = (tl.constexpr(rounding.INFINITY[d]) for d in rounding.LOW_PRECISION)
+_BFLOAT16_OVERFLOW = tl.constexpr(rounding.BFLOAT16_OVERFLOW_BITS)
 _ROW_LENGTH = tl.constexpr(len(COLUMNS))
 _TENSOR_SCALAR_COUNT = tl.constexpr(len(TENSOR_SCALARS))
 # the element math's forms (adamkit.algorithms), as FORMS packs them
@@ -63,9 +66,12 @@ def _random16(key, index):
 def _to_storage_stochastic(x, bits16, STORAGE: tl.constexpr):
     """Round ``x`` to a 16-bit storage dtype stochastically (the spec's rule)."""
     x = x.to(tl.float32)
-    if STORAGE == tl.bfloat16:  # add r to the low half, truncate
-        rounded = ((x.to(tl.uint32, bitcast=True) + bits16) >> 16).to(tl.uint16)
-        rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+    if STORAGE == tl.bfloat16:  # add r to the low half of |x|, truncate, stop at the largest finite
+        bits = x.to(tl.uint32, bitcast=True)
+        magnitude = bits & 0x7FFFFFFF
+        rounded = tl.minimum((magnitude + bits16) >> 16, _BFLOAT16_LARGEST)
+        rounded = tl.where(magnitude >= _BFLOAT16_OVERFLOW, _BFLOAT16_INFINITY, rounded)
+        rounded = tl.where(x != x, 0x7FC0, rounded | ((bits >> 16) & 0x8000)).to(tl.uint16)
         return rounded.to(tl.bfloat16, bitcast=True)
     elif STORAGE == tl.float16:
         nearest = x.to(tl.float16)
@@ -75,9 +81,12 @@ def _to_storage_stochastic(x, bits16, STORAGE: tl.constexpr):
         spacing = ((exponent + (127 - 25)) << 23).to(tl.float32, bitcast=True)
         lower = toward_zero.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         fraction = _exact_div(tl.abs(x) - tl.abs(lower), spacing)  # exact: spacing is a power of 2
-        away = (fraction * 65536.0 >= 65536.0 - bits16.to(tl.float32)).to(tl.int32)
+        away = ((fraction * 65536.0 >= 65536.0 - bits16.to(tl.float32)) & ((toward_zero & 0x7FFF) != _HALF_LARGEST)).to(
+            tl.int32
+        )
         rounded = (toward_zero + away).to(tl.uint16).to(tl.float16, bitcast=True)
-        return tl.where(x != x, nearest, rounded)
+        # inf (where nearest rounding overflows, or x is infinite) and NaN keep the conversion
+        return tl.where((pattern & _HALF_INFINITY) == _HALF_INFINITY, nearest, rounded)
     else:
         return x.to(STORAGE)
 
