@@ -165,3 +165,23 @@ def test_beta_zero_moments_follow_their_targets_on_every_backend(cls, options, k
         if exact:
             assert torch.equal(opt_oracle.state[oracle][key], grad)
     torch.testing.assert_close(ours, oracle, rtol=0, atol=8 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("beta2", [0.6, 1 / 3 + 2**-54, 0.5], ids=["rho_inf=4", "rho_inf=2", "rho_inf=3"])
+@pytest.mark.parametrize("backend", [*DEVICE_BACKENDS, "capturable"])
+def test_radam_with_a_short_second_moment_average_is_momentum_sgd_as_torchs(beta2, backend):
+    """A beta2 whose rho_inf = 2 / (1 - beta2) - 1 is at most 5 never rectifies: RAdam is
+    momentum SGD throughout.  The rectification's denominator (rho_inf - 4)(rho_inf - 2)
+    is 0 at rho_inf = 4 and 2, and computing it there anyway raised ZeroDivisionError
+    on every backend (torch computes it only once rho_t > 5)."""
+    options = {"capturable": True} if backend == "capturable" else {"backend": backend}
+    start = torch.tensor([1.0, 2.0, -3.0])
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_ours = adamkit.RAdam([ours], lr=1e-3, betas=(0.9, beta2), **options)
+    opt_torch = torch.optim.RAdam([theirs], lr=1e-3, betas=(0.9, beta2), foreach=False)
+    for i in range(5):
+        ours.grad = torch.tensor([0.5, -1.0, 2.0]) * (i + 1)
+        theirs.grad = ours.grad.clone()
+        opt_ours.step()
+        opt_torch.step()
+    assert torch.equal(ours, theirs)

@@ -25,12 +25,15 @@ def radam_step_scalars(rule, step) -> StepScalars:
     bias_correction2 = 1 - rule.beta2**step
     rho_inf = 2 / (1 - rule.beta2) - 1
     rho_t = rho_inf - 2 * step * (rule.beta2**step) / bias_correction2
-    rectification = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
+    def rectification():  # defined once rho_t > 5 (rho_inf is then above 5 too: no zero divides)
+        return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
     scalars = StepScalars(rule.lr, bias_correction2**0.5, bias_correction1=bias_correction1)
-    if isinstance(step, Tensor):  # a step count on the device: decided there
-        return replace(scalars, rectification=rectification, rectified=rho_t > 5.0)
+    if isinstance(step, Tensor):  # a step count on the device: decided there (the other branch's inf unused)
+        return replace(scalars, rectification=rectification(), rectified=rho_t > 5.0)
     # (a tensor beta2 with a host step: the test reads rho_t, as torch's does)
-    return replace(scalars, rectification=rectification if rho_t > 5.0 else None)
+    return replace(scalars, rectification=rectification() if rho_t > 5.0 else None)
 
 
 def radam_tensor_columns(columns: dict, lr, s: StepScalars, mu_products, where) -> None:
