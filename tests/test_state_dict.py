@@ -184,6 +184,36 @@ def test_legacy_float_step_becomes_tensor():
     assert torch.is_tensor(step) and step.item() == 1.0 and step.dtype == torch.float32
 
 
+@pytest.mark.parametrize("saved_step", ["int64", "int"])
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach"])
+def test_a_count_beyond_float32_keeps_counting(saved_step, backend):
+    """A checkpoint whose ``step`` float32 cannot hold (an int64 tensor, or a number as
+    torch < 1.12 saved it, past 2^24) is loaded in float64, not rounded: 2^24 + 1 became
+    2^24 and stopped counting, and the bias corrections and updates followed.  The
+    oracle is torch loading the int64 tensor, which it keeps and counts on (torch
+    itself rounds a saved number to float32 and stops at 2^24)."""
+    count = 2**24 + 1
+    ours, theirs = (torch.nn.Parameter(torch.tensor([1.0, 2.0, -3.0])) for _ in range(2))
+    opt_ours = adamkit.Adam([ours], lr=1e-3, betas=(0.9, 1 - 1e-9), backend=backend)
+    opt_torch = torch.optim.Adam([theirs], lr=1e-3, betas=(0.9, 1 - 1e-9), foreach=False)
+    for opt, p, saved_count in (
+        (opt_ours, ours, torch.tensor(count) if saved_step == "int64" else count),
+        (opt_torch, theirs, torch.tensor(count)),
+    ):
+        p.grad = torch.ones(3)
+        opt.step()
+        saved = opt.state_dict()
+        saved["state"][0]["step"] = saved_count
+        opt.load_state_dict(saved)
+    for i in range(3):
+        ours.grad = torch.tensor([0.5, -1.0, 2.0]) * (i + 1)
+        theirs.grad = ours.grad.clone()
+        opt_ours.step()
+        opt_torch.step()
+    assert opt_ours.state[ours]["step"].item() == count + 3 == opt_torch.state[theirs]["step"].item()
+    assert torch.equal(ours, theirs)
+
+
 # ---------------------------------------------------------------------------- every option
 
 
