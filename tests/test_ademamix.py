@@ -155,6 +155,32 @@ def test_slow_decay_warms_up_from_beta1_by_half_life():
     assert on_device.tolist() == [slow_decay(10.0, 0.9, BETA3, WARMUP), BETA3, BETA3]
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_zero_beta1_still_warms_beta3_up(backend):
+    """beta1 = 0 has a half-life of 0, so beta3(t) = beta3^(1/a), the closed form's limit
+    (beta1 = 1e-12 comes within 1e-3 of it); the warm-up was skipped there, and the slow
+    average took only (1 - beta3) of the first gradient where it takes about 10 %."""
+    assert slow_decay(1.0, 0.0, BETA3, 100) == BETA3**100
+    assert slow_decay(1.0, 1e-12, BETA3, 100) == pytest.approx(BETA3**100, abs=1e-3)
+    assert slow_decay(100.0, 0.0, BETA3, 100) == BETA3 and slow_decay(
+        torch.tensor(50.0, dtype=torch.float64), 0.0, BETA3, 100
+    ).item() == pytest.approx(BETA3**2, rel=1e-15)
+    start, grads = _gradients(5, SIZE)
+    p = torch.nn.Parameter(torch.from_numpy(start))
+    opt = adamkit.AdEMAMix(
+        [p], lr=LR, betas=(0.0, 0.999), weight_decay=0.0, beta3=BETA3, beta3_warmup=100, backend=backend
+    )
+    hp = reference.Hyperparameters(lr=LR, beta1=0.0, beta2=0.999, max_lr=LR, beta3=BETA3, alpha=5.0, beta3_warmup=100)
+    theta, state = start.copy(), reference.ReferenceState()
+    for g in grads:
+        p.grad = torch.from_numpy(g)
+        opt.step()
+        theta = reference.ademamix_step(theta, g, state, hp)
+    np.testing.assert_allclose(opt.state[p]["exp_avg_slow"].numpy(), state.exp_avg_slow, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(p.detach().numpy(), theta, rtol=1e-12, atol=1e-15)
+    assert np.abs(state.exp_avg_slow).mean() > 0.05 * np.abs(grads[0]).mean()
+
+
 def test_state_holds_three_moments_in_each_precision():
     param = torch.nn.Parameter(torch.randn(1000))
     for precision, keys in [

@@ -20,7 +20,8 @@ as the paper's Algorithm 1 does, with :math:`a = \min(t / T, 1)`:
         {(1 - a)\ln\beta_3 + a\ln\beta_1}\Bigr), \beta_3\Bigr)
 
 (:math:`\beta_3(t)` moves linearly in the half-life :math:`\ln\tfrac12 / \ln\beta` from
-:math:`\beta_1`'s to :math:`\beta_3`'s).
+:math:`\beta_1`'s to :math:`\beta_3`'s; for :math:`\beta_1 = 0`, whose half-life is 0, that
+is :math:`\beta_3^{1/a}`).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def _warmed_up(step, warmup: int | None):
 def slow_decay(step, beta1: float, beta3: float, warmup: int | None):
     r""":math:`\beta_3(t)`, warmed up from :math:`\beta_1` (see the module docstring)."""
     a = _warmed_up(step, warmup)
-    if warmup is None or beta1 <= 0.0 or beta3 <= 0.0:  # (ln 0: no warm-up is possible)
+    if warmup is None or beta3 <= 0.0:  # (beta3 = 0: the min below keeps it 0 throughout)
         return beta3
+    if beta1 <= 0.0:  # ln beta1 = -inf, a half-life of 0: the closed form's limit beta3^(1/a)
+        return beta3 ** (1.0 / a)
     log1, log3 = math.log(beta1), math.log(beta3)
     if isinstance(a, Tensor):  # (beta3 itself once warm: the closed form may round past it)
         warming = torch.clamp(torch.exp(log1 * log3 / ((1 - a) * log3 + a * log1)), max=beta3)

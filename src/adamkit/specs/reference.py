@@ -408,8 +408,9 @@ def stable_adamw_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState
 
 
 def _half_life(beta: float) -> float:
-    """The steps after which an average with decay ``beta`` weighs a gradient by 1/2."""
-    return np.log(0.5) / np.log(beta)
+    """The steps after which an average with decay ``beta`` weighs a gradient by 1/2
+    (0 for ``beta = 0``, which keeps only the newest)."""
+    return 0.0 if beta == 0 else np.log(0.5) / np.log(beta)
 
 
 def ademamix_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp: Hyperparameters) -> np.ndarray:
@@ -422,7 +423,7 @@ def ademamix_step(theta: np.ndarray, grad: np.ndarray, state: ReferenceState, hp
         state.exp_avg_slow = np.zeros_like(theta)
     alpha = hp.alpha if hp.alpha_warmup is None else min(t / hp.alpha_warmup, 1.0) * hp.alpha
     beta3 = hp.beta3
-    if hp.beta3_warmup is not None and t < hp.beta3_warmup and hp.beta1 > 0 and hp.beta3 > 0:
+    if hp.beta3_warmup is not None and t < hp.beta3_warmup and hp.beta3 > 0:
         a = t / hp.beta3_warmup  # (the paper's min(., beta3): a beta1 above beta3 is not kept)
         beta3 = min(0.5 ** (1.0 / ((1.0 - a) * _half_life(hp.beta1) + a * _half_life(hp.beta3))), hp.beta3)
     _update_moments(state, g, hp)
