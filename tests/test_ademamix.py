@@ -350,3 +350,16 @@ def test_every_kernel_runs_it_and_foreach_keeps_the_single_tensor_bits():
         default.step()
         single.step()
     assert torch.equal(a, b)
+
+
+def test_a_numpy_count_is_a_warm_up_length():
+    """``np.int64`` counts (from a config computed with NumPy) are whole numbers of steps."""
+    runs = []
+    for count in (5, np.int64(5)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 8))
+        opt = adamkit.AdEMAMix([p], alpha_warmup=count, beta3_warmup=count)
+        for step in range(8):
+            p.grad = torch.full_like(p, 0.1 * step - 0.3)
+            opt.step()
+        runs.append(p.detach())
+    assert torch.equal(*runs)

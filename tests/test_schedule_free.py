@@ -26,6 +26,9 @@ SETTINGS = {
     "defaults": {},
     "decay-warmup-r": {"weight_decay": 0.1, "warmup_steps": 5, "r": 0.5},
     "no-lr-weighting": {"weight_lr_power": 0.0, "betas": (0.95, 0.99)},
+    # as the package takes a warm-up (a fraction of the steps; a NumPy count)
+    "fractional-warmup": {"warmup_steps": 4.5},
+    "numpy-warmup": {"warmup_steps": np.int64(5), "weight_decay": 0.1},
 }
 
 
@@ -194,10 +197,13 @@ def test_float64_follows_the_reference_sequences(backend, setting, maximize):
         close(p, reference.schedule_free_average(state, theta))
 
 
-def test_checkpoints_load_both_ways_and_training_goes_on_bit_for_bit():
+@pytest.mark.parametrize("warmup", [3, 0.05 * 150])
+def test_checkpoints_load_both_ways_and_training_goes_on_bit_for_bit(warmup):
     """A state dict saved here loads into the package's optimizer and one saved there
     (in eval mode, as it advises; no ``step`` in its param states) loads here (on the
-    foreach path, whose bits are the package's)."""
+    foreach path, whose bits are the package's), a fractional warm-up included (the
+    package takes ``0.05 * total_steps``; its checkpoint loaded here, then failed at the
+    first step)."""
     start = _params()
     first = list(_gradients(start, 10, seed=1))
     then = list(_gradients(start, 10, seed=2))
@@ -205,8 +211,8 @@ def test_checkpoints_load_both_ways_and_training_goes_on_bit_for_bit():
     for saver in ("adamkit", "schedulefree"):
         groups = _groups(start)
         make = {
-            "adamkit": lambda g: adamkit.ScheduleFreeAdamW(g, weight_decay=0.1, warmup_steps=3, backend="foreach"),
-            "schedulefree": lambda g: schedulefree.AdamWScheduleFree(g, weight_decay=0.1, warmup_steps=3),
+            "adamkit": lambda g: adamkit.ScheduleFreeAdamW(g, weight_decay=0.1, warmup_steps=warmup, backend="foreach"),
+            "schedulefree": lambda g: schedulefree.AdamWScheduleFree(g, weight_decay=0.1, warmup_steps=warmup),
         }
         optimizer = make[saver](groups)
         optimizer.train()
@@ -222,7 +228,7 @@ def test_checkpoints_load_both_ways_and_training_goes_on_bit_for_bit():
         resumed.eval()
         runs[saver] = [p.detach().clone() for g in resumed_groups for p in g["params"]]
     reference_groups = _groups(start)
-    straight = adamkit.ScheduleFreeAdamW(reference_groups, weight_decay=0.1, warmup_steps=3, backend="foreach")
+    straight = adamkit.ScheduleFreeAdamW(reference_groups, weight_decay=0.1, warmup_steps=warmup, backend="foreach")
     _train(straight, reference_groups, first + then)
     straight.eval()
     for name, params in runs.items():
@@ -373,8 +379,9 @@ def test_train_and_eval_move_the_params_between_y_and_x_and_step_refuses_eval_mo
         ({"accumulation_steps": 2}, "accumulation_steps=2: ScheduleFreeAdamW does not run this option yet"),
         ({"capturable": True}, "capturable=True: ScheduleFreeAdamW does not run it; leave it False"),
         ({"differentiable": True}, "differentiable=True: ScheduleFreeAdamW does not run it; leave it False"),
-        ({"warmup_steps": -1}, r"Invalid warmup_steps value: -1 \(warmup_steps must be an int >= 0"),
-        ({"warmup_steps": 2.5}, r"Invalid warmup_steps value: 2.5"),
+        ({"warmup_steps": -1}, r"Invalid warmup_steps value: -1 \(warmup_steps must be a finite number >= 0"),
+        ({"warmup_steps": math.inf}, r"Invalid warmup_steps value: inf"),
+        ({"warmup_steps": "5"}, r"Invalid warmup_steps value: '5'"),
         ({"r": float("nan")}, r"Invalid r value: nan \(r must be a finite float >= 0"),
         ({"weight_lr_power": -1.0}, r"Invalid weight_lr_power value: -1.0"),
     ],
@@ -382,6 +389,24 @@ def test_train_and_eval_move_the_params_between_y_and_x_and_step_refuses_eval_mo
 def test_bad_arguments_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         adamkit.ScheduleFreeAdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+@pytest.mark.parametrize("flag", ["capturable", "differentiable"])
+def test_a_flag_it_does_not_run_is_refused_in_a_new_group_and_when_set_by_hand(flag):
+    """Refused in the constructor, and so in ``add_param_group`` and at step time (both
+    were accepted, and the step ran without the flag)."""
+    p, q = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    optimizer = adamkit.ScheduleFreeAdamW([p])
+    with pytest.raises(ValueError, match=rf"{flag}=True in param_groups\[1\]: ScheduleFreeAdamW does not run it"):
+        optimizer.add_param_group({"params": [q], flag: True})
+    assert len(optimizer.param_groups) == 1
+    p.grad = torch.randn(4)
+    optimizer.step()
+    optimizer.param_groups[0][flag] = True
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=rf"{flag}=True in param_groups\[0\]"):
+        optimizer.step()
+    assert torch.equal(p, before)
 
 
 def test_a_bad_group_value_at_step_time_changes_nothing():

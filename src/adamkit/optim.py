@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -91,12 +91,7 @@ class _AdamFamily(Optimizer):
         )
         differentiable = torch_arguments["differentiable"]
         options.check_options(values, differentiable=differentiable)
-        options.check_available(values, self.unavailable_options, type(self).__name__)
-        for name in self.unavailable_arguments:
-            if torch_arguments[name]:
-                raise ValueError(
-                    f"{name}={torch_arguments[name]!r}: {type(self).__name__} does not run it; leave it False"
-                )
+        self._refuse_unavailable({**torch_arguments, **values})
         self._recorder = Recorder()
         self._stepper = Stepper(self, self._recorder)
         self._drawing_seeds = False  # until every check has passed: a refused constructor draws nothing
@@ -117,6 +112,17 @@ class _AdamFamily(Optimizer):
         del self._drawing_seeds
         for group in self.param_groups:
             draw_seed_if_needed(group)
+
+    def _refuse_unavailable(self, values: Mapping[str, Any], where: str = "") -> None:
+        """Raise ``ValueError`` naming an adamkit option (``unavailable_options``) or a
+        torch.optim flag (``unavailable_arguments``) this class does not run, whether
+        given to the constructor, to ``add_param_group`` or set in a group by hand."""
+        options.check_available(values, self.unavailable_options, type(self).__name__, where)
+        for name in self.unavailable_arguments:
+            if values.get(name):
+                raise ValueError(
+                    f"{name}={values[name]!r}{where}: {type(self).__name__} does not run it; leave it False"
+                )
 
     @classmethod
     def _group_defaults(cls) -> dict[str, Any]:
@@ -150,7 +156,7 @@ class _AdamFamily(Optimizer):
                 options.check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, where=where)
                 group["max_lr"] = as_number(group["lr"])
             options.check_group(group, where)
-            options.check_available(group, self.unavailable_options, type(self).__name__, where)
+            self._refuse_unavailable(group, where)
             if self._drawing_seeds:
                 draw_seed_if_needed(group)
         except Exception:
@@ -910,7 +916,7 @@ class ScheduleFreeAdamW(_AdamFamily):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        warmup_steps: int = SCHEDULE_FREE_ADAMW.default("warmup_steps"),
+        warmup_steps: float = SCHEDULE_FREE_ADAMW.default("warmup_steps"),
         r: float = SCHEDULE_FREE_ADAMW.default("r"),
         weight_lr_power: float = SCHEDULE_FREE_ADAMW.default("weight_lr_power"),
         *,

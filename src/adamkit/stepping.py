@@ -34,7 +34,7 @@ from .diagnostics import Recorder
 from .guard import CheckedTensors, StepGuard, resolved
 from .kernels import GroupBatch, Kernel
 from .kernels.amp import unscaled
-from .options import check_available, check_group
+from .options import check_group
 from .rule import UpdateRule
 from .specs.quantization import FORMATS
 from .specs.rounding import is_low_precision
@@ -171,7 +171,7 @@ class Stepper:
         """
         where = f" in param_groups[{index}]"
         check_group(group, where)
-        check_available(group, self.optimizer.unavailable_options, type(self.optimizer).__name__, where)
+        self.optimizer._refuse_unavailable(group, where)
         params = group["params"]
         grads = list(map(_grad_of, params))
         if any(map(operator.is_, grads, repeat(None))):  # identity: ``None in`` would call Tensor.__eq__

@@ -27,6 +27,7 @@ is :math:`\beta_3^{1/a}`).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -95,7 +96,7 @@ def check_warmup(name: str):
     """The check of warm-up length ``name``: ``None`` (none) or a whole number of steps >= 1."""
 
     def check(warmup, where: str = "") -> None:
-        if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1):
+        if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1):
             raise ValueError(
                 f"Invalid {name} value: {warmup!r} ({name} must be None, for no warm-up, or an int >= 1 "
                 f"of steps{where})"

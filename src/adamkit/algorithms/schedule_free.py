@@ -85,10 +85,11 @@ def schedule_free_tensor_columns(columns: dict, lr, s: StepScalars, mu_products,
 
 
 def check_warmup_steps(warmup_steps, where: str = "") -> None:
-    """``warmup_steps``: a whole number of steps >= 0."""
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+    """``warmup_steps``: a finite number of steps >= 0, as the ``schedulefree`` package
+    takes it (a NumPy int, or a float such as ``0.05 * total_steps``, in its checkpoints)."""
+    if not is_real_number(warmup_steps) or not 0 <= warmup_steps < math.inf:
         raise ValueError(
-            f"Invalid warmup_steps value: {warmup_steps!r} (warmup_steps must be an int >= 0 of steps{where})"
+            f"Invalid warmup_steps value: {warmup_steps!r} (warmup_steps must be a finite number >= 0 of steps{where})"
         )
 
 

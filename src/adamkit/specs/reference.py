@@ -177,7 +177,7 @@ class Hyperparameters:
     alpha_warmup: int | None = ADEMAMIX.default("alpha_warmup")
     beta3_warmup: int | None = ADEMAMIX.default("beta3_warmup")
     #: schedule-free: linear warm-up (steps), the averaging weights' powers of t and of lr_max
-    warmup_steps: int = SCHEDULE_FREE_ADAMW.default("warmup_steps")
+    warmup_steps: float = SCHEDULE_FREE_ADAMW.default("warmup_steps")
     r: float = SCHEDULE_FREE_ADAMW.default("r")
     weight_lr_power: float = SCHEDULE_FREE_ADAMW.default("weight_lr_power")
 
@@ -452,7 +452,7 @@ def schedule_free_adamw_step(
         state.z, state.x, state.exp_avg_sq = y.copy(), y.copy(), np.zeros_like(y)
     state.step += 1
     t = state.step
-    lr = hp.lr * (t / hp.warmup_steps if t <= hp.warmup_steps else 1.0)
+    lr = hp.lr * (t / hp.warmup_steps if t - 1 < hp.warmup_steps else 1.0)  # (the package's test, for any real)
     state.lr_max = max(state.lr_max, lr)
     weight = t**hp.r * state.lr_max**hp.weight_lr_power
     state.weight_sum += weight
