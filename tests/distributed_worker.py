@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -246,6 +247,27 @@ def replicated_phase(results: dict) -> None:
         model = DistributedDataParallel(build_model())
         train(model, make(model.parameters()), steps, torch.float32, split=True)
         results[f"split-ddp-{name}"] = full_params(model.module)
+    results["release-warnings"] = release_warnings(DistributedDataParallel)
+
+
+def release_warnings(ddp) -> dict[str, list[str]]:
+    """What ``gradient_release`` warns, given a DDP module's params (replicated: its
+    all-reduce would come after the hooks) and an FSDP2 model's (shards: none)."""
+    from torch.distributed.fsdp import fully_shard
+
+    replicated = ddp(build_model())
+    sharded = build_model()
+    for layer in sharded:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(sharded)
+    caught = {}
+    for name, params in (("ddp-params", list(replicated.parameters())), ("fsdp2", list(sharded.parameters()))):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            adamkit.gradient_release(params, adamkit.Adam(params)).remove()
+        caught[name] = [str(w.message) for w in record]
+    return caught
 
 
 def resume_phase(out: Path, results: dict) -> None:

@@ -235,6 +235,16 @@ def test_skip_nonfinite_and_stats_agree_across_ranks(sharded):
         assert ours["stats"][0][key] == pytest.approx(value, rel=1e-6), key  # grad norms are fp32
 
 
+def test_gradient_release_warns_about_replicated_params_but_not_shards(sharded):
+    """Given a DDP module's params (the module itself is refused), the hooks would step
+    each rank's own gradient before the all-reduce: it cannot tell, so it warns; FSDP2's
+    shards are reduced before their hooks, and nothing is said."""
+    caught = sharded["release-warnings"]
+    assert len(caught["ddp-params"]) == 1 and "process group of 2 ranks" in caught["ddp-params"][0]
+    assert "DistributedDataParallel" in caught["ddp-params"][0]
+    assert caught["fsdp2"] == []
+
+
 @pytest.mark.parametrize("wrapper", ["fsdp2", "ddp"])
 def test_each_rank_on_its_share_of_the_batch_equals_torch_optim(sharded, wrapper):
     """Data parallelism proper (each rank on half the rows): the averaged gradient is

@@ -78,9 +78,11 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
+from . import sharding
 from .algorithms import is_real_number
 from .guard import extent, share_memory
 from .offload import HostStep
+from .user_warnings import warn_at_user
 
 
 class GradientRelease:
@@ -337,7 +339,9 @@ def gradient_release(
     ``model_or_params``: a module or an iterable of params, each of which that requires
     grad must be in one of ``optimizer``'s param groups (an adamkit optimizer; a frozen
     backbone's params need not be).  A DDP module is refused: DDP averages the gradients
-    after the hooks would have stepped each rank with its own.  ``scaler``: the
+    after the hooks would have stepped each rank with its own (its params given alone
+    cannot be told from a rank's own model: in a process group of several ranks, params
+    that are not FSDP2 shards get a warning).  ``scaler``: the
     ``torch.amp.GradScaler`` that scales the loss, if any.  ``max_grad_norm``: clip the
     gradients' global norm to it (groups with ``offload="cpu"`` only; not with a scaler).
     """
@@ -349,7 +353,7 @@ def gradient_release(
     strangers = [i for i, p in enumerate(params) if p.requires_grad and id(p) not in owned]
     if strangers:
         raise ValueError(f"params {strangers} of model_or_params are not in the optimizer's param groups")
-    _check_not_data_parallel(model_or_params)
+    _check_not_data_parallel(model_or_params, [p for p in params if p.requires_grad])
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     if max_grad_norm is not None:
@@ -420,15 +424,26 @@ def _in_compiled_autograd() -> bool:
     return compiled is not None and bool(getattr(compiled, "in_compiled_autograd_region", False))
 
 
-def _check_not_data_parallel(model_or_params) -> None:
+def _check_not_data_parallel(model_or_params, params: list[Tensor]) -> None:
     """Refuse a DDP module: each rank's hooks would step with its own gradient, before
-    the all-reduce averages it, and the replicas would part silently.  (Its params
-    given without the wrapper cannot be told apart from a rank's own model.)"""
+    the all-reduce averages it, and the replicas would part silently.  Its params given
+    without the wrapper cannot be told apart from a rank's own model: where a process
+    group of more than one rank runs and a param is a plain tensor (not an FSDP2
+    shard, whose gradient is reduced before its hook), warn."""
     if isinstance(model_or_params, torch.nn.parallel.DistributedDataParallel):
         raise ValueError(
             "gradient_release steps each param in backward as soon as its local gradient is ready, before "
             "DistributedDataParallel averages the gradients across ranks: every rank would step with its own and "
             "the replicas would part. Step after backward, with optimizer.step(), without gradient release"
+        )
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1 and not all(map(sharding.is_sharded, params)):
+        warn_at_user(
+            f"gradient_release in a process group of {torch.distributed.get_world_size()} ranks, with params that "
+            "are not FSDP2 shards: each rank steps its own local gradient as soon as it is ready. If these params "
+            "are replicated under DistributedDataParallel, its all-reduce comes too late and the replicas part; "
+            "step after backward with optimizer.step() instead",
+            UserWarning,
         )
 
 
