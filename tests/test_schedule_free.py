@@ -103,6 +103,24 @@ def test_matches_the_schedulefree_package(backend, setting):
         ours.train(), theirs.train()
 
 
+def test_positional_arguments_are_the_package_s_foreach_included():
+    """A call written for the package, ``foreach`` as its ninth positional argument,
+    builds the same optimizer here, on the package's path of that kind (its bits)."""
+    start = _params()
+    ours_groups, theirs_groups = _groups(start), _groups(start)
+    arguments = (0.0025, (0.9, 0.999), 1e-8, 0.1, 4, 0.5, 2.0, False)
+    ours = adamkit.ScheduleFreeAdamW(ours_groups, *arguments)
+    theirs = schedulefree.AdamWScheduleFree(theirs_groups, *arguments)
+    assert ours.param_groups[0]["foreach"] is False and ours.param_groups[0]["r"] == 0.5
+    ours.train(), theirs.train()
+    grads = list(_gradients(start, 8))
+    _train(ours, ours_groups, grads)
+    _train(theirs, theirs_groups, grads)
+    for a, b in zip(ours_groups, theirs_groups):
+        for p, q in zip(a["params"], b["params"]):
+            _equal(p.detach(), q.detach())
+
+
 def test_a_group_without_gradients_moves_its_clock_as_the_package_does():
     """In the package every group's step count and weight sum move at every ``step()``,
     whether or not its params have gradients; so here, and the params stay equal when

@@ -754,7 +754,8 @@ class StableAdamW(_AdamFamily):
     A class of its own rather than an option of AdamW: its step is no longer an
     element-wise function of the state (each tensor's RMS is a reduction), and a
     checkpoint says which rule produced it.  Arguments and defaults are AdamW's (decay
-    always decoupled; ``decouple_lr`` for optimi's fully decoupled form), plus those
+    always decoupled; ``decouple_lr`` for optimi's fully decoupled form), less
+    ``amsgrad`` (it has no AMSGrad variant) and ``fused`` (``backend`` picks), plus those
     described in :mod:`adamkit.options` (except ``diagnostics``; with
     ``accumulation_steps`` it steps with the micro-batches' mean gradient, see
     :mod:`adamkit.accumulation`).  Every backend runs it; the fused kernels sum each tensor's
@@ -865,8 +866,11 @@ class AdEMAMix(_AdamFamily):
 
 class ScheduleFreeAdamW(_AdamFamily):
     r"""Schedule-free AdamW (Defazio et al., 2024, "The Road Less Scheduled"), a drop-in
-    for the ``schedulefree`` package's ``AdamWScheduleFree`` (same arguments, defaults,
-    state and param-group keys: its checkpoints load here and ours there).
+    for the ``schedulefree`` package's ``AdamWScheduleFree`` (same arguments in the same
+    order, same defaults but ``foreach``'s, state and param-group keys: its checkpoints
+    load here and ours there).  ``foreach=None`` (the default; the package's is ``True``)
+    lets adamkit choose its path, the fused kernel on CPU; ``foreach=True`` and ``False``
+    take the package's own two paths, bit for bit.
 
     .. math::
 
@@ -919,8 +923,8 @@ class ScheduleFreeAdamW(_AdamFamily):
         warmup_steps: float = SCHEDULE_FREE_ADAMW.default("warmup_steps"),
         r: float = SCHEDULE_FREE_ADAMW.default("r"),
         weight_lr_power: float = SCHEDULE_FREE_ADAMW.default("weight_lr_power"),
+        foreach: bool | None = None,  # (the package's ninth positional argument)
         *,
-        foreach: bool | None = None,
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
