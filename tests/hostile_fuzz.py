@@ -394,12 +394,33 @@ class Run:
         self.twin.step()  # the oracle must step too
         for p, q in zip(self.ours, self.theirs):
             assert p.dtype == q.dtype and p.shape == q.shape
-            tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(p.dtype, 2e-2)
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=tolerance, atol=tolerance, equal_nan=True)
+            torch.testing.assert_close(p.detach(), q.detach(), **_tolerance(p.dtype), equal_nan=True)
+            # and the state the step wrote: a moment fed a wrong gradient moves far more than
+            # the param it steps (one step's m takes 10 % of g; the param, 10 % of a step)
+            ours, theirs = self.opt.state.get(p, {}), self.twin.state.get(q, {})
+            for key, value in ours.items():
+                other = theirs.get(key)
+                if _dense_values(value, p) and _dense_values(other, q) and value.dtype == other.dtype:
+                    torch.testing.assert_close(
+                        value.cpu(), other.cpu(), **_tolerance(value.dtype), equal_nan=True, msg=f"state[{key!r}]"
+                    )
         for p, q in zip(self.ours, self.theirs):  # the next step starts from the same place
             if 0 not in q.stride() or q.numel() <= 1:  # (an expanded param without a gradient: never written)
                 q.data.copy_(p.data)
         self.twin.load_state_dict(copy.deepcopy(self.opt.state_dict()))
+
+
+def _tolerance(dtype: torch.dtype) -> dict:
+    """How far a fused kernel's fp32 arithmetic (rounded once into 16 bits) may land from
+    the single-tensor path's op by op."""
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    return {"rtol": tolerance, "atol": tolerance}
+
+
+def _dense_values(value, param) -> bool:
+    """Whether a state entry holds one value per element of ``param`` in a float dtype (a
+    moment, a compensation, z; not quantized codes, their scales or a counter)."""
+    return torch.is_tensor(value) and value.is_floating_point() and value.shape == param.shape and param.dim() > 0
 
 
 def snapshot(opt, params) -> tuple:
