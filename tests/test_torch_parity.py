@@ -71,11 +71,12 @@ def test_foreach_flag_maps_to_foreach_path(optimizer):
     assert_same_state(ours, our_groups, theirs, torch_groups)
 
 
-@pytest.mark.parametrize("optimizer", ["Adam", "AdamW"])
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "StableAdamW"])
 def test_fused_flag_runs_adamkits_fused_cpu_kernel(optimizer):
-    """fused=True on CPU params is adamkit's fused kernel: the same bits as backend="cpu"."""
-    case = Case(optimizer=optimizer)
-    ours_cls = OPTIMIZERS[optimizer][0]
+    """fused=True on CPU params is adamkit's fused kernel: the same bits as backend="cpu"
+    (StableAdamW takes AdamW's flag too)."""
+    case = Case(optimizer="AdamW" if optimizer == "StableAdamW" else optimizer)
+    ours_cls = getattr(adamkit, optimizer)
     fused_groups = make_params(case)
     cpu_groups = clone_groups(fused_groups)
     fused, cpu = ours_cls(fused_groups, fused=True), ours_cls(cpu_groups, backend="cpu")

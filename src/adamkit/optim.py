@@ -755,7 +755,7 @@ class StableAdamW(_AdamFamily):
     element-wise function of the state (each tensor's RMS is a reduction), and a
     checkpoint says which rule produced it.  Arguments and defaults are AdamW's (decay
     always decoupled; ``decouple_lr`` for optimi's fully decoupled form), less
-    ``amsgrad`` (it has no AMSGrad variant) and ``fused`` (``backend`` picks), plus those
+    ``amsgrad`` (it has no AMSGrad variant), plus those
     described in :mod:`adamkit.options` (except ``diagnostics``; with
     ``accumulation_steps`` it steps with the micro-batches' mean gradient, see
     :mod:`adamkit.accumulation`).  Every backend runs it; the fused kernels sum each tensor's
@@ -779,6 +779,7 @@ class StableAdamW(_AdamFamily):
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
         decouple_lr: bool = False,
         max_lr: float | None = None,
         backend: str | None = None,
