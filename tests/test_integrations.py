@@ -194,3 +194,50 @@ def test_adamkits_own_classes_are_held_to_the_option_table():
 
             def __init__(self, params, lr: float = 1e-3) -> None:
                 super().__init__(params, lr=lr)
+
+
+def _release_run(wrap, clip: bool, skip_odd: bool, attach_to_wrapper: bool) -> torch.nn.Module:
+    """Eight batches of a small model under gradient release with offload="cpu" (and
+    clipping, held host steps), the handle attached through ``wrap(optimizer)`` (or to
+    the optimizer before it is wrapped, as in ``configure_optimizers``) and the optimizer
+    stepped and its gradients dropped as Lightning's manual optimization does: the
+    wrapper's ``zero_grad``, the inner optimizer's ``step``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = adamkit.AdamW(model.parameters(), lr=1e-2, offload="cpu")
+    max_grad_norm = 0.1 if clip else None
+    if not attach_to_wrapper:
+        handle = adamkit.gradient_release(model, optimizer, max_grad_norm=max_grad_norm)
+    wrapper = wrap(optimizer)
+    if attach_to_wrapper:
+        handle = adamkit.gradient_release(model, wrapper, max_grad_norm=max_grad_norm)
+    generator = torch.Generator().manual_seed(1)
+    for batch in range(8):
+        loss = model(torch.randn(4, 6, generator=generator)).square().mean()
+        loss.backward()
+        if skip_odd and batch % 2:
+            wrapper.zero_grad()  # a skipped batch: its held steps are dropped with its gradients
+            continue
+        optimizer.step()
+        wrapper.zero_grad()
+    handle.remove()
+    return model
+
+
+@pytest.mark.parametrize("attach_to_wrapper", [True, False], ids=["attached-to-wrapper", "attached-before"])
+@pytest.mark.parametrize("clip, skip_odd", [(False, False), (True, False), (True, True)])
+def test_gradient_release_through_lightnings_optimizer_wrapper_trains_as_without_it(clip, skip_odd, attach_to_wrapper):
+    """Lightning hands ``self.optimizers()`` out as a ``LightningOptimizer`` (a copy of the
+    optimizer's ``__dict__`` under a subclass) and steps the optimizer inside it. The
+    handle attached through the wrapper was invisible to that optimizer: with clipping,
+    no step ever ran; and the wrapper's ``zero_grad`` kept the held steps, so the next
+    backward raised."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    plain = _release_run(lambda optimizer: optimizer, clip, skip_odd, attach_to_wrapper)
+    wrapped = _release_run(LightningOptimizer, clip, skip_odd, attach_to_wrapper)
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    assert not torch.equal(plain[0].weight, start[0].weight)  # it trained
+    for p, q in zip(plain.parameters(), wrapped.parameters()):
+        assert torch.equal(p, q)

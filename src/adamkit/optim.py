@@ -66,8 +66,6 @@ class _AdamFamily(Optimizer):
     #: torch.optim arguments (``capturable``, ``differentiable``) it does not run: they must be False
     unavailable_arguments: ClassVar[tuple[str, ...]] = ()
 
-    #: the attached :class:`adamkit.release.GradientRelease` (see :meth:`attach_gradient_release`)
-    _gradient_release = None
     #: whether :meth:`state_dict` exports every param's moments at full precision
     _export_full_precision: bool = False
     #: whether an added group draws its seed at once (not while the constructor checks)
@@ -387,6 +385,14 @@ class _AdamFamily(Optimizer):
 
         return HostStep(run, [h.grad for h in plan.hosts], arrived[0], changed_since, pull_params)
 
+    @property
+    def _gradient_release(self):
+        """The attached :class:`adamkit.release.GradientRelease` (see
+        :meth:`attach_gradient_release`), kept by the step engine: a framework's wrapper
+        that copies this optimizer's ``__dict__`` (Lightning's ``LightningOptimizer``)
+        shares the engine, so its ``step`` and ``zero_grad`` see the handle too."""
+        return self._stepper.release
+
     def attach_gradient_release(self, release) -> None:
         """Hook for :func:`adamkit.gradient_release`: while ``release`` is attached, it
         steps each param in backward (with :meth:`step_param`) and ``step()`` only runs
@@ -399,7 +405,7 @@ class _AdamFamily(Optimizer):
                 f"{type(self).__name__} keeps running values per param group ({running}), which one step moves "
                 "once for the whole group: gradient release, which steps each param on its own, cannot run it"
             )
-        self._gradient_release = release
+        self._stepper.release = release
         if release.scaler is not None:  # scaler.step() then calls step() even when it finds an inf
             self._amp_declaration = self.__dict__.get("_step_supports_amp_scaling")
             self._step_supports_amp_scaling = True
@@ -407,7 +413,7 @@ class _AdamFamily(Optimizer):
     def detach_gradient_release(self, release) -> None:
         """Undo :meth:`attach_gradient_release` (nothing if ``release`` is not attached)."""
         if self._gradient_release is release:
-            self._gradient_release = None
+            self._stepper.release = None
             if release.scaler is not None:
                 declared = self.__dict__.pop("_amp_declaration")
                 if declared is None:

@@ -345,6 +345,7 @@ def gradient_release(
     ``torch.amp.GradScaler`` that scales the loss, if any.  ``max_grad_norm``: clip the
     gradients' global norm to it (groups with ``offload="cpu"`` only; not with a scaler).
     """
+    optimizer = _unwrapped(optimizer)
     if not hasattr(optimizer, "attach_gradient_release"):
         raise TypeError(f"gradient_release needs an adamkit optimizer, got {type(optimizer).__name__}")
     given = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
@@ -416,6 +417,17 @@ def _inside_another_backward() -> bool:
     backward of a reentrant activation checkpoint: a node of the outer one is running)."""
     current = getattr(torch._C, "_current_autograd_node", None)
     return current is not None and current() is not None
+
+
+def _unwrapped(optimizer):
+    """The adamkit optimizer inside a training framework's wrapper of it (Lightning's
+    ``LightningOptimizer`` holds it as ``_optimizer``, accelerate's ``AcceleratedOptimizer``
+    as ``optimizer``), which is what the framework steps; else ``optimizer`` itself."""
+    for name in ("_optimizer", "optimizer"):
+        inner = getattr(optimizer, name, None)
+        if inner is not None and inner is not optimizer and hasattr(inner, "attach_gradient_release"):
+            return _unwrapped(inner)
+    return optimizer
 
 
 def _in_compiled_autograd() -> bool:

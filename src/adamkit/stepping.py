@@ -138,6 +138,8 @@ class Stepper:
         self._param_index_cache: tuple | None = None
         #: offloaded groups' host buffers, copy stream and worker thread
         self.offload = offload.Offload()
+        #: the attached :class:`adamkit.release.GradientRelease`, if any
+        self.release = None
 
     def cache(self, group: dict) -> dict:
         """A per-group scratch dict for validation keys and kernels' derived data."""
@@ -154,7 +156,7 @@ class Stepper:
         twice the number of live caches (plus 8), so that the sweeps cost O(1) per cache
         made and at most that many dropped groups wait for one."""
         live = {id(g) for g in self.optimizer.param_groups}
-        release = self.optimizer._gradient_release
+        release = self.release
         if release is not None:  # its one-param groups
             live.update(release.view_ids())
         self._caches = {key: entry for key, entry in self._caches.items() if key in live}
