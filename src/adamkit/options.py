@@ -309,7 +309,7 @@ def check_hyperparameters(
     them infinite values are rejected, since no step can use them.  Values are
     formatted as torch formats them (a 0-d tensor prints as its number).
     ``where`` names the param group when the check runs at step time; with
-    ``read_tensors=False`` an accelerator's tensors are checked for shape only (a CPU tensor is read: no sync).
+    ``read_tensors=False`` tensors are checked for shape only.
     """
     checks = (
         ("learning rate", "lr", lr, "a finite number >= 0"),

@@ -182,8 +182,8 @@ def is_real_number(value: Any) -> bool:
 
 def number_of(name: str, value: Any, where: str = "", *, read_tensors: bool = True) -> float | None:
     """A hyperparameter's value as a float (a 1-element tensor is read; with
-    ``read_tensors=False`` an accelerator's tensor is checked for shape only and
-    ``None`` returned: reading it would sync); ``TypeError`` naming it for anything else."""
+    ``read_tensors=False`` it is checked for shape only and ``None`` returned: reading
+    an accelerator tensor would sync); ``TypeError`` naming it for anything else."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
@@ -191,7 +191,7 @@ def number_of(name: str, value: Any, where: str = "", *, read_tensors: bool = Tr
             raise TypeError(f"Tensor {name} must hold a real number{where}, got a {value.dtype} tensor")
         if value.device.type == "meta":
             raise ValueError(f"Tensor {name} is on the meta device{where}, which holds no value; give a real tensor")
-        return as_number(value) if read_tensors or value.device.type == "cpu" else None
+        return as_number(value) if read_tensors else None
     if not is_real_number(value):
         raise TypeError(f"{name} must be a float or a 1-element tensor{where}, got {value!r}")
     return float(value)
