@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -211,6 +212,38 @@ def test_a_count_beyond_float32_keeps_counting(saved_step, backend):
         opt_ours.step()
         opt_torch.step()
     assert opt_ours.state[ours]["step"].item() == count + 3 == opt_torch.state[theirs]["step"].item()
+    assert torch.equal(ours, theirs)
+
+
+def test_a_legacy_mu_product_is_rounded_as_torch_rounds_it():
+    """NAdam's ``mu_product`` saved as a Python float (torch < 1.12) is a product of
+    factors below 1, not a count: it is loaded in torch's dtype, rounded as torch rounds
+    it, and training goes on bit for bit (only ``step`` keeps a value float32 cannot
+    hold in float64)."""
+    start = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def resumed(cls, **options):
+        p = torch.nn.Parameter(start.clone())
+        opt = cls([p], lr=1e-2, **options)
+        for i in range(3):
+            p.grad = torch.sin(torch.arange(5.0, dtype=torch.float64) + i)
+            opt.step()
+        saved = opt.state_dict()
+        saved["state"][0]["step"] = 3.0
+        saved["state"][0]["mu_product"] = math.prod(0.9 * (1.0 - 0.5 * 0.96 ** (t * 0.004)) for t in range(1, 4))
+        q = torch.nn.Parameter(p.detach().clone())
+        resumed = cls([q], lr=1e-2, **options)
+        resumed.load_state_dict(saved)
+        for i in range(3, 6):
+            q.grad = torch.sin(torch.arange(5.0, dtype=torch.float64) + i)
+            resumed.step()
+        return q.detach(), resumed.state[q]["mu_product"]
+
+    (ours, our_mu), (theirs, their_mu) = (
+        resumed(adamkit.NAdam, backend="single_tensor"),
+        resumed(torch.optim.NAdam, foreach=False),
+    )
+    assert our_mu.dtype == their_mu.dtype and torch.equal(our_mu, their_mu)
     assert torch.equal(ours, theirs)
 
 

@@ -55,13 +55,16 @@ def step_tensor(value: float, param: Tensor, group: dict) -> Tensor:
     return torch.tensor(value, dtype=dtype)
 
 
-def _converted_counter(value: float, param: Tensor, group: dict) -> Tensor:
+def _converted_counter(key: str, value: float, param: Tensor, group: dict) -> Tensor:
     """A loaded counter of another dtype (an int64 ``step`` from an older checkpoint, a
-    Python number) as :func:`step_tensor` holds it, or in float64 where that dtype
-    would round it (float32 holds counts exactly only up to 2^24: 2^24 + 1 became
-    2^24 and stopped counting)."""
+    Python number) as :func:`step_tensor` holds it; a step count that dtype would round
+    in float64 (float32 holds counts exactly only up to 2^24: 2^24 + 1 became 2^24 and
+    stopped counting).  NAdam's ``mu_product``, a product of factors below 1, is
+    rounded as torch rounds it."""
     counter = step_tensor(value, param, group)
-    return counter if float(counter) == value else torch.tensor(value, dtype=torch.float64, device=counter.device)
+    if key != "step" or float(counter) == value:
+        return counter
+    return torch.tensor(value, dtype=torch.float64, device=counter.device)
 
 
 def draws_random_bits(param: Tensor, group: dict) -> bool:
@@ -220,7 +223,7 @@ def init_state(state: dict, param: Tensor, group: dict, algorithm: Algorithm) ->
         changed = True
     for key in ("step", MU_PRODUCT_KEY):
         if key in state and not _is_counter(state[key], _counter_dtype(key, param, group)):
-            state[key] = _new(state, _converted_counter(float(state[key]), param, group))
+            state[key] = _new(state, _converted_counter(key, float(state[key]), param, group))
             changed = True
     normalizes = spec.first_moment_scale != FirstMomentScale.NONE
     keys = spec.moment_keys(spec.amsgrad and bool(group.get("amsgrad")))
@@ -335,7 +338,7 @@ def upgrade_step(state: dict, param: Tensor, group: dict, where: str = "") -> No
             continue
         if not is_real_number(value):
             raise ValueError(f"state[{key!r}] = {value!r}{where}: a counter must be a number or a one-element tensor")
-        state[key] = _converted_counter(float(value), param, group)
+        state[key] = _converted_counter(key, float(value), param, group)
 
 
 def check_state(state: dict, param: Tensor, algorithm: Algorithm, *, amsgrad: bool, where: str) -> None:
