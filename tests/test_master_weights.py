@@ -360,6 +360,49 @@ def test_no_split_of_a_finite_master_crosses_the_sign_when_joined():
     assert np.all(np.abs(joined.astype(np.float64) - theta) <= np.abs(theta) * 2.0**-15 + 2.0**-133)
 
 
+def test_the_24bit_grid_never_carries_a_weight_past_bf16s_largest_number():
+    """Every fp32 pattern from the top of bf16's range to infinity, both signs, with
+    extreme and random bits: the bf16 half is infinite exactly where nearest rounding of
+    the weight is (about half of those just below the overflow point were carried onto
+    it), the master stays within a grid unit of the weight, and the torch form (the list
+    kernels') splits as the spec does."""
+    top = int(np.float32(torch.finfo(torch.bfloat16).max).view(np.uint32))
+    patterns = np.arange(top - (1 << 16), 0x7F800001, dtype=np.int64)
+    theta = np.concatenate([patterns, patterns | 0x80000000]).astype(np.uint32).view(np.float32)
+    nearest = torch.from_numpy(theta).to(torch.bfloat16).float().numpy()
+    for bits in (
+        np.zeros(theta.size),
+        np.full(theta.size, 65535),
+        np.random.default_rng(0).integers(0, 65536, theta.size),
+    ):
+        high, low = spec_master.split24(theta, bits.astype(np.int64))
+        weights = torch.from_numpy(high.view(np.int16)).view(torch.bfloat16).float().numpy()
+        assert np.array_equal(np.isinf(weights), np.isinf(nearest))
+        finite = np.isfinite(nearest)  # (beyond it the weight overflows, and the grid may carry to inf)
+        joined = spec_master.join(high, low).astype(np.float64)
+        assert np.all(np.abs(joined[finite] - theta[finite]) <= np.abs(theta[finite]) * 2.0**-15)
+        param, low_bits = torch.empty(theta.size, dtype=torch.bfloat16), torch.empty(theta.size, dtype=torch.int8)
+        master.split_into(torch.from_numpy(theta), param, low_bits, torch.from_numpy(bits.astype(np.int64)))
+        assert np.array_equal(param.view(torch.int16).numpy().view(np.uint16), high)
+        assert np.array_equal(low_bits.numpy(), low)
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_a_24bit_master_at_the_top_of_bf16s_range_overflows_where_nearest_rounding_does(backend):
+    """bf16 weights at bf16's largest number pushed up by just under half its spacing
+    stay there, as nearest rounding and the fp32 master's split keep them (the 24-bit
+    grid's carry took about 3 in 4 of them to inf); pushed up by two spacings they
+    overflow, as under nearest rounding."""
+    top = torch.finfo(torch.bfloat16).max
+    spacing = 2.0**120
+    for push, overflows in ((0.499, False), (2.0, True)):
+        p = torch.nn.Parameter(torch.full((4096,), top, dtype=torch.bfloat16, device=DEVICE))
+        opt = adamkit.Adam([p], lr=push * spacing, master_weights="24bit", backend=backend, seed=1)
+        p.grad = torch.full_like(p, -1.0)
+        opt.step()
+        assert bool(p.isinf().all()) if overflows else not bool(p.isinf().any()), (push, int(p.isinf().sum()))
+
+
 @pytest.mark.parametrize("mode", ["fp32", "24bit"])
 @pytest.mark.parametrize("torch_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("export", ["state_dict", "to_full_precision"])

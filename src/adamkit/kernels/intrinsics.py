@@ -326,13 +326,21 @@ def join_master24(typingctx, high, low):
 @intrinsic
 def split_master24(typingctx, value, bits16, low_half):
     """fp32 ``value`` rounded stochastically to 16 significant bits (the top 8 of the
-    random bits added to its pattern, the low 8 cleared; NaN: 0x7FC00000), then its
+    random bits added to its pattern, the low 8 cleared, one unit back where that
+    carried it onto the bf16 overflow point from below; NaN: 0x7FC00000), then its
     bf16 high half, or (``low_half``) the int8 rest, as uint16."""
 
     def codegen(context, builder, signature, args):
         i32, i16 = ir.IntType(32), ir.IntType(16)
         carry = builder.lshr(args[1], ir.Constant(i32, 8))
-        bits = builder.and_(builder.add(builder.bitcast(args[0], i32), carry), ir.Constant(i32, -256))
+        exact = builder.bitcast(args[0], i32)
+        bits = builder.and_(builder.add(exact, carry), ir.Constant(i32, -256))
+        # a pattern carried onto the point where its bf16 half overflows, from below: one unit back
+        magnitude, overflow = ir.Constant(i32, 0x7FFFFFFF), ir.Constant(i32, BFLOAT16_OVERFLOW_BITS)
+        below = builder.icmp_unsigned("<", builder.and_(exact, magnitude), overflow)
+        onto = builder.icmp_unsigned(">=", builder.and_(bits, magnitude), overflow)
+        back = builder.select(builder.and_(below, onto), ir.Constant(i32, 0x100), ir.Constant(i32, 0))
+        bits = builder.sub(bits, back)
         is_nan = builder.fcmp_unordered("uno", args[0], args[0])
         bits = builder.select(is_nan, ir.Constant(i32, 0x7FC00000), bits)
         high = builder.lshr(builder.add(bits, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))

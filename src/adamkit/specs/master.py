@@ -35,7 +35,11 @@ slot's random bits :math:`u` (see :mod:`adamkit.specs.rounding`): :math:`b' = (b
 u / 2^8 \rfloor)` with its low 8 bits cleared (adding to a sign-magnitude pattern
 rounds the magnitude away from zero with the dropped fraction's probability), then
 split as above, :math:`\ell_8 = (b' - 2^{16} p) / 2^8 \in [-2^7, 2^7)`.  A NaN stays
-the quiet NaN ``0x7FC00000``.  Updates far below the grid's spacing (:math:`2^{-15}` of
+the quiet NaN ``0x7FC00000``.  The bf16 param overflows exactly where nearest rounding
+of the fp32 weight does (:math:`|b| \ge` ``0x7F7F8000``, the largest bf16 number plus
+half its spacing): a :math:`b'` carried onto that point from below is stepped back one
+unit of the grid (its bf16 half would be infinity, as it was for about half the
+weights at the top of bf16's range).  Updates far below the grid's spacing (:math:`2^{-15}` of
 the weight) are kept in expectation, where rounding to nearest would drop them.
 """
 
@@ -44,6 +48,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+
+from .rounding import BFLOAT16_OVERFLOW_BITS
 
 #: the state key of the master weight's low 16 bits (int16 bits in a bf16 tensor, shaped like the param)
 MASTER_KEY = "master_low_bits"
@@ -83,12 +89,20 @@ def join(high: np.ndarray, low: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
+def _carried_to_overflow(exact, rounded):
+    """Where rounding to the 24-bit grid carried a pattern whose bf16 half nearest
+    rounding keeps finite onto the point where it overflows (integer patterns, NumPy
+    or torch)."""
+    return ((exact & 0x7FFFFFFF) < BFLOAT16_OVERFLOW_BITS) & ((rounded & 0x7FFFFFFF) >= BFLOAT16_OVERFLOW_BITS)
+
+
 def split24(theta: np.ndarray, bits16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(bf16 bit patterns, int8 low bits) of fp32 ``theta`` rounded stochastically to
     16 significant bits with the 16 random bits ``bits16`` (their top 8 are used)."""
     theta = np.asarray(theta, dtype=np.float32)
-    bits = theta.view(np.uint32).astype(np.int64)
-    bits = ((bits + (np.asarray(bits16, dtype=np.int64).reshape(bits.shape) >> 8)) & 0xFFFFFF00) & 0xFFFFFFFF
+    exact = theta.view(np.uint32).astype(np.int64)
+    bits = ((exact + (np.asarray(bits16, dtype=np.int64).reshape(exact.shape) >> 8)) & 0xFFFFFF00) & 0xFFFFFFFF
+    bits -= 0x100 * _carried_to_overflow(exact, bits)
     bits = np.where(np.isnan(theta), QUIET_NAN, bits)
     high, low = split(bits.astype(np.uint32).view(np.float32))
     return high, (low.astype(np.int64) >> 8).astype(np.int8)
@@ -114,7 +128,9 @@ def split_into(theta: Tensor, param: Tensor, low: Tensor, bits16: Tensor | None 
     bits = theta.view(torch.int32)
     if low.dtype == torch.int8:
         carry = 0x80 if bits16 is None else (bits16.to(torch.int32) >> 8)
-        bits = torch.where(theta.isnan(), QUIET_NAN, (bits + carry) & -256)
+        rounded = (bits + carry) & -256
+        rounded -= 0x100 * _carried_to_overflow(bits, rounded).to(torch.int32)
+        bits = torch.where(theta.isnan(), QUIET_NAN, rounded)
     high = (bits + 0x8000) >> 16  # arithmetic: the sign bits fill in, the low 16 are p
     if low.dtype == torch.int8:
         low.copy_(((bits - (high << 16)) >> 8).to(torch.int8))

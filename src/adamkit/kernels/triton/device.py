@@ -5,6 +5,7 @@ split masters), and the compile-time constants the element math compares with.""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -21,8 +22,8 @@ _DIVISOR_LIMIT = tl.constexpr(quantization.DIVISOR_EXPONENT_LIMIT)
 _ROOT_TWO, _ROOT_HALF = tl.constexpr(float(quantization.ROOT_TWO)), tl.constexpr(float(quantization.ROOT_HALF))
 _ROOT_MAP_SHARE = tl.constexpr(quantization.ROOT_MAP_SHARE)
 _L2_DECAY, _DECOUPLED_DECAY = tl.constexpr(L2_DECAY), tl.constexpr(DECOUPLED_DECAY)
-_BFLOAT16_LARGEST, _HALF_LARGEST = (tl.constexpr(rounding.LARGEST_FINITE[d]) for d in rounding.LOW_PRECISION)
-_BFLOAT16_INFINITY, _HALF_INFINITY = (tl.constexpr(rounding.INFINITY[d]) for d in rounding.LOW_PRECISION)
+_BFLOAT16_LARGEST, _HALF_LARGEST = (tl.constexpr(rounding.LARGEST_FINITE[d]) for d in (torch.bfloat16, torch.float16))
+_BFLOAT16_INFINITY, _HALF_INFINITY = (tl.constexpr(rounding.INFINITY[d]) for d in (torch.bfloat16, torch.float16))
 _BFLOAT16_OVERFLOW = tl.constexpr(rounding.BFLOAT16_OVERFLOW_BITS)
 _ROW_LENGTH = tl.constexpr(len(COLUMNS))
 _TENSOR_SCALAR_COUNT = tl.constexpr(len(TENSOR_SCALARS))
@@ -445,7 +446,11 @@ def _store_param(
     elif MASTER == 8:  # round to 16 significant bits stochastically, then split
         low_bytes = compensation.to(tl.pointer_type(tl.int8))
         carry = (_random16(key, offsets + shift) >> 8).to(tl.int32)
-        bits = tl.where(p != p, 0x7FC00000, (p.to(tl.int32, bitcast=True) + carry) & -256)
+        exact = p.to(tl.int32, bitcast=True)
+        bits = (exact + carry) & -256
+        # a pattern carried onto the point where its bf16 half overflows, from below: one unit back
+        onto = ((exact & 0x7FFFFFFF) < _BFLOAT16_OVERFLOW) & ((bits & 0x7FFFFFFF) >= _BFLOAT16_OVERFLOW)
+        bits = tl.where(p != p, 0x7FC00000, bits - onto.to(tl.int32) * 0x100)
         high = (bits + 0x8000) >> 16
         tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
         tl.store(low_bytes + offsets, ((bits - (high << 16)) >> 8).to(tl.int8), mask=mask)
