@@ -114,6 +114,45 @@ def test_non_finite_values_poison_only_their_block():
     assert np.all(back[: fmt.block] == 1) and np.all(back[2 * fmt.block :] == 1)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("how", ["switch", "to_quantized", "torch_checkpoint"])
+def test_an_overflowed_square_converts_to_the_ceiling_and_the_weights_stay_finite(precision, how):
+    """A second moment that overflowed (+inf, as fp32 Adam and torch.optim keep it), put
+    into quantized states by a mid-run switch, ``to_quantized`` or loading torch's
+    checkpoint, is held at the ceiling as a step holds it: the conversion left its
+    block's scale NaN, and all 128 weights of the block NaN two steps later."""
+    grad = torch.full((256,), 0.1)
+    grad[5] = 1e22  # its square overflows fp32
+    p = torch.nn.Parameter(torch.ones(256))
+    opt = (torch.optim.Adam if how == "torch_checkpoint" else adamkit.Adam)([p], lr=1e-3)
+    p.grad = grad
+    opt.step()
+    assert opt.state[p]["exp_avg_sq"][5].isinf()
+    if how == "switch":
+        opt.param_groups[0]["state_precision"] = precision
+    else:
+        saved = copy.deepcopy(opt.state_dict())
+        opt = adamkit.Adam([p], lr=1e-3, state_precision=precision)
+        opt.load_state_dict(to_quantized(saved, [p], precision) if how == "to_quantized" else saved)
+    for _ in range(2):
+        p.grad = torch.full((256,), 0.1)
+        opt.step()
+    assert bool(p.isfinite().all())
+    assert all(bool(v.float().isfinite().all()) for k, v in opt.state[p].items() if k.endswith("scales"))
+
+
+def test_restoring_a_block_at_the_ceiling_keeps_its_scale_finite():
+    """restore_into's neighbouring-scale trials stepped fp32's largest number up to inf
+    and NaN, and counted a NaN scale as reproducing a block without a NaN."""
+    fmt = FORMATS["int8"]
+    x = torch.full((128,), 1e-5)
+    x[0] = torch.finfo(torch.float32).max
+    codes = torch.empty(fmt.code_bytes(128), dtype=torch.uint8)
+    scales = torch.empty(fmt.blocks(128, False), dtype=blockwise.scale_dtype(fmt, False))
+    blockwise.restore_into(x, codes, scales, fmt, signed=False)
+    assert bool(scales.float().isfinite().all())
+
+
 def test_bytes_per_param_meet_the_budget():
     # optimizer-state bytes (two moments) per param of a large tensor, within the
     # budgets of issue 37 (int8 <= 2.05, int4 <= 1.10); exactly what the formats cost

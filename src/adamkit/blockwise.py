@@ -256,21 +256,26 @@ def _reproduced(
     code: Tensor, scales: Tensor, flat: Tensor, fmt: QuantFormat, signed: bool, divisor: Tensor | None = None
 ) -> Tensor:
     """Per block: whether the codes and scales dequantize to ``flat`` exactly (times
-    ``divisor``, a normalized first moment's; or the block is non-finite)."""
+    ``divisor``, a normalized first moment's; or the block holds a NaN, which its NaN
+    scale keeps)."""
     values = _values(code, scales, fmt, signed)
     same = (values if divisor is None else values * divisor) == flat
     block = fmt.block_of(signed)
     padded = torch.ones(fmt.blocks(flat.numel(), signed) * block, dtype=torch.bool, device=flat.device)
     padded[: flat.numel()] = same
-    return padded.view(-1, block).all(dim=1) | scales.float().isnan()
+    poisoned = torch.zeros_like(padded)
+    poisoned[: flat.numel()] = flat.isnan()
+    return padded.view(-1, block).all(dim=1) | (scales.float().isnan() & poisoned.view(-1, block).any(dim=1))
 
 
 def _neighbour_scales(scales: Tensor, steps: int) -> Tensor:
     """Positive scales moved ``steps`` representable values (of their dtype) up or
-    down; zero and NaN scales stay."""
+    down; zero and NaN scales stay, and so does one that would leave the finite
+    numbers (a scale at fp32's largest, which an overflowed square is held at)."""
     positive = scales.float() > 0
     bits = torch.int16 if scales.dtype == torch.bfloat16 else torch.int32
-    return torch.where(positive, (scales.view(bits) + positive.to(bits) * steps).view(scales.dtype), scales)
+    moved = (scales.view(bits) + positive.to(bits) * steps).view(scales.dtype)
+    return torch.where(positive & moved.isfinite(), moved, scales)
 
 
 def _second_level(fmt: QuantFormat, signed: bool) -> float:
@@ -320,8 +325,10 @@ def restore_into(
     """
     _check_scales(scales, fmt, signed)
     target = x.reshape(-1).float()
+    if factors is None:  # an overflowed square, as a step holds it (u's own ceiling below)
+        target = held_at_ceiling(target, fmt, signed)
     per_element = None if factors is None else factors[0].reshape(-1)
-    flat = target if factors is None else target * factors[1].reshape(-1)
+    flat = held_at_ceiling(target if factors is None else target * factors[1].reshape(-1), fmt, signed)
     absmax = scales_of(flat, fmt, signed)
     best_scales = marked(flat, absmax, fmt, signed)
     best_code = _level_codes(flat, best_scales, fmt, signed, None)
