@@ -360,6 +360,41 @@ def test_no_split_of_a_finite_master_crosses_the_sign_when_joined():
     assert np.all(np.abs(joined.astype(np.float64) - theta) <= np.abs(theta) * 2.0**-15 + 2.0**-133)
 
 
+def test_a_nan_master_stays_nan_whatever_its_payload():
+    """Every NaN pattern whose payload fills the top bits (a sum of NaNs can make them)
+    splits and joins to a NaN: adding half the dropped range carried such a payload into
+    the sign, and the join's sign guard then gave 0.0 (a NaN weight silently zeroed);
+    the list kernels' torch form splits as the spec does."""
+    top = np.arange(0x7FFF8000, 0x80000000, dtype=np.int64)
+    patterns = np.concatenate([top, top | 0x80000000, [0x7FC00000, 0xFFC00000, 0x7F800001]]).astype(np.uint32)
+    theta = patterns.view(np.float32)
+    high, low = spec_master.split(theta)
+    assert np.all(np.isnan(spec_master.join(high, low)))
+    param, low_bits = torch.empty(theta.size, dtype=torch.bfloat16), torch.empty(theta.size, dtype=torch.bfloat16)
+    master.split_into(torch.from_numpy(theta), param, low_bits)
+    assert np.array_equal(param.view(torch.int16).numpy().view(np.uint16), high)
+    assert np.array_equal(low_bits.view(torch.int16).numpy(), low)
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_a_nan_gradient_leaves_nan_weights_not_zeros(backend):
+    """One NaN gradient element under AMSGrad with int4 states poisons its blocks; the
+    poisoned masters' NaN payloads once joined to 0.0 on the torch-op paths, which then
+    trained on from zero (32 NaN, 96 zeros, where the fused kernels had 128 NaN)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(256).to(torch.bfloat16).to(DEVICE))
+    opt = adamkit.Adam([p], lr=1e-3, amsgrad=True, master_weights="fp32", state_precision="int4", backend=backend)
+    for step in range(4):
+        grad = torch.randn(256) * 0.1
+        if step == 0:
+            grad[5] = float("nan")
+        p.grad = grad.to(torch.bfloat16).to(DEVICE)
+        opt.step()
+    weights = join_tensors(p, opt.state[p][MASTER_KEY]).cpu()
+    assert not bool((weights == 0).any()), int((weights == 0).sum())
+    assert int(weights.isnan().sum()) == 128
+
+
 def test_the_24bit_grid_never_carries_a_weight_past_bf16s_largest_number():
     """Every fp32 pattern from the top of bf16's range to infinity, both signs, with
     extreme and random bits: the bf16 half is infinite exactly where nearest rounding of

@@ -286,11 +286,13 @@ def join_master(typingctx, high, low):
 @intrinsic
 def split_master(typingctx, value, low_half):
     """The bf16 bits of fp32 ``value`` rounded half away from zero, (bits + 2^15) >> 16,
-    or (``low_half`` true) what that drops, bits - (high << 16), as uint16."""
+    or (``low_half`` true) what that drops, bits - (high << 16), as uint16 (a NaN as the
+    quiet NaN 0x7FC00000: a payload in the top bits would carry into the sign)."""
 
     def codegen(context, builder, signature, args):
         i32, i16 = ir.IntType(32), ir.IntType(16)
-        bits = builder.bitcast(args[0], i32)
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        bits = builder.select(is_nan, ir.Constant(i32, 0x7FC00000), builder.bitcast(args[0], i32))
         high = builder.lshr(builder.add(bits, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
         low = builder.sub(bits, builder.shl(high, ir.Constant(i32, 16)))
         return builder.trunc(builder.select(args[1], low, high), i16)

@@ -16,7 +16,8 @@ is the bf16 param's bit pattern, the fp32 value rounded to bf16 *half away from 
 signed offset.  The state tensor's dtype is bf16, holding :math:`\ell`'s bit pattern
 (read it with ``.view(torch.int16)``): collectives move 16-bit floats bit for bit, but
 neither gloo nor NCCL moves int16, and FSDP2 gathers state to save a full checkpoint.  Joining gives :math:`b = 2^{16} p + \ell` back exactly, for every
-pattern (NaN and infinity included), so the master weight *is* an fp32 number: a step
+pattern (infinity included; a NaN is split as the quiet NaN ``0x7FC00000``, since a
+payload in its top bits would carry into the sign), so the master weight *is* an fp32 number: a step
 joins, runs the fp32 element math, and splits again, and the run is bit for bit the
 one on fp32 params fed the same gradients.  Rounding half away rather than to even
 keeps :math:`\ell` in 16 bits (ties to even would need :math:`+2^{15}`); the bf16
@@ -62,8 +63,10 @@ QUIET_NAN = 0x7FC00000
 
 
 def split(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(bf16 param bit patterns as uint16, low bits as int16) of fp32 values ``theta``."""
-    bits = np.asarray(theta, dtype=np.float32).view(np.uint32).astype(np.int64)
+    """(bf16 param bit patterns as uint16, low bits as int16) of fp32 values ``theta``
+    (a NaN as the quiet NaN: a payload in the top bits would carry into the sign)."""
+    theta = np.asarray(theta, dtype=np.float32)
+    bits = np.where(np.isnan(theta), QUIET_NAN, theta.view(np.uint32).astype(np.int64))
     high = ((bits + 0x8000) >> 16) & 0xFFFF
     low = bits - (high << 16)
     low = np.where(low >= 0x8000, low - (1 << 32), low)  # modulo 2^32, into [-2^15, 2^15)
@@ -128,9 +131,9 @@ def split_into(theta: Tensor, param: Tensor, low: Tensor, bits16: Tensor | None 
     bits = theta.view(torch.int32)
     if low.dtype == torch.int8:
         carry = 0x80 if bits16 is None else (bits16.to(torch.int32) >> 8)
-        rounded = (bits + carry) & -256
-        rounded -= 0x100 * _carried_to_overflow(bits, rounded).to(torch.int32)
-        bits = torch.where(theta.isnan(), QUIET_NAN, rounded)
+        bits = (bits + carry) & -256
+        bits -= 0x100 * _carried_to_overflow(theta.view(torch.int32), bits).to(torch.int32)
+    bits = torch.where(theta.isnan(), QUIET_NAN, bits)
     high = (bits + 0x8000) >> 16  # arithmetic: the sign bits fill in, the low 16 are p
     if low.dtype == torch.int8:
         low.copy_(((bits - (high << 16)) >> 8).to(torch.int8))

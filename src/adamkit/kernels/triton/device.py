@@ -439,7 +439,7 @@ def _store_param(
     or rounded to the param's dtype (stochastically under stochastic rounding)."""
     if MASTER == 16:  # split again: high half rounded half away from zero, and what it drops
         low_bits = compensation.to(tl.pointer_type(tl.int16))
-        bits = p.to(tl.int32, bitcast=True)
+        bits = tl.where(p != p, 0x7FC00000, p.to(tl.int32, bitcast=True))  # (a NaN's payload could carry into the sign)
         high = (bits + 0x8000) >> 16
         tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
         tl.store(low_bits + offsets, (bits - (high << 16)).to(tl.int16), mask=mask)
