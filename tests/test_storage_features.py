@@ -98,6 +98,19 @@ def test_stochastic_rounding_does_not_carry_the_largest_weight_to_infinity(backe
         assert bool(p.isinf().all()) if overflows else not bool(p.isinf().any()), (push, int(p.isinf().sum()))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_kahan_weight_that_overflows_stays_infinite_not_nan(backend):
+    """An fp16 Kahan pair whose exact value passes the format's range rounds to inf, as
+    nearest rounding does, and stays there: its compensation had become -inf, and the
+    next step's p + c was NaN."""
+    p = torch.nn.Parameter(torch.full((8,), 65504.0, dtype=torch.float16))
+    opt = adamkit.Adam([p], lr=10.0, rounding="kahan", backend=backend)
+    for _ in range(4):
+        p.grad = torch.full_like(p, -1.0)
+        opt.step()
+    assert bool(p.isposinf().all()) and not bool(opt.state[p]["kahan_compensation"].isnan().any())
+
+
 def test_seed_none_draws_from_torch_generator_only_when_needed():
     param = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
     torch.manual_seed(0)

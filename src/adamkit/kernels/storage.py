@@ -214,8 +214,9 @@ def widened(
                 elif mode == "master24":
                     split_into(item.work, target, states[i][MASTER_KEY], bits(i, item))
                 elif mode == "kahan":
-                    target.copy_(item.work)  # p = rn(theta), c = rn(theta - p)
-                    states[i]["kahan_compensation"].copy_(item.work - target.to(item.work.dtype))
+                    target.copy_(item.work)  # p = rn(theta), c = rn(theta - p); 0 where p is not finite
+                    rest = item.work - target.to(item.work.dtype)
+                    states[i]["kahan_compensation"].copy_(torch.where(target.isfinite(), rest, 0))
                 elif mode == "stochastic" and rounding.is_low_precision(target.dtype):
                     target.copy_(round_stochastic(item.work, target.dtype, bits(i, item)))
                 else:

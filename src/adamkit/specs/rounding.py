@@ -183,9 +183,13 @@ def round_stochastic(x: np.ndarray, dtype: torch.dtype, bits16: np.ndarray) -> n
 
 
 def kahan_split(theta: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(p, c): p = rn(theta), c = rn(theta - p), the compensated pair for ``theta``."""
+    """(p, c): p = rn(theta), c = rn(theta - p), the compensated pair for ``theta``; c =
+    0 where p is not finite (an overflowed weight stays infinite, as under nearest
+    rounding: c = -inf made the next step's p + c NaN)."""
     p = round_nearest(theta, dtype)
-    return p, round_nearest(np.asarray(theta, dtype=np.float64) - p, dtype)
+    with np.errstate(invalid="ignore"):
+        rest = round_nearest(np.asarray(theta, dtype=np.float64) - p, dtype)
+    return p, np.where(np.isfinite(p), rest, 0.0)
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:

@@ -394,10 +394,10 @@ def _put_stochastic(pointer, i, value, key, shift):
 
 @njit(inline="always", nogil=True)
 def _put_kahan_param(param, compensation, i, value, key, shift):
-    """p = rn(theta), c = rn(theta - p)."""
+    """p = rn(theta), c = rn(theta - p); c = 0 where p is not finite (it stays infinite)."""
     rounded = _rounded(param, value)
     _store(param, i, rounded)
-    _store(compensation, i, value - rounded)
+    _store(compensation, i, value - rounded if abs(rounded) < np.inf else np.float32(0.0))
 
 
 @njit(inline="always", nogil=True)

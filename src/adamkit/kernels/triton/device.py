@@ -454,9 +454,10 @@ def _store_param(
         high = (bits + 0x8000) >> 16
         tl.store(param + offsets, high.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
         tl.store(low_bytes + offsets, ((bits - (high << 16)) >> 8).to(tl.int8), mask=mask)
-    elif KAHAN:  # p = rn(theta), c = rn(theta - p)
+    elif KAHAN:  # p = rn(theta), c = rn(theta - p); c = 0 where p is not finite (it stays infinite)
         stored = _to_storage(p, PARAM_STORAGE)
         tl.store(param + offsets, stored, mask=mask)
-        tl.store(compensation + offsets, _to_storage(p - stored.to(COMPUTE), PARAM_STORAGE), mask=mask)
+        rest = tl.where(tl.abs(stored.to(COMPUTE)) < float("inf"), p - stored.to(COMPUTE), 0.0)
+        tl.store(compensation + offsets, _to_storage(rest, PARAM_STORAGE), mask=mask)
     else:
         _put(param, offsets, mask, p, key, shift, PARAM_STORAGE, STOCHASTIC)
