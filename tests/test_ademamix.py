@@ -161,6 +161,9 @@ def test_a_zero_beta1_still_warms_beta3_up(backend):
     (beta1 = 1e-12 comes within 1e-3 of it); the warm-up was skipped there, and the slow
     average took only (1 - beta3) of the first gradient where it takes about 10 %."""
     assert slow_decay(1.0, 0.0, BETA3, 100) == BETA3**100
+    assert (
+        slow_decay(0.0, 0.0, BETA3, 100) == 0.0 == slow_decay(torch.tensor(0.0, dtype=torch.float64), 0.0, BETA3, 100)
+    )
     assert slow_decay(1.0, 1e-12, BETA3, 100) == pytest.approx(BETA3**100, abs=1e-3)
     assert slow_decay(100.0, 0.0, BETA3, 100) == BETA3 and slow_decay(
         torch.tensor(50.0, dtype=torch.float64), 0.0, BETA3, 100

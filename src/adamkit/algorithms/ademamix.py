@@ -50,7 +50,9 @@ def slow_decay(step, beta1: float, beta3: float, warmup: int | None):
     if warmup is None or beta3 <= 0.0:  # (beta3 = 0: the min below keeps it 0 throughout)
         return beta3
     if beta1 <= 0.0:  # ln beta1 = -inf, a half-life of 0: the closed form's limit beta3^(1/a)
-        return beta3 ** (1.0 / a)
+        if isinstance(a, Tensor):
+            return torch.pow(beta3, 1.0 / a)  # (a = 0: beta3^inf = 0 = beta1)
+        return beta3 ** (1.0 / a) if a > 0 else beta1
     log1, log3 = math.log(beta1), math.log(beta3)
     if isinstance(a, Tensor):  # (beta3 itself once warm: the closed form may round past it)
         warming = torch.clamp(torch.exp(log1 * log3 / ((1 - a) * log3 + a * log1)), max=beta3)
