@@ -191,3 +191,23 @@ def test_schedule_free_adamw_equals_the_schedulefree_package_on_cuda(backend):
     ours.eval(), theirs.eval()
     for a, b in zip(ours_params, theirs_params):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options", [{}, {"rounding": "kahan", "state_precision": "int8"}], ids=["bf16", "kahan-int8"])
+def test_bf16_subnormals_are_read_as_the_cpu_kernel_reads_them(options):
+    """bf16 params and gradients below bf16's smallest normal number (1.2e-38): Triton's
+    interpreter converts them wrongly (so the CPU parity runs hold none), and this checks
+    the GPU's conversion: the Triton kernel stores the numba kernel's bits."""
+    tiny = torch.tensor([1.0e-39, -4.6e-40, 1.0e-38, 9.2e-41] * 64, dtype=torch.bfloat16)
+    runs = {}
+    for backend, device in (("triton", DEVICE), ("cpu", torch.device("cpu"))):
+        p = torch.nn.Parameter(tiny.clone().to(device))
+        opt = adamkit.AdamW([p], lr=1e-40, weight_decay=0.5, backend=backend, seed=1, **options)
+        for step in range(3):
+            p.grad = (tiny * (step + 1)).to(device)
+            opt.step()
+        runs[backend] = (p.detach().cpu(), {k: v.cpu() for k, v in opt.state[p].items()})
+    (p_gpu, s_gpu), (p_cpu, s_cpu) = runs["triton"], runs["cpu"]
+    assert torch.equal(p_gpu.view(torch.int16), p_cpu.view(torch.int16))
+    for key, value in s_cpu.items():
+        assert torch.equal(s_gpu[key].view(torch.uint8), value.view(torch.uint8)), key
