@@ -181,7 +181,11 @@ class _AdamFamily(Optimizer):
         self.state = tracked(self.state, self.state_epoch)
         self._recorder = Recorder()
         self._recorder.skips.update(skips)
-        self._stepper = Stepper(self, self._recorder)  # the state may be new: validate again
+        stepper = self.__dict__.get("_stepper")
+        if stepper is None:  # unpickled
+            self._stepper = Stepper(self, self._recorder)
+        else:  # load_state_dict: the state may be new, so validate again (an attached release stays)
+            stepper.restart(self._recorder)
         defaults = self._group_defaults()
         for i, group in enumerate(self.param_groups):
             where = f" in param_groups[{i}]"

@@ -132,14 +132,20 @@ class Stepper:
 
     def __init__(self, optimizer, recorder: Recorder):
         self.optimizer = optimizer
+        #: the attached :class:`adamkit.release.GradientRelease`, if any
+        self.release = None
+        self.restart(recorder)
+
+    def restart(self, recorder: Recorder) -> None:
+        """Forget what was validated and the host buffers (after ``load_state_dict``, the
+        state may be new), keeping the engine itself, which a framework's wrapper of the
+        optimizer shares, and an attached gradient release."""
         self.recorder = recorder
         self._caches: dict[int, tuple[dict, dict]] = {}
         self._sweep_at = 16  # the number of caches at which those of dropped groups are let go of
         self._param_index_cache: tuple | None = None
         #: offloaded groups' host buffers, copy stream and worker thread
         self.offload = offload.Offload()
-        #: the attached :class:`adamkit.release.GradientRelease`, if any
-        self.release = None
 
     def cache(self, group: dict) -> dict:
         """A per-group scratch dict for validation keys and kernels' derived data."""
