@@ -227,9 +227,10 @@ def _release_run(wrap, clip: bool, skip_odd: bool, attach_to_wrapper: bool) -> t
 @pytest.mark.parametrize("attach_to_wrapper", [True, False], ids=["attached-to-wrapper", "attached-before"])
 @pytest.mark.parametrize("clip, skip_odd", [(False, False), (True, False), (True, True)])
 def test_gradient_release_through_lightnings_optimizer_wrapper_trains_as_without_it(clip, skip_odd, attach_to_wrapper):
-    """Lightning hands ``self.optimizers()`` out as a ``LightningOptimizer`` (a copy of the
-    optimizer's ``__dict__`` under a subclass) and steps the optimizer inside it. The
-    handle attached through the wrapper was invisible to that optimizer: with clipping,
+    """Lightning hands ``self.optimizers()`` out as a ``LightningOptimizer`` (an instance of
+    a subclass of the optimizer's class that forwards the attributes it lacks) and steps
+    the optimizer inside it. The handle attached through the wrapper stayed on the
+    wrapper, and a class-level default hid it there otherwise: with clipping,
     no step ever ran; and the wrapper's ``zero_grad`` kept the held steps, so the next
     backward raised."""
     from lightning.pytorch.core.optimizer import LightningOptimizer

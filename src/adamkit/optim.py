@@ -393,8 +393,9 @@ class _AdamFamily(Optimizer):
     def _gradient_release(self):
         """The attached :class:`adamkit.release.GradientRelease` (see
         :meth:`attach_gradient_release`), kept by the step engine: a framework's wrapper
-        that copies this optimizer's ``__dict__`` (Lightning's ``LightningOptimizer``)
-        shares the engine, so its ``step`` and ``zero_grad`` see the handle too."""
+        made a subclass of this optimizer's class that forwards the attributes it lacks
+        (Lightning's ``LightningOptimizer``) reaches the same engine, so its ``step`` and
+        ``zero_grad`` see the handle too (a class-level default had shadowed it there)."""
         return self._stepper.release
 
     def attach_gradient_release(self, release) -> None:
