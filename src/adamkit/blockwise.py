@@ -325,10 +325,12 @@ def restore_into(
     """
     _check_scales(scales, fmt, signed)
     target = x.reshape(-1).float()
-    if factors is None:  # an overflowed square, as a step holds it (u's own ceiling below)
-        target = held_at_ceiling(target, fmt, signed)
-    per_element = None if factors is None else factors[0].reshape(-1)
-    flat = held_at_ceiling(target if factors is None else target * factors[1].reshape(-1), fmt, signed)
+    if factors is None:  # an overflowed square is held at the ceiling, as a step holds it
+        target = flat = held_at_ceiling(target, fmt, signed)
+        per_element = None
+    else:  # a normalized first moment: the u it stores is held
+        per_element = factors[0].reshape(-1)
+        flat = held_at_ceiling(target * factors[1].reshape(-1), fmt, signed)
     absmax = scales_of(flat, fmt, signed)
     best_scales = marked(flat, absmax, fmt, signed)
     best_code = _level_codes(flat, best_scales, fmt, signed, None)
