@@ -20,8 +20,12 @@ After each step one of two things must hold:
 - the step raised a ``RuntimeError``, ``ValueError`` or ``TypeError`` with a message,
   and params, state and counters are exactly as they were; or
 - it stepped, and so did a twin on the ``single_tensor`` path given the same params,
-  state, gradients and mutations, to the same result (within each dtype's rounding; the
-  twin is then set to the result, so every step is compared from the same start).
+  state and mutations and the same gradient values (as plain tensors: the twin is an
+  oracle of what the values give, not of how adamkit reads a hostile layout), to the
+  same result: params, dense state entries and the exact weight a split master or a
+  Kahan pair keeps, each within its own rounding (the twin is then set to the result,
+  and kept on ``single_tensor`` however the state dict it loads was saved, so every
+  step is compared from the same start).
 
     python tests/hostile_fuzz.py BACKEND EXAMPLES [DEVICE]   # ADAMKIT_FUZZ_TRACE=1: print each sequence
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import itertools
 import mmap
 import os
 import sys
@@ -42,6 +47,8 @@ import adamkit
 from adamkit import statekeeping
 from adamkit.guard import is_dense
 from adamkit.kernels import KERNELS
+from adamkit.specs.master import MASTER_KEY, join_tensors
+from adamkit.state import COMPENSATION_KEY
 
 PAGE = mmap.PAGESIZE
 #: print each sequence before running it (``ADAMKIT_FUZZ_TRACE=1``)
@@ -128,11 +135,19 @@ OPTIMIZERS = [
 ]
 
 
+def runnable(backend: str) -> list[tuple]:
+    """The rows of :data:`OPTIMIZERS` whose algorithm ``backend`` runs."""
+    return [row for row in OPTIMIZERS if KERNELS[backend].runs(CLASSES[row[0]].algorithm)]
+
+
+def offloadable(name: str) -> bool:
+    return "offload" not in CLASSES[name].unavailable_options
+
+
 @st.composite
 def configs(draw, backend: str):
     """An optimizer the ``backend`` runs, its params and how they are laid out."""
-    runnable = [row for row in OPTIMIZERS if KERNELS[backend].runs(CLASSES[row[0]].algorithm)]
-    name, dtype, options = draw(st.sampled_from(runnable))
+    name, dtype, options = draw(st.sampled_from(runnable(backend)))
     shapes = draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4))
     transposed = draw(st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)))
     return {
@@ -142,35 +157,45 @@ def configs(draw, backend: str):
         "shapes": shapes,
         "transposed": transposed,
         "layout": draw(st.sampled_from(["apart", "one_buffer", "interleaved"])),
-        "offload": "offload" not in CLASSES[name].unavailable_options and draw(st.booleans()),
+        "offload": offloadable(name) and draw(st.booleans()),
     }
 
 
+#: the mutations, by kind: each kind's variants (a param index comes first where it takes one)
+GRAD_CHANGES = ("shape", "dtype", "strided", "expanded", "reshaped", "storage_shrunk", "negated")
+CASTS = ("half", "bfloat16", "double", "float")
+PARAM_CHANGES = ("same", "shape", "dtype", "expanded", "re_viewed")
+STATE_CHANGES = ("replace", "data", "set_", "share_memory_", "pop", "wrong_shape", "expanded", "negative_step")
+STATE_DICT_CHANGES = ("round_trip", "truncate", "drop_key", "step_pair")
+GROUP_CHANGES = ("lr", "weight_decay", "precision", "rounding", "amsgrad", "bad_lr")
+
+INDICES = st.integers(0, 3)
 MUTATIONS = st.one_of(
     st.just(("step",)),
     st.just(("step",)),
     st.just(("step",)),
-    st.tuples(st.just("grad_none"), st.integers(0, 3)),
-    st.tuples(
-        st.just("grad_data"),
-        st.integers(0, 3),
-        st.sampled_from(["shape", "dtype", "strided", "expanded", "reshaped", "storage_shrunk", "negated"]),
-    ),
-    st.tuples(st.just("cast"), st.sampled_from(["half", "bfloat16", "double", "float"])),
-    st.tuples(
-        st.just("param_data"), st.integers(0, 3), st.sampled_from(["same", "shape", "dtype", "expanded", "re_viewed"])
-    ),
-    st.tuples(st.just("tie"), st.integers(0, 3), st.integers(0, 3)),
-    st.tuples(
-        st.just("state"),
-        st.integers(0, 3),
-        st.sampled_from(
-            ["replace", "data", "set_", "share_memory_", "pop", "wrong_shape", "expanded", "negative_step"]
-        ),
-    ),
-    st.tuples(st.just("state_dict"), st.sampled_from(["round_trip", "truncate", "drop_key", "step_pair"])),
-    st.tuples(st.just("group"), st.sampled_from(["lr", "weight_decay", "precision", "rounding", "amsgrad", "bad_lr"])),
+    st.tuples(st.just("grad_none"), INDICES),
+    st.tuples(st.just("grad_data"), INDICES, st.sampled_from(GRAD_CHANGES)),
+    st.tuples(st.just("cast"), st.sampled_from(CASTS)),
+    st.tuples(st.just("param_data"), INDICES, st.sampled_from(PARAM_CHANGES)),
+    st.tuples(st.just("tie"), INDICES, INDICES),
+    st.tuples(st.just("state"), INDICES, st.sampled_from(STATE_CHANGES)),
+    st.tuples(st.just("state_dict"), st.sampled_from(STATE_DICT_CHANGES)),
+    st.tuples(st.just("group"), st.sampled_from(GROUP_CHANGES)),
     st.just(("clear_state",)),
+)
+
+#: every variant of every mutation once, for :func:`sweep` (on param 0, or params 0 and 1)
+EVERY_MUTATION = (
+    ("grad_none", 0),
+    *(("grad_data", 0, how) for how in GRAD_CHANGES),
+    *(("cast", how) for how in CASTS),
+    *(("param_data", 0, how) for how in PARAM_CHANGES),
+    ("tie", 0, 1),
+    *(("state", 0, how) for how in STATE_CHANGES),
+    *(("state_dict", how) for how in STATE_DICT_CHANGES),
+    *(("group", how) for how in GROUP_CHANGES),
+    ("clear_state",),
 )
 
 
@@ -391,6 +416,9 @@ class Run:
             assert str(error), f"an error without a message: {error!r}"
             assert_unchanged(self.opt, self.ours, before, error)
             return
+        for q in self.theirs:  # the oracle reads plain gradients: their values, in memory of their own
+            if q.grad is not None:
+                q.grad = q.grad.detach().resolve_conj().resolve_neg().clone(memory_format=torch.contiguous_format)
         self.twin.step()  # the oracle must step too
         for p, q in zip(self.ours, self.theirs):
             assert p.dtype == q.dtype and p.shape == q.shape
@@ -398,16 +426,21 @@ class Run:
             # and the state the step wrote: a moment fed a wrong gradient moves far more than
             # the param it steps (one step's m takes 10 % of g; the param, 10 % of a step)
             ours, theirs = self.opt.state.get(p, {}), self.twin.state.get(q, {})
+            exact, other_exact = _exact_weight(p, ours), _exact_weight(q, theirs)
+            if exact is not None and other_exact is not None:
+                torch.testing.assert_close(exact, other_exact, **_exact_tolerance(ours), equal_nan=True)
             for key, value in ours.items():
                 other = theirs.get(key)
-                if _dense_values(value, p) and _dense_values(other, q) and value.dtype == other.dtype:
+                if _dense_values(key, value, p) and _dense_values(key, other, q) and value.dtype == other.dtype:
                     torch.testing.assert_close(
-                        value.cpu(), other.cpu(), **_tolerance(value.dtype), equal_nan=True, msg=f"state[{key!r}]"
+                        value.cpu(), other.cpu(), **_state_tolerance(other), equal_nan=True, msg=f"state[{key!r}]"
                     )
         for p, q in zip(self.ours, self.theirs):  # the next step starts from the same place
             if 0 not in q.stride() or q.numel() <= 1:  # (an expanded param without a gradient: never written)
                 q.data.copy_(p.data)
         self.twin.load_state_dict(copy.deepcopy(self.opt.state_dict()))
+        for group in self.twin.param_groups:  # a loaded group takes the saved backend, as torch's take
+            group["backend"] = "single_tensor"  # foreach and fused: the oracle stays the oracle
 
 
 def _tolerance(dtype: torch.dtype) -> dict:
@@ -417,10 +450,49 @@ def _tolerance(dtype: torch.dtype) -> dict:
     return {"rtol": tolerance, "atol": tolerance}
 
 
-def _dense_values(value, param) -> bool:
+def _state_tolerance(expected: torch.Tensor) -> dict:
+    """How far a state entry may land from the oracle's: its dtype's relative rounding,
+    and an absolute floor scaled to the entry (a second moment is ~1e-3 of g²: a fixed
+    floor of the params' would never see it)."""
+    rtol = _tolerance(expected.dtype)["rtol"]
+    finite = expected[expected.isfinite()].detach().cpu()
+    largest = float(finite.abs().max()) if finite.numel() else 0.0
+    return {"rtol": rtol, "atol": rtol * 1e-2 * largest + 1e-30}
+
+
+def _exact_weight(param: torch.Tensor, state: dict) -> torch.Tensor | None:
+    """The exact weight a 16-bit param's state keeps beside it (its split master joined
+    to it, or its Kahan compensation added), in fp32; ``None`` without one.  (The low
+    bits alone are bit patterns, and a compensation is the small remainder of a
+    rounding: neither is a value to compare within a tolerance.)"""
+    low, compensation = state.get(MASTER_KEY), state.get(COMPENSATION_KEY)
+    if low is not None and low.shape == param.shape:
+        return join_tensors(param.detach().cpu(), low.cpu())
+    if compensation is not None and compensation.shape == param.shape:
+        return param.detach().float().cpu() + compensation.float().cpu()
+    return None
+
+
+def _exact_tolerance(state: dict) -> dict:
+    """fp32 arithmetic for an fp32 master or a Kahan pair; for the 24-bit master, two
+    units of its 16-bit significand (a fused kernel and torch's ops may round the last
+    one apart)."""
+    low = state.get(MASTER_KEY)
+    tolerance = 2.0**-15 if low is not None and low.dtype == torch.int8 else 1e-5
+    return {"rtol": tolerance, "atol": 1e-5}
+
+
+def _dense_values(key: str, value, param) -> bool:
     """Whether a state entry holds one value per element of ``param`` in a float dtype (a
-    moment, a compensation, z; not quantized codes, their scales or a counter)."""
-    return torch.is_tensor(value) and value.is_floating_point() and value.shape == param.shape and param.dim() > 0
+    moment, z; not quantized codes, their scales, a counter, master low bits or a
+    compensation: those are compared through :func:`_exact_weight`)."""
+    return (
+        key not in (MASTER_KEY, COMPENSATION_KEY)
+        and torch.is_tensor(value)
+        and value.is_floating_point()
+        and value.shape == param.shape
+        and param.dim() > 0
+    )
 
 
 def snapshot(opt, params) -> tuple:
@@ -445,11 +517,53 @@ def assert_unchanged(opt, params, before, error) -> None:
         torch.testing.assert_close(p.detach(), value, rtol=0, atol=0, equal_nan=True, msg=str(error))
 
 
+def run_sequence(config: dict, mutations: list[tuple], backend: str) -> None:
+    """A first step, then ``mutations`` (steps among them), then a last step."""
+    if TRACE:  # the last line printed before a crash is the sequence that crashed
+        print(config, mutations, flush=True)
+    run = Run(config, backend)
+    run.apply(("step",))
+    for mutation in mutations:
+        if mutation[0] == "step":
+            run.apply(mutation)
+            continue
+        try:
+            run.apply(mutation)
+        except (RuntimeError, ValueError, TypeError):
+            return  # torch or adamkit refused the mutation itself (a bad state dict...): the runs part here
+    run.apply(("step",))
+
+
+def sweep(backend: str) -> None:
+    """Every optimizer row with every mutation variant alone between steps, each on
+    params of two shapes and a scalar, the layouts and offload taken in turn.  (Random
+    sequences mostly stack refusals: a gradient of the wrong dtype before a negated one
+    hides it, and a variant met once in a hundred sequences is met too seldom.)"""
+    layouts = ("apart", "one_buffer", "interleaved")
+    for n, ((name, dtype, options), mutation) in enumerate(itertools.product(runnable(backend), EVERY_MUTATION)):
+        config = {
+            "name": name,
+            "dtype": dtype,
+            "options": {"seed": 7, **options},
+            "shapes": [(3, 5), (3, 5), (7,), ()],
+            "transposed": [n % 4 == 1, False, False, False],
+            "layout": layouts[n % 3],
+            "offload": offloadable(name) and n % 2 == 0,
+        }
+        try:
+            run_sequence(config, [mutation, ("step",)], backend)
+        except BaseException:
+            print(f"the sweep's failing sequence: {config} {[mutation, ('step',)]}", flush=True)
+            raise
+
+
 def fuzz(backend: str, examples: int, device: str = "cpu") -> None:
     global DEVICE
     DEVICE = torch.device(device)
     if DEVICE.type == "cpu":
         statekeeping.allocator = guarded_like  # every issued state tensor is guarded too
+
+    sweep(backend)
 
     @settings(
         max_examples=examples,
@@ -460,19 +574,7 @@ def fuzz(backend: str, examples: int, device: str = "cpu") -> None:
     )
     @given(config=configs(backend), mutations=st.lists(MUTATIONS, min_size=1, max_size=10))
     def sequence(config, mutations):
-        if TRACE:  # the last line printed before a crash is the sequence that crashed
-            print(config, mutations, flush=True)
-        run = Run(config, backend)
-        run.apply(("step",))
-        for mutation in mutations:
-            if mutation[0] == "step":
-                run.apply(mutation)
-                continue
-            try:
-                run.apply(mutation)
-            except (RuntimeError, ValueError, TypeError):
-                return  # torch or adamkit refused the mutation itself (a bad state dict...): the runs part here
-        run.apply(("step",))
+        run_sequence(config, mutations, backend)
 
     sequence()
     if DEVICE.type == "cuda":
