@@ -10,6 +10,8 @@ checkpoint must end bit for bit where the uninterrupted run ended: weights, mome
 
 from __future__ import annotations
 
+import copy
+
 import lightning
 import pytest
 import torch
@@ -173,17 +175,51 @@ def test_lightning_trains_and_resumes_an_adamkit_optimizer_with_its_schedule(tmp
     _same_tensors(optimizer.state_dict(), resumed_trainer.optimizers[0].state_dict())
 
 
-def test_a_subclass_written_outside_adamkit_may_take_its_own_arguments():
-    """Lightning derives a class from the optimizer's to wrap it; users subclass too."""
+class _Narrow(adamkit.AdamW):
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr, state_precision="int8")
 
-    class Narrow(adamkit.AdamW):
-        def __init__(self, params, lr: float) -> None:
-            super().__init__(params, lr=lr, state_precision="int8")
+
+class _Forwarding(adamkit.AdamW):
+    def __init__(self, params, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [_Narrow, _Forwarding])
+def test_a_subclass_written_outside_adamkit_may_take_its_own_arguments_and_loads_its_checkpoints(cls):
+    """Lightning derives a class from the optimizer's to wrap it; users subclass too.
+    Loading a state dict read the defaults of the subclass's constructor, which names no
+    option: ``KeyError: 'max_lr'``."""
+    p = torch.nn.Parameter(torch.ones(4))
+    optimizer = cls([p], lr=0.1)
+    p.grad = torch.ones(4)
+    optimizer.step()
+    assert torch.all(p < 1)
+    saved = copy.deepcopy(optimizer.state_dict())
+    optimizer.load_state_dict(saved)
+    _same_tensors(saved, optimizer.state_dict())
+    assert optimizer.param_groups[0]["max_lr"] == 0.1
+    copied = copy.deepcopy(optimizer)  # (unpickling fills the defaults alike)
+    assert copied.param_groups[0]["state_precision"] == optimizer.param_groups[0]["state_precision"]
+
+
+def test_lightnings_optimizer_wrapper_loads_a_state_dict():
+    """A ``LightningOptimizer`` is an instance of a class derived from the optimizer's
+    whose constructor takes only the optimizer.  (Loading through it loads into the
+    wrapper's own attributes, as it does for torch.optim: Lightning itself loads into
+    the optimizer.)"""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
 
     p = torch.nn.Parameter(torch.ones(4))
+    optimizer = adamkit.AdamW([p], lr=0.1, state_precision="int8")
     p.grad = torch.ones(4)
-    Narrow([p], lr=0.1).step()
-    assert torch.all(p < 1)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    p.grad = torch.ones(4)
+    optimizer.step()
+    wrapper = LightningOptimizer(optimizer)
+    wrapper.load_state_dict(saved)
+    _same_tensors(saved, wrapper.state_dict())
 
 
 def test_adamkits_own_classes_are_held_to_the_option_table():

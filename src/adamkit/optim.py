@@ -125,8 +125,11 @@ class _AdamFamily(Optimizer):
     @classmethod
     def _group_defaults(cls) -> dict[str, Any]:
         """Every key of a param group with its default (the constructor's), for groups
-        pickled by an older version; ``max_lr`` follows the group's lr."""
-        parameters = inspect.signature(cls.__init__).parameters.values()
+        pickled by an older version; ``max_lr`` follows the group's lr.  The constructor
+        read is adamkit's own class's: a subclass's (a user's, with its own arguments, or
+        the one Lightning derives to wrap an optimizer) need not name the options."""
+        own = next(k for k in cls.__mro__ if k.__module__ == __name__ and "__init__" in vars(k))
+        parameters = inspect.signature(own.__init__).parameters.values()
         defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
         del defaults["max_lr"]
         return defaults
