@@ -42,6 +42,7 @@ import sys
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import load_into_oracle
 
 import adamkit
 from adamkit import statekeeping
@@ -438,9 +439,7 @@ class Run:
         for p, q in zip(self.ours, self.theirs):  # the next step starts from the same place
             if 0 not in q.stride() or q.numel() <= 1:  # (an expanded param without a gradient: never written)
                 q.data.copy_(p.data)
-        self.twin.load_state_dict(copy.deepcopy(self.opt.state_dict()))
-        for group in self.twin.param_groups:  # a loaded group takes the saved backend, as torch's take
-            group["backend"] = "single_tensor"  # foreach and fused: the oracle stays the oracle
+        load_into_oracle(self.twin, self.opt.state_dict())
 
 
 def _tolerance(dtype: torch.dtype) -> dict:

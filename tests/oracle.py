@@ -1,6 +1,9 @@
-"""Run the NumPy reference over the same params and gradients as an optimizer."""
+"""Oracles: the NumPy reference run over the same params and gradients as an optimizer,
+and an optimizer loaded to check another."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 from matrix import GROUP_LRS, Case, gradients, numpy_of
@@ -89,3 +92,12 @@ def stored_reference_step(
         else:
             out[name] = rounding.round_nearest(value, dtype)
     return out
+
+
+def load_into_oracle(oracle, state_dict: dict, backend: str = "single_tensor") -> None:
+    """Load ``state_dict`` into ``oracle`` and keep it stepping on ``backend``: a loaded
+    group takes the saved ``backend`` (as torch.optim's take ``foreach`` and ``fused``),
+    so an oracle loaded from the optimizer it checks would become that optimizer."""
+    oracle.load_state_dict(copy.deepcopy(state_dict))
+    for group in oracle.param_groups:
+        group["backend"] = backend

@@ -22,6 +22,7 @@ import warnings
 import pytest
 import torch
 from matrix import CPU_BACKENDS, CPU_FUSED_BACKENDS
+from oracle import load_into_oracle
 
 import adamkit
 from adamkit import guard
@@ -134,7 +135,7 @@ def test_a_gradient_whose_data_was_replaced_is_checked_before_anything_moves(bac
     params = list(model.parameters())
     if words is None:  # a gradient of the param's shape and dtype: the step is the single-tensor path's
         twin_model, twin = stepped("single_tensor")
-        twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+        load_into_oracle(twin, opt.state_dict())
         twin_model.load_state_dict(model.state_dict())
         for p, q in zip(params, twin_model.parameters()):
             q.grad = p.grad.clone()
@@ -217,11 +218,11 @@ def test_state_tensors_replaced_re_pointed_or_moved_are_what_the_next_step_uses(
     opt.load_state_dict(opt.state_dict())
     twin_model = copy.deepcopy(model)
     twin = adamkit.AdamW(twin_model.parameters(), lr=1e-2, weight_decay=0.1, backend="single_tensor", **options)
-    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    load_into_oracle(twin, opt.state_dict())
     backward(model)
     opt.step()  # every state tensor issued, the kernel's tables built
     twin_model.load_state_dict(model.state_dict())
-    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    load_into_oracle(twin, opt.state_dict())
     for target in (opt, twin):  # the same change to both
         state = target.state[next(iter(target.param_groups[0]["params"]))]
         key = next(k for k in state if k.startswith("exp_avg") and not k.endswith("_scales"))
