@@ -10,8 +10,9 @@ of the same or another shape (or its 16 bits re-viewed as the other 16-bit float
 tied to one buffer, gradients dropped, replaced through ``.data`` by another shape, dtype
 or layout, their storage cut under them, or lazily negated, ``optimizer.state`` edited in
 place (entries replaced, re-pointed, moved to shared memory, popped, expanded; a step
-count that cannot count), hand-edited state dicts loaded, and param groups edited.  Every tensor a kernel
-may address — params, gradients and the state adamkit issues — ends where a page ends,
+count that cannot count), hand-edited state dicts loaded, and param groups edited
+(their backend or offload switched by hand among them).  Every tensor a kernel may
+address — params, gradients and the state adamkit issues — ends where a page ends,
 followed by a page that cannot be read or written, so a read or write one byte past any
 of them kills the process (the test sees the signal).
 
@@ -168,7 +169,7 @@ CASTS = ("half", "bfloat16", "double", "float")
 PARAM_CHANGES = ("same", "shape", "dtype", "expanded", "re_viewed")
 STATE_CHANGES = ("replace", "data", "set_", "share_memory_", "pop", "wrong_shape", "expanded", "negative_step")
 STATE_DICT_CHANGES = ("round_trip", "truncate", "drop_key", "step_pair")
-GROUP_CHANGES = ("lr", "weight_decay", "precision", "rounding", "amsgrad", "bad_lr")
+GROUP_CHANGES = ("lr", "weight_decay", "precision", "rounding", "amsgrad", "bad_lr", "backend", "offload")
 
 INDICES = st.integers(0, 3)
 MUTATIONS = st.one_of(
@@ -271,7 +272,7 @@ class Run:
 
         def change(params, opt):
             p = params[i % len(params)]
-            if p.grad is None:
+            if p.grad is None or not _readable(p.grad):
                 return
             if how == "shape":  # one element short (a kernel reading all of it would fault), or one more
                 p.grad.data = guarded_empty((max(p.numel() - 1, 0) or 2,), p.dtype).fill_(0.5)
@@ -304,7 +305,7 @@ class Run:
         def change(params, opt):
             for p in params:
                 p.data = guarded_copy(p.data.to(dtype[how]))
-                if p.grad is not None:
+                if p.grad is not None and _readable(p.grad):  # (a cut storage stays as it is: refused)
                     p.grad.data = guarded_copy(p.grad.data.to(dtype[how]))
 
         self.both(change)
@@ -396,6 +397,12 @@ class Run:
                 group["amsgrad"] = not group["amsgrad"]
             elif how == "bad_lr":
                 group["lr"] = -1.0
+            elif opt is self.twin:  # (how the checked optimizer runs: the oracle runs as it did)
+                return
+            elif how == "backend":  # another path from the next step on, its state as it stands
+                group["backend"] = "cpu" if group["backend"] != "cpu" else "foreach"
+            elif how == "offload":  # the state moved to or from the host
+                group["offload"] = None if group["offload"] is not None else "cpu"
 
         self.both(change)
 
@@ -447,6 +454,14 @@ def _tolerance(dtype: torch.dtype) -> dict:
     the single-tensor path's op by op."""
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
     return {"rtol": tolerance, "atol": tolerance}
+
+
+def _readable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s storage holds all of it (after ``storage_shrunk`` it does not:
+    torch's own copy would read past it, and the fuzzer must not read what no kernel may)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    needed = (tensor.storage_offset() + extent) * tensor.element_size() if tensor.numel() else 0
+    return tensor.untyped_storage().nbytes() >= needed
 
 
 def _state_tolerance(expected: torch.Tensor) -> dict:
