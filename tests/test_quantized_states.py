@@ -472,18 +472,29 @@ def test_conversion_to_torch_and_back():
     for i, p in enumerate(params):
         want = blockwise.load_moment(opt.state[p], "exp_avg_sq", p.shape, FORMATS["int8"])
         assert torch.equal(torch_opt.state[copies[i]]["exp_avg_sq"], want)
-    back = to_quantized(torch_opt.state_dict(), copies, "int8")
     fmt = FORMATS["int8"]
+    back = to_quantized(torch_opt.state_dict(), copies, "int8")
+    for i, p in enumerate(params):  # values that were codes come back as the same values, exactly
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(blockwise.load_moment(back["state"][i], key, p.shape, fmt), full["state"][i][key])
+    assert back["param_groups"][0]["state_precision"] == "int8"
+    for q in copies:  # a step of torch's: moments that were never codes
+        q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    torch_opt.step()
+    fresh = torch_opt.state_dict()
+    stepped_back = to_quantized(fresh, copies, "int8")
+    rounded = []
     for i, p in enumerate(params):  # within the format's bound of the full-precision moments
         for key in ("exp_avg", "exp_avg_sq"):
-            got = blockwise.load_moment(back["state"][i], key, p.shape, fmt)
+            got = blockwise.load_moment(stepped_back["state"][i], key, p.shape, fmt)
+            rounded.append(not torch.equal(got, fresh["state"][i][key]))
             block = fmt.block_of(key == "exp_avg")
-            scales = back["state"][i][blockwise.stored_keys(key, fmt)[1]].float().repeat_interleave(block)
+            scales = stepped_back["state"][i][blockwise.stored_keys(key, fmt)[1]].float().repeat_interleave(block)
             bound = error_bounds(
-                fmt, key == "exp_avg", full["state"][i][key], scales[: p.numel()].view(p.shape), stochastic=False
+                fmt, key == "exp_avg", fresh["state"][i][key], scales[: p.numel()].view(p.shape), stochastic=False
             )
-            assert torch.all((got - full["state"][i][key]).abs() <= bound * 1.001)
-    assert back["param_groups"][0]["state_precision"] == "int8"
+            assert torch.all((got - fresh["state"][i][key]).abs() <= bound * 1.001)
+    assert all(rounded[:2])  # (the bound is met by values that moved: a block of one holds its value)
     with pytest.raises(ValueError, match="params has 2 entries"):
         to_full_precision(opt.state_dict(), params[:2])
     with pytest.raises(ValueError, match="Invalid state_precision: 'int2'"):

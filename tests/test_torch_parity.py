@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from matrix import DEVICE_BACKENDS, OPTIMIZERS, Case, clone_groups, make_params, run, torch_comparable_cases
 
 import adamkit
+from adamkit.kernels import KERNELS
 
 STEPS = 100
 PAIRS = {name: OPTIMIZERS[name][:2] for name in ("Adam", "AdaMax")}
@@ -57,8 +60,23 @@ def test_tensor_betas_bit_identical(optimizer, backend):
     assert_same_state(ours, our_groups, theirs, torch_groups)
 
 
+def recording(monkeypatch, name: str) -> list[str]:
+    """A list that the kernel registered as ``name`` appends its name to at each step
+    it runs (the single-tensor and foreach paths give the same bits: only this tells
+    which ran)."""
+    calls: list[str] = []
+    kernel = KERNELS[name]
+
+    def step(*args, **kwargs):
+        calls.append(name)
+        return kernel.step(*args, **kwargs)
+
+    monkeypatch.setitem(KERNELS, name, dataclasses.replace(kernel, step=step))
+    return calls
+
+
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_foreach_flag_maps_to_foreach_path(optimizer):
+def test_foreach_flag_maps_to_foreach_path(optimizer, monkeypatch):
     """foreach=True runs adamkit's foreach path, bit-identical to torch's for-loop."""
     case = Case(optimizer=optimizer)
     ours_cls, torch_cls, _ = OPTIMIZERS[optimizer]
@@ -66,13 +84,15 @@ def test_foreach_flag_maps_to_foreach_path(optimizer):
     our_groups = clone_groups(torch_groups)
     theirs = torch_cls(torch_groups, foreach=False)
     ours = ours_cls(our_groups, foreach=True)
+    ran = recording(monkeypatch, "foreach")
     run(ours, our_groups, 20)
     run(theirs, torch_groups, 20)
     assert_same_state(ours, our_groups, theirs, torch_groups)
+    assert len(ran) == 20 * len(our_groups)
 
 
 @pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "StableAdamW"])
-def test_fused_flag_runs_adamkits_fused_cpu_kernel(optimizer):
+def test_fused_flag_runs_adamkits_fused_cpu_kernel(optimizer, monkeypatch):
     """fused=True on CPU params is adamkit's fused kernel: the same bits as backend="cpu"
     (StableAdamW takes AdamW's flag too)."""
     case = Case(optimizer="AdamW" if optimizer == "StableAdamW" else optimizer)
@@ -80,7 +100,9 @@ def test_fused_flag_runs_adamkits_fused_cpu_kernel(optimizer):
     fused_groups = make_params(case)
     cpu_groups = clone_groups(fused_groups)
     fused, cpu = ours_cls(fused_groups, fused=True), ours_cls(cpu_groups, backend="cpu")
+    ran = recording(monkeypatch, "cpu")
     run(fused, fused_groups, 20)
+    assert len(ran) == 20 * len(fused_groups)
     run(cpu, cpu_groups, 20)
     assert_same_state(fused, fused_groups, cpu, cpu_groups)
 
