@@ -104,7 +104,12 @@ def main(argv: list[str] | None = None) -> None:
                         times[name].append(time.perf_counter() - start)
                 medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
                 fused = medians["torch fused"]
-                print(f"({key}) {count} tensors of {size:,} fp32 elements, median of {args.rounds} rounds")
+                elements = (
+                    f"bf16 elements over {args.master_weights} masters (torch fused: fp32, the drift's anchor)"
+                    if args.master_weights
+                    else "fp32 elements"
+                )
+                print(f"({key}) {count} tensors of {size:,} {elements}, median of {args.rounds} rounds")
                 for name, ms in medians.items():
                     print(f"  {name:14s} {ms:8.2f} ms  {ms / fused:5.3f}x torch fused")
                 change = medians["this tree"] / medians[args.revision] - 1

@@ -15,7 +15,7 @@ import torch
 from bench_cpu import parse_arguments
 
 import adamkit
-from adamkit.experiments.bench import CASES, format_case, run_case
+from adamkit.experiments.bench import CASES, format_case, run_case, state_bytes_per_param
 from adamkit.kernels import cpu
 
 ANCHOR = "adamkit AdamW"
@@ -80,8 +80,9 @@ except ImportError:
 def main(argv: list[str] | None = None) -> None:
     cases, rounds = parse_arguments(__doc__, CASES, argv or ["--cases", "a"])
     for case in cases:
+        held = {name: state_bytes_per_param(case, make) for name, make in CONTENDERS.items()}
         medians, bandwidth = run_case(case, rounds, CONTENDERS)
-        print(format_case(case, medians, bandwidth, anchor=ANCHOR) + "\n")
+        print(format_case(case, medians, bandwidth, anchor=ANCHOR, state_bytes=held) + "\n")
 
 
 if __name__ == "__main__":

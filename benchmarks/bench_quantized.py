@@ -8,8 +8,10 @@ the ratio to torch fused, the optimizer-state bytes per param measured on the ca
 real shapes (codes, block scales, master-weight low bits: everything the optimizer
 holds beyond ``step``), the bytes a step moves per param and the effective
 bandwidth, against an in-place ``add_`` in the same rounds (see bench_cpu.py).  On the
-CPU, bitsandbytes 0.50 dequantizes, runs plain torch ops and requantizes, and
-torchao 0.18 keeps fp32 states (its state B/param says so).
+CPU, bitsandbytes 0.50 dequantizes, runs plain torch ops and requantizes; torchao 0.18
+quantizes only tensors of at least 4,096 elements that its block (256 elements for
+8-bit, 128 for 4-bit) divides, so on case (a), whose tensors hold 10^6 elements, it
+keeps fp32 states (its state B/param says so), and on GPT-2 shapes (c) it quantizes.
 
     python benchmarks/bench_quantized.py [--cases a,c,e] [--rounds 20]
 """
@@ -22,8 +24,7 @@ import torch
 from bench_cpu import parse_arguments
 
 import adamkit
-from adamkit.experiments.bench import Case, gpt2_shapes, run_case
-from adamkit.memory import tensor_bytes
+from adamkit.experiments.bench import Case, bytes_moved_per_param, gpt2_shapes, run_case, state_bytes_per_param
 
 CASES = {
     "a": Case("(a) 50M fp32 params in 50 tensors", [(1_000_000,)] * 50),
@@ -77,22 +78,6 @@ def peer_contenders(dtype: torch.dtype) -> dict[str, Callable]:
     return found
 
 
-def state_bytes_per_param(case: Case, make: Callable) -> float:
-    """Optimizer-state bytes per param after one step on the case's shapes."""
-    params = [torch.nn.Parameter(torch.zeros(s, dtype=case.dtype)) for s in case.shapes]
-    optimizer = make(params)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    held = sum(
-        tensor_bytes(t)
-        for p in params
-        for k, t in optimizer.state[p].items()
-        if k != "step" and isinstance(t, torch.Tensor)
-    )
-    return held / case.params
-
-
 def main(argv: list[str] | None = None) -> None:
     cases, rounds = parse_arguments(__doc__, CASES, argv)
     for case in cases:
@@ -100,12 +85,11 @@ def main(argv: list[str] | None = None) -> None:
         held = {name: state_bytes_per_param(case, make) for name, make in contenders.items()}
         medians, bandwidth = run_case(case, rounds, contenders)
         fused = medians["torch fused"]
-        size = torch.empty(0, dtype=case.dtype).element_size()
         print(f"{case.name}: {case.params / 1e6:.1f}M params; add_ bandwidth in the same rounds {bandwidth:.1f} GB/s")
         header = f"  {'contender':32s} {'ms':>8s} {'vs fused':>9s} {'state B/param':>14s} {'B moved':>8s} {'GB/s':>6s}"
         print(header)
         for name, seconds in medians.items():
-            moved = 2 * size + size + 2 * held[name]  # param read and written, grad read, states read and written
+            moved = bytes_moved_per_param(case, held[name])
             rate = moved * case.params / seconds / 1e9
             print(
                 f"  {name:32s} {seconds * 1e3:8.2f} {seconds / fused:9.2f} {held[name]:14.3f} {moved:8.1f} {rate:6.1f}"

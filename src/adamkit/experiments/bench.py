@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import adamkit
+from adamkit.memory import tensor_bytes
 
 #: bytes an Adam step moves per param: read param, grad, exp_avg, exp_avg_sq, write three
 BYTES_PER_PARAM = {torch.float32: 28, torch.bfloat16: 14}
@@ -122,20 +123,59 @@ def run_case(
     return medians, 12 * add_elements / medians.pop("add_") / 1e9
 
 
-def format_case(case: Case, medians: dict[str, float], bandwidth: float, anchor: str = "torch fused") -> str:
-    """One case's table: ms, ratio to ``anchor``, GB/s and share of the ``add_`` bandwidth."""
-    moved = BYTES_PER_PARAM[case.dtype] * case.params
+def state_bytes_per_param(case: Case, make: Callable, device: str = "cpu") -> float:
+    """Bytes of optimizer state per param that ``make``'s optimizer holds after one step
+    on the case's shapes (moments, codes, block scales, master low bits, compensations:
+    everything beyond ``step``)."""
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=case.dtype, device=device)) for s in case.shapes]
+    optimizer = make(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    held = sum(
+        tensor_bytes(t)
+        for p in params
+        for key, t in optimizer.state[p].items()
+        if key != "step" and isinstance(t, torch.Tensor)
+    )
+    return held / case.params
+
+
+def bytes_moved_per_param(case: Case, state_bytes: float) -> float:
+    """What one step must move per param: the param read and written, the gradient
+    read, and the state read and written."""
+    size = torch.empty(0, dtype=case.dtype).element_size()
+    return 3 * size + 2 * state_bytes
+
+
+def format_case(
+    case: Case,
+    medians: dict[str, float],
+    bandwidth: float,
+    anchor: str = "torch fused",
+    state_bytes: dict[str, float] | None = None,
+) -> str:
+    """One case's table: ms, ratio to ``anchor``, bytes moved per param, GB/s and share
+    of the ``add_`` bandwidth.  Each contender's bytes follow from its ``state_bytes``
+    (see :func:`state_bytes_per_param`) where given, else from an Adam step's
+    (:data:`BYTES_PER_PARAM`: a variant with a third moment moves more than that)."""
     width = max(16, *(len(name) for name in medians))
     lines = [
-        f"{case.name}: {case.params / 1e6:.1f}M params, {moved / 1e9:.2f} GB moved per step",
+        f"{case.name}: {case.params / 1e6:.1f}M params",
         f"  in-place add_ bandwidth, interleaved in the same rounds: {bandwidth:.1f} GB/s",
-        f"  ratio: time over {anchor}'s",
-        f"  {'contender':{width}s} {'ms':>8s} {'ratio':>9s} {'GB/s':>7s} {'% of add_':>10s}",
+        f"  ratio: time over {anchor}'s; B/param: what the step must move (param, gradient, state)",
+        f"  {'contender':{width}s} {'ms':>8s} {'ratio':>9s} {'B/param':>8s} {'GB/s':>7s} {'% of add_':>10s}",
     ]
     for name, seconds in medians.items():
-        rate = moved / seconds / 1e9
+        if state_bytes is None:
+            moved = BYTES_PER_PARAM[case.dtype]
+        else:
+            moved = bytes_moved_per_param(case, state_bytes[name])
+        rate = moved * case.params / seconds / 1e9
         ratio = seconds / medians[anchor]
-        lines.append(f"  {name:{width}s} {seconds * 1e3:8.2f} {ratio:9.2f} {rate:7.1f} {100 * rate / bandwidth:9.0f}%")
+        lines.append(
+            f"  {name:{width}s} {seconds * 1e3:8.2f} {ratio:9.2f} {moved:8.1f} {rate:7.1f} {100 * rate / bandwidth:9.0f}%"
+        )
     return "\n".join(lines)
 
 
@@ -150,9 +190,11 @@ __all__ = [
     "CUDA_CONTENDERS",
     "QUICK_CASES",
     "Case",
+    "bytes_moved_per_param",
     "format_case",
     "gpt2_shapes",
     "make_params",
     "run_case",
+    "state_bytes_per_param",
     "versions",
 ]
