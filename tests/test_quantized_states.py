@@ -757,7 +757,9 @@ def test_a_nan_gradient_poisons_only_its_block(backend):
 @pytest.mark.parametrize("signed", [True, False])
 def test_dequantized_values_are_restored_to_the_same_codes_and_scales(precision, signed):
     """restore_into(dequantize(q)) == q for every block (ragged tail, zero, NaN and
-    tiny blocks included), for codes rounded stochastically as a step rounds them: a
+    tiny blocks included, and blocks of subnormals: there a neighbouring scale is far
+    from the block's, and a trial's codes passed the top level and indexed past the
+    map), for codes rounded stochastically as a step rounds them: a
     first moment's scale is its absmax rounded *up* to bf16 and its largest element
     may have gone down to the level below the top, so the absmax of the dequantized
     values can round to a smaller scale, and plain re-quantization would pick it (a
@@ -770,6 +772,9 @@ def test_dequantized_values_are_restored_to_the_same_codes_and_scales(precision,
     x = np.abs(x) if not signed else x
     x[: fmt.block] = 0.0  # a zero block
     x[fmt.block + 3] = np.nan  # a non-finite block
+    block = fmt.block_of(signed)  # blocks of fp32 subnormals, whose scales' neighbours are far apart
+    x[4 * block : 8 * block] = (g.standard_normal(4 * block) * 1.3e-40).astype(np.float32)
+    x = np.abs(x) if not signed else x
     stored, scales = quantization.quantize(x, fmt, signed, g.integers(0, 65536, n))
     values = torch.from_numpy(quantization.dequantize(stored, scales, fmt, signed, x.shape))
     codes = torch.empty(fmt.code_bytes(x.size), dtype=torch.uint8)

@@ -168,8 +168,8 @@ def signed_tables(fmt: QuantFormat, device: torch.device) -> tuple[Tensor, Tenso
 
 def _signed_codes(flat: Tensor, r: Tensor, fmt: QuantFormat, bits16: Tensor | None) -> Tensor:
     K = fmt.signed_levels
-    if bits16 is None:
-        k = torch.floor(K * r.sqrt() + 0.5).to(torch.int64)
+    if bits16 is None:  # (r <= 1 under the block's own scale; a smaller scale restore_into tries is held at the top)
+        k = torch.floor(K * r.sqrt() + 0.5).to(torch.int64).clamp(max=K)
     else:  # the level L_k <= r < L_{k+1}, up with probability (r - L_k) / g_k
         levels, gaps = signed_tables(fmt, r.device)
         k = torch.floor(K * r.sqrt()).to(torch.int64).clamp(max=K)
