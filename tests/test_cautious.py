@@ -63,11 +63,13 @@ def test_cautious_matches_the_reference(name, backend, float64_default):
         assert not torch.equal(p, q)  # the masks did something
 
 
+@pytest.mark.parametrize("against", [-1.0, 0.0], ids=["negative", "zero"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", CAUTIOUS)
-def test_no_element_moves_against_its_gradient(name, backend):
+def test_no_element_moves_against_its_gradient(name, backend, against):
     """One cautious step from a state whose momentum disagrees with the new gradient in
-    half the elements: those stay where they were (no decay here)."""
+    half the elements, or whose gradient there is exactly zero (an update agrees only
+    where u g > 0): those stay where they were (no decay here)."""
     _skip_unless_it_runs(name, backend)
     cls = FAMILY[name][0]
     p = torch.nn.Parameter(torch.zeros(64, dtype=torch.float64))
@@ -77,7 +79,7 @@ def test_no_element_moves_against_its_gradient(name, backend):
         optimizer.step()  # (ADOPT's first step only measures v)
     before = p.detach().clone()
     flip = torch.arange(64) % 2 == 0
-    p.grad = torch.where(flip, -1.0, 1.0).to(torch.float64) * 1e-3  # small: m keeps its sign
+    p.grad = torch.where(flip, against, 1.0).to(torch.float64) * 1e-3  # small: m keeps its sign
     optimizer.step()
     moved = p.detach() - before
     assert torch.all(moved[flip] == 0)

@@ -233,6 +233,15 @@ def test_decay_factor_that_would_flip_sign_is_rejected():
         opt.step()
 
 
+def test_a_decay_factor_of_exactly_zero_is_allowed():
+    """(lr / max_lr) * weight_decay = 1 decays the weights to zero, which flips no sign."""
+    p = torch.nn.Parameter(torch.randn(2))
+    opt = adamkit.AdamW([p], lr=1e-3, weight_decay=1.0, decouple_lr=True)
+    p.grad = torch.zeros(2)
+    opt.step()
+    assert torch.equal(p.detach(), torch.zeros(2))
+
+
 @pytest.mark.parametrize(
     "cls,kwargs,error,words",
     [

@@ -252,6 +252,32 @@ def test_state_tensors_replaced_re_pointed_or_moved_are_what_the_next_step_uses(
             assert all(is_issued(v, opt.state_epoch) for v in state.values() if torch.is_tensor(v))
 
 
+def test_every_mutator_of_a_param_s_state_advances_the_epoch():
+    """The epoch is what tells a kernel its cached state addresses may be stale: each
+    way of changing a param's state dict advances it (popping a missing key does not;
+    the popped tensors are kept alive, so no release of theirs advances it instead)."""
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = adamkit.Adam([p], lr=1e-2)
+    p.grad = torch.randn(4)
+    opt.step()
+    state, kept = opt.state[p], []
+    changes = {
+        "pop": lambda: kept.append(state.pop("exp_avg")),
+        "del": lambda: kept.append(state.get("exp_avg_sq")) or state.__delitem__("exp_avg_sq"),
+        "setitem": lambda: state.__setitem__("exp_avg", torch.zeros(4)),
+        "setdefault": lambda: state.setdefault("exp_avg_sq", torch.zeros(4)),
+        "update": lambda: state.update(exp_avg=torch.ones(4)),
+        "popitem": lambda: kept.append(state.popitem()),
+        "clear": lambda: kept.append(dict(state)) or state.clear(),
+    }
+    for name, change in changes.items():
+        before = opt.state_epoch.value
+        change()
+        assert opt.state_epoch.value != before, name
+    before = opt.state_epoch.value
+    assert state.pop("missing", None) is None and opt.state_epoch.value == before
+
+
 @pytest.mark.parametrize("backend", CPU_FUSED_BACKENDS)
 def test_params_that_share_memory_are_refused_by_a_fused_kernel(backend):
     buffer = torch.randn(2 * SIZE)

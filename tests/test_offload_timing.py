@@ -39,6 +39,26 @@ def _offload_threads() -> int:
     return sum(t.name == "adamkit-offload" for t in threading.enumerate())
 
 
+def test_the_host_worker_drops_the_jobs_after_a_failed_one_and_raises_its_error_once():
+    """As a failed ``step()`` stops there: the jobs queued behind the failed one never
+    run, ``join()`` raises its error, and the worker then runs new jobs again."""
+    worker = adamkit.offload.HostWorker()
+    ran: list[int] = []
+
+    def fails() -> None:
+        time.sleep(0.05)  # (the next job is queued behind it)
+        raise RuntimeError("a host step failed")
+
+    worker.submit(fails)
+    worker.submit(lambda: ran.append(1))
+    with pytest.raises(RuntimeError, match="a host step failed"):
+        worker.join()
+    assert ran == []
+    worker.submit(lambda: ran.append(2))
+    worker.join()  # the error was raised once
+    assert ran == [2]
+
+
 def test_a_dropped_optimizer_takes_no_thread_or_host_memory_with_it():
     """The worker's thread ends when its queue does, holding no job (a job's closure
     holds the optimizer, its host buffers and the device gradients)."""

@@ -113,6 +113,21 @@ def test_a_stall_found_by_calling_check_points_at_that_call():
     assert [(w.filename, w.lineno) for w in caught if issubclass(w.category, StallWarning)] == [(__file__, line)] * 2
 
 
+def test_a_share_equal_to_the_threshold_warns():
+    """A param's share of lost change reaching the threshold warns ("reaches": 100 % of
+    a step lost at threshold=1.0)."""
+    model = _model(torch.bfloat16)
+    opt = adamkit.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    guard = adamkit.stall_guard(opt, every=1, threshold=1.0, names=model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert len([w for w in caught if issubclass(w.category, StallWarning)]) == 2
+    guard.remove()
+
+
 def test_kahan_loses_fine_tuning_decay_once_its_compensation_has_grown():
     """The compensation is 16 bits too: once it holds ~2^8 decay steps, the next one is
     below its half spacing (the 'weaker form' of the lost-decay bug)."""
