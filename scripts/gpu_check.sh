@@ -10,7 +10,7 @@
 #   cuda      tests/test_cuda.py (default backend, CUDA graphs, GradScaler, torch fused),
 #             the torch.compile tests on CUDA, and the whole conformance matrix on CUDA
 #             (every CUDA backend against the NumPy reference)
-#   fuzz      the hostile-use fuzzer on CUDA (tests/hostile_fuzz.py triton 60 cuda: the sweep, 60 random):
+#   fuzz      the hostile-use fuzzer on CUDA (tests/hostile_fuzz.py triton 30 cuda: the sweep, 30 random):
 #             user mutations between steps on CUDA params; an access outside a tensor is
 #             a CUDA error that fails the part (the memory-safety issue)
 #   bench     benchmarks/bench_gpu.py: cases a, b, c (fp32 ~1B, 10,000 tensors, bf16)
@@ -142,7 +142,7 @@ fi
 for name in "${!BACKGROUND[@]}"; do wait "${BACKGROUND[$name]}"; done
 if wanted fuzz; then  # CUDA params on the GPU; the CPU kernel's guard-page run in a dry run
     if [[ $GPU == 1 ]]; then
-        run_part fuzz 120 1 "$PYTHON" tests/hostile_fuzz.py triton 60 cuda
+        run_part fuzz 120 1 "$PYTHON" tests/hostile_fuzz.py triton 30 cuda
     else
         run_part fuzz 120 0 "$PYTHON" tests/hostile_fuzz.py cpu 100
     fi
