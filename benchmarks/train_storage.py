@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 import adamkit
+from adamkit.experiments.bench import held_state_bytes
 from adamkit.precision import cast_module
 
 CONTEXT, BATCH, WIDTH, LAYERS, HEADS = 64, 32, 128, 2, 4
@@ -99,12 +100,6 @@ def loss_of(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> to
     return nn.functional.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
 
 
-def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    total = sum(t.numel() * t.element_size() for p in params for k, t in optimizer.state[p].items() if k != "step")
-    return total / sum(p.numel() for p in params)
-
-
 def train(run: Run, steps: int, data, evaluation, lr: float = 8e-3) -> dict:
     torch.manual_seed(0)
     model = cast_module(ByteTransformer(), run.dtype)
@@ -128,7 +123,7 @@ def train(run: Run, steps: int, data, evaluation, lr: float = 8e-3) -> dict:
         "curve": curve,
         "train": sum(tail) / len(tail),
         "held_out": held_out,
-        "state_bytes": state_bytes_per_param(optimizer),
+        "state_bytes": held_state_bytes(optimizer),
         "seconds": time.perf_counter() - started,
     }
 

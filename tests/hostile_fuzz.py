@@ -64,6 +64,11 @@ _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 DEVICE = torch.device("cpu")
 
 
+def _extent(shape, strides) -> int:
+    """Elements from a view's first to its last, inclusive (0 for an empty view)."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(shape, strides)) if all(shape) else 0
+
+
 def guarded_empty(shape, dtype: torch.dtype, strides=None) -> torch.Tensor:
     """An uninitialised CPU tensor whose memory ends where a page ends, followed by a page
     with no access: reading or writing past its last byte is a segmentation fault.  (On
@@ -73,7 +78,7 @@ def guarded_empty(shape, dtype: torch.dtype, strides=None) -> torch.Tensor:
         strides = torch.empty(shape, device="meta").stride()
     if DEVICE.type != "cpu":
         return torch.empty_strided(shape, strides, dtype=dtype, device=DEVICE)
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides)) if all(shape) else 0
+    extent = _extent(shape, strides)
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = extent * itemsize
     if nbytes == 0:
@@ -459,8 +464,8 @@ def _tolerance(dtype: torch.dtype) -> dict:
 def _readable(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s storage holds all of it (after ``storage_shrunk`` it does not:
     torch's own copy would read past it, and the fuzzer must not read what no kernel may)."""
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    needed = (tensor.storage_offset() + extent) * tensor.element_size() if tensor.numel() else 0
+    extent = _extent(tensor.shape, tensor.stride())
+    needed = (tensor.storage_offset() + extent) * tensor.element_size() if extent else 0
     return tensor.untyped_storage().nbytes() >= needed
 
 

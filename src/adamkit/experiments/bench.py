@@ -132,13 +132,19 @@ def state_bytes_per_param(case: Case, make: Callable, device: str = "cpu") -> fl
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()
+    return held_state_bytes(optimizer)
+
+
+def held_state_bytes(optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of state beyond ``step`` that ``optimizer`` holds, per param of its groups."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     held = sum(
         tensor_bytes(t)
         for p in params
-        for key, t in optimizer.state[p].items()
+        for key, t in optimizer.state.get(p, {}).items()
         if key != "step" and isinstance(t, torch.Tensor)
     )
-    return held / case.params
+    return held / sum(p.numel() for p in params)
 
 
 def bytes_moved_per_param(case: Case, state_bytes: float) -> float:
@@ -193,6 +199,7 @@ __all__ = [
     "bytes_moved_per_param",
     "format_case",
     "gpt2_shapes",
+    "held_state_bytes",
     "make_params",
     "run_case",
     "state_bytes_per_param",
