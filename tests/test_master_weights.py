@@ -155,6 +155,42 @@ def test_the_master_weights_round_trip_through_a_state_dict_and_fp32_weights():
         _assert_same_run(opt, params, theirs, full)
 
 
+def test_a_resume_loading_the_model_after_the_optimizer_is_exact_and_new_weights_go_through_load_master_weights():
+    """The low bits a loaded state brings stay when the model's values are written into
+    the params afterwards (the resume is the uninterrupted run, bit for bit), and other
+    weights written in place meet those low bits (a master within one bf16 unit of them,
+    as docs/lean-memory.md says) until ``load_master_weights`` sets them exactly."""
+    ours, split, theirs, full = _pair("cpu")
+    _run(ours, split, theirs, full, 10)
+    saved_state, saved_values = copy.deepcopy(ours.state_dict()), [p.detach().clone() for p in split]
+    resumed = [torch.nn.Parameter(torch.zeros_like(p)) for p in split]  # a model built anew
+    again = adamkit.AdamW(resumed, lr=1e-3, weight_decay=0.1, master_weights="fp32", state_precision="fp32", seed=3)
+    again.load_state_dict(saved_state)
+    with torch.no_grad():  # then the model's own load_state_dict
+        for p, value in zip(resumed, saved_values):
+            p.copy_(value)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in split]
+        for params in (split, full, resumed):
+            for p, grad in zip(params, grads):
+                p.grad = grad.to(p.dtype)
+        for opt in (ours, theirs, again):
+            opt.step()
+    _assert_same_run(again, resumed, theirs, full)
+
+    other = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in resumed]  # a pretrained model, say
+    with torch.no_grad():
+        for p, value in zip(resumed, other):
+            p.copy_(value)
+    for joined, value in zip(adamkit.precision.master_weights(again), other):
+        unit = value.float().abs() * 2.0**-7  # one bf16 unit is at most this (and at least half of it)
+        assert (joined != value.float()).any() and ((joined - value.float()).abs() < unit).all()
+    adamkit.precision.load_master_weights(again, [value.float() for value in other])
+    for joined, value in zip(adamkit.precision.master_weights(again), other):
+        assert torch.equal(_bits(joined), _bits(value.float()))
+
+
 def test_torch_adamw_loads_the_state_dict_and_ignores_the_low_bits():
     ours, split, _, _ = _pair("cpu")
     _run(ours, split, *_pair("cpu")[2:], 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -135,3 +136,34 @@ def test_the_count_survives_copies_and_the_option_is_checked():
     opt.param_groups[0]["skip_nonfinite"] = 1
     with pytest.raises(TypeError, match=r"skip_nonfinite must be True or False in param_groups\[0\], got 1"):
         opt.step()
+
+
+def test_the_count_survives_a_state_dict_and_a_bad_count_is_refused():
+    """A group's skipped steps travel in its saved group, as ``skipped_steps``: a load
+    restores them (they used to restart at 0), a torch.optim state dict (no such key)
+    starts them at 0, and a count that is no whole number >= 0 is refused by name,
+    leaving the optimizer as it was."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = adamkit.Adam([{"params": [a]}, {"params": [b]}], skip_nonfinite=True)
+    for _ in range(2):
+        a.grad, b.grad = torch.tensor([float("nan"), 0.0]), torch.ones(2)
+        opt.step()
+    saved = opt.state_dict()
+    assert [g["skipped_steps"] for g in saved["param_groups"]] == [2, 0]
+
+    fresh = adamkit.Adam([{"params": [a]}, {"params": [b]}], skip_nonfinite=True)
+    fresh.load_state_dict(copy.deepcopy(saved))
+    assert fresh.skipped_steps == 2 and [s["skipped_steps"] for s in fresh.stats()] == [2, 0]
+    assert all("skipped_steps" not in group for group in fresh.param_groups)
+
+    torch_opt = torch.optim.Adam([{"params": [a]}, {"params": [b]}])
+    fresh.load_state_dict(torch_opt.state_dict())
+    assert fresh.skipped_steps == 0
+
+    fresh.load_state_dict(copy.deepcopy(saved))
+    for bad in (-1, 1.5, "2", True, None):
+        edited = copy.deepcopy(saved)
+        edited["param_groups"][1]["skipped_steps"] = bad
+        with pytest.raises(ValueError, match=rf"skipped_steps = {re.escape(repr(bad))} in param_groups\[1\]"):
+            fresh.load_state_dict(edited)
+        assert fresh.skipped_steps == 2 and fresh.state_dict()["param_groups"] == saved["param_groups"]

@@ -42,7 +42,9 @@ each micro-batch at once describe no update: the figures read from them are NaN.
     the L2 norm of the group's gradients at their last step (unscaled when a
     GradScaler hands its scale over); NaN unless the group has ``diagnostics=True``.
 ``skipped_steps``
-    steps of this group skipped under ``skip_nonfinite``.
+    steps of this group skipped under ``skip_nonfinite``; a group of ``state_dict()``
+    carries its count under this key, so it survives a save and load (a torch.optim
+    state dict has none: the count starts at 0).
 ``step``
     the largest step count in the group; figures are 0 (NaN for ratios) before it.
 
@@ -53,6 +55,7 @@ host sync); ``stats()`` itself reads every param and moment once and syncs.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter, deque
 from dataclasses import replace
 
@@ -66,6 +69,27 @@ from .kernels.amp import inverse_scale
 from .kernels.types import as_real
 from .rule import UpdateRule, as_number
 from .state import moment_keys, moment_value
+
+#: the key under which each group of ``state_dict()`` carries its count of skipped steps
+SKIPPED_STEPS_KEY = "skipped_steps"
+
+
+def saved_skip_counts(groups: list[dict]) -> Counter[int]:
+    """Take each loaded group's count of skipped steps (:data:`SKIPPED_STEPS_KEY`) out of
+    it, by group index; a count that is not a whole number >= 0 is refused by name
+    (``ValueError``)."""
+    counts: Counter[int] = Counter()
+    for index, group in enumerate(groups):
+        if SKIPPED_STEPS_KEY not in group:
+            continue
+        value = group.pop(SKIPPED_STEPS_KEY)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(
+                f"{SKIPPED_STEPS_KEY} = {value!r} in param_groups[{index}] of the state dict: it must be a whole "
+                "number >= 0 (the steps this group skipped)"
+            )
+        counts[index] = int(value)
+    return counts
 
 
 class Recorder:
@@ -244,4 +268,4 @@ def group_stats(optimizer, index: int, recorder: Recorder) -> dict[str, float]:
     }
 
 
-__all__ = ["Recorder", "group_stats"]
+__all__ = ["SKIPPED_STEPS_KEY", "Recorder", "group_stats", "saved_skip_counts"]

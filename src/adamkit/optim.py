@@ -32,7 +32,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from . import convert, kernels, options
 from .algorithms import ADAM, ADAMAX, ADEMAMIX, ADOPT, NADAM, RADAM, SCHEDULE_FREE_ADAMW, STABLE_ADAMW, lookup
 from .algorithms.base import number_of
-from .diagnostics import Recorder, group_stats
+from .diagnostics import SKIPPED_STEPS_KEY, Recorder, group_stats, saved_skip_counts
 from .kernels.cpu import fork_safe_threads
 from .offload import HostStep
 from .rule import Algorithm, as_number
@@ -178,7 +178,9 @@ class _AdamFamily(Optimizer):
         return {**super().__getstate__(), "skipped_steps_by_group": dict(self._recorder.skips)}
 
     def __setstate__(self, state: dict) -> None:
-        skips = state.pop("skipped_steps_by_group", {})
+        skips = state.pop("skipped_steps_by_group", None)
+        if skips is None:  # load_state_dict: each saved group may carry its count (see state_dict)
+            skips = saved_skip_counts(state.get("param_groups", []))
         super().__setstate__(state)
         self.state_epoch = self.__dict__.get("state_epoch") or StateEpoch()
         self.state = tracked(self.state, self.state_epoch)
@@ -210,10 +212,14 @@ class _AdamFamily(Optimizer):
         """torch.optim's state dict, finished by :func:`adamkit.convert.export_state`:
         a sharded (DTensor) param's quantized moments are exported as fp32 DTensors
         under torch's keys; within :func:`adamkit.convert.full_precision_export`,
-        every param's are.  Host steps still running (offload under gradient release)
-        finish first."""
+        every param's are.  Each group carries its count of skipped steps
+        (``skipped_steps``, see :mod:`adamkit.diagnostics`).  Host steps still running
+        (offload under gradient release) finish first."""
         self.wait_for_host_steps()
-        return convert.export_state(self, super().state_dict(), full_precision=self._export_full_precision)
+        state_dict = convert.export_state(self, super().state_dict(), full_precision=self._export_full_precision)
+        for index, group in enumerate(state_dict["param_groups"]):  # (torch's copies of the groups)
+            group[SKIPPED_STEPS_KEY] = self._recorder.skips[index]
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from adamkit or torch.optim (see :func:`adamkit.convert.import_state`):
