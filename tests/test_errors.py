@@ -75,6 +75,14 @@ def test_non_floating_params_rejected(dtype):
     assert str(dtype) in str(info.value) and "floating-point" in str(info.value)
 
 
+def test_a_non_floating_param_is_named_by_its_place_in_its_group():
+    opt = adamkit.Adam(params())
+    added = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2)), torch.zeros(2, dtype=torch.int64)]
+    with pytest.raises(TypeError, match=r"but params\[2\] in param_groups\[1\] has dtype torch.int64"):
+        opt.add_param_group({"params": added})
+    assert len(opt.param_groups) == 1
+
+
 def test_bad_added_group_is_not_added():
     opt = adamkit.Adam(params())
     with pytest.raises(ValueError, match=r"param_groups\[1\]"):
@@ -188,6 +196,23 @@ def test_wrong_shaped_loaded_state_fails_cleanly():
     with pytest.raises(ValueError, match=r"exp_avg.*shape \(2,\).*shape \(4,\)"):
         opt.step()
     assert_untouched(opt, before)
+
+
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach", "cpu"])
+def test_a_state_tensor_on_another_device_fails_cleanly(backend):
+    """A state tensor moved by hand to another device (``meta`` here) is refused by name
+    before any param moves (the foreach path once stepped params[0], then met torch's
+    own device error at params[1])."""
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = adamkit.Adam([a, b], backend=backend)
+    a.grad, b.grad = torch.randn(4), torch.randn(4)
+    opt.step()
+    opt.state[b]["exp_avg"] = torch.zeros(4, device="meta")
+    params, state_of_a = [a.detach().clone(), b.detach().clone()], copy.deepcopy(dict(opt.state[a]))
+    with pytest.raises(ValueError, match=r"exp_avg'\] of params\[1\] in param_groups\[0\] is shape \(4,\) on meta"):
+        opt.step()
+    assert torch.equal(a, params[0]) and torch.equal(b, params[1])
+    assert all(torch.equal(opt.state[a][key], value) for key, value in state_of_a.items())
 
 
 def test_adam_state_loaded_into_adamax_fails_cleanly():

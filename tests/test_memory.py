@@ -104,6 +104,19 @@ def test_frozen_params_count_as_weights_only(capsys):
     assert "and 320,000 frozen params (weights only) in 1 tensors" in capsys.readouterr().out
 
 
+def test_with_release_the_device_holds_one_gradient_at_a_time():
+    """Under gradient release only the largest gradient is alive at once (each is freed as
+    its param steps): the "GB, release" column is weights + that gradient + device state."""
+    trainable = [(10, 64), (10,), (3, 7)]
+    settings = {s.name: s for s in memory.settings() if s.library == "adamkit"}
+    for name in ("fp32", "int8 states", "bf16, master fp32, int8, offload"):
+        planned = memory.plan(trainable, settings[name], frozen=[(5000, 64)])
+        size = torch.empty(0, dtype=settings[name].weight_dtype).element_size()
+        assert planned.largest_gradient == size * 640 and planned.gradients == size * (640 + 10 + 21)
+        assert planned.total_with_release == planned.weights + size * 640 + planned.device_state
+        assert planned.total - planned.total_with_release == size * (10 + 21)
+
+
 def test_lean_settings_hold_the_bytes_the_issues_promise():
     """int8 <= 2.05 and int4 <= 1.10 B/param of state (issue 37's budgets); bf16 + 24-bit
     master + int8 <= 5.05 and + int4 <= 4.1 B/param of weights and state (GPT-2 small's shapes)."""
