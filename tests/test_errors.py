@@ -274,6 +274,7 @@ def test_a_decay_factor_of_exactly_zero_is_allowed():
         (adamkit.NAdam, {"diagnostics": True}, ValueError, ["diagnostics=True", "NAdam", "not run"]),
         (adamkit.ADOPT, {"clip_exponent": -0.25}, ValueError, ["clip_exponent", "-0.25", ">= 0", "None"]),
         (adamkit.ADOPT, {"clip_exponent": math.nan}, ValueError, ["clip_exponent", "nan", "finite"]),
+        (adamkit.ADOPT, {"clip_exponent": math.inf}, ValueError, ["clip_exponent", "inf", "finite"]),
         (adamkit.ADOPT, {"clip_exponent": "quarter"}, TypeError, ["clip_exponent", "'quarter'"]),
         (adamkit.ADOPT, {"amsgrad": True}, TypeError, ["amsgrad"]),
         (adamkit.StableAdamW, {"diagnostics": True}, ValueError, ["diagnostics=True", "StableAdamW", "option yet"]),

@@ -32,6 +32,18 @@ def test_cast_with_a_predicate_keeps_whole_subtrees():
     assert m[2][0].weight.dtype == torch.float32 and m[2][1].running_var.dtype == torch.float32
 
 
+def test_a_kept_module_keeps_no_sibling_whose_name_begins_like_its_own():
+    """Keeping ``layer1`` (or entry ``1`` of a Sequential) keeps its own subtree, not
+    ``layer10``'s (or entries ``10`` to ``12``): the names are compared part by part."""
+    named = nn.Module()
+    named.layer1, named.layer10 = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2))
+    cast_module(named, torch.bfloat16, keep=lambda name, module: name == "layer1")
+    assert named.layer1[0].weight.dtype == torch.float32 and named.layer10[0].weight.dtype == torch.bfloat16
+    layers = nn.Sequential(*(nn.Linear(2, 2) for _ in range(13)))
+    cast_module(layers, torch.bfloat16, keep=lambda name, module: name == "1")
+    assert [layer.weight.dtype == torch.float32 for layer in layers] == [i == 1 for i in range(13)]
+
+
 def test_cast_needs_a_floating_dtype():
     with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype, got torch.int8"):
         cast_module(model(), torch.int8)

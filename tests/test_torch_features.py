@@ -336,18 +336,19 @@ def test_max_lr_defaults_to_each_groups_initial_lr():
     assert explicit.param_groups[0]["max_lr"] == 0.1
 
 
-@pytest.mark.parametrize("backend", ["single_tensor", "foreach"])
+@pytest.mark.parametrize("backend", ["single_tensor", "foreach", "cpu"])
 def test_fully_decoupled_decay_closed_form(backend):
     r"""With zero gradients the moments stay 0 and only decay acts:
-    theta_t = theta_0 \prod_s (1 - (lr_s / max_lr) wd), independent of lr's magnitude."""
+    theta_t = theta_0 \prod_s (1 - (lr_s / max_lr) wd), independent of lr's magnitude;
+    max_lr the initial lr or given apart from it."""
     wd, steps = 1e-2, 40
-    for lr in (1e-3, 1.0):
+    for lr, max_lr in ((1e-3, None), (1.0, None), (1e-3, 0.05)):
         p = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
-        opt = adamkit.AdamW([p], lr=lr, weight_decay=wd, decouple_lr=True, backend=backend)
+        opt = adamkit.AdamW([p], lr=lr, weight_decay=wd, decouple_lr=True, max_lr=max_lr, backend=backend)
         sched = lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
         expected = 1.0
         for _ in range(steps):
-            expected *= 1 - (opt.param_groups[0]["lr"] / lr) * wd
+            expected *= 1 - (opt.param_groups[0]["lr"] / (max_lr or lr)) * wd
             p.grad = torch.zeros_like(p)
             opt.step()
             sched.step()
