@@ -101,6 +101,17 @@ def test_random_bits_are_uniform_and_independent_of_stream():
 
 
 @pytest.mark.parametrize("dtype", FORMATS)
+def test_a_kahan_split_that_overflows_keeps_no_compensation(dtype):
+    """Where p = rn(theta) overflows, c = 0 (as every kernel stores it), so p + c stays
+    the infinity nearest rounding gives; c = theta - p would be -inf and p + c NaN."""
+    top = float(torch.finfo(dtype).max)
+    theta = np.array([top * 1.01, -top * 1.01, 1.0 + 2.0**-12, np.inf])
+    p, c = rounding.kahan_split(theta, dtype)
+    assert np.array_equal(p[[0, 1, 3]], [np.inf, -np.inf, np.inf]) and np.array_equal(c[[0, 1, 3]], [0.0, 0.0, 0.0])
+    assert np.array_equal(p + c, [np.inf, -np.inf, p[2] + c[2], np.inf]) and c[2] != 0
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
 def test_kahan_split_keeps_what_rounding_loses(dtype):
     rng = np.random.default_rng(3)
     theta = rng.standard_normal(100_000)

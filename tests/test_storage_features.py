@@ -118,6 +118,55 @@ def test_a_kahan_weight_that_overflows_stays_infinite_not_nan(backend):
     assert bool(p.isposinf().all()) and not bool(opt.state[p]["kahan_compensation"].isnan().any())
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+def test_fp64_params_with_fp32_moments_keep_fp64_arithmetic(backend, dtype):
+    """A float64 or complex128 param whose moments are fp32 (``state_precision="fp32"``)
+    is still updated in its own precision: steps of 1e-9 on weights of 1e3 (an fp32
+    update would move them by its rounding, 3e-5 here) land where torch.optim.Adam's
+    land with fp64 moments (the moments' fp32 rounding moves them by far less than an
+    ulp of the weights)."""
+    g = torch.Generator().manual_seed(0)
+
+    def draw():
+        real = torch.randn(64, dtype=torch.float64, generator=g)
+        return torch.complex(real, torch.randn(64, dtype=torch.float64, generator=g)) if dtype.is_complex else real
+
+    start, grads = draw() * 1e3 + 1, [draw() for _ in range(3)]
+    ours_param, torch_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    ours = adamkit.Adam([ours_param], lr=1e-9, backend=backend, state_precision="fp32")
+    theirs = torch.optim.Adam([torch_param], lr=1e-9, foreach=False)
+    for grad in grads:
+        ours_param.grad, torch_param.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    assert ours.state[ours_param]["exp_avg"].dtype == (torch.complex64 if dtype.is_complex else torch.float32)
+    torch.testing.assert_close(ours_param.detach(), torch_param.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_kahan_compensation_converted_with_its_param_is_kept(backend):
+    """An fp16 Kahan param cast to bf16 (``.data`` replaced, then the state loaded again as
+    the step's error asks) keeps its compensation, converted to bf16: a step with lr = 0
+    leaves p + c at the cast param plus the old compensation, not at the param alone."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, generator=g).half())
+    opt = adamkit.Adam([p], lr=1e-3, rounding="kahan", backend=backend)
+    for _ in range(3):
+        p.grad = torch.randn(8, generator=g).half()
+        opt.step()
+    held = opt.state[p]["kahan_compensation"].clone()
+    assert held.abs().min() > 0
+    p.data = p.data.to(torch.bfloat16)
+    opt.load_state_dict(opt.state_dict())
+    opt.param_groups[0]["lr"] = 0.0
+    cast, p.grad = p.detach().clone(), torch.zeros(8, dtype=torch.bfloat16)
+    opt.step()
+    compensation = opt.state[p]["kahan_compensation"]
+    assert compensation.dtype == torch.bfloat16 and torch.equal(p.detach(), cast)
+    assert torch.equal(compensation, held.to(torch.bfloat16))
+
+
 def test_seed_none_draws_from_torch_generator_only_when_needed():
     param = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
     torch.manual_seed(0)
