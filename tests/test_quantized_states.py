@@ -323,6 +323,9 @@ def _root_map_gradient() -> torch.Tensor:
     blocks[2, :95], blocks[2, 95:] = 512, 1  # 33 below: root
     blocks[3] = 0  # all zero: a zero scale, e4m0
     blocks[4, :127], blocks[4, 127] = 0, 512  # one nonzero, none below: e4m0
+    # the last block holds 104 elements: 30 below is more than a quarter of them (root),
+    # though no more than a quarter of a whole block's 128
+    g[896:926], g[926:] = 1, 512
     return g
 
 
@@ -339,13 +342,52 @@ def test_int4_second_moment_takes_its_root_map_where_a_quarter_of_its_nonzero_ra
     fmt = FORMATS["int4"]
     codes, scales = (opt.state[p][k] for k in blockwise.stored_keys("exp_avg_sq", fmt))
     v = (g * g * 0.5).numpy()
-    assert np.array_equal(
-        quantization.root_blocks(v, np.abs(scales.numpy()), fmt)[:5], [True, False, True, False, False]
-    )
+    marked = quantization.root_blocks(v, np.abs(scales.numpy()), fmt)
+    assert np.array_equal(marked[:5], [True, False, True, False, False]) and marked[-1]
     assert np.array_equal(scales.numpy() < 0, quantization.marked_blocks(v, np.abs(scales.numpy()), fmt))
     bits16 = moment_bits(0, 0, 2, 1, 1000)
     want_codes, want_scales = quantization.quantize(v, fmt, False, bits16)
     assert np.array_equal(scales.numpy(), want_scales) and np.array_equal(codes.numpy(), want_codes)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int8_second_moment_takes_e4m4_down_to_a_ratio_of_exactly_its_lowest_level(backend):
+    """A block whose smallest v is exactly 2^-15 of its largest (e4m4's lowest level)
+    takes e4m4; one just below takes e5m3; codes and scales are the spec's.  AdaMax with
+    eps = 0 stores u = |g| exactly; 17408 is a level of e4m4's, not of e5m3's."""
+    g = torch.full((256,), 32768.0)
+    g[:40], g[64] = 1.0, 17408.0  # block 0: ratio 2^-15 exactly
+    g[128:168] = 0.75  # block 1: ratio below 2^-15
+    p = torch.nn.Parameter(torch.zeros(256))
+    opt = adamkit.AdaMax([p], lr=1e-3, eps=0.0, backend=backend, state_precision="int8", seed=0)
+    p.grad = g.clone()
+    opt.step()
+    fmt = FORMATS["int8"]
+    codes, scales = (opt.state[p][k] for k in blockwise.stored_keys("exp_inf", fmt))
+    want_codes, want_scales = quantization.quantize(g.numpy(), fmt, False, moment_bits(0, 0, 2, 1, 256))
+    assert np.array_equal(scales.numpy(), want_scales) and np.array_equal(codes.numpy(), want_codes)
+    assert np.array_equal(np.sign(want_scales), [-1, 1])  # the two maps, by the scale's sign
+    assert moment_value(opt.state[p], "exp_inf", p)[64] == 17408.0
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_finite_first_moment_beyond_the_scale_s_range_is_held_at_the_ceiling(precision):
+    """|m| near fp32's largest number (above bf16's largest scale) is held at the
+    ceiling as the spec holds it, on every backend alike: without the ceiling, the CPU
+    kernel's block scale became NaN and the weights NaN at the next step."""
+    states = []
+    for backend in CPU_BACKENDS:
+        p = torch.nn.Parameter(torch.ones(256))
+        opt = adamkit.Adam([p], lr=1e-3, betas=(0.0, 0.999), backend=backend, state_precision=precision, seed=0)
+        for first in (3.4e38, 1.0):
+            p.grad = torch.ones(256)
+            p.grad[5] = first
+            opt.step()
+            scales = [v for k, v in opt.state[p].items() if k.endswith("scales")]
+            assert all(bool(v.float().isfinite().all()) for v in scales) and bool(p.isfinite().all()), backend
+        states.append({k: v.clone() for k, v in opt.state[p].items()})
+    for other in states[1:]:
+        assert all(torch.equal(states[0][k], other[k]) for k in states[0])
 
 
 # ---------------------------------------------------------------------------- the issue's criteria
@@ -903,6 +945,9 @@ def test_the_first_moment_divisor_follows_the_second_moment_s_root_block_by_bloc
         for reciprocal in (False, True):
             x = quantization.first_moment_divisor(extremes, root, reciprocal)
             assert np.all(np.isfinite(x) & (x >= np.finfo(np.float32).tiny))
+            scale = FirstMomentScale.ROOT if root else FirstMomentScale.NORM  # the torch paths' own copy
+            torch_x = blockwise.first_moment_divisor(torch.from_numpy(extremes), scale, reciprocal).numpy()
+            assert np.array_equal(torch_x.view(np.int32), x.view(np.int32))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
