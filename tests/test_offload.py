@@ -416,6 +416,36 @@ def test_a_step_in_buckets_equals_a_step_in_one_piece(name, monkeypatch):
     assert_same_run(train(name, "bf16-master-24bit-int4", "cpu", steps=12), resident)
 
 
+#: the width of test_large_buckets_wait_for_their_own_copies's layers (on a GPU)
+LARGE_WIDTH = 2048
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="copies to the host are asynchronous only from a GPU")
+@pytest.mark.parametrize("release", [False, True])
+def test_large_buckets_wait_for_their_own_copies(release, monkeypatch):
+    """From a GPU the copies into pinned host buffers are asynchronous, so each bucket's
+    host step must wait for its own copies (``arrived()`` in the stepper, the waits of
+    release's views): layers of 16 MB, a bucket each, three steps, the offloaded run the
+    resident one bit for bit.  On the CPU the copies are synchronous, and a review found
+    no test there that fails with the wait removed."""
+    monkeypatch.setattr(adamkit.offload, "BUCKET_BYTES", 4 * LARGE_WIDTH * LARGE_WIDTH)
+    x = torch.randn(64, LARGE_WIDTH, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    runs = []
+    for offload in (None, "cpu"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(*(torch.nn.Linear(LARGE_WIDTH, LARGE_WIDTH, bias=False) for _ in range(4))).to(DEVICE)
+        opt = adamkit.AdamW(net.parameters(), lr=1e-3, offload=offload)
+        handle = adamkit.gradient_release(net, opt) if release else None
+        for _ in range(3):
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        if handle is not None:
+            handle.remove()
+        runs.append([p.detach().cpu() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("storage", ["fp32", "bf16-master-fp32-int8"])
 def test_a_distributed_checkpoint_round_trip_resumes_bit_for_bit(storage, tmp_path):
