@@ -21,7 +21,7 @@ import warnings
 
 import pytest
 import torch
-from matrix import CPU_BACKENDS, CPU_FUSED_BACKENDS
+from matrix import CPU_BACKENDS, CPU_FUSED_BACKENDS, FAMILY
 from oracle import load_into_oracle
 
 import adamkit
@@ -388,7 +388,7 @@ def test_foreach_steps_params_that_share_memory_as_torch_s_foreach_does(name):
     here).  Oracle: torch.optim's foreach path (fp64, decay, three steps), to 1e-12:
     adamkit's foreach path keeps the for-loop's rounding, which for NAdam and RAdam is
     an ulp or two from torch's foreach arithmetic even on params of their own."""
-    ours_cls, torch_cls = getattr(adamkit, name), getattr(torch.optim, name if name != "AdaMax" else "Adamax")
+    ours_cls, torch_cls, _ = FAMILY[name]
     g = torch.Generator().manual_seed(0)
     start, grads = torch.randn(SIZE, dtype=torch.float64, generator=g), []
     for _ in range(3):
