@@ -10,6 +10,7 @@ machine's drift hits all three alike.  Prints the median ms per step and the rat
     python benchmarks/ab_revision.py HEAD~1 --state-precision int8   # adamkit's quantized states
     python benchmarks/ab_revision.py HEAD~1 --master-weights 24bit   # bf16 params over split masters
     python benchmarks/ab_revision.py HEAD~1 --cautious               # the cautious update's two passes
+    python benchmarks/ab_revision.py HEAD~1 --backend foreach        # a torch path instead of the fused kernel
 """
 
 from __future__ import annotations
@@ -73,12 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-precision", help="adamkit's state_precision for both revisions (e.g. int8)")
     parser.add_argument("--master-weights", help="bf16 params with adamkit's master_weights (fp32 or 24bit)")
     parser.add_argument("--cautious", action="store_true", help="adamkit's cautious update for both revisions")
+    parser.add_argument("--backend", help="adamkit's backend for both revisions (default: the device's)")
     args = parser.parse_args(argv)
     options = {"state_precision": args.state_precision} if args.state_precision else {}
     if args.master_weights:
         options["master_weights"] = args.master_weights
     if args.cautious:
         options["cautious"] = True
+    if args.backend:
+        options["backend"] = args.backend
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "tree"

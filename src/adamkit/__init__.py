@@ -14,8 +14,9 @@ problems.
 import sys as _sys
 
 from . import convert, precision, stalls
+from . import optim as _optim
 from ._version import __version__
-from .optim import ADOPT, Adam, AdaMax, Adamax, AdamW, AdEMAMix, NAdam, RAdam, ScheduleFreeAdamW, StableAdamW
+from .optim import *  # noqa: F403  (every optimizer class: adamkit.optim.__all__)
 from .release import gradient_release
 from .specs import master, quantization, reference, rounding
 from .stalls import stall_guard
@@ -42,20 +43,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Adam",
-    "AdamW",
-    "AdaMax",
-    "Adamax",
-    "ADOPT",
-    "NAdam",
-    "RAdam",
-    "StableAdamW",
-    "AdEMAMix",
-    "ScheduleFreeAdamW",
     "convert",
     "gradient_release",
     "master",
-    "minimize",
+    "minimize",  # noqa: F405  (imported on first use: __getattr__)
     "precision",
     "quantization",
     "reference",
@@ -64,3 +55,4 @@ __all__ = [
     "stalls",
     "__version__",
 ]
+__all__ += _optim.__all__

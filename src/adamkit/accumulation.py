@@ -53,7 +53,9 @@ from torch import Tensor
 
 from . import statekeeping
 from .algorithms import REGISTRY, Denominator, SecondMoment
-from .kernels import KERNELS, Kernel, single_tensor
+from .algorithms.radam import radam_update
+from .algorithms.single_tensor_ops import adam_denominator, apply_update, decay_param, effective_gradient
+from .kernels import KERNELS, Kernel
 from .kernels.storage import widened
 from .kernels.types import GroupBatch, as_real
 from .rule import GroupScalars, UpdateRule
@@ -109,21 +111,21 @@ def _update(
     """The weight update from the accumulated moments (decoupled decay first)."""
     step_t += 1
     scalars = rule.step_scalars(step_t.to(torch.float64) if rule.capturable else step_t.item())
-    single_tensor.decay_param(param, group_scalars)
+    decay_param(param, group_scalars)
     if rule.spec.denominator == Denominator.RECTIFIED_ROOT:
-        as_real(param).sub_(single_tensor.radam_update(moments[0], moments[1], scalars, rule, group_scalars.eps))
+        as_real(param).sub_(radam_update(moments[0], moments[1], scalars, rule, group_scalars.eps))
         return
     if rule.spec.denominator == Denominator.NORM:
-        single_tensor.apply_update(as_real(param), moments[0], moments[1], scalars.step_size)
+        apply_update(as_real(param), moments[0], moments[1], scalars.step_size)
         return
     second = moments[1]
     if rule.amsgrad:
         torch.maximum(moments[2], second, out=moments[2])
         second = moments[2]
-    single_tensor.apply_update(
+    apply_update(
         as_real(param),
         moments[0],
-        single_tensor.adam_denominator(second, scalars, group_scalars.eps),
+        adam_denominator(second, scalars, group_scalars.eps),
         scalars.step_size,
     )
 
@@ -193,7 +195,7 @@ def step(batch: GroupBatch, rule: UpdateRule) -> None:
     last = [c + 1 >= n for c in counts]
     for i, param in enumerate(work.params):
         moments = [as_real(m[i]) for m in (work.exp_avgs, work.exp_avg_sqs, work.max_exp_avg_sqs) if m]
-        grad = as_real(single_tensor.effective_gradient(param, work.grads[i], rule, group_scalars))
+        grad = as_real(effective_gradient(param, work.grads[i], rule, group_scalars))
         _fold(moments, grad, group_scalars, first=counts[i] == 0, weight=1.0 / n, adamax=adamax)
         if last[i]:
             _update(param, moments, rule, group_scalars, steps[i])

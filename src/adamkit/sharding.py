@@ -28,9 +28,10 @@ param's other shards (:func:`per_tensor_totals`).  What is kept global is the *s
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 
 from torch import Tensor
 
@@ -168,6 +169,20 @@ def per_tensor_totals(values: Tensor, shards: Sequence | None) -> Tensor:
     return values
 
 
+def whole_param_totals(shards: Sequence | None) -> list[Callable[[Tensor], Tensor]] | None:
+    """Per param of ``shards`` (as in :func:`per_tensor_totals`), the function that sums a
+    1-D tensor of its local shard's values over the whole param (one row of
+    :func:`per_tensor_totals`): what the per-tensor paths reduce with
+    (:attr:`adamkit.kernels.types.GroupTensors.totals`).  ``None`` if ``shards`` is."""
+    if shards is None:
+        return None
+    return [functools.partial(_whole_param_row, shard) for shard in shards]
+
+
+def _whole_param_row(shard, local: Tensor) -> Tensor:
+    return per_tensor_totals(local.reshape(1, -1), [shard])[0]
+
+
 def exported_state(state: dict, param, moment_keys: Sequence[str]) -> dict:
     """``state`` with its quantized moments as fp32 tensors under their torch.optim
     keys (DTensors laid out like ``param`` if it is sharded); the rest as held.  This
@@ -225,4 +240,5 @@ __all__ = [
     "local_view",
     "localized",
     "shard_loaded_state",
+    "whole_param_totals",
 ]

@@ -28,11 +28,27 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .base import AlgorithmSpec, StepScalars, as_number, number_of, register
+from .foreach_ops import apply_updates, buckets, decayed_gradients, number, real_views
+from .single_tensor_ops import (
+    adam_denominator,
+    as_real,
+    decayed_gradient,
+    descend,
+    lerp_weight,
+    second_moment_update,
+    totals_of,
+)
+
+if TYPE_CHECKING:
+    from ..kernels.types import GroupTensors
+    from ..rule import GroupScalars, UpdateRule
 
 
 def _warmed_up(step, warmup: int | None):
@@ -107,11 +123,57 @@ def check_warmup(name: str):
     return check
 
 
+def ademamix_single_tensor(
+    tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
+) -> None:
+    r"""AdEMAMix: Adam's moments and a slow first moment :math:`m_2` (decay :math:`\beta_3(t)`,
+    not bias-corrected); the direction is
+    :math:`(m_1 / (1 - \beta_1^t) + \alpha(t) m_2) / (\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon)`."""
+    for i, param in enumerate(tensors.params):
+        grad = decayed_gradient(param, tensors.grads[i], rule, group_scalars)
+        param, grad = as_real(param), as_real(grad)
+        exp_avg, exp_avg_sq = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i])
+        exp_avg_slow, step = as_real(tensors.exp_avg_slows[i]), steps[i]
+
+        exp_avg.lerp_(grad, group_scalars.one_minus_beta1(param))
+        exp_avg_slow.lerp_(grad, lerp_weight(1 - step.slow_decay, exp_avg_slow))
+        second_moment_update(exp_avg_sq, grad, group_scalars)
+        denom = adam_denominator(exp_avg_sq, step, group_scalars.eps)
+        if rule.differentiable:  # (both move in place next step)
+            exp_avg, exp_avg_slow = exp_avg.clone(), exp_avg_slow.clone()
+        direction = exp_avg / step.bias_correction1 + exp_avg_slow * step.slow_weight
+        descend(param, direction, denom, step.step_size, grad, rule, totals_of(tensors, i))
+
+
+def ademamix_foreach(
+    tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
+) -> None:
+    """AdEMAMix (see :func:`ademamix_single_tensor`) with foreach ops."""
+    for t, bucket_steps in buckets(tensors, steps):
+        grads = real_views(decayed_gradients(t, rule, group_scalars))
+        params, exp_avgs, exp_avg_sqs = real_views(t.params), real_views(t.exp_avgs), real_views(t.exp_avg_sqs)
+        exp_avg_slows = real_views(t.exp_avg_slows)
+        torch._foreach_lerp_(exp_avgs, grads, number(group_scalars.one_minus_beta1(params[0])))
+        for slow, grad, step in zip(exp_avg_slows, grads, bucket_steps):  # (beta3_t may differ per tensor)
+            slow.lerp_(grad, number(1 - step.slow_decay))
+        torch._foreach_mul_(exp_avg_sqs, number(group_scalars.beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, number(group_scalars.one_minus_beta2))
+        directions = torch._foreach_div(exp_avgs, [s.bias_correction1 for s in bucket_steps])
+        torch._foreach_add_(directions, torch._foreach_mul(exp_avg_slows, [s.slow_weight for s in bucket_steps]))
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, [s.bias_correction2_sqrt for s in bucket_steps])
+        torch._foreach_add_(denoms, group_scalars.eps)
+        apply_updates(params, directions, denoms, bucket_steps)
+
+
 ADEMAMIX = register(
     AlgorithmSpec(
         name="ademamix",
         class_name="AdEMAMix",
+        code=6,
         step_scalars=ademamix_step_scalars,
+        single_tensor=ademamix_single_tensor,
+        foreach=ademamix_foreach,
         slow_first_moment=True,
         steps_with_mean_gradient=True,
         tensor_columns=ademamix_tensor_columns,
@@ -125,4 +187,11 @@ ADEMAMIX = register(
     )
 )
 
-__all__ = ["ADEMAMIX", "ademamix_step_scalars", "ademamix_tensor_columns", "slow_decay"]
+__all__ = [
+    "ADEMAMIX",
+    "ademamix_foreach",
+    "ademamix_single_tensor",
+    "ademamix_step_scalars",
+    "ademamix_tensor_columns",
+    "slow_decay",
+]

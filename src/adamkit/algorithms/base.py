@@ -1,10 +1,11 @@
 r"""What an algorithm of the Adam family is, as every consumer reads it.
 
 One :class:`AlgorithmSpec` per algorithm, registered in :data:`REGISTRY` by its module
-in this package.  The declaration holds data and small host-side functions only (no
-kernel code, no torch optimizer): the option checks, state creation and checkpoint
-conversion, the per-tensor and fused kernels, accumulation, diagnostics and the
-stall guard read it instead of comparing names.
+in this package.  The declaration holds data, small host-side functions and the
+algorithm's two torch paths (per tensor and foreach, written op by op for torch.optim's
+bits; no fused kernel code, no torch optimizer): the option checks, state creation and
+checkpoint conversion, the per-tensor and fused kernels, accumulation, diagnostics and
+the stall guard read it instead of comparing names.
 
 The element math every kernel runs is one form, specialised by three choices
 (:class:`FirstMoment`, :class:`SecondMoment`, :class:`Denominator`) and whether the
@@ -47,7 +48,7 @@ itself: :math:`d = g / (\sqrt{v / (1 - \beta_2^t)} + \epsilon) + \lambda\theta`,
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from types import MappingProxyType
@@ -169,6 +170,10 @@ TensorColumnsFn = Callable[[dict, Any, StepScalars, Any, Callable], None]
 #: ``read_back(second, rule, scalars)``: per element, the factor by which the step moved
 #: the weight along its new m, and where eps dominated (see :mod:`adamkit.diagnostics`)
 ReadBackFn = Callable[[Tensor, Any, StepScalars], tuple[Tensor, Tensor]]
+#: ``step(tensors, rule, group_scalars, steps)``: one torch path of the update over a
+#: group's :class:`adamkit.kernels.types.GroupTensors` (their step counts advanced), with
+#: the rule's :class:`adamkit.rule.GroupScalars` and each tensor's :class:`StepScalars`
+ListStepFn = Callable[[Any, Any, Any, Sequence[StepScalars]], None]
 
 
 def is_real_number(value: Any) -> bool:
@@ -209,8 +214,17 @@ class AlgorithmSpec:
     name: str
     #: the optimizer class's name in :mod:`adamkit` (AdamW is Adam's with decoupled decay)
     class_name: str
+    #: its compile-time index, and its place in :data:`REGISTRY`: unique and never reused
+    #: (the CPU kernel's disk-cached loops are keyed on it); a new algorithm takes the next
+    code: int
     #: the host-side step scalars (see :data:`StepScalarsFn`)
     step_scalars: StepScalarsFn
+    #: the per-tensor path (``foreach=False``): torch ops tensor by tensor, in the order of
+    #: the torch.optim counterpart (see :data:`ListStepFn` and :mod:`.single_tensor_ops`)
+    single_tensor: ListStepFn
+    #: the foreach path: the same element-wise sequence over lists (see
+    #: :mod:`.foreach_ops`); a cautious group runs :attr:`single_tensor` instead
+    foreach: ListStepFn
     #: the element math's forms
     first_moment: FirstMoment = FirstMoment.AVERAGE
     second_moment: SecondMoment = SecondMoment.AVERAGE
@@ -308,11 +322,6 @@ class AlgorithmSpec:
         forms = int(self.first_moment) + 4 * int(self.second_moment) + 16 * int(self.denominator)
         return forms + 64 * self.nesterov + 128 * self.slow_first_moment
 
-    @property
-    def code(self) -> int:
-        """The algorithm's place in :data:`REGISTRY` (a compile-time index)."""
-        return list(REGISTRY).index(self.name)
-
     def default(self, name: str) -> Any:
         """The default of hyperparameter ``name`` of this algorithm."""
         return self.hyperparameters[name]
@@ -330,10 +339,18 @@ REGISTRY: dict[str, AlgorithmSpec] = {}
 
 
 def register(spec: AlgorithmSpec) -> AlgorithmSpec:
-    """Add ``spec`` to :data:`REGISTRY` (once per name)."""
+    """Add ``spec`` to :data:`REGISTRY` (once per name and per code), in the place of its
+    code."""
     if spec.name in REGISTRY:
         raise ValueError(f"algorithm {spec.name!r} is registered already")
-    REGISTRY[spec.name] = spec
+    if isinstance(spec.code, bool) or not isinstance(spec.code, int) or spec.code < 0:
+        raise ValueError(f"algorithm {spec.name!r}: code {spec.code!r} is not an int >= 0")
+    for other in REGISTRY.values():
+        if other.code == spec.code:
+            raise ValueError(f"algorithm {spec.name!r}: code {spec.code} is {other.name!r}'s already")
+    ordered = sorted([*REGISTRY.values(), spec], key=lambda each: each.code)
+    REGISTRY.clear()
+    REGISTRY.update((each.name, each) for each in ordered)
     return spec
 
 

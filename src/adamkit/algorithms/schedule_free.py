@@ -31,8 +31,19 @@ package keeps them (so its checkpoints load): :attr:`~.base.AlgorithmSpec.group_
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
 
 from .base import AlgorithmSpec, FirstMoment, StepScalars, as_number, is_real_number, register
+from .foreach_ops import buckets, number, real_views
+from .single_tensor_ops import as_real, second_moment_update
+
+if TYPE_CHECKING:
+    from ..kernels.types import GroupTensors
+    from ..rule import GroupScalars, UpdateRule
+
 
 #: the values the group keeps, with their initial values (the schedulefree package's, but
 #: for ``train_mode``: a new optimizer here starts in train mode, see
@@ -103,11 +114,58 @@ def check_finite_at_least_zero(name: str):
     return check
 
 
+def schedule_free_single_tensor(
+    tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
+) -> None:
+    r"""Schedule-free AdamW (:mod:`adamkit.algorithms.schedule_free`) as the ``schedulefree``
+    package steps it, its arithmetic in its order: :math:`d = g / (\sqrt{v / (1 - \beta_2^t)}
+    + \epsilon) + \lambda y`, :math:`y \leftarrow \operatorname{lerp}(y, z, c) +
+    \gamma(\beta_1(1 - c) - 1)\, d`, :math:`z \leftarrow z - \gamma d`.  The second weight
+    sequence :math:`z` is held in the first moment's place; ``.grad`` is not written."""
+    for i, param in enumerate(tensors.params):
+        y, grad = as_real(param), as_real(tensors.grads[i])
+        grad = -grad if rule.maximize else grad
+        z, exp_avg_sq, step = as_real(tensors.exp_avgs[i]), as_real(tensors.exp_avg_sqs[i]), steps[i]
+        second_moment_update(exp_avg_sq, grad, group_scalars)
+        direction = grad.div(exp_avg_sq.div(step.bias_correction2).sqrt_().add_(group_scalars.eps))
+        if step.point_decay != 0:
+            direction.add_(y, alpha=step.point_decay)
+        y.lerp_(z, step.average_weight)
+        y.add_(direction, alpha=step.point_step_size)
+        z.sub_(direction, alpha=step.step_size)
+
+
+def schedule_free_foreach(
+    tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
+) -> None:
+    """Schedule-free AdamW (see :func:`schedule_free_single_tensor`)
+    with foreach ops, as the ``schedulefree`` package's foreach path issues them (every
+    scalar is the group's: one per bucket)."""
+    for t, bucket_steps in buckets(tensors, steps):
+        step = bucket_steps[0]
+        ys, zs, exp_avg_sqs = real_views(t.params), real_views(t.exp_avgs), real_views(t.exp_avg_sqs)
+        grads = real_views(torch._foreach_neg(t.grads) if rule.maximize else t.grads)
+        torch._foreach_mul_(exp_avg_sqs, number(group_scalars.beta2))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=number(group_scalars.one_minus_beta2))
+        denoms = torch._foreach_div(exp_avg_sqs, step.bias_correction2)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, group_scalars.eps)
+        directions = torch._foreach_div(grads, denoms)
+        if step.point_decay != 0:
+            torch._foreach_add_(directions, ys, alpha=step.point_decay)
+        torch._foreach_lerp_(ys, zs, weight=step.average_weight)
+        torch._foreach_add_(ys, directions, alpha=step.point_step_size)
+        torch._foreach_sub_(zs, directions, alpha=step.step_size)
+
+
 SCHEDULE_FREE_ADAMW = register(
     AlgorithmSpec(
         name="schedule_free_adamw",
         class_name="ScheduleFreeAdamW",
+        code=7,
         step_scalars=schedule_free_step_scalars,
+        single_tensor=schedule_free_single_tensor,
+        foreach=schedule_free_foreach,
         first_moment=FirstMoment.WEIGHT_SEQUENCE,
         weight_copy="z",
         tensor_columns=schedule_free_tensor_columns,
@@ -126,6 +184,8 @@ __all__ = [
     "GROUP_STATE",
     "SCHEDULE_FREE_ADAMW",
     "advance_schedule",
+    "schedule_free_foreach",
+    "schedule_free_single_tensor",
     "schedule_free_step_scalars",
     "schedule_free_tensor_columns",
 ]

@@ -169,7 +169,7 @@ def clip_update_sizes(rows, sums, numels, decay_rate) -> None:
     :math:`n` (1 for an empty tensor, and where the sum is NaN); the step size becomes
     :math:`s\alpha` and the decay factor :math:`1 - s\,\eta\lambda` (``decay_rate``
     :math:`\eta\lambda`, or ``None`` without decoupled decay), as
-    :func:`adamkit.kernels.single_tensor.update_clipping` forms them."""
+    :func:`adamkit.algorithms.stable_adamw.update_clipping` forms them."""
     lib = torch if isinstance(rows, Tensor) else np
     rms = lib.sqrt(sums / numels)
     scale = 1.0 / lib.where(rms > 1.0, rms, 1.0)
@@ -182,7 +182,7 @@ def set_cautious_scales(rows, kept, numels) -> None:
     r"""A cautious update's scale, in place on ``rows`` of the tensor scalars (NumPy or
     torch, float64): :math:`n / (\lVert\phi\rVert_0 + 1)` from each tensor's count ``kept``
     of elements whose update agrees in sign with the gradient and its ``numels`` n, as
-    :func:`adamkit.kernels.single_tensor.descend_cautiously` forms it."""
+    :func:`adamkit.algorithms.single_tensor_ops.descend_cautiously` forms it."""
     rows[:, CAUTIOUS_SCALE_COLUMN] = numels / (kept + 1.0)
 
 

@@ -3,33 +3,18 @@ per-list element functions to a kernel's ``step``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Mapping
 
-from ..algorithms import REGISTRY
+from ..algorithms.base import ListStepFn
 from ..guard import share_memory
-from ..rule import GroupScalars, StepScalars, UpdateRule
+from ..rule import UpdateRule
+from ..sharding import whole_param_totals
 from ..state import moment_keys
 from . import storage
-from .types import GroupBatch, GroupTensors, StepFn
+from .types import GroupBatch, StepFn
 
 
-class ListKernelFn(Protocol):
-    def __call__(
-        self, tensors: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars, steps: Sequence[StepScalars]
-    ) -> None: ...
-
-
-def named_after_algorithms(namespace: Mapping[str, object]) -> dict[str, ListKernelFn]:
-    """A list kernel's per-list function of every registered algorithm: the function
-    ``namespace`` (a module's globals) holds under the algorithm's name."""
-    missing = [name for name in REGISTRY if not callable(namespace.get(name))]
-    if missing:
-        raise ImportError(f"{namespace['__name__']} has no per-list function for {missing}")
-    return {name: namespace[name] for name in REGISTRY}
-
-
-def list_kernel(algorithms: Mapping[str, ListKernelFn], *, one_by_one: bool) -> StepFn:
+def list_kernel(algorithms: Mapping[str, ListStepFn], *, one_by_one: bool) -> StepFn:
     """A kernel's ``step`` from per-list functions, one per algorithm: advance each ``step`` counter (as
     torch does, one per tensor), get the scalars from the rule, run the element math
     (on widened copies where the storage policy asks, see :mod:`.storage`: 16-bit
@@ -52,7 +37,7 @@ def list_kernel(algorithms: Mapping[str, ListKernelFn], *, one_by_one: bool) -> 
         work, store = storage.widened(
             batch.params, batch.grads, states, steps, rule, batch.param_indices, batch.element_offsets
         )
-        work.shards = batch.shards
+        work.totals = whole_param_totals(batch.shards)
         run(work, rule, rule.group_scalars(), rule.step_scalars_for(steps))
         store()
 
@@ -112,4 +97,4 @@ def _rows_of(batch: GroupBatch, rows: list[int]) -> GroupBatch:
     )
 
 
-__all__ = ["ListKernelFn", "list_kernel", "named_after_algorithms", "rounds"]
+__all__ = ["list_kernel", "rounds"]

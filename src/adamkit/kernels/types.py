@@ -6,9 +6,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import torch
 from torch import Tensor
 
+from ..algorithms.single_tensor_ops import as_real
 from ..guard import CheckedTensors
 from ..rule import UpdateRule
 
@@ -68,8 +68,11 @@ class GroupTensors:
     exp_avg_sqs: list[Tensor]
     max_exp_avg_sqs: list[Tensor] = field(default_factory=list)
     mu_products: list[Tensor] = field(default_factory=list)
-    #: :attr:`GroupBatch.shards`, for per-tensor reductions over a sharded param
-    shards: list | None = None
+    #: per tensor, the function that sums a 1-D float64 tensor of per-shard values over
+    #: the whole param the tensor is a local shard of (the identity where it is whole:
+    #: :func:`adamkit.sharding.whole_param_totals`), for per-tensor reductions (a
+    #: cautious update's count, StableAdamW's clipping); ``None``: nothing is sharded
+    totals: list[Callable[[Tensor], Tensor]] | None = None
 
     @property
     def exp_avg_slows(self) -> list[Tensor]:
@@ -78,11 +81,6 @@ class GroupTensors:
 
 
 StepFn = Callable[[GroupBatch, UpdateRule], None]
-
-
-def as_real(t: Tensor) -> Tensor:
-    """A complex tensor as a (..., 2) real view: the rule acts on real and imaginary parts."""
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 __all__ = ["GroupBatch", "GroupTensors", "StepFn", "as_real"]

@@ -38,7 +38,7 @@ from ..host import (
 )
 from ..types import GroupBatch, as_real
 from . import layout
-from .layout import _ALGORITHM_WITNESS, _QUANTIZED_STORAGE, _ROUNDING_WITNESS, _STORAGE, _VARIANT_WITNESS, CHUNK
+from .layout import _QUANTIZED_STORAGE, _ROUNDING_WITNESS, _STORAGE, _VARIANT_WITNESS, CHUNK, algorithm_witness
 from .loops import (
     _agreement_counts,
     _clipping_sums,
@@ -73,7 +73,7 @@ class _Bucket:
         )
         self.rounding_witness = np.empty(0, dtype=_ROUNDING_WITNESS[self.mode])
         self.counters = HostCounters([batch.states[i] for i in members], rule.algorithm)
-        self.algorithm_witness = np.empty(0, dtype=_ALGORITHM_WITNESS[rule.algorithm])
+        self.algorithm_witness = algorithm_witness(rule.algorithm)
         keys, self.moment_count = state_keys(
             rule.algorithm, rule.amsgrad, moment_storage if quantized else None, self.mode
         )

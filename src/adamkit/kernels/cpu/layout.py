@@ -33,11 +33,27 @@ _STORAGE = {
 #: quantized-state formats as state witnesses (the codes are bytes either way)
 _QUANTIZED_STORAGE = {"int8": np.int8, "int4": np.uint8}
 
-#: the algorithm travels as a witness type too, by its code (:attr:`AlgorithmSpec.code`)
-_ALGORITHM_WITNESS = {
-    name: (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)[spec.code]
-    for name, spec in REGISTRY.items()
-}
+#: the dtypes an algorithm's witness array takes, by its code modulo 8
+_ALGORITHM_WITNESS_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+
+
+def algorithm_witness_shape(code: int) -> tuple[np.dtype, int]:
+    """The (dtype, number of dimensions) of the empty array that names the algorithm
+    of code ``code`` (:attr:`AlgorithmSpec.code`) to the compiled code: eight dtypes,
+    then one more dimension for each further eight codes, so any number of registered
+    algorithms has a type of its own."""
+    return np.dtype(_ALGORITHM_WITNESS_DTYPES[code % 8]), 1 + code // 8
+
+
+#: the algorithm travels as a witness type too, by its code (:func:`algorithm_witness_shape`)
+_ALGORITHM_WITNESS = {name: algorithm_witness_shape(spec.code) for name, spec in REGISTRY.items()}
+
+
+def algorithm_witness(name: str) -> np.ndarray:
+    """The empty array whose type names algorithm ``name`` to the compiled code."""
+    dtype, ndim = _ALGORITHM_WITNESS[name]
+    return np.empty((0,) * ndim, dtype=dtype)
+
 
 #: whether the update is cautious and whether it keeps AMSGrad's maximum, as one witness
 #: type per combination: each its own specialization, compiling only the loop it runs

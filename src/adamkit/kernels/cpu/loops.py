@@ -220,12 +220,17 @@ _MODE_OF_WITNESS = {
     types.int64: "master",
     types.uint32: "master24",
 }
-_ALGORITHM_OF_WITNESS = {getattr(types, np.dtype(witness).name): name for name, witness in _ALGORITHM_WITNESS.items()}
+_ALGORITHM_OF_WITNESS = {(getattr(types, dtype.name), ndim): name for name, (dtype, ndim) in _ALGORITHM_WITNESS.items()}
+
+
+def _algorithm_of(algorithm_witness) -> str:
+    """The name of the algorithm a witness type names (a compile-time lookup)."""
+    return _ALGORITHM_OF_WITNESS[algorithm_witness.dtype, algorithm_witness.ndim]
 
 
 def _spec_of(algorithm_witness) -> AlgorithmSpec:
     """The declaration of the algorithm a witness type names (a compile-time lookup)."""
-    return REGISTRY[_ALGORITHM_OF_WITNESS[algorithm_witness.dtype]]
+    return REGISTRY[_algorithm_of(algorithm_witness)]
 
 
 #: (cautious, keeps AMSGrad's maximum) per variant witness type
@@ -313,7 +318,7 @@ def _update_chunk_impl(
     compiles an overload's implementation once to type it, and inlining compiled it a
     second time): the algorithm's, the rounding mode's, and cautious or not and keeping
     AMSGrad's maximum or not, as the variant witness (``cw``) says."""
-    algorithm = _ALGORITHM_OF_WITNESS[algorithm_witness.dtype]
+    algorithm = _algorithm_of(algorithm_witness)
     cautious, keeps_maximum = _VARIANT_OF_WITNESS[cw.dtype]
     plain_loop, amsgrad_loop = _LOOPS[algorithm, _MODE_OF_WITNESS[rounding_witness.dtype], cautious]
     loop = amsgrad_loop if keeps_maximum else plain_loop
@@ -648,7 +653,7 @@ def _chunk_agreement(row, first, end, scalars, maximize, decay, amsgrad, pw, sw,
 
 @overload(_chunk_agreement, jit_options=_CHUNK_OPTIONS)
 def _chunk_agreement_impl(row, first, end, scalars, maximize, decay, amsgrad, pw, sw, rw, aw):
-    plain_loop, amsgrad_loop = _COUNTING_LOOPS[_ALGORITHM_OF_WITNESS[aw.dtype], _MODE_OF_WITNESS[rw.dtype]]
+    plain_loop, amsgrad_loop = _COUNTING_LOOPS[_algorithm_of(aw), _MODE_OF_WITNESS[rw.dtype]]
 
     def count(pointers, first, end, scalars, maximize, decay, amsgrad):
         if amsgrad_loop is not None and amsgrad:
