@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import AlgorithmSpec, StepScalars, as_number, register
-from .foreach_ops import apply_updates, buckets, decayed_gradients, number, real_views
+from .foreach_ops import apply_updates, buckets, first_moment_updates, number, real_views
 from .single_tensor_ops import adam_denominator, as_real, decayed_gradient, descend, second_moment_update, totals_of
 
 if TYPE_CHECKING:
@@ -66,10 +66,8 @@ def adam_foreach(
 ) -> None:
     """:func:`adam_single_tensor`'s arithmetic, op by op, over lists."""
     for t, bucket_steps in buckets(tensors, steps):
-        grads = real_views(decayed_gradients(t, rule, group_scalars))
-        params, exp_avgs, exp_avg_sqs = real_views(t.params), real_views(t.exp_avgs), real_views(t.exp_avg_sqs)
-
-        torch._foreach_lerp_(exp_avgs, grads, number(group_scalars.one_minus_beta1(params[0])))
+        params, grads, exp_avgs = first_moment_updates(t, rule, group_scalars)
+        exp_avg_sqs = real_views(t.exp_avg_sqs)
         torch._foreach_mul_(exp_avg_sqs, number(group_scalars.beta2))
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, number(group_scalars.one_minus_beta2))
         second_moments = exp_avg_sqs

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import AlgorithmSpec, Denominator, SecondMoment, StepScalars, as_number, register
-from .foreach_ops import apply_updates, buckets, decayed_gradients, number, real_views
+from .foreach_ops import apply_updates, buckets, first_moment_updates, number, real_views
 from .single_tensor_ops import as_real, decayed_gradient, descend, totals_of
 
 if TYPE_CHECKING:
@@ -58,10 +58,8 @@ def adamax_foreach(
 ) -> None:
     """:func:`adamax_single_tensor`'s arithmetic, op by op, over lists."""
     for t, bucket_steps in buckets(tensors, steps):
-        grads = real_views(decayed_gradients(t, rule, group_scalars))
-        params, exp_avgs, exp_infs = real_views(t.params), real_views(t.exp_avgs), real_views(t.exp_avg_sqs)
-
-        torch._foreach_lerp_(exp_avgs, grads, number(group_scalars.one_minus_beta1(params[0])))
+        params, grads, exp_avgs = first_moment_updates(t, rule, group_scalars)
+        exp_infs = real_views(t.exp_avg_sqs)
         norms = torch._foreach_abs(grads)
         torch._foreach_add_(norms, group_scalars.eps)
         torch._foreach_mul_(exp_infs, number(group_scalars.beta2))

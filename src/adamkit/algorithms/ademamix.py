@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .base import AlgorithmSpec, StepScalars, as_number, number_of, register
-from .foreach_ops import apply_updates, buckets, decayed_gradients, number, real_views
+from .foreach_ops import apply_updates, buckets, first_moment_updates, number, real_views
 from .single_tensor_ops import (
     adam_denominator,
     as_real,
@@ -150,10 +150,8 @@ def ademamix_foreach(
 ) -> None:
     """AdEMAMix (see :func:`ademamix_single_tensor`) with foreach ops."""
     for t, bucket_steps in buckets(tensors, steps):
-        grads = real_views(decayed_gradients(t, rule, group_scalars))
-        params, exp_avgs, exp_avg_sqs = real_views(t.params), real_views(t.exp_avgs), real_views(t.exp_avg_sqs)
-        exp_avg_slows = real_views(t.exp_avg_slows)
-        torch._foreach_lerp_(exp_avgs, grads, number(group_scalars.one_minus_beta1(params[0])))
+        params, grads, exp_avgs = first_moment_updates(t, rule, group_scalars)
+        exp_avg_sqs, exp_avg_slows = real_views(t.exp_avg_sqs), real_views(t.exp_avg_slows)
         for slow, grad, step in zip(exp_avg_slows, grads, bucket_steps):  # (beta3_t may differ per tensor)
             slow.lerp_(grad, number(1 - step.slow_decay))
         torch._foreach_mul_(exp_avg_sqs, number(group_scalars.beta2))

@@ -86,6 +86,16 @@ def apply_updates(params: list[Tensor], exp_avgs: list[Tensor], denoms: list[Ten
         torch._foreach_addcdiv_(params, exp_avgs, denoms, [-s for s in step_sizes])
 
 
+def first_moment_updates(t: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars) -> tuple[list, list, list]:
+    """The decayed gradients (decayed before the real views are taken, as torch's Adam and
+    Adamax decay them) and the first moments moved towards them:
+    :math:`m \leftarrow \operatorname{lerp}(m, g, 1 - \beta_1)`; (params, grads, exp_avgs) as real views."""
+    grads = real_views(decayed_gradients(t, rule, group_scalars))
+    params, exp_avgs = real_views(t.params), real_views(t.exp_avgs)
+    torch._foreach_lerp_(exp_avgs, grads, number(group_scalars.one_minus_beta1(params[0])))
+    return params, grads, exp_avgs
+
+
 def moment_updates(t: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars) -> tuple[list, list, list, list]:
     """The decayed gradients and Adam's moment updates, on real views from the start
     (as torch's NAdam and RAdam decay them); (params, grads, exp_avgs, exp_avg_sqs)."""
