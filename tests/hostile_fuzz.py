@@ -18,8 +18,10 @@ of them kills the process (the test sees the signal).
 
 After each step one of two things must hold:
 
-- the step raised a ``RuntimeError``, ``ValueError`` or ``TypeError`` with a message,
-  and params, state and counters are exactly as they were; or
+- the step raised a ``RuntimeError``, ``ValueError`` or ``TypeError`` from one of
+  adamkit's own checks (a ``raise`` in adamkit's code, not an error torch or numba met mid-step),
+  whose message names the param group it refuses, and params, state and counters are
+  exactly as they were; or
 - it stepped, and so did a twin on the ``single_tensor`` path given the same params,
   state and mutations and the same gradient values (as plain tensors: the twin is an
   oracle of what the values give, not of how adamkit reads a hostile layout), to the
@@ -39,6 +41,7 @@ import itertools
 import mmap
 import os
 import sys
+import traceback
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -444,7 +447,7 @@ class Run:
         try:
             self.opt.step()
         except (RuntimeError, ValueError, TypeError) as error:
-            assert str(error), f"an error without a message: {error!r}"
+            assert_refused_by_a_check(error)
             assert_unchanged(self.opt, self.ours, before, error)
             return
         for q in self.theirs:  # the oracle reads plain gradients: their values, in memory of their own
@@ -531,6 +534,20 @@ def _dense_values(key: str, value, param) -> bool:
         and value.shape == param.shape
         and param.dim() > 0
     )
+
+
+#: where adamkit's own code lives: a refusal is raised there
+PACKAGE = os.path.dirname(adamkit.__file__) + os.sep
+
+
+def assert_refused_by_a_check(error: BaseException) -> None:
+    """``error`` is a refusal: raised by a ``raise`` of adamkit's own (an error that
+    torch or numba met mid-step is a check adamkit lacks) and naming what it refuses."""
+    where = traceback.extract_tb(error.__traceback__)[-1]
+    assert where.filename.startswith(PACKAGE) and where.line.startswith("raise"), (
+        f"raised at {where.filename}:{where.lineno} ({where.line!r}), not by a check of adamkit's: {error!r}"
+    )
+    assert "param_groups[" in str(error), f"a refusal that names no param group: {error!r}"
 
 
 def snapshot(opt, params) -> tuple:
