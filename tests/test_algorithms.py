@@ -89,6 +89,34 @@ def test_register_refuses_a_taken_name_or_code(changes, words):
     assert REGISTRY == before and list(REGISTRY) == list(before)
 
 
+def test_register_keeps_the_registry_in_the_order_of_the_codes():
+    before = dict(REGISTRY)
+    try:
+        for name, code in (("adam_later", 9), ("adam_sooner", 8)):  # registered out of order
+            register(replace(lookup("adam"), name=name, code=code))
+        assert list(REGISTRY)[-2:] == ["adam_sooner", "adam_later"]
+        assert [spec.code for spec in REGISTRY.values()] == list(range(10))
+    finally:
+        REGISTRY.clear()
+        REGISTRY.update(before)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "changes", "words"),
+    [
+        ("schedule_free_adamw", {"advance": None}, "group state and its advance come together"),
+        ("adam", {"group_state": {"count": 0}}, "group state and its advance come together"),
+        ("nadam", {"checks": {"nosuch": abs}}, "checks of undeclared hyperparameters {'nosuch'}"),
+        ("ademamix", {"amsgrad": True}, "a slow first moment takes AMSGrad's place"),
+        ("adam", {"weight_copy": "z"}, "a second weight sequence is held where the first moment's form says so"),
+        ("schedule_free_adamw", {"weight_copy": None}, "a second weight sequence is held where"),
+    ],
+)
+def test_a_declaration_that_contradicts_itself_is_refused(algorithm, changes, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        replace(lookup(algorithm), name="contradiction", **changes)
+
+
 def test_every_code_names_a_cpu_kernel_specialization_of_its_own():
     """The CPU kernel tells algorithms apart by the type of an empty witness array: eight
     dtypes, then one more dimension per further eight codes (not a ninth dtype)."""

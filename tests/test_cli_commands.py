@@ -82,6 +82,21 @@ def test_bench_quick_prints_a_table(capsys):
     assert float(fused[3]) == 1.0  # its own ratio
 
 
+def test_bench_times_5_rounds_quick_20_otherwise_and_what_rounds_says(monkeypatch, capsys):
+    from adamkit.experiments import bench
+
+    taken = []
+
+    def first_case(case, rounds, *args, **kwargs):  # (the rounds it is asked for; then the user stops it)
+        taken.append(rounds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_case", first_case)
+    for options in (["--quick"], [], ["--quick", "--rounds", "3"], ["--rounds", "7"]):
+        assert main(["bench", *options, "--cases", "b", "--device", "cpu"]) == 130
+    assert taken == [5, 20, 3, 7]
+
+
 @pytest.mark.parametrize("argv", [["memory", "gpt2"], ["memory", "--layers", "1", "gpt2", "--time"]], ids=" ".join)
 def test_memory_leaves_the_callers_random_generator_as_it_was(argv, capsys):
     """Its settings build optimizers that round stochastically: they once drew their

@@ -87,7 +87,7 @@ def apply_updates(params: list[Tensor], exp_avgs: list[Tensor], denoms: list[Ten
 
 
 def first_moment_updates(t: GroupTensors, rule: UpdateRule, group_scalars: GroupScalars) -> tuple[list, list, list]:
-    """The decayed gradients (decayed before the real views are taken, as torch's Adam and
+    r"""The decayed gradients (decayed before the real views are taken, as torch's Adam and
     Adamax decay them) and the first moments moved towards them:
     :math:`m \leftarrow \operatorname{lerp}(m, g, 1 - \beta_1)`; (params, grads, exp_avgs) as real views."""
     grads = real_views(decayed_gradients(t, rule, group_scalars))
