@@ -61,12 +61,17 @@ SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
     "stable-cpu": ("StableAdamW", {"backend": "cpu", "weight_decay": 0.1}, torch.float32),
     "stable-int8-foreach": ("StableAdamW", {"backend": "foreach", "state_precision": "int8"}, torch.float32),
     "cautious-nadam-single_tensor": ("NAdam", {"backend": "single_tensor", "cautious": True}, torch.float32),
+    # HSDP: replicated over one mesh dimension, sharded over the other; the cautious count must not add
+    # up the replicas (on a narrow model, where its +1 is not lost in rounding)
+    "cautious-hsdp-cpu": ("StableAdamW", {"backend": "cpu", "cautious": True}, torch.float32),
     # Triton under its CPU interpreter: smaller layers (256 keeps int4's 128-blocks aligned)
     "fp32-triton": ("AdamW", {"backend": "triton"}, torch.float32),
     "int4-triton": ("Adam", {"backend": "triton", "state_precision": "int4"}, torch.float32),
 }
 #: layer widths other than WIDTH
-WIDTHS = {"int8-empty-shards": 1, "int8-unaligned": 6, "fp32-triton": 64, "int4-triton": 256}
+WIDTHS = {"cautious-hsdp-cpu": 16, "int8-empty-shards": 1, "int8-unaligned": 6, "fp32-triton": 64, "int4-triton": 256}
+#: settings whose params are laid out on a 2-D mesh (replicate, shard) of the given shape
+HSDP_MESHES = {"cautious-hsdp-cpu": (2, 1)}
 #: settings that do not equal single-process training
 NOT_EQUAL = ("int8-unaligned",)
 #: the settings checkpointed with DCP (and loaded 2 -> 1 -> 2 processes)
@@ -145,10 +150,15 @@ def _sharded(setting: str):
 
     dtype = SETTINGS[setting][2]
     model = build_model(dtype, WIDTHS.get(setting, WIDTH))
+    mesh = None
+    if setting in HSDP_MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", HSDP_MESHES[setting], mesh_dim_names=("replicate", "shard"))
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model, build_optimizer(model.parameters(), setting), dtype
 
 

@@ -69,9 +69,9 @@ def element_offset(param) -> int:
     """The row-major index, in the whole param, of the first element of this rank's
     shard of ``param`` (0 for a tensor that is not sharded).  Stochastic rounding draws
     element ``i``'s bits from that index, so a shard rounds as the whole tensor would.
-    A shard that is not one run of the whole tensor's row-major order (a param cut
-    along another dimension than its first) counts from 0: its bits differ from the
-    unsharded run's, as independent draws."""
+    A shard that is not one run of the whole tensor's row-major order (a block of
+    several rows cut along a later dimension, as a 2-D mesh may cut it) counts from 0:
+    its bits differ from the unsharded run's, as independent draws."""
     if not is_sharded(param):
         return 0
     try:
@@ -80,9 +80,22 @@ def element_offset(param) -> int:
         from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    if param.ndim == 0 or tuple(shape[1:]) != tuple(param.shape[1:]) or any(offset[1:]):
+    return _run_start(tuple(shape), tuple(offset), tuple(param.shape))
+
+
+def _run_start(shape: tuple[int, ...], offset: tuple[int, ...], whole: tuple[int, ...]) -> int:
+    r"""Where the box of ``shape`` at ``offset`` in a tensor shaped ``whole`` starts in its
+    row-major order, :math:`\sum_j o_j \prod_{i>j} W_i`, if the box is one run of that
+    order; else 0.  It is one run when it spans a single index in every dimension before
+    the last one it cuts (:math:`s_j = 1` for :math:`j < k`, :math:`k` the last with
+    :math:`s_k \ne W_k`): then its elements follow each other in the whole tensor.  An
+    empty box starts at 0."""
+    if math.prod(shape) == 0:
         return 0
-    return int(offset[0]) * math.prod(param.shape[1:])
+    cut = [j for j, (size, full) in enumerate(zip(shape, whole)) if size != full]
+    if cut and any(size != 1 for size in shape[: cut[-1]]):
+        return 0
+    return int(sum(start * math.prod(whole[j + 1 :]) for j, start in enumerate(offset)))
 
 
 def like_param(local_value: Tensor, param) -> Tensor:
