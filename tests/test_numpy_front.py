@@ -106,6 +106,28 @@ def test_read_only_arrays_and_bad_gradients_are_rejected_without_touching_anythi
     assert np.array_equal(a, np.ones(3)) and opt.state[0] == {}
 
 
+@pytest.mark.parametrize(
+    "grad,match",
+    [
+        (np.array(["a", "b", "c"]), r"grads\[1\] has dtype <U1; allowed: booleans, integers, floating and complex"),
+        (np.array([1.0, None, 2.0], dtype=object), r"grads\[1\] has dtype object; allowed"),  # None would be NaN
+        ({"a": 1.0}, r"grads\[1\] has dtype object; allowed"),
+        ([[1.0], [2.0, 3.0], [4.0]], r"grads\[1\] is not an array of numbers \(list: .*inhomogeneous"),
+    ],
+    ids=["strings", "object-with-None", "dict", "ragged-list"],
+)
+def test_a_gradient_that_is_not_numbers_is_named_and_nothing_moves(grad, match):
+    """Before, NumPy's own error (naming no gradient) came from the cast, or an object
+    array's None became NaN and was stepped; the first gradient must not move either."""
+    a, b = np.ones(3, dtype=np.float32), np.ones(3, dtype=np.float32)
+    opt = anp.Adam([a, b], lr=0.1)
+    with pytest.raises(TypeError, match=match):
+        opt.step([np.ones(3), grad])
+    assert np.array_equal(a, np.ones(3)) and np.array_equal(b, np.ones(3)) and opt.state == [{}, {}]
+    opt.step([np.ones(3), [True, 0, 2.5]])  # booleans, integers and floats are numbers, cast to the param's dtype
+    assert np.array_equal(opt.state[1]["exp_avg"].numpy(), np.float32([0.1, 0.0, 0.25]))
+
+
 # ---------------------------------------------------------------- minimize
 
 METHODS = ["adam", "adamw", "amsgrad", "adamax"]

@@ -15,7 +15,8 @@ the torch optimizer's: :class:`adamkit.Adam` etc. with every keyword they take
 for float32 and float16 arrays, fp64 for float64 ones.  Arrays must be writable,
 native-endian, without negative strides (a tensor cannot share a reversed view) and
 of a floating (or complex) dtype; gradients are converted to their param's dtype (a
-complex gradient of a real param is refused).
+complex gradient of a real param is refused, and so is anything that is not numbers:
+strings, objects, ragged lists).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from . import optim
 
 #: the array dtypes a param may have
 DTYPES = (np.float16, np.float32, np.float64, np.complex64, np.complex128)
+#: the dtype kinds a gradient may have (it is converted to its param's dtype): NumPy's
+#: codes for booleans, signed and unsigned integers, floating and complex numbers
+GRADIENT_KINDS = "biufc"
 
 
 def _as_tensor(array: np.ndarray, index: int) -> torch.Tensor:
@@ -50,6 +54,27 @@ def _as_tensor(array: np.ndarray, index: int) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def _as_gradient(grad, param: np.ndarray, index: int) -> np.ndarray:
+    """``grad`` (an array, or anything NumPy reads as one) as a C-contiguous array of
+    ``param``'s dtype, checked before any array or state is touched."""
+    try:
+        array = np.asarray(grad)
+    except (TypeError, ValueError) as error:  # e.g. a ragged list
+        raise TypeError(f"grads[{index}] is not an array of numbers ({type(grad).__name__}: {error})") from None
+    if array.dtype.kind not in GRADIENT_KINDS:
+        raise TypeError(
+            f"grads[{index}] has dtype {array.dtype}; allowed: booleans, integers, floating and complex numbers"
+        )
+    if array.dtype.kind == "c" and not np.iscomplexobj(param):
+        raise TypeError(
+            f"grads[{index}] is complex ({array.dtype}), but params[{index}] is real ({param.dtype}): "
+            "its imaginary part would be dropped"
+        )
+    if array.shape != param.shape:
+        raise ValueError(f"grads[{index}] has shape {array.shape}, but params[{index}] has shape {param.shape}")
+    return np.require(array, dtype=param.dtype, requirements="C")
+
+
 class _ArrayOptimizer:
     """An adamkit optimizer stepping NumPy arrays in place."""
 
@@ -68,18 +93,7 @@ class _ArrayOptimizer:
         grads = list(grads)
         if len(grads) != len(self.params):
             raise ValueError(f"got {len(grads)} gradients for {len(self.params)} params")
-        for i, (grad, param) in enumerate(zip(grads, self.params)):
-            if grad is not None and np.iscomplexobj(grad) and not np.iscomplexobj(param):
-                raise TypeError(
-                    f"grads[{i}] is complex ({np.asarray(grad).dtype}), but params[{i}] is real ({param.dtype}): "
-                    "its imaginary part would be dropped"
-                )
-        arrays = [
-            None if g is None else np.require(g, dtype=p.dtype, requirements="C") for g, p in zip(grads, self.params)
-        ]
-        for i, (grad, param) in enumerate(zip(arrays, self.params)):
-            if grad is not None and grad.shape != param.shape:
-                raise ValueError(f"grads[{i}] has shape {grad.shape}, but params[{i}] has shape {param.shape}")
+        arrays = [None if g is None else _as_gradient(g, p, i) for i, (g, p) in enumerate(zip(grads, self.params))]
         try:
             for tensor, grad in zip(self._tensors, arrays):
                 tensor.grad = None if grad is None else torch.from_numpy(grad)
