@@ -302,11 +302,60 @@ def test_iteration_limit_and_non_finite_values():
         ({"jac": "2-point"}, "jac must be a callable, True or None, got '2-point'"),
         ({"bounds": [(0, 1)]}, "bounds has 1 \\(low, high\\) pairs for 2 variables"),
         ({"lr": -1.0}, "Invalid learning rate: -1.0"),
+        ({"bounds": [(0, 1, 2), (0, 1)]}, r"bounds\[0\] must be a \(low, high\) pair, got \(0, 1, 2\)"),
+        ({"bounds": [3.0, (0, 1)]}, r"bounds\[0\] must be a \(low, high\) pair, got 3.0"),
+        ({"bounds": [(0, np.nan), (0, 1)]}, "bounds: NaN is not a bound"),
+        ({"bounds": scipy_optimize.Bounds([0, 0, 0], [1, 1, 1])}, r"bounds.lb has 3 values for 2 variables"),
+        ({"bounds": [(1, 0), (0, 1)]}, "a lower bound is above its upper bound"),
+        ({"jac": lambda x: np.ones(3)}, r"jac must return one derivative per variable, shape \(2,\); got shape \(3,\)"),
+        ({"jac": lambda x: "slope"}, "jac must return an array of numbers, got 'slope'"),
+        ({"jac": True}, r"with jac=True, fun must return \(value, gradient\), got 2.0"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        adamkit.minimize(parabola, np.zeros(2), **({"jac": parabola_grad} | kwargs))
+        adamkit.minimize(lambda x: 2.0, np.zeros(2), **({"jac": parabola_grad} | kwargs))
+
+
+@pytest.mark.parametrize(
+    "fun,x0,match",
+    [
+        (lambda x: "a", np.zeros(2), "fun must return a scalar value, got 'a'"),
+        (parabola, ["a", "b"], r"x0 must be numbers, got \['a', 'b'\]"),
+    ],
+)
+def test_bad_values_and_starting_points_are_named(fun, x0, match):
+    """Before, NumPy's cast error named neither fun nor x0 (SciPy's names neither too)."""
+    with pytest.raises(ValueError, match=match):
+        adamkit.minimize(fun, x0, jac=parabola_grad)
+
+
+@pytest.mark.parametrize("jac", [parabola_grad, True, None], ids=["jac", "jac=True", "differences"])
+def test_fun_and_jac_get_a_copy_of_x_as_scipy_gives_them(jac):
+    """A function that keeps the points it is called at (a history) keeps each point,
+    and one that writes into its argument cannot move the run (SciPy's convention;
+    before, every call got the optimizer's own array)."""
+    clean = adamkit.minimize(parabola, np.zeros(2), jac=parabola_grad, lr=0.1, maxiter=30)
+
+    def returned(x):
+        return (parabola(x), parabola_grad(x)) if jac is True else parabola(x)
+
+    history = []
+    adamkit.minimize(lambda x: history.append(x) or returned(x), np.zeros(2), jac=jac, lr=0.1, maxiter=30)
+    assert np.array_equal(history[0], np.zeros(2)) and np.allclose(history[-1], clean.x, atol=1e-6)
+
+    def careless(x):
+        value = returned(x)
+        x[:] = 1e6
+        return value
+
+    kept = adamkit.minimize(careless, np.zeros(2), jac=jac, lr=0.1, maxiter=30)
+    assert np.allclose(kept.x, clean.x, atol=1e-6)
+
+
+def test_a_one_variable_gradient_may_be_a_number_as_in_scipy():
+    result = adamkit.minimize(parabola, [0.0], jac=lambda x: float(parabola_grad(x)[0]), lr=0.1, maxiter=2000)
+    assert result.success and result.x == pytest.approx([3.0], abs=1e-5)
 
 
 @pytest.mark.parametrize("module", ["adamkit.numpy", "adamkit.optimize"])

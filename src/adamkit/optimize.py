@@ -14,6 +14,8 @@ The same callable is a custom method for SciPy, with adamkit's options in
 ``method``: ``"adam"``, ``"adamw"``, ``"amsgrad"`` (Adam with ``amsgrad=True``) or
 ``"adamax"``; other keywords (``betas``, ``eps``, ``weight_decay``, ``decouple_lr``,
 ...) go to the optimizer.  ``x`` is float64 and the step is :mod:`adamkit.numpy`'s.
+As in SciPy, ``fun`` and ``jac`` are called with a copy of ``x``, and a one-variable
+``jac`` may return a number.
 
 Stopping: success when the projected gradient's max-norm is at most ``gtol`` (``tol``,
 as SciPy passes it, stands for ``gtol``); otherwise after ``maxiter`` steps, at a
@@ -79,10 +81,25 @@ class Box:
 
 def _scalar(value) -> float:
     """``fun``'s value as a float: a number or a one-element array, as SciPy takes it."""
-    array = np.asarray(value, dtype=np.float64)
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"fun must return a scalar value, got {value!r}") from None
     if array.size != 1:
         raise ValueError(f"fun must return a scalar value, got an array of shape {array.shape}")
     return float(array.reshape(()))
+
+
+def _gradient(value, n: int) -> np.ndarray:
+    """``jac``'s value as float64 of shape ``(n,)`` (a number for one variable, as SciPy
+    takes it)."""
+    try:
+        g = np.atleast_1d(np.asarray(value, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise ValueError(f"jac must return an array of numbers, got {value!r}") from None
+    if g.shape != (n,):
+        raise ValueError(f"jac must return one derivative per variable, shape ({n},); got shape {g.shape}")
+    return g
 
 
 def _difference_step(x: float, low: float, high: float) -> float:
@@ -110,21 +127,25 @@ def _forward_differences(value: Callable, x: np.ndarray, f: float, box: Box | No
 
 
 def _objective(fun: Callable, jac, args: tuple, counts: dict, box: Box | None):
-    """x -> (f(x), grad f(x)) from SciPy's ``fun``/``jac`` conventions, counting calls."""
+    """x -> (f(x), grad f(x)) from SciPy's ``fun``/``jac`` conventions, counting calls.
+    Like SciPy, ``fun`` and ``jac`` get a copy of ``x``: one that keeps it (a history)
+    keeps that point, and one that writes into it cannot move the optimizer's."""
 
     def value(x: np.ndarray) -> float:
         counts["nfev"] += 1
-        return _scalar(fun(x, *args))
+        return _scalar(fun(x.copy(), *args))
 
     def both(x: np.ndarray) -> tuple[float, np.ndarray]:
         if jac is True:  # fun returns (f, g)
             counts["nfev"] += 1
             counts["njev"] += 1
-            f, g = fun(x, *args)
-            return _scalar(f), np.asarray(g, dtype=np.float64)
+            returned = fun(x.copy(), *args)
+            if not isinstance(returned, Sequence) or len(returned) != 2:
+                raise ValueError(f"with jac=True, fun must return (value, gradient), got {returned!r}")
+            return _scalar(returned[0]), _gradient(returned[1], x.size)
         if callable(jac):
             counts["njev"] += 1
-            return value(x), np.asarray(jac(x, *args), dtype=np.float64)
+            return value(x), _gradient(jac(x.copy(), *args), x.size)
         f = value(x)
         return f, _forward_differences(value, x, f, box)
 
@@ -137,13 +158,22 @@ def _box(bounds, n: int) -> Box | None:
     if bounds is None:
         return None
     if isinstance(bounds, Bounds):
-        low, high = np.broadcast_to(bounds.lb, n), np.broadcast_to(bounds.ub, n)
+        sides = [np.asarray(bounds.lb, dtype=np.float64), np.asarray(bounds.ub, dtype=np.float64)]
+        for name, side in zip(("lb", "ub"), sides):
+            if side.size not in (1, n):
+                raise ValueError(f"bounds.{name} has {side.size} values for {n} variables (1 or {n} allowed)")
+        low, high = (np.broadcast_to(side.reshape(-1), n) for side in sides)
     else:
         pairs = list(bounds)
         if len(pairs) != n:
             raise ValueError(f"bounds has {len(pairs)} (low, high) pairs for {n} variables")
+        for i, pair in enumerate(pairs):
+            if not hasattr(pair, "__len__") or len(pair) != 2:
+                raise ValueError(f"bounds[{i}] must be a (low, high) pair, got {pair!r}")
         low = np.array([-np.inf if lo is None else lo for lo, _ in pairs], dtype=np.float64)
         high = np.array([np.inf if hi is None else hi for _, hi in pairs], dtype=np.float64)
+    if np.isnan(low).any() or np.isnan(high).any():
+        raise ValueError("bounds: NaN is not a bound (None or an infinity leaves a side open)")
     if np.any(low > high):
         raise ValueError("bounds: a lower bound is above its upper bound")
     return Box(np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64))
@@ -209,7 +239,10 @@ def minimize(
     gtol = (1e-6 if tol is None else tol) if gtol is None else gtol
     if not gtol >= 0:
         raise ValueError(f"Invalid gtol: {gtol!r} (a number >= 0)")
-    x = np.atleast_1d(np.array(x0, dtype=np.float64))
+    try:
+        x = np.atleast_1d(np.array(x0, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise ValueError(f"x0 must be numbers, got {x0!r}") from None
     if x.ndim != 1:
         raise ValueError(f"x0 must have one dimension, got shape {x.shape}")
     counts = {"nfev": 0, "njev": 0}
