@@ -19,7 +19,7 @@ import torch
 
 import adamkit
 from adamkit import kernels
-from adamkit.algorithms import REGISTRY, Denominator, FirstMoment, SecondMoment, lookup, register
+from adamkit.algorithms import REGISTRY, Denominator, FirstMoment, FirstMomentScale, SecondMoment, lookup, register
 from adamkit.kernels import foreach, single_tensor
 from adamkit.kernels.cpu.layout import algorithm_witness_shape
 from adamkit.rule import UpdateRule
@@ -55,6 +55,8 @@ def test_every_kernel_runs_what_the_registry_says():
     for kernel in kernels.KERNELS.values():
         expected = {n for n, s in REGISTRY.items() if s.fused} if kernel.fused else set(REGISTRY)
         assert {n for n in REGISTRY if kernel.runs(n)} == expected, kernel.name
+    # and every algorithm shipped runs fused (docs/options.md: "every backend, fused ones included")
+    assert kernels.FUSED_ALGORITHMS == set(REGISTRY)
 
 
 def test_codes_are_the_registry_order_and_stable():
@@ -136,6 +138,46 @@ def test_forms_pack_each_choice():
         0,
     )
     assert lookup("nadam").forms // 64 == 1 and lookup("adam").forms == 0
+    for spec in REGISTRY.values():  # each choice in its own bits: Triton's kernel decodes them
+        forms = spec.forms
+        decoded = (forms % 4, forms // 4 % 4, forms // 16 % 4, forms // 64 % 2, forms // 128)
+        assert decoded == (
+            spec.first_moment,
+            spec.second_moment,
+            spec.denominator,
+            spec.nesterov,
+            spec.slow_first_moment,
+        )
+
+
+@pytest.mark.parametrize(
+    "name,scale",
+    [
+        ("adam", FirstMomentScale.ROOT),
+        ("nadam", FirstMomentScale.ROOT),
+        ("radam", FirstMomentScale.ROOT),
+        ("stable_adamw", FirstMomentScale.ROOT),
+        ("ademamix", FirstMomentScale.ROOT),
+        ("adamax", FirstMomentScale.NORM),  # its denominator is the norm u itself
+        ("adopt", FirstMomentScale.NONE),  # its first moment is normalized already
+        ("schedule_free_adamw", FirstMomentScale.NONE),  # z, a weight, takes the first moment's place
+    ],
+)
+def test_what_a_normalized_first_moment_is_divided_by(name, scale):
+    """The divisor int4 stores each algorithm's first moment over (m / d, d from the stored
+    v): the scale of its update's denominator, and nothing where there is no first moment
+    to normalize (a weight sequence in its place keeps the plain format, no scratch work)."""
+    assert lookup(name).first_moment_scale == scale
+    assert set(REGISTRY) == {
+        "adam",
+        "nadam",
+        "radam",
+        "stable_adamw",
+        "ademamix",
+        "adamax",
+        "adopt",
+        "schedule_free_adamw",
+    }
 
 
 def test_forms_the_fused_kernels_lack_leave_it_to_the_list_kernels():
@@ -150,9 +192,14 @@ def test_unknown_algorithm_names_the_registered_ones():
         lookup("lion")
 
 
-def test_hyperparameters_are_read_only():
+@pytest.mark.parametrize("mapping", ["hyperparameters", "checks", "group_state", "rule_values"])
+def test_a_declarations_mappings_are_read_only(mapping):
+    """A write would change every later optimizer's defaults (or checks) silently."""
+    spec = lookup("schedule_free_adamw")  # the one with group state
+    values = getattr(spec, mapping)
+    assert values, mapping
     with pytest.raises(TypeError):
-        lookup("nadam").hyperparameters["momentum_decay"] = 1.0
+        values[next(iter(values))] = 1.0
 
 
 def test_no_algorithm_name_is_compared_outside_the_registry():
