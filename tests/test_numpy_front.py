@@ -335,7 +335,9 @@ def test_fun_and_jac_get_a_copy_of_x_as_scipy_gives_them(jac):
     """A function that keeps the points it is called at (a history) keeps each point,
     and one that writes into its argument cannot move the run (SciPy's convention;
     before, every call got the optimizer's own array)."""
-    clean = adamkit.minimize(parabola, np.zeros(2), jac=parabola_grad, lr=0.1, maxiter=30)
+    start = np.zeros(2)
+    clean = adamkit.minimize(parabola, start, jac=parabola_grad, lr=0.1, maxiter=30)
+    assert np.array_equal(start, np.zeros(2)) and clean.x is not start  # nor is x0 stepped
 
     def returned(x):
         return (parabola(x), parabola_grad(x)) if jac is True else parabola(x)
@@ -344,12 +346,16 @@ def test_fun_and_jac_get_a_copy_of_x_as_scipy_gives_them(jac):
     adamkit.minimize(lambda x: history.append(x) or returned(x), np.zeros(2), jac=jac, lr=0.1, maxiter=30)
     assert np.array_equal(history[0], np.zeros(2)) and np.allclose(history[-1], clean.x, atol=1e-6)
 
-    def careless(x):
-        value = returned(x)
-        x[:] = 1e6
-        return value
+    def careless(function):
+        def writing_into_its_argument(x):
+            value = function(x)
+            x[:] = 1e6
+            return value
 
-    kept = adamkit.minimize(careless, np.zeros(2), jac=jac, lr=0.1, maxiter=30)
+        return writing_into_its_argument
+
+    careless_jac = careless(jac) if callable(jac) else jac
+    kept = adamkit.minimize(careless(returned), np.zeros(2), jac=careless_jac, lr=0.1, maxiter=30)
     assert np.allclose(kept.x, clean.x, atol=1e-6)
 
 

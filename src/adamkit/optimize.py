@@ -79,12 +79,18 @@ class Box:
         return np.where(blocked, 0.0, g)
 
 
+def _numbers(value, requirement: str) -> np.ndarray:
+    """``value`` as a float64 array (no copy where it is one), or an error stating
+    ``requirement`` and what came instead."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{requirement}, got {value!r}") from None
+
+
 def _scalar(value) -> float:
     """``fun``'s value as a float: a number or a one-element array, as SciPy takes it."""
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"fun must return a scalar value, got {value!r}") from None
+    array = _numbers(value, "fun must return a scalar value")
     if array.size != 1:
         raise ValueError(f"fun must return a scalar value, got an array of shape {array.shape}")
     return float(array.reshape(()))
@@ -93,10 +99,7 @@ def _scalar(value) -> float:
 def _gradient(value, n: int) -> np.ndarray:
     """``jac``'s value as float64 of shape ``(n,)`` (a number for one variable, as SciPy
     takes it)."""
-    try:
-        g = np.atleast_1d(np.asarray(value, dtype=np.float64))
-    except (TypeError, ValueError):
-        raise ValueError(f"jac must return an array of numbers, got {value!r}") from None
+    g = np.atleast_1d(_numbers(value, "jac must return an array of numbers"))
     if g.shape != (n,):
         raise ValueError(f"jac must return one derivative per variable, shape ({n},); got shape {g.shape}")
     return g
@@ -239,10 +242,7 @@ def minimize(
     gtol = (1e-6 if tol is None else tol) if gtol is None else gtol
     if not gtol >= 0:
         raise ValueError(f"Invalid gtol: {gtol!r} (a number >= 0)")
-    try:
-        x = np.atleast_1d(np.array(x0, dtype=np.float64))
-    except (TypeError, ValueError):
-        raise ValueError(f"x0 must be numbers, got {x0!r}") from None
+    x = np.atleast_1d(_numbers(x0, "x0 must be numbers")).copy()  # stepped in place: never the caller's array
     if x.ndim != 1:
         raise ValueError(f"x0 must have one dimension, got shape {x.shape}")
     counts = {"nfev": 0, "njev": 0}
