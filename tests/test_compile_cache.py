@@ -7,8 +7,11 @@ second-moment format was being changed in kernels/cpu/storage.py)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +70,39 @@ def test_install_is_idempotent():
     assert compile_cache.install()
     assert impl._locator_classes == before
     assert sum(cls.__name__.startswith("Adamkit") for cls in before) == 3
+
+
+def test_the_stamp_changes_with_a_renamed_module_and_not_with_the_listing_order(tmp_path, monkeypatch):
+    copy = tmp_path / "adamkit"
+    shutil.copytree(compile_cache.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    original = compile_cache.digest_of(copy)
+    listed = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: reversed(list(listed(self, pattern))))
+    assert compile_cache.digest_of(copy) == original  # the file system lists in any order
+    monkeypatch.undo()
+    (copy / "kernels" / "host.py").rename(
+        copy / "kernels" / "host_.py"
+    )  # the same bytes, in the same place of the order
+    assert compile_cache.digest_of(copy) != original
+
+
+def test_only_the_package_itself_is_the_package():
+    """A sibling whose name starts alike (``adamkit_extra``) keeps numba's own stamp."""
+    assert compile_cache.in_package(str(compile_cache.PACKAGE / "kernels" / "host.py"))
+    assert not compile_cache.in_package(str(compile_cache.PACKAGE.parent / "adamkit_extra" / "kernels.py"))
+    assert not compile_cache.in_package(str(compile_cache.PACKAGE.parent / "adamkit.py"))
+
+
+def test_numba_cache_dir_is_where_the_loops_cache_goes(tmp_path):
+    """Our locators keep numba's order: with NUMBA_CACHE_DIR set, its user-provided
+    locator comes first, so the cache is written there and not into the source tree."""
+    probe = (
+        "from adamkit.kernels.cpu import loops\n"
+        "locators = {type(d._cache._impl.locator).__name__ + ' ' + d._cache._impl.locator.get_cache_path()\n"
+        "            for d in vars(loops).values() if getattr(getattr(d, '_cache', None), '_impl', None)}\n"
+        "print('\\n'.join(sorted(locators)))\n"
+    )
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    printed = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True)
+    lines = printed.stdout.split("\n")[:-1]
+    assert lines and all(line.startswith(f"AdamkitUserProvidedCacheLocator {tmp_path}") for line in lines), lines

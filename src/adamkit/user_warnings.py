@@ -28,7 +28,17 @@ def warn_at_user(message: str, category: type[Warning] = UserWarning, *, passing
     frame, level = sys._getframe(1), 2  # level 2: this function's caller
     while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
+        while frame.f_back is not None and _is_import_machinery(frame):
+            frame = frame.f_back
     warnings.warn(message, category, stacklevel=level)
+
+
+def _is_import_machinery(frame) -> bool:
+    """Whether ``frame`` is CPython's import machinery, which ``warnings.warn`` steps
+    over without counting it in ``stacklevel`` (so must we: a warning raised while a
+    module is imported would point into the package that imports it)."""
+    filename = frame.f_code.co_filename
+    return "importlib" in filename and "_bootstrap" in filename
 
 
 __all__ = ["warn_at_user"]
