@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import adamkit
 import adamkit.numpy as anp
@@ -126,6 +129,53 @@ def test_a_gradient_that_is_not_numbers_is_named_and_nothing_moves(grad, match):
     assert np.array_equal(a, np.ones(3)) and np.array_equal(b, np.ones(3)) and opt.state == [{}, {}]
     opt.step([np.ones(3), [True, 0, 2.5]])  # booleans, integers and floats are numbers, cast to the param's dtype
     assert np.array_equal(opt.state[1]["exp_avg"].numpy(), np.float32([0.1, 0.0, 0.25]))
+
+
+GRADIENT_KINDS = {
+    "float32": lambda shape: np.full(shape, 0.5, np.float32),
+    "float64": lambda shape: np.full(shape, -1.25),
+    "float16": lambda shape: np.full(shape, 2.0, np.float16),
+    "int": lambda shape: np.full(shape, 3),
+    "bool": lambda shape: np.ones(shape, bool),
+    "complex": lambda shape: np.full(shape, 1 + 1j),
+    "strings": lambda shape: np.full(shape, "x"),
+    "objects": lambda shape: np.full(shape, None, object),
+    "list": lambda shape: np.full(shape, 0.75).tolist(),
+    "ragged": lambda shape: [[1.0], [1.0, 2.0]],
+    "torch": lambda shape: torch.full(shape, -0.5),
+    "None": lambda shape: None,
+}
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(sorted(GRADIENT_KINDS)), min_size=2, max_size=2),
+    shapes=st.lists(st.sampled_from([(3,), (2, 3), (), (4,)]), min_size=2, max_size=2),
+    complex_param=st.booleans(),
+)
+def test_any_gradients_are_stepped_as_the_torch_front_would_or_refused_by_name(kinds, shapes, complex_param):
+    """Whatever comes as gradients: either the step is the torch front's with each gradient
+    cast to its param's dtype, or an error names a ``grads[i]`` and nothing moved."""
+    params = [np.ones((3,), np.complex64 if complex_param else np.float32), np.ones((2, 3), np.float32)]
+    arrays = [p.copy() for p in params]
+    opt = anp.Adam(arrays, lr=0.1)
+    grads = [GRADIENT_KINDS[kind](shape) for kind, shape in zip(kinds, shapes)]
+    try:
+        opt.step(grads)
+    except (TypeError, ValueError) as error:
+        assert re.search(r"grads\[[01]\]", str(error)), error
+        assert all(np.array_equal(a, p) for a, p in zip(arrays, params)) and opt.state == [{}, {}]
+        return
+    tensors = [torch.from_numpy(p.copy()) for p in params]
+    twin = adamkit.Adam(tensors, lr=0.1)
+    for tensor, grad in zip(tensors, grads):
+        tensor.grad = None if grad is None else torch.as_tensor(np.asarray(grad)).to(tensor.dtype)
+    twin.step()
+    for array, tensor, grad in zip(arrays, tensors, grads):
+        if grad is not None:  # what is stepped: numbers of the param's shape, complex only for a complex param
+            kind = np.asarray(grad).dtype.kind
+            assert np.shape(grad) == array.shape and kind in "biuf" + "c" * np.iscomplexobj(array)
+        assert np.array_equal(array, tensor.numpy())
 
 
 # ---------------------------------------------------------------- minimize
