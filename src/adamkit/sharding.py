@@ -71,7 +71,9 @@ def element_offset(param) -> int:
     element ``i``'s bits from that index, so a shard rounds as the whole tensor would.
     A shard that is not one run of the whole tensor's row-major order (a block of
     several rows cut along a later dimension, as a 2-D mesh may cut it) counts from 0:
-    its bits differ from the unsharded run's, as independent draws."""
+    its bits differ from the unsharded run's, and every such shard of the param draws
+    the same bits at the same local position (each element's rounding stays unbiased;
+    neighbouring shards' rounding errors are alike)."""
     if not is_sharded(param):
         return 0
     try:
