@@ -67,9 +67,18 @@ SETTINGS: dict[str, tuple[str, dict, torch.dtype]] = {
     # Triton under its CPU interpreter: smaller layers (256 keeps int4's 128-blocks aligned)
     "fp32-triton": ("AdamW", {"backend": "triton"}, torch.float32),
     "int4-triton": ("Adam", {"backend": "triton", "state_precision": "int4"}, torch.float32),
+    # the Triton kernel's random bits by global index (a shard's offset): held to one process's CPU kernel
+    "bf16-stochastic-triton": ("AdamW", {"backend": "triton", "rounding": "stochastic", "seed": 7}, torch.bfloat16),
 }
 #: layer widths other than WIDTH
-WIDTHS = {"cautious-hsdp-cpu": 16, "int8-empty-shards": 1, "int8-unaligned": 6, "fp32-triton": 64, "int4-triton": 256}
+WIDTHS = {
+    "cautious-hsdp-cpu": 16,
+    "int8-empty-shards": 1,
+    "int8-unaligned": 6,
+    "fp32-triton": 64,
+    "int4-triton": 256,
+    "bf16-stochastic-triton": 64,
+}
 #: settings whose params are laid out on a 2-D mesh (replicate, shard) of the given shape
 HSDP_MESHES = {"cautious-hsdp-cpu": (2, 1)}
 #: settings that do not equal single-process training

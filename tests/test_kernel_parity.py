@@ -79,6 +79,8 @@ CASES = {
     "stable_adamw-fp32": (adamkit.StableAdamW, torch.float32, {}),
     # lerp weights of 1/2 and more (beta1 = 0; a beta3 below 1/2) take the lerp from its far end
     "adam-fp32-beta1-zero": (adamkit.Adam, torch.float32, {"betas": (0.0, 0.99)}),
+    # a weight of exactly 1/2, the boundary between the two ends (both forms differ where m, g differ 2x)
+    "adam-fp32-beta1-half": (adamkit.Adam, torch.float32, {"betas": (0.5, 0.999)}),
     "adopt-bf16-master-beta1-zero": (adamkit.ADOPT, torch.bfloat16, {"betas": (0.0, 0.99), "master_weights": "fp32"}),
     "ademamix-fp32-beta3-below-half": (adamkit.AdEMAMix, torch.float32, {"betas": (0.3, 0.99), "beta3": 0.4}),
     # cautious: the agreement pass (L2 decay reads the Kahan-compensated weight) and the masked update
@@ -172,9 +174,11 @@ def _spread(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [tensors[0] * SPREAD, *tensors[1:]]
 
 
-def _optimizer(case: str, backend: str, device: torch.device):
-    """The case's optimizer on ``device`` and its params, from the same start."""
+def _optimizer(case: str, backend: str, device: torch.device, **extra):
+    """The case's optimizer (its options updated by ``extra``) on ``device`` and its
+    params, from the same start."""
     cls, dtype, options = CASES[case]
+    options = {**options, **extra}
     g = torch.Generator().manual_seed(11)
     start = _spread([torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES])
     params = [torch.nn.Parameter(p.to(device, dtype)) for p in start]
@@ -211,17 +215,18 @@ def _first_difference(ours: dict, theirs: dict) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_triton_stores_the_cpu_kernels_bits(case):
-    """Both kernels stepped side by side on the same gradients; after every step each
-    param and state tensor holds the same bits.  ``ADAMKIT_PARITY_DUMP=DIR`` saves a
-    failing case's inputs and both sides' tensors for study on another machine."""
-    ours, our_params = _optimizer(case, "triton", DEVICE)
-    theirs, their_params = _optimizer(case, "cpu", torch.device("cpu"))
+def _step_side_by_side(case: str, shape_gradients=lambda drawn: drawn, **options) -> list:
+    """Both kernels stepped side by side on the same gradients (``shape_gradients`` may
+    rescale or zero the drawn ones), failing at the first step after which some param or
+    state tensor's bits differ; the history of (gradients, ours, theirs) per step.
+    ``ADAMKIT_PARITY_DUMP=DIR`` saves a failing case's inputs and both sides' tensors for
+    study on another machine."""
+    ours, our_params = _optimizer(case, "triton", DEVICE, **options)
+    theirs, their_params = _optimizer(case, "cpu", torch.device("cpu"), **options)
     g = torch.Generator().manual_seed(12)
     history = []
     for step in range(1, (RADAM_STEPS if case.startswith("radam") else STEPS) + 1):
-        drawn = _spread([torch.randn(p.shape, generator=g, dtype=torch.float64) for p in their_params])
+        drawn = shape_gradients(_spread([torch.randn(p.shape, generator=g, dtype=torch.float64) for p in their_params]))
         grads = [grad.to(p.dtype) for grad, p in zip(drawn, their_params)]
         for p, q, grad in zip(our_params, their_params, grads):
             p.grad, q.grad = grad.to(DEVICE), grad.clone()
@@ -235,10 +240,39 @@ def test_triton_stores_the_cpu_kernels_bits(case):
                 os.makedirs(dump, exist_ok=True)
                 torch.save(history, os.path.join(dump, f"{case}.pt"))
             pytest.fail(f"step {step}: {difference}")
+    return history
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_stores_the_cpu_kernels_bits(case):
+    """After every step each param and state tensor holds the same bits on both kernels."""
+    history = _step_side_by_side(case)
     for name in history[-1][2]:  # int8's two second-moment maps were stepped (e5m3 at least once)
         if name.endswith("_e5m3_e4m4_scales"):
             held = [stored[name] for _, _, stored in history]
             assert any(bool((v > 0).any() if name.startswith("param 0") else (v < 0).any()) for v in held), name
+
+
+def test_triton_counts_zero_gradients_as_the_cpu_kernel_does():
+    """A cautious update keeps an element only where update x gradient > 0, so an exact
+    zero gradient counts as disagreeing, in the count that scales the kept ones too
+    (decoupled decay: the zeros reach the kernel as zeros)."""
+
+    def every_third_zero(grads):
+        return [
+            grad.reshape(-1).index_fill(0, torch.arange(0, grad.numel(), 3), 0.0).reshape(grad.shape) for grad in grads
+        ]
+
+    _step_side_by_side("adamw-fp32", every_third_zero, cautious=True)
+
+
+def test_triton_normalizes_first_moments_over_subnormal_norms_as_the_cpu_kernel_does():
+    """int4 stores AdaMax's first moment over a power of two near its norm u, held to
+    2^-126 .. 2^126; with eps = 0 and gradients near 1e-40, u is subnormal or zero and the
+    lower bound decides the divisor."""
+    _step_side_by_side(
+        "adamax-fp32", lambda grads: [grad * 1e-32 for grad in grads], state_precision="int4", eps=0.0, weight_decay=0.0
+    )
 
 
 def _strided_params(dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:

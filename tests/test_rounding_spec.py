@@ -15,7 +15,7 @@ try:  # the Triton kernel's device function (run by Triton's CPU interpreter her
     import triton
     import triton.language as tl
 
-    from adamkit.kernels.triton.device import _to_storage_stochastic
+    from adamkit.kernels.triton.device import _store_param, _to_storage, _to_storage_stochastic
 except ImportError:
     triton = None
 
@@ -196,6 +196,65 @@ if triton is not None:
         )
 
 
+def _ties(dtype: torch.dtype) -> np.ndarray:
+    """Every value half-way between two neighbours of ``dtype`` in [1, 2) (even and odd
+    lower neighbours alike), both signs, and the same scaled into its subnormals."""
+    kept = 10 if dtype == torch.float16 else 7
+    k = np.arange(1 << kept)
+    ties = (1.0 + k * 2.0**-kept + 2.0 ** -(kept + 1)).astype(np.float32)
+    scale = np.float32(2.0**-20 if dtype == torch.float16 else 2.0**-130)
+    return np.concatenate([ties, -ties, ties * scale, -ties * scale]).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_the_triton_kernel_rounds_to_nearest_as_torch_converts(dtype):
+    """The device function that stores every 16-bit value without stochastic rounding,
+    against torch's own conversion (ties to even), ties written out rather than met by
+    chance, and NaNs whose payloads a carry would turn into an infinity or a zero."""
+    if triton is None or not KERNELS["triton"].supports(torch.device("cpu")):
+        pytest.skip("Triton's CPU interpreter is not available")
+    payloads = np.array([0x7F800001, 0xFFFFFFFF, 0x7FFFFFFF, 0xFFC00001], dtype=np.uint32).view(np.float32)  # NaNs
+    x = torch.from_numpy(np.concatenate([_ties(dtype), payloads, awkward_float32(20_000, seed=6)]))
+    out = torch.empty(x.numel(), dtype=dtype)
+    storage_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    _round_all_nearest[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), storage_dtype, 1024)
+    expected = x.to(dtype)
+    assert torch.equal(out.view(torch.int16)[~expected.isnan()], expected.view(torch.int16)[~expected.isnan()])
+    assert out[expected.isnan()].isnan().all()
+
+
+def test_the_triton_kernel_splits_an_exact_master_as_the_spec_does():
+    """``master_weights="fp32"``: the bf16 param (nearest, ties away from zero) and the
+    int16 low bits the Triton kernel stores, against :func:`adamkit.specs.master.split`,
+    on every bf16 tie and awkward values."""
+    if triton is None or not KERNELS["triton"].supports(torch.device("cpu")):
+        pytest.skip("Triton's CPU interpreter is not available")
+    from adamkit.specs import master
+
+    x = np.concatenate([_ties(torch.bfloat16), awkward_float32(20_000, seed=7)])
+    high, low = torch.empty(x.size, dtype=torch.bfloat16), torch.empty(x.size, dtype=torch.int16)
+    _split_all[(triton.cdiv(x.size, 1024),)](torch.from_numpy(x), high, low, x.size, 1024)
+    expected_high, expected_low = master.split(x)
+    assert np.array_equal(high.view(torch.int16).numpy().view(np.uint16), expected_high)
+    assert np.array_equal(low.numpy(), expected_low)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_all_nearest(x_ptr, out_ptr, n, STORAGE: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(out_ptr + offsets, _to_storage(tl.load(x_ptr + offsets, mask=mask), STORAGE), mask=mask)
+
+    @triton.jit
+    def _split_all(x_ptr, high_ptr, low_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        p = tl.load(x_ptr + offsets, mask=mask)
+        _store_param(high_ptr, low_ptr, offsets, mask, p, 0, 0, tl.bfloat16, tl.float32, False, 16, False)
+
+
 def _torch_rounding(x: np.ndarray, dtype: torch.dtype, bits: np.ndarray) -> np.ndarray:
     return (
         storage.round_stochastic(torch.from_numpy(x), dtype, torch.from_numpy(bits.astype(np.int64))).double().numpy()
@@ -214,3 +273,34 @@ def test_every_implementation_rounds_the_top_of_the_range_as_the_spec_does(imple
     bits[:5] = [0, 1, 32768, 65534, 65535]
     expected = rounding.round_stochastic(x.astype(np.float64), dtype, bits)
     assert np.array_equal(implementation(x, dtype, bits), expected, equal_nan=True)
+
+
+def at_the_threshold(dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Values whose discarded fraction f (in units of 2^-16 of a spacing) is met by the
+    random bits exactly (r = 2^16 - f: rounds away) and one short of it (r - 1: toward
+    zero), for every fraction the format discards above 1 (fp16 keeps 10 of fp32's 23
+    mantissa bits, bf16 7), both signs; then the same values scaled into the format's
+    subnormal range, where fewer bits are kept, by the same bits."""
+    discarded = 23 - (10 if dtype == torch.float16 else 7)
+    j = np.arange(1, 1 << discarded, dtype=np.int64)
+    fraction = j << (16 - discarded)
+    values = (1.0 + j * 2.0**-23).astype(np.float32)
+    values = np.concatenate([values, -values])
+    bits = np.tile(65536 - fraction, 2)
+    values, bits = np.concatenate([values, values]), np.concatenate([bits, bits - 1])
+    tiny = (values * np.float32(2.0**-20 if dtype == torch.float16 else 2.0**-130)).astype(np.float32)
+    return np.concatenate([values, tiny]), np.concatenate([bits, bits])
+
+
+@pytest.mark.parametrize(
+    "implementation", [_torch_rounding, _numba_rounding, _triton_rounding], ids=["torch", "numba", "triton"]
+)
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_every_implementation_rounds_at_the_threshold_as_the_spec_does(implementation, dtype):
+    """Away from zero exactly when r >= 2^16 - f: random bits that meet the fraction, and
+    one short of it (no other test puts the bits there: a > for the >= passed them)."""
+    x, bits = at_the_threshold(dtype)
+    expected = rounding.round_stochastic(x.astype(np.float64), dtype, bits)
+    assert np.array_equal(implementation(x, dtype, bits), expected, equal_nan=True)
+    up = expected[: x.size // 4] != x[: x.size // 4].astype(np.float64)  # met: every one of them rounded away
+    assert up.all()
