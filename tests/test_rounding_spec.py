@@ -173,9 +173,14 @@ def _numba_rounding(x: np.ndarray, dtype: torch.dtype, bits: np.ndarray) -> np.n
     return torch.from_numpy(out.view(np.int16)).view(dtype).double().numpy()
 
 
-def _triton_rounding(x: np.ndarray, dtype: torch.dtype, bits: np.ndarray) -> np.ndarray:
+def _skip_without_the_interpreter() -> None:
+    """The Triton device functions run here on CPU tensors, under Triton's interpreter."""
     if triton is None or not KERNELS["triton"].supports(torch.device("cpu")):
         pytest.skip("Triton's CPU interpreter is not available")
+
+
+def _triton_rounding(x: np.ndarray, dtype: torch.dtype, bits: np.ndarray) -> np.ndarray:
+    _skip_without_the_interpreter()
     source, out = torch.from_numpy(x), torch.empty(x.size, dtype=dtype)
     storage_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
     grid = (triton.cdiv(x.size, 1024),)
@@ -211,8 +216,7 @@ def test_the_triton_kernel_rounds_to_nearest_as_torch_converts(dtype):
     """The device function that stores every 16-bit value without stochastic rounding,
     against torch's own conversion (ties to even), ties written out rather than met by
     chance, and NaNs whose payloads a carry would turn into an infinity or a zero."""
-    if triton is None or not KERNELS["triton"].supports(torch.device("cpu")):
-        pytest.skip("Triton's CPU interpreter is not available")
+    _skip_without_the_interpreter()
     payloads = np.array([0x7F800001, 0xFFFFFFFF, 0x7FFFFFFF, 0xFFC00001], dtype=np.uint32).view(np.float32)  # NaNs
     x = torch.from_numpy(np.concatenate([_ties(dtype), payloads, awkward_float32(20_000, seed=6)]))
     out = torch.empty(x.numel(), dtype=dtype)
@@ -227,8 +231,7 @@ def test_the_triton_kernel_splits_an_exact_master_as_the_spec_does():
     """``master_weights="fp32"``: the bf16 param (nearest, ties away from zero) and the
     int16 low bits the Triton kernel stores, against :func:`adamkit.specs.master.split`,
     on every bf16 tie and awkward values."""
-    if triton is None or not KERNELS["triton"].supports(torch.device("cpu")):
-        pytest.skip("Triton's CPU interpreter is not available")
+    _skip_without_the_interpreter()
     from adamkit.specs import master
 
     x = np.concatenate([_ties(torch.bfloat16), awkward_float32(20_000, seed=7)])
