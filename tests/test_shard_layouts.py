@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -37,11 +38,15 @@ def _placements(mesh_shape: tuple[int, ...], ndim: int) -> list[tuple]:
     return list(itertools.product(choices, repeat=len(mesh_shape)))
 
 
+@contextmanager
 def _as_rank(rank: int, mesh_shape: tuple[int, ...]):
-    """This process as ``rank`` of a fake group of WORLD, and its mesh."""
+    """This process as ``rank`` of a fake group of WORLD, with its mesh, for the block."""
     assert not dist.is_initialized(), "a process group is already set up in this process"
     dist.init_process_group("fake", rank=rank, world_size=WORLD, store=fake_pg.FakeStore())
-    return init_device_mesh("cpu", mesh_shape)
+    try:
+        yield init_device_mesh("cpu", mesh_shape)
+    finally:
+        dist.destroy_process_group()
 
 
 def _indices_held(whole: tuple[int, ...], mesh_shape, coordinate, placements) -> torch.Tensor:
@@ -66,8 +71,7 @@ def test_a_shard_starts_where_its_run_starts_and_any_other_shard_at_0(mesh_shape
     unsharded tensor would); a shard that is not one run (or is empty) at 0."""
     checked = runs = 0
     for rank in range(WORLD):
-        mesh = _as_rank(rank, mesh_shape)
-        try:
+        with _as_rank(rank, mesh_shape) as mesh:
             for whole in SHAPES:
                 for placements in _placements(mesh_shape, len(whole)):
                     held = _indices_held(whole, mesh_shape, mesh.get_coordinate(), placements)
@@ -77,22 +81,17 @@ def test_a_shard_starts_where_its_run_starts_and_any_other_shard_at_0(mesh_shape
                     got = sharding.element_offset(_shard(whole, mesh, placements, held))
                     assert got == expected, f"rank {rank}, {whole} as {placements}: {got}, not {expected}"
                     checked, runs = checked + 1, runs + (is_run and expected > 0)
-        finally:
-            dist.destroy_process_group()
     assert runs > 0 and checked > runs  # both kinds of shard met
 
 
 def test_a_row_cut_along_its_columns_is_a_run():
     """A one-row shard cut along its second dimension is a run; before, only whole-row
     shards were counted as runs and such a shard rounded from index 0."""
-    mesh = _as_rank(3, (2, 2))  # coordinate (1, 1)
-    try:
+    with _as_rank(3, (2, 2)) as mesh:  # coordinate (1, 1)
         whole = (2, 6)
         held = _indices_held(whole, (2, 2), (1, 1), (Shard(0), Shard(1)))
         assert held.tolist() == [[9, 10, 11]]
         assert sharding.element_offset(_shard(whole, mesh, (Shard(0), Shard(1)), held)) == 9
-    finally:
-        dist.destroy_process_group()
 
 
 def _distinct_shards(whole, mesh_shape, placements) -> int:
@@ -118,13 +117,10 @@ def test_sums_are_totalled_over_the_shards_and_not_over_the_replicas(monkeypatch
         shards = _distinct_shards(whole, mesh_shape, placements)
         counts.add(shards)
         for rank in range(WORLD):
-            mesh = _as_rank(rank, mesh_shape)
-            try:
+            with _as_rank(rank, mesh_shape) as mesh:
                 held = _indices_held(whole, mesh_shape, mesh.get_coordinate(), placements)
                 total = sharding.sum_over_shards(
                     torch.tensor([1.0, 3.0], dtype=torch.float64), _shard(whole, mesh, placements, held)
                 )
-            finally:
-                dist.destroy_process_group()
             assert total.tolist() == [shards * 1.0, shards * 3.0], f"rank {rank}, {placements}"
     assert counts == ({1, 4} if mesh_shape == (4,) else {1, 2, 4})  # replicated, half and fully cut layouts met
